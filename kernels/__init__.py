@@ -1,0 +1,1 @@
+"""Triton kernels of vitaclip (installed as vitaclip.kernels)."""
