@@ -198,46 +198,70 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     own_tiles = tl.cdiv(S, BLOCK_N)
-    N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
 
     if pid_n < own_tiles:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_mask = offs_n < S
-        kv_mask = key_mask[:, None] & d_mask[None, :]
-        k = _load_tile(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, offs_d, sk_d, kv_mask)
-        v = _load_tile(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, offs_d, sv_d, kv_mask)
-        dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
-                            sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
-                            HEAD_DIM, BLOCK_M, PRECISION)
-        dense = frame64 * S * row + offs_n[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + dense, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + dense, dv.to(DV.dtype.element_ty), mask=kv_mask)
-    elif N_PROMPTS > 0:
-        group = frame // frames_per_group
-        offs_j = tl.arange(0, BLOCK_PR)
-        k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-        v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-        dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, offs_j < N_PROMPTS, frame64, head, pid_fh,
-                            sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
-                            HEAD_DIM, BLOCK_M, PRECISION)
-        dk = dk * sm_scale
-        if P > 0:  # per-frame partials [F, P, H, Dh], summed over the group by the wrapper
-            rows = offs_j < P
-            ptrs = frame64 * (P * row) + offs_j[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-            tl.store(DLK + ptrs, dk, mask=rows[:, None] & d_mask[None, :])
-            tl.store(DLV + ptrs, dv, mask=rows[:, None] & d_mask[None, :])
-        if G > 0:  # per-frame partials [F, G, H, Dh], summed over all frames by the wrapper
-            rows = (offs_j >= P) & (offs_j < P + G)
-            ptrs = frame64 * (G * row) + (offs_j - P)[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-            tl.store(DGK + ptrs, dk, mask=rows[:, None] & d_mask[None, :])
-            tl.store(DGV + ptrs, dv, mask=rows[:, None] & d_mask[None, :])
-        if HAS_SUMMARY:  # [F, H, Dh]: the summary key belongs to this frame alone
-            rows = offs_j == P + G
-            ptrs = frame64 * row + offs_j[:, None] * 0 + head * HEAD_DIM + offs_d[None, :]
-            tl.store(DSK + ptrs, dk.to(DSK.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
-            tl.store(DSV + ptrs, dv.to(DSV.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
+        _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
+                       sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+                       S, row, qk_scale, sm_scale, offs_d, d_mask,
+                       HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
+    elif P + G + HAS_SUMMARY > 0:
+        _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, DGV, DSK, DSV,
+                          frame, frame64, head, pid_fh, sq_f, sq_s, sq_h, sq_d, S, H, row,
+                          frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_PR, PRECISION)
+
+
+@triton.jit
+def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
+                   sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+                   S, row, qk_scale, sm_scale, offs_d, d_mask,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_mask = offs_n < S
+    kv_mask = key_mask[:, None] & d_mask[None, :]
+    k = _load_tile(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, offs_d, sk_d, kv_mask)
+    v = _load_tile(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, offs_d, sv_d, kv_mask)
+    dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
+                        sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
+                        HEAD_DIM, BLOCK_M, PRECISION)
+    dense = frame64 * S * row + offs_n[:, None] * row + head * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + dense, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dense, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, DGV, DSK, DSV,
+                      frame, frame64, head, pid_fh, sq_f, sq_s, sq_h, sq_d, S, H, row,
+                      frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+                      P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
+    group = frame // frames_per_group
+    offs_j = tl.arange(0, BLOCK_PR)
+    k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+    v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+    dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, offs_j < P + G + HAS_SUMMARY, frame64, head, pid_fh,
+                        sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
+                        HEAD_DIM, BLOCK_M, PRECISION)
+    dk = dk * sm_scale
+    if P > 0:  # per-frame partials [F, P, H, Dh], summed over the group by the wrapper
+        rows = offs_j < P
+        ptrs = frame64 * (P * row) + offs_j[:, None] * row + head * HEAD_DIM + offs_d[None, :]
+        tl.store(DLK + ptrs, dk, mask=rows[:, None] & d_mask[None, :])
+        tl.store(DLV + ptrs, dv, mask=rows[:, None] & d_mask[None, :])
+    if G > 0:  # per-frame partials [F, G, H, Dh], summed over all frames by the wrapper
+        rows = (offs_j >= P) & (offs_j < P + G)
+        ptrs = frame64 * (G * row) + (offs_j - P)[:, None] * row + head * HEAD_DIM + offs_d[None, :]
+        tl.store(DGK + ptrs, dk, mask=rows[:, None] & d_mask[None, :])
+        tl.store(DGV + ptrs, dv, mask=rows[:, None] & d_mask[None, :])
+    if HAS_SUMMARY:  # [F, H, Dh]: the summary key belongs to this frame alone
+        rows = offs_j == P + G
+        ptrs = frame64 * row + offs_j[:, None] * 0 + head * HEAD_DIM + offs_d[None, :]
+        tl.store(DSK + ptrs, dk.to(DSK.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
+        tl.store(DSV + ptrs, dv.to(DSV.dtype.element_ty), mask=rows[:, None] & d_mask[None, :])
 
 
 @triton.jit
