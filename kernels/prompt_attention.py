@@ -26,11 +26,6 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_tile(base, rows, row_stride, cols, col_stride, mask):
-    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=mask, other=0.0)
-
-
-@triton.jit
 def _load_prompt_tile(LP, GP, SP, group, frame, offs_j, offs_d, d_mask, H, head,
                       P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -39,16 +34,16 @@ def _load_prompt_tile(LP, GP, SP, group, frame, offs_j, offs_d, d_mask, H, head,
     tile = tl.zeros((BLOCK_PR, BLOCK_D), dtype=LP.dtype.element_ty)
     if P > 0:
         local_rows = offs_j < P
-        tile += _load_tile(LP + group.to(tl.int64) * (P * row) + head * HEAD_DIM, offs_j, row,
-                           offs_d, 1, local_rows[:, None] & d_mask[None, :])
+        ptrs = LP + group.to(tl.int64) * (P * row) + head * HEAD_DIM + offs_j[:, None] * row + offs_d[None, :]
+        tile += tl.load(ptrs, mask=local_rows[:, None] & d_mask[None, :], other=0.0)
     if G > 0:
         global_rows = (offs_j >= P) & (offs_j < P + G)
-        tile += _load_tile(GP + head * HEAD_DIM, offs_j - P, row, offs_d, 1,
-                           global_rows[:, None] & d_mask[None, :])
+        ptrs = GP + head * HEAD_DIM + (offs_j - P)[:, None] * row + offs_d[None, :]
+        tile += tl.load(ptrs, mask=global_rows[:, None] & d_mask[None, :], other=0.0)
     if HAS_SUMMARY:
         summary_rows = offs_j == P + G
-        tile += _load_tile(SP + frame.to(tl.int64) * row + head * HEAD_DIM, offs_j * 0, row,
-                           offs_d, 1, summary_rows[:, None] & d_mask[None, :])
+        ptrs = SP + frame.to(tl.int64) * row + head * HEAD_DIM + offs_j[:, None] * 0 + offs_d[None, :]
+        tile += tl.load(ptrs, mask=summary_rows[:, None] & d_mask[None, :], other=0.0)
     return tile
 
 
@@ -83,10 +78,10 @@ def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < S
 
-    q = _load_tile(Q + frame64 * sq_f + head * sq_h, offs_m, sq_s, offs_d, sq_d,
-                   m_mask[:, None] & d_mask[None, :])
-    k_base = K + frame64 * sk_f + head * sk_h
-    v_base = V + frame64 * sv_f + head * sv_h
+    q_ptrs = Q + frame64 * sq_f + head * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_ptrs = K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d
+    v_ptrs = V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -95,8 +90,8 @@ def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
         keys = start_n + offs_n
         key_mask = keys < S
         kv_mask = key_mask[:, None] & d_mask[None, :]
-        k = _load_tile(k_base, keys, sk_s, offs_d, sk_d, kv_mask)
-        v = _load_tile(v_base, keys, sv_s, offs_d, sv_d, kv_mask)
+        k = tl.load(k_ptrs + start_n * sk_s, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * sv_s, mask=kv_mask, other=0.0)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_mask, qk_scale, PRECISION)
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
@@ -148,7 +143,8 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
 
     row = H * HEAD_DIM
     dense = frame64 * S * row + offs_m[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-    q = _load_tile(Q + frame64 * sq_f + head * sq_h, offs_m, sq_s, offs_d, sq_d, md_mask)
+    q = tl.load(Q + frame64 * sq_f + head * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d,
+                mask=md_mask, other=0.0)
     do = tl.load(DO + dense, mask=md_mask, other=0.0)
     o = tl.load(O + dense, mask=md_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -156,15 +152,15 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
     tl.store(DELTA + stat, delta, mask=m_mask)
     lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
 
-    k_base = K + frame64 * sk_f + head * sk_h
-    v_base = V + frame64 * sv_f + head * sv_h
+    k_ptrs = K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d
+    v_ptrs = V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(0, S, BLOCK_N):
         keys = start_n + offs_n
         key_mask = keys < S
         kv_mask = key_mask[:, None] & d_mask[None, :]
-        k = _load_tile(k_base, keys, sk_s, offs_d, sk_d, kv_mask)
-        v = _load_tile(v_base, keys, sv_s, offs_d, sv_d, kv_mask)
+        k = tl.load(k_ptrs + start_n * sk_s, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * sv_s, mask=kv_mask, other=0.0)
         dq = _dq_step(dq, q, do, k, v, lse, delta, key_mask, qk_scale, PRECISION)
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
@@ -220,8 +216,10 @@ def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_mask = offs_n < S
     kv_mask = key_mask[:, None] & d_mask[None, :]
-    k = _load_tile(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, offs_d, sk_d, kv_mask)
-    v = _load_tile(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, offs_d, sv_d, kv_mask)
+    k = tl.load(K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d,
+                mask=kv_mask, other=0.0)
     dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
                         sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
                         HEAD_DIM, BLOCK_M, PRECISION)
@@ -277,7 +275,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
         offs_m = start_m + offs_mb
         m_mask = offs_m < S
         md_mask = m_mask[:, None] & d_mask[None, :]
-        q = _load_tile(q_base, offs_m, sq_s, offs_d, sq_d, md_mask)
+        q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d, mask=md_mask, other=0.0)
         do = tl.load(DO + frame64 * S * row + offs_m[:, None] * row + head * HEAD_DIM + offs_d[None, :],
                      mask=md_mask, other=0.0)
         stat = pid_fh.to(tl.int64) * S + offs_m

@@ -1,0 +1,83 @@
+"""The "fast" backend (fused QKV + Triton prompt attention) against the reference layer, whole model.
+
+On CPU the Triton kernels run under the interpreter (conftest.py); the fast model in fp32 is
+compared with the reference model in float64: logits and the gradient of every trainable
+parameter.
+"""
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from vitaclip import VitaCLIPConfig, backends
+from vitaclip.model import VitaCLIP
+from vitaclip.ops.attention import triton_available
+
+pytestmark = pytest.mark.skipif(
+    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton on CUDA or Triton's CPU interpreter")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CLASSNAMES = ["archery", "baking_cookies", "juggling balls"]
+
+
+@pytest.fixture
+def fast_anywhere(monkeypatch):
+    """Make "fast" selectable on this device (it is offered only on CUDA: on CPU it is the interpreter)."""
+    backends.available_backends()  # imports vitaclip.fast, which registers the backend
+    fast = backends._BACKENDS["fast"]
+    monkeypatch.setitem(backends._BACKENDS, "fast", dataclasses.replace(fast, is_available=lambda device: True))
+
+
+def tiny_config(**prompts):
+    # 7x7 patches, two heads of dim 64, T0 = 3
+    return VitaCLIPConfig(image_size=56, patch_size=8, width=128, layers=2, heads=2, embed_dim=32,
+                          num_frames=3, text_width=64, text_layers=1, text_heads=1,
+                          num_global_prompts=2, n_ctx=2, **prompts)
+
+
+def logits_and_grads(model, video):
+    model.zero_grad(set_to_none=True)
+    logits = model(video)
+    (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
+     .view_as(logits)).sum().backward()
+    return logits.detach(), {name: p.grad for name, p in model.named_trainable_parameters()}
+
+
+@pytest.mark.parametrize("prompts", [
+    dict(),  # summary + local + global
+    dict(use_summary=False, use_local=False),  # global only
+    dict(use_global=False, use_summary=False),  # local only
+])
+def test_fast_model_matches_reference(fast_anywhere, prompts):
+    torch.manual_seed(0)
+    model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend="fast").to(DEVICE)
+    reference = copy.deepcopy(model).double()
+    reference.set_backend("reference")
+    video = torch.randn(1, 3, 6, 56, 56, device=DEVICE)  # T = 6: two groups of T0 = 3
+
+    logits, grads = logits_and_grads(model, video)
+    ref_logits, ref_grads = logits_and_grads(reference, video.double())
+    torch.testing.assert_close(logits.double(), ref_logits.double(), atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert grads[name] is not None, f"{name} got no gradient"
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
+
+
+def test_fused_qkv_follows_weight_updates(fast_anywhere):
+    torch.manual_seed(1)
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES,
+                     backend="fast").to(DEVICE).eval()
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+    with torch.no_grad():
+        before = model(video)
+        model.visual.blocks[1].attn.k_proj.weight.mul_(2.0)  # in place: same storage, new version
+        after = model(video)
+        model.set_backend("reference")
+        expected = model(video)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
