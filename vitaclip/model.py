@@ -154,8 +154,10 @@ class VitaCLIP(nn.Module):
 
     def forward(self, video: Tensor) -> Tensor:
         text = self.text_features()
-        video_features = F.normalize(self.encode_video(video).float(), dim=-1)
-        return self.logit_scale.exp() * video_features @ text.t()
+        video_features = self.encode_video(video)
+        with torch.autocast(video.device.type, enabled=False):  # cosines in fp32 whatever the autocast
+            video_features = F.normalize(video_features.float(), dim=-1)
+            return self.logit_scale.exp() * video_features @ text.float().t()
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
