@@ -3,7 +3,8 @@
 The extended key sequence of a frame is never materialised. Each program owns one
 (frame, head) pair and reads four key/value sources in place:
 
-    own      k, v        [F, S, H, Dh]   any strides (views of a fused QKV output)
+    own      q, k, v     [F, S, H, Dh]   any strides (views of a fused QKV output);
+                         their gradients: any strides with unit stride along Dh
     local    lk, lv      [n_groups, P, H, Dh]  contiguous; frame f uses group f // frames_per_group
     global   gk, gv      [G, H, Dh]      contiguous; shared by every frame
     summary  sk, sv      [F, H, Dh]      contiguous; one key per frame
@@ -124,6 +125,7 @@ def _dq_step(dq, q, do, k, v, lse, delta, key_mask, qk_scale, PRECISION: tl.cons
 @triton.jit
 def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
             sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+            sdq_f, sdq_s, sdq_h,
             S, H, frames_per_group, qk_scale, sm_scale,
             P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -173,13 +175,15 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
                               P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
         dq = _dq_step(dq, q, do, k, v, lse, delta, offs_j < N_PROMPTS, qk_scale, PRECISION)
 
-    tl.store(DQ + dense, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
+    dq_ptrs = DQ + frame64 * sdq_f + head * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
 def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
               DK, DV, DLK, DLV, DGK, DGV, DSK, DSV,
               sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+              sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
               S, H, frames_per_group, qk_scale, sm_scale,
               P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -198,6 +202,7 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
     if pid_n < own_tiles:
         _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
                        sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+                       sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
                        S, row, qk_scale, sm_scale, offs_d, d_mask,
                        HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
     elif P + G + HAS_SUMMARY > 0:
@@ -210,6 +215,7 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
 @triton.jit
 def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
                    sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+                   sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
                    S, row, qk_scale, sm_scale, offs_d, d_mask,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -223,9 +229,10 @@ def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh
     dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
                         sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
                         HEAD_DIM, BLOCK_M, PRECISION)
-    dense = frame64 * S * row + offs_n[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + dense, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dense, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = DK + frame64 * sdk_f + head * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :]
+    dv_ptrs = DV + frame64 * sdv_f + head * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit

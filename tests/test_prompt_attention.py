@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitaclip.ops import naive
-from vitaclip.ops.attention import prompt_attention, triton_available, uses_triton
+from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available, uses_triton
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
@@ -19,7 +19,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def make_inputs(n_groups, frames_per_group, seq, heads, n_local, n_global, summary,
                 dtype=torch.float64, device="cpu", packed=True, seed=0):
-    """Fresh random inputs; q/k/v are strided views of one fused [F, S, 3, H, Dh] tensor when packed."""
+    """Fresh random inputs; with `packed`, q/k/v come as one fused qkv [F, S, 3, H, Dh]."""
     gen = torch.Generator(device=device).manual_seed(seed)
     n_frames = n_groups * frames_per_group
 
@@ -42,11 +42,14 @@ def make_inputs(n_groups, frames_per_group, seq, heads, n_local, n_global, summa
 
 
 def call(fn, leaves, frames_per_group):
+    """fn(q, k, v, ...) with q/k/v strided views of qkv when packed; fn = "qkv": the packed op."""
+    prompts = {name: t for name, t in leaves.items() if name not in ("qkv", "q", "k", "v")}
+    if fn == "qkv":
+        return prompt_attention_qkv(leaves["qkv"], frames_per_group=frames_per_group, **prompts)
     if "qkv" in leaves:
         q, k, v = leaves["qkv"].unbind(2)
     else:
         q, k, v = leaves["q"], leaves["k"], leaves["v"]
-    prompts = {name: t for name, t in leaves.items() if name not in ("qkv", "q", "k", "v")}
     return fn(q, k, v, frames_per_group=frames_per_group, **prompts)
 
 
@@ -57,28 +60,29 @@ def outputs_and_grads(fn, leaves, frames_per_group, grad_out):
     return out, dict(zip(leaves, grads))
 
 
-# (frames_per_group, n_global, local on, summary on, heads, q/k/v packed)
+# (frames_per_group, n_global, local on, summary on, heads, layout of q/k/v)
 CPU_CASES = [
-    (1, 0, True, False, 1, True),
-    (3, 1, True, True, 2, True),
-    (8, 8, False, True, 1, True),
-    (3, 8, True, False, 1, False),
-    (2, 0, False, False, 1, True),
+    (1, 0, True, False, 1, "views"),
+    (3, 1, True, True, 2, "qkv"),
+    (8, 8, False, True, 1, "views"),
+    (3, 8, True, False, 1, "separate"),
+    (2, 0, False, False, 1, "qkv"),
 ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the interpreter tests run on CPU-only machines")
-@pytest.mark.parametrize("frames_per_group,n_global,local,summary,heads,packed", CPU_CASES)
-def test_interpreter_matches_reference(frames_per_group, n_global, local, summary, heads, packed):
+@pytest.mark.parametrize("frames_per_group,n_global,local,summary,heads,layout", CPU_CASES)
+def test_interpreter_matches_reference(frames_per_group, n_global, local, summary, heads, layout):
     seq = 50  # 7x7 patches + cls: two tiles of 32, the second partial
     leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if local else 0,
-                         n_global, summary, packed=packed, seed=frames_per_group * 10 + n_global)
+                         n_global, summary, packed=layout != "separate", seed=frames_per_group * 10 + n_global)
     grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
     ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
     leaves32 = {name: t.float() for name, t in leaves.items()}
     assert uses_triton(next(iter(leaves32.values())))
-    out, grads = outputs_and_grads(prompt_attention, leaves32, frames_per_group, grad_out)
+    fast = "qkv" if layout == "qkv" else prompt_attention
+    out, grads = outputs_and_grads(fast, leaves32, frames_per_group, grad_out)
     assert out.is_contiguous() and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     assert grads.keys() == ref_grads.keys()
@@ -90,18 +94,24 @@ def test_interpreter_matches_reference(frames_per_group, n_global, local, summar
                     reason="the interpreter tests run on CPU-only machines")
 def test_interpreter_opcheck_and_compile_without_graph_breaks():
     leaves = make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32)
-    q, k, v = leaves["qkv"].unbind(2)
-    args = (q, k, v, leaves["local_k"], leaves["local_v"], leaves["global_k"], leaves["global_v"],
-            leaves["summary_k"], leaves["summary_v"], 2)
-    torch.library.opcheck(torch.ops.vitaclip.prompt_attention.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    check_compiles_without_graph_breaks(leaves, 2, backend="aot_eager")
+    check_op_and_compile(leaves, 2)
 
 
-def check_compiles_without_graph_breaks(leaves, frames_per_group, backend):
+def check_op_and_compile(leaves, frames_per_group):
+    """opcheck of the custom op in both layouts, then torch.compile(fullgraph=True) of both APIs."""
+    prompts = [leaves[name] for name in ("local_k", "local_v", "global_k", "global_v", "summary_k", "summary_v")]
+    for qkv_args in (leaves["qkv"].unbind(2), (leaves["qkv"], None, None)):
+        torch.library.opcheck(torch.ops.vitaclip.prompt_attention.default,
+                              (*qkv_args, *prompts, frames_per_group),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for fn in (prompt_attention, "qkv"):
+        check_compiles_without_graph_breaks(fn, leaves, frames_per_group, backend="aot_eager")
+
+
+def check_compiles_without_graph_breaks(fn, leaves, frames_per_group, backend):
     """fullgraph=True fails on any graph break; AOT autograd also traces the backward op."""
     def loss(leaves):
-        return call(prompt_attention, leaves, frames_per_group).float().square().sum()
+        return call(fn, leaves, frames_per_group).float().square().sum()
 
     def grads(fn):
         fresh = {name: t.detach().requires_grad_(True) for name, t in leaves.items()}
@@ -135,14 +145,15 @@ def test_bad_inputs_are_rejected():
 # ViT-B/16: batch 4 clips x 8 frames, 1 + 14x14 tokens, 12 heads, 8 global and 8 local prompts
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_matches_float64_reference(dtype):
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "qkv"), (torch.float16, "views")])
+def test_gpu_matches_float64_reference(dtype, layout):
     frames_per_group, heads, seq = 8, 12, 197
     leaves = make_inputs(4, frames_per_group, seq, heads, 8, 8, True, device="cuda")
     grad_out = torch.randn(32, seq, heads, HEAD_DIM, device="cuda", dtype=torch.float64)
     ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
     low = {name: t.to(dtype) for name, t in leaves.items()}
-    out, grads = outputs_and_grads(prompt_attention, low, frames_per_group, grad_out)
+    fast = "qkv" if layout == "qkv" else prompt_attention
+    out, grads = outputs_and_grads(fast, low, frames_per_group, grad_out)
     # the same computation in plain PyTorch at this precision sets the error budget
     naive_out, naive_grads = outputs_and_grads(naive.prompt_attention, low, frames_per_group, grad_out)
 
@@ -155,7 +166,7 @@ def test_gpu_matches_float64_reference(dtype):
     for name in ref_grads:
         check(name, grads[name], naive_grads[name], ref_grads[name])
     # deterministic: no atomics, the same bits on a second run
-    _, again = outputs_and_grads(prompt_attention, low, frames_per_group, grad_out)
+    _, again = outputs_and_grads(fast, low, frames_per_group, grad_out)
     for name in grads:
         assert torch.equal(grads[name], again[name]), name
 
@@ -163,10 +174,4 @@ def test_gpu_matches_float64_reference(dtype):
 @cuda
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile_without_graph_breaks():
-    leaves = make_inputs(2, 8, 197, 12, 8, 8, True, dtype=torch.bfloat16, device="cuda")
-    q, k, v = leaves["qkv"].unbind(2)
-    args = (q, k, v, leaves["local_k"], leaves["local_v"], leaves["global_k"], leaves["global_v"],
-            leaves["summary_k"], leaves["summary_v"], 8)
-    torch.library.opcheck(torch.ops.vitaclip.prompt_attention.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    check_compiles_without_graph_breaks(leaves, 8, backend="aot_eager")
+    check_op_and_compile(make_inputs(2, 8, 197, 12, 8, 8, True, dtype=torch.bfloat16, device="cuda"), 8)

@@ -3,7 +3,8 @@
 Exactly the reference layer (`vision.reference_block_forward`), computed without the
 extended sequence:
   - one fused QKV projection of the frames' own tokens (concatenated weight, cached while
-    the frozen q/k/v weights stay unchanged), read by the kernel as strided views;
+    the frozen q/k/v weights stay unchanged), read by the kernel in place, its gradient
+    written back packed;
   - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import register_backend
-from .ops.attention import prompt_attention, triton_available
+from .ops.attention import prompt_attention_qkv, triton_available
 from .vision import LayerPrompts, VitaBlock
 
 _CACHE_ATTR = "_fast_qkv_cache"
@@ -65,8 +66,8 @@ def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Te
     local_k, local_v = _prompt_kv(block, prompts.local, kv_weight, kv_bias)
     global_k, global_v = _prompt_kv(block, prompts.global_, kv_weight, kv_bias)
     summary_k, summary_v = _prompt_kv(block, prompts.summary, kv_weight, kv_bias)
-    attended = prompt_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], local_k, local_v,
-                                global_k, global_v, summary_k, summary_v, prompts.frames_per_group)
+    attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
+                                    prompts.frames_per_group)
     x = x + block.attn.out_proj(attended.view(n_frames, seq, width))
     return x + block.mlp(block.norm2(x))
 

@@ -4,6 +4,8 @@
 tensors, and on CPU tensors when TRITON_INTERPRET=1 (tests); otherwise it falls back to
 the plain PyTorch reference in `naive.py`.
 
+`prompt_attention_qkv` takes q, k, v packed as one [F, S, 3, H, Dh] (the fast model path).
+
 The kernels are wrapped as two custom ops, `vitaclip::prompt_attention` and
 `vitaclip::prompt_attention_backward`, so torch.compile sees one opaque node each and
 traces without graph breaks. Absent prompt kinds are `Tensor?` (None) in the schema;
@@ -77,17 +79,14 @@ def _strides(*tensors: Tensor) -> list:
     return [s for t in tensors for s in t.stride()]
 
 
-@torch.library.custom_op("vitaclip::prompt_attention", mutates_args=())
-def _prompt_attention_op(
-    q: Tensor, k: Tensor, v: Tensor,
-    local_k: Optional[Tensor], local_v: Optional[Tensor],
-    global_k: Optional[Tensor], global_v: Optional[Tensor],
-    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
-    frames_per_group: int,
-) -> tuple[Tensor, Tensor]:
+def _split_qkv(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor]):
+    """(q, k, v): given separately, or as views of a packed [F, S, 3, H, Dh] when k is None."""
+    return q_or_qkv.unbind(2) if k is None else (q_or_qkv, k, v)
+
+
+def _launch_forward(q, k, v, prompts, frames_per_group):
     n_frames, seq, heads, head_dim = q.shape
-    ptrs, n_local, n_global, has_summary = _prompt_args(
-        local_k, local_v, global_k, global_v, summary_k, summary_v, k)
+    ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
     out = q.new_empty(n_frames, seq, heads, head_dim)
     lse = torch.empty(n_frames, heads, seq, device=q.device, dtype=torch.float32)
     cfg = _launch_config(q, n_local + n_global + int(has_summary))
@@ -99,26 +98,12 @@ def _prompt_attention_op(
     return out, lse
 
 
-@_prompt_attention_op.register_fake
-def _(q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq, dk, dv):
+    """Writes dq, dk, dv (any strides, unit stride along Dh); returns the prompt gradients
+    (empty tensors for absent prompts)."""
     n_frames, seq, heads, head_dim = q.shape
-    return (q.new_empty(n_frames, seq, heads, head_dim),
-            q.new_empty(n_frames, heads, seq, dtype=torch.float32))
-
-
-@torch.library.custom_op("vitaclip::prompt_attention_backward", mutates_args=())
-def _prompt_attention_backward_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-    local_k: Optional[Tensor], local_v: Optional[Tensor],
-    global_k: Optional[Tensor], global_v: Optional[Tensor],
-    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
-    out: Tensor, lse: Tensor, frames_per_group: int,
-) -> list[Tensor]:
-    n_frames, seq, heads, head_dim = q.shape
-    ptrs, n_local, n_global, has_summary = _prompt_args(
-        local_k, local_v, global_k, global_v, summary_k, summary_v, k)
+    ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
     grad_out = grad_out.contiguous()
-    dq, dk, dv = (q.new_empty(n_frames, seq, heads, head_dim) for _ in range(3))
     delta = torch.empty_like(lse)
     f32 = dict(device=q.device, dtype=torch.float32)
     # per-frame fp32 partials of the shared prompts, reduced below (deterministic, no atomics)
@@ -132,12 +117,13 @@ def _prompt_attention_backward_op(
     cfg = _launch_config(q, n_local + n_global + int(has_summary))
     common = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
+    in_strides = _strides(q, k, v)
     _kernels._bwd_dq[(triton.cdiv(seq, cfg["BLOCK_M"]), n_frames * heads)](
-        q, k, v, *ptrs, out, grad_out, lse, delta, dq, *_strides(q, k, v),
+        q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
         seq, heads, frames_per_group, *scales, **common)
     _kernels._bwd_dkdv[(triton.cdiv(seq, cfg["BLOCK_N"]) + 1, n_frames * heads)](
         q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
-        dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *_strides(q, k, v),
+        dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
         seq, heads, frames_per_group, *scales, **common)
 
     def by_group(part):
@@ -151,31 +137,71 @@ def _prompt_attention_backward_op(
         dgk, dgv = dgk_part.sum(0).to(q.dtype), dgv_part.sum(0).to(q.dtype)
     else:
         dgk, dgv = _empty(q), _empty(q)
-    return [dq, dk, dv, dlk, dlv, dgk, dgv, dsk, dsv]
+    return [dlk, dlv, dgk, dgv, dsk, dsv]
+
+
+# One op pair serves both layouts: q, k, v given separately (strided views allowed), or
+# packed as one [F, S, 3, H, Dh] in the first argument with k = v = None, so that the
+# backward writes one packed gradient and autograd needs no copy to assemble it.
+@torch.library.custom_op("vitaclip::prompt_attention", mutates_args=())
+def _prompt_attention_op(
+    q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    local_k: Optional[Tensor], local_v: Optional[Tensor],
+    global_k: Optional[Tensor], global_v: Optional[Tensor],
+    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
+    frames_per_group: int,
+) -> tuple[Tensor, Tensor]:
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    return _launch_forward(*_split_qkv(q_or_qkv, k, v), prompts, frames_per_group)
+
+
+@_prompt_attention_op.register_fake
+def _(q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+    q = _split_qkv(q_or_qkv, k, v)[0]
+    n_frames, seq, heads, head_dim = q.shape
+    return (q.new_empty(n_frames, seq, heads, head_dim),
+            q.new_empty(n_frames, heads, seq, dtype=torch.float32))
+
+
+@torch.library.custom_op("vitaclip::prompt_attention_backward", mutates_args=())
+def _prompt_attention_backward_op(
+    grad_out: Tensor, q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    local_k: Optional[Tensor], local_v: Optional[Tensor],
+    global_k: Optional[Tensor], global_v: Optional[Tensor],
+    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
+    out: Tensor, lse: Tensor, frames_per_group: int,
+) -> list[Tensor]:
+    """Gradients of (q_or_qkv, k, v, local_k, ..., summary_v); empty tensors for inputs that were None."""
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    q, k_, v_ = _split_qkv(q_or_qkv, k, v)
+    if k is None:
+        dqkv = q_or_qkv.new_empty(q_or_qkv.shape)
+        grads = [dqkv, _empty(q), _empty(q)]
+        dq, dk, dv = dqkv.unbind(2)
+    else:
+        dq, dk, dv = grads = [q.new_empty(q.shape) for _ in range(3)]
+    return grads + _launch_backward(grad_out, q, k_, v_, prompts, out, lse, frames_per_group, dq, dk, dv)
 
 
 @_prompt_attention_backward_op.register_fake
-def _(grad_out, q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, out, lse,
+def _(grad_out, q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, out, lse,
       frames_per_group):
     def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else _empty(q)
-    return [like(q), like(q), like(q), like(local_k), like(local_v), like(global_k), like(global_v),
-            like(summary_k), like(summary_v)]
+        return q_or_qkv.new_empty(t.shape) if t is not None else q_or_qkv.new_empty(0)
+    return [like(t) for t in (q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group = inputs
-    out, lse = output
+    *tensors, frames_per_group = inputs
     ctx.frames_per_group = frames_per_group
-    ctx.save_for_backward(q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, out, lse)
+    ctx.save_for_backward(*tensors, *output)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     saved = ctx.saved_tensors
     grads = _prompt_attention_backward_op(grad_out, *saved, ctx.frames_per_group)
     # inputs that were None get None; their gradient slots hold empty tensors
-    grads = [g if t is not None else None for g, t in zip(grads, saved[:9])]
-    return (*grads, None)
+    return (*[g if t is not None else None for g, t in zip(grads, saved[:9])], None)
 
 
 _prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -236,11 +262,34 @@ def prompt_attention(
     `.view(F, S, H * Dh)` feeds the output projection without a copy. Prompt K/V are tiny
     and made contiguous here.
     """
-    _check_inputs(q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group)
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    _check_inputs(q, k, v, *prompts, frames_per_group)
     if not uses_triton(q):
-        return naive.prompt_attention(q, k, v, local_k, local_v, global_k, global_v,
-                                      summary_k, summary_v, frames_per_group)
-    prompts = [t.contiguous() if t is not None else None
-               for t in (local_k, local_v, global_k, global_v, summary_k, summary_v)]
-    out, _ = _prompt_attention_op(q, k, v, *prompts, frames_per_group)
-    return out
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    return _prompt_attention_op(q, k, v, *_contiguous(prompts), frames_per_group)[0]
+
+
+def prompt_attention_qkv(
+    qkv: Tensor,
+    local_k: Optional[Tensor] = None,
+    local_v: Optional[Tensor] = None,
+    global_k: Optional[Tensor] = None,
+    global_v: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None,
+    summary_v: Optional[Tensor] = None,
+    frames_per_group: int = 1,
+) -> Tensor:
+    """`prompt_attention` of a packed qkv [F, S, 3, H, Dh] (a fused QKV projection's output):
+    its gradient comes back packed in one tensor, with no copy to assemble it."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"prompt_attention_qkv: qkv must be [F, S, 3, H, Dh], got shape {tuple(qkv.shape)}")
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    q, k, v = qkv.unbind(2)
+    _check_inputs(q, k, v, *prompts, frames_per_group)
+    if not uses_triton(q):
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    return _prompt_attention_op(qkv, None, None, *_contiguous(prompts), frames_per_group)[0]
+
+
+def _contiguous(tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
