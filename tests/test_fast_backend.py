@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from vitaclip import VitaCLIPConfig, backends
+from vitaclip import VitaCLIPConfig, backends, fast
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
 
@@ -25,10 +25,17 @@ CLASSNAMES = ["archery", "baking_cookies", "juggling balls"]
 
 @pytest.fixture
 def fast_anywhere(monkeypatch):
-    """Make "fast" selectable on this device (it is offered only on CUDA: on CPU it is the interpreter)."""
-    backends.available_backends()  # imports vitaclip.fast, which registers the backend
-    fast = backends._BACKENDS["fast"]
-    monkeypatch.setitem(backends._BACKENDS, "fast", dataclasses.replace(fast, is_available=lambda device: True))
+    """Make the fast backends selectable on this device (they are offered only on CUDA: on CPU
+    they run the interpreter). On CPU, "fast-compiled" compiles with aot_eager: the same graph
+    capture (fullgraph) and autograd, without inductor's slow CPU code generation."""
+    backends.available_backends()  # imports vitaclip.fast, which registers the backends
+    for name in ("fast", "fast-compiled"):
+        monkeypatch.setitem(backends._BACKENDS, name,
+                            dataclasses.replace(backends._BACKENDS[name], is_available=lambda device: True))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(fast, "_compiled_layer",
+                            torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True))
+    torch._dynamo.reset()
 
 
 def tiny_config(**prompts):
@@ -46,14 +53,15 @@ def logits_and_grads(model, video):
     return logits.detach(), {name: p.grad for name, p in model.named_trainable_parameters()}
 
 
-@pytest.mark.parametrize("prompts", [
-    dict(),  # summary + local + global
-    dict(use_summary=False, use_local=False),  # global only
-    dict(use_global=False, use_summary=False),  # local only
+@pytest.mark.parametrize("backend,prompts", [
+    ("fast", dict()),  # summary + local + global
+    ("fast", dict(use_summary=False, use_local=False)),  # global only
+    ("fast", dict(use_global=False, use_summary=False)),  # local only
+    ("fast-compiled", dict()),
 ])
-def test_fast_model_matches_reference(fast_anywhere, prompts):
+def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
     torch.manual_seed(0)
-    model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend="fast").to(DEVICE)
+    model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend).to(DEVICE)
     reference = copy.deepcopy(model).double()
     reference.set_backend("reference")
     video = torch.randn(1, 3, 6, 56, 56, device=DEVICE)  # T = 6: two groups of T0 = 3
@@ -81,3 +89,17 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
         expected = model(video)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_training_keeps_no_mlp_hidden_activation(fast_anywhere):
+    """The layer saves the stream, packed qkv and attention output, never the 4C-wide MLP hidden."""
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0].to(DEVICE)
+    x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    prompts = block.prompts(x, torch.randn(2, 128, device=DEVICE, requires_grad=True))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = fast.fast_block_forward(block, x, prompts)
+    assert (3, 50, 3, 2, 64) in shapes and (3, 50, 128) in shapes
+    assert not [s for s in shapes if s[-1] == 512 and len(s) == 3], shapes
+    out.sum().backward()  # the recomputed hidden activation carries the gradient through
+    assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""The "fast" backend: a Vita-CLIP layer around the fused Triton prompt attention.
+"""The "fast" backends: a Vita-CLIP layer around the fused Triton prompt attention.
 
 Exactly the reference layer (`vision.reference_block_forward`), computed without the
 extended sequence:
@@ -8,8 +8,14 @@ extended sequence:
   - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
-  - then out_proj + residual + MLP on the own tokens.
-Registered on import; "auto" picks it on CUDA.
+  - then out_proj + residual + MLP on the own tokens. When training, the MLP's hidden
+    activation (LayerNorm -> fc1 -> activation, 4x wider than the stream) is recomputed in
+    the backward instead of stored: the backbone is frozen, so nothing else needs it.
+
+"fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
+(one graph per layer shape, shared by all layers), fusing the LayerNorms, activation,
+casts and residual adds around the GEMMs and the attention op. Both register on import
+and are offered on CUDA; "auto" picks "fast".
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .backends import register_backend
 from .ops.attention import prompt_attention_qkv, triton_available
@@ -46,30 +53,52 @@ def fused_qkv_weight(block: VitaBlock) -> Tuple[Tensor, Tensor]:
     return cached[1], cached[2]
 
 
-def _prompt_kv(block: VitaBlock, tokens: Optional[Tensor], kv_weight: Tensor, kv_bias: Tensor
-               ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, kv_bias: Tensor,
+               heads: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Keys and values [..., H, Dh] of prompt tokens [..., C] (LayerNorm, then K/V projection)."""
     if tokens is None:
         return None, None
     width = tokens.shape[-1]
-    kv = F.linear(block.norm1(tokens), kv_weight, kv_bias)
-    kv = kv.view(*tokens.shape[:-1], 2, block.heads, width // block.heads)
+    kv = F.linear(norm(tokens), kv_weight, kv_bias).view(*tokens.shape[:-1], 2, heads, width // heads)
     return kv.select(-3, 0), kv.select(-3, 1)
 
 
-def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+def _mlp_hidden(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, act: nn.Module) -> Tensor:
+    return act(fc1(norm(x)))
+
+
+def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summary: Optional[Tensor],
+           frames_per_group: int, qkv_weight: Tensor, qkv_bias: Tensor, block: VitaBlock) -> Tensor:
     n_frames, seq, width = x.shape
     heads = block.heads
-    weight, bias = fused_qkv_weight(block)
-    qkv = F.linear(block.norm1(x), weight, bias).view(n_frames, seq, 3, heads, width // heads)
-    kv_weight, kv_bias = weight[width:], bias[width:]
-    local_k, local_v = _prompt_kv(block, prompts.local, kv_weight, kv_bias)
-    global_k, global_v = _prompt_kv(block, prompts.global_, kv_weight, kv_bias)
-    summary_k, summary_v = _prompt_kv(block, prompts.summary, kv_weight, kv_bias)
+    qkv = F.linear(block.norm1(x), qkv_weight, qkv_bias).view(n_frames, seq, 3, heads, width // heads)
+    kv_weight, kv_bias = qkv_weight[width:], qkv_bias[width:]
+    local_k, local_v = _prompt_kv(local, block.norm1, kv_weight, kv_bias, heads)
+    global_k, global_v = _prompt_kv(global_, block.norm1, kv_weight, kv_bias, heads)
+    summary_k, summary_v = _prompt_kv(summary, block.norm1, kv_weight, kv_bias, heads)
     attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
-                                    prompts.frames_per_group)
+                                    frames_per_group)
     x = x + block.attn.out_proj(attended.view(n_frames, seq, width))
-    return x + block.mlp(block.norm2(x))
+    mlp = block.mlp
+    if torch.is_grad_enabled() and x.requires_grad:
+        hidden = checkpoint(_mlp_hidden, x, block.norm2, mlp.fc1, mlp.act,
+                            use_reentrant=False, preserve_rng_state=False)
+    else:
+        hidden = _mlp_hidden(x, block.norm2, mlp.fc1, mlp.act)
+    return x + mlp.fc2(hidden)
+
+
+_compiled_layer = torch.compile(_layer, dynamic=False, fullgraph=True)
+
+
+def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+    return _layer(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
+                  *fused_qkv_weight(block), block)
+
+
+def fast_compiled_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+    return _compiled_layer(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
+                           *fused_qkv_weight(block), block)
 
 
 def fast_available(device: torch.device) -> bool:
@@ -77,3 +106,4 @@ def fast_available(device: torch.device) -> bool:
 
 
 register_backend("fast", fast_block_forward, fast_available, priority=10)
+register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=5)
