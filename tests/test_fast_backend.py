@@ -1,8 +1,8 @@
 """The "fast" backend (fused QKV + Triton prompt attention) against the reference layer, whole model.
 
-On CPU the Triton kernels run under the interpreter (conftest.py); the fast model in fp32 is
-compared with the reference model in float64: logits and the gradient of every trainable
-parameter.
+The fast model in fp32 is compared with the reference model in float64 (on CPU the Triton
+kernels run under the interpreter, see conftest.py): logits and the gradient of every
+trainable parameter. On CUDA also ViT-B/16 under bf16 autocast.
 """
 import copy
 import dataclasses
@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from conftest import randomize_
 from vitaclip import VitaCLIPConfig, backends, fast
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
@@ -103,3 +104,32 @@ def test_training_keeps_no_mlp_hidden_activation(fast_anywhere):
     assert not [s for s in shapes if s[-1] == 512 and len(s) == 3], shapes
     out.sum().backward()  # the recomputed hidden activation carries the gradient through
     assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
+
+
+def relative_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fast_vit_b16_autocast_matches_reference():
+    """ViT-B/16 (random weights), 2 clips x 8 frames: the fast backend under autocast is as close to
+    the fp32 reference as the reference itself under the same autocast, logits and every gradient."""
+    torch.manual_seed(0)
+    model = randomize_(VitaCLIP(VitaCLIPConfig.preset("ViT-B/16"), classnames=CLASSNAMES)).cuda()
+    video = torch.randn(2, 3, 8, 224, 224, device="cuda")
+    dtype = torch.bfloat16
+    model.set_backend("reference")
+    want_logits, want_grads = logits_and_grads(model, video)
+    runs = {}
+    for backend in ("reference", "fast"):
+        model.set_backend(backend)
+        with torch.autocast("cuda", dtype=dtype):
+            runs[backend] = logits_and_grads(model, video)
+    for name in ["logits", *want_grads]:
+        pick = (lambda run: run[0]) if name == "logits" else (lambda run: run[1][name])
+        want = want_logits if name == "logits" else want_grads[name]
+        budget = relative_error(pick(runs["reference"]), want)
+        err = relative_error(pick(runs["fast"]), want)
+        assert err <= 2 * budget + 1e-3, f"{name}: fast error {err:.2e}, reference {dtype} error {budget:.2e}"
+
