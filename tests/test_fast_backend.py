@@ -106,6 +106,12 @@ def test_training_keeps_no_mlp_hidden_activation(fast_anywhere):
     assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
 
 
+def test_auto_picks_fast_on_cuda_only():
+    assert backends.resolve_backend("auto", torch.device("cpu")).name == "reference"
+    if torch.cuda.is_available():
+        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast"
+
+
 def relative_error(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 

@@ -175,3 +175,13 @@ def test_gpu_matches_float64_reference(dtype, layout):
 @pytest.mark.gpu
 def test_gpu_opcheck_and_compile_without_graph_breaks():
     check_op_and_compile(make_inputs(2, 8, 197, 12, 8, 8, True, dtype=torch.bfloat16, device="cuda"), 8)
+
+
+def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    leaves = make_inputs(2, 2, 9, 1, 2, 3, True, dtype=torch.float32)
+    prompts = {name: t for name, t in leaves.items() if name != "qkv"}
+    q = leaves["qkv"][:, :, 0]
+    assert not uses_triton(q)
+    out = prompt_attention_qkv(leaves["qkv"], frames_per_group=2, **prompts)
+    assert torch.equal(out, naive.prompt_attention(*leaves["qkv"].unbind(2), frames_per_group=2, **prompts))
