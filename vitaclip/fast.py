@@ -8,7 +8,8 @@ extended sequence:
   - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
-  - then out_proj + residual + MLP on the own tokens. When training, the MLP's hidden
+  - then out_proj + residual + MLP on the own tokens, QuickGELU fused into one Triton
+    kernel each way (`ops.activation`). When training, the MLP's hidden
     activation (LayerNorm -> fc1 -> activation, 4x wider than the stream) is recomputed in
     the backward instead of stored: the backbone is frozen, so nothing else needs it.
 
@@ -27,8 +28,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backends import register_backend
-from .ops.attention import prompt_attention_qkv, triton_available
-from .vision import LayerPrompts, VitaBlock
+from .ops.activation import quick_gelu
+from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
+from .vision import LayerPrompts, QuickGELU, VitaBlock
 
 _CACHE_ATTR = "_fast_qkv_cache"
 
@@ -63,7 +65,7 @@ def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, 
     return kv.select(-3, 0), kv.select(-3, 1)
 
 
-def _mlp_hidden(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, act: nn.Module) -> Tensor:
+def _mlp_hidden(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, act) -> Tensor:
     return act(fc1(norm(x)))
 
 
@@ -80,11 +82,12 @@ def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summar
                                     frames_per_group)
     x = x + block.attn.out_proj(attended.view(n_frames, seq, width))
     mlp = block.mlp
+    act = quick_gelu if isinstance(mlp.act, QuickGELU) and uses_triton(x) else mlp.act
     if torch.is_grad_enabled() and x.requires_grad:
-        hidden = checkpoint(_mlp_hidden, x, block.norm2, mlp.fc1, mlp.act,
+        hidden = checkpoint(_mlp_hidden, x, block.norm2, mlp.fc1, act,
                             use_reentrant=False, preserve_rng_state=False)
     else:
-        hidden = _mlp_hidden(x, block.norm2, mlp.fc1, mlp.act)
+        hidden = _mlp_hidden(x, block.norm2, mlp.fc1, act)
     return x + mlp.fc2(hidden)
 
 
