@@ -9,9 +9,11 @@ extended sequence:
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
   - then out_proj + residual + MLP on the own tokens, QuickGELU fused into one Triton
-    kernel each way (`ops.activation`). When training, the MLP's hidden
-    activation (LayerNorm -> fc1 -> activation, 4x wider than the stream) is recomputed in
-    the backward instead of stored: the backbone is frozen, so nothing else needs it.
+    kernel each way (`ops.activation`). When training, the stream after attention and the
+    MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
+    tensors kept anyway (the layer input and the attention output) instead of stored: a
+    layer keeps only its input, the packed qkv and the attention output. The backbone is
+    frozen, so no weight gradient needs the activations.
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
 (one graph per layer shape, shared by all layers), fusing the LayerNorms, activation,
@@ -65,8 +67,11 @@ def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, 
     return kv.select(-3, 0), kv.select(-3, 1)
 
 
-def _mlp_hidden(x: Tensor, norm: nn.LayerNorm, fc1: nn.Linear, act) -> Tensor:
-    return act(fc1(norm(x)))
+def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_proj: nn.Linear, norm: nn.LayerNorm,
+                             fc1: nn.Linear, act) -> Tuple[Tensor, Tensor]:
+    """The stream after attention, x + out_proj(attended), and the MLP hidden act(fc1(norm(.)))."""
+    x = x + out_proj(attended)
+    return x, act(fc1(norm(x)))
 
 
 def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summary: Optional[Tensor],
@@ -79,15 +84,15 @@ def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summar
     global_k, global_v = _prompt_kv(global_, block.norm1, kv_weight, kv_bias, heads)
     summary_k, summary_v = _prompt_kv(summary, block.norm1, kv_weight, kv_bias, heads)
     attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
-                                    frames_per_group)
-    x = x + block.attn.out_proj(attended.view(n_frames, seq, width))
+                                    frames_per_group).view(n_frames, seq, width)
     mlp = block.mlp
     act = quick_gelu if isinstance(mlp.act, QuickGELU) and uses_triton(x) else mlp.act
-    if torch.is_grad_enabled() and x.requires_grad:
-        hidden = checkpoint(_mlp_hidden, x, block.norm2, mlp.fc1, act,
-                            use_reentrant=False, preserve_rng_state=False)
+    args = (x, attended, block.attn.out_proj, block.norm2, mlp.fc1, act)
+    if torch.is_grad_enabled() and attended.requires_grad:
+        # recomputed in the backward from x and attended, which norm1 and the attention op keep anyway
+        x, hidden = checkpoint(_residual_and_mlp_hidden, *args, use_reentrant=False, preserve_rng_state=False)
     else:
-        hidden = _mlp_hidden(x, block.norm2, mlp.fc1, act)
+        x, hidden = _residual_and_mlp_hidden(*args)
     return x + mlp.fc2(hidden)
 
 
