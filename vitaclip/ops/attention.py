@@ -67,11 +67,14 @@ def _launch_config(q: Tensor, n_prompts: int) -> dict:
 
 
 def _prompt_args(local_k, local_v, global_k, global_v, summary_k, summary_v, k):
-    """Kernel pointers (k stands in for absent prompts; its loads are compiled out) and sizes."""
+    """Kernel pointers and sizes. The kernels index prompts as contiguous tensors (they are
+    tiny, so making them so costs nothing); k stands in for absent ones, whose loads are
+    compiled out."""
     n_local = local_k.shape[1] if local_k is not None else 0
     n_global = global_k.shape[0] if global_k is not None else 0
     has_summary = summary_k is not None
-    ptrs = [t if t is not None else k for t in (local_k, local_v, global_k, global_v, summary_k, summary_v)]
+    ptrs = [t.contiguous() if t is not None else k
+            for t in (local_k, local_v, global_k, global_v, summary_k, summary_v)]
     return ptrs, n_local, n_global, has_summary
 
 
@@ -259,14 +262,13 @@ def prompt_attention(
 
     Same contract as `naive.prompt_attention`. q, k, v may be strided views (e.g. of a fused
     QKV output [F, S, 3, H, Dh]); the output is a fresh contiguous [F, S, H, Dh], so
-    `.view(F, S, H * Dh)` feeds the output projection without a copy. Prompt K/V are tiny
-    and made contiguous here.
+    `.view(F, S, H * Dh)` feeds the output projection without a copy.
     """
     prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
     _check_inputs(q, k, v, *prompts, frames_per_group)
     if not uses_triton(q):
         return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
-    return _prompt_attention_op(q, k, v, *_contiguous(prompts), frames_per_group)[0]
+    return _prompt_attention_op(q, k, v, *prompts, frames_per_group)[0]
 
 
 def prompt_attention_qkv(
@@ -288,8 +290,4 @@ def prompt_attention_qkv(
     _check_inputs(q, k, v, *prompts, frames_per_group)
     if not uses_triton(q):
         return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
-    return _prompt_attention_op(qkv, None, None, *_contiguous(prompts), frames_per_group)[0]
-
-
-def _contiguous(tensors):
-    return [t.contiguous() if t is not None else None for t in tensors]
+    return _prompt_attention_op(qkv, None, None, *prompts, frames_per_group)[0]
