@@ -1,7 +1,7 @@
 """Triton kernels: a frame's own queries attend over own + local + global + summary keys.
 
-The extended key sequence of a frame is never materialised. Each program owns one
-(frame, head) pair and reads four key/value sources in place:
+The extended key sequence of a frame is never materialised. Each program owns one tile
+of one (frame, head) pair and reads four key/value sources in place:
 
     own      q, k, v     [F, S, H, Dh]   any strides (views of a fused QKV output);
                          their gradients: any strides with unit stride along Dh
@@ -67,8 +67,10 @@ def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
          P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    # 1-D grid, query tiles of one (frame, head) adjacent: they share its K/V in L2
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_tiles
+    pid_fh = tl.program_id(0) // n_tiles
     frame = pid_fh // H
     head = pid_fh % H
     frame64 = frame.to(tl.int64)
@@ -130,8 +132,10 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
             P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    # 1-D grid, query tiles of one (frame, head) adjacent: they share its K/V in L2
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    pid_m = tl.program_id(0) % n_tiles
+    pid_fh = tl.program_id(0) // n_tiles
     frame = pid_fh // H
     head = pid_fh % H
     frame64 = frame.to(tl.int64)
@@ -189,15 +193,15 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     """Program n < cdiv(S, BLOCK_N): own key tile n; the last program: the prompt tile."""
-    pid_n = tl.program_id(0)
-    pid_fh = tl.program_id(1)
+    own_tiles = tl.cdiv(S, BLOCK_N)
+    pid_n = tl.program_id(0) % (own_tiles + 1)
+    pid_fh = tl.program_id(0) // (own_tiles + 1)
     frame = pid_fh // H
     head = pid_fh % H
     frame64 = frame.to(tl.int64)
     row = H * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    own_tiles = tl.cdiv(S, BLOCK_N)
 
     if pid_n < own_tiles:
         _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,

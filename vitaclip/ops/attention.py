@@ -93,7 +93,7 @@ def _launch_forward(q, k, v, prompts, frames_per_group):
     out = q.new_empty(n_frames, seq, heads, head_dim)
     lse = torch.empty(n_frames, heads, seq, device=q.device, dtype=torch.float32)
     cfg = _launch_config(q, n_local + n_global + int(has_summary))
-    grid = (triton.cdiv(seq, cfg["BLOCK_M"]), n_frames * heads)
+    grid = (triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)
     _kernels._fwd[grid](
         q, k, v, *ptrs, out, lse, *_strides(q, k, v),
         seq, heads, frames_per_group, head_dim ** -0.5 * _kernels.LOG2E,
@@ -121,10 +121,10 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     common = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
     in_strides = _strides(q, k, v)
-    _kernels._bwd_dq[(triton.cdiv(seq, cfg["BLOCK_M"]), n_frames * heads)](
+    _kernels._bwd_dq[(triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)](
         q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
         seq, heads, frames_per_group, *scales, **common)
-    _kernels._bwd_dkdv[(triton.cdiv(seq, cfg["BLOCK_N"]) + 1, n_frames * heads)](
+    _kernels._bwd_dkdv[((triton.cdiv(seq, cfg["BLOCK_N"]) + 1) * n_frames * heads,)](
         q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
         dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
         seq, heads, frames_per_group, *scales, **common)
