@@ -34,8 +34,8 @@ def fast_anywhere(monkeypatch):
         monkeypatch.setitem(backends._BACKENDS, name,
                             dataclasses.replace(backends._BACKENDS[name], is_available=lambda device: True))
     if DEVICE == "cpu":
-        monkeypatch.setattr(fast, "_compiled_layer",
-                            torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True))
+        aot_eager = torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True)
+        monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
     torch._dynamo.reset()
 
 

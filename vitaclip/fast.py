@@ -22,6 +22,7 @@ and are offered on CUDA; "auto" picks "fast".
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -96,7 +97,10 @@ def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summar
     return x + mlp.fc2(hidden)
 
 
-_compiled_layer = torch.compile(_layer, dynamic=False, fullgraph=True)
+@functools.lru_cache(maxsize=None)
+def compiled_layer():
+    """`_layer` under torch.compile, built on first use (importing the compiler is slow)."""
+    return torch.compile(_layer, dynamic=False, fullgraph=True)
 
 
 def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
@@ -105,7 +109,7 @@ def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Te
 
 
 def fast_compiled_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
-    return _compiled_layer(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
+    return compiled_layer()(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
                            *fused_qkv_weight(block), block)
 
 
