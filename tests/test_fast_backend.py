@@ -92,6 +92,17 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_training_after_inference_mode(fast_anywhere):
+    """The fused QKV weight cached under inference_mode must still serve a training step."""
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES,
+                     backend="fast").to(DEVICE)
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+    with torch.inference_mode():
+        model(video)
+    model(video).sum().backward()
+    assert model.visual.time_embed.grad.abs().sum() > 0
+
+
 def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
     """Of the layer's large activations only its input, the packed qkv and the attention output
     are saved for the backward; the rest (4C-wide MLP hidden included) is recomputed."""

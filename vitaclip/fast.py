@@ -50,7 +50,8 @@ def fused_qkv_weight(block: VitaBlock) -> Tuple[Tensor, Tensor]:
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cached = getattr(block, _CACHE_ATTR, None)
     if cached is None or cached[0] != key:
-        with torch.no_grad():
+        # a normal tensor even when first built under inference_mode, so training can reuse it
+        with torch.inference_mode(False), torch.no_grad():
             weight = torch.cat([lin.weight for lin in linears])
             bias = torch.cat([lin.bias for lin in linears])
         cached = (key, weight, bias)
