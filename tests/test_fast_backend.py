@@ -92,6 +92,24 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):
+    """With the layer's own weights trainable too (not the default), every gradient matches."""
+    from vitaclip.vision import reference_block_forward
+
+    torch.manual_seed(2)
+    block = randomize_(VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]).to(DEVICE).requires_grad_(True)
+    x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    global_prompts = torch.randn(2, 128, device=DEVICE)
+    grads = {}
+    for name, forward in (("fast", fast.fast_block_forward), ("reference", reference_block_forward)):
+        out = forward(block, x, block.prompts(x, global_prompts))
+        grads[name] = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, got, want in zip(names, grads["fast"], grads["reference"]):
+        # k_proj.bias has a zero gradient (softmax ignores a shift shared by all keys): rounding only
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item() + 1e-5, rtol=1e-4, msg=name)
+
+
 def test_training_after_inference_mode(fast_anywhere):
     """The fused QKV weight cached under inference_mode must still serve a training step."""
     model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES,
