@@ -169,7 +169,8 @@ def test_gpu_fast_vit_b16_autocast_matches_reference():
         model.set_backend(backend)
         with torch.autocast("cuda", dtype=dtype):
             runs[backend] = logits_and_grads(model, video)
-    for name in ["logits", *want_grads]:
+    # k_proj.bias gets a zero gradient (softmax ignores a shift shared by all keys): rounding only
+    for name in ["logits", *[n for n in want_grads if not n.endswith("k_proj.bias")]]:
         pick = (lambda run: run[0]) if name == "logits" else (lambda run: run[1][name])
         want = want_logits if name == "logits" else want_grads[name]
         budget = relative_error(pick(runs["reference"]), want)
