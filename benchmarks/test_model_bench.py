@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import bench_cuda, requires_cuda
 from vitaclip import VitaCLIP, VitaCLIPConfig
 
-# "fast-compiled" compiles its layer graph in the first (untimed) step: about a minute per shape
+# "fast-compiled" compiles its layer graph (once per shape and grad mode) in the first, untimed step
 BACKENDS = ["fast", "fast-compiled", "reference"]
 INFERENCE_BATCH, TRAIN_BATCH, FRAMES = 32, 16, 8
 
