@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from vitaclip import VitaCLIPConfig
+
+CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
+
+
+def tiny_config(**overrides) -> VitaCLIPConfig:
+    """A 2-layer model with 7x7 patches and 3 frames: odd sizes everywhere, fast on the CPU."""
+    base = dict(image_size=56, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
+                text_width=32, text_layers=2, text_heads=2, n_ctx=3, num_global_prompts=2)
+    return VitaCLIPConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_video(config, batch=2, frames=None, dtype=torch.float32):
+    t = config.num_frames if frames is None else frames
+    return torch.randn(batch, 3, t, config.image_size, config.image_size, dtype=dtype)
+
+
+def randomize_(model):
+    """Give every parameter non-trivial values (biases and LayerNorms start at 0 and 1)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
