@@ -7,7 +7,7 @@
 //   forward:  LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
 //             -> out = (c + b_out) + o W_out^T (one in-place matmul)
-//   backward: the same in reverse with four matmuls, the attention backward (kernel) and
+//   backward: the same in reverse with six matmuls, the attention backward (kernel) and
 //             LN backward fused with every bias and LN-parameter gradient (kernel).
 //
 // Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type (float, double for double).
@@ -129,23 +129,23 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   Kernels::attention_backward(shape, qkv.contiguous(), q_bias.contiguous(), k_bias.contiguous(),
                               v_bias.contiguous(), grad_heads, grad_qkv);
 
-  const at::Tensor qkv_weight = at::cat({q_weight, k_weight, v_weight});
-  const at::Tensor grad_qkv_weight = at::mm(grad_qkv.t(), normed);
-  const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight);
+  // Separate matmuls for the three weight gradients: outputs of an op must not alias each other.
+  at::Tensor grad_qkv_weights[3];
+  for (int64_t i = 0; i < 3; ++i) grad_qkv_weights[i] = at::mm(grad_qkv.narrow(1, i * width, width).t(), normed);
+  const at::Tensor grad_normed = at::mm(grad_qkv, at::cat({q_weight, k_weight, v_weight}));
 
   at::Tensor grad_c = at::empty({rows, width}, c.options());
   at::Tensor grad_ln_weight = at::empty({width}, c.options());
   at::Tensor grad_ln_bias = at::empty({width}, c.options());
-  at::Tensor grad_qkv_bias = at::empty({3 * width}, c.options());
+  at::Tensor grad_q_bias = at::empty({width}, c.options());
+  at::Tensor grad_k_bias = at::empty({width}, c.options());
+  at::Tensor grad_v_bias = at::empty({width}, c.options());
   at::Tensor grad_out_bias = at::empty({width}, c.options());
   Kernels::layer_norm_backward(grad_normed, dout, grad_qkv, x, mean.contiguous(), rstd.contiguous(),
-                               ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_qkv_bias,
-                               grad_out_bias);
-
-  const auto w = grad_qkv_weight.split(width);
-  const auto b = grad_qkv_bias.split(width);
-  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, w[0], b[0], w[1], b[1], w[2], b[2],
-          grad_out_weight, grad_out_bias};
+                               ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_q_bias,
+                               grad_k_bias, grad_v_bias, grad_out_bias);
+  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weights[0], grad_q_bias,
+          grad_qkv_weights[1], grad_k_bias, grad_qkv_weights[2], grad_v_bias, grad_out_weight, grad_out_bias};
 }
 
 }  // namespace vitaclip

@@ -164,7 +164,8 @@ struct CpuKernels {
                                   const at::Tensor& grad_qkv, const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                                  const at::Tensor& grad_qkv_bias, const at::Tensor& grad_out_bias) {
+                                  const at::Tensor& grad_q_bias, const at::Tensor& grad_k_bias,
+                                  const at::Tensor& grad_v_bias, const at::Tensor& grad_out_bias) {
     const int64_t rows = x.size(0), C = x.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -193,7 +194,8 @@ struct CpuKernels {
       });
       // Column sums over all rows: LN weight and bias, the q/k/v biases and the out bias.
       scalar_t *dw = grad_weight.data_ptr<scalar_t>(), *db = grad_bias.data_ptr<scalar_t>(),
-               *dqkv_b = grad_qkv_bias.data_ptr<scalar_t>(), *dout_b = grad_out_bias.data_ptr<scalar_t>();
+               *dq_b = grad_q_bias.data_ptr<scalar_t>(), *dk_b = grad_k_bias.data_ptr<scalar_t>(),
+               *dv_b = grad_v_bias.data_ptr<scalar_t>(), *dout_b = grad_out_bias.data_ptr<scalar_t>();
       at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           acc_t sw = 0, sb = 0, sq = 0, sk = 0, sv = 0, so = 0;
@@ -207,9 +209,9 @@ struct CpuKernels {
           }
           dw[j] = scalar_t(sw);
           db[j] = scalar_t(sb);
-          dqkv_b[j] = scalar_t(sq);
-          dqkv_b[C + j] = scalar_t(sk);
-          dqkv_b[2 * C + j] = scalar_t(sv);
+          dq_b[j] = scalar_t(sq);
+          dk_b[j] = scalar_t(sk);
+          dv_b[j] = scalar_t(sv);
           dout_b[j] = scalar_t(so);
         }
       });

@@ -23,7 +23,8 @@ struct CudaKernels {
                                   const at::TensorBase& grad_qkv, const at::TensorBase& x, const at::TensorBase& mean,
                                   const at::TensorBase& rstd, const at::TensorBase& weight,
                                   const at::TensorBase& grad_x, const at::TensorBase& grad_weight,
-                                  const at::TensorBase& grad_bias, const at::TensorBase& grad_qkv_bias,
+                                  const at::TensorBase& grad_bias, const at::TensorBase& grad_q_bias,
+                                  const at::TensorBase& grad_k_bias, const at::TensorBase& grad_v_bias,
                                   const at::TensorBase& grad_out_bias);
 };
 

@@ -201,7 +201,7 @@ __global__ void attention_backward_kernel(HeadLayout L, const scalar_t* __restri
 }
 
 // Blocks [0, rows): dx of one row. Blocks after: sums over all rows of 32 columns of the
-// concatenated [LN weight | LN bias | q/k/v bias | out bias] gradients (6C columns).
+// concatenated [LN weight | LN bias | q bias | k bias | v bias | out bias] gradients (6C columns).
 template <typename scalar_t, typename acc_t>
 __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __restrict__ grad_normed,
                                            const scalar_t* __restrict__ grad_out,
@@ -209,8 +209,8 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
                                            const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                            const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x,
                                            scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias,
-                                           scalar_t* __restrict__ grad_qkv_bias,
-                                           scalar_t* __restrict__ grad_out_bias) {
+                                           scalar_t* __restrict__ grad_q_bias, scalar_t* __restrict__ grad_k_bias,
+                                           scalar_t* __restrict__ grad_v_bias, scalar_t* __restrict__ grad_out_bias) {
   __shared__ acc_t scratch[kColumnRows][kColumnTile + 1];
   if (int(blockIdx.x) < rows) {  // dx = dout + rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat))
     const int64_t r = blockIdx.x;
@@ -254,8 +254,12 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
     grad_weight[col] = scalar_t(sum);
   } else if (col < 2 * C) {
     grad_bias[col - C] = scalar_t(sum);
+  } else if (col < 3 * C) {
+    grad_q_bias[col - 2 * C] = scalar_t(sum);
+  } else if (col < 4 * C) {
+    grad_k_bias[col - 3 * C] = scalar_t(sum);
   } else if (col < 5 * C) {
-    grad_qkv_bias[col - 2 * C] = scalar_t(sum);
+    grad_v_bias[col - 4 * C] = scalar_t(sum);
   } else {
     grad_out_bias[col - 5 * C] = scalar_t(sum);
   }
@@ -330,7 +334,8 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
                                       const at::TensorBase& mean, const at::TensorBase& rstd,
                                       const at::TensorBase& weight, const at::TensorBase& grad_x,
                                       const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
-                                      const at::TensorBase& grad_qkv_bias, const at::TensorBase& grad_out_bias) {
+                                      const at::TensorBase& grad_q_bias, const at::TensorBase& grad_k_bias,
+                                      const at::TensorBase& grad_v_bias, const at::TensorBase& grad_out_bias) {
   const int rows = int(x.size(0)), C = int(x.size(1));
   const int blocks = rows + (6 * C + kColumnTile - 1) / kColumnTile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
@@ -339,7 +344,8 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
         rows, C, grad_normed.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_qkv.data_ptr<scalar_t>(),
         x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), weight.data_ptr<scalar_t>(),
         grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        grad_qkv_bias.data_ptr<scalar_t>(), grad_out_bias.data_ptr<scalar_t>());
+        grad_q_bias.data_ptr<scalar_t>(), grad_k_bias.data_ptr<scalar_t>(), grad_v_bias.data_ptr<scalar_t>(),
+        grad_out_bias.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
