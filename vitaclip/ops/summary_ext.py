@@ -1,7 +1,8 @@
 """Python face of the compiled summary op in vitaclip._C (sources in csrc/).
 
 Loading vitaclip._C registers `torch.ops.vitaclip.summary_attention` (and its backward) with
-CPU and CUDA kernels; this module adds what torch.compile needs (fake shapes) and autograd.
+CPU and CUDA kernels and autograd (in C++, see csrc/summary_attention.cpp for why); this
+module adds what torch.compile needs: the fake (meta) shapes of both ops.
 If the library is missing or does not load (built for another torch), `LOAD_ERROR` says why
 and the package uses the plain PyTorch path.
 """
@@ -46,24 +47,9 @@ def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, 
             c.new_empty(width, width), c.new_empty(width))
 
 
-def _setup_context(ctx, inputs, output):
-    c, ln_weight, _, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, _, num_heads, _ = inputs
-    _, normed, qkv, heads_out, mean, rstd = output
-    ctx.mark_non_differentiable(normed, qkv, heads_out, mean, rstd)
-    ctx.save_for_backward(c, normed, qkv, heads_out, mean, rstd, ln_weight, q_weight, q_bias, k_weight, k_bias,
-                          v_weight, v_bias, out_weight)
-    ctx.num_heads = num_heads
-
-
-def _backward(ctx, grad_out, *_grads_of_saved_intermediates):
-    grads = torch.ops.vitaclip.summary_attention_backward(grad_out, *ctx.saved_tensors, ctx.num_heads)
-    return (*grads, None, None)  # no gradient for num_heads, eps
-
-
 if is_built():
     torch.library.register_fake("vitaclip::summary_attention")(_summary_attention_fake)
     torch.library.register_fake("vitaclip::summary_attention_backward")(_summary_attention_backward_fake)
-    torch.library.register_autograd("vitaclip::summary_attention", _backward, setup_context=_setup_context)
 
 
 def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
