@@ -140,6 +140,20 @@ def test_half_precision_close_to_float64(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_pytorch_path(dtype):
+    norm, attn = make_summary_layer(32, 2)
+    c, grad = torch.randn(2, 8, 32, dtype=dtype), torch.randn(2, 8, 32, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 2, grad)
+        ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 2, grad)
+    assert out.dtype == ref.dtype == dtype
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert got.dtype == want.dtype
+        assert relative_error(got, want) < 3e-2
+
+
+@needs_ext
 def test_env_switch_picks_the_path(monkeypatch):
     ran = []
     monkeypatch.setattr(naive, "summary_tokens", lambda *a: ran.append("naive") or a[0])

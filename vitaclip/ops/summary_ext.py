@@ -60,7 +60,10 @@ def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
     if any(p is None for p in params):
         raise ValueError("summary_tokens: the compiled op needs a LayerNorm with affine parameters and "
                          "q/k/v/out projections with biases")
-    if torch.is_autocast_enabled(c.device.type):  # custom ops are not autocast: cast like F.linear would
+    if torch.is_autocast_enabled(c.device.type):
+        # Custom ops are not autocast: run in the autocast dtype as the projections would, and
+        # return c's dtype as the residual sum c + out_proj(...) does.
         dtype = torch.get_autocast_dtype(c.device.type)
-        c, params = c.to(dtype), [p.to(dtype) for p in params]
+        low = [p.to(dtype) for p in params]
+        return torch.ops.vitaclip.summary_attention(c.to(dtype), *low, num_heads, norm.eps)[0].to(c.dtype)
     return torch.ops.vitaclip.summary_attention(c, *params, num_heads, norm.eps)[0]
