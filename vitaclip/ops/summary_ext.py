@@ -8,13 +8,14 @@ and the package uses the plain PyTorch path.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
+    importlib.import_module("vitaclip._C")  # loading the library registers the ops
 except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR: Optional[ImportError] = error
 else:
