@@ -6,7 +6,8 @@
 // the Python route costs tens of microseconds per call (a Python autograd.Function, and
 // re-reading the 13-argument schema each forward), more than the whole fused op on the GPU.
 #include <Python.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "summary_attention.h"
@@ -81,6 +82,12 @@ SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weig
                                           const Tensor& k_bias, const Tensor& v_weight, const Tensor& v_bias,
                                           const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads,
                                           double eps) {
+  if (!torch::autograd::compute_requires_grad(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight,
+                                              v_bias, out_weight, out_bias)) {  // no graph to record
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
+                        out_bias, num_heads, eps);
+  }
   const variable_list outs = SummaryAttentionFunction::apply(c, ln_weight, ln_bias, q_weight, q_bias, k_weight,
                                                              k_bias, v_weight, v_bias, out_weight, out_bias,
                                                              num_heads, eps);

@@ -13,8 +13,11 @@
 // Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type (float, double for double).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <tuple>
