@@ -10,7 +10,8 @@
 //   backward: the same in reverse with six matmuls, the attention backward (kernel) and
 //             LN backward fused with every bias and LN-parameter gradient (kernel).
 //
-// Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type (float, double for double).
+// Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type
+// (float; double for double).
 #pragma once
 
 #include <ATen/OpMathType.h>

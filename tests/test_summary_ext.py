@@ -76,6 +76,10 @@ def test_matches_pytorch_path(groups, frames, width, heads):
     out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, heads, grad)
     ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, heads, grad)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # inference skips the autograd node
+        inference = summary_ext.summary_tokens(c, norm, attn, heads)
+    assert inference.grad_fn is None
+    torch.testing.assert_close(inference, out.detach(), atol=0, rtol=0)
     names = ["c", "ln.weight", "ln.bias", "q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias",
              "out.weight", "out.bias"]
     for name, g, ref_g in zip(names, grads, ref_grads):
