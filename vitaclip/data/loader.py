@@ -159,8 +159,8 @@ class VideoLoader:
             if self._dali is None:
                 self._dali = dali.DaliDecoder(
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
-                    num_threads=max(2, self.num_workers), device_id=self.device.index or 0
-                    if self.device.type == "cuda" else 0, prefetch=self.prefetch)
+                    num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
+                    prefetch=self.prefetch)
             tasks = ([(p.entry.path, p.frames) for p in batch] for batch in batches)
             yield from self._dali.decode(tasks)
             return
