@@ -132,12 +132,17 @@ def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_pat
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
-def test_pyav_worker_processes(vp9_dataset):
+def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset):
     root, _ = vp9_dataset
-    a = torch.cat([b.video for b in loader(root, False, batch_size=1, size=32, num_frames=2, stride=4)])
-    b = torch.cat([b.video for b in loader(root, False, batch_size=1, size=32, num_frames=2, stride=4,
-                                           num_workers=2)])
-    assert torch.equal(a, b)
+    kw = dict(batch_size=1, size=32, num_frames=2, stride=4, augment=None)
+    inline = loader(root, True, **kw)
+    pooled = loader(root, True, num_workers=2, **kw)
+    for epoch in range(2):  # the worker processes stay up across epochs
+        inline.set_epoch(epoch)
+        pooled.set_epoch(epoch)
+        a = torch.cat([b.video for b in inline])
+        b = torch.cat([b.video for b in pooled])
+        assert a.shape[0] == 3 and torch.equal(a, b)
 
 
 # ------------------------------------------------------------------- bad input

@@ -98,6 +98,7 @@ class VideoLoader:
             raise ValueError(f"{list_file}: no usable videos")
         self.backend = self._resolve_backend(backend)
         self._dali = None
+        self._workers = None
 
     # ---------------------------------------------------------------- planning
     def __len__(self) -> int:
@@ -164,13 +165,20 @@ class VideoLoader:
             tasks = ([(p.entry.path, p.frames) for p in batch] for batch in batches)
             yield from self._dali.decode(tasks)
             return
-        dataset = _PyAVBatches(batches)
+        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.num_workers == 0:
-            yield from (dataset[i] for i in range(len(dataset)))
+            yield from map(decode_with_pyav, tasks)
             return
-        yield from torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        if self._workers is None:
+            # persistent processes, started by a fork server: forking this process (which may
+            # run DALI, PyAV or CUDA threads) can deadlock the child
+            self._epoch_tasks = _EpochTasks()
+            self._workers = torch.utils.data.DataLoader(
+                _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
+                prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda",
+                persistent_workers=True, multiprocessing_context="forkserver")
+        self._epoch_tasks.batches = tasks
+        yield from self._workers
 
     # ---------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[Batch]:
@@ -232,23 +240,35 @@ class VideoLoader:
         self.skipped.append(message)
 
 
-class _PyAVBatches(torch.utils.data.Dataset):
-    """Item i = the decoded frames (or the error) of every clip of batch i."""
+def decode_with_pyav(tasks):
+    """Decoded frames, or the error, of each (path, frame indices) task."""
+    out = []
+    for path, frames in tasks:
+        try:
+            out.append(pyav.decode_frames(path, frames))
+        except (VideoDecodeError, ImportError) as e:
+            out.append(VideoDecodeError(str(e)))
+    return out
 
-    def __init__(self, batches: List[List[ClipPlan]]):
-        self.batches = batches
+
+class _PyAVTasks(torch.utils.data.Dataset):
+    """Indexed by the tasks themselves: the sampler hands each worker a batch of tasks."""
+
+    def __getitem__(self, tasks):
+        return decode_with_pyav(tasks)
+
+
+class _EpochTasks(torch.utils.data.Sampler):
+    """The current epoch's task batches, swapped in while the worker processes stay up."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
 
     def __len__(self):
         return len(self.batches)
-
-    def __getitem__(self, i):
-        out = []
-        for plan in self.batches[i]:
-            try:
-                out.append(pyav.decode_frames(plan.entry.path, plan.frames))
-            except (VideoDecodeError, ImportError) as e:
-                out.append(VideoDecodeError(str(e)))
-        return out
 
 
 def _shard(shard_id, num_shards):

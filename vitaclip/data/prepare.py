@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -106,7 +107,8 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     if len(set(jobs.values())) != len(jobs):
         raise ValueError(f"{src_list}: two entries map to the same output (duplicate paths?)")
     results = {}
-    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+    # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("forkserver")) as pool:
         futures = {pool.submit(_job, e.path, os.path.join(out_dir, rel), settings): e
                    for e, rel in jobs.items()}
         for future in tqdm(as_completed(futures), total=len(futures), disable=not progress,
