@@ -87,3 +87,16 @@ def test_dali_names_the_bad_file_and_keeps_the_good_ones(vp9_dataset, tmp_path):
     assert isinstance(out[0][2], VideoDecodeError) and "gone.webm" in str(out[0][2])
     assert isinstance(out[1][0], VideoDecodeError)
     assert out[2][0].shape[0] == 1
+
+
+@needs_dali
+def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_dataset):
+    root, rows = vp9_dataset
+    paths = [str(root / r[0]) for r in rows]
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=2)
+    first = decoder.decode([[(p, np.array([1]))] for p in paths])
+    next(first)
+    first.close()  # stop after one batch, with more already prefetched
+    again = [b[0] for b in decoder.decode([[(p, np.array([0, 2]))] for p in reversed(paths)])]
+    assert [t.shape[0] for t in again] == [2, 2, 2]
+    assert [t.shape[1:3] for t in again] == [(h, w) for _, _, _, (w, h) in reversed(rows)]

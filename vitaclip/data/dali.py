@@ -43,6 +43,7 @@ class DaliDecoder:
         self._tasks: Iterator[List[Task]] = iter(())
         self._pipe = self._build(batch_size, num_threads, prefetch, source=self._next_batch)
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
+        self._pending: collections.deque = collections.deque()
 
     def _build(self, batch_size, num_threads, prefetch, source=None):
         decoder_device = "mixed" if self.device == "gpu" else "cpu"
@@ -70,19 +71,45 @@ class DaliDecoder:
     def decode(self, batches: Iterable[List[Task]]) -> Iterator[List]:
         self._tasks = iter(batches)
         self._in_flight.clear()
+        finished = False
         try:
             while True:
                 try:
                     (out,) = self._pipe.run()
                 except StopIteration:
+                    finished = True
                     return
                 except RuntimeError:
                     yield self._decode_one_by_one(self._in_flight.popleft())
                     continue
                 tasks = self._in_flight.popleft()
                 yield [self._to_torch(out[i]) for i in range(len(tasks))]
+                self._keep_alive(out)
         finally:
+            if not finished:  # the consumer stopped early: run out what DALI already prefetched
+                self._tasks = iter(())
+                self._drain()
             self._pipe.reset()
+
+    def _drain(self):
+        while True:
+            try:
+                self._pipe.run()
+            except StopIteration:
+                return
+            except RuntimeError:
+                pass
+
+    def _keep_alive(self, out):
+        """GPU copies out of DALI's buffers run asynchronously on the consumer's stream; keep
+        the buffers referenced until those copies have run."""
+        if self.device != "gpu":
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device_id))
+        self._pending.append((out, event))
+        while len(self._pending) > 2:
+            self._pending.popleft()[1].synchronize()
 
     def _decode_one_by_one(self, tasks: List[Task]) -> List:
         if self._single is None:
