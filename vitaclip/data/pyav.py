@@ -49,33 +49,81 @@ def probe(path: str) -> VideoInfo:
 
 
 def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
-    """Frames at the given sorted unique indices, decoding from the start up to the last one."""
+    """Frames at the given sorted unique indices. A demux pass (cheap) maps indices to
+    timestamps and finds the keyframes; decoding then seeks to the last keyframe before
+    a wanted frame whenever that skips frames, instead of decoding everything up to it."""
     _require_av()
-    wanted = {int(i): k for k, i in enumerate(indices)}
-    last = int(indices[-1])
-    planes = None
-    got = 0
+    indices = [int(i) for i in indices]
+    out = _Planes(len(indices))
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for position, frame in enumerate(container.decode(stream)):
-                if position in wanted:
-                    if frame.format.name != "yuv420p":
-                        frame = frame.reformat(format="yuv420p")
-                    if planes is None:
-                        planes = [np.empty((len(indices), p.height, p.width), np.uint8) for p in frame.planes]
-                    for dst, plane in zip(planes, frame.planes):
-                        row = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-                        dst[wanted[position]] = row[:, :plane.width]
-                    got += 1
-                if position >= last:
-                    break
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+            if len(packets) <= indices[-1]:
+                raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
+            if any(pts is None for pts, _ in packets) or not any(key for _, key in packets):
+                container.seek(0)
+                _decode_in_order(container.decode(stream), indices, out)
+            else:
+                _decode_seeking(container, stream, packets, indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
-    if got < len(indices):
-        raise VideoDecodeError(f"{path}: ended before frame {last} (decoded {got} of {len(indices)} wanted)")
-    return Yuv420(*(torch.from_numpy(p) for p in planes))
+    if out.filled < len(indices):
+        raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} "
+                               f"(decoded {out.filled} of {len(indices)} wanted)")
+    return out.result()
+
+
+class _Planes:
+    def __init__(self, count: int):
+        self.count, self.filled, self.planes = count, 0, None
+
+    def put(self, slot: int, frame) -> None:
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        if self.planes is None:
+            self.planes = [np.empty((self.count, p.height, p.width), np.uint8) for p in frame.planes]
+        for dst, plane in zip(self.planes, frame.planes):
+            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+            dst[slot] = rows[:, :plane.width]
+        self.filled += 1
+
+    def result(self) -> Yuv420:
+        return Yuv420(*(torch.from_numpy(p) for p in self.planes))
+
+
+def _decode_in_order(frames, indices, out: _Planes) -> None:
+    """Frame i = i-th decoded frame (streams without timestamps)."""
+    wanted = {i: slot for slot, i in enumerate(indices)}
+    for position, frame in enumerate(frames):
+        if position in wanted:
+            out.put(wanted[position], frame)
+        if position >= indices[-1]:
+            return
+
+
+def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
+    timestamps = sorted(pts for pts, _ in packets)  # presentation order: frame i has timestamps[i]
+    keyframes = sorted(pts for pts, key in packets if key)
+    position = None  # timestamp of the last frame decoded
+    frames = None
+    for slot, index in enumerate(indices):
+        target = timestamps[index]
+        # the last keyframe at or before the target; seek if it lies ahead of where we are
+        k = np.searchsorted(keyframes, target, side="right") - 1
+        if frames is None or (k >= 0 and keyframes[k] > position):
+            container.seek(int(keyframes[max(k, 0)]), stream=stream, backward=True)
+            frames = container.decode(stream)
+        for frame in frames:
+            position = frame.pts
+            if frame.pts is not None and frame.pts >= target:
+                break
+        else:
+            return  # stream ended: out.filled tells the caller
+        if position != target:
+            raise VideoDecodeError(f"frame {index}: decoder gave timestamp {position}, expected {target}")
+        out.put(slot, frame)
 
 
 def _require_av():
