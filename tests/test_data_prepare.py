@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("av")
+
 from vitaclip.data import VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta

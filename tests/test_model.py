@@ -1,0 +1,183 @@
+import pytest
+import torch
+
+from conftest import CLASSES, random_video, randomize_, tiny_config
+from spec_oracle import frame_features
+from vitaclip import VitaCLIP, VitaCLIPConfig
+from vitaclip.backends import resolve_backend
+
+
+def frames(model, video):
+    return model.visual(video, resolve_backend("reference", video.device).block_forward)
+
+
+@pytest.mark.parametrize("prompts", [
+    dict(),
+    dict(use_summary=False),
+    dict(use_local=False),
+    dict(use_global=False),
+    dict(use_summary=False, use_local=False),
+    dict(use_summary=False, use_local=False, use_global=False),
+    dict(num_global_prompts=1, num_frames=1),
+    dict(act="gelu"),
+])
+def test_reference_matches_literal_spec_in_float64(prompts):
+    model = randomize_(VitaCLIP(tiny_config(**prompts), CLASSES, backend="reference")).double()
+    video = random_video(model.config).double()
+    assert torch.allclose(frames(model, video), frame_features(model.visual, video), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_more_frames_at_test_time_act_in_groups_of_t0(k):
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES)).double()
+    t0 = model.config.num_frames
+    video = random_video(model.config, frames=k * t0).double()
+    out = frames(model, video)
+    assert torch.allclose(out, frame_features(model.visual, video), rtol=1e-9, atol=1e-9)
+    # frames of one group do not reach another group's frame features...
+    changed = video.clone()
+    changed[:, :, t0:] += torch.randn_like(changed[:, :, t0:])
+    out2 = frames(model, changed)
+    assert torch.equal(out[:, :t0], out2[:, :t0])
+    assert not torch.allclose(out[:, t0:], out2[:, t0:])
+    # ...but frames of the same group do reach each other
+    changed = video.clone()
+    changed[:, :, 1] += 1.0
+    assert not torch.allclose(frames(model, changed)[:, 0], out[:, 0])
+
+
+def test_time_embedding_is_resized_by_nearest_neighbour():
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), CLASSES)
+    te = model.visual.time_embed
+    assert torch.equal(model.visual.time_embedding(7), te[[0, 0, 0, 1, 1, 2, 2]])
+    assert model.visual.time_embedding(3) is te
+
+
+def test_logits_are_scaled_cosines(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    video = random_video(config)
+    logits = model(video)
+    v = torch.nn.functional.normalize(model.encode_video(video), dim=-1)
+    t = torch.nn.functional.normalize(model.encode_text(), dim=-1)
+    assert logits.shape == (2, len(CLASSES))
+    assert torch.allclose(logits, model.logit_scale.exp() * v @ t.t(), atol=1e-5)
+    assert torch.allclose(VitaCLIP(config, CLASSES).logit_scale, torch.tensor(1 / 0.07).log())
+
+
+def test_trainable_set_matches_public_code(config):
+    model = VitaCLIP(config, CLASSES)
+    names = {n for n, _ in model.named_trainable_parameters()}
+    expected = {"logit_scale", "prompt_learner.ctx", "visual.time_embed", "visual.global_prompts"}
+    for i in range(config.layers):
+        expected.add(f"visual.blocks.{i}.local_prompts")
+        for m in ("summary_ln", "summary_attn_layer.q_proj", "summary_attn_layer.k_proj",
+                  "summary_attn_layer.v_proj", "summary_attn_layer.out_proj"):
+            expected |= {f"visual.blocks.{i}.{m}.weight", f"visual.blocks.{i}.{m}.bias"}
+    assert names == expected
+    with_cls = VitaCLIP(tiny_config(train_cls_proj=True), CLASSES)
+    extra = {n for n, _ in with_cls.named_trainable_parameters()} - expected
+    assert extra == {f"visual.blocks.{i}.cls_proj.{p}" for i in range(config.layers) for p in ("weight", "bias")}
+
+
+def test_only_trainable_parameters_get_gradients(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    loss = torch.nn.functional.cross_entropy(model(random_video(config)), torch.tensor([0, 2]))
+    loss.backward()
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+
+
+def test_reference_backend_runs_in_low_precision_autocast(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    video = random_video(config)
+    ref = model(video)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(video)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_text_features_are_cached_without_gradients_and_refreshed_after_updates(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    with torch.no_grad():
+        first = model.text_features()
+        assert model.text_features() is first
+        model.prompt_learner.ctx.add_(1.0)  # as an optimizer step would
+        second = model.text_features()
+    assert second is not first and not torch.allclose(first, second)
+    assert torch.allclose(second, torch.nn.functional.normalize(model.encode_text(), dim=-1).detach())
+
+
+def test_zero_shot_classes_average_templates(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    templates = ["a video of a person {}.", "a clip of {}."]
+    model.set_classes(["run", "walk"], templates=templates)
+    assert model.classnames == ["run", "walk"]
+    feats = torch.nn.functional.normalize(model.encode_text([t.format("walk") for t in templates]), dim=-1)
+    expected = torch.nn.functional.normalize(feats.mean(0), dim=-1)
+    assert torch.allclose(model.text_features()[1], expected, atol=1e-6)
+    assert model(random_video(config)).shape == (2, 2)
+    model.set_classes(CLASSES)  # back to the learned context
+    assert model(random_video(config)).shape == (2, len(CLASSES))
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2, 3, 3, 56), "rank 4"),
+    ((2, 4, 3, 56, 56), "3 channels"),
+    ((2, 3, 4, 56, 56), "multiple of T0"),
+    ((2, 3, 3, 64, 64), "positional embedding"),
+    ((2, 3, 3, 56, 48), "positional embedding"),
+])
+def test_bad_video_shapes_are_rejected(config, shape, match):
+    model = VitaCLIP(config, CLASSES)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_frame_count_is_free_without_grouping_prompts():
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), CLASSES)
+    assert model(torch.randn(1, 3, 5, 56, 56)).shape == (1, len(CLASSES))
+
+
+@pytest.mark.parametrize("names, match", [
+    ([], "empty"),
+    (["run", ""], "empty class name"),
+    (["run", "walk", "run"], "duplicate"),
+    (["run", "run_"], "duplicate"),
+])
+def test_bad_class_lists_are_rejected(config, names, match):
+    with pytest.raises(ValueError, match=match):
+        VitaCLIP(config, names)
+
+
+def test_csc_context_only_fits_its_class_count(config):
+    model = VitaCLIP(config, CLASSES)
+    with pytest.raises(ValueError, match="4 classes"):
+        model.set_classes(["a", "b"])
+    generic = VitaCLIP(tiny_config(csc=False), CLASSES)
+    generic.set_classes(["a", "b"])
+    assert generic(random_video(config)).shape == (2, 2)
+
+
+def test_unknown_backend_and_bad_config_are_rejected(config):
+    with pytest.raises(ValueError, match="backend"):
+        VitaCLIP(config, CLASSES, backend="nope")
+    with pytest.raises(ValueError, match="ctx_position"):
+        tiny_config(ctx_position="start")
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_config(heads=3)
+
+
+def test_presets():
+    b16 = VitaCLIPConfig.preset("ViT-B/16")
+    assert (b16.patch_size, b16.width, b16.num_patches, b16.embed_dim) == (16, 768, 196, 512)
+    l336 = VitaCLIPConfig.preset("ViT-L/14-336", num_frames=16)
+    assert (l336.image_size, l336.heads, l336.layers, l336.num_frames, l336.head_dim) == (336, 16, 24, 16, 64)
+    assert VitaCLIPConfig.preset("vit-b-32").patch_size == 32
+    with pytest.raises(ValueError, match="preset"):
+        VitaCLIPConfig.preset("ViT-H/14")

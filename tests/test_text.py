@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from conftest import CLASSES, randomize_, tiny_config
+from vitaclip import VitaCLIP
+from vitaclip.text import get_tokenizer, tokenize
+
+
+def coop_prompt_embeddings(model, classname):
+    """CoOp's construction written out for one class: [SOS] + pieces + [".", EOS, pad]."""
+    cfg, emb = model.config, model.textual.token_embedding
+    learner = model.prompt_learner
+    i = learner.classnames.index(classname)
+    if learner.ctx is None:
+        ctx = torch.empty(0, cfg.text_width)
+    else:
+        ctx = learner.ctx[i] if learner.ctx.dim() == 3 else learner.ctx
+    name = emb(torch.tensor(get_tokenizer().encode(classname)))
+    tokens = tokenize([("X " * cfg.n_ctx + classname).strip() + "."], cfg.context_length)[0]
+    full = emb(tokens)
+    sos, rest = full[:1], full[1 + cfg.n_ctx + len(name):]
+    half = cfg.n_ctx // 2
+    pieces = {"end": [ctx, name], "front": [name, ctx], "middle": [ctx[:half], name, ctx[half:]]}
+    return torch.cat([sos, *pieces[cfg.ctx_position], rest])
+
+
+@pytest.mark.parametrize("position", ["end", "front", "middle"])
+@pytest.mark.parametrize("csc", [True, False])
+@pytest.mark.parametrize("n_ctx", [0, 1, 4])
+def test_context_positions_match_coop(position, csc, n_ctx):
+    model = randomize_(VitaCLIP(tiny_config(ctx_position=position, csc=csc, n_ctx=n_ctx), CLASSES))
+    embeds, eot = model.prompt_learner(model.textual.token_embedding)
+    assert (model.prompt_learner.ctx is None) == (n_ctx == 0)
+    if n_ctx:
+        assert model.prompt_learner.ctx.shape == ((len(CLASSES), n_ctx, 32) if csc else (n_ctx, 32))
+    for i, name in enumerate(model.prompt_learner.classnames):
+        expected = coop_prompt_embeddings(model, name)
+        assert torch.equal(embeds[i], expected[: embeds.shape[1]])
+        assert int(eot[i]) == len(get_tokenizer().encode(name)) + n_ctx + 2  # SOS + ctx + name + "." -> EOS
+
+
+def test_underscores_become_spaces_and_names_are_kept():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    assert model.classnames == ["jumping jacks", "ride bike", "SitUps", "swim"]
+
+
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_truncation_at_last_end_of_text_is_exact(position):
+    model = randomize_(VitaCLIP(tiny_config(ctx_position=position), CLASSES + ["a much longer class name here"]))
+    embeds, eot = model.prompt_learner(model.textual.token_embedding)
+    assert embeds.shape[1] == int(eot.max()) + 1 < model.config.context_length
+    full_embeds, _ = model.prompt_learner(model.textual.token_embedding, truncate=False)
+    assert full_embeds.shape[1] == 77 and torch.equal(full_embeds[:, : embeds.shape[1]], embeds)
+    assert torch.allclose(model.encode_text(truncate=True), model.encode_text(truncate=False), atol=1e-6)
+    texts = ["a video of a person dancing.", "swim"]
+    assert torch.allclose(model.encode_text(texts), model.encode_text(texts, truncate=False), atol=1e-6)
+
+
+def test_generic_context_gets_gradient_from_every_class():
+    model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES))
+    model.encode_text()[2].sum().backward()
+    assert model.prompt_learner.ctx.grad.abs().sum() > 0
+    csc = randomize_(VitaCLIP(tiny_config(csc=True), CLASSES))
+    csc.encode_text()[2].sum().backward()
+    g = csc.prompt_learner.ctx.grad
+    assert g[2].abs().sum() > 0 and g[[0, 1, 3]].abs().sum() == 0
+
+
+def test_context_initialised_from_a_phrase():
+    model = VitaCLIP(tiny_config(ctx_init="a video of a", csc=True), CLASSES)
+    assert model.config.n_ctx == 4
+    phrase = model.textual.token_embedding(tokenize(["a video of a"], 77))[0, 1:5]
+    assert torch.equal(model.prompt_learner.ctx[1], phrase)
+    embeds, _ = model.prompt_learner(model.textual.token_embedding)
+    direct = model.textual.token_embedding(tokenize(["a video of a swim."], 77))[0]
+    assert torch.equal(embeds[3], direct[: embeds.shape[1]])
+
+
+def test_too_long_text_is_refused():
+    with pytest.raises(ValueError, match="context length"):
+        VitaCLIP(tiny_config(), ["word " * 80])

@@ -1,0 +1,164 @@
+import json
+
+import pytest
+import torch
+
+from conftest import CLASSES, random_video, randomize_, tiny_config
+from vitaclip import VitaCLIP
+
+TINY_CLIP = {  # B/16-shaped (patch 16, head dim 64) but shallow and small
+    "embed_dim": 64, "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_checkpoint(tmp_path_factory):
+    """A randomly initialised open_clip CLIP saved as a local checkpoint, under a registered name."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "vitaclip-test-b16.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "vitaclip-test-b16.json")
+    torch.manual_seed(1)
+    clip = open_clip.create_model("vitaclip-test-b16")
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = folder / "weights.pt"
+    torch.save(clip.state_dict(), path)
+    return clip.eval(), path
+
+
+def test_from_clip_without_prompts_is_clip_averaged_over_frames(tiny_clip_checkpoint):
+    clip, path = tiny_clip_checkpoint
+    model = VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES, num_frames=4,
+                               use_summary=False, use_local=False, use_global=False)
+    assert model.config.act == "quick_gelu" and model.config.heads == 2 and model.config.width == 128
+    with torch.no_grad():
+        model.visual.time_embed.zero_()
+        video = torch.randn(2, 3, 4, 64, 64)
+        ours = model.encode_video(video)
+        theirs = clip.encode_image(video.transpose(1, 2).flatten(0, 1)).view(2, 4, -1).mean(1)
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+        texts = ["a video of a person swimming.", "dog"]
+        assert torch.allclose(model.encode_text(texts), clip.encode_text(clip_tokenize(texts)), rtol=1e-4, atol=1e-5)
+
+
+def clip_tokenize(texts):
+    import open_clip
+
+    return open_clip.tokenize(texts)
+
+
+def test_from_clip_with_prompts_loads_every_backbone_tensor(tiny_clip_checkpoint):
+    clip, path = tiny_clip_checkpoint
+    model = VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES)
+    sd = model.state_dict()
+    assert torch.equal(sd["visual.blocks.1.attn.k_proj.weight"],
+                       clip.state_dict()["visual.transformer.resblocks.1.attn.in_proj_weight"][128:256])
+    assert torch.equal(sd["visual.patch_embed.proj.bias"], torch.zeros(128))
+    assert model(torch.randn(1, 3, 8, 64, 64)).shape == (1, len(CLASSES))
+
+
+def test_from_clip_refuses_contradicting_overrides(tiny_clip_checkpoint):
+    _, path = tiny_clip_checkpoint
+    with pytest.raises(ValueError, match="width"):
+        VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES, width=64)
+
+
+def official_checkpoint(model):
+    """A training checkpoint in the authors' layout: DDP prefixes, prompt buffers, optimizer state."""
+    state = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    n = len(model.classnames)
+    state["module.prompt_learner.token_prefix"] = torch.randn(n, 1, model.config.text_width)
+    state["module.prompt_learner.token_suffix"] = torch.randn(n, 70, model.config.text_width)
+    return {"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_sched": {"last_epoch": 3},
+            "loss_scaler": {"scale": 1024.0}, "next_step": 4}
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(use_summary=False, num_global_prompts=5, csc=False),
+                                       dict(use_local=False, use_global=False, num_frames=2, n_ctx=0)])
+def test_official_checkpoint_round_trip(tmp_path, overrides):
+    model = randomize_(VitaCLIP(tiny_config(**overrides), CLASSES)).eval()
+    path = tmp_path / "ckpt.pth"
+    torch.save(official_checkpoint(model), path)
+    loaded = VitaCLIP.from_official_checkpoint(path, CLASSES, heads=2, text_heads=2).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    for field in ("num_global", "n_ctx", "num_frames", "use_summary", "use_local", "image_size", "layers"):
+        assert getattr(loaded.config, field) == getattr(model.config, field), field
+    video = random_video(model.config)
+    assert torch.equal(loaded(video), model(video))
+
+
+def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path):
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES))
+    backbone = {k: v for k, v in model.state_dict().items()
+                if not any(s in k for s in ("summary", "local", "global", "time_embed", "cls_proj",
+                                            "prompt_learner", "logit_scale"))}
+    torch.save(backbone, tmp_path / "backbone.pth")
+    loaded = VitaCLIP.from_official_checkpoint(tmp_path / "backbone.pth", CLASSES, heads=2, text_heads=2,
+                                               num_frames=3, n_ctx=3, num_global_prompts=2)
+    assert torch.equal(loaded.visual.blocks[1].mlp.fc2.weight, model.visual.blocks[1].mlp.fc2.weight)
+    assert loaded.visual.global_prompts.shape == (2, 2, 64)
+    assert loaded.prompt_learner.ctx.shape == (len(CLASSES), 3, 32)
+
+
+def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
+    model = VitaCLIP(tiny_config(), CLASSES)
+    ckpt = official_checkpoint(model)
+    torch.save(ckpt, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="4 classes"):
+        VitaCLIP.from_official_checkpoint(tmp_path / "ok.pth", ["a", "b"], heads=2, text_heads=2)
+    with pytest.raises(ValueError, match="class names"):
+        VitaCLIP.from_official_checkpoint(tmp_path / "ok.pth", None, heads=2, text_heads=2)
+    with pytest.raises(ValueError, match="contradict"):
+        VitaCLIP.from_official_checkpoint(tmp_path / "ok.pth", CLASSES, width=128)
+    broken = dict(ckpt["model"])
+    del broken["module.visual.blocks.1.norm2.bias"]
+    broken["module.visual.blocks.1.extra.weight"] = torch.zeros(1)
+    broken["module.visual.blocks.0.cls_proj.weight"] = torch.zeros(64, 32)
+    torch.save({"model": broken}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as err:
+        VitaCLIP.from_official_checkpoint(tmp_path / "bad.pth", CLASSES, heads=2, text_heads=2)
+    msg = str(err.value)
+    assert "visual.blocks.1.norm2.bias" in msg and "visual.blocks.1.extra.weight" in msg and "cls_proj" in msg
+    torch.save({"something": 1}, tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="neither"):
+        VitaCLIP.from_official_checkpoint(tmp_path / "junk.pth", CLASSES)
+    with pytest.raises(FileNotFoundError):
+        VitaCLIP.from_official_checkpoint(tmp_path / "missing.pth", CLASSES)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    model = randomize_(VitaCLIP(tiny_config(ctx_position="middle", ctx_init="a clip of"), CLASSES))
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["classnames.json", "config.json",
+                                                                      "model.safetensors"]
+    loaded = VitaCLIP.from_pretrained(tmp_path / "saved")
+    video = random_video(model.config)
+    assert torch.equal(loaded(video), model(video))
+    assert loaded.classnames == model.classnames
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        (tmp_path / "saved" / "config.json").unlink()
+        VitaCLIP.from_pretrained(tmp_path / "saved")
+
+
+def test_openai_weights_always_get_quick_gelu(monkeypatch):
+    import open_clip
+
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(RuntimeError, match="stop"):
+        VitaCLIP.from_clip("ViT-B-16", "openai", CLASSES)
+    assert seen["force_quick_gelu"] is True and seen["require_pretrained"] is True
+    with pytest.raises(RuntimeError, match="stop"):
+        VitaCLIP.from_clip("ViT-B-16", "laion2b_s34b_b88k", CLASSES)
+    assert seen["force_quick_gelu"] is False

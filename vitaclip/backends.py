@@ -1,0 +1,67 @@
+"""Which implementation runs each layer: one name switches the whole vision tower.
+
+A backend is a `block_forward(block, x, prompts)` (see `vision.reference_block_forward`).
+"reference" is the plain PyTorch original and the oracle of every other backend; fast
+backends register themselves here when their module is imported; "auto" picks the
+highest-priority backend available on the input's device.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+from .vision import BlockForward, reference_block_forward
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    block_forward: BlockForward
+    is_available: Callable[[torch.device], bool]
+    priority: int
+
+
+_BACKENDS: Dict[str, Backend] = {}
+OPTIONAL_BACKEND_MODULES = ("vitaclip.fast",)
+
+
+def register_backend(name: str, block_forward: BlockForward,
+                     is_available: Callable[[torch.device], bool] = lambda device: True,
+                     priority: int = 0) -> None:
+    _BACKENDS[name] = Backend(name, block_forward, is_available, priority)
+
+
+register_backend("reference", reference_block_forward)
+
+
+def _load_optional_backends() -> None:
+    for module in OPTIONAL_BACKEND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # e.g. no Triton on this machine: the reference still works
+            if module.split(".")[-1] not in str(err) and "triton" not in str(err).lower():
+                raise
+
+
+def available_backends() -> list[str]:
+    _load_optional_backends()
+    return sorted(_BACKENDS)
+
+
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in available_backends():
+        raise ValueError(f"unknown backend {name!r}; choose from {['auto'] + available_backends()}")
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    check_backend_name(name)
+    if name != "auto":
+        backend = _BACKENDS[name]
+        if not backend.is_available(device):
+            raise ValueError(f"backend {name!r} is not available on device {device}")
+        return backend
+    candidates = [b for b in _BACKENDS.values() if b.is_available(device)]
+    return max(candidates, key=lambda b: b.priority)

@@ -1,0 +1,185 @@
+"""VitaCLIP: video encoder + text encoder + prompt learner + logit scale (SPEC)."""
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import check_backend_name, resolve_backend
+from .config import VitaCLIPConfig
+from .text import PromptLearner, TextEncoder, check_classnames, clean_classname, tokenize
+from .vision import VisionTransformer
+
+# Substrings of the vision parameters the public code trains (SPEC: "what trains").
+TRAINABLE_VISION_KEYS = ("summary", "local", "global", "time_embed")
+
+DEFAULT_TEMPLATES = ("a video of a person {}.",)
+
+
+def is_trainable(name: str, train_cls_proj: bool = False) -> bool:
+    """Whether the public code trains the parameter `name` (a key of the model's state dict)."""
+    if name.startswith("visual."):
+        return any(k in name for k in TRAINABLE_VISION_KEYS) or (train_cls_proj and ".cls_proj." in name)
+    return name in ("prompt_learner.ctx", "logit_scale")
+
+
+class VitaCLIP(nn.Module):
+    """Vita-CLIP video classifier.
+
+    `model(video)` gives logits [B, n_classes] for a normalised video [B, 3, T, H, W];
+    T may be any multiple of the training frame count T0 (SPEC).
+    """
+
+    def __init__(self, config: Optional[VitaCLIPConfig] = None, classnames: Optional[Sequence[str]] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.config = (config or VitaCLIPConfig()).replace()  # own copy: the prompt learner may fix n_ctx
+        check_backend_name(backend)
+        self.backend = backend
+        self.visual = VisionTransformer(self.config)
+        self.textual = TextEncoder(self.config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.prompt_learner: Optional[PromptLearner] = None
+        self._fixed_classnames: Optional[List[str]] = None
+        self.register_buffer("_fixed_text_features", None, persistent=False)
+        self._text_cache: Optional[Tuple[tuple, Tensor]] = None
+        if classnames is not None:
+            self.set_classes(classnames)
+        self.freeze()
+
+    # ---------------------------------------------------------------- parameters
+    def freeze(self) -> None:
+        """Freeze the CLIP backbone; only the public code's trainable set keeps requires_grad."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_trainable(name, self.config.train_cls_proj))
+
+    def named_trainable_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if is_trainable(name, self.config.train_cls_proj):
+                yield name, p
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    # ---------------------------------------------------------------- backends
+    def set_backend(self, name: str) -> None:
+        check_backend_name(name)
+        self.backend = name
+
+    # ---------------------------------------------------------------- classes and text
+    @property
+    def classnames(self) -> List[str]:
+        if self._fixed_classnames is not None:
+            return list(self._fixed_classnames)
+        if self.prompt_learner is not None:
+            return list(self.prompt_learner.classnames)
+        return []
+
+    def set_classes(self, classnames: Sequence[str], templates: Optional[Sequence[str]] = None) -> None:
+        """Switch the label set.
+
+        Without templates the learned context is used (a class-specific context only fits its
+        own number of classes). With templates (e.g. "a video of a person {}.") the classes are
+        scored zero-shot against hand-written prompts, averaged over the templates.
+        """
+        classnames = list(classnames)
+        self._text_cache = None
+        if templates is not None:
+            self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
+            self._fixed_classnames = [clean_classname(n) for n in classnames]
+            return
+        self._fixed_text_features = None
+        self._fixed_classnames = None
+        if self.prompt_learner is None:
+            self.prompt_learner = PromptLearner(self.config, self.textual.token_embedding, classnames)
+            self.prompt_learner.to(self.logit_scale.device)
+            self.freeze()
+        else:
+            self.prompt_learner.set_classes(classnames)
+
+    def encode_text(self, texts: Optional[Sequence[str]] = None, truncate: bool = True) -> Tensor:
+        """Text features [n, D] (before normalisation): of the learned class prompts when `texts`
+        is None, else of the given hand-written texts."""
+        if texts is None:
+            if self.prompt_learner is None:
+                raise ValueError("no classes set: pass classnames to the model or call set_classes()")
+            embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
+            return self.textual(embeds, eot, truncate=False)  # already cut, without a device sync
+        tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
+        return self.textual.encode_tokens(tokens, truncate)
+
+    @torch.no_grad()
+    def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                                batch_size: int = 1024) -> Tensor:
+        """Normalised class features [n_classes, D]: each template's feature normalised, averaged."""
+        names = [clean_classname(n) for n in classnames]
+        check_classnames(names)
+        templates = list(templates)
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"templates must be a non-empty list of strings containing '{{}}', got {templates}")
+        texts = [t.format(n) for n in names for t in templates]
+        feats = torch.cat([self.encode_text(texts[i:i + batch_size]).float()
+                           for i in range(0, len(texts), batch_size)])
+        feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
+        return F.normalize(feats, dim=-1)
+
+    def text_features(self) -> Tensor:
+        """Normalised features [n_classes, D] of the current label set; cached when nothing can
+        change them (fixed prompts, or learned prompts evaluated without gradients)."""
+        if self._fixed_text_features is not None:
+            return self._fixed_text_features
+        if torch.is_grad_enabled():
+            return F.normalize(self.encode_text().float(), dim=-1)
+        key = self._text_cache_key()
+        if self._text_cache is None or self._text_cache[0] != key:
+            self._text_cache = (key, F.normalize(self.encode_text().float(), dim=-1))
+        return self._text_cache[1]
+
+    def _text_cache_key(self) -> tuple:
+        device = self.logit_scale.device
+        versions = tuple(p._version for p in self.textual.parameters())
+        learner = self.prompt_learner
+        ctx_version = learner.ctx._version if learner is not None and learner.ctx is not None else None
+        return (id(learner.tokens) if learner is not None else None, ctx_version, versions,
+                torch.is_autocast_enabled(device.type), device)
+
+    # ---------------------------------------------------------------- video
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Video features [B, D] (mean of the frame features, before normalisation)."""
+        backend = resolve_backend(self.backend, video.device)
+        return self.visual(video, backend.block_forward).mean(dim=1)
+
+    def forward(self, video: Tensor) -> Tensor:
+        text = self.text_features()
+        video_features = self.encode_video(video)
+        with torch.autocast(video.device.type, enabled=False):  # cosines in fp32 whatever the autocast
+            video_features = F.normalize(video_features.float(), dim=-1)
+            return self.logit_scale.exp() * video_features @ text.float().t()
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_clip(cls, name: str, pretrained: Optional[str] = None, classnames: Optional[Sequence[str]] = None,
+                  **overrides) -> "VitaCLIP":
+        from .weights import load_from_clip
+
+        return load_from_clip(cls, name, pretrained, classnames, **overrides)
+
+    @classmethod
+    def from_official_checkpoint(cls, path, classnames: Optional[Sequence[str]] = None, **overrides) -> "VitaCLIP":
+        from .weights import load_official_checkpoint
+
+        return load_official_checkpoint(cls, path, classnames, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, directory, backend: str = "auto") -> "VitaCLIP":
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, directory, backend)
+
+    def save_pretrained(self, directory) -> None:
+        from .weights import save_pretrained
+
+        save_pretrained(self, directory)

@@ -1,0 +1,231 @@
+"""CLIP's causal text encoder and the CoOp-style prompt learner of Vita-CLIP."""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import VitaCLIPConfig
+from .vision import make_activation
+
+PLACEHOLDER = "X"
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """open_clip's CLIP BPE tokenizer (the one every OpenAI-style CLIP uses)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def tokenize(texts: Sequence[str], context_length: int) -> Tensor:
+    """Token ids [n, context_length]; refuses texts that would be silently truncated."""
+    tokenizer = get_tokenizer()
+    for text in texts:
+        n = len(tokenizer.encode(text)) + 2  # start and end of text
+        if n > context_length:
+            raise ValueError(f"text {text!r} is {n} tokens long, more than the context length {context_length}")
+    return tokenizer(list(texts), context_length=context_length)
+
+
+def clean_classname(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+class TextAttention(nn.Module):
+    """Causal self-attention with CLIP's fused in_proj layout."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, s, c = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, s, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(o.transpose(1, 2).reshape(n, s, c))
+
+
+class TextMlp(nn.Module):
+    def __init__(self, width: int, act: str):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = make_activation(act)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class TextBlock(nn.Module):
+    def __init__(self, width: int, heads: int, act: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = TextAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = TextMlp(width, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, act: str):
+        super().__init__()
+        self.resblocks = nn.ModuleList(TextBlock(width, heads, act) for _ in range(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: VitaCLIPConfig):
+        super().__init__()
+        w = config.text_width
+        self.token_embedding = nn.Embedding(config.vocab_size, w)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, w))
+        self.transformer = TextTransformer(w, config.text_layers, config.text_heads, config.act)
+        self.ln_final = nn.LayerNorm(w)
+        self.text_projection = nn.Parameter(torch.empty(w, config.embed_dim))
+        self.reset_parameters(config)
+
+    @torch.no_grad()
+    def reset_parameters(self, config: VitaCLIPConfig) -> None:
+        w, layers = config.text_width, config.text_layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = (w ** -0.5) * ((2 * layers) ** -0.5)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=w ** -0.5)
+            nn.init.zeros_(block.attn.in_proj_bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=w ** -0.5)
+
+    def forward(self, embeddings: Tensor, eot_index: Tensor, truncate: bool = True) -> Tensor:
+        """Text features [n, D] from token embeddings [n, L, width] read at eot_index [n].
+
+        The transformer is causal and the feature is read at the end-of-text token, so tokens
+        after the batch's last end-of-text position change nothing: with `truncate` they are
+        never computed.
+        """
+        if truncate:
+            embeddings = embeddings[:, : int(eot_index.max()) + 1]
+        x = embeddings + self.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+        x = self.ln_final(self.transformer(x))
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        return x @ self.text_projection
+
+    def encode_tokens(self, tokens: Tensor, truncate: bool = True) -> Tensor:
+        return self(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
+
+
+class PromptLearner(nn.Module):
+    """Learnable context vectors spliced into "X X ... X <class name>." (CoOp).
+
+    Only the context is a parameter. The class tokens are kept as ids and embedded on the fly
+    through the (frozen) token embedding, so a reloaded embedding can never go stale.
+    """
+
+    def __init__(self, config: VitaCLIPConfig, token_embedding: nn.Embedding, classnames: Sequence[str]):
+        super().__init__()
+        self.config = config
+        self.position = config.ctx_position
+        width = config.text_width
+        n_classes = len(classnames)
+        if config.ctx_init:
+            init_tokens = tokenize([config.ctx_init], config.context_length)
+            n_ctx = int(init_tokens.argmax(-1)) - 1
+            config.n_ctx = n_ctx  # the phrase fixes the context length
+            with torch.no_grad():
+                init = token_embedding(init_tokens)[0, 1 : 1 + n_ctx].clone()
+            ctx = init.expand(n_classes, -1, -1).clone() if config.csc else init
+        else:
+            shape = (n_classes, config.n_ctx, width) if config.csc else (config.n_ctx, width)
+            ctx = torch.empty(shape)
+            nn.init.normal_(ctx, std=0.02)
+        self.n_ctx = config.n_ctx
+        self.ctx = nn.Parameter(ctx) if self.n_ctx else None
+        self.set_classes(classnames)
+
+    @property
+    def prefix(self) -> str:
+        return self.config.ctx_init if self.config.ctx_init else " ".join([PLACEHOLDER] * self.n_ctx)
+
+    def set_classes(self, classnames: Sequence[str]) -> None:
+        names = [clean_classname(n) for n in classnames]
+        check_classnames(names)
+        if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
+            raise ValueError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
+                             f"got {len(names)} class names")
+        prompts = [f"{self.prefix} {name}.".strip() for name in names]
+        tokens = tokenize(prompts, self.config.context_length)
+        name_lens = [len(get_tokenizer().encode(name)) for name in names]
+        token_src, ctx_slot = splice_indices(tokens.shape[1], self.n_ctx, name_lens, self.position)
+        previous = getattr(self, "tokens", None)
+        device = previous.device if previous is not None else (self.ctx.device if self.ctx is not None else None)
+        self.classnames: List[str] = names
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.register_buffer("token_src", token_src.to(device), persistent=False)
+        self.register_buffer("ctx_slot", ctx_slot.to(device), persistent=False)
+        self.prompt_length = int(tokens.argmax(dim=-1).max()) + 1  # through the last end-of-text
+
+    def forward(self, token_embedding: nn.Embedding, truncate: bool = True) -> tuple[Tensor, Tensor]:
+        """Prompt embeddings [n_classes, L, width] and their end-of-text positions [n_classes];
+        L stops at the last end-of-text position (later ones never reach the feature) with `truncate`."""
+        length = self.prompt_length if truncate else self.tokens.shape[1]
+        src = self.token_src[:, :length]
+        embeds = token_embedding(self.tokens.gather(1, src))
+        if self.ctx is not None:
+            slot = self.ctx_slot[:, :length]
+            ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.classnames), -1, -1)
+            gathered = ctx.to(embeds.dtype).gather(1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+            embeds = torch.where((slot >= 0).unsqueeze(-1), gathered, embeds)
+        return embeds, self.tokens.argmax(dim=-1)
+
+
+def check_classnames(names: Sequence[str]) -> None:
+    if not names:
+        raise ValueError("the class list is empty")
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise ValueError(f"empty class name(s) at position(s) {empty}")
+    seen, dups = set(), []
+    for n in names:
+        if n in seen:
+            dups.append(n)
+        seen.add(n)
+    if dups:
+        raise ValueError(f"duplicate class name(s): {sorted(set(dups))}")
+
+
+def splice_indices(length: int, n_ctx: int, name_lens: Sequence[int], position: str) -> tuple[Tensor, Tensor]:
+    """Where each output position of each class prompt reads from.
+
+    The tokenised text is [SOS, X * n_ctx, name, ".", EOS, pad...]. Returns `token_src` [n, L],
+    the token position to embed, and `ctx_slot` [n, L], the context vector index or -1, that
+    rearrange it into the requested context position (end, front or middle).
+    """
+    n = len(name_lens)
+    token_src = torch.arange(length).repeat(n, 1)
+    ctx_slot = torch.full((n, length), -1, dtype=torch.long)
+    half = n_ctx // 2 if position == "middle" else (n_ctx if position == "end" else 0)
+    for i, name_len in enumerate(name_lens):
+        # output layout: SOS, ctx[:half], name, ctx[half:], rest (".", EOS, pad)
+        name_at = 1 + half
+        token_src[i, name_at : name_at + name_len] = torch.arange(1 + n_ctx, 1 + n_ctx + name_len)
+        ctx_slot[i, 1 : 1 + half] = torch.arange(half)
+        ctx_slot[i, name_at + name_len : 1 + n_ctx + name_len] = torch.arange(half, n_ctx)
+    return token_src, ctx_slot

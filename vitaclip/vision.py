@@ -1,0 +1,215 @@
+"""Vita-CLIP's video encoder: a frozen CLIP ViT with summary, local and global prompts.
+
+Parameter names follow the authors' checkpoints (SPEC: "Public checkpoint layout"), so
+their state dicts load without renaming.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import VitaCLIPConfig
+from .ops.summary import summary_tokens
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (the authors' layout)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, s, c = x.shape
+        def split(t: Tensor) -> Tensor:
+            return t.view(n, s, self.heads, c // self.heads).transpose(1, 2)
+        o = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.out_proj(o.transpose(1, 2).reshape(n, s, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.proj(frames).flatten(2).transpose(1, 2)  # [F, N, C]
+
+
+@dataclass
+class LayerPrompts:
+    """The prompt tokens one layer appends to every frame's sequence (all exact, none repeated).
+
+    local:   [n_groups, T0, C]  local prompts p_l + c of each group of T0 frames, or None
+    global_: [G, C]             the layer's global prompts, or None
+    summary: [F, C]             each frame's summary token, or None
+    """
+
+    local: Optional[Tensor]
+    global_: Optional[Tensor]
+    summary: Optional[Tensor]
+    frames_per_group: int
+
+
+class VitaBlock(nn.Module):
+    """One frozen CLIP layer plus its prompt modules."""
+
+    def __init__(self, config: VitaCLIPConfig):
+        super().__init__()
+        c = config.width
+        self.heads = config.heads
+        self.num_frames = config.num_frames
+        self.norm1 = nn.LayerNorm(c)
+        self.attn = Attention(c, config.heads)
+        self.norm2 = nn.LayerNorm(c)
+        self.mlp = Mlp(c, int(c * config.mlp_ratio), config.act)
+        if config.uses_cls_proj:
+            self.cls_proj = nn.Linear(c, c)
+        if config.use_summary:
+            self.summary_ln = nn.LayerNorm(c)
+            self.summary_attn_layer = Attention(c, config.heads)
+        if config.use_local:
+            self.local_prompts = nn.Parameter(torch.empty(1, config.num_frames, c))
+
+    def prompts(self, x: Tensor, global_prompts: Optional[Tensor]) -> LayerPrompts:
+        """Build this layer's prompt tokens from the frames' tokens x [F, S, C]."""
+        local = summary = None
+        if hasattr(self, "cls_proj"):
+            n_frames, _, width = x.shape
+            c = self.cls_proj(x[:, 0]).view(n_frames // self.num_frames, self.num_frames, width)
+            if hasattr(self, "summary_ln"):
+                summary = summary_tokens(c, self.summary_ln, self.summary_attn_layer, self.heads)
+                summary = summary.reshape(n_frames, width)
+            if hasattr(self, "local_prompts"):
+                local = self.local_prompts + c
+        return LayerPrompts(local, global_prompts, summary, self.num_frames)
+
+
+BlockForward = Callable[[VitaBlock, Tensor, LayerPrompts], Tensor]
+
+
+def reference_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+    """The original layer: attention over the materialised sequence
+    [cls, local(T0), global(G), patches(N), summary], then the MLP on the frame's own tokens."""
+    n_frames = x.shape[0]
+    parts = [x[:, :1]]
+    if prompts.local is not None:
+        parts.append(prompts.local.repeat_interleave(prompts.frames_per_group, dim=0))
+    if prompts.global_ is not None:
+        parts.append(prompts.global_.unsqueeze(0).expand(n_frames, -1, -1))
+    n_before_patches = sum(p.shape[1] for p in parts)
+    parts.append(x[:, 1:])
+    if prompts.summary is not None:
+        parts.append(prompts.summary.unsqueeze(1))
+    seq = torch.cat(parts, dim=1)
+    seq = seq + block.attn(block.norm1(seq))
+    own = torch.cat([seq[:, :1], seq[:, n_before_patches:n_before_patches + x.shape[1] - 1]], dim=1)
+    return own + block.mlp(block.norm2(own))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VitaCLIPConfig):
+        super().__init__()
+        self.config = config
+        c = config.width
+        self.patch_embed = PatchEmbed(config.patch_size, c)
+        self.cls_token = nn.Parameter(torch.empty(c))
+        self.pos_embed = nn.Parameter(torch.empty(config.num_patches + 1, c))
+        self.time_embed = nn.Parameter(torch.empty(config.num_frames, c))
+        self.ln_pre = nn.LayerNorm(c)
+        self.blocks = nn.ModuleList(VitaBlock(config) for _ in range(config.layers))
+        self.ln_post = nn.LayerNorm(c)
+        self.proj = nn.Parameter(torch.empty(c, config.embed_dim))
+        if config.num_global:
+            self.global_prompts = nn.Parameter(torch.empty(config.layers, config.num_global, c))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """CLIP-style init of the backbone; the public code's init of the prompt modules."""
+        c = self.config.width
+        scale = c ** -0.5
+        nn.init.normal_(self.cls_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        nn.init.normal_(self.proj, std=scale)
+        nn.init.normal_(self.time_embed, std=0.02)
+        bound = math.sqrt(6.0 / (3 * self.config.patch_size ** 2 + c))
+        if hasattr(self, "global_prompts"):
+            nn.init.uniform_(self.global_prompts, -bound, bound)
+        for block in self.blocks:
+            if hasattr(block, "local_prompts"):
+                nn.init.uniform_(block.local_prompts, -bound, bound)
+            if hasattr(block, "summary_attn_layer"):
+                for lin in (block.summary_attn_layer.q_proj, block.summary_attn_layer.k_proj,
+                            block.summary_attn_layer.v_proj, block.summary_attn_layer.out_proj):
+                    nn.init.xavier_uniform_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+
+    def check_video(self, video: Tensor) -> None:
+        cfg = self.config
+        if video.dim() != 5:
+            raise ValueError(f"video must be [B, 3, T, H, W], got a tensor of rank {video.dim()} "
+                             f"with shape {tuple(video.shape)}")
+        b, ch, t, h, w = video.shape
+        if ch != 3:
+            raise ValueError(f"video must have 3 channels in dim 1 ([B, 3, T, H, W]), got {ch} "
+                             f"(shape {tuple(video.shape)})")
+        if b == 0 or t == 0:
+            raise ValueError(f"video has no clips or no frames: shape {tuple(video.shape)}")
+        if (h, w) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"frames are {h}x{w} but the positional embedding is for "
+                             f"{cfg.image_size}x{cfg.image_size}; resize or crop the video first")
+        if cfg.groups_frames and t % cfg.num_frames:
+            raise ValueError(f"T = {t} frames is not a multiple of T0 = {cfg.num_frames}: summary and "
+                             f"local prompts act on groups of T0 consecutive frames")
+
+    def time_embedding(self, n_frames: int) -> Tensor:
+        if n_frames == self.config.num_frames:
+            return self.time_embed
+        table = self.time_embed.t().unsqueeze(0)  # [1, C, T0]
+        return F.interpolate(table, size=n_frames, mode="nearest").squeeze(0).t()
+
+    def forward(self, video: Tensor, block_forward: BlockForward) -> Tensor:
+        """Per-frame features [B, T, D] of a normalised video [B, 3, T, H, W]."""
+        self.check_video(video)
+        b, _, t, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * t, 3, h, w)
+        x = self.patch_embed(frames)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        x = x.view(b, t, *x.shape[1:]) + self.time_embedding(t).to(x.dtype)[None, :, None, :]
+        x = self.ln_pre(x.view(b * t, *x.shape[2:]))
+        for i, block in enumerate(self.blocks):
+            global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
+            x = block_forward(block, x, block.prompts(x, global_prompts))
+        features = self.ln_post(x[:, 0]) @ self.proj
+        return features.view(b, t, -1)

@@ -1,0 +1,244 @@
+"""Loading and saving weights: open_clip CLIP models, the authors' checkpoints, our own format.
+
+Kept apart from the model: the model only knows its own (the authors') key layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import VitaCLIPConfig
+from .model import VitaCLIP
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classnames.json"
+# Keys of the authors' model that a converted CLIP backbone file does not hold: the Vita-CLIP
+# additions (prompts, summary modules, cls_proj, time embedding, text context, logit scale).
+VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cls_proj|prompt_learner|logit_scale)")
+IGNORED_OFFICIAL_KEYS = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+
+
+# ---------------------------------------------------------------------------- state-dict checks
+def load_state_exactly(model: VitaCLIP, state: Dict[str, Tensor], allow_missing=lambda key: False,
+                       source: str = "checkpoint") -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state and not allow_missing(k))
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = sorted(f"{k}: {tuple(state[k].shape)} in {source}, {tuple(expected[k].shape)} in the model"
+                        for k in state if k in expected and state[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches {mismatched}")
+    if problems:
+        raise ValueError(f"{source} does not fit this VitaCLIP architecture: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------- open_clip
+def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Optional[Sequence[str]],
+                   **overrides) -> VitaCLIP:
+    """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.
+
+    `name` is an open_clip model name (e.g. "ViT-B-16-quickgelu"), `pretrained` a tag
+    ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint file. OpenAI weights were trained
+    with QuickGELU, so it is forced for them whatever the model name says.
+    """
+    import open_clip
+
+    is_openai = pretrained is not None and str(pretrained).lower() == "openai"
+    clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=is_openai,
+                                  require_pretrained=pretrained is not None)
+    config = config_from_open_clip(clip, **overrides)
+    model = cls(config, classnames)
+    state = convert_open_clip_state(clip.state_dict(), config.layers, config.text_layers)
+    load_state_exactly(model, state, allow_missing=lambda k: VITA_ADDITION.search(k) is not None,
+                       source=f"open_clip model {name!r}")
+    return model
+
+
+def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
+    from open_clip.model import CLIP
+    from open_clip.transformer import QuickGELU
+
+    if type(clip) is not CLIP or not hasattr(clip.visual, "conv1"):
+        raise ValueError(f"only open_clip CLIP models with a ViT image tower and CLIP text tower are "
+                         f"supported, got {type(clip).__name__} with {type(clip.visual).__name__}")
+    visual, blocks = clip.visual, clip.visual.transformer.resblocks
+    if getattr(visual, "attn_pool", None) is not None or not isinstance(visual.proj, torch.nn.Parameter):
+        raise ValueError("open_clip vision towers with attentional pooling or a linear projection "
+                         "are not Vita-CLIP backbones")
+    image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    found = dict(
+        image_size=int(image_size),
+        patch_size=int(visual.conv1.kernel_size[0]),
+        width=int(visual.conv1.out_channels),
+        layers=len(blocks),
+        heads=int(blocks[0].attn.num_heads),
+        mlp_ratio=blocks[0].mlp.c_fc.out_features / visual.conv1.out_channels,
+        embed_dim=int(visual.proj.shape[1]),
+        context_length=int(clip.positional_embedding.shape[0]),
+        vocab_size=int(clip.token_embedding.num_embeddings),
+        text_width=int(clip.token_embedding.embedding_dim),
+        text_layers=len(clip.transformer.resblocks),
+        text_heads=int(clip.transformer.resblocks[0].attn.num_heads),
+        act="quick_gelu" if isinstance(blocks[0].mlp.gelu, QuickGELU) else "gelu",
+    )
+    clash = {k: (v, found[k]) for k, v in overrides.items() if k in found and v != found[k]}
+    if clash:
+        raise ValueError(f"overrides contradict the CLIP weights (given, found): {clash}")
+    return VitaCLIPConfig(**{**found, **overrides})
+
+
+def convert_open_clip_state(sd: Dict[str, Tensor], layers: int, text_layers: int) -> Dict[str, Tensor]:
+    """open_clip CLIP keys -> the authors' keys (patch bias zero: CLIP's conv has none)."""
+    out: Dict[str, Tensor] = {}
+    conv = sd["visual.conv1.weight"]
+    out["visual.patch_embed.proj.weight"] = conv
+    out["visual.patch_embed.proj.bias"] = torch.zeros(conv.shape[0], dtype=conv.dtype)
+    out["visual.cls_token"] = sd["visual.class_embedding"]
+    out["visual.pos_embed"] = sd["visual.positional_embedding"]
+    for k in ("ln_pre", "ln_post"):
+        for p in ("weight", "bias"):
+            out[f"visual.{k}.{p}"] = sd[f"visual.{k}.{p}"]
+    out["visual.proj"] = sd["visual.proj"]
+    for i in range(layers):
+        src, dst = f"visual.transformer.resblocks.{i}.", f"visual.blocks.{i}."
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[src + "attn.in_proj_weight"].chunk(3)):
+            out[dst + f"attn.{name}.weight"] = part
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[src + "attn.in_proj_bias"].chunk(3)):
+            out[dst + f"attn.{name}.bias"] = part
+        renames = {"attn.out_proj": "attn.out_proj", "ln_1": "norm1", "ln_2": "norm2",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        for a, b in renames.items():
+            for p in ("weight", "bias"):
+                out[dst + f"{b}.{p}"] = sd[src + f"{a}.{p}"]
+    text_keys = [k for k in sd if not k.startswith("visual.") and k != "logit_scale" and k != "attn_mask"]
+    for k in text_keys:
+        out[f"textual.{k}"] = sd[k]
+    return out
+
+
+# ---------------------------------------------------------------------------- the authors' files
+def read_official_state(path) -> Dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds neither a training checkpoint with a 'model' dict nor a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v
+            for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
+
+
+def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLIPConfig:
+    """Read the architecture off the tensor shapes (SPEC); what shapes cannot tell comes from
+    `overrides` (heads default to width / 64, as in every CLIP)."""
+    def shape(key):
+        if key not in state:
+            raise ValueError(f"checkpoint lacks {key!r}: not a Vita-CLIP/CLIP checkpoint in the authors' layout")
+        return state[key].shape
+
+    width, _, patch, _ = shape("visual.patch_embed.proj.weight")
+    grid = math.isqrt(shape("visual.pos_embed")[0] - 1)
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"visual\.blocks\.(\d+)\.", k)))
+    text_layers = 1 + max(int(m.group(1)) for k in state
+                          if (m := re.match(r"textual\.transformer\.resblocks\.(\d+)\.", k)))
+    vocab, text_width = shape("textual.token_embedding.weight")
+    found = dict(
+        image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=width // 64,
+        mlp_ratio=shape("visual.blocks.0.mlp.fc1.weight")[0] / width,
+        embed_dim=shape("visual.proj")[1], context_length=shape("textual.positional_embedding")[0],
+        vocab_size=vocab, text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
+    )
+    if any(VITA_ADDITION.search(k) for k in state):  # a trained Vita-CLIP checkpoint, not a backbone
+        found.update(
+            num_frames=shape("visual.time_embed")[0],
+            use_summary="visual.blocks.0.summary_attn_layer.q_proj.weight" in state,
+            use_local="visual.blocks.0.local_prompts" in state,
+            use_global="visual.global_prompts" in state,
+        )
+        if found["use_global"]:
+            found["num_global_prompts"] = shape("visual.global_prompts")[1]
+        ctx = state.get("prompt_learner.ctx")
+        found.update(n_ctx=0 if ctx is None else ctx.shape[-2], csc=ctx is not None and ctx.dim() == 3)
+    settable = {"heads", "text_heads", "act", "ctx_position", "ctx_init", "train_cls_proj"}
+    clash = {k: (v, found[k]) for k, v in overrides.items() if k in found and k not in settable and v != found[k]}
+    if clash:
+        raise ValueError(f"overrides contradict the checkpoint's shapes (given, found): {clash}")
+    return VitaCLIPConfig(**{**found, **overrides})
+
+
+def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], **overrides) -> VitaCLIP:
+    """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file."""
+    state = read_official_state(path)
+    config = config_from_official_state(state, **overrides)
+    ctx = state.get("prompt_learner.ctx")
+    if ctx is not None and ctx.dim() == 3 and classnames is not None and len(classnames) != ctx.shape[0]:
+        raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
+                         f"got {len(classnames)} class names")
+    model = cls(config, classnames)
+    is_backbone = not any(VITA_ADDITION.search(k) for k in state)
+    if not is_backbone and ctx is not None and classnames is None:
+        raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
+    load_state_exactly(model, state, source=str(path),
+                       allow_missing=lambda k: is_backbone and VITA_ADDITION.search(k) is not None)
+    return model
+
+
+# ---------------------------------------------------------------------------- our own format
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: VitaCLIP, directory) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    learner = model.prompt_learner
+    classnames = learner.classnames if learner is not None else []
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(model.config.to_json()))
+    atomic_write(directory / CLASSES_FILE, lambda p: Path(p).write_text(json.dumps(classnames, indent=1)))
+
+
+def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a saved VitaCLIP: {name} is missing")
+    config = VitaCLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    config.ctx_init = None  # the saved context replaces any initialisation
+    classnames = json.loads((directory / CLASSES_FILE).read_text()) or None
+    model = cls(config, classnames, backend=backend)
+    load_state_exactly(model, load_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    return model
