@@ -206,3 +206,17 @@ def test_bad_arguments(vp9_dataset):
         loader(root, False, batch_size=1, spatial_crops=2)
     with pytest.raises(ValueError, match="shard_id"):
         loader(root, True, batch_size=1, shard_id=2, num_shards=2)
+
+
+@needs_dali
+def test_auto_backend_picks_dali_cpu_only_for_its_codecs(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    assert loader(root, False, batch_size=1, backend="auto").backend == "dali-cpu"
+    from vitaclip.data.prepare import EncodeSettings, transcode
+    transcode(str(root / rows[0][0]), str(tmp_path / "a.mp4"), EncodeSettings(short_side=32))
+    (tmp_path / "list.csv").write_text("a.mp4,0\n")
+    assert loader(tmp_path, False, batch_size=1, backend="auto").backend == "pyav"
+    with pytest.raises(ValueError, match="CPU decoder reads"):
+        loader(tmp_path, False, batch_size=1, backend="dali-cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        loader(tmp_path, False, batch_size=1, backend="dali-gpu")

@@ -140,7 +140,7 @@ class VideoLoader:
     def _resolve_backend(self, backend: str) -> str:
         codecs = {info.codec for _, _, info in self.videos}
         if backend == "auto":
-            if dali.available() and self.device.type == "cuda":
+            if dali.available() and self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS):
                 return "dali-gpu"
             if dali.available() and codecs <= set(dali.CPU_CODECS):
                 return "dali-cpu"
@@ -151,6 +151,8 @@ class VideoLoader:
             raise ValueError(f"DALI's CPU decoder reads {dali.CPU_CODECS}, this list has {sorted(codecs)}")
         if backend == "dali-gpu" and self.device.type != "cuda":
             raise ValueError("backend 'dali-gpu' needs a CUDA device")
+        if backend == "dali-gpu" and not codecs <= set(dali.GPU_CODECS):
+            raise ValueError(f"DALI's GPU decoder reads {dali.GPU_CODECS}, this list has {sorted(codecs)}")
         if backend == "pyav" and not pyav.available():
             raise ImportError("backend 'pyav' needs PyAV: pip install av")
         return backend
