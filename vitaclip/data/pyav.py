@@ -34,14 +34,15 @@ def available() -> bool:
 
 
 def probe(path: str) -> VideoInfo:
-    """Count frames by demuxing (no decoding): one packet with data per frame."""
+    """Count frames by demuxing (no decoding): one packet with data per shown frame
+    (packets an MP4 edit list discards are not shown)."""
     _require_av()
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
-            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            frames = sum(1 for packet in container.demux(stream) if _shown(packet))
             return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
                              stream.codec_context.name)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -59,7 +60,7 @@ def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
             if any(pts is None for pts, _ in packets) or not any(key for _, key in packets):
@@ -124,6 +125,10 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         if position != target:
             raise VideoDecodeError(f"frame {index}: decoder gave timestamp {position}, expected {target}")
         out.put(slot, frame)
+
+
+def _shown(packet) -> bool:
+    return packet.size > 0 and not packet.is_discard
 
 
 def _require_av():
