@@ -7,7 +7,7 @@ so a clip is the same whichever backend decodes it, however many workers or rank
 from __future__ import annotations
 
 import logging
-import os
+import multiprocessing
 from dataclasses import dataclass
 from typing import Iterator, List, NamedTuple, Optional
 
@@ -53,7 +53,11 @@ class VideoLoader:
     does not fill a batch on every rank is dropped), so DDP never waits on a missing batch.
     on_error="skip" drops bad entries (bad list lines, missing/empty/corrupt/short videos)
     with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
-    list line."""
+    list line.
+
+    PyAV with num_workers > 0 decodes in worker processes started by a fork server (forking a
+    process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
+    DataLoader, a script using it needs an `if __name__ == "__main__":` guard."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -168,18 +172,25 @@ class VideoLoader:
             yield from self._dali.decode(tasks)
             return
         if self.num_workers == 0:
-            yield from map(decode_with_pyav, tasks)
+            yield from ([decode_with_pyav(*task) for task in batch] for batch in tasks)
             return
         if self._workers is None:
-            # persistent processes, started by a fork server: forking this process (which may
-            # run DALI, PyAV or CUDA threads) can deadlock the child
+            # persistent processes, forked by a fork server that has imported this module once:
+            # forking this process (which may run DALI, PyAV or CUDA threads) can deadlock
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
             self._epoch_tasks = _EpochTasks()
             self._workers = torch.utils.data.DataLoader(
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
-                prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda",
-                persistent_workers=True, multiprocessing_context="forkserver")
-        self._epoch_tasks.batches = tasks
-        yield from self._workers
+                prefetch_factor=self.prefetch * self.batch_size, pin_memory=self.device.type == "cuda",
+                persistent_workers=True, multiprocessing_context=context)
+        # one clip per work item, so every worker is busy whatever the batch size
+        self._epoch_tasks.tasks = [task for batch in tasks for task in batch]
+        clips = iter(self._workers)
+        for batch in tasks:
+            yield [next(clips) for _ in batch]
+        for _ in clips:  # let the epoch's iterator finish cleanly
+            pass
 
     # ---------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[Batch]:
@@ -241,35 +252,32 @@ class VideoLoader:
         self.skipped.append(message)
 
 
-def decode_with_pyav(tasks):
-    """Decoded frames, or the error, of each (path, frame indices) task."""
-    out = []
-    for path, frames in tasks:
-        try:
-            out.append(pyav.decode_frames(path, frames))
-        except (VideoDecodeError, ImportError) as e:
-            out.append(VideoDecodeError(str(e)))
-    return out
+def decode_with_pyav(path: str, frames: np.ndarray):
+    """Decoded frames of one task, or the error (returned, to cross process boundaries)."""
+    try:
+        return pyav.decode_frames(path, frames)
+    except (VideoDecodeError, ImportError) as e:
+        return VideoDecodeError(str(e))
 
 
 class _PyAVTasks(torch.utils.data.Dataset):
-    """Indexed by the tasks themselves: the sampler hands each worker a batch of tasks."""
+    """Indexed by the tasks themselves: the sampler hands the workers (path, frames) pairs."""
 
-    def __getitem__(self, tasks):
-        return decode_with_pyav(tasks)
+    def __getitem__(self, task):
+        return decode_with_pyav(*task)
 
 
 class _EpochTasks(torch.utils.data.Sampler):
-    """The current epoch's task batches, swapped in while the worker processes stay up."""
+    """The current epoch's tasks, swapped in while the worker processes stay up."""
 
     def __init__(self):
-        self.batches = []
+        self.tasks = []
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.tasks)
 
     def __len__(self):
-        return len(self.batches)
+        return len(self.tasks)
 
 
 def _shard(shard_id, num_shards):
