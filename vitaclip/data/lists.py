@@ -68,11 +68,16 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
 
 def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
     """Write `(relative_path, label)` rows in the original format, atomically."""
-    tmp = list_file + ".tmp"
+    write_atomically(list_file, "".join(f"{path},{int(label)}\n" for path, label in rows))
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers see the old file or the new one, never a part; concurrent writers (DDP ranks)
+    each use their own temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for path, label in rows:
-            f.write(f"{path},{int(label)}\n")
-    os.replace(tmp, list_file)
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read_class_names(path: str) -> List[str]:
