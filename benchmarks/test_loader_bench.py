@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from conftest import requires_cuda
 from vitaclip.data import VideoLoader, dali, pyav
 
-pytestmark = [pytest.mark.gpu, requires_cuda]
+# (no `from conftest import ...`: tests/ and benchmarks/ both have a conftest module)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 COPIES = int(os.environ.get("VITACLIP_BENCH_COPIES", "64"))  # x 3 clips
 BATCH = int(os.environ.get("VITACLIP_BENCH_BATCH", "32"))
