@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoLoader, dali, pyav
+from vitaclip.data import CLIP_STD, VideoLoader, dali, pyav
 from vitaclip.data.transforms import to_rgb
 
 pytestmark = [

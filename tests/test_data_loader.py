@@ -3,7 +3,6 @@ backends, sharding, and every kind of bad input."""
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

@@ -67,7 +67,7 @@ def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
                 container.seek(0)
                 _decode_in_order(container.decode(stream), indices, out)
             else:
-                _decode_seeking(container, stream, packets, indices, out)
+                _decode_seeking(path, container, stream, packets, indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
     if out.filled < len(indices):
@@ -104,7 +104,7 @@ def _decode_in_order(frames, indices, out: _Planes) -> None:
             return
 
 
-def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
+def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> None:
     timestamps = sorted(pts for pts, _ in packets)  # presentation order: frame i has timestamps[i]
     keyframes = sorted(pts for pts, key in packets if key)
     position = None  # timestamp of the last frame decoded
@@ -123,7 +123,7 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         else:
             return  # stream ended: out.filled tells the caller
         if position != target:
-            raise VideoDecodeError(f"frame {index}: decoder gave timestamp {position}, expected {target}")
+            raise VideoDecodeError(f"{path}: frame {index}: decoder gave timestamp {position}, expected {target}")
         out.put(slot, frame)
 
 
