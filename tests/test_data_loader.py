@@ -221,3 +221,15 @@ def test_auto_backend_picks_dali_cpu_only_for_its_codecs(vp9_dataset, tmp_path):
         loader(tmp_path, False, batch_size=1, backend="dali-cpu")
     with pytest.raises(ValueError, match="CUDA"):
         loader(tmp_path, False, batch_size=1, backend="dali-gpu")
+
+
+def test_tsn_plans_and_labels_follow_the_list(vp9_dataset):
+    root, rows = vp9_dataset
+    ld = loader(root, True, batch_size=3, num_frames=4, tsn=True, size=32, augment=None)
+    batch = next(iter(ld))
+    assert batch.label.tolist() == [rows[i][1] for i in batch.video_id.tolist()]
+    for video_id in batch.video_id.tolist():
+        plan = ld.plan(*ld.videos[video_id])
+        indices = plan.frames[plan.views[0]]
+        seg = (rows[video_id][2] - 1) / 4
+        assert all(round(seg * i) <= v <= round(seg * (i + 1)) for i, v in enumerate(indices))
