@@ -16,7 +16,7 @@ import torch
 
 from . import dali, pyav, sampling
 from .augment import RandAugment
-from .lists import VideoEntry, read_video_list, _check_policy
+from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import normalize, resize, resized_crop, to_rgb
@@ -68,7 +68,7 @@ class VideoLoader:
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1):
-        _check_policy(on_error)
+        check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
@@ -87,7 +87,9 @@ class VideoLoader:
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
 
         entries = read_video_list(list_file, data_root, num_classes, on_error)
-        self.skipped: List[str] = list(entries.skipped)
+        self.skipped: List[str] = []
+        for message in entries.skipped:
+            self._bad(message)
         infos = video_infos(entries, list_file, data_root)
         self.videos = []  # (video_id, entry, info) of the usable entries
         for video_id, (entry, info) in enumerate(zip(entries, infos)):
