@@ -59,7 +59,7 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
-    packages=["vitaclip", "vitaclip.ops", "vitaclip.kernels"],
+    packages=["vitaclip", "vitaclip.ops", "vitaclip.data", "vitaclip.kernels"],
     package_dir={"vitaclip.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
