@@ -10,19 +10,20 @@ import torch.nn.functional as F
 
 from conftest import bench_cuda, requires_cuda
 from vitaclip.ops import naive
-from vitaclip.ops.attention import prompt_attention
+from vitaclip.ops.attention import prompt_attention_qkv
 
 FRAMES, T0, SEQ, HEADS, HEAD_DIM, N_GLOBAL = 256, 8, 197, 12, 64, 8
 
 
-def sdpa_prompt_attention(q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+def sdpa_prompt_attention(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+    q, k, v = qkv.unbind(2)
     keys = naive.gather_prompt_kv(k, local_k, global_k, summary_k, frames_per_group)
     values = naive.gather_prompt_kv(v, local_v, global_v, summary_v, frames_per_group)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
     return out.transpose(1, 2)
 
 
-IMPLS = {"fused": prompt_attention, "sdpa": sdpa_prompt_attention}
+IMPLS = {"fused": prompt_attention_qkv, "sdpa": sdpa_prompt_attention}  # both from a packed qkv
 
 
 def make_inputs(requires_grad):
@@ -42,8 +43,7 @@ def make_inputs(requires_grad):
 def test_attention_forward(benchmark, impl):
     fn = IMPLS[impl]
     qkv, prompts = make_inputs(requires_grad=False)
-    q, k, v = qkv.unbind(2)
-    median = bench_cuda(benchmark, lambda: fn(q, k, v, *prompts, T0))
+    median = bench_cuda(benchmark, lambda: fn(qkv, *prompts, T0))
     benchmark.extra_info["ms"] = median * 1e3
 
 
@@ -57,8 +57,7 @@ def test_attention_forward_backward(benchmark, impl):
     leaves = [qkv, *prompts]
 
     def step():
-        q, k, v = qkv.unbind(2)
-        torch.autograd.grad(fn(q, k, v, *prompts, T0), leaves, grad_out)
+        torch.autograd.grad(fn(qkv, *prompts, T0), leaves, grad_out)
 
     median = bench_cuda(benchmark, step)
     benchmark.extra_info["ms"] = median * 1e3
