@@ -12,12 +12,12 @@ extended sequence:
     kernel each way (`ops.activation`). When training, the stream after attention and the
     MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
     tensors kept anyway (the layer input and the attention output) instead of stored: a
-    layer keeps only its input, the packed qkv and the attention output. The backbone is
-    frozen, so no weight gradient needs the activations.
+    layer keeps only its input, the packed qkv and the attention output (the rest is a
+    recompute of about one fc1 and one out_proj GEMM per layer).
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
-(one graph per layer shape, shared by all layers), fusing the LayerNorms, activation,
-casts and residual adds around the GEMMs and the attention op. Both register on import
+(one graph per layer shape, shared by all layers), fusing the LayerNorms, casts and
+residual adds around the GEMMs and the custom ops. Both register on import
 and are offered on CUDA; "auto" picks "fast".
 """
 from __future__ import annotations
