@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, requires_cuda
 from vitaclip.ops import naive
 from vitaclip.ops.attention import prompt_attention_qkv
 

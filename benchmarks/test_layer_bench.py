@@ -4,7 +4,7 @@ forward + backward (16 clips x 8 frames). Splits the whole-model numbers into th
 import pytest
 import torch
 
-from conftest import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, requires_cuda
 from vitaclip import VitaCLIPConfig, backends
 from vitaclip.vision import VisionTransformer
 

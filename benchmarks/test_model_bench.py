@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, requires_cuda
 from vitaclip import VitaCLIP, VitaCLIPConfig
 
 # "fast-compiled" compiles its layer graph (once per shape and grad mode) in the first, untimed step

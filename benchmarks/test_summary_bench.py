@@ -7,7 +7,7 @@ and synchronises once, so launch overhead counts as it does inside the model.
 import pytest
 import torch
 
-from conftest import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, requires_cuda
 from vitaclip.ops import naive, summary_ext
 from vitaclip.vision import Attention
 
