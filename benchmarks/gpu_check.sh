@@ -31,7 +31,7 @@ bench() {  # bench NAME pytest-args...
 
 case $stage in
   tests|all)
-    python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" -x 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
+    python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
   ops|all)
     bench ops benchmarks/test_attention_bench.py benchmarks/test_summary_bench.py \
       benchmarks/test_text_bench.py benchmarks/test_layer_bench.py ;;&
