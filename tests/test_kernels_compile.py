@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for Hopper (sm_90) in bf16, on any machine.
+"""Every Triton kernel compiles for Hopper (sm_90) in bf16, on any machine: the attention
+kernels with every candidate tile configuration that the GPU benchmark launches.
 
 The CPU interpreter runs the kernels' Python but skips the compiler's type checks (e.g. a
 variable with different tile shapes in two branches), so compile them too. The kernels are
@@ -15,7 +16,7 @@ FP32_POINTERS = {"LSE", "DELTA", "DLK", "DLV", "DGK", "DGV"}
 NON_POINTERS = {"S", "H"}
 
 
-def compile_for_hopper(kernel, dtype, constexprs, num_warps=4):
+def compile_for_hopper(kernel, dtype, constexprs, num_warps=4, num_stages=2):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,19 +33,39 @@ def compile_for_hopper(kernel, dtype, constexprs, num_warps=4):
             signature[name] = "i32"
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    print(f"compiled {kernel.__name__} {dtype}")
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    print(f"compiled {kernel.__name__} {dtype} {constexprs}")
+
+
+def attention_launches():
+    """(kernel, tiles) of every distinct launch of the candidate configurations."""
+    from vitaclip.kernels import prompt_attention
+    from vitaclip.ops.attention_tiles import CANDIDATES, GPU_TILES
+
+    launches = []
+    for tiles in [*GPU_TILES.values(), *CANDIDATES]:
+        for kernel, kernel_tiles in ((prompt_attention._fwd, tiles.fwd), (prompt_attention._bwd_dq, tiles.bwd_dq),
+                                     (prompt_attention._bwd_dkdv, tiles.bwd_dkdv)):
+            if (kernel, kernel_tiles) not in launches:
+                launches.append((kernel, kernel_tiles))
+    return launches
 
 
 def compile_all():
-    from vitaclip.kernels import prompt_attention, quick_gelu
+    from vitaclip.kernels import quick_gelu
 
-    # all prompt kinds (ViT-B/16: 8 local, 8 global, summary) and none
-    for n_local, n_global, summary in ((8, 8, True), (0, 0, False)):
-        for kernel in (prompt_attention._fwd, prompt_attention._bwd_dq, prompt_attention._bwd_dkdv):
-            compile_for_hopper(kernel, "bf16", dict(
-                P=n_local, G=n_global, HAS_SUMMARY=summary, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64,
-                BLOCK_N=64, BLOCK_PR=32 if summary else 16, PRECISION="tf32"))
+    for kernel, tiles in attention_launches():
+        # ViT-B/16's prompts (8 local, 8 global, summary: a prompt tile of 32)
+        compile_for_hopper(kernel, "bf16", dict(
+            P=8, G=8, HAS_SUMMARY=True, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, BLOCK_PR=32, PRECISION="tf32"),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    # no prompts at all (their loads and the prompt tile compiled out), default tiles
+    for kernel, tiles in attention_launches()[:3]:
+        compile_for_hopper(kernel, "bf16", dict(
+            P=0, G=0, HAS_SUMMARY=False, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, BLOCK_PR=16, PRECISION="tf32"),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     for kernel in (quick_gelu._fwd, quick_gelu._bwd):
         compile_for_hopper(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8)
 
@@ -54,7 +75,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 8
+    assert result.stdout.count("compiled") == len(attention_launches()) + 3 + 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 
 from vitaclip.ops import naive
 from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available, uses_triton
+from vitaclip.ops.attention_tiles import AttentionTiles, KernelTiles, tiles_for, use_tiles
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 
@@ -88,6 +89,34 @@ def test_interpreter_matches_reference(frames_per_group, n_global, local, summar
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+def test_interpreter_matches_reference_with_other_tiles_per_kernel():
+    """Each kernel tiles independently: forward, dQ and dK/dV with three different tilings."""
+    frames_per_group, seq, heads = 2, 50, 1
+    leaves = make_inputs(2, frames_per_group, seq, heads, 2, 3, True, seed=7)
+    grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    tiles = AttentionTiles(fwd=KernelTiles(16, 64), bwd_dq=KernelTiles(64, 16), bwd_dkdv=KernelTiles(16, 32))
+    with use_tiles(tiles):
+        assert tiles_for(HEAD_DIM, interpreting=True) == tiles
+        out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)
+    assert tiles_for(HEAD_DIM, interpreting=True) != tiles
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bad_tiles_are_rejected():
+    for bad in (dict(block_m=8, block_n=64), dict(block_m=64, block_n=48), dict(block_m=64, block_n=64, num_warps=3),
+                dict(block_m=64, block_n=64, num_stages=0)):
+        with pytest.raises(ValueError, match="KernelTiles"):
+            KernelTiles(**bad)
+    with pytest.raises(ValueError, match="AttentionTiles"):
+        with use_tiles(KernelTiles(64, 64)):
+            pass
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import naive
+from .attention_tiles import AttentionTiles, KernelTiles, tiles_for
 
 try:
     import triton
@@ -49,21 +50,20 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-# Tile sizes: Hopper-friendly on the GPU; small under the interpreter so that tiny test
-# shapes still span several (partial) tiles.
-def _launch_config(q: Tensor, n_prompts: int) -> dict:
+def _launch_config(q: Tensor, n_prompts: int, kernel_tiles: KernelTiles) -> dict:
+    """One kernel's constexprs and launch options; kernel_tiles is a field of `_tiles(q)`."""
     head_dim = q.shape[-1]
-    block = 32 if q.device.type == "cpu" else 64
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block,
-        BLOCK_N=block,
         BLOCK_PR=max(16, triton.next_power_of_2(max(n_prompts, 1))),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        **kernel_tiles.launch_args(),
     )
+
+
+def _tiles(q: Tensor) -> AttentionTiles:
+    return tiles_for(q.shape[-1], interpreting=q.device.type == "cpu")
 
 
 def _prompt_args(local_k, local_v, global_k, global_v, summary_k, summary_v, k):
@@ -92,7 +92,7 @@ def _launch_forward(q, k, v, prompts, frames_per_group):
     ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
     out = q.new_empty(n_frames, seq, heads, head_dim)
     lse = torch.empty(n_frames, heads, seq, device=q.device, dtype=torch.float32)
-    cfg = _launch_config(q, n_local + n_global + int(has_summary))
+    cfg = _launch_config(q, n_local + n_global + int(has_summary), _tiles(q).fwd)
     grid = (triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)
     _kernels._fwd[grid](
         q, k, v, *ptrs, out, lse, *_strides(q, k, v),
@@ -117,17 +117,21 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     dsk = q.new_empty(n_frames, heads, head_dim) if has_summary else _empty(q)
     dsv = torch.empty_like(dsk)
 
-    cfg = _launch_config(q, n_local + n_global + int(has_summary))
-    common = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
+    n_prompts = n_local + n_global + int(has_summary)
+    tiles = _tiles(q)
+    dq_cfg = _launch_config(q, n_prompts, tiles.bwd_dq)
+    dkdv_cfg = _launch_config(q, n_prompts, tiles.bwd_dkdv)
+    sizes = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
     in_strides = _strides(q, k, v)
-    _kernels._bwd_dq[(triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)](
+    _kernels._bwd_dq[(triton.cdiv(seq, dq_cfg["BLOCK_M"]) * n_frames * heads,)](
         q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
-        seq, heads, frames_per_group, *scales, **common)
-    _kernels._bwd_dkdv[((triton.cdiv(seq, cfg["BLOCK_N"]) + 1) * n_frames * heads,)](
+        seq, heads, frames_per_group, *scales, **sizes, **dq_cfg)
+    # _bwd_dkdv reads the delta that _bwd_dq stored (same stream, so ordered)
+    _kernels._bwd_dkdv[((triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) + 1) * n_frames * heads,)](
         q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
         dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
-        seq, heads, frames_per_group, *scales, **common)
+        seq, heads, frames_per_group, *scales, **sizes, **dkdv_cfg)
 
     def by_group(part):
         return part.view(-1, frames_per_group, *part.shape[1:]).sum(1).to(q.dtype)
