@@ -6,6 +6,8 @@ the plain PyTorch reference in `naive.py`.
 
 `prompt_attention_qkv` takes q, k, v packed as one [F, S, 3, H, Dh] (the fast model path).
 
+Tile sizes per kernel come from `attention_tiles` (GPU default per head dim, `use_tiles` to override).
+
 The kernels are wrapped as two custom ops, `vitaclip::prompt_attention` and
 `vitaclip::prompt_attention_backward`, so torch.compile sees one opaque node each and
 traces without graph breaks. Absent prompt kinds are `Tensor?` (None) in the schema;

@@ -1,0 +1,97 @@
+"""Tile configurations of the fused prompt attention, compared at ViT-B/16 shapes (bf16).
+
+One test times forward and forward+backward of the default tiles and of every entry of
+`vitaclip.ops.attention_tiles.CANDIDATES`, checks each one's output and gradients against the
+default's, and prints a table sorted by forward+backward time (also written to
+$OUT/attention-configs.json when OUT is set). Run it with -s to see the table:
+
+    python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider
+
+Kernels are independent: the "bwd" column (fwd+bwd minus fwd) picks the backward tiles and
+the "fwd" column the forward tiles, possibly from different rows. Set the default in
+`GPU_TILES` of vitaclip/ops/attention_tiles.py.
+"""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from cuda_bench import requires_cuda
+from test_attention_bench import FRAMES, HEAD_DIM, HEADS, N_GLOBAL, SEQ, T0, make_inputs
+from vitaclip.ops.attention import prompt_attention_qkv, triton_available
+from vitaclip.ops.attention_tiles import CANDIDATES, tiles_for, use_tiles
+
+MAX_REL_ERROR = 2e-2  # bf16 rounding differs between tilings by ~1e-3; a broken tiling is off by ~1
+KEYS = SEQ + T0 + N_GLOBAL + 1
+FWD_FLOPS = 4 * FRAMES * HEADS * SEQ * KEYS * HEAD_DIM  # QK^T and PV
+FWD_BWD_FLOPS = FWD_FLOPS * 7 // 2  # the usual count: backward 2.5x forward (its kernels run 7 matmuls, not 5)
+
+
+def rel_error(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference):
+    """(fwd ms, fwd+bwd ms, worst relative error vs reference or None, outputs) of one tiling."""
+    from triton.testing import do_bench
+
+    qkv, prompts = grad_inputs
+    leaves = [qkv, *prompts]
+    with use_tiles(tiles):
+        out = prompt_attention_qkv(qkv, *prompts, T0)
+        outputs = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+        fwd = do_bench(lambda: prompt_attention_qkv(fwd_inputs[0], *fwd_inputs[1], T0),
+                       warmup=10, rep=50, return_mode="median")
+        fwd_bwd = do_bench(lambda: torch.autograd.grad(prompt_attention_qkv(qkv, *prompts, T0), leaves, grad_out),
+                           warmup=10, rep=50, return_mode="median")
+    error = None if reference is None else max(rel_error(g, w) for g, w in zip(outputs, reference))
+    return fwd, fwd_bwd, error, outputs
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_attention_tile_configs(capsys):
+    torch.manual_seed(0)
+    fwd_inputs = make_inputs(requires_grad=False)
+    grad_inputs = make_inputs(requires_grad=True)
+    grad_out = torch.randn(FRAMES, SEQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    default = tiles_for(HEAD_DIM, interpreting=False)
+    configs = [default, *[c for c in CANDIDATES if c != default]]
+
+    start = time.perf_counter()
+    rows, failures, reference = [], [], None
+    for tiles in configs:
+        try:
+            fwd, fwd_bwd, error, outputs = run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference)
+        except Exception as exc:  # e.g. out of shared memory at launch: report it, time the rest
+            if tiles == default:
+                raise
+            failures.append(f"{tiles}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if tiles == default:
+            reference = outputs
+        if error is not None and error > MAX_REL_ERROR:
+            failures.append(f"{tiles}: relative error {error:.3g} vs the default")
+        rows.append(dict(config=str(tiles), default=tiles == default, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                         bwd_ms=fwd_bwd - fwd, fwd_tflops=FWD_FLOPS / fwd * 1e-9,
+                         fwd_bwd_tflops=FWD_BWD_FLOPS / fwd_bwd * 1e-9, rel_error=error or 0.0))
+    elapsed = time.perf_counter() - start
+
+    rows.sort(key=lambda r: r["fwd_bwd_ms"])
+    with capsys.disabled():
+        print(f"\nprompt attention tiles on {torch.cuda.get_device_name()}: F={FRAMES} S={SEQ} H={HEADS} "
+              f"Dh={HEAD_DIM} keys={KEYS} bf16, {elapsed:.0f} s with compiles; * = default")
+        print(f"{'config':<50} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} "
+              f"{'fwd TF/s':>8} {'f+b TF/s':>8} {'rel err':>8}")
+        for r in rows:
+            print(f"{('* ' if r['default'] else '  ') + r['config']:<50} {r['fwd_ms']:7.3f} {r['bwd_ms']:7.3f} "
+                  f"{r['fwd_bwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e}")
+        for failure in failures:
+            print("FAILED", failure)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "attention-configs.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, failures=failures), f, indent=1)
+    assert not failures, failures
