@@ -15,6 +15,7 @@ from conftest import randomize_
 from vitaclip import VitaCLIPConfig, backends, fast
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
+from vitaclip.text import TextEncoder
 
 pytestmark = pytest.mark.skipif(
     not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -36,6 +37,8 @@ def fast_anywhere(monkeypatch):
     if DEVICE == "cpu":
         aot_eager = torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True)
         monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
+        monkeypatch.setattr(TextEncoder, "compiled_transformer",
+                            lambda self: torch.compile(self.transformer, backend="aot_eager", dynamic=False))
     torch._dynamo.reset()
 
 
@@ -143,10 +146,10 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
     assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
 
 
-def test_auto_picks_fast_on_cuda_only():
+def test_auto_picks_fast_compiled_on_cuda_only():
     assert backends.resolve_backend("auto", torch.device("cpu")).name == "reference"
     if torch.cuda.is_available():
-        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast"
+        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast-compiled"
 
 
 def relative_error(got, want):

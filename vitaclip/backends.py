@@ -22,6 +22,7 @@ class Backend:
     block_forward: BlockForward
     is_available: Callable[[torch.device], bool]
     priority: int
+    compile_text: bool = False  # also run the text transformer under torch.compile
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -30,8 +31,8 @@ OPTIONAL_BACKEND_MODULES = ("vitaclip.fast",)
 
 def register_backend(name: str, block_forward: BlockForward,
                      is_available: Callable[[torch.device], bool] = lambda device: True,
-                     priority: int = 0) -> None:
-    _BACKENDS[name] = Backend(name, block_forward, is_available, priority)
+                     priority: int = 0, compile_text: bool = False) -> None:
+    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_text)
 
 
 register_backend("reference", reference_block_forward)

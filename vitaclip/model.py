@@ -107,7 +107,8 @@ class VitaCLIP(nn.Module):
             if self.prompt_learner is None:
                 raise ValueError("no classes set: pass classnames to the model or call set_classes()")
             embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
-            return self.textual(embeds, eot, truncate=False)  # already cut, without a device sync
+            compiled = resolve_backend(self.backend, embeds.device).compile_text
+            return self.textual(embeds, eot, truncate=False, compiled=compiled)  # already cut: no sync
         tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
         return self.textual.encode_tokens(tokens, truncate)
 

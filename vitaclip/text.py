@@ -114,19 +114,27 @@ class TextEncoder(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=w ** -0.5)
 
-    def forward(self, embeddings: Tensor, eot_index: Tensor, truncate: bool = True) -> Tensor:
+    def forward(self, embeddings: Tensor, eot_index: Tensor, truncate: bool = True,
+                compiled: bool = False) -> Tensor:
         """Text features [n, D] from token embeddings [n, L, width] read at eot_index [n].
 
         The transformer is causal and the feature is read at the end-of-text token, so tokens
         after the batch's last end-of-text position change nothing: with `truncate` they are
-        never computed.
+        never computed. `compiled` runs the transformer under torch.compile (the learned class
+        prompts keep one shape through training, so it compiles once).
         """
         if truncate:
             embeddings = embeddings[:, : int(eot_index.max()) + 1]
         x = embeddings + self.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
-        x = self.ln_final(self.transformer(x))
+        x = self.ln_final(self.compiled_transformer()(x) if compiled else self.transformer(x))
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         return x @ self.text_projection
+
+    def compiled_transformer(self):
+        # kept out of the module tree: a compiled wrapper would duplicate every state-dict key
+        if "_compiled_transformer" not in self.__dict__:
+            self.__dict__["_compiled_transformer"] = torch.compile(self.transformer, dynamic=False)
+        return self.__dict__["_compiled_transformer"]
 
     def encode_tokens(self, tokens: Tensor, truncate: bool = True) -> Tensor:
         return self(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
