@@ -33,6 +33,7 @@ case $stage in
   tests|all)
     python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
   ops|all)
+    OUT=$OUT python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider 2>&1 | tail -n 16
     bench ops benchmarks/test_attention_bench.py benchmarks/test_summary_bench.py \
       benchmarks/test_text_bench.py benchmarks/test_layer_bench.py ;;&
   model|all)
