@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vitaclip import VitaCLIPConfig
+from video_fixtures import vp9_dataset  # noqa: F401  (fixture of the data tests)
 
 CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
 

@@ -144,3 +144,21 @@ def test_save_and_load_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         (tmp_path / "saved" / "config.json").unlink()
         VitaCLIP.from_pretrained(tmp_path / "saved")
+
+
+def test_openai_weights_always_get_quick_gelu(monkeypatch):
+    import open_clip
+
+    seen = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    with pytest.raises(RuntimeError, match="stop"):
+        VitaCLIP.from_clip("ViT-B-16", "openai", CLASSES)
+    assert seen["force_quick_gelu"] is True and seen["require_pretrained"] is True
+    with pytest.raises(RuntimeError, match="stop"):
+        VitaCLIP.from_clip("ViT-B-16", "laion2b_s34b_b88k", CLASSES)
+    assert seen["force_quick_gelu"] is False

@@ -106,8 +106,8 @@ class VitaCLIP(nn.Module):
         if texts is None:
             if self.prompt_learner is None:
                 raise ValueError("no classes set: pass classnames to the model or call set_classes()")
-            embeds, eot = self.prompt_learner(self.textual.token_embedding)
-            return self.textual(embeds, eot, truncate)
+            embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
+            return self.textual(embeds, eot, truncate=False)  # already cut, without a device sync
         tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
         return self.textual.encode_tokens(tokens, truncate)
 

@@ -180,11 +180,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.register_buffer("token_src", token_src.to(device), persistent=False)
         self.register_buffer("ctx_slot", ctx_slot.to(device), persistent=False)
-        self.eot_index_cpu = tokens.argmax(dim=-1)
+        self.prompt_length = int(tokens.argmax(dim=-1).max()) + 1  # through the last end-of-text
 
-    def forward(self, token_embedding: nn.Embedding) -> tuple[Tensor, Tensor]:
-        """Prompt embeddings [n_classes, L, width] and their end-of-text positions [n_classes]."""
-        length = int(self.eot_index_cpu.max()) + 1  # later positions never reach the feature
+    def forward(self, token_embedding: nn.Embedding, truncate: bool = True) -> tuple[Tensor, Tensor]:
+        """Prompt embeddings [n_classes, L, width] and their end-of-text positions [n_classes];
+        L stops at the last end-of-text position (later ones never reach the feature) with `truncate`."""
+        length = self.prompt_length if truncate else self.tokens.shape[1]
         src = self.token_src[:, :length]
         embeds = token_embedding(self.tokens.gather(1, src))
         if self.ctx is not None:

@@ -1,0 +1,21 @@
+"""Shared helpers of the throughput suites: timed on the GPU, skipped without one."""
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def bench_cuda(benchmark, fn, rounds: int = 20, warmup: int = 3):
+    """Time fn() with pytest-benchmark, synchronising the device so each round is complete.
+    Returns the median seconds per call and records the card in extra_info."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+
+    def step():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    return benchmark.stats.stats.median

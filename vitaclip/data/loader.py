@@ -1,0 +1,284 @@
+"""VideoLoader: list file -> batches of normalised clips on the device.
+
+Every random choice is drawn in Python from a generator seeded by (seed, epoch, video),
+so a clip is the same whichever backend decodes it, however many workers or ranks run:
+  plan (sampling.py, augment.py) -> decode (dali.py | pyav.py) -> transforms on the device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from . import dali, pyav, sampling
+from .augment import RandAugment
+from .lists import VideoEntry, read_video_list, _check_policy
+from .meta import video_infos
+from .pyav import VideoDecodeError, VideoInfo
+from .transforms import normalize, resize, resized_crop, to_rgb
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali-gpu", "dali-cpu", "pyav")
+DEFAULT_AUGMENT = "rand-m7-n4-mstd0.5-inc1"
+
+
+class Batch(NamedTuple):
+    video: torch.Tensor     # [N, 3, T, H, W], normalised
+    label: torch.Tensor     # [N] long
+    video_id: torch.Tensor  # [N] long: index of the video in the list (eval: one per view)
+
+
+@dataclass
+class ClipPlan:
+    video_id: int
+    entry: VideoEntry
+    frames: np.ndarray                 # sorted unique frame indices to decode
+    views: np.ndarray                  # [temporal views, T] positions into `frames`
+    crop: Optional[tuple] = None       # train: (top, left, h, w)
+    flip: bool = False
+    augment: Optional[np.ndarray] = None
+
+
+class VideoLoader:
+    """Training (`train=True`: random clip, random resized crop, flip, RandAugment) or
+    evaluation (temporal_views x spatial_crops views per video, all from one decode).
+
+    batch_size counts videos; an eval batch holds batch_size * views clips, views of a video
+    adjacent. In training each rank gets the same number of batches (the epoch's tail that
+    does not fill a batch on every rank is dropped), so DDP never waits on a missing batch.
+    on_error="skip" drops bad entries (bad list lines, missing/empty/corrupt/short videos)
+    with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
+    list line."""
+
+    def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
+                 num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
+                 eval_short_side: Optional[int] = None, temporal_views: int = 1,
+                 spatial_crops: int = 1, augment: Optional[str] = DEFAULT_AUGMENT,
+                 flip: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 backend: str = "auto", device=None, dtype: torch.dtype = torch.float32,
+                 num_classes: Optional[int] = None, shard_id: Optional[int] = None,
+                 num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
+                 prefetch: int = 2, on_error: str = "raise", min_frames: int = 1):
+        _check_policy(on_error)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
+        self.stride, self.tsn, self.size = stride, tsn, size
+        self.eval_short_side = eval_short_side or size
+        self.temporal_views, self.spatial_crops = (1, 1) if train else (temporal_views, spatial_crops)
+        self.augment = RandAugment(augment) if train and augment else None
+        self.flip = flip and train
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
+        self.on_error, self.epoch = on_error, 0
+        self.shard_id, self.num_shards = _shard(shard_id, num_shards)
+        sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
+
+        entries = read_video_list(list_file, data_root, num_classes, on_error)
+        self.skipped: List[str] = list(entries.skipped)
+        infos = video_infos(entries, list_file, data_root)
+        self.videos = []  # (video_id, entry, info) of the usable entries
+        for video_id, (entry, info) in enumerate(zip(entries, infos)):
+            problem = info if isinstance(info, Exception) else None
+            if problem is None and info.frames < max(min_frames, 1):
+                problem = VideoDecodeError(f"{entry.where()}: {info.frames} frames, fewer than {max(min_frames, 1)}")
+            if problem is not None:
+                self._bad(str(problem))
+            else:
+                self.videos.append((video_id, entry, info))
+        if not self.videos:
+            raise ValueError(f"{list_file}: no usable videos")
+        self.backend = self._resolve_backend(backend)
+        self._dali = None
+        self._workers = None
+
+    # ---------------------------------------------------------------- planning
+    def __len__(self) -> int:
+        n = len(self._shard_videos())
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard_videos(self):
+        if not self.train:
+            return self.videos[self.shard_id::self.num_shards]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.videos))
+        order = order[: len(order) // self.num_shards * self.num_shards]
+        return [self.videos[i] for i in order[self.shard_id::self.num_shards]]
+
+    def plan(self, video_id: int, entry: VideoEntry, info: VideoInfo) -> ClipPlan:
+        if not self.train:
+            views = sampling.eval_frame_indices(info.frames, self.num_frames, self.stride, self.temporal_views)
+            frames, positions = np.unique(views, return_inverse=True)
+            return ClipPlan(video_id, entry, frames, positions.reshape(views.shape))
+        rng = np.random.default_rng([self.seed, self.epoch, video_id])
+        if self.tsn:
+            indices = sampling.tsn_frame_indices(info.frames, self.num_frames, rng)
+        else:
+            indices = sampling.train_frame_indices(info.frames, self.num_frames, self.stride, rng)
+        frames, positions = np.unique(indices, return_inverse=True)
+        crop = sampling.random_resized_crop_box(info.height, info.width, rng, self.crop_scale, self.crop_ratio)
+        flip = self.flip and bool(rng.random() < 0.5)
+        augment = self.augment.sample(rng) if self.augment else None
+        return ClipPlan(video_id, entry, frames, positions.reshape(1, -1), crop, flip, augment)
+
+    def _plan_batches(self) -> List[List[ClipPlan]]:
+        plans = [self.plan(*v) for v in self._shard_videos()]
+        n = len(plans) // self.batch_size * self.batch_size if self.train else len(plans)
+        return [plans[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+    # ---------------------------------------------------------------- decoding
+    def _resolve_backend(self, backend: str) -> str:
+        codecs = {info.codec for _, _, info in self.videos}
+        if backend == "auto":
+            if dali.available() and self.device.type == "cuda":
+                return "dali-gpu"
+            if dali.available() and codecs <= set(dali.CPU_CODECS):
+                return "dali-cpu"
+            return "pyav"
+        if backend.startswith("dali") and not dali.available():
+            raise ImportError("backend %r needs NVIDIA DALI: pip install nvidia-dali-cuda130" % backend)
+        if backend == "dali-cpu" and not codecs <= set(dali.CPU_CODECS):
+            raise ValueError(f"DALI's CPU decoder reads {dali.CPU_CODECS}, this list has {sorted(codecs)}")
+        if backend == "dali-gpu" and self.device.type != "cuda":
+            raise ValueError("backend 'dali-gpu' needs a CUDA device")
+        if backend == "pyav" and not pyav.available():
+            raise ImportError("backend 'pyav' needs PyAV: pip install av")
+        return backend
+
+    def _decoded_batches(self, batches) -> Iterator[List]:
+        if self.backend.startswith("dali"):
+            if self._dali is None:
+                self._dali = dali.DaliDecoder(
+                    "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
+                    num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
+                    prefetch=self.prefetch)
+            tasks = ([(p.entry.path, p.frames) for p in batch] for batch in batches)
+            yield from self._dali.decode(tasks)
+            return
+        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
+        if self.num_workers == 0:
+            yield from map(decode_with_pyav, tasks)
+            return
+        if self._workers is None:
+            # persistent processes, started by a fork server: forking this process (which may
+            # run DALI, PyAV or CUDA threads) can deadlock the child
+            self._epoch_tasks = _EpochTasks()
+            self._workers = torch.utils.data.DataLoader(
+                _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
+                prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda",
+                persistent_workers=True, multiprocessing_context="forkserver")
+        self._epoch_tasks.batches = tasks
+        yield from self._workers
+
+    # ---------------------------------------------------------------- batches
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self._plan_batches()
+        skipped_before = len(self.skipped)
+        for plans, decoded in zip(batches, self._decoded_batches(batches)):
+            good = []
+            for plan, frames in zip(plans, decoded):
+                if isinstance(frames, Exception):
+                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {frames}")
+                else:
+                    good.append((plan, frames))
+            if not good:
+                raise RuntimeError(f"every video of a batch failed to decode: {[p.entry.path for p in plans]}")
+            yield self._assemble(good)
+        if len(self.skipped) > skipped_before:
+            log.warning("epoch %d: skipped %d videos (%d in all)", self.epoch,
+                        len(self.skipped) - skipped_before, len(self.skipped))
+
+    def _assemble(self, items) -> Batch:
+        clips, labels, ids = [], [], []
+        for plan, frames in items:
+            rgb = to_rgb(frames, self.device)
+            if self.train:
+                clip = rgb[torch.as_tensor(plan.views[0], device=self.device)]
+                clips.append(resized_crop(clip, plan.crop, (self.size, self.size)))
+                n_views = 1
+            else:
+                views = self._eval_views(rgb, plan)
+                clips.extend(views)
+                n_views = len(views)
+            labels += [plan.entry.label] * n_views
+            ids += [plan.video_id] * n_views
+        video = torch.stack(clips)  # [N, T, 3, H, W], 0..255
+        if self.train:
+            video = self._augment(video, [plan for plan, _ in items])
+        video = normalize(video, channel_dim=2).permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
+        return Batch(video, torch.tensor(labels, device=self.device), torch.tensor(ids, device=self.device))
+
+    def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
+        h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)
+        rgb = resize(rgb, (h, w))
+        s = self.size
+        return [rgb[torch.as_tensor(positions, device=self.device), :, top:top + s, left:left + s]
+                for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
+                for positions in plan.views]
+
+    def _augment(self, video, plans) -> torch.Tensor:
+        flips = torch.tensor([p.flip for p in plans], device=video.device)
+        video = torch.where(flips.view(-1, 1, 1, 1, 1), video.flip(-1), video)
+        if self.augment is None:
+            return video
+        return self.augment(video.round().clamp(0, 255), np.stack([p.augment for p in plans]))
+
+    def _bad(self, message: str) -> None:
+        if self.on_error == "raise":
+            raise VideoDecodeError(message)
+        log.warning("skipping: %s", message)
+        self.skipped.append(message)
+
+
+def decode_with_pyav(tasks):
+    """Decoded frames, or the error, of each (path, frame indices) task."""
+    out = []
+    for path, frames in tasks:
+        try:
+            out.append(pyav.decode_frames(path, frames))
+        except (VideoDecodeError, ImportError) as e:
+            out.append(VideoDecodeError(str(e)))
+    return out
+
+
+class _PyAVTasks(torch.utils.data.Dataset):
+    """Indexed by the tasks themselves: the sampler hands each worker a batch of tasks."""
+
+    def __getitem__(self, tasks):
+        return decode_with_pyav(tasks)
+
+
+class _EpochTasks(torch.utils.data.Sampler):
+    """The current epoch's task batches, swapped in while the worker processes stay up."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _shard(shard_id, num_shards):
+    if (shard_id is None) != (num_shards is None):
+        raise ValueError("give both shard_id and num_shards, or neither")
+    if shard_id is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
+    return shard_id, num_shards

@@ -1,0 +1,131 @@
+"""PyAV decoding: probing (frame count, size, codec) and reading frames by index.
+
+Frame i is the i-th frame in presentation order, as the public code counted it. Frames
+come out as planar YUV 4:2:0 and are converted on the device (transforms.yuv420_to_rgb)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .transforms import Yuv420
+
+try:
+    import av
+except ImportError:  # the DALI-only machine has no PyAV
+    av = None
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be opened, decoded, or has fewer frames than needed."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    height: int
+    width: int
+    codec: str
+
+
+def available() -> bool:
+    return av is not None
+
+
+def probe(path: str) -> VideoInfo:
+    """Count frames by demuxing (no decoding): one packet with data per frame."""
+    _require_av()
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
+                             stream.codec_context.name)
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
+
+
+def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
+    """Frames at the given sorted unique indices. A demux pass (cheap) maps indices to
+    timestamps and finds the keyframes; decoding then seeks to the last keyframe before
+    a wanted frame whenever that skips frames, instead of decoding everything up to it."""
+    _require_av()
+    indices = [int(i) for i in indices]
+    out = _Planes(len(indices))
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+            if len(packets) <= indices[-1]:
+                raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
+            if any(pts is None for pts, _ in packets) or not any(key for _, key in packets):
+                container.seek(0)
+                _decode_in_order(container.decode(stream), indices, out)
+            else:
+                _decode_seeking(container, stream, packets, indices, out)
+    except (av.FFmpegError, OSError) as e:
+        raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
+    if out.filled < len(indices):
+        raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} "
+                               f"(decoded {out.filled} of {len(indices)} wanted)")
+    return out.result()
+
+
+class _Planes:
+    def __init__(self, count: int):
+        self.count, self.filled, self.planes = count, 0, None
+
+    def put(self, slot: int, frame) -> None:
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        if self.planes is None:
+            self.planes = [np.empty((self.count, p.height, p.width), np.uint8) for p in frame.planes]
+        for dst, plane in zip(self.planes, frame.planes):
+            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+            dst[slot] = rows[:, :plane.width]
+        self.filled += 1
+
+    def result(self) -> Yuv420:
+        return Yuv420(*(torch.from_numpy(p) for p in self.planes))
+
+
+def _decode_in_order(frames, indices, out: _Planes) -> None:
+    """Frame i = i-th decoded frame (streams without timestamps)."""
+    wanted = {i: slot for slot, i in enumerate(indices)}
+    for position, frame in enumerate(frames):
+        if position in wanted:
+            out.put(wanted[position], frame)
+        if position >= indices[-1]:
+            return
+
+
+def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
+    timestamps = sorted(pts for pts, _ in packets)  # presentation order: frame i has timestamps[i]
+    keyframes = sorted(pts for pts, key in packets if key)
+    position = None  # timestamp of the last frame decoded
+    frames = None
+    for slot, index in enumerate(indices):
+        target = timestamps[index]
+        # the last keyframe at or before the target; seek if it lies ahead of where we are
+        k = np.searchsorted(keyframes, target, side="right") - 1
+        if frames is None or (k >= 0 and keyframes[k] > position):
+            container.seek(int(keyframes[max(k, 0)]), stream=stream, backward=True)
+            frames = container.decode(stream)
+        for frame in frames:
+            position = frame.pts
+            if frame.pts is not None and frame.pts >= target:
+                break
+        else:
+            return  # stream ended: out.filled tells the caller
+        if position != target:
+            raise VideoDecodeError(f"frame {index}: decoder gave timestamp {position}, expected {target}")
+        out.put(slot, frame)
+
+
+def _require_av():
+    if av is None:
+        raise ImportError("PyAV is not installed: pip install av (or use the DALI backend)")
