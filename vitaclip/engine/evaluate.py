@@ -76,7 +76,7 @@ def scores(sums: Dict, classnames: List[str]) -> EvalResult:
     if not sums:
         raise ValueError("evaluation data is empty")
     n = len(classnames)
-    probs = torch.stack([total / count for total, _, _ in sums.values()])
+    probs = torch.stack([total / count for total, count, _ in sums.values()])
     labels = torch.tensor([label for _, _, label in sums.values()])
     if labels.min() < 0 or labels.max() >= n:
         raise ValueError(f"label {int(labels.max() if labels.max() >= n else labels.min())} is outside the "
