@@ -69,6 +69,15 @@ def is_training_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
+def read_training_checkpoint(path) -> Optional[Dict[str, Any]]:
+    """The checkpoint at `path` if it is one of ours, else None (e.g. the authors' file)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours; the authors' loader explains what is wrong
+        return None
+    return payload if is_training_checkpoint(payload) else None
+
+
 # ---------------------------------------------------------------------------- model state
 def trainable_state(model: VitaCLIP) -> Dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_trainable_parameters()}
@@ -155,11 +164,8 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
     elif not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist")
     else:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - not ours; the authors' loader explains what is wrong
-            payload = None
-        if is_training_checkpoint(payload):
+        payload = read_training_checkpoint(path)
+        if payload is not None:
             model = model_from_checkpoint(payload, str(path), backend)
         else:
             model = VitaCLIP.from_official_checkpoint(path, classnames)

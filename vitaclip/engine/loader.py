@@ -159,3 +159,35 @@ def optional_len(data) -> Optional[int]:
         return len(data)
     except TypeError:
         return None
+
+
+class EpochLoader:
+    """Endless, resumable iteration over a loader that yields one epoch per `iter()` and takes
+    `set_epoch(e)` (e.g. vitaclip.data.VideoLoader, whose batches depend only on seed and epoch).
+    Resuming mid-epoch replays the epoch's plan and drops the batches already consumed."""
+
+    def __init__(self, loader):
+        if not hasattr(loader, "set_epoch"):
+            raise TypeError(f"{type(loader).__name__} has no set_epoch(): cannot resume it exactly")
+        self.loader = loader
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            self.loader.set_epoch(self.epoch)
+            yielded = False
+            for i, batch in enumerate(self.loader):
+                if i < self.batch_in_epoch:
+                    continue
+                yielded = True
+                self.batch_in_epoch = i + 1
+                yield batch
+            if not yielded and self.batch_in_epoch == 0:
+                raise ValueError("the training loader yields no batches")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
