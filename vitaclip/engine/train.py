@@ -42,6 +42,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.05
     betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global gradient norm
     precision: str = "bf16"  # bf16 autocast | fp16 autocast with a grad scaler | fp32
     seed: int = 0
@@ -101,7 +102,8 @@ def make_optimizer(model: VitaCLIP, config: TrainConfig) -> torch.optim.AdamW:
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
+                             eps=config.adam_eps)
 
 
 def check_labels(data, num_classes: int) -> None:
