@@ -76,6 +76,48 @@ class SyntheticActions:
         return self.get(index)
 
 
+def write_videos(dataset: SyntheticActions, folder: Path, codec: str = "libx264") -> Path:
+    """Write every clip as a video file and a list file `path,label` (paths relative to folder);
+    returns the list file."""
+    import av
+    from fractions import Fraction
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(dataset)):
+        name = f"clip_{i:05d}.mp4"
+        frames = (dataset.clean(i) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        with av.open(str(folder / name), "w") as out:
+            stream = out.add_stream(codec, rate=25, options={"crf": "10", "bf": "0"})
+            stream.width, stream.height, stream.pix_fmt = dataset.image_size, dataset.image_size, "yuv420p"
+            for t, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame.pts, frame.time_base = t, Fraction(1, 25)
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        rows.append(f"{name},{dataset.labels[i]}\n")
+    list_file = folder / "list.txt"
+    list_file.write_text("".join(rows))
+    return list_file
+
+
+def video_data(config: "DemoConfig", train_set: SyntheticActions, test_set: SyntheticActions, out: Path):
+    """The clips as files read by vitaclip.data's loader: training clips get a random resized crop
+    (no flip: it would swap the left/right classes), test clips the test protocol."""
+    from .data import VideoLoader
+    from .engine.loader import EpochLoader
+
+    train_list = write_videos(train_set, out / "data" / "train")
+    test_list = write_videos(test_set, out / "data" / "test")
+    common = dict(num_frames=config.num_frames, stride=1, size=train_set.image_size, backend="pyav", device="cpu",
+                  num_classes=len(CLASSES), num_workers=0, shard_id=0, num_shards=1)
+    train_data = EpochLoader(VideoLoader(str(train_list), str(train_list.parent), train=True,
+                                         batch_size=config.batch_size, augment=None, flip=False,
+                                         crop_scale=(0.6, 1.0), seed=config.seed, **common))
+    test_data = VideoLoader(str(test_list), str(test_list.parent), train=False, batch_size=64, **common)
+    return train_data, test_data, str(test_list.parent / "clip_00000.mp4")
+
+
 @dataclasses.dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
@@ -87,6 +129,7 @@ class DemoConfig:
     num_frames: int = 4
     seed: int = 0
     progress: bool = True
+    video_files: bool = True  # write real video files and read them with vitaclip.data (needs PyAV)
 
     @classmethod
     def small(cls, **overrides) -> "DemoConfig":
@@ -109,6 +152,11 @@ def _run_demo(config: DemoConfig) -> Dict:
     started = time.perf_counter()
     train_set = SyntheticActions(config.train_size, config.num_frames, seed=config.seed)
     test_set = SyntheticActions(config.test_size, config.num_frames, seed=config.seed + 1, noise=0.0)
+    from .data import pyav
+
+    train_data, test_data, example = train_set, test_set, test_set[0][0]
+    if config.video_files and pyav.available():
+        train_data, test_data, example = video_data(config, train_set, test_set, out)
     torch.manual_seed(config.seed)  # the random "CLIP" backbone
     model = VitaCLIP(demo_model_config(config.num_frames), CLASSES)
     train_config = TrainConfig(output_dir=str(out), steps=config.steps, batch_size=config.batch_size,
@@ -116,17 +164,16 @@ def _run_demo(config: DemoConfig) -> Dict:
                                num_workers=0, checkpoint_every=max(1, config.steps // 2), keep_checkpoints=1,
                                log_every=10, eval_every=0, eval_batch_size=64, progress=config.progress,
                                device="cpu")
-    result = train(model, train_set, train_config, eval_data=test_set)
+    result = train(model, train_data, train_config, eval_data=test_data)
     # reload what the run saved, as a user would, and evaluate and predict with it
     trained = load_model(out / "model")
-    ev = evaluate(trained, test_set, EvalConfig(batch_size=64, num_workers=0, device="cpu",
+    ev = evaluate(trained, test_data, EvalConfig(batch_size=64, num_workers=0, device="cpu",
                                                 progress=config.progress, json_path=str(out / "eval.json"),
                                                 confusion_png=str(out / "confusion.png")))
-    video, label, _ = test_set[0]
-    prediction = predict(trained, [video], top_k=len(CLASSES), device="cpu")[0]
+    prediction = predict(trained, [example], top_k=len(CLASSES), device="cpu", decoder="pyav", stride=1)[0]
     summary = {"accuracy": ev.top1, "chance": 1 / len(CLASSES), "per_class": ev.per_class,
                "final_loss": result.losses[result.step], "steps": result.step,
-               "predicted": prediction["top"][0]["label"], "true": CLASSES[label],
+               "predicted": prediction["top"][0]["label"], "true": CLASSES[test_set.labels[0]],
                "seconds": time.perf_counter() - started, "output_dir": str(out)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
