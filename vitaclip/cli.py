@@ -152,12 +152,12 @@ def cmd_zeroshot(args) -> int:
         model = build_backbone({"kind": "clip", "name": args.clip, "pretrained": args.pretrained}, None, args.backend)
     frames = args.frames or model.config.num_frames
     splits = []
-    for list_file, class_file in parsed:
+    for text, (list_file, class_file) in zip(args.split, parsed):
         classes = read_classes(class_file)
         data = video_loader(args, list_file, classes, False, frames, model.config.image_size,
                             batch_size=args.batch_size, temporal_views=args.temporal_views,
                             spatial_crops=args.spatial_crops)
-        splits.append(Split(Path(list_file).stem, classes, data))
+        splits.append(Split(text, classes, data))
     result = zeroshot(model, splits, templates, EvalConfig(batch_size=args.batch_size, precision=args.precision,
                                                            num_workers=args.num_workers, device=args.device,
                                                            progress=not args.no_progress,
@@ -257,35 +257,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, default=8, help="frames per clip (T0)")
     g.add_argument("--n-ctx", type=int, default=8, help="learned text context vectors")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
-    g.add_argument("--ctx-position", default="end", choices=("end", "front", "middle"))
+    g.add_argument("--ctx-position", default="end", choices=("end", "front", "middle"), help="where the context goes")
     g.add_argument("--global-prompts", type=int, default=8, help="global prompts per layer")
     g.add_argument("--no-summary", action="store_true", help="drop the summary token")
     g.add_argument("--no-local", action="store_true", help="drop the local prompts")
     g.add_argument("--no-global", action="store_true", help="drop the global prompts")
     g.add_argument("--train-cls-proj", action="store_true", help="also train cls_proj (the public code does not)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=30_000)
+    g.add_argument("--steps", type=int, default=30_000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, accumulation)")
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="clips per process per forward (default: batch-size / processes; smaller = accumulation)")
-    g.add_argument("--lr", type=float, default=4e-4)
+    g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     g.add_argument("--tsn", action="store_true", help="TSN-style segment sampling instead of a fixed stride")
     g.add_argument("--augment", default="rand-m7-n4-mstd0.5-inc1", help="RandAugment spec ('' for none)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="videos per evaluation batch")
-    g.add_argument("--checkpoint-every", type=int, default=1000)
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help="steps between log rows")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
     g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss")
     g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
-    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
     add_data(p)
     add_runtime(p)
     p.set_defaults(func=cmd_train)
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="class list of splits that name none")
     p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: built-in)")
     p.add_argument("--frames", type=int, default=None, help="frames per view (default: the model's T0)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_data(p)
@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels of video files", formatter_class=FORMATTER)
     add_model_source(p)
-    p.add_argument("videos", nargs="+", metavar="VIDEO")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per video")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_data(p)
     add_runtime(p, workers=0)
@@ -355,20 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny model on synthetic clips on the CPU, evaluate, predict",
                        formatter_class=FORMATTER)
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/demo", help="data, checkpoints, logs and the trained model")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 300, 120 with --small)")
     p.add_argument("--small", action="store_true", help="a faster, smaller run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
+    from .data import VideoDecodeError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, VideoDecodeError) as err:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

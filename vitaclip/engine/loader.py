@@ -173,6 +173,8 @@ class EpochLoader:
         self.epoch, self.batch_in_epoch = 0, 0
 
     def state_dict(self) -> Dict[str, int]:
+        if self.batch_in_epoch and self.batch_in_epoch == optional_len(self.loader):  # epoch done
+            return {"epoch": self.epoch + 1, "batch_in_epoch": 0}
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
