@@ -193,3 +193,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     train(accum, tiny_data(), tiny_train_config(tmp_path / "b", steps=3, adam_eps=1e-2, micro_batch_size=1))
     for k, v in trainable(one).items():
         torch.testing.assert_close(trainable(accum)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fp16_with_grad_scaler_resumes_exactly(tmp_path):
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", steps=3, precision="fp16"))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16", stop_after=2))
+    scaler = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 2
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16",
+                                                              resume="auto"))
+    assert rest.losses == {3: full.losses[3]}
