@@ -76,7 +76,7 @@ class SyntheticActions:
         return self.get(index)
 
 
-def write_videos(dataset: SyntheticActions, folder: Path, codec: str = "libx264") -> Path:
+def write_videos(dataset: SyntheticActions, folder: Path, codec: str = "libx264", progress: bool = False) -> Path:
     """Write every clip as a video file and a list file `path,label` (paths relative to folder);
     returns the list file."""
     import av
@@ -84,7 +84,9 @@ def write_videos(dataset: SyntheticActions, folder: Path, codec: str = "libx264"
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(len(dataset)):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(dataset)), desc=f"write {folder.name} videos", unit="clip", disable=not progress):
         name = f"clip_{i:05d}.mp4"
         frames = (dataset.clean(i) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
         with av.open(str(folder / name), "w") as out:
@@ -107,8 +109,8 @@ def video_data(config: "DemoConfig", train_set: SyntheticActions, test_set: Synt
     from .data import VideoLoader
     from .engine.loader import EpochLoader
 
-    train_list = write_videos(train_set, out / "data" / "train")
-    test_list = write_videos(test_set, out / "data" / "test")
+    train_list = write_videos(train_set, out / "data" / "train", progress=config.progress)
+    test_list = write_videos(test_set, out / "data" / "test", progress=config.progress)
     common = dict(num_frames=config.num_frames, stride=1, size=train_set.image_size, backend="pyav", device="cpu",
                   num_classes=len(CLASSES), num_workers=0, shard_id=0, num_shards=1)
     train_data = EpochLoader(VideoLoader(str(train_list), str(train_list.parent), train=True,
@@ -133,7 +135,7 @@ class DemoConfig:
 
     @classmethod
     def small(cls, **overrides) -> "DemoConfig":
-        """A faster run for tests (about half a minute on two cores)."""
+        """A faster run for tests (about 15 s on one core, against about 30 s)."""
         return cls(**{"steps": 120, "train_size": 256, "test_size": 128, **overrides})
 
 

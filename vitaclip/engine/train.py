@@ -261,7 +261,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             step_time = now
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}",
+                                     refresh=False)
             if log is not None and (step % config.log_every == 0 or skipped or step == last_step):
                 log.row("train", {"step": step, "loss": loss_value, "lr": lr, "clips_per_s": clips_per_s,
                                   "elapsed_s": now - started, "skipped": int(skipped)})
