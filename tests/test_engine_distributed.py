@@ -7,9 +7,11 @@ import torch.multiprocessing as mp
 
 from engine_helpers import one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
 from vitaclip.engine import checkpoint as ckpt
+from vitaclip.engine.evaluate import EvalConfig, evaluate
 from vitaclip.engine.train import train
 
 STEPS = 3
+EVAL = EvalConfig(batch_size=3, device="cpu", num_workers=0, progress=False, precision="fp32")
 
 
 def free_port() -> int:
@@ -25,7 +27,9 @@ def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
     try:
         model = tiny_model(seed=seed + rank)  # different inits: DDP must start every rank from rank 0's
         result = train(model, tiny_data(), tiny_train_config(out, steps=STEPS, adam_eps=1e-2, checkpoint_every=2))
-        torch.save({"params": trainable(model), "losses": result.losses}, os.path.join(out, f"rank{rank}.pt"))
+        evaluation = evaluate(model, tiny_data(11, seed=5), EVAL)  # 11 videos: ranks get 6 and 5
+        torch.save({"params": trainable(model), "losses": result.losses, "eval": evaluation.to_dict()},
+                   os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -38,6 +42,15 @@ def test_two_gloo_processes_match_single_process(tmp_path):
         assert torch.equal(v, r1["params"][k]), k
     assert r0["losses"] == r1["losses"]
     assert len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["rng"]) == 2
+    # distributed evaluation: every rank gets the result over all videos, as one process computes it
+    assert r0["eval"] == r1["eval"] and r0["eval"]["num_videos"] == 11
+    alone = tiny_model()
+    with torch.no_grad():
+        for name, p in alone.named_trainable_parameters():
+            p.copy_(r0["params"][name])
+    expected = evaluate(alone, tiny_data(11, seed=5), EVAL).to_dict()
+    assert r0["eval"]["confusion"] == expected["confusion"]
+    assert r0["eval"]["top1"] == expected["top1"]
 
     # one process, same global batch of 4 (2 micro-batches of 2 accumulated), rank 0's init
     single = tiny_model(seed=0)

@@ -111,8 +111,10 @@ def load_eval_model(args, classes: Optional[List[str]]):
 
 
 def cmd_eval(args) -> int:
+    from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig, evaluate
 
+    init_distributed(args.device)  # before the loader, which shards the videos by rank
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
     frames = args.frames or model.config.num_frames
@@ -139,9 +141,11 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 def cmd_zeroshot(args) -> int:
     from .engine.checkpoint import build_backbone, load_model
+    from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig
     from .engine.zeroshot import ZEROSHOT_TEMPLATES, Split, zeroshot
 
+    init_distributed(args.device)  # before the loaders, which shard the videos by rank
     templates = ZEROSHOT_TEMPLATES
     if args.templates:
         templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]

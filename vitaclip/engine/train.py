@@ -210,7 +210,9 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
 
     net = model
     if env.is_distributed:
-        net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        # buffers (token ids) never change: no need to broadcast them before every forward
+        net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+                                      broadcast_buffers=False)
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 from ..model import VitaCLIP
-from .distributed import DistEnv
+from .distributed import DistEnv, init_distributed
 from .evaluate import EvalConfig, EvalResult, evaluate, write_json
 
 # Averaged per class (each template's feature normalised, then the mean; SPEC: zero-shot).
@@ -62,6 +62,7 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     context is not used), then aggregate top-1/top-5 over the splits. The model keeps the last
     split's classes."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
+    env = env or init_distributed(config.device)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
@@ -71,6 +72,6 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
         model.set_classes(split.classnames, templates=templates)
         results[split.name] = evaluate(model, split.data, split_config, env=env)
     result = aggregate(results, templates)
-    if config.json_path and (env is None or env.is_main):
+    if config.json_path and env.is_main:
         write_json(config.json_path, result.to_dict())
     return result
