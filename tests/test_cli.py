@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import CLASSES, FRAMES, one_thread, tiny_data, tiny_model  # noqa: F401
 from vitaclip.cli import build_parser, main
 from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -87,6 +87,18 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     assert list(zs["splits"]) == [str(list_file), f"{list_file}:{root / 'classes.txt'}"]
     assert zs["top1_std"] == pytest.approx(0.0, abs=1e-9)  # the same videos and classes twice
     assert zs["top1_mean"] == zs["splits"][str(list_file)]["top1"]
+
+
+def test_bench_reports_model_and_loader_throughput(videos, capsys):
+    _, list_file = videos
+    code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 2, "--iters", 2,
+                         "--warmup", 1, "--train", "--list", list_file, "--data-root", list_file.parent,
+                         "--json", *CPU)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"] == "tiny" and report["loader"] == "pyav"
+    for key in ("inference_clips_per_s", "train_clips_per_s", "loader_clips_per_s"):
+        assert report[key] > 0
 
 
 def test_errors_are_clear_before_training(videos, tmp_path, capsys):

@@ -191,7 +191,8 @@ def cmd_bench(args) -> int:
                          args.device, args.backend, train=args.train, tiny=args.tiny)
     if args.list:
         report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
-                                   args.decoder, args.num_workers, args.device, train=args.train))
+                                   args.decoder, args.num_workers, args.device, train=args.train,
+                                   size=report["image_size"], stride=args.stride))
     print_json_or(args, report, "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
 

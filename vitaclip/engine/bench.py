@@ -48,8 +48,8 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
         with autocast(dev, precision):
             model(video)
 
-    report = {"device": str(dev), "model": "tiny" if tiny else preset, "batch_size": batch_size, "frames": frames,
-              "precision": precision}
+    report = {"device": str(dev), "model": "tiny" if tiny else preset, "image_size": config.image_size,
+              "batch_size": batch_size, "frames": frames, "precision": precision}
     report["inference_clips_per_s"] = round(batch_size / _timed(infer, iters, warmup, dev), 2)
     if train:
         model.train()
@@ -68,13 +68,13 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
 
 def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frames: int = 8, iters: int = 10,
                  decoder: str = "auto", num_workers: int = 4, device: Optional[str] = None,
-                 train: bool = True, size: int = 224) -> Dict[str, float]:
+                 train: bool = True, size: int = 224, stride: int = 16) -> Dict[str, float]:
     """Clips per second of vitaclip.data.VideoLoader over `iters` batches (after one warm-up batch)."""
     from ..data import VideoLoader
 
     dev = pick_device(device)
     loader = VideoLoader(list_file, data_root, train=train, batch_size=batch_size, num_frames=frames, size=size,
-                         backend=decoder, device=dev, num_workers=num_workers, shard_id=0, num_shards=1)
+                         stride=stride, backend=decoder, device=dev, num_workers=num_workers, shard_id=0, num_shards=1)
     clips, start, epoch = 0, None, 0
     while True:
         loader.set_epoch(epoch)

@@ -101,8 +101,9 @@ class ShardedTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            loader = DataLoader(SeededItems(self.dataset), batch_sampler=list(self._keys(self.epoch, self.micro_in_epoch)),
-                                num_workers=self.num_workers, pin_memory=self.pin_memory)
+            keys = list(self._keys(self.epoch, self.micro_in_epoch))
+            loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory)
             for batch in loader:
                 self.micro_in_epoch += 1
                 yield batch
