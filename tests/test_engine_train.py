@@ -61,15 +61,19 @@ def test_checkpoint_contents(tmp_path):
         torch.testing.assert_close(ckpt.load_model(tmp_path).eval()(video), model.eval()(video))
 
 
-def test_trainable_only_checkpoint_rebuilds_backbone_from_saved_model(tmp_path):
+def test_checkpoint_without_backbone_rebuilds_it_from_its_source(tmp_path):
     base = tiny_model()
     base.save_pretrained(tmp_path / "base")
     model = ckpt.load_model(tmp_path / "base")
+    with torch.no_grad():  # frozen but not part of CLIP (random init): must travel with the checkpoint
+        model.visual.blocks[0].cls_proj.weight.mul_(-1)
     backbone = {"kind": "pretrained", "path": str(tmp_path / "base")}
     train(model, tiny_data(), tiny_train_config(tmp_path / "run", steps=2), backbone=backbone)
     payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
     assert not payload["model_is_full"]
-    assert set(payload["model"]) == {k for k, _ in model.named_trainable_parameters()}
+    trained = {k for k, _ in model.named_trainable_parameters()}
+    assert trained < set(payload["model"]) and "visual.blocks.0.cls_proj.weight" in payload["model"]
+    assert not any(k.startswith(("textual.", "visual.blocks.0.attn", "visual.proj")) for k in payload["model"])
     rebuilt = ckpt.load_model(tmp_path / "run")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[k], v, msg=k)

@@ -42,8 +42,11 @@ def build_training_model(args, classes: List[str]):
     from .engine import checkpoint as ckpt
 
     if args.init is None:
-        backbone = {"kind": "clip", "name": args.clip, "pretrained": args.pretrained}
-        return ckpt.build_backbone(backbone, classes, args.backend, **architecture_overrides(args)), backbone
+        pretrained = args.pretrained or None
+        backbone = {"kind": "clip", "name": args.clip, "pretrained": pretrained}
+        model = ckpt.build_backbone(backbone, classes, args.backend, **architecture_overrides(args))
+        # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
+        return model, backbone if pretrained else None
     path = Path(args.init).resolve()
     model = ckpt.load_model(path, classes, args.backend)
     if path.is_dir():
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/vitaclip", help="checkpoints, logs and the final model")
     g = p.add_argument_group("model")
     g.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name of the frozen backbone")
-    g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file")
+    g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file ('' for random weights)")
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
     g.add_argument("--frames", type=int, default=8, help="frames per clip (T0)")

@@ -1,9 +1,10 @@
 """Training checkpoints: written atomically, found again by `resume="auto"`, turned back into
 models by `load_model`.
 
-A checkpoint holds the trainable tensors only (the frozen backbone is rebuilt from its recorded
-source: an open_clip model, a saved model folder or the authors' file), unless the backbone has
-no source to rebuild from (e.g. a random one): then the whole model state is stored.
+A checkpoint holds the trainable tensors and the other Vita-CLIP additions only (the frozen CLIP
+backbone is rebuilt from its recorded source: an open_clip model, a saved model folder or the
+authors' file), unless the backbone has no source to rebuild from (e.g. a random one): then the
+whole model state is stored.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
-from ..weights import CONFIG_FILE, atomic_write, load_state_exactly
+from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 FORMAT = "vitaclip-train-checkpoint-v1"
@@ -79,17 +80,22 @@ def read_training_checkpoint(path) -> Optional[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- model state
-def trainable_state(model: VitaCLIP) -> Dict[str, Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_trainable_parameters()}
+def own_state(model: VitaCLIP) -> Dict[str, Tensor]:
+    """The tensors a backbone source cannot restore: the trainable ones and every other Vita-CLIP
+    addition (e.g. the frozen cls_proj, which keeps its random initialisation)."""
+    trainable = {name for name, _ in model.named_trainable_parameters()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k in trainable or VITA_ADDITION.search(k)}
 
 
-def load_trainable_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> None:
-    """Copy trainable tensors into the model, naming any key or shape that does not fit."""
+def load_own_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> None:
+    """Copy `own_state` tensors into the model, naming any key or shape that does not fit."""
     ctx = state.get("prompt_learner.ctx")
     if ctx is not None and ctx.dim() == 3 and ctx.shape[0] != len(model.classnames):
         raise ValueError(f"{source} has a class-specific context for {ctx.shape[0]} classes, but the model "
                          f"has {len(model.classnames)} classes")
-    expected = dict(model.named_trainable_parameters())
+    expected = own_state(model)
+    current = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: {tuple(v.shape)} in {source}, {tuple(expected[k].shape)} in the model"
@@ -98,15 +104,15 @@ def load_trainable_state(model: VitaCLIP, state: Dict[str, Tensor], source: str)
         raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for k, v in state.items():
-            expected[k].copy_(v)
+            current[k].copy_(v)
 
 
 def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """What a checkpoint needs to rebuild the model: trainable state + where the backbone came
+    """What a checkpoint needs to rebuild the model: its own tensors + where the backbone came
     from, or the whole state when there is no such source."""
     full = backbone is None
     state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
-             else trainable_state(model))
+             else own_state(model))
     return {"model": state, "model_is_full": full, "backbone": backbone,
             "config": model.config.to_dict(), "classnames": model.classnames}
 
@@ -145,7 +151,7 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
     backbone = payload["backbone"]
     overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
     model = build_backbone(backbone, classnames, backend, **overrides)
-    load_trainable_state(model, payload["model"], source)
+    load_own_state(model, payload["model"], source)
     return model
 
 

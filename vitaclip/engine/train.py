@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -144,9 +145,12 @@ class RunLog:
                 writer.writerows(rows)
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed (pip install tensorboard): logging to CSV only")
+            else:
+                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
 
     def row(self, kind: str, values: Dict[str, Any]) -> None:
         fields = LOG_FIELDS if kind == "train" else EVAL_FIELDS
@@ -317,7 +321,7 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     if payload["model_is_full"]:
         ckpt.load_state_exactly(model, payload["model"], source=source)
     else:
-        ckpt.load_trainable_state(model, payload["model"], source)
+        ckpt.load_own_state(model, payload["model"], source)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
