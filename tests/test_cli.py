@@ -57,6 +57,12 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     payload = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert payload["step"] == 3 and payload["backbone"]["kind"] == "pretrained"
     assert payload["loader"] == {"epoch": 1, "batch_in_epoch": 0}  # 12 clips = 3 batches of 4
+    # the resumed run (stopped mid-epoch) logged the losses of an uninterrupted one
+    full = [a if a != tmp_path / "run" else tmp_path / "full" for a in common]
+    assert run(capsys, "train", *full, "--steps", 3)[0] == 0
+    losses = [(tmp_path / d / "train_log.csv").read_text().splitlines() for d in ("run", "full")]
+    assert [r.split(",")[:2] for r in losses[0]] == [r.split(",")[:2] for r in losses[1]]
+    assert len(losses[0]) == 4
 
     model = tmp_path / "run" / "model"
     code, out, err = run(capsys, "eval", "--model", model, "--list", list_file, "--data-root", clips,

@@ -74,7 +74,6 @@ def print_json_or(args, obj, text: str) -> None:
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .engine.distributed import init_distributed
-    from .engine.loader import EpochLoader
     from .engine.train import TrainConfig, train
 
     env = init_distributed(args.device)
@@ -83,9 +82,8 @@ def cmd_train(args) -> int:
     model, backbone = build_training_model(args, classes)
     cfg = model.config
     micro = args.micro_batch_size or args.batch_size // env.world_size
-    train_data = EpochLoader(video_loader(args, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
-                                          batch_size=micro, tsn=args.tsn, augment=args.augment or None,
-                                          seed=args.seed))
+    train_data = video_loader(args, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
+                              batch_size=micro, tsn=args.tsn, augment=args.augment or None, seed=args.seed)
     eval_data = None
     if args.val_list:
         eval_data = video_loader(args, args.val_list, classes, False, cfg.num_frames, cfg.image_size,

@@ -107,15 +107,13 @@ def video_data(config: "DemoConfig", train_set: SyntheticActions, test_set: Synt
     """The clips as files read by vitaclip.data's loader: training clips get a random resized crop
     (no flip: it would swap the left/right classes), test clips the test protocol."""
     from .data import VideoLoader
-    from .engine.loader import EpochLoader
 
     train_list = write_videos(train_set, out / "data" / "train", progress=config.progress)
     test_list = write_videos(test_set, out / "data" / "test", progress=config.progress)
     common = dict(num_frames=config.num_frames, stride=1, size=train_set.image_size, backend="pyav", device="cpu",
                   num_classes=len(CLASSES), num_workers=0, shard_id=0, num_shards=1)
-    train_data = EpochLoader(VideoLoader(str(train_list), str(train_list.parent), train=True,
-                                         batch_size=config.batch_size, augment=None, flip=False,
-                                         crop_scale=(0.6, 1.0), seed=config.seed, **common))
+    train_data = VideoLoader(str(train_list), str(train_list.parent), train=True, batch_size=config.batch_size,
+                             augment=None, flip=False, crop_scale=(0.6, 1.0), seed=config.seed, **common)
     test_data = VideoLoader(str(test_list), str(test_list.parent), train=False, batch_size=64, **common)
     return train_data, test_data, str(test_list.parent / "clip_00000.mp4")
 

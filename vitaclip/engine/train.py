@@ -24,7 +24,7 @@ from ..model import VitaCLIP
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_gather_objects, init_distributed, mean_across_ranks
 from .evaluate import EvalConfig, EvalResult, evaluate
-from .loader import ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
+from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
 from .precision import autocast, check_precision, grad_scaler
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -170,8 +170,9 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
           backbone: Optional[Dict[str, Any]] = None, **overrides) -> TrainResult:
     """Train the prompts of `model` on `train_data`.
 
-    train_data: a map-style dataset (`ds[i] -> (video [3, T, H, W], label, video_id)`) or a loader
-    object yielding this process's micro-batches with state_dict()/load_state_dict().
+    train_data: a map-style dataset (`ds[i] -> (video [3, T, H, W], label, video_id)`), an epoch
+    loader with set_epoch() yielding this process's micro-batches (vitaclip.data.VideoLoader), or
+    an endless loader with state_dict()/load_state_dict().
     eval_data: optional, for periodic evaluation (see `evaluate`).
     backbone: where the frozen weights came from ({"kind": "clip", "name", "pretrained"}, ...), so
     that checkpoints can hold the trainable tensors only; None stores the whole model.
@@ -193,6 +194,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     accum = config.batch_size // (micro * env.world_size)
     if hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict"):
         loader = train_data
+    elif hasattr(train_data, "set_epoch") and not hasattr(train_data, "__getitem__"):  # e.g. VideoLoader
+        loader = EpochLoader(train_data)
     else:
         loader = ShardedTrainLoader(train_data, config.batch_size, micro, env.rank, env.world_size,
                                     config.seed, config.num_workers, pin_memory=env.device.type == "cuda")
