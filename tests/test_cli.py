@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine_helpers import CLASSES, FRAMES, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
 from vitaclip.cli import build_parser, main
 from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -128,6 +128,21 @@ def test_errors_are_clear_before_training(videos, tmp_path, capsys):
     code, _, err = run(capsys, *base, "--train-list", gone, "--classes", root / "classes.txt")
     assert code == 2 and "gone.txt:1" in err and "no_such_clip.mp4): file not found" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
+    from vitaclip.data import VideoLoader
+    from vitaclip.engine.train import train
+    from engine_helpers import tiny_train_config
+
+    root, list_file = videos
+    loader = VideoLoader(str(list_file), str(list_file.parent), train=True, batch_size=2, num_frames=FRAMES,
+                         stride=1, size=SIZE, augment=None, backend="pyav", device="cpu", num_workers=0,
+                         shard_id=0, num_shards=1)
+    with pytest.raises(ValueError, match="batches of 2 clips"):
+        train(tiny_model(), loader, tiny_train_config(tmp_path / "a", steps=2, batch_size=4))
+    result = train(tiny_model(), loader, tiny_train_config(tmp_path / "b", steps=2, batch_size=4, micro_batch_size=2))
+    assert result.finished  # 2 micro-batches of 2 accumulated per step
 
 
 def test_demo_learns(tmp_path, capsys):

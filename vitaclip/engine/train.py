@@ -175,7 +175,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     an endless loader with state_dict()/load_state_dict().
     eval_data: optional, for periodic evaluation (see `evaluate`).
     backbone: where the frozen weights came from ({"kind": "clip", "name", "pretrained"}, ...), so
-    that checkpoints can hold the trainable tensors only; None stores the whole model.
+    that checkpoints need not hold them; None stores the whole model in every checkpoint.
     Run with torchrun for several processes; every process calls train() with the same arguments.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
@@ -192,13 +192,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
-    if hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict"):
-        loader = train_data
-    elif hasattr(train_data, "set_epoch") and not hasattr(train_data, "__getitem__"):  # e.g. VideoLoader
-        loader = EpochLoader(train_data)
-    else:
-        loader = ShardedTrainLoader(train_data, config.batch_size, micro, env.rank, env.world_size,
-                                    config.seed, config.num_workers, pin_memory=env.device.type == "cuda")
+    loader = make_train_loader(train_data, config, micro, env)
 
     model.to(env.device)
     optimizer = make_optimizer(model, config)
@@ -296,6 +290,21 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     if result.finished and config.save_final and env.is_main:
         model.save_pretrained(out / "model")
     return result
+
+
+def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv):
+    """An endless, resumable source of this process's micro-batches (see `train`)."""
+    resumable = hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict")
+    epochs = hasattr(train_data, "set_epoch") and not hasattr(train_data, "__getitem__")  # e.g. VideoLoader
+    if not (resumable or epochs):
+        return ShardedTrainLoader(train_data, config.batch_size, micro, env.rank, env.world_size, config.seed,
+                                  config.num_workers, pin_memory=env.device.type == "cuda")
+    given = getattr(train_data, "batch_size", micro)
+    if given != micro:
+        raise ValueError(f"the training loader yields batches of {given} clips, but a global batch of "
+                         f"{config.batch_size} over {env.world_size} process(es) needs micro-batches of {micro}: "
+                         f"set micro_batch_size={given} or the loader's batch size to {micro}")
+    return train_data if resumable else EpochLoader(train_data)
 
 
 def resolve_resume(config: TrainConfig, out: Path) -> Optional[Path]:
