@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import VitaCLIPConfig
+from .data import pyav
 from .data.transforms import normalize
 from .engine.checkpoint import load_model
 from .engine.evaluate import EvalConfig, evaluate
@@ -152,8 +153,6 @@ def _run_demo(config: DemoConfig) -> Dict:
     started = time.perf_counter()
     train_set = SyntheticActions(config.train_size, config.num_frames, seed=config.seed)
     test_set = SyntheticActions(config.test_size, config.num_frames, seed=config.seed + 1, noise=0.0)
-    from .data import pyav
-
     train_data, test_data, example = train_set, test_set, test_set[0][0]
     if config.video_files and pyav.available():
         train_data, test_data, example = video_data(config, train_set, test_set, out)
