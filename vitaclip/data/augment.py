@@ -80,17 +80,18 @@ class RandAugment:
     def __call__(self, clips: torch.Tensor, params) -> torch.Tensor:
         """clips [B, T, 3, H, W] float in [0, 255]; params [B, num_ops, 4] from `sample`."""
         params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
-        b, t = clips.shape[:2]
+        t = clips.shape[1]
         out = clips.clone()
         for layer in range(params.shape[1]):
             p = params[:, layer]
+            # one call per op kind present in this layer, over all clips that drew it
             for op_index in p[p[:, 1] > 0, 0].unique().tolist():
                 sel = torch.nonzero((p[:, 0] == op_index) & (p[:, 1] > 0)).flatten()
-                frames = out[sel.to(out.device)].flatten(0, 1)
-                level = p[sel, 2].repeat_interleave(t).to(out.device)
-                sign = p[sel, 3].repeat_interleave(t).to(out.device)
+                level, sign = (p[sel, k].repeat_interleave(t).to(out.device) for k in (2, 3))
+                sel = sel.to(out.device)
+                frames = out[sel].flatten(0, 1)
                 result = apply_op(OPS[int(op_index)], frames, level, sign, self.config.increasing)
-                out[sel.to(out.device)] = result.view(len(sel), t, *frames.shape[1:])
+                out[sel] = result.view(len(sel), t, *frames.shape[1:])
         return out
 
 

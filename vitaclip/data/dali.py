@@ -19,6 +19,7 @@ except ImportError:  # DALI is optional (pip install nvidia-dali-cuda130)
     fn = None
 
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder supports
+GPU_CODECS = CPU_CODECS + ("h264", "hevc", "av1", "mpeg4")  # and its mixed (NVDEC) decoder
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
 

@@ -26,7 +26,7 @@ def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[i
     """Parse a `path,label` list. Blank lines are ignored; anything else that is not
     `path,int` with 0 <= label < num_classes raises ValueError naming file and line, or,
     with on_error="skip", is dropped (see `skipped` on the returned list)."""
-    _check_policy(on_error)
+    check_error_policy(on_error)
     entries = VideoList()
     with open(list_file, encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -68,11 +68,16 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
 
 def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
     """Write `(relative_path, label)` rows in the original format, atomically."""
-    tmp = list_file + ".tmp"
+    write_atomically(list_file, "".join(f"{path},{int(label)}\n" for path, label in rows))
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers see the old file or the new one, never a part; concurrent writers (DDP ranks)
+    each use their own temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for path, label in rows:
-            f.write(f"{path},{int(label)}\n")
-    os.replace(tmp, list_file)
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read_class_names(path: str) -> List[str]:
@@ -96,6 +101,6 @@ def folder_to_class_name(folder: str) -> str:
     return " ".join(words.lower().split())
 
 
-def _check_policy(on_error: str) -> None:
+def check_error_policy(on_error: str) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

@@ -7,7 +7,7 @@ so a clip is the same whichever backend decodes it, however many workers or rank
 from __future__ import annotations
 
 import logging
-import os
+import multiprocessing
 from dataclasses import dataclass
 from typing import Iterator, List, NamedTuple, Optional
 
@@ -16,7 +16,7 @@ import torch
 
 from . import dali, pyav, sampling
 from .augment import RandAugment
-from .lists import VideoEntry, read_video_list, _check_policy
+from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import normalize, resize, resized_crop, to_rgb
@@ -53,7 +53,11 @@ class VideoLoader:
     does not fill a batch on every rank is dropped), so DDP never waits on a missing batch.
     on_error="skip" drops bad entries (bad list lines, missing/empty/corrupt/short videos)
     with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
-    list line."""
+    list line.
+
+    PyAV with num_workers > 0 decodes in worker processes started by a fork server (forking a
+    process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
+    DataLoader, a script using it needs an `if __name__ == "__main__":` guard."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -64,7 +68,7 @@ class VideoLoader:
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1):
-        _check_policy(on_error)
+        check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
@@ -83,7 +87,9 @@ class VideoLoader:
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
 
         entries = read_video_list(list_file, data_root, num_classes, on_error)
-        self.skipped: List[str] = list(entries.skipped)
+        self.skipped: List[str] = []
+        for message in entries.skipped:
+            self._bad(message)
         infos = video_infos(entries, list_file, data_root)
         self.videos = []  # (video_id, entry, info) of the usable entries
         for video_id, (entry, info) in enumerate(zip(entries, infos)):
@@ -140,7 +146,7 @@ class VideoLoader:
     def _resolve_backend(self, backend: str) -> str:
         codecs = {info.codec for _, _, info in self.videos}
         if backend == "auto":
-            if dali.available() and self.device.type == "cuda":
+            if dali.available() and self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS):
                 return "dali-gpu"
             if dali.available() and codecs <= set(dali.CPU_CODECS):
                 return "dali-cpu"
@@ -151,34 +157,42 @@ class VideoLoader:
             raise ValueError(f"DALI's CPU decoder reads {dali.CPU_CODECS}, this list has {sorted(codecs)}")
         if backend == "dali-gpu" and self.device.type != "cuda":
             raise ValueError("backend 'dali-gpu' needs a CUDA device")
+        if backend == "dali-gpu" and not codecs <= set(dali.GPU_CODECS):
+            raise ValueError(f"DALI's GPU decoder reads {dali.GPU_CODECS}, this list has {sorted(codecs)}")
         if backend == "pyav" and not pyav.available():
             raise ImportError("backend 'pyav' needs PyAV: pip install av")
         return backend
 
     def _decoded_batches(self, batches) -> Iterator[List]:
+        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.backend.startswith("dali"):
             if self._dali is None:
                 self._dali = dali.DaliDecoder(
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
                     num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
                     prefetch=self.prefetch)
-            tasks = ([(p.entry.path, p.frames) for p in batch] for batch in batches)
             yield from self._dali.decode(tasks)
             return
-        tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.num_workers == 0:
-            yield from map(decode_with_pyav, tasks)
+            yield from ([decode_with_pyav(*task) for task in batch] for batch in tasks)
             return
         if self._workers is None:
-            # persistent processes, started by a fork server: forking this process (which may
-            # run DALI, PyAV or CUDA threads) can deadlock the child
+            # persistent processes, forked by a fork server that has imported this module once:
+            # forking this process (which may run DALI, PyAV or CUDA threads) can deadlock
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
             self._epoch_tasks = _EpochTasks()
             self._workers = torch.utils.data.DataLoader(
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
-                prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda",
-                persistent_workers=True, multiprocessing_context="forkserver")
-        self._epoch_tasks.batches = tasks
-        yield from self._workers
+                prefetch_factor=self.prefetch * self.batch_size, pin_memory=self.device.type == "cuda",
+                persistent_workers=True, multiprocessing_context=context)
+        # one clip per work item, so every worker is busy whatever the batch size
+        self._epoch_tasks.tasks = [task for batch in tasks for task in batch]
+        clips = iter(self._workers)
+        for batch in tasks:
+            yield [next(clips) for _ in batch]
+        for _ in clips:  # let the epoch's iterator finish cleanly
+            pass
 
     # ---------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[Batch]:
@@ -240,35 +254,32 @@ class VideoLoader:
         self.skipped.append(message)
 
 
-def decode_with_pyav(tasks):
-    """Decoded frames, or the error, of each (path, frame indices) task."""
-    out = []
-    for path, frames in tasks:
-        try:
-            out.append(pyav.decode_frames(path, frames))
-        except (VideoDecodeError, ImportError) as e:
-            out.append(VideoDecodeError(str(e)))
-    return out
+def decode_with_pyav(path: str, frames: np.ndarray):
+    """Decoded frames of one task, or the error (returned, to cross process boundaries)."""
+    try:
+        return pyav.decode_frames(path, frames)
+    except (VideoDecodeError, ImportError) as e:
+        return VideoDecodeError(str(e))
 
 
 class _PyAVTasks(torch.utils.data.Dataset):
-    """Indexed by the tasks themselves: the sampler hands each worker a batch of tasks."""
+    """Indexed by the tasks themselves: the sampler hands the workers (path, frames) pairs."""
 
-    def __getitem__(self, tasks):
-        return decode_with_pyav(tasks)
+    def __getitem__(self, task):
+        return decode_with_pyav(*task)
 
 
 class _EpochTasks(torch.utils.data.Sampler):
-    """The current epoch's task batches, swapped in while the worker processes stay up."""
+    """The current epoch's tasks, swapped in while the worker processes stay up."""
 
     def __init__(self):
-        self.batches = []
+        self.tasks = []
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.tasks)
 
     def __len__(self):
-        return len(self.batches)
+        return len(self.tasks)
 
 
 def _shard(shard_id, num_shards):

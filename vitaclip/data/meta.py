@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from . import pyav
-from .lists import VideoEntry
+from .lists import VideoEntry, write_atomically
 from .pyav import VideoDecodeError, VideoInfo
 
 
@@ -34,12 +34,9 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
 
 
 def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key, info in infos:
-            f.write(json.dumps({"path": key, "frames": info.frames, "height": info.height,
-                                "width": info.width, "codec": info.codec}) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, "".join(
+        json.dumps({"path": key, "frames": info.frames, "height": info.height,
+                    "width": info.width, "codec": info.codec}) + "\n" for key, info in infos))
 
 
 def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,

@@ -34,14 +34,15 @@ def available() -> bool:
 
 
 def probe(path: str) -> VideoInfo:
-    """Count frames by demuxing (no decoding): one packet with data per frame."""
+    """Count frames by demuxing (no decoding): one packet with data per shown frame
+    (packets an MP4 edit list discards are not shown)."""
     _require_av()
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
-            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            frames = sum(1 for packet in container.demux(stream) if _shown(packet))
             return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
                              stream.codec_context.name)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -59,14 +60,14 @@ def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
             if any(pts is None for pts, _ in packets) or not any(key for _, key in packets):
                 container.seek(0)
                 _decode_in_order(container.decode(stream), indices, out)
             else:
-                _decode_seeking(container, stream, packets, indices, out)
+                _decode_seeking(path, container, stream, packets, indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
     if out.filled < len(indices):
@@ -103,7 +104,7 @@ def _decode_in_order(frames, indices, out: _Planes) -> None:
             return
 
 
-def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
+def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> None:
     timestamps = sorted(pts for pts, _ in packets)  # presentation order: frame i has timestamps[i]
     keyframes = sorted(pts for pts, key in packets if key)
     position = None  # timestamp of the last frame decoded
@@ -122,8 +123,12 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         else:
             return  # stream ended: out.filled tells the caller
         if position != target:
-            raise VideoDecodeError(f"frame {index}: decoder gave timestamp {position}, expected {target}")
+            raise VideoDecodeError(f"{path}: frame {index}: decoder gave timestamp {position}, expected {target}")
         out.put(slot, frame)
+
+
+def _shown(packet) -> bool:
+    return packet.size > 0 and not packet.is_discard
 
 
 def _require_av():
