@@ -15,7 +15,6 @@ import torch
 
 from vitaclip.data import VideoLoader, dali, pyav
 
-# (no `from conftest import ...`: tests/ and benchmarks/ both have a conftest module)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 COPIES = int(os.environ.get("VITACLIP_BENCH_COPIES", "64"))  # x 3 clips

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, requires_cuda
 from vitaclip import VitaCLIP, VitaCLIPConfig
 
 N_CLASSES = 400

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run on the CPU through Triton's interpreter. The mode
+    # is fixed when a kernel is decorated (when its module is first imported), so it must be
+    # set here, before any test module imports vitaclip's kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vitaclip import VitaCLIPConfig
 from video_fixtures import vp9_dataset  # noqa: F401  (fixture of the data tests)

@@ -13,7 +13,7 @@ def test_reference_on_cuda_matches_cpu_in_float64():
     video = random_video(model.config, frames=6).double()
     cpu = model(video)
     gpu = model.cuda()(video.cuda())
-    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)  # logits are taken in fp32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check, for a lent GPU machine (no network; see benchmarks/README.md for the wheels):
+#   bash benchmarks/gpu_check.sh STAGE     STAGE = tests | ops | model | data | all
+# Each stage builds what is missing (the C++/CUDA extension for this machine's torch), runs its
+# GPU tests or benchmarks, writes JSON and logs under $OUT and prints a short table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:-all}
+OUT=${OUT:-/tmp/vitaclip-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+bash benchmarks/device_stage.sh
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if ! python3 -c "import vitaclip, vitaclip._C" 2>/dev/null; then
+  start=$(date +%s)
+  if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/build.log" 2>&1; then
+    grep -iE "error" "$OUT/build.log" | head -20
+    echo "EXTENSION BUILD FAILED: installing without it"
+    VITACLIP_DISABLE_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+  fi
+  echo "built vitaclip in $(( $(date +%s) - start )) s"
+fi
+python3 -c "import torch, triton, vitaclip; print('torch', torch.__version__, 'triton', triton.__version__, 'extension', vitaclip.extension_available(), 'backends', vitaclip.available_backends())"
+
+bench() {  # bench NAME pytest-args...
+  local name=$1; shift
+  python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$OUT/bench-$name.json" 2>&1 | tail -n 25 | tee "$OUT/bench-$name.log"
+  [ -f "$OUT/bench-$name.json" ] && python3 benchmarks/summarize.py "$OUT/bench-$name.json"
+}
+
+case $stage in
+  tests|all)
+    python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
+  ops|all)
+    bench ops benchmarks/test_attention_bench.py benchmarks/test_summary_bench.py \
+      benchmarks/test_text_bench.py benchmarks/test_layer_bench.py ;;&
+  model|all)
+    bench model benchmarks/test_model_bench.py ${MODEL_BENCH_FILTER:+-k "$MODEL_BENCH_FILTER"} ;;&
+  data|all)
+    python3 -m pytest tests/test_data_gpu.py -q -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/tests-data.log"
+    bench data benchmarks/test_loader_bench.py -s ;;
+esac

@@ -1,0 +1,55 @@
+"""One ViT-B/16 layer with all prompts (8 local per clip, 8 global, a summary per frame), bf16
+autocast: each backend's block_forward alone, inference (32 clips x 8 frames) and a training
+forward + backward (16 clips x 8 frames). Splits the whole-model numbers into the layer's share."""
+import pytest
+import torch
+
+from cuda_bench import bench_cuda, requires_cuda
+from vitaclip import VitaCLIPConfig, backends
+from vitaclip.vision import VisionTransformer
+
+BACKENDS = ["fast", "fast-compiled", "reference"]
+CONFIG = VitaCLIPConfig.preset("ViT-B/16")
+
+
+@pytest.fixture(scope="module")
+def block():
+    return VisionTransformer(CONFIG).blocks[0].cuda().requires_grad_(False)  # initialised
+
+
+def layer_inputs(block, clips, requires_grad):
+    frames = clips * CONFIG.num_frames
+    x = torch.randn(frames, CONFIG.num_patches + 1, CONFIG.width, device="cuda", requires_grad=requires_grad)
+    global_prompts = torch.randn(CONFIG.num_global, CONFIG.width, device="cuda", requires_grad=requires_grad)
+    return x, global_prompts
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_inference(benchmark, block, backend):
+    forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
+    x, global_prompts = layer_inputs(block, 32, requires_grad=False)
+
+    def step():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(block, x, block.prompts(x, global_prompts))
+
+    benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_training(benchmark, block, backend):
+    forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
+    x, global_prompts = layer_inputs(block, 16, requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(block, x, block.prompts(x, global_prompts))
+        torch.autograd.grad(out.float().square().mean(), [x, global_prompts])
+
+    torch.cuda.reset_peak_memory_stats()
+    benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3
+    benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -1,0 +1,14 @@
+// Registers the CUDA implementation: the shared order of work with the CUDA kernels.
+#include <torch/library.h>
+
+#include "../summary_attention.h"
+#include "summary_attention_cuda.h"
+
+namespace vitaclip {
+
+TORCH_LIBRARY_IMPL(vitaclip, CUDA, m) {
+  m.impl("summary_attention", &summary_attention_forward<CudaKernels>);
+  m.impl("summary_attention_backward", &summary_attention_backward<CudaKernels>);
+}
+
+}  // namespace vitaclip

@@ -1,0 +1,179 @@
+"""The "fast" backend (fused QKV + Triton prompt attention) against the reference layer, whole model.
+
+The fast model in fp32 is compared with the reference model in float64 (on CPU the Triton
+kernels run under the interpreter, see conftest.py): logits and the gradient of every
+trainable parameter. On CUDA also ViT-B/16 under bf16 autocast.
+"""
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from conftest import randomize_
+from vitaclip import VitaCLIPConfig, backends, fast
+from vitaclip.model import VitaCLIP
+from vitaclip.ops.attention import triton_available
+
+pytestmark = pytest.mark.skipif(
+    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton on CUDA or Triton's CPU interpreter")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CLASSNAMES = ["archery", "baking_cookies", "juggling balls"]
+
+
+@pytest.fixture
+def fast_anywhere(monkeypatch):
+    """Make the fast backends selectable on this device (they are offered only on CUDA: on CPU
+    they run the interpreter). On CPU, "fast-compiled" compiles with aot_eager: the same graph
+    capture (fullgraph) and autograd, without inductor's slow CPU code generation."""
+    backends.available_backends()  # imports vitaclip.fast, which registers the backends
+    for name in ("fast", "fast-compiled"):
+        monkeypatch.setitem(backends._BACKENDS, name,
+                            dataclasses.replace(backends._BACKENDS[name], is_available=lambda device: True))
+    if DEVICE == "cpu":
+        aot_eager = torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True)
+        monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
+    torch._dynamo.reset()
+
+
+def tiny_config(**prompts):
+    # 7x7 patches, two heads of dim 64, T0 = 3
+    return VitaCLIPConfig(image_size=56, patch_size=8, width=128, layers=2, heads=2, embed_dim=32,
+                          num_frames=3, text_width=64, text_layers=1, text_heads=1,
+                          num_global_prompts=2, n_ctx=2, **prompts)
+
+
+def logits_and_grads(model, video):
+    model.zero_grad(set_to_none=True)
+    logits = model(video)
+    (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
+     .view_as(logits)).sum().backward()
+    return logits.detach(), {name: p.grad for name, p in model.named_trainable_parameters()}
+
+
+@pytest.mark.parametrize("backend,prompts", [
+    ("fast", dict()),  # summary + local + global
+    ("fast", dict(use_summary=False, use_local=False)),  # global only
+    ("fast", dict(use_global=False, use_summary=False)),  # local only
+    ("fast-compiled", dict()),
+])
+def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
+    torch.manual_seed(0)
+    model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend).to(DEVICE)
+    reference = copy.deepcopy(model).double()
+    reference.set_backend("reference")
+    video = torch.randn(1, 3, 6, 56, 56, device=DEVICE)  # T = 6: two groups of T0 = 3
+
+    logits, grads = logits_and_grads(model, video)
+    ref_logits, ref_grads = logits_and_grads(reference, video.double())
+    torch.testing.assert_close(logits.double(), ref_logits.double(), atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert grads[name] is not None, f"{name} got no gradient"
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
+
+
+def test_fused_qkv_follows_weight_updates(fast_anywhere):
+    torch.manual_seed(1)
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES,
+                     backend="fast").to(DEVICE).eval()
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+    with torch.no_grad():
+        before = model(video)
+        model.visual.blocks[1].attn.k_proj.weight.mul_(2.0)  # in place: same storage, new version
+        after = model(video)
+        model.set_backend("reference")
+        expected = model(video)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):
+    """With the layer's own weights trainable too (not the default), every gradient matches."""
+    from vitaclip.vision import reference_block_forward
+
+    torch.manual_seed(2)
+    block = randomize_(VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]).to(DEVICE).requires_grad_(True)
+    x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    global_prompts = torch.randn(2, 128, device=DEVICE)
+    grads = {}
+    for name, forward in (("fast", fast.fast_block_forward), ("reference", reference_block_forward)):
+        out = forward(block, x, block.prompts(x, global_prompts))
+        grads[name] = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, got, want in zip(names, grads["fast"], grads["reference"]):
+        # k_proj.bias has a zero gradient (softmax ignores a shift shared by all keys): rounding only
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item() + 1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_after_inference_mode(fast_anywhere):
+    """The fused QKV weight cached under inference_mode must still serve a training step."""
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES,
+                     backend="fast").to(DEVICE)
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+    with torch.inference_mode():
+        model(video)
+    model(video).sum().backward()
+    assert model.visual.time_embed.grad.abs().sum() > 0
+
+
+def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
+    """Of the layer's large activations only its input, the packed qkv and the attention output
+    are saved for the backward; the rest (4C-wide MLP hidden included) is recomputed."""
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0].to(DEVICE)
+    x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    prompts = block.prompts(x, torch.randn(2, 128, device=DEVICE, requires_grad=True))
+    saved = {}
+
+    def pack(t):
+        if t.dim() >= 3 and t.shape[0] == x.shape[0]:  # per-frame activations, not weights
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fast.fast_block_forward(block, x, prompts)
+    stream = x.numel() * x.element_size()
+    large = sorted(n for n in saved.values() if n >= stream)
+    assert large == [stream, stream, 3 * stream], saved  # input, attention output, packed qkv
+    out.sum().backward()  # the recomputation carries the gradient through
+    assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
+
+
+def test_auto_picks_fast_on_cuda_only():
+    assert backends.resolve_backend("auto", torch.device("cpu")).name == "reference"
+    if torch.cuda.is_available():
+        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast"
+
+
+def relative_error(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fast_vit_b16_autocast_matches_reference():
+    """ViT-B/16 (random weights), 2 clips x 8 frames: the fast backend under autocast is as close to
+    the fp32 reference as the reference itself under the same autocast, logits and every gradient."""
+    torch.manual_seed(0)
+    model = randomize_(VitaCLIP(VitaCLIPConfig.preset("ViT-B/16"), classnames=CLASSNAMES)).cuda()
+    video = torch.randn(2, 3, 8, 224, 224, device="cuda")
+    dtype = torch.bfloat16
+    model.set_backend("reference")
+    want_logits, want_grads = logits_and_grads(model, video)
+    runs = {}
+    for backend in ("reference", "fast"):
+        model.set_backend(backend)
+        with torch.autocast("cuda", dtype=dtype):
+            runs[backend] = logits_and_grads(model, video)
+    # k_proj.bias gets a zero gradient (softmax ignores a shift shared by all keys): rounding only
+    for name in ["logits", *[n for n in want_grads if not n.endswith("k_proj.bias")]]:
+        pick = (lambda run: run[0]) if name == "logits" else (lambda run: run[1][name])
+        want = want_logits if name == "logits" else want_grads[name]
+        budget = relative_error(pick(runs["reference"]), want)
+        err = relative_error(pick(runs["fast"]), want)
+        assert err <= 2 * budget + 1e-3, f"{name}: fast error {err:.2e}, reference {dtype} error {budget:.2e}"
+

@@ -1,0 +1,187 @@
+"""The fused Triton prompt attention against the naive reference: forward and every gradient.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) in fp32 against a float64
+reference at tiny odd shapes. GPU (marked `gpu`): bf16/fp16 at ViT-B/16 shapes.
+"""
+import os
+
+import pytest
+import torch
+
+from vitaclip.ops import naive
+from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available, uses_triton
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+
+HEAD_DIM = 64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_inputs(n_groups, frames_per_group, seq, heads, n_local, n_global, summary,
+                dtype=torch.float64, device="cpu", packed=True, seed=0):
+    """Fresh random inputs; with `packed`, q/k/v come as one fused qkv [F, S, 3, H, Dh]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_frames = n_groups * frames_per_group
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    leaves = {}
+    if packed:
+        leaves["qkv"] = rand(n_frames, seq, 3, heads, HEAD_DIM)
+    else:
+        for name in "qkv":
+            leaves[name] = rand(n_frames, seq, heads, HEAD_DIM)
+    if n_local:
+        leaves["local_k"], leaves["local_v"] = (rand(n_groups, n_local, heads, HEAD_DIM) for _ in range(2))
+    if n_global:
+        leaves["global_k"], leaves["global_v"] = (rand(n_global, heads, HEAD_DIM) for _ in range(2))
+    if summary:
+        leaves["summary_k"], leaves["summary_v"] = (rand(n_frames, heads, HEAD_DIM) for _ in range(2))
+    return leaves
+
+
+def call(fn, leaves, frames_per_group):
+    """fn(q, k, v, ...) with q/k/v strided views of qkv when packed; fn = "qkv": the packed op."""
+    prompts = {name: t for name, t in leaves.items() if name not in ("qkv", "q", "k", "v")}
+    if fn == "qkv":
+        return prompt_attention_qkv(leaves["qkv"], frames_per_group=frames_per_group, **prompts)
+    if "qkv" in leaves:
+        q, k, v = leaves["qkv"].unbind(2)
+    else:
+        q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    return fn(q, k, v, frames_per_group=frames_per_group, **prompts)
+
+
+def outputs_and_grads(fn, leaves, frames_per_group, grad_out):
+    leaves = {name: t.detach().requires_grad_(True) for name, t in leaves.items()}
+    out = call(fn, leaves, frames_per_group)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype))
+    return out, dict(zip(leaves, grads))
+
+
+# (frames_per_group, n_global, local on, summary on, heads, layout of q/k/v)
+CPU_CASES = [
+    (1, 0, True, False, 1, "views"),
+    (3, 1, True, True, 2, "qkv"),
+    (8, 8, False, True, 1, "views"),
+    (3, 8, True, False, 1, "separate"),
+    (2, 0, False, False, 1, "qkv"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("frames_per_group,n_global,local,summary,heads,layout", CPU_CASES)
+def test_interpreter_matches_reference(frames_per_group, n_global, local, summary, heads, layout):
+    seq = 50  # 7x7 patches + cls: two tiles of 32, the second partial
+    leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if local else 0,
+                         n_global, summary, packed=layout != "separate", seed=frames_per_group * 10 + n_global)
+    grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    leaves32 = {name: t.float() for name, t in leaves.items()}
+    assert uses_triton(next(iter(leaves32.values())))
+    fast = "qkv" if layout == "qkv" else prompt_attention
+    out, grads = outputs_and_grads(fast, leaves32, frames_per_group, grad_out)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+def test_interpreter_opcheck_and_compile_without_graph_breaks():
+    leaves = make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32)
+    check_op_and_compile(leaves, 2)
+
+
+def check_op_and_compile(leaves, frames_per_group):
+    """opcheck of the custom op in both layouts, then torch.compile(fullgraph=True) of both APIs."""
+    prompts = [leaves[name] for name in ("local_k", "local_v", "global_k", "global_v", "summary_k", "summary_v")]
+    for qkv_args in (leaves["qkv"].unbind(2), (leaves["qkv"], None, None)):
+        torch.library.opcheck(torch.ops.vitaclip.prompt_attention.default,
+                              (*qkv_args, *prompts, frames_per_group),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for fn in (prompt_attention, "qkv"):
+        check_compiles_without_graph_breaks(fn, leaves, frames_per_group, backend="aot_eager")
+
+
+def check_compiles_without_graph_breaks(fn, leaves, frames_per_group, backend):
+    """fullgraph=True fails on any graph break; AOT autograd also traces the backward op."""
+    def loss(leaves):
+        return call(fn, leaves, frames_per_group).float().square().sum()
+
+    def grads(fn):
+        fresh = {name: t.detach().requires_grad_(True) for name, t in leaves.items()}
+        fn(fresh).backward()
+        return [t.grad for t in fresh.values()]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    for got, want in zip(grads(compiled), grads(loss)):
+        torch.testing.assert_close(got, want)
+
+
+def test_bad_inputs_are_rejected():
+    q = torch.zeros(4, 5, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="must match q"):
+        prompt_attention(q, q[:, :3], q)
+    with pytest.raises(ValueError, match="both be given"):
+        prompt_attention(q, q, q, global_k=torch.zeros(3, 2, HEAD_DIM))
+    with pytest.raises(ValueError, match="whole number of groups"):
+        local = torch.zeros(1, 3, 2, HEAD_DIM)
+        prompt_attention(q, q, q, local_k=local, local_v=local, frames_per_group=3)
+    with pytest.raises(ValueError, match="summary_k/v must be"):
+        summary = torch.zeros(2, 2, HEAD_DIM)
+        prompt_attention(q, q, q, summary_k=summary, summary_v=summary)
+    with pytest.raises(ValueError, match="is torch.float64"):
+        prompt_attention(q, q, q.double())
+    with pytest.raises(ValueError, match="not supported"):
+        prompt_attention(q.double(), q.double(), q.double())
+
+
+# ViT-B/16: batch 4 clips x 8 frames, 1 + 14x14 tokens, 12 heads, 8 global and 8 local prompts
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "qkv"), (torch.float16, "views")])
+def test_gpu_matches_float64_reference(dtype, layout):
+    frames_per_group, heads, seq = 8, 12, 197
+    leaves = make_inputs(4, frames_per_group, seq, heads, 8, 8, True, device="cuda")
+    grad_out = torch.randn(32, seq, heads, HEAD_DIM, device="cuda", dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    low = {name: t.to(dtype) for name, t in leaves.items()}
+    fast = "qkv" if layout == "qkv" else prompt_attention
+    out, grads = outputs_and_grads(fast, low, frames_per_group, grad_out)
+    # the same computation in plain PyTorch at this precision sets the error budget
+    naive_out, naive_grads = outputs_and_grads(naive.prompt_attention, low, frames_per_group, grad_out)
+
+    def check(name, got, naive_got, want):
+        err = (got.double() - want).abs().max().item()
+        budget = (naive_got.double() - want).abs().max().item()
+        assert err <= 2 * budget + 1e-3 * want.abs().max().item(), f"{name}: error {err} vs budget {budget}"
+
+    check("out", out, naive_out, ref_out)
+    for name in ref_grads:
+        check(name, grads[name], naive_grads[name], ref_grads[name])
+    # deterministic: no atomics, the same bits on a second run
+    _, again = outputs_and_grads(fast, low, frames_per_group, grad_out)
+    for name in grads:
+        assert torch.equal(grads[name], again[name]), name
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile_without_graph_breaks():
+    check_op_and_compile(make_inputs(2, 8, 197, 12, 8, 8, True, dtype=torch.bfloat16, device="cuda"), 8)
+
+
+def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    leaves = make_inputs(2, 2, 9, 1, 2, 3, True, dtype=torch.float32)
+    prompts = {name: t for name, t in leaves.items() if name != "qkv"}
+    q = leaves["qkv"][:, :, 0]
+    assert not uses_triton(q)
+    out = prompt_attention_qkv(leaves["qkv"], frames_per_group=2, **prompts)
+    assert torch.equal(out, naive.prompt_attention(*leaves["qkv"].unbind(2), frames_per_group=2, **prompts))

@@ -1,0 +1,237 @@
+"""The compiled summary op (vitaclip._C, csrc/) against the plain PyTorch path, on the CPU.
+
+Run with the extension built (the editable install builds it). Setting VITACLIP_DISABLE_EXT=1
+for the whole run skips the tests that need it; otherwise a missing build fails them.
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vitaclip
+from conftest import CLASSES, random_video
+from vitaclip import VitaCLIP, VitaCLIPConfig
+from vitaclip.ops import naive, summary, summary_ext
+from vitaclip.vision import Attention
+
+needs_ext = pytest.mark.skipif(os.environ.get(summary.DISABLE_ENV) == "1",
+                               reason="VITACLIP_DISABLE_EXT=1 for this run")
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def make_summary_layer(width, heads, dtype=torch.float32, device="cpu", seed=0):
+    """LayerNorm + attention with every parameter random (zero biases would hide bias bugs)."""
+    torch.manual_seed(seed)
+    norm, attn = nn.LayerNorm(width), Attention(width, heads)
+    for module in (norm, attn):
+        module.to(device=device, dtype=dtype)
+        for p in module.parameters():
+            nn.init.normal_(p, std=width ** -0.5 if p.dim() == 2 else 0.5)
+    norm.weight.data += 1
+    return norm, attn
+
+
+def parameters_of(norm, attn):
+    return [norm.weight, norm.bias, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+            attn.v_proj.weight, attn.v_proj.bias, attn.out_proj.weight, attn.out_proj.bias]
+
+
+def op_args(c, norm, attn, heads):
+    return (c, *parameters_of(norm, attn), heads, norm.eps)
+
+
+def relative_error(got, want):
+    """max |got - want| relative to max |want|, at least 1: the gradient of k's bias is exactly
+    zero (softmax ignores a shift shared by all keys), so only its absolute error means anything."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1.0))
+
+
+def output_and_grads(fn, c, norm, attn, heads, grad):
+    c = c.detach().requires_grad_()
+    out = fn(c, norm, attn, heads)
+    return out, torch.autograd.grad(out, [c, *parameters_of(norm, attn)], grad)
+
+
+@needs_ext
+def test_extension_is_built_and_active():
+    assert summary_ext.is_built(), f"vitaclip._C did not load: {summary_ext.LOAD_ERROR}"
+    assert vitaclip.extension_available()
+    assert torch.ops.vitaclip.summary_attention.default is not None
+
+
+@needs_ext
+@pytest.mark.parametrize("groups", [1, 5])
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("width", [64, 96])
+@pytest.mark.parametrize("frames", [1, 3, 8])
+def test_matches_pytorch_path(groups, frames, width, heads):
+    norm, attn = make_summary_layer(width, heads, seed=groups * 1000 + frames * 100 + width + heads)
+    c = torch.randn(groups, frames, width)
+    grad = torch.randn(groups, frames, width)
+    out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, heads, grad)
+    ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, heads, grad)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # inference skips the autograd node
+        inference = summary_ext.summary_tokens(c, norm, attn, heads)
+    assert inference.grad_fn is None
+    torch.testing.assert_close(inference, out.detach(), atol=0, rtol=0)
+    names = ["c", "ln.weight", "ln.bias", "q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias",
+             "out.weight", "out.bias"]
+    for name, g, ref_g in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=5e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+@needs_ext
+def test_gradcheck_float64():
+    norm, attn = make_summary_layer(4, 2, dtype=torch.float64)
+    args = list(op_args(torch.randn(2, 3, 4, dtype=torch.float64), norm, attn, 2))
+    tensors = [a.detach().requires_grad_() for a in args[:11]]
+    assert torch.autograd.gradcheck(
+        lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[11:])[0], tensors)
+
+
+@needs_ext
+def test_opcheck():
+    norm, attn = make_summary_layer(16, 2)
+    args = op_args(torch.randn(3, 4, 16, requires_grad=True), norm, attn, 2)
+    torch.library.opcheck(torch.ops.vitaclip.summary_attention.default, args)
+    _, normed, qkv, heads_out, mean, rstd = torch.ops.vitaclip.summary_attention(*args)
+    c, ln_weight, _, q_w, q_b, k_w, k_b, v_w, v_b, o_w, _, heads, _ = args
+    backward_args = (torch.randn(3, 4, 16), c.detach(), normed, qkv, heads_out, mean, rstd, ln_weight.detach(),
+                     *(p.detach() for p in (q_w, q_b, k_w, k_b, v_w, v_b, o_w)), heads)
+    torch.library.opcheck(torch.ops.vitaclip.summary_attention_backward.default, backward_args)
+
+
+@needs_ext
+def test_torch_compile_matches_eager():
+    norm, attn = make_summary_layer(32, 4)
+    c, grad = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    compiled = torch.compile(summary_ext.summary_tokens, backend="aot_eager", fullgraph=True)
+    out, grads = output_and_grads(compiled, c, norm, attn, 4, grad)
+    ref, ref_grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 4, grad)
+    torch.testing.assert_close(out, ref)
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g)
+
+
+def assert_no_worse_than_pytorch(fast, slow, reference, floor):
+    """Each of the op's outputs/gradients is at most twice as far from the float64 reference as
+    the PyTorch path's in the same dtype (plus `floor`): judged by what PyTorch itself achieves."""
+    names = ["out", "c", "ln.weight", "ln.bias", "q.weight", "q.bias", "k.weight", "k.bias", "v.weight",
+             "v.bias", "out.weight", "out.bias"]
+    for name, got, baseline, want in zip(names, fast, slow, reference):
+        err, baseline_err = relative_error(got, want), relative_error(baseline, want)
+        assert err <= 2 * baseline_err + floor, f"{name}: relative error {err:.3g}, PyTorch {baseline_err:.3g}"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_float64(dtype):
+    """Half-precision inputs with fp32 accumulation on the CPU."""
+    norm, attn = make_summary_layer(64, 4, dtype=torch.float64)
+    c, grad = torch.randn(3, 8, 64, dtype=torch.float64), torch.randn(3, 8, 64, dtype=torch.float64)
+    out, grads = output_and_grads(naive.summary_tokens, c, norm, attn, 4, grad)
+    norm, attn, c, grad = norm.to(dtype), attn.to(dtype), c.to(dtype), grad.to(dtype)
+    fast, fast_grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 4, grad)
+    slow, slow_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 4, grad)
+    assert fast.dtype == dtype
+    assert_no_worse_than_pytorch([fast, *fast_grads], [slow, *slow_grads], [out, *grads], floor=1e-2)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_pytorch_path(dtype):
+    norm, attn = make_summary_layer(32, 2)
+    c, grad = torch.randn(2, 8, 32, dtype=dtype), torch.randn(2, 8, 32, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 2, grad)
+        ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 2, grad)
+    assert out.dtype == ref.dtype == dtype
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert got.dtype == want.dtype
+        assert relative_error(got, want) < 3e-2
+
+
+@needs_ext
+def test_env_switch_picks_the_path(monkeypatch):
+    ran = []
+    monkeypatch.setattr(naive, "summary_tokens", lambda *a: ran.append("naive") or a[0])
+    monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ran.append("ext") or a[0])
+    norm, attn = make_summary_layer(8, 2)
+    c = torch.randn(1, 2, 8)
+    monkeypatch.setenv(summary.DISABLE_ENV, "1")
+    assert not vitaclip.extension_available()
+    summary.summary_tokens(c, norm, attn, 2)
+    monkeypatch.setenv(summary.DISABLE_ENV, "0")
+    assert vitaclip.extension_available()
+    summary.summary_tokens(c, norm, attn, 2)
+    assert ran == ["naive", "ext"]
+
+
+@needs_ext
+def test_bad_input_is_a_value_error():
+    norm, attn = make_summary_layer(8, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 3)
+    with pytest.raises(ValueError, match=r"\[groups, frames, width\]"):
+        torch.ops.vitaclip.summary_attention(*op_args(torch.randn(2, 8), norm, attn, 2))
+    with pytest.raises(ValueError, match="dtype"):
+        torch.ops.vitaclip.summary_attention(*op_args(torch.randn(1, 2, 8, dtype=torch.float64), norm, attn, 2))
+    with pytest.raises(ValueError, match="q_weight has shape"):
+        args = list(op_args(torch.randn(1, 2, 8), norm, attn, 2))
+        args[3] = torch.randn(8, 4)
+        torch.ops.vitaclip.summary_attention(*args)
+
+
+@needs_ext
+def test_whole_model_same_with_extension_on_and_off(monkeypatch):
+    config = VitaCLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
+                            text_width=32, text_layers=1, text_heads=2, n_ctx=2, num_global_prompts=2)
+    model = VitaCLIP(config, CLASSES)
+    with torch.no_grad():  # the summary attention starts with zero biases: make every term count
+        for name, p in model.named_trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    video = random_video(config, batch=2, frames=6)  # two groups of T0 = 3 frames per video
+    names, params = zip(*model.named_trainable_parameters())
+    assert any("summary" in n for n in names)
+    ext_calls = []
+    compiled_summary = summary_ext.summary_tokens
+    monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ext_calls.append(1) or compiled_summary(*a))
+
+    def logits_and_grads(disable):
+        monkeypatch.setenv(summary.DISABLE_ENV, disable)
+        assert vitaclip.extension_available() == (disable == "0")
+        logits = model(video)
+        return logits, torch.autograd.grad(logits.square().sum(), params)
+
+    logits, grads = logits_and_grads("0")
+    assert len(ext_calls) == config.layers
+    ref_logits, ref_grads = logits_and_grads("1")
+    assert len(ext_calls) == config.layers
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name, g, ref_g in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_cuda_sources_compile():
+    """nvcc -c of the CUDA kernels for sm_80 and sm_90 (one call), as setup.py builds them."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+    objects = Path(os.environ.get("TMPDIR", "/tmp")) / f"vitaclip_nvcc_{os.getpid()}.o"
+    command = [nvcc, "-c", str(CSRC / "cuda" / "summary_attention_kernels.cu"), "-o", str(objects),
+               "-std=c++20", "-O3", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+               *(f"-I{p}" for p in include_paths()),
+               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert objects.stat().st_size > 0
+    finally:
+        objects.unlink(missing_ok=True)

@@ -1,0 +1,122 @@
+"""The "fast" backends: a Vita-CLIP layer around the fused Triton prompt attention.
+
+Exactly the reference layer (`vision.reference_block_forward`), computed without the
+extended sequence:
+  - one fused QKV projection of the frames' own tokens (concatenated weight, cached while
+    the frozen q/k/v weights stay unchanged), read by the kernel in place, its gradient
+    written back packed;
+  - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
+    layer, local prompts once per group, summary tokens once per frame;
+  - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
+  - then out_proj + residual + MLP on the own tokens, QuickGELU fused into one Triton
+    kernel each way (`ops.activation`). When training, the stream after attention and the
+    MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
+    tensors kept anyway (the layer input and the attention output) instead of stored: a
+    layer keeps only its input, the packed qkv and the attention output (the rest is a
+    recompute of about one fc1 and one out_proj GEMM per layer).
+
+"fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
+(one graph per layer shape, shared by all layers), fusing the LayerNorms, casts and
+residual adds around the GEMMs and the custom ops. Both register on import
+and are offered on CUDA; "auto" picks "fast".
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .backends import register_backend
+from .ops.activation import quick_gelu
+from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
+from .vision import LayerPrompts, QuickGELU, VitaBlock
+
+_CACHE_ATTR = "_fast_qkv_cache"
+
+
+def fused_qkv_weight(block: VitaBlock) -> Tuple[Tensor, Tensor]:
+    """[3C, C] weight and [3C] bias of q/k/v stacked. Cached on the block, keyed on the
+    weights' storage and version so any in-place update or move invalidates it; rebuilt
+    every call (differentiably) when a q/k/v parameter trains."""
+    attn = block.attn
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    params = [t for lin in linears for t in (lin.weight, lin.bias)]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = getattr(block, _CACHE_ATTR, None)
+    if cached is None or cached[0] != key:
+        # a normal tensor even when first built under inference_mode, so training can reuse it
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([lin.weight for lin in linears])
+            bias = torch.cat([lin.bias for lin in linears])
+        cached = (key, weight, bias)
+        object.__setattr__(block, _CACHE_ATTR, cached)  # a plain attribute: not state, not moved
+    return cached[1], cached[2]
+
+
+def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, kv_bias: Tensor,
+               heads: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Keys and values [..., H, Dh] of prompt tokens [..., C] (LayerNorm, then K/V projection)."""
+    if tokens is None:
+        return None, None
+    width = tokens.shape[-1]
+    kv = F.linear(norm(tokens), kv_weight, kv_bias).view(*tokens.shape[:-1], 2, heads, width // heads)
+    return kv.select(-3, 0), kv.select(-3, 1)
+
+
+def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_proj: nn.Linear, norm: nn.LayerNorm,
+                             fc1: nn.Linear, act) -> Tuple[Tensor, Tensor]:
+    """The stream after attention, x + out_proj(attended), and the MLP hidden act(fc1(norm(.)))."""
+    x = x + out_proj(attended)
+    return x, act(fc1(norm(x)))
+
+
+def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summary: Optional[Tensor],
+           frames_per_group: int, qkv_weight: Tensor, qkv_bias: Tensor, block: VitaBlock) -> Tensor:
+    n_frames, seq, width = x.shape
+    heads = block.heads
+    qkv = F.linear(block.norm1(x), qkv_weight, qkv_bias).view(n_frames, seq, 3, heads, width // heads)
+    kv_weight, kv_bias = qkv_weight[width:], qkv_bias[width:]
+    local_k, local_v = _prompt_kv(local, block.norm1, kv_weight, kv_bias, heads)
+    global_k, global_v = _prompt_kv(global_, block.norm1, kv_weight, kv_bias, heads)
+    summary_k, summary_v = _prompt_kv(summary, block.norm1, kv_weight, kv_bias, heads)
+    attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
+                                    frames_per_group).view(n_frames, seq, width)
+    mlp = block.mlp
+    act = quick_gelu if isinstance(mlp.act, QuickGELU) and uses_triton(x) else mlp.act
+    args = (x, attended, block.attn.out_proj, block.norm2, mlp.fc1, act)
+    if torch.is_grad_enabled() and attended.requires_grad:
+        # recomputed in the backward from x and attended, which norm1 and the attention op keep anyway
+        x, hidden = checkpoint(_residual_and_mlp_hidden, *args, use_reentrant=False, preserve_rng_state=False)
+    else:
+        x, hidden = _residual_and_mlp_hidden(*args)
+    return x + mlp.fc2(hidden)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_layer():
+    """`_layer` under torch.compile, built on first use (importing the compiler is slow)."""
+    return torch.compile(_layer, dynamic=False, fullgraph=True)
+
+
+def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+    return _layer(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
+                  *fused_qkv_weight(block), block)
+
+
+def fast_compiled_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+    return compiled_layer()(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
+                           *fused_qkv_weight(block), block)
+
+
+def fast_available(device: torch.device) -> bool:
+    return triton_available() and torch.device(device).type == "cuda"
+
+
+register_backend("fast", fast_block_forward, fast_available, priority=10)
+register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=5)

@@ -1,0 +1,293 @@
+"""Prompt attention: the fused Triton op (forward + backward) behind the naive reference's signature.
+
+`prompt_attention` runs the Triton kernels of `vitaclip.kernels.prompt_attention` on CUDA
+tensors, and on CPU tensors when TRITON_INTERPRET=1 (tests); otherwise it falls back to
+the plain PyTorch reference in `naive.py`.
+
+`prompt_attention_qkv` takes q, k, v packed as one [F, S, 3, H, Dh] (the fast model path).
+
+The kernels are wrapped as two custom ops, `vitaclip::prompt_attention` and
+`vitaclip::prompt_attention_backward`, so torch.compile sees one opaque node each and
+traces without graph breaks. Absent prompt kinds are `Tensor?` (None) in the schema;
+the backward op returns empty tensors for their gradients, mapped back to None.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import naive
+
+try:
+    import triton
+
+    from vitaclip.kernels import prompt_attention as _kernels
+except ImportError:  # no Triton on this platform: only the reference path is available
+    triton = None
+    _kernels = None
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    return _kernels is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_triton(q: Tensor) -> bool:
+    """Whether `prompt_attention` runs the Triton op for tensors on q's device."""
+    return triton_available() and (q.is_cuda or (q.device.type == "cpu" and _interpreting()))
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# Tile sizes: Hopper-friendly on the GPU; small under the interpreter so that tiny test
+# shapes still span several (partial) tiles.
+def _launch_config(q: Tensor, n_prompts: int) -> dict:
+    head_dim = q.shape[-1]
+    block = 32 if q.device.type == "cpu" else 64
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_PR=max(16, triton.next_power_of_2(max(n_prompts, 1))),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def _prompt_args(local_k, local_v, global_k, global_v, summary_k, summary_v, k):
+    """Kernel pointers and sizes. The kernels index prompts as contiguous tensors (they are
+    tiny, so making them so costs nothing); k stands in for absent ones, whose loads are
+    compiled out."""
+    n_local = local_k.shape[1] if local_k is not None else 0
+    n_global = global_k.shape[0] if global_k is not None else 0
+    has_summary = summary_k is not None
+    ptrs = [t.contiguous() if t is not None else k
+            for t in (local_k, local_v, global_k, global_v, summary_k, summary_v)]
+    return ptrs, n_local, n_global, has_summary
+
+
+def _strides(*tensors: Tensor) -> list:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _split_qkv(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor]):
+    """(q, k, v): given separately, or as views of a packed [F, S, 3, H, Dh] when k is None."""
+    return q_or_qkv.unbind(2) if k is None else (q_or_qkv, k, v)
+
+
+def _launch_forward(q, k, v, prompts, frames_per_group):
+    n_frames, seq, heads, head_dim = q.shape
+    ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
+    out = q.new_empty(n_frames, seq, heads, head_dim)
+    lse = torch.empty(n_frames, heads, seq, device=q.device, dtype=torch.float32)
+    cfg = _launch_config(q, n_local + n_global + int(has_summary))
+    grid = (triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)
+    _kernels._fwd[grid](
+        q, k, v, *ptrs, out, lse, *_strides(q, k, v),
+        seq, heads, frames_per_group, head_dim ** -0.5 * _kernels.LOG2E,
+        P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
+    return out, lse
+
+
+def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq, dk, dv):
+    """Writes dq, dk, dv (any strides, unit stride along Dh); returns the prompt gradients
+    (empty tensors for absent prompts)."""
+    n_frames, seq, heads, head_dim = q.shape
+    ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
+    grad_out = grad_out.contiguous()
+    delta = torch.empty_like(lse)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    # per-frame fp32 partials of the shared prompts, reduced below (deterministic, no atomics)
+    dlk_part = torch.empty(n_frames, n_local, heads, head_dim, **f32)
+    dlv_part = torch.empty_like(dlk_part)
+    dgk_part = torch.empty(n_frames, n_global, heads, head_dim, **f32)
+    dgv_part = torch.empty_like(dgk_part)
+    dsk = q.new_empty(n_frames, heads, head_dim) if has_summary else _empty(q)
+    dsv = torch.empty_like(dsk)
+
+    cfg = _launch_config(q, n_local + n_global + int(has_summary))
+    common = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
+    scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
+    in_strides = _strides(q, k, v)
+    _kernels._bwd_dq[(triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)](
+        q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
+        seq, heads, frames_per_group, *scales, **common)
+    _kernels._bwd_dkdv[((triton.cdiv(seq, cfg["BLOCK_N"]) + 1) * n_frames * heads,)](
+        q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
+        dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
+        seq, heads, frames_per_group, *scales, **common)
+
+    def by_group(part):
+        return part.view(-1, frames_per_group, *part.shape[1:]).sum(1).to(q.dtype)
+
+    if n_local:
+        dlk, dlv = by_group(dlk_part), by_group(dlv_part)
+    else:
+        dlk, dlv = _empty(q), _empty(q)
+    if n_global:
+        dgk, dgv = dgk_part.sum(0).to(q.dtype), dgv_part.sum(0).to(q.dtype)
+    else:
+        dgk, dgv = _empty(q), _empty(q)
+    return [dlk, dlv, dgk, dgv, dsk, dsv]
+
+
+# One op pair serves both layouts: q, k, v given separately (strided views allowed), or
+# packed as one [F, S, 3, H, Dh] in the first argument with k = v = None, so that the
+# backward writes one packed gradient and autograd needs no copy to assemble it.
+@torch.library.custom_op("vitaclip::prompt_attention", mutates_args=())
+def _prompt_attention_op(
+    q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    local_k: Optional[Tensor], local_v: Optional[Tensor],
+    global_k: Optional[Tensor], global_v: Optional[Tensor],
+    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
+    frames_per_group: int,
+) -> tuple[Tensor, Tensor]:
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    return _launch_forward(*_split_qkv(q_or_qkv, k, v), prompts, frames_per_group)
+
+
+@_prompt_attention_op.register_fake
+def _(q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+    q = _split_qkv(q_or_qkv, k, v)[0]
+    n_frames, seq, heads, head_dim = q.shape
+    return (q.new_empty(n_frames, seq, heads, head_dim),
+            q.new_empty(n_frames, heads, seq, dtype=torch.float32))
+
+
+@torch.library.custom_op("vitaclip::prompt_attention_backward", mutates_args=())
+def _prompt_attention_backward_op(
+    grad_out: Tensor, q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+    local_k: Optional[Tensor], local_v: Optional[Tensor],
+    global_k: Optional[Tensor], global_v: Optional[Tensor],
+    summary_k: Optional[Tensor], summary_v: Optional[Tensor],
+    out: Tensor, lse: Tensor, frames_per_group: int,
+) -> list[Tensor]:
+    """Gradients of (q_or_qkv, k, v, local_k, ..., summary_v); empty tensors for inputs that were None."""
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    q, k_, v_ = _split_qkv(q_or_qkv, k, v)
+    if k is None:
+        dqkv = q_or_qkv.new_empty(q_or_qkv.shape)
+        grads = [dqkv, _empty(q), _empty(q)]
+        dq, dk, dv = dqkv.unbind(2)
+    else:
+        dq, dk, dv = grads = [q.new_empty(q.shape) for _ in range(3)]
+    return grads + _launch_backward(grad_out, q, k_, v_, prompts, out, lse, frames_per_group, dq, dk, dv)
+
+
+@_prompt_attention_backward_op.register_fake
+def _(grad_out, q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, out, lse,
+      frames_per_group):
+    def like(t):
+        return q_or_qkv.new_empty(t.shape) if t is not None else q_or_qkv.new_empty(0)
+    return [like(t) for t in (q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v)]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, frames_per_group = inputs
+    ctx.frames_per_group = frames_per_group
+    ctx.save_for_backward(*tensors, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    saved = ctx.saved_tensors
+    grads = _prompt_attention_backward_op(grad_out, *saved, ctx.frames_per_group)
+    # inputs that were None get None; their gradient slots hold empty tensors
+    return (*[g if t is not None else None for g, t in zip(grads, saved[:9])], None)
+
+
+_prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, frames_per_group):
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"prompt_attention: {msg}")
+
+    need(q.dim() == 4, f"q must be [F, S, H, Dh], got shape {tuple(q.shape)}")
+    n_frames, seq, heads, head_dim = q.shape
+    need(k.shape == q.shape and v.shape == q.shape,
+         f"k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)}")
+    need(q.dtype in _DTYPES, f"dtype {q.dtype} is not supported; use one of {_DTYPES}")
+    need(isinstance(frames_per_group, int) and frames_per_group >= 1,
+         f"frames_per_group must be a positive int, got {frames_per_group!r}")
+    pairs = {"local": (local_k, local_v), "global": (global_k, global_v), "summary": (summary_k, summary_v)}
+    for name, (pk, pv) in pairs.items():
+        need((pk is None) == (pv is None), f"{name}_k and {name}_v must both be given or both be None")
+    if local_k is not None:
+        need(n_frames % frames_per_group == 0,
+             f"{n_frames} frames are not a whole number of groups of {frames_per_group}")
+        want = (n_frames // frames_per_group, local_k.shape[1] if local_k.dim() == 4 else -1, heads, head_dim)
+        need(local_k.dim() == 4 and tuple(local_k.shape) == want and local_v.shape == local_k.shape,
+             f"local_k/v must be [F // frames_per_group, P, H, Dh] = {want}, got "
+             f"{tuple(local_k.shape)} and {tuple(local_v.shape)}")
+    if global_k is not None:
+        need(global_k.dim() == 3 and global_k.shape[1:] == (heads, head_dim) and global_v.shape == global_k.shape,
+             f"global_k/v must be [G, {heads}, {head_dim}], got {tuple(global_k.shape)} and {tuple(global_v.shape)}")
+    if summary_k is not None:
+        want = (n_frames, heads, head_dim)
+        need(tuple(summary_k.shape) == want and summary_v.shape == summary_k.shape,
+             f"summary_k/v must be {want}, got {tuple(summary_k.shape)} and {tuple(summary_v.shape)}")
+    for name, t in {"k": k, "v": v, "local_k": local_k, "local_v": local_v, "global_k": global_k,
+                    "global_v": global_v, "summary_k": summary_k, "summary_v": summary_v}.items():
+        if t is not None:
+            need(t.dtype == q.dtype and t.device == q.device,
+                 f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
+
+
+def prompt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    local_k: Optional[Tensor] = None,
+    local_v: Optional[Tensor] = None,
+    global_k: Optional[Tensor] = None,
+    global_v: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None,
+    summary_v: Optional[Tensor] = None,
+    frames_per_group: int = 1,
+) -> Tensor:
+    """Attention of each frame's own queries over its own, local, global and summary keys.
+
+    Same contract as `naive.prompt_attention`. q, k, v may be strided views (e.g. of a fused
+    QKV output [F, S, 3, H, Dh]); the output is a fresh contiguous [F, S, H, Dh], so
+    `.view(F, S, H * Dh)` feeds the output projection without a copy.
+    """
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    _check_inputs(q, k, v, *prompts, frames_per_group)
+    if not uses_triton(q):
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    return _prompt_attention_op(q, k, v, *prompts, frames_per_group)[0]
+
+
+def prompt_attention_qkv(
+    qkv: Tensor,
+    local_k: Optional[Tensor] = None,
+    local_v: Optional[Tensor] = None,
+    global_k: Optional[Tensor] = None,
+    global_v: Optional[Tensor] = None,
+    summary_k: Optional[Tensor] = None,
+    summary_v: Optional[Tensor] = None,
+    frames_per_group: int = 1,
+) -> Tensor:
+    """`prompt_attention` of a packed qkv [F, S, 3, H, Dh] (a fused QKV projection's output):
+    its gradient comes back packed in one tensor, with no copy to assemble it."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"prompt_attention_qkv: qkv must be [F, S, 3, H, Dh], got shape {tuple(qkv.shape)}")
+    prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
+    q, k, v = qkv.unbind(2)
+    _check_inputs(q, k, v, *prompts, frames_per_group)
+    if not uses_triton(q):
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    return _prompt_attention_op(qkv, None, None, *prompts, frames_per_group)[0]

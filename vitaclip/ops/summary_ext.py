@@ -1,0 +1,70 @@
+"""Python face of the compiled summary op in vitaclip._C (sources in csrc/).
+
+Loading vitaclip._C registers `torch.ops.vitaclip.summary_attention` (and its backward) with
+CPU and CUDA kernels and autograd (in C++, see csrc/summary_attention.cpp for why); this
+module adds what torch.compile needs: the fake (meta) shapes of both ops.
+If the library is missing or does not load (built for another torch), `LOAD_ERROR` says why
+and the package uses the plain PyTorch path.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    importlib.import_module("vitaclip._C")  # loading the library registers the ops
+except ImportError as error:  # not built, or built against another torch
+    LOAD_ERROR: Optional[ImportError] = error
+else:
+    LOAD_ERROR = None
+
+
+def is_built() -> bool:
+    """Whether vitaclip._C loaded and its ops are registered."""
+    return LOAD_ERROR is None
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _summary_attention_fake(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                            out_weight, out_bias, num_heads, eps):
+    groups, frames, width = c.shape
+    rows = groups * frames
+    stats = c.new_empty(rows, dtype=_stat_dtype(c.dtype))
+    return (c.new_empty(groups, frames, width), c.new_empty(rows, width), c.new_empty(rows, 3 * width),
+            c.new_empty(rows, width), stats, torch.empty_like(stats))
+
+
+def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, q_weight,
+                                     q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, num_heads):
+    width = c.shape[-1]
+    return (torch.empty_like(c), *(c.new_empty(width) for _ in range(2)),
+            *(t for _ in range(3) for t in (c.new_empty(width, width), c.new_empty(width))),
+            c.new_empty(width, width), c.new_empty(width))
+
+
+if is_built():
+    torch.library.register_fake("vitaclip::summary_attention")(_summary_attention_fake)
+    torch.library.register_fake("vitaclip::summary_attention_backward")(_summary_attention_backward_fake)
+
+
+def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
+    """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`."""
+    params = [norm.weight, norm.bias]
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+        params += [proj.weight, proj.bias]
+    if any(p is None for p in params):
+        raise ValueError("summary_tokens: the compiled op needs a LayerNorm with affine parameters and "
+                         "q/k/v/out projections with biases")
+    if torch.is_autocast_enabled(c.device.type):
+        # Custom ops are not autocast: run in the autocast dtype as the projections would, and
+        # return c's dtype as the residual sum c + out_proj(...) does.
+        dtype = torch.get_autocast_dtype(c.device.type)
+        low = [p.to(dtype) for p in params]
+        return torch.ops.vitaclip.summary_attention(c.to(dtype), *low, num_heads, norm.eps)[0].to(c.dtype)
+    return torch.ops.vitaclip.summary_attention(c, *params, num_heads, norm.eps)[0]
