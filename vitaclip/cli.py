@@ -1,38 +1,384 @@
-"""Command line: `vitaclip ...` / `python -m vitaclip ...`."""
+"""Command line: `vitaclip COMMAND ...` or `python -m vitaclip COMMAND ...`.
+
+Several GPUs or nodes: `torchrun --nproc_per_node N [--nnodes ... --rdzv_endpoint ...] -m vitaclip train ...`.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 
-from . import VitaCLIP, VitaCLIPConfig
+from .engine.precision import PRECISIONS
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+DEFAULT_CLIP = "ViT-B-16-quickgelu"
 
 
-def demo(args: argparse.Namespace) -> None:
-    """Quick start: a small random Vita-CLIP scoring a random clip."""
-    torch.manual_seed(args.seed)
-    config = VitaCLIPConfig(image_size=64, patch_size=16, width=128, layers=2, heads=2, embed_dim=64,
-                            num_frames=4, text_width=128, text_layers=2, text_heads=2)
-    classes = ["waving", "clapping", "jumping"]
-    model = VitaCLIP(config, classes).eval()
-    with torch.no_grad():
-        logits = model(torch.randn(1, 3, 4, 64, 64))
-    for name, p in zip(classes, logits.softmax(-1)[0].tolist()):
-        print(f"{name:10s} {p:.3f}")
+# ---------------------------------------------------------------------------- shared helpers
+def read_classes(path: str) -> List[str]:
+    from .data import read_class_names
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"class list {path} does not exist")
+    names = read_class_names(path)
+    if not names:
+        raise ValueError(f"{path} names no classes")
+    return names
+
+
+def architecture_overrides(args) -> dict:
+    return dict(num_frames=args.frames, n_ctx=args.n_ctx, num_global_prompts=args.global_prompts,
+                csc=not args.shared_ctx, ctx_position=args.ctx_position, use_summary=not args.no_summary,
+                use_local=not args.no_local, use_global=not args.no_global, train_cls_proj=args.train_cls_proj)
+
+
+def build_training_model(args, classes: List[str]):
+    """The model to train and the record of where its frozen weights came from."""
+    from .engine import checkpoint as ckpt
+
+    if args.init is None:
+        pretrained = args.pretrained or None
+        backbone = {"kind": "clip", "name": args.clip, "pretrained": pretrained}
+        model = ckpt.build_backbone(backbone, classes, args.backend, **architecture_overrides(args))
+        # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
+        return model, backbone if pretrained else None
+    path = Path(args.init).resolve()
+    model = ckpt.load_model(path, classes, args.backend)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return model, {"kind": "pretrained", "path": str(path)}
+        path = ckpt.latest_checkpoint(path)
+    payload = ckpt.read_training_checkpoint(path)
+    return model, (payload["backbone"] if payload is not None else {"kind": "official", "path": str(path)})
+
+
+def video_loader(args, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
+    from .data import VideoLoader
+
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file} does not exist")
+    return VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
+                       size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
+                       device=args.device, **kw)
+
+
+def print_json_or(args, obj, text: str) -> None:
+    print(json.dumps(obj, indent=1) if getattr(args, "json", False) else text)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from .engine.distributed import init_distributed
+    from .engine.train import TrainConfig, train
+
+    env = init_distributed(args.device)
+    classes = read_classes(args.classes)
+    torch.manual_seed(args.seed)  # the same prompt initialisation on every process
+    model, backbone = build_training_model(args, classes)
+    cfg = model.config
+    micro = args.micro_batch_size or args.batch_size // env.world_size
+    train_data = video_loader(args, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
+                              batch_size=micro, tsn=args.tsn, augment=args.augment or None, seed=args.seed)
+    eval_data = None
+    if args.val_list:
+        eval_data = video_loader(args, args.val_list, classes, False, cfg.num_frames, cfg.image_size,
+                                 batch_size=args.eval_batch_size, temporal_views=args.temporal_views,
+                                 spatial_crops=args.spatial_crops)
+    config = TrainConfig(
+        output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, micro_batch_size=micro,
+        lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
+        device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+        resume=args.resume, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+    result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
+    if env.is_main:
+        last = result.evals[max(result.evals)] if result.evals else None
+        print(f"step {result.step}/{args.steps}; checkpoint {result.last_checkpoint}"
+              + (f"; top-1 {100 * last.top1:.2f}" if last else ""))
+    return 0
+
+
+def load_eval_model(args, classes: Optional[List[str]]):
+    from .engine.checkpoint import load_model
+
+    return load_model(args.model, classes, args.backend)
+
+
+def cmd_eval(args) -> int:
+    from .engine.distributed import init_distributed
+    from .engine.evaluate import EvalConfig, evaluate
+
+    init_distributed(args.device)  # before the loader, which shards the videos by rank
+    classes = read_classes(args.classes) if args.classes else None
+    model = load_eval_model(args, classes)
+    frames = args.frames or model.config.num_frames
+    data = video_loader(args, args.list, model.classnames, False, frames, model.config.image_size,
+                        batch_size=args.batch_size, temporal_views=args.temporal_views,
+                        spatial_crops=args.spatial_crops)
+    result = evaluate(model, data, EvalConfig(batch_size=args.batch_size, precision=args.precision,
+                                              num_workers=args.num_workers, device=args.device,
+                                              progress=not args.no_progress, json_path=args.json_out,
+                                              confusion_png=args.confusion_png))
+    print_json_or(args, result.to_dict(),
+                  f"top-1 {100 * result.top1:.2f}  top-5 {100 * result.top5:.2f}  mean class accuracy "
+                  f"{100 * result.mean_class_accuracy:.2f}  ({result.num_videos} videos, {result.num_views} views)")
+    return 0
+
+
+def parse_split(text: str, default_classes: Optional[str]):
+    list_file, _, classes = text.partition(":")
+    classes = classes or default_classes
+    if not classes:
+        raise ValueError(f"split {text!r} names no class list: use LIST:CLASSES or --classes")
+    return list_file, classes
+
+
+def cmd_zeroshot(args) -> int:
+    from .engine.checkpoint import build_backbone, load_model
+    from .engine.distributed import init_distributed
+    from .engine.evaluate import EvalConfig
+    from .engine.zeroshot import ZEROSHOT_TEMPLATES, Split, zeroshot
+
+    init_distributed(args.device)  # before the loaders, which shard the videos by rank
+    templates = ZEROSHOT_TEMPLATES
+    if args.templates:
+        templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
+    parsed = [parse_split(s, args.classes) for s in args.split]
+    if args.model:
+        model = load_model(args.model, backend=args.backend)
+    else:
+        model = build_backbone({"kind": "clip", "name": args.clip, "pretrained": args.pretrained}, None, args.backend)
+    frames = args.frames or model.config.num_frames
+    splits = []
+    for text, (list_file, class_file) in zip(args.split, parsed):
+        classes = read_classes(class_file)
+        data = video_loader(args, list_file, classes, False, frames, model.config.image_size,
+                            batch_size=args.batch_size, temporal_views=args.temporal_views,
+                            spatial_crops=args.spatial_crops)
+        splits.append(Split(text, classes, data))
+    result = zeroshot(model, splits, templates, EvalConfig(batch_size=args.batch_size, precision=args.precision,
+                                                           num_workers=args.num_workers, device=args.device,
+                                                           progress=not args.no_progress,
+                                                           json_path=args.json_out))
+    print_json_or(args, result.to_dict(), result.summary())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.predict import PredictConfig, predict
+
+    classes = read_classes(args.classes) if args.classes else None
+    model = load_eval_model(args, classes)
+    results = predict(model, args.videos, PredictConfig(
+        top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
+        batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder))
+    text = "\n".join(f"{r['video']}\n" + "\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                     for r in results)
+    print_json_or(args, results, text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .engine.bench import bench_loader, bench_model
+
+    report = bench_model(args.preset, args.batch_size, args.frames, args.iters, args.warmup, args.precision,
+                         args.device, args.backend, train=args.train, tiny=args.tiny)
+    if args.list:
+        report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
+                                   args.decoder, args.num_workers, args.device, train=args.train,
+                                   size=report["image_size"], stride=args.stride))
+    print_json_or(args, report, "\n".join(f"{k}: {v}" for k, v in report.items()))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import run
+
+    return run(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import CLASSES, DemoConfig, run_demo
+
+    base = DemoConfig.small() if args.small else DemoConfig()
+    overrides = {"output_dir": args.output_dir, "seed": args.seed, "progress": not args.no_progress}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    print(f"demo: training a tiny Vita-CLIP on synthetic clips ({', '.join(CLASSES)}) on the CPU")
+    s = run_demo(base, **overrides)
+    print(f"predicted '{s['predicted']}' for a '{s['true']}' clip")
+    print("per-class accuracy: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["per_class"].items()))
+    print(f"accuracy {100 * s['accuracy']:.1f}% on held-out clips (chance {100 * s['chance']:.0f}%) after "
+          f"{s['steps']} steps in {s['seconds']:.0f} s; run folder {s['output_dir']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def add_runtime(p, workers: int = 4) -> None:
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU, else CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast precision")
+    p.add_argument("--backend", default="auto", help="vision backend: auto, reference or a fast one")
+    p.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_data(p, views: bool = True) -> None:
+    p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
+    p.add_argument("--stride", type=int, default=16, help="frames between sampled frames")
+    p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
+                   help="video decoder")
+    if views:
+        p.add_argument("--temporal-views", type=int, default=1, help="evenly spaced clips per video")
+        p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")
+
+
+def add_model_source(p, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="saved model folder, training checkpoint, run folder (latest checkpoint) or the "
+                        "authors' checkpoint (with --classes)")
+    p.add_argument("--classes", default=None, help="class names: file (one per line) or folder of class folders")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitaclip", description=__doc__, formatter_class=FORMATTER)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train the prompts (single GPU, or under torchrun)", formatter_class=FORMATTER)
+    p.add_argument("--train-list", required=True, help="training list file (path,label per line)")
+    p.add_argument("--val-list", default=None, help="validation list file for periodic evaluation")
+    p.add_argument("--classes", required=True, help="class names: file (one per line) or folder of class folders")
+    p.add_argument("--output-dir", default="runs/vitaclip", help="checkpoints, logs and the final model")
+    g = p.add_argument_group("model")
+    g.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name of the frozen backbone")
+    g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file ('' for random weights)")
+    g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
+                                                "authors' checkpoint instead of CLIP")
+    g.add_argument("--frames", type=int, default=8, help="frames per clip (T0)")
+    g.add_argument("--n-ctx", type=int, default=8, help="learned text context vectors")
+    g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
+    g.add_argument("--ctx-position", default="end", choices=("end", "front", "middle"), help="where the context goes")
+    g.add_argument("--global-prompts", type=int, default=8, help="global prompts per layer")
+    g.add_argument("--no-summary", action="store_true", help="drop the summary token")
+    g.add_argument("--no-local", action="store_true", help="drop the local prompts")
+    g.add_argument("--no-global", action="store_true", help="drop the global prompts")
+    g.add_argument("--train-cls-proj", action="store_true", help="also train cls_proj (the public code does not)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=30_000, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, accumulation)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="clips per process per forward (default: batch-size / processes; smaller = accumulation)")
+    g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    g.add_argument("--tsn", action="store_true", help="TSN-style segment sampling instead of a fixed stride")
+    g.add_argument("--augment", default="rand-m7-n4-mstd0.5-inc1", help="RandAugment spec ('' for none)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="videos per evaluation batch")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log rows")
+    g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss")
+    g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
+    g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
+    add_data(p)
+    add_runtime(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="supervised multi-view evaluation", formatter_class=FORMATTER)
+    add_model_source(p)
+    p.add_argument("--list", required=True, help="test list file (path,label per line)")
+    p.add_argument("--frames", type=int, default=None, help="frames per view (default: the model's T0)")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    p.add_argument("--json-out", default=None, help="write the results here as JSON")
+    p.add_argument("--confusion-png", default=None, help="write the confusion matrix image here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_data(p)
+    add_runtime(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zeroshot", help="zero-shot accuracy over one or several splits (mean +- std)",
+                       formatter_class=FORMATTER,
+                       description="HMDB51/UCF101: --classes CLASSES --split test1.txt --split test2.txt "
+                                   "--split test3.txt; Kinetics-600 novel classes: --split list1.txt:classes1.txt "
+                                   "(three times).")
+    p.add_argument("--model", default=None, help="trained model (default: a plain CLIP via --clip/--pretrained)")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name when no --model is given")
+    p.add_argument("--pretrained", default="openai", help="open_clip weights tag when no --model is given")
+    p.add_argument("--split", action="append", required=True, metavar="LIST[:CLASSES]",
+                   help="a test list, optionally with its own class list; repeat for each split")
+    p.add_argument("--classes", default=None, help="class list of splits that name none")
+    p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: built-in)")
+    p.add_argument("--frames", type=int, default=None, help="frames per view (default: the model's T0)")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    p.add_argument("--json-out", default=None, help="write the results here as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_data(p)
+    add_runtime(p)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("predict", help="top-k labels of video files", formatter_class=FORMATTER)
+    add_model_source(p)
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per video")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per batch")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_data(p)
+    add_runtime(p, workers=0)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="model (and loader) throughput on this device, clips/s",
+                       formatter_class=FORMATTER)
+    p.add_argument("--preset", default="ViT-B/16", help="architecture preset")
+    p.add_argument("--tiny", action="store_true", help="the demo's tiny model instead of a preset")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--train", action="store_true", help="time training steps (forward + backward) too")
+    p.add_argument("--list", default=None, help="also time the video loader on this list file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_data(p, views=False)
+    add_runtime(p)
+    p.set_defaults(func=cmd_bench)
+
+    from .data.prepare import build_parser as prepare_parser
+
+    p = sub.add_parser("prepare", help="re-encode a video list for fast loading", formatter_class=FORMATTER)
+    prepare_parser(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("demo", help="train a tiny model on synthetic clips on the CPU, evaluate, predict",
+                       formatter_class=FORMATTER)
+    p.add_argument("--output-dir", default="runs/demo", help="data, checkpoints, logs and the trained model")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 300, 120 with --small)")
+    p.add_argument("--small", action="store_true", help="a faster, smaller run")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vitaclip", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="build a small model and print its class probabilities",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
+    from .data import VideoDecodeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, VideoDecodeError) as err:
+        print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""The command line on real video files (PyAV): train, resume, eval, zero-shot, predict, demo, errors."""
+import json
+
+import pytest
+
+from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip.cli import build_parser, main
+from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+pytest.importorskip("av")
+
+COMMANDS = ("train", "eval", "zeroshot", "predict", "bench", "prepare", "demo")
+CPU = ["--device", "cpu", "--decoder", "pyav", "--num-workers", "0", "--stride", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """12 synthetic clips as mp4 files + list, a class file and a saved tiny model."""
+    from vitaclip.demo import write_videos
+
+    root = tmp_path_factory.mktemp("cli")
+    list_file = write_videos(tiny_data(12), root / "clips")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    tiny_model().save_pretrained(root / "model")
+    return root, list_file
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: vitaclip " + command in out
+    if command == "train":
+        assert "default: 0.0004" in out and "default: 30000" in out and "default: 256" in out
+
+
+def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
+    root, list_file = videos
+    clips = list_file.parent
+    common = ["--train-list", list_file, "--data-root", clips, "--classes", root / "classes.txt",
+              "--init", root / "model", "--output-dir", tmp_path / "run", "--batch-size", 4, "--augment", "",
+              "--checkpoint-every", 1, "--log-every", 1, "--precision", "fp32", "--no-tensorboard", *CPU]
+    code, out, err = run(capsys, "train", *common, "--steps", 3, "--stop-after", 2)
+    assert code == 0, err
+    assert "step 2/3" in out
+    code, out, err = run(capsys, "train", *common, "--steps", 3, "--resume", "auto", "--val-list", list_file)
+    assert code == 0, err
+    assert "step 3/3" in out and "top-1" in out
+    payload = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert payload["step"] == 3 and payload["backbone"]["kind"] == "pretrained"
+    assert payload["loader"] == {"epoch": 1, "batch_in_epoch": 0}  # 12 clips = 3 batches of 4
+    # the resumed run (stopped mid-epoch) logged the losses of an uninterrupted one
+    full = [a if a != tmp_path / "run" else tmp_path / "full" for a in common]
+    assert run(capsys, "train", *full, "--steps", 3)[0] == 0
+    losses = [(tmp_path / d / "train_log.csv").read_text().splitlines() for d in ("run", "full")]
+    assert [r.split(",")[:2] for r in losses[0]] == [r.split(",")[:2] for r in losses[1]]
+    assert len(losses[0]) == 4
+
+    model = tmp_path / "run" / "model"
+    code, out, err = run(capsys, "eval", "--model", model, "--list", list_file, "--data-root", clips,
+                         "--temporal-views", 2, "--json", "--json-out", tmp_path / "e.json",
+                         "--confusion-png", tmp_path / "c.png", *CPU)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["num_videos"] == 12 and result["num_views"] == 24 and 0 <= result["top1"] <= 1
+    assert json.loads((tmp_path / "e.json").read_text()) == result and (tmp_path / "c.png").is_file()
+
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "run", clips / "clip_00000.mp4",
+                         clips / "clip_00001.mp4", "--top-k", 3, "--json", *CPU)
+    assert code == 0, err
+    preds = json.loads(out)
+    assert [p["video"] for p in preds] == [str(clips / "clip_00000.mp4"), str(clips / "clip_00001.mp4")]
+    for p in preds:
+        probs = [t["probability"] for t in p["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert all(t["label"] in CLASSES for t in p["top"])
+    code, out, err = run(capsys, "predict", "--model", model, clips / "clip_00000.mp4", "--top-k", 2, *CPU)
+    assert code == 0 and out.startswith(str(clips / "clip_00000.mp4")) and len(out.strip().splitlines()) == 3
+
+    code, out, err = run(capsys, "zeroshot", "--model", model, "--classes", root / "classes.txt",
+                         "--split", list_file, "--split", f"{list_file}:{root / 'classes.txt'}",
+                         "--data-root", clips, "--json", *CPU)
+    assert code == 0, err
+    zs = json.loads(out)
+    assert list(zs["splits"]) == [str(list_file), f"{list_file}:{root / 'classes.txt'}"]
+    assert zs["top1_std"] == pytest.approx(0.0, abs=1e-9)  # the same videos and classes twice
+    assert zs["top1_mean"] == zs["splits"][str(list_file)]["top1"]
+
+
+def test_bench_reports_model_and_loader_throughput(videos, capsys):
+    _, list_file = videos
+    code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 2, "--iters", 2,
+                         "--warmup", 1, "--train", "--list", list_file, "--data-root", list_file.parent,
+                         "--json", *CPU)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"] == "tiny" and report["loader"] == "pyav"
+    for key in ("inference_clips_per_s", "train_clips_per_s", "loader_clips_per_s"):
+        assert report[key] > 0
+
+
+def test_errors_are_clear_before_training(videos, tmp_path, capsys):
+    root, list_file = videos
+    base = ["train", "--data-root", list_file.parent, "--init", root / "model", "--output-dir", tmp_path / "r",
+            "--steps", 1, "--batch-size", 4, "--no-tensorboard", *CPU]
+    code, _, err = run(capsys, *base, "--train-list", tmp_path / "missing.txt", "--classes", root / "classes.txt")
+    assert code == 2 and "missing.txt does not exist" in err
+    code, _, err = run(capsys, *base, "--train-list", list_file, "--classes", tmp_path / "nope.txt")
+    assert code == 2 and "nope.txt does not exist" in err
+    bad = tmp_path / "bad.txt"
+    bad.write_text(list_file.read_text() + "clip_00000.mp4,9\n")
+    code, _, err = run(capsys, *base, "--train-list", bad, "--classes", root / "classes.txt")
+    assert code == 2 and "label 9 out of range" in err and "bad.txt:13" in err
+    five = tmp_path / "five.txt"
+    five.write_text("\n".join(CLASSES + ("waving",)))
+    code, _, err = run(capsys, *base, "--train-list", list_file, "--classes", five)
+    assert code == 2 and "trained for 4 classes" in err
+    gone = tmp_path / "gone.txt"
+    gone.write_text("no_such_clip.mp4,0\n")
+    code, _, err = run(capsys, *base, "--train-list", gone, "--classes", root / "classes.txt")
+    assert code == 2 and "gone.txt:1" in err and "no_such_clip.mp4): file not found" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
+    from vitaclip.data import VideoLoader
+    from vitaclip.engine.train import train
+    from engine_helpers import tiny_train_config
+
+    root, list_file = videos
+    loader = VideoLoader(str(list_file), str(list_file.parent), train=True, batch_size=2, num_frames=FRAMES,
+                         stride=1, size=SIZE, augment=None, backend="pyav", device="cpu", num_workers=0,
+                         shard_id=0, num_shards=1)
+    with pytest.raises(ValueError, match="batches of 2 clips"):
+        train(tiny_model(), loader, tiny_train_config(tmp_path / "a", steps=2, batch_size=4))
+    result = train(tiny_model(), loader, tiny_train_config(tmp_path / "b", steps=2, batch_size=4, micro_batch_size=2))
+    assert result.finished  # 2 micro-batches of 2 accumulated per step
+
+
+def test_demo_learns(tmp_path, capsys):
+    code, out, err = run(capsys, "demo", "--small", "--output-dir", tmp_path, "--no-progress")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert "accuracy" in out and summary["steps"] == 120
+    assert summary["accuracy"] >= 0.6  # chance is 0.25
+    assert (tmp_path / "data" / "train" / "list.txt").is_file()  # trained from real video files
+    for kind in ("growing", "shrinking"):
+        assert summary["per_class"][kind] >= 0.9, summary

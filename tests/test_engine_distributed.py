@@ -1,0 +1,62 @@
+"""DDP on the CPU: two gloo processes train like one process with the same global batch."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from engine_helpers import one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from vitaclip.engine import checkpoint as ckpt
+from vitaclip.engine.evaluate import EvalConfig, evaluate
+from vitaclip.engine.train import train
+
+STEPS = 3
+EVAL = EvalConfig(batch_size=3, device="cpu", num_workers=0, progress=False, precision="fp32")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model(seed=seed + rank)  # different inits: DDP must start every rank from rank 0's
+        result = train(model, tiny_data(), tiny_train_config(out, steps=STEPS, adam_eps=1e-2, checkpoint_every=2))
+        evaluation = evaluate(model, tiny_data(11, seed=5), EVAL)  # 11 videos: ranks get 6 and 5
+        torch.save({"params": trainable(model), "losses": result.losses, "eval": evaluation.to_dict()},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_match_single_process(tmp_path):
+    out = str(tmp_path / "ddp")
+    mp.start_processes(worker, args=(2, free_port(), out, 0), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    assert r0["losses"] == r1["losses"]
+    assert len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["rng"]) == 2
+    # distributed evaluation: every rank gets the result over all videos, as one process computes it
+    assert r0["eval"] == r1["eval"] and r0["eval"]["num_videos"] == 11
+    alone = tiny_model()
+    with torch.no_grad():
+        for name, p in alone.named_trainable_parameters():
+            p.copy_(r0["params"][name])
+    expected = evaluate(alone, tiny_data(11, seed=5), EVAL).to_dict()
+    assert r0["eval"]["confusion"] == expected["confusion"]
+    assert r0["eval"]["top1"] == expected["top1"]
+
+    # one process, same global batch of 4 (2 micro-batches of 2 accumulated), rank 0's init
+    single = tiny_model(seed=0)
+    result = train(single, tiny_data(), tiny_train_config(tmp_path / "single", steps=STEPS, adam_eps=1e-2,
+                                                           micro_batch_size=2))
+    for step, loss in result.losses.items():
+        assert abs(loss - r0["losses"][step]) < 1e-5, step
+    for k, v in trainable(single).items():
+        torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,137 @@
+"""Evaluation (views averaged per video, metrics, outputs), zero-shot splits, prediction."""
+import json
+import statistics
+
+import pytest
+import torch
+
+from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip.engine.evaluate import EvalConfig, EvalResult, evaluate, merge, scores
+from vitaclip.engine.predict import predict
+from vitaclip.engine.zeroshot import Split, aggregate, zeroshot
+
+CPU = dict(device="cpu", num_workers=0, progress=False, precision="fp32")
+
+
+class MultiView:
+    """Items with V views [V, 3, T, H, W]: the clip and shifted copies of it."""
+
+    def __init__(self, data, views=3):
+        self.data, self.views = data, views
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        video, label, vid = self.data[i]
+        return torch.stack([video.roll(v, dims=-1) for v in range(self.views)]), label, f"video{vid}"
+
+
+def test_views_are_averaged_per_video():
+    model = tiny_model().eval()
+    data = MultiView(tiny_data(10))
+    result = evaluate(model, data, EvalConfig(batch_size=3, **CPU))
+    with torch.no_grad():
+        probs = torch.stack([model(data[i][0]).softmax(-1).mean(0) for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    assert result.num_videos == 10 and result.num_views == 30
+    assert result.top1 == pytest.approx((probs.argmax(-1) == labels).float().mean().item())
+    confusion = torch.zeros(4, 4, dtype=torch.long)
+    for y, p in zip(labels, probs.argmax(-1)):
+        confusion[y, p] += 1
+    assert result.confusion == confusion.tolist()
+    assert result.top5 == 1.0  # 4 classes: the top 4 always hold the label
+
+
+def test_scores_on_known_probabilities():
+    names = ["a", "b", "c"]
+    p = torch.tensor
+    sums = {"x": (p([0.6, 0.3, 0.1]) * 2, 2, 0),  # right
+            "y": (p([0.2, 0.7, 0.1]), 1, 0),  # wrong, label second
+            "z": (p([0.1, 0.2, 0.7]), 1, 2)}  # right
+    r = scores(sums, names)
+    assert r.top1 == pytest.approx(2 / 3) and r.num_videos == 3 and r.num_views == 4
+    assert r.per_class == {"a": 0.5, "c": 1.0}
+    assert r.mean_class_accuracy == pytest.approx(0.75)
+    assert r.confusion == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+    assert r.top5 == 1.0
+    # two ranks' partial sums merge into the same result
+    halves = [{"x": (p([0.6, 0.3, 0.1]), 1, 0)}, {"x": (p([0.6, 0.3, 0.1]), 1, 0), "y": sums["y"], "z": sums["z"]}]
+    assert scores(merge(halves), names) == r
+
+
+def test_views_with_different_labels_and_empty_data_are_errors():
+    p = torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="different labels"):
+        merge([{"v": (p, 1, 0)}, {"v": (p, 1, 1)}])
+    with pytest.raises(ValueError, match="empty"):
+        scores({}, ["a", "b"])
+    with pytest.raises(ValueError, match="outside"):
+        scores({"v": (p, 1, 5)}, ["a", "b"])
+
+
+def test_json_and_confusion_image(tmp_path):
+    from PIL import Image
+
+    result = evaluate(tiny_model(), tiny_data(8), EvalConfig(batch_size=4, json_path=str(tmp_path / "r.json"),
+                                                              confusion_png=str(tmp_path / "c.png"), **CPU))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["top1"] == result.top1 and saved["classnames"] == list(CLASSES)
+    with Image.open(tmp_path / "c.png") as image:
+        assert image.format == "PNG" and min(image.size) >= 4
+
+
+def test_zeroshot_splits_mean_and_std():
+    results = {n: EvalResult(t1, t5, t1, 1, 1, ["a"]) for n, t1, t5 in
+               (("s1", 0.5, 0.9), ("s2", 0.7, 1.0), ("s3", 0.6, 0.8))}
+    agg = aggregate(results, ["{}."])
+    assert agg.top1_mean == pytest.approx(0.6) and agg.top1_std == pytest.approx(statistics.pstdev([0.5, 0.7, 0.6]))
+    assert agg.top5_mean == pytest.approx(0.9) and agg.top5_std == pytest.approx(statistics.pstdev([0.9, 1.0, 0.8]))
+    assert "mean: top-1 60.00 +- 8.16" in agg.summary()
+
+
+def test_zeroshot_scores_each_split_with_its_own_classes():
+    model = tiny_model()
+    data = tiny_data(12)
+    # split 2 names the classes in another order: relabel its videos accordingly
+    order = [2, 0, 3, 1]
+
+    class Relabelled:
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            video, label, vid = data[i]
+            return video, order.index(label), vid
+
+    templates = ["a clip of {}.", "something {}."]
+    splits = [Split("one", CLASSES, data), Split("two", [CLASSES[i] for i in order], Relabelled())]
+    result = zeroshot(model, splits, templates, EvalConfig(batch_size=5, **CPU))
+    assert list(result.splits) == ["one", "two"]
+    # the same classes in another order: the same predictions, so the same accuracy
+    assert result.splits["one"].top1 == pytest.approx(result.splits["two"].top1)
+    reference = tiny_model()
+    reference.set_classes(CLASSES, templates=templates)
+    assert result.splits["one"].top1 == evaluate(reference, data, EvalConfig(batch_size=5, **CPU)).top1
+    assert result.top1_std == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="unique"):
+        zeroshot(model, [splits[0], splits[0]], templates, EvalConfig(**CPU))
+
+
+def test_predict_output_format():
+    model = tiny_model()
+    clips = [tiny_data(3)[i][0] for i in range(3)]
+    out = predict(model, clips, top_k=2, device="cpu", precision="fp32")
+    assert [o["video"] for o in out] == ["tensor 0", "tensor 1", "tensor 2"]
+    for o in out:
+        assert len(o["top"]) == 2 and {t["label"] for t in o["top"]} <= set(CLASSES)
+        assert o["top"][0]["probability"] >= o["top"][1]["probability"]
+    full = predict(model, clips[:1], top_k=10, device="cpu", precision="fp32")[0]["top"]
+    assert len(full) == 4 and sum(t["probability"] for t in full) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        expected = model(clips[0][None]).softmax(-1)[0].max().item()
+    assert full[0]["probability"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="no videos"):
+        predict(model, [])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        predict(model, ["/nonexistent/video.mp4"], device="cpu")

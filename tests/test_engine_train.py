@@ -1,0 +1,209 @@
+"""Training loop: exact resumption, atomic checkpoints, non-finite losses, bad input."""
+import csv
+import os
+
+import pytest
+import torch
+
+from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from vitaclip.engine import checkpoint as ckpt
+from vitaclip.engine.loader import ShardedTrainLoader
+from vitaclip.engine.train import lr_lambda, train
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", precision="bf16"))
+    assert full.finished and sorted(full.losses) == [1, 2, 3, 4, 5, 6]
+
+    part = tmp_path / "part"
+    first = train(tiny_model(), tiny_data(), tiny_train_config(part, precision="bf16", stop_after=3))
+    assert first.step == 3 and not first.finished
+    assert ckpt.latest_checkpoint(part).name == "checkpoint-00000003.pt"
+    model = tiny_model(seed=123)  # other prompt init: everything trainable must come from the checkpoint
+    second = train(model, tiny_data(), tiny_train_config(part, precision="bf16", resume="auto"))
+    assert sorted(second.losses) == [4, 5, 6] and second.finished
+    for step in (1, 2, 3):
+        assert first.losses[step] == full.losses[step]
+    for step in (4, 5, 6):
+        assert second.losses[step] == full.losses[step], step  # bit for bit
+
+    full_state = trainable(ckpt.load_model(tmp_path / "full"))
+    for k, v in trainable(model).items():
+        torch.testing.assert_close(v, full_state[k], rtol=0, atol=0, msg=k)
+    with open(part / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([full.losses[s] for s in range(1, 7)])
+
+
+def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path):
+    config = tiny_train_config(tmp_path, steps=2, resume="auto")
+    assert sorted(train(tiny_model(), tiny_data(), config).losses) == [1, 2]
+    again = train(tiny_model(), tiny_data(), config)
+    assert again.finished and again.losses == {}
+
+
+def test_checkpoint_contents(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, keep_checkpoints=1))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt"]
+    payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "rng", "loader", "config", "classnames",
+                "train_config"):
+        assert key in payload, key
+    assert payload["step"] == 2 and payload["classnames"] == list(CLASSES)
+    assert set(payload["rng"][0]) >= {"python", "numpy", "torch"}
+    assert payload["loader"] == {"seed": 0, "epoch": 0, "micro_in_epoch": 2}
+    # a model rebuilt from the checkpoint gives the trained model's logits
+    model = tiny_model()
+    train(model, tiny_data(), tiny_train_config(tmp_path / "again", steps=2))
+    video = torch.stack([tiny_data()[i][0] for i in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.load_model(tmp_path).eval()(video), model.eval()(video))
+
+
+def test_checkpoint_without_backbone_rebuilds_it_from_its_source(tmp_path):
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    model = ckpt.load_model(tmp_path / "base")
+    with torch.no_grad():  # frozen but not part of CLIP (random init): must travel with the checkpoint
+        model.visual.blocks[0].cls_proj.weight.mul_(-1)
+    backbone = {"kind": "pretrained", "path": str(tmp_path / "base")}
+    train(model, tiny_data(), tiny_train_config(tmp_path / "run", steps=2), backbone=backbone)
+    payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert not payload["model_is_full"]
+    trained = {k for k, _ in model.named_trainable_parameters()}
+    assert trained < set(payload["model"]) and "visual.blocks.0.cls_proj.weight" in payload["model"]
+    assert not any(k.startswith(("textual.", "visual.blocks.0.attn", "visual.proj")) for k in payload["model"])
+    rebuilt = ckpt.load_model(tmp_path / "run")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v, msg=k)
+
+
+def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, checkpoint_every=2))
+    before = (tmp_path / "checkpoint-00000002.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, checkpoint_every=2, resume="auto"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000002.pt", "eval_log.csv", "train_log.csv"]
+    assert (tmp_path / "checkpoint-00000002.pt").read_bytes() == before
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint-00000002.pt")["step"] == 2
+
+
+class NaNAt:
+    """Data whose item `bad` is all NaN."""
+
+    def __init__(self, data, bad):
+        self.data, self.bad, self.labels = data, bad, data.labels
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.get(i, None)
+
+    def get(self, i, rng):
+        video, label, vid = self.data.get(i, rng)
+        return (video * float("nan") if i == self.bad else video), label, vid
+
+
+def item_of_step(data, step):
+    for s, (_, _, ids) in enumerate(ShardedTrainLoader(data, 4, 4), start=1):
+        if s == step:
+            return ids.tolist()[0]
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+    bad_step = 3
+    data = NaNAt(tiny_data(), bad=item_of_step(tiny_data(), bad_step))
+    with pytest.raises(FloatingPointError, match=f"at step {bad_step}"):
+        train(tiny_model(), data, tiny_train_config(tmp_path / "stop", steps=8))
+    # nothing after the last checkpoint before the bad step was written
+    assert all(int(p.stem.split("-")[1]) < bad_step for p in ckpt.list_checkpoints(tmp_path / "stop"))
+
+    model = tiny_model()
+    result = train(model, data, tiny_train_config(tmp_path / "skip", steps=8, on_nonfinite="skip"))
+    assert result.finished and not torch.isfinite(torch.tensor(result.losses[bad_step]))
+    assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
+    with open(tmp_path / "skip" / "train_log.csv") as f:
+        skipped = [int(r["step"]) for r in csv.DictReader(f) if r["skipped"] == "1"]
+    assert skipped == [bad_step]
+
+
+def test_resume_with_other_classes_is_refused(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2))
+    other = tiny_model(classes=["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="4 classes"):
+        train(other, tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
+    with pytest.raises(ValueError, match="trained for 4 classes"):
+        ckpt.load_model(tmp_path, classnames=["a", "b", "c", "d", "e"])
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    data = tiny_data()
+    data.labels[3] = 7
+    with pytest.raises(ValueError, match="label 7"):
+        train(tiny_model(), data, tiny_train_config(tmp_path / "labels"))
+    assert not (tmp_path / "labels").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "x", resume=str(tmp_path / "nope.pt")))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(tiny_model(), tiny_data(3), tiny_train_config(tmp_path / "small"))
+    with pytest.raises(ValueError, match="cannot be split"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "split", micro_batch_size=3))
+    with pytest.raises(ValueError, match="precision"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "p", precision="fp8"))
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_model(tmp_path / "missing")
+
+
+def test_labels_outside_the_classes_in_a_batch_are_named(tmp_path):
+    class Unlabelled:  # no `labels` to check up front: caught at the first batch
+        def __init__(self):
+            self.data = tiny_data()
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            video, label, vid = self.data[i]
+            return video, 9, vid
+
+    with pytest.raises(ValueError, match="label 9 of video"):
+        train(tiny_model(), Unlabelled(), tiny_train_config(tmp_path))
+
+
+def test_schedule_warmup_then_cosine():
+    f = lr_lambda(tiny_train_config("x", steps=10, warmup_steps=2, lr=1.0, min_lr=0.1))
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
+    assert 0.1 < f(6) < 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    # a large Adam eps: some gradients are exactly zero in theory (e.g. key biases) and float noise
+    # in practice, which plain Adam would blow up to full-size steps
+    one = tiny_model()
+    train(one, tiny_data(), tiny_train_config(tmp_path / "a", steps=3, adam_eps=1e-2))
+    accum = tiny_model()
+    train(accum, tiny_data(), tiny_train_config(tmp_path / "b", steps=3, adam_eps=1e-2, micro_batch_size=1))
+    for k, v in trainable(one).items():
+        torch.testing.assert_close(trainable(accum)[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fp16_with_grad_scaler_resumes_exactly(tmp_path):
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", steps=3, precision="fp16"))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16", stop_after=2))
+    scaler = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "part"))["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 2
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16",
+                                                              resume="auto"))
+    assert rest.losses == {3: full.losses[3]}

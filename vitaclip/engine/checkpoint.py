@@ -1,0 +1,183 @@
+"""Training checkpoints: written atomically, found again by `resume="auto"`, turned back into
+models by `load_model`.
+
+A checkpoint holds the trainable tensors and the other Vita-CLIP additions only (the frozen CLIP
+backbone is rebuilt from its recorded source: an open_clip model, a saved model folder or the
+authors' file), unless the backbone has no source to rebuild from (e.g. a random one): then the
+whole model state is stored.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import VitaCLIPConfig
+from ..model import VitaCLIP
+from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+FORMAT = "vitaclip-train-checkpoint-v1"
+
+
+def checkpoint_path(directory, step: int) -> Path:
+    return Path(directory) / f"checkpoint-{step:08d}.pt"
+
+
+def list_checkpoints(directory) -> list[Path]:
+    """Checkpoints of a run folder, oldest first (temporary files of interrupted writes skipped)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory) -> Optional[Path]:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0) -> Path:
+    """Write `payload` as checkpoint-<step>.pt through a temporary file + rename, then delete all
+    but the newest `keep` checkpoints (0 keeps every one)."""
+    path = checkpoint_path(directory, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unpickling failure means the same to the user
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not is_training_checkpoint(payload):
+        raise ValueError(f"{path} is not a vitaclip training checkpoint")
+    return payload
+
+
+def is_training_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def read_training_checkpoint(path) -> Optional[Dict[str, Any]]:
+    """The checkpoint at `path` if it is one of ours, else None (e.g. the authors' file)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours; the authors' loader explains what is wrong
+        return None
+    return payload if is_training_checkpoint(payload) else None
+
+
+# ---------------------------------------------------------------------------- model state
+def own_state(model: VitaCLIP) -> Dict[str, Tensor]:
+    """The tensors a backbone source cannot restore: the trainable ones and every other Vita-CLIP
+    addition (e.g. the frozen cls_proj, which keeps its random initialisation)."""
+    trainable = {name for name, _ in model.named_trainable_parameters()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if k in trainable or VITA_ADDITION.search(k)}
+
+
+def load_own_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> None:
+    """Copy `own_state` tensors into the model, naming any key or shape that does not fit."""
+    ctx = state.get("prompt_learner.ctx")
+    if ctx is not None and ctx.dim() == 3 and ctx.shape[0] != len(model.classnames):
+        raise ValueError(f"{source} has a class-specific context for {ctx.shape[0]} classes, but the model "
+                         f"has {len(model.classnames)} classes")
+    expected = own_state(model)
+    current = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: {tuple(v.shape)} in {source}, {tuple(expected[k].shape)} in the model"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in state.items():
+            current[k].copy_(v)
+
+
+def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What a checkpoint needs to rebuild the model: its own tensors + where the backbone came
+    from, or the whole state when there is no such source."""
+    full = backbone is None
+    state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
+             else own_state(model))
+    return {"model": state, "model_is_full": full, "backbone": backbone,
+            "config": model.config.to_dict(), "classnames": model.classnames}
+
+
+# ---------------------------------------------------------------------------- building models
+def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]], backend: str = "auto",
+                   **overrides) -> VitaCLIP:
+    """A model whose frozen weights come from a recorded source:
+    {"kind": "clip", "name", "pretrained"}, {"kind": "pretrained", "path"}, {"kind": "official", "path"}."""
+    kind = backbone.get("kind")
+    if kind == "clip":
+        model = VitaCLIP.from_clip(backbone["name"], backbone.get("pretrained"), classnames, **overrides)
+    elif kind == "official":
+        model = VitaCLIP.from_official_checkpoint(backbone["path"], classnames, **overrides)
+    elif kind == "pretrained":
+        model = VitaCLIP.from_pretrained(backbone["path"], backend=backend)
+        if overrides:
+            raise ValueError("a saved model's architecture is fixed: no overrides allowed "
+                             f"(got {sorted(overrides)})")
+        if classnames is not None and list(classnames) != model.classnames:
+            model.set_classes(classnames)
+    else:
+        raise ValueError(f"unknown backbone source {backbone!r}")
+    model.set_backend(backend)
+    return model
+
+
+def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "auto") -> VitaCLIP:
+    config = VitaCLIPConfig.from_dict(payload["config"])
+    config.ctx_init = None  # the stored context replaces any initialisation
+    classnames = payload["classnames"] or None
+    if payload["model_is_full"]:
+        model = VitaCLIP(config, classnames, backend=backend)
+        load_state_exactly(model, payload["model"], source=source)
+        return model
+    backbone = payload["backbone"]
+    overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
+    model = build_backbone(backbone, classnames, backend, **overrides)
+    load_own_state(model, payload["model"], source)
+    return model
+
+
+def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = "auto") -> VitaCLIP:
+    """Any trained model: a saved model folder (save_pretrained), a vitaclip training checkpoint,
+    a run folder (its latest checkpoint) or the authors' checkpoint file (needs `classnames`)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            model = VitaCLIP.from_pretrained(path, backend=backend)
+        else:
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise FileNotFoundError(f"{path} holds neither a saved model ({CONFIG_FILE}) nor checkpoints")
+            model = model_from_checkpoint(load_checkpoint(latest), str(latest), backend)
+    elif not path.is_file():
+        raise FileNotFoundError(f"model {path} does not exist")
+    else:
+        payload = read_training_checkpoint(path)
+        if payload is not None:
+            model = model_from_checkpoint(payload, str(path), backend)
+        else:
+            model = VitaCLIP.from_official_checkpoint(path, classnames)
+            model.set_backend(backend)
+            return model
+    if classnames is not None and list(classnames) != model.classnames:
+        model.set_classes(classnames)
+    return model
+

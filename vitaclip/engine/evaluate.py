@@ -1,0 +1,174 @@
+"""Supervised multi-view evaluation: the softmax of every view (temporal x spatial) of a video is
+averaged per video id (SPEC: test protocol), then top-1/top-5, per-class accuracy and the
+confusion matrix are computed over videos."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ..model import VitaCLIP
+from ..weights import atomic_write
+from .distributed import DistEnv, all_gather_objects, init_distributed
+from .loader import eval_batches, optional_len, split_views
+from .precision import autocast
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    precision: str = "bf16"
+    num_workers: int = 4
+    device: Optional[str] = None
+    progress: bool = True
+    confusion_png: Optional[str] = None  # write the confusion matrix as an image here
+    json_path: Optional[str] = None  # write the results as JSON here
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    mean_class_accuracy: float
+    num_videos: int
+    num_views: int
+    classnames: List[str]
+    per_class: Dict[str, float] = field(default_factory=dict)  # classes with videos only
+    confusion: List[List[int]] = field(default_factory=list)  # [true][predicted] video counts
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def accumulate(sums: Dict, probs: torch.Tensor, labels: torch.Tensor, video_ids) -> None:
+    """Add each view's class probabilities to its video's running sum (sum, count, label)."""
+    for p, y, vid in zip(probs, labels.tolist(), video_ids):
+        key = vid.item() if isinstance(vid, torch.Tensor) else vid
+        if key in sums:
+            total, count, label = sums[key]
+            if label != y:
+                raise ValueError(f"video {key!r} has views with different labels ({label} and {y})")
+            sums[key] = (total + p, count + 1, label)
+        else:
+            sums[key] = (p.clone(), 1, y)
+
+
+def merge(parts: List[Dict]) -> Dict:
+    merged: Dict = {}
+    for part in parts:
+        for key, (total, count, label) in part.items():
+            if key in merged:
+                t, c, y = merged[key]
+                if y != label:
+                    raise ValueError(f"video {key!r} has views with different labels ({y} and {label})")
+                merged[key] = (t + total, c + count, y)
+            else:
+                merged[key] = (total, count, label)
+    return merged
+
+
+def scores(sums: Dict, classnames: List[str]) -> EvalResult:
+    """Metrics over videos from per-video probability sums."""
+    if not sums:
+        raise ValueError("evaluation data is empty")
+    n = len(classnames)
+    probs = torch.stack([total / count for total, count, _ in sums.values()])
+    labels = torch.tensor([label for _, _, label in sums.values()])
+    if labels.min() < 0 or labels.max() >= n:
+        raise ValueError(f"label {int(labels.max() if labels.max() >= n else labels.min())} is outside the "
+                         f"{n} classes")
+    k = min(5, n)
+    top = probs.topk(k, dim=1).indices
+    top1 = (top[:, 0] == labels).float().mean().item()
+    top5 = (top == labels[:, None]).any(dim=1).float().mean().item()
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
+    per_class = {classnames[c]: (confusion[c, c] / confusion[c].sum()).item()
+                 for c in range(n) if confusion[c].sum() > 0}
+    return EvalResult(top1=top1, top5=top5, mean_class_accuracy=sum(per_class.values()) / len(per_class),
+                      num_videos=len(sums), num_views=sum(c for _, c, _ in sums.values()),
+                      classnames=list(classnames), per_class=per_class, confusion=confusion.tolist())
+
+
+@torch.no_grad()
+def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Optional[DistEnv] = None,
+             **overrides) -> EvalResult:
+    """Evaluate `model` on `data`: a map-style dataset (`ds[i] -> (video, label, video_id)`, video
+    [3, T, H, W] or [V, 3, T, H, W]) split across processes, or an iterable of this process's
+    batches. Every process gets the full result."""
+    config = dataclasses.replace(config or EvalConfig(), **overrides)
+    env = env or init_distributed(config.device)
+    was_training = model.training
+    model.eval().to(env.device)
+    batches = eval_batches(data, config.batch_size, env.rank, env.world_size, config.num_workers)
+    progress = None
+    if config.progress and env.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=optional_len(batches), desc="eval", unit="batch", dynamic_ncols=True)
+    sums: Dict = {}
+    try:
+        for batch in batches:
+            video, labels, video_ids = split_views(*batch)
+            with autocast(env.device, config.precision):
+                logits = model(video.to(env.device, non_blocking=True))
+            accumulate(sums, logits.float().softmax(dim=-1).cpu(), labels.cpu(), video_ids)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if progress is not None:
+            progress.close()
+        model.train(was_training)
+    result = scores(merge(all_gather_objects(env, sums)), model.classnames)
+    if env.is_main:
+        if config.json_path:
+            write_json(config.json_path, result.to_dict())
+        if config.confusion_png:
+            save_confusion_png(result, config.confusion_png)
+    return result
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def save_confusion_png(result: EvalResult, path) -> None:
+    """Row-normalised confusion matrix as an image: matplotlib with labels when installed, else a
+    plain heat map drawn with PIL (cell (true, predicted), darker = more)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = torch.tensor(result.confusion, dtype=torch.float)
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from PIL import Image
+
+        n = rates.shape[0]
+        cell = max(1, 512 // n)
+        pixels = (255 * (1 - rates)).round().to(torch.uint8)
+        image = Image.fromarray(pixels.numpy(), mode="L").resize((n * cell, n * cell), Image.NEAREST)
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+        return
+    n = rates.shape[0]
+    size = max(4.0, min(40.0, 0.25 * n))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 60:
+        ax.set_xticks(range(n), result.classnames, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), result.classnames, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"top-1 {100 * result.top1:.1f}%")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""The engine's view of data: batches `(video, labels, video_ids)`.
+
+video is [B, 3, T, H, W] (or [B, V, 3, T, H, W] with V views per item), labels [B] int64,
+video_ids a list (or tensor) of B ids; the views of one video share its id.
+
+Training draws from a map-style dataset (`len(ds)`, `ds[i] -> (video, label, video_id)`) through
+`ShardedTrainLoader`: every batch is a pure function of (seed, epoch, position), each item gets
+its own seed, so a resumed run sees exactly the batches (and augmentations) an uninterrupted run
+would, whatever the number of workers. Any other object with `__iter__`, `state_dict()` and
+`load_state_dict()` (e.g. a GPU loader) can stand in for it.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+Batch = Tuple[Tensor, Tensor, Sequence]
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class SeededItems(Dataset):
+    """`items[(index, seed)]`: the dataset's item drawn under its own seed. A dataset with a
+    `get(index, rng)` method gets a numpy Generator; any other runs its `__getitem__` with
+    python, numpy and torch seeded (the caller's RNG states are restored afterwards)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, seed = key
+        if hasattr(self.dataset, "get"):
+            return self.dataset.get(index, np.random.default_rng(seed))
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def check_dataset(dataset, name: str) -> None:
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"{name} must be a map-style dataset (len(ds), ds[i] -> (video, label, video_id)) "
+                        f"or a loader object, got {type(dataset).__name__}")
+
+
+class ShardedTrainLoader:
+    """Endless micro-batches of one rank: each step takes `global_batch` items of a per-epoch
+    permutation (the last incomplete step of an epoch is dropped) and splits them into
+    `accum_steps * world_size` micro-batches; this rank gets micro-batches rank, rank + world, ...
+
+    state_dict() is the position after the micro-batches consumed so far.
+    """
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False):
+        check_dataset(dataset, "training data")
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x "
+                             f"{world_size} processes")
+        self.dataset = dataset
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.accum_steps = global_batch // (micro_batch * world_size)
+        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"training data has {len(dataset)} items, fewer than one global batch of "
+                             f"{global_batch}")
+        self.epoch, self.micro_in_epoch = 0, 0  # position: micro-batches of this rank consumed
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data sampler seed {state['seed']} in the checkpoint differs from {self.seed}")
+        self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
+
+    def _keys(self, epoch: int, start_micro: int) -> Iterator[List[Tuple[int, int]]]:
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        for micro in range(start_micro, self.steps_per_epoch * self.accum_steps):
+            step, m = divmod(micro, self.accum_steps)
+            first = step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
+            yield [(int(order[p]), item_seed(self.seed, epoch, p)) for p in range(first, first + self.micro_batch)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            keys = list(self._keys(self.epoch, self.micro_in_epoch))
+            loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory)
+            for batch in loader:
+                self.micro_in_epoch += 1
+                yield batch
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+
+def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0) -> Iterable[Batch]:
+    """This rank's share of evaluation data: a map-style dataset is split item by item across
+    ranks (item i on rank i % world_size); anything else is taken to be this rank's batches."""
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
+        return data
+    keys = [(i, item_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
+    sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers)
+
+
+def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:
+    """[B, V, 3, T, H, W] -> [B*V, 3, T, H, W] with labels and ids repeated per view."""
+    if video.dim() != 6:
+        return video, labels, video_ids
+    b, v = video.shape[:2]
+    ids = list(video_ids.tolist() if isinstance(video_ids, Tensor) else video_ids)
+    return video.flatten(0, 1), labels.repeat_interleave(v), [i for i in ids for _ in range(v)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> Dict[str, Any]:
+    """This process's RNG states, in types that torch.load(weights_only=True) reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def optional_len(data) -> Optional[int]:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+class EpochLoader:
+    """Endless, resumable iteration over a loader that yields one epoch per `iter()` and takes
+    `set_epoch(e)` (e.g. vitaclip.data.VideoLoader, whose batches depend only on seed and epoch).
+    Resuming mid-epoch replays the epoch's plan and drops the batches already consumed."""
+
+    def __init__(self, loader):
+        if not hasattr(loader, "set_epoch"):
+            raise TypeError(f"{type(loader).__name__} has no set_epoch(): cannot resume it exactly")
+        self.loader = loader
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        if self.batch_in_epoch and self.batch_in_epoch == optional_len(self.loader):  # epoch done
+            return {"epoch": self.epoch + 1, "batch_in_epoch": 0}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            self.loader.set_epoch(self.epoch)
+            yielded = False
+            for i, batch in enumerate(self.loader):
+                if i < self.batch_in_epoch:
+                    continue
+                yielded = True
+                self.batch_in_epoch = i + 1
+                yield batch
+            if not yielded and self.batch_in_epoch == 0:
+                raise ValueError("the training loader yields no batches")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0

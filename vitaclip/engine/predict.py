@@ -1,0 +1,98 @@
+"""Top-k labels of single videos: files (decoded by vitaclip.data) or normalised tensors."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..model import VitaCLIP
+from .distributed import pick_device
+from .evaluate import accumulate
+from .precision import autocast
+
+
+@dataclass
+class PredictConfig:
+    top_k: int = 5
+    stride: int = 16  # frames between sampled frames
+    temporal_views: int = 1
+    spatial_crops: int = 1
+    batch_size: int = 4  # videos per forward
+    precision: str = "bf16"
+    device: Optional[str] = None
+    decoder: str = "auto"  # vitaclip.data backend: auto | dali-gpu | dali-cpu | pyav
+
+
+def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device):
+    from ..data import VideoLoader
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"video file(s) not found: {missing}")
+    with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
+        list_file = os.path.join(tmp, "videos.txt")
+        Path(list_file).write_text("".join(f"{os.path.abspath(p)},0\n" for p in paths))
+        loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
+                             num_frames=model.config.num_frames, stride=config.stride,
+                             size=model.config.image_size, temporal_views=config.temporal_views,
+                             spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
+                             num_workers=0, shard_id=0, num_shards=1)
+        yield from loader
+
+
+def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig):
+    for start in range(0, len(videos), config.batch_size):
+        chunk = videos[start:start + config.batch_size]
+        clips, ids = [], []
+        for i, v in enumerate(chunk, start=start):
+            views = v if v.dim() == 5 else v.unsqueeze(0)
+            if views.dim() != 5:
+                raise ValueError(f"video {i} must be [3, T, H, W] or [V, 3, T, H, W], got {tuple(v.shape)}")
+            clips.append(views)
+            ids += [i] * views.shape[0]
+        video = torch.cat(clips)
+        yield video, torch.zeros(len(ids), dtype=torch.long), ids
+
+
+@torch.no_grad()
+def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],
+            config: Optional[PredictConfig] = None, **overrides) -> List[Dict]:
+    """[{"video": name, "top": [{"label", "probability"}, ...]}] per video, probabilities being
+    the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
+    temporal views, short side resized to the input size, centre or 3 crops)."""
+    config = dataclasses.replace(config or PredictConfig(), **overrides)
+    if not videos:
+        raise ValueError("no videos given")
+    if config.top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {config.top_k}")
+    device = pick_device(config.device)
+    model.eval().to(device)
+    are_tensors = [isinstance(v, torch.Tensor) for v in videos]
+    if any(are_tensors) and not all(are_tensors):
+        raise ValueError("give either video files or tensors, not both")
+    if all(are_tensors):
+        names = [f"tensor {i}" for i in range(len(videos))]
+        batches = _batches_from_tensors(list(videos), config)
+    else:
+        names = [str(v) for v in videos]
+        batches = _batches_from_files(names, model, config, device)
+    sums: Dict = {}
+    for video, labels, ids in batches:
+        with autocast(device, config.precision):
+            logits = model(video.to(device))
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
+    classnames = model.classnames
+    k = min(config.top_k, len(classnames))
+    out = []
+    for i, name in enumerate(names):
+        total, count, _ = sums[i]
+        probs, idx = (total / count).topk(k)
+        out.append({"video": name, "top": [{"label": classnames[j], "probability": float(p)}
+                                           for p, j in zip(probs.tolist(), idx.tolist())]})
+    return out

@@ -1,0 +1,367 @@
+"""The training loop: DDP, mixed precision, gradient accumulation, AdamW + cosine schedule,
+periodic evaluation, atomic checkpoints and exact resumption.
+
+Defaults are the paper's recipe (SPEC: "Data protocol of the paper"): 30k steps of 256 clips,
+AdamW lr 4e-4, weight decay 0.05, cosine decay.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from ..model import VitaCLIP
+from . import checkpoint as ckpt
+from .distributed import DistEnv, all_gather_objects, init_distributed, mean_across_ranks
+from .evaluate import EvalConfig, EvalResult, evaluate
+from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
+from .precision import autocast, check_precision, grad_scaler
+
+NONFINITE_POLICIES = ("stop", "skip")
+LOG_FIELDS = ("step", "loss", "lr", "clips_per_s", "elapsed_s", "skipped")
+EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/vitaclip"
+    steps: int = 30_000
+    batch_size: int = 256  # global: all processes, all accumulation steps
+    micro_batch_size: Optional[int] = None  # clips per process per forward; default batch_size / processes
+    lr: float = 4e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: Optional[float] = None  # max global gradient norm
+    precision: str = "bf16"  # bf16 autocast | fp16 autocast with a grad scaler | fp32
+    seed: int = 0
+    num_workers: int = 4
+    device: Optional[str] = None  # default: this process's GPU, else the CPU
+    eval_every: int = 0  # steps between evaluations (0: only at the end, when eval data is given)
+    eval_batch_size: int = 16
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
+    log_every: int = 10
+    resume: Optional[str] = None  # "auto" (latest checkpoint in output_dir, if any) or a checkpoint path
+    on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop that step's update
+    stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
+    progress: bool = True
+    tensorboard: bool = True
+    save_final: bool = True  # save_pretrained(output_dir/"model") after the last step
+
+    def validate(self) -> None:
+        check_precision(self.precision)
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class TrainResult:
+    step: int  # last completed step
+    losses: Dict[int, float] = field(default_factory=dict)  # step -> mean loss of this run's steps
+    evals: Dict[int, EvalResult] = field(default_factory=dict)
+    last_checkpoint: Optional[str] = None
+    finished: bool = False
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warmup to lr, then cosine decay to min_lr at `steps` (a factor of lr)."""
+    floor = config.min_lr / config.lr if config.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model: VitaCLIP, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors; no decay on vectors and scalars (biases, norms, logit scale)."""
+    decay, no_decay = [], []
+    for _, p in model.named_trainable_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
+                             eps=config.adam_eps)
+
+
+def check_labels(data, num_classes: int) -> None:
+    """Labels a dataset declares (a `labels` sequence) must index the class list."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        return
+    bad = [(i, int(y)) for i, y in enumerate(labels) if not 0 <= int(y) < num_classes]
+    if bad:
+        raise ValueError(f"{len(bad)} label(s) outside the {num_classes} classes, e.g. item {bad[0][0]} has "
+                         f"label {bad[0][1]}")
+
+
+def check_batch_labels(labels: torch.Tensor, video_ids, num_classes: int, step: int) -> None:
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten().tolist()
+    if bad:
+        ids = list(video_ids)
+        raise ValueError(f"step {step}: label {int(labels[bad[0]])} of video {ids[bad[0]]!r} is outside the "
+                         f"{num_classes} classes")
+
+
+class RunLog:
+    """CSV files (train_log.csv, eval_log.csv) and TensorBoard events of rank 0; a resumed run first
+    drops rows after its checkpoint so that the files read like one uninterrupted run."""
+
+    def __init__(self, directory: Path, start_step: int, tensorboard: bool):
+        self.directory = directory
+        self.files = {"train": directory / "train_log.csv", "eval": directory / "eval_log.csv"}
+        for kind, fields in (("train", LOG_FIELDS), ("eval", EVAL_FIELDS)):
+            path = self.files[kind]
+            rows = []
+            if path.is_file() and start_step > 0:
+                with path.open(newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed (pip install tensorboard): logging to CSV only")
+            else:
+                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+
+    def row(self, kind: str, values: Dict[str, Any]) -> None:
+        fields = LOG_FIELDS if kind == "train" else EVAL_FIELDS
+        with self.files[kind].open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow({k: values.get(k, "") for k in fields})
+        if self.writer is not None:
+            for k, v in values.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{k}", v, values["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eval_data=None,
+          backbone: Optional[Dict[str, Any]] = None, **overrides) -> TrainResult:
+    """Train the prompts of `model` on `train_data`.
+
+    train_data: a map-style dataset (`ds[i] -> (video [3, T, H, W], label, video_id)`), an epoch
+    loader with set_epoch() yielding this process's micro-batches (vitaclip.data.VideoLoader), or
+    an endless loader with state_dict()/load_state_dict().
+    eval_data: optional, for periodic evaluation (see `evaluate`).
+    backbone: where the frozen weights came from ({"kind": "clip", "name", "pretrained"}, ...), so
+    that checkpoints need not hold them; None stores the whole model in every checkpoint.
+    Run with torchrun for several processes; every process calls train() with the same arguments.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    config.validate()
+    env = init_distributed(config.device)
+    out = Path(config.output_dir)
+    if not model.classnames:
+        raise ValueError("the model has no classes: pass classnames to the model before training")
+    num_classes = len(model.classnames)
+    check_labels(train_data, num_classes)
+
+    micro = config.micro_batch_size or config.batch_size // env.world_size
+    if micro < 1 or config.batch_size % (micro * env.world_size):
+        raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
+                         f"over {env.world_size} process(es)")
+    accum = config.batch_size // (micro * env.world_size)
+    loader = make_train_loader(train_data, config, micro, env)
+
+    model.to(env.device)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    scaler = grad_scaler(env.device, config.precision)
+    seed_everything(config.seed + env.rank)
+
+    start_step = 0
+    resume_path = resolve_resume(config, out)
+    if resume_path is not None:
+        payload = ckpt.load_checkpoint(resume_path)
+        restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, env)
+        start_step = int(payload["step"])
+    if start_step >= config.steps:
+        return TrainResult(start_step, last_checkpoint=str(resume_path), finished=True)
+
+    net = model
+    if env.is_distributed:
+        # buffers (token ids) never change: no need to broadcast them before every forward
+        net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    log = None
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log = RunLog(out, start_step, config.tensorboard)
+    result = TrainResult(start_step, last_checkpoint=str(resume_path) if resume_path else None)
+    progress = make_progress(config, env, start_step)
+    batches = iter(loader)
+    eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
+                             num_workers=config.num_workers, device=str(env.device), progress=False)
+    last_step = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
+    step_time = time.perf_counter()
+    started = step_time
+    try:
+        for step in range(start_step + 1, last_step + 1):
+            net.train()
+            loss_sum = torch.zeros((), device=env.device)
+            for m in range(accum):
+                video, labels, video_ids = split_views(*next(batches))
+                video = video.to(env.device, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                check_batch_labels(labels, video_ids, num_classes, step)
+                sync = contextlib.nullcontext() if m == accum - 1 or not env.is_distributed else net.no_sync()
+                with sync:
+                    with autocast(env.device, config.precision):
+                        loss = F.cross_entropy(net(video), labels) / accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            loss_value = mean_across_ranks(env, loss_sum.item())
+            skipped = not math.isfinite(loss_value)
+            if skipped and config.on_nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; stopping (the last "
+                                         f"checkpoint is {result.last_checkpoint}); on_nonfinite='skip' "
+                                         f"drops such steps instead")
+            lr = optimizer.param_groups[0]["lr"]
+            if not skipped:
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            result.step = step
+            result.losses[step] = loss_value
+
+            now = time.perf_counter()
+            clips_per_s = config.batch_size / max(now - step_time, 1e-9)
+            step_time = now
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}",
+                                     refresh=False)
+            if log is not None and (step % config.log_every == 0 or skipped or step == last_step):
+                log.row("train", {"step": step, "loss": loss_value, "lr": lr, "clips_per_s": clips_per_s,
+                                  "elapsed_s": now - started, "skipped": int(skipped)})
+            at_end = step == config.steps
+            if eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end):
+                res = evaluate(model, eval_data, eval_config, env=env)
+                result.evals[step] = res
+                if log is not None:
+                    log.row("eval", {"step": step, "top1": res.top1, "top5": res.top5,
+                                     "mean_class_accuracy": res.mean_class_accuracy})
+                step_time = time.perf_counter()  # evaluation time is not training throughput
+            if step % config.checkpoint_every == 0 or step == last_step:
+                result.last_checkpoint = str(write_checkpoint(out, step, config, model, optimizer, scheduler,
+                                                              scaler, loader, env, backbone))
+                step_time = time.perf_counter()
+    finally:
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+    result.finished = result.step == config.steps
+    if result.finished and config.save_final and env.is_main:
+        model.save_pretrained(out / "model")
+    return result
+
+
+def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv):
+    """An endless, resumable source of this process's micro-batches (see `train`)."""
+    resumable = hasattr(train_data, "state_dict") and hasattr(train_data, "load_state_dict")
+    epochs = hasattr(train_data, "set_epoch") and not hasattr(train_data, "__getitem__")  # e.g. VideoLoader
+    if not (resumable or epochs):
+        return ShardedTrainLoader(train_data, config.batch_size, micro, env.rank, env.world_size, config.seed,
+                                  config.num_workers, pin_memory=env.device.type == "cuda")
+    given = getattr(train_data, "batch_size", micro)
+    if given != micro:
+        raise ValueError(f"the training loader yields batches of {given} clips, but a global batch of "
+                         f"{config.batch_size} over {env.world_size} process(es) needs micro-batches of {micro}: "
+                         f"set micro_batch_size={given} or the loader's batch size to {micro}")
+    return train_data if resumable else EpochLoader(train_data)
+
+
+def resolve_resume(config: TrainConfig, out: Path) -> Optional[Path]:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return ckpt.latest_checkpoint(out)
+    path = Path(config.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
+    return path
+
+
+def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
+            env: DistEnv) -> None:
+    """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
+    RNG states of this rank, data position); refuse checkpoints of another model or class list."""
+    if payload["classnames"] != model.classnames:
+        raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
+                         f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
+                         f"{model.classnames[:5]}...")
+    if payload["config"] != model.config.to_dict():
+        diff = {k: (v, model.config.to_dict().get(k)) for k, v in payload["config"].items()
+                if model.config.to_dict().get(k) != v}
+        raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}")
+    if payload["model_is_full"]:
+        ckpt.load_state_exactly(model, payload["model"], source=source)
+    else:
+        ckpt.load_own_state(model, payload["model"], source)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    loader.load_state_dict(payload["loader"])
+    states = payload["rng"]
+    if len(states) != env.world_size:
+        raise ValueError(f"{source} was written by {len(states)} process(es), this run has {env.world_size}: "
+                         f"exact resumption needs the same number")
+    set_rng_states(states[env.rank])
+
+
+def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
+                     loader, env: DistEnv, backbone) -> Path:
+    states = all_gather_objects(env, rng_states())
+    path = ckpt.checkpoint_path(out, step)
+    if env.is_main:
+        payload = {**ckpt.model_payload(model, backbone), "step": step, "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                   "loader": loader.state_dict(), "rng": states, "train_config": dataclasses.asdict(config)}
+        ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
+    if env.is_distributed:
+        torch.distributed.barrier()
+    return path
+
+
+def make_progress(config: TrainConfig, env: DistEnv, start_step: int):
+    if not (config.progress and env.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
