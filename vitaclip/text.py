@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -133,14 +133,19 @@ def convert_open_clip_state(sd: Dict[str, Tensor], layers: int, text_layers: int
 
 
 # ---------------------------------------------------------------------------- the authors' files
-def read_official_state(path) -> Dict[str, Tensor]:
+def read_torch_file(path):
+    """torch.load on the CPU, tensors and plain containers only, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def read_official_state(path) -> Dict[str, Tensor]:
+    obj = read_torch_file(path)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds neither a training checkpoint with a 'model' dict nor a state dict")

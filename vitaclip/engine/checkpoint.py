@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
-from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly
+from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly, read_torch_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 FORMAT = "vitaclip-train-checkpoint-v1"
@@ -54,13 +54,7 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every unpickling failure means the same to the user
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    payload = read_torch_file(path)
     if not is_training_checkpoint(payload):
         raise ValueError(f"{path} is not a vitaclip training checkpoint")
     return payload
