@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (no network; see benchmarks/README.md for the wheels):
-#   bash benchmarks/gpu_check.sh STAGE     STAGE = tests | ops | model | data | all
+#   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | data | all
 # Each stage builds what is missing (the C++/CUDA extension for this machine's torch), runs its
 # GPU tests or benchmarks, writes JSON and logs under $OUT and prints a short table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:-all}
 OUT=${OUT:-/tmp/vitaclip-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
@@ -29,16 +28,20 @@ bench() {  # bench NAME pytest-args...
   [ -f "$OUT/bench-$name.json" ] && python3 benchmarks/summarize.py "$OUT/bench-$name.json"
 }
 
+for stage in "${@:-all}"; do
 case $stage in
   tests|all)
     python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
+  tune|all)
+    OUT=$OUT python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider 2>&1 | tail -n 16 ;;&
   ops|all)
-    OUT=$OUT python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider 2>&1 | tail -n 16
-    bench ops benchmarks/test_attention_bench.py benchmarks/test_summary_bench.py \
-      benchmarks/test_text_bench.py benchmarks/test_layer_bench.py ;;&
+    bench ops benchmarks/test_attention_bench.py benchmarks/test_summary_bench.py benchmarks/test_layer_bench.py ;;&
+  text|all)
+    bench text benchmarks/test_text_bench.py ;;&
   model|all)
     bench model benchmarks/test_model_bench.py ${MODEL_BENCH_FILTER:+-k "$MODEL_BENCH_FILTER"} ;;&
   data|all)
     python3 -m pytest tests/test_data_gpu.py -q -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/tests-data.log"
     bench data benchmarks/test_loader_bench.py -s ;;
 esac
+done
