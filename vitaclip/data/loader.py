@@ -67,12 +67,15 @@ class VideoLoader:
                  backend: str = "auto", device=None, dtype: torch.dtype = torch.float32,
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
-                 prefetch: int = 2, on_error: str = "raise", min_frames: int = 1):
+                 prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
+                 dali_mode: Optional[str] = None):
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dali_mode is not None and dali_mode not in dali.MODES:
+            raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
         self.stride, self.tsn, self.size = stride, tsn, size
         self.eval_short_side = eval_short_side or size
@@ -82,6 +85,7 @@ class VideoLoader:
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
+        self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
         self.on_error, self.epoch = on_error, 0
         self.shard_id, self.num_shards = _shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
@@ -170,7 +174,8 @@ class VideoLoader:
                 self._dali = dali.DaliDecoder(
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
                     num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
-                    prefetch=self.prefetch)
+                    prefetch=self.prefetch, mode=self.dali_mode, sequence_length=self.num_frames,
+                    stride=self.stride)
             yield from self._dali.decode(tasks)
             return
         if self.num_workers == 0:
