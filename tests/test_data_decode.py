@@ -141,7 +141,8 @@ def test_reader_ranges_accepts_only_what_the_reader_returns():
 
 
 @needs_dali
-def test_dali_reader_mode_equals_decoder_mode(vp9_dataset):
+@pytest.mark.parametrize("readers", [1, 4])
+def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
     from vitaclip.data import sampling
     root, rows = vp9_dataset
     rng = np.random.default_rng(0)
@@ -153,7 +154,8 @@ def test_dali_reader_mode_equals_decoder_mode(vp9_dataset):
     assert any(len(f) < 8 for _, f in tasks)  # the 45- and 60-frame videos clamp
     assert dali.reader_ranges(tasks, 8, 8) is not None  # so the reader, not the fallback, decodes
     batches = [tasks[:2], tasks[2:3], tasks[3:]]  # uneven batches, larger than DALI's
-    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=8, stride=8)
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=8, stride=8,
+                              readers=readers)
     decoder = dali.DaliDecoder("cpu", batch_size=3, num_threads=2, mode="decoder")
     want = [r for b in decoder.decode(batches) for r in b]
     for _ in range(2):  # a fresh reader per epoch
@@ -172,7 +174,8 @@ def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(vp9_dataset
     good = str(root / rows[0][0])
     junk = tmp_path / "junk.webm"
     junk.write_bytes(os.urandom(5000))
-    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1)
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1,
+                              readers=2)
     batches = [[(good, np.array([0, 1]))], [(str(junk), np.array([0])), (good, np.array([2, 3]))],
                [(good, np.array([4, 5]))]]
     out = list(reader.decode(batches))
@@ -185,3 +188,5 @@ def test_dali_mode_is_checked():
     if dali.available():
         with pytest.raises(ValueError, match="mode"):
             dali.DaliDecoder("cpu", mode="fast")
+        with pytest.raises(ValueError, match="readers"):
+            dali.DaliDecoder("cpu", mode="reader", readers=-1)

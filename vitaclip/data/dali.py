@@ -53,9 +53,11 @@ class DaliDecoder:
 
     def __init__(self, device: str = "gpu", batch_size: int = 8, num_threads: int = 4,
                  device_id: int = 0, prefetch: int = 2, mode: Optional[str] = None,
-                 sequence_length: int = 8, stride: int = 1):
+                 sequence_length: int = 8, stride: int = 1, readers: Optional[int] = None):
         """mode: "decoder" or "reader" (default: $VITACLIP_DALI_MODE, else DEFAULT_MODE);
-        sequence_length and stride describe the clips the "reader" mode can take."""
+        sequence_length and stride describe the clips the "reader" mode can take; `readers`
+        reader operators (default $VITACLIP_DALI_READERS, else 4) decode in parallel, since
+        each decodes its samples one after another on one thread."""
         if fn is None:
             raise ImportError("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130")
         if device not in ("gpu", "cpu"):
@@ -65,6 +67,10 @@ class DaliDecoder:
             raise ValueError(f"DALI mode must be one of {MODES}, got {mode!r}")
         if sequence_length < 1 or stride < 1:
             raise ValueError(f"sequence_length and stride must be >= 1, got {sequence_length}, {stride}")
+        readers = readers or int(os.environ.get("VITACLIP_DALI_READERS", "4"))
+        if readers < 1:
+            raise ValueError(f"readers must be >= 1, got {readers}")
+        self.readers = readers
         self.device, self.mode = device, mode
         self.device_id = device_id if device == "gpu" else None
         self.batch_size, self.num_threads, self.prefetch = batch_size, num_threads, prefetch
@@ -135,13 +141,22 @@ class DaliDecoder:
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
         """One reader pipeline per epoch over a file list of this epoch's clips; the label of
-        each sample is its task's position, which checks that DALI kept every line in order."""
+        each sample is its task's position, which puts the samples of the parallel readers
+        back in order and checks that DALI kept every line.
+
+        DALI gives reader k the k-th contiguous block of the list, so the list holds tasks
+        k, k + K, k + 2K, ... in block k (padded to equal blocks with positions past the end):
+        each run then decodes consecutive tasks, and every reader wraps around together."""
         tasks = [t for b in batches for t in b]
+        k = self.readers
+        padded = -(-len(tasks) // k) * k
+        lines = [f"{os.path.abspath(tasks[min(i, len(tasks) - 1)][0])} {i} "
+                 f"{ranges[min(i, len(tasks) - 1)][0]} {ranges[min(i, len(tasks) - 1)][1] + 1}\n"
+                 for i in range(padded)]
         with tempfile.TemporaryDirectory(prefix="vitaclip_dali_") as tmp:
             file_list = os.path.join(tmp, "clips.txt")
             with open(file_list, "w") as f:
-                for i, ((path, _), (start, last)) in enumerate(zip(tasks, ranges)):
-                    f.write(f"{os.path.abspath(path)} {i} {start} {last + 1}\n")
+                f.writelines(line for r in range(k) for line in lines[r::k])
             try:
                 pipe = self._build_reader(file_list)
             except RuntimeError as e:  # e.g. a missing file
@@ -155,13 +170,15 @@ class DaliDecoder:
         for b, batch in enumerate(batches):
             try:
                 while len(decoded) < len(batch):
-                    out, labels = pipe.run()
-                    for i in range(len(out)):
-                        position = int(np.array(labels[i]).reshape(-1)[0])
+                    outputs = pipe.run()
+                    samples = sorted((int(np.array(labels[i]).reshape(-1)[0]), out, i)
+                                     for out, labels in zip(outputs[::2], outputs[1::2])
+                                     for i in range(len(out)))
+                    for position, out, i in samples:
                         if last < position < len(tasks):
                             decoded.append((position, self._to_torch(out[i], len(tasks[position][1]))))
                             last = position
-                    self._keep_alive(out)
+                    self._keep_alive(outputs)
                 items = [decoded.popleft() for _ in batch]
                 failed = [p for p, _ in items] != list(range(done, done + len(batch)))
             except RuntimeError as e:
@@ -176,14 +193,17 @@ class DaliDecoder:
             yield [frames for _, frames in items]
 
     def _build_reader(self, file_list: str):
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        @pipeline_def(batch_size=-(-self.batch_size // self.readers), num_threads=self.num_threads,
+                      device_id=self.device_id, prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipeline():
-            frames, labels = fn.experimental.readers.video(
-                device=self.device, file_list=file_list, file_list_format="frames",
-                file_list_include_end=False, sequence_length=self.sequence_length, stride=self.stride,
-                step=2 ** 30, pad_mode="edge", random_shuffle=False, name="reader")
-            return frames, labels
+            outputs = []
+            for shard in range(self.readers):
+                outputs += fn.experimental.readers.video(
+                    device=self.device, file_list=file_list, file_list_format="frames",
+                    file_list_include_end=False, sequence_length=self.sequence_length, stride=self.stride,
+                    step=2 ** 30, pad_mode="edge", random_shuffle=False, shard_id=shard,
+                    num_shards=self.readers, name=f"reader{shard}")
+            return tuple(outputs)
 
         pipe = pipeline()
         pipe.build()

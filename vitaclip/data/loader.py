@@ -68,7 +68,7 @@ class VideoLoader:
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
-                 dali_mode: Optional[str] = None):
+                 dali_mode: Optional[str] = None, dali_readers: Optional[int] = None):
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -86,6 +86,7 @@ class VideoLoader:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
         self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
+        self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
         self.on_error, self.epoch = on_error, 0
         self.shard_id, self.num_shards = _shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
@@ -175,7 +176,7 @@ class VideoLoader:
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
                     num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
                     prefetch=self.prefetch, mode=self.dali_mode, sequence_length=self.num_frames,
-                    stride=self.stride)
+                    stride=self.stride, readers=self.dali_readers)
             yield from self._dali.decode(tasks)
             return
         if self.num_workers == 0:
