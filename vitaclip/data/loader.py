@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -201,10 +201,15 @@ class VideoLoader:
             pass
 
     # ---------------------------------------------------------------- batches
-    def __iter__(self) -> Iterator[Batch]:
+    def decode_epoch(self) -> Iterator[Tuple[List[ClipPlan], List]]:
+        """This epoch's planned batches with their decoded frames (one tensor or error per
+        plan), before any transform: what `__iter__` assembles."""
         batches = self._plan_batches()
+        return zip(batches, self._decoded_batches(batches))
+
+    def __iter__(self) -> Iterator[Batch]:
         skipped_before = len(self.skipped)
-        for plans, decoded in zip(batches, self._decoded_batches(batches)):
+        for plans, decoded in self.decode_epoch():
             good = []
             for plan, frames in zip(plans, decoded):
                 if isinstance(frames, Exception):
@@ -213,12 +218,13 @@ class VideoLoader:
                     good.append((plan, frames))
             if not good:
                 raise RuntimeError(f"every video of a batch failed to decode: {[p.entry.path for p in plans]}")
-            yield self._assemble(good)
+            yield self.assemble(good)
         if len(self.skipped) > skipped_before:
             log.warning("epoch %d: skipped %d videos (%d in all)", self.epoch,
                         len(self.skipped) - skipped_before, len(self.skipped))
 
-    def _assemble(self, items) -> Batch:
+    def assemble(self, items) -> Batch:
+        """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
         clips, labels, ids = [], [], []
         for plan, frames in items:
             rgb = to_rgb(frames, self.device)
