@@ -19,7 +19,7 @@ from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
-from .transforms import normalize, resize, resized_crop, to_rgb
+from .transforms import normalize, resize, resized_crop, to_device, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class VideoLoader:
         for plan, frames in items:
             rgb = to_rgb(frames, self.device)
             if self.train:
-                clip = rgb[torch.as_tensor(plan.views[0], device=self.device)]
+                clip = rgb[to_device(plan.views[0], self.device)]
                 clips.append(resized_crop(clip, plan.crop, (self.size, self.size)))
                 n_views = 1
             else:
@@ -242,18 +242,18 @@ class VideoLoader:
         if self.train:
             video = self._augment(video, [plan for plan, _ in items])
         video = normalize(video, channel_dim=2).permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
-        return Batch(video, torch.tensor(labels, device=self.device), torch.tensor(ids, device=self.device))
+        return Batch(video, to_device(labels, self.device), to_device(ids, self.device))
 
     def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
         h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)
         rgb = resize(rgb, (h, w))
         s = self.size
-        return [rgb[torch.as_tensor(positions, device=self.device), :, top:top + s, left:left + s]
+        return [rgb[to_device(positions, self.device), :, top:top + s, left:left + s]
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
                 for positions in plan.views]
 
     def _augment(self, video, plans) -> torch.Tensor:
-        flips = torch.tensor([p.flip for p in plans], device=video.device)
+        flips = to_device([p.flip for p in plans], video.device)
         video = torch.where(flips.view(-1, 1, 1, 1, 1), video.flip(-1), video)
         if self.augment is None:
             return video
