@@ -140,25 +140,28 @@ class DaliDecoder:
             self._pipe.reset()
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
-        """One reader pipeline per epoch over a file list of this epoch's clips; the label of
+        """One reader pipeline per epoch over file lists of this epoch's clips; the label of
         each sample is its task's position, which puts the samples of the parallel readers
         back in order and checks that DALI kept every line.
 
-        DALI gives reader k the k-th contiguous block of the list, so the list holds tasks
-        k, k + K, k + 2K, ... in block k (padded to equal blocks with positions past the end):
-        each run then decodes consecutive tasks, and every reader wraps around together."""
+        Reader r reads tasks r, r + K, r + 2K, ... (its own list, so each file is opened by
+        one reader only), padded to equal lengths with positions past the end: each run then
+        decodes consecutive tasks, and all readers wrap around together."""
         tasks = [t for b in batches for t in b]
+        if not tasks:
+            return
         k = self.readers
         padded = -(-len(tasks) // k) * k
         lines = [f"{os.path.abspath(tasks[min(i, len(tasks) - 1)][0])} {i} "
                  f"{ranges[min(i, len(tasks) - 1)][0]} {ranges[min(i, len(tasks) - 1)][1] + 1}\n"
                  for i in range(padded)]
         with tempfile.TemporaryDirectory(prefix="vitaclip_dali_") as tmp:
-            file_list = os.path.join(tmp, "clips.txt")
-            with open(file_list, "w") as f:
-                f.writelines(line for r in range(k) for line in lines[r::k])
+            file_lists = [os.path.join(tmp, f"clips{r}.txt") for r in range(k)]
+            for r, file_list in enumerate(file_lists):
+                with open(file_list, "w") as f:
+                    f.writelines(lines[r::k])
             try:
-                pipe = self._build_reader(file_list)
+                pipe = self._build_reader(file_lists)
             except RuntimeError as e:  # e.g. a missing file
                 log.warning("DALI reader could not open this epoch's files (%s); decoding with "
                             "fn.decoders.video", _first_line(e))
@@ -168,19 +171,22 @@ class DaliDecoder:
         last = -1  # position of the last sample taken; the reader wraps around past the end
         done = 0  # tasks handed out
         for b, batch in enumerate(batches):
+            failed = False
             try:
-                while len(decoded) < len(batch):
+                while len(decoded) < len(batch) and not failed:
                     outputs = pipe.run()
                     samples = sorted((int(np.array(labels[i]).reshape(-1)[0]), out, i)
                                      for out, labels in zip(outputs[::2], outputs[1::2])
                                      for i in range(len(out)))
-                    for position, out, i in samples:
-                        if last < position < len(tasks):
-                            decoded.append((position, self._to_torch(out[i], len(tasks[position][1]))))
-                            last = position
+                    new = [(p, out, i) for p, out, i in samples if last < p < len(tasks)]
+                    for position, out, i in new:
+                        decoded.append((position, self._to_torch(out[i], len(tasks[position][1]))))
+                        last = position
                     self._keep_alive(outputs)
-                items = [decoded.popleft() for _ in batch]
-                failed = [p for p, _ in items] != list(range(done, done + len(batch)))
+                    failed = not new  # a reader that dropped a file has wrapped around early
+                if not failed:
+                    items = [decoded.popleft() for _ in batch]
+                    failed = [p for p, _ in items] != list(range(done, done + len(batch)))
             except RuntimeError as e:
                 log.warning("DALI reader failed (%s)", _first_line(e))
                 failed = True
@@ -192,17 +198,16 @@ class DaliDecoder:
             done += len(batch)
             yield [frames for _, frames in items]
 
-    def _build_reader(self, file_list: str):
+    def _build_reader(self, file_lists: List[str]):
         @pipeline_def(batch_size=-(-self.batch_size // self.readers), num_threads=self.num_threads,
                       device_id=self.device_id, prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipeline():
             outputs = []
-            for shard in range(self.readers):
+            for r, file_list in enumerate(file_lists):
                 outputs += fn.experimental.readers.video(
                     device=self.device, file_list=file_list, file_list_format="frames",
                     file_list_include_end=False, sequence_length=self.sequence_length, stride=self.stride,
-                    step=2 ** 30, pad_mode="edge", random_shuffle=False, shard_id=shard,
-                    num_shards=self.readers, name=f"reader{shard}")
+                    step=2 ** 30, pad_mode="edge", random_shuffle=False, name=f"reader{r}")
             return tuple(outputs)
 
         pipe = pipeline()
