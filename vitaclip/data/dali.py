@@ -174,9 +174,9 @@ class DaliDecoder:
             failed = False
             try:
                 while len(decoded) < len(batch) and not failed:
-                    outputs = pipe.run()
+                    outputs = pipe.run()  # (frames, labels) per reader; labels on the GPU for NVDEC
                     samples = sorted((int(np.array(labels[i]).reshape(-1)[0]), out, i)
-                                     for out, labels in zip(outputs[::2], outputs[1::2])
+                                     for out, labels in zip(outputs[::2], (l.as_cpu() for l in outputs[1::2]))
                                      for i in range(len(out)))
                     new = [(p, out, i) for p, out, i in samples if last < p < len(tasks)]
                     for position, out, i in new:
