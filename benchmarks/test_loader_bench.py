@@ -1,11 +1,17 @@
 """Loader throughput on the GPU, clips/s of 8 x 224 x 224 training clips (random resized
 crop, flip, RandAugment rand-m7-n4-mstd0.5-inc1, CLIP normalisation, bf16 on the GPU),
-from prepared data (short side 256 H.264), DALI (NVDEC) vs PyAV (CPU worker processes),
-in one run. Target: >= 600 clips/s on one H100.
+from prepared data (short side 256 H.264, keyframe every 16 or 4 frames), in one run:
 
-    pytest benchmarks/test_loader_bench.py --benchmark-only -s
+- the whole loader with each DALI variant (dali.py's "decoder" mode, fn.decoders.video;
+  its "reader" mode, fn.experimental.readers.video, with 1 or more parallel readers) and
+  with PyAV (CPU worker processes);
+- each DALI variant decoding only (the same clips, no transforms);
+- the transforms only, on clips decoded beforehand.
+Target: >= 600 clips/s on one H100.
 
-Needs CUDA; PyAV to make the data set (and for the PyAV part); DALI for the DALI part.
+    VITACLIP_BENCH_COPIES=32 pytest benchmarks/test_loader_bench.py --benchmark-only -s
+
+Needs CUDA; PyAV to make the data set (and for the PyAV part); DALI for the DALI parts.
 Each part skips, saying why, when what it needs is missing."""
 import os
 import time
@@ -14,11 +20,21 @@ import pytest
 import torch
 
 from vitaclip.data import VideoLoader, dali, pyav
+from vitaclip.data.transforms import Yuv420
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 COPIES = int(os.environ.get("VITACLIP_BENCH_COPIES", "64"))  # x 3 clips
 BATCH = int(os.environ.get("VITACLIP_BENCH_BATCH", "32"))
+# (name, dali mode, parallel readers, batch); fn.decoders.video is slow, so it runs 1 epoch
+DALI_VARIANTS = [("decoder", "decoder", None, BATCH), ("reader-1", "reader", 1, BATCH),
+                 ("reader-4", "reader", 4, BATCH), ("reader-8", "reader", 8, 2 * BATCH)]
+WARMUP_BATCHES = {"decoder": 1, "reader": 2}  # pipeline build, NVDEC decoders, frame indexes
+
+
+def needs_dali():
+    if not dali.available():
+        pytest.skip("NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
 
 
 @pytest.fixture(scope="module", params=[16, 4], ids=lambda g: f"gop{g}")
@@ -32,19 +48,35 @@ def prepared(request, tmp_path_factory):
     return make_prepared_dataset(str(out), COPIES, EncodeSettings(gop=request.param)), str(out)
 
 
-def run_loader(list_file, root, backend, batch, epochs=2, **kw):
-    loader = VideoLoader(list_file, root, train=True, batch_size=batch, num_frames=8, stride=16,
-                         size=224, backend=backend, device="cuda", dtype=torch.bfloat16, **kw)
-    clips, warm = 0, None
-    for epoch in range(epochs + 1):  # epoch 0 warms up (pipeline build, worker start)
+def make_loader(prepared, backend, batch, **kw):
+    list_file, root = prepared
+    return VideoLoader(list_file, root, train=True, batch_size=batch, num_frames=8, stride=16, size=224,
+                       backend=backend, device="cuda", dtype=torch.bfloat16, **kw)
+
+
+def clips_per_s(loader, epoch_batches, epochs, warmup_batches=None):
+    """Epoch 0 warms up (its first warmup_batches, or all of it); then epochs 1..epochs are
+    timed. epoch_batches(loader) yields batches, each with a len() in clips."""
+    loader.set_epoch(0)
+    for n, _ in enumerate(epoch_batches(loader), 1):
+        if n == warmup_batches:
+            break
+    torch.cuda.synchronize()
+    clips, start = 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
         loader.set_epoch(epoch)
-        for b in loader:
-            if warm is not None:
-                clips += b.video.shape[0]
-        torch.cuda.synchronize()
-        if warm is None:
-            warm = time.perf_counter()
-    return clips / (time.perf_counter() - warm)
+        for batch in epoch_batches(loader):
+            clips += len(batch)
+    torch.cuda.synchronize()
+    return clips / (time.perf_counter() - start)
+
+
+def whole_loader(loader):
+    return (b.video for b in loader)
+
+
+def decode_only(loader):
+    return (frames for _, frames in loader.decode_epoch())
 
 
 def report(benchmark, name, rate):
@@ -53,19 +85,46 @@ def report(benchmark, name, rate):
     print(f"\n{name}: {rate:.0f} clips/s (8x224x224, {torch.cuda.get_device_name()})")
 
 
-@pytest.mark.parametrize("batch", [BATCH, 2 * BATCH])
-def test_dali_gpu_throughput(benchmark, prepared, batch):
-    if not dali.available():
-        pytest.skip("NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
-    list_file, root = prepared
-    rate = benchmark.pedantic(run_loader, args=(list_file, root, "dali-gpu", batch),
-                              kwargs=dict(num_workers=8), rounds=1, iterations=1)
-    report(benchmark, f"DALI GPU, batch {batch}", rate)
+def dali_loader(prepared, mode, readers, batch):
+    return make_loader(prepared, "dali-gpu", batch, num_workers=8, dali_mode=mode, dali_readers=readers)
+
+
+@pytest.mark.parametrize("name,mode,readers,batch", DALI_VARIANTS, ids=[v[0] for v in DALI_VARIANTS])
+def test_dali_gpu_throughput(benchmark, prepared, name, mode, readers, batch):
+    needs_dali()
+    loader = dali_loader(prepared, mode, readers, batch)
+    epochs = 1 if mode == "decoder" else 2
+    rate = benchmark.pedantic(clips_per_s, args=(loader, whole_loader, epochs, WARMUP_BATCHES[mode]),
+                              rounds=1, iterations=1)
+    report(benchmark, f"DALI GPU {name}, batch {batch}, whole loader", rate)
+
+
+@pytest.mark.parametrize("name,mode,readers,batch", DALI_VARIANTS, ids=[v[0] for v in DALI_VARIANTS])
+def test_dali_gpu_decode_only(benchmark, prepared, name, mode, readers, batch):
+    needs_dali()
+    loader = dali_loader(prepared, mode, readers, batch)
+    epochs = 1 if mode == "decoder" else 2
+    rate = benchmark.pedantic(clips_per_s, args=(loader, decode_only, epochs, WARMUP_BATCHES[mode]),
+                              rounds=1, iterations=1)
+    report(benchmark, f"DALI GPU {name}, batch {batch}, decode only", rate)
+
+
+def test_transforms_only(benchmark, prepared):
+    """Crop, flip, RandAugment, normalise on clips already decoded (by PyAV, in process)."""
+    loader = make_loader(prepared, "pyav", BATCH, num_workers=0)
+    decoded = []
+    for plans, frames in loader.decode_epoch():
+        decoded.append([(p, Yuv420(*(plane.cuda() for plane in f))) for p, f in zip(plans, frames)])
+
+    def assemble_all(_):
+        return (loader.assemble(items).video for items in decoded)
+
+    rate = benchmark.pedantic(clips_per_s, args=(loader, assemble_all, 3, 1), rounds=1, iterations=1)
+    report(benchmark, f"transforms only, batch {BATCH}", rate)
 
 
 def test_pyav_throughput(benchmark, prepared):
-    list_file, root = prepared
     workers = min(16, os.cpu_count() or 1)
-    rate = benchmark.pedantic(run_loader, args=(list_file, root, "pyav", BATCH),
-                              kwargs=dict(num_workers=workers, epochs=1), rounds=1, iterations=1)
-    report(benchmark, f"PyAV ({workers} workers)", rate)
+    loader = make_loader(prepared, "pyav", BATCH, num_workers=workers)
+    rate = benchmark.pedantic(clips_per_s, args=(loader, whole_loader, 1), rounds=1, iterations=1)
+    report(benchmark, f"PyAV ({workers} workers), whole loader", rate)

@@ -125,3 +125,68 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     for k, i in enumerate(idx):
         y = np.frombuffer(planes[i].planes[0], np.uint8).reshape(planes[i].planes[0].height, -1)
         assert np.array_equal(got.y[k].numpy(), y[:, :got.y.shape[2]]), f"frame {i}"
+
+
+def test_reader_ranges_accepts_only_what_the_reader_returns():
+    t, s = 8, 16
+    train = np.arange(8) * 16 + 5
+    short = np.unique(np.minimum(np.arange(8) * 16, 48))  # train clip of a 60-frame video
+    eval_clamped = np.unique(np.minimum(np.arange(8) * 16 + 3, 99))  # single eval view, 100 frames
+    assert dali.reader_ranges([("a", train), ("b", short), ("c", eval_clamped)], t, s) == \
+        [(5, 117), (0, 48), (3, 99)]
+    assert dali.reader_ranges([("a", np.array([7]))], t, s) == [(7, 7)]
+    assert dali.reader_ranges([("a", train), ("b", np.array([0, 10, 30]))], t, s) is None  # TSN-like
+    assert dali.reader_ranges([("a", np.arange(9) * 16)], t, s) is None  # longer than a sequence
+    assert dali.reader_ranges([("a b", train)], t, s) is None  # the file list splits on spaces
+
+
+@needs_dali
+@pytest.mark.parametrize("readers", [1, 4])
+def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
+    from vitaclip.data import sampling
+    root, rows = vp9_dataset
+    rng = np.random.default_rng(0)
+    tasks = []
+    for name, _, frames, _ in rows + rows:  # 6 clips: random starts, short-video clamps, one eval view
+        idx = sampling.train_frame_indices(frames, 8, 8, rng) if len(tasks) % 3 else \
+            sampling.eval_frame_indices(frames, 8, 8, 1)[0]
+        tasks.append((str(root / name), np.unique(idx)))
+    assert any(len(f) < 8 for _, f in tasks)  # the 45- and 60-frame videos clamp
+    assert dali.reader_ranges(tasks, 8, 8) is not None  # so the reader, not the fallback, decodes
+    batches = [tasks[:2], tasks[2:3], tasks[3:]]  # uneven batches, larger than DALI's
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=8, stride=8,
+                              readers=readers)
+    decoder = dali.DaliDecoder("cpu", batch_size=3, num_threads=2, mode="decoder")
+    want = [r for b in decoder.decode(batches) for r in b]
+    for _ in range(2):  # a fresh reader per epoch
+        got = list(reader.decode(batches))
+        assert [len(b) for b in got] == [2, 1, 3]
+        for g, w in zip([r for b in got for r in b], want):
+            assert torch.equal(g, w)
+    # clips the reader cannot take (TSN-like) fall back to fn.decoders.video
+    odd = [[(tasks[0][0], np.array([0, 3, 17]))]]
+    assert torch.equal(next(reader.decode(odd))[0], next(decoder.decode(odd))[0])
+
+
+@needs_dali
+def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    good = str(root / rows[0][0])
+    junk = tmp_path / "junk.webm"
+    junk.write_bytes(os.urandom(5000))
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1,
+                              readers=2)
+    batches = [[(good, np.array([0, 1]))], [(str(junk), np.array([0])), (good, np.array([2, 3]))],
+               [(good, np.array([4, 5]))]]
+    out = list(reader.decode(batches))
+    assert [len(b) for b in out] == [1, 2, 1]
+    assert out[0][0].shape[0] == 2 and out[1][1].shape[0] == 2 and out[2][0].shape[0] == 2
+    assert isinstance(out[1][0], VideoDecodeError) and "junk.webm" in str(out[1][0])
+
+
+def test_dali_mode_is_checked():
+    if dali.available():
+        with pytest.raises(ValueError, match="mode"):
+            dali.DaliDecoder("cpu", mode="fast")
+        with pytest.raises(ValueError, match="readers"):
+            dali.DaliDecoder("cpu", mode="reader", readers=-1)

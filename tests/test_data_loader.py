@@ -233,3 +233,16 @@ def test_tsn_plans_and_labels_follow_the_list(vp9_dataset):
         indices = plan.frames[plan.views[0]]
         seg = (rows[video_id][2] - 1) / 4
         assert all(round(seg * i) <= v <= round(seg * (i + 1)) for i, v in enumerate(indices))
+
+
+@needs_dali
+def test_train_batches_same_with_dali_reader_and_decoder_modes(vp9_dataset):
+    root, _ = vp9_dataset
+    kw = dict(batch_size=3, num_frames=4, stride=8, size=40, seed=5, backend="dali-cpu")
+    for epoch in range(2):
+        a, b = loader(root, True, dali_mode="decoder", **kw), loader(root, True, dali_mode="reader", **kw)
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        a, b = next(iter(a)), next(iter(b))
+        assert torch.equal(a.video, b.video) and torch.equal(a.video_id, b.video_id)
+    with pytest.raises(ValueError, match="dali_mode"):
+        loader(root, True, dali_mode="fast", **kw)

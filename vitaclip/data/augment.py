@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .transforms import to_device
+
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
        "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
        "TranslateYRel")
@@ -79,16 +81,18 @@ class RandAugment:
 
     def __call__(self, clips: torch.Tensor, params) -> torch.Tensor:
         """clips [B, T, 3, H, W] float in [0, 255]; params [B, num_ops, 4] from `sample`."""
-        params = torch.as_tensor(np.asarray(params), dtype=torch.float32)
+        params = np.asarray(params, dtype=np.float32)
         t = clips.shape[1]
         out = clips.clone()
+        # the choices are made on the host and go to the device as queued copies from pinned
+        # memory: the host never waits for the GPU in this loop
         for layer in range(params.shape[1]):
             p = params[:, layer]
             # one call per op kind present in this layer, over all clips that drew it
-            for op_index in p[p[:, 1] > 0, 0].unique().tolist():
-                sel = torch.nonzero((p[:, 0] == op_index) & (p[:, 1] > 0)).flatten()
-                level, sign = (p[sel, k].repeat_interleave(t).to(out.device) for k in (2, 3))
-                sel = sel.to(out.device)
+            for op_index in np.unique(p[p[:, 1] > 0, 0]):
+                sel = np.flatnonzero((p[:, 0] == op_index) & (p[:, 1] > 0))
+                level, sign = (to_device(np.repeat(p[sel, k], t), out.device) for k in (2, 3))
+                sel = to_device(sel, out.device)
                 frames = out[sel].flatten(0, 1)
                 result = apply_op(OPS[int(op_index)], frames, level, sign, self.config.increasing)
                 out[sel] = result.view(len(sel), t, *frames.shape[1:])
@@ -143,7 +147,7 @@ def _enhance(name, x, factor):
     elif name == "Contrast":
         degenerate = (grey(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor().expand_as(x)
     else:  # Sharpness: PIL's SMOOTH filter, border pixels kept
-        kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device, dtype=x.dtype) / 13
+        kernel = to_device([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], x.device, x.dtype) / 13
         smooth = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), kernel.view(1, 1, 3, 3)).round()
         degenerate = x.clone()
         degenerate[:, :, 1:-1, 1:-1] = smooth.view(x.shape[0], x.shape[1], *smooth.shape[2:])
@@ -212,7 +216,7 @@ def _warp(x, matrix):
                             torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
     centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)
     src = centres @ matrix.to(x.dtype).transpose(1, 2)  # [N, HW, 2] in pixels
-    grid = src / torch.tensor([w, h], device=x.device, dtype=x.dtype) * 2 - 1
+    grid = src / to_device([w, h], x.device, x.dtype) * 2 - 1
     inside = ((grid.abs() <= 1).all(-1)).view(n, 1, h, w)
     sampled = F.grid_sample(x - FILL, grid.view(n, h, w, 2), mode="bicubic",
                             padding_mode="zeros", align_corners=False) + FILL

@@ -1,11 +1,25 @@
-"""NVIDIA DALI decoding of frames chosen by index: NVDEC on the GPU ("mixed"), or DALI's
-CPU decoder (VP8, VP9, MJPEG). File bytes and frame indices come from Python through an
-external source, so the sampling (sampling.py) is the same as on every other backend;
-DALI prefetches `prefetch` batches ahead of the consumer."""
+"""NVIDIA DALI decoding of frames chosen by index: NVDEC on the GPU, or DALI's CPU decoder
+(VP8, VP9, MJPEG). The indices always come from sampling.py, so every backend decodes the
+same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes:
+
+- "decoder": file bytes and frame indices through an external source into
+  `fn.decoders.video`. Works for any indices, but DALI 2.4 builds no frame index for it, so
+  every sample decodes from frame 0 up to its last frame (cost grows with the clip's start),
+  and without an index the GPU path colour-converts and syncs after every decoded frame.
+- "reader": `fn.experimental.readers.video` reading a per-epoch file list, one line
+  `path task start end` per clip. It indexes each file once (cached for the process) and
+  seeks to the keyframe before each wanted frame. It takes clips whose unique frames are
+  `min(start + stride * k, last)` for k < sequence_length (fixed-stride training clips,
+  single-view evaluation, short videos); an epoch with other tasks (TSN, several temporal
+  views) or paths with whitespace falls back to "decoder".
+"""
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator, List, Sequence, Tuple
+import logging
+import os
+import tempfile
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +35,12 @@ except ImportError:  # DALI is optional (pip install nvidia-dali-cuda130)
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder supports
 GPU_CODECS = CPU_CODECS + ("h264", "hevc", "av1", "mpeg4")  # and its mixed (NVDEC) decoder
 
+MODES = ("decoder", "reader")
+DEFAULT_MODE = "decoder"
+
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -33,16 +52,32 @@ class DaliDecoder:
     [F, H, W, 3] (on the GPU for device="gpu") or the VideoDecodeError of that task."""
 
     def __init__(self, device: str = "gpu", batch_size: int = 8, num_threads: int = 4,
-                 device_id: int = 0, prefetch: int = 2):
+                 device_id: int = 0, prefetch: int = 2, mode: Optional[str] = None,
+                 sequence_length: int = 8, stride: int = 1, readers: Optional[int] = None):
+        """mode: "decoder" or "reader" (default: $VITACLIP_DALI_MODE, else DEFAULT_MODE);
+        sequence_length and stride describe the clips the "reader" mode can take; `readers`
+        reader operators (default $VITACLIP_DALI_READERS, else 4) decode in parallel, since
+        each decodes its samples one after another on one thread."""
         if fn is None:
             raise ImportError("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130")
         if device not in ("gpu", "cpu"):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
-        self.device = device
+        mode = mode or os.environ.get("VITACLIP_DALI_MODE") or DEFAULT_MODE
+        if mode not in MODES:
+            raise ValueError(f"DALI mode must be one of {MODES}, got {mode!r}")
+        if sequence_length < 1 or stride < 1:
+            raise ValueError(f"sequence_length and stride must be >= 1, got {sequence_length}, {stride}")
+        readers = readers or int(os.environ.get("VITACLIP_DALI_READERS", "4"))
+        if readers < 1:
+            raise ValueError(f"readers must be >= 1, got {readers}")
+        self.readers = readers
+        self.device, self.mode = device, mode
         self.device_id = device_id if device == "gpu" else None
+        self.batch_size, self.num_threads, self.prefetch = batch_size, num_threads, prefetch
+        self.sequence_length, self.stride = sequence_length, stride
         self._in_flight: collections.deque = collections.deque()
         self._tasks: Iterator[List[Task]] = iter(())
-        self._pipe = self._build(batch_size, num_threads, prefetch, source=self._next_batch)
+        self._pipe = None  # the "decoder" pipeline, built when first needed
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
         self._pending: collections.deque = collections.deque()
 
@@ -70,6 +105,18 @@ class DaliDecoder:
         return _encode(tasks)
 
     def decode(self, batches: Iterable[List[Task]]) -> Iterator[List]:
+        batches = list(batches)
+        if self.mode == "reader":
+            ranges = reader_ranges([t for b in batches for t in b], self.sequence_length, self.stride)
+            if ranges is not None:
+                yield from self._decode_with_reader(batches, ranges)
+                return
+            log.info("DALI reader mode cannot take this epoch's clips; decoding with fn.decoders.video")
+        yield from self._decode_with_decoder(batches)
+
+    def _decode_with_decoder(self, batches: List[List[Task]]) -> Iterator[List]:
+        if self._pipe is None:
+            self._pipe = self._build(self.batch_size, self.num_threads, self.prefetch, source=self._next_batch)
         self._tasks = iter(batches)
         self._in_flight.clear()
         finished = False
@@ -91,6 +138,81 @@ class DaliDecoder:
                 self._tasks = iter(())
                 self._drain()
             self._pipe.reset()
+
+    def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
+        """One reader pipeline per epoch over file lists of this epoch's clips; the label of
+        each sample is its task's position, which puts the samples of the parallel readers
+        back in order and checks that DALI kept every line.
+
+        Reader r reads tasks r, r + K, r + 2K, ... (its own list, so each file is opened by
+        one reader only), padded to equal lengths with positions past the end: each run then
+        decodes consecutive tasks, and all readers wrap around together."""
+        tasks = [t for b in batches for t in b]
+        if not tasks:
+            return
+        k = self.readers
+        padded = -(-len(tasks) // k) * k
+        lines = [f"{os.path.abspath(tasks[min(i, len(tasks) - 1)][0])} {i} "
+                 f"{ranges[min(i, len(tasks) - 1)][0]} {ranges[min(i, len(tasks) - 1)][1] + 1}\n"
+                 for i in range(padded)]
+        with tempfile.TemporaryDirectory(prefix="vitaclip_dali_") as tmp:
+            file_lists = [os.path.join(tmp, f"clips{r}.txt") for r in range(k)]
+            for r, file_list in enumerate(file_lists):
+                with open(file_list, "w") as f:
+                    f.writelines(lines[r::k])
+            try:
+                pipe = self._build_reader(file_lists)
+            except RuntimeError as e:  # e.g. a missing file
+                log.warning("DALI reader could not open this epoch's files (%s); decoding with "
+                            "fn.decoders.video", _first_line(e))
+                yield from self._decode_with_decoder(batches)
+                return
+        decoded: collections.deque = collections.deque()  # (task position, frames)
+        last = -1  # position of the last sample taken; the reader wraps around past the end
+        done = 0  # tasks handed out
+        for b, batch in enumerate(batches):
+            failed = False
+            try:
+                while len(decoded) < len(batch) and not failed:
+                    outputs = pipe.run()  # (frames, labels) per reader; labels on the GPU for NVDEC
+                    samples = sorted((int(np.array(labels[i]).reshape(-1)[0]), out, i)
+                                     for out, labels in zip(outputs[::2], (l.as_cpu() for l in outputs[1::2]))
+                                     for i in range(len(out)))
+                    new = [(p, out, i) for p, out, i in samples if last < p < len(tasks)]
+                    for position, out, i in new:
+                        decoded.append((position, self._to_torch(out[i], len(tasks[position][1]))))
+                        last = position
+                    self._keep_alive(outputs)
+                    failed = not new  # a reader that dropped a file has wrapped around early
+                if not failed:
+                    items = [decoded.popleft() for _ in batch]
+                    failed = [p for p, _ in items] != list(range(done, done + len(batch)))
+            except RuntimeError as e:
+                log.warning("DALI reader failed (%s)", _first_line(e))
+                failed = True
+            if failed:  # a file DALI could not read: find it, and finish without the reader
+                del pipe
+                yield self._decode_one_by_one(batch)
+                yield from self._decode_with_decoder(batches[b + 1:])
+                return
+            done += len(batch)
+            yield [frames for _, frames in items]
+
+    def _build_reader(self, file_lists: List[str]):
+        @pipeline_def(batch_size=-(-self.batch_size // self.readers), num_threads=self.num_threads,
+                      device_id=self.device_id, prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        def pipeline():
+            outputs = []
+            for r, file_list in enumerate(file_lists):
+                outputs += fn.experimental.readers.video(
+                    device=self.device, file_list=file_list, file_list_format="frames",
+                    file_list_include_end=False, sequence_length=self.sequence_length, stride=self.stride,
+                    step=2 ** 30, pad_mode="edge", random_shuffle=False, name=f"reader{r}")
+            return tuple(outputs)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
 
     def _drain(self):
         while True:
@@ -129,12 +251,31 @@ class DaliDecoder:
                                                 f"{indices.tolist()} ({_first_line(e)})"))
         return results
 
-    def _to_torch(self, tensor) -> torch.Tensor:
+    def _to_torch(self, tensor, frames: Optional[int] = None) -> torch.Tensor:
+        """A copy of a DALI sample; `frames` keeps only the first ones (the reader pads)."""
         if self.device == "cpu":
-            return torch.from_numpy(np.array(tensor))
+            return torch.from_numpy(np.array(tensor)[:frames])
         out = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
-        return out
+        return out[:frames]
+
+
+def reader_ranges(tasks: Sequence[Task], sequence_length: int, stride: int) -> Optional[List[Tuple[int, int]]]:
+    """(start, last) per task such that the task's frames are the unique values of
+    min(start + stride * k, last), k < sequence_length, i.e. what the reader returns with
+    pad_mode="edge" over the frame range [start, last]; None if some task has other frames
+    or a path the file list cannot hold."""
+    ranges = []
+    steps = np.arange(sequence_length) * stride
+    for path, frames in tasks:
+        frames = np.asarray(frames)
+        if len(frames) == 0 or any(c.isspace() for c in path):
+            return None
+        start, last = int(frames[0]), int(frames[-1])
+        if not np.array_equal(np.unique(np.minimum(start + steps, last)), frames):
+            return None
+        ranges.append((start, last))
+    return ranges
 
 
 def _encode(tasks: Sequence[Task]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
-from .transforms import normalize, resize, resized_crop, to_rgb
+from .transforms import normalize, resize, resized_crop, to_device, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,15 @@ class VideoLoader:
                  backend: str = "auto", device=None, dtype: torch.dtype = torch.float32,
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
-                 prefetch: int = 2, on_error: str = "raise", min_frames: int = 1):
+                 prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
+                 dali_mode: Optional[str] = None, dali_readers: Optional[int] = None):
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dali_mode is not None and dali_mode not in dali.MODES:
+            raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
         self.stride, self.tsn, self.size = stride, tsn, size
         self.eval_short_side = eval_short_side or size
@@ -82,6 +85,8 @@ class VideoLoader:
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
+        self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
+        self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
         self.on_error, self.epoch = on_error, 0
         self.shard_id, self.num_shards = _shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
@@ -170,7 +175,8 @@ class VideoLoader:
                 self._dali = dali.DaliDecoder(
                     "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
                     num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
-                    prefetch=self.prefetch)
+                    prefetch=self.prefetch, mode=self.dali_mode, sequence_length=self.num_frames,
+                    stride=self.stride, readers=self.dali_readers)
             yield from self._dali.decode(tasks)
             return
         if self.num_workers == 0:
@@ -195,10 +201,15 @@ class VideoLoader:
             pass
 
     # ---------------------------------------------------------------- batches
-    def __iter__(self) -> Iterator[Batch]:
+    def decode_epoch(self) -> Iterator[Tuple[List[ClipPlan], List]]:
+        """This epoch's planned batches with their decoded frames (one tensor or error per
+        plan), before any transform: what `__iter__` assembles."""
         batches = self._plan_batches()
+        return zip(batches, self._decoded_batches(batches))
+
+    def __iter__(self) -> Iterator[Batch]:
         skipped_before = len(self.skipped)
-        for plans, decoded in zip(batches, self._decoded_batches(batches)):
+        for plans, decoded in self.decode_epoch():
             good = []
             for plan, frames in zip(plans, decoded):
                 if isinstance(frames, Exception):
@@ -207,17 +218,18 @@ class VideoLoader:
                     good.append((plan, frames))
             if not good:
                 raise RuntimeError(f"every video of a batch failed to decode: {[p.entry.path for p in plans]}")
-            yield self._assemble(good)
+            yield self.assemble(good)
         if len(self.skipped) > skipped_before:
             log.warning("epoch %d: skipped %d videos (%d in all)", self.epoch,
                         len(self.skipped) - skipped_before, len(self.skipped))
 
-    def _assemble(self, items) -> Batch:
+    def assemble(self, items) -> Batch:
+        """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
         clips, labels, ids = [], [], []
         for plan, frames in items:
             rgb = to_rgb(frames, self.device)
             if self.train:
-                clip = rgb[torch.as_tensor(plan.views[0], device=self.device)]
+                clip = rgb[to_device(plan.views[0], self.device)]
                 clips.append(resized_crop(clip, plan.crop, (self.size, self.size)))
                 n_views = 1
             else:
@@ -230,18 +242,18 @@ class VideoLoader:
         if self.train:
             video = self._augment(video, [plan for plan, _ in items])
         video = normalize(video, channel_dim=2).permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
-        return Batch(video, torch.tensor(labels, device=self.device), torch.tensor(ids, device=self.device))
+        return Batch(video, to_device(labels, self.device), to_device(ids, self.device))
 
     def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
         h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)
         rgb = resize(rgb, (h, w))
         s = self.size
-        return [rgb[torch.as_tensor(positions, device=self.device), :, top:top + s, left:left + s]
+        return [rgb[to_device(positions, self.device), :, top:top + s, left:left + s]
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
                 for positions in plan.views]
 
     def _augment(self, video, plans) -> torch.Tensor:
-        flips = torch.tensor([p.flip for p in plans], device=video.device)
+        flips = to_device([p.flip for p in plans], video.device)
         video = torch.where(flips.view(-1, 1, 1, 1, 1), video.flip(-1), video)
         if self.augment is None:
             return video

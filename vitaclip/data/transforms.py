@@ -19,6 +19,15 @@ class Yuv420(NamedTuple):
     v: torch.Tensor
 
 
+def to_device(values, device, dtype=None) -> torch.Tensor:
+    """Host values (list, numpy) as a tensor on `device` without waiting for the GPU: a CUDA
+    copy from pageable memory first synchronises the stream, one from pinned memory queues."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def to_rgb(frames, device) -> torch.Tensor:
     """Decoded frames (RGB uint8 [F, H, W, 3] or Yuv420) -> float [F, 3, H, W] in 0..255."""
     if isinstance(frames, Yuv420):
@@ -58,6 +67,6 @@ def normalize(clips: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, channel_dim: in
     """(x / 255 - mean) / std on 0..255 pixels, channels at channel_dim."""
     shape = [1] * clips.dim()
     shape[channel_dim] = 3
-    mean = torch.tensor(mean, device=clips.device, dtype=torch.float32).view(shape)
-    std = torch.tensor(std, device=clips.device, dtype=torch.float32).view(shape)
+    mean = to_device(mean, clips.device, torch.float32).view(shape)
+    std = to_device(std, clips.device, torch.float32).view(shape)
     return (clips.float() / 255.0 - mean) / std
