@@ -42,6 +42,6 @@ case $stage in
     bench model benchmarks/test_model_bench.py ${MODEL_BENCH_FILTER:+-k "$MODEL_BENCH_FILTER"} ;;&
   data|all)
     python3 -m pytest tests/test_data_gpu.py -q -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/tests-data.log"
-    bench data benchmarks/test_loader_bench.py -s ;;
+    bench data benchmarks/test_loader_bench.py -s ${DATA_BENCH_FILTER:+-k "$DATA_BENCH_FILTER"} ;;
 esac
 done
