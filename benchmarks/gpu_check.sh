@@ -24,7 +24,8 @@ python3 -c "import torch, triton, vitaclip; print('torch', torch.__version__, 't
 
 bench() {  # bench NAME pytest-args...
   local name=$1; shift
-  python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$OUT/bench-$name.json" 2>&1 | tail -n 25 | tee "$OUT/bench-$name.log"
+  # tee first: a run cut short by the call's time limit still leaves its log under $OUT
+  python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$OUT/bench-$name.json" 2>&1 | tee "$OUT/bench-$name.log" | tail -n 25
   [ -f "$OUT/bench-$name.json" ] && python3 benchmarks/summarize.py "$OUT/bench-$name.json"
 }
 
