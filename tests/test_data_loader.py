@@ -246,3 +246,19 @@ def test_train_batches_same_with_dali_reader_and_decoder_modes(vp9_dataset):
         assert torch.equal(a.video, b.video) and torch.equal(a.video_id, b.video_id)
     with pytest.raises(ValueError, match="dali_mode"):
         loader(root, True, dali_mode="fast", **kw)
+
+
+@needs_dali
+def test_auto_backend_on_cuda_prefers_pyav_over_dali_gpu(vp9_dataset, tmp_path, monkeypatch):
+    """DALI's GPU path measured 10x slower than PyAV (benchmarks/RESULTS.md): auto takes it only
+    without PyAV. Only the choice is checked here; nothing touches the (absent) GPU."""
+    from vitaclip.data import loader as loader_module
+    from vitaclip.data.prepare import EncodeSettings, transcode
+
+    root, rows = vp9_dataset
+    transcode(str(root / rows[0][0]), str(tmp_path / "a.mp4"), EncodeSettings(short_side=32))
+    (tmp_path / "list.csv").write_text("a.mp4,0\n")
+    assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "pyav"
+    assert loader(root, True, batch_size=1, backend="auto", device="cuda").backend == "dali-cpu"
+    monkeypatch.setattr(loader_module.pyav, "available", lambda: False)
+    assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "dali-gpu"
