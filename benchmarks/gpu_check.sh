@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for a lent GPU machine (no network; see benchmarks/README.md for the wheels):
+# The GPU check, for a lent GPU machine (no network; benchmarks/README.md says how wheels travel):
 #   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | data | all
 # Each stage builds what is missing (the C++/CUDA extension for this machine's torch), runs its
 # GPU tests or benchmarks, writes JSON and logs under $OUT and prints a short table.
