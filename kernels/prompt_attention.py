@@ -61,18 +61,22 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, key_mask, qk_scale, PRECISION: 
 
 
 @triton.jit
+def _program_coords(n_tiles, H):
+    """(tile, frame*head index, frame, head) of this program: a 1-D grid with the tiles of one
+    (frame, head) adjacent, so that they share its K/V in L2."""
+    tile = tl.program_id(0) % n_tiles
+    pid_fh = tl.program_id(0) // n_tiles
+    return tile, pid_fh, pid_fh // H, pid_fh % H
+
+
+@triton.jit
 def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
          sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
          S, H, frames_per_group, qk_scale,
          P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    # 1-D grid, query tiles of one (frame, head) adjacent: they share its K/V in L2
-    n_tiles = tl.cdiv(S, BLOCK_M)
-    pid_m = tl.program_id(0) % n_tiles
-    pid_fh = tl.program_id(0) // n_tiles
-    frame = pid_fh // H
-    head = pid_fh % H
+    pid_m, pid_fh, frame, head = _program_coords(tl.cdiv(S, BLOCK_M), H)
     frame64 = frame.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,12 +136,7 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
             P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    # 1-D grid, query tiles of one (frame, head) adjacent: they share its K/V in L2
-    n_tiles = tl.cdiv(S, BLOCK_M)
-    pid_m = tl.program_id(0) % n_tiles
-    pid_fh = tl.program_id(0) // n_tiles
-    frame = pid_fh // H
-    head = pid_fh % H
+    pid_m, pid_fh, frame, head = _program_coords(tl.cdiv(S, BLOCK_M), H)
     frame64 = frame.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,10 +193,7 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
               BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     """Program n < cdiv(S, BLOCK_N): own key tile n; the last program: the prompt tile."""
     own_tiles = tl.cdiv(S, BLOCK_N)
-    pid_n = tl.program_id(0) % (own_tiles + 1)
-    pid_fh = tl.program_id(0) // (own_tiles + 1)
-    frame = pid_fh // H
-    head = pid_fh % H
+    pid_n, pid_fh, frame, head = _program_coords(own_tiles + 1, H)
     frame64 = frame.to(tl.int64)
     row = H * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
