@@ -262,3 +262,43 @@ def test_auto_backend_on_cuda_prefers_pyav_over_dali_gpu(vp9_dataset, tmp_path, 
     assert loader(root, True, batch_size=1, backend="auto", device="cuda").backend == "dali-cpu"
     monkeypatch.setattr(loader_module.pyav, "available", lambda: False)
     assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "dali-gpu"
+
+
+def test_start_batch_gives_the_rest_of_the_epoch_without_decoding_the_rest(vp9_dataset, monkeypatch):
+    root, _ = vp9_dataset
+    full = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)
+    full.set_epoch(3)
+    batches = list(full)
+    assert len(batches) >= 3
+    decoded = []
+    from vitaclip.data import loader as loader_module
+    real = loader_module.decode_with_pyav
+    monkeypatch.setattr(loader_module, "decode_with_pyav", lambda *a: decoded.append(a[0]) or real(*a))
+    rest = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)
+    rest.set_epoch(3, start_batch=2)
+    tail = list(rest)
+    assert len(tail) == len(batches) - 2 and len(decoded) == len(tail)
+    for a, b in zip(tail, batches[2:]):
+        assert torch.equal(a.video, b.video) and torch.equal(a.label, b.label) and a.video_id == b.video_id
+    with pytest.raises(ValueError, match="start_batch"):
+        rest.set_epoch(0, start_batch=-1)
+
+
+def test_epoch_loader_resumes_a_video_loader_mid_epoch_without_replaying(vp9_dataset):
+    from vitaclip.engine.loader import EpochLoader
+
+    root, _ = vp9_dataset
+    straight = iter(EpochLoader(loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)))
+    expected = [next(straight) for _ in range(5)]
+    first = EpochLoader(loader(root, True, batch_size=1, num_frames=2, stride=2, size=32))
+    it = iter(first)
+    [next(it) for _ in range(2)]
+    resumed = EpochLoader(loader(root, True, batch_size=1, num_frames=2, stride=2, size=32))
+    resumed.load_state_dict(first.state_dict())
+    planned = []
+    real_plan = resumed.loader._plan_batches
+    resumed.loader._plan_batches = lambda: planned.append(resumed.loader.start_batch) or real_plan()
+    got = [b for b, _ in zip(resumed, range(3))]
+    assert planned[0] == 2
+    for a, b in zip(got, expected[2:]):
+        assert torch.equal(a.video, b.video) and torch.equal(a.label, b.label)

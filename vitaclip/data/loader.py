@@ -87,7 +87,7 @@ class VideoLoader:
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
         self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
         self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
-        self.on_error, self.epoch = on_error, 0
+        self.on_error, self.epoch, self.start_batch = on_error, 0, 0
         self.shard_id, self.num_shards = _shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
 
@@ -116,8 +116,12 @@ class VideoLoader:
         n = len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Plan the next iterations for `epoch`, from its batch `start_batch` on: batches depend
+        only on (seed, epoch, video), so a run resumed mid-epoch decodes nothing it already used."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard_videos(self):
         if not self.train:
@@ -145,7 +149,8 @@ class VideoLoader:
     def _plan_batches(self) -> List[List[ClipPlan]]:
         plans = [self.plan(*v) for v in self._shard_videos()]
         n = len(plans) // self.batch_size * self.batch_size if self.train else len(plans)
-        return [plans[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        start = self.start_batch * self.batch_size
+        return [plans[i:i + self.batch_size] for i in range(start, n, self.batch_size)]
 
     # ---------------------------------------------------------------- decoding
     def _resolve_backend(self, backend: str) -> str:

@@ -11,6 +11,7 @@ would, whatever the number of workers. Any other object with `__iter__`, `state_
 """
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -165,7 +166,8 @@ def optional_len(data) -> Optional[int]:
 class EpochLoader:
     """Endless, resumable iteration over a loader that yields one epoch per `iter()` and takes
     `set_epoch(e)` (e.g. vitaclip.data.VideoLoader, whose batches depend only on seed and epoch).
-    Resuming mid-epoch replays the epoch's plan and drops the batches already consumed."""
+    Resuming mid-epoch starts at the first batch not yet consumed: without decoding the used
+    ones where the loader takes `set_epoch(e, start_batch=b)`, else by replaying and dropping them."""
 
     def __init__(self, loader):
         if not hasattr(loader, "set_epoch"):
@@ -181,11 +183,20 @@ class EpochLoader:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
+    def _start_epoch(self) -> int:
+        """Set the loader's epoch; returns the batch it starts at. A loader that can start
+        mid-epoch (VideoLoader) skips the used batches without decoding them."""
+        if "start_batch" in inspect.signature(self.loader.set_epoch).parameters:
+            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            return self.batch_in_epoch
+        self.loader.set_epoch(self.epoch)
+        return 0
+
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            self.loader.set_epoch(self.epoch)
+            first = self._start_epoch()
             yielded = False
-            for i, batch in enumerate(self.loader):
+            for i, batch in enumerate(self.loader, start=first):
                 if i < self.batch_in_epoch:
                     continue
                 yielded = True
