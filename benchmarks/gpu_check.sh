@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (no network; benchmarks/README.md says how wheels travel):
-#   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | data | all
+#   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | profile | data | all
+# (TESTS_FILTER, MODEL_BENCH_FILTER, DATA_BENCH_FILTER: pytest -k expressions for those stages)
 # Each stage builds what is missing (the C++/CUDA extension for this machine's torch), runs its
 # GPU tests or benchmarks, writes JSON and logs under $OUT and prints a short table.
 set -uo pipefail
@@ -32,7 +33,7 @@ bench() {  # bench NAME pytest-args...
 for stage in "${@:-all}"; do
 case $stage in
   tests|all)
-    python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
+    python3 -m pytest tests -m gpu -q -p no:cacheprovider -k "not test_data_gpu${TESTS_FILTER:+ and ($TESTS_FILTER)}" 2>&1 | tail -n 40 | tee "$OUT/tests.log" ;;&
   tune|all)
     OUT=$OUT python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider 2>&1 | tail -n 16 ;;&
   ops|all)
@@ -41,6 +42,8 @@ case $stage in
     bench text benchmarks/test_text_bench.py ;;&
   model|all)
     bench model benchmarks/test_model_bench.py ${MODEL_BENCH_FILTER:+-k "$MODEL_BENCH_FILTER"} ;;&
+  profile)  # not in "all": a diagnosis, not a figure
+    python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" ;;&
   data|all)
     python3 -m pytest tests/test_data_gpu.py -q -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/tests-data.log"
     bench data benchmarks/test_loader_bench.py -s ${DATA_BENCH_FILTER:+-k "$DATA_BENCH_FILTER"} ;;
