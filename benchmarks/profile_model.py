@@ -3,7 +3,8 @@
     python benchmarks/profile_model.py [inference|train|train-vision|text ...] [--backend B]
 
 Prints, per mode, the wall time of a step, the share of it the GPU was busy with kernels,
-and the kernels taking most of it (time per step, launches per step). ViT-B/16, 8 x 224 x 224
+the kernels taking most of it (time per step, launches per step), and the host-side calls
+with the most self time (where a step that keeps the GPU waiting spends it). ViT-B/16, 8 x 224 x 224
 clips, bf16 autocast, 400 class-specific prompts, random weights: the benchmark settings.
 """
 import argparse
@@ -90,6 +91,11 @@ def report(mode, step, clips):
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:18]:
         ms = e.self_device_time_total / STEPS / 1e3
         print(f"{ms:7.3f} ms {e.count // STEPS:5d}x  {e.key[:110]}")
+    host = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
+    print(f"host side: {sum(e.self_cpu_time_total for e in host) / STEPS / 1e3:.2f} ms/step of op and runtime "
+          f"calls (under the profiler); most self time:")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:14]:
+        print(f"{e.self_cpu_time_total / STEPS / 1e3:7.3f} ms {e.count // STEPS:5d}x  {e.key[:110]}")
 
 
 def main():

@@ -7,6 +7,8 @@ trainable parameter. On CUDA also ViT-B/16 under bf16 autocast.
 import copy
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +152,15 @@ def test_auto_picks_fast_compiled_on_cuda_only():
     assert backends.resolve_backend("auto", torch.device("cpu")).name == "reference"
     if torch.cuda.is_available():
         assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast-compiled"
+
+
+def test_auto_considers_the_fast_backends_in_a_fresh_process():
+    # "auto" used to choose among the backends imported so far, so a script that never
+    # named a backend ran the reference on CUDA
+    code = ("import torch; from vitaclip import VitaCLIP, backends; "
+            "backends.resolve_backend('auto', torch.device('cpu')); print(sorted(backends._BACKENDS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fast-compiled" in out, out
 
 
 def relative_error(got, want):

@@ -5,6 +5,7 @@ from conftest import CLASSES, random_video, randomize_, tiny_config
 from spec_oracle import frame_features
 from vitaclip import VitaCLIP, VitaCLIPConfig
 from vitaclip.backends import resolve_backend
+from vitaclip.vision import PatchEmbed
 
 
 def frames(model, video):
@@ -51,6 +52,20 @@ def test_time_embedding_is_resized_by_nearest_neighbour():
     te = model.visual.time_embed
     assert torch.equal(model.visual.time_embedding(7), te[[0, 0, 0, 1, 1, 2, 2]])
     assert model.visual.time_embedding(3) is te
+
+
+@pytest.mark.parametrize("patch", [7, 8])
+def test_patch_embedding_is_the_convolution(patch):
+    embed = PatchEmbed(patch, 24).double()
+    video = torch.randn(2, 3, 3, 4 * patch, 5 * patch, dtype=torch.float64)  # [B, 3, T, H, W]
+    frames = video.transpose(1, 2)  # a strided view, as the model passes it
+    want = torch.nn.functional.conv2d(frames.reshape(6, 3, 4 * patch, 5 * patch), embed.proj.weight,
+                                      embed.proj.bias, stride=patch).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(embed(frames), want, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cast once, in the patch copy
+        low = embed.float()(frames.float())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), want, rtol=0.05, atol=0.05)
 
 
 def test_logits_are_scaled_cosines(config):

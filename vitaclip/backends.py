@@ -53,12 +53,12 @@ def available_backends() -> list[str]:
 
 
 def check_backend_name(name: str) -> None:
-    if name != "auto" and name not in available_backends():
+    if name not in ["auto", *available_backends()]:
         raise ValueError(f"unknown backend {name!r}; choose from {['auto'] + available_backends()}")
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    check_backend_name(name)
+    check_backend_name(name)  # also imports the optional backends, which "auto" chooses among
     if name != "auto":
         backend = _BACKENDS[name]
         if not backend.is_available(device):

@@ -57,12 +57,29 @@ class Mlp(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """CLIP's patch convolution (kernel = stride = patch size, the authors' parameter), computed
+    as what it is, one matmul over the flattened patches (cuDNN's convolution and its two layout
+    conversions took 2 ms of a 27 ms batch of 32 clips on an H100, benchmarks/RESULTS.md)."""
+
     def __init__(self, patch_size: int, width: int):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, frames: Tensor) -> Tensor:
-        return self.proj(frames).flatten(2).transpose(1, 2)  # [F, N, C]
+        """Patch features [F, N, C] of frames [..., 3, H, W] (any strides; F = the leading sizes' product)."""
+        p = self.patch_size
+        device = frames.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else frames.dtype
+        # [..., rows, columns, 3, p, p]: the weight's (channel, row, column) order, cast in the same copy
+        lead = frames.dim() - 3
+        patches = frames.unflatten(-1, (-1, p)).unflatten(-3, (-1, p))  # [..., 3, rows, p, columns, p]
+        patches = patches.permute(*range(lead), lead + 1, lead + 3, lead, lead + 2, lead + 4)
+        rows, columns = patches.shape[lead:lead + 2]
+        patches = patches.to(dtype, memory_format=torch.contiguous_format).contiguous()  # one copy either way
+        patches = patches.view(-1, rows * columns, 3 * p * p)
+        weight = self.proj.weight.view(self.proj.out_channels, -1)
+        return F.linear(patches, weight, self.proj.bias)  # [F, N, C]
 
 
 @dataclass
@@ -202,8 +219,7 @@ class VisionTransformer(nn.Module):
         """Per-frame features [B, T, D] of a normalised video [B, 3, T, H, W]."""
         self.check_video(video)
         b, _, t, h, w = video.shape
-        frames = video.transpose(1, 2).reshape(b * t, 3, h, w)
-        x = self.patch_embed(frames)
+        x = self.patch_embed(video.transpose(1, 2))
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         x = x.view(b, t, *x.shape[1:]) + self.time_embedding(t).to(x.dtype)[None, :, None, :]
