@@ -148,10 +148,10 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
     assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
 
 
-def test_auto_picks_fast_compiled_on_cuda_only():
+def test_auto_picks_fast_graphed_on_cuda_only():
     assert backends.resolve_backend("auto", torch.device("cpu")).name == "reference"
     if torch.cuda.is_available():
-        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast-compiled"
+        assert backends.resolve_backend("auto", torch.device("cuda")).name == "fast-graphed"
 
 
 def test_auto_considers_the_fast_backends_in_a_fresh_process():

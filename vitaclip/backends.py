@@ -23,6 +23,7 @@ class Backend:
     is_available: Callable[[torch.device], bool]
     priority: int
     compile_text: bool = False  # also run the text transformer under torch.compile
+    cuda_graphs: bool = False  # capture whole passes as CUDA graphs on CUDA (vitaclip.graphs)
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -31,8 +32,8 @@ OPTIONAL_BACKEND_MODULES = ("vitaclip.fast",)
 
 def register_backend(name: str, block_forward: BlockForward,
                      is_available: Callable[[torch.device], bool] = lambda device: True,
-                     priority: int = 0, compile_text: bool = False) -> None:
-    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_text)
+                     priority: int = 0, compile_text: bool = False, cuda_graphs: bool = False) -> None:
+    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_text, cuda_graphs)
 
 
 register_backend("reference", reference_block_forward)

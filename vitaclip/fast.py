@@ -121,3 +121,5 @@ def fast_available(device: torch.device) -> bool:
 
 register_backend("fast", fast_block_forward, fast_available, priority=5)
 register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=10, compile_text=True)
+register_backend("fast-graphed", fast_compiled_block_forward, fast_available, priority=20, compile_text=True,
+                 cuda_graphs=True)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
+from .graphs import GraphCache
 from .text import PromptLearner, TextEncoder, check_classnames, clean_classname, tokenize
 from .vision import VisionTransformer
 
@@ -46,6 +47,7 @@ class VitaCLIP(nn.Module):
         self._fixed_classnames: Optional[List[str]] = None
         self.register_buffer("_fixed_text_features", None, persistent=False)
         self._text_cache: Optional[Tuple[tuple, Tensor]] = None
+        self._graphs = GraphCache()
         if classnames is not None:
             self.set_classes(classnames)
         self.freeze()
@@ -106,9 +108,15 @@ class VitaCLIP(nn.Module):
         if texts is None:
             if self.prompt_learner is None:
                 raise ValueError("no classes set: pass classnames to the model or call set_classes()")
-            embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
-            compiled = resolve_backend(self.backend, embeds.device).compile_text
-            return self.textual(embeds, eot, truncate=False, compiled=compiled)  # already cut: no sync
+            backend = resolve_backend(self.backend, self.logit_scale.device)
+
+            def learned_text_features() -> Tensor:
+                embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
+                return self.textual(embeds, eot, truncate=False, compiled=backend.compile_text)  # already cut
+            if backend.cuda_graphs and self.logit_scale.is_cuda:
+                return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
+                                        [self.textual, self.prompt_learner])
+            return learned_text_features()
         tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
         return self.textual.encode_tokens(tokens, truncate)
 
@@ -151,7 +159,13 @@ class VitaCLIP(nn.Module):
     def encode_video(self, video: Tensor) -> Tensor:
         """Video features [B, D] (mean of the frame features, before normalisation)."""
         backend = resolve_backend(self.backend, video.device)
-        return self.visual(video, backend.block_forward).mean(dim=1)
+        if backend.cuda_graphs and video.is_cuda:
+            self.visual.check_video(video)  # a replayed graph checks nothing
+            frames = self._graphs.run(f"{backend.name} video", lambda v: self.visual(v, backend.block_forward), [video],
+                                      [self.visual])
+        else:
+            frames = self.visual(video, backend.block_forward)
+        return frames.mean(dim=1)
 
     def forward(self, video: Tensor) -> Tensor:
         text = self.text_features()
