@@ -274,10 +274,10 @@ class VideoLoader:
         self.skipped.append(message)
 
 
-def decode_with_pyav(path: str, frames: np.ndarray):
+def decode_with_pyav(path: str, frames: np.ndarray, threads: int = 0):
     """Decoded frames of one task, or the error (returned, to cross process boundaries)."""
     try:
-        return pyav.decode_frames(path, frames)
+        return pyav.decode_frames(path, frames, threads)
     except (VideoDecodeError, ImportError) as e:
         return VideoDecodeError(str(e))
 
@@ -286,7 +286,7 @@ class _PyAVTasks(torch.utils.data.Dataset):
     """Indexed by the tasks themselves: the sampler hands the workers (path, frames) pairs."""
 
     def __getitem__(self, task):
-        return decode_with_pyav(*task)
+        return decode_with_pyav(*task, threads=1)  # one thread per worker: the pool fills the cores
 
 
 class _EpochTasks(torch.utils.data.Sampler):

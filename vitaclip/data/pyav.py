@@ -49,17 +49,23 @@ def probe(path: str) -> VideoInfo:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
 
-def decode_frames(path: str, indices: np.ndarray) -> Yuv420:
+def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     """Frames at the given sorted unique indices. A demux pass (cheap) maps indices to
     timestamps and finds the keyframes; decoding then seeks to the last keyframe before
-    a wanted frame whenever that skips frames, instead of decoding everything up to it."""
+    a wanted frame whenever that skips frames, instead of decoding everything up to it.
+
+    threads: FFmpeg's slice threads (0: one per core); 1 in a pool of decoding processes,
+    which already keeps every core busy. Never frame threads: a frame-threaded decoder
+    returns a frame only after reading one packet per thread beyond it, so every seek would
+    decode up to a core count of frames that are thrown away."""
     _require_av()
     indices = [int(i) for i in indices]
     out = _Planes(len(indices))
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream.thread_type = "SLICE"
+            stream.codec_context.thread_count = threads
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
