@@ -35,6 +35,13 @@ def test_copies_of_a_model_start_without_graphs():
         assert isinstance(copied, GraphCache) and copied.capacity == 3 and not copied._failed
 
 
+def test_new_classes_drop_the_text_passes_only():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    model._graphs._passes.update({("fast-graphed video",): "video pass", ("fast-graphed text, truncate=True",): "text"})
+    model.set_classes(CLASSES[::-1])
+    assert list(model._graphs._passes) == [("fast-graphed video",)]
+
+
 def test_without_cuda_the_plain_pass_runs():
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
     video = torch.randn(1, 3, 3, 56, 56, requires_grad=True)  # inputs needing grad are never captured

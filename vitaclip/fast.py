@@ -17,9 +17,11 @@ extended sequence:
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
 (one graph per layer shape, shared by all layers), fusing the LayerNorms, casts and
-residual adds around the GEMMs and the custom ops, and compiles the text transformer too.
-Both register on import and are offered on CUDA; "auto" picks "fast-compiled", measured
-faster on an H100 (benchmarks/RESULTS.md), at the price of compiling in the first steps.
+residual adds around the GEMMs and the custom ops, and compiles the text transformer too;
+"fast-graphed" is "fast-compiled" with whole passes captured as CUDA graphs by the model
+(vitaclip.graphs). All register on import and are offered on CUDA; "auto" picks
+"fast-graphed": a training step of "fast-compiled" left the H100 idle half the time,
+waiting on the host (benchmarks/RESULTS.md, run 3).
 """
 from __future__ import annotations
 

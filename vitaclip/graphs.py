@@ -128,9 +128,11 @@ class GraphCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["capacity"])
 
-    def clear(self) -> None:
-        self._passes.clear()
-        self._failed.clear()
+    def clear(self, kind: str = "") -> None:
+        """Drop the passes whose name contains `kind` (all by default), freeing their memory."""
+        for key in [k for k in self._passes if kind in k[0]]:
+            del self._passes[key]
+        self._failed = {k for k in self._failed if kind not in k[0]}
 
     def __len__(self) -> int:
         return len(self._passes)

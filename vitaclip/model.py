@@ -89,6 +89,7 @@ class VitaCLIP(nn.Module):
         """
         classnames = list(classnames)
         self._text_cache = None
+        self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
             self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
             self._fixed_classnames = [clean_classname(n) for n in classnames]
