@@ -1,6 +1,7 @@
 """CUDA-graphed passes (backend "fast-graphed", vitaclip.graphs): the same logits and gradients as
 the uncaptured fast path, outputs and gradients that survive later calls, recapture when frozen
 weights change, and a clear error where a replay would differentiate overwritten activations."""
+import contextlib
 import copy
 import pickle
 
@@ -42,12 +43,49 @@ def test_new_classes_drop_the_text_passes_only():
     assert list(model._graphs._passes) == [("fast-graphed video",)]
 
 
-def test_without_cuda_the_plain_pass_runs():
+def test_inputs_that_need_gradients_are_never_captured():
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
-    video = torch.randn(1, 3, 3, 56, 56, requires_grad=True)  # inputs needing grad are never captured
+    video = torch.randn(1, 3, 3, 56, 56, requires_grad=True)
     cache = GraphCache()
-    out = cache.run("video", lambda v: v * 2, [video], [model.visual])
+    for _ in range(3):
+        out = cache.run("video", lambda v: v * 2, [video], [model.visual], video.device)
     assert out.requires_grad and len(cache) == 0
+
+
+class FakeCapture:
+    """Stands in for a CUDA graph capture on the CPU: counts captures and replays."""
+    made = 0
+
+    def __init__(self, fn, inputs, params):
+        FakeCapture.made += 1
+        self.fn = fn
+
+    def forward(self, inputs):
+        return ("replayed", self.fn(*inputs))
+
+
+def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
+    monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
+    cache, calls = GraphCache(), []
+
+    def fn(x):
+        calls.append(x.shape)
+        return x + 1
+
+    small, large = torch.zeros(2), torch.zeros(3)
+    with torch.no_grad():
+        assert torch.equal(cache.run("pass", fn, [small], [model.visual], small.device), small + 1)  # plain
+        assert FakeCapture.made == 0 and len(cache) == 0
+        cache.run("pass", fn, [large], [model.visual], large.device)  # another shape: seen once
+        assert cache.run("pass", fn, [small], [model.visual], small.device)[0] == "replayed"
+        assert FakeCapture.made == 1 and len(cache) == 1
+        assert cache.run("pass", fn, [small], [model.visual], small.device)[0] == "replayed"
+        assert FakeCapture.made == 1
+        with torch.no_grad():
+            model.visual.blocks[0].mlp.fc1.weight.mul_(2)  # a frozen weight changed: a new key
+        assert not isinstance(cache.run("pass", fn, [small], [model.visual], small.device), tuple)
 
 
 def _model(dtype_autocast=None):
@@ -74,11 +112,13 @@ def test_graphed_training_and_inference_match_the_uncaptured_fast_path(autocast)
     for backend in ("fast-compiled", "fast-graphed"):
         model.set_backend(backend)
         model.zero_grad(set_to_none=True)
-        losses = [_step(model, v, labels, autocast) for v in videos]  # grads accumulate over 3 steps
+        # grads accumulate over 3 steps: run uncaptured, captured, replayed
+        losses = [_step(model, v, labels, autocast) for v in videos]
         grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None}
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            model(videos[2]), model(videos[2])  # uncaptured, captured
             first = model(videos[0])
-            second = model(videos[1])
+            second = model(videos[1])  # a replay: must leave `first` as it was
         results[backend] = (losses, grads, first, second)
     # video with and without grad, text with grad (without grad the model's text cache answered)
     captured = {(key[0], key[2]) for key in model._graphs._passes}
@@ -100,15 +140,21 @@ def test_frozen_weight_edit_recaptures_and_two_forwards_before_backward_raise():
     model = _model()
     model.set_backend("fast-graphed")
     video = torch.randn(2, 3, 3, 56, 56, device="cuda")
+
+    def replayed(fn):
+        return [fn() for _ in range(3)][-1]  # uncaptured, captured, replayed
+
     with torch.no_grad():
-        before = model(video)
+        before = replayed(lambda: model(video))
         model.visual.blocks[1].mlp.fc2.weight.mul_(2)
-        after = model(video)
+        after = replayed(lambda: model(video))
         model.set_backend("fast-compiled")
         want = model(video)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
     model.set_backend("fast-graphed")
+    for _ in range(2):
+        model.encode_video(video).sum().backward()
     first = model.encode_video(video).sum()
     model.encode_video(video).sum()
     with pytest.raises(RuntimeError, match="forward again before the backward"):

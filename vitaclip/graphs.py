@@ -5,8 +5,9 @@ step of the compiled fast path kept the GPU busy 55% of the time and the text si
 (benchmarks/RESULTS.md): the host, not the GPU, set the pace. A pass captured once as a
 CUDA graph and replayed costs the host one launch.
 
-`GraphCache.run(name, fn, inputs, modules)` returns fn(*inputs), from a graph captured for
-this call's key: the inputs' shapes and dtypes, grad and inference mode, the autocast state,
+`GraphCache.run(name, fn, inputs, modules, device)` returns fn(*inputs), from a graph captured
+for this call's key (on the key's second call: a shape used once, such as an evaluation's
+last partial batch, is not worth a capture): the inputs' shapes and dtypes, grad and inference mode, the autocast state,
 and the modules' parameters and buffers (identity, requires_grad, and the versions of the
 frozen ones, so a reload or in-place edit of frozen weights captures again; the trainable
 ones are read at replay as they are). With grad enabled the backward is captured too, into
@@ -116,6 +117,7 @@ class GraphCache:
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
         self._passes: "OrderedDict[tuple, CapturedPass]" = OrderedDict()
+        self._seen: "OrderedDict[tuple, None]" = OrderedDict()  # keys run once, uncaptured
         self._failed: set = set()
 
     # Graphs belong to their model's tensors: a copy or an unpickled model starts with none.
@@ -132,27 +134,36 @@ class GraphCache:
         """Drop the passes whose name contains `kind` (all by default), freeing their memory."""
         for key in [k for k in self._passes if kind in k[0]]:
             del self._passes[key]
+        for key in [k for k in self._seen if kind in k[0]]:
+            del self._seen[key]
         self._failed = {k for k in self._failed if kind not in k[0]}
 
     def __len__(self) -> int:
         return len(self._passes)
 
     def run(self, name: str, fn: Callable[..., Tensor], inputs: Sequence[Tensor],
-            modules: Sequence[nn.Module]) -> Tensor:
-        """fn(*inputs) through a CUDA graph; plain fn(*inputs) where graphs cannot serve
-        (inputs that need gradients, a capture that failed)."""
+            modules: Sequence[nn.Module], device: torch.device) -> Tensor:
+        """fn(*inputs) through a CUDA graph on `device`; plain fn(*inputs) the first time a key
+        is seen and where graphs cannot serve (inputs that need gradients, a failed capture)."""
         if any(x.requires_grad for x in inputs):
             return fn(*inputs)
         grad = torch.is_grad_enabled()
         params = [p for m in modules for p in m.parameters() if p.requires_grad] if grad else []
         key = (name, tuple((x.shape, x.dtype, x.device) for x in inputs), grad, torch.is_inference_mode_enabled(),
-               _autocast_state("cuda"), _module_key(modules))
+               _autocast_state("cuda"), device, _module_key(modules))
         if key in self._failed:
             return fn(*inputs)
         captured = self._passes.get(key)
         if captured is None:
+            if key not in self._seen:
+                self._seen[key] = None
+                while len(self._seen) > 4 * self.capacity:
+                    self._seen.popitem(last=False)
+                return fn(*inputs)
+            del self._seen[key]
             try:
-                captured = CapturedPass(fn, inputs, params)
+                with torch.cuda.device(device):
+                    captured = CapturedPass(fn, inputs, params)
             except Exception as error:  # noqa: BLE001 - any capture failure: run uncaptured, say why
                 warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({error!r}); "
                               f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
@@ -162,7 +173,8 @@ class GraphCache:
             while len(self._passes) > self.capacity:
                 self._passes.popitem(last=False)
         self._passes.move_to_end(key)
-        if not params:
-            with torch.no_grad():
-                return captured.forward(inputs)
-        return _Replay.apply(captured, len(inputs), *inputs, *params)
+        with torch.cuda.device(device):
+            if not params:
+                with torch.no_grad():
+                    return captured.forward(inputs)
+            return _Replay.apply(captured, len(inputs), *inputs, *params)

@@ -116,7 +116,7 @@ class VitaCLIP(nn.Module):
                 return self.textual(embeds, eot, truncate=False, compiled=backend.compile_text)  # already cut
             if backend.cuda_graphs and self.logit_scale.is_cuda:
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
-                                        [self.textual, self.prompt_learner])
+                                        [self.textual, self.prompt_learner], self.logit_scale.device)
             return learned_text_features()
         tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
         return self.textual.encode_tokens(tokens, truncate)
@@ -163,7 +163,7 @@ class VitaCLIP(nn.Module):
         if backend.cuda_graphs and video.is_cuda:
             self.visual.check_video(video)  # a replayed graph checks nothing
             frames = self._graphs.run(f"{backend.name} video", lambda v: self.visual(v, backend.block_forward), [video],
-                                      [self.visual])
+                                      [self.visual], video.device)
         else:
             frames = self.visual(video, backend.block_forward)
         return frames.mean(dim=1)
