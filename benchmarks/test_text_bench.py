@@ -23,6 +23,7 @@ KERNELS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SD
                                              (True, "efficient"), (True, "math")],
                          ids=["truncated", "full-77", "truncated-flash", "truncated-efficient", "truncated-math"])
 def test_text_side_of_a_training_step(benchmark, truncate, kernel):
+    torch._dynamo.reset()  # compile afresh: a graph traced under another kernel choice keeps it
     classes = [f"action number {i} of the dataset" for i in range(N_CLASSES)]
     model = VitaCLIP(VitaCLIPConfig.preset("ViT-B/16"), classes).cuda()
     ctx = model.prompt_learner.ctx
