@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 WARMUP_CALLS = 2  # compiles and autotunes outside the capture (make_graphed_callables uses 3)
+# Only this thread's calls are checked while capturing: the loader's threads (DataLoader's
+# pinning thread, DALI's) keep using CUDA meanwhile, which "global" mode would make fail.
+CAPTURE_MODE = "thread_local"
 
 
 def _autocast_state(device_type: str):
@@ -57,13 +60,13 @@ class CapturedPass:
         torch.cuda.current_stream().wait_stream(side)
         del out
         self.forward_graph = torch.cuda.CUDAGraph()
-        with autocast, torch.cuda.graph(self.forward_graph):
+        with autocast, torch.cuda.graph(self.forward_graph, capture_error_mode=CAPTURE_MODE):
             self.static_out = fn(*self.static_inputs)
         self.backward_graph: Optional[torch.cuda.CUDAGraph] = None
         if params:
             self.static_grad_out = torch.empty_like(self.static_out)
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool()):
+            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), capture_error_mode=CAPTURE_MODE):
                 self.static_grads = torch.autograd.grad(self.static_out, params, self.static_grad_out,
                                                         allow_unused=True)
             self.static_out = self.static_out.detach()
