@@ -6,11 +6,11 @@ step of the compiled fast path kept the GPU busy 55% of the time and the text si
 CUDA graph and replayed costs the host one launch.
 
 `GraphCache.run(name, fn, inputs, modules, device)` returns fn(*inputs), from a graph captured
-for this call's key (on the key's second call: a shape used once, such as an evaluation's
-last partial batch, is not worth a capture): the inputs' shapes and dtypes, grad and inference mode, the autocast state,
-and the modules' parameters and buffers (identity, requires_grad, and the versions of the
-frozen ones, so a reload or in-place edit of frozen weights captures again; the trainable
-ones are read at replay as they are). With grad enabled the backward is captured too, into
+for this call's key on the key's second call (a shape used once, such as an evaluation's last
+partial batch, is not worth a capture). The key: the inputs' shapes and dtypes, grad and
+inference mode, the autocast state, and the modules' parameters and buffers (identity,
+requires_grad, and the versions of the frozen ones, so a reload or in-place edit of frozen
+weights captures again; the trainable ones are read at replay as they are). With grad enabled the backward is captured too, into
 the modules' trainable parameters, and tied in by an autograd.Function. Outputs and
 gradients are copied out of the graph's memory, so results stay valid across calls and
 gradient accumulation adds up (a gradient aliasing graph memory would be overwritten by the
@@ -42,7 +42,6 @@ class CapturedPass:
     """One pass captured for one key: a forward graph, and a backward graph when `params`."""
 
     def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], params: List[nn.Parameter]):
-        self.params = params
         self.generation = 0
         device_type = "cuda"
         autocast_on, autocast_dtype = _autocast_state(device_type)
@@ -66,7 +65,8 @@ class CapturedPass:
         if params:
             self.static_grad_out = torch.empty_like(self.static_out)
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), capture_error_mode=CAPTURE_MODE):
+            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(),
+                                  capture_error_mode=CAPTURE_MODE):
                 self.static_grads = torch.autograd.grad(self.static_out, params, self.static_grad_out,
                                                         allow_unused=True)
             self.static_out = self.static_out.detach()
