@@ -43,6 +43,13 @@ def test_new_classes_drop_the_text_passes_only():
     assert list(model._graphs._passes) == [("fast-graphed video",)]
 
 
+def test_moving_the_model_drops_its_graphs():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    model._graphs._passes[("fast-graphed video",)] = "a pass reading the old addresses"
+    model.to(torch.float64)
+    assert len(model._graphs) == 0
+
+
 def test_inputs_that_need_gradients_are_never_captured():
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
     video = torch.randn(1, 3, 3, 56, 56, requires_grad=True)

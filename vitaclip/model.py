@@ -67,6 +67,12 @@ class VitaCLIP(nn.Module):
         return [p for _, p in self.named_trainable_parameters()]
 
     # ---------------------------------------------------------------- backends
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() give the tensors new memory, which a captured CUDA graph (that
+        # reads addresses and holds no reference) must never read again
+        self._graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def set_backend(self, name: str) -> None:
         check_backend_name(name)
         self.backend = name
