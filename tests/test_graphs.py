@@ -11,22 +11,41 @@ import torch.nn.functional as F
 
 from conftest import CLASSES, randomize_, tiny_config
 from vitaclip import VitaCLIP
-from vitaclip.graphs import GraphCache, _module_key
+from vitaclip.graphs import GraphCache, _module_state
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def key_of(*modules):
+    return _module_state(modules)[0]
+
+
 def test_key_follows_frozen_weights_and_ignores_trained_ones():
     model = VitaCLIP(tiny_config(), CLASSES)
-    key = _module_key([model.visual])
+    key = key_of(model.visual)
     with torch.no_grad():
         model.visual.global_prompts.add_(1)  # trained: read by the graph at replay
-    assert _module_key([model.visual]) == key
+    assert key_of(model.visual) == key
     with torch.no_grad():
         model.visual.blocks[0].attn.q_proj.weight.add_(1)  # frozen: may be folded into cached tensors
-    assert _module_key([model.visual]) != key
+    assert key_of(model.visual) != key
+    key = key_of(model.visual)
     model.visual.blocks[0].attn.q_proj.weight.requires_grad_(True)
-    assert _module_key([model.visual]) != _module_key([copy.deepcopy(model).visual])
+    assert key_of(model.visual) != key
+    key = key_of(model.visual)
+    model.visual.blocks[1].mlp.fc2 = torch.nn.Linear(model.config.width, model.config.width)  # replaced
+    assert key_of(model.visual) != key
+    key = key_of(model.visual)
+    model.visual.blocks[1].eval()
+    assert key_of(model.visual) != key
+
+
+def test_trainable_parameters_are_listed_once_as_parameters_lists_them():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    model.visual.blocks[1].local_prompts = model.visual.blocks[0].local_prompts  # shared: one gradient
+    _, trainable = _module_state([model.visual])
+    assert {id(p) for p in trainable} == {id(p) for p in model.visual.parameters() if p.requires_grad}
+    assert len(trainable) == len({id(p) for p in trainable})
 
 
 def test_copies_of_a_model_start_without_graphs():
