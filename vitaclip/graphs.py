@@ -10,8 +10,9 @@ for this call's key on the key's second call (a shape used once, such as an eval
 partial batch, is not worth a capture). The key: the inputs' shapes and dtypes, grad and
 inference mode, the autocast state, and the modules' parameters and buffers (identity,
 requires_grad, and the versions of the frozen ones, so a reload or in-place edit of frozen
-weights captures again; the trainable ones are read at replay as they are). With grad enabled the backward is captured too, into
-the modules' trainable parameters, and tied in by an autograd.Function. Outputs and
+weights captures again; the trainable ones are read at replay as they are; the submodules'
+train/eval state). With grad enabled the backward is captured too, into the modules'
+trainable parameters, and tied in by an autograd.Function. Outputs and
 gradients are copied out of the graph's memory, so results stay valid across calls and
 gradient accumulation adds up (a gradient aliasing graph memory would be overwritten by the
 next replay). A graph holds the activations of one call: a second forward before the first

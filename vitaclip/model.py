@@ -120,6 +120,7 @@ class VitaCLIP(nn.Module):
             def learned_text_features() -> Tensor:
                 embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
                 return self.textual(embeds, eot, truncate=False, compiled=backend.compile_text)  # already cut
+
             if backend.cuda_graphs and self.logit_scale.is_cuda:
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
                                         [self.textual, self.prompt_learner], self.logit_scale.device)
@@ -168,8 +169,8 @@ class VitaCLIP(nn.Module):
         backend = resolve_backend(self.backend, video.device)
         if backend.cuda_graphs and video.is_cuda:
             self.visual.check_video(video)  # a replayed graph checks nothing
-            frames = self._graphs.run(f"{backend.name} video", lambda v: self.visual(v, backend.block_forward), [video],
-                                      [self.visual], video.device)
+            frames = self._graphs.run(f"{backend.name} video", lambda v: self.visual(v, backend.block_forward),
+                                      [video], [self.visual], video.device)
         else:
             frames = self.visual(video, backend.block_forward)
         return frames.mean(dim=1)
