@@ -17,7 +17,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def key_of(*modules):
-    return _module_state(modules)[0]
+    modes, weights, _, _ = _module_state(modules)
+    return modes, weights
 
 
 def test_key_follows_frozen_weights_and_ignores_trained_ones():
@@ -38,12 +39,40 @@ def test_key_follows_frozen_weights_and_ignores_trained_ones():
     key = key_of(model.visual)
     model.visual.blocks[1].eval()
     assert key_of(model.visual) != key
+    key = key_of(model.visual)
+    model.visual.blocks[1].mlp.act = torch.nn.GELU()  # a submodule without parameters, replaced
+    assert key_of(model.visual) != key
+
+
+def test_tensors_made_in_inference_mode_have_a_key():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    with torch.inference_mode():
+        model.set_classes(CLASSES[::-1])  # its token buffers are inference tensors: no version counter
+    assert key_of(model.textual, model.prompt_learner)
+
+
+def test_hooks_rule_capture_out(monkeypatch):
+    monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    model = VitaCLIP(tiny_config(), CLASSES)
+    hooks = [lambda: model.visual.blocks[0].mlp.register_forward_hook(lambda *args: None),
+             lambda: model.visual.global_prompts.register_hook(lambda grad: grad * 10),
+             lambda: torch.nn.modules.module.register_module_forward_hook(lambda *args: None)]
+    for add_hook in hooks:
+        handle = add_hook()
+        assert _module_state([model.visual])[3]
+        cache = GraphCache()
+        for _ in range(3):
+            cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+        assert len(cache) == 0
+        handle.remove()
+    assert not _module_state([model.visual])[3]
 
 
 def test_trainable_parameters_are_listed_once_as_parameters_lists_them():
     model = VitaCLIP(tiny_config(), CLASSES)
     model.visual.blocks[1].local_prompts = model.visual.blocks[0].local_prompts  # shared: one gradient
-    _, trainable = _module_state([model.visual])
+    trainable = _module_state([model.visual])[2]
     assert {id(p) for p in trainable} == {id(p) for p in model.visual.parameters() if p.requires_grad}
     assert len(trainable) == len({id(p) for p in trainable})
 
@@ -62,11 +91,32 @@ def test_new_classes_drop_the_text_passes_only():
     assert list(model._graphs._passes) == [("fast-graphed video",)]
 
 
-def test_moving_the_model_drops_its_graphs():
+def test_moving_the_model_drops_its_graphs_and_a_no_op_move_keeps_them():
     model = VitaCLIP(tiny_config(), CLASSES)
-    model._graphs._passes[("fast-graphed video",)] = "a pass reading the old addresses"
+    model._graphs._passes[("fast-graphed video",)] = "a pass reading the current addresses"
+    model.to(torch.float32).eval()  # what evaluate() and predict() do: nothing moves
+    assert len(model._graphs) == 1
     model.to(torch.float64)
     assert len(model._graphs) == 0
+
+
+def test_text_cache_tells_autocast_dtypes_apart():
+    model = VitaCLIP(tiny_config(), CLASSES)
+    keys = set()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            keys.add(model._text_cache_key())
+    assert len(keys) == 2
+
+
+def test_fused_qkv_of_a_trained_attention_is_never_cached():
+    from vitaclip import fast
+    block = VitaCLIP(tiny_config(), CLASSES).visual.blocks[0]
+    block.attn.q_proj.weight.requires_grad_(True)
+    with torch.no_grad():  # a graph captured here must read the live weight at every replay
+        first, _ = fast.fused_qkv_weight(block)
+        second, _ = fast.fused_qkv_weight(block)
+    assert first is not second and getattr(block, fast._CACHE_ATTR, None) is None
 
 
 def test_inputs_that_need_gradients_are_never_captured():
@@ -112,9 +162,11 @@ def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
         with torch.no_grad():
             model.visual.blocks[0].mlp.fc1.weight.mul_(2)  # a frozen weight changed: a new key
         assert not isinstance(cache.run("pass", fn, [small], [model.visual], small.device), tuple)
+        assert cache.run("pass", fn, [small], [model.visual], small.device)[0] == "replayed"
+        assert FakeCapture.made == 2 and len(cache) == 1  # the capture for the old weights is gone
 
 
-def _model(dtype_autocast=None):
+def _model():
     torch.manual_seed(0)
     model = randomize_(VitaCLIP(tiny_config(width=128, heads=2), CLASSES)).cuda()
     return model
@@ -183,5 +235,33 @@ def test_frozen_weight_edit_recaptures_and_two_forwards_before_backward_raise():
         model.encode_video(video).sum().backward()
     first = model.encode_video(video).sum()
     model.encode_video(video).sum()
-    with pytest.raises(RuntimeError, match="forward again before the backward"):
+    with pytest.raises(RuntimeError, match="another forward of the pass came in between"):
         first.backward()
+    out = model.encode_video(video).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.backward()
+
+
+@gpu
+@pytest.mark.gpu
+def test_optimizer_steps_between_replays_match_the_uncaptured_fast_path():
+    """The trained parameters change in place between replays: the graphs read them live."""
+    video = torch.randn(2, 3, 3, 56, 56, device="cuda")
+    labels = torch.tensor([1, 2], device="cuda")
+    trained = {}
+    for backend in ("fast-compiled", "fast-graphed"):
+        model = _model()
+        model.set_backend(backend)
+        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+        losses = []
+        for _ in range(4):  # uncaptured, captured, replayed, replayed
+            losses.append(_step(model, video, labels, autocast=False))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        trained[backend] = (torch.stack(losses), {n: p.detach().clone() for n, p in model.named_trainable_parameters()})
+    (want_losses, want), (losses, got) = trained.values()
+    assert not torch.allclose(want_losses[0], want_losses[-1])  # the steps changed the model
+    torch.testing.assert_close(losses, want_losses, rtol=1e-4, atol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -44,11 +44,12 @@ _CACHE_ATTR = "_fast_qkv_cache"
 def fused_qkv_weight(block: VitaBlock) -> Tuple[Tensor, Tensor]:
     """[3C, C] weight and [3C] bias of q/k/v stacked. Cached on the block, keyed on the
     weights' storage and version so any in-place update or move invalidates it; rebuilt
-    every call (differentiably) when a q/k/v parameter trains."""
+    every call (differentiably under grad) when a q/k/v parameter trains, with or without
+    grad: a CUDA graph reads a trained weight at every replay, never a cached copy."""
     attn = block.attn
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
     params = [t for lin in linears for t in (lin.weight, lin.bias)]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if any(p.requires_grad for p in params):
         return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cached = getattr(block, _CACHE_ATTR, None)

@@ -8,16 +8,18 @@ CUDA graph and replayed costs the host one launch.
 `GraphCache.run(name, fn, inputs, modules, device)` returns fn(*inputs), from a graph captured
 for this call's key on the key's second call (a shape used once, such as an evaluation's last
 partial batch, is not worth a capture). The key: the inputs' shapes and dtypes, grad and
-inference mode, the autocast state, and the modules' parameters and buffers (identity,
-requires_grad, and the versions of the frozen ones, so a reload or in-place edit of frozen
-weights captures again; the trainable ones are read at replay as they are; the submodules'
-train/eval state). With grad enabled the backward is captured too, into the modules'
-trainable parameters, and tied in by an autograd.Function. Outputs and
-gradients are copied out of the graph's memory, so results stay valid across calls and
-gradient accumulation adds up (a gradient aliasing graph memory would be overwritten by the
-next replay). A graph holds the activations of one call: a second forward before the first
-one's backward raises instead of silently differentiating the wrong activations.
-If capture fails, the pass runs uncaptured from then on, with a warning.
+inference mode, the autocast state, the modules' submodules and their train/eval modes, and
+their parameters and buffers (addresses, requires_grad, and the versions of the frozen ones,
+so a reload or in-place edit of frozen weights captures again, dropping the stale capture;
+the trainable ones are read at replay as they are). With grad enabled the backward is
+captured too (outside autocast, as a training step runs it), into the modules' trainable
+parameters, and tied in by an autograd.Function. Outputs and gradients are copied out of the
+graph's memory, so results stay valid across calls and gradient accumulation adds up (a
+gradient aliasing graph memory would be overwritten by the next replay). A graph holds the
+activations of one call: one backward per forward, before the next forward; anything else
+raises instead of silently differentiating overwritten activations. Modules or trainable
+parameters with hooks run uncaptured (a hook would run only while capturing, or twice). If
+capture fails, the pass runs uncaptured from then on, with a warning.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ CAPTURE_MODE = "thread_local"
 
 
 def _autocast_state(device_type: str):
-    return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    enabled = torch.is_autocast_enabled(device_type)
+    return enabled, torch.get_autocast_dtype(device_type) if enabled else None
 
 
 class CapturedPass:
@@ -49,25 +52,31 @@ class CapturedPass:
         # autocast's weight-cast cache must stay off while capturing: cached casts would be
         # made once, inside one capture, and freed when the caller's autocast region ends
         autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on, cache_enabled=False)
+        # the backward as a training step runs it, after leaving the autocast region
+        no_autocast = torch.autocast(device_type, enabled=False)
         self.static_inputs = [x.detach().clone() for x in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast:
+        # warm-up and capture on one stream, so that what a stream sets up lazily (cuBLAS
+        # workspaces) exists before the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             for _ in range(WARMUP_CALLS):
-                out = fn(*self.static_inputs)
+                with autocast:
+                    out = fn(*self.static_inputs)
                 if params:
-                    torch.autograd.grad(out, params, torch.zeros_like(out), allow_unused=True)
-        torch.cuda.current_stream().wait_stream(side)
+                    with no_autocast:
+                        torch.autograd.grad(out, params, torch.zeros_like(out), allow_unused=True)
+        torch.cuda.current_stream().wait_stream(stream)
         del out
         self.forward_graph = torch.cuda.CUDAGraph()
-        with autocast, torch.cuda.graph(self.forward_graph, capture_error_mode=CAPTURE_MODE):
+        with autocast, torch.cuda.graph(self.forward_graph, stream=stream, capture_error_mode=CAPTURE_MODE):
             self.static_out = fn(*self.static_inputs)
         self.backward_graph: Optional[torch.cuda.CUDAGraph] = None
         if params:
             self.static_grad_out = torch.empty_like(self.static_out)
             self.backward_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(),
-                                  capture_error_mode=CAPTURE_MODE):
+            with no_autocast, torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), stream=stream,
+                                               capture_error_mode=CAPTURE_MODE):
                 self.static_grads = torch.autograd.grad(self.static_out, params, self.static_grad_out,
                                                         allow_unused=True)
             self.static_out = self.static_out.detach()
@@ -83,11 +92,12 @@ class CapturedPass:
     def backward(self, grad_out: Tensor, generation: int) -> List[Optional[Tensor]]:
         if generation != self.generation:
             raise RuntimeError(
-                "vitaclip: a CUDA-graphed pass ran forward again before the backward of an earlier call, "
-                "whose activations it overwrote; call backward after each forward, or use "
-                "backend='fast-compiled' (no CUDA graphs)")
+                "vitaclip: a CUDA-graphed pass allows one backward per forward, before its next forward: "
+                "another forward of the pass came in between (it overwrote the activations), or this is a "
+                "second backward (retain_graph); use backend='fast-compiled' (no CUDA graphs) for that")
         self.static_grad_out.copy_(grad_out)
-        self.backward_graph.replay()
+        self.backward_graph.replay()  # reuses the activations' memory: no second backward
+        self.generation += 1
         return [g.clone() if g is not None else None for g in self.static_grads]
 
 
@@ -104,16 +114,30 @@ class _Replay(torch.autograd.Function):
         return (None, None, *([None] * ctx.n_inputs), *grads)
 
 
-def _module_state(modules: Sequence[nn.Module]) -> Tuple[tuple, List[nn.Parameter]]:
-    """(key part, trainable parameters) of the modules' trees, walked afresh on every call (so a
-    replaced parameter, buffer or submodule is seen) by hand: 2.4x faster than `parameters()` and
-    `buffers()` for ViT-B/16, and this runs before every replay while the GPU may be waiting."""
-    key, trainable, seen = [], [], set()
+_GLOBAL_MODULE_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                        "_global_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _module_state(modules: Sequence[nn.Module]) -> Tuple[tuple, tuple, List[nn.Parameter], bool]:
+    """(the submodules and their train/eval modes, the tensors' addresses and the frozen ones'
+    versions, the trainable parameters, whether hooks are set) of the modules' trees, walked
+    afresh on every call (so a replaced parameter, buffer or submodule is seen) by hand: 2.4x
+    faster than `parameters()` and `buffers()` for ViT-B/16, and this runs before every replay
+    while the GPU may be waiting. Hooks rule a capture out: a module hook would run only while
+    capturing, and a gradient hook of a parameter once in the graph and once more after it."""
+    modes, key, trainable, seen = [], [], [], set()
+    hooked = any(getattr(torch.nn.modules.module, name) for name in _GLOBAL_MODULE_HOOKS)
     stack = list(modules)
     while stack:
         module = stack.pop()
         stack.extend(child for child in module._modules.values() if child is not None)
-        key.append(module.training)
+        modes.append((id(module), type(module), module.training))
+        hooked = hooked or _hooked(module)
         for p in module._parameters.values():
             if p is None or id(p) in seen:
                 continue
@@ -121,12 +145,18 @@ def _module_state(modules: Sequence[nn.Module]) -> Tuple[tuple, List[nn.Paramete
             if p.requires_grad:
                 key.append((p.data_ptr(), True))
                 trainable.append(p)
+                hooked = hooked or bool(p._backward_hooks)
             else:
-                key.append((p.data_ptr(), False, p._version))
+                key.append((p.data_ptr(), False, _version(p)))
         for b in module._buffers.values():
             if b is not None:
-                key.append((b.data_ptr(), b._version))
-    return tuple(key), trainable
+                key.append((b.data_ptr(), _version(b)))
+    return tuple(modes), tuple(key), trainable, hooked
+
+
+def _version(t: Tensor):
+    # tensors made under inference mode keep no version counter (and cannot change outside it)
+    return "inference" if torch.is_inference(t) else t._version
 
 
 class GraphCache:
@@ -166,10 +196,13 @@ class GraphCache:
         if any(x.requires_grad for x in inputs):
             return fn(*inputs)
         grad = torch.is_grad_enabled()
-        module_key, trainable = _module_state(modules)
+        modes, weights, trainable, hooked = _module_state(modules)
+        if hooked:
+            return fn(*inputs)
         params = trainable if grad else []
-        key = (name, tuple((x.shape, x.dtype, x.device) for x in inputs), grad, torch.is_inference_mode_enabled(),
-               _autocast_state("cuda"), device, module_key)
+        call = (name, tuple((x.shape, x.dtype, x.device) for x in inputs), grad, torch.is_inference_mode_enabled(),
+                _autocast_state("cuda"), device, modes)
+        key = (*call, weights)
         if key in self._failed:
             return fn(*inputs)
         captured = self._passes.get(key)
@@ -180,6 +213,9 @@ class GraphCache:
                     self._seen.popitem(last=False)
                 return fn(*inputs)
             del self._seen[key]
+            # the same call with earlier weights (reloaded in place, another checkpoint) cannot come back
+            for stale in [k for k in self._passes if k[:-1] == call]:
+                del self._passes[stale]
             try:
                 with torch.cuda.device(device):
                     captured = CapturedPass(fn, inputs, params)

@@ -68,10 +68,16 @@ class VitaCLIP(nn.Module):
 
     # ---------------------------------------------------------------- backends
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .half() give the tensors new memory, which a captured CUDA graph (that
-        # reads addresses and holds no reference) must never read again
-        self._graphs.clear()
-        return super()._apply(fn, *args, **kwargs)
+        # a .to(), .cuda() or .half() that gives tensors new memory ends the captured CUDA graphs:
+        # they read addresses and hold no reference (a .to() that changes nothing keeps them)
+        def addresses():
+            return [t.data_ptr() for t in (*self.parameters(), *self.buffers())]
+
+        before = addresses()
+        module = super()._apply(fn, *args, **kwargs)
+        if addresses() != before:
+            self._graphs.clear()
+        return module
 
     def set_backend(self, name: str) -> None:
         check_backend_name(name)
@@ -160,8 +166,8 @@ class VitaCLIP(nn.Module):
         versions = tuple(p._version for p in self.textual.parameters())
         learner = self.prompt_learner
         ctx_version = learner.ctx._version if learner is not None and learner.ctx is not None else None
-        return (id(learner.tokens) if learner is not None else None, ctx_version, versions,
-                torch.is_autocast_enabled(device.type), device)
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        return (id(learner.tokens) if learner is not None else None, ctx_version, versions, autocast, device)
 
     # ---------------------------------------------------------------- video
     def encode_video(self, video: Tensor) -> Tensor:
