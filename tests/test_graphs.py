@@ -166,6 +166,65 @@ def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
         assert FakeCapture.made == 2 and len(cache) == 1  # the capture for the old weights is gone
 
 
+class _FrozenGraph:
+    """CPU stand-in for a CUDA graph whose replay changes nothing: the captured values stay."""
+
+    def replay(self):
+        pass
+
+    def pool(self):
+        return None
+
+
+@pytest.fixture
+def frozen_graphs(monkeypatch):
+    """The real CapturedPass and _Replay on the CPU, with CUDA's graph and stream calls made
+    no-ops: a replay returns what the capture computed, so tests feed the captured input and
+    back-propagate ones (the incoming-gradient buffer is made as ones instead of empty)."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    null = lambda *args, **kwargs: contextlib.nullcontext()  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", null)
+    monkeypatch.setattr(torch.cuda, "graph", null)
+    monkeypatch.setattr(torch.cuda, "device", null)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FrozenGraph)
+    monkeypatch.setattr(torch, "empty_like", torch.ones_like)
+
+
+def test_replayed_gradients_reach_the_right_parameters_copied_and_accumulating(frozen_graphs):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    net[0].weight.requires_grad_(False)  # frozen: no gradient slot
+    x = torch.randn(5, 4)
+    want = torch.autograd.grad(net(x).sum(), [net[0].bias, net[2].weight, net[2].bias])
+    cache = GraphCache()
+    run = lambda: cache.run("pass", net, [x], [net], x.device)  # noqa: E731
+    run().sum().backward()  # uncaptured
+    net.zero_grad(set_to_none=True)
+    out = run()  # captured now
+    torch.testing.assert_close(out, net(x))
+    out.sum().backward()
+    for p, g in zip([net[0].bias, net[2].weight, net[2].bias], want):
+        torch.testing.assert_close(p.grad, g)
+    captured = next(iter(cache._passes.values()))
+    assert all(p.grad.data_ptr() != g.data_ptr() for p, g in zip([net[0].bias, net[2].weight, net[2].bias],
+                                                                   captured.static_grads))
+    run().sum().backward()  # a replay: its gradients add to the first ones
+    torch.testing.assert_close(net[2].weight.grad, 2 * want[1])
+    assert net[0].weight.grad is None
+    first, second = run(), run()
+    assert first.data_ptr() != second.data_ptr() != captured.static_out.data_ptr()
+    with pytest.raises(RuntimeError, match="another forward"):
+        first.sum().backward()
+    second.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        second.sum().backward()
+
+
 def _model():
     torch.manual_seed(0)
     model = randomize_(VitaCLIP(tiny_config(width=128, heads=2), CLASSES)).cuda()
