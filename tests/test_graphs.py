@@ -324,3 +324,34 @@ def test_optimizer_steps_between_replays_match_the_uncaptured_fast_path():
     torch.testing.assert_close(losses, want_losses, rtol=1e-4, atol=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@gpu
+@pytest.mark.gpu
+def test_ddp_over_graphed_passes_trains_like_the_bare_model(tmp_path):
+    """DDP's gradient hooks sit on the parameters' accumulators, outside the graphs: a graphed
+    model under DDP (one NCCL rank) takes the same steps as without it."""
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        video = torch.randn(2, 3, 3, 56, 56, device="cuda")
+        labels = torch.tensor([1, 2], device="cuda")
+        runs = []
+        for wrap in (False, True):
+            model = _model()
+            model.set_backend("fast-graphed")
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0]) if wrap else model
+            optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+            losses = []
+            for _ in range(4):
+                losses.append(_step(net, video, labels, autocast=True))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            runs.append((torch.stack(losses), {n: p.detach().clone() for n, p in model.named_trainable_parameters()}))
+        (want_losses, want), (losses, got) = runs
+        torch.testing.assert_close(losses, want_losses, rtol=1e-3, atol=1e-4)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
+    finally:
+        torch.distributed.destroy_process_group()
