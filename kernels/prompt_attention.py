@@ -49,6 +49,20 @@ def _load_prompt_tile(LP, GP, SP, group, frame, offs_j, offs_d, d_mask, H, head,
 
 
 @triton.jit
+def _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
+                    P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The frame's prompt keys and values (`_load_prompt_tile`) and their row offsets."""
+    group = frame // frames_per_group
+    offs_j = tl.arange(0, BLOCK_PR)
+    k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+    v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+    return k, v, offs_j
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, q, k, v, key_mask, qk_scale, PRECISION: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(key_mask[None, :], s, float("-inf"))
@@ -103,12 +117,8 @@ def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
     if N_PROMPTS > 0:
-        group = frame // frames_per_group
-        offs_j = tl.arange(0, BLOCK_PR)
-        k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-        v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+        k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
+                                       P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, offs_j < N_PROMPTS,
                                              qk_scale, PRECISION)
 
@@ -170,12 +180,8 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
     if N_PROMPTS > 0:
-        group = frame // frames_per_group
-        offs_j = tl.arange(0, BLOCK_PR)
-        k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-        v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
-                              P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+        k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
+                                       P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
         dq = _dq_step(dq, q, do, k, v, lse, delta, offs_j < N_PROMPTS, qk_scale, PRECISION)
 
     dq_ptrs = DQ + frame64 * sdq_f + head * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
@@ -242,12 +248,8 @@ def _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, 
                       P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    group = frame // frames_per_group
-    offs_j = tl.arange(0, BLOCK_PR)
-    k = _load_prompt_tile(LK, GK, SK, group, frame, offs_j, offs_d, d_mask, H, head,
-                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-    v = _load_prompt_tile(LV, GV, SV, group, frame, offs_j, offs_d, d_mask, H, head,
-                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
+    k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
+                                   P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
     dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, offs_j < P + G + HAS_SUMMARY, frame64, head, pid_fh,
                         sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
                         HEAD_DIM, BLOCK_M, PRECISION)
