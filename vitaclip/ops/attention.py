@@ -252,6 +252,15 @@ def _check_inputs(q, k, v, local_k, local_v, global_k, global_v, summary_k, summ
                  f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
 
 
+def _checked_attention(q, k, v, prompts, frames_per_group: int, op_qkv) -> Tensor:
+    """Checks, then the Triton op given op_qkv (its first three arguments: q, k, v, or the packed
+    qkv and two Nones), or the naive reference where Triton does not run."""
+    _check_inputs(q, k, v, *prompts, frames_per_group)
+    if not uses_triton(q):
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    return _prompt_attention_op(*op_qkv, *prompts, frames_per_group)[0]
+
+
 def prompt_attention(
     q: Tensor,
     k: Tensor,
@@ -271,10 +280,7 @@ def prompt_attention(
     `.view(F, S, H * Dh)` feeds the output projection without a copy.
     """
     prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
-    _check_inputs(q, k, v, *prompts, frames_per_group)
-    if not uses_triton(q):
-        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
-    return _prompt_attention_op(q, k, v, *prompts, frames_per_group)[0]
+    return _checked_attention(q, k, v, prompts, frames_per_group, (q, k, v))
 
 
 def prompt_attention_qkv(
@@ -292,8 +298,4 @@ def prompt_attention_qkv(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"prompt_attention_qkv: qkv must be [F, S, 3, H, Dh], got shape {tuple(qkv.shape)}")
     prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
-    q, k, v = qkv.unbind(2)
-    _check_inputs(q, k, v, *prompts, frames_per_group)
-    if not uses_triton(q):
-        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
-    return _prompt_attention_op(qkv, None, None, *prompts, frames_per_group)[0]
+    return _checked_attention(*qkv.unbind(2), prompts, frames_per_group, (qkv, None, None))
