@@ -89,24 +89,16 @@ def dali_loader(prepared, mode, readers, batch):
     return make_loader(prepared, "dali-gpu", batch, num_workers=8, dali_mode=mode, dali_readers=readers)
 
 
+@pytest.mark.parametrize("part", ["whole loader", "decode only"])
 @pytest.mark.parametrize("name,mode,readers,batch", DALI_VARIANTS, ids=[v[0] for v in DALI_VARIANTS])
-def test_dali_gpu_throughput(benchmark, prepared, name, mode, readers, batch):
+def test_dali_gpu_throughput(benchmark, prepared, name, mode, readers, batch, part):
     needs_dali()
     loader = dali_loader(prepared, mode, readers, batch)
     epochs = 1 if mode == "decoder" else 2
-    rate = benchmark.pedantic(clips_per_s, args=(loader, whole_loader, epochs, WARMUP_BATCHES[mode]),
+    batches = whole_loader if part == "whole loader" else decode_only
+    rate = benchmark.pedantic(clips_per_s, args=(loader, batches, epochs, WARMUP_BATCHES[mode]),
                               rounds=1, iterations=1)
-    report(benchmark, f"DALI GPU {name}, batch {batch}, whole loader", rate)
-
-
-@pytest.mark.parametrize("name,mode,readers,batch", DALI_VARIANTS, ids=[v[0] for v in DALI_VARIANTS])
-def test_dali_gpu_decode_only(benchmark, prepared, name, mode, readers, batch):
-    needs_dali()
-    loader = dali_loader(prepared, mode, readers, batch)
-    epochs = 1 if mode == "decoder" else 2
-    rate = benchmark.pedantic(clips_per_s, args=(loader, decode_only, epochs, WARMUP_BATCHES[mode]),
-                              rounds=1, iterations=1)
-    report(benchmark, f"DALI GPU {name}, batch {batch}, decode only", rate)
+    report(benchmark, f"DALI GPU {name}, batch {batch}, {part}", rate)
 
 
 def test_transforms_only(benchmark, prepared):

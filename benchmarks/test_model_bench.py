@@ -9,29 +9,32 @@ test_text_bench.py).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cuda_bench import bench_cuda, requires_cuda
-from vitaclip import VitaCLIP, VitaCLIPConfig
+from model_steps import inference_step, make_model, training_step
 
 # "fast-compiled" compiles its layer graph (once per shape and grad mode) in the first, untimed step;
 # "fast-graphed" also captures its CUDA graphs there
 BACKENDS = ["fast", "fast-compiled", "fast-graphed", "reference"]
-INFERENCE_BATCH, TRAIN_BATCH, FRAMES = 32, 16, 8
+INFERENCE_BATCH, TRAIN_BATCH = 32, 16
+STEPS = {"inference": lambda model: inference_step(model, INFERENCE_BATCH),
+         "vision_training": lambda model: training_step(model, TRAIN_BATCH, vision_only=True),
+         "training": lambda model: training_step(model, TRAIN_BATCH)}
+CLIPS = {"inference": INFERENCE_BATCH, "vision_training": TRAIN_BATCH, "training": TRAIN_BATCH}
 
 
 @pytest.fixture(scope="module")
 def model():
-    classes = [f"action number {i}" for i in range(400)]
-    return VitaCLIP(VitaCLIPConfig.preset("ViT-B/16"), classes).cuda()
+    return make_model()
 
 
-def video(batch):
-    return torch.randn(batch, 3, FRAMES, 224, 224, device="cuda")
-
-
-def record(benchmark, median, clips):
-    benchmark.extra_info["clips_per_s"] = clips / median
+def time_step(benchmark, model, backend, kind):
+    model.set_backend(backend)
+    step = STEPS[kind](model)
+    torch.cuda.reset_peak_memory_stats()  # before the first step: a CUDA graph's capture is its peak
+    step()
+    median = bench_cuda(benchmark, step, rounds=10)
+    benchmark.extra_info["clips_per_s"] = CLIPS[kind] / median
     benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
 
 
@@ -39,56 +42,18 @@ def record(benchmark, median, clips):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inference_throughput(benchmark, model, backend):
-    model.set_backend(backend)
-    model.eval()
-    clips = video(INFERENCE_BATCH)
-
-    def step():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(clips)
-
-    torch.cuda.reset_peak_memory_stats()  # before the first step: a CUDA graph's capture is its peak
-    step()
-    record(benchmark, bench_cuda(benchmark, step, rounds=10), INFERENCE_BATCH)
+    time_step(benchmark, model, backend, "inference")
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vision_training_step_throughput(benchmark, model, backend):
-    model.set_backend(backend)
-    model.train()
-    clips = video(TRAIN_BATCH)
-    labels = torch.randint(0, 400, (TRAIN_BATCH,), device="cuda")
-    text = F.normalize(torch.randn(400, model.config.embed_dim, device="cuda"), dim=-1)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            features = F.normalize(model.encode_video(clips).float(), dim=-1)
-            loss = F.cross_entropy(model.logit_scale.exp() * features @ text.t(), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()  # before the first step: a CUDA graph's capture is its peak
-    step()
-    record(benchmark, bench_cuda(benchmark, step, rounds=10), TRAIN_BATCH)
+    time_step(benchmark, model, backend, "vision_training")
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_throughput(benchmark, model, backend):
-    model.set_backend(backend)
-    model.train()
-    clips = video(TRAIN_BATCH)
-    labels = torch.randint(0, 400, (TRAIN_BATCH,), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(clips), labels)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()  # before the first step: a CUDA graph's capture is its peak
-    step()
-    record(benchmark, bench_cuda(benchmark, step, rounds=10), TRAIN_BATCH)
+    time_step(benchmark, model, backend, "training")
