@@ -56,6 +56,21 @@ struct HeadInputs {
   }
 };
 
+// Calls fn(g, h, in, p) for every (group, head), in parallel: `in` holds the head's q, k, v with
+// their biases, p [T, T] its attention probabilities.
+template <typename scalar_t, typename Fn>
+void for_each_head(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& q_bias, const at::Tensor& k_bias,
+                   const at::Tensor& v_bias, const Fn& fn) {
+  at::parallel_for(0, s.groups * s.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gh = begin; gh < end; ++gh) {
+      const int64_t g = gh / s.heads, h = gh % s.heads;
+      const HeadInputs<scalar_t> in(s, qkv.data_ptr<scalar_t>(), q_bias.data_ptr<scalar_t>(),
+                                    k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(), g, h);
+      fn(g, h, in, in.probabilities(s.frames, s.head_dim()));
+    }
+  });
+}
+
 struct CpuKernels {
   static void layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  double eps, const at::Tensor& normed, const at::Tensor& mean,
@@ -88,25 +103,20 @@ struct CpuKernels {
                                 const at::Tensor& k_bias, const at::Tensor& v_bias, const at::Tensor& x,
                                 const at::Tensor& out_bias, const at::Tensor& heads_out,
                                 const at::Tensor& residual) {
-    const int64_t T = s.frames, Dh = s.head_dim(), C = s.width, H = s.heads;
+    const int64_t T = s.frames, Dh = s.head_dim(), C = s.width;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_forward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t *xp = x.data_ptr<scalar_t>(), *obp = out_bias.data_ptr<scalar_t>();
       scalar_t *op = heads_out.data_ptr<scalar_t>(), *rp = residual.data_ptr<scalar_t>();
-      at::parallel_for(0, s.groups * H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t gh = begin; gh < end; ++gh) {
-          const int64_t g = gh / H, h = gh % H;
-          const HeadInputs<scalar_t> in(s, qkv.data_ptr<scalar_t>(), q_bias.data_ptr<scalar_t>(),
-                                        k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(), g, h);
-          const std::vector<acc_t> p = in.probabilities(T, Dh);
-          for (int64_t i = 0; i < T; ++i) {
-            const int64_t base = (g * T + i) * C + h * Dh;
-            for (int64_t d = 0; d < Dh; ++d) {
-              acc_t o = 0;
-              for (int64_t j = 0; j < T; ++j) o += p[i * T + j] * in.v[j * Dh + d];
-              op[base + d] = scalar_t(o);
-              rp[base + d] = scalar_t(acc_t(xp[base + d]) + acc_t(obp[h * Dh + d]));
-            }
+      for_each_head<scalar_t>(s, qkv, q_bias, k_bias, v_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
+                                                                   const std::vector<acc_t>& p) {
+        for (int64_t i = 0; i < T; ++i) {
+          const int64_t base = (g * T + i) * C + h * Dh;
+          for (int64_t d = 0; d < Dh; ++d) {
+            acc_t o = 0;
+            for (int64_t j = 0; j < T; ++j) o += p[i * T + j] * in.v[j * Dh + d];
+            op[base + d] = scalar_t(o);
+            rp[base + d] = scalar_t(acc_t(xp[base + d]) + acc_t(obp[h * Dh + d]));
           }
         }
       });
@@ -116,44 +126,39 @@ struct CpuKernels {
   static void attention_backward(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& q_bias,
                                  const at::Tensor& k_bias, const at::Tensor& v_bias,
                                  const at::Tensor& grad_heads, const at::Tensor& grad_qkv) {
-    const int64_t T = s.frames, Dh = s.head_dim(), C = s.width, H = s.heads;
+    const int64_t T = s.frames, Dh = s.head_dim(), C = s.width;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "attention_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t scale = acc_t(1) / std::sqrt(acc_t(Dh));
       const scalar_t* dop = grad_heads.data_ptr<scalar_t>();
       scalar_t* dqkv = grad_qkv.data_ptr<scalar_t>();
-      at::parallel_for(0, s.groups * H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t gh = begin; gh < end; ++gh) {
-          const int64_t g = gh / H, h = gh % H;
-          const HeadInputs<scalar_t> in(s, qkv.data_ptr<scalar_t>(), q_bias.data_ptr<scalar_t>(),
-                                        k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(), g, h);
-          const std::vector<acc_t> p = in.probabilities(T, Dh);
-          auto grad_o = [&](int64_t i, int64_t d) { return acc_t(dop[(g * T + i) * C + h * Dh + d]); };
-          // dS = P * (dP - rowsum(P * dP)) * scale, with dP = dO V^T.
-          std::vector<acc_t> ds(T * T);
-          for (int64_t i = 0; i < T; ++i) {
-            acc_t row_dot = 0;
-            for (int64_t j = 0; j < T; ++j) {
-              acc_t dp = 0;
-              for (int64_t d = 0; d < Dh; ++d) dp += grad_o(i, d) * in.v[j * Dh + d];
-              ds[i * T + j] = dp;
-              row_dot += p[i * T + j] * dp;
-            }
-            for (int64_t j = 0; j < T; ++j) ds[i * T + j] = p[i * T + j] * (ds[i * T + j] - row_dot) * scale;
+      for_each_head<scalar_t>(s, qkv, q_bias, k_bias, v_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
+                                                                   const std::vector<acc_t>& p) {
+        auto grad_o = [&](int64_t i, int64_t d) { return acc_t(dop[(g * T + i) * C + h * Dh + d]); };
+        // dS = P * (dP - rowsum(P * dP)) * scale, with dP = dO V^T.
+        std::vector<acc_t> ds(T * T);
+        for (int64_t i = 0; i < T; ++i) {
+          acc_t row_dot = 0;
+          for (int64_t j = 0; j < T; ++j) {
+            acc_t dp = 0;
+            for (int64_t d = 0; d < Dh; ++d) dp += grad_o(i, d) * in.v[j * Dh + d];
+            ds[i * T + j] = dp;
+            row_dot += p[i * T + j] * dp;
           }
-          for (int64_t i = 0; i < T; ++i) {
-            scalar_t* row = dqkv + (g * T + i) * 3 * C + h * Dh;
-            for (int64_t d = 0; d < Dh; ++d) {
-              acc_t dq = 0, dk = 0, dv = 0;
-              for (int64_t j = 0; j < T; ++j) {
-                dq += ds[i * T + j] * in.k[j * Dh + d];
-                dk += ds[j * T + i] * in.q[j * Dh + d];
-                dv += p[j * T + i] * grad_o(j, d);
-              }
-              row[d] = scalar_t(dq);
-              row[C + d] = scalar_t(dk);
-              row[2 * C + d] = scalar_t(dv);
+          for (int64_t j = 0; j < T; ++j) ds[i * T + j] = p[i * T + j] * (ds[i * T + j] - row_dot) * scale;
+        }
+        for (int64_t i = 0; i < T; ++i) {
+          scalar_t* row = dqkv + (g * T + i) * 3 * C + h * Dh;
+          for (int64_t d = 0; d < Dh; ++d) {
+            acc_t dq = 0, dk = 0, dv = 0;
+            for (int64_t j = 0; j < T; ++j) {
+              dq += ds[i * T + j] * in.k[j * Dh + d];
+              dk += ds[j * T + i] * in.q[j * Dh + d];
+              dv += p[j * T + i] * grad_o(j, d);
             }
+            row[d] = scalar_t(dq);
+            row[C + d] = scalar_t(dk);
+            row[2 * C + d] = scalar_t(dv);
           }
         }
       });
