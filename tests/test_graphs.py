@@ -142,6 +142,7 @@ class FakeCapture:
 
 def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
     monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
+    monkeypatch.setattr(FakeCapture, "made", 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
     cache, calls = GraphCache(), []
