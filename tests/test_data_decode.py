@@ -73,12 +73,18 @@ def test_dali_cpu_matches_pyav(vp9_dataset):
             assert torch.all(mae < 2 / 255), mae
 
 
-@needs_dali
-def test_dali_names_the_bad_file_and_keeps_the_good_ones(vp9_dataset, tmp_path):
+@pytest.fixture
+def good_and_junk(vp9_dataset, tmp_path):
+    """A decodable VP9 file, a file of random bytes named like one, and the data set's rows."""
     root, rows = vp9_dataset
-    good = str(root / rows[0][0])
     junk = tmp_path / "junk.webm"
     junk.write_bytes(os.urandom(5000))
+    return str(root / rows[0][0]), junk, rows
+
+
+@needs_dali
+def test_dali_names_the_bad_file_and_keeps_the_good_ones(good_and_junk, tmp_path):
+    good, junk, rows = good_and_junk
     decoder = dali.DaliDecoder("cpu", batch_size=3, num_threads=2)
     batches = [[(good, np.array([0, 1])), (str(junk), np.array([0])), (str(tmp_path / "gone.webm"), np.array([0]))],
                [(good, np.array([rows[0][2] + 10]))],  # past the end: an error, not padding
@@ -169,11 +175,8 @@ def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
 
 
 @needs_dali
-def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(vp9_dataset, tmp_path):
-    root, rows = vp9_dataset
-    good = str(root / rows[0][0])
-    junk = tmp_path / "junk.webm"
-    junk.write_bytes(os.urandom(5000))
+def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(good_and_junk):
+    good, junk, _ = good_and_junk
     reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1,
                               readers=2)
     batches = [[(good, np.array([0, 1]))], [(str(junk), np.array([0])), (good, np.array([2, 3]))],
