@@ -33,7 +33,7 @@ def test_layer_inference(benchmark, block, backend):
 
     def step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            forward(block, x, block.prompts(x, global_prompts))
+            forward(block, x, global_prompts)
 
     benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3
 
@@ -47,7 +47,7 @@ def test_layer_training(benchmark, block, backend):
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = forward(block, x, block.prompts(x, global_prompts))
+            out = forward(block, x, global_prompts)
         torch.autograd.grad(out.float().square().mean(), [x, global_prompts])
 
     torch.cuda.reset_peak_memory_stats()

@@ -107,7 +107,7 @@ def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):
     global_prompts = torch.randn(2, 128, device=DEVICE)
     grads = {}
     for name, forward in (("fast", fast.fast_block_forward), ("reference", reference_block_forward)):
-        out = forward(block, x, block.prompts(x, global_prompts))
+        out = forward(block, x, global_prompts)
         grads[name] = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
     names = ["x"] + [name for name, _ in block.named_parameters()]
     for name, got, want in zip(names, grads["fast"], grads["reference"]):
@@ -131,7 +131,7 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
     are saved for the backward; the rest (4C-wide MLP hidden included) is recomputed."""
     block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0].to(DEVICE)
     x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
-    prompts = block.prompts(x, torch.randn(2, 128, device=DEVICE, requires_grad=True))
+    global_prompts = torch.randn(2, 128, device=DEVICE, requires_grad=True)
     saved = {}
 
     def pack(t):
@@ -140,12 +140,12 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fast.fast_block_forward(block, x, prompts)
+        out = fast.fast_block_forward(block, x, global_prompts)
     stream = x.numel() * x.element_size()
     large = sorted(n for n in saved.values() if n >= stream)
     assert large == [stream, stream, 3 * stream], saved  # input, attention output, packed qkv
     out.sum().backward()  # the recomputation carries the gradient through
-    assert x.grad.abs().sum() > 0 and prompts.global_.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0 and global_prompts.grad.abs().sum() > 0
 
 
 def test_auto_picks_fast_graphed_on_cuda_only():

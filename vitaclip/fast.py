@@ -5,6 +5,10 @@ extended sequence:
   - one fused QKV projection of the frames' own tokens (concatenated weight, cached while
     the frozen q/k/v weights stay unchanged), read by the kernel in place, its gradient
     written back packed;
+  - the layer's prompts built inside the layer (`VitaBlock.prompts`: cls_proj, the summary
+    op, local prompts), so that under torch.compile their casts and small ops, and the
+    gradient of x[:, 0], fuse with the layer's own kernels instead of running eagerly around
+    it (a zero-filled stream-sized gradient plus an fp32 add per layer);
   - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
@@ -36,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from .backends import register_backend
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
-from .vision import LayerPrompts, QuickGELU, VitaBlock
+from .vision import QuickGELU, VitaBlock
 
 _CACHE_ATTR = "_fast_qkv_cache"
 
@@ -80,17 +84,18 @@ def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_proj: nn.Linear, n
     return x, act(fc1(norm(x)))
 
 
-def _layer(x: Tensor, local: Optional[Tensor], global_: Optional[Tensor], summary: Optional[Tensor],
-           frames_per_group: int, qkv_weight: Tensor, qkv_bias: Tensor, block: VitaBlock) -> Tensor:
+def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_bias: Tensor,
+           block: VitaBlock) -> Tensor:
     n_frames, seq, width = x.shape
     heads = block.heads
+    prompts = block.prompts(x, global_prompts)
     qkv = F.linear(block.norm1(x), qkv_weight, qkv_bias).view(n_frames, seq, 3, heads, width // heads)
     kv_weight, kv_bias = qkv_weight[width:], qkv_bias[width:]
-    local_k, local_v = _prompt_kv(local, block.norm1, kv_weight, kv_bias, heads)
-    global_k, global_v = _prompt_kv(global_, block.norm1, kv_weight, kv_bias, heads)
-    summary_k, summary_v = _prompt_kv(summary, block.norm1, kv_weight, kv_bias, heads)
+    local_k, local_v = _prompt_kv(prompts.local, block.norm1, kv_weight, kv_bias, heads)
+    global_k, global_v = _prompt_kv(prompts.global_, block.norm1, kv_weight, kv_bias, heads)
+    summary_k, summary_v = _prompt_kv(prompts.summary, block.norm1, kv_weight, kv_bias, heads)
     attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
-                                    frames_per_group).view(n_frames, seq, width)
+                                    prompts.frames_per_group).view(n_frames, seq, width)
     mlp = block.mlp
     act = quick_gelu if isinstance(mlp.act, QuickGELU) and uses_triton(x) else mlp.act
     args = (x, attended, block.attn.out_proj, block.norm2, mlp.fc1, act)
@@ -108,14 +113,12 @@ def compiled_layer():
     return torch.compile(_layer, dynamic=False, fullgraph=True)
 
 
-def fast_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
-    return _layer(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
-                  *fused_qkv_weight(block), block)
+def fast_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
+    return _layer(x, global_prompts, *fused_qkv_weight(block), block)
 
 
-def fast_compiled_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
-    return compiled_layer()(x, prompts.local, prompts.global_, prompts.summary, prompts.frames_per_group,
-                           *fused_qkv_weight(block), block)
+def fast_compiled_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
+    return compiled_layer()(x, global_prompts, *fused_qkv_weight(block), block)
 
 
 def fast_available(device: torch.device) -> bool:

@@ -131,12 +131,16 @@ class VitaBlock(nn.Module):
         return LayerPrompts(local, global_prompts, summary, self.num_frames)
 
 
-BlockForward = Callable[[VitaBlock, Tensor, LayerPrompts], Tensor]
+# A backend's layer: (block, frames' tokens x [F, S, C], the layer's global prompts [G, C] or None)
+# -> the layer's output [F, S, C]. It builds the layer's prompts itself (`VitaBlock.prompts`), so a
+# compiled layer fuses their small ops, and the gradient of x[:, 0], with its own.
+BlockForward = Callable[[VitaBlock, Tensor, Optional[Tensor]], Tensor]
 
 
-def reference_block_forward(block: VitaBlock, x: Tensor, prompts: LayerPrompts) -> Tensor:
+def reference_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
     """The original layer: attention over the materialised sequence
     [cls, local(T0), global(G), patches(N), summary], then the MLP on the frame's own tokens."""
+    prompts = block.prompts(x, global_prompts)
     n_frames = x.shape[0]
     parts = [x[:, :1]]
     if prompts.local is not None:
@@ -226,6 +230,6 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x.view(b * t, *x.shape[2:]))
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
-            x = block_forward(block, x, block.prompts(x, global_prompts))
+            x = block_forward(block, x, global_prompts)
         features = self.ln_post(x[:, 0]) @ self.proj
         return features.view(b, t, -1)

@@ -3,7 +3,9 @@
 The model always calls `summary_tokens` here; it is the single switch between the compiled
 C++/CUDA op (`summary_ext`, sources in csrc/) and the plain PyTorch path in `naive.py`.
 The compiled op runs whenever it is built, unless the environment sets VITACLIP_DISABLE_EXT=1
-(read at every call, so it can be flipped at run time).
+(read at every call, so it can be flipped at run time; a layer under torch.compile, as in the
+"fast-compiled" and "fast-graphed" backends, reads it when compiled: flip it before the first
+call, or call torch._dynamo.reset() after).
 """
 from __future__ import annotations
 
