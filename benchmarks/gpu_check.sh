@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU machine (no network; benchmarks/README.md says how wheels travel):
-#   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | profile | data | all
+#   bash benchmarks/gpu_check.sh STAGE...   STAGE = tests | tune | ops | text | model | autotune | profile | data | all
 # (TESTS_FILTER, MODEL_BENCH_FILTER, DATA_BENCH_FILTER: pytest -k expressions for those stages)
 # Each stage builds what is missing (the C++/CUDA extension for this machine's torch), runs its
 # GPU tests or benchmarks, writes JSON and logs under $OUT and prints a short table.
@@ -42,6 +42,9 @@ case $stage in
     bench text benchmarks/test_text_bench.py ;;&
   model|all)
     bench model benchmarks/test_model_bench.py ${MODEL_BENCH_FILTER:+-k "$MODEL_BENCH_FILTER"} ;;&
+  autotune)  # not in "all": minutes of GEMM tuning; compare with the "model" stage of the same call
+    VITACLIP_COMPILE_MODE=max-autotune-no-cudagraphs bench model-autotune benchmarks/test_model_bench.py \
+      -k "graphed and not test_training_step" ;;&
   profile)  # not in "all": a diagnosis, not a figure
     python3 benchmarks/profile_model.py 2>&1 | tee "$OUT/profile.log" ;;&
   data|all)

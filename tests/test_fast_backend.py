@@ -194,3 +194,44 @@ def test_gpu_fast_vit_b16_autocast_matches_reference():
         err = relative_error(pick(runs["fast"]), want)
         assert err <= 2 * budget + 1e-3, f"{name}: fast error {err:.2e}, reference {dtype} error {budget:.2e}"
 
+
+
+def test_compile_mode_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(backends.COMPILE_MODE_ENV, raising=False)
+    assert backends.compile_mode() == "default"
+    monkeypatch.setenv(backends.COMPILE_MODE_ENV, "max-autotune-no-cudagraphs")
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
+    fast.compiled_layer.cache_clear()
+    try:
+        fast.compiled_layer()
+    finally:
+        fast.compiled_layer.cache_clear()  # the next user compiles for real
+    assert modes == ["max-autotune-no-cudagraphs"]
+    monkeypatch.setenv(backends.COMPILE_MODE_ENV, "reduce-overhead")  # inductor's CUDA graphs: not offered
+    with pytest.raises(ValueError, match="VITACLIP_COMPILE_MODE='reduce-overhead'"):
+        backends.compile_mode()
+
+
+def test_compiled_layer_leaves_quick_gelu_to_the_compiler(fast_anywhere, monkeypatch):
+    """Under torch.compile the layer's graph holds the plain QuickGELU (sigmoid), which inductor
+    fuses with its neighbours, and the fused attention op; eagerly it calls the Triton QuickGELU."""
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0].to(DEVICE)
+    x = torch.randn(3, 50, 128, device=DEVICE)
+    global_prompts = torch.randn(2, 128, device=DEVICE)
+    targets = []
+
+    def record(graph_module, example_inputs):  # the graph and its subgraphs (the recomputed MLP's)
+        targets.extend(str(node.target) for module in graph_module.modules()
+                       if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes)
+        return graph_module
+
+    compiled = torch.compile(fast._layer, backend=record, fullgraph=True, dynamic=False)
+    out = compiled(x, global_prompts, *fast.fused_qkv_weight(block), block)
+    eager_calls = []
+    triton_quick_gelu = fast.quick_gelu
+    monkeypatch.setattr(fast, "quick_gelu", lambda t: eager_calls.append(t.shape) or triton_quick_gelu(t))
+    torch.testing.assert_close(out, fast.fast_block_forward(block, x, global_prompts), atol=1e-5, rtol=1e-5)
+    assert eager_calls == [(3, 50, 512)]
+    assert any("prompt_attention" in t for t in targets), targets
+    assert any("sigmoid" in t for t in targets) and not any("quick_gelu" in t for t in targets), targets

@@ -8,6 +8,7 @@ highest-priority backend available on the input's device.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict
 
@@ -24,6 +25,23 @@ class Backend:
     priority: int
     compile_text: bool = False  # also run the text transformer under torch.compile
     cuda_graphs: bool = False  # capture whole passes as CUDA graphs on CUDA (vitaclip.graphs)
+
+
+# torch.compile mode of the compiled backends' layer and text transformer, from the environment
+# (read when they are first compiled). "max-autotune-no-cudagraphs" lets inductor time Triton GEMM
+# templates against cuBLAS and fuse pointwise neighbours (QuickGELU, residual adds) into the winner's
+# epilogue, for minutes of tuning at the first call; modes that add inductor's own CUDA graphs are
+# left out ("fast-graphed" captures whole passes itself).
+COMPILE_MODE_ENV = "VITACLIP_COMPILE_MODE"
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode() -> str:
+    mode = os.environ.get(COMPILE_MODE_ENV, "default")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{COMPILE_MODE_ENV}={mode!r} is not a supported torch.compile mode; "
+                         f"use one of {COMPILE_MODES}")
+    return mode
 
 
 _BACKENDS: Dict[str, Backend] = {}

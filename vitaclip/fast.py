@@ -12,16 +12,17 @@ extended sequence:
   - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
-  - then out_proj + residual + MLP on the own tokens, QuickGELU fused into one Triton
-    kernel each way (`ops.activation`). When training, the stream after attention and the
+  - then out_proj + residual + MLP on the own tokens, QuickGELU as one Triton kernel each
+    way when eager (`ops.activation`). When training, the stream after attention and the
     MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
     tensors kept anyway (the layer input and the attention output) instead of stored: a
     layer keeps only its input, the packed qkv and the attention output (the rest is a
     recompute of about one fc1 and one out_proj GEMM per layer).
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
-(one graph per layer shape, shared by all layers), fusing the LayerNorms, casts and
-residual adds around the GEMMs and the custom ops, and compiles the text transformer too;
+(one graph per layer shape, shared by all layers), fusing the LayerNorms, casts, QuickGELU
+and residual adds around the GEMMs and the custom ops, and compiles the text transformer too
+(in the mode `backends.compile_mode()` names);
 "fast-graphed" is "fast-compiled" with whole passes captured as CUDA graphs by the model
 (vitaclip.graphs). All register on import and are offered on CUDA; "auto" picks
 "fast-graphed": a training step of "fast-compiled" left the H100 idle half the time,
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .backends import register_backend
+from .backends import compile_mode, register_backend
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .vision import QuickGELU, VitaBlock
@@ -97,7 +98,10 @@ def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_
     attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
                                     prompts.frames_per_group).view(n_frames, seq, width)
     mlp = block.mlp
-    act = quick_gelu if isinstance(mlp.act, QuickGELU) and uses_triton(x) else mlp.act
+    # the fused Triton QuickGELU saves eager launches; under torch.compile inductor fuses the plain
+    # module itself, with its neighbours (into fc1's epilogue when autotuning GEMMs)
+    fused_act = isinstance(mlp.act, QuickGELU) and uses_triton(x) and not torch.compiler.is_compiling()
+    act = quick_gelu if fused_act else mlp.act
     args = (x, attended, block.attn.out_proj, block.norm2, mlp.fc1, act)
     if torch.is_grad_enabled() and attended.requires_grad:
         # recomputed in the backward from x and attended, which norm1 and the attention op keep anyway
@@ -109,8 +113,9 @@ def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_
 
 @functools.lru_cache(maxsize=None)
 def compiled_layer():
-    """`_layer` under torch.compile, built on first use (importing the compiler is slow)."""
-    return torch.compile(_layer, dynamic=False, fullgraph=True)
+    """`_layer` under torch.compile, built on first use (importing the compiler is slow), in the
+    mode `backends.compile_mode()` names."""
+    return torch.compile(_layer, dynamic=False, fullgraph=True, mode=compile_mode())
 
 
 def fast_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import compile_mode
 from .config import VitaCLIPConfig
 from .vision import make_activation
 
@@ -133,7 +134,8 @@ class TextEncoder(nn.Module):
     def compiled_transformer(self):
         # kept out of the module tree: a compiled wrapper would duplicate every state-dict key
         if "_compiled_transformer" not in self.__dict__:
-            self.__dict__["_compiled_transformer"] = torch.compile(self.transformer, dynamic=False)
+            mode = compile_mode()
+            self.__dict__["_compiled_transformer"] = torch.compile(self.transformer, dynamic=False, mode=mode)
         return self.__dict__["_compiled_transformer"]
 
     def encode_tokens(self, tokens: Tensor, truncate: bool = True) -> Tensor:
