@@ -13,6 +13,13 @@ Own keys are walked in BLOCK_N tiles; the P + G + 1 prompt keys of a frame form 
 extra "prompt tile" (rows [0, P) local, [P, P + G) global, P + G summary), loaded with
 three masked loads. Softmax runs in base 2; LSE is stored in base 2 for the backward.
 
+Tails: S = 197 (ViT-B/16) leaves 5 rows past the last full 64-row tile. A loop over rows
+takes its full tiles, then one step of TAIL_* rows (the remainder rounded up to a power of
+two >= 16); the launcher covers a kernel's own row tiles the same way, with a second launch
+of remainder-sized tiles from `row_start`. With 64-row tiles at S = 197 a frame-head computes
+208 x 240 query x key rows (own keys, then the 32-row prompt tile) instead of 256 x 288: a
+third less.
+
 Backward (FlashAttention-2 style, no atomics):
   _bwd_dq      per query tile: delta = rowsum(dO * O) (stored for _bwd_dkdv) and dQ.
   _bwd_dkdv    per key tile of a frame: dK, dV; own tiles write dk/dv, the prompt tile
@@ -84,36 +91,51 @@ def _program_coords(n_tiles, H):
 
 
 @triton.jit
+def _load_rows(base, rows, stride_row, stride_d, offs_d, d_mask, S):
+    """Rows `rows` (masked to < S) of one (frame, head)'s [S, Dh] slice at `base`."""
+    mask = (rows < S)[:, None] & d_mask[None, :]
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_own_keys(acc, m_i, l_i, q, k_base, v_base, start, sk_s, sk_d, sv_s, sv_d, S, offs_d, d_mask, qk_scale,
+                  ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    keys = start + tl.arange(0, ROWS)
+    k = _load_rows(k_base, keys, sk_s, sk_d, offs_d, d_mask, S)
+    v = _load_rows(v_base, keys, sv_s, sv_d, offs_d, d_mask, S)
+    return _online_softmax_step(acc, m_i, l_i, q, k, v, keys < S, qk_scale, PRECISION)
+
+
+@triton.jit
 def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
          sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
-         S, H, frames_per_group, qk_scale,
+         S, H, frames_per_group, qk_scale, row_start, n_tiles,
          P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, pid_fh, frame, head = _program_coords(tl.cdiv(S, BLOCK_M), H)
+         BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
+    """Program: BLOCK_M queries from row_start + tile * BLOCK_M of one (frame, head)."""
+    pid_m, pid_fh, frame, head = _program_coords(n_tiles, H)
     frame64 = frame.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < S
 
-    q_ptrs = Q + frame64 * sq_f + head * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    k_ptrs = K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d
-    v_ptrs = V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d
+    q = _load_rows(Q + frame64 * sq_f + head * sq_h, offs_m, sq_s, sq_d, offs_d, d_mask, S)
+    k_base = K + frame64 * sk_f + head * sk_h
+    v_base = V + frame64 * sv_f + head * sv_h
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, S, BLOCK_N):
-        keys = start_n + offs_n
-        key_mask = keys < S
-        kv_mask = key_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptrs + start_n * sk_s, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * sv_s, mask=kv_mask, other=0.0)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_mask, qk_scale, PRECISION)
+    full = S - S % BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_own_keys(acc, m_i, l_i, q, k_base, v_base, start_n, sk_s, sk_d, sv_s, sv_d, S,
+                                      offs_d, d_mask, qk_scale, BLOCK_N, PRECISION)
+    if full < S:
+        acc, m_i, l_i = _fwd_own_keys(acc, m_i, l_i, q, k_base, v_base, full, sk_s, sk_d, sv_s, sv_d, S,
+                                      offs_d, d_mask, qk_scale, TAIL_N, PRECISION)
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
     if N_PROMPTS > 0:
@@ -139,18 +161,27 @@ def _dq_step(dq, q, do, k, v, lse, delta, key_mask, qk_scale, PRECISION: tl.cons
 
 
 @triton.jit
+def _dq_own_keys(dq, q, do, lse, delta, k_base, v_base, start, sk_s, sk_d, sv_s, sv_d, S, offs_d, d_mask,
+                 qk_scale, ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    keys = start + tl.arange(0, ROWS)
+    k = _load_rows(k_base, keys, sk_s, sk_d, offs_d, d_mask, S)
+    v = _load_rows(v_base, keys, sv_s, sv_d, offs_d, d_mask, S)
+    return _dq_step(dq, q, do, k, v, lse, delta, keys < S, qk_scale, PRECISION)
+
+
+@triton.jit
 def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
             sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
             sdq_f, sdq_s, sdq_h,
-            S, H, frames_per_group, qk_scale, sm_scale,
+            S, H, frames_per_group, qk_scale, sm_scale, row_start, n_tiles,
             P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, pid_fh, frame, head = _program_coords(tl.cdiv(S, BLOCK_M), H)
+            BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
+    """Program: BLOCK_M queries from row_start + tile * BLOCK_M of one (frame, head)."""
+    pid_m, pid_fh, frame, head = _program_coords(n_tiles, H)
     frame64 = frame.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < S
@@ -158,8 +189,7 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
 
     row = H * HEAD_DIM
     dense = frame64 * S * row + offs_m[:, None] * row + head * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + frame64 * sq_f + head * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d,
-                mask=md_mask, other=0.0)
+    q = _load_rows(Q + frame64 * sq_f + head * sq_h, offs_m, sq_s, sq_d, offs_d, d_mask, S)
     do = tl.load(DO + dense, mask=md_mask, other=0.0)
     o = tl.load(O + dense, mask=md_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -167,16 +197,16 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
     tl.store(DELTA + stat, delta, mask=m_mask)
     lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
 
-    k_ptrs = K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d
-    v_ptrs = V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d
+    k_base = K + frame64 * sk_f + head * sk_h
+    v_base = V + frame64 * sv_f + head * sv_h
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, S, BLOCK_N):
-        keys = start_n + offs_n
-        key_mask = keys < S
-        kv_mask = key_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptrs + start_n * sk_s, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * sv_s, mask=kv_mask, other=0.0)
-        dq = _dq_step(dq, q, do, k, v, lse, delta, key_mask, qk_scale, PRECISION)
+    full = S - S % BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_own_keys(dq, q, do, lse, delta, k_base, v_base, start_n, sk_s, sk_d, sv_s, sv_d, S, offs_d,
+                          d_mask, qk_scale, BLOCK_N, PRECISION)
+    if full < S:
+        dq = _dq_own_keys(dq, q, do, lse, delta, k_base, v_base, full, sk_s, sk_d, sv_s, sv_d, S, offs_d,
+                          d_mask, qk_scale, TAIL_N, PRECISION)
 
     N_PROMPTS: tl.constexpr = P + G + HAS_SUMMARY
     if N_PROMPTS > 0:
@@ -193,48 +223,46 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
               DK, DV, DLK, DLV, DGK, DGV, DSK, DSV,
               sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
               sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
-              S, H, frames_per_group, qk_scale, sm_scale,
+              S, H, frames_per_group, qk_scale, sm_scale, row_start, n_tiles,
               P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
-    """Program n < cdiv(S, BLOCK_N): own key tile n; the last program: the prompt tile."""
-    own_tiles = tl.cdiv(S, BLOCK_N)
-    pid_n, pid_fh, frame, head = _program_coords(own_tiles + 1, H)
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_PR: tl.constexpr, PROMPT_PROGRAM: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Program n < n_tiles: the BLOCK_N own keys from row_start + n * BLOCK_N; with
+    PROMPT_PROGRAM, program n_tiles: the prompt tile."""
+    pid_n, pid_fh, frame, head = _program_coords(n_tiles + PROMPT_PROGRAM, H)
     frame64 = frame.to(tl.int64)
     row = H * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
+    # what every query step reads: the frame-head's queries, output gradients and row statistics
+    q_base = Q + frame64 * sq_f + head * sq_h
+    do_base = DO + frame64 * S * row + head * HEAD_DIM
+    stat_base = pid_fh.to(tl.int64) * S
+    queries = (q_base, do_base, LSE + stat_base, DELTA + stat_base, sq_s, sq_d, S, row)
 
-    if pid_n < own_tiles:
-        _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
-                       sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
-                       sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
-                       S, row, qk_scale, sm_scale, offs_d, d_mask,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, PRECISION)
-    elif P + G + HAS_SUMMARY > 0:
-        _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, DGV, DSK, DSV,
-                          frame, frame64, head, pid_fh, sq_f, sq_s, sq_h, sq_d, S, H, row,
-                          frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
-                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_PR, PRECISION)
+    if pid_n < n_tiles:
+        _own_key_grads(K, V, DK, DV, row_start + pid_n * BLOCK_N, frame64, head, queries,
+                       sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
+                       qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, BLOCK_N, PRECISION)
+    elif PROMPT_PROGRAM:
+        _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head, queries,
+                          H, row, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, TAIL_M, BLOCK_PR, PRECISION)
 
 
 @triton.jit
-def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh,
-                   sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
-                   sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
-                   S, row, qk_scale, sm_scale, offs_d, d_mask,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _own_key_grads(K, V, DK, DV, start, frame64, head, queries,
+                   sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
+                   qk_scale, sm_scale, offs_d, d_mask,
+                   BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    S = queries[6]
+    offs_n = start + tl.arange(0, BLOCK_N)
     key_mask = offs_n < S
     kv_mask = key_mask[:, None] & d_mask[None, :]
-    k = tl.load(K + frame64 * sk_f + head * sk_h + offs_n[:, None] * sk_s + offs_d[None, :] * sk_d,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + frame64 * sv_f + head * sv_h + offs_n[:, None] * sv_s + offs_d[None, :] * sv_d,
-                mask=kv_mask, other=0.0)
-    dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
-                        sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
-                        HEAD_DIM, BLOCK_M, PRECISION)
+    k = _load_rows(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, sk_d, offs_d, d_mask, S)
+    v = _load_rows(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, sv_d, offs_d, d_mask, S)
+    dk, dv = _dkdv_tile(k, v, key_mask, queries, qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
     dk_ptrs = DK + frame64 * sdk_f + head * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :]
     dv_ptrs = DV + frame64 * sdv_f + head * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -242,17 +270,15 @@ def _own_key_grads(Q, K, V, DO, LSE, DELTA, DK, DV, pid_n, frame64, head, pid_fh
 
 
 @triton.jit
-def _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, DGV, DSK, DSV,
-                      frame, frame64, head, pid_fh, sq_f, sq_s, sq_h, sq_d, S, H, row,
-                      frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head, queries,
+                      H, row, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
                       P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                       BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
                                    P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-    dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, offs_j < P + G + HAS_SUMMARY, frame64, head, pid_fh,
-                        sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
-                        HEAD_DIM, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_tile(k, v, offs_j < P + G + HAS_SUMMARY, queries, qk_scale, offs_d, d_mask,
+                        BLOCK_M, TAIL_M, PRECISION)
     dk = dk * sm_scale
     if P > 0:  # per-frame partials [F, P, H, Dh], summed over the group by the wrapper
         rows = offs_j < P
@@ -272,29 +298,38 @@ def _prompt_key_grads(Q, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA, DLK, DLV, DGK, 
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, k, v, key_mask, frame64, head, pid_fh,
-               sq_f, sq_s, sq_h, sq_d, S, row, qk_scale, offs_d, d_mask,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_queries(dk, dv, k, v, key_mask, queries, start, qk_scale, offs_d, d_mask,
+                  ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """dK (unscaled by sm_scale) and dV of one key tile, accumulated over ROWS queries from `start`."""
+    q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row = queries
+    offs_m = start + tl.arange(0, ROWS)
+    m_mask = offs_m < S
+    q = _load_rows(q_base, offs_m, sq_s, sq_d, offs_d, d_mask, S)
+    do = _load_rows(do_base, offs_m, row, 1, offs_d, d_mask, S)
+    lse = tl.load(lse_base + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+    # transposed scores: keys along rows, queries along columns
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.where(key_mask[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(k, v, key_mask, queries, qk_scale, offs_d, d_mask,
+               BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK (unscaled by sm_scale) and dV of one key tile, over every query of the frame."""
+    S = queries[6]
     dk = tl.zeros(k.shape, dtype=tl.float32)
     dv = tl.zeros(v.shape, dtype=tl.float32)
-    q_base = Q + frame64 * sq_f + head * sq_h
-    offs_mb = tl.arange(0, BLOCK_M)
-    for start_m in range(0, S, BLOCK_M):
-        offs_m = start_m + offs_mb
-        m_mask = offs_m < S
-        md_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d, mask=md_mask, other=0.0)
-        do = tl.load(DO + frame64 * S * row + offs_m[:, None] * row + head * HEAD_DIM + offs_d[None, :],
-                     mask=md_mask, other=0.0)
-        stat = pid_fh.to(tl.int64) * S + offs_m
-        lse = tl.load(LSE + stat, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
-        # transposed scores: keys along rows, queries along columns
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.where(key_mask[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    full = S - S % BLOCK_M
+    for start_m in range(0, full, BLOCK_M):
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, queries, start_m, qk_scale, offs_d, d_mask,
+                               BLOCK_M, PRECISION)
+    if full < S:
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, queries, full, qk_scale, offs_d, d_mask,
+                               TAIL_M, PRECISION)
     return dk, dv

@@ -37,37 +37,55 @@ def compile_for_hopper(kernel, dtype, constexprs, num_warps=4, num_stages=2):
     print(f"compiled {kernel.__name__} {dtype} {constexprs}")
 
 
-def attention_launches():
-    """(kernel, tiles) of every distinct launch of the candidate configurations."""
+def attention_launches(configs=None):
+    """(kernel, constexprs, tiles) of every distinct launch that `ops.attention` makes at S = 197
+    (ViT-B/16) with the given configurations (default: the GPU default and the candidates): full
+    tiles, then the 5-row tail's own launch."""
     from vitaclip.kernels import prompt_attention
+    from vitaclip.ops.attention import _row_tiles, _tail
     from vitaclip.ops.attention_tiles import CANDIDATES, GPU_TILES
 
-    launches = []
-    for tiles in [*GPU_TILES.values(), *CANDIDATES]:
+    seq, launches = 197, []
+    for tiles in configs or [*GPU_TILES.values(), *CANDIDATES]:
         for kernel, kernel_tiles in ((prompt_attention._fwd, tiles.fwd), (prompt_attention._bwd_dq, tiles.bwd_dq),
                                      (prompt_attention._bwd_dkdv, tiles.bwd_dkdv)):
-            if (kernel, kernel_tiles) not in launches:
-                launches.append((kernel, kernel_tiles))
+            base = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n,
+                        PRECISION="tf32")
+            if kernel is prompt_attention._bwd_dkdv:  # program tiles over keys, loop over queries
+                base["TAIL_M"] = _tail(seq, kernel_tiles.block_m)
+                variants = [dict(base, BLOCK_N=tile, PROMPT_PROGRAM=int(n == 0))
+                            for n, (_, _, tile) in enumerate(_row_tiles(seq, kernel_tiles.block_n))]
+            else:  # program tiles over queries, loop over keys
+                base["TAIL_N"] = _tail(seq, kernel_tiles.block_n)
+                variants = [dict(base, BLOCK_M=tile) for _, _, tile in _row_tiles(seq, kernel_tiles.block_m)]
+            for constexprs in variants:
+                launch = (kernel, constexprs, kernel_tiles)
+                if launch not in launches:
+                    launches.append(launch)
     return launches
 
 
 def compile_all():
     from vitaclip.kernels import quick_gelu
 
-    for kernel, tiles in attention_launches():
+    for kernel, constexprs, tiles in attention_launches():
         # ViT-B/16's prompts (8 local, 8 global, summary: a prompt tile of 32)
-        compile_for_hopper(kernel, "bf16", dict(
-            P=8, G=8, HAS_SUMMARY=True, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, BLOCK_PR=32, PRECISION="tf32"),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    # no prompts at all (their loads and the prompt tile compiled out), default tiles
-    for kernel, tiles in attention_launches()[:3]:
-        compile_for_hopper(kernel, "bf16", dict(
-            P=0, G=0, HAS_SUMMARY=False, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, BLOCK_PR=16, PRECISION="tf32"),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        compile_for_hopper(kernel, "bf16", dict(constexprs, P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32),
+                           num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    # no prompts at all (their loads and the prompt tile compiled out), the default's launches
+    for kernel, constexprs, tiles in default_launches():
+        constexprs = dict(constexprs, P=0, G=0, HAS_SUMMARY=False, BLOCK_PR=16)
+        if "PROMPT_PROGRAM" in constexprs:
+            constexprs["PROMPT_PROGRAM"] = 0
+        compile_for_hopper(kernel, "bf16", constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     for kernel in (quick_gelu._fwd, quick_gelu._bwd):
         compile_for_hopper(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8)
+
+
+def default_launches():
+    from vitaclip.ops.attention_tiles import GPU_TILES
+
+    return attention_launches([GPU_TILES[64]])
 
 
 def test_kernels_compile_for_hopper():
@@ -75,7 +93,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(attention_launches()) + 3 + 2
+    assert result.stdout.count("compiled") == len(attention_launches()) + len(default_launches()) + 2
 
 
 if __name__ == "__main__":

@@ -93,13 +93,44 @@ def test_interpreter_matches_reference(frames_per_group, n_global, local, summar
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("prompts", [dict(local=True, n_global=2, summary=True), dict(local=False, n_global=0,
+                                                                                      summary=False)])
+def test_interpreter_tails_match_reference(prompts):
+    """S = 65 (8x8 patches + cls) with 32-row tiles: two full tiles and a 16-row tail everywhere
+    (a second launch of tail tiles, a tail step in every loop), as S = 197 with 64-row tiles."""
+    frames_per_group, seq, heads = 2, 65, 2
+    leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if prompts["local"] else 0,
+                         prompts["n_global"], prompts["summary"], seed=65)
+    grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rows_split_into_full_tiles_and_one_tail():
+    from vitaclip.ops.attention import _row_tiles, _tail
+
+    assert _row_tiles(197, 64) == [(0, 3, 64), (192, 1, 16)]  # ViT-B/16: 5 rows left over
+    assert _row_tiles(197, 128) == [(0, 2, 128)]  # 69 left over: the tail would be a full tile
+    assert _row_tiles(65, 32) == [(0, 2, 32), (64, 1, 16)]
+    assert _row_tiles(50, 32) == [(0, 2, 32)]
+    assert _row_tiles(10, 64) == [(0, 1, 16)]  # no full tile at all
+    assert _row_tiles(256, 64) == [(0, 4, 64)]
+    assert [_tail(197, 64), _tail(197 + 40, 64), _tail(256, 64)] == [16, 64, 64]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
 def test_interpreter_matches_reference_with_other_tiles_per_kernel():
-    """Each kernel tiles independently: forward, dQ and dK/dV with three different tilings."""
-    frames_per_group, seq, heads = 2, 50, 1
+    """Each kernel tiles independently: forward, dQ and dK/dV with three different tilings
+    (at S = 65 each with its own tails)."""
+    frames_per_group, seq, heads = 2, 65, 1
     leaves = make_inputs(2, frames_per_group, seq, heads, 2, 3, True, seed=7)
     grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
     ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
-    tiles = AttentionTiles(fwd=KernelTiles(16, 64), bwd_dq=KernelTiles(64, 16), bwd_dkdv=KernelTiles(16, 32))
+    tiles = AttentionTiles(fwd=KernelTiles(32, 64), bwd_dq=KernelTiles(64, 32), bwd_dkdv=KernelTiles(32, 64))
     with use_tiles(tiles):
         assert tiles_for(HEAD_DIM, interpreting=True) == tiles
         out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)

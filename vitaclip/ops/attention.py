@@ -64,6 +64,24 @@ def _launch_config(q: Tensor, n_prompts: int, kernel_tiles: KernelTiles) -> dict
     )
 
 
+def _tail(rows: int, block: int) -> int:
+    """Size of the tile that takes the last rows % block rows: the next power of two, at least
+    16 (tl.dot's minimum), at most block (rows % block == 0: block, and no tail runs)."""
+    rest = rows % block
+    return min(block, max(16, triton.next_power_of_2(rest))) if rest else block
+
+
+def _row_tiles(rows: int, block: int) -> list:
+    """(row_start, n_tiles, tile) of each launch that covers `rows` rows per frame-head: the full
+    tiles of `block` rows, then the remainder in one tile of `_tail` rows (a single launch when
+    that tile would be a full one anyway)."""
+    tail = _tail(rows, block)
+    if tail == block:
+        return [(0, triton.cdiv(rows, block), block)]
+    full = rows // block
+    return ([(0, full, block)] if full else []) + [(full * block, 1, tail)]
+
+
 def _tiles(q: Tensor) -> AttentionTiles:
     return tiles_for(q.shape[-1], interpreting=q.device.type == "cpu")
 
@@ -95,11 +113,12 @@ def _launch_forward(q, k, v, prompts, frames_per_group):
     out = q.new_empty(n_frames, seq, heads, head_dim)
     lse = torch.empty(n_frames, heads, seq, device=q.device, dtype=torch.float32)
     cfg = _launch_config(q, n_local + n_global + int(has_summary), _tiles(q).fwd)
-    grid = (triton.cdiv(seq, cfg["BLOCK_M"]) * n_frames * heads,)
-    _kernels._fwd[grid](
-        q, k, v, *ptrs, out, lse, *_strides(q, k, v),
-        seq, heads, frames_per_group, head_dim ** -0.5 * _kernels.LOG2E,
-        P=n_local, G=n_global, HAS_SUMMARY=has_summary, **cfg)
+    cfg["TAIL_N"] = _tail(seq, cfg["BLOCK_N"])
+    for row_start, n_tiles, tile in _row_tiles(seq, cfg["BLOCK_M"]):
+        _kernels._fwd[(n_tiles * n_frames * heads,)](
+            q, k, v, *ptrs, out, lse, *_strides(q, k, v),
+            seq, heads, frames_per_group, head_dim ** -0.5 * _kernels.LOG2E, row_start, n_tiles,
+            P=n_local, G=n_global, HAS_SUMMARY=has_summary, **{**cfg, "BLOCK_M": tile})
     return out, lse
 
 
@@ -126,14 +145,21 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     sizes = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
     in_strides = _strides(q, k, v)
-    _kernels._bwd_dq[(triton.cdiv(seq, dq_cfg["BLOCK_M"]) * n_frames * heads,)](
-        q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
-        seq, heads, frames_per_group, *scales, **sizes, **dq_cfg)
-    # _bwd_dkdv reads the delta that _bwd_dq stored (same stream, so ordered)
-    _kernels._bwd_dkdv[((triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) + 1) * n_frames * heads,)](
-        q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
-        dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
-        seq, heads, frames_per_group, *scales, **sizes, **dkdv_cfg)
+    dq_cfg["TAIL_N"] = _tail(seq, dq_cfg["BLOCK_N"])
+    for row_start, n_tiles, tile in _row_tiles(seq, dq_cfg["BLOCK_M"]):
+        _kernels._bwd_dq[(n_tiles * n_frames * heads,)](
+            q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
+            seq, heads, frames_per_group, *scales, row_start, n_tiles, **sizes, **{**dq_cfg, "BLOCK_M": tile})
+    # _bwd_dkdv reads the delta that _bwd_dq stored (same stream, so ordered); the first launch
+    # also runs each frame-head's prompt-tile program
+    dkdv_cfg["TAIL_M"] = _tail(seq, dkdv_cfg["BLOCK_M"])
+    for launch, (row_start, n_tiles, tile) in enumerate(_row_tiles(seq, dkdv_cfg["BLOCK_N"])):
+        prompt_program = int(launch == 0 and n_prompts > 0)
+        _kernels._bwd_dkdv[((n_tiles + prompt_program) * n_frames * heads,)](
+            q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
+            dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
+            seq, heads, frames_per_group, *scales, row_start, n_tiles,
+            **sizes, **{**dkdv_cfg, "BLOCK_N": tile, "PROMPT_PROGRAM": prompt_program})
 
     def by_group(part):
         return part.view(-1, frames_per_group, *part.shape[1:]).sum(1).to(q.dtype)

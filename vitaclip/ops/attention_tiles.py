@@ -73,7 +73,9 @@ GPU_TILES: dict[int, AttentionTiles] = {64: AttentionTiles(_tiles(64, 64, 4, 3),
 # Small tiles under the interpreter, so that tiny test shapes still span several (partial) tiles.
 INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32))
 
-# Compared on the GPU at ViT-B/16 shapes (S = 197: 64-tiles pad to 256 rows/keys, 32-tiles to 224).
+# Compared on the GPU at ViT-B/16 shapes (S = 197: the last 5 rows and keys go to 16-row tails, see
+# kernels/prompt_attention.py, except where the remainder fills a whole tile: 128-row tiles pad to 256).
+# GPU_TILES was chosen before the tails existed (run 2), when 64-row tiles also padded to 256.
 # Rows vary the three kernels together; kernels are independent, so the best forward of one
 # row can be combined with the best backward of another.
 CANDIDATES: list[AttentionTiles] = [
