@@ -7,9 +7,9 @@ $OUT/attention-configs.json when OUT is set). Run it with -s to see the table:
 
     python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider
 
-Kernels are independent: the "bwd" column (fwd+bwd minus fwd) picks the backward tiles and
-the "fwd" column the forward tiles, possibly from different rows. Set the default in
-`GPU_TILES` of vitaclip/ops/attention_tiles.py.
+Kernels are independent: the profiler's GPU time of each kernel (fwd, dq, dkdv columns; each
+with its tail launch) picks that kernel's tiles, possibly from different rows; the last line
+names the fastest per kernel. Set the default in `GPU_TILES` of vitaclip/ops/attention_tiles.py.
 """
 import json
 import os
@@ -33,8 +33,26 @@ def rel_error(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv")
+
+
+def kernel_ms(step, iterations=10):
+    """GPU milliseconds per step() of each kernel in KERNELS (all its launches), by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    totals = dict.fromkeys(KERNELS, 0.0)
+    for event in prof.key_averages():
+        if event.key in totals:
+            totals[event.key] += event.self_device_time_total / 1e3 / iterations
+    return totals
+
+
 def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference):
-    """(fwd ms, fwd+bwd ms, worst relative error vs reference or None, outputs) of one tiling."""
+    """(fwd ms, fwd+bwd ms, per-kernel ms, worst relative error vs reference or None, outputs) of one tiling."""
     from triton.testing import do_bench
 
     qkv, prompts = grad_inputs
@@ -44,10 +62,13 @@ def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference):
         outputs = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
         fwd = do_bench(lambda: prompt_attention_qkv(fwd_inputs[0], *fwd_inputs[1], T0),
                        warmup=10, rep=50, return_mode="median")
-        fwd_bwd = do_bench(lambda: torch.autograd.grad(prompt_attention_qkv(qkv, *prompts, T0), leaves, grad_out),
-                           warmup=10, rep=50, return_mode="median")
+        def step():
+            torch.autograd.grad(prompt_attention_qkv(qkv, *prompts, T0), leaves, grad_out)
+
+        fwd_bwd = do_bench(step, warmup=10, rep=50, return_mode="median")
+        kernels = kernel_ms(step)
     error = None if reference is None else max(rel_error(g, w) for g, w in zip(outputs, reference))
-    return fwd, fwd_bwd, error, outputs
+    return fwd, fwd_bwd, kernels, error, outputs
 
 
 @requires_cuda
@@ -65,7 +86,7 @@ def test_attention_tile_configs(capsys):
     rows, failures, reference = [], [], None
     for tiles in configs:
         try:
-            fwd, fwd_bwd, error, outputs = run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference)
+            fwd, fwd_bwd, kernels, error, outputs = run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference)
         except Exception as exc:  # e.g. out of shared memory at launch: report it, time the rest
             if tiles == default:
                 raise
@@ -76,7 +97,9 @@ def test_attention_tile_configs(capsys):
         if error is not None and error > MAX_REL_ERROR:
             failures.append(f"{tiles}: relative error {error:.3g} vs the default")
         rows.append(dict(config=str(tiles), default=tiles == default, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                         bwd_ms=fwd_bwd - fwd, fwd_tflops=FWD_FLOPS / fwd * 1e-9,
+                         bwd_ms=fwd_bwd - fwd, kernel_ms=kernels,
+                         kernel_tiles=dict(zip(KERNELS, map(str, (tiles.fwd, tiles.bwd_dq, tiles.bwd_dkdv)))),
+                         fwd_tflops=FWD_FLOPS / fwd * 1e-9,
                          fwd_bwd_tflops=FWD_BWD_FLOPS / fwd_bwd * 1e-9, rel_error=error or 0.0))
     elapsed = time.perf_counter() - start
 
@@ -84,11 +107,16 @@ def test_attention_tile_configs(capsys):
     with capsys.disabled():
         print(f"\nprompt attention tiles on {torch.cuda.get_device_name()}: F={FRAMES} S={SEQ} H={HEADS} "
               f"Dh={HEAD_DIM} keys={KEYS} bf16, {elapsed:.0f} s with compiles; * = default")
-        print(f"{'config':<50} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} "
-              f"{'fwd TF/s':>8} {'f+b TF/s':>8} {'rel err':>8}")
+        print(f"{'config':<50} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fwd TF/s':>8} {'f+b TF/s':>8} "
+              f"{'rel err':>8} | GPU ms of {' '.join(KERNELS)}")
         for r in rows:
             print(f"{('* ' if r['default'] else '  ') + r['config']:<50} {r['fwd_ms']:7.3f} {r['bwd_ms']:7.3f} "
-                  f"{r['fwd_bwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e}")
+                  f"{r['fwd_bwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e} | "
+                  + " ".join(f"{r['kernel_ms'][k]:.3f}" for k in KERNELS))
+        if rows:
+            best = {k: min(rows, key=lambda r: r["kernel_ms"][k]) for k in KERNELS}
+            print("fastest per kernel: " + ", ".join(f"{k} {best[k]['kernel_tiles'][k]} "
+                                                     f"({best[k]['kernel_ms'][k]:.3f} ms)" for k in KERNELS))
         for failure in failures:
             print("FAILED", failure)
     if os.environ.get("OUT"):
