@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from conftest import randomize_
-from vitaclip import VitaCLIPConfig, backends, fast
+from vitaclip import VitaCLIPConfig, backends, compiling, fast
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
 from vitaclip.text import TextEncoder
+from vitaclip.vision import VisionTransformer
 
 pytestmark = pytest.mark.skipif(
     not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -31,7 +32,7 @@ CLASSNAMES = ["archery", "baking_cookies", "juggling balls"]
 def fast_anywhere(monkeypatch):
     """Make the fast backends selectable on this device (they are offered only on CUDA: on CPU
     they run the interpreter). On CPU, "fast-compiled" compiles with aot_eager: the same graph
-    capture (fullgraph) and autograd, without inductor's slow CPU code generation."""
+    capture (fullgraph for the layer) and autograd, without inductor's slow CPU code generation."""
     backends.available_backends()  # imports vitaclip.fast, which registers the backends
     for name in ("fast", "fast-compiled"):
         monkeypatch.setitem(backends._BACKENDS, name,
@@ -41,6 +42,8 @@ def fast_anywhere(monkeypatch):
         monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
         monkeypatch.setattr(TextEncoder, "compiled_transformer",
                             lambda self: torch.compile(self.transformer, backend="aot_eager", dynamic=False))
+        monkeypatch.setattr(VisionTransformer, "compiled_embed",
+                            lambda self: torch.compile(self.embed, backend="aot_eager", dynamic=False))
     torch._dynamo.reset()
 
 
@@ -80,6 +83,19 @@ def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
         assert grads[name] is not None, f"{name} got no gradient"
         scale = ref.abs().max().item()
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
+
+
+def test_compiled_backends_compile_the_video_embedding(fast_anywhere, monkeypatch):
+    compiled_calls = []
+    monkeypatch.setattr(VisionTransformer, "compiled_embed", lambda self: compiled_calls.append(1) or self.embed)
+    model = VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend="fast-compiled").to(DEVICE).eval()
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+    with torch.no_grad():
+        model(video)
+        assert compiled_calls == [1]
+        model.set_backend("fast")
+        model(video)
+    assert compiled_calls == [1]
 
 
 def test_fused_qkv_follows_weight_updates(fast_anywhere):
@@ -197,9 +213,9 @@ def test_gpu_fast_vit_b16_autocast_matches_reference():
 
 
 def test_compile_mode_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv(backends.COMPILE_MODE_ENV, raising=False)
-    assert backends.compile_mode() == "default"
-    monkeypatch.setenv(backends.COMPILE_MODE_ENV, "max-autotune-no-cudagraphs")
+    monkeypatch.delenv(compiling.COMPILE_MODE_ENV, raising=False)
+    assert compiling.compile_mode() == "default"
+    monkeypatch.setenv(compiling.COMPILE_MODE_ENV, "max-autotune-no-cudagraphs")
     modes = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
     fast.compiled_layer.cache_clear()
@@ -208,9 +224,9 @@ def test_compile_mode_comes_from_the_environment(monkeypatch):
     finally:
         fast.compiled_layer.cache_clear()  # the next user compiles for real
     assert modes == ["max-autotune-no-cudagraphs"]
-    monkeypatch.setenv(backends.COMPILE_MODE_ENV, "reduce-overhead")  # inductor's CUDA graphs: not offered
+    monkeypatch.setenv(compiling.COMPILE_MODE_ENV, "reduce-overhead")  # inductor's CUDA graphs: not offered
     with pytest.raises(ValueError, match="VITACLIP_COMPILE_MODE='reduce-overhead'"):
-        backends.compile_mode()
+        compiling.compile_mode()
 
 
 def test_compiled_layer_leaves_quick_gelu_to_the_compiler(fast_anywhere, monkeypatch):

@@ -8,7 +8,6 @@ highest-priority backend available on the input's device.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict
 
@@ -23,25 +22,8 @@ class Backend:
     block_forward: BlockForward
     is_available: Callable[[torch.device], bool]
     priority: int
-    compile_text: bool = False  # also run the text transformer under torch.compile
+    compile_modules: bool = False  # also compile the video embedding and the text transformer
     cuda_graphs: bool = False  # capture whole passes as CUDA graphs on CUDA (vitaclip.graphs)
-
-
-# torch.compile mode of the compiled backends' layer and text transformer, from the environment
-# (read when they are first compiled). "max-autotune-no-cudagraphs" lets inductor time Triton GEMM
-# templates against cuBLAS and fuse pointwise neighbours (QuickGELU, residual adds) into the winner's
-# epilogue, for minutes of tuning at the first call; modes that add inductor's own CUDA graphs are
-# left out ("fast-graphed" captures whole passes itself).
-COMPILE_MODE_ENV = "VITACLIP_COMPILE_MODE"
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def compile_mode() -> str:
-    mode = os.environ.get(COMPILE_MODE_ENV, "default")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"{COMPILE_MODE_ENV}={mode!r} is not a supported torch.compile mode; "
-                         f"use one of {COMPILE_MODES}")
-    return mode
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -50,8 +32,8 @@ OPTIONAL_BACKEND_MODULES = ("vitaclip.fast",)
 
 def register_backend(name: str, block_forward: BlockForward,
                      is_available: Callable[[torch.device], bool] = lambda device: True,
-                     priority: int = 0, compile_text: bool = False, cuda_graphs: bool = False) -> None:
-    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_text, cuda_graphs)
+                     priority: int = 0, compile_modules: bool = False, cuda_graphs: bool = False) -> None:
+    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_modules, cuda_graphs)
 
 
 register_backend("reference", reference_block_forward)

@@ -21,8 +21,8 @@ extended sequence:
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
 (one graph per layer shape, shared by all layers), fusing the LayerNorms, casts, QuickGELU
-and residual adds around the GEMMs and the custom ops, and compiles the text transformer too
-(in the mode `backends.compile_mode()` names);
+and residual adds around the GEMMs and the custom ops, and compiles the video embedding and the
+text transformer too (in the mode `compiling.compile_mode()` names);
 "fast-graphed" is "fast-compiled" with whole passes captured as CUDA graphs by the model
 (vitaclip.graphs). All register on import and are offered on CUDA; "auto" picks
 "fast-graphed": a training step of "fast-compiled" left the H100 idle half the time,
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .backends import compile_mode, register_backend
+from .backends import register_backend
+from .compiling import compile_mode
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .vision import QuickGELU, VitaBlock
@@ -114,7 +115,7 @@ def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_
 @functools.lru_cache(maxsize=None)
 def compiled_layer():
     """`_layer` under torch.compile, built on first use (importing the compiler is slow), in the
-    mode `backends.compile_mode()` names."""
+    mode `compiling.compile_mode()` names."""
     return torch.compile(_layer, dynamic=False, fullgraph=True, mode=compile_mode())
 
 
@@ -131,6 +132,6 @@ def fast_available(device: torch.device) -> bool:
 
 
 register_backend("fast", fast_block_forward, fast_available, priority=5)
-register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=10, compile_text=True)
-register_backend("fast-graphed", fast_compiled_block_forward, fast_available, priority=20, compile_text=True,
+register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=10, compile_modules=True)
+register_backend("fast-graphed", fast_compiled_block_forward, fast_available, priority=20, compile_modules=True,
                  cuda_graphs=True)

@@ -125,7 +125,7 @@ class VitaCLIP(nn.Module):
 
             def learned_text_features() -> Tensor:
                 embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
-                return self.textual(embeds, eot, truncate=False, compiled=backend.compile_text)  # already cut
+                return self.textual(embeds, eot, truncate=False, compiled=backend.compile_modules)  # already cut
 
             if backend.cuda_graphs and self.logit_scale.is_cuda:
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
@@ -175,10 +175,11 @@ class VitaCLIP(nn.Module):
         backend = resolve_backend(self.backend, video.device)
         if backend.cuda_graphs and video.is_cuda:
             self.visual.check_video(video)  # a replayed graph checks nothing
-            frames = self._graphs.run(f"{backend.name} video", lambda v: self.visual(v, backend.block_forward),
+            frames = self._graphs.run(f"{backend.name} video",
+                                      lambda v: self.visual(v, backend.block_forward, backend.compile_modules),
                                       [video], [self.visual], video.device)
         else:
-            frames = self.visual(video, backend.block_forward)
+            frames = self.visual(video, backend.block_forward, backend.compile_modules)
         return frames.mean(dim=1)
 
     def forward(self, video: Tensor) -> Tensor:

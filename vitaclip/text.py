@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import compile_mode
+from .compiling import compile_mode
 from .config import VitaCLIPConfig
 from .vision import make_activation
 

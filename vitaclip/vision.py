@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compiling import compile_mode
 from .config import VitaCLIPConfig
 from .ops.summary import summary_tokens
 
@@ -219,15 +220,28 @@ class VisionTransformer(nn.Module):
         table = self.time_embed.t().unsqueeze(0)  # [1, C, T0]
         return F.interpolate(table, size=n_frames, mode="nearest").squeeze(0).t()
 
-    def forward(self, video: Tensor, block_forward: BlockForward) -> Tensor:
-        """Per-frame features [B, T, D] of a normalised video [B, 3, T, H, W]."""
-        self.check_video(video)
+    def embed(self, video: Tensor) -> Tensor:
+        """The first layer's input [B * T, S, C]: patches, class token, positions, time, ln_pre."""
         b, _, t, h, w = video.shape
         x = self.patch_embed(video.transpose(1, 2))
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
         x = x.view(b, t, *x.shape[1:]) + self.time_embedding(t).to(x.dtype)[None, :, None, :]
-        x = self.ln_pre(x.view(b * t, *x.shape[2:]))
+        return self.ln_pre(x.view(b * t, *x.shape[2:]))
+
+    def compiled_embed(self):
+        """`embed` under torch.compile (one fused pass for the casts, adds and LayerNorm around the
+        patch GEMM), kept out of the module tree so that it adds no state-dict keys."""
+        if "_compiled_embed" not in self.__dict__:
+            self.__dict__["_compiled_embed"] = torch.compile(self.embed, dynamic=False, mode=compile_mode())
+        return self.__dict__["_compiled_embed"]
+
+    def forward(self, video: Tensor, block_forward: BlockForward, compiled: bool = False) -> Tensor:
+        """Per-frame features [B, T, D] of a normalised video [B, 3, T, H, W]; `compiled` runs
+        `embed` under torch.compile."""
+        self.check_video(video)
+        b, t = video.shape[0], video.shape[2]
+        x = (self.compiled_embed() if compiled else self.embed)(video)
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
             x = block_forward(block, x, global_prompts)
