@@ -18,10 +18,14 @@ def block():
 
 
 def layer_inputs(block, clips, requires_grad):
+    """(x, pending, global prompts) as a layer after the first gets them: the stream in fp32 and the
+    previous layer's MLP output (the part of the residual left to this layer) in bf16."""
     frames = clips * CONFIG.num_frames
-    x = torch.randn(frames, CONFIG.num_patches + 1, CONFIG.width, device="cuda", requires_grad=requires_grad)
+    shape = (frames, CONFIG.num_patches + 1, CONFIG.width)
+    x = torch.randn(*shape, device="cuda", requires_grad=requires_grad)
+    pending = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
     global_prompts = torch.randn(CONFIG.num_global, CONFIG.width, device="cuda", requires_grad=requires_grad)
-    return x, global_prompts
+    return x, pending, global_prompts
 
 
 @requires_cuda
@@ -29,11 +33,11 @@ def layer_inputs(block, clips, requires_grad):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_inference(benchmark, block, backend):
     forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
-    x, global_prompts = layer_inputs(block, 32, requires_grad=False)
+    x, pending, global_prompts = layer_inputs(block, 32, requires_grad=False)
 
     def step():
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            forward(block, x, global_prompts)
+            forward(block, x, pending, global_prompts)
 
     benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3
 
@@ -43,12 +47,13 @@ def test_layer_inference(benchmark, block, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_training(benchmark, block, backend):
     forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
-    x, global_prompts = layer_inputs(block, 16, requires_grad=True)
+    x, pending, global_prompts = layer_inputs(block, 16, requires_grad=True)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = forward(block, x, global_prompts)
-        torch.autograd.grad(out.float().square().mean(), [x, global_prompts])
+            stream, mlp_out = forward(block, x, pending, global_prompts)
+        loss = stream.float().square().mean() + (mlp_out.float().square().mean() if mlp_out is not None else 0)
+        torch.autograd.grad(loss, [x, pending, global_prompts])
 
     torch.cuda.reset_peak_memory_stats()
     benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3

@@ -54,6 +54,11 @@ def tiny_config(**prompts):
                           num_global_prompts=2, n_ctx=2, **prompts)
 
 
+def layer_output(x, pending):
+    """A layer's output from what its block_forward returns (see vision.BlockForward)."""
+    return x if pending is None else x + pending
+
+
 def logits_and_grads(model, video):
     model.zero_grad(set_to_none=True)
     logits = model(video)
@@ -120,12 +125,13 @@ def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):
     torch.manual_seed(2)
     block = randomize_(VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]).to(DEVICE).requires_grad_(True)
     x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    pending = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)  # the previous layer's MLP output
     global_prompts = torch.randn(2, 128, device=DEVICE)
     grads = {}
     for name, forward in (("fast", fast.fast_block_forward), ("reference", reference_block_forward)):
-        out = forward(block, x, global_prompts)
-        grads[name] = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
-    names = ["x"] + [name for name, _ in block.named_parameters()]
+        out = layer_output(*forward(block, x, pending, global_prompts))
+        grads[name] = torch.autograd.grad(out.square().sum(), [x, pending, *block.parameters()])
+    names = ["x", "pending"] + [name for name, _ in block.named_parameters()]
     for name, got, want in zip(names, grads["fast"], grads["reference"]):
         # k_proj.bias has a zero gradient (softmax ignores a shift shared by all keys): rounding only
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item() + 1e-5, rtol=1e-4, msg=name)
@@ -147,6 +153,7 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
     are saved for the backward; the rest (4C-wide MLP hidden included) is recomputed."""
     block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0].to(DEVICE)
     x = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
+    pending = torch.randn(3, 50, 128, device=DEVICE, requires_grad=True)
     global_prompts = torch.randn(2, 128, device=DEVICE, requires_grad=True)
     saved = {}
 
@@ -156,12 +163,12 @@ def test_training_keeps_only_input_qkv_and_attention_output(fast_anywhere):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fast.fast_block_forward(block, x, global_prompts)
+        out = layer_output(*fast.fast_block_forward(block, x, pending, global_prompts))
     stream = x.numel() * x.element_size()
     large = sorted(n for n in saved.values() if n >= stream)
-    assert large == [stream, stream, 3 * stream], saved  # input, attention output, packed qkv
+    assert large == [stream, stream, 3 * stream], saved  # input x + pending, attention output, packed qkv
     out.sum().backward()  # the recomputation carries the gradient through
-    assert x.grad.abs().sum() > 0 and global_prompts.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0 and pending.grad.abs().sum() > 0 and global_prompts.grad.abs().sum() > 0
 
 
 def test_auto_picks_fast_graphed_on_cuda_only():
@@ -243,11 +250,11 @@ def test_compiled_layer_leaves_quick_gelu_to_the_compiler(fast_anywhere, monkeyp
         return graph_module
 
     compiled = torch.compile(fast._layer, backend=record, fullgraph=True, dynamic=False)
-    out = compiled(x, global_prompts, *fast.fused_qkv_weight(block), block)
+    out = compiled(x, None, global_prompts, *fast.fused_qkv_weight(block), block)
     eager_calls = []
     triton_quick_gelu = fast.quick_gelu
     monkeypatch.setattr(fast, "quick_gelu", lambda t: eager_calls.append(t.shape) or triton_quick_gelu(t))
-    torch.testing.assert_close(out, fast.fast_block_forward(block, x, global_prompts), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, fast.fast_block_forward(block, x, None, global_prompts), atol=1e-5, rtol=1e-5)
     assert eager_calls == [(3, 50, 512)]
     assert any("prompt_attention" in t for t in targets), targets
     assert any("sigmoid" in t for t in targets) and not any("quick_gelu" in t for t in targets), targets

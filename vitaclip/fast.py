@@ -13,7 +13,8 @@ extended sequence:
     layer, local prompts once per group, summary tokens once per frame;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
   - then out_proj + residual + MLP on the own tokens, QuickGELU as one Triton kernel each
-    way when eager (`ops.activation`). When training, the stream after attention and the
+    way when eager (`ops.activation`); the MLP's residual add is left to the next layer,
+    whose first fused kernel (LayerNorm) reads the two parts anyway. When training, the stream after attention and the
     MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
     tensors kept anyway (the layer input and the attention output) instead of stored: a
     layer keeps only its input, the packed qkv and the attention output (the rest is a
@@ -86,10 +87,15 @@ def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_proj: nn.Linear, n
     return x, act(fc1(norm(x)))
 
 
-def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_bias: Tensor,
-           block: VitaBlock) -> Tensor:
+def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor], qkv_weight: Tensor,
+           qkv_bias: Tensor, block: VitaBlock) -> Tuple[Tensor, Tensor]:
+    """(stream after attention, MLP output) of the layer with input x + pending: their sum is the
+    layer's output, added by the next layer in its first kernel (or for the class tokens alone
+    after the last one)."""
     n_frames, seq, width = x.shape
     heads = block.heads
+    if pending is not None:
+        x = x + pending
     prompts = block.prompts(x, global_prompts)
     qkv = F.linear(block.norm1(x), qkv_weight, qkv_bias).view(n_frames, seq, 3, heads, width // heads)
     kv_weight, kv_bias = qkv_weight[width:], qkv_bias[width:]
@@ -109,7 +115,7 @@ def _layer(x: Tensor, global_prompts: Optional[Tensor], qkv_weight: Tensor, qkv_
         x, hidden = checkpoint(_residual_and_mlp_hidden, *args, use_reentrant=False, preserve_rng_state=False)
     else:
         x, hidden = _residual_and_mlp_hidden(*args)
-    return x + mlp.fc2(hidden)
+    return x, mlp.fc2(hidden)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,12 +125,14 @@ def compiled_layer():
     return torch.compile(_layer, dynamic=False, fullgraph=True, mode=compile_mode())
 
 
-def fast_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
-    return _layer(x, global_prompts, *fused_qkv_weight(block), block)
+def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
+                       global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _layer(x, pending, global_prompts, *fused_qkv_weight(block), block)
 
 
-def fast_compiled_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
-    return compiled_layer()(x, global_prompts, *fused_qkv_weight(block), block)
+def fast_compiled_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
+                                global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return compiled_layer()(x, pending, global_prompts, *fused_qkv_weight(block), block)
 
 
 def fast_available(device: torch.device) -> bool:

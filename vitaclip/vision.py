@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,15 +132,21 @@ class VitaBlock(nn.Module):
         return LayerPrompts(local, global_prompts, summary, self.num_frames)
 
 
-# A backend's layer: (block, frames' tokens x [F, S, C], the layer's global prompts [G, C] or None)
-# -> the layer's output [F, S, C]. It builds the layer's prompts itself (`VitaBlock.prompts`), so a
-# compiled layer fuses their small ops, and the gradient of x[:, 0], with its own.
-BlockForward = Callable[[VitaBlock, Tensor, Optional[Tensor]], Tensor]
+# A backend's layer: (block, x, pending, global_prompts) -> (x', pending'). The layer's input is the
+# frames' tokens x + pending ([F, S, C]; pending None: x alone), its output x' + pending': a layer may
+# leave its last residual add to the next one, which folds it into its first fused kernel instead of
+# a pass over the stream of its own. global_prompts: the layer's [G, C] or None. A layer builds its
+# prompts itself (`VitaBlock.prompts`), so a compiled layer fuses their small ops, and the gradient
+# of x[:, 0], with its own.
+BlockForward = Callable[[VitaBlock, Tensor, Optional[Tensor], Optional[Tensor]], Tuple[Tensor, Optional[Tensor]]]
 
 
-def reference_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optional[Tensor]) -> Tensor:
+def reference_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
+                            global_prompts: Optional[Tensor]) -> Tuple[Tensor, None]:
     """The original layer: attention over the materialised sequence
     [cls, local(T0), global(G), patches(N), summary], then the MLP on the frame's own tokens."""
+    if pending is not None:
+        x = x + pending
     prompts = block.prompts(x, global_prompts)
     n_frames = x.shape[0]
     parts = [x[:, :1]]
@@ -155,7 +161,7 @@ def reference_block_forward(block: VitaBlock, x: Tensor, global_prompts: Optiona
     seq = torch.cat(parts, dim=1)
     seq = seq + block.attn(block.norm1(seq))
     own = torch.cat([seq[:, :1], seq[:, n_before_patches:n_before_patches + x.shape[1] - 1]], dim=1)
-    return own + block.mlp(block.norm2(own))
+    return own + block.mlp(block.norm2(own)), None
 
 
 class VisionTransformer(nn.Module):
@@ -241,9 +247,10 @@ class VisionTransformer(nn.Module):
         `embed` under torch.compile."""
         self.check_video(video)
         b, t = video.shape[0], video.shape[2]
-        x = (self.compiled_embed() if compiled else self.embed)(video)
+        x, pending = (self.compiled_embed() if compiled else self.embed)(video), None
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
-            x = block_forward(block, x, global_prompts)
-        features = self.ln_post(x[:, 0]) @ self.proj
+            x, pending = block_forward(block, x, pending, global_prompts)
+        cls = x[:, 0] if pending is None else x[:, 0] + pending[:, 0]  # the only tokens read after the last layer
+        features = self.ln_post(cls) @ self.proj
         return features.view(b, t, -1)
