@@ -15,10 +15,10 @@ three masked loads. Softmax runs in base 2; LSE is stored in base 2 for the back
 
 Tails: S = 197 (ViT-B/16) leaves 5 rows past the last full 64-row tile. A loop over rows
 takes its full tiles, then one step of TAIL_* rows (the remainder rounded up to a power of
-two >= 16); the launcher covers a kernel's own row tiles the same way, with a second launch
-of remainder-sized tiles from `row_start`. With 64-row tiles at S = 197 a frame-head computes
-208 x 240 query x key rows (own keys, then the 32-row prompt tile) instead of 256 x 288: a
-third less.
+two >= 16); the launcher covers a kernel's own row tiles with full tiles, then further
+launches of smaller tiles from `row_start` (`ops.attention._row_tiles`: 197 = 3 x 64 + 16,
+or 128 + 64 + 16). With 64-row tiles at S = 197 a frame-head computes 208 x 240 query x key
+rows (own keys, then the 32-row prompt tile) instead of 256 x 288: a third less.
 
 Backward (FlashAttention-2 style, no atomics):
   _bwd_dq      per query tile: delta = rowsum(dO * O) (stored for _bwd_dkdv) and dQ.

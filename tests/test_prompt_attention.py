@@ -113,11 +113,18 @@ def test_rows_split_into_full_tiles_and_one_tail():
     from vitaclip.ops.attention import _row_tiles, _tail
 
     assert _row_tiles(197, 64) == [(0, 3, 64), (192, 1, 16)]  # ViT-B/16: 5 rows left over
-    assert _row_tiles(197, 128) == [(0, 2, 128)]  # 69 left over: the tail would be a full tile
+    assert _row_tiles(197, 128) == [(0, 1, 128), (128, 1, 64), (192, 1, 16)]
     assert _row_tiles(65, 32) == [(0, 2, 32), (64, 1, 16)]
-    assert _row_tiles(50, 32) == [(0, 2, 32)]
+    assert _row_tiles(50, 32) == [(0, 2, 32)]  # 18 left: one 32-row tile spares 14
     assert _row_tiles(10, 64) == [(0, 1, 16)]  # no full tile at all
+    assert _row_tiles(40, 64) == [(0, 1, 32), (32, 1, 16)]
     assert _row_tiles(256, 64) == [(0, 4, 64)]
+    for rows in range(1, 300):  # every row in exactly one tile, tiles in order
+        for block in (16, 32, 64, 128):
+            launches = _row_tiles(rows, block)
+            starts = [start + i * tile for start, n, tile in launches for i in range(n)]
+            ends = [start + tile for start, n, tile in launches for start in [start + i * tile for i in range(n)]]
+            assert starts[0] == 0 and all(e == s for e, s in zip(ends, starts[1:])) and ends[-1] >= rows > starts[-1]
     assert [_tail(197, 64), _tail(197 + 40, 64), _tail(256, 64)] == [16, 64, 64]
 
 

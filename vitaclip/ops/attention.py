@@ -72,14 +72,25 @@ def _tail(rows: int, block: int) -> int:
 
 
 def _row_tiles(rows: int, block: int) -> list:
-    """(row_start, n_tiles, tile) of each launch that covers `rows` rows per frame-head: the full
-    tiles of `block` rows, then the remainder in one tile of `_tail` rows (a single launch when
-    that tile would be a full one anyway)."""
-    tail = _tail(rows, block)
-    if tail == block:
-        return [(0, triton.cdiv(rows, block), block)]
-    full = rows // block
-    return ([(0, full, block)] if full else []) + [(full * block, 1, tail)]
+    """(row_start, n_tiles, tile) of each launch that covers `rows` rows per frame-head: full tiles
+    of `block` rows, then of the largest power of two (>= 16) that the rows left fill, until one
+    tile covers the rest with fewer than 16 rows to spare (197 rows in 128-row tiles: 128 + 64 + 16;
+    in 64-row tiles: 3 x 64 + 16)."""
+    launches, start = [], 0
+    while start < rows:
+        left = rows - start
+        cover = max(16, triton.next_power_of_2(left))
+        if cover <= block and cover - left < 16:
+            tile, n_tiles = cover, 1
+        else:
+            tile = min(block, 1 << (left.bit_length() - 1))
+            n_tiles = left // tile
+        if launches and launches[-1][2] == tile:  # the same tile size: one launch
+            launches[-1] = (launches[-1][0], launches[-1][1] + n_tiles, tile)
+        else:
+            launches.append((start, n_tiles, tile))
+        start += n_tiles * tile
+    return launches
 
 
 def _tiles(q: Tensor) -> AttentionTiles:

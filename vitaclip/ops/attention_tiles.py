@@ -73,9 +73,10 @@ GPU_TILES: dict[int, AttentionTiles] = {64: AttentionTiles(_tiles(64, 64, 4, 3),
 # Small tiles under the interpreter, so that tiny test shapes still span several (partial) tiles.
 INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32))
 
-# Compared on the GPU at ViT-B/16 shapes (S = 197: the last 5 rows and keys go to 16-row tails, see
-# kernels/prompt_attention.py, except where the remainder fills a whole tile: 128-row tiles pad to 256).
-# GPU_TILES was chosen before the tails existed (run 2), when 64-row tiles also padded to 256.
+# Compared on the GPU at ViT-B/16 shapes (S = 197: a kernel's program tiles end in smaller ones,
+# 3 x 64 + 16 or 128 + 64 + 16; its loops end in one step of the remainder rounded up to a power
+# of two, 16 rows after 64-row steps but a whole step after 128-row ones; see
+# kernels/prompt_attention.py). GPU_TILES was chosen before these tails existed (run 2).
 # Rows vary the three kernels together; kernels are independent, so the best forward of one
 # row can be combined with the best backward of another.
 CANDIDATES: list[AttentionTiles] = [
