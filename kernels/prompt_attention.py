@@ -238,31 +238,34 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
     # what every query step reads: the frame-head's queries, output gradients and row statistics
     q_base = Q + frame64 * sq_f + head * sq_h
     do_base = DO + frame64 * S * row + head * HEAD_DIM
-    stat_base = pid_fh.to(tl.int64) * S
-    queries = (q_base, do_base, LSE + stat_base, DELTA + stat_base, sq_s, sq_d, S, row)
+    lse_base = LSE + pid_fh.to(tl.int64) * S
+    delta_base = DELTA + pid_fh.to(tl.int64) * S
 
     if pid_n < n_tiles:
-        _own_key_grads(K, V, DK, DV, row_start + pid_n * BLOCK_N, frame64, head, queries,
+        _own_key_grads(K, V, DK, DV, row_start + pid_n * BLOCK_N, frame64, head,
+                       q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
                        sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
                        qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, BLOCK_N, PRECISION)
     elif PROMPT_PROGRAM:
-        _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head, queries,
-                          H, row, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+        _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head,
+                          q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                          H, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
                           P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, TAIL_M, BLOCK_PR, PRECISION)
 
 
 @triton.jit
-def _own_key_grads(K, V, DK, DV, start, frame64, head, queries,
+def _own_key_grads(K, V, DK, DV, start, frame64, head,
+                   q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
                    sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
                    qk_scale, sm_scale, offs_d, d_mask,
                    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    S = queries[6]
     offs_n = start + tl.arange(0, BLOCK_N)
     key_mask = offs_n < S
     kv_mask = key_mask[:, None] & d_mask[None, :]
     k = _load_rows(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, sk_d, offs_d, d_mask, S)
     v = _load_rows(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, sv_d, offs_d, d_mask, S)
-    dk, dv = _dkdv_tile(k, v, key_mask, queries, qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
+    dk, dv = _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                        qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
     dk_ptrs = DK + frame64 * sdk_f + head * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :]
     dv_ptrs = DV + frame64 * sdv_f + head * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -270,15 +273,16 @@ def _own_key_grads(K, V, DK, DV, start, frame64, head, queries,
 
 
 @triton.jit
-def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head, queries,
-                      H, row, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head,
+                      q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                      H, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
                       P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
                       BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
                                    P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-    dk, dv = _dkdv_tile(k, v, offs_j < P + G + HAS_SUMMARY, queries, qk_scale, offs_d, d_mask,
-                        BLOCK_M, TAIL_M, PRECISION)
+    dk, dv = _dkdv_tile(k, v, offs_j < P + G + HAS_SUMMARY, q_base, do_base, lse_base, delta_base,
+                        sq_s, sq_d, S, row, qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
     dk = dk * sm_scale
     if P > 0:  # per-frame partials [F, P, H, Dh], summed over the group by the wrapper
         rows = offs_j < P
@@ -298,10 +302,9 @@ def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, fram
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, key_mask, queries, start, qk_scale, offs_d, d_mask,
-                  ROWS: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                  start, qk_scale, offs_d, d_mask, ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """dK (unscaled by sm_scale) and dV of one key tile, accumulated over ROWS queries from `start`."""
-    q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row = queries
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < S
     q = _load_rows(q_base, offs_m, sq_s, sq_d, offs_d, d_mask, S)
@@ -319,17 +322,18 @@ def _dkdv_queries(dk, dv, k, v, key_mask, queries, start, qk_scale, offs_d, d_ma
 
 
 @triton.jit
-def _dkdv_tile(k, v, key_mask, queries, qk_scale, offs_d, d_mask,
-               BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, PRECISION: tl.constexpr):
-    """dK (unscaled by sm_scale) and dV of one key tile, over every query of the frame."""
-    S = queries[6]
+def _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+               qk_scale, offs_d, d_mask, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dK (unscaled by sm_scale) and dV of one key tile, over every query of the frame (read from
+    q_base, do_base, lse_base and delta_base: the frame-head's queries, output gradients and row
+    statistics)."""
     dk = tl.zeros(k.shape, dtype=tl.float32)
     dv = tl.zeros(v.shape, dtype=tl.float32)
     full = S - S % BLOCK_M
     for start_m in range(0, full, BLOCK_M):
-        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, queries, start_m, qk_scale, offs_d, d_mask,
-                               BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                               start_m, qk_scale, offs_d, d_mask, BLOCK_M, PRECISION)
     if full < S:
-        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, queries, full, qk_scale, offs_d, d_mask,
-                               TAIL_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                               full, qk_scale, offs_d, d_mask, TAIL_M, PRECISION)
     return dk, dv
