@@ -118,6 +118,24 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_frozen_weights_are_made_once_per_compute_dtype():
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]
+    linears = (block.attn.out_proj, block.mlp.fc1, block.mlp.fc2)
+    low = fast.layer_weights(block, torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in low)
+    assert torch.equal(low.fc1_weight, block.mlp.fc1.weight.to(torch.bfloat16))
+    assert torch.equal(low.qkv_weight[128:256], block.attn.k_proj.weight.to(torch.bfloat16))
+    assert fast.layer_weights(block, torch.bfloat16).fc2_weight is low.fc2_weight  # cached: no cast per step
+    full = fast.layer_weights(block, torch.float32)  # the parameters themselves where no cast is needed
+    assert all(got is lin.weight for got, lin in zip((full.out_weight, full.fc1_weight, full.fc2_weight), linears))
+    assert fast.layer_weights(block, torch.bfloat16).fc2_weight is low.fc2_weight  # each dtype kept
+    with torch.no_grad():
+        block.mlp.fc2.weight.mul_(2.0)  # in place: a new version, so a rebuild
+    rebuilt = fast.layer_weights(block, torch.bfloat16)
+    assert rebuilt.fc2_weight is not low.fc2_weight
+    assert torch.equal(rebuilt.fc2_weight, block.mlp.fc2.weight.to(torch.bfloat16))
+
+
 def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):
     """With the layer's own weights trainable too (not the default), every gradient matches."""
     from vitaclip.vision import reference_block_forward
@@ -250,7 +268,7 @@ def test_compiled_layer_leaves_quick_gelu_to_the_compiler(fast_anywhere, monkeyp
         return graph_module
 
     compiled = torch.compile(fast._layer, backend=record, fullgraph=True, dynamic=False)
-    out = compiled(x, None, global_prompts, *fast.fused_qkv_weight(block), block)
+    out = compiled(x, None, global_prompts, fast.layer_weights(block, torch.float32), block)
     eager_calls = []
     triton_quick_gelu = fast.quick_gelu
     monkeypatch.setattr(fast, "quick_gelu", lambda t: eager_calls.append(t.shape) or triton_quick_gelu(t))

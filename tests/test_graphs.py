@@ -109,14 +109,15 @@ def test_text_cache_tells_autocast_dtypes_apart():
     assert len(keys) == 2
 
 
-def test_fused_qkv_of_a_trained_attention_is_never_cached():
+def test_weights_of_a_trained_attention_are_never_cached():
     from vitaclip import fast
     block = VitaCLIP(tiny_config(), CLASSES).visual.blocks[0]
     block.attn.q_proj.weight.requires_grad_(True)
-    with torch.no_grad():  # a graph captured here must read the live weight at every replay
-        first, _ = fast.fused_qkv_weight(block)
-        second, _ = fast.fused_qkv_weight(block)
-    assert first is not second and getattr(block, fast._CACHE_ATTR, None) is None
+    with torch.no_grad():  # a graph captured here must read the live weights at every replay
+        first = fast.layer_weights(block, torch.float32)
+        second = fast.layer_weights(block, torch.float32)
+    assert first.qkv_weight is not second.qkv_weight and first.out_weight is block.attn.out_proj.weight
+    assert getattr(block, fast._CACHE_ATTR, None) is None
 
 
 def test_inputs_that_need_gradients_are_never_captured():

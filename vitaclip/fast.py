@@ -2,9 +2,9 @@
 
 Exactly the reference layer (`vision.reference_block_forward`), computed without the
 extended sequence:
-  - one fused QKV projection of the frames' own tokens (concatenated weight, cached while
-    the frozen q/k/v weights stay unchanged), read by the kernel in place, its gradient
-    written back packed;
+  - one fused QKV projection of the frames' own tokens (concatenated weight), read by the
+    kernel in place, its gradient written back packed; the frozen weights are kept in the
+    compute dtype while unchanged (`layer_weights`), so no step casts them;
   - the layer's prompts built inside the layer (`VitaBlock.prompts`: cls_proj, the summary
     op, local prompts), so that under torch.compile their casts and small ops, and the
     gradient of x[:, 0], fuse with the layer's own kernels instead of running eagerly around
@@ -32,7 +32,7 @@ waiting on the host (benchmarks/RESULTS.md, run 3).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,29 +45,52 @@ from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .vision import QuickGELU, VitaBlock
 
-_CACHE_ATTR = "_fast_qkv_cache"
+_CACHE_ATTR = "_fast_weights"
 
 
-def fused_qkv_weight(block: VitaBlock) -> Tuple[Tensor, Tensor]:
-    """[3C, C] weight and [3C] bias of q/k/v stacked. Cached on the block, keyed on the
-    weights' storage and version so any in-place update or move invalidates it; rebuilt
-    every call (differentiably under grad) when a q/k/v parameter trains, with or without
-    grad: a CUDA graph reads a trained weight at every replay, never a cached copy."""
-    attn = block.attn
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
-    params = [t for lin in linears for t in (lin.weight, lin.bias)]
+class LayerWeights(NamedTuple):
+    """The linear weights of a layer's fast forward, q/k/v stacked into one projection."""
+    qkv_weight: Tensor
+    qkv_bias: Tensor
+    out_weight: Tensor
+    out_bias: Tensor
+    fc1_weight: Tensor
+    fc1_bias: Tensor
+    fc2_weight: Tensor
+    fc2_bias: Tensor
+
+
+def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
+    """The block's q/k/v (stacked), out_proj, fc1 and fc2 weights in the compute dtype `dtype`
+    (autocast's under autocast). Frozen (the backbone by default): made once per dtype and cached
+    on the block, keyed on the parameters' storage and version so that an in-place update or a
+    move rebuilds them; a step then casts no weight (autocast would cast all of them at every
+    call). If any of them trains: the parameters themselves (q/k/v concatenated, differentiably),
+    every call, with or without grad: a CUDA graph reads a trained weight at every replay, never
+    a cached copy."""
+    attn, mlp = block.attn, block.mlp
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    params = [t for lin in (q, k, v, attn.out_proj, mlp.fc1, mlp.fc2) for t in (lin.weight, lin.bias)]
+
+    def build(cast) -> LayerWeights:
+        return LayerWeights(cast(torch.cat([q.weight, k.weight, v.weight])), cast(torch.cat([q.bias, k.bias, v.bias])),
+                            *(cast(t) for t in params[6:]))
+
     if any(p.requires_grad for p in params):
-        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cached = getattr(block, _CACHE_ATTR, None)
+        return build(lambda t: t)
+    key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)
+    cache = block.__dict__.setdefault(_CACHE_ATTR, {})  # a plain attribute: not state, not moved
+    cached = cache.get(dtype)
     if cached is None or cached[0] != key:
-        # a normal tensor even when first built under inference_mode, so training can reuse it
+        # normal tensors even when first built under inference_mode, so that training can reuse them
         with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([lin.weight for lin in linears])
-            bias = torch.cat([lin.bias for lin in linears])
-        cached = (key, weight, bias)
-        object.__setattr__(block, _CACHE_ATTR, cached)  # a plain attribute: not state, not moved
-    return cached[1], cached[2]
+            cached = cache[dtype] = (key, build(lambda t: t.to(dtype)))
+    return cached[1]
+
+
+def _compute_dtype(block: VitaBlock, x: Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else block.attn.q_proj.weight.dtype
 
 
 def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, kv_bias: Tensor,
@@ -80,15 +103,15 @@ def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, 
     return kv.select(-3, 0), kv.select(-3, 1)
 
 
-def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_proj: nn.Linear, norm: nn.LayerNorm,
-                             fc1: nn.Linear, act) -> Tuple[Tensor, Tensor]:
+def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_weight: Tensor, out_bias: Tensor,
+                             norm: nn.LayerNorm, fc1_weight: Tensor, fc1_bias: Tensor, act) -> Tuple[Tensor, Tensor]:
     """The stream after attention, x + out_proj(attended), and the MLP hidden act(fc1(norm(.)))."""
-    x = x + out_proj(attended)
-    return x, act(fc1(norm(x)))
+    x = x + F.linear(attended, out_weight, out_bias)
+    return x, act(F.linear(norm(x), fc1_weight, fc1_bias))
 
 
-def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor], qkv_weight: Tensor,
-           qkv_bias: Tensor, block: VitaBlock) -> Tuple[Tensor, Tensor]:
+def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor], weights: LayerWeights,
+           block: VitaBlock) -> Tuple[Tensor, Tensor]:
     """(stream after attention, MLP output) of the layer with input x + pending: their sum is the
     layer's output, added by the next layer in its first kernel (or for the class tokens alone
     after the last one)."""
@@ -97,8 +120,8 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
     if pending is not None:
         x = x + pending
     prompts = block.prompts(x, global_prompts)
-    qkv = F.linear(block.norm1(x), qkv_weight, qkv_bias).view(n_frames, seq, 3, heads, width // heads)
-    kv_weight, kv_bias = qkv_weight[width:], qkv_bias[width:]
+    qkv = F.linear(block.norm1(x), weights.qkv_weight, weights.qkv_bias).view(n_frames, seq, 3, heads, width // heads)
+    kv_weight, kv_bias = weights.qkv_weight[width:], weights.qkv_bias[width:]
     local_k, local_v = _prompt_kv(prompts.local, block.norm1, kv_weight, kv_bias, heads)
     global_k, global_v = _prompt_kv(prompts.global_, block.norm1, kv_weight, kv_bias, heads)
     summary_k, summary_v = _prompt_kv(prompts.summary, block.norm1, kv_weight, kv_bias, heads)
@@ -109,13 +132,13 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
     # module itself, with its neighbours (into fc1's epilogue when autotuning GEMMs)
     fused_act = isinstance(mlp.act, QuickGELU) and uses_triton(x) and not torch.compiler.is_compiling()
     act = quick_gelu if fused_act else mlp.act
-    args = (x, attended, block.attn.out_proj, block.norm2, mlp.fc1, act)
+    args = (x, attended, weights.out_weight, weights.out_bias, block.norm2, weights.fc1_weight, weights.fc1_bias, act)
     if torch.is_grad_enabled() and attended.requires_grad:
         # recomputed in the backward from x and attended, which norm1 and the attention op keep anyway
         x, hidden = checkpoint(_residual_and_mlp_hidden, *args, use_reentrant=False, preserve_rng_state=False)
     else:
         x, hidden = _residual_and_mlp_hidden(*args)
-    return x, mlp.fc2(hidden)
+    return x, F.linear(hidden, weights.fc2_weight, weights.fc2_bias)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,12 +150,12 @@ def compiled_layer():
 
 def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
                        global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _layer(x, pending, global_prompts, *fused_qkv_weight(block), block)
+    return _layer(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
 
 
 def fast_compiled_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
                                 global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return compiled_layer()(x, pending, global_prompts, *fused_qkv_weight(block), block)
+    return compiled_layer()(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
 
 
 def fast_available(device: torch.device) -> bool:
