@@ -134,18 +134,18 @@ def _launch_forward(q, k, v, prompts, frames_per_group):
 
 
 def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq, dk, dv):
-    """Writes dq, dk, dv (any strides, unit stride along Dh); returns the prompt gradients
-    (empty tensors for absent prompts)."""
+    """Writes dq, dk, dv (any strides, unit stride along Dh); returns the prompt gradients: local
+    keys and values stacked [2, n_groups, P, H, Dh], global ones [2, G, H, Dh], summary keys and
+    values [F, H, Dh] (empty tensors for absent prompts)."""
     n_frames, seq, heads, head_dim = q.shape
     ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
     grad_out = grad_out.contiguous()
     delta = torch.empty_like(lse)
     f32 = dict(device=q.device, dtype=torch.float32)
-    # per-frame fp32 partials of the shared prompts, reduced below (deterministic, no atomics)
-    dlk_part = torch.empty(n_frames, n_local, heads, head_dim, **f32)
-    dlv_part = torch.empty_like(dlk_part)
-    dgk_part = torch.empty(n_frames, n_global, heads, head_dim, **f32)
-    dgv_part = torch.empty_like(dgk_part)
+    # per-frame fp32 partials of the shared prompts' keys and values, stacked so that one sum and
+    # one cast reduce both (deterministic, no atomics)
+    local_part = torch.empty(2, n_frames, n_local, heads, head_dim, **f32)
+    global_part = torch.empty(2, n_frames, n_global, heads, head_dim, **f32)
     dsk = q.new_empty(n_frames, heads, head_dim) if has_summary else _empty(q)
     dsv = torch.empty_like(dsk)
 
@@ -168,22 +168,14 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
         prompt_program = int(launch == 0 and n_prompts > 0)
         _kernels._bwd_dkdv[((n_tiles + prompt_program) * n_frames * heads,)](
             q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
-            dlk_part, dlv_part, dgk_part, dgv_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
+            *local_part, *global_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
             seq, heads, frames_per_group, *scales, row_start, n_tiles,
             **sizes, **{**dkdv_cfg, "BLOCK_N": tile, "PROMPT_PROGRAM": prompt_program})
 
-    def by_group(part):
-        return part.view(-1, frames_per_group, *part.shape[1:]).sum(1).to(q.dtype)
-
-    if n_local:
-        dlk, dlv = by_group(dlk_part), by_group(dlv_part)
-    else:
-        dlk, dlv = _empty(q), _empty(q)
-    if n_global:
-        dgk, dgv = dgk_part.sum(0).to(q.dtype), dgv_part.sum(0).to(q.dtype)
-    else:
-        dgk, dgv = _empty(q), _empty(q)
-    return [dlk, dlv, dgk, dgv, dsk, dsv]
+    # local prompts over the frames of their group, global ones over all frames
+    local = local_part.unflatten(1, (-1, frames_per_group)).sum(2).to(q.dtype) if n_local else _empty(q)
+    global_ = global_part.sum(1).to(q.dtype) if n_global else _empty(q)
+    return [local, global_, dsk, dsv]
 
 
 # One op pair serves both layouts: q, k, v given separately (strided views allowed), or
@@ -217,7 +209,9 @@ def _prompt_attention_backward_op(
     summary_k: Optional[Tensor], summary_v: Optional[Tensor],
     out: Tensor, lse: Tensor, frames_per_group: int,
 ) -> list[Tensor]:
-    """Gradients of (q_or_qkv, k, v, local_k, ..., summary_v); empty tensors for inputs that were None."""
+    """Gradients of (q_or_qkv, k, v, local_k and local_v stacked, global_k and global_v stacked,
+    summary_k, summary_v); empty tensors for inputs that were None. (Two gradients stacked in one
+    tensor are reduced together; an op may not return two views of one tensor.)"""
     prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
     q, k_, v_ = _split_qkv(q_or_qkv, k, v)
     if k is None:
@@ -232,9 +226,9 @@ def _prompt_attention_backward_op(
 @_prompt_attention_backward_op.register_fake
 def _(grad_out, q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v, out, lse,
       frames_per_group):
-    def like(t):
-        return q_or_qkv.new_empty(t.shape) if t is not None else q_or_qkv.new_empty(0)
-    return [like(t) for t in (q_or_qkv, k, v, local_k, local_v, global_k, global_v, summary_k, summary_v)]
+    def like(t, *lead):
+        return q_or_qkv.new_empty(*lead, *t.shape) if t is not None else q_or_qkv.new_empty(0)
+    return [like(q_or_qkv), like(k), like(v), like(local_k, 2), like(global_k, 2), like(summary_k), like(summary_v)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,8 +239,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     saved = ctx.saved_tensors
-    grads = _prompt_attention_backward_op(grad_out, *saved, ctx.frames_per_group)
-    # inputs that were None get None; their gradient slots hold empty tensors
+    dq, dk, dv, local, global_, dsk, dsv = _prompt_attention_backward_op(grad_out, *saved, ctx.frames_per_group)
+    local_k, global_k = saved[3], saved[5]
+    grads = [dq, dk, dv, *(local.unbind(0) if local_k is not None else (None, None)),
+             *(global_.unbind(0) if global_k is not None else (None, None)), dsk, dsv]
+    # inputs that were None get None (their slots in the op's result hold empty tensors)
     return (*[g if t is not None else None for g, t in zip(grads, saved[:9])], None)
 
 
