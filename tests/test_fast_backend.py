@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import randomize_
-from vitaclip import VitaCLIPConfig, backends, compiling, fast
+from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
 from vitaclip.text import TextEncoder
@@ -42,8 +42,8 @@ def fast_anywhere(monkeypatch):
         monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
         monkeypatch.setattr(TextEncoder, "compiled_transformer",
                             lambda self: torch.compile(self.transformer, backend="aot_eager", dynamic=False))
-        monkeypatch.setattr(VisionTransformer, "compiled_embed",
-                            lambda self: torch.compile(self.embed, backend="aot_eager", dynamic=False))
+        embed = torch.compile(VisionTransformer.embed, backend="aot_eager", dynamic=False)
+        monkeypatch.setattr(vision, "compiled_embed", lambda: embed)
     torch._dynamo.reset()
 
 
@@ -92,7 +92,7 @@ def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
 
 def test_compiled_backends_compile_the_video_embedding(fast_anywhere, monkeypatch):
     compiled_calls = []
-    monkeypatch.setattr(VisionTransformer, "compiled_embed", lambda self: compiled_calls.append(1) or self.embed)
+    monkeypatch.setattr(vision, "compiled_embed", lambda: compiled_calls.append(1) or VisionTransformer.embed)
     model = VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend="fast-compiled").to(DEVICE).eval()
     video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
     with torch.no_grad():

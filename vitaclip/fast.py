@@ -14,16 +14,17 @@ extended sequence:
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
   - then out_proj + residual + MLP on the own tokens, QuickGELU as one Triton kernel each
     way when eager (`ops.activation`); the MLP's residual add is left to the next layer,
-    whose first fused kernel (LayerNorm) reads the two parts anyway. When training, the stream after attention and the
-    MLP's hidden activation (4x wider than the stream) are recomputed in the backward from
-    tensors kept anyway (the layer input and the attention output) instead of stored: a
-    layer keeps only its input, the packed qkv and the attention output (the rest is a
-    recompute of about one fc1 and one out_proj GEMM per layer).
+    whose first fused kernel (LayerNorm) reads the two parts anyway. When training, the
+    stream after attention and the MLP's hidden activation (4x wider than the stream) are
+    recomputed in the backward from tensors kept anyway (the layer input and the attention
+    output) instead of stored: a layer keeps only its input, the packed qkv and the attention
+    output (the rest is a recompute of about one fc1 and one out_proj GEMM per layer).
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
-(one graph per layer shape, shared by all layers), fusing the LayerNorms, casts, QuickGELU
-and residual adds around the GEMMs and the custom ops, and compiles the video embedding and the
-text transformer too (in the mode `compiling.compile_mode()` names);
+(one graph per layer shape, shared by all layers but the first, which has no pending add),
+fusing the LayerNorms, casts, QuickGELU and residual adds around the GEMMs and the custom ops,
+and compiles the video embedding and the text transformer too (in the mode
+`compiling.compile_mode()` names);
 "fast-graphed" is "fast-compiled" with whole passes captured as CUDA graphs by the model
 (vitaclip.graphs). All register on import and are offered on CUDA; "auto" picks
 "fast-graphed": a training step of "fast-compiled" left the H100 idle half the time,

@@ -5,6 +5,7 @@ their state dicts load without renaming.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -235,22 +236,23 @@ class VisionTransformer(nn.Module):
         x = x.view(b, t, *x.shape[1:]) + self.time_embedding(t).to(x.dtype)[None, :, None, :]
         return self.ln_pre(x.view(b * t, *x.shape[2:]))
 
-    def compiled_embed(self):
-        """`embed` under torch.compile (one fused pass for the casts, adds and LayerNorm around the
-        patch GEMM), kept out of the module tree so that it adds no state-dict keys."""
-        if "_compiled_embed" not in self.__dict__:
-            self.__dict__["_compiled_embed"] = torch.compile(self.embed, dynamic=False, mode=compile_mode())
-        return self.__dict__["_compiled_embed"]
-
     def forward(self, video: Tensor, block_forward: BlockForward, compiled: bool = False) -> Tensor:
         """Per-frame features [B, T, D] of a normalised video [B, 3, T, H, W]; `compiled` runs
         `embed` under torch.compile."""
         self.check_video(video)
         b, t = video.shape[0], video.shape[2]
-        x, pending = (self.compiled_embed() if compiled else self.embed)(video), None
+        x, pending = compiled_embed()(self, video) if compiled else self.embed(video), None
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
             x, pending = block_forward(block, x, pending, global_prompts)
         cls = x[:, 0] if pending is None else x[:, 0] + pending[:, 0]  # the only tokens read after the last layer
         features = self.ln_post(cls) @ self.proj
         return features.view(b, t, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_embed():
+    """`VisionTransformer.embed` under torch.compile, built on first use: one fused pass for the
+    casts, adds and LayerNorm around the patch GEMM. A function of the module, not an attribute
+    of it, so that copies and pickles of a model carry no compiled code."""
+    return torch.compile(VisionTransformer.embed, dynamic=False, mode=compile_mode())
