@@ -46,10 +46,9 @@ SummaryBackward call_backward(const variable_list& saved, const Tensor& grad_out
           .findSchemaOrThrow("vitaclip::summary_attention_backward", "")
           .typed<SummaryBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 int64_t)>();
+                                 const Tensor&, const Tensor&, const Tensor&, int64_t)>();
   return op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
-                 saved[8], saved[9], saved[10], saved[11], saved[12], saved[13], num_heads);
+                 saved[8], saved[9], saved[10], saved[11], num_heads);
 }
 
 class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttentionFunction> {
@@ -59,21 +58,23 @@ class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttenti
                                const Tensor& k_bias, const Tensor& v_weight, const Tensor& v_bias,
                                const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, normed, qkv, heads_out, mean, rstd] = call_forward(
+    auto [out, normed, qkv, heads_out, mean, rstd, qkv_weight] = call_forward(
         c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
         num_heads, eps);
     // Only `out` is differentiable; the rest is what the backward reads.
-    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd});
-    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, q_weight, q_bias, k_weight, k_bias,
-                            v_weight, v_bias, out_weight});
+    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd, qkv_weight});
+    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, q_bias, k_bias, v_bias,
+                            out_weight});
     ctx->saved_data["num_heads"] = num_heads;
-    return {out, normed, qkv, heads_out, mean, rstd};
+    return {out, normed, qkv, heads_out, mean, rstd, qkv_weight};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto [dc, dln_w, dln_b, dq_w, dq_b, dk_w, dk_b, dv_w, dv_b, dout_w, dout_b] =
+    auto [dc, dln_w, dln_b, dqkv_w, dq_b, dk_b, dv_b, dout_w, dout_b] =
         call_backward(ctx->get_saved_variables(), grads[0], ctx->saved_data["num_heads"].toInt());
-    return {dc, dln_w, dln_b, dq_w, dq_b, dk_w, dk_b, dv_w, dv_b, dout_w, dout_b, Tensor(), Tensor()};
+    const int64_t width = dout_w.size(0);
+    return {dc, dln_w, dln_b, dqkv_w.narrow(0, 0, width), dq_b, dqkv_w.narrow(0, width, width), dk_b,
+            dqkv_w.narrow(0, 2 * width, width), dv_b, dout_w, dout_b, Tensor(), Tensor()};
   }
 };
 
@@ -91,7 +92,7 @@ SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weig
   const variable_list outs = SummaryAttentionFunction::apply(c, ln_weight, ln_bias, q_weight, q_bias, k_weight,
                                                              k_bias, v_weight, v_bias, out_weight, out_bias,
                                                              num_heads, eps);
-  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]};
 }
 
 }  // namespace
@@ -101,12 +102,12 @@ TORCH_LIBRARY(vitaclip, m) {
   m.def(
       "summary_attention(Tensor c, Tensor ln_weight, Tensor ln_bias, Tensor q_weight, Tensor q_bias, "
       "Tensor k_weight, Tensor k_bias, Tensor v_weight, Tensor v_bias, Tensor out_weight, Tensor out_bias, "
-      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "summary_attention_backward(Tensor grad_out, Tensor c, Tensor normed, Tensor qkv, Tensor heads_out, "
-      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor q_weight, Tensor q_bias, Tensor k_weight, "
-      "Tensor k_bias, Tensor v_weight, Tensor v_bias, Tensor out_weight, int num_heads) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_weight, Tensor q_bias, Tensor k_bias, "
+      "Tensor v_bias, Tensor out_weight, int num_heads) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitaclip, Autograd, m) {

@@ -7,8 +7,9 @@
 //   forward:  LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
 //             -> out = (c + b_out) + o W_out^T (one in-place matmul)
-//   backward: the same in reverse with six matmuls, the attention backward (kernel) and
-//             LN backward fused with every bias and LN-parameter gradient (kernel).
+//   backward: the same in reverse with four matmuls (the stacked W_qkv from the forward, its
+//             gradient in one), the attention backward (kernel) and LN backward fused with
+//             every bias and LN-parameter gradient (kernel).
 //
 // Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type
 // (float; double for double).
@@ -27,9 +28,10 @@
 
 namespace vitaclip {
 
-using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SummaryForward =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using SummaryBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                   at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                   at::Tensor, at::Tensor, at::Tensor>;
 
 inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK_VALUE(p.sizes() == shape, "summary_attention: ", name, " has shape ", p.sizes(), ", expected ",
@@ -69,7 +71,8 @@ inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& 
 }
 
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
-// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M]).
+// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M],
+// W_qkv = [W_q; W_k; W_v] [3C, C]).
 template <class Kernels>
 SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& ln_weight,
                                          const at::Tensor& ln_bias, const at::Tensor& q_weight,
@@ -97,19 +100,18 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   Kernels::attention_forward(shape, qkv, q_bias.contiguous(), k_bias.contiguous(), v_bias.contiguous(), x,
                              out_bias.contiguous(), heads_out, out);
   out.addmm_(heads_out, out_weight.t());
-  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd};
+  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd, qkv_weight};
 }
 
-// Gradients of (c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+// Gradients of (c, ln_weight, ln_bias, W_qkv = [q_weight; k_weight; v_weight], q_bias, k_bias, v_bias,
 // out_weight, out_bias) from the gradient of `out` and what the forward returned.
 template <class Kernels>
 SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at::Tensor& c,
                                            const at::Tensor& normed, const at::Tensor& qkv,
                                            const at::Tensor& heads_out, const at::Tensor& mean,
                                            const at::Tensor& rstd, const at::Tensor& ln_weight,
-                                           const at::Tensor& q_weight, const at::Tensor& q_bias,
-                                           const at::Tensor& k_weight, const at::Tensor& k_bias,
-                                           const at::Tensor& v_weight, const at::Tensor& v_bias,
+                                           const at::Tensor& qkv_weight, const at::Tensor& q_bias,
+                                           const at::Tensor& k_bias, const at::Tensor& v_bias,
                                            const at::Tensor& out_weight, int64_t num_heads) {
   TORCH_CHECK_VALUE(c.dim() == 3 && grad_out.sizes() == c.sizes(),
                     "summary_attention_backward: grad_out has shape ", grad_out.sizes(), ", c has ", c.sizes());
@@ -120,7 +122,8 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   TORCH_CHECK_VALUE(normed.sizes() == at::IntArrayRef({rows, width}) &&
                         qkv.sizes() == at::IntArrayRef({rows, 3 * width}) &&
                         heads_out.sizes() == at::IntArrayRef({rows, width}) &&
-                        mean.sizes() == at::IntArrayRef({rows}) && rstd.sizes() == at::IntArrayRef({rows}),
+                        mean.sizes() == at::IntArrayRef({rows}) && rstd.sizes() == at::IntArrayRef({rows}) &&
+                        qkv_weight.sizes() == at::IntArrayRef({3 * width, width}),
                     "summary_attention_backward: saved tensors do not match c of shape ", c.sizes());
   const c10::DeviceGuard guard(c.device());
   const at::Tensor x = c.contiguous().view({rows, width});
@@ -133,10 +136,10 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   Kernels::attention_backward(shape, qkv.contiguous(), q_bias.contiguous(), k_bias.contiguous(),
                               v_bias.contiguous(), grad_heads, grad_qkv);
 
-  // Separate matmuls for the three weight gradients: outputs of an op must not alias each other.
-  at::Tensor grad_qkv_weights[3];
-  for (int64_t i = 0; i < 3; ++i) grad_qkv_weights[i] = at::mm(grad_qkv.narrow(1, i * width, width).t(), normed);
-  const at::Tensor grad_normed = at::mm(grad_qkv, at::cat({q_weight, k_weight, v_weight}));
+  // One matmul for the three weight gradients, returned stacked: outputs of an op must not alias
+  // each other, so the autograd function splits them.
+  const at::Tensor grad_qkv_weight = at::mm(grad_qkv.t(), normed);
+  const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight);
 
   at::Tensor grad_c = at::empty({rows, width}, c.options());
   at::Tensor grad_ln_weight = at::empty({width}, c.options());
@@ -148,8 +151,8 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   Kernels::layer_norm_backward(grad_normed, dout, grad_qkv, x, mean.contiguous(), rstd.contiguous(),
                                ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_q_bias,
                                grad_k_bias, grad_v_bias, grad_out_bias);
-  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weights[0], grad_q_bias,
-          grad_qkv_weights[1], grad_k_bias, grad_qkv_weights[2], grad_v_bias, grad_out_weight, grad_out_bias};
+  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_q_bias, grad_k_bias,
+          grad_v_bias, grad_out_weight, grad_out_bias};
 }
 
 }  // namespace vitaclip

@@ -100,10 +100,11 @@ def test_opcheck():
     norm, attn = make_summary_layer(16, 2)
     args = op_args(torch.randn(3, 4, 16, requires_grad=True), norm, attn, 2)
     torch.library.opcheck(torch.ops.vitaclip.summary_attention.default, args)
-    _, normed, qkv, heads_out, mean, rstd = torch.ops.vitaclip.summary_attention(*args)
+    _, normed, qkv, heads_out, mean, rstd, qkv_weight = torch.ops.vitaclip.summary_attention(*args)
     c, ln_weight, _, q_w, q_b, k_w, k_b, v_w, v_b, o_w, _, heads, _ = args
+    assert torch.equal(qkv_weight, torch.cat([q_w, k_w, v_w]))
     backward_args = (torch.randn(3, 4, 16), c.detach(), normed, qkv, heads_out, mean, rstd, ln_weight.detach(),
-                     *(p.detach() for p in (q_w, q_b, k_w, k_b, v_w, v_b, o_w)), heads)
+                     qkv_weight, *(p.detach() for p in (q_b, k_b, v_b, o_w)), heads)
     torch.library.opcheck(torch.ops.vitaclip.summary_attention_backward.default, backward_args)
 
 

@@ -37,15 +37,14 @@ def _summary_attention_fake(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k
     rows = groups * frames
     stats = c.new_empty(rows, dtype=_stat_dtype(c.dtype))
     return (c.new_empty(groups, frames, width), c.new_empty(rows, width), c.new_empty(rows, 3 * width),
-            c.new_empty(rows, width), stats, torch.empty_like(stats))
+            c.new_empty(rows, width), stats, torch.empty_like(stats), c.new_empty(3 * width, width))
 
 
-def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, q_weight,
-                                     q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, num_heads):
+def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight,
+                                     q_bias, k_bias, v_bias, out_weight, num_heads):
     width = c.shape[-1]
-    return (torch.empty_like(c), *(c.new_empty(width) for _ in range(2)),
-            *(t for _ in range(3) for t in (c.new_empty(width, width), c.new_empty(width))),
-            c.new_empty(width, width), c.new_empty(width))
+    return (torch.empty_like(c), c.new_empty(width), c.new_empty(width), c.new_empty(3 * width, width),
+            *(c.new_empty(width) for _ in range(3)), c.new_empty(width, width), c.new_empty(width))
 
 
 if is_built():
