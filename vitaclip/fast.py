@@ -9,8 +9,9 @@ extended sequence:
     op, local prompts), so that under torch.compile their casts and small ops, and the
     gradient of x[:, 0], fuse with the layer's own kernels instead of running eagerly around
     it (a zero-filled stream-sized gradient plus an fp32 add per layer);
-  - LayerNorm + K/V projection of each distinct prompt once: global prompts once per
-    layer, local prompts once per group, summary tokens once per frame;
+  - LayerNorm + K/V projection of each distinct prompt once (global prompts once per
+    layer, local prompts once per group, summary tokens once per frame), all kinds in one
+    pass, into K and V tensors the kernel reads in place;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
   - then out_proj + residual + MLP on the own tokens, QuickGELU as one Triton kernel each
     way when eager (`ops.activation`); the MLP's residual add is left to the next layer,
@@ -44,7 +45,7 @@ from .backends import register_backend
 from .compiling import compile_mode
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
-from .vision import QuickGELU, VitaBlock
+from .vision import LayerPrompts, QuickGELU, VitaBlock
 
 _CACHE_ATTR = "_fast_weights"
 
@@ -94,14 +95,29 @@ def _compute_dtype(block: VitaBlock, x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else block.attn.q_proj.weight.dtype
 
 
-def _prompt_kv(tokens: Optional[Tensor], norm: nn.LayerNorm, kv_weight: Tensor, kv_bias: Tensor,
-               heads: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Keys and values [..., H, Dh] of prompt tokens [..., C] (LayerNorm, then K/V projection)."""
-    if tokens is None:
-        return None, None
+def _prompt_kv(prompts: LayerPrompts, norm: nn.LayerNorm, qkv_weight: Tensor, qkv_bias: Tensor,
+               heads: int) -> Tuple[Optional[Tensor], ...]:
+    """Keys and values [..., H, Dh] of every prompt token (LayerNorm, then K/V projection):
+    (local_k, local_v, global_k, global_v, summary_k, summary_v), None for an absent kind. All
+    kinds go through one LayerNorm and one GEMM each for K and V, whose outputs the kernel reads
+    in place (contiguous slices: no copies)."""
+    kinds = (prompts.local, prompts.global_, prompts.summary)
+    present = [t.flatten(0, -2) for t in kinds if t is not None]
+    if not present:
+        return (None,) * 6
+    tokens = norm(torch.cat(present) if len(present) > 1 else present[0])
     width = tokens.shape[-1]
-    kv = F.linear(norm(tokens), kv_weight, kv_bias).view(*tokens.shape[:-1], 2, heads, width // heads)
-    return kv.select(-3, 0), kv.select(-3, 1)
+    k, v = (F.linear(tokens, qkv_weight[i * width:(i + 1) * width], qkv_bias[i * width:(i + 1) * width])
+            for i in (1, 2))
+    out, start = [], 0
+    for kind in kinds:
+        if kind is None:
+            out += [None, None]
+            continue
+        shape, rows = (*kind.shape[:-1], heads, width // heads), kind[..., 0].numel()
+        out += [k[start:start + rows].view(shape), v[start:start + rows].view(shape)]
+        start += rows
+    return tuple(out)
 
 
 def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_weight: Tensor, out_bias: Tensor,
@@ -122,12 +138,8 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
         x = x + pending
     prompts = block.prompts(x, global_prompts)
     qkv = F.linear(block.norm1(x), weights.qkv_weight, weights.qkv_bias).view(n_frames, seq, 3, heads, width // heads)
-    kv_weight, kv_bias = weights.qkv_weight[width:], weights.qkv_bias[width:]
-    local_k, local_v = _prompt_kv(prompts.local, block.norm1, kv_weight, kv_bias, heads)
-    global_k, global_v = _prompt_kv(prompts.global_, block.norm1, kv_weight, kv_bias, heads)
-    summary_k, summary_v = _prompt_kv(prompts.summary, block.norm1, kv_weight, kv_bias, heads)
-    attended = prompt_attention_qkv(qkv, local_k, local_v, global_k, global_v, summary_k, summary_v,
-                                    prompts.frames_per_group).view(n_frames, seq, width)
+    prompt_kv = _prompt_kv(prompts, block.norm1, weights.qkv_weight, weights.qkv_bias, heads)
+    attended = prompt_attention_qkv(qkv, *prompt_kv, prompts.frames_per_group).view(n_frames, seq, width)
     mlp = block.mlp
     # the fused Triton QuickGELU saves eager launches; under torch.compile inductor fuses the plain
     # module itself, with its neighbours (into fc1's epilogue when autotuning GEMMs)
