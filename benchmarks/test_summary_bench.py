@@ -1,7 +1,8 @@
 """Per-layer summary step s = c + MHSA(LN(c)) of ViT-B/16: the compiled op vs the PyTorch path.
 
-B = 32 videos of T frames (one group each), C = 768, 12 heads, bf16; forward, and forward +
-backward into c and every parameter. Each timed call runs STEPS summary steps back to back
+B = 32 videos of T frames (one group each), C = 768, 12 heads, in bf16 (parameters too) or under
+bf16 autocast with fp32 parameters (as the model trains: the casts of the parameters count);
+forward, and forward + backward into c and every parameter. Each timed call runs STEPS summary steps back to back
 and synchronises once, so launch overhead counts as it does inside the model. Launched
 eagerly, and replayed from a CUDA graph (as the "fast-graphed" backend runs the model): the
 GPU time alone, with the host's launch overhead gone.
@@ -24,25 +25,31 @@ PATHS = {"extension": summary_ext.summary_tokens, "pytorch": naive.summary_token
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("frames", [8, 16])
-def test_summary_step(benchmark, frames, mode, path, launch):
-    norm = torch.nn.LayerNorm(WIDTH).cuda().bfloat16()
-    attn = Attention(WIDTH, HEADS).cuda().bfloat16()
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_summary_step(benchmark, precision, frames, mode, path, launch):
+    param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    norm = torch.nn.LayerNorm(WIDTH).cuda().to(param_dtype)
+    attn = Attention(WIDTH, HEADS).cuda().to(param_dtype)
     params = [*norm.parameters(), *attn.parameters()]
     c = torch.randn(VIDEOS, frames, WIDTH, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(c)
     fn = PATHS[path]
 
+    def summary():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            return fn(c, norm, attn, HEADS)
+
     def forward():
         with torch.no_grad():
             for _ in range(STEPS):
-                fn(c, norm, attn, HEADS)
+                summary()
 
     def forward_backward():
         for _ in range(STEPS):
-            torch.autograd.grad(fn(c, norm, attn, HEADS), [c, *params], grad)
+            torch.autograd.grad(summary(), [c, *params], grad)
 
     step = forward if mode == "forward" else forward_backward
-    benchmark.group = f"summary T={frames} {mode} {launch}"
+    benchmark.group = f"summary {precision} T={frames} {mode} {launch}"
     if launch == "cuda-graph":  # captured as the model's graphed passes are
         step = CapturedPass(step, [], []).forward_graph.replay
     median = bench_cuda(benchmark, step, rounds=10)

@@ -27,17 +27,14 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-SummaryForward call_forward(const Tensor& c, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& q_weight,
-                            const Tensor& q_bias, const Tensor& k_weight, const Tensor& k_bias,
-                            const Tensor& v_weight, const Tensor& v_bias, const Tensor& out_weight,
-                            const Tensor& out_bias, int64_t num_heads, double eps) {
+SummaryForward call_forward(const Tensor& c, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& qkv_weight,
+                            const Tensor& qkv_bias, const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads,
+                            double eps) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("vitaclip::summary_attention", "")
                              .typed<SummaryForward(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, const Tensor&, const Tensor&, int64_t, double)>();
-  return op.call(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-                 num_heads, eps);
+  return op.call(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps);
 }
 
 SummaryBackward call_backward(const variable_list& saved, const Tensor& grad_out, int64_t num_heads) {
@@ -46,53 +43,44 @@ SummaryBackward call_backward(const variable_list& saved, const Tensor& grad_out
           .findSchemaOrThrow("vitaclip::summary_attention_backward", "")
           .typed<SummaryBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+                                 const Tensor&, int64_t)>();
   return op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
-                 saved[8], saved[9], saved[10], saved[11], num_heads);
+                 saved[8], saved[9], num_heads);
 }
 
 class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& c, const Tensor& ln_weight, const Tensor& ln_bias,
-                               const Tensor& q_weight, const Tensor& q_bias, const Tensor& k_weight,
-                               const Tensor& k_bias, const Tensor& v_weight, const Tensor& v_bias,
-                               const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads, double eps) {
+                               const Tensor& qkv_weight, const Tensor& qkv_bias, const Tensor& out_weight,
+                               const Tensor& out_bias, int64_t num_heads, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, normed, qkv, heads_out, mean, rstd, qkv_weight] = call_forward(
-        c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias,
-        num_heads, eps);
+    auto [out, normed, qkv, heads_out, mean, rstd] =
+        call_forward(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps);
     // Only `out` is differentiable; the rest is what the backward reads.
-    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd, qkv_weight});
-    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, q_bias, k_bias, v_bias,
-                            out_weight});
+    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd});
+    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, qkv_bias, out_weight});
     ctx->saved_data["num_heads"] = num_heads;
-    return {out, normed, qkv, heads_out, mean, rstd, qkv_weight};
+    return {out, normed, qkv, heads_out, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto [dc, dln_w, dln_b, dqkv_w, dq_b, dk_b, dv_b, dout_w, dout_b] =
+    auto [dc, dln_w, dln_b, dqkv_w, dqkv_b, dout_w, dout_b] =
         call_backward(ctx->get_saved_variables(), grads[0], ctx->saved_data["num_heads"].toInt());
-    const int64_t width = dout_w.size(0);
-    return {dc, dln_w, dln_b, dqkv_w.narrow(0, 0, width), dq_b, dqkv_w.narrow(0, width, width), dk_b,
-            dqkv_w.narrow(0, 2 * width, width), dv_b, dout_w, dout_b, Tensor(), Tensor()};
+    return {dc, dln_w, dln_b, dqkv_w, dqkv_b, dout_w, dout_b, Tensor(), Tensor()};
   }
 };
 
 SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weight, const Tensor& ln_bias,
-                                          const Tensor& q_weight, const Tensor& q_bias, const Tensor& k_weight,
-                                          const Tensor& k_bias, const Tensor& v_weight, const Tensor& v_bias,
-                                          const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads,
-                                          double eps) {
-  if (!torch::autograd::compute_requires_grad(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight,
-                                              v_bias, out_weight, out_bias)) {  // no graph to record
+                                          const Tensor& qkv_weight, const Tensor& qkv_bias, const Tensor& out_weight,
+                                          const Tensor& out_bias, int64_t num_heads, double eps) {
+  if (!torch::autograd::compute_requires_grad(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight,
+                                              out_bias)) {  // no graph to record
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
-                        out_bias, num_heads, eps);
+    return call_forward(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps);
   }
-  const variable_list outs = SummaryAttentionFunction::apply(c, ln_weight, ln_bias, q_weight, q_bias, k_weight,
-                                                             k_bias, v_weight, v_bias, out_weight, out_bias,
-                                                             num_heads, eps);
-  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]};
+  const variable_list outs = SummaryAttentionFunction::apply(c, ln_weight, ln_bias, qkv_weight, qkv_bias,
+                                                             out_weight, out_bias, num_heads, eps);
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
 }
 
 }  // namespace
@@ -100,14 +88,13 @@ SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weig
 TORCH_LIBRARY(vitaclip, m) {
   m.set_python_module("vitaclip.ops.summary_ext");
   m.def(
-      "summary_attention(Tensor c, Tensor ln_weight, Tensor ln_bias, Tensor q_weight, Tensor q_bias, "
-      "Tensor k_weight, Tensor k_bias, Tensor v_weight, Tensor v_bias, Tensor out_weight, Tensor out_bias, "
-      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "summary_attention(Tensor c, Tensor ln_weight, Tensor ln_bias, Tensor qkv_weight, Tensor qkv_bias, "
+      "Tensor out_weight, Tensor out_bias, int num_heads, float eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "summary_attention_backward(Tensor grad_out, Tensor c, Tensor normed, Tensor qkv, Tensor heads_out, "
-      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_weight, Tensor q_bias, Tensor k_bias, "
-      "Tensor v_bias, Tensor out_weight, int num_heads) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
+      "int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitaclip, Autograd, m) {

@@ -4,12 +4,14 @@
 // fused kernels (a `Kernels` class with the static functions used below). Between them the
 // projections are ATen matmuls (cuBLAS / CPU BLAS) on all rows of the batch at once:
 //
+// The q/k/v projections come stacked, W_qkv = [W_q; W_k; W_v] [3C, C] and b_qkv [3C] (the caller
+// stacks them: under torch.compile the stacking fuses with any cast to the compute dtype).
+//
 //   forward:  LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
 //             -> out = (c + b_out) + o W_out^T (one in-place matmul)
-//   backward: the same in reverse with four matmuls (the stacked W_qkv from the forward, its
-//             gradient in one), the attention backward (kernel) and LN backward fused with
-//             every bias and LN-parameter gradient (kernel).
+//   backward: the same in reverse with four matmuls, the attention backward (kernel) and LN
+//             backward fused with every bias and LN-parameter gradient (kernel).
 //
 // Tensors passed to kernels are contiguous; `mean` and `rstd` are in the accumulation type
 // (float; double for double).
@@ -28,10 +30,9 @@
 
 namespace vitaclip {
 
-using SummaryForward =
+using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SummaryBackward =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using SummaryBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                   at::Tensor, at::Tensor, at::Tensor>;
 
 inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArrayRef shape, const char* name) {
   TORCH_CHECK_VALUE(p.sizes() == shape, "summary_attention: ", name, " has shape ", p.sizes(), ", expected ",
@@ -43,10 +44,8 @@ inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArr
 }
 
 inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& ln_weight,
-                                         const at::Tensor& ln_bias, const at::Tensor& q_weight,
-                                         const at::Tensor& q_bias, const at::Tensor& k_weight,
-                                         const at::Tensor& k_bias, const at::Tensor& v_weight,
-                                         const at::Tensor& v_bias, const at::Tensor& out_weight,
+                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
+                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
                                          const at::Tensor& out_bias, int64_t num_heads) {
   TORCH_CHECK_VALUE(c.dim() == 3, "summary_attention: c must be [groups, frames, width], got shape ", c.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "summary_attention: c must be floating point, got ",
@@ -59,29 +58,28 @@ inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& 
   const int64_t w = shape.width;
   check_parameter(c, ln_weight, {w}, "ln_weight");
   check_parameter(c, ln_bias, {w}, "ln_bias");
-  check_parameter(c, q_weight, {w, w}, "q_weight");
-  check_parameter(c, q_bias, {w}, "q_bias");
-  check_parameter(c, k_weight, {w, w}, "k_weight");
-  check_parameter(c, k_bias, {w}, "k_bias");
-  check_parameter(c, v_weight, {w, w}, "v_weight");
-  check_parameter(c, v_bias, {w}, "v_bias");
+  check_parameter(c, qkv_weight, {3 * w, w}, "qkv_weight");
+  check_parameter(c, qkv_bias, {3 * w}, "qkv_bias");
   check_parameter(c, out_weight, {w, w}, "out_weight");
   check_parameter(c, out_bias, {w}, "out_bias");
   return shape;
 }
 
+// The q, k and v parts [C] of a stacked bias [3C], contiguous.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_bias(const at::Tensor& qkv_bias, int64_t width) {
+  const at::Tensor bias = qkv_bias.contiguous();
+  return {bias.narrow(0, 0, width), bias.narrow(0, width, width), bias.narrow(0, 2 * width, width)};
+}
+
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
-// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M],
-// W_qkv = [W_q; W_k; W_v] [3C, C]).
+// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M]).
 template <class Kernels>
 SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& ln_weight,
-                                         const at::Tensor& ln_bias, const at::Tensor& q_weight,
-                                         const at::Tensor& q_bias, const at::Tensor& k_weight,
-                                         const at::Tensor& k_bias, const at::Tensor& v_weight,
-                                         const at::Tensor& v_bias, const at::Tensor& out_weight,
+                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
+                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
                                          const at::Tensor& out_bias, int64_t num_heads, double eps) {
-  const SummaryShape shape = check_summary_inputs(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias,
-                                                  v_weight, v_bias, out_weight, out_bias, num_heads);
+  const SummaryShape shape =
+      check_summary_inputs(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads);
   const c10::DeviceGuard guard(c.device());
   const int64_t rows = shape.rows(), width = shape.width;
   const at::Tensor x = c.contiguous().view({rows, width});
@@ -92,26 +90,25 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   at::Tensor rstd = at::empty({rows}, stat_options);
   Kernels::layer_norm_forward(x, ln_weight.contiguous(), ln_bias.contiguous(), eps, normed, mean, rstd);
 
-  const at::Tensor qkv_weight = at::cat({q_weight, k_weight, v_weight});
   const at::Tensor qkv = at::mm(normed, qkv_weight.t());
+  const auto [q_bias, k_bias, v_bias] = split_qkv_bias(qkv_bias, width);
 
   at::Tensor heads_out = at::empty({rows, width}, c.options());
   at::Tensor out = at::empty({rows, width}, c.options());
-  Kernels::attention_forward(shape, qkv, q_bias.contiguous(), k_bias.contiguous(), v_bias.contiguous(), x,
+  Kernels::attention_forward(shape, qkv, q_bias, k_bias, v_bias, x,
                              out_bias.contiguous(), heads_out, out);
   out.addmm_(heads_out, out_weight.t());
-  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd, qkv_weight};
+  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd};
 }
 
-// Gradients of (c, ln_weight, ln_bias, W_qkv = [q_weight; k_weight; v_weight], q_bias, k_bias, v_bias,
-// out_weight, out_bias) from the gradient of `out` and what the forward returned.
+// Gradients of (c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias) from the gradient
+// of `out` and what the forward returned.
 template <class Kernels>
 SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at::Tensor& c,
                                            const at::Tensor& normed, const at::Tensor& qkv,
                                            const at::Tensor& heads_out, const at::Tensor& mean,
                                            const at::Tensor& rstd, const at::Tensor& ln_weight,
-                                           const at::Tensor& qkv_weight, const at::Tensor& q_bias,
-                                           const at::Tensor& k_bias, const at::Tensor& v_bias,
+                                           const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                                            const at::Tensor& out_weight, int64_t num_heads) {
   TORCH_CHECK_VALUE(c.dim() == 3 && grad_out.sizes() == c.sizes(),
                     "summary_attention_backward: grad_out has shape ", grad_out.sizes(), ", c has ", c.sizes());
@@ -123,7 +120,8 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
                         qkv.sizes() == at::IntArrayRef({rows, 3 * width}) &&
                         heads_out.sizes() == at::IntArrayRef({rows, width}) &&
                         mean.sizes() == at::IntArrayRef({rows}) && rstd.sizes() == at::IntArrayRef({rows}) &&
-                        qkv_weight.sizes() == at::IntArrayRef({3 * width, width}),
+                        qkv_weight.sizes() == at::IntArrayRef({3 * width, width}) &&
+                        qkv_bias.sizes() == at::IntArrayRef({3 * width}),
                     "summary_attention_backward: saved tensors do not match c of shape ", c.sizes());
   const c10::DeviceGuard guard(c.device());
   const at::Tensor x = c.contiguous().view({rows, width});
@@ -133,26 +131,23 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   const at::Tensor grad_heads = at::mm(dout, out_weight);
 
   at::Tensor grad_qkv = at::empty({rows, 3 * width}, c.options());
-  Kernels::attention_backward(shape, qkv.contiguous(), q_bias.contiguous(), k_bias.contiguous(),
-                              v_bias.contiguous(), grad_heads, grad_qkv);
+  const auto [q_bias, k_bias, v_bias] = split_qkv_bias(qkv_bias, width);
+  Kernels::attention_backward(shape, qkv.contiguous(), q_bias, k_bias, v_bias, grad_heads, grad_qkv);
 
-  // One matmul for the three weight gradients, returned stacked: outputs of an op must not alias
-  // each other, so the autograd function splits them.
   const at::Tensor grad_qkv_weight = at::mm(grad_qkv.t(), normed);
   const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight);
 
   at::Tensor grad_c = at::empty({rows, width}, c.options());
   at::Tensor grad_ln_weight = at::empty({width}, c.options());
   at::Tensor grad_ln_bias = at::empty({width}, c.options());
-  at::Tensor grad_q_bias = at::empty({width}, c.options());
-  at::Tensor grad_k_bias = at::empty({width}, c.options());
-  at::Tensor grad_v_bias = at::empty({width}, c.options());
+  at::Tensor grad_qkv_bias = at::empty({3 * width}, c.options());
   at::Tensor grad_out_bias = at::empty({width}, c.options());
+  const auto [grad_q_bias, grad_k_bias, grad_v_bias] = split_qkv_bias(grad_qkv_bias, width);
   Kernels::layer_norm_backward(grad_normed, dout, grad_qkv, x, mean.contiguous(), rstd.contiguous(),
                                ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_q_bias,
                                grad_k_bias, grad_v_bias, grad_out_bias);
-  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_q_bias, grad_k_bias,
-          grad_v_bias, grad_out_weight, grad_out_bias};
+  return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_qkv_bias, grad_out_weight,
+          grad_out_bias};
 }
 
 }  // namespace vitaclip

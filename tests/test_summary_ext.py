@@ -41,7 +41,7 @@ def parameters_of(norm, attn):
 
 
 def op_args(c, norm, attn, heads):
-    return (c, *parameters_of(norm, attn), heads, norm.eps)
+    return (c, *summary_ext.op_arguments(norm, attn), heads, norm.eps)
 
 
 def relative_error(got, want):
@@ -90,9 +90,9 @@ def test_matches_pytorch_path(groups, frames, width, heads):
 def test_gradcheck_float64():
     norm, attn = make_summary_layer(4, 2, dtype=torch.float64)
     args = list(op_args(torch.randn(2, 3, 4, dtype=torch.float64), norm, attn, 2))
-    tensors = [a.detach().requires_grad_() for a in args[:11]]
+    tensors = [a.detach().requires_grad_() for a in args[:7]]
     assert torch.autograd.gradcheck(
-        lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[11:])[0], tensors)
+        lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[7:])[0], tensors)
 
 
 @needs_ext
@@ -100,11 +100,10 @@ def test_opcheck():
     norm, attn = make_summary_layer(16, 2)
     args = op_args(torch.randn(3, 4, 16, requires_grad=True), norm, attn, 2)
     torch.library.opcheck(torch.ops.vitaclip.summary_attention.default, args)
-    _, normed, qkv, heads_out, mean, rstd, qkv_weight = torch.ops.vitaclip.summary_attention(*args)
-    c, ln_weight, _, q_w, q_b, k_w, k_b, v_w, v_b, o_w, _, heads, _ = args
-    assert torch.equal(qkv_weight, torch.cat([q_w, k_w, v_w]))
-    backward_args = (torch.randn(3, 4, 16), c.detach(), normed, qkv, heads_out, mean, rstd, ln_weight.detach(),
-                     qkv_weight, *(p.detach() for p in (q_b, k_b, v_b, o_w)), heads)
+    _, normed, qkv, heads_out, mean, rstd = torch.ops.vitaclip.summary_attention(*args)
+    c, ln_weight, _, qkv_w, qkv_b, o_w, _, heads, _ = args
+    backward_args = (torch.randn(3, 4, 16), c.detach(), normed, qkv, heads_out, mean, rstd,
+                     *(p.detach() for p in (ln_weight, qkv_w, qkv_b, o_w)), heads)
     torch.library.opcheck(torch.ops.vitaclip.summary_attention_backward.default, backward_args)
 
 
@@ -183,9 +182,9 @@ def test_bad_input_is_a_value_error():
         torch.ops.vitaclip.summary_attention(*op_args(torch.randn(2, 8), norm, attn, 2))
     with pytest.raises(ValueError, match="dtype"):
         torch.ops.vitaclip.summary_attention(*op_args(torch.randn(1, 2, 8, dtype=torch.float64), norm, attn, 2))
-    with pytest.raises(ValueError, match="q_weight has shape"):
+    with pytest.raises(ValueError, match="qkv_weight has shape"):
         args = list(op_args(torch.randn(1, 2, 8), norm, attn, 2))
-        args[3] = torch.randn(8, 4)
+        args[3] = torch.randn(8, 8)
         torch.ops.vitaclip.summary_attention(*args)
 
 

@@ -31,20 +31,19 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _summary_attention_fake(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-                            out_weight, out_bias, num_heads, eps):
+def _summary_attention_fake(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps):
     groups, frames, width = c.shape
     rows = groups * frames
     stats = c.new_empty(rows, dtype=_stat_dtype(c.dtype))
     return (c.new_empty(groups, frames, width), c.new_empty(rows, width), c.new_empty(rows, 3 * width),
-            c.new_empty(rows, width), stats, torch.empty_like(stats), c.new_empty(3 * width, width))
+            c.new_empty(rows, width), stats, torch.empty_like(stats))
 
 
 def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight,
-                                     q_bias, k_bias, v_bias, out_weight, num_heads):
+                                     qkv_bias, out_weight, num_heads):
     width = c.shape[-1]
     return (torch.empty_like(c), c.new_empty(width), c.new_empty(width), c.new_empty(3 * width, width),
-            *(c.new_empty(width) for _ in range(3)), c.new_empty(width, width), c.new_empty(width))
+            c.new_empty(3 * width), c.new_empty(width, width), c.new_empty(width))
 
 
 if is_built():
@@ -52,14 +51,22 @@ if is_built():
     torch.library.register_fake("vitaclip::summary_attention_backward")(_summary_attention_backward_fake)
 
 
-def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
-    """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`."""
-    params = [norm.weight, norm.bias]
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-        params += [proj.weight, proj.bias]
-    if any(p is None for p in params):
+def op_arguments(norm, attn) -> list:
+    """The op's parameter arguments from the modules: (ln_weight, ln_bias, qkv_weight, qkv_bias,
+    out_weight, out_bias), q/k/v stacked (differentiably: the stacking's backward splits the
+    gradient)."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
+    if norm.weight is None or norm.bias is None or any(proj.bias is None for proj in projections):
         raise ValueError("summary_tokens: the compiled op needs a LayerNorm with affine parameters and "
                          "q/k/v/out projections with biases")
+    qkv = projections[:3]
+    return [norm.weight, norm.bias, torch.cat([proj.weight for proj in qkv]), torch.cat([proj.bias for proj in qkv]),
+            attn.out_proj.weight, attn.out_proj.bias]
+
+
+def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
+    """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`."""
+    params = op_arguments(norm, attn)
     if torch.is_autocast_enabled(c.device.type):
         # Custom ops are not autocast: run in the autocast dtype as the projections would, and
         # return c's dtype as the residual sum c + out_proj(...) does.
