@@ -127,9 +127,9 @@ class TextEncoder(nn.Module):
         if truncate:
             embeddings = embeddings[:, : int(eot_index.max()) + 1]
         x = embeddings + self.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
-        x = self.ln_final(self.compiled_transformer()(x) if compiled else self.transformer(x))
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        return x @ self.text_projection
+        x = self.compiled_transformer()(x) if compiled else self.transformer(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # before ln_final: it acts per token
+        return self.ln_final(x) @ self.text_projection
 
     def compiled_transformer(self):
         # kept out of the module tree: a compiled wrapper would duplicate every state-dict key
