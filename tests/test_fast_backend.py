@@ -118,6 +118,17 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_the_first_compiled_layer_gets_zeros_for_its_pending_part(monkeypatch):
+    """So that every layer runs the same compiled graph (a None would be a second one)."""
+    calls = []
+    monkeypatch.setattr(fast, "compiled_layer", lambda: lambda *args: calls.append(args) or (args[0], args[1]))
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]
+    x = torch.randn(3, 50, 128)
+    fast.fast_compiled_block_forward(block, x, None, None)
+    pending = calls[0][1]
+    assert pending.shape == x.shape and pending.dtype == torch.float32 and not pending.any()
+
+
 def test_frozen_weights_are_made_once_per_compute_dtype():
     block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]
     linears = (block.attn.out_proj, block.mlp.fc1, block.mlp.fc2)
@@ -241,14 +252,15 @@ def test_compile_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv(compiling.COMPILE_MODE_ENV, raising=False)
     assert compiling.compile_mode() == "default"
     monkeypatch.setenv(compiling.COMPILE_MODE_ENV, "max-autotune-no-cudagraphs")
-    modes = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
+    modes, compile_kwargs = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_kwargs.append(kw) or modes.append(kw["mode"]) or fn)
     fast.compiled_layer.cache_clear()
     try:
         fast.compiled_layer()
     finally:
         fast.compiled_layer.cache_clear()  # the next user compiles for real
     assert modes == ["max-autotune-no-cudagraphs"]
+    assert not compile_kwargs[0].get("fullgraph"), "one shape beyond the recompile limit would be a hard error"
     monkeypatch.setenv(compiling.COMPILE_MODE_ENV, "reduce-overhead")  # inductor's CUDA graphs: not offered
     with pytest.raises(ValueError, match="VITACLIP_COMPILE_MODE='reduce-overhead'"):
         compiling.compile_mode()

@@ -22,7 +22,7 @@ extended sequence:
     output (the rest is a recompute of about one fc1 and one out_proj GEMM per layer).
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
-(one graph per layer shape, shared by all layers but the first, which has no pending add),
+(one graph per layer shape, shared by all layers),
 fusing the LayerNorms, casts, QuickGELU and residual adds around the GEMMs and the custom ops,
 and compiles the video embedding and the text transformer too (in the mode
 `compiling.compile_mode()` names);
@@ -157,8 +157,11 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
 @functools.lru_cache(maxsize=None)
 def compiled_layer():
     """`_layer` under torch.compile, built on first use (importing the compiler is slow), in the
-    mode `compiling.compile_mode()` names."""
-    return torch.compile(_layer, dynamic=False, fullgraph=True, mode=compile_mode())
+    mode `compiling.compile_mode()` names. One graph per input shape and grad mode, up to
+    torch's recompile limit (8); not fullgraph=True, under which one more shape (an evaluation's
+    last partial batch, another view count) would be a hard error instead of an uncompiled call.
+    The tests compile it with fullgraph=True: it has no graph breaks."""
+    return torch.compile(_layer, dynamic=False, mode=compile_mode())
 
 
 def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
@@ -168,7 +171,10 @@ def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
 
 def fast_compiled_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
                                 global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return compiled_layer()(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
+    dtype = _compute_dtype(block, x)
+    if pending is None:  # zeros, as the MLP output would be: the first layer shares the others' graph
+        pending = x.new_zeros(x.shape, dtype=dtype)
+    return compiled_layer()(x, pending, global_prompts, layer_weights(block, dtype), block)
 
 
 def fast_available(device: torch.device) -> bool:
