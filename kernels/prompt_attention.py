@@ -107,6 +107,16 @@ def _fwd_own_keys(acc, m_i, l_i, q, k_base, v_base, start, sk_s, sk_d, sv_s, sv_
 
 
 @triton.jit
+def _query_tile(n_tiles, H, row_start, S, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query-tile program's (frame * head index, frame, head as int64, its query rows and their
+    mask, head-dim offsets and their mask): BLOCK_M rows from row_start + tile * BLOCK_M."""
+    tile, pid_fh, frame, head = _program_coords(n_tiles, H)
+    offs_m = row_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_fh, frame, head, frame.to(tl.int64), offs_m, offs_m < S, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
          sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
          S, H, frames_per_group, qk_scale, row_start, n_tiles,
@@ -114,14 +124,8 @@ def _fwd(Q, K, V, LK, LV, GK, GV, SK, SV, O, LSE,
          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     """Program: BLOCK_M queries from row_start + tile * BLOCK_M of one (frame, head)."""
-    pid_m, pid_fh, frame, head = _program_coords(n_tiles, H)
-    frame64 = frame.to(tl.int64)
-
-    offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < S
-
+    pid_fh, frame, head, frame64, offs_m, m_mask, offs_d, d_mask = _query_tile(n_tiles, H, row_start, S, HEAD_DIM,
+                                                                              BLOCK_D, BLOCK_M)
     q = _load_rows(Q + frame64 * sq_f + head * sq_h, offs_m, sq_s, sq_d, offs_d, d_mask, S)
     k_base = K + frame64 * sk_f + head * sk_h
     v_base = V + frame64 * sv_f + head * sv_h
@@ -178,13 +182,8 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
     """Program: BLOCK_M queries from row_start + tile * BLOCK_M of one (frame, head)."""
-    pid_m, pid_fh, frame, head = _program_coords(n_tiles, H)
-    frame64 = frame.to(tl.int64)
-
-    offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < S
+    pid_fh, frame, head, frame64, offs_m, m_mask, offs_d, d_mask = _query_tile(n_tiles, H, row_start, S, HEAD_DIM,
+                                                                              BLOCK_D, BLOCK_M)
     md_mask = m_mask[:, None] & d_mask[None, :]
 
     row = H * HEAD_DIM
