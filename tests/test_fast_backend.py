@@ -7,6 +7,7 @@ trainable parameter. On CUDA also ViT-B/16 under bf16 autocast.
 import copy
 import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 
@@ -145,6 +146,17 @@ def test_frozen_weights_are_made_once_per_compute_dtype():
     rebuilt = fast.layer_weights(block, torch.bfloat16)
     assert rebuilt.fc2_weight is not low.fc2_weight
     assert torch.equal(rebuilt.fc2_weight, block.mlp.fc2.weight.to(torch.bfloat16))
+
+
+def test_derived_weights_go_with_a_move_and_stay_out_of_copies():
+    block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]
+    kept = fast.layer_weights(block, torch.bfloat16)
+    block.to(torch.float32)  # changes nothing: kept (a CUDA graph may read them)
+    assert fast.layer_weights(block, torch.bfloat16).fc1_weight is kept.fc1_weight
+    assert not copy.deepcopy(block).derived and not pickle.loads(pickle.dumps(block)).derived
+    assert block.derived  # the original keeps its own
+    block.double()  # new memory: what was derived from the old weights goes (with its device memory)
+    assert not block.derived
 
 
 def test_trainable_backbone_gets_the_reference_gradients(fast_anywhere):

@@ -117,7 +117,7 @@ def test_weights_of_a_trained_attention_are_never_cached():
         first = fast.layer_weights(block, torch.float32)
         second = fast.layer_weights(block, torch.float32)
     assert first.qkv_weight is not second.qkv_weight and first.out_weight is block.attn.out_proj.weight
-    assert getattr(block, fast._CACHE_ATTR, None) is None
+    assert not block.derived
 
 
 def test_inputs_that_need_gradients_are_never_captured():

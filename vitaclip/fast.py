@@ -47,9 +47,6 @@ from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .vision import LayerPrompts, QuickGELU, VitaBlock
 
-_CACHE_ATTR = "_fast_weights"
-
-
 class LayerWeights(NamedTuple):
     """The linear weights of a layer's fast forward, q/k/v stacked into one projection."""
     qkv_weight: Tensor
@@ -64,8 +61,8 @@ class LayerWeights(NamedTuple):
 
 def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
     """The block's q/k/v (stacked), out_proj, fc1 and fc2 weights in the compute dtype `dtype`
-    (autocast's under autocast). Frozen (the backbone by default): made once per dtype and cached
-    on the block, keyed on the parameters' storage and version so that an in-place update or a
+    (autocast's under autocast). Frozen (the backbone by default): made once per dtype and kept in
+    `block.derived`, keyed on the parameters' storage and version so that an in-place update or a
     move rebuilds them; a step then casts no weight (autocast would cast all of them at every
     call). If any of them trains: the parameters themselves (q/k/v concatenated, differentiably),
     every call, with or without grad: a CUDA graph reads a trained weight at every replay, never
@@ -81,12 +78,11 @@ def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
     if any(p.requires_grad for p in params):
         return build(lambda t: t)
     key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)
-    cache = block.__dict__.setdefault(_CACHE_ATTR, {})  # a plain attribute: not state, not moved
-    cached = cache.get(dtype)
+    cached = block.derived.get(("fast weights", dtype))
     if cached is None or cached[0] != key:
         # normal tensors even when first built under inference_mode, so that training can reuse them
         with torch.inference_mode(False), torch.no_grad():
-            cached = cache[dtype] = (key, build(lambda t: t.to(dtype)))
+            cached = block.derived[("fast weights", dtype)] = (key, build(lambda t: t.to(dtype)))
     return cached[1]
 
 

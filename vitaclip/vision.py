@@ -118,6 +118,23 @@ class VitaBlock(nn.Module):
             self.summary_attn_layer = Attention(c, config.heads)
         if config.use_local:
             self.local_prompts = nn.Parameter(torch.empty(1, config.num_frames, c))
+        # Tensors a backend derives from this block's weights (e.g. in a compute dtype), keyed as
+        # it likes; not state: dropped when a move or cast gives the weights new memory, and left
+        # out of copies and pickles (made again on use).
+        self.derived: dict = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        def addresses():
+            return [p.data_ptr() for p in self.parameters()]
+
+        before = addresses()
+        module = super()._apply(fn, *args, **kwargs)
+        if addresses() != before:
+            self.derived.clear()
+        return module
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "derived": {}}
 
     def prompts(self, x: Tensor, global_prompts: Optional[Tensor]) -> LayerPrompts:
         """Build this layer's prompt tokens from the frames' tokens x [F, S, C]."""
