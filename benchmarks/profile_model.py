@@ -2,10 +2,11 @@
 
     python benchmarks/profile_model.py [inference|train|train-vision|text ...] [--backend B]
 
-Prints, per mode, the wall time of a step, the share of it the GPU was busy with kernels,
-the kernels taking most of it (time per step, launches per step), and the host-side calls
-with the most self time (where a step that keeps the GPU waiting spends it). ViT-B/16, 8 x 224 x 224
-clips, bf16 autocast, 400 class-specific prompts, random weights: the benchmark settings.
+Prints, per mode, the wall time of a step, the share of it the GPU was busy with kernels and
+how many ran, the kernels taking most of it (time per step, launches per step), and the
+host-side calls with the most self time (where a step that keeps the GPU waiting spends it).
+ViT-B/16, 8 x 224 x 224 clips, bf16 autocast, 400 class-specific prompts, random weights: the
+benchmark settings.
 """
 import argparse
 import time
@@ -39,9 +40,10 @@ def report(mode, step, clips):
     events = prof.key_averages()
     kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
     busy = sum(e.self_device_time_total for e in kernels) / STEPS / 1e3
+    launches = sum(e.count for e in kernels) // STEPS
     rate = f", {clips / wall:.0f} clips/s" if clips else ""
-    print(f"\n## {mode}: {wall * 1e3:.2f} ms/step{rate}, GPU busy {busy:.2f} ms ({busy / wall / 10:.0f}%), "
-          f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB")
+    print(f"\n## {mode}: {wall * 1e3:.2f} ms/step{rate}, GPU busy {busy:.2f} ms ({busy / wall / 10:.0f}%) "
+          f"in {launches} kernels, peak {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:18]:
         ms = e.self_device_time_total / STEPS / 1e3
         print(f"{ms:7.3f} ms {e.count // STEPS:5d}x  {e.key[:110]}")
