@@ -1,11 +1,11 @@
 // The summary attention s = c + MHSA(LN(c)) of every group of T frames, as one op.
 //
 // The order of work is the same on every device and lives here; a device supplies four
-// fused kernels (a `Kernels` class with the static functions used below). Between them the
-// projections are ATen matmuls (cuBLAS / CPU BLAS) on all rows of the batch at once:
-//
-// The q/k/v projections come stacked, W_qkv = [W_q; W_k; W_v] [3C, C] and b_qkv [3C] (the caller
+// fused kernels (a `Kernels` class with the static functions used below). The q/k/v projections
+// come stacked, W_qkv = [W_q; W_k; W_v] [3C, C] and b_qkv = [b_q | b_k | b_v] [3C] (the caller
 // stacks them: under torch.compile the stacking fuses with any cast to the compute dtype).
+// Between the kernels the projections are ATen matmuls (cuBLAS / CPU BLAS) on all rows of the
+// batch at once:
 //
 //   forward:  LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
@@ -19,7 +19,6 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
@@ -65,12 +64,6 @@ inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& 
   return shape;
 }
 
-// The q, k and v parts [C] of a stacked bias [3C], contiguous.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_bias(const at::Tensor& qkv_bias, int64_t width) {
-  const at::Tensor bias = qkv_bias.contiguous();
-  return {bias.narrow(0, 0, width), bias.narrow(0, width, width), bias.narrow(0, 2 * width, width)};
-}
-
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
 // qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M]).
 template <class Kernels>
@@ -91,12 +84,10 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   Kernels::layer_norm_forward(x, ln_weight.contiguous(), ln_bias.contiguous(), eps, normed, mean, rstd);
 
   const at::Tensor qkv = at::mm(normed, qkv_weight.t());
-  const auto [q_bias, k_bias, v_bias] = split_qkv_bias(qkv_bias, width);
 
   at::Tensor heads_out = at::empty({rows, width}, c.options());
   at::Tensor out = at::empty({rows, width}, c.options());
-  Kernels::attention_forward(shape, qkv, q_bias, k_bias, v_bias, x,
-                             out_bias.contiguous(), heads_out, out);
+  Kernels::attention_forward(shape, qkv, qkv_bias.contiguous(), x, out_bias.contiguous(), heads_out, out);
   out.addmm_(heads_out, out_weight.t());
   return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd};
 }
@@ -131,8 +122,7 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   const at::Tensor grad_heads = at::mm(dout, out_weight);
 
   at::Tensor grad_qkv = at::empty({rows, 3 * width}, c.options());
-  const auto [q_bias, k_bias, v_bias] = split_qkv_bias(qkv_bias, width);
-  Kernels::attention_backward(shape, qkv.contiguous(), q_bias, k_bias, v_bias, grad_heads, grad_qkv);
+  Kernels::attention_backward(shape, qkv.contiguous(), qkv_bias.contiguous(), grad_heads, grad_qkv);
 
   const at::Tensor grad_qkv_weight = at::mm(grad_qkv.t(), normed);
   const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight);
@@ -142,10 +132,9 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
   at::Tensor grad_ln_bias = at::empty({width}, c.options());
   at::Tensor grad_qkv_bias = at::empty({3 * width}, c.options());
   at::Tensor grad_out_bias = at::empty({width}, c.options());
-  const auto [grad_q_bias, grad_k_bias, grad_v_bias] = split_qkv_bias(grad_qkv_bias, width);
   Kernels::layer_norm_backward(grad_normed, dout, grad_qkv, x, mean.contiguous(), rstd.contiguous(),
-                               ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_q_bias,
-                               grad_k_bias, grad_v_bias, grad_out_bias);
+                               ln_weight.contiguous(), grad_c, grad_ln_weight, grad_ln_bias, grad_qkv_bias,
+                               grad_out_bias);
   return {grad_c.view(c.sizes()), grad_ln_weight, grad_ln_bias, grad_qkv_weight, grad_qkv_bias, grad_out_weight,
           grad_out_bias};
 }

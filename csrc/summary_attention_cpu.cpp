@@ -15,23 +15,23 @@
 namespace vitaclip {
 namespace {
 
-// q, k, v of one (group, head) with their biases, each [T, Dh] row-major.
+// q, k, v of one (group, head) with their biases (qkv_bias: [b_q | b_k | b_v]), each [T, Dh] row-major.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 struct HeadInputs {
   std::vector<acc_t> q, k, v;
 
-  HeadInputs(const SummaryShape& s, const scalar_t* qkv, const scalar_t* q_bias, const scalar_t* k_bias,
-             const scalar_t* v_bias, int64_t g, int64_t h) {
+  HeadInputs(const SummaryShape& s, const scalar_t* qkv, const scalar_t* qkv_bias, int64_t g, int64_t h) {
     const int64_t T = s.frames, Dh = s.head_dim(), C = s.width;
     q.resize(T * Dh);
     k.resize(T * Dh);
     v.resize(T * Dh);
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t* row = qkv + (g * T + t) * 3 * C + h * Dh;
+      const scalar_t* bias = qkv_bias + h * Dh;
       for (int64_t d = 0; d < Dh; ++d) {
-        q[t * Dh + d] = acc_t(row[d]) + acc_t(q_bias[h * Dh + d]);
-        k[t * Dh + d] = acc_t(row[C + d]) + acc_t(k_bias[h * Dh + d]);
-        v[t * Dh + d] = acc_t(row[2 * C + d]) + acc_t(v_bias[h * Dh + d]);
+        q[t * Dh + d] = acc_t(row[d]) + acc_t(bias[d]);
+        k[t * Dh + d] = acc_t(row[C + d]) + acc_t(bias[C + d]);
+        v[t * Dh + d] = acc_t(row[2 * C + d]) + acc_t(bias[2 * C + d]);
       }
     }
   }
@@ -59,13 +59,11 @@ struct HeadInputs {
 // Calls fn(g, h, in, p) for every (group, head), in parallel: `in` holds the head's q, k, v with
 // their biases, p [T, T] its attention probabilities.
 template <typename scalar_t, typename Fn>
-void for_each_head(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& q_bias, const at::Tensor& k_bias,
-                   const at::Tensor& v_bias, const Fn& fn) {
+void for_each_head(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& qkv_bias, const Fn& fn) {
   at::parallel_for(0, s.groups * s.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t gh = begin; gh < end; ++gh) {
       const int64_t g = gh / s.heads, h = gh % s.heads;
-      const HeadInputs<scalar_t> in(s, qkv.data_ptr<scalar_t>(), q_bias.data_ptr<scalar_t>(),
-                                    k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(), g, h);
+      const HeadInputs<scalar_t> in(s, qkv.data_ptr<scalar_t>(), qkv_bias.data_ptr<scalar_t>(), g, h);
       fn(g, h, in, in.probabilities(s.frames, s.head_dim()));
     }
   });
@@ -99,17 +97,16 @@ struct CpuKernels {
     });
   }
 
-  static void attention_forward(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& q_bias,
-                                const at::Tensor& k_bias, const at::Tensor& v_bias, const at::Tensor& x,
-                                const at::Tensor& out_bias, const at::Tensor& heads_out,
+  static void attention_forward(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& qkv_bias,
+                                const at::Tensor& x, const at::Tensor& out_bias, const at::Tensor& heads_out,
                                 const at::Tensor& residual) {
     const int64_t T = s.frames, Dh = s.head_dim(), C = s.width;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_forward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t *xp = x.data_ptr<scalar_t>(), *obp = out_bias.data_ptr<scalar_t>();
       scalar_t *op = heads_out.data_ptr<scalar_t>(), *rp = residual.data_ptr<scalar_t>();
-      for_each_head<scalar_t>(s, qkv, q_bias, k_bias, v_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
-                                                                   const std::vector<acc_t>& p) {
+      for_each_head<scalar_t>(s, qkv, qkv_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
+                                                    const std::vector<acc_t>& p) {
         for (int64_t i = 0; i < T; ++i) {
           const int64_t base = (g * T + i) * C + h * Dh;
           for (int64_t d = 0; d < Dh; ++d) {
@@ -123,8 +120,7 @@ struct CpuKernels {
     });
   }
 
-  static void attention_backward(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& q_bias,
-                                 const at::Tensor& k_bias, const at::Tensor& v_bias,
+  static void attention_backward(const SummaryShape& s, const at::Tensor& qkv, const at::Tensor& qkv_bias,
                                  const at::Tensor& grad_heads, const at::Tensor& grad_qkv) {
     const int64_t T = s.frames, Dh = s.head_dim(), C = s.width;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "attention_backward_cpu", [&] {
@@ -132,8 +128,8 @@ struct CpuKernels {
       const acc_t scale = acc_t(1) / std::sqrt(acc_t(Dh));
       const scalar_t* dop = grad_heads.data_ptr<scalar_t>();
       scalar_t* dqkv = grad_qkv.data_ptr<scalar_t>();
-      for_each_head<scalar_t>(s, qkv, q_bias, k_bias, v_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
-                                                                   const std::vector<acc_t>& p) {
+      for_each_head<scalar_t>(s, qkv, qkv_bias, [&](int64_t g, int64_t h, const HeadInputs<scalar_t>& in,
+                                                    const std::vector<acc_t>& p) {
         auto grad_o = [&](int64_t i, int64_t d) { return acc_t(dop[(g * T + i) * C + h * Dh + d]); };
         // dS = P * (dP - rowsum(P * dP)) * scale, with dP = dO V^T.
         std::vector<acc_t> ds(T * T);
@@ -169,8 +165,7 @@ struct CpuKernels {
                                   const at::Tensor& grad_qkv, const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                                  const at::Tensor& grad_q_bias, const at::Tensor& grad_k_bias,
-                                  const at::Tensor& grad_v_bias, const at::Tensor& grad_out_bias) {
+                                  const at::Tensor& grad_qkv_bias, const at::Tensor& grad_out_bias) {
     const int64_t rows = x.size(0), C = x.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -199,8 +194,7 @@ struct CpuKernels {
       });
       // Column sums over all rows: LN weight and bias, the q/k/v biases and the out bias.
       scalar_t *dw = grad_weight.data_ptr<scalar_t>(), *db = grad_bias.data_ptr<scalar_t>(),
-               *dq_b = grad_q_bias.data_ptr<scalar_t>(), *dk_b = grad_k_bias.data_ptr<scalar_t>(),
-               *dv_b = grad_v_bias.data_ptr<scalar_t>(), *dout_b = grad_out_bias.data_ptr<scalar_t>();
+               *dqkv_b = grad_qkv_bias.data_ptr<scalar_t>(), *dout_b = grad_out_bias.data_ptr<scalar_t>();
       at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           acc_t sw = 0, sb = 0, sq = 0, sk = 0, sv = 0, so = 0;
@@ -214,9 +208,9 @@ struct CpuKernels {
           }
           dw[j] = scalar_t(sw);
           db[j] = scalar_t(sb);
-          dq_b[j] = scalar_t(sq);
-          dk_b[j] = scalar_t(sk);
-          dv_b[j] = scalar_t(sv);
+          dqkv_b[j] = scalar_t(sq);
+          dqkv_b[C + j] = scalar_t(sk);
+          dqkv_b[2 * C + j] = scalar_t(sv);
           dout_b[j] = scalar_t(so);
         }
       });

@@ -12,19 +12,16 @@ struct CudaKernels {
   static void layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight, const at::TensorBase& bias,
                                  double eps, const at::TensorBase& normed, const at::TensorBase& mean,
                                  const at::TensorBase& rstd);
-  static void attention_forward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& q_bias,
-                                const at::TensorBase& k_bias, const at::TensorBase& v_bias, const at::TensorBase& x,
-                                const at::TensorBase& out_bias, const at::TensorBase& heads_out,
-                                const at::TensorBase& residual);
-  static void attention_backward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& q_bias,
-                                 const at::TensorBase& k_bias, const at::TensorBase& v_bias,
+  static void attention_forward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& qkv_bias,
+                                const at::TensorBase& x, const at::TensorBase& out_bias,
+                                const at::TensorBase& heads_out, const at::TensorBase& residual);
+  static void attention_backward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& qkv_bias,
                                  const at::TensorBase& grad_heads, const at::TensorBase& grad_qkv);
   static void layer_norm_backward(const at::TensorBase& grad_normed, const at::TensorBase& grad_out,
                                   const at::TensorBase& grad_qkv, const at::TensorBase& x, const at::TensorBase& mean,
                                   const at::TensorBase& rstd, const at::TensorBase& weight,
                                   const at::TensorBase& grad_x, const at::TensorBase& grad_weight,
-                                  const at::TensorBase& grad_bias, const at::TensorBase& grad_q_bias,
-                                  const at::TensorBase& grad_k_bias, const at::TensorBase& grad_v_bias,
+                                  const at::TensorBase& grad_bias, const at::TensorBase& grad_qkv_bias,
                                   const at::TensorBase& grad_out_bias);
 };
 

@@ -85,17 +85,17 @@ struct HeadLayout {
   __host__ __device__ int matrix() const { return T * ld(); }
 };
 
-// Loads q, k, v (+ biases) of group g, head h from qkv [M, 3C] into shared memory as acc_t.
+// Loads q, k, v (+ biases, qkv_bias = [b_q | b_k | b_v]) of group g, head h from qkv [M, 3C] into
+// shared memory as acc_t.
 template <typename scalar_t, typename acc_t>
-__device__ void load_qkv(const HeadLayout& L, const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ q_bias,
-                         const scalar_t* __restrict__ k_bias, const scalar_t* __restrict__ v_bias, int g, int h,
-                         acc_t* q, acc_t* k, acc_t* v) {
+__device__ void load_qkv(const HeadLayout& L, const scalar_t* __restrict__ qkv, const scalar_t* __restrict__ qkv_bias,
+                         int g, int h, acc_t* q, acc_t* k, acc_t* v) {
   for (int idx = threadIdx.x; idx < L.T * L.Dh; idx += blockDim.x) {
     const int t = idx / L.Dh, d = idx % L.Dh, col = h * L.Dh + d;
     const scalar_t* row = qkv + (int64_t(g) * L.T + t) * 3 * L.C + col;
-    q[t * L.ld() + d] = acc_t(row[0]) + acc_t(q_bias[col]);
-    k[t * L.ld() + d] = acc_t(row[L.C]) + acc_t(k_bias[col]);
-    v[t * L.ld() + d] = acc_t(row[2 * L.C]) + acc_t(v_bias[col]);
+    q[t * L.ld() + d] = acc_t(row[0]) + acc_t(qkv_bias[col]);
+    k[t * L.ld() + d] = acc_t(row[L.C]) + acc_t(qkv_bias[L.C + col]);
+    v[t * L.ld() + d] = acc_t(row[2 * L.C]) + acc_t(qkv_bias[2 * L.C + col]);
   }
 }
 
@@ -126,8 +126,7 @@ __device__ void attention_probabilities(const HeadLayout& L, const acc_t* q, con
 
 template <typename scalar_t, typename acc_t>
 __global__ void attention_forward_kernel(HeadLayout L, const scalar_t* __restrict__ qkv,
-                                         const scalar_t* __restrict__ q_bias, const scalar_t* __restrict__ k_bias,
-                                         const scalar_t* __restrict__ v_bias, const scalar_t* __restrict__ x,
+                                         const scalar_t* __restrict__ qkv_bias, const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ out_bias, acc_t scale,
                                          scalar_t* __restrict__ heads_out, scalar_t* __restrict__ residual) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -136,7 +135,7 @@ __global__ void attention_forward_kernel(HeadLayout L, const scalar_t* __restric
   acc_t* v = k + L.matrix();
   acc_t* p = v + L.matrix();
   const int g = blockIdx.x / L.H, h = blockIdx.x % L.H;
-  load_qkv(L, qkv, q_bias, k_bias, v_bias, g, h, q, k, v);
+  load_qkv(L, qkv, qkv_bias, g, h, q, k, v);
   __syncthreads();
   attention_probabilities(L, q, k, scale, p);
   for (int idx = threadIdx.x; idx < L.T * L.Dh; idx += blockDim.x) {
@@ -151,8 +150,7 @@ __global__ void attention_forward_kernel(HeadLayout L, const scalar_t* __restric
 
 template <typename scalar_t, typename acc_t>
 __global__ void attention_backward_kernel(HeadLayout L, const scalar_t* __restrict__ qkv,
-                                          const scalar_t* __restrict__ q_bias, const scalar_t* __restrict__ k_bias,
-                                          const scalar_t* __restrict__ v_bias,
+                                          const scalar_t* __restrict__ qkv_bias,
                                           const scalar_t* __restrict__ grad_heads, acc_t scale,
                                           scalar_t* __restrict__ grad_qkv) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -163,7 +161,7 @@ __global__ void attention_backward_kernel(HeadLayout L, const scalar_t* __restri
   acc_t* p = dout + L.matrix();
   acc_t* ds = p + L.T * L.T;
   const int g = blockIdx.x / L.H, h = blockIdx.x % L.H;
-  load_qkv(L, qkv, q_bias, k_bias, v_bias, g, h, q, k, v);
+  load_qkv(L, qkv, qkv_bias, g, h, q, k, v);
   for (int idx = threadIdx.x; idx < L.T * L.Dh; idx += blockDim.x) {
     const int t = idx / L.Dh, d = idx % L.Dh;
     dout[t * L.ld() + d] = acc_t(grad_heads[(int64_t(g) * L.T + t) * L.C + h * L.Dh + d]);
@@ -201,7 +199,7 @@ __global__ void attention_backward_kernel(HeadLayout L, const scalar_t* __restri
 }
 
 // Blocks [0, rows): dx of one row. Blocks after: sums over all rows of 32 columns of the
-// concatenated [LN weight | LN bias | q bias | k bias | v bias | out bias] gradients (6C columns).
+// concatenated [LN weight | LN bias | q/k/v biases | out bias] gradients (6C columns).
 template <typename scalar_t, typename acc_t>
 __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __restrict__ grad_normed,
                                            const scalar_t* __restrict__ grad_out,
@@ -209,8 +207,7 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
                                            const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                            const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x,
                                            scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias,
-                                           scalar_t* __restrict__ grad_q_bias, scalar_t* __restrict__ grad_k_bias,
-                                           scalar_t* __restrict__ grad_v_bias, scalar_t* __restrict__ grad_out_bias) {
+                                           scalar_t* __restrict__ grad_qkv_bias, scalar_t* __restrict__ grad_out_bias) {
   __shared__ acc_t scratch[kColumnRows][kColumnTile + 1];
   if (int(blockIdx.x) < rows) {  // dx = dout + rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat))
     const int64_t r = blockIdx.x;
@@ -254,12 +251,8 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
     grad_weight[col] = scalar_t(sum);
   } else if (col < 2 * C) {
     grad_bias[col - C] = scalar_t(sum);
-  } else if (col < 3 * C) {
-    grad_q_bias[col - 2 * C] = scalar_t(sum);
-  } else if (col < 4 * C) {
-    grad_k_bias[col - 3 * C] = scalar_t(sum);
   } else if (col < 5 * C) {
-    grad_v_bias[col - 4 * C] = scalar_t(sum);
+    grad_qkv_bias[col - 2 * C] = scalar_t(sum);
   } else {
     grad_out_bias[col - 5 * C] = scalar_t(sum);
   }
@@ -299,8 +292,7 @@ void CudaKernels::layer_norm_forward(const at::TensorBase& x, const at::TensorBa
   });
 }
 
-void CudaKernels::attention_forward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& q_bias,
-                                    const at::TensorBase& k_bias, const at::TensorBase& v_bias,
+void CudaKernels::attention_forward(const SummaryShape& s, const at::TensorBase& qkv, const at::TensorBase& qkv_bias,
                                     const at::TensorBase& x, const at::TensorBase& out_bias,
                                     const at::TensorBase& heads_out, const at::TensorBase& residual) {
   const HeadLayout L = head_layout(s);
@@ -308,23 +300,21 @@ void CudaKernels::attention_forward(const SummaryShape& s, const at::TensorBase&
     using acc_t = at::opmath_type<scalar_t>;
     const size_t bytes = size_t(3 * L.matrix() + L.T * L.T) * sizeof(acc_t);
     launch_attention(attention_forward_kernel<scalar_t, acc_t>, s, bytes, L, qkv.data_ptr<scalar_t>(),
-                     q_bias.data_ptr<scalar_t>(), k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(),
-                     x.data_ptr<scalar_t>(), out_bias.data_ptr<scalar_t>(), acc_t(1 / std::sqrt(double(L.Dh))),
-                     heads_out.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>());
+                     qkv_bias.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), out_bias.data_ptr<scalar_t>(),
+                     acc_t(1 / std::sqrt(double(L.Dh))), heads_out.data_ptr<scalar_t>(),
+                     residual.data_ptr<scalar_t>());
   });
 }
 
 void CudaKernels::attention_backward(const SummaryShape& s, const at::TensorBase& qkv,
-                                     const at::TensorBase& q_bias, const at::TensorBase& k_bias,
-                                     const at::TensorBase& v_bias, const at::TensorBase& grad_heads,
+                                     const at::TensorBase& qkv_bias, const at::TensorBase& grad_heads,
                                      const at::TensorBase& grad_qkv) {
   const HeadLayout L = head_layout(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t bytes = size_t(4 * L.matrix() + 2 * L.T * L.T) * sizeof(acc_t);
     launch_attention(attention_backward_kernel<scalar_t, acc_t>, s, bytes, L, qkv.data_ptr<scalar_t>(),
-                     q_bias.data_ptr<scalar_t>(), k_bias.data_ptr<scalar_t>(), v_bias.data_ptr<scalar_t>(),
-                     grad_heads.data_ptr<scalar_t>(), acc_t(1 / std::sqrt(double(L.Dh))),
+                     qkv_bias.data_ptr<scalar_t>(), grad_heads.data_ptr<scalar_t>(), acc_t(1 / std::sqrt(double(L.Dh))),
                      grad_qkv.data_ptr<scalar_t>());
   });
 }
@@ -334,8 +324,7 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
                                       const at::TensorBase& mean, const at::TensorBase& rstd,
                                       const at::TensorBase& weight, const at::TensorBase& grad_x,
                                       const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
-                                      const at::TensorBase& grad_q_bias, const at::TensorBase& grad_k_bias,
-                                      const at::TensorBase& grad_v_bias, const at::TensorBase& grad_out_bias) {
+                                      const at::TensorBase& grad_qkv_bias, const at::TensorBase& grad_out_bias) {
   const int rows = int(x.size(0)), C = int(x.size(1));
   const int blocks = rows + (6 * C + kColumnTile - 1) / kColumnTile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
@@ -344,8 +333,7 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
         rows, C, grad_normed.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad_qkv.data_ptr<scalar_t>(),
         x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), weight.data_ptr<scalar_t>(),
         grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-        grad_q_bias.data_ptr<scalar_t>(), grad_k_bias.data_ptr<scalar_t>(), grad_v_bias.data_ptr<scalar_t>(),
-        grad_out_bias.data_ptr<scalar_t>());
+        grad_qkv_bias.data_ptr<scalar_t>(), grad_out_bias.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
