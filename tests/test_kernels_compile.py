@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for Hopper (sm_90) in bf16, on any machine: the attention
-kernels with every candidate tile configuration that the GPU benchmark launches.
+kernels with every candidate tile configuration that the GPU benchmark launches; the default
+configuration's launches also for Ampere (sm_80, the A100s users train on).
 
 The CPU interpreter runs the kernels' Python but skips the compiler's type checks (e.g. a
 variable with different tile shapes in two branches), so compile them too. The kernels are
@@ -14,9 +15,10 @@ import pytest
 
 FP32_POINTERS = {"LSE", "DELTA", "DLK", "DLV", "DGK", "DGV"}
 NON_POINTERS = {"S", "H"}
+VIT_B16_PROMPTS = dict(P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32)  # 8 local, 8 global, summary: a tile of 32
 
 
-def compile_for_hopper(kernel, dtype, constexprs, num_warps=4, num_stages=2):
+def compile_for(kernel, dtype, constexprs, num_warps=4, num_stages=2, arch=90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,8 +35,8 @@ def compile_for_hopper(kernel, dtype, constexprs, num_warps=4, num_stages=2):
             signature[name] = "i32"
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    print(f"compiled {kernel.__name__} {dtype} {constexprs}")
+    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    print(f"compiled {kernel.__name__} sm_{arch} {dtype} {constexprs}")
 
 
 def attention_launches(configs=None):
@@ -69,17 +71,20 @@ def compile_all():
     from vitaclip.kernels import quick_gelu
 
     for kernel, constexprs, tiles in attention_launches():
-        # ViT-B/16's prompts (8 local, 8 global, summary: a prompt tile of 32)
-        compile_for_hopper(kernel, "bf16", dict(constexprs, P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32),
-                           num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
+                    num_stages=tiles.num_stages)
     # no prompts at all (their loads and the prompt tile compiled out), the default's launches
     for kernel, constexprs, tiles in default_launches():
         constexprs = dict(constexprs, P=0, G=0, HAS_SUMMARY=False, BLOCK_PR=16)
         if "PROMPT_PROGRAM" in constexprs:
             constexprs["PROMPT_PROGRAM"] = 0
-        compile_for_hopper(kernel, "bf16", constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        compile_for(kernel, "bf16", constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    for kernel, constexprs, tiles in default_launches():
+        compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
+                    num_stages=tiles.num_stages, arch=80)
     for kernel in (quick_gelu._fwd, quick_gelu._bwd):
-        compile_for_hopper(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8)
+        for arch in (80, 90):
+            compile_for(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8, arch=arch)
 
 
 def default_launches():
@@ -88,12 +93,13 @@ def default_launches():
     return attention_launches([GPU_TILES[64]])
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper_and_ampere():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(attention_launches()) + len(default_launches()) + 2
+    assert result.stdout.count("compiled") == len(attention_launches()) + 2 * len(default_launches()) + 4
+    assert result.stdout.count("sm_80") == len(default_launches()) + 2
 
 
 if __name__ == "__main__":
