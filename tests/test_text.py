@@ -56,6 +56,25 @@ def test_truncation_at_last_end_of_text_is_exact(position):
     assert torch.allclose(model.encode_text(texts), model.encode_text(texts, truncate=False), atol=1e-6)
 
 
+@pytest.mark.parametrize("csc", [True, False])
+def test_skipping_unread_work_changes_no_feature_or_context_gradient(csc):
+    """With truncation the last layer computes only the end-of-text rows (and no token after the
+    last one): the features and the context's gradient are those of the full computation."""
+    classes = CLASSES + ["a much longer class name here"]
+    model = randomize_(VitaCLIP(tiny_config(csc=csc, ctx_position="middle"), classes)).double()
+    ctx = model.prompt_learner.ctx
+    weights = torch.randn(len(classes), model.config.embed_dim, dtype=torch.float64)
+    results = []
+    for truncate in (True, False):
+        features = model.encode_text(truncate=truncate)
+        (features * weights).sum().backward()
+        results.append((features.detach(), ctx.grad))
+        ctx.grad = None
+    (features, grad), (full_features, full_grad) = results
+    torch.testing.assert_close(features, full_features, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grad, full_grad, atol=1e-12, rtol=1e-10)
+
+
 def test_generic_context_gets_gradient_from_every_class():
     model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES))
     model.encode_text()[2].sum().backward()

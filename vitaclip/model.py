@@ -125,7 +125,8 @@ class VitaCLIP(nn.Module):
 
             def learned_text_features() -> Tensor:
                 embeds, eot = self.prompt_learner(self.textual.token_embedding, truncate)
-                return self.textual(embeds, eot, truncate=False, compiled=backend.compile_modules)  # already cut
+                # cut already, to a length known without waiting for the GPU (a CUDA graph capture cannot)
+                return self.textual(embeds, eot, truncate, compiled=backend.compile_modules, length=embeds.shape[1])
 
             if backend.cuda_graphs and self.logit_scale.is_cuda:
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,24 @@ class TextAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(o.transpose(1, 2).reshape(n, s, c))
 
+    def forward_row(self, x: Tensor, row: Tensor) -> Tensor:
+        """The output [n, C] at one position per sequence (row [n]): that row's query over the keys
+        up to it (its row of the causal mask), with the keys and values of every position."""
+        n, s, c = x.shape
+        heads, head_dim = self.heads, c // self.heads
+        q_weight, kv_weight = self.in_proj_weight.split([c, 2 * c])
+        q_bias, kv_bias = self.in_proj_bias.split([c, 2 * c])
+        k, v = F.linear(x, kv_weight, kv_bias).view(n, s, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = F.linear(_rows(x, row), q_weight, q_bias).view(n, heads, 1, head_dim)
+        visible = (torch.arange(s, device=x.device) <= row[:, None]).view(n, 1, 1, s)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return self.out_proj(o.reshape(n, c))
+
+
+def _rows(x: Tensor, row: Tensor) -> Tensor:
+    """x[i, row[i]] for each sequence i of x [n, L, C]."""
+    return x[torch.arange(x.shape[0], device=x.device), row]
+
 
 class TextMlp(nn.Module):
     def __init__(self, width: int, act: str):
@@ -78,16 +96,25 @@ class TextBlock(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+    def forward_row(self, x: Tensor, row: Tensor) -> Tensor:
+        """forward(x)[i, row[i]] [n, C], computing no other position's query, output or MLP."""
+        x = _rows(x, row) + self.attn.forward_row(self.ln_1(x), row)
+        return x + self.mlp(self.ln_2(x))
+
 
 class TextTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, act: str):
         super().__init__()
         self.resblocks = nn.ModuleList(TextBlock(width, heads, act) for _ in range(layers))
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.resblocks:
+    def forward(self, x: Tensor, row: Optional[Tensor] = None) -> Tensor:
+        """The output [n, L, C]; given row [n], only the output at that position [n, C], for
+        which the last layer computes one query, output and MLP per sequence instead of L."""
+        blocks = list(self.resblocks)
+        last = blocks.pop() if row is not None else None
+        for block in blocks:
             x = block(x)
-        return x
+        return last.forward_row(x, row) if last is not None else x
 
 
 class TextEncoder(nn.Module):
@@ -116,20 +143,23 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.text_projection, std=w ** -0.5)
 
     def forward(self, embeddings: Tensor, eot_index: Tensor, truncate: bool = True,
-                compiled: bool = False) -> Tensor:
+                compiled: bool = False, length: Optional[int] = None) -> Tensor:
         """Text features [n, D] from token embeddings [n, L, width] read at eot_index [n].
 
-        The transformer is causal and the feature is read at the end-of-text token, so tokens
-        after the batch's last end-of-text position change nothing: with `truncate` they are
-        never computed. `compiled` runs the transformer under torch.compile (the learned class
-        prompts keep one shape through training, so it compiles once).
+        The transformer is causal and the feature is read at the end-of-text token, so with
+        `truncate` nothing that cannot reach it is computed: no token after the batch's last
+        end-of-text position (the embeddings are cut to `length`, by default found from
+        eot_index, which waits for the GPU), and in the last layer no token but the end-of-text
+        ones. Without, every token of every layer, as the original. `compiled` runs the
+        transformer under torch.compile (the learned class prompts keep one shape through
+        training, so it compiles once).
         """
         if truncate:
-            embeddings = embeddings[:, : int(eot_index.max()) + 1]
+            embeddings = embeddings[:, : length if length is not None else int(eot_index.max()) + 1]
         x = embeddings + self.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
-        x = self.compiled_transformer()(x) if compiled else self.transformer(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]  # before ln_final: it acts per token
-        return self.ln_final(x) @ self.text_projection
+        transformer = self.compiled_transformer() if compiled else self.transformer
+        x = transformer(x, eot_index) if truncate else _rows(transformer(x), eot_index)
+        return self.ln_final(x) @ self.text_projection  # ln_final acts per token: after the gather
 
     def compiled_transformer(self):
         # kept out of the module tree: a compiled wrapper would duplicate every state-dict key
