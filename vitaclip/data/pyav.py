@@ -1,7 +1,8 @@
 """PyAV decoding: probing (frame count, size, codec) and reading frames by index.
 
 Frame i is the i-th frame in presentation order, as the public code counted it. Frames
-come out as planar YUV 4:2:0 and are converted on the device (transforms.yuv420_to_rgb)."""
+come out as planar limited-range YUV 4:2:0 and are converted on the device
+(transforms.yuv420_to_rgb)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from .transforms import Yuv420
 
 try:
     import av
+    from av.video.reformatter import ColorRange  # MPEG: limited (16..235), JPEG: full (0..255)
 except ImportError:  # the DALI-only machine has no PyAV
     av = None
 
@@ -87,8 +89,7 @@ class _Planes:
         self.count, self.filled, self.planes = count, 0, None
 
     def put(self, slot: int, frame) -> None:
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
+        frame = _limited_range_yuv420(frame)
         if self.planes is None:
             self.planes = [np.empty((self.count, p.height, p.width), np.uint8) for p in frame.planes]
         for dst, plane in zip(self.planes, frame.planes):
@@ -98,6 +99,18 @@ class _Planes:
 
     def result(self) -> Yuv420:
         return Yuv420(*(torch.from_numpy(p) for p in self.planes))
+
+
+def _limited_range_yuv420(frame):
+    """The frame as limited-range yuv420p, what yuv420_to_rgb converts. Full-range frames
+    (MJPEG's yuvj formats, H.264/VP9 tagged full range) are rescaled by swscale, so that
+    Yuv420 keeps one meaning everywhere (at the cost of under a level of rounding). swscale
+    must be told both ranges: left unset it copies full-range levels unchanged."""
+    full_range = frame.format.name.startswith("yuvj") or frame.color_range == ColorRange.JPEG
+    if frame.format.name == "yuv420p" and not full_range:
+        return frame
+    return frame.reformat(format="yuv420p", src_color_range=ColorRange.JPEG if full_range else None,
+                          dst_color_range=ColorRange.MPEG)
 
 
 def _decode_in_order(frames, indices, out: _Planes) -> None:
