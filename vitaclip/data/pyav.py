@@ -65,23 +65,31 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     out = _Planes(len(indices))
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "SLICE"
-            stream.codec_context.thread_count = threads
+            stream = _slice_threaded_video(container, threads)
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
-            if any(pts is None for pts, _ in packets) or not any(key for _, key in packets):
-                container.seek(0)
-                _decode_in_order(container.decode(stream), indices, out)
-            else:
+            seekable = all(pts is not None for pts, _ in packets) and any(key for _, key in packets)
+            if seekable:
                 _decode_seeking(path, container, stream, packets, indices, out)
+        if not seekable:
+            # a stream without timestamps (raw H.264) cannot seek, not even back to its start
+            # after the demux pass: read the file again from the top
+            with av.open(path) as container:
+                _decode_in_order(container.decode(_slice_threaded_video(container, threads)), indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
     if out.filled < len(indices):
         raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} "
                                f"(decoded {out.filled} of {len(indices)} wanted)")
     return out.result()
+
+
+def _slice_threaded_video(container, threads: int):
+    stream = container.streams.video[0]
+    stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = threads
+    return stream
 
 
 class _Planes:
