@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -144,6 +145,27 @@ def test_save_and_load_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         (tmp_path / "saved" / "config.json").unlink()
         VitaCLIP.from_pretrained(tmp_path / "saved")
+
+
+def test_saved_files_follow_the_umask_and_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+
+    def recorded(name, real):
+        def call(*args):
+            events.append(name)
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "fsync", recorded("fsync", os.fsync))
+    monkeypatch.setattr(os, "replace", recorded("replace", os.replace))
+    before = os.umask(0o027)
+    try:
+        VitaCLIP(tiny_config(), CLASSES).save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(before)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "saved").iterdir()} == {
+        "classnames.json": "0o640", "config.json": "0o640", "model.safetensors": "0o640"}
+    assert events == ["fsync", "replace"] * 3
 
 
 def test_openai_weights_always_get_quick_gelu(monkeypatch):

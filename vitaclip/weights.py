@@ -209,12 +209,26 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], **o
 
 
 # ---------------------------------------------------------------------------- our own format
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
+    """Write through a temporary file in the same folder, then rename: never half a file, not
+    even after a power cut (the data reaches the disk before the rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
