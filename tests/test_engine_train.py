@@ -43,6 +43,18 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op
     assert again.finished and again.losses == {}
 
 
+def test_resuming_a_run_that_stopped_before_its_final_model_writes_it(tmp_path):
+    model = tiny_model()
+    train(model, tiny_data(), tiny_train_config(tmp_path, steps=2))  # as if killed before the final save
+    assert not (tmp_path / "model").exists()
+    again = train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=2, resume="auto",
+                                                                       save_final=True))
+    assert again.finished and again.losses == {}
+    saved = trainable(ckpt.load_model(tmp_path / "model"))
+    for k, v in trainable(model).items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_checkpoint_contents(tmp_path):
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, keep_checkpoints=1))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt"]

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_gather_objects, init_distributed, mean_across_ranks
+from .distributed import DistEnv, all_gather_objects, barrier, init_distributed, mean_across_ranks
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
 from .precision import autocast, check_precision, grad_scaler
@@ -206,7 +206,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         payload = ckpt.load_checkpoint(resume_path)
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, env)
         start_step = int(payload["step"])
-    if start_step >= config.steps:
+    if start_step >= config.steps:  # e.g. stopped after the last checkpoint, before the final model
+        save_final_model(model, out, config, env)
         return TrainResult(start_step, last_checkpoint=str(resume_path), finished=True)
 
     net = model
@@ -287,9 +288,15 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         if log is not None:
             log.close()
     result.finished = result.step == config.steps
-    if result.finished and config.save_final and env.is_main:
-        model.save_pretrained(out / "model")
+    if result.finished:
+        save_final_model(model, out, config, env)
     return result
+
+
+def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistEnv) -> None:
+    if config.save_final and env.is_main:
+        model.save_pretrained(out / "model")
+    barrier(env)  # no rank returns before the model exists
 
 
 def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv):
