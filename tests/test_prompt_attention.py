@@ -205,8 +205,12 @@ def test_bad_inputs_are_rejected():
         prompt_attention(q, q, q, summary_k=summary, summary_v=summary)
     with pytest.raises(ValueError, match="is torch.float64"):
         prompt_attention(q, q, q.double())
-    with pytest.raises(ValueError, match="not supported"):
-        prompt_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="floating point"):
+        prompt_attention(q.int(), q.int(), q.int())
+    with pytest.raises(ValueError, match="k must be a tensor"):
+        prompt_attention(q, None, q)
+    with pytest.raises(ValueError, match="non-empty"):
+        prompt_attention(q[..., :0], q[..., :0], q[..., :0])
 
 
 # ViT-B/16: batch 4 clips x 8 frames, 1 + 14x14 tokens, 12 heads, 8 global and 8 local prompts
@@ -246,9 +250,42 @@ def test_gpu_opcheck_and_compile_without_graph_breaks():
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    leaves = make_inputs(2, 2, 9, 1, 2, 3, True, dtype=torch.float32)
+    leaves = make_inputs(2, 2, 9, 2, 2, 3, True, dtype=torch.float32)
     prompts = {name: t for name, t in leaves.items() if name != "qkv"}
     q = leaves["qkv"][:, :, 0]
     assert not uses_triton(q)
     out = prompt_attention_qkv(leaves["qkv"], frames_per_group=2, **prompts)
     assert torch.equal(out, naive.prompt_attention(*leaves["qkv"].unbind(2), frames_per_group=2, **prompts))
+    assert out.is_contiguous()  # as the Triton op's: the fast layer views it as [F, S, C]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes_the_kernels_do_not_take_here_use_the_reference(dtype):
+    """float64 anywhere (e.g. a .double() model under the fast backend), bf16 in the CPU
+    interpreter (whose dot of bf16 operands is wrong): the reference computes them."""
+    leaves = make_inputs(1, 2, 9, 2, 2, 1, True, dtype=dtype)
+    assert not uses_triton(leaves["qkv"])
+    grad_out = torch.randn(2, 9, 2, HEAD_DIM, dtype=dtype)
+    out, grads = outputs_and_grads("qkv", leaves, 2, grad_out)
+    want_out, want_grads = outputs_and_grads(naive.prompt_attention, leaves, 2, grad_out)
+    assert torch.equal(out, want_out)
+    for name in grads:
+        assert torch.equal(grads[name], want_grads[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+def test_empty_prompt_sets_get_empty_gradients():
+    """Zero local prompts per group and zero global prompts, given as tensors: the kernels' result
+    and gradients of every shape, as the fake implementation says."""
+    leaves = make_inputs(2, 2, 20, 1, 1, 1, True, dtype=torch.float32)
+    leaves["local_k"], leaves["local_v"] = (t[:, :0] for t in (leaves["local_k"], leaves["local_v"]))
+    leaves["global_k"], leaves["global_v"] = (t[:0] for t in (leaves["global_k"], leaves["global_v"]))
+    grad_out = torch.randn(4, 20, 1, HEAD_DIM)
+    out, grads = outputs_and_grads("qkv", leaves, 2, grad_out)
+    want_out, want_grads = outputs_and_grads(naive.prompt_attention, {k: t.double() for k, t in leaves.items()}, 2,
+                                             grad_out.double())
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    for name, want in want_grads.items():
+        assert grads[name].shape == leaves[name].shape, name
+        torch.testing.assert_close(grads[name].double(), want, atol=1e-5, rtol=1e-5, msg=name)

@@ -44,8 +44,11 @@ def _interpreting() -> bool:
 
 
 def uses_triton(q: Tensor) -> bool:
-    """Whether `prompt_attention` runs the Triton op for tensors on q's device."""
-    return triton_available() and (q.is_cuda or (q.device.type == "cpu" and _interpreting()))
+    """Whether `prompt_attention` runs the Triton op for q: on CUDA in the kernels' dtypes, on the
+    CPU under the interpreter in fp32 and fp16 (its dot of bf16 operands is wrong)."""
+    if not triton_available() or q.dtype not in _DTYPES:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and _interpreting() and q.dtype != torch.bfloat16)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -172,9 +175,11 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
             seq, heads, frames_per_group, *scales, row_start, n_tiles,
             **sizes, **{**dkdv_cfg, "BLOCK_N": tile, "PROMPT_PROGRAM": prompt_program})
 
-    # local prompts over the frames of their group, global ones over all frames
-    local = local_part.unflatten(1, (-1, frames_per_group)).sum(2).to(q.dtype) if n_local else _empty(q)
-    global_ = global_part.sum(1).to(q.dtype) if n_global else _empty(q)
+    # local prompts over the frames of their group, global ones over all frames (an empty set given
+    # gets its empty gradient, as the fake implementation says)
+    local_k, global_k = prompts[0], prompts[2]
+    local = local_part.unflatten(1, (-1, frames_per_group)).sum(2).to(q.dtype) if local_k is not None else _empty(q)
+    global_ = global_part.sum(1).to(q.dtype) if global_k is not None else _empty(q)
     return [local, global_, dsk, dsv]
 
 
@@ -255,11 +260,13 @@ def _check_inputs(q, k, v, local_k, local_v, global_k, global_v, summary_k, summ
         if not ok:
             raise ValueError(f"prompt_attention: {msg}")
 
-    need(q.dim() == 4, f"q must be [F, S, H, Dh], got shape {tuple(q.shape)}")
+    for name, t in {"q": q, "k": k, "v": v}.items():
+        need(isinstance(t, Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    need(q.dim() == 4 and q.numel() > 0, f"q must be a non-empty [F, S, H, Dh], got shape {tuple(q.shape)}")
     n_frames, seq, heads, head_dim = q.shape
     need(k.shape == q.shape and v.shape == q.shape,
          f"k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)}")
-    need(q.dtype in _DTYPES, f"dtype {q.dtype} is not supported; use one of {_DTYPES}")
+    need(q.is_floating_point(), f"q must be floating point, got {q.dtype}")
     need(isinstance(frames_per_group, int) and frames_per_group >= 1,
          f"frames_per_group must be a positive int, got {frames_per_group!r}")
     pairs = {"local": (local_k, local_v), "global": (global_k, global_v), "summary": (summary_k, summary_v)}
@@ -290,8 +297,8 @@ def _checked_attention(q, k, v, prompts, frames_per_group: int, op_qkv) -> Tenso
     """Checks, then the Triton op given op_qkv (its first three arguments: q, k, v, or the packed
     qkv and two Nones), or the naive reference where Triton does not run."""
     _check_inputs(q, k, v, *prompts, frames_per_group)
-    if not uses_triton(q):
-        return naive.prompt_attention(q, k, v, *prompts, frames_per_group)
+    if not uses_triton(q):  # e.g. float64, or the CPU without the interpreter
+        return naive.prompt_attention(q, k, v, *prompts, frames_per_group).contiguous()
     return _prompt_attention_op(*op_qkv, *prompts, frames_per_group)[0]
 
 
