@@ -128,6 +128,20 @@ def test_text_features_are_cached_without_gradients_and_refreshed_after_updates(
     assert torch.allclose(second, torch.nn.functional.normalize(model.encode_text(), dim=-1).detach())
 
 
+def test_cached_text_features_follow_reloads_and_casts(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    other = randomize_(VitaCLIP(config, CLASSES))
+    with torch.no_grad():
+        model.text_features()
+        # same architecture, untouched version counters: only the new memory tells
+        model.load_state_dict(other.state_dict(), assign=True)
+        torch.testing.assert_close(model.text_features(), other.text_features())
+        model.double()
+        assert model.text_features().dtype == torch.float32  # features are kept in fp32 whatever the model
+        expected = torch.nn.functional.normalize(model.encode_text().float(), dim=-1)
+        assert torch.equal(model.text_features(), expected)
+
+
 def test_zero_shot_classes_average_templates(config):
     model = randomize_(VitaCLIP(config, CLASSES))
     templates = ["a video of a person {}.", "a clip of {}."]

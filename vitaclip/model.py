@@ -163,12 +163,16 @@ class VitaCLIP(nn.Module):
         return self._text_cache[1]
 
     def _text_cache_key(self) -> tuple:
+        """What the cached text features depend on: every text tensor's memory, dtype and version
+        (an in-place update, a reload, an assign=True load or a cast all change one; writes through
+        `.data` bypass version counters, and so every cache keyed on them), the class tokens, the
+        autocast state and the device."""
         device = self.logit_scale.device
-        versions = tuple(p._version for p in self.textual.parameters())
         learner = self.prompt_learner
-        ctx_version = learner.ctx._version if learner is not None and learner.ctx is not None else None
+        tensors = [*self.textual.parameters(), *([learner.ctx] if learner is not None and learner.ctx is not None else [])]
+        state = tuple((t.data_ptr(), t.dtype, t._version) for t in tensors)
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        return (id(learner.tokens) if learner is not None else None, ctx_version, versions, autocast, device)
+        return (id(learner.tokens) if learner is not None else None, state, autocast, device)
 
     # ---------------------------------------------------------------- video
     def encode_video(self, video: Tensor) -> Tensor:
