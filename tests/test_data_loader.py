@@ -199,6 +199,20 @@ def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
         next(iter(strict))
 
 
+def test_video_changing_size_is_named_and_skippable(bad_dataset):
+    from test_data_decode import write_size_changing_video
+    write_size_changing_video(str(bad_dataset / "resized.h264"))  # 64x48, then 48x48 from frame 10
+    lst = bad_dataset / "resized.csv"
+    lst.write_text("good.webm,1\nresized.h264,0\n")
+    kw = dict(train=False, batch_size=2, num_frames=4, stride=6, size=16, backend="pyav", num_workers=0,
+              device="cpu")
+    with pytest.raises(VideoDecodeError, match=r"resized\.csv:2: .*resized\.h264: frame size changes"):
+        next(iter(VideoLoader(str(lst), str(bad_dataset), **kw)))
+    ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    assert [b.label.tolist() for b in ld] == [[1]]
+    assert len(ld.skipped) == 1 and "frame size changes" in ld.skipped[0]
+
+
 def test_bad_arguments(vp9_dataset):
     root, _ = vp9_dataset
     with pytest.raises(ValueError, match="backend"):

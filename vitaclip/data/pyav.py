@@ -62,7 +62,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     decode up to a core count of frames that are thrown away."""
     _require_av()
     indices = [int(i) for i in indices]
-    out = _Planes(len(indices))
+    out = _Planes(path, len(indices))
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, threads)
@@ -93,13 +93,19 @@ def _slice_threaded_video(container, threads: int):
 
 
 class _Planes:
-    def __init__(self, count: int):
-        self.count, self.filled, self.planes = count, 0, None
+    def __init__(self, path: str, count: int):
+        self.path, self.count, self.filled, self.planes = path, count, 0, None
 
     def put(self, slot: int, frame) -> None:
         frame = _limited_range_yuv420(frame)
         if self.planes is None:
             self.planes = [np.empty((self.count, p.height, p.width), np.uint8) for p in frame.planes]
+        elif (frame.height, frame.width) != self.planes[0].shape[1:]:
+            # an error rather than a resize: the metadata (crop boxes) and DALI know one size,
+            # and `prepare` re-encodes such a video at one size
+            first_h, first_w = self.planes[0].shape[1:]
+            raise VideoDecodeError(f"{self.path}: frame size changes within the video, from {first_w}x{first_h} "
+                                   f"to {frame.width}x{frame.height} (re-encode it with `vitaclip prepare`)")
         for dst, plane in zip(self.planes, frame.planes):
             rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
             dst[slot] = rows[:, :plane.width]
