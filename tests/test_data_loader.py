@@ -191,12 +191,49 @@ def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
     kw = dict(train=False, batch_size=2, num_frames=2, stride=4, size=16, backend=backend,
               num_workers=0, device="cpu")
     ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    strict = VideoLoader(str(lst), str(bad_dataset), **kw)
     (bad_dataset / "good2.webm").write_bytes(os.urandom(3000))  # replaced after the metadata was read
     batch = next(iter(ld))
     assert batch.label.tolist() == [1] and len(ld.skipped) == 1 and "later.csv:2" in ld.skipped[0]
-    strict = VideoLoader(str(lst), str(bad_dataset), **kw)
     with pytest.raises(VideoDecodeError, match="later.csv:2"):
         next(iter(strict))
+
+
+@pytest.mark.parametrize("change", ["another data root", "video replaced"])
+def test_sidecar_rows_of_other_files_are_probed_again(vp9_dataset, tmp_path, change):
+    root, rows = vp9_dataset
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copy(root / rows[0][0], tmp_path / "a" / "v.webm")
+    shutil.copy(root / rows[1][0], tmp_path / "b" / "v.webm")
+    lst = tmp_path / "list.csv"
+    lst.write_text("v.webm,0\n")
+    kw = dict(train=True, batch_size=1, num_frames=2, stride=4, size=16, backend="pyav", num_workers=0,
+              device="cpu", augment=None)
+    first = VideoLoader(str(lst), str(tmp_path / "a"), **kw)
+    assert first.videos[0][2].frames == rows[0][2]  # written to list.csv.meta
+    if change == "another data root":
+        ld = VideoLoader(str(lst), str(tmp_path / "b"), **kw)
+    else:
+        shutil.copy(tmp_path / "b" / "v.webm", tmp_path / "a" / "v.webm")
+        ld = VideoLoader(str(lst), str(tmp_path / "a"), **kw)
+    info = ld.videos[0][2]
+    assert (info.frames, info.width, info.height) == (rows[1][2], *rows[1][3])
+    assert next(iter(ld)).video.shape == (1, 3, 2, 16, 16)
+
+
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
+def test_frames_of_another_size_than_the_metadata_are_a_decode_error(bad_dataset, backend):
+    lst = bad_dataset / "resized.csv"
+    lst.write_text("good.webm,1\ngood2.webm,2\n")
+    kw = dict(train=False, batch_size=2, num_frames=2, stride=4, size=16, backend=backend, num_workers=0,
+              device="cpu")
+    strict = VideoLoader(str(lst), str(bad_dataset), **kw)
+    skipping = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    shutil.copy(bad_dataset / "good.webm", bad_dataset / "good2.webm")  # replaced after the metadata was read
+    with pytest.raises(VideoDecodeError, match=r"resized\.csv:2: .*good2\.webm: decoded frames are 112x64, "
+                                               r"its metadata says 96x80"):
+        next(iter(strict))
+    assert [b.label.tolist() for b in skipping] == [[1]] and len(skipping.skipped) == 1
 
 
 def test_video_changing_size_is_named_and_skippable(bad_dataset):

@@ -19,7 +19,7 @@ from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
-from .transforms import normalize, resize, resized_crop, to_device, to_rgb
+from .transforms import frame_size, normalize, resize, resized_crop, to_device, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Batch(NamedTuple):
 class ClipPlan:
     video_id: int
     entry: VideoEntry
+    info: VideoInfo                    # what the frames must be (their size is checked after decoding)
     frames: np.ndarray                 # sorted unique frame indices to decode
     views: np.ndarray                  # [temporal views, T] positions into `frames`
     crop: Optional[tuple] = None       # train: (top, left, h, w)
@@ -134,7 +135,7 @@ class VideoLoader:
         if not self.train:
             views = sampling.eval_frame_indices(info.frames, self.num_frames, self.stride, self.temporal_views)
             frames, positions = np.unique(views, return_inverse=True)
-            return ClipPlan(video_id, entry, frames, positions.reshape(views.shape))
+            return ClipPlan(video_id, entry, info, frames, positions.reshape(views.shape))
         rng = np.random.default_rng([self.seed, self.epoch, video_id])
         if self.tsn:
             indices = sampling.tsn_frame_indices(info.frames, self.num_frames, rng)
@@ -144,7 +145,7 @@ class VideoLoader:
         crop = sampling.random_resized_crop_box(info.height, info.width, rng, self.crop_scale, self.crop_ratio)
         flip = self.flip and bool(rng.random() < 0.5)
         augment = self.augment.sample(rng) if self.augment else None
-        return ClipPlan(video_id, entry, frames, positions.reshape(1, -1), crop, flip, augment)
+        return ClipPlan(video_id, entry, info, frames, positions.reshape(1, -1), crop, flip, augment)
 
     def _plan_batches(self) -> List[List[ClipPlan]]:
         plans = [self.plan(*v) for v in self._shard_videos()]
@@ -220,8 +221,9 @@ class VideoLoader:
         for plans, decoded in self.decode_epoch():
             good = []
             for plan, frames in zip(plans, decoded):
-                if isinstance(frames, Exception):
-                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {frames}")
+                problem = frames if isinstance(frames, Exception) else _size_mismatch(plan, frames)
+                if problem is not None:
+                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}")
                 else:
                     good.append((plan, frames))
             if not good:
@@ -272,6 +274,15 @@ class VideoLoader:
             raise VideoDecodeError(message)
         log.warning("skipping: %s", message)
         self.skipped.append(message)
+
+
+def _size_mismatch(plan: ClipPlan, frames) -> Optional[VideoDecodeError]:
+    """Frames of another size than the metadata's (from which crop boxes were drawn), or None."""
+    height, width = frame_size(frames)
+    if (height, width) == (plan.info.height, plan.info.width):
+        return None
+    return VideoDecodeError(f"{plan.entry.path}: decoded frames are {width}x{height}, its metadata says "
+                            f"{plan.info.width}x{plan.info.height}")
 
 
 def decode_with_pyav(path: str, frames: np.ndarray, threads: int = 0):

@@ -2,7 +2,10 @@
 
 Kept in a sidecar next to the list (`<list>.meta`, JSON lines keyed by the list's path),
 written by `prepare` (exact counts) or by probing with PyAV on first use; the DALI-only
-machine then needs no PyAV at all."""
+machine then needs no PyAV at all. Each row also holds the size and modification time the
+file had when it was probed: a row is used only while the file still has them, so the same
+list under another data root, or a replaced video, is probed again (a copy that keeps both,
+e.g. `rsync -a`, is taken as the same file)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +15,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from . import pyav
 from .lists import VideoEntry, write_atomically
-from .pyav import VideoDecodeError, VideoInfo
+from .pyav import VideoDecodeError, VideoInfo, file_stamp
 
 
 def meta_path(list_file: str) -> str:
@@ -26,42 +29,58 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
             if line.strip():
                 try:
                     row = json.loads(line)
+                    # rows written before files were stamped have no stamp, and are never trusted
+                    stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]),
-                                                   int(row["width"]), str(row["codec"]))
+                                                   int(row["width"]), str(row["codec"]), stamp)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
 
 
 def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
-    write_atomically(path, "".join(
-        json.dumps({"path": key, "frames": info.frames, "height": info.height,
-                    "width": info.width, "codec": info.codec}) + "\n" for key, info in infos))
+    write_atomically(path, "".join(json.dumps(_row(key, info)) + "\n" for key, info in infos))
+
+
+def _row(key: str, info: VideoInfo) -> dict:
+    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec}
+    if info.stamp is not None:
+        row["size"], row["mtime_ns"] = info.stamp
+    return row
 
 
 def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
                 threads: int = 16) -> List:
     """One VideoInfo, or the VideoDecodeError explaining why not, per entry. Uses the
-    sidecar where it covers an entry, probes the rest (and adds them to the sidecar)."""
+    sidecar's rows that still describe their file, probes the rest (and adds them to the
+    sidecar)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [os.path.relpath(e.path, data_root) if data_root else e.path for e in entries]
-    missing = [(k, e) for k, e in zip(keys, entries) if k not in known]
-    if missing:
-        if not pyav.available():
-            raise ImportError(f"{len(missing)} videos of {list_file} are not in {sidecar}: "
-                              "install PyAV to probe them, or write the list with `vitaclip prepare`")
-        with ThreadPoolExecutor(threads) as pool:
-            probed = list(pool.map(lambda ke: _probe(ke[1]), missing))
-        found = {k: info for (k, _), info in zip(missing, probed) if isinstance(info, VideoInfo)}
-        if found:
-            known.update(found)
-            try:
-                write_meta(sidecar, known.items())
-            except OSError:
-                pass  # read-only dataset folder: probe again next time
-        known.update({k: info for (k, _), info in zip(missing, probed)})
+    with ThreadPoolExecutor(threads) as pool:  # threads: stat and probe wait on the disk
+        up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
+        to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]
+        if to_probe and not pyav.available():
+            raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
+                              "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
+        probed = list(pool.map(lambda ke: _probe(ke[1]), to_probe))
+    found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
+    if found:
+        known.update(found)
+        try:
+            write_meta(sidecar, known.items())
+        except OSError:
+            pass  # read-only dataset folder: probe again next time
+    known.update({k: info for (k, _), info in zip(to_probe, probed)})
     return [known[k] for k in keys]
+
+
+def _describes(info, path: str) -> bool:
+    """Whether a sidecar row still holds for the file at path."""
+    try:
+        return info is not None and info.stamp == file_stamp(path)
+    except OSError:
+        return False  # gone: probing says so, naming the list line
 
 
 def _probe(entry: VideoEntry):

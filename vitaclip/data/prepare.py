@@ -84,7 +84,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         _remove(tmp)
         raise VideoDecodeError(f"{src}: no frames decoded")
     os.replace(tmp, dst)
-    return VideoInfo(frames, height, width, "h264")
+    return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
 
 
 def _job(src: str, dst: str, settings: EncodeSettings):

@@ -5,7 +5,9 @@ come out as planar limited-range YUV 4:2:0 and are converted on the device
 (transforms.yuv420_to_rgb)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +31,15 @@ class VideoInfo:
     height: int
     width: int
     codec: str
+    # the file's (size, mtime_ns) when it was probed: kept in a sidecar, the row holds only
+    # while the file still has them
+    stamp: Optional[Tuple[int, int]] = None
+
+
+def file_stamp(path: str) -> Tuple[int, int]:
+    """(size, modification time in ns): what changes when a file is replaced or rewritten."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def available() -> bool:
@@ -40,13 +51,14 @@ def probe(path: str) -> VideoInfo:
     (packets an MP4 edit list discards are not shown)."""
     _require_av()
     try:
+        stamp = file_stamp(path)  # before reading: a file changed meanwhile is probed again next time
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
             frames = sum(1 for packet in container.demux(stream) if _shown(packet))
             return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
-                             stream.codec_context.name)
+                             stream.codec_context.name, stamp)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 

@@ -35,6 +35,11 @@ def to_rgb(frames, device) -> torch.Tensor:
     return frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
 
 
+def frame_size(frames) -> Tuple[int, int]:
+    """(height, width) of decoded frames (RGB uint8 [F, H, W, 3] or Yuv420)."""
+    return tuple(frames.y.shape[-2:]) if isinstance(frames, Yuv420) else tuple(frames.shape[1:3])
+
+
 def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """BT.601 limited range with bilinear, centre-sited chroma upsampling, rounded: the
     conversion DALI's decoder applies, so both backends give the same pixels."""
