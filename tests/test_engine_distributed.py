@@ -1,7 +1,9 @@
 """DDP on the CPU: two gloo processes train like one process with the same global batch."""
 import os
 import socket
+import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -20,6 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, *args, timeout: float = 120.0) -> None:
+    """worker(rank, 2, port, *args) in two processes; ranks that wait on each other fail the test."""
+    context = mp.start_processes(worker, args=(2, free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout} s")
+
+
 def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -36,7 +49,7 @@ def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
 
 def test_two_gloo_processes_match_single_process(tmp_path):
     out = str(tmp_path / "ddp")
-    mp.start_processes(worker, args=(2, free_port(), out, 0), nprocs=2, join=True, start_method="spawn")
+    run_ranks(worker, out, 0)
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
@@ -60,3 +73,24 @@ def test_two_gloo_processes_match_single_process(tmp_path):
         assert abs(loss - r0["losses"][step]) < 1e-5, step
     for k, v in trainable(single).items():
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, stop_after=2))
+        if rank == 1:  # a rank whose view of the run folder lags (e.g. a network file system)
+            ckpt.list_checkpoints = lambda directory: []
+        result = train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, resume="auto"))
+        torch.save(result.losses, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_resumes_from_rank_0s_choice_of_checkpoint(tmp_path):
+    out = str(tmp_path / "ddp")
+    run_ranks(resume_worker, out)
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    assert list(r0) == [3] and r0 == r1

@@ -36,6 +36,23 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
     assert [float(r["loss"]) for r in rows] == pytest.approx([full.losses[s] for s in range(1, 7)])
 
 
+def test_resume_auto_skips_an_unreadable_latest_checkpoint_and_stale_temporary_files(tmp_path):
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full"))
+    run = tmp_path / "run"
+    train(tiny_model(), tiny_data(), tiny_train_config(run, stop_after=4))
+    (run / "checkpoint-00000004.pt").write_bytes(b"the first bytes of a checkpoint")
+    (run / ".checkpoint-00000006.pt.x1y2z3").write_bytes(b"a write killed midway")
+    with pytest.warns(UserWarning, match="checkpoint-00000004.pt"):
+        rest = train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+    assert rest.losses == {s: full.losses[s] for s in (3, 4, 5, 6)}  # from step 2's checkpoint
+    assert sorted(p.name for p in run.glob("*checkpoint*")) == [f"checkpoint-0000000{s}.pt" for s in (2, 4, 6)]
+
+    for path in ckpt.list_checkpoints(run):
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 3 checkpoints"), pytest.warns(UserWarning):
+        train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+
+
 def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path):
     config = tiny_train_config(tmp_path, steps=2, resume="auto")
     assert sorted(train(tiny_model(), tiny_data(), config).losses) == [1, 2]

@@ -9,8 +9,9 @@ whole model state is stored.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from ..model import VitaCLIP
 from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly, read_torch_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8}\.pt\.")  # atomic_write's temporary files
 FORMAT = "vitaclip-train-checkpoint-v1"
 
 
@@ -39,6 +41,29 @@ def list_checkpoints(directory) -> list[Path]:
 def latest_checkpoint(directory) -> Optional[Path]:
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def load_latest_checkpoint(directory) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The newest checkpoint that can be read and its contents ((None, None) when there is none);
+    unreadable newer ones (e.g. truncated by a full disk) are skipped with a warning."""
+    found = list_checkpoints(directory)
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as err:
+            warnings.warn(f"skipping a checkpoint that cannot be read: {err}")
+    if found:
+        raise ValueError(f"none of the {len(found)} checkpoints in {directory} can be read")
+    return None, None
+
+
+def remove_temporary_files(directory) -> None:
+    """Delete the temporary files of checkpoint writes that were killed midway."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if TEMPORARY_RE.match(path.name):
+                path.unlink(missing_ok=True)
 
 
 def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0) -> Path:

@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_gather_objects, barrier, init_distributed, mean_across_ranks
+from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed,
+                          mean_across_ranks)
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
 from .precision import autocast, check_precision, grad_scaler
@@ -201,9 +202,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     seed_everything(config.seed + env.rank)
 
     start_step = 0
-    resume_path = resolve_resume(config, out)
+    resume_path, payload = resume_point(config, out, env)
     if resume_path is not None:
-        payload = ckpt.load_checkpoint(resume_path)
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, env)
         start_step = int(payload["step"])
     if start_step >= config.steps:  # e.g. stopped after the last checkpoint, before the final model
@@ -314,15 +314,35 @@ def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv)
     return train_data if resumable else EpochLoader(train_data)
 
 
-def resolve_resume(config: TrainConfig, out: Path) -> Optional[Path]:
+def resume_point(config: TrainConfig, out: Path, env: DistEnv) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint to resume from (None: a fresh run) and its contents. Rank 0 readies the run
+    folder and chooses; the other ranks load its choice or raise its error, so that no two ranks
+    can start from different points."""
+    path, payload, error = None, None, None
+    if env.is_main:
+        try:
+            path, payload = choose_checkpoint(config, out)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below: none is left waiting
+            error = err
+    path, error = broadcast_object(env, (path, error))
+    if error is not None:
+        raise error
+    if path is not None and payload is None:
+        payload = ckpt.load_checkpoint(path)
+    return path, payload
+
+
+def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """Rank 0's part of `resume_point`."""
+    ckpt.remove_temporary_files(out)
     if config.resume is None:
-        return None
+        return None, None
     if config.resume == "auto":
-        return ckpt.latest_checkpoint(out)
+        return ckpt.load_latest_checkpoint(out)
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
-    return path
+    return path, ckpt.load_checkpoint(path)
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
