@@ -130,6 +130,18 @@ def test_errors_are_clear_before_training(videos, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_fresh_run_in_a_used_output_dir_needs_overwrite(videos, tmp_path, capsys):
+    root, list_file = videos
+    argv = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",
+            "--init", root / "model", "--output-dir", tmp_path / "r", "--steps", 1, "--batch-size", 4,
+            "--augment", "", "--precision", "fp32", "--no-tensorboard", *CPU]
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--resume auto" in err and "--overwrite" in err
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 0, err
+
+
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
     from vitaclip.data import VideoLoader
     from vitaclip.engine.train import train

@@ -84,13 +84,19 @@ def resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
         if rank == 1:  # a rank whose view of the run folder lags (e.g. a network file system)
             ckpt.list_checkpoints = lambda directory: []
         result = train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, resume="auto"))
-        torch.save(result.losses, os.path.join(out, f"rank{rank}.pt"))
+        try:  # a fresh run in the same folder: refused on every rank, not only where checkpoints are seen
+            train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS))
+            refusal = None
+        except ValueError as err:
+            refusal = str(err)
+        torch.save({"losses": result.losses, "refusal": refusal}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_every_rank_resumes_from_rank_0s_choice_of_checkpoint(tmp_path):
+def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
     out = str(tmp_path / "ddp")
     run_ranks(resume_worker, out)
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
-    assert list(r0) == [3] and r0 == r1
+    assert list(r0["losses"]) == [3] and r0["losses"] == r1["losses"]
+    assert "holds checkpoints of an earlier run" in r0["refusal"] and r1["refusal"] == r0["refusal"]

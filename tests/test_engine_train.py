@@ -53,6 +53,22 @@ def test_resume_auto_skips_an_unreadable_latest_checkpoint_and_stale_temporary_f
         train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
 
 
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_told_to_overwrite(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, save_final=True))
+    with pytest.raises(ValueError, match="checkpoint-00000004.pt.*resume='auto'.*overwrite=True"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, resume="auto", overwrite=True))
+
+    model = tiny_model(seed=1)
+    train(model, tiny_data(), tiny_train_config(tmp_path, steps=2, overwrite=True))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt"]
+    assert not (tmp_path / "model").exists()
+    loaded = trainable(ckpt.load_model(tmp_path))
+    for k, v in trainable(model).items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path):
     config = tiny_train_config(tmp_path, steps=2, resume="auto")
     assert sorted(train(tiny_model(), tiny_data(), config).losses) == [1, 2]

@@ -95,7 +95,7 @@ def cmd_train(args) -> int:
         grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
         device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        resume=args.resume, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
+        resume=args.resume, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
     if env.is_main:
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log rows")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run: delete its checkpoints and "
+                        "final model first")
     g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss")
     g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything
 from .precision import autocast, check_precision, grad_scaler
 
 NONFINITE_POLICIES = ("stop", "skip")
+FINAL_MODEL = "model"  # the folder in output_dir that a finished run saves its model to
 LOG_FIELDS = ("step", "loss", "lr", "clips_per_s", "elapsed_s", "skipped")
 EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 
@@ -56,11 +58,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     log_every: int = 10
     resume: Optional[str] = None  # "auto" (latest checkpoint in output_dir, if any) or a checkpoint path
+    overwrite: bool = False  # a fresh run first deletes an earlier run's checkpoints and final model
     on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop that step's update
     stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
     progress: bool = True
     tensorboard: bool = True
-    save_final: bool = True  # save_pretrained(output_dir/"model") after the last step
+    save_final: bool = True  # save_pretrained(output_dir/FINAL_MODEL) after the last step
 
     def validate(self) -> None:
         check_precision(self.precision)
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("overwrite starts a fresh run: it cannot be combined with resume")
 
 
 @dataclass
@@ -295,7 +300,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
 
 def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistEnv) -> None:
     if config.save_final and env.is_main:
-        model.save_pretrained(out / "model")
+        model.save_pretrained(out / FINAL_MODEL)
     barrier(env)  # no rank returns before the model exists
 
 
@@ -336,6 +341,7 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
     """Rank 0's part of `resume_point`."""
     ckpt.remove_temporary_files(out)
     if config.resume is None:
+        clear_earlier_run(config, out)
         return None, None
     if config.resume == "auto":
         return ckpt.load_latest_checkpoint(out)
@@ -343,6 +349,20 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
     return path, ckpt.load_checkpoint(path)
+
+
+def clear_earlier_run(config: TrainConfig, out: Path) -> None:
+    """A fresh run cannot share its folder with an earlier run's checkpoints: pruning keeps the
+    highest steps, so theirs would replace its own and be the ones resumed and loaded."""
+    earlier = ckpt.list_checkpoints(out)
+    if config.overwrite:
+        for path in earlier:
+            path.unlink()
+        shutil.rmtree(out / FINAL_MODEL, ignore_errors=True)
+    elif earlier:
+        raise ValueError(f"{out} holds checkpoints of an earlier run (the newest: {earlier[-1].name}): continue "
+                         f"it with resume='auto' (--resume auto), start afresh with overwrite=True (--overwrite, "
+                         f"which deletes them and its final model) or choose another output directory")
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
