@@ -192,6 +192,15 @@ def test_resume_with_other_classes_is_refused(tmp_path):
         ckpt.load_model(tmp_path, classnames=["a", "b", "c", "d", "e"])
 
 
+def test_resume_with_another_batch_layout_is_refused(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    with pytest.raises(ValueError, match="micro_batch_size 4 in the checkpoint, 2 now"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", micro_batch_size=2))
+    with pytest.raises(ValueError, match="batch_size 4 in the checkpoint, 8 now; micro_batch_size 4 in the "
+                                         "checkpoint, 8 now"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", batch_size=8))
+
+
 def test_bad_input_fails_before_training(tmp_path):
     data = tiny_data()
     data.labels[3] = 7

@@ -209,7 +209,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     start_step = 0
     resume_path, payload = resume_point(config, out, env)
     if resume_path is not None:
-        restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, env)
+        restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env)
         start_step = int(payload["step"])
     if start_step >= config.steps:  # e.g. stopped after the last checkpoint, before the final model
         save_final_model(model, out, config, env)
@@ -366,9 +366,11 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
-            env: DistEnv) -> None:
+            config: TrainConfig, micro: int, env: DistEnv) -> None:
     """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
-    RNG states of this rank, data position); refuse checkpoints of another model or class list."""
+    RNG states of this rank, data position); refuse checkpoints of another model, class list or
+    batch layout."""
+    check_batch_layout(payload, source, config, micro, env)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
@@ -385,11 +387,22 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
     loader.load_state_dict(payload["loader"])
-    states = payload["rng"]
-    if len(states) != env.world_size:
-        raise ValueError(f"{source} was written by {len(states)} process(es), this run has {env.world_size}: "
-                         f"exact resumption needs the same number")
-    set_rng_states(states[env.rank])
+    set_rng_states(payload["rng"][env.rank])
+
+
+def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig, micro: int, env: DistEnv) -> None:
+    """The saved data position counts each rank's micro-batches: it marks the same place in the
+    data only for the same global batch, micro-batch and number of processes."""
+    saved = payload["train_config"]
+    processes = len(payload["rng"])
+    settings = {"batch_size": (saved["batch_size"], config.batch_size),
+                "micro_batch_size": (saved["micro_batch_size"] or saved["batch_size"] // processes, micro),
+                "processes": (processes, env.world_size)}
+    differing = [f"{name} {then} in the checkpoint, {now} now" for name, (then, now) in settings.items()
+                 if then != now]
+    if differing:
+        raise ValueError(f"{source} was written with another batch layout ({'; '.join(differing)}): exact "
+                         f"resumption reads the data in the same micro-batches, so resume with its settings")
 
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
