@@ -250,6 +250,50 @@ def test_video_changing_size_is_named_and_skippable(bad_dataset):
     assert len(ld.skipped) == 1 and "frame size changes" in ld.skipped[0]
 
 
+@pytest.fixture
+def undecodable_list(bad_dataset):
+    """good.webm, resized.h264 (probes fine, fails at decode: its frame size changes after 10 of
+    its 20 frames) and good2.webm, with labels 1, 0, 2."""
+    from test_data_decode import write_size_changing_video
+    write_size_changing_video(str(bad_dataset / "resized.h264"))
+    lst = bad_dataset / "three.csv"
+    lst.write_text("good.webm,1\nresized.h264,0\ngood2.webm,2\n")
+    return lst
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(undecodable_list, train):
+    # 2 frames 15 apart span the size change wherever a training clip starts
+    ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=train, batch_size=1,
+                     num_frames=2, stride=15, size=16, augment=None, backend="pyav", num_workers=0,
+                     device="cpu", on_error="skip")
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        assert sorted(int(b.label) for b in ld) == [1, 2]
+    assert len(ld.skipped) == 1 and "three.csv:2" in ld.skipped[0]
+
+
+def test_epoch_loader_resumes_exactly_after_a_left_out_batch(undecodable_list):
+    from vitaclip.engine.loader import EpochLoader
+
+    def batches():
+        return EpochLoader(VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=True,
+                                       batch_size=1, num_frames=2, stride=15, size=16, augment=None,
+                                       backend="pyav", num_workers=0, device="cpu", on_error="skip", seed=3))
+    # epoch 0 plans the list's lines 3, 2, 1: the batch of line 2 is left out mid-epoch
+    assert [plans[0].entry.line for plans in batches().loader._plan_batches()] == [3, 2, 1]
+    straight = iter(batches())
+    expected = [next(straight) for _ in range(4)]  # two epochs of two batches
+    for used in range(1, 4):  # checkpoints before and after the left-out batch
+        first = batches()
+        it = iter(first)
+        [next(it) for _ in range(used)]
+        resumed = batches()
+        resumed.load_state_dict(first.state_dict())
+        for want, got in zip(expected[used:], resumed):
+            assert torch.equal(got.video, want.video) and torch.equal(got.video_id, want.video_id)
+
+
 def test_bad_arguments(vp9_dataset):
     root, _ = vp9_dataset
     with pytest.raises(ValueError, match="backend"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -54,7 +54,9 @@ class VideoLoader:
     does not fill a batch on every rank is dropped), so DDP never waits on a missing batch.
     on_error="skip" drops bad entries (bad list lines, missing/empty/corrupt/short videos)
     with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
-    list line.
+    list line. A video that fails to decode is counted once, but stays in the plan of later
+    epochs (where it fails again), so that every rank and a resumed run plan the same batches;
+    a batch none of whose videos decode is left out.
 
     PyAV with num_workers > 0 decodes in worker processes started by a fork server (forking a
     process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
@@ -94,6 +96,8 @@ class VideoLoader:
 
         entries = read_video_list(list_file, data_root, num_classes, on_error)
         self.skipped: List[str] = []
+        self._failed_at_decode: Set[int] = set()  # video ids, so that each is counted once
+        self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
         for message in entries.skipped:
             self._bad(message)
         infos = video_infos(entries, list_file, data_root)
@@ -218,19 +222,20 @@ class VideoLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         skipped_before = len(self.skipped)
-        for plans, decoded in self.decode_epoch():
+        for position, (plans, decoded) in enumerate(self.decode_epoch(), start=self.start_batch):
             good = []
             for plan, frames in zip(plans, decoded):
                 problem = frames if isinstance(frames, Exception) else _size_mismatch(plan, frames)
-                if problem is not None:
-                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}")
-                else:
+                if problem is None:
                     good.append((plan, frames))
-            if not good:
-                raise RuntimeError(f"every video of a batch failed to decode: {[p.entry.path for p in plans]}")
-            yield self.assemble(good)
+                elif plan.video_id not in self._failed_at_decode:
+                    self._failed_at_decode.add(plan.video_id)
+                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}")
+            self.next_batch = position + 1
+            if good:
+                yield self.assemble(good)
         if len(self.skipped) > skipped_before:
-            log.warning("epoch %d: skipped %d videos (%d in all)", self.epoch,
+            log.warning("epoch %d: skipped %d more videos (%d in all)", self.epoch,
                         len(self.skipped) - skipped_before, len(self.skipped))
 
     def assemble(self, items) -> Batch:

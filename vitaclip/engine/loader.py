@@ -200,7 +200,9 @@ class EpochLoader:
                 if i < self.batch_in_epoch:
                     continue
                 yielded = True
-                self.batch_in_epoch = i + 1
+                # a loader that leaves batches out (VideoLoader: none of their videos decoded) says
+                # where it is, so that a resumed run starts after the last batch used
+                self.batch_in_epoch = getattr(self.loader, "next_batch", i + 1)
                 yield batch
             if not yielded and self.batch_in_epoch == 0:
                 raise ValueError("the training loader yields no batches")
