@@ -261,3 +261,14 @@ def test_fp16_with_grad_scaler_resumes_exactly(tmp_path):
     rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16",
                                                               resume="auto"))
     assert rest.losses == {3: full.losses[3]}
+
+
+def test_resume_in_another_precision_starts_a_fresh_loss_scaler(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2, precision="bf16"))
+    with pytest.warns(UserWarning, match="trained in bf16 resumes in fp16: the fp16 loss scaler starts afresh"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=3, precision="fp16",
+                                                           resume="auto"))
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["scaler"]["_growth_tracker"] == 1
+    with pytest.warns(UserWarning, match="trained in fp16 resumes in bf16$"):
+        assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, precision="bf16",
+                                                                  resume="auto")).finished

@@ -385,7 +385,12 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
         ckpt.load_own_state(model, payload["model"], source)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
+    saved_precision = payload["train_config"]["precision"]
+    if saved_precision == config.precision:
+        scaler.load_state_dict(payload["scaler"])
+    elif env.is_main:  # legitimate, e.g. bf16 -> fp16 on GPUs without bf16; a scaler is tuned to its precision
+        warnings.warn(f"a run trained in {saved_precision} resumes in {config.precision}"
+                      + (": the fp16 loss scaler starts afresh" if scaler.is_enabled() else ""))
     loader.load_state_dict(payload["loader"])
     set_rng_states(payload["rng"][env.rank])
 
