@@ -1,5 +1,6 @@
 """Training loop: exact resumption, atomic checkpoints, non-finite losses, bad input."""
 import csv
+import math
 import os
 
 import pytest
@@ -181,6 +182,25 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     with open(tmp_path / "skip" / "train_log.csv") as f:
         skipped = [int(r["step"]) for r in csv.DictReader(f) if r["skipped"] == "1"]
     assert skipped == [bad_step]
+
+
+def test_nonfinite_gradients_of_a_finite_loss_stop_or_are_skipped(tmp_path):
+    bad_step = 3
+
+    def poisoned(model):
+        """The context's gradient is NaN at `bad_step` (one backward per step: no accumulation)."""
+        backwards = iter(range(1, 100))
+        model.prompt_learner.ctx.register_hook(lambda g: g * float("nan") if next(backwards) == bad_step else g)
+        return model
+
+    with pytest.raises(FloatingPointError, match=f"non-finite gradient norm nan at step {bad_step}"):
+        train(poisoned(tiny_model()), tiny_data(), tiny_train_config(tmp_path / "stop"))
+    model = poisoned(tiny_model())
+    result = train(model, tiny_data(), tiny_train_config(tmp_path / "skip", on_nonfinite="skip"))
+    assert result.finished and all(map(math.isfinite, result.losses.values()))
+    assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
+    with open(tmp_path / "skip" / "train_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["skipped"] == "1"] == [bad_step]
 
 
 def test_resume_with_other_classes_is_refused(tmp_path):

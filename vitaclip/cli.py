@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run: delete its checkpoints and "
                         "final model first")
-    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss")
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss or gradient")
     g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
     add_data(p)

@@ -59,7 +59,7 @@ class TrainConfig:
     log_every: int = 10
     resume: Optional[str] = None  # "auto" (latest checkpoint in output_dir, if any) or a checkpoint path
     overwrite: bool = False  # a fresh run first deletes an earlier run's checkpoints and final model
-    on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop that step's update
+    on_nonfinite: str = "stop"  # on a NaN/inf loss or gradient, "stop": raise naming the step; "skip": drop its update
     stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
     progress: bool = True
     tensorboard: bool = True
@@ -248,16 +248,19 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             loss_value = mean_across_ranks(env, loss_sum.item())
-            skipped = not math.isfinite(loss_value)
+            problem = None if math.isfinite(loss_value) else f"non-finite loss {loss_value}"
+            if problem is None:
+                scaler.unscale_(optimizer)  # the norm and clipping see the true gradients
+                grad_norm = clip_gradients(model, config.grad_clip)
+                # in fp16 the scaler skips steps whose gradients overflowed itself (and lowers its scale)
+                if not (scaler.is_enabled() or math.isfinite(grad_norm)):
+                    problem = f"non-finite gradient norm {grad_norm}"
+            skipped = problem is not None
             if skipped and config.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; stopping (the last "
-                                         f"checkpoint is {result.last_checkpoint}); on_nonfinite='skip' "
-                                         f"drops such steps instead")
+                raise FloatingPointError(f"{problem} at step {step}; stopping (the last checkpoint is "
+                                         f"{result.last_checkpoint}); on_nonfinite='skip' drops such steps instead")
             lr = optimizer.param_groups[0]["lr"]
             if not skipped:
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), config.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -302,6 +305,15 @@ def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistE
     if config.save_final and env.is_main:
         model.save_pretrained(out / FINAL_MODEL)
     barrier(env)  # no rank returns before the model exists
+
+
+def clip_gradients(model: VitaCLIP, max_norm: Optional[float]) -> float:
+    """The global norm of the trainable tensors' gradients, which are then clipped to `max_norm`
+    (None: not clipped)."""
+    params = model.trainable_parameters()
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
 
 
 def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv):
