@@ -142,6 +142,20 @@ def test_a_fresh_run_in_a_used_output_dir_needs_overwrite(videos, tmp_path, caps
     assert code == 0, err
 
 
+def test_bad_videos_stop_the_run_or_are_skipped_and_counted(videos, tmp_path, capsys):
+    root, list_file = videos
+    bad = tmp_path / "bad.txt"
+    bad.write_text(list_file.read_text() + "no_such_clip.mp4,0\n")
+    base = ["eval", "--model", root / "model", "--list", bad, "--data-root", list_file.parent, "--json", *CPU]
+    code, _, err = run(capsys, *base)
+    assert code == 2 and "bad.txt:13" in err and "file not found" in err
+    code, out, err = run(capsys, *base, "--on-error", "skip")
+    assert code == 0, err
+    assert json.loads(out)["num_videos"] == 12 and "skipped 1 bad list lines or videos" in err
+    code, _, err = run(capsys, *base, "--min-frames", 1000)
+    assert code == 2 and "bad.txt:1" in err and "fewer than 1000" in err
+
+
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
     from vitaclip.data import VideoLoader
     from vitaclip.engine.train import train

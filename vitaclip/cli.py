@@ -64,7 +64,21 @@ def video_loader(args, list_file: str, classes: List[str], train: bool, num_fram
         raise FileNotFoundError(f"list file {list_file} does not exist")
     return VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                        size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
-                       device=args.device, **kw)
+                       device=args.device, on_error=args.on_error, min_frames=args.min_frames, **kw)
+
+
+def report_skipped(args, env, *loaders) -> None:
+    """In skip mode, how many bad list lines and videos the loaders skipped, on all processes
+    (each skips the bad videos of its own shard; one skipped on several counts once)."""
+    from .engine.distributed import all_gather_objects
+
+    if args.on_error != "skip":
+        return
+    mine = set().union(*(loader.skipped for loader in loaders if loader is not None))
+    skipped = set().union(*all_gather_objects(env, mine))
+    if env.is_main:
+        print(f"vitaclip {args.command}: skipped {len(skipped)} bad list lines or videos "
+              "(the warnings above name them)", file=sys.stderr)
 
 
 def print_json_or(args, obj, text: str) -> None:
@@ -98,6 +112,7 @@ def cmd_train(args) -> int:
         resume=args.resume, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
+    report_skipped(args, env, train_data, eval_data)
     if env.is_main:
         last = result.evals[max(result.evals)] if result.evals else None
         print(f"step {result.step}/{args.steps}; checkpoint {result.last_checkpoint}"
@@ -115,7 +130,7 @@ def cmd_eval(args) -> int:
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig, evaluate
 
-    init_distributed(args.device)  # before the loader, which shards the videos by rank
+    env = init_distributed(args.device)  # before the loader, which shards the videos by rank
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
     frames = args.frames or model.config.num_frames
@@ -126,6 +141,7 @@ def cmd_eval(args) -> int:
                                               num_workers=args.num_workers, device=args.device,
                                               progress=not args.no_progress, json_path=args.json_out,
                                               confusion_png=args.confusion_png))
+    report_skipped(args, env, data)
     print_json_or(args, result.to_dict(),
                   f"top-1 {100 * result.top1:.2f}  top-5 {100 * result.top5:.2f}  mean class accuracy "
                   f"{100 * result.mean_class_accuracy:.2f}  ({result.num_videos} videos, {result.num_views} views)")
@@ -146,7 +162,7 @@ def cmd_zeroshot(args) -> int:
     from .engine.evaluate import EvalConfig
     from .engine.zeroshot import ZEROSHOT_TEMPLATES, Split, zeroshot
 
-    init_distributed(args.device)  # before the loaders, which shard the videos by rank
+    env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     templates = ZEROSHOT_TEMPLATES
     if args.templates:
         templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
@@ -167,6 +183,7 @@ def cmd_zeroshot(args) -> int:
                                                            num_workers=args.num_workers, device=args.device,
                                                            progress=not args.no_progress,
                                                            json_path=args.json_out))
+    report_skipped(args, env, *(split.data for split in splits))
     print_json_or(args, result.to_dict(), result.summary())
     return 0
 
@@ -229,11 +246,16 @@ def add_runtime(p, workers: int = 4) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_data(p, views: bool = True) -> None:
+def add_data(p, views: bool = True, lists: bool = True) -> None:
     p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
     p.add_argument("--stride", type=int, default=16, help="frames between sampled frames")
     p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
                    help="video decoder")
+    if lists:
+        p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                       help="a bad list line or video (missing, corrupt, too short) stops the run naming it, "
+                            "or is skipped with a warning and counted at the end")
+        p.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames are bad input")
     if views:
         p.add_argument("--temporal-views", type=int, default=1, help="evenly spaced clips per video")
         p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")
@@ -337,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="labels shown per video")
     p.add_argument("--batch-size", type=int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_data(p)
+    add_data(p, lists=False)
     add_runtime(p, workers=0)
     p.set_defaults(func=cmd_predict)
 
@@ -352,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="time training steps (forward + backward) too")
     p.add_argument("--list", default=None, help="also time the video loader on this list file")
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_data(p, views=False)
+    add_data(p, views=False, lists=False)
     add_runtime(p)
     p.set_defaults(func=cmd_bench)
 
