@@ -221,6 +221,16 @@ def test_resume_with_another_batch_layout_is_refused(tmp_path):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", batch_size=8))
 
 
+def test_class_specific_contexts_refuse_reordered_or_renamed_classes(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2))
+    swapped = [CLASSES[0], CLASSES[2], CLASSES[1], *CLASSES[3:]]
+    with pytest.raises(ValueError, match=f"class 1 is '{CLASSES[2]}' here and '{CLASSES[1]}' there"):
+        ckpt.load_model(tmp_path, classnames=swapped)
+    with pytest.raises(ValueError, match="class 3 is 'other' here"):
+        ckpt.load_model(tmp_path, classnames=[*CLASSES[:3], "other"])
+    assert ckpt.load_model(tmp_path, classnames=[n.replace(" ", "_") for n in CLASSES]).classnames == list(CLASSES)
+
+
 def test_bad_input_fails_before_training(tmp_path):
     data = tiny_data()
     data.labels[3] = 7

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
+from ..text import clean_classname
 from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly, read_torch_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
@@ -197,6 +198,19 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
             model.set_backend(backend)
             return model
     if classnames is not None and list(classnames) != model.classnames:
+        check_class_order(model, classnames, str(path))
         model.set_classes(classnames)
     return model
 
+
+def check_class_order(model: VitaCLIP, classnames: Sequence[str], source: str) -> None:
+    """A class-specific context is learned per class: the same number of other or reordered
+    class names would silently score each class with another class's context."""
+    learner = model.prompt_learner
+    if learner is None or learner.ctx is None or learner.ctx.dim() != 3 or len(classnames) != len(model.classnames):
+        return  # nothing learned per class, or another number of classes, which the prompt learner refuses
+    given = [clean_classname(n) for n in classnames]
+    for position, (trained, name) in enumerate(zip(model.classnames, given)):
+        if name != trained:
+            raise ValueError(f"{source} has a context learned for each of its classes, in its order, but class "
+                             f"{position} is {name!r} here and {trained!r} there: give its class list")
