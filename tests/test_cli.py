@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
 from vitaclip.cli import build_parser, main
@@ -93,6 +94,16 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     assert list(zs["splits"]) == [str(list_file), f"{list_file}:{root / 'classes.txt'}"]
     assert zs["top1_std"] == pytest.approx(0.0, abs=1e-9)  # the same videos and classes twice
     assert zs["top1_mean"] == zs["splits"][str(list_file)]["top1"]
+
+
+def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, tmp_path, capsys):
+    root, list_file = videos
+    state = {f"module.{k}": v for k, v in tiny_model().state_dict().items()}
+    torch.save({"model": state}, tmp_path / "authors.pth")
+    code, out, err = run(capsys, "zeroshot", "--model", tmp_path / "authors.pth", "--classes", root / "classes.txt",
+                         "--split", list_file, "--data-root", list_file.parent, "--json", *CPU)
+    assert code == 0, err
+    assert json.loads(out)["splits"][str(list_file)]["num_videos"] == 12
 
 
 def test_bench_reports_model_and_loader_throughput(videos, capsys):

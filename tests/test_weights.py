@@ -94,6 +94,18 @@ def test_official_checkpoint_round_trip(tmp_path, overrides):
     assert torch.equal(loaded(video), model(video))
 
 
+def test_official_checkpoint_loads_without_its_learned_context_for_templates(tmp_path):
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES)).eval()
+    torch.save(official_checkpoint(model), tmp_path / "ckpt.pth")
+    loaded = VitaCLIP.from_official_checkpoint(tmp_path / "ckpt.pth", None, learned_context=False, heads=2,
+                                               text_heads=2).eval()
+    assert loaded.prompt_learner is None
+    for m in (model, loaded):
+        m.set_classes(["run", "jump"], templates=["a video of {}."])
+    video = random_video(model.config)
+    assert torch.equal(loaded(video), model(video))
+
+
 def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path):
     model = randomize_(VitaCLIP(tiny_config(), CLASSES))
     backbone = {k: v for k, v in model.state_dict().items()

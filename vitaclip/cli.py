@@ -168,7 +168,7 @@ def cmd_zeroshot(args) -> int:
         templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
     parsed = [parse_split(s, args.classes) for s in args.split]
     if args.model:
-        model = load_model(args.model, backend=args.backend)
+        model = load_model(args.model, backend=args.backend, templates_only=True)
     else:
         model = build_backbone({"kind": "clip", "name": args.clip, "pretrained": args.pretrained}, None, args.backend)
     frames = args.frames or model.config.num_frames

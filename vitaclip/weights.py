@@ -191,9 +191,14 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
     return VitaCLIPConfig(**{**found, **overrides})
 
 
-def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], **overrides) -> VitaCLIP:
-    """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file."""
+def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], learned_context: bool = True,
+                             **overrides) -> VitaCLIP:
+    """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file.
+    learned_context=False leaves the learned text context out (no class names needed): for
+    scoring classes with hand-written templates only."""
     state = read_official_state(path)
+    if not learned_context:
+        state.pop("prompt_learner.ctx", None)
     config = config_from_official_state(state, **overrides)
     ctx = state.get("prompt_learner.ctx")
     if ctx is not None and ctx.dim() == 3 and classnames is not None and len(classnames) != ctx.shape[0]:

@@ -175,9 +175,12 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
     return model
 
 
-def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = "auto") -> VitaCLIP:
+def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = "auto",
+               templates_only: bool = False) -> VitaCLIP:
     """Any trained model: a saved model folder (save_pretrained), a vitaclip training checkpoint,
-    a run folder (its latest checkpoint) or the authors' checkpoint file (needs `classnames`)."""
+    a run folder (its latest checkpoint) or the authors' checkpoint file (needs `classnames`
+    unless `templates_only`: when classes will only be scored with hand-written templates, e.g.
+    zero-shot, its learned text context is left out)."""
     path = Path(path)
     if path.is_dir():
         if (path / CONFIG_FILE).is_file():
@@ -194,7 +197,7 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
         if payload is not None:
             model = model_from_checkpoint(payload, str(path), backend)
         else:
-            model = VitaCLIP.from_official_checkpoint(path, classnames)
+            model = VitaCLIP.from_official_checkpoint(path, classnames, learned_context=not templates_only)
             model.set_backend(backend)
             return model
     if classnames is not None and list(classnames) != model.classnames:
