@@ -1,11 +1,12 @@
 """The command line on real video files (PyAV): train, resume, eval, zero-shot, predict, demo, errors."""
 import json
+import os
 
 import pytest
 import torch
 
 from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
-from vitaclip.cli import build_parser, main
+from vitaclip.cli import build_parser, build_training_model, main
 from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
 
 pytest.importorskip("av")
@@ -165,6 +166,20 @@ def test_bad_videos_stop_the_run_or_are_skipped_and_counted(videos, tmp_path, ca
     assert json.loads(out)["num_videos"] == 12 and "skipped 1 bad list lines or videos" in err
     code, _, err = run(capsys, *base, "--min-frames", 1000)
     assert code == 2 and "bad.txt:1" in err and "fewer than 1000" in err
+
+
+def test_a_relative_pretrained_file_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    import open_clip
+    from test_weights import TINY_CLIP
+
+    (tmp_path / "vitaclip-test-cli.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "vitaclip-test-cli.json")
+    torch.save(open_clip.create_model("vitaclip-test-cli").state_dict(), tmp_path / "weights.pt")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--train-list", "list.txt", "--classes", "classes.txt",
+                                      "--clip", "vitaclip-test-cli", "--pretrained", "weights.pt"])
+    _, backbone = build_training_model(args, list(CLASSES))
+    assert os.path.isabs(backbone["pretrained"]) and os.path.samefile(backbone["pretrained"], "weights.pt")
 
 
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
