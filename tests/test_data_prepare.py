@@ -1,5 +1,6 @@
 """prepare: re-encodes to short-side H.264, keeps every frame, resumable, writes a list."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 pytest.importorskip("av")
 
-from vitaclip.data import VideoLoader, pyav
+from vitaclip.data import VideoDecodeError, VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta
 from vitaclip.data.prepare import main, output_size, prepare, EncodeSettings
@@ -88,3 +89,23 @@ def test_prepare_raise_mode_names_the_line(source_list, tmp_path):
     root, _, lst = source_list
     with pytest.raises(ValueError, match="src.csv:5"):
         prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, on_error="raise", progress=False)
+
+
+def test_raise_mode_stops_at_the_first_error_without_encoding_the_rest(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "corrupt.webm").write_bytes(os.urandom(4000))
+    for k in range(4):
+        shutil.copy(root / rows[k % len(rows)][0], src / f"v{k}.webm")
+    lst = tmp_path / "list.csv"
+    lst.write_text("corrupt.webm,0\n" + "".join(f"v{k}.webm,1\n" for k in range(4)))
+    out = tmp_path / "out"
+    with pytest.raises(VideoDecodeError, match=r"list\.csv:1: .*corrupt\.webm"):
+        prepare(str(lst), str(out), str(src), EncodeSettings(short_side=32), workers=1, on_error="raise",
+                progress=False)
+    assert not list(out.rglob("*.mp4"))  # one worker: nothing but the bad video was started
+    again = prepare(str(lst), str(out), str(src), EncodeSettings(short_side=32), workers=2, on_error="skip",
+                    progress=False)
+    assert (again.written, again.reused, len(again.failed)) == (4, 0, 1)
+

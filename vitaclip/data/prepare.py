@@ -12,11 +12,12 @@ in the original `path,label` format (paths relative to OUT_DIR) and its `.meta` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, Optional, Sequence
@@ -95,6 +96,21 @@ def _job(src: str, dst: str, settings: EncodeSettings):
     return transcode(src, dst, settings), False
 
 
+def _as_completed(pool, fn, calls, in_flight: int):
+    """(key, future) of fn(*args) for each (key, args) of calls, as they finish. At most
+    in_flight are submitted at a time, so that stopping early leaves no queue of work behind."""
+    calls = iter(calls)
+    running = {}
+    while True:
+        for key, args in itertools.islice(calls, in_flight - len(running)):
+            running[pool.submit(fn, *args)] = key
+        if not running:
+            return
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            yield running.pop(future), future
+
+
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
             workers: Optional[int] = None, on_error: str = "skip", progress: bool = True) -> PrepareResult:
     entries = read_video_list(src_list, data_root, on_error=on_error)
@@ -107,13 +123,13 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     if len(set(jobs.values())) != len(jobs):
         raise ValueError(f"{src_list}: two entries map to the same output (duplicate paths?)")
     results = {}
+    workers = workers or os.cpu_count()
     # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
-    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("forkserver")) as pool:
-        futures = {pool.submit(_job, e.path, os.path.join(out_dir, rel), settings): e
-                   for e, rel in jobs.items()}
-        for future in tqdm(as_completed(futures), total=len(futures), disable=not progress,
-                           desc="prepare", unit="video"):
-            entry = futures[future]
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    calls = ((e, (e.path, os.path.join(out_dir, rel), settings)) for e, rel in jobs.items())
+    try:
+        for entry, future in tqdm(_as_completed(pool, _job, calls, workers), total=len(jobs),
+                                  disable=not progress, desc="prepare", unit="video"):
             try:
                 results[entry] = future.result()
             except VideoDecodeError as e:
@@ -122,6 +138,12 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                     raise VideoDecodeError(message) from e
                 log.warning("skipping: %s", message)
                 failed.append(message)
+    except BaseException:
+        # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,
+        # and the videos being encoded are whole or absent (renamed into place when complete)
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown()
     done = [e for e in entries if e in results]  # list order kept
     out_list = os.path.join(out_dir, os.path.basename(src_list))
     write_video_list(out_list, [(jobs[e], e.label) for e in done])
