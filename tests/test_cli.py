@@ -182,6 +182,29 @@ def test_a_relative_pretrained_file_is_recorded_as_an_absolute_path(tmp_path, mo
     assert os.path.isabs(backbone["pretrained"]) and os.path.samefile(backbone["pretrained"], "weights.pt")
 
 
+def test_init_takes_the_architecture_flags_and_refuses_contradicting_a_trained_model(videos, tmp_path):
+    root, _ = videos
+    backbone = {k: v for k, v in tiny_model().state_dict().items()  # the authors' converted CLIP
+                if not any(s in k for s in ("summary", "local", "global", "time_embed", "cls_proj",
+                                            "prompt_learner", "logit_scale"))}
+    torch.save(backbone, tmp_path / "backbone.pth")
+    flags = ["--frames", 3, "--n-ctx", 2, "--shared-ctx", "--ctx-position", "front", "--global-prompts", 5,
+             "--no-summary", "--no-global", "--train-cls-proj"]
+
+    def build(init, *argv):
+        args = build_parser().parse_args(["train", "--train-list", "list.txt", "--classes", "classes.txt",
+                                          "--init", str(init), *map(str, argv)])
+        return build_training_model(args, list(CLASSES))[0].config
+
+    config = build(tmp_path / "backbone.pth", *flags)
+    assert (config.num_frames, config.n_ctx, config.csc, config.ctx_position, config.num_global_prompts,
+            config.use_summary, config.use_local, config.use_global, config.train_cls_proj) == (
+        3, 2, False, "front", 5, False, True, False, True)
+    assert build(root / "model", "--frames", FRAMES).num_frames == FRAMES  # agrees with the saved model
+    with pytest.raises(ValueError, match=r"'num_frames': \(3, 2\).*'csc': \(False, True\)"):
+        build(root / "model", *flags)
+
+
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
     from vitaclip.data import VideoLoader
     from vitaclip.engine.train import train

@@ -15,7 +15,15 @@ import torch
 
 from .engine.precision import PRECISIONS
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: those options' help says what happens unset."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+FORMATTER = DefaultsHelpFormatter
 DEFAULT_CLIP = "ViT-B-16-quickgelu"
 
 
@@ -32,9 +40,13 @@ def read_classes(path: str) -> List[str]:
 
 
 def architecture_overrides(args) -> dict:
-    return dict(num_frames=args.frames, n_ctx=args.n_ctx, num_global_prompts=args.global_prompts,
-                csc=not args.shared_ctx, ctx_position=args.ctx_position, use_summary=not args.no_summary,
-                use_local=not args.no_local, use_global=not args.no_global, train_cls_proj=args.train_cls_proj)
+    """The architecture settings given on the command line, as config fields; the others come
+    from the defaults or the --init model."""
+    given = dict(num_frames=args.frames, n_ctx=args.n_ctx, num_global_prompts=args.global_prompts,
+                 ctx_position=args.ctx_position, csc=False if args.shared_ctx else None,
+                 use_summary=False if args.no_summary else None, use_local=False if args.no_local else None,
+                 use_global=False if args.no_global else None, train_cls_proj=True if args.train_cls_proj else None)
+    return {field: value for field, value in given.items() if value is not None}
 
 
 def build_training_model(args, classes: List[str]):
@@ -50,7 +62,7 @@ def build_training_model(args, classes: List[str]):
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
         return model, backbone if pretrained else None
     path = Path(args.init).resolve()
-    model = ckpt.load_model(path, classes, args.backend)
+    model = ckpt.load_model(path, classes, args.backend, **architecture_overrides(args))
     if path.is_dir():
         if (path / "config.json").is_file():
             return model, {"kind": "pretrained", "path": str(path)}
@@ -284,11 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file ('' for random weights)")
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
-    g.add_argument("--frames", type=int, default=8, help="frames per clip (T0)")
-    g.add_argument("--n-ctx", type=int, default=8, help="learned text context vectors")
+    g.add_argument("--frames", type=int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
+    g.add_argument("--n-ctx", type=int, default=None,
+                   help="learned text context vectors (default 8, or the --init model's)")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
-    g.add_argument("--ctx-position", default="end", choices=("end", "front", "middle"), help="where the context goes")
-    g.add_argument("--global-prompts", type=int, default=8, help="global prompts per layer")
+    g.add_argument("--ctx-position", default=None, choices=("end", "front", "middle"),
+                   help="where the context goes (default end, or the --init model's)")
+    g.add_argument("--global-prompts", type=int, default=None,
+                   help="global prompts per layer (default 8, or the --init model's)")
     g.add_argument("--no-summary", action="store_true", help="drop the summary token")
     g.add_argument("--no-local", action="store_true", help="drop the local prompts")
     g.add_argument("--no-global", action="store_true", help="drop the global prompts")

@@ -176,11 +176,13 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
 
 
 def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = "auto",
-               templates_only: bool = False) -> VitaCLIP:
+               templates_only: bool = False, **overrides) -> VitaCLIP:
     """Any trained model: a saved model folder (save_pretrained), a vitaclip training checkpoint,
     a run folder (its latest checkpoint) or the authors' checkpoint file (needs `classnames`
     unless `templates_only`: when classes will only be scored with hand-written templates, e.g.
-    zero-shot, its learned text context is left out)."""
+    zero-shot, its learned text context is left out).
+    `overrides` (VitaCLIPConfig fields) complete the architecture of a file of the authors'
+    layout that holds only a CLIP backbone; a trained model refuses any they contradict."""
     path = Path(path)
     if path.is_dir():
         if (path / CONFIG_FILE).is_file():
@@ -197,13 +199,24 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
         if payload is not None:
             model = model_from_checkpoint(payload, str(path), backend)
         else:
-            model = VitaCLIP.from_official_checkpoint(path, classnames, learned_context=not templates_only)
+            model = VitaCLIP.from_official_checkpoint(path, classnames, learned_context=not templates_only,
+                                                      **overrides)
             model.set_backend(backend)
             return model
+    check_architecture(model, overrides, str(path))
     if classnames is not None and list(classnames) != model.classnames:
         check_class_order(model, classnames, str(path))
         model.set_classes(classnames)
     return model
+
+
+def check_architecture(model: VitaCLIP, overrides: Dict[str, Any], source: str) -> None:
+    wanted = model.config.replace(**overrides).to_dict()
+    trained = model.config.to_dict()
+    clash = {field: (wanted[field], trained[field]) for field in overrides if wanted[field] != trained[field]}
+    if clash:
+        raise ValueError(f"{source} is a trained model: its architecture cannot change, but settings contradict "
+                         f"it (given, trained): {clash}")
 
 
 def check_class_order(model: VitaCLIP, classnames: Sequence[str], source: str) -> None:
