@@ -34,7 +34,7 @@ def test_prepare_writes_list_meta_and_same_frames(source_list, tmp_path):
     root, rows, lst = source_list
     out = tmp_path / "out"
     result = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=48, gop=8), workers=2,
-                     progress=False)
+                     on_error="skip", progress=False)
     assert (result.written, result.reused) == (3, 0)
     assert len(result.failed) == 2 and any("src.csv:4" in f and "gone.webm" in f for f in result.failed)
     assert any("src.csv:5" in f for f in result.failed)
@@ -58,14 +58,16 @@ def test_prepare_writes_list_meta_and_same_frames(source_list, tmp_path):
 def test_prepare_is_resumable(source_list, tmp_path):
     root, rows, lst = source_list
     out = tmp_path / "out"
-    first = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False)
+    first = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, on_error="skip",
+                    progress=False)
     listed = read_video_list(first.list_file, str(out))
     victim = listed[1].path
     os.remove(victim)
     with open(victim + ".partial.mp4", "wb") as f:  # an interrupted earlier run
         f.write(b"half")
     mtimes = {e.path: os.path.getmtime(e.path) for e in listed if e.path != victim}
-    again = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False)
+    again = prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, on_error="skip",
+                    progress=False)
     assert (again.written, again.reused) == (1, 2)
     assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
     assert pyav.probe(victim).frames == rows[1][2]
@@ -75,7 +77,8 @@ def test_prepare_is_resumable(source_list, tmp_path):
 def test_cli_and_loader_on_prepared_data_needs_no_probe(source_list, tmp_path, capsys, monkeypatch):
     root, rows, lst = source_list
     out = tmp_path / "cli"
-    assert main([str(lst), str(out), "--data-root", str(root), "--short-side", "40", "--workers", "1"]) == 0
+    argv = [str(lst), str(out), "--data-root", str(root), "--short-side", "40", "--workers", "1"]
+    assert main(argv + ["--on-error", "skip"]) == 1  # entries failed
     assert "3 encoded, 0 already done, 2 failed" in capsys.readouterr().out
     monkeypatch.setattr(pyav, "probe", lambda path: pytest.fail("the sidecar should make probing unnecessary"))
     ld = VideoLoader(str(out / "src.csv"), str(out), train=True, batch_size=3, num_frames=4, stride=4,
@@ -85,10 +88,18 @@ def test_cli_and_loader_on_prepared_data_needs_no_probe(source_list, tmp_path, c
     assert sorted(batch.label.tolist()) == sorted(r[1] for r in rows)
 
 
-def test_prepare_raise_mode_names_the_line(source_list, tmp_path):
+def test_prepare_raises_by_default_naming_the_line(source_list, tmp_path):
     root, _, lst = source_list
     with pytest.raises(ValueError, match="src.csv:5"):
-        prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, on_error="raise", progress=False)
+        prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, progress=False)
+
+
+def test_prepare_refuses_to_write_over_the_source_list(source_list):
+    root, _, lst = source_list
+    before = lst.read_text()
+    with pytest.raises(ValueError, match=r"src\.csv: OUT_DIR .* is the list's own folder"):
+        prepare(str(lst), str(lst.parent), str(root), workers=1, on_error="skip", progress=False)
+    assert lst.read_text() == before
 
 
 def test_raise_mode_stops_at_the_first_error_without_encoding_the_rest(vp9_dataset, tmp_path):

@@ -5,7 +5,9 @@ short), every source frame kept (frame i stays frame i, so sampling is unchanged
 Parallel (processes), resumable (finished outputs are skipped; each is written to a
 temporary name and renamed when complete), with a progress bar. Writes OUT_DIR/<list name>
 in the original `path,label` format (paths relative to OUT_DIR) and its `.meta` sidecar
-(exact frame counts, so the loader needs no probing).
+(exact frame counts, so the loader needs no probing); OUT_DIR cannot be the list's own folder.
+Stops at the first bad list line or video; `--on-error skip` leaves them out of the new list
+and exits with status 1.
 
     python -m vitaclip.data.prepare SRC_LIST OUT_DIR [--data-root DIR] [--short-side 256]
 """
@@ -112,7 +114,11 @@ def _as_completed(pool, fn, calls, in_flight: int):
 
 
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
-            workers: Optional[int] = None, on_error: str = "skip", progress: bool = True) -> PrepareResult:
+            workers: Optional[int] = None, on_error: str = "raise", progress: bool = True) -> PrepareResult:
+    out_list = os.path.join(out_dir, os.path.basename(src_list))
+    if os.path.exists(out_list) and os.path.samefile(out_list, src_list):
+        raise ValueError(f"{src_list}: OUT_DIR {out_dir} is the list's own folder, where the prepared list would "
+                         "overwrite it: choose another OUT_DIR")
     entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
     failed = list(entries.skipped)
@@ -145,7 +151,6 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
         raise
     pool.shutdown()
     done = [e for e in entries if e in results]  # list order kept
-    out_list = os.path.join(out_dir, os.path.basename(src_list))
     write_video_list(out_list, [(jobs[e], e.label) for e in done])
     write_meta(meta_path(out_list), [(jobs[e], results[e][0]) for e in done])
     reused = sum(results[e][1] for e in done)
@@ -167,7 +172,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--crf", type=int, default=23)
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--on-error", choices=("skip", "raise"), default="skip")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="a bad list line or video stops the run naming it, or is left out of the new list "
+                             "(the exit status is then 1)")
     return parser
 
 
@@ -176,7 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs parsed arguments (for a CLI that adds `build_parser` as its `prepare` sub-command)."""
+    """Runs parsed arguments (for a CLI that adds `build_parser` as its `prepare` sub-command);
+    the exit status is 1 when entries failed (skip mode), 0 otherwise."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = prepare(args.src_list, args.out_dir, args.data_root,
                      EncodeSettings(args.short_side, args.gop, args.crf, args.preset),
@@ -185,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(result.failed)} failed")
     for message in result.failed:
         print(f"  failed: {message}", file=sys.stderr)
-    return 0
+    return 1 if result.failed else 0
 
 
 def _remove(path: str) -> None:
