@@ -107,6 +107,18 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     assert json.loads(out)["splits"][str(list_file)]["num_videos"] == 12
 
 
+def test_eval_and_zeroshot_print_on_the_main_process_only(videos, capsys, monkeypatch):
+    from vitaclip.engine import distributed
+
+    root, list_file = videos
+    second = distributed.DistEnv(rank=1, world_size=1, local_rank=1, device=torch.device("cpu"))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device=None: second)  # a second rank, alone
+    data = ["--data-root", list_file.parent, *CPU]
+    assert run(capsys, "eval", "--model", root / "model", "--list", list_file, *data)[:2] == (0, "")
+    assert run(capsys, "zeroshot", "--model", root / "model", "--classes", root / "classes.txt", "--split",
+               list_file, *data)[:2] == (0, "")
+
+
 def test_bench_reports_model_and_loader_throughput(videos, capsys):
     _, list_file = videos
     code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 2, "--iters", 2,

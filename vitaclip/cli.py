@@ -154,11 +154,13 @@ def cmd_eval(args) -> int:
     result = evaluate(model, data, EvalConfig(batch_size=args.batch_size, precision=args.precision,
                                               num_workers=args.num_workers, device=args.device,
                                               progress=not args.no_progress, json_path=args.json_out,
-                                              confusion_png=args.confusion_png))
+                                              confusion_png=args.confusion_png), env=env)
     report_skipped(args, env, data)
-    print_json_or(args, result.to_dict(),
-                  f"top-1 {100 * result.top1:.2f}  top-5 {100 * result.top5:.2f}  mean class accuracy "
-                  f"{100 * result.mean_class_accuracy:.2f}  ({result.num_videos} videos, {result.num_views} views)")
+    if env.is_main:  # every process has the result
+        print_json_or(args, result.to_dict(),
+                      f"top-1 {100 * result.top1:.2f}  top-5 {100 * result.top5:.2f}  mean class accuracy "
+                      f"{100 * result.mean_class_accuracy:.2f}  ({result.num_videos} videos, "
+                      f"{result.num_views} views)")
     return 0
 
 
@@ -196,9 +198,10 @@ def cmd_zeroshot(args) -> int:
     result = zeroshot(model, splits, templates, EvalConfig(batch_size=args.batch_size, precision=args.precision,
                                                            num_workers=args.num_workers, device=args.device,
                                                            progress=not args.no_progress,
-                                                           json_path=args.json_out))
+                                                           json_path=args.json_out), env=env)
     report_skipped(args, env, *(split.data for split in splits))
-    print_json_or(args, result.to_dict(), result.summary())
+    if env.is_main:  # every process has the result
+        print_json_or(args, result.to_dict(), result.summary())
     return 0
 
 
