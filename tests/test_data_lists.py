@@ -60,3 +60,9 @@ def test_class_names_from_file_and_folders(tmp_path):
         (tmp_path / "ds" / d).mkdir(parents=True)
     (tmp_path / "ds" / "README.txt").write_text("not a class")
     assert read_class_names(str(tmp_path / "ds")) == ["apply eye makeup", "brush hair", "cartwheel"]
+
+
+def test_class_folders_skip_hidden_and_tool_folders_and_sort_plainly(tmp_path):
+    for d in ("brush_hair", ".ipynb_checkpoints", "Zumba", "__pycache__", "_tmp", "abseiling"):
+        (tmp_path / d).mkdir()
+    assert read_class_names(str(tmp_path)) == ["zumba", "abseiling", "brush hair"]  # upper case sorts first

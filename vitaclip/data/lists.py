@@ -81,11 +81,13 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def read_class_names(path: str) -> List[str]:
-    """One class name per line (blank lines ignored), or, for a directory, the sorted
-    sub-folder names turned into words (one folder per class)."""
+    """One class name per line (blank lines ignored), or, for a directory, its sub-folder names
+    turned into words (one folder per class), in plain `sorted()` order of the folder names (by
+    code point: `Zumba` before `abseiling`), as torchvision's ImageFolder numbers classes.
+    Folders starting with `.` or `_` (`.ipynb_checkpoints`, `__pycache__`) are not classes."""
     if os.path.isdir(path):
         return [folder_to_class_name(d) for d in sorted(os.listdir(path))
-                if os.path.isdir(os.path.join(path, d))]
+                if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
     with open(path, encoding="utf-8") as f:
         names = [line.strip() for line in f]
     return [n for n in names if n]
