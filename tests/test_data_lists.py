@@ -16,17 +16,41 @@ def test_parse_list_joins_root_and_keeps_labels(tmp_path):
     (",3", "expected 'path,label'"),
     ("a.mp4,x", "not an integer"),
     ("a.mp4,1.5", "not an integer"),
+    ("a.mp4,1_0", "not an integer"),  # int() takes these three
+    ("a.mp4,\uff13", "not an integer"),
+    ("a.mp4,\u0663", "not an integer"),
     ("a.mp4,-1", "out of range"),
     ("a.mp4,5", "out of range"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, problem):
     f = tmp_path / "l.csv"
-    f.write_text(f"ok.mp4,1\n{line}\nok2.mp4,0\n")
+    f.write_text(f"ok.mp4,1\n{line}\nok2.mp4,0\n", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"l\.csv:2: .*{problem}"):
         read_video_list(str(f), num_classes=5)
     entries = read_video_list(str(f), num_classes=5, on_error="skip")
     assert [e.label for e in entries] == [1, 0]  # the good lines keep their labels
     assert len(entries.skipped) == 1 and "l.csv:2" in entries.skipped[0]
+
+
+def test_signed_labels_and_a_byte_order_mark_are_read(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_bytes(b"\xef\xbb\xbfa.mp4,+1\r\nb.mp4,0\r\n")  # as Windows editors save UTF-8
+    assert [(e.path, e.label) for e in read_video_list(str(f), "/data")] == [("/data/a.mp4", 1), ("/data/b.mp4", 0)]
+    c = tmp_path / "classes.txt"
+    c.write_bytes("\ufeffabseiling\ncaf\u00e9\n".encode("utf-8"))
+    assert read_class_names(str(c)) == ["abseiling", "caf\u00e9"]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path, on_error):
+    f = tmp_path / "l.csv"
+    f.write_bytes("a.mp4,0\ncaf\u00e9.mp4,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"l\.csv:2: not UTF-8 text \(byte 0xe9"):
+        read_video_list(str(f), on_error=on_error)  # a whole-file problem, even when skipping bad lines
+    c = tmp_path / "classes.txt"
+    c.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"classes\.txt:1: not UTF-8"):
+        read_class_names(str(c))
 
 
 def test_policy_is_checked(tmp_path):

@@ -4,10 +4,11 @@ Errors name the file and the 1-based line, so a bad line in a 240k-line list is 
 """
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -28,18 +29,33 @@ def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[i
     with on_error="skip", is dropped (see `skipped` on the returned list)."""
     check_error_policy(on_error)
     entries = VideoList()
-    with open(list_file, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                entries.append(_parse_line(line, line_no, list_file, data_root, num_classes))
-            except ValueError as e:
-                if on_error == "raise":
-                    raise
-                entries.skipped.append(str(e))
+    for line_no, text in _text_lines(list_file):
+        line = text.strip()
+        if not line:
+            continue
+        try:
+            entries.append(_parse_line(line, line_no, list_file, data_root, num_classes))
+        except ValueError as e:
+            if on_error == "raise":
+                raise
+            entries.skipped.append(str(e))
     return entries
+
+
+def _text_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """(1-based number, text) of each line of a UTF-8 file, split where text mode splits (LF, CR,
+    CRLF), without a leading byte order mark (Windows editors write one). A file that is not
+    UTF-8 (a whole-file problem: skipping its lines would drop data) raises ValueError naming
+    file and line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for line_no, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                             f"{e.start + 1}): save the file as UTF-8") from None
+        yield line_no, text
 
 
 class VideoList(list):
@@ -50,6 +66,9 @@ class VideoList(list):
         self.skipped: List[str] = []
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
     # rsplit: paths may contain commas, labels never do
     parts = line.rsplit(",", 1)
@@ -57,10 +76,10 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
     if len(parts) != 2 or not parts[0].strip():
         raise ValueError(f"{where}: expected 'path,label', got {line!r}")
     path, label_text = parts[0].strip(), parts[1].strip()
-    try:
-        label = int(label_text)
-    except ValueError:
-        raise ValueError(f"{where}: label {label_text!r} is not an integer") from None
+    # not int(): it also takes "1_0" and non-ASCII digits
+    if not _INTEGER.fullmatch(label_text):
+        raise ValueError(f"{where}: label {label_text!r} is not an integer")
+    label = int(label_text)
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
     return VideoEntry(os.path.join(data_root, path), label, line_no, list_file)
@@ -88,8 +107,7 @@ def read_class_names(path: str) -> List[str]:
     if os.path.isdir(path):
         return [folder_to_class_name(d) for d in sorted(os.listdir(path))
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f]
+    names = [text.strip() for _, text in _text_lines(path)]
     return [n for n in names if n]
 
 
