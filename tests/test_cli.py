@@ -241,3 +241,13 @@ def test_demo_learns(tmp_path, capsys):
     assert (tmp_path / "data" / "train" / "list.txt").is_file()  # trained from real video files
     for kind in ("growing", "shrinking"):
         assert summary["per_class"][kind] >= 0.9, summary
+
+
+def test_demo_runs_again_in_the_same_folder(tmp_path):
+    """A demo is a fresh run each time: the earlier run's checkpoints are replaced, not refused."""
+    from vitaclip.demo import DemoConfig, run_demo
+
+    config = DemoConfig(output_dir=str(tmp_path), steps=2, batch_size=4, train_size=8, test_size=4,
+                        video_files=False, progress=False)
+    for _ in range(2):
+        assert run_demo(config)["steps"] == 2

@@ -162,7 +162,7 @@ def _run_demo(config: DemoConfig) -> Dict:
                                lr=config.lr, warmup_steps=min(10, config.steps), seed=config.seed,
                                num_workers=0, checkpoint_every=max(1, config.steps // 2), keep_checkpoints=1,
                                log_every=10, eval_every=0, eval_batch_size=64, progress=config.progress,
-                               device="cpu")
+                               device="cpu", overwrite=True)  # a demo is always a fresh run
     result = train(model, train_data, train_config, eval_data=test_data)
     # reload what the run saved, as a user would, and evaluate and predict with it
     trained = load_model(out / "model")
