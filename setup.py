@@ -11,7 +11,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def cuda_toolkit_home():
@@ -59,7 +59,7 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
-    packages=["vitaclip", "vitaclip.ops", "vitaclip.data", "vitaclip.kernels"],
+    packages=[*find_packages(include=["vitaclip", "vitaclip.*"]), "vitaclip.kernels"],
     package_dir={"vitaclip.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
