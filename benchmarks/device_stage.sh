@@ -8,13 +8,14 @@ cd "$(dirname "$0")/.."
 mkdir -p /tmp/site /tmp/dali-parts
 for part in .whl/gpu/p*; do
   [ -d "$part" ] || continue
-  cp "$part"/dali.* /tmp/dali-parts/ 2>/dev/null || true
+  cp "$part"/dali.* "$part"/dali-name.txt /tmp/dali-parts/ 2>/dev/null || true  # the name travels with the last piece
   ls "$part"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target /tmp/site "$part"/*.whl
 done
-if [ "$(ls /tmp/dali-parts | wc -l)" = 4 ] && [ ! -e /tmp/site/nvidia/dali ]; then
-  name=$(cat .whl/gpu/dali-name.txt)
+pieces=$(ls /tmp/dali-parts/dali.[0-9] 2>/dev/null | wc -l)
+if [ "$pieces" = 4 ] && [ -e /tmp/dali-parts/dali-name.txt ] && [ ! -e /tmp/site/nvidia/dali ]; then
+  name=$(cat /tmp/dali-parts/dali-name.txt)
   cat /tmp/dali-parts/dali.0 /tmp/dali-parts/dali.1 /tmp/dali-parts/dali.2 /tmp/dali-parts/dali.3 > "/tmp/$name"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "/tmp/$name"
 fi
-echo "staged: $(ls /tmp/dali-parts | wc -l)/4 DALI parts; site: $(ls /tmp/site | tr '\n' ' ' | cut -c1-200)"
+echo "staged: $pieces/4 DALI pieces; site: $(ls /tmp/site | tr '\n' ' ' | cut -c1-200)"

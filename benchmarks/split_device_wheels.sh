@@ -14,6 +14,6 @@ dd if="$whl" of=gpu/p3/dali.2 bs=$MiB skip=77 count=57 status=none
 dd if="$whl" of=gpu/p4/dali.3 bs=$MiB skip=134 status=none
 cp base/*.whl gpu/p1/ && mv gpu/p1/scikit_video*.whl gpu/p4/
 cp dali-deps/*.whl gpu/p2/
-cp dali-name.txt gpu/
+cp dali-name.txt gpu/p4/dali-name.txt  # with the last piece: the call that assembles the wheel has it
 rm -f "$whl"
 du -sm gpu/*
