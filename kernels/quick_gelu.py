@@ -11,7 +11,7 @@ QUICK_GELU_SLOPE = 1.702
 
 
 @triton.jit
-def _fwd(X, Y, n, SLOPE: tl.constexpr, BLOCK: tl.constexpr):
+def _quick_gelu_fwd(X, Y, n, SLOPE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -19,7 +19,7 @@ def _fwd(X, Y, n, SLOPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd(X, DY, DX, n, SLOPE: tl.constexpr, BLOCK: tl.constexpr):
+def _quick_gelu_bwd(X, DY, DX, n, SLOPE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)

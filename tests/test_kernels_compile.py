@@ -82,7 +82,7 @@ def compile_all():
     for kernel, constexprs, tiles in default_launches():
         compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
                     num_stages=tiles.num_stages, arch=80)
-    for kernel in (quick_gelu._fwd, quick_gelu._bwd):
+    for kernel in (quick_gelu._quick_gelu_fwd, quick_gelu._quick_gelu_bwd):
         for arch in (80, 90):
             compile_for(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8, arch=arch)
 

@@ -25,7 +25,7 @@ def _launch(kernel, *tensors: Tensor) -> Tensor:
 
 @torch.library.custom_op("vitaclip::quick_gelu", mutates_args=())
 def _quick_gelu_op(x: Tensor) -> Tensor:
-    return _launch(_kernels._fwd, x)
+    return _launch(_kernels._quick_gelu_fwd, x)
 
 
 @_quick_gelu_op.register_fake
@@ -35,7 +35,7 @@ def _(x):
 
 @torch.library.custom_op("vitaclip::quick_gelu_backward", mutates_args=())
 def _quick_gelu_backward_op(x: Tensor, grad_out: Tensor) -> Tensor:
-    return _launch(_kernels._bwd, x, grad_out.contiguous())
+    return _launch(_kernels._quick_gelu_bwd, x, grad_out.contiguous())
 
 
 @_quick_gelu_backward_op.register_fake
