@@ -63,11 +63,14 @@ class TextAttention(nn.Module):
         q_bias, kv_bias = self.in_proj_bias.split([c, 2 * c])
         k, v = F.linear(x, kv_weight, kv_bias).view(n, s, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = F.linear(_rows(x, row), q_weight, q_bias).view(n, heads, 1, head_dim)
-        # one query: a plain softmax, which any SDPA kernel choice (flash takes no mask) leaves alone
-        scores = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
-        hidden = torch.arange(s, device=x.device) > row[:, None]
-        weights = scores.masked_fill(hidden.view(n, 1, 1, s), float("-inf")).softmax(dim=-1)
-        return self.out_proj((weights.to(v.dtype) @ v).reshape(n, c))
+        # one query: a plain softmax, which any SDPA kernel choice (flash takes no mask) leaves alone,
+        # in at least fp32 (a few flops) so that fp16's loss-scaled gradients do not overflow in it
+        hidden = (torch.arange(s, device=x.device) > row[:, None]).view(n, 1, 1, s)
+        wide = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * head_dim ** -0.5
+            o = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1) @ v.to(wide)
+        return self.out_proj(o.to(v.dtype).reshape(n, c))
 
 
 def _rows(x: Tensor, row: Tensor) -> Tensor:
