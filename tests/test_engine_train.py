@@ -302,3 +302,23 @@ def test_resume_in_another_precision_starts_a_fresh_loss_scaler(tmp_path):
     with pytest.warns(UserWarning, match="trained in fp16 resumes in bf16$"):
         assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, precision="bf16",
                                                                   resume="auto")).finished
+
+
+def test_rng_states_keep_this_process_device_only(monkeypatch):
+    """A checkpoint holds the CUDA generator of the process's own device, so that a resume which
+    sees other devices (one per task under SLURM, all of a node's under torchrun) restores it."""
+    from vitaclip.engine.loader import rng_states, set_rng_states
+
+    generators = {0: torch.tensor([1], dtype=torch.uint8), 1: torch.tensor([2], dtype=torch.uint8)}
+    device = {"current": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: generators[device["current"]].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: generators.__setitem__(device["current"], s.clone()))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every device's generator"))
+    state = rng_states()
+    assert torch.equal(state["cuda"], torch.tensor([2], dtype=torch.uint8))
+    generators[1] = torch.tensor([9], dtype=torch.uint8)
+    device["current"] = 0  # resumed on a machine where the process's device is the first one
+    set_rng_states(state)
+    assert torch.equal(generators[0], torch.tensor([2], dtype=torch.uint8))

@@ -143,7 +143,9 @@ def rng_states() -> Dict[str, Any]:
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: a resume may see other devices (one per task under SLURM,
+        # all of the node's under torchrun)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -153,7 +155,7 @@ def set_rng_states(state: Dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def optional_len(data) -> Optional[int]:
