@@ -46,8 +46,8 @@ def extension_build():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     if cuda_home is not None:
-        if not torch.cuda.is_available():  # no GPU to read the arch from: the archs we run on
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if not torch.cuda.is_available():  # no GPU to read the arch from: the archs we run on, and PTX for newer
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         extension = CUDAExtension(
             "vitaclip._C", sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")),
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})

@@ -83,6 +83,22 @@ SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weig
   return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
 }
 
+// The backward is not differentiable: with create_graph=True (a double backward) it would silently
+// contribute nothing to the second derivative, so it refuses instead.
+SummaryBackward summary_attention_backward_autograd(const Tensor& grad_out, const Tensor& c, const Tensor& normed,
+                                                    const Tensor& qkv, const Tensor& heads_out, const Tensor& mean,
+                                                    const Tensor& rstd, const Tensor& ln_weight,
+                                                    const Tensor& qkv_weight, const Tensor& qkv_bias,
+                                                    const Tensor& out_weight, int64_t num_heads) {
+  TORCH_CHECK(!torch::autograd::compute_requires_grad(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
+                                                      qkv_weight, qkv_bias, out_weight),
+              "summary_attention: double backward (create_graph=True) is not supported; "
+              "set VITACLIP_DISABLE_EXT=1 to use the PyTorch path");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, qkv_bias, out_weight},
+                       grad_out, num_heads);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vitaclip, m) {
@@ -99,6 +115,7 @@ TORCH_LIBRARY(vitaclip, m) {
 
 TORCH_LIBRARY_IMPL(vitaclip, Autograd, m) {
   m.impl("summary_attention", &summary_attention_autograd);
+  m.impl("summary_attention_backward", &summary_attention_backward_autograd);
 }
 
 }  // namespace vitaclip

@@ -24,6 +24,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <tuple>
+#include <utility>
 
 #include "summary_shape.h"
 
@@ -42,10 +43,10 @@ inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArr
                     " but c is on ", c.device());
 }
 
-inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& ln_weight,
-                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
-                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
-                                         const at::Tensor& out_bias, int64_t num_heads) {
+// The shape of c [groups, frames, width] and the parameters every kernel reads.
+inline SummaryShape check_summary_parameters(const at::Tensor& c, const at::Tensor& ln_weight,
+                                             const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                                             const at::Tensor& out_weight, int64_t num_heads) {
   TORCH_CHECK_VALUE(c.dim() == 3, "summary_attention: c must be [groups, frames, width], got shape ", c.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "summary_attention: c must be floating point, got ",
                     c.scalar_type());
@@ -56,11 +57,43 @@ inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& 
                     " is not divisible by num_heads ", num_heads);
   const int64_t w = shape.width;
   check_parameter(c, ln_weight, {w}, "ln_weight");
-  check_parameter(c, ln_bias, {w}, "ln_bias");
   check_parameter(c, qkv_weight, {3 * w, w}, "qkv_weight");
   check_parameter(c, qkv_bias, {3 * w}, "qkv_bias");
   check_parameter(c, out_weight, {w, w}, "out_weight");
-  check_parameter(c, out_bias, {w}, "out_bias");
+  return shape;
+}
+
+inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& ln_weight,
+                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
+                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
+                                         const at::Tensor& out_bias, int64_t num_heads) {
+  const SummaryShape shape = check_summary_parameters(c, ln_weight, qkv_weight, qkv_bias, out_weight, num_heads);
+  check_parameter(c, ln_bias, {shape.width}, "ln_bias");
+  check_parameter(c, out_bias, {shape.width}, "out_bias");
+  return shape;
+}
+
+// The backward's inputs: what the forward returned for c and the parameters, the statistics in the
+// accumulation type. (The op is public: a mismatched call must not read out of bounds.)
+inline SummaryShape check_summary_backward_inputs(const at::Tensor& grad_out, const at::Tensor& c,
+                                                  const at::Tensor& normed, const at::Tensor& qkv,
+                                                  const at::Tensor& heads_out, const at::Tensor& mean,
+                                                  const at::Tensor& rstd, const at::Tensor& ln_weight,
+                                                  const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                                                  const at::Tensor& out_weight, int64_t num_heads) {
+  const SummaryShape shape = check_summary_parameters(c, ln_weight, qkv_weight, qkv_bias, out_weight, num_heads);
+  const int64_t rows = shape.rows(), w = shape.width;
+  check_parameter(c, grad_out, c.sizes(), "grad_out");
+  check_parameter(c, normed, {rows, w}, "normed");
+  check_parameter(c, qkv, {rows, 3 * w}, "qkv");
+  check_parameter(c, heads_out, {rows, w}, "heads_out");
+  for (const auto& [stat, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    TORCH_CHECK_VALUE(stat->sizes() == at::IntArrayRef({rows}) &&
+                          stat->scalar_type() == at::toOpMathType(c.scalar_type()) && stat->device() == c.device(),
+                      "summary_attention_backward: ", name, " must be [", rows, "] of ",
+                      at::toOpMathType(c.scalar_type()), " on ", c.device(), ", got ", stat->sizes(), " of ",
+                      stat->scalar_type(), " on ", stat->device());
+  }
   return shape;
 }
 
@@ -101,19 +134,9 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& rstd, const at::Tensor& ln_weight,
                                            const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                                            const at::Tensor& out_weight, int64_t num_heads) {
-  TORCH_CHECK_VALUE(c.dim() == 3 && grad_out.sizes() == c.sizes(),
-                    "summary_attention_backward: grad_out has shape ", grad_out.sizes(), ", c has ", c.sizes());
-  TORCH_CHECK_VALUE(grad_out.scalar_type() == c.scalar_type(), "summary_attention_backward: grad_out has dtype ",
-                    grad_out.scalar_type(), " but c has ", c.scalar_type());
-  const SummaryShape shape{c.size(0), c.size(1), c.size(2), num_heads};
+  const SummaryShape shape = check_summary_backward_inputs(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
+                                                           qkv_weight, qkv_bias, out_weight, num_heads);
   const int64_t rows = shape.rows(), width = shape.width;
-  TORCH_CHECK_VALUE(normed.sizes() == at::IntArrayRef({rows, width}) &&
-                        qkv.sizes() == at::IntArrayRef({rows, 3 * width}) &&
-                        heads_out.sizes() == at::IntArrayRef({rows, width}) &&
-                        mean.sizes() == at::IntArrayRef({rows}) && rstd.sizes() == at::IntArrayRef({rows}) &&
-                        qkv_weight.sizes() == at::IntArrayRef({3 * width, width}) &&
-                        qkv_bias.sizes() == at::IntArrayRef({3 * width}),
-                    "summary_attention_backward: saved tensors do not match c of shape ", c.sizes());
   const c10::DeviceGuard guard(c.device());
   const at::Tensor x = c.contiguous().view({rows, width});
   const at::Tensor dout = grad_out.contiguous().view({rows, width});

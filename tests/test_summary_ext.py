@@ -95,16 +95,66 @@ def test_gradcheck_float64():
         lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[7:])[0], tensors)
 
 
-@needs_ext
-def test_opcheck():
-    norm, attn = make_summary_layer(16, 2)
-    args = op_args(torch.randn(3, 4, 16, requires_grad=True), norm, attn, 2)
-    torch.library.opcheck(torch.ops.vitaclip.summary_attention.default, args)
+def backward_arguments(args, grad_out=None):
+    """The backward op's arguments for the forward op's `args` (tensors detached)."""
     _, normed, qkv, heads_out, mean, rstd = torch.ops.vitaclip.summary_attention(*args)
     c, ln_weight, _, qkv_w, qkv_b, o_w, _, heads, _ = args
-    backward_args = (torch.randn(3, 4, 16), c.detach(), normed, qkv, heads_out, mean, rstd,
-                     *(p.detach() for p in (ln_weight, qkv_w, qkv_b, o_w)), heads)
-    torch.library.opcheck(torch.ops.vitaclip.summary_attention_backward.default, backward_args)
+    grad_out = torch.randn(c.shape) if grad_out is None else grad_out
+    return [grad_out, c.detach(), normed, qkv, heads_out, mean, rstd,
+            *(p.detach() for p in (ln_weight, qkv_w, qkv_b, o_w)), heads]
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck(layout):
+    norm, attn = make_summary_layer(16, 2)
+    c = torch.randn(3, 4, 16) if layout == "contiguous" else torch.randn(4, 3, 16).transpose(0, 1)
+    args = op_args(c.requires_grad_(), norm, attn, 2)
+    torch.library.opcheck(torch.ops.vitaclip.summary_attention.default, args)
+    torch.library.opcheck(torch.ops.vitaclip.summary_attention_backward.default, backward_arguments(args))
+
+
+@needs_ext
+def test_backward_op_checks_its_inputs():
+    """The backward op is public: a mismatched call is a clear error, not an out-of-bounds read."""
+    norm, attn = make_summary_layer(16, 2)
+    good = backward_arguments(op_args(torch.randn(3, 4, 16), norm, attn, 2))
+    bad = {11: (0, "divisible"), 7: (torch.randn(5), "ln_weight has shape"),
+           10: (torch.randn(16, 32), "out_weight has shape"), 0: (torch.randn(3, 4, 8), "grad_out has shape"),
+           5: (torch.randn(12, dtype=torch.float64), "mean must be")}
+    for index, (value, message) in bad.items():
+        args = list(good)
+        args[index] = value
+        with pytest.raises(ValueError, match=message):
+            torch.ops.vitaclip.summary_attention_backward(*args)
+    args = list(good)
+    args[11] = 3  # 16 is not a whole number of 3 heads
+    with pytest.raises(ValueError, match="divisible"):
+        torch.ops.vitaclip.summary_attention_backward(*args)
+
+
+@needs_ext
+def test_double_backward_is_refused():
+    norm, attn = make_summary_layer(16, 2)
+    c = torch.randn(3, 4, 16, requires_grad=True)
+    out = summary_ext.summary_tokens(c, norm, attn, 2)
+    with pytest.raises(RuntimeError, match="double backward"):  # not a grad that silently lacks a term
+        torch.autograd.grad(out.square().sum(), c, create_graph=True)
+    torch.autograd.grad(summary_ext.summary_tokens(c, norm, attn, 2).square().sum(), c)  # a plain one works
+
+
+@needs_ext
+def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatch):
+    """A CPU-only build (no CUDA toolkit at install time) on CUDA tensors: PyTorch, not an error."""
+    ran = []
+    monkeypatch.setattr(naive, "summary_tokens", lambda *a: ran.append("naive") or a[0])
+    monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ran.append("ext") or a[0])
+    norm, attn = make_summary_layer(8, 2)
+    assert summary_ext.runs_on(torch.device("cpu")) and not summary_ext.runs_on(torch.device("meta"))
+    monkeypatch.setattr(summary_ext, "_DISPATCH_KEYS", {})  # as if built without kernels for the CPU
+    assert not summary_ext.runs_on(torch.device("cpu"))
+    summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 2)
+    assert ran == ["naive"]
 
 
 @needs_ext

@@ -271,7 +271,8 @@ void launch_attention(Kernel kernel, const SummaryShape& s, size_t bytes, Args..
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     TORCH_CHECK_VALUE(bytes <= size_t(limit), "summary_attention: ", s.frames, " frames of head dim ",
                       s.head_dim(), " need ", bytes, " bytes of shared memory per block, the GPU has ", limit);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    // the device's most, not this call's: another thread's launch with a larger size may come in between
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
   }
   kernel<<<s.groups * s.heads, kAttentionThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -27,6 +27,16 @@ def is_built() -> bool:
     return LOAD_ERROR is None
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # the devices csrc/ has kernels for
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the built op has kernels for tensors on `device` (a CPU-only build has none for CUDA)."""
+    key = _DISPATCH_KEYS.get(device.type)
+    return is_built() and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "vitaclip::summary_attention", key)
+
+
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -42,7 +52,7 @@ def _summary_attention_fake(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_wei
 def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight,
                                      qkv_bias, out_weight, num_heads):
     width = c.shape[-1]
-    return (torch.empty_like(c), c.new_empty(width), c.new_empty(width), c.new_empty(3 * width, width),
+    return (c.new_empty(c.shape), c.new_empty(width), c.new_empty(width), c.new_empty(3 * width, width),
             c.new_empty(3 * width), c.new_empty(width, width), c.new_empty(width))
 
 
