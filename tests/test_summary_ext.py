@@ -151,7 +151,7 @@ def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatc
     monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ran.append("ext") or a[0])
     norm, attn = make_summary_layer(8, 2)
     assert summary_ext.runs_on(torch.device("cpu")) and not summary_ext.runs_on(torch.device("meta"))
-    monkeypatch.setattr(summary_ext, "_DISPATCH_KEYS", {})  # as if built without kernels for the CPU
+    monkeypatch.setattr(summary_ext, "KERNEL_DEVICES", frozenset({"cuda"}))  # as if built without CPU kernels
     assert not summary_ext.runs_on(torch.device("cpu"))
     summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 2)
     assert ran == ["naive"]

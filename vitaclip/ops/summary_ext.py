@@ -27,14 +27,16 @@ def is_built() -> bool:
     return LOAD_ERROR is None
 
 
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # the devices csrc/ has kernels for
+# The device types the build has kernels for (a CPU-only build has none for CUDA), asked of the
+# dispatcher once: the question is not traceable by torch.compile.
+KERNEL_DEVICES = frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                           if is_built() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                               "vitaclip::summary_attention", key))
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the built op has kernels for tensors on `device` (a CPU-only build has none for CUDA)."""
-    key = _DISPATCH_KEYS.get(device.type)
-    return is_built() and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "vitaclip::summary_attention", key)
+    """Whether the built op has kernels for tensors on `device`."""
+    return device.type in KERNEL_DEVICES
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
