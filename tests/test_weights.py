@@ -196,3 +196,13 @@ def test_openai_weights_always_get_quick_gelu(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         VitaCLIP.from_clip("ViT-B-16", "laion2b_s34b_b88k", CLASSES)
     assert seen["force_quick_gelu"] is False
+
+
+def test_official_checkpoint_keeps_an_mlp_width_that_is_no_whole_multiple_of_the_width(tmp_path):
+    # 176 * (240 / 176) is 239.99999999999997 in floating point: int() made fc1 one unit short
+    model = randomize_(VitaCLIP(tiny_config(width=176, heads=2, mlp_ratio=240 / 176), CLASSES)).eval()
+    assert model.visual.blocks[0].mlp.fc1.out_features == 240
+    torch.save(official_checkpoint(model), tmp_path / "ckpt.pth")
+    loaded = VitaCLIP.from_official_checkpoint(tmp_path / "ckpt.pth", CLASSES, heads=2, text_heads=2).eval()
+    video = random_video(model.config)
+    assert torch.equal(loaded(video), model(video))

@@ -110,7 +110,8 @@ class VitaBlock(nn.Module):
         self.norm1 = nn.LayerNorm(c)
         self.attn = Attention(c, config.heads)
         self.norm2 = nn.LayerNorm(c)
-        self.mlp = Mlp(c, int(c * config.mlp_ratio), config.act)
+        # mlp_ratio is read off the weights as hidden / width: round, as int() can land one short
+        self.mlp = Mlp(c, round(c * config.mlp_ratio), config.act)
         if config.uses_cls_proj:
             self.cls_proj = nn.Linear(c, c)
         if config.use_summary:
