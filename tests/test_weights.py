@@ -206,3 +206,13 @@ def test_official_checkpoint_keeps_an_mlp_width_that_is_no_whole_multiple_of_the
     loaded = VitaCLIP.from_official_checkpoint(tmp_path / "ckpt.pth", CLASSES, heads=2, text_heads=2).eval()
     video = random_video(model.config)
     assert torch.equal(loaded(video), model(video))
+
+
+@pytest.mark.parametrize("dropped, named", [("textual.", "textual.transformer.resblocks"),
+                                            ("visual.blocks.", "visual.blocks")])
+def test_official_checkpoint_without_layers_names_the_missing_group(tmp_path, dropped, named):
+    state = official_checkpoint(VitaCLIP(tiny_config(), CLASSES))["model"]
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith(f"module.{dropped}")}},
+               tmp_path / "part.pth")
+    with pytest.raises(ValueError, match=named):
+        VitaCLIP.from_official_checkpoint(tmp_path / "part.pth", CLASSES, heads=2, text_heads=2)

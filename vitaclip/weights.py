@@ -161,11 +161,17 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
             raise ValueError(f"checkpoint lacks {key!r}: not a Vita-CLIP/CLIP checkpoint in the authors' layout")
         return state[key].shape
 
+    def count_layers(prefix, tower):
+        indices = [int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+        if not indices:
+            raise ValueError(f"checkpoint has no {tower} layers (no '{prefix}<i>.*' keys): not a full "
+                             f"Vita-CLIP/CLIP checkpoint in the authors' layout")
+        return 1 + max(indices)
+
     width, _, patch, _ = shape("visual.patch_embed.proj.weight")
     grid = math.isqrt(shape("visual.pos_embed")[0] - 1)
-    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"visual\.blocks\.(\d+)\.", k)))
-    text_layers = 1 + max(int(m.group(1)) for k in state
-                          if (m := re.match(r"textual\.transformer\.resblocks\.(\d+)\.", k)))
+    layers = count_layers("visual.blocks.", "vision")
+    text_layers = count_layers("textual.transformer.resblocks.", "text")
     vocab, text_width = shape("textual.token_embedding.weight")
     found = dict(
         image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=width // 64,
