@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -106,14 +107,18 @@ def test_official_checkpoint_loads_without_its_learned_context_for_templates(tmp
     assert torch.equal(loaded(video), model(video))
 
 
-def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path):
+@pytest.mark.parametrize("clip_logit_scale", [None, math.log(100)])
+def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path, clip_logit_scale):
     model = randomize_(VitaCLIP(tiny_config(), CLASSES))
     backbone = {k: v for k, v in model.state_dict().items()
                 if not any(s in k for s in ("summary", "local", "global", "time_embed", "cls_proj",
                                             "prompt_learner", "logit_scale"))}
+    if clip_logit_scale is not None:  # CLIP's own: still a backbone, and the authors' non-strict load takes it
+        backbone["logit_scale"] = torch.tensor(clip_logit_scale)
     torch.save(backbone, tmp_path / "backbone.pth")
     loaded = VitaCLIP.from_official_checkpoint(tmp_path / "backbone.pth", CLASSES, heads=2, text_heads=2,
                                                num_frames=3, n_ctx=3, num_global_prompts=2)
+    assert loaded.logit_scale.item() == pytest.approx(clip_logit_scale or math.log(1 / 0.07))
     assert torch.equal(loaded.visual.blocks[1].mlp.fc2.weight, model.visual.blocks[1].mlp.fc2.weight)
     assert loaded.visual.global_prompts.shape == (2, 2, 64)
     assert loaded.prompt_learner.ctx.shape == (len(CLASSES), 3, 32)

@@ -27,6 +27,12 @@ VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cl
 IGNORED_OFFICIAL_KEYS = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
 
 
+def is_trained_checkpoint(state: Dict[str, Tensor]) -> bool:
+    """A trained Vita-CLIP model rather than a converted CLIP backbone: told by the vision additions
+    (prompts, summary modules, cls_proj, time embedding), as a backbone may hold CLIP's logit_scale."""
+    return any(k.startswith("visual.") and VITA_ADDITION.search(k) for k in state)
+
+
 # ---------------------------------------------------------------------------- state-dict checks
 def load_state_exactly(model: VitaCLIP, state: Dict[str, Tensor], allow_missing=lambda key: False,
                        source: str = "checkpoint") -> None:
@@ -179,7 +185,7 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
         embed_dim=shape("visual.proj")[1], context_length=shape("textual.positional_embedding")[0],
         vocab_size=vocab, text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
     )
-    if any(VITA_ADDITION.search(k) for k in state):  # a trained Vita-CLIP checkpoint, not a backbone
+    if is_trained_checkpoint(state):
         found.update(
             num_frames=shape("visual.time_embed")[0],
             use_summary="visual.blocks.0.summary_attn_layer.q_proj.weight" in state,
@@ -199,7 +205,8 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
 
 def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], learned_context: bool = True,
                              **overrides) -> VitaCLIP:
-    """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file.
+    """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file
+    (loaded non-strictly as their code does: fresh prompts, and CLIP's logit_scale if it holds one).
     learned_context=False leaves the learned text context out (no class names needed): for
     scoring classes with hand-written templates only."""
     state = read_official_state(path)
@@ -211,7 +218,7 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
         raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
                          f"got {len(classnames)} class names")
     model = cls(config, classnames)
-    is_backbone = not any(VITA_ADDITION.search(k) for k in state)
+    is_backbone = not is_trained_checkpoint(state)
     if not is_backbone and ctx is not None and classnames is None:
         raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
     load_state_exactly(model, state, source=str(path),
