@@ -107,12 +107,17 @@ def test_official_checkpoint_loads_without_its_learned_context_for_templates(tmp
     assert torch.equal(loaded(video), model(video))
 
 
+def backbone_state(model):
+    """A converted CLIP backbone file in the authors' layout: the model's state without Vita-CLIP's additions."""
+    return {k: v for k, v in model.state_dict().items()
+            if not any(s in k for s in ("summary", "local", "global", "time_embed", "cls_proj",
+                                        "prompt_learner", "logit_scale"))}
+
+
 @pytest.mark.parametrize("clip_logit_scale", [None, math.log(100)])
 def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path, clip_logit_scale):
     model = randomize_(VitaCLIP(tiny_config(), CLASSES))
-    backbone = {k: v for k, v in model.state_dict().items()
-                if not any(s in k for s in ("summary", "local", "global", "time_embed", "cls_proj",
-                                            "prompt_learner", "logit_scale"))}
+    backbone = backbone_state(model)
     if clip_logit_scale is not None:  # CLIP's own: still a backbone, and the authors' non-strict load takes it
         backbone["logit_scale"] = torch.tensor(clip_logit_scale)
     torch.save(backbone, tmp_path / "backbone.pth")
@@ -221,3 +226,27 @@ def test_official_checkpoint_without_layers_names_the_missing_group(tmp_path, dr
                tmp_path / "part.pth")
     with pytest.raises(ValueError, match=named):
         VitaCLIP.from_official_checkpoint(tmp_path / "part.pth", CLASSES, heads=2, text_heads=2)
+
+
+def phrase_embedding(token_embedding, phrase):
+    """The token embeddings [n_words, width] of a phrase's words (without start and end of text)."""
+    ids = clip_tokenize([phrase])[0]
+    return token_embedding.weight[ids[1:int(ids.argmax())]].detach()
+
+
+def test_from_clip_initialises_the_context_from_clips_token_embedding(tiny_clip_checkpoint):
+    clip, path = tiny_clip_checkpoint
+    model = VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES, ctx_init="a video of a")
+    expected = phrase_embedding(clip.token_embedding, "a video of a")
+    assert model.prompt_learner.ctx.shape == (len(CLASSES), 4, 128)
+    assert all(torch.equal(ctx, expected) for ctx in model.prompt_learner.ctx)
+    assert model.prompt_learner.ctx.requires_grad
+
+
+def test_official_backbone_file_initialises_the_context_from_its_token_embedding(tmp_path):
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES))
+    torch.save(backbone_state(model), tmp_path / "backbone.pth")
+    loaded = VitaCLIP.from_official_checkpoint(tmp_path / "backbone.pth", CLASSES, heads=2, text_heads=2,
+                                               num_frames=3, num_global_prompts=2, csc=False,
+                                               ctx_init="a video of a")
+    assert torch.equal(loaded.prompt_learner.ctx, phrase_embedding(model.textual.token_embedding, "a video of a"))

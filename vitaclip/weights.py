@@ -69,10 +69,12 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=is_openai,
                                   require_pretrained=pretrained is not None)
     config = config_from_open_clip(clip, **overrides)
-    model = cls(config, classnames)
+    model = cls(config)
     state = convert_open_clip_state(clip.state_dict(), config.layers, config.text_layers)
     load_state_exactly(model, state, allow_missing=lambda k: VITA_ADDITION.search(k) is not None,
                        source=f"open_clip model {name!r}")
+    if classnames is not None:  # after the weights: a ctx_init phrase is embedded with CLIP's token embedding
+        model.set_classes(classnames)
     return model
 
 
@@ -214,15 +216,19 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
         state.pop("prompt_learner.ctx", None)
     config = config_from_official_state(state, **overrides)
     ctx = state.get("prompt_learner.ctx")
-    if ctx is not None and ctx.dim() == 3 and classnames is not None and len(classnames) != ctx.shape[0]:
+    if ctx is not None and classnames is None:
+        raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
+    if ctx is not None and ctx.dim() == 3 and len(classnames) != ctx.shape[0]:
         raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
                          f"got {len(classnames)} class names")
-    model = cls(config, classnames)
+    # a learned context is loaded over the prompt learner's; without one the classes come after the
+    # weights, so that a ctx_init phrase is embedded with the file's token embedding
+    model = cls(config, classnames if ctx is not None else None)
     is_backbone = not is_trained_checkpoint(state)
-    if not is_backbone and ctx is not None and classnames is None:
-        raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
     load_state_exactly(model, state, source=str(path),
                        allow_missing=lambda k: is_backbone and VITA_ADDITION.search(k) is not None)
+    if ctx is None and classnames is not None:
+        model.set_classes(classnames)
     return model
 
 
