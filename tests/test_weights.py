@@ -190,7 +190,11 @@ def test_saved_files_follow_the_umask_and_reach_the_disk_before_the_rename(tmp_p
     assert events == ["fsync", "replace"] * 3
 
 
-def test_openai_weights_always_get_quick_gelu(monkeypatch):
+@pytest.mark.parametrize("name, pretrained, quick_gelu", [
+    ("ViT-B-16", "openai", True), ("ViT-B/16", "OpenAI", True), ("ViT-B-16", "dfn2b", True),
+    ("ViT-B-16", "metaclip_400m", True), ("ViT-B-32", "laion400m_e32", True), ("ViT-L-14", "metaclip_fullcc", True),
+    ("ViT-B-16", "laion2b_s34b_b88k", False), ("ViT-B-16", "/some/local/weights.pt", False)])
+def test_weights_trained_with_quick_gelu_always_get_it(monkeypatch, name, pretrained, quick_gelu):
     import open_clip
 
     seen = {}
@@ -201,11 +205,8 @@ def test_openai_weights_always_get_quick_gelu(monkeypatch):
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     with pytest.raises(RuntimeError, match="stop"):
-        VitaCLIP.from_clip("ViT-B-16", "openai", CLASSES)
-    assert seen["force_quick_gelu"] is True and seen["require_pretrained"] is True
-    with pytest.raises(RuntimeError, match="stop"):
-        VitaCLIP.from_clip("ViT-B-16", "laion2b_s34b_b88k", CLASSES)
-    assert seen["force_quick_gelu"] is False
+        VitaCLIP.from_clip(name, pretrained, CLASSES)
+    assert seen["force_quick_gelu"] is quick_gelu and seen["require_pretrained"] is True
 
 
 def test_official_checkpoint_keeps_an_mlp_width_that_is_no_whole_multiple_of_the_width(tmp_path):

@@ -60,13 +60,16 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.
 
     `name` is an open_clip model name (e.g. "ViT-B-16-quickgelu"), `pretrained` a tag
-    ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint file. OpenAI weights were trained
-    with QuickGELU, so it is forced for them whatever the model name says.
+    ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint file. Weights trained with QuickGELU
+    (OpenAI's, and every tag open_clip's pretrained table marks so: DFN, MetaCLIP, ...) get it
+    whatever the model name says.
     """
     import open_clip
 
+    tag_config = open_clip.get_pretrained_cfg(builtin_model_name(name), str(pretrained)) if pretrained else {}
     is_openai = pretrained is not None and str(pretrained).lower() == "openai"
-    clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=is_openai,
+    force_quick_gelu = bool(tag_config.get("quick_gelu")) or is_openai
+    clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
                                   require_pretrained=pretrained is not None)
     config = config_from_open_clip(clip, **overrides)
     model = cls(config)
@@ -76,6 +79,12 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     if classnames is not None:  # after the weights: a ctx_init phrase is embedded with CLIP's token embedding
         model.set_classes(classnames)
     return model
+
+
+def builtin_model_name(name: str) -> str:
+    """`name` as open_clip's built-in tables spell it: create_model takes "ViT-B/16" for "ViT-B-16"
+    (a name with a schema, such as "hf-hub:org/repo", is not built-in and stays as it is)."""
+    return name if ":" in name else name.replace("/", "-")
 
 
 def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
