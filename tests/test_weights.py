@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -15,14 +16,25 @@ TINY_CLIP = {  # B/16-shaped (patch 16, head dim 64) but shallow and small
 }
 
 
+def register_tiny_clip(folder, name, changes=None):
+    """Register TINY_CLIP with `changes` (its sections updated, not replaced) as open_clip model `name`."""
+    import open_clip
+
+    config = {**TINY_CLIP}
+    for key, value in (changes or {}).items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+    return name
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_checkpoint(tmp_path_factory):
     """A randomly initialised open_clip CLIP saved as a local checkpoint, under a registered name."""
     import open_clip
 
     folder = tmp_path_factory.mktemp("clip")
-    (folder / "vitaclip-test-b16.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "vitaclip-test-b16.json")
+    register_tiny_clip(folder, "vitaclip-test-b16")
     torch.manual_seed(1)
     clip = open_clip.create_model("vitaclip-test-b16")
     with torch.no_grad():
@@ -68,6 +80,28 @@ def test_from_clip_refuses_contradicting_overrides(tiny_clip_checkpoint):
     _, path = tiny_clip_checkpoint
     with pytest.raises(ValueError, match="width"):
         VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES, width=64)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"vision_cfg": {"ls_init_value": 0.1}}, "LayerScale"),
+    ({"text_cfg": {"ls_init_value": 0.1}}, "LayerScale"),
+    ({"vision_cfg": {"no_ln_pre": True}}, "no_ln_pre"),
+    ({"vision_cfg": {"pool_type": "avg"}}, "vision pool_type 'avg'"),
+    ({"vision_cfg": {"final_ln_after_pool": True}}, "final_ln_after_pool"),
+    ({"text_cfg": {"pool_type": "eos"}}, "text pool_type 'eos'"),
+    ({"text_cfg": {"no_causal_mask": True}}, "no_causal_mask"),
+    ({"text_cfg": {"hf_tokenizer_name": "bert-base-uncased"}}, "tokenizer"),
+    ({"text_cfg": {"tokenizer_kwargs": {"clean": "canonicalize"}}}, "tokenizer"),
+    ({"quick_gelu": False, "vision_cfg": {"act_kwargs": {"approximate": "tanh"}}}, "activation"),
+    ({"vision_cfg": {"norm_kwargs": {"eps": 1e-6}}}, "eps"),
+    # features with weights of their own: refused as tensors the conversion leaves unused
+    ({"vision_cfg": {"scale_fc": True}}, "'visual.transformer.resblocks.0.mlp.ln.weight'"),
+    ({"text_cfg": {"qk_norm": True}}, "'transformer.resblocks.0.attn.ln_q.weight'"),
+])
+def test_from_clip_refuses_open_clip_features_it_does_not_implement(tmp_path, changes, named):
+    name = register_tiny_clip(tmp_path, f"vitaclip-test-{tmp_path.name}", changes)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        VitaCLIP.from_clip(name, None, CLASSES)
 
 
 def official_checkpoint(model):

@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -69,11 +69,12 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     tag_config = open_clip.get_pretrained_cfg(builtin_model_name(name), str(pretrained)) if pretrained else {}
     is_openai = pretrained is not None and str(pretrained).lower() == "openai"
     force_quick_gelu = bool(tag_config.get("quick_gelu")) or is_openai
+    check_open_clip_tokenizer(name)  # before create_model: no download for a model that is refused
     clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
                                   require_pretrained=pretrained is not None)
     config = config_from_open_clip(clip, **overrides)
-    model = cls(config)
     state = convert_open_clip_state(clip.state_dict(), config.layers, config.text_layers)
+    model = cls(config)
     load_state_exactly(model, state, allow_missing=lambda k: VITA_ADDITION.search(k) is not None,
                        source=f"open_clip model {name!r}")
     if classnames is not None:  # after the weights: a ctx_init phrase is embedded with CLIP's token embedding
@@ -87,9 +88,59 @@ def builtin_model_name(name: str) -> str:
     return name if ":" in name else name.replace("/", "-")
 
 
+def check_open_clip_tokenizer(name: str) -> None:
+    """Vita-CLIP tokenizes with CLIP's BPE tokenizer: refuse models whose config asks for another."""
+    import open_clip
+
+    text_config = (open_clip.get_model_config(builtin_model_name(name)) or {}).get("text_cfg", {})
+    if text_config.get("hf_tokenizer_name") or text_config.get("tokenizer_kwargs"):
+        raise ValueError(f"open_clip model {name!r} uses another tokenizer than CLIP's (its text_cfg sets "
+                         f"hf_tokenizer_name or tokenizer_kwargs); Vita-CLIP tokenizes with CLIP's")
+
+
+def activation_name(module: torch.nn.Module) -> Optional[str]:
+    """The config's name of an open_clip MLP activation; None for one Vita-CLIP does not implement."""
+    from open_clip.transformer import QuickGELU
+
+    if isinstance(module, QuickGELU):
+        return "quick_gelu"
+    if type(module) is torch.nn.GELU and module.approximate == "none":
+        return "gelu"
+    return None
+
+
+def unsupported_open_clip_features(clip) -> List[str]:
+    """What an open_clip CLIP computes that Vita-CLIP's towers do not, without weights that would
+    betray it: such a model would load and give other features."""
+    from open_clip.transformer import LayerScale
+
+    visual = clip.visual
+    found = []
+    if any(isinstance(m, LayerScale) for m in clip.modules()):
+        found.append("LayerScale (ls_init_value)")
+    if isinstance(visual.ln_pre, torch.nn.Identity):
+        found.append("no LayerNorm before the vision transformer (no_ln_pre)")
+    if visual.pool_type != "tok":
+        found.append(f"vision pool_type {visual.pool_type!r} (Vita-CLIP reads the class token: 'tok')")
+    if visual.final_ln_after_pool:
+        found.append("vision final_ln_after_pool")
+    if clip.text_pool_type != "argmax":
+        found.append(f"text pool_type {clip.text_pool_type!r} (Vita-CLIP reads the end-of-text token: 'argmax')")
+    if clip.attn_mask is None:
+        found.append("a text transformer without causal mask (no_causal_mask)")
+    activations = [b.mlp.gelu for b in (*visual.transformer.resblocks, *clip.transformer.resblocks)]
+    names = {activation_name(a) for a in activations}
+    if None in names or len(names) > 1:
+        found.append(f"MLP activations {sorted({repr(a) for a in activations})} (Vita-CLIP has QuickGELU "
+                     f"or exact GELU, the same in both towers)")
+    eps = {m.eps for m in clip.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if eps != {1e-5}:
+        found.append(f"LayerNorm eps {sorted(eps)} (Vita-CLIP's is 1e-5)")
+    return found
+
+
 def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
     from open_clip.model import CLIP
-    from open_clip.transformer import QuickGELU
 
     if type(clip) is not CLIP or not hasattr(clip.visual, "conv1"):
         raise ValueError(f"only open_clip CLIP models with a ViT image tower and CLIP text tower are "
@@ -98,6 +149,9 @@ def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
     if getattr(visual, "attn_pool", None) is not None or not isinstance(visual.proj, torch.nn.Parameter):
         raise ValueError("open_clip vision towers with attentional pooling or a linear projection "
                          "are not Vita-CLIP backbones")
+    unsupported = unsupported_open_clip_features(clip)
+    if unsupported:
+        raise ValueError("the open_clip model uses what Vita-CLIP does not implement: " + "; ".join(unsupported))
     image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     found = dict(
         image_size=int(image_size),
@@ -112,7 +166,7 @@ def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
         text_width=int(clip.token_embedding.embedding_dim),
         text_layers=len(clip.transformer.resblocks),
         text_heads=int(clip.transformer.resblocks[0].attn.num_heads),
-        act="quick_gelu" if isinstance(blocks[0].mlp.gelu, QuickGELU) else "gelu",
+        act=activation_name(blocks[0].mlp.gelu),
     )
     clash = {k: (v, found[k]) for k, v in overrides.items() if k in found and v != found[k]}
     if clash:
@@ -120,32 +174,48 @@ def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
     return VitaCLIPConfig(**{**found, **overrides})
 
 
+# open_clip's names of a layer's tensors (text and vision alike) besides the fused in_proj, and the
+# authors' vision names for them; their text layers keep open_clip's names
+OPEN_CLIP_BLOCK_RENAMES = {"attn.out_proj": "attn.out_proj", "ln_1": "norm1", "ln_2": "norm2",
+                           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+OPEN_CLIP_TEXT_TENSORS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                          "text_projection")
+
+
 def convert_open_clip_state(sd: Dict[str, Tensor], layers: int, text_layers: int) -> Dict[str, Tensor]:
-    """open_clip CLIP keys -> the authors' keys (patch bias zero: CLIP's conv has none)."""
-    out: Dict[str, Tensor] = {}
-    conv = sd["visual.conv1.weight"]
-    out["visual.patch_embed.proj.weight"] = conv
-    out["visual.patch_embed.proj.bias"] = torch.zeros(conv.shape[0], dtype=conv.dtype)
-    out["visual.cls_token"] = sd["visual.class_embedding"]
-    out["visual.pos_embed"] = sd["visual.positional_embedding"]
-    for k in ("ln_pre", "ln_post"):
-        for p in ("weight", "bias"):
-            out[f"visual.{k}.{p}"] = sd[f"visual.{k}.{p}"]
-    out["visual.proj"] = sd["visual.proj"]
+    """open_clip CLIP keys -> the authors' keys (patch bias zero: CLIP's conv has none). Every tensor
+    of the two towers must find its place: one left over belongs to a feature Vita-CLIP does not
+    compute, and dropping it would change the features silently."""
+    renames = {"visual.conv1.weight": "visual.patch_embed.proj.weight", "visual.class_embedding": "visual.cls_token",
+               "visual.positional_embedding": "visual.pos_embed", "visual.proj": "visual.proj"}
+    renames.update({f"visual.{ln}.{p}": f"visual.{ln}.{p}" for ln in ("ln_pre", "ln_post") for p in ("weight", "bias")})
+    renames.update({k: f"textual.{k}" for k in OPEN_CLIP_TEXT_TENSORS})
+    fused_qkv = {}  # open_clip's in_proj tensor -> the authors' q, k, v tensors
     for i in range(layers):
         src, dst = f"visual.transformer.resblocks.{i}.", f"visual.blocks.{i}."
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[src + "attn.in_proj_weight"].chunk(3)):
-            out[dst + f"attn.{name}.weight"] = part
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[src + "attn.in_proj_bias"].chunk(3)):
-            out[dst + f"attn.{name}.bias"] = part
-        renames = {"attn.out_proj": "attn.out_proj", "ln_1": "norm1", "ln_2": "norm2",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-        for a, b in renames.items():
-            for p in ("weight", "bias"):
-                out[dst + f"{b}.{p}"] = sd[src + f"{a}.{p}"]
-    text_keys = [k for k in sd if not k.startswith("visual.") and k != "logit_scale" and k != "attn_mask"]
-    for k in text_keys:
-        out[f"textual.{k}"] = sd[k]
+        for p in ("weight", "bias"):
+            fused_qkv[f"{src}attn.in_proj_{p}"] = [f"{dst}attn.{n}.{p}" for n in ("q_proj", "k_proj", "v_proj")]
+            renames.update({f"{src}{a}.{p}": f"{dst}{b}.{p}" for a, b in OPEN_CLIP_BLOCK_RENAMES.items()})
+    for i in range(text_layers):
+        src = f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            for name in (f"attn.in_proj_{p}", *(f"{a}.{p}" for a in OPEN_CLIP_BLOCK_RENAMES)):
+                renames[src + name] = f"textual.{src}{name}"
+    needed = {*renames, *fused_qkv}
+    missing = sorted(needed - set(sd))
+    unused = sorted(set(sd) - needed - {"logit_scale"})  # CLIP's logit scale: Vita-CLIP starts its own (SPEC)
+    problems = []
+    if unused:
+        problems.append(f"tensors of features Vita-CLIP does not implement {unused}")
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if problems:
+        raise ValueError("the open_clip model does not convert to Vita-CLIP: " + "; ".join(problems))
+    out = {dst: sd[src] for src, dst in renames.items()}
+    for src, dsts in fused_qkv.items():
+        out.update(zip(dsts, sd[src].chunk(3)))
+    conv = sd["visual.conv1.weight"]
+    out["visual.patch_embed.proj.bias"] = torch.zeros(conv.shape[0], dtype=conv.dtype)
     return out
 
 
