@@ -285,3 +285,22 @@ def test_official_backbone_file_initialises_the_context_from_its_token_embedding
                                                num_frames=3, num_global_prompts=2, csc=False,
                                                ctx_init="a video of a")
     assert torch.equal(loaded.prompt_learner.ctx, phrase_embedding(model.textual.token_embedding, "a video of a"))
+
+
+@pytest.mark.parametrize("learned_classes", [None, CLASSES])
+def test_save_and_load_pretrained_keeps_zero_shot_classes(tmp_path, learned_classes):
+    model = randomize_(VitaCLIP(tiny_config(), learned_classes)).eval()
+    templates = ["a video of {}.", "someone doing {}"]
+    model.set_classes(["brush_hair", "cartwheel", "wave"], templates=templates)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VitaCLIP.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.classnames == ["brush hair", "cartwheel", "wave"]
+    assert loaded.zero_shot_templates == templates
+    video = random_video(model.config)
+    assert torch.equal(loaded(video), model(video))
+    if learned_classes is not None:  # the learned context is still there to switch back to
+        for m in (model, loaded):
+            m.set_classes(learned_classes)
+        assert loaded.zero_shot_templates is None and torch.equal(loaded(video), model(video))
+    loaded.save_pretrained(tmp_path / "saved")  # a model with learned classes (or none) over it
+    assert VitaCLIP.from_pretrained(tmp_path / "saved").classnames == loaded.classnames

@@ -45,6 +45,7 @@ class VitaCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.prompt_learner: Optional[PromptLearner] = None
         self._fixed_classnames: Optional[List[str]] = None
+        self._fixed_templates: Optional[List[str]] = None
         self.register_buffer("_fixed_text_features", None, persistent=False)
         self._text_cache: Optional[Tuple[tuple, Tensor]] = None
         self._graphs = GraphCache()
@@ -92,6 +93,11 @@ class VitaCLIP(nn.Module):
             return list(self.prompt_learner.classnames)
         return []
 
+    @property
+    def zero_shot_templates(self) -> Optional[List[str]]:
+        """The templates the current classes are scored with zero-shot; None with the learned context."""
+        return None if self._fixed_templates is None else list(self._fixed_templates)
+
     def set_classes(self, classnames: Sequence[str], templates: Optional[Sequence[str]] = None) -> None:
         """Switch the label set.
 
@@ -105,9 +111,11 @@ class VitaCLIP(nn.Module):
         if templates is not None:
             self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
             self._fixed_classnames = [clean_classname(n) for n in classnames]
+            self._fixed_templates = list(templates)
             return
         self._fixed_text_features = None
         self._fixed_classnames = None
+        self._fixed_templates = None
         if self.prompt_learner is None:
             self.prompt_learner = PromptLearner(self.config, self.textual.token_embedding, classnames)
             self.prompt_learner.to(self.logit_scale.device)

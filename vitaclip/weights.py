@@ -20,7 +20,9 @@ from .model import VitaCLIP
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-CLASSES_FILE = "classnames.json"
+CLASSES_FILE = "classnames.json"  # the learned context's classes
+# the classes scored zero-shot, with their templates: only for a model switched to them
+ZERO_SHOT_FILE = "zero_shot.json"
 # Keys of the authors' model that a converted CLIP backbone file does not hold: the Vita-CLIP
 # additions (prompts, summary modules, cls_proj, time embedding, text context, logit scale).
 VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cls_proj|prompt_learner|logit_scale)")
@@ -349,6 +351,12 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
     atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(model.config.to_json()))
     atomic_write(directory / CLASSES_FILE, lambda p: Path(p).write_text(json.dumps(classnames, indent=1)))
+    templates = model.zero_shot_templates
+    if templates is None:  # one from an earlier save here would switch the reloaded model's classes
+        (directory / ZERO_SHOT_FILE).unlink(missing_ok=True)
+    else:
+        zero_shot = {"classnames": model.classnames, "templates": templates}
+        atomic_write(directory / ZERO_SHOT_FILE, lambda p: Path(p).write_text(json.dumps(zero_shot, indent=1)))
 
 
 def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
@@ -363,4 +371,7 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
     classnames = json.loads((directory / CLASSES_FILE).read_text()) or None
     model = cls(config, classnames, backend=backend)
     load_state_exactly(model, load_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    if (directory / ZERO_SHOT_FILE).is_file():  # their text features come from the loaded weights
+        zero_shot = json.loads((directory / ZERO_SHOT_FILE).read_text())
+        model.set_classes(zero_shot["classnames"], templates=zero_shot["templates"])
     return model
