@@ -125,6 +125,14 @@ def test_checkpoint_without_backbone_rebuilds_it_from_its_source(tmp_path):
         torch.testing.assert_close(rebuilt.state_dict()[k], v, msg=k)
 
 
+def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
+    base = tiny_model()
+    base.set_classes(CLASSES, templates=["a video of {}."])
+    base.save_pretrained(tmp_path / "base")
+    model = ckpt.build_backbone({"kind": "pretrained", "path": str(tmp_path / "base")}, CLASSES)
+    assert model.zero_shot_templates is None and model.prompt_learner.ctx is not None
+
+
 def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, checkpoint_every=2))
     before = (tmp_path / "checkpoint-00000002.pt").read_bytes()

@@ -152,7 +152,8 @@ def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]]
         if overrides:
             raise ValueError("a saved model's architecture is fixed: no overrides allowed "
                              f"(got {sorted(overrides)})")
-        if classnames is not None and list(classnames) != model.classnames:
+        # a model saved for zero-shot scoring gets learned prompts for the same names too
+        if classnames is not None and (list(classnames) != model.classnames or model.zero_shot_templates):
             model.set_classes(classnames)
     else:
         raise ValueError(f"unknown backbone source {backbone!r}")
