@@ -143,18 +143,24 @@ def test_double_backward_is_refused():
     torch.autograd.grad(summary_ext.summary_tokens(c, norm, attn, 2).square().sum(), c)  # a plain one works
 
 
-@needs_ext
-def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatch):
-    """A CPU-only build (no CUDA toolkit at install time) on CUDA tensors: PyTorch, not an error."""
+@pytest.fixture
+def paths_taken(monkeypatch):
+    """The summary paths `summary.summary_tokens` takes, in order ("naive" or "ext")."""
     ran = []
     monkeypatch.setattr(naive, "summary_tokens", lambda *a: ran.append("naive") or a[0])
     monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ran.append("ext") or a[0])
+    return ran
+
+
+@needs_ext
+def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatch, paths_taken):
+    """A CPU-only build (no CUDA toolkit at install time) on CUDA tensors: PyTorch, not an error."""
     norm, attn = make_summary_layer(8, 2)
     assert summary_ext.runs_on(torch.device("cpu")) and not summary_ext.runs_on(torch.device("meta"))
     monkeypatch.setattr(summary_ext, "KERNEL_DEVICES", frozenset({"cuda"}))  # as if built without CPU kernels
     assert not summary_ext.runs_on(torch.device("cpu"))
     summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 2)
-    assert ran == ["naive"]
+    assert paths_taken == ["naive"]
 
 
 @needs_ext
@@ -208,10 +214,7 @@ def test_autocast_matches_pytorch_path(dtype):
 
 
 @needs_ext
-def test_env_switch_picks_the_path(monkeypatch):
-    ran = []
-    monkeypatch.setattr(naive, "summary_tokens", lambda *a: ran.append("naive") or a[0])
-    monkeypatch.setattr(summary_ext, "summary_tokens", lambda *a: ran.append("ext") or a[0])
+def test_env_switch_picks_the_path(monkeypatch, paths_taken):
     norm, attn = make_summary_layer(8, 2)
     c = torch.randn(1, 2, 8)
     monkeypatch.setenv(summary.DISABLE_ENV, "1")
@@ -220,7 +223,7 @@ def test_env_switch_picks_the_path(monkeypatch):
     monkeypatch.setenv(summary.DISABLE_ENV, "0")
     assert vitaclip.extension_available()
     summary.summary_tokens(c, norm, attn, 2)
-    assert ran == ["naive", "ext"]
+    assert paths_taken == ["naive", "ext"]
 
 
 @needs_ext

@@ -44,16 +44,16 @@ def load_state_exactly(model: VitaCLIP, state: Dict[str, Tensor], allow_missing=
     unexpected = sorted(k for k in state if k not in expected)
     mismatched = sorted(f"{k}: {tuple(state[k].shape)} in {source}, {tuple(expected[k].shape)} in the model"
                         for k in state if k in expected and state[k].shape != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if problems:
-        raise ValueError(f"{source} does not fit this VitaCLIP architecture: " + "; ".join(problems))
+    raise_problems(f"{source} does not fit this VitaCLIP architecture",
+                   {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched})
     model.load_state_dict(state, strict=False)
+
+
+def raise_problems(what: str, problems: Dict[str, list]) -> None:
+    """A ValueError `what: label [items]; ...` naming every non-empty list of problems."""
+    found = [f"{label} {items}" for label, items in problems.items() if items]
+    if found:
+        raise ValueError(f"{what}: " + "; ".join(found))
 
 
 # ---------------------------------------------------------------------------- open_clip
@@ -206,13 +206,8 @@ def convert_open_clip_state(sd: Dict[str, Tensor], layers: int, text_layers: int
     needed = {*renames, *fused_qkv}
     missing = sorted(needed - set(sd))
     unused = sorted(set(sd) - needed - {"logit_scale"})  # CLIP's logit scale: Vita-CLIP starts its own (SPEC)
-    problems = []
-    if unused:
-        problems.append(f"tensors of features Vita-CLIP does not implement {unused}")
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if problems:
-        raise ValueError("the open_clip model does not convert to Vita-CLIP: " + "; ".join(problems))
+    raise_problems("the open_clip model does not convert to Vita-CLIP",
+                   {"tensors of features Vita-CLIP does not implement": unused, "missing tensors": missing})
     out = {dst: sd[src] for src, dst in renames.items()}
     for src, dsts in fused_qkv.items():
         out.update(zip(dsts, sd[src].chunk(3)))
