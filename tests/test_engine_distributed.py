@@ -100,3 +100,27 @@ def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     assert list(r0["losses"]) == [3] and r0["losses"] == r1["losses"]
     assert "holds checkpoints of an earlier run" in r0["refusal"] and r1["refusal"] == r0["refusal"]
+
+
+def test_compiled_backends_keep_their_layer_graphs_whole_under_ddp(monkeypatch, tmp_path):
+    """DDP's graph splitting would cut the compiled layer at gradient-bucket boundaries."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from vitaclip.engine import train as train_module
+    from vitaclip.engine.distributed import DistEnv
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        model = tiny_model()
+        train_module.distributed_model(model, env)  # the reference backend compiles nothing
+        assert torch._dynamo.config.optimize_ddp
+        compiled = dataclasses.replace(train_module.resolve_backend("reference", env.device), compile_modules=True)
+        monkeypatch.setattr(train_module, "resolve_backend", lambda name, device: compiled)
+        train_module.distributed_model(model, env)
+        assert not torch._dynamo.config.optimize_ddp
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..backends import resolve_backend
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed,
@@ -215,11 +216,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         save_final_model(model, out, config, env)
         return TrainResult(start_step, last_checkpoint=str(resume_path), finished=True)
 
-    net = model
-    if env.is_distributed:
-        # buffers (token ids) never change: no need to broadcast them before every forward
-        net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+    net = distributed_model(model, env) if env.is_distributed else model
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -238,9 +235,9 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             loss_sum = torch.zeros((), device=env.device)
             for m in range(accum):
                 video, labels, video_ids = split_views(*next(batches))
+                check_batch_labels(labels, video_ids, num_classes, step)  # on the host if they are there: no sync
                 video = video.to(env.device, non_blocking=True)
                 labels = labels.to(env.device, non_blocking=True)
-                check_batch_labels(labels, video_ids, num_classes, step)
                 sync = contextlib.nullcontext() if m == accum - 1 or not env.is_distributed else net.no_sync()
                 with sync:
                     with autocast(env.device, config.precision):
@@ -299,6 +296,18 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     if result.finished:
         save_final_model(model, out, config, env)
     return result
+
+
+def distributed_model(model: VitaCLIP, env: DistEnv) -> DistributedDataParallel:
+    """The model under DDP, for the backend it runs."""
+    if resolve_backend(model.backend, env.device).compile_modules:
+        # DDP's graph splitting (to overlap all-reduce with the backward) would cut the compiled layer
+        # at bucket boundaries and lose its fusions; a graphed backward hands over all its gradients
+        # at its end anyway
+        torch._dynamo.config.optimize_ddp = False
+    # buffers (token ids) never change: no need to broadcast them before every forward
+    return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistEnv) -> None:
