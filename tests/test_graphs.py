@@ -44,6 +44,51 @@ def test_key_follows_frozen_weights_and_ignores_trained_ones():
     assert key_of(model.visual) != key
 
 
+def test_a_reshaped_tensor_at_the_same_address_is_another_key():
+    """A graph bakes in its tensors' shapes (the class prompts' length, the prompt counts)."""
+    model = VitaCLIP(tiny_config(), CLASSES)
+    key = key_of(model.visual)
+    prompts = model.visual.blocks[0].local_prompts
+    prompts.data = prompts.data.flatten(0, 1)  # same memory, same version counter
+    assert key_of(model.visual) != key
+
+
+def test_a_keys_first_call_runs_without_autocasts_weight_cache_as_its_capture_does(monkeypatch):
+    """torch.compile guards on the cache flag: a first call with the cache on would compile each
+    graph once more for the capture, using up the recompile limit twice as fast."""
+    monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+    model = VitaCLIP(tiny_config(), CLASSES)
+    flags = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        GraphCache().run("pass", lambda x: flags.append(torch.is_autocast_cache_enabled()) or x,
+                         [torch.zeros(2)], [model.visual], torch.device("cpu"))
+    assert flags == [False]
+
+
+def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
+    """A capture that fails as it ends leaves its side stream current."""
+    class FailingCapture:
+        def __init__(self, fn, inputs, params):
+            current["stream"] = "capture stream"
+            raise RuntimeError("capture invalidated")
+
+    current = {"stream": "caller's stream"}
+    monkeypatch.setattr("vitaclip.graphs.CapturedPass", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current["stream"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.update(stream=stream))
+    model = VitaCLIP(tiny_config(), CLASSES)
+    cache = GraphCache()
+    with torch.no_grad():
+        cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+        with pytest.warns(RuntimeWarning, match="capture invalidated"):
+            out = cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+    assert torch.equal(out, torch.ones(2)) and current["stream"] == "caller's stream"
+
+
 def test_tensors_made_in_inference_mode_have_a_key():
     model = VitaCLIP(tiny_config(), CLASSES)
     with torch.inference_mode():
@@ -145,6 +190,7 @@ def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
     monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
     monkeypatch.setattr(FakeCapture, "made", 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
     cache, calls = GraphCache(), []
 

@@ -42,18 +42,23 @@ def _autocast_state(device_type: str):
     return enabled, torch.get_autocast_dtype(device_type) if enabled else None
 
 
+def _uncached_autocast(device_type: str = "cuda") -> torch.autocast:
+    """The caller's autocast state with autocast's weight-cast cache off, as a capture needs it (cached
+    casts would be made once, inside one capture, and freed when the caller's autocast region ends).
+    A key's first, uncaptured call runs under it too: torch.compile guards on the cache flag, and would
+    otherwise compile every graph once more for the capture."""
+    enabled, dtype = _autocast_state(device_type)
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
 class CapturedPass:
     """One pass captured for one key: a forward graph, and a backward graph when `params`."""
 
     def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], params: List[nn.Parameter]):
         self.generation = 0
-        device_type = "cuda"
-        autocast_on, autocast_dtype = _autocast_state(device_type)
-        # autocast's weight-cast cache must stay off while capturing: cached casts would be
-        # made once, inside one capture, and freed when the caller's autocast region ends
-        autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on, cache_enabled=False)
+        autocast = _uncached_autocast()
         # the backward as a training step runs it, after leaving the autocast region
-        no_autocast = torch.autocast(device_type, enabled=False)
+        no_autocast = torch.autocast("cuda", enabled=False)
         self.static_inputs = [x.detach().clone() for x in inputs]
         # warm-up and capture on one stream, so that what a stream sets up lazily (cuBLAS
         # workspaces) exists before the capture
@@ -143,14 +148,14 @@ def _module_state(modules: Sequence[nn.Module]) -> Tuple[tuple, tuple, List[nn.P
                 continue
             seen.add(id(p))
             if p.requires_grad:
-                key.append((p.data_ptr(), True))
+                key.append((p.data_ptr(), p.shape, True))
                 trainable.append(p)
                 hooked = hooked or bool(p._backward_hooks)
             else:
-                key.append((p.data_ptr(), False, _version(p)))
+                key.append((p.data_ptr(), p.shape, False, _version(p)))
         for b in module._buffers.values():
             if b is not None:
-                key.append((b.data_ptr(), _version(b)))
+                key.append((b.data_ptr(), b.shape, _version(b)))
     return tuple(modes), tuple(key), trainable, hooked
 
 
@@ -162,7 +167,7 @@ def _version(t: Tensor):
 class GraphCache:
     """The captured passes of one model, least recently used dropped beyond `capacity`."""
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 6):  # a training run's passes, its evaluation's, a partial batch's
         self.capacity = capacity
         self._passes: "OrderedDict[tuple, CapturedPass]" = OrderedDict()
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()  # keys run once, uncaptured
@@ -211,15 +216,19 @@ class GraphCache:
                 self._seen[key] = None
                 while len(self._seen) > 4 * self.capacity:
                     self._seen.popitem(last=False)
-                return fn(*inputs)
+                with _uncached_autocast():
+                    return fn(*inputs)
             del self._seen[key]
             # the same call with earlier weights (reloaded in place, another checkpoint) cannot come back
             for stale in [k for k in self._passes if k[:-1] == call]:
                 del self._passes[stale]
+            stream = torch.cuda.current_stream()
             try:
                 with torch.cuda.device(device):
                     captured = CapturedPass(fn, inputs, params)
             except Exception as error:  # noqa: BLE001 - any capture failure: run uncaptured, say why
+                # a capture that fails as it ends leaves its side stream current: back to the caller's
+                torch.cuda.set_stream(stream)
                 warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({error!r}); "
                               f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 self._failed.add(key)

@@ -136,7 +136,8 @@ class VitaCLIP(nn.Module):
                 # cut already, to a length known without waiting for the GPU (a CUDA graph capture cannot)
                 return self.textual(embeds, eot, truncate, compiled=backend.compile_modules, length=embeds.shape[1])
 
-            if backend.cuda_graphs and self.logit_scale.is_cuda:
+            # without gradients the features are computed once per evaluation and cached: not worth a graph
+            if backend.cuda_graphs and self.logit_scale.is_cuda and torch.is_grad_enabled():
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
                                         [self.textual, self.prompt_learner], self.logit_scale.device)
             return learned_text_features()
