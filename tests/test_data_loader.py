@@ -359,6 +359,46 @@ def test_auto_backend_on_cuda_prefers_pyav_over_dali_gpu(vp9_dataset, tmp_path, 
     assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "dali-gpu"
 
 
+class RecordingDaliDecoder:
+    """Stands in for dali.DaliDecoder: records its arguments, decodes nothing."""
+    made = []
+
+    def __init__(self, device, batch_size, **kw):
+        self.made.append(dict(device=device, **kw))
+
+    def decode(self, batches):
+        return iter(())
+
+
+@needs_dali
+@pytest.mark.parametrize("device,current,want", [("cuda", 3, 3), ("cuda:2", 3, 2)])
+def test_dali_gpu_decodes_on_the_current_gpu_of_the_rank(vp9_dataset, monkeypatch, device, current, want):
+    """DDP sets each rank's GPU as the current one; a loader on "cuda" decodes there, not on GPU 0.
+    Nothing touches the (absent) GPU: DALI and the current device are stand-ins."""
+    root, _ = vp9_dataset
+    monkeypatch.setattr(dali, "DaliDecoder", RecordingDaliDecoder)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    RecordingDaliDecoder.made.clear()
+    list(loader(root, True, batch_size=1, backend="dali-gpu", device=device).decode_epoch())
+    assert [(m["device"], m["device_id"]) for m in RecordingDaliDecoder.made] == [("gpu", want)]
+
+
+def test_command_line_loaders_take_the_device_of_the_rank(vp9_dataset, monkeypatch):
+    """torchrun without --device: each rank's loader gets its own GPU (env.device), not "cuda"."""
+    import vitaclip.data
+    from vitaclip.cli import build_parser, video_loader
+    from vitaclip.engine.distributed import DistEnv
+
+    root, _ = vp9_dataset
+    made = []
+    monkeypatch.setattr(vitaclip.data, "VideoLoader", lambda *a, **kw: made.append(kw))
+    args = build_parser().parse_args(["eval", "--model", "m", "--list", str(root / "list.csv")])
+    assert args.device is None
+    env = DistEnv(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1))
+    video_loader(args, env, args.list, ["a", "b", "c"], False, 8, 32, batch_size=1)
+    assert made[0]["device"] == torch.device("cuda", 1)
+
+
 def test_start_batch_gives_the_rest_of_the_epoch_without_decoding_the_rest(vp9_dataset, monkeypatch):
     root, _ = vp9_dataset
     full = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)

@@ -71,14 +71,15 @@ def build_training_model(args, classes: List[str]):
     return model, (payload["backbone"] if payload is not None else {"kind": "official", "path": str(path)})
 
 
-def video_loader(args, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
+def video_loader(args, env, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
+    """A loader decoding on this process's device (`env.device`: its rank's GPU under torchrun)."""
     from .data import VideoLoader
 
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file} does not exist")
     return VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                        size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
-                       device=args.device, on_error=args.on_error, min_frames=args.min_frames, **kw)
+                       device=env.device, on_error=args.on_error, min_frames=args.min_frames, **kw)
 
 
 def report_skipped(args, env, *loaders) -> None:
@@ -110,11 +111,11 @@ def cmd_train(args) -> int:
     model, backbone = build_training_model(args, classes)
     cfg = model.config
     micro = args.micro_batch_size or args.batch_size // env.world_size
-    train_data = video_loader(args, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
+    train_data = video_loader(args, env, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
                               batch_size=micro, tsn=args.tsn, augment=args.augment or None, seed=args.seed)
     eval_data = None
     if args.val_list:
-        eval_data = video_loader(args, args.val_list, classes, False, cfg.num_frames, cfg.image_size,
+        eval_data = video_loader(args, env, args.val_list, classes, False, cfg.num_frames, cfg.image_size,
                                  batch_size=args.eval_batch_size, temporal_views=args.temporal_views,
                                  spatial_crops=args.spatial_crops)
     config = TrainConfig(
@@ -148,7 +149,7 @@ def cmd_eval(args) -> int:
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
     frames = args.frames or model.config.num_frames
-    data = video_loader(args, args.list, model.classnames, False, frames, model.config.image_size,
+    data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
                         batch_size=args.batch_size, temporal_views=args.temporal_views,
                         spatial_crops=args.spatial_crops)
     result = evaluate(model, data, EvalConfig(batch_size=args.batch_size, precision=args.precision,
@@ -191,7 +192,7 @@ def cmd_zeroshot(args) -> int:
     splits = []
     for text, (list_file, class_file) in zip(args.split, parsed):
         classes = read_classes(class_file)
-        data = video_loader(args, list_file, classes, False, frames, model.config.image_size,
+        data = video_loader(args, env, list_file, classes, False, frames, model.config.image_size,
                             batch_size=args.batch_size, temporal_views=args.temporal_views,
                             spatial_crops=args.spatial_crops)
         splits.append(Split(text, classes, data))

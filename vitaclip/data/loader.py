@@ -185,9 +185,10 @@ class VideoLoader:
         tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.backend.startswith("dali"):
             if self._dali is None:
+                on_gpu = self.backend == "dali-gpu"
                 self._dali = dali.DaliDecoder(
-                    "gpu" if self.backend == "dali-gpu" else "cpu", self.batch_size,
-                    num_threads=max(2, self.num_workers), device_id=self.device.index or 0,
+                    "gpu" if on_gpu else "cpu", self.batch_size, num_threads=max(2, self.num_workers),
+                    device_id=_cuda_index(self.device) if on_gpu else None,
                     prefetch=self.prefetch, mode=self.dali_mode, sequence_length=self.num_frames,
                     stride=self.stride, readers=self.dali_readers)
             yield from self._dali.decode(tasks)
@@ -279,6 +280,12 @@ class VideoLoader:
             raise VideoDecodeError(message)
         log.warning("skipping: %s", message)
         self.skipped.append(message)
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The GPU a CUDA device means; "cuda" without index: the current one, which the engine sets
+    for each DDP rank (taking GPU 0 made every rank decode there)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _size_mismatch(plan: ClipPlan, frames) -> Optional[VideoDecodeError]:
