@@ -73,6 +73,21 @@ def test_dali_cpu_matches_pyav(vp9_dataset):
             assert torch.all(mae < 2 / 255), mae
 
 
+@needs_dali
+def test_dali_decoder_mode_takes_batches_larger_than_its_batch_size(vp9_dataset):
+    """A batch larger than one before it broke fn.decoders.video's pipeline (IndexError)."""
+    root, rows = vp9_dataset
+    tasks = [(str(root / name), np.array([k, k + 5])) for k in range(3) for name, _, _, _ in rows]
+    batches = [tasks[:1], tasks[1:6], tasks[6:8], tasks[8:]]  # 1, 5, 2, 1 clips
+    decoder = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="decoder")
+    got = list(decoder.decode(batches))
+    assert [len(b) for b in got] == [1, 5, 2, 1]
+    one_by_one = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, mode="decoder")
+    want = [r for b in one_by_one.decode([[t] for t in tasks]) for r in b]
+    for g, w in zip([r for b in got for r in b], want):
+        assert torch.equal(g, w)
+
+
 @pytest.fixture(scope="module")
 def full_range_videos(tmp_path_factory):
     """Real clips tagged full range (0..255 levels): MJPEG and H.264, which FFmpeg decodes as

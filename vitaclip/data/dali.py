@@ -115,6 +115,18 @@ class DaliDecoder:
         yield from self._decode_with_decoder(batches)
 
     def _decode_with_decoder(self, batches: List[List[Task]]) -> Iterator[List]:
+        """fn.decoders.video in DALI batches of at most batch_size (a pipeline fed a batch larger
+        than one before fails), handed out in the consumer's batches."""
+        size = self.batch_size
+        parts = self._decode_parts([batch[i:i + size] for batch in batches for i in range(0, len(batch), size)])
+        results = (item for part in parts for item in part)
+        try:
+            for batch in batches:
+                yield [next(results) for _ in batch]
+        finally:
+            parts.close()
+
+    def _decode_parts(self, batches: List[List[Task]]) -> Iterator[List]:
         if self._pipe is None:
             self._pipe = self._build(self.batch_size, self.num_threads, self.prefetch, source=self._next_batch)
         self._tasks = iter(batches)
