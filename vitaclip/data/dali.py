@@ -257,6 +257,7 @@ class DaliDecoder:
                 self._single.feed_input("frames", frames)
                 (out,) = self._single.run()
                 results.append(self._to_torch(out[0]))
+                self._keep_alive(out)
             except RuntimeError as e:
                 self._single = self._build(1, 1, 1)  # a failed DALI pipeline cannot run again
                 results.append(VideoDecodeError(f"{path}: DALI could not decode frames "
