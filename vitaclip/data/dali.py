@@ -93,7 +93,9 @@ class DaliDecoder:
             else:
                 encoded, frames = fn.external_source(source=source, num_outputs=2, batch=True,
                                                      dtype=[types.UINT8, types.INT32])
-            return fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none")
+            # affine=False: the mixed decoder would pin its threads to cores, the same cores in
+            # every process of a node (DDP ranks); the CPU decoder ignores it
+            return fn.decoders.video(encoded, frames=frames, device=decoder_device, pad_mode="none", affine=False)
 
         pipe = pipeline()
         pipe.build()
