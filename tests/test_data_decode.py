@@ -1,5 +1,6 @@
 """Decoders: PyAV and DALI's CPU decoder give the same frames for the same indices."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -251,17 +252,78 @@ def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
     assert torch.equal(next(reader.decode(odd))[0], next(decoder.decode(odd))[0])
 
 
+@pytest.fixture
+def dali_paths(monkeypatch):
+    """What DaliDecoder sends to fn.decoders.video: the paths it decodes one by one, and how
+    often it decodes a list of batches in decoder mode (the reader mode's fallback)."""
+    calls = {"one_by_one": [], "decoder_mode": 0}
+    one_by_one, decoder_mode = dali.DaliDecoder._decode_one_by_one, dali.DaliDecoder._decode_with_decoder
+
+    def record_one_by_one(self, tasks):
+        calls["one_by_one"] += [path for path, _ in tasks]
+        return one_by_one(self, tasks)
+
+    def record_decoder_mode(self, batches):
+        calls["decoder_mode"] += 1
+        return decoder_mode(self, batches)
+
+    monkeypatch.setattr(dali.DaliDecoder, "_decode_one_by_one", record_one_by_one)
+    monkeypatch.setattr(dali.DaliDecoder, "_decode_with_decoder", record_decoder_mode)
+    return calls
+
+
 @needs_dali
-def test_dali_reader_mode_names_the_bad_file_and_keeps_the_good_ones(good_and_junk):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_dali_reader_names_the_files_it_cannot_read_and_reads_the_others(good_and_junk, tmp_path, dali_paths,
+                                                                         readers):
+    """Files DALI's reader leaves out of its list (corrupt, missing) are errors naming them; the
+    reader decodes the rest of the epoch, and in later epochs those files stay out of its lists."""
     good, junk, _ = good_and_junk
+    junk, gone = str(junk), str(tmp_path / "gone.webm")
+    clip = lambda k: np.array([k, k + 1])  # noqa: E731
+    batches = [[(good, clip(0)), (junk, clip(0))], [(good, clip(2)), (gone, clip(0)), (good, clip(4))],
+               [(junk, clip(2)), (good, clip(6))], [(good, clip(8))]]
+    tasks = [t for b in batches for t in b]
+    want = [r for b in dali.DaliDecoder("cpu", batch_size=3, num_threads=2, mode="decoder").decode(batches)
+            for r in b]
     reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1,
-                              readers=2)
-    batches = [[(good, np.array([0, 1]))], [(str(junk), np.array([0])), (good, np.array([2, 3]))],
-               [(good, np.array([4, 5]))]]
-    out = list(reader.decode(batches))
-    assert [len(b) for b in out] == [1, 2, 1]
-    assert out[0][0].shape[0] == 2 and out[1][1].shape[0] == 2 and out[2][0].shape[0] == 2
-    assert isinstance(out[1][0], VideoDecodeError) and "junk.webm" in str(out[1][0])
+                              readers=readers)
+    for epoch in range(2):
+        dali_paths["one_by_one"].clear()
+        dali_paths["decoder_mode"] = 0
+        out = list(reader.decode(batches))
+        assert [len(b) for b in out] == [2, 3, 2, 1]
+        for (path, _), got, expected in zip(tasks, [r for b in out for r in b], want):
+            if path == good:
+                assert torch.equal(got, expected)
+            else:
+                assert isinstance(got, VideoDecodeError) and os.path.basename(path) in str(got)
+        assert sorted(dali_paths["one_by_one"]) == sorted([gone, junk, junk])  # only the bad files' clips
+        assert dali_paths["decoder_mode"] == 0
+
+
+@needs_dali
+def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset, tmp_path, dali_paths):
+    """A file that goes bad after the reader indexed it fails a run: that batch is decoded one
+    by one, a new reader takes the rest of the epoch, and later epochs leave the file out."""
+    root, rows = vp9_dataset
+    paths = [str(tmp_path / f"v{i}.webm") for i in range(6)]
+    for path in paths:
+        shutil.copy(root / rows[0][0], path)
+    batches = [[(path, np.array([0, 1]))] for path in paths]
+    reader = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=1, mode="reader", sequence_length=2,
+                              stride=1, readers=1)
+    epoch = reader.decode(batches)
+    first = next(epoch)  # the reader has indexed every file
+    with open(paths[4], "wb") as f:
+        f.write(os.urandom(5000))
+    for out in ([first] + list(epoch), list(reader.decode(batches))):
+        assert isinstance(out[4][0], VideoDecodeError) and "v4.webm" in str(out[4][0])
+        assert all(torch.equal(out[i][0], first[0]) for i in (1, 2, 3, 5))
+    assert dali_paths["decoder_mode"] == 0
+    dali_paths["one_by_one"].clear()
+    list(reader.decode(batches))
+    assert dali_paths["one_by_one"] == [paths[4]]
 
 
 @needs_dali

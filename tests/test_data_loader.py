@@ -199,6 +199,29 @@ def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
         next(iter(strict))
 
 
+@needs_dali
+def test_dali_reader_skips_a_corrupt_video_and_reads_the_others_every_epoch(vp9_dataset, tmp_path, monkeypatch):
+    root, rows = vp9_dataset
+    names = [f"v{i}.webm" for i in range(6)]
+    for i, name in enumerate(names):
+        shutil.copy(root / rows[i % 3][0], tmp_path / name)
+    (tmp_path / "list.csv").write_text("".join(f"{name},{i % 3}\n" for i, name in enumerate(names)))
+    ld = loader(tmp_path, True, batch_size=2, num_frames=4, stride=8, size=32, augment=None, backend="dali-cpu",
+                dali_mode="reader", on_error="skip")
+    (tmp_path / "v3.webm").write_bytes(os.urandom(4000))  # corrupt after its metadata was read
+    decoded_alone, decoder_mode = [], []
+    one_by_one, with_decoder = dali.DaliDecoder._decode_one_by_one, dali.DaliDecoder._decode_with_decoder
+    monkeypatch.setattr(dali.DaliDecoder, "_decode_one_by_one",
+                        lambda self, tasks: decoded_alone.extend(p for p, _ in tasks) or one_by_one(self, tasks))
+    monkeypatch.setattr(dali.DaliDecoder, "_decode_with_decoder",
+                        lambda self, batches: decoder_mode.append(batches) or with_decoder(self, batches))
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        assert sorted(int(i) for b in ld for i in b.video_id) == [0, 1, 2, 4, 5]
+    assert len(ld.skipped) == 1 and "list.csv:4" in ld.skipped[0]
+    assert decoded_alone == [str(tmp_path / "v3.webm")] * 2 and decoder_mode == []  # the reader read the others
+
+
 @pytest.mark.parametrize("change", ["another data root", "video replaced"])
 def test_sidecar_rows_of_other_files_are_probed_again(vp9_dataset, tmp_path, change):
     root, rows = vp9_dataset

@@ -21,7 +21,7 @@ import collections
 import logging
 import os
 import tempfile
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ MODES = ("decoder", "reader")
 DEFAULT_MODE = "decoder"
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
+_WRAPPED = 2 ** 31  # above every file list label (int32): a reader that went through its list
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class DaliDecoder:
         self._pipe = None  # the "decoder" pipeline, built when first needed
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
         self._pending: collections.deque = collections.deque()
+        self._unreadable: Set[str] = set()  # files the reader could not read: decoded one by one
 
     def _build(self, batch_size, num_threads, prefetch, source=None):
         decoder_device = "mixed" if self.device == "gpu" else "cpu"
@@ -156,19 +158,52 @@ class DaliDecoder:
             self._pipe.reset()
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
-        """One reader pipeline per epoch over file lists of this epoch's frame ranges (one or two
-        per clip, `reader_lines`); the label of each sample is its line's position, which puts
-        the samples of the parallel readers back in order and checks that DALI kept every line.
+        """Reader pipelines over this epoch's clips: one, rebuilt for the rest of the epoch
+        after a run fails (a failed DALI pipeline cannot run again). Files the reader cannot
+        read (DALI leaves out their lines, or names them in its error) are remembered: from
+        then on their clips go to fn.decoders.video one by one, which names a bad file's error,
+        and the reader takes the others."""
+        done = 0  # batches handed out
+        while done < len(batches):
+            rest = batches[done:]
+            tasks = [t for b in rest for t in b]
+            lines = [(position, start, end)
+                     for position, ((path, _), (first, last)) in enumerate(zip(tasks, ranges[-len(tasks):]))
+                     if path not in self._unreadable for start, end in reader_lines(first, last, self.stride)]
+            try:
+                pipe = self._open_reader(tasks, lines) if lines else None
+            except RuntimeError as e:
+                named = _named_in(e, tasks) - self._unreadable
+                if not named:
+                    log.warning("DALI reader could not open this epoch's files (%s); decoding with "
+                                "fn.decoders.video", _first_line(e))
+                    yield from self._decode_with_decoder(rest)
+                    return
+                self._set_unreadable(named, e)
+                continue
+            try:
+                for results in self._read(pipe, rest, lines):
+                    yield results
+                    done += 1
+            except RuntimeError as e:  # the batch a run failed on goes one by one, the rest to a new reader
+                batch = batches[done]
+                results = self._decode_one_by_one(batch)
+                failed = {path for (path, _), r in zip(batch, results) if isinstance(r, Exception)}
+                self._set_unreadable(_named_in(e, tasks) | failed, e)
+                yield results
+                done += 1
 
-        Reader r reads lines r, r + K, r + 2K, ... (its own list, so each file is opened by
-        one reader only), padded to equal lengths with positions past the end: each run then
-        decodes consecutive lines, and all readers wrap around together."""
-        tasks = [t for b in batches for t in b]
-        if not tasks:
-            return
-        lines = [(position, start, end) for position, (first, last) in enumerate(ranges)
-                 for start, end in reader_lines(first, last, self.stride)]
-        lines_of_task = collections.Counter(position for position, _, _ in lines)
+    def _set_unreadable(self, paths: Set[str], reason) -> None:
+        for path in sorted(paths - self._unreadable):
+            log.warning("DALI reader cannot read %s (%s); its clips go to fn.decoders.video one by one",
+                        path, _first_line(reason) if isinstance(reason, Exception) else reason)
+        self._unreadable |= paths
+
+    def _open_reader(self, tasks: List[Task], lines: List[Tuple[int, int, int]]):
+        """A reader pipeline over `lines` (task position, start, end); the label of each sample
+        is its line's position. Reader r reads lines r, r + K, r + 2K, ... (its own list, so
+        each file is opened by one reader only), padded to equal lengths with positions past
+        the end (a reader with an empty list fails to build)."""
         k = self.readers
         rows = []
         for i in range(-(-len(lines) // k) * k):
@@ -179,50 +214,51 @@ class DaliDecoder:
             for r, file_list in enumerate(file_lists):
                 with open(file_list, "w") as f:
                     f.writelines(rows[r::k])
-            try:
-                pipe = self._build_reader(file_lists)
-            except RuntimeError as e:  # e.g. a missing file
-                log.warning("DALI reader could not open this epoch's files (%s); decoding with "
-                            "fn.decoders.video", _first_line(e))
-                yield from self._decode_with_decoder(batches)
-                return
-        decoded: collections.deque = collections.deque()  # (line, frames, timestamps)
-        last = -1  # line of the last sample taken; the readers wrap around past the end
-        done = 0  # lines handed out
-        position = 0  # of the next task
-        for b, batch in enumerate(batches):
-            batch_lines = sum(lines_of_task[p] for p in range(position, position + len(batch)))
-            failed = False
-            try:
-                while len(decoded) < batch_lines and not failed:
-                    outputs = pipe.run()  # (frames, labels, timestamps) per reader, on the GPU for NVDEC
-                    samples = sorted(((int(np.array(labels[i]).reshape(-1)[0]), out, timestamps, i)
-                                      for out, labels, timestamps in _per_reader(outputs)
-                                      for i in range(len(out))), key=lambda sample: sample[0])
-                    new = [sample for sample in samples if last < sample[0] < len(lines)]
-                    for line, out, timestamps, i in new:
-                        frames = len(range(lines[line][1], lines[line][2], self.stride))
-                        decoded.append((line, self._to_torch(out[i], frames), np.array(timestamps[i])[:frames]))
-                        last = line
-                    self._keep_alive(outputs)
-                    failed = not new  # a reader that dropped a file has wrapped around early
-                if not failed:
-                    items = [decoded.popleft() for _ in range(batch_lines)]
-                    failed = [line for line, _, _ in items] != list(range(done, done + batch_lines))
-            except RuntimeError as e:
-                log.warning("DALI reader failed (%s)", _first_line(e))
-                failed = True
-            if failed:  # a file DALI could not read: find it, and finish without the reader
-                del pipe
-                yield self._decode_one_by_one(batch)
-                yield from self._decode_with_decoder(batches[b + 1:])
-                return
-            clips = [[] for _ in batch]
-            for line, frames, timestamps in items:
-                clips[lines[line][0] - position].append((frames, timestamps))
-            yield [_clip(task, parts) for task, parts in zip(batch, clips)]
-            done += batch_lines
-            position += len(batch)
+            return self._build_reader(file_lists)
+
+    def _read(self, pipe, batches: List[List[Task]], lines: List[Tuple[int, int, int]]) -> Iterator[List]:
+        """Per batch, its clips from the reader; those whose lines did not all come (files the
+        reader left out, or unreadable ones, which have none) from fn.decoders.video."""
+        lines_of_task = collections.Counter(position for position, _, _ in lines)
+        received = {}  # line -> (frames, timestamps), of this batch or decoded ahead of it
+        progress = [-1] * self.readers  # the last line each reader returned (_WRAPPED: its list is done)
+        first = 0  # the batch's first line
+        position = 0  # the batch's first task
+        for batch in batches:
+            end = first
+            while end < len(lines) and lines[end][0] < position + len(batch):
+                end += 1
+            # run until each line of the batch came, or its reader went past it without it
+            while any(i not in received and progress[i % self.readers] < i for i in range(first, end)):
+                self._run_reader(pipe, lines, received, progress)
+            parts = [[] for _ in batch]
+            for i in range(first, end):
+                if i in received:
+                    parts[lines[i][0] - position].append(received.pop(i))
+            results = [_clip(task, p) if p and len(p) == lines_of_task[position + j] else None
+                       for j, (task, p) in enumerate(zip(batch, parts))]
+            missing = [j for j, r in enumerate(results) if r is None]
+            if missing:
+                self._set_unreadable({batch[j][0] for j in missing}, "DALI left out its file list lines")
+                for j, r in zip(missing, self._decode_one_by_one([batch[j] for j in missing])):
+                    results[j] = r
+            yield results
+            first, position = end, position + len(batch)
+
+    def _run_reader(self, pipe, lines, received, progress) -> None:
+        """One run of the reader pipeline: each reader's new samples into `received`."""
+        outputs = pipe.run()  # (frames, labels, timestamps) per reader, on the GPU for NVDEC
+        for r, (frames, labels, timestamps) in enumerate(_per_reader(outputs)):
+            for i in range(len(frames)):
+                line = int(np.array(labels[i]).reshape(-1)[0])
+                if line <= progress[r]:  # wrapped around to the start of its list
+                    progress[r] = _WRAPPED
+                    continue
+                progress[r] = line
+                if line < len(lines):  # not padding
+                    count = len(range(lines[line][1], lines[line][2], self.stride))
+                    received[line] = (self._to_torch(frames[i], count), np.array(timestamps[i])[:count])
+        self._keep_alive(outputs)
 
     def _build_reader(self, file_lists: List[str]):
         @pipeline_def(batch_size=-(-self.batch_size // self.readers), num_threads=self.num_threads,
@@ -343,6 +379,12 @@ def _encode(tasks: Sequence[Task]):
             encoded.append(np.zeros(0, np.uint8))  # DALI then fails; the batch is retried one by one
         frames.append(np.asarray(indices, dtype=np.int32))
     return encoded, frames
+
+
+def _named_in(error: Exception, tasks: Sequence[Task]) -> Set[str]:
+    """The paths of `tasks` that DALI's error message names."""
+    message = str(error)
+    return {path for path, _ in tasks if os.path.abspath(path) in message}
 
 
 def _first_line(e: Exception) -> str:
