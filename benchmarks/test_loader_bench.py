@@ -100,6 +100,13 @@ def test_dali_gpu_throughput(benchmark, prepared, name, mode, readers, batch, pa
     rate = benchmark.pedantic(clips_per_s, args=(loader, batches, epochs, WARMUP_BATCHES[mode]),
                               rounds=1, iterations=1)
     report(benchmark, f"DALI GPU {name}, batch {batch}, {part}", rate)
+    decoder = loader.dali_decoder
+    benchmark.extra_info.update(dali_fallbacks=decoder.fallbacks, dali_fallback_reason=decoder.fallback_reason,
+                                dali_unreadable_files=len(decoder.unreadable))
+    print(f"  DALI fell back to fn.decoders.video {decoder.fallbacks} times ({decoder.fallback_reason}); "
+          f"{len(decoder.unreadable)} files decoded one by one")
+    if mode == "reader":  # else the rate is fn.decoders.video's
+        assert decoder.fallbacks == 0 and not decoder.unreadable, (decoder.fallback_reason, decoder.unreadable)
 
 
 def test_transforms_only(benchmark, prepared):

@@ -1,4 +1,5 @@
 """Decoders: PyAV and DALI's CPU decoder give the same frames for the same indices."""
+import logging
 import os
 import shutil
 
@@ -221,12 +222,11 @@ def test_reader_ranges_accepts_only_what_the_reader_returns():
     assert dali.reader_ranges([("a", np.array([7]))], t, s) == [(7, 7)]
     assert dali.reader_ranges([("a", train), ("b", np.array([0, 10, 30]))], t, s) is None  # TSN-like
     assert dali.reader_ranges([("a", np.arange(9) * 16)], t, s) is None  # longer than a sequence
-    assert dali.reader_ranges([("a b", train)], t, s) is None  # the file list splits on spaces
 
 
 @needs_dali
 @pytest.mark.parametrize("readers", [1, 4])
-def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
+def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers, caplog):
     from vitaclip.data import sampling
     root, rows = vp9_dataset
     rng = np.random.default_rng(0)
@@ -247,9 +247,13 @@ def test_dali_reader_mode_equals_decoder_mode(vp9_dataset, readers):
         assert [len(b) for b in got] == [2, 1, 3]
         for g, w in zip([r for b in got for r in b], want):
             assert torch.equal(g, w)
-    # clips the reader cannot take (TSN-like) fall back to fn.decoders.video
+    assert reader.fallbacks == 0
+    # clips the reader cannot take (TSN-like) fall back to fn.decoders.video, counted and said
     odd = [[(tasks[0][0], np.array([0, 3, 17]))]]
-    assert torch.equal(next(reader.decode(odd))[0], next(decoder.decode(odd))[0])
+    with caplog.at_level(logging.WARNING, logger="vitaclip.data.dali"):
+        assert torch.equal(next(reader.decode(odd))[0], next(decoder.decode(odd))[0])
+    assert reader.fallbacks == 1 and "not all 8 frames 8 apart" in reader.fallback_reason
+    assert "fn.decoders.video" in caplog.text and reader.fallback_reason in caplog.text
 
 
 @pytest.fixture
@@ -324,6 +328,24 @@ def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset
     dali_paths["one_by_one"].clear()
     list(reader.decode(batches))
     assert dali_paths["one_by_one"] == [paths[4]]
+
+
+@needs_dali
+def test_dali_reader_reads_paths_with_whitespace(vp9_dataset, tmp_path, dali_paths):
+    """A file list splits its lines on whitespace: such paths go through links, not to decoder mode."""
+    root, rows = vp9_dataset
+    (tmp_path / "a folder").mkdir()
+    spaced = str(tmp_path / "a folder" / "clip\tone.webm")
+    shutil.copy(root / rows[0][0], spaced)
+    batches = [[(spaced, np.array([0, 8, 16])), (str(root / rows[1][0]), np.array([3, 11]))], [(spaced, np.array([40]))]]
+    want = [r for b in dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="decoder").decode(batches) for r in b]
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=3, stride=8,
+                              readers=2)
+    dali_paths["decoder_mode"] = 0
+    for _ in range(2):
+        got = [r for b in reader.decode(batches) for r in b]
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert reader.fallbacks == 0 and dali_paths == {"one_by_one": [], "decoder_mode": 0}
 
 
 @needs_dali

@@ -103,6 +103,7 @@ def test_nvdec_reader_mode_matches_pyav(h264_dataset, readers):
             want = to_rgb(pyav.decode_frames(path, idx), "cuda")
             mae = (frames.permute(0, 3, 1, 2).float() - want).abs().mean(dim=(1, 2, 3)) / 255
             assert torch.all(mae < 2 / 255), (path, mae)
+    assert decoder.fallbacks == 0 and not decoder.unreadable, (decoder.fallback_reason, decoder.unreadable)
 
 
 def test_dali_gpu_reader_batch_equals_decoder_batch(h264_dataset):
@@ -110,6 +111,9 @@ def test_dali_gpu_reader_batch_equals_decoder_batch(h264_dataset):
     kw = dict(train=True, batch_size=4, seed=7, device="cuda", dtype=torch.float32, num_workers=2,
               backend="dali-gpu")
     a = next(iter(VideoLoader(list_file, root, dali_mode="decoder", **kw)))
-    b = next(iter(VideoLoader(list_file, root, dali_mode="reader", **kw)))
+    reading = VideoLoader(list_file, root, dali_mode="reader", **kw)
+    b = next(iter(reading))
     assert torch.equal(a.video_id, b.video_id)
     assert torch.equal(a.video, b.video)  # both NVDEC with DALI's colour conversion
+    decoder = reading.dali_decoder
+    assert decoder.fallbacks == 0 and not decoder.unreadable, (decoder.fallback_reason, decoder.unreadable)

@@ -381,10 +381,14 @@ def test_train_batches_same_with_dali_reader_and_decoder_modes(vp9_dataset):
     root, _ = vp9_dataset
     kw = dict(batch_size=3, num_frames=4, stride=8, size=40, seed=5, backend="dali-cpu")
     for epoch in range(2):
-        a, b = loader(root, True, dali_mode="decoder", **kw), loader(root, True, dali_mode="reader", **kw)
-        a.set_epoch(epoch), b.set_epoch(epoch)
-        a, b = next(iter(a)), next(iter(b))
+        decoding, reading = loader(root, True, dali_mode="decoder", **kw), loader(root, True, dali_mode="reader", **kw)
+        decoding.set_epoch(epoch), reading.set_epoch(epoch)
+        a, b = next(iter(decoding)), next(iter(reading))
         assert torch.equal(a.video, b.video) and torch.equal(a.video_id, b.video_id)
+        assert reading.dali_decoder.fallbacks == 0
+    tsn = loader(root, True, dali_mode="reader", tsn=True, **kw)
+    next(iter(tsn))
+    assert tsn.dali_decoder.fallbacks == 1 and "TSN" in tsn.dali_decoder.fallback_reason
     with pytest.raises(ValueError, match="dali_mode"):
         loader(root, True, dali_mode="fast", **kw)
 

@@ -11,13 +11,15 @@ same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes
   short video). It indexes each file once (cached for the process) and seeks to the keyframe
   before each wanted frame. It takes clips whose unique frames are
   `min(start + stride * k, last)` for k < sequence_length (fixed-stride training clips,
-  single-view evaluation, short videos); an epoch with other tasks (TSN, several temporal
-  views) or paths with whitespace falls back to "decoder". A clip past the end of its video
-  (as DALI counts its frames) is an error, as in the other modes and PyAV.
+  single-view evaluation, short videos); an epoch with other clips (TSN, several temporal
+  views) falls back to "decoder", counted in `DaliDecoder.fallbacks` and logged as a warning.
+  A clip past the end of its video (as DALI counts its frames) is an error, as in the other
+  modes and PyAV.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import tempfile
@@ -83,7 +85,10 @@ class DaliDecoder:
         self._pipe = None  # the "decoder" pipeline, built when first needed
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
         self._pending: collections.deque = collections.deque()
-        self._unreadable: Set[str] = set()  # files the reader could not read: decoded one by one
+        self.unreadable: Set[str] = set()  # files "reader" mode could not read: decoded one by one
+        self._links: Optional[tempfile.TemporaryDirectory] = None  # of paths with whitespace
+        self.fallbacks = 0  # epochs (or their rests) that "reader" mode decoded with fn.decoders.video
+        self.fallback_reason: Optional[str] = None  # why, the last time
 
     def _build(self, batch_size, num_threads, prefetch, source=None):
         decoder_device = "mixed" if self.device == "gpu" else "cpu"
@@ -117,8 +122,14 @@ class DaliDecoder:
             if ranges is not None:
                 yield from self._decode_with_reader(batches, ranges)
                 return
-            log.info("DALI reader mode cannot take this epoch's clips; decoding with fn.decoders.video")
+            self._fall_back(f"its clips are not all {self.sequence_length} frames {self.stride} apart "
+                            "(TSN or several temporal views)")
         yield from self._decode_with_decoder(batches)
+
+    def _fall_back(self, reason: str) -> None:
+        self.fallbacks += 1
+        self.fallback_reason = reason
+        log.warning("DALI reader mode decodes this epoch with fn.decoders.video, much slower: %s", reason)
 
     def _decode_with_decoder(self, batches: List[List[Task]]) -> Iterator[List]:
         """fn.decoders.video in DALI batches of at most batch_size (a pipeline fed a batch larger
@@ -167,19 +178,20 @@ class DaliDecoder:
         while done < len(batches):
             rest = batches[done:]
             tasks = [t for b in rest for t in b]
+            self._set_unreadable({path for path, _ in tasks if self._list_path(path) is None},
+                                 "whitespace in its path and in the temporary folder for a link to it")
             lines = [(position, start, end)
                      for position, ((path, _), (first, last)) in enumerate(zip(tasks, ranges[-len(tasks):]))
-                     if path not in self._unreadable for start, end in reader_lines(first, last, self.stride)]
+                     if path not in self.unreadable for start, end in reader_lines(first, last, self.stride)]
             try:
                 pipe = self._open_reader(tasks, lines) if lines else None
             except RuntimeError as e:
-                named = _named_in(e, tasks) - self._unreadable
+                named = self._named_in(e, tasks)
                 if not named:
-                    log.warning("DALI reader could not open this epoch's files (%s); decoding with "
-                                "fn.decoders.video", _first_line(e))
+                    self._fall_back(f"the reader could not open this epoch's files ({_first_line(e)})")
                     yield from self._decode_with_decoder(rest)
                     return
-                self._set_unreadable(named, e)
+                self._set_unreadable(named, _first_line(e))
                 continue
             try:
                 for results in self._read(pipe, rest, lines):
@@ -189,15 +201,20 @@ class DaliDecoder:
                 batch = batches[done]
                 results = self._decode_one_by_one(batch)
                 failed = {path for (path, _), r in zip(batch, results) if isinstance(r, Exception)}
-                self._set_unreadable(_named_in(e, tasks) | failed, e)
+                self._set_unreadable(self._named_in(e, tasks) | failed, _first_line(e))
                 yield results
                 done += 1
 
-    def _set_unreadable(self, paths: Set[str], reason) -> None:
-        for path in sorted(paths - self._unreadable):
+    def _named_in(self, error: Exception, tasks: List[Task]) -> Set[str]:
+        """The paths of `tasks` in the reader's lists that DALI's error message names."""
+        message = str(error)
+        return {path for path, _ in tasks if path not in self.unreadable and self._list_path(path) in message}
+
+    def _set_unreadable(self, paths: Set[str], reason: str) -> None:
+        for path in sorted(paths - self.unreadable):
             log.warning("DALI reader cannot read %s (%s); its clips go to fn.decoders.video one by one",
-                        path, _first_line(reason) if isinstance(reason, Exception) else reason)
-        self._unreadable |= paths
+                        path, reason)
+        self.unreadable |= paths
 
     def _open_reader(self, tasks: List[Task], lines: List[Tuple[int, int, int]]):
         """A reader pipeline over `lines` (task position, start, end); the label of each sample
@@ -208,13 +225,30 @@ class DaliDecoder:
         rows = []
         for i in range(-(-len(lines) // k) * k):
             position, start, end = lines[min(i, len(lines) - 1)]
-            rows.append(f"{os.path.abspath(tasks[position][0])} {i} {start} {end}\n")
+            rows.append(f"{self._list_path(tasks[position][0])} {i} {start} {end}\n")
         with tempfile.TemporaryDirectory(prefix="vitaclip_dali_") as tmp:
             file_lists = [os.path.join(tmp, f"clips{r}.txt") for r in range(k)]
             for r, file_list in enumerate(file_lists):
                 with open(file_list, "w") as f:
                     f.writelines(rows[r::k])
             return self._build_reader(file_lists)
+
+    def _list_path(self, path: str) -> Optional[str]:
+        """The path of `path` in a file list, which splits its lines on whitespace: the absolute
+        path, or where that has whitespace, a link to it named by its hash (the same each epoch:
+        DALI caches each file's frame index by name); None if that has whitespace too (in the
+        temporary folder's path)."""
+        path = os.path.abspath(path)
+        if not any(c.isspace() for c in path):
+            return path
+        if self._links is None:
+            self._links = tempfile.TemporaryDirectory(prefix="vitaclip_dali_links_")
+        link = os.path.join(self._links.name, hashlib.sha1(path.encode()).hexdigest() + os.path.splitext(path)[1])
+        if any(c.isspace() for c in link):
+            return None
+        if not os.path.lexists(link):
+            os.symlink(path, link)
+        return link
 
     def _read(self, pipe, batches: List[List[Task]], lines: List[Tuple[int, int, int]]) -> Iterator[List]:
         """Per batch, its clips from the reader; those whose lines did not all come (files the
@@ -329,12 +363,12 @@ class DaliDecoder:
 def reader_ranges(tasks: Sequence[Task], sequence_length: int, stride: int) -> Optional[List[Tuple[int, int]]]:
     """(start, last) per task such that the task's frames are the unique values of
     min(start + stride * k, last), k < sequence_length (what `reader_lines` reads); None if
-    some task has other frames or a path the file list cannot hold."""
+    some task has other frames."""
     ranges = []
     steps = np.arange(sequence_length) * stride
     for path, frames in tasks:
         frames = np.asarray(frames)
-        if len(frames) == 0 or any(c.isspace() for c in path):
+        if len(frames) == 0:
             return None
         start, last = int(frames[0]), int(frames[-1])
         if not np.array_equal(np.unique(np.minimum(start + steps, last)), frames):
@@ -379,12 +413,6 @@ def _encode(tasks: Sequence[Task]):
             encoded.append(np.zeros(0, np.uint8))  # DALI then fails; the batch is retried one by one
         frames.append(np.asarray(indices, dtype=np.int32))
     return encoded, frames
-
-
-def _named_in(error: Exception, tasks: Sequence[Task]) -> Set[str]:
-    """The paths of `tasks` that DALI's error message names."""
-    message = str(error)
-    return {path for path, _ in tasks if os.path.abspath(path) in message}
 
 
 def _first_line(e: Exception) -> str:

@@ -113,7 +113,7 @@ class VideoLoader:
         if not self.videos:
             raise ValueError(f"{list_file}: no usable videos")
         self.backend = self._resolve_backend(backend)
-        self._dali = None
+        self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
         self._workers = None
 
     # ---------------------------------------------------------------- planning
@@ -184,14 +184,14 @@ class VideoLoader:
     def _decoded_batches(self, batches) -> Iterator[List]:
         tasks = [[(p.entry.path, p.frames) for p in batch] for batch in batches]
         if self.backend.startswith("dali"):
-            if self._dali is None:
+            if self.dali_decoder is None:
                 on_gpu = self.backend == "dali-gpu"
-                self._dali = dali.DaliDecoder(
+                self.dali_decoder = dali.DaliDecoder(
                     "gpu" if on_gpu else "cpu", self.batch_size, num_threads=max(2, self.num_workers),
                     device_id=_cuda_index(self.device) if on_gpu else None,
                     prefetch=self.prefetch, mode=self.dali_mode, sequence_length=self.num_frames,
                     stride=self.stride, readers=self.dali_readers)
-            yield from self._dali.decode(tasks)
+            yield from self.dali_decoder.decode(tasks)
             return
         if self.num_workers == 0:
             yield from ([decode_with_pyav(*task) for task in batch] for batch in tasks)
