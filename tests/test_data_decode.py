@@ -62,7 +62,7 @@ def test_pyav_too_short_and_corrupt(vp9_dataset, tmp_path):
 @needs_dali
 def test_dali_cpu_matches_pyav(vp9_dataset):
     root, rows = vp9_dataset
-    decoder = dali.DaliDecoder("cpu", batch_size=2, num_threads=2)
+    decoder = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="decoder")
     tasks = [(str(root / name), np.unique(np.array([0, 3, 16, 17, frames - 1]))) for name, _, frames, _ in rows]
     batches = [tasks[:2], tasks[2:]]
     for epoch in range(2):  # the pipeline is reusable across epochs
@@ -121,7 +121,7 @@ def test_full_range_video_has_the_colours_of_pyav_rgb(full_range_videos, codec):
 def test_dali_cpu_matches_pyav_on_full_range_mjpeg(full_range_videos):
     path = full_range_videos["mjpeg"]
     idx = np.array([0, 5, 11])
-    got = next(dali.DaliDecoder("cpu", batch_size=1, num_threads=2).decode([[(path, idx)]]))[0]
+    got = next(dali.DaliDecoder("cpu", batch_size=1, num_threads=2, mode="decoder").decode([[(path, idx)]]))[0]
     want = to_rgb(pyav.decode_frames(path, idx), "cpu")
     assert (got.permute(0, 3, 1, 2).float() - want).abs().mean() < 2.0
 
@@ -161,7 +161,7 @@ def good_and_junk(vp9_dataset, tmp_path):
 @needs_dali
 def test_dali_names_the_bad_file_and_keeps_the_good_ones(good_and_junk, tmp_path):
     good, junk, rows = good_and_junk
-    decoder = dali.DaliDecoder("cpu", batch_size=3, num_threads=2)
+    decoder = dali.DaliDecoder("cpu", batch_size=3, num_threads=2, mode="decoder")
     batches = [[(good, np.array([0, 1])), (str(junk), np.array([0])), (str(tmp_path / "gone.webm"), np.array([0]))],
                [(good, np.array([rows[0][2] + 10]))],  # past the end: an error, not padding
                [(good, np.array([2]))]]
@@ -177,7 +177,7 @@ def test_dali_names_the_bad_file_and_keeps_the_good_ones(good_and_junk, tmp_path
 def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_dataset):
     root, rows = vp9_dataset
     paths = [str(root / r[0]) for r in rows]
-    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=2)
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=2, mode="decoder")
     first = decoder.decode([[(p, np.array([1]))] for p in paths])
     next(first)
     first.close()  # stop after one batch, with more already prefetched

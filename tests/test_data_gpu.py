@@ -30,7 +30,7 @@ def h264_dataset(tmp_path_factory):
 
 def nvdec_vs_pyav(paths, idx):
     # batches of 2 with DALI prefetching 2 ahead: several batches in flight at once
-    decoder = dali.DaliDecoder("gpu", batch_size=2, num_threads=2, prefetch=2)
+    decoder = dali.DaliDecoder("gpu", batch_size=2, num_threads=2, prefetch=2, mode="decoder")
     tasks = [(p, idx) for p in paths]
     got = [r for batch in decoder.decode([tasks[i:i + 2] for i in range(0, len(tasks), 2)]) for r in batch]
     assert len(got) == len(tasks)
@@ -71,8 +71,11 @@ def test_nvdec_matches_pyav_on_original_h264_with_bframes():
 def test_dali_gpu_batch_equals_pyav_batch(h264_dataset):
     list_file, root = h264_dataset
     kw = dict(train=True, batch_size=4, seed=7, device="cuda", dtype=torch.float32, num_workers=0)
-    a = next(iter(VideoLoader(list_file, root, backend="dali-gpu", **kw)))
+    dali_loader = VideoLoader(list_file, root, backend="dali-gpu", **kw)  # reader mode, the default
+    a = next(iter(dali_loader))
     b = next(iter(VideoLoader(list_file, root, backend="pyav", **kw)))
+    decoder = dali_loader.dali_decoder
+    assert decoder.mode == "reader" and decoder.fallbacks == 0 and not decoder.unreadable, decoder.fallback_reason
     assert a.video.shape == (4, 3, 8, 224, 224) and a.video.is_cuda
     assert torch.equal(a.video_id, b.video_id)
     std = torch.tensor(CLIP_STD, device="cuda").view(1, 3, 1, 1, 1)

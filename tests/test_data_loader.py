@@ -394,6 +394,18 @@ def test_train_batches_same_with_dali_reader_and_decoder_modes(vp9_dataset):
 
 
 @needs_dali
+def test_dali_reads_in_reader_mode_by_default_and_the_benchmark_says_so(vp9_dataset, monkeypatch):
+    from vitaclip.engine.bench import bench_loader
+
+    root, _ = vp9_dataset
+    monkeypatch.delenv("VITACLIP_DALI_MODE", raising=False)
+    report = bench_loader(str(root / "list.csv"), str(root), batch_size=1, frames=4, iters=2, decoder="dali-cpu",
+                          num_workers=0, device="cpu", size=32, stride=8)
+    assert (report["loader"], report["dali_mode"], report["dali_fallbacks"]) == ("dali-cpu", "reader", 0)
+    assert report["loader_clips_per_s"] > 0
+
+
+@needs_dali
 def test_auto_backend_on_cuda_prefers_pyav_over_dali_gpu(vp9_dataset, tmp_path, monkeypatch):
     """DALI's GPU path measured 10x slower than PyAV (benchmarks/RESULTS.md): auto takes it only
     without PyAV. Only the choice is checked here; nothing touches the (absent) GPU."""

@@ -1,6 +1,7 @@
 """NVIDIA DALI decoding of frames chosen by index: NVDEC on the GPU, or DALI's CPU decoder
 (VP8, VP9, MJPEG). The indices always come from sampling.py, so every backend decodes the
-same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes:
+same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes ("reader" by
+default):
 
 - "decoder": file bytes and frame indices through an external source into
   `fn.decoders.video`. Works for any indices, but DALI 2.4 builds no frame index for it, so
@@ -40,7 +41,7 @@ CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder supports
 GPU_CODECS = CPU_CODECS + ("h264", "hevc", "av1", "mpeg4")  # and its mixed (NVDEC) decoder
 
 MODES = ("decoder", "reader")
-DEFAULT_MODE = "decoder"
+DEFAULT_MODE = "reader"  # seeks instead of decoding from frame 0; falls back to "decoder" where it must
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
 _WRAPPED = 2 ** 31  # above every file list label (int32): a reader that went through its list

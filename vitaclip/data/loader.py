@@ -162,7 +162,8 @@ class VideoLoader:
         codecs = {info.codec for _, _, info in self.videos}
         if backend == "auto":
             # DALI's GPU path measured 17 clips/s against PyAV's 185 on an H100 (benchmarks/
-            # RESULTS.md), so it is chosen by itself only where PyAV is missing
+            # RESULTS.md, its "decoder" mode; the default "reader" mode is not measured yet), so
+            # it is chosen by itself only where PyAV is missing
             if (dali.available() and self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS)
                     and not pyav.available()):
                 return "dali-gpu"

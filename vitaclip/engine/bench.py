@@ -69,7 +69,8 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
 def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frames: int = 8, iters: int = 10,
                  decoder: str = "auto", num_workers: int = 4, device: Optional[str] = None,
                  train: bool = True, size: int = 224, stride: int = 16) -> Dict[str, float]:
-    """Clips per second of vitaclip.data.VideoLoader over `iters` batches (after one warm-up batch)."""
+    """Clips per second of vitaclip.data.VideoLoader over `iters` batches (after one warm-up batch);
+    for DALI, in its default mode, which the report names with how often it fell back to another."""
     from ..data import VideoLoader
 
     dev = pick_device(device)
@@ -87,5 +88,9 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
             iters -= 1
             if iters == 0:
                 _sync(dev)
-                return {"loader": loader.backend, "loader_clips_per_s": round(clips / (time.perf_counter() - start), 2)}
+                report = {"loader": loader.backend,
+                          "loader_clips_per_s": round(clips / (time.perf_counter() - start), 2)}
+                if loader.dali_decoder is not None:
+                    report.update(dali_mode=loader.dali_decoder.mode, dali_fallbacks=loader.dali_decoder.fallbacks)
+                return report
         epoch += 1
