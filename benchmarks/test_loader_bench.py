@@ -11,6 +11,10 @@ Target: >= 600 clips/s on one H100.
 
     VITACLIP_BENCH_COPIES=32 pytest benchmarks/test_loader_bench.py --benchmark-only -s
 
+`-k "not decoder"` leaves out the slow "decoder" variants (`-k reader`: only the "reader" ones).
+A "reader" variant also reports the time of its pipeline builds (one per epoch) and the rate
+without them, and fails if DALI fell back to fn.decoders.video.
+
 Needs CUDA; PyAV to make the data set (and for the PyAV part); DALI for the DALI parts.
 Each part skips, saying why, when what it needs is missing."""
 import importlib.util
@@ -55,9 +59,10 @@ def make_loader(prepared, backend, batch, **kw):
                        backend=backend, device="cuda", dtype=torch.bfloat16, **kw)
 
 
-def clips_per_s(loader, epoch_batches, epochs, warmup_batches=None):
+def timed_epochs(loader, epoch_batches, epochs, warmup_batches=None):
     """Epoch 0 warms up (its first warmup_batches, or all of it); then epochs 1..epochs are
-    timed. epoch_batches(loader) yields batches, each with a len() in clips."""
+    timed: (clips, start, end), times of time.perf_counter. epoch_batches(loader) yields
+    batches, each with a len() in clips."""
     loader.set_epoch(0)
     for n, _ in enumerate(epoch_batches(loader), 1):
         if n == warmup_batches:
@@ -69,7 +74,29 @@ def clips_per_s(loader, epoch_batches, epochs, warmup_batches=None):
         for batch in epoch_batches(loader):
             clips += len(batch)
     torch.cuda.synchronize()
-    return clips / (time.perf_counter() - start)
+    return clips, start, time.perf_counter()
+
+
+def clips_per_s(benchmark, *args):
+    clips, start, end = benchmark.pedantic(timed_epochs, args=args, rounds=1, iterations=1)
+    return clips / (end - start)
+
+
+@pytest.fixture
+def reader_builds(monkeypatch):
+    """(start, seconds) of each DALI reader pipeline build (one per epoch: it indexes the files
+    a first time, then opens them)."""
+    builds = []
+    build = dali.DaliDecoder._build_reader
+
+    def timed_build(self, file_lists):
+        start = time.perf_counter()
+        pipe = build(self, file_lists)
+        builds.append((start, time.perf_counter() - start))
+        return pipe
+
+    monkeypatch.setattr(dali.DaliDecoder, "_build_reader", timed_build)
+    return builds
 
 
 def whole_loader(loader):
@@ -92,14 +119,20 @@ def dali_loader(prepared, mode, readers, batch):
 
 @pytest.mark.parametrize("part", ["whole loader", "decode only"])
 @pytest.mark.parametrize("name,mode,readers,batch", DALI_VARIANTS, ids=[v[0] for v in DALI_VARIANTS])
-def test_dali_gpu_throughput(benchmark, prepared, name, mode, readers, batch, part):
+def test_dali_gpu_throughput(benchmark, prepared, reader_builds, name, mode, readers, batch, part):
     needs_dali()
     loader = dali_loader(prepared, mode, readers, batch)
     epochs = 1 if mode == "decoder" else 2
     batches = whole_loader if part == "whole loader" else decode_only
-    rate = benchmark.pedantic(clips_per_s, args=(loader, batches, epochs, WARMUP_BATCHES[mode]),
-                              rounds=1, iterations=1)
-    report(benchmark, f"DALI GPU {name}, batch {batch}, {part}", rate)
+    clips, start, end = benchmark.pedantic(timed_epochs, args=(loader, batches, epochs, WARMUP_BATCHES[mode]),
+                                           rounds=1, iterations=1)
+    report(benchmark, f"DALI GPU {name}, batch {batch}, {part}", clips / (end - start))
+    if mode == "reader":  # the decode rate without the pipeline builds of the timed epochs
+        build = sum(seconds for began, seconds in reader_builds if began >= start)
+        benchmark.extra_info.update(reader_build_s_per_epoch=round(build / epochs, 3),
+                                    clips_per_s_without_builds=round(clips / (end - start - build), 1))
+        print(f"  reader pipeline build {build / epochs:.2f} s per epoch; "
+              f"{clips / (end - start - build):.0f} clips/s without it")
     decoder = loader.dali_decoder
     benchmark.extra_info.update(dali_fallbacks=decoder.fallbacks, dali_fallback_reason=decoder.fallback_reason,
                                 dali_unreadable_files=len(decoder.unreadable))
@@ -119,12 +152,10 @@ def test_transforms_only(benchmark, prepared):
     def assemble_all(_):
         return (loader.assemble(items).video for items in decoded)
 
-    rate = benchmark.pedantic(clips_per_s, args=(loader, assemble_all, 3, 1), rounds=1, iterations=1)
-    report(benchmark, f"transforms only, batch {BATCH}", rate)
+    report(benchmark, f"transforms only, batch {BATCH}", clips_per_s(benchmark, loader, assemble_all, 3, 1))
 
 
 def test_pyav_throughput(benchmark, prepared):
     workers = min(16, os.cpu_count() or 1)
     loader = make_loader(prepared, "pyav", BATCH, num_workers=workers)
-    rate = benchmark.pedantic(clips_per_s, args=(loader, whole_loader, 1), rounds=1, iterations=1)
-    report(benchmark, f"PyAV ({workers} workers), whole loader", rate)
+    report(benchmark, f"PyAV ({workers} workers), whole loader", clips_per_s(benchmark, loader, whole_loader, 1))
