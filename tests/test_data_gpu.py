@@ -86,7 +86,8 @@ def test_dali_gpu_batch_equals_pyav_batch(h264_dataset):
 @pytest.mark.parametrize("readers", [1, 3])
 def test_nvdec_reader_mode_matches_pyav(h264_dataset, readers):
     """fn.experimental.readers.video on NVDEC: training clips at stride 16, a clip that clamps
-    at the end of a video, and uneven batches, over two epochs."""
+    on the stride, one that stops at the last frame of a video off the stride (read as a second
+    line), one past the end of a video (an error), and uneven batches, over two epochs."""
     from vitaclip.data import sampling
     list_file, root = h264_dataset
     paths = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()]
@@ -94,6 +95,10 @@ def test_nvdec_reader_mode_matches_pyav(h264_dataset, readers):
     rng = np.random.default_rng(1)
     tasks = [(p, np.unique(sampling.train_frame_indices(n, 8, 16, rng))) for p in paths]
     tasks[-1] = (paths[-1], np.unique(np.minimum(np.arange(8) * 16 + 5, min(69, n - 1))))  # clamps
+    last = pyav.probe(paths[0]).frames - 1
+    tasks.append((paths[0], np.array([last - 53, last - 37, last - 21, last - 5, last])))
+    past_end = pyav.probe(paths[1]).frames + 12
+    tasks.append((paths[1], np.array([past_end - 32, past_end - 16, past_end])))
     decoder = dali.DaliDecoder("gpu", batch_size=2, num_threads=2, mode="reader", sequence_length=8,
                                stride=16, readers=readers)
     assert dali.reader_ranges(tasks, 8, 16) is not None
@@ -101,7 +106,8 @@ def test_nvdec_reader_mode_matches_pyav(h264_dataset, readers):
     for _ in range(2):
         got = [r for batch in decoder.decode(batches) for r in batch]
         assert len(got) == len(tasks)
-        for (path, idx), frames in zip(tasks, got):
+        assert isinstance(got[-1], pyav.VideoDecodeError) and f"ended before frame {past_end}" in str(got[-1])
+        for (path, idx), frames in zip(tasks[:-1], got):
             assert isinstance(frames, torch.Tensor) and frames.is_cuda and frames.shape[0] == len(idx)
             want = to_rgb(pyav.decode_frames(path, idx), "cuda")
             mae = (frames.permute(0, 3, 1, 2).float() - want).abs().mean(dim=(1, 2, 3)) / 255
