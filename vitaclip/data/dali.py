@@ -44,7 +44,7 @@ MODES = ("decoder", "reader")
 DEFAULT_MODE = "reader"  # seeks instead of decoding from frame 0; falls back to "decoder" where it must
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
-_WRAPPED = 2 ** 31  # above every file list label (int32): a reader that went through its list
+_WRAPPED = 2 ** 31  # progress of a reader through its whole list: above every label (int32)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ def available() -> bool:
 
 class DaliDecoder:
     """Decodes batches of tasks; yields, per batch, one item per task: uint8 frames
-    [F, H, W, 3] (on the GPU for device="gpu") or the VideoDecodeError of that task."""
+    [F, H, W, 3] (on the GPU for device="gpu") or the VideoDecodeError of that task.
+    `fallbacks` counts the epochs "reader" mode left to fn.decoders.video (`fallback_reason`:
+    why, the last time); `unreadable` holds the files whose clips it decodes one by one."""
 
     def __init__(self, device: str = "gpu", batch_size: int = 8, num_threads: int = 4,
-                 device_id: int = 0, prefetch: int = 2, mode: Optional[str] = None,
+                 device_id: Optional[int] = 0, prefetch: int = 2, mode: Optional[str] = None,
                  sequence_length: int = 8, stride: int = 1, readers: Optional[int] = None):
         """mode: "decoder" or "reader" (default: $VITACLIP_DALI_MODE, else DEFAULT_MODE);
         sequence_length and stride describe the clips the "reader" mode can take; `readers`
