@@ -2,6 +2,7 @@
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,6 +329,33 @@ def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset
     dali_paths["one_by_one"].clear()
     list(reader.decode(batches))
     assert dali_paths["one_by_one"] == [paths[4]]
+
+
+@needs_dali
+@pytest.mark.parametrize("names_the_file", [True, False])
+def test_dali_reader_that_fails_to_build(good_and_junk, tmp_path, dali_paths, monkeypatch, names_the_file):
+    """DALI failing to build a reader over a file (as for a video without timestamps): a file
+    its error names is left out; an error naming none sends the epoch to decoder mode, counted."""
+    good, _, _ = good_and_junk
+    odd = str(tmp_path / "odd.webm")
+    shutil.copy(good, odd)
+    build = dali.DaliDecoder._build_reader
+
+    def build_failing_on_odd(self, file_lists):
+        if any(odd in Path(f).read_text() for f in file_lists):
+            raise RuntimeError(f'Video file "{odd}" has no valid timestamps' if names_the_file else "Assert failed")
+        return build(self, file_lists)
+
+    monkeypatch.setattr(dali.DaliDecoder, "_build_reader", build_failing_on_odd)
+    batches = [[(good, np.array([0, 1])), (odd, np.array([2, 3]))], [(good, np.array([4, 5]))]]
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1)
+    for _ in range(2):
+        got = [r for b in reader.decode(batches) for r in b]
+        assert [g.shape[0] for g in got] == [2, 2, 2]
+    if names_the_file:
+        assert reader.fallbacks == 0 and reader.unreadable == {odd} and dali_paths["one_by_one"] == [odd, odd]
+    else:
+        assert reader.fallbacks == 2 and "Assert failed" in reader.fallback_reason and dali_paths["decoder_mode"] == 2
 
 
 @needs_dali
