@@ -55,7 +55,7 @@ def test_pyav_too_short_and_corrupt(vp9_dataset, tmp_path):
     with pytest.raises(VideoDecodeError, match="ended before frame"):
         pyav.decode_frames(path, np.array([0, rows[0][2] + 5]))
     junk = tmp_path / "junk.webm"
-    junk.write_bytes(np.random.default_rng(0).bytes(5000)  # the same bytes every run)
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))  # the same bytes every run
     with pytest.raises(VideoDecodeError, match="junk.webm"):
         pyav.probe(str(junk))
 
@@ -155,7 +155,7 @@ def good_and_junk(vp9_dataset, tmp_path):
     """A decodable VP9 file, a file of random bytes named like one, and the data set's rows."""
     root, rows = vp9_dataset
     junk = tmp_path / "junk.webm"
-    junk.write_bytes(np.random.default_rng(0).bytes(5000)  # the same bytes every run)
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))  # the same bytes every run
     return str(root / rows[0][0]), junk, rows
 
 
@@ -321,7 +321,7 @@ def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset
     epoch = reader.decode(batches)
     first = next(epoch)  # the reader has indexed every file
     with open(paths[4], "wb") as f:
-        f.write(np.random.default_rng(0).bytes(5000)  # the same bytes every run)
+        f.write(np.random.default_rng(0).bytes(5000))  # the same bytes every run
     for out in ([first] + list(epoch), list(reader.decode(batches))):
         assert isinstance(out[4][0], VideoDecodeError) and "v4.webm" in str(out[4][0])
         assert all(torch.equal(out[i][0], first[0]) for i in (1, 2, 3, 5))

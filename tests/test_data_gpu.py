@@ -53,7 +53,7 @@ def test_nvdec_retry_one_by_one_names_the_bad_file_and_keeps_the_good_frames(h26
     list_file, root = h264_dataset
     good = [os.path.join(root, line.split(",")[0]) for line in open(list_file).read().split()][:3]
     junk = tmp_path / "junk.mp4"
-    junk.write_bytes(np.random.default_rng(0).bytes(5000)  # the same bytes every run)
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))  # the same bytes every run
     idx = np.array([0, 5, 17])
     decoder = dali.DaliDecoder("gpu", batch_size=4, num_threads=2, mode="decoder")
     (got,) = decoder.decode([[(good[0], idx), (str(junk), idx), (good[1], idx), (good[2], idx)]])

@@ -106,7 +106,7 @@ def test_raise_mode_stops_at_the_first_error_without_encoding_the_rest(vp9_datas
     root, rows = vp9_dataset
     src = tmp_path / "src"
     src.mkdir()
-    (src / "corrupt.webm").write_bytes(np.random.default_rng(0).bytes(4000)  # the same bytes every run)
+    (src / "corrupt.webm").write_bytes(np.random.default_rng(0).bytes(4000))  # the same bytes every run
     for k in range(4):
         shutil.copy(root / rows[k % len(rows)][0], src / f"v{k}.webm")
     lst = tmp_path / "list.csv"
