@@ -4,9 +4,9 @@ same frames; DALI prefetches `prefetch` batches ahead of the consumer. Two modes
 default):
 
 - "decoder": file bytes and frame indices through an external source into
-  `fn.decoders.video`. Works for any indices, but DALI 2.4 builds no frame index for it, so
-  every sample decodes from frame 0 up to its last frame (cost grows with the clip's start),
-  and without an index the GPU path colour-converts and syncs after every decoded frame.
+  `fn.decoders.video`. Works for any indices, but each sample arrives as fresh bytes, whose
+  frame index (`build_index`, on by default) is built anew for every clip; it ran at 17 clips/s
+  on an H100 (benchmarks/RESULTS.md, run 1).
 - "reader": `fn.experimental.readers.video` reading a per-epoch file list, one line
   `path label start end` per clip (two for an evaluation clip that stops at the end of a
   short video). It indexes each file once (cached for the process) and seeks to the keyframe
