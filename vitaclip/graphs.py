@@ -19,7 +19,9 @@ gradient aliasing graph memory would be overwritten by the next replay). A graph
 activations of one call: one backward per forward, before the next forward; anything else
 raises instead of silently differentiating overwritten activations. Modules or trainable
 parameters with hooks run uncaptured (a hook would run only while capturing, or twice). If
-capture fails, the pass runs uncaptured from then on, with a warning.
+capture fails, the pass runs uncaptured from then on, with a warning. Process-wide switches
+(VITACLIP_DISABLE_EXT, `use_tiles`, SDPA kernel choices, TF32) are not in the key: a captured
+pass keeps the kernels it was captured with; set them before the first call, or `clear()`.
 """
 from __future__ import annotations
 
