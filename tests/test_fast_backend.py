@@ -119,6 +119,16 @@ def test_fused_qkv_follows_weight_updates(fast_anywhere):
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_fast_layer_weights_of_a_model_made_under_inference_mode(fast_anywhere):
+    """Its tensors keep no version counter, which the cached layer weights' key reads."""
+    with torch.inference_mode():
+        model = VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend="fast").to(DEVICE)
+        video = torch.randn(1, 3, 3, 56, 56, device=DEVICE)
+        fast_logits = model(video)
+        model.set_backend("reference")
+        torch.testing.assert_close(fast_logits, model(video), atol=1e-4, rtol=1e-4)
+
+
 def test_the_first_compiled_layer_gets_zeros_for_its_pending_part(monkeypatch):
     """So that every layer runs the same compiled graph (a None would be a second one)."""
     calls = []

@@ -142,6 +142,16 @@ def test_cached_text_features_follow_reloads_and_casts(config):
         assert torch.equal(model.text_features(), expected)
 
 
+def test_a_model_made_under_inference_mode_runs(config):
+    """Its tensors keep no version counter, which the text-feature cache's key reads."""
+    with torch.inference_mode():
+        model = randomize_(VitaCLIP(config, CLASSES))
+        video = random_video(config)
+        expected = model(video)
+    with torch.no_grad():
+        assert torch.equal(model(video), expected)
+
+
 def test_zero_shot_classes_average_templates(config):
     model = randomize_(VitaCLIP(config, CLASSES))
     templates = ["a video of a person {}.", "a clip of {}."]

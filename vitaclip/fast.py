@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import register_backend
 from .compiling import compile_mode
+from .graphs import tensor_version
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .vision import LayerPrompts, QuickGELU, VitaBlock
@@ -77,7 +78,7 @@ def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
 
     if any(p.requires_grad for p in params):
         return build(lambda t: t)
-    key = tuple((p.data_ptr(), p._version) for p in params) + (params[0].device,)
+    key = tuple((p.data_ptr(), tensor_version(p)) for p in params) + (params[0].device,)
     cached = block.derived.get(("fast weights", dtype))
     if cached is None or cached[0] != key:
         # normal tensors even when first built under inference_mode, so that training can reuse them

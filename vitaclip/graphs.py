@@ -154,15 +154,16 @@ def _module_state(modules: Sequence[nn.Module]) -> Tuple[tuple, tuple, List[nn.P
                 trainable.append(p)
                 hooked = hooked or bool(p._backward_hooks)
             else:
-                key.append((p.data_ptr(), p.shape, False, _version(p)))
+                key.append((p.data_ptr(), p.shape, False, tensor_version(p)))
         for b in module._buffers.values():
             if b is not None:
-                key.append((b.data_ptr(), b.shape, _version(b)))
+                key.append((b.data_ptr(), b.shape, tensor_version(b)))
     return tuple(modes), tuple(key), trainable, hooked
 
 
-def _version(t: Tensor):
-    # tensors made under inference mode keep no version counter (and cannot change outside it)
+def tensor_version(t: Tensor):
+    """t's version counter, for keys of what is derived from t; tensors made under inference mode
+    keep none (and cannot change outside it)."""
     return "inference" if torch.is_inference(t) else t._version
 
 

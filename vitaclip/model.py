@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
-from .graphs import GraphCache
+from .graphs import GraphCache, tensor_version
 from .text import PromptLearner, TextEncoder, check_classnames, clean_classname, tokenize
 from .vision import VisionTransformer
 
@@ -179,7 +179,7 @@ class VitaCLIP(nn.Module):
         device = self.logit_scale.device
         learner = self.prompt_learner
         tensors = [*self.textual.parameters(), *([learner.ctx] if learner is not None and learner.ctx is not None else [])]
-        state = tuple((t.data_ptr(), t.dtype, t._version) for t in tensors)
+        state = tuple((t.data_ptr(), t.dtype, tensor_version(t)) for t in tensors)
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         return (id(learner.tokens) if learner is not None else None, state, autocast, device)
 
