@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import VitaCLIPConfig
+from .files import atomic_write, atomic_write_text
 from .model import VitaCLIP
 
 WEIGHTS_FILE = "model.safetensors"
@@ -309,32 +308,6 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
 
 
 # ---------------------------------------------------------------------------- our own format
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file, not
-    even after a power cut (the data reaches the disk before the rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
-        os.chmod(tmp, 0o666 & ~current_umask())
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: VitaCLIP, directory) -> None:
     from safetensors.torch import save_file
 
@@ -344,14 +317,14 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     learner = model.prompt_learner
     classnames = learner.classnames if learner is not None else []
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
-    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(model.config.to_json()))
-    atomic_write(directory / CLASSES_FILE, lambda p: Path(p).write_text(json.dumps(classnames, indent=1)))
+    atomic_write_text(directory / CONFIG_FILE, model.config.to_json())
+    atomic_write_text(directory / CLASSES_FILE, json.dumps(classnames, indent=1))
     templates = model.zero_shot_templates
     if templates is None:  # one from an earlier save here would switch the reloaded model's classes
         (directory / ZERO_SHOT_FILE).unlink(missing_ok=True)
     else:
         zero_shot = {"classnames": model.classnames, "templates": templates}
-        atomic_write(directory / ZERO_SHOT_FILE, lambda p: Path(p).write_text(json.dumps(zero_shot, indent=1)))
+        atomic_write_text(directory / ZERO_SHOT_FILE, json.dumps(zero_shot, indent=1))
 
 
 def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from ..files import atomic_write_text
+
 
 @dataclass(frozen=True)
 class VideoEntry:
@@ -87,16 +89,7 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
 
 def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
     """Write `(relative_path, label)` rows in the original format, atomically."""
-    write_atomically(list_file, "".join(f"{path},{int(label)}\n" for path, label in rows))
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Readers see the old file or the new one, never a part; concurrent writers (DDP ranks)
-    each use their own temporary file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(list_file, "".join(f"{path},{int(label)}\n" for path, label in rows))
 
 
 def read_class_names(path: str) -> List[str]:

@@ -13,8 +13,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Tuple
 
+from ..files import atomic_write_text
 from . import pyav
-from .lists import VideoEntry, write_atomically
+from .lists import VideoEntry
 from .pyav import VideoDecodeError, VideoInfo, file_stamp
 
 
@@ -39,7 +40,7 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
 
 
 def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
-    write_atomically(path, "".join(json.dumps(_row(key, info)) + "\n" for key, info in infos))
+    atomic_write_text(path, "".join(json.dumps(_row(key, info)) + "\n" for key, info in infos))
 
 
 def _row(key: str, info: VideoInfo) -> dict:

@@ -19,7 +19,8 @@ from torch import Tensor
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
 from ..text import clean_classname
-from ..weights import CONFIG_FILE, VITA_ADDITION, atomic_write, load_state_exactly, read_torch_file
+from ..files import atomic_write
+from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8}\.pt\.")  # atomic_write's temporary files

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..model import VitaCLIP
-from ..weights import atomic_write
+from ..files import atomic_write, atomic_write_text
 from .distributed import DistEnv, all_gather_objects, init_distributed
 from .loader import eval_batches, optional_len, split_views
 from .precision import autocast
@@ -135,7 +135,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
 def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def save_confusion_png(result: EvalResult, path) -> None:

@@ -1,0 +1,39 @@
+"""Writing files so that readers see the old file or the new one, never a part."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
+    """write(temporary path) in the same folder, then rename: never half a file, not even after a
+    power cut (the data reaches the disk before the rename); concurrent writers (DDP ranks) each
+    use their own temporary file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
