@@ -124,3 +124,38 @@ def test_vp9_clip_decode(benchmark, vp9_clips, decoder, clip):
         pytest.skip("NVIDIA DALI not installed")
     dali_decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=1, prefetch=1)
     benchmark(lambda: list(dali_decoder.decode([[(path, idx)]])))
+
+
+@pytest.fixture(scope="module")
+def prepared_list(tmp_path_factory):
+    from prepared_data import make_prepared_dataset
+    out = tmp_path_factory.mktemp("transport")
+    return make_prepared_dataset(str(out), copies=8), str(out)  # 24 videos
+
+
+@pytest.mark.parametrize("per_task", [1, "auto"])
+def test_pyav_workers_to_main_process(benchmark, prepared_list, per_task):
+    """Decoded training clips from 2 PyAV worker processes to the main process (batch 8, no
+    transforms), one clip per work item or as many as the loader packs (4 here): the main
+    process alone feeds the GPU, so its CPU time per clip received (extra_info) is what bounds
+    the loader on a machine with many decoding cores; the wall rate here is the 2 cores' decode."""
+    import time
+
+    from vitaclip.data import VideoLoader
+    loader = VideoLoader(*prepared_list, train=True, batch_size=8, num_frames=8, stride=16, backend="pyav",
+                         device="cpu", num_workers=2)
+    if per_task == 1:
+        loader._clips_per_task = lambda: 1
+    spent = []
+
+    def epoch():
+        loader.set_epoch(len(spent))
+        start, clips = time.process_time(), 0
+        for plans, _ in loader.decode_epoch():
+            clips += len(plans)
+        spent.append((time.process_time() - start) / clips)
+
+    epoch()  # starts the workers
+    benchmark.pedantic(epoch, rounds=3, iterations=1)
+    benchmark.extra_info["main_cpu_ms_per_clip"] = 1e3 * float(np.median(spent[1:]))
+    benchmark.extra_info["clips_per_task"] = loader._clips_per_task()

@@ -134,11 +134,13 @@ def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_pat
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
-def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset):
+@pytest.mark.parametrize("workers", [1, 2])  # work items of 2 clips, and of 1
+def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset, workers):
     root, _ = vp9_dataset
     kw = dict(batch_size=2, size=32, num_frames=2, stride=4, augment=None)
     inline = loader(root, True, **kw)
-    pooled = loader(root, True, num_workers=2, **kw)
+    pooled = loader(root, True, num_workers=workers, **kw)
+    assert pooled._clips_per_task() == 2 // workers
     next(iter(pooled))  # a consumer that stops early must not disturb the next epoch
     for epoch in range(2):  # the worker processes stay up across epochs
         inline.set_epoch(epoch)
@@ -188,12 +190,13 @@ def test_bad_entries_raise_or_skip(bad_dataset, line, problem, backend):
     assert batch.label.tolist() == [1, 2]  # no label shifted onto another video
 
 
-@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
-def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend):
+@pytest.mark.parametrize("backend,workers", [("pyav", 0), ("pyav", 1), pytest.param("dali-cpu", 0, marks=needs_dali)])
+def test_video_broken_after_probing_is_caught_at_decode(bad_dataset, backend, workers):
     lst = bad_dataset / "later.csv"
     lst.write_text("good.webm,1\ngood2.webm,2\n")
+    # one worker gets both videos in one work item: the broken one's error travels beside the good clip
     kw = dict(train=False, batch_size=2, num_frames=2, stride=4, size=16, backend=backend,
-              num_workers=0, device="cpu")
+              num_workers=workers, device="cpu")
     ld = VideoLoader(str(lst), str(bad_dataset), on_error="skip", **kw)
     strict = VideoLoader(str(lst), str(bad_dataset), **kw)
     (bad_dataset / "good2.webm").write_bytes(NOT_A_VIDEO[:3000])  # replaced after the metadata was read
@@ -503,3 +506,24 @@ def test_epoch_loader_resumes_a_video_loader_mid_epoch_without_replaying(vp9_dat
     assert planned[0] == 2
     for a, b in zip(got, expected[2:]):
         assert torch.equal(a.video, b.video) and torch.equal(a.label, b.label)
+
+
+def test_packed_clips_unpack_to_the_same_planes_and_errors():
+    from vitaclip.data.loader import pack_clips, unpack_clips
+    from vitaclip.data.transforms import Yuv420
+
+    def clip(frames, h, w, seed):
+        g = torch.Generator().manual_seed(seed)
+        chroma = (frames, -(-h // 2), -(-w // 2))
+        return Yuv420(*(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+                        for shape in [(frames, h, w), chroma, chroma]))
+
+    error = VideoDecodeError("b.mp4: decoding failed")
+    clips = [clip(2, 7, 9, 0), error, clip(3, 4, 6, 1)]  # odd sizes, a failed clip between two
+    buffer, layout = pack_clips(clips)
+    assert buffer.dim() == 1 and buffer.numel() == sum(p.numel() for c in (clips[0], clips[2]) for p in c)
+    got = unpack_clips(buffer, layout)
+    assert got[1] is error
+    for want, have in zip(clips[::2], got[::2]):
+        assert all(torch.equal(a, b) for a, b in zip(want, have))
+    assert unpack_clips(*pack_clips([error])) == [error]

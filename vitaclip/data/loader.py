@@ -19,12 +19,13 @@ from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
-from .transforms import frame_size, normalize, resize, resized_crop, to_device, to_rgb
+from .transforms import Yuv420, frame_size, normalize, resize, resized_crop, to_device, to_rgb
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "pyav")
 DEFAULT_AUGMENT = "rand-m7-n4-mstd0.5-inc1"
+MAX_CLIPS_PER_TASK = 8
 
 
 class Batch(NamedTuple):
@@ -203,17 +204,26 @@ class VideoLoader:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
             self._epoch_tasks = _EpochTasks()
-            self._workers = torch.utils.data.DataLoader(
+            self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
-                prefetch_factor=self.prefetch * self.batch_size, pin_memory=self.device.type == "cuda",
-                persistent_workers=True, multiprocessing_context=context)
-        # one clip per work item, so every worker is busy whatever the batch size
-        self._epoch_tasks.tasks = [task for batch in tasks for task in batch]
-        clips = iter(self._workers)
-        for batch in tasks:
-            yield [next(clips) for _ in batch]
-        for _ in clips:  # let the epoch's iterator finish cleanly
+                prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
+                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context)
+        per_task = self._clips_per_task()
+        chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
+        self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]
+        packed = iter(self._workers)
+        for batch in chunks:
+            yield [clip for _ in batch for clip in unpack_clips(*next(packed))]
+        for _ in packed:  # let the epoch's iterator finish cleanly
             pass
+
+    def _clips_per_task(self) -> int:
+        """Clips a worker decodes per work item: enough items for every worker in each batch, and
+        no more, since the main process, which alone feeds the GPU, pays for each item it receives
+        (a socket round trip and a shared-memory mapping per tensor; on the 2-core CI machine 2.0 ms
+        of its CPU per clip sent as three planes, 0.6 ms in one tensor per 4 clips:
+        benchmarks/test_decode_bench.py)."""
+        return max(1, min(MAX_CLIPS_PER_TASK, self.batch_size // self.num_workers))
 
     # ---------------------------------------------------------------- batches
     def decode_epoch(self) -> Iterator[Tuple[List[ClipPlan], List]]:
@@ -307,10 +317,38 @@ def decode_with_pyav(path: str, frames: np.ndarray, threads: int = 0):
 
 
 class _PyAVTasks(torch.utils.data.Dataset):
-    """Indexed by the tasks themselves: the sampler hands the workers (path, frames) pairs."""
+    """Indexed by the tasks themselves: the sampler hands each worker a chunk of (path, frames)
+    pairs, which it returns packed (`pack_clips`)."""
 
-    def __getitem__(self, task):
-        return decode_with_pyav(*task, threads=1)  # one thread per worker: the pool fills the cores
+    def __getitem__(self, chunk):
+        # one thread per worker: the pool fills the cores
+        return pack_clips([decode_with_pyav(path, frames, threads=1) for path, frames in chunk])
+
+
+def pack_clips(clips) -> Tuple[torch.Tensor, list]:
+    """Decoded clips (Yuv420 or an error each) -> (every plane in one uint8 tensor, layout): one
+    tensor crosses the process boundary instead of three per clip. Layout: per clip, its planes'
+    shapes, or its error."""
+    planes = [plane.reshape(-1) for clip in clips if isinstance(clip, Yuv420) for plane in clip]
+    buffer = torch.cat(planes) if planes else torch.empty(0, dtype=torch.uint8)
+    layout = [tuple(tuple(plane.shape) for plane in clip) if isinstance(clip, Yuv420) else clip for clip in clips]
+    return buffer, layout
+
+
+def unpack_clips(buffer: torch.Tensor, layout: list) -> list:
+    """`pack_clips`'s inverse: Yuv420 views into buffer (no copy), errors as they were."""
+    clips, offset = [], 0
+    for entry in layout:
+        if isinstance(entry, Exception):
+            clips.append(entry)
+            continue
+        planes = []
+        for shape in entry:
+            size = int(np.prod(shape))
+            planes.append(buffer[offset:offset + size].view(shape))
+            offset += size
+        clips.append(Yuv420(*planes))
+    return clips
 
 
 class _EpochTasks(torch.utils.data.Sampler):
