@@ -5,7 +5,7 @@ from prepared data (short side 256 H.264, keyframe every 16 or 4 frames), in one
 - the whole loader with each DALI variant (dali.py's "decoder" mode, fn.decoders.video;
   its "reader" mode, fn.experimental.readers.video, with 1 or more parallel readers) and
   with PyAV (CPU worker processes);
-- each DALI variant decoding only (the same clips, no transforms);
+- each DALI variant and PyAV decoding only (the same clips, no transforms);
 - the transforms only, on clips decoded beforehand.
 Target: >= 600 clips/s on one H100.
 
@@ -155,7 +155,12 @@ def test_transforms_only(benchmark, prepared):
     report(benchmark, f"transforms only, batch {BATCH}", clips_per_s(benchmark, loader, assemble_all, 3, 1))
 
 
-def test_pyav_throughput(benchmark, prepared):
+@pytest.mark.parametrize("part", ["whole loader", "decode only"])
+def test_pyav_throughput(benchmark, prepared, part):
+    """Decode only: the workers' clips reaching the main process (as packed chunks, pinned),
+    before the transforms on the GPU."""
     workers = min(16, os.cpu_count() or 1)
     loader = make_loader(prepared, "pyav", BATCH, num_workers=workers)
-    report(benchmark, f"PyAV ({workers} workers), whole loader", clips_per_s(benchmark, loader, whole_loader, 1))
+    batches = whole_loader if part == "whole loader" else decode_only
+    report(benchmark, f"PyAV ({workers} workers, {loader._clips_per_task()} clips a work item), {part}",
+           clips_per_s(benchmark, loader, batches, 1))
