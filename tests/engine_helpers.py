@@ -1,4 +1,6 @@
 """Tiny models and data for the engine tests (CPU, fractions of a second per step)."""
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class SignallingData(SyntheticActions):
+    """tiny_data() that sends `sig` to its own process as it hands out its items number `at`
+    (counted from 1 in this process), on the given rank only (RANK, as torchrun sets it)."""
+
+    def __init__(self, sig, at, rank: int = 0, n: int = 32):
+        super().__init__(n, FRAMES, SIZE, seed=0)
+        self.sig, self.at, self.rank, self.fetched = sig, set(at), rank, 0
+
+    def get(self, index, rng=None):  # what the training loader calls
+        self.fetched += 1
+        if self.fetched in self.at and int(os.environ.get("RANK", "0")) == self.rank:
+            os.kill(os.getpid(), self.sig)
+        return super().get(index, rng)

@@ -251,3 +251,35 @@ def test_demo_runs_again_in_the_same_folder(tmp_path):
                         video_files=False, progress=False)
     for _ in range(2):
         assert run_demo(config)["steps"] == 2
+
+
+def test_train_stopped_by_a_signal_exits_75_checkpointed_and_resumes(videos, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from vitaclip.data import loader as loader_module
+    root, list_file = videos
+    common = ["--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",
+              "--init", root / "model", "--output-dir", tmp_path / "run", "--batch-size", 4, "--augment", "",
+              "--checkpoint-every", 10, "--precision", "fp32", "--no-tensorboard", *CPU, "--steps", 3]
+    decoded, decode = [], loader_module.decode_with_pyav
+
+    def decode_then_signal(*args, **kw):  # the 6th clip is in step 2
+        decoded.append(args[0])
+        if len(decoded) == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(loader_module, "decode_with_pyav", decode_then_signal)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were the handler missing, the test goes on
+    try:
+        code, out, err = run(capsys, "train", *common, "--stop-signals", "usr1")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert code == 75, err
+    assert "stopped by SIGUSR1 after step 2" in out and "step 2/3" in out
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 2
+    code, out, err = run(capsys, "train", *common, "--resume", "auto")
+    assert code == 0 and "step 3/3" in out, err
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--stop-signals", "TERM,NOPE"])
+    assert exit_.value.code == 2 and "unknown signal 'NOPE'" in capsys.readouterr().err

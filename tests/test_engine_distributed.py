@@ -1,5 +1,6 @@
 """DDP on the CPU: two gloo processes train like one process with the same global batch."""
 import os
+import signal
 import socket
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine_helpers import one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from engine_helpers import SignallingData, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.evaluate import EvalConfig, evaluate
 from vitaclip.engine.train import train
@@ -100,6 +101,28 @@ def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     assert list(r0["losses"]) == [3] and r0["losses"] == r1["losses"]
     assert "holds checkpoints of an earlier run" in r0["refusal"] and r1["refusal"] == r0["refusal"]
+
+
+def stop_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        data = SignallingData(signal.SIGTERM, at=(3,), rank=1)  # rank 1 alone, in its step 2 (2 clips a step)
+        result = train(tiny_model(), data, tiny_train_config(out, steps=4, checkpoint_every=4))
+        torch.save({"step": result.step, "stopped_by": result.stopped_by, "losses": result.losses},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    out = str(tmp_path / "ddp")
+    run_ranks(stop_worker, out)
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 2 and r0["losses"] == r1["losses"]
+    assert r1["stopped_by"] == "SIGTERM" and r0["stopped_by"] == "another rank's signal"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000002.pt"]
 
 
 def test_compiled_backends_keep_their_layer_graphs_whole_under_ddp(monkeypatch, tmp_path):

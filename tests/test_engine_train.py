@@ -2,6 +2,8 @@
 import csv
 import math
 import os
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +332,42 @@ def test_rng_states_keep_this_process_device_only(monkeypatch):
     device["current"] = 0  # resumed on a machine where the process's device is the first one
     set_rng_states(state)
     assert torch.equal(generators[0], torch.tensor([2], dtype=torch.uint8))
+
+
+def test_a_stop_signal_ends_the_run_after_its_step_checkpointed_and_resuming_finishes_it(tmp_path):
+    from engine_helpers import SignallingData
+    seen = []
+
+    def record(signum, frame):
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, record)
+    try:
+        # items 5-8 make step 2 (4 clips a step): a signal at item 6, a second one at item 7
+        data = SignallingData(signal.SIGUSR1, at=(6, 7))
+        cut = train(tiny_model(), data, tiny_train_config(tmp_path / "run", checkpoint_every=4))
+        # the first signal stopped the run; the second reached the handler that was there before
+        assert seen == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is record
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert cut.stopped_by == "SIGUSR1" and cut.step == 2 and not cut.finished
+    assert cut.last_checkpoint is not None and ckpt.list_checkpoints(tmp_path / "run")[-1] == Path(cut.last_checkpoint)
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", checkpoint_every=4, resume="auto"))
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", checkpoint_every=4))
+    assert rest.finished and rest.stopped_by is None
+    assert rest.losses == {s: full.losses[s] for s in (3, 4, 5, 6)}
+
+
+def test_a_signal_not_asked_for_is_left_alone(tmp_path):
+    from engine_helpers import SignallingData
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        result = train(tiny_model(), SignallingData(signal.SIGUSR1, at=(6,)),
+                       tiny_train_config(tmp_path, steps=3, stop_signals=("SIGTERM",)))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == [signal.SIGUSR1] and result.finished and result.stopped_by is None
+    with pytest.raises(ValueError, match="unknown signal 'SIGNOPE'"):
+        tiny_train_config(tmp_path, stop_signals=("SIGNOPE",)).validate()

@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from .engine.precision import PRECISIONS
+from .engine.stopping import DEFAULT_STOP_SIGNALS, parse_signal
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,9 +26,18 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 FORMATTER = DefaultsHelpFormatter
 DEFAULT_CLIP = "ViT-B-16-quickgelu"
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, to be resumed
 
 
 # ---------------------------------------------------------------------------- shared helpers
+def signal_names(text: str) -> tuple:
+    """"SIGTERM,USR1" -> ("SIGTERM", "SIGUSR1"); "" -> ()."""
+    try:
+        return tuple(parse_signal(name).name for name in text.split(",") if name.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def read_classes(path: str) -> List[str]:
     from .data import read_class_names
 
@@ -125,14 +135,14 @@ def cmd_train(args) -> int:
         device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         resume=args.resume, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+        stop_signals=args.stop_signals, progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
     report_skipped(args, env, train_data, eval_data)
     if env.is_main:
         last = result.evals[max(result.evals)] if result.evals else None
         print(f"step {result.step}/{args.steps}; checkpoint {result.last_checkpoint}"
               + (f"; top-1 {100 * last.top1:.2f}" if last else ""))
-    return 0
+    return EXIT_STOPPED if result.stopped_by else 0
 
 
 def load_eval_model(args, classes: Optional[List[str]]):
@@ -337,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "final model first")
     g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss or gradient")
     g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
+    g.add_argument("--stop-signals", default=",".join(DEFAULT_STOP_SIGNALS), type=signal_names,
+                   help="on one of these signals (on any process: a scheduler's warning before it ends the job), "
+                        "finish the current step, checkpoint and exit with status "
+                        f"{EXIT_STOPPED}; '' for none")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
     add_data(p)
     add_runtime(p)

@@ -76,9 +76,10 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     return box[0]
 
 
-def mean_across_ranks(env: DistEnv, value: float) -> float:
+def sum_across_ranks(env: DistEnv, values: List[float]) -> List[float]:
+    """Each of `values` summed over the ranks, in one all-reduce."""
     if not env.is_distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
-    return t.item() / env.world_size
+    return t.tolist()

@@ -24,11 +24,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..backends import resolve_backend
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
-from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed,
-                          mean_across_ranks)
+from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed, sum_across_ranks
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
 from .precision import autocast, check_precision, grad_scaler
+from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
 
 NONFINITE_POLICIES = ("stop", "skip")
 FINAL_MODEL = "model"  # the folder in output_dir that a finished run saves its model to
@@ -62,6 +62,8 @@ class TrainConfig:
     overwrite: bool = False  # a fresh run first deletes an earlier run's checkpoints and final model
     on_nonfinite: str = "stop"  # on a NaN/inf loss or gradient, "stop": raise naming the step; "skip": drop its update
     stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
+    # on one of these (on any rank), leave after the current step, checkpointed (engine/stopping.py)
+    stop_signals: Tuple[str, ...] = DEFAULT_STOP_SIGNALS
     progress: bool = True
     tensorboard: bool = True
     save_final: bool = True  # save_pretrained(output_dir/FINAL_MODEL) after the last step
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.overwrite and self.resume is not None:
             raise ValueError("overwrite starts a fresh run: it cannot be combined with resume")
+        for name in self.stop_signals:
+            parse_signal(name)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class TrainResult:
     evals: Dict[int, EvalResult] = field(default_factory=dict)
     last_checkpoint: Optional[str] = None
     finished: bool = False
+    stopped_by: Optional[str] = None  # the signal that stopped the run early ("another rank's" if not this one's)
 
 
 def lr_lambda(config: TrainConfig):
@@ -229,6 +234,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     last_step = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
     step_time = time.perf_counter()
     started = step_time
+    stop_request = StopRequest(config.stop_signals).install()
     try:
         for step in range(start_step + 1, last_step + 1):
             net.train()
@@ -244,7 +250,10 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                         loss = F.cross_entropy(net(video), labels) / accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            loss_value = mean_across_ranks(env, loss_sum.item())
+            # the ranks agree on the loss and on stopping in one all-reduce (a signal may reach them at different steps)
+            loss_total, stop_votes = sum_across_ranks(env, [loss_sum.item(), float(stop_request.received is not None)])
+            loss_value = loss_total / env.world_size
+            stopping = stop_votes > 0 and step < config.steps
             problem = None if math.isfinite(loss_value) else f"non-finite loss {loss_value}"
             if problem is None:
                 scaler.unscale_(optimizer)  # the norm and clipping see the true gradients
@@ -276,18 +285,28 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 log.row("train", {"step": step, "loss": loss_value, "lr": lr, "clips_per_s": clips_per_s,
                                   "elapsed_s": now - started, "skipped": int(skipped)})
             at_end = step == config.steps
-            if eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end):
+            eval_due = eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end)
+            if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
+                warnings.warn(f"step {step}: evaluation skipped, the run is stopping")
+            if eval_due and not stopping:
                 res = evaluate(model, eval_data, eval_config, env=env)
                 result.evals[step] = res
                 if log is not None:
                     log.row("eval", {"step": step, "top1": res.top1, "top5": res.top5,
                                      "mean_class_accuracy": res.mean_class_accuracy})
                 step_time = time.perf_counter()  # evaluation time is not training throughput
-            if step % config.checkpoint_every == 0 or step == last_step:
+            if step % config.checkpoint_every == 0 or step == last_step or stopping:
                 result.last_checkpoint = str(write_checkpoint(out, step, config, model, optimizer, scheduler,
                                                               scaler, loader, env, backbone))
                 step_time = time.perf_counter()
+            if stopping:
+                result.stopped_by = stop_request.received or "another rank's signal"
+                if env.is_main:
+                    print(f"stopped by {result.stopped_by} after step {step}, checkpointed in "
+                          f"{result.last_checkpoint}: continue with resume='auto' (--resume auto)", flush=True)
+                break
     finally:
+        stop_request.uninstall()
         if progress is not None:
             progress.close()
         if log is not None:
