@@ -41,6 +41,8 @@ def fast_anywhere(monkeypatch):
     if DEVICE == "cpu":
         aot_eager = torch.compile(fast._layer, backend="aot_eager", dynamic=False, fullgraph=True)
         monkeypatch.setattr(fast, "compiled_layer", lambda: aot_eager)
+        last = torch.compile(fast._class_token_layer, backend="aot_eager", dynamic=False, fullgraph=True)
+        monkeypatch.setattr(fast, "compiled_class_token_layer", lambda: last)
         monkeypatch.setattr(TextEncoder, "compiled_transformer",
                             lambda self: torch.compile(self.transformer, backend="aot_eager", dynamic=False))
         embed = torch.compile(VisionTransformer.embed, backend="aot_eager", dynamic=False)
@@ -87,6 +89,29 @@ def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert grads[name] is not None, f"{name} got no gradient"
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["fast", "fast-compiled"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_last_layer_computes_the_class_tokens_alone(fast_anywhere, monkeypatch, backend, layers):
+    """After the last layer only the class tokens are read: it runs the one-query layer (a
+    single-layer model too, whose only layer is also its first)."""
+    shapes = []
+    one_query = fast.class_token_attention
+    monkeypatch.setattr(fast, "class_token_attention", lambda q, *a: shapes.append(tuple(q.shape)) or one_query(q, *a))
+    torch.manual_seed(3)
+    config = dataclasses.replace(tiny_config(), layers=layers)
+    model = VitaCLIP(config, classnames=CLASSNAMES, backend=backend).to(DEVICE)
+    reference = copy.deepcopy(model).double()
+    reference.set_backend("reference")
+    video = torch.randn(2, 3, 3, 56, 56, device=DEVICE)
+    logits, grads = logits_and_grads(model, video)
+    assert shapes == [(6, 2, 64)]  # once per forward, 2 clips x 3 frames, 2 heads of 64
+    ref_logits, ref_grads = logits_and_grads(reference, video.double())
+    torch.testing.assert_close(logits.double(), ref_logits.double(), atol=1e-4, rtol=1e-4)
+    for name, ref in ref_grads.items():
         scale = ref.abs().max().item()
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
 

@@ -19,7 +19,10 @@ extended sequence:
     stream after attention and the MLP's hidden activation (4x wider than the stream) are
     recomputed in the backward from tensors kept anyway (the layer input and the attention
     output) instead of stored: a layer keeps only its input, the packed qkv and the attention
-    output (the rest is a recompute of about one fc1 and one out_proj GEMM per layer).
+    output (the rest is a recompute of about one fc1 and one out_proj GEMM per layer);
+  - in the last layer, after which only the class tokens are read, keys and values of every
+    token but the query, attention, out_proj and MLP of the class token alone
+    (`_class_token_layer`, `ops.class_attention`): about 5/6 of a layer's work left out.
 
 "fast" runs this eagerly; "fast-compiled" runs the same layer function under torch.compile
 (one graph per layer shape, shared by all layers),
@@ -46,6 +49,7 @@ from .compiling import compile_mode
 from .graphs import tensor_version
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
+from .ops.class_attention import class_token_attention
 from .vision import LayerPrompts, QuickGELU, VitaBlock
 
 class LayerWeights(NamedTuple):
@@ -151,6 +155,27 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
     return x, F.linear(hidden, weights.fc2_weight, weights.fc2_bias)
 
 
+def _class_token_layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
+                       weights: LayerWeights, block: VitaBlock) -> Tuple[Tensor, Tensor]:
+    """`_layer` for the last layer, after which only the class tokens are read: the keys and values
+    of every token, but the query, attention, output projection and MLP of the class token alone
+    (one row of S per frame). Returns the two parts of the class tokens' output, [F, 1, C] each."""
+    n_frames, seq, width = x.shape
+    heads = block.heads
+    if pending is not None:
+        x = x + pending
+    prompts = block.prompts(x, global_prompts)
+    normed = block.norm1(x)
+    q = F.linear(normed[:, 0], weights.qkv_weight[:width], weights.qkv_bias[:width]).view(n_frames, heads, -1)
+    kv = F.linear(normed, weights.qkv_weight[width:], weights.qkv_bias[width:]).view(n_frames, seq, 2, heads, -1)
+    prompt_kv = _prompt_kv(prompts, block.norm1, weights.qkv_weight, weights.qkv_bias, heads)
+    attended = class_token_attention(q, kv[:, :, 0], kv[:, :, 1], *prompt_kv, prompts.frames_per_group)
+    x, hidden = _residual_and_mlp_hidden(x[:, :1], attended.view(n_frames, 1, width), weights.out_weight,
+                                         weights.out_bias, block.norm2, weights.fc1_weight, weights.fc1_bias,
+                                         block.mlp.act)
+    return x, F.linear(hidden, weights.fc2_weight, weights.fc2_bias)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_layer():
     """`_layer` under torch.compile, built on first use (importing the compiler is slow), in the
@@ -161,17 +186,25 @@ def compiled_layer():
     return torch.compile(_layer, dynamic=False, mode=compile_mode())
 
 
-def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
-                       global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _layer(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
+@functools.lru_cache(maxsize=None)
+def compiled_class_token_layer():
+    """`_class_token_layer` under torch.compile: its graphs apart from the other layers'."""
+    return torch.compile(_class_token_layer, dynamic=False, mode=compile_mode())
+
+
+def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
+                       class_tokens_only: bool = False) -> Tuple[Tensor, Tensor]:
+    layer = _class_token_layer if class_tokens_only else _layer
+    return layer(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
 
 
 def fast_compiled_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
-                                global_prompts: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                                global_prompts: Optional[Tensor], class_tokens_only: bool = False) -> Tuple[Tensor, Tensor]:
     dtype = _compute_dtype(block, x)
     if pending is None:  # zeros, as the MLP output would be: the first layer shares the others' graph
         pending = x.new_zeros(x.shape, dtype=dtype)
-    return compiled_layer()(x, pending, global_prompts, layer_weights(block, dtype), block)
+    layer = compiled_class_token_layer() if class_tokens_only else compiled_layer()
+    return layer(x, pending, global_prompts, layer_weights(block, dtype), block)
 
 
 def fast_available(device: torch.device) -> bool:

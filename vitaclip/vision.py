@@ -156,14 +156,16 @@ class VitaBlock(nn.Module):
 # leave its last residual add to the next one, which folds it into its first fused kernel instead of
 # a pass over the stream of its own. global_prompts: the layer's [G, C] or None. A layer builds its
 # prompts itself (`VitaBlock.prompts`), so a compiled layer fuses their small ops, and the gradient
-# of x[:, 0], with its own.
-BlockForward = Callable[[VitaBlock, Tensor, Optional[Tensor], Optional[Tensor]], Tuple[Tensor, Optional[Tensor]]]
+# of x[:, 0], with its own. class_tokens_only: True for the last layer, after which only the class
+# tokens x'[:, 0] + pending'[:, 0] are read; a backend may then compute them alone ([F, 1, C] each).
+BlockForward = Callable[[VitaBlock, Tensor, Optional[Tensor], Optional[Tensor], bool], Tuple[Tensor, Optional[Tensor]]]
 
 
 def reference_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
-                            global_prompts: Optional[Tensor]) -> Tuple[Tensor, None]:
+                            global_prompts: Optional[Tensor], class_tokens_only: bool = False) -> Tuple[Tensor, None]:
     """The original layer: attention over the materialised sequence
-    [cls, local(T0), global(G), patches(N), summary], then the MLP on the frame's own tokens."""
+    [cls, local(T0), global(G), patches(N), summary], then the MLP on the frame's own tokens
+    (all of them, whatever class_tokens_only says, as the original)."""
     if pending is not None:
         x = x + pending
     prompts = block.prompts(x, global_prompts)
@@ -262,7 +264,7 @@ class VisionTransformer(nn.Module):
         x, pending = compiled_embed()(self, video) if compiled else self.embed(video), None
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
-            x, pending = block_forward(block, x, pending, global_prompts)
+            x, pending = block_forward(block, x, pending, global_prompts, i == len(self.blocks) - 1)
         cls = x[:, 0] if pending is None else x[:, 0] + pending[:, 0]  # the only tokens read after the last layer
         features = self.ln_post(cls) @ self.proj
         return features.view(b, t, -1)

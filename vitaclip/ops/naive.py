@@ -56,7 +56,7 @@ def prompt_attention(
     values = gather_prompt_kv(v, local_v, global_v, summary_v, frames_per_group)
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("fshd,fkhd->fhsk", q, keys) * scale
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)  # float64 stays
     return torch.einsum("fhsk,fkhd->fshd", probs, values)
 
 
