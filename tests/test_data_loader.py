@@ -545,3 +545,16 @@ def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_vi
     with pytest.raises(VideoDecodeError, match=rf"worker failed while the loader waited for .*{fault}\.webm"):
         next(iter(ld))
     assert ld._workers is None  # the next epoch starts a new pool
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pyav_workers_on_cuda_give_the_inline_batches(vp9_dataset):
+    """On CUDA the packed chunks come pinned (DataLoader's pin thread) and their planes are copied
+    to the GPU asynchronously."""
+    root, _ = vp9_dataset
+    kw = dict(batch_size=2, size=32, num_frames=2, stride=4, augment=None, device="cuda")
+    inline = [b for b in loader(root, True, **kw)]
+    pooled = [b for b in loader(root, True, num_workers=1, **kw)]
+    assert len(inline) == len(pooled) == 1 and pooled[0].video.is_cuda
+    assert torch.equal(inline[0].video, pooled[0].video) and torch.equal(inline[0].label, pooled[0].label)
