@@ -6,26 +6,17 @@ import pytest
 import torch
 
 from vitaclip.ops import naive
-from vitaclip.ops.class_attention import class_token_attention
+from test_prompt_attention import make_inputs
+from vitaclip.ops.class_attention import PROMPT_NAMES, class_token_attention
 
-SEQ, HEAD_DIM = 50, 64  # 7x7 patches + cls
+SEQ = 50  # 7x7 patches + cls
 
 
-def inputs(frames_per_group, n_global, local, summary, heads, dtype=torch.float64, groups=2):
-    gen = torch.Generator().manual_seed(frames_per_group * 100 + n_global * 10 + heads)
-    n_frames = groups * frames_per_group
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=dtype)
-
-    leaves = {"q": rand(n_frames, heads, HEAD_DIM), "k": rand(n_frames, SEQ, heads, HEAD_DIM),
-              "v": rand(n_frames, SEQ, heads, HEAD_DIM)}
-    if local:
-        leaves["local_k"], leaves["local_v"] = (rand(groups, frames_per_group, heads, HEAD_DIM) for _ in range(2))
-    if n_global:
-        leaves["global_k"], leaves["global_v"] = (rand(n_global, heads, HEAD_DIM) for _ in range(2))
-    if summary:
-        leaves["summary_k"], leaves["summary_v"] = (rand(n_frames, heads, HEAD_DIM) for _ in range(2))
+def inputs(frames_per_group, n_global, local, summary, heads, dtype=torch.float64):
+    """The prompt attention tests' inputs, with the class token's query row alone."""
+    leaves = make_inputs(2, frames_per_group, SEQ, heads, frames_per_group if local else 0, n_global, summary,
+                         dtype=dtype, packed=False, seed=frames_per_group * 100 + n_global * 10 + heads)
+    leaves["q"] = leaves["q"][:, 0].contiguous()
     return leaves
 
 
@@ -34,6 +25,10 @@ def reference(q, k, v, frames_per_group, **prompts):
     arbitrary (the reference gives each row its own softmax)."""
     rows = torch.cat([q.unsqueeze(1), torch.zeros_like(k[:, 1:])], dim=1)
     return naive.prompt_attention(rows, k, v, frames_per_group=frames_per_group, **prompts)[:, 0]
+
+
+def one_query(q, k, v, frames_per_group, **prompts):
+    return class_token_attention(q, k, v, [prompts.get(name) for name in PROMPT_NAMES], frames_per_group)
 
 
 def outputs_and_grads(fn, leaves, frames_per_group, grad_out):
@@ -50,7 +45,7 @@ def test_class_token_attention_matches_reference(frames_per_group, n_global, loc
     leaves = inputs(frames_per_group, n_global, local, summary, heads)
     grad_out = torch.randn(leaves["q"].shape, dtype=torch.float64)
     want, want_grads = outputs_and_grads(reference, leaves, frames_per_group, grad_out)
-    got, grads = outputs_and_grads(class_token_attention, {n: t.to(dtype) for n, t in leaves.items()},
+    got, grads = outputs_and_grads(one_query, {n: t.to(dtype) for n, t in leaves.items()},
                                    frames_per_group, grad_out)
     assert got.dtype == dtype and got.shape == want.shape
     tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
@@ -65,7 +60,7 @@ def test_class_token_attention_runs_in_fp32_under_autocast():
     want = reference(frames_per_group=3, **leaves)
     low = {n: t.to(torch.bfloat16) for n, t in leaves.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = class_token_attention(frames_per_group=3, **low)
+        got = one_query(frames_per_group=3, **low)
     assert got.dtype == torch.bfloat16
     # the inputs' rounding to bf16, not the computation's, bounds the error
     torch.testing.assert_close(got.double(), want, atol=0.1, rtol=0.05)
@@ -76,6 +71,6 @@ def test_class_token_attention_runs_in_fp32_under_autocast():
 def test_bad_shapes_are_rejected():
     leaves = inputs(3, 0, False, False, 2)
     with pytest.raises(ValueError, match="needs k and v"):
-        class_token_attention(leaves["q"][:, :1], leaves["k"], leaves["v"])
+        one_query(leaves["q"][:, :1], leaves["k"], leaves["v"], 1)
     with pytest.raises(ValueError, match="not groups of 4"):
-        class_token_attention(leaves["q"], leaves["k"], leaves["v"], frames_per_group=4)
+        one_query(leaves["q"], leaves["k"], leaves["v"], 4)

@@ -1,4 +1,5 @@
 """DDP on the CPU: two gloo processes train like one process with the same global batch."""
+import contextlib
 import os
 import signal
 import socket
@@ -34,18 +35,25 @@ def run_ranks(worker, *args, timeout: float = 120.0) -> None:
             pytest.fail(f"the ranks did not finish within {timeout} s")
 
 
-def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
+@contextlib.contextmanager
+def rank_of_two(rank: int, world_size: int, port: int):
+    """This spawned process as rank `rank` of the run_ranks group, left when the block ends."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
+    with rank_of_two(rank, world_size, port):
         model = tiny_model(seed=seed + rank)  # different inits: DDP must start every rank from rank 0's
         result = train(model, tiny_data(), tiny_train_config(out, steps=STEPS, adam_eps=1e-2, checkpoint_every=2))
         evaluation = evaluate(model, tiny_data(11, seed=5), EVAL)  # 11 videos: ranks get 6 and 5
         torch.save({"params": trainable(model), "losses": result.losses, "eval": evaluation.to_dict()},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_processes_match_single_process(tmp_path):
@@ -77,10 +85,7 @@ def test_two_gloo_processes_match_single_process(tmp_path):
 
 
 def resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
+    with rank_of_two(rank, world_size, port):
         train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, stop_after=2))
         if rank == 1:  # a rank whose view of the run folder lags (e.g. a network file system)
             ckpt.list_checkpoints = lambda directory: []
@@ -91,8 +96,6 @@ def resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
         except ValueError as err:
             refusal = str(err)
         torch.save({"losses": result.losses, "refusal": refusal}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
@@ -104,16 +107,11 @@ def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
 
 
 def stop_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
+    with rank_of_two(rank, world_size, port):
         data = SignallingData(signal.SIGTERM, at=(3,), rank=1)  # rank 1 alone, in its step 2 (2 clips a step)
         result = train(tiny_model(), data, tiny_train_config(out, steps=4, checkpoint_every=4))
         torch.save({"step": result.step, "stopped_by": result.stopped_by, "losses": result.losses},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):

@@ -169,7 +169,7 @@ def _class_token_layer(x: Tensor, pending: Optional[Tensor], global_prompts: Opt
     q = F.linear(normed[:, 0], weights.qkv_weight[:width], weights.qkv_bias[:width]).view(n_frames, heads, -1)
     kv = F.linear(normed, weights.qkv_weight[width:], weights.qkv_bias[width:]).view(n_frames, seq, 2, heads, -1)
     prompt_kv = _prompt_kv(prompts, block.norm1, weights.qkv_weight, weights.qkv_bias, heads)
-    attended = class_token_attention(q, kv[:, :, 0], kv[:, :, 1], *prompt_kv, prompts.frames_per_group)
+    attended = class_token_attention(q, kv[:, :, 0], kv[:, :, 1], prompt_kv, prompts.frames_per_group)
     x, hidden = _residual_and_mlp_hidden(x[:, :1], attended.view(n_frames, 1, width), weights.out_weight,
                                          weights.out_bias, block.norm2, weights.fc1_weight, weights.fc1_bias,
                                          block.mlp.act)

@@ -10,25 +10,20 @@ products and sums fuse into reductions over the keys. Same shapes and meaning as
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 
-def class_token_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    local_k: Optional[Tensor] = None,
-    local_v: Optional[Tensor] = None,
-    global_k: Optional[Tensor] = None,
-    global_v: Optional[Tensor] = None,
-    summary_k: Optional[Tensor] = None,
-    summary_v: Optional[Tensor] = None,
-    frames_per_group: int = 1,
-) -> Tensor:
-    """q [F, H, Dh]; k, v [F, S, H, Dh]; prompts as in `naive.prompt_attention`. Output [F, H, Dh]."""
+PROMPT_NAMES = ("local_k", "local_v", "global_k", "global_v", "summary_k", "summary_v")
+
+
+def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Optional[Tensor]] = (None,) * 6,
+                          frames_per_group: int = 1) -> Tensor:
+    """q [F, H, Dh]; k, v [F, S, H, Dh]; prompts: the keys and values named PROMPT_NAMES, each as
+    `naive.prompt_attention` takes it or None. Output [F, H, Dh]."""
+    local_k, local_v, global_k, global_v, summary_k, summary_v = prompts
     n_frames, heads, dim = q.shape
     if k.shape[0] != n_frames or k.shape[2:] != q.shape[1:] or v.shape != k.shape:
         raise ValueError(f"class_token_attention: q {tuple(q.shape)} needs k and v [F, S, H, Dh] of its F, H "
