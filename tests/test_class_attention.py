@@ -69,8 +69,10 @@ def test_class_token_attention_runs_in_fp32_under_autocast():
 
 
 def test_bad_shapes_are_rejected():
-    leaves = inputs(3, 0, False, False, 2)
+    leaves = inputs(3, 0, True, False, 2)
+    q, k, v = leaves.pop("q"), leaves.pop("k"), leaves.pop("v")
     with pytest.raises(ValueError, match="needs k and v"):
-        one_query(leaves["q"][:, :1], leaves["k"], leaves["v"], 1)
-    with pytest.raises(ValueError, match="not groups of 4"):
-        one_query(leaves["q"], leaves["k"], leaves["v"], 4)
+        one_query(q[:, :1], k, v, 3, **leaves)
+    with pytest.raises(ValueError, match="not groups of 4"):  # local prompts need whole groups
+        one_query(q, k, v, 4, **leaves)
+    assert one_query(q, k, v, 4).shape == q.shape  # without them any frame count is whole

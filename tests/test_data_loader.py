@@ -529,21 +529,24 @@ def test_packed_clips_unpack_to_the_same_planes_and_errors():
     assert unpack_clips(*pack_clips([error])) == [error]
 
 
-@pytest.mark.parametrize("fault", ["crash", "hang"])
-def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_videos(
-        vp9_dataset, tmp_path, monkeypatch, fault):
+def test_a_worker_that_dies_ends_the_loader_within_seconds_with_an_error_naming_the_videos(
+        vp9_dataset, tmp_path, monkeypatch):
+    import time
+
     from vitaclip.data import loader as loader_module
     from worker_faults import FaultyTasks
+    fault = "crash"
     root, rows = vp9_dataset
     shutil.copy(root / rows[0][0], tmp_path / "good.webm")
     shutil.copy(root / rows[1][0], tmp_path / f"{fault}.webm")
     (tmp_path / "list.csv").write_text(f"{fault}.webm,1\ngood.webm,0\n")
     monkeypatch.setattr(loader_module, "_PyAVTasks", FaultyTasks)
-    monkeypatch.setattr(loader_module, "WORKER_TIMEOUT_S", 3)
     ld = VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, num_frames=2,
                      stride=4, size=16, backend="pyav", device="cpu", num_workers=1, on_error="skip")
+    start = time.monotonic()
     with pytest.raises(VideoDecodeError, match=rf"worker failed while the loader waited for .*{fault}\.webm"):
         next(iter(ld))
+    assert time.monotonic() - start < 60  # DataLoader checks its workers every few seconds
     assert ld._workers is None  # the next epoch starts a new pool
 
 

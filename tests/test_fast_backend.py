@@ -116,6 +116,18 @@ def test_the_last_layer_computes_the_class_tokens_alone(fast_anywhere, monkeypat
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["fast", "fast-compiled"])
+def test_global_prompts_alone_take_any_frame_count(fast_anywhere, backend):
+    """Without summary and local prompts T need not be a multiple of T0, in the last layer too."""
+    torch.manual_seed(4)
+    model = VitaCLIP(tiny_config(use_summary=False, use_local=False), classnames=CLASSNAMES, backend=backend).to(DEVICE)
+    reference = copy.deepcopy(model).double()
+    reference.set_backend("reference")
+    video = torch.randn(1, 3, 4, 56, 56, device=DEVICE)  # T = 4, T0 = 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(video).double(), reference(video.double()).double(), atol=1e-4, rtol=1e-4)
+
+
 def test_compiled_backends_compile_the_video_embedding(fast_anywhere, monkeypatch):
     compiled_calls = []
     monkeypatch.setattr(vision, "compiled_embed", lambda: compiled_calls.append(1) or VisionTransformer.embed)

@@ -1,6 +1,7 @@
 """Which implementation runs each layer: one name switches the whole vision tower.
 
-A backend is a `block_forward(block, x, pending, global_prompts)` (see `vision.BlockForward`).
+A backend is a `block_forward(block, x, pending, global_prompts, class_tokens_only)` (see
+`vision.BlockForward`).
 "reference" is the plain PyTorch original and the oracle of every other backend; fast
 backends register themselves here when their module is imported; "auto" picks the
 highest-priority backend available on the input's device.

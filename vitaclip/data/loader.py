@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "pyav")
 DEFAULT_AUGMENT = "rand-m7-n4-mstd0.5-inc1"
 MAX_CLIPS_PER_TASK = 8
-WORKER_TIMEOUT_S = 600  # a work item (at most 8 clips) takes well under a second
 
 
 class Batch(NamedTuple):
@@ -208,8 +207,7 @@ class VideoLoader:
             self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
                 prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
-                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context,
-                timeout=WORKER_TIMEOUT_S)
+                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context)
         per_task = self._clips_per_task()
         chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
         self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]
@@ -221,11 +219,11 @@ class VideoLoader:
 
     def _next_chunk(self, packed, chunk):
         """The next packed chunk from the worker pool. A worker that died (FFmpeg crashed on a
-        file) or sent nothing for WORKER_TIMEOUT_S (a decoder hung) ends the pool, whatever
-        on_error says, with an error naming the videos awaited; a later epoch starts a new pool."""
+        file; DataLoader notices within seconds) ends the pool, whatever on_error says, with an
+        error naming the videos awaited; a later epoch starts a new pool."""
         try:
             return next(packed)
-        except RuntimeError as error:
+        except (RuntimeError, OSError, EOFError) as error:  # OSError: a dead worker's shared memory
             self._workers = None
             names = ", ".join(path for path, _ in chunk)
             raise VideoDecodeError(f"a PyAV decoding worker failed while the loader waited for {names} "

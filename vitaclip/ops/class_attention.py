@@ -28,7 +28,7 @@ def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Opt
     if k.shape[0] != n_frames or k.shape[2:] != q.shape[1:] or v.shape != k.shape:
         raise ValueError(f"class_token_attention: q {tuple(q.shape)} needs k and v [F, S, H, Dh] of its F, H "
                          f"and Dh, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if n_frames % frames_per_group:
+    if local_k is not None and n_frames % frames_per_group:
         raise ValueError(f"class_token_attention: {n_frames} frames are not groups of {frames_per_group}")
     wide = torch.promote_types(q.dtype, torch.float32)
     groups = n_frames // frames_per_group
