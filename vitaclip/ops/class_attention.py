@@ -57,7 +57,7 @@ def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Opt
             sources.append(((query.unsqueeze(1) * global_k).sum(-1), global_))
         if summary_k is not None:
             sources.append(((query * summary_k).sum(-1).unsqueeze(1), summary))
-        scores = torch.cat([s for s, _ in sources], dim=1) if len(sources) > 1 else sources[0][0]
+        scores = torch.cat([s for s, _ in sources], dim=1)
         probs = scores.softmax(dim=1).split([s.shape[1] for s, _ in sources], dim=1)
         out = sum(weigh(p) for p, (_, weigh) in zip(probs, sources))
     return out.to(q.dtype)
