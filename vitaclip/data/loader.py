@@ -14,6 +14,7 @@ from typing import Iterator, List, NamedTuple, Optional, Set, Tuple
 import numpy as np
 import torch
 
+from ..engine.stopping import shield_workers
 from . import dali, pyav, sampling
 from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
@@ -207,7 +208,8 @@ class VideoLoader:
             self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
                 prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
-                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context)
+                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context,
+                worker_init_fn=shield_workers())
         per_task = self._clips_per_task()
         chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
         self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]

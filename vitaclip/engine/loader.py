@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .stopping import shield_workers
+
 Batch = Tuple[Tensor, Tensor, Sequence]
 
 
@@ -104,7 +106,7 @@ class ShardedTrainLoader:
         while True:
             keys = list(self._keys(self.epoch, self.micro_in_epoch))
             loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory)
+                                pin_memory=self.pin_memory, worker_init_fn=shield_workers())
             for batch in loader:
                 self.micro_in_epoch += 1
                 yield batch
@@ -119,7 +121,8 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
         return data
     keys = [(i, item_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
     sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
-    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers)
+    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=shield_workers())
 
 
 def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:

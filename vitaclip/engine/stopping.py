@@ -7,11 +7,18 @@ either signal ends the process at once, losing every step since the last checkpo
 """
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import threading
-from typing import Dict, Optional, Sequence
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+# SLURM signals every process of a job step and torchrun passes the signal on to its ranks: one
+# stop can reach a rank twice within milliseconds
+REPEAT_GRACE_S = 5.0
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -26,32 +33,82 @@ def parse_signal(name: str) -> signal.Signals:
 
 class StopRequest:
     """Once installed (in the main thread; elsewhere Python cannot take signals and it does
-    nothing), the first of `signals` to arrive is remembered in `received` instead of ending
-    the process, and that signal's previous handler is put back: a second one acts as it would
-    have without this (by default, ends the process). `uninstall` puts back the others."""
+    nothing), the first of `signals` to arrive is remembered in `received` instead of ending the
+    process, and so are repeats within `repeat_grace_s` of it (the same stop, told twice); a
+    later one acts as it would have without this (by default, ends the process). `uninstall`
+    puts back the previous handlers. While one is installed, `shield_workers` keeps its signals
+    from this process's data-loading workers."""
 
-    def __init__(self, signals: Sequence[str]):
+    _installed: List["StopRequest"] = []
+
+    def __init__(self, signals: Sequence[str], repeat_grace_s: float = REPEAT_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.signals = [parse_signal(name) for name in signals]
+        self.repeat_grace_s, self._clock = repeat_grace_s, clock
         self.received: Optional[str] = None
+        self._received_at = 0.0
         self._previous: Dict[signal.Signals, object] = {}
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            StopRequest._installed.append(self)
         return self
 
     def uninstall(self) -> None:
         for sig in list(self._previous):
             self._restore(sig)
+        if self in StopRequest._installed:
+            StopRequest._installed.remove(self)
 
     def _handle(self, signum, frame) -> None:
+        sig = signal.Signals(signum)
         if self.received is None:
-            self.received = signal.Signals(signum).name
-        self._restore(signal.Signals(signum))
+            self.received, self._received_at = sig.name, self._clock()
+        elif self._clock() - self._received_at > self.repeat_grace_s:
+            self._restore(sig)
+            signal.raise_signal(sig)
 
     def _restore(self, sig: signal.Signals) -> None:
         if sig in self._previous:
             previous = self._previous.pop(sig)
             # None: a handler set outside Python, which Python cannot put back; the default instead
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+
+def shield_workers() -> Optional[Callable[[int], None]]:
+    """A `worker_init_fn` for this process's DataLoader workers (None when no StopRequest is
+    installed): in them, the installed requests' signals end the worker only when this process
+    sends them (DataLoader and multiprocessing end workers with SIGTERM) and are ignored from
+    anyone else. A scheduler signals every process of a job, a rank's workers included, and a
+    rank still fetching batches for its last step would otherwise lose them and fail instead of
+    stopping. Only for workers that start with one thread (forked, or from a fork server that
+    preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning."""
+    signals = sorted({sig for request in StopRequest._installed for sig in request.signals})
+    if not signals or not hasattr(signal, "sigwaitinfo"):
+        return None
+    return functools.partial(_shield_worker, tuple(signals), os.getpid())
+
+
+def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:  # e.g. a worker that imported torch itself (spawned, or forkserver without preload)
+        warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "
+                      f"signals meant for it: not shielded from them")
+        return
+    for sig in signals:  # a forked worker inherits its owner's handlers
+        signal.signal(sig, signal.SIG_DFL)
+    # blocked in this thread, and in every thread started from it (FFmpeg's), the signals wait for
+    # the thread below, which alone sees who sent them
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    threading.Thread(target=_end_on_owners_signal, args=(signals, owner), daemon=True,
+                     name="vitaclip-stop-signal-shield").start()
+
+
+def _end_on_owners_signal(signals: Sequence[signal.Signals], owner: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_pid == owner:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [info.si_signo])
+            signal.raise_signal(info.si_signo)  # its default action: ends the process

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import math
 import shutil
 import time
@@ -217,20 +218,29 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     if resume_path is not None:
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env)
         start_step = int(payload["step"])
-    if start_step >= config.steps:  # e.g. stopped after the last checkpoint, before the final model
-        save_final_model(model, out, config, env)
-        return TrainResult(start_step, last_checkpoint=str(resume_path), finished=True)
-
-    net = distributed_model(model, env) if env.is_distributed else model
+    eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
+                             num_workers=config.num_workers, device=str(env.device), progress=False)
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         log = RunLog(out, start_step, config.tensorboard)
     result = TrainResult(start_step, last_checkpoint=str(resume_path) if resume_path else None)
+    if start_step >= config.steps:  # stopped after the last step's checkpoint, before its evaluation or the final model
+        try:
+            if eval_data is not None and payload.get("final_evaluation_pending", False):
+                evaluate_and_log(model, eval_data, eval_config, env, log, start_step, result)
+                result.last_checkpoint = str(write_checkpoint(  # the same, no longer pending
+                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone))
+        finally:
+            if log is not None:
+                log.close()
+        save_final_model(model, out, config, env)
+        result.finished = True
+        return result
+
+    net = distributed_model(model, env) if env.is_distributed else model
     progress = make_progress(config, env, start_step)
     batches = iter(loader)
-    eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
-                             num_workers=config.num_workers, device=str(env.device), progress=False)
     last_step = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
     step_time = time.perf_counter()
     started = step_time
@@ -253,7 +263,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             # the ranks agree on the loss and on stopping in one all-reduce (a signal may reach them at different steps)
             loss_total, stop_votes = sum_across_ranks(env, [loss_sum.item(), float(stop_request.received is not None)])
             loss_value = loss_total / env.world_size
-            stopping = stop_votes > 0 and step < config.steps
+            stopping = stop_votes > 0
             problem = None if math.isfinite(loss_value) else f"non-finite loss {loss_value}"
             if problem is None:
                 scaler.unscale_(optimizer)  # the norm and clipping see the true gradients
@@ -287,17 +297,15 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             at_end = step == config.steps
             eval_due = eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end)
             if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
-                warnings.warn(f"step {step}: evaluation skipped, the run is stopping")
+                warnings.warn(f"step {step}: evaluation skipped, the run is stopping"
+                              + (" (resuming the run evaluates it)" if at_end else ""))
             if eval_due and not stopping:
-                res = evaluate(model, eval_data, eval_config, env=env)
-                result.evals[step] = res
-                if log is not None:
-                    log.row("eval", {"step": step, "top1": res.top1, "top5": res.top5,
-                                     "mean_class_accuracy": res.mean_class_accuracy})
+                evaluate_and_log(model, eval_data, eval_config, env, log, step, result)
                 step_time = time.perf_counter()  # evaluation time is not training throughput
             if step % config.checkpoint_every == 0 or step == last_step or stopping:
-                result.last_checkpoint = str(write_checkpoint(out, step, config, model, optimizer, scheduler,
-                                                              scaler, loader, env, backbone))
+                result.last_checkpoint = str(write_checkpoint(
+                    out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone,
+                    final_evaluation_pending=eval_due and stopping and at_end))
                 step_time = time.perf_counter()
             if stopping:
                 result.stopped_by = stop_request.received or "another rank's signal"
@@ -311,10 +319,19 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             progress.close()
         if log is not None:
             log.close()
-    result.finished = result.step == config.steps
+    result.finished = result.step == config.steps and result.stopped_by is None
     if result.finished:
         save_final_model(model, out, config, env)
     return result
+
+
+def evaluate_and_log(model: VitaCLIP, eval_data, eval_config: EvalConfig, env: DistEnv, log: Optional[RunLog],
+                     step: int, result: TrainResult) -> None:
+    res = evaluate(model, eval_data, eval_config, env=env)
+    result.evals[step] = res
+    if log is not None:
+        log.row("eval", {"step": step, "top1": res.top1, "top5": res.top5,
+                         "mean_class_accuracy": res.mean_class_accuracy})
 
 
 def distributed_model(model: VitaCLIP, env: DistEnv) -> DistributedDataParallel:
@@ -324,9 +341,13 @@ def distributed_model(model: VitaCLIP, env: DistEnv) -> DistributedDataParallel:
         # at bucket boundaries and lose its fusions; a graphed backward hands over all its gradients
         # at its end anyway
         torch._dynamo.config.optimize_ddp = False
-    # buffers (token ids) never change: no need to broadcast them before every forward
+    # buffers (token ids) never change: no need to broadcast them before every forward (the
+    # argument's name since torch 2.14; broadcast_buffers before)
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **no_buffer_sync)
 
 
 def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistEnv) -> None:
@@ -451,13 +472,16 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
 
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
-                     loader, env: DistEnv, backbone) -> Path:
+                     loader, env: DistEnv, backbone, final_evaluation_pending: bool = False) -> Path:
+    """final_evaluation_pending: the run stopped at its last step before evaluating it, which
+    resuming the run does."""
     states = all_gather_objects(env, rng_states())
     path = ckpt.checkpoint_path(out, step)
     if env.is_main:
         payload = {**ckpt.model_payload(model, backbone), "step": step, "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "loader": loader.state_dict(), "rng": states, "train_config": dataclasses.asdict(config)}
+                   "loader": loader.state_dict(), "rng": states, "train_config": dataclasses.asdict(config),
+                   "final_evaluation_pending": final_evaluation_pending}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
         torch.distributed.barrier()

@@ -1,0 +1,97 @@
+"""Stop signals: repeats of one stop, and data-loading workers that outlive a stop signal."""
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitaclip.engine.stopping import StopRequest, _shield_worker, shield_workers
+
+needs_sigwaitinfo = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo is Linux-only")
+
+
+def test_repeats_within_the_grace_are_the_same_stop_and_later_ones_act_as_before():
+    seen, now = [], [100.0]
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    request = StopRequest(["usr1"], repeat_grace_s=5.0, clock=lambda: now[0]).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        now[0] += 4.9
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.received == "SIGUSR1" and seen == []
+        now[0] += 0.2  # 5.1 s after the first
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]
+        os.kill(os.getpid(), signal.SIGUSR1)  # the previous handler is back
+        assert seen == [signal.SIGUSR1] * 2
+    finally:
+        request.uninstall()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+class WorkerPids(Dataset):
+    def __len__(self):
+        return 10 ** 6
+
+    def __getitem__(self, index):
+        return torch.tensor(os.getpid())
+
+
+def test_workers_are_shielded_only_while_a_stop_request_is_installed():
+    assert shield_workers() is None
+    request = StopRequest(["SIGTERM", "SIGUSR1"]).install()
+    try:
+        init = shield_workers()
+        assert init is not None and set(init.args[0]) == {signal.SIGTERM, signal.SIGUSR1}
+        assert init.args[1] == os.getpid()
+    finally:
+        request.uninstall()
+    assert shield_workers() is None
+
+
+@needs_sigwaitinfo
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_shielded_worker_ignores_a_stop_signal_from_others_and_ends_on_its_owners(method):
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":  # as the PyAV pool's: workers start without torch's threads
+        context.set_forkserver_preload(["torch"])
+    request = StopRequest(["SIGUSR1"]).install()
+    try:
+        loader = DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context=context,
+                            worker_init_fn=shield_workers())
+        batches = iter(loader)
+        pid = int(next(batches))
+        # another process (a scheduler signalling the whole job) sends it twice
+        subprocess.run(["kill", "-USR1", str(pid), str(pid)], check=True)
+        time.sleep(0.5)
+        assert [int(next(batches)) for _ in range(20)] == [pid] * 20  # alive and still serving
+        assert request.received is None  # the test process was not signalled
+        worker = batches._workers[0]
+        with pytest.raises(RuntimeError, match=f"{pid}"):
+            os.kill(pid, signal.SIGUSR1)  # from its owner, as DataLoader's terminate()
+            worker.join(timeout=30)
+            next(batches)
+        assert worker.exitcode == -signal.SIGUSR1
+    finally:
+        request.uninstall()
+
+
+@needs_sigwaitinfo
+def test_a_worker_already_running_threads_is_left_as_it_is_with_a_warning():
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        handler, mask = signal.getsignal(signal.SIGUSR1), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        with pytest.warns(UserWarning, match="worker 3 already runs [0-9]+ threads.*not shielded"):
+            _shield_worker((signal.SIGUSR1,), os.getpid(), 3)
+        assert signal.getsignal(signal.SIGUSR1) is handler and signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+    finally:
+        stop.set()
+        thread.join()
