@@ -529,25 +529,49 @@ def test_packed_clips_unpack_to_the_same_planes_and_errors():
     assert unpack_clips(*pack_clips([error])) == [error]
 
 
-def test_a_worker_that_dies_ends_the_loader_within_seconds_with_an_error_naming_the_videos(
-        vp9_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault, message", [("crash", "worker failed while the loader waited for"),
+                                            ("hang", "workers sent nothing for [0-9]+ s .* while the loader waited for")])
+def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_videos(
+        vp9_dataset, tmp_path, monkeypatch, fault, message):
     import time
 
     from vitaclip.data import loader as loader_module
     from worker_faults import FaultyTasks
-    fault = "crash"
     root, rows = vp9_dataset
     shutil.copy(root / rows[0][0], tmp_path / "good.webm")
     shutil.copy(root / rows[1][0], tmp_path / f"{fault}.webm")
     (tmp_path / "list.csv").write_text(f"{fault}.webm,1\ngood.webm,0\n")
     monkeypatch.setattr(loader_module, "_PyAVTasks", FaultyTasks)
+    monkeypatch.setattr(loader_module, "POOL_POLL_S", 0.5)
     ld = VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, num_frames=2,
-                     stride=4, size=16, backend="pyav", device="cpu", num_workers=1, on_error="skip")
+                     stride=4, size=16, backend="pyav", device="cpu", num_workers=1, on_error="skip",
+                     worker_timeout=3)
     start = time.monotonic()
-    with pytest.raises(VideoDecodeError, match=rf"worker failed while the loader waited for .*{fault}\.webm"):
+    with pytest.raises(VideoDecodeError, match=rf"{message} .*{fault}\.webm"):
         next(iter(ld))
     assert time.monotonic() - start < 60  # DataLoader checks its workers every few seconds
     assert ld._workers is None  # the next epoch starts a new pool
+    if fault == "hang":  # the hung worker was ended
+        pid = int((tmp_path / "hang.webm.pid").read_text())
+        assert_process_ends(pid)
+    with pytest.raises(ValueError, match="worker_timeout must be positive"):
+        VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, backend="pyav",
+                    worker_timeout=0)
+
+
+def assert_process_ends(pid: int, within_s: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # ended, not yet reaped
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"process {pid} still runs")
 
 
 @pytest.mark.gpu

@@ -1,15 +1,20 @@
 """Decoding work that fails as a broken FFmpeg might, for the loader's worker-pool tests: the
 worker processes import this module by name, so the fault happens inside them."""
 import os
+import threading
+from pathlib import Path
 
 from vitaclip.data import loader
 
 
 class FaultyTasks(loader._PyAVTasks):
-    """Dies on a chunk holding a path with "crash" in its name."""
+    """Dies on a chunk holding a path with "crash" in its name, hangs on one with "hang"."""
 
     def __getitem__(self, chunk):
-        paths = [path for path, _ in chunk]
-        if any("crash" in os.path.basename(path) for path in paths):
+        if any("crash" in os.path.basename(path) for path, _ in chunk):
             os._exit(1)
+        for path, _ in chunk:
+            if "hang" in os.path.basename(path):
+                Path(path + ".pid").write_text(str(os.getpid()))  # for the test to see it end
+                threading.Event().wait()
         return super().__getitem__(chunk)

@@ -89,7 +89,8 @@ def video_loader(args, env, list_file: str, classes: List[str], train: bool, num
         raise FileNotFoundError(f"list file {list_file} does not exist")
     return VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                        size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
-                       device=env.device, on_error=args.on_error, min_frames=args.min_frames, **kw)
+                       device=env.device, on_error=args.on_error, min_frames=args.min_frames,
+                       worker_timeout=args.worker_timeout, **kw)
 
 
 def report_skipped(args, env, *loaders) -> None:
@@ -284,6 +285,9 @@ def add_data(p, views: bool = True, lists: bool = True) -> None:
                        help="a bad list line or video (missing, corrupt, too short) stops the run naming it, "
                             "or is skipped with a warning and counted at the end")
         p.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames are bad input")
+        p.add_argument("--worker-timeout", type=float, default=600.0,
+                       help="seconds without a decoded clip from the PyAV workers before the run stops, "
+                            "naming the videos awaited (a hung decoder)")
     if views:
         p.add_argument("--temporal-views", type=int, default=1, help="evenly spaced clips per video")
         p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")

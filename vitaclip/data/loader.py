@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "pyav")
 DEFAULT_AUGMENT = "rand-m7-n4-mstd0.5-inc1"
 MAX_CLIPS_PER_TASK = 8
+# the PyAV pool's DataLoader waits this long for a chunk before it checks for dead workers
+# (DataLoader's own interval) and the loader checks whether the pool has hung
+POOL_POLL_S = 5.0
 
 
 class Batch(NamedTuple):
@@ -62,7 +65,9 @@ class VideoLoader:
 
     PyAV with num_workers > 0 decodes in worker processes started by a fork server (forking a
     process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
-    DataLoader, a script using it needs an `if __name__ == "__main__":` guard."""
+    DataLoader, a script using it needs an `if __name__ == "__main__":` guard. A worker that
+    dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
+    VideoDecodeError naming the videos awaited; the next epoch starts a new pool."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -73,7 +78,8 @@ class VideoLoader:
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
-                 dali_mode: Optional[str] = None, dali_readers: Optional[int] = None):
+                 dali_mode: Optional[str] = None, dali_readers: Optional[int] = None,
+                 worker_timeout: float = 600.0):
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -92,6 +98,9 @@ class VideoLoader:
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
         self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
         self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
+        if worker_timeout <= 0:
+            raise ValueError(f"worker_timeout must be positive, got {worker_timeout}")
+        self.worker_timeout = worker_timeout  # seconds without a chunk from the PyAV pool: hung
         self.on_error, self.epoch, self.start_batch = on_error, 0, 0
         self.shard_id, self.num_shards = _shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
@@ -209,7 +218,7 @@ class VideoLoader:
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
                 prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
                 pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context,
-                worker_init_fn=shield_workers())
+                worker_init_fn=shield_workers(), timeout=POOL_POLL_S)
         per_task = self._clips_per_task()
         chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
         self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]
@@ -221,16 +230,34 @@ class VideoLoader:
 
     def _next_chunk(self, packed, chunk):
         """The next packed chunk from the worker pool. A worker that died (FFmpeg crashed on a
-        file; DataLoader notices within seconds) ends the pool, whatever on_error says, with an
-        error naming the videos awaited; a later epoch starts a new pool."""
-        try:
-            return next(packed)
-        except (RuntimeError, OSError, EOFError) as error:  # OSError: a dead worker's shared memory
-            self._workers = None
-            names = ", ".join(path for path, _ in chunk)
-            raise VideoDecodeError(f"a PyAV decoding worker failed while the loader waited for {names} "
-                                   f"(if a worker crashed, it may have been on a video of a later batch): "
-                                   f"{error}") from error
+        file; DataLoader notices within seconds) or a pool that sent nothing for worker_timeout
+        seconds (a decoder hung) ends the pool, whatever on_error says, with an error naming the
+        videos awaited; a later epoch starts a new pool."""
+        names = ", ".join(path for path, _ in chunk)
+        waited = 0.0
+        while True:
+            try:
+                return next(packed)
+            except (RuntimeError, OSError, EOFError) as error:  # OSError: a dead worker's shared memory
+                if "DataLoader timed out" in str(error):  # POOL_POLL_S without a chunk, every worker alive
+                    waited += POOL_POLL_S
+                    if waited < self.worker_timeout:
+                        continue
+                    problem = (f"the PyAV decoding workers sent nothing for {waited:.0f} s "
+                               f"(worker_timeout) while the loader waited for {names}: a decoder hung?")
+                else:
+                    problem = (f"a PyAV decoding worker failed while the loader waited for {names} (if a "
+                               f"worker crashed, it may have been on a video of a later batch): {error}")
+                self._end_pool(packed)
+                raise VideoDecodeError(problem) from error
+
+    def _end_pool(self, packed) -> None:
+        """Drops the pool; its workers are killed, since a hung one would ignore DataLoader's
+        request to stop (and, shielded from stop signals, perhaps its SIGTERM too)."""
+        for worker in getattr(packed, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+        self._workers = None
 
     def _clips_per_task(self) -> int:
         """Clips a worker decodes per work item: enough items for every worker in each batch, and
