@@ -3,6 +3,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -66,7 +67,8 @@ def test_a_shielded_worker_ignores_a_stop_signal_from_others_and_ends_on_its_own
         batches = iter(loader)
         pid = int(next(batches))
         # another process (a scheduler signalling the whole job) sends it twice
-        subprocess.run(["kill", "-USR1", str(pid), str(pid)], check=True)
+        subprocess.run([sys.executable, "-c", f"import os, signal; [os.kill({pid}, signal.SIGUSR1) for _ in '12']"],
+                       check=True)
         time.sleep(0.5)
         assert [int(next(batches)) for _ in range(20)] == [pid] * 20  # alive and still serving
         assert request.received is None  # the test process was not signalled
