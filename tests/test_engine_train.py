@@ -394,3 +394,11 @@ def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_
     assert (tmp_path / "model").is_dir()
     again = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=3, resume="auto"), eval_data=tiny_data(8))
     assert again.finished and again.evals == {}  # a finished run is not evaluated again
+    # without an evaluation to come, a stop in the last step changes nothing: the run finishes
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        done = train(tiny_model(), SignallingData(signal.SIGUSR1, at=(10,)),
+                     tiny_train_config(tmp_path / "no-eval", steps=3, save_final=True))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert done.finished and done.stopped_by is None and (tmp_path / "no-eval" / "model").is_dir()

@@ -263,7 +263,10 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             # the ranks agree on the loss and on stopping in one all-reduce (a signal may reach them at different steps)
             loss_total, stop_votes = sum_across_ranks(env, [loss_sum.item(), float(stop_request.received is not None)])
             loss_value = loss_total / env.world_size
-            stopping = stop_votes > 0
+            at_end = step == config.steps
+            eval_due = eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end)
+            # in the last step a stop matters only if an evaluation would delay the checkpoint
+            stopping = stop_votes > 0 and (not at_end or eval_due)
             problem = None if math.isfinite(loss_value) else f"non-finite loss {loss_value}"
             if problem is None:
                 scaler.unscale_(optimizer)  # the norm and clipping see the true gradients
@@ -294,8 +297,6 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             if log is not None and (step % config.log_every == 0 or skipped or step == last_step):
                 log.row("train", {"step": step, "loss": loss_value, "lr": lr, "clips_per_s": clips_per_s,
                                   "elapsed_s": now - started, "skipped": int(skipped)})
-            at_end = step == config.steps
-            eval_due = eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end)
             if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
                 warnings.warn(f"step {step}: evaluation skipped, the run is stopping"
                               + (" (resuming the run evaluates it)" if at_end else ""))
