@@ -402,3 +402,39 @@ def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert done.finished and done.stopped_by is None and (tmp_path / "no-eval" / "model").is_dir()
+
+
+class LeavesOutBatchOne:
+    """An epoch loader with VideoLoader's protocol (set_epoch with start_batch, next_batch) whose
+    batch 1 is left out (none of its videos decoded); its batches are their positions."""
+
+    def __init__(self, n=6, replay=False):
+        self.n, self.start = n, 0
+        if replay:  # a loader that cannot start mid-epoch
+            self.set_epoch = lambda epoch: None
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for position in range(self.start, self.n):
+            self.next_batch = position + 1
+            if position != 1:
+                yield position
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_epoch_loader_keeps_every_batch_after_one_left_out_and_resumes_after_the_last_used(replay):
+    from vitaclip.engine.loader import EpochLoader
+
+    batches = iter(EpochLoader(LeavesOutBatchOne(replay=replay)))
+    assert [next(batches) for _ in range(5)] == [0, 2, 3, 4, 5]
+    first = EpochLoader(LeavesOutBatchOne(replay=replay))
+    used = iter(first)
+    assert [next(used) for _ in range(2)] == [0, 2]
+    resumed = EpochLoader(LeavesOutBatchOne(replay=replay))
+    resumed.load_state_dict(first.state_dict())
+    assert [next(iter(resumed)) for _ in range(1)] == [3]

@@ -202,12 +202,13 @@ class EpochLoader:
             first = self._start_epoch()
             yielded = False
             for i, batch in enumerate(self.loader, start=first):
-                if i < self.batch_in_epoch:
+                # a loader that leaves batches out (VideoLoader: none of their videos decoded) says
+                # where it is: counting the batches it yields would fall behind its position
+                position = getattr(self.loader, "next_batch", i + 1)
+                if position <= self.batch_in_epoch:  # replayed, used before the resume
                     continue
                 yielded = True
-                # a loader that leaves batches out (VideoLoader: none of their videos decoded) says
-                # where it is, so that a resumed run starts after the last batch used
-                self.batch_in_epoch = getattr(self.loader, "next_batch", i + 1)
+                self.batch_in_epoch = position
                 yield batch
             if not yielded and self.batch_in_epoch == 0:
                 raise ValueError("the training loader yields no batches")
