@@ -123,6 +123,44 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000002.pt"]
 
 
+class RankPositions:
+    """An endless, resumable loader of tiny_data micro-batches whose position is its own rank's
+    (ranks that left out different batches are at different places)."""
+
+    batch_size = 2
+
+    def __init__(self, rank: int):
+        self.data, self.position, self.restored = tiny_data(), 10 * rank, None
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = self.restored = state["position"]
+
+    def __iter__(self):
+        while True:
+            items = [self.data[(self.position + i) % len(self.data)] for i in range(self.batch_size)]
+            self.position += self.batch_size
+            yield (torch.stack([v for v, _, _ in items]), torch.tensor([label for _, label, _ in items]),
+                   torch.tensor([i for _, _, i in items]))
+
+
+def position_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    with rank_of_two(rank, world_size, port):
+        train(tiny_model(), RankPositions(rank), tiny_train_config(out, steps=STEPS, stop_after=2))
+        resumed = RankPositions(rank)
+        train(tiny_model(), resumed, tiny_train_config(out, steps=STEPS, resume="auto"))
+        torch.save({"restored": resumed.restored}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_each_rank_resumes_at_its_own_data_position(tmp_path):
+    out = str(tmp_path / "ddp")
+    run_ranks(position_worker, out)
+    assert [torch.load(os.path.join(out, f"rank{r}.pt"))["restored"] for r in (0, 1)] == [4, 14]
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(out, 2))["loader"] == [{"position": 4}, {"position": 14}]
+
+
 def test_compiled_backends_keep_their_layer_graphs_whole_under_ddp(monkeypatch, tmp_path):
     """DDP's graph splitting would cut the compiled layer at gradient-bucket boundaries."""
     import dataclasses

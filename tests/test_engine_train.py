@@ -100,7 +100,7 @@ def test_checkpoint_contents(tmp_path):
         assert key in payload, key
     assert payload["step"] == 2 and payload["classnames"] == list(CLASSES)
     assert set(payload["rng"][0]) >= {"python", "numpy", "torch"}
-    assert payload["loader"] == {"seed": 0, "epoch": 0, "micro_in_epoch": 2}
+    assert payload["loader"] == [{"seed": 0, "epoch": 0, "micro_in_epoch": 2}]  # one per rank
     # a model rebuilt from the checkpoint gives the trained model's logits
     model = tiny_model()
     train(model, tiny_data(), tiny_train_config(tmp_path / "again", steps=2))
@@ -438,3 +438,30 @@ def test_epoch_loader_keeps_every_batch_after_one_left_out_and_resumes_after_the
     resumed = EpochLoader(LeavesOutBatchOne(replay=replay))
     resumed.load_state_dict(first.state_dict())
     assert [next(iter(resumed)) for _ in range(1)] == [3]
+
+
+def test_resume_onto_other_frozen_weights_is_refused_and_a_moved_backbone_is_not(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "base")
+    backbone = {"kind": "pretrained", "path": str(tmp_path / "base")}
+    train(ckpt.load_model(tmp_path / "base"), tiny_data(), tiny_train_config(tmp_path / "run", steps=4, stop_after=2),
+          backbone=backbone)
+    other = tiny_model(seed=1)  # e.g. resumed with another --pretrained: the same architecture
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"trained on other frozen weights .* tensors differ, e.g. \['visual\."):
+        train(ckpt.load_model(tmp_path / "other"), tiny_data(), tiny_train_config(tmp_path / "run", steps=4, resume="auto"),
+              backbone={"kind": "pretrained", "path": str(tmp_path / "other")})
+    (tmp_path / "base").rename(tmp_path / "moved")
+    moved = {"kind": "pretrained", "path": str(tmp_path / "moved")}
+    assert train(ckpt.load_model(tmp_path / "moved"), tiny_data(),
+                 tiny_train_config(tmp_path / "run", steps=4, resume="auto"), backbone=moved).finished
+
+
+def test_resuming_an_earlier_checkpoint_refuses_a_folder_with_later_ones(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=6, keep_checkpoints=0))
+    earlier = ckpt.checkpoint_path(tmp_path / "run", 2)
+    with pytest.raises(ValueError, match="holds checkpoints after step 2 .*checkpoint-00000004.pt, "
+                                         "checkpoint-00000006.pt.*another output directory"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=6, resume=str(earlier)))
+    branch = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "branch", steps=4, keep_checkpoints=1,
+                                                                resume=str(earlier)))
+    assert branch.finished and [p.name for p in ckpt.list_checkpoints(tmp_path / "branch")] == ["checkpoint-00000004.pt"]

@@ -31,6 +31,10 @@ def checkpoint_path(directory, step: int) -> Path:
     return Path(directory) / f"checkpoint-{step:08d}.pt"
 
 
+def checkpoint_step(path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def list_checkpoints(directory) -> list[Path]:
     """Checkpoints of a run folder, oldest first (temporary files of interrupted writes skipped)."""
     directory = Path(directory)
@@ -104,9 +108,13 @@ def read_training_checkpoint(path) -> Optional[Dict[str, Any]]:
 def own_state(model: VitaCLIP) -> Dict[str, Tensor]:
     """The tensors a backbone source cannot restore: the trainable ones and every other Vita-CLIP
     addition (e.g. the frozen cls_proj, which keeps its random initialisation)."""
+    state = model.state_dict()
+    return {k: state[k].detach().cpu().clone() for k in own_state_names(model)}
+
+
+def own_state_names(model: VitaCLIP) -> list:
     trainable = {name for name, _ in model.named_trainable_parameters()}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-            if k in trainable or VITA_ADDITION.search(k)}
+    return [k for k in model.state_dict() if k in trainable or VITA_ADDITION.search(k)]
 
 
 def load_own_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> None:
@@ -135,7 +143,33 @@ def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]]) -> Dict[s
     state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
              else own_state(model))
     return {"model": state, "model_is_full": full, "backbone": backbone,
+            "backbone_fingerprint": None if full else backbone_fingerprint(model),
             "config": model.config.to_dict(), "classnames": model.classnames}
+
+
+def backbone_fingerprint(model: VitaCLIP) -> Dict[str, Tuple[float, float]]:
+    """Sum and sum of squares, in float64, of each tensor a backbone source restores: the same
+    weights give the same figures on any device (to rounding), other weights do not."""
+    own = set(own_state_names(model))
+    frozen = {name: t.detach() for name, t in model.state_dict().items() if name not in own and t.is_floating_point()}
+    if not frozen:
+        return {}
+    stats = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in frozen.values()])
+    return dict(zip(frozen, map(tuple, stats.cpu().tolist())))
+
+
+def check_backbone_fingerprint(model: VitaCLIP, payload: Dict[str, Any], source: str) -> None:
+    """Refuse to put a checkpoint's prompts on frozen weights other than those they were trained
+    with (e.g. resumed with another `--pretrained`); checkpoints without a fingerprint pass."""
+    saved = payload.get("backbone_fingerprint")
+    if saved is None:
+        return
+    now = backbone_fingerprint(model)
+    differing = [name for name, stats in saved.items()
+                 if name not in now or not all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(stats, now[name]))]
+    if differing:
+        raise ValueError(f"{source} was trained on other frozen weights ({payload.get('backbone')}) than the "
+                         f"model's: {len(differing)} of {len(saved)} tensors differ, e.g. {differing[:3]}")
 
 
 # ---------------------------------------------------------------------------- building models

@@ -410,7 +410,13 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
-    return path, ckpt.load_checkpoint(path)
+    payload = ckpt.load_checkpoint(path)
+    later = [p for p in ckpt.list_checkpoints(out) if ckpt.checkpoint_step(p) > int(payload["step"])]
+    if later:  # pruning keeps the highest steps and resume='auto' takes the highest: they would win over this run's
+        raise ValueError(f"{out} holds checkpoints after step {payload['step']} of {path} ({', '.join(p.name for p in later)}), "
+                         f"from the run that went on from there: move them away or resume into another output "
+                         f"directory")
+    return path, payload
 
 
 def clear_earlier_run(config: TrainConfig, out: Path) -> None:
@@ -431,8 +437,10 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
             config: TrainConfig, micro: int, env: DistEnv) -> None:
     """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
     RNG states of this rank, data position); refuse checkpoints of another model, class list or
-    batch layout."""
+    batch layout, or trained on other frozen weights."""
     check_batch_layout(payload, source, config, micro, env)
+    if not payload["model_is_full"]:
+        ckpt.check_backbone_fingerprint(model, payload, source)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
@@ -453,7 +461,8 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     elif env.is_main:  # legitimate, e.g. bf16 -> fp16 on GPUs without bf16; a scaler is tuned to its precision
         warnings.warn(f"a run trained in {saved_precision} resumes in {config.precision}"
                       + (": the fp16 loss scaler starts afresh" if scaler.is_enabled() else ""))
-    loader.load_state_dict(payload["loader"])
+    loaders = payload["loader"]  # one per rank (a single one in checkpoints before that)
+    loader.load_state_dict(loaders[env.rank] if isinstance(loaders, list) else loaders)
     set_rng_states(payload["rng"][env.rank])
 
 
@@ -477,11 +486,14 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
     """final_evaluation_pending: the run stopped at its last step before evaluating it, which
     resuming the run does."""
     states = all_gather_objects(env, rng_states())
+    # each rank's data position: a loader that leaves out batches a rank could not decode is
+    # at another place on each rank
+    positions = all_gather_objects(env, loader.state_dict())
     path = ckpt.checkpoint_path(out, step)
     if env.is_main:
         payload = {**ckpt.model_payload(model, backbone), "step": step, "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "loader": loader.state_dict(), "rng": states, "train_config": dataclasses.asdict(config),
+                   "loader": positions, "rng": states, "train_config": dataclasses.asdict(config),
                    "final_evaluation_pending": final_evaluation_pending}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
