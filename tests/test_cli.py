@@ -59,7 +59,7 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     assert "step 3/3" in out and "top-1" in out
     payload = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert payload["step"] == 3 and payload["backbone"]["kind"] == "pretrained"
-    assert payload["loader"] == {"epoch": 1, "batch_in_epoch": 0}  # 12 clips = 3 batches of 4
+    assert payload["loader"] == [{"epoch": 1, "batch_in_epoch": 0}]  # 12 clips = 3 batches of 4
     # the resumed run (stopped mid-epoch) logged the losses of an uninterrupted one
     full = [a if a != tmp_path / "run" else tmp_path / "full" for a in common]
     assert run(capsys, "train", *full, "--steps", 3)[0] == 0
@@ -87,6 +87,10 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
         assert all(t["label"] in CLASSES for t in p["top"])
     code, out, err = run(capsys, "predict", "--model", model, clips / "clip_00000.mp4", "--top-k", 2, *CPU)
     assert code == 0 and out.startswith(str(clips / "clip_00000.mp4")) and len(out.strip().splitlines()) == 3
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "run", "clip_00000.mp4", "clip_00001.mp4",
+                         "--top-k", 3, "--json", "--data-root", clips, *CPU, "--num-workers", 1)
+    assert code == 0, err
+    assert [p["top"] for p in json.loads(out)] == [p["top"] for p in preds]  # relative to the data root, in a worker
 
     code, out, err = run(capsys, "zeroshot", "--model", model, "--classes", root / "classes.txt",
                          "--split", list_file, "--split", f"{list_file}:{root / 'classes.txt'}",
@@ -130,6 +134,9 @@ def test_bench_reports_model_and_loader_throughput(videos, capsys):
     assert report["model"] == "tiny" and report["loader"] == "pyav"
     for key in ("inference_clips_per_s", "train_clips_per_s", "loader_clips_per_s"):
         assert report[key] > 0
+    code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 16, "--iters", 2,
+                         "--warmup", 1, "--train", "--list", list_file, "--data-root", list_file.parent, *CPU)
+    assert code != 0 and "gives no batch of 16 videos" in err  # 12 videos: it looped forever
 
 
 def test_errors_are_clear_before_training(videos, tmp_path, capsys):

@@ -224,7 +224,8 @@ def cmd_predict(args) -> int:
     model = load_eval_model(args, classes)
     results = predict(model, args.videos, PredictConfig(
         top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
-        batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder))
+        batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
+        data_root=args.data_root, num_workers=args.num_workers))
     text = "\n".join(f"{r['video']}\n" + "\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
                      for r in results)
     print_json_or(args, results, text)

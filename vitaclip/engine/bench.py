@@ -79,7 +79,9 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
     clips, start, epoch = 0, None, 0
     while True:
         loader.set_epoch(epoch)
+        batches = 0
         for batch in loader:
+            batches += 1
             if start is None:  # the first batch pays for start-up
                 _sync(dev)
                 start = time.perf_counter()
@@ -93,4 +95,7 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
                 if loader.dali_decoder is not None:
                     report.update(dali_mode=loader.dali_decoder.mode, dali_fallbacks=loader.dali_decoder.fallbacks)
                 return report
+        if batches == 0:
+            raise ValueError(f"{list_file} gives no batch of {batch_size} videos that decode"
+                             + (" (training drops an epoch's incomplete last batch)" if train else ""))
         epoch += 1

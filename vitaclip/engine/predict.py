@@ -26,11 +26,14 @@ class PredictConfig:
     precision: str = "bf16"
     device: Optional[str] = None
     decoder: str = "auto"  # vitaclip.data backend: auto | dali-gpu | dali-cpu | pyav
+    data_root: str = ""  # folder that relative video paths are in
+    num_workers: int = 0  # PyAV decoding processes
 
 
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device):
     from ..data import VideoLoader
 
+    paths = [os.path.join(config.data_root, p) for p in paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"video file(s) not found: {missing}")
@@ -41,7 +44,7 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
                              num_frames=model.config.num_frames, stride=config.stride,
                              size=model.config.image_size, temporal_views=config.temporal_views,
                              spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
-                             num_workers=0, shard_id=0, num_shards=1)
+                             num_workers=config.num_workers, shard_id=0, num_shards=1)
         yield from loader
 
 
