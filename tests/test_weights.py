@@ -304,3 +304,24 @@ def test_save_and_load_pretrained_keeps_zero_shot_classes(tmp_path, learned_clas
         assert loaded.zero_shot_templates is None and torch.equal(loaded(video), model(video))
     loaded.save_pretrained(tmp_path / "saved")  # a model with learned classes (or none) over it
     assert VitaCLIP.from_pretrained(tmp_path / "saved").classnames == loaded.classnames
+
+
+def test_heads_come_from_the_clip_of_that_width_or_must_be_given(tmp_path):
+    from vitaclip.weights import config_from_official_state
+
+    def state(width, text_width):  # the shapes the architecture is read from
+        return {"visual.patch_embed.proj.weight": torch.zeros(width, 3, 14, 14),
+                "visual.pos_embed": torch.zeros(257, width), "visual.blocks.0.mlp.fc1.weight": torch.zeros(4 * width, width),
+                "visual.proj": torch.zeros(width, 1024), "textual.positional_embedding": torch.zeros(77, text_width),
+                "textual.token_embedding.weight": torch.zeros(49408, text_width),
+                "textual.transformer.resblocks.0.ln_1.weight": torch.zeros(text_width)}
+
+    h14 = config_from_official_state(state(1280, 1024))  # ViT-H/14: 16 heads of 80
+    assert (h14.heads, h14.text_heads) == (16, 16)
+    b16 = config_from_official_state(state(768, 512))
+    assert (b16.heads, b16.text_heads) == (12, 8)
+    with pytest.raises(ValueError, match="no CLIP has a vision width of 320.*pass heads="):
+        config_from_official_state(state(320, 512))
+    assert config_from_official_state(state(320, 512), heads=4).heads == 4
+    with pytest.raises(ValueError, match="no CLIP has a text width of 96.*pass text_heads="):
+        config_from_official_state(state(768, 96))

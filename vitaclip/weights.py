@@ -236,9 +236,22 @@ def read_official_state(path) -> Dict[str, Tensor]:
             for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
 
 
+# attention heads by width, which shapes cannot tell: open_clip's CLIP towers (64 wide but in
+# ViT-H/14, ViT-g/14 and ViT-bigG/14's vision towers)
+CLIP_VISION_HEADS = {384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+CLIP_TEXT_HEADS = {512: 8, 768: 12, 1024: 16, 1280: 20}
+
+
+def clip_heads(table: Dict[int, int], width: int, key: str) -> int:
+    if width not in table:
+        raise ValueError(f"no CLIP has a {'text' if key == 'text_heads' else 'vision'} width of {width}, and the "
+                         f"number of attention heads cannot be read off the shapes: pass {key}=...")
+    return table[width]
+
+
 def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLIPConfig:
     """Read the architecture off the tensor shapes (SPEC); what shapes cannot tell comes from
-    `overrides` (heads default to width / 64, as in every CLIP)."""
+    `overrides` (heads default to those of the CLIP of that width)."""
     def shape(key):
         if key not in state:
             raise ValueError(f"checkpoint lacks {key!r}: not a Vita-CLIP/CLIP checkpoint in the authors' layout")
@@ -257,10 +270,10 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
     text_layers = count_layers("textual.transformer.resblocks.", "text")
     vocab, text_width = shape("textual.token_embedding.weight")
     found = dict(
-        image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=width // 64,
+        image_size=grid * patch, patch_size=patch, width=width, layers=layers,
         mlp_ratio=shape("visual.blocks.0.mlp.fc1.weight")[0] / width,
         embed_dim=shape("visual.proj")[1], context_length=shape("textual.positional_embedding")[0],
-        vocab_size=vocab, text_width=text_width, text_layers=text_layers, text_heads=text_width // 64,
+        vocab_size=vocab, text_width=text_width, text_layers=text_layers,
     )
     if is_trained_checkpoint(state):
         found.update(
@@ -277,6 +290,9 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
     clash = {k: (v, found[k]) for k, v in overrides.items() if k in found and k not in settable and v != found[k]}
     if clash:
         raise ValueError(f"overrides contradict the checkpoint's shapes (given, found): {clash}")
+    for key, table, tower_width in (("heads", CLIP_VISION_HEADS, width), ("text_heads", CLIP_TEXT_HEADS, text_width)):
+        if key not in overrides:
+            found[key] = clip_heads(table, tower_width, key)
     return VitaCLIPConfig(**{**found, **overrides})
 
 
