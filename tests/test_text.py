@@ -98,3 +98,27 @@ def test_context_initialised_from_a_phrase():
 def test_too_long_text_is_refused():
     with pytest.raises(ValueError, match="context length"):
         VitaCLIP(tiny_config(), ["word " * 80])
+
+
+@pytest.mark.parametrize("position, text", [("end", "a close-up video of swim."),
+                                            ("front", "swim a close-up video of."),
+                                            ("middle", "a close swim -up video of.")])
+def test_a_phrase_gives_one_vector_per_word_and_keeps_its_other_tokens_fixed(position, text, tmp_path):
+    """CoOp: n_ctx is the phrase's word count (underscores are spaces); its first n_ctx tokens
+    become the context, the rest ("video of" after "a close - up") stay fixed text."""
+    from vitaclip.text import keep_phrase_for_saved_context
+
+    model = VitaCLIP(tiny_config(ctx_init="a close-up_video of", ctx_position=position), CLASSES)
+    assert model.config.n_ctx == 4 and model.prompt_learner.fixed_after_ctx == 2
+    embeds, eot = model.prompt_learner(model.textual.token_embedding)
+    direct = model.textual.token_embedding(tokenize([text], 77))[0]
+    assert torch.equal(embeds[3], direct[: embeds.shape[1]]) and int(eot[3]) == int(tokenize([text], 77).argmax())
+    with torch.no_grad():
+        model.prompt_learner.ctx.add_(torch.randn_like(model.prompt_learner.ctx))
+    model.save_pretrained(tmp_path / "m")
+    loaded = VitaCLIP.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.encode_text()[2], model.encode_text()[2])  # the fixed tokens came back
+    # a context saved with a vector per token of the phrase (before n_ctx was the word count) replaces it wholly
+    config = tiny_config(ctx_init="a close-up_video of", n_ctx=6)
+    keep_phrase_for_saved_context(config)
+    assert config.ctx_init is None

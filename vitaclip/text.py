@@ -190,10 +190,14 @@ class PromptLearner(nn.Module):
         self.position = config.ctx_position
         width = config.text_width
         n_classes = len(classnames)
+        self.fixed_after_ctx = 0  # tokens of the phrase after its learned words, kept as they are
         if config.ctx_init:
-            init_tokens = tokenize([config.ctx_init], config.context_length)
-            n_ctx = int(init_tokens.argmax(-1)) - 1
-            config.n_ctx = n_ctx  # the phrase fixes the context length
+            init_tokens = tokenize([phrase_text(config.ctx_init)], config.context_length)
+            n_ctx = len(phrase_text(config.ctx_init).split())
+            config.n_ctx = n_ctx  # one vector per word (CoOp), from the phrase's first n_ctx tokens
+            self.fixed_after_ctx = int(init_tokens.argmax(-1)) - 1 - n_ctx
+            if self.fixed_after_ctx < 0:
+                raise ValueError(f"ctx_init {config.ctx_init!r} has fewer tokens than words")
             with torch.no_grad():
                 init = token_embedding(init_tokens)[0, 1 : 1 + n_ctx].clone()
             ctx = init.expand(n_classes, -1, -1).clone() if config.csc else init
@@ -207,7 +211,7 @@ class PromptLearner(nn.Module):
 
     @property
     def prefix(self) -> str:
-        return self.config.ctx_init if self.config.ctx_init else " ".join([PLACEHOLDER] * self.n_ctx)
+        return phrase_text(self.config.ctx_init) if self.config.ctx_init else " ".join([PLACEHOLDER] * self.n_ctx)
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         names = [clean_classname(n) for n in classnames]
@@ -218,7 +222,8 @@ class PromptLearner(nn.Module):
         prompts = [f"{self.prefix} {name}.".strip() for name in names]
         tokens = tokenize(prompts, self.config.context_length)
         name_lens = [len(get_tokenizer().encode(name)) for name in names]
-        token_src, ctx_slot = splice_indices(tokens.shape[1], self.n_ctx, name_lens, self.position)
+        token_src, ctx_slot = splice_indices(tokens.shape[1], self.n_ctx, name_lens, self.position,
+                                             self.fixed_after_ctx)
         previous = getattr(self, "tokens", None)
         device = previous.device if previous is not None else (self.ctx.device if self.ctx is not None else None)
         self.classnames: List[str] = names
@@ -256,21 +261,42 @@ def check_classnames(names: Sequence[str]) -> None:
         raise ValueError(f"duplicate class name(s): {sorted(set(dups))}")
 
 
-def splice_indices(length: int, n_ctx: int, name_lens: Sequence[int], position: str) -> tuple[Tensor, Tensor]:
+def splice_indices(length: int, n_ctx: int, name_lens: Sequence[int], position: str,
+                   fixed_after_ctx: int = 0) -> tuple[Tensor, Tensor]:
     """Where each output position of each class prompt reads from.
 
-    The tokenised text is [SOS, X * n_ctx, name, ".", EOS, pad...]. Returns `token_src` [n, L],
-    the token position to embed, and `ctx_slot` [n, L], the context vector index or -1, that
-    rearrange it into the requested context position (end, front or middle).
+    The tokenised text is [SOS, X * n_ctx, fixed, name, ".", EOS, pad...], `fixed` being the
+    `fixed_after_ctx` tokens of an initialising phrase after its learned words. Returns
+    `token_src` [n, L], the token position to embed, and `ctx_slot` [n, L], the context vector
+    index or -1, that rearrange it into the requested context position (end, front or middle);
+    the fixed tokens follow the last context vector.
     """
     n = len(name_lens)
     token_src = torch.arange(length).repeat(n, 1)
     ctx_slot = torch.full((n, length), -1, dtype=torch.long)
     half = n_ctx // 2 if position == "middle" else (n_ctx if position == "end" else 0)
+    fixed = list(range(1 + n_ctx, 1 + n_ctx + fixed_after_ctx))
     for i, name_len in enumerate(name_lens):
-        # output layout: SOS, ctx[:half], name, ctx[half:], rest (".", EOS, pad)
-        name_at = 1 + half
-        token_src[i, name_at : name_at + name_len] = torch.arange(1 + n_ctx, 1 + n_ctx + name_len)
-        ctx_slot[i, 1 : 1 + half] = torch.arange(half)
-        ctx_slot[i, name_at + name_len : 1 + n_ctx + name_len] = torch.arange(half, n_ctx)
+        name = list(range(1 + n_ctx + fixed_after_ctx, 1 + n_ctx + fixed_after_ctx + name_len))
+        # output layout: SOS, ctx[:half], name, ctx[half:], with the fixed tokens after the last context vector
+        sources = [(-1, j) for j in range(half)] + (fixed if half == n_ctx else [])
+        sources += name + [(-1, j) for j in range(half, n_ctx)] + (fixed if half < n_ctx else [])
+        for out, source in enumerate(sources, start=1):
+            if isinstance(source, tuple):
+                ctx_slot[i, out] = source[1]
+            else:
+                token_src[i, out] = source
     return token_src, ctx_slot
+
+
+def phrase_text(phrase: str) -> str:
+    """An initialising phrase as tokenised: underscores are spaces (as in class names)."""
+    return " ".join(phrase.replace("_", " ").split())
+
+
+def keep_phrase_for_saved_context(config) -> None:
+    """Before loading a saved context: it replaces the phrase's learned words, whose later tokens
+    stay fixed text, so the phrase is kept; a context saved with one vector per token of the
+    phrase (before n_ctx was its word count) replaces it wholly, so the phrase is dropped."""
+    if config.ctx_init is not None and config.n_ctx != len(phrase_text(config.ctx_init).split()):
+        config.ctx_init = None

@@ -16,6 +16,7 @@ from torch import Tensor
 from .config import VitaCLIPConfig
 from .files import atomic_write, atomic_write_text
 from .model import VitaCLIP
+from .text import keep_phrase_for_saved_context
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -351,7 +352,7 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a saved VitaCLIP: {name} is missing")
     config = VitaCLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    config.ctx_init = None  # the saved context replaces any initialisation
+    keep_phrase_for_saved_context(config)
     classnames = json.loads((directory / CLASSES_FILE).read_text()) or None
     model = cls(config, classnames, backend=backend)
     load_state_exactly(model, load_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))

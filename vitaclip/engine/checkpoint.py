@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
-from ..text import clean_classname
+from ..text import clean_classname, keep_phrase_for_saved_context
 from ..files import atomic_write
 from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
 
@@ -198,7 +198,7 @@ def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]]
 
 def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "auto") -> VitaCLIP:
     config = VitaCLIPConfig.from_dict(payload["config"])
-    config.ctx_init = None  # the stored context replaces any initialisation
+    keep_phrase_for_saved_context(config)
     classnames = payload["classnames"] or None
     if payload["model_is_full"]:
         model = VitaCLIP(config, classnames, backend=backend)
