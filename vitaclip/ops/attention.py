@@ -26,11 +26,11 @@ from .attention_tiles import AttentionTiles, KernelTiles, tiles_for
 
 try:
     import triton
-
-    from vitaclip.kernels import prompt_attention as _kernels
 except ImportError:  # no Triton on this platform: only the reference path is available
     triton = None
     _kernels = None
+else:  # with Triton, kernels that fail to import are a broken install, not a reason to run slowly
+    from vitaclip.kernels import prompt_attention as _kernels
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
