@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vitaclip import VitaCLIPConfig
-from video_fixtures import vp9_dataset  # noqa: F401  (fixture of the data tests)
+from video_fixtures import full_range_videos, vp9_dataset  # noqa: F401  (fixtures of the data tests)
 
 CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
 

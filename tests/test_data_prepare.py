@@ -120,3 +120,28 @@ def test_raise_mode_stops_at_the_first_error_without_encoding_the_rest(vp9_datas
                     progress=False)
     assert (again.written, again.reused, len(again.failed)) == (4, 0, 1)
 
+
+
+def test_prepare_keeps_the_colours_of_full_range_videos(full_range_videos, tmp_path):
+    """Full-range sources (MJPEG's yuvj420p) are rescaled to the limited range of the H.264 written:
+    copied unchanged, their levels came out stretched (dark darker, bright clipped)."""
+    src = full_range_videos["mjpeg"]
+    (tmp_path / "src.csv").write_text(f"{src},0\n")
+    result = prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), settings=EncodeSettings(short_side=48),
+                     workers=1, progress=False)
+    prepared = read_video_list(result.list_file, str(tmp_path / "out"))[0].path
+    idx = np.array([0, 5, 11])
+    want = to_rgb(pyav.decode_frames(src, idx), "cpu")
+    got = to_rgb(pyav.decode_frames(prepared, idx), "cpu")
+    assert (got - want).abs().mean() < 3.0  # H.264 at crf 23 of a 64x48 clip resized to 64x48
+
+
+def test_prepare_refuses_an_out_dir_prepared_with_other_settings(source_list, tmp_path):
+    root, rows, lst = source_list
+    lst.write_text(f"{rows[0][0]},0\n")
+    prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=48), workers=1, progress=False)
+    with pytest.raises(ValueError, match="prepared with .*'short_side': 48.* choose another OUT_DIR"):
+        prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=64), workers=1, progress=False)
+    again = prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=48), workers=1,
+                    progress=False)
+    assert (again.written, again.reused) == (0, 1)

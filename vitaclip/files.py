@@ -24,15 +24,20 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None
         write(tmp)
         # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
         os.chmod(tmp, 0o666 & ~current_umask())
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    """Make a written file's data reach the disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:

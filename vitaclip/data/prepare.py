@@ -14,7 +14,9 @@ and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -26,12 +28,14 @@ from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
+from ..files import atomic_write_text, fsync_file
 from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
 
 log = logging.getLogger(__name__)
+SETTINGS_FILE = "prepare.json"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                               "g": str(settings.gop), "keyint_min": str(settings.gop), "bf": "0",
                               "sc_threshold": "0"}
             for frame in source.decode(in_stream):
-                frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                frame = pyav.limited_range_yuv420(frame, width=width, height=height, interpolation="AREA")
                 frame.pts, frame.time_base = frames, Fraction(1) / rate  # constant rate: frame i stays i
                 out.mux(stream.encode(frame))
                 frames += 1
@@ -86,6 +90,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     if frames == 0:
         _remove(tmp)
         raise VideoDecodeError(f"{src}: no frames decoded")
+    fsync_file(tmp)  # on the disk before it is renamed into place, where it counts as done
     os.replace(tmp, dst)
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
 
@@ -96,6 +101,21 @@ def _job(src: str, dst: str, settings: EncodeSettings):
         return pyav.probe(dst), True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     return transcode(src, dst, settings), False
+
+
+def record_settings(out_dir: str, settings: EncodeSettings) -> None:
+    """OUT_DIR/prepare.json says how its videos were encoded: finished outputs are reused, so
+    another run into it must use the same settings."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    wanted = dataclasses.asdict(settings)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        if found != wanted:
+            raise ValueError(f"{out_dir} holds videos prepared with {found}, which these settings ({wanted}) would "
+                             f"mix with: choose another OUT_DIR")
+        return
+    atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
 def _as_completed(pool, fn, calls, in_flight: int):
@@ -121,6 +141,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                          "overwrite it: choose another OUT_DIR")
     entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
+    record_settings(out_dir, settings)
     failed = list(entries.skipped)
     jobs = {}
     for entry in entries:

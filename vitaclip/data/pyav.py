@@ -109,7 +109,7 @@ class _Planes:
         self.path, self.count, self.filled, self.planes = path, count, 0, None
 
     def put(self, slot: int, frame) -> None:
-        frame = _limited_range_yuv420(frame)
+        frame = limited_range_yuv420(frame)
         if self.planes is None:
             self.planes = [np.empty((self.count, p.height, p.width), np.uint8) for p in frame.planes]
         elif (frame.height, frame.width) != self.planes[0].shape[1:]:
@@ -127,16 +127,17 @@ class _Planes:
         return Yuv420(*(torch.from_numpy(p) for p in self.planes))
 
 
-def _limited_range_yuv420(frame):
-    """The frame as limited-range yuv420p, what yuv420_to_rgb converts. Full-range frames
-    (MJPEG's yuvj formats, H.264/VP9 tagged full range) are rescaled by swscale, so that
-    Yuv420 keeps one meaning everywhere (at the cost of under a level of rounding). swscale
-    must be told both ranges: left unset it copies full-range levels unchanged."""
+def limited_range_yuv420(frame, **resize):
+    """The frame as limited-range yuv420p, what yuv420_to_rgb converts (resized by swscale with
+    `resize`: width, height, interpolation). Full-range frames (MJPEG's yuvj formats, H.264/VP9
+    tagged full range) are rescaled, so that Yuv420 keeps one meaning everywhere (at the cost of
+    under a level of rounding). swscale must be told both ranges: left unset it copies full-range
+    levels unchanged."""
     full_range = frame.format.name.startswith("yuvj") or frame.color_range == ColorRange.JPEG
-    if frame.format.name == "yuv420p" and not full_range:
+    if frame.format.name == "yuv420p" and not full_range and not resize:
         return frame
     return frame.reformat(format="yuv420p", src_color_range=ColorRange.JPEG if full_range else None,
-                          dst_color_range=ColorRange.MPEG)
+                          dst_color_range=ColorRange.MPEG, **resize)
 
 
 def _decode_in_order(frames, indices, out: _Planes) -> None:
