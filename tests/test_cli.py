@@ -106,8 +106,11 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     root, list_file = videos
     state = {f"module.{k}": v for k, v in tiny_model().state_dict().items()}
     torch.save({"model": state}, tmp_path / "authors.pth")
-    code, out, err = run(capsys, "zeroshot", "--model", tmp_path / "authors.pth", "--classes", root / "classes.txt",
-                         "--split", list_file, "--data-root", list_file.parent, "--json", *CPU)
+    command = ["zeroshot", "--model", tmp_path / "authors.pth", "--classes", root / "classes.txt",
+               "--split", list_file, "--data-root", list_file.parent, "--json", *CPU]
+    code, out, err = run(capsys, *command)
+    assert code == 2 and "no CLIP has a vision width of 64" in err and "pass heads=" in err
+    code, out, err = run(capsys, *command, "--heads", 2, "--text-heads", 2)  # the tiny model's
     assert code == 0, err
     assert json.loads(out)["splits"][str(list_file)]["num_videos"] == 12
 
@@ -216,7 +219,7 @@ def test_init_takes_the_architecture_flags_and_refuses_contradicting_a_trained_m
                                           "--init", str(init), *map(str, argv)])
         return build_training_model(args, list(CLASSES))[0].config
 
-    config = build(tmp_path / "backbone.pth", *flags)
+    config = build(tmp_path / "backbone.pth", *flags, "--heads", 2, "--text-heads", 2)  # widths no CLIP has
     assert (config.num_frames, config.n_ctx, config.csc, config.ctx_position, config.num_global_prompts,
             config.use_summary, config.use_local, config.use_global, config.train_cls_proj) == (
         3, 2, False, "front", 5, False, True, False, True)

@@ -56,7 +56,20 @@ def architecture_overrides(args) -> dict:
                  ctx_position=args.ctx_position, csc=False if args.shared_ctx else None,
                  use_summary=False if args.no_summary else None, use_local=False if args.no_local else None,
                  use_global=False if args.no_global else None, train_cls_proj=True if args.train_cls_proj else None)
+    return {**{field: value for field, value in given.items() if value is not None}, **heads_overrides(args)}
+
+
+def heads_overrides(args) -> dict:
+    """--heads/--text-heads, for a file of the authors' layout whose widths no CLIP has."""
+    given = dict(heads=args.heads, text_heads=args.text_heads)
     return {field: value for field, value in given.items() if value is not None}
+
+
+def add_heads(p) -> None:
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads of the vision tower of a file in the authors' layout (default: those "
+                        "of the CLIP of its width)")
+    p.add_argument("--text-heads", type=int, default=None, help="the same for the text tower")
 
 
 def build_training_model(args, classes: List[str]):
@@ -149,7 +162,7 @@ def cmd_train(args) -> int:
 def load_eval_model(args, classes: Optional[List[str]]):
     from .engine.checkpoint import load_model
 
-    return load_model(args.model, classes, args.backend)
+    return load_model(args.model, classes, args.backend, **heads_overrides(args))
 
 
 def cmd_eval(args) -> int:
@@ -196,7 +209,7 @@ def cmd_zeroshot(args) -> int:
         templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
     parsed = [parse_split(s, args.classes) for s in args.split]
     if args.model:
-        model = load_model(args.model, backend=args.backend, templates_only=True)
+        model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
     else:
         model = build_backbone({"kind": "clip", "name": args.clip, "pretrained": args.pretrained}, None, args.backend)
     frames = args.frames or model.config.num_frames
@@ -299,6 +312,7 @@ def add_model_source(p, required: bool = True) -> None:
                    help="saved model folder, training checkpoint, run folder (latest checkpoint) or the "
                         "authors' checkpoint (with --classes)")
     p.add_argument("--classes", default=None, help="class names: file (one per line) or folder of class folders")
+    add_heads(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-local", action="store_true", help="drop the local prompts")
     g.add_argument("--no-global", action="store_true", help="drop the global prompts")
     g.add_argument("--train-cls-proj", action="store_true", help="also train cls_proj (the public code does not)")
+    add_heads(g)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=30_000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, accumulation)")
@@ -379,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--split test3.txt; Kinetics-600 novel classes: --split list1.txt:classes1.txt "
                                    "(three times).")
     p.add_argument("--model", default=None, help="trained model (default: a plain CLIP via --clip/--pretrained)")
+    add_heads(p)
     p.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name when no --model is given")
     p.add_argument("--pretrained", default="openai", help="open_clip weights tag when no --model is given")
     p.add_argument("--split", action="append", required=True, metavar="LIST[:CLASSES]",
