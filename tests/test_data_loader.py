@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("av")
 import torch.nn.functional as F
 
-from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, sampling
+from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, pyav, sampling
+from vitaclip.data.transforms import to_rgb
 
 needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI not importable")
 
@@ -105,6 +106,31 @@ def test_train_without_augment_is_the_crop_of_the_sampled_frames(vp9_dataset):
     clip = F.interpolate(clip, size=(32, 32), mode="bilinear", align_corners=False) / 255
     got = unnormalise(batch.video)[0].permute(1, 0, 2, 3)
     assert (got - clip).abs().mean() < 3 / 255
+
+
+def test_randaugment_acts_on_the_whole_frames_before_the_crop(vp9_dataset):
+    """As the original recipe: a rotation's grey corners and AutoContrast's range are those of the
+    whole frame, of which the crop then takes a part."""
+    from vitaclip.data.augment import OPS
+
+    root, rows = vp9_dataset
+    ld = loader(root, True, batch_size=1, num_frames=2, stride=8, size=32, flip=False)
+    ops = np.array([[OPS.index("Rotate"), 1, 9, 1], [OPS.index("AutoContrast"), 1, 5, 1]], dtype=np.float32)
+    ld.augment.sample = lambda rng: ops
+    batch = next(iter(ld))
+    _, entry, info = ld.videos[int(batch.video_id[0])]
+    plan = ld.plan(int(batch.video_id[0]), entry, info)
+    frames = to_rgb(pyav.decode_frames(entry.path, plan.frames), "cpu")[plan.views[0]]
+    top, left, h, w = plan.crop
+
+    def crop(x):
+        return F.interpolate(x[:, :, top:top + h, left:left + w], size=(32, 32), mode="bilinear", align_corners=False)
+
+    got = unnormalise(batch.video)[0].permute(1, 0, 2, 3) * 255
+    whole_first = crop(ld.augment(frames[None].round(), ops[None])[0])
+    crop_first = ld.augment(crop(frames)[None].round(), ops[None])[0]
+    assert (got - whole_first).abs().max() < 0.1
+    assert (got - crop_first).abs().mean() > 1
 
 
 def test_flip_mirrors(vp9_dataset):

@@ -295,23 +295,39 @@ class VideoLoader:
     def assemble(self, items) -> Batch:
         """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
         clips, labels, ids = [], [], []
-        for plan, frames in items:
-            rgb = to_rgb(frames, self.device)
-            if self.train:
-                clip = rgb[to_device(plan.views[0], self.device)]
-                clips.append(resized_crop(clip, plan.crop, (self.size, self.size)))
-                n_views = 1
-            else:
-                views = self._eval_views(rgb, plan)
+        if self.train:
+            frames = [to_rgb(decoded, self.device)[to_device(plan.views[0], self.device)] for plan, decoded in items]
+            if self.augment is not None:
+                frames = self._augment_whole_frames(frames, [plan.augment for plan, _ in items])
+            clips = [resized_crop(clip, plan.crop, (self.size, self.size)) for clip, (plan, _) in zip(frames, items)]
+            labels = [plan.entry.label for plan, _ in items]
+            ids = [plan.video_id for plan, _ in items]
+        else:
+            for plan, decoded in items:
+                views = self._eval_views(to_rgb(decoded, self.device), plan)
                 clips.extend(views)
-                n_views = len(views)
-            labels += [plan.entry.label] * n_views
-            ids += [plan.video_id] * n_views
+                labels += [plan.entry.label] * len(views)
+                ids += [plan.video_id] * len(views)
         video = torch.stack(clips)  # [N, T, 3, H, W], 0..255
         if self.train:
-            video = self._augment(video, [plan for plan, _ in items])
+            flips = to_device([plan.flip for plan, _ in items], video.device)
+            video = torch.where(flips.view(-1, 1, 1, 1, 1), video.flip(-1), video)
         video = normalize(video, channel_dim=2).permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
         return Batch(video, to_device(labels, self.device), to_device(ids, self.device))
+
+    def _augment_whole_frames(self, clips: List[torch.Tensor], params: List[np.ndarray]) -> List[torch.Tensor]:
+        """RandAugment on each clip's whole frames, before the crop, as the original recipe: the
+        geometric ops' fill and the colour ops' statistics are those of the frame. Clips of one
+        frame size are augmented together."""
+        out = list(clips)
+        by_size = {}
+        for i, clip in enumerate(clips):
+            by_size.setdefault(tuple(clip.shape[-2:]), []).append(i)
+        for group in by_size.values():
+            batch = torch.stack([clips[i] for i in group]).round().clamp(0, 255)
+            for i, clip in zip(group, self.augment(batch, np.stack([params[i] for i in group]))):
+                out[i] = clip
+        return out
 
     def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
         h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)
@@ -320,13 +336,6 @@ class VideoLoader:
         return [rgb[to_device(positions, self.device), :, top:top + s, left:left + s]
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
                 for positions in plan.views]
-
-    def _augment(self, video, plans) -> torch.Tensor:
-        flips = to_device([p.flip for p in plans], video.device)
-        video = torch.where(flips.view(-1, 1, 1, 1, 1), video.flip(-1), video)
-        if self.augment is None:
-            return video
-        return self.augment(video.round().clamp(0, 255), np.stack([p.augment for p in plans]))
 
     def _bad(self, message: str) -> None:
         if self.on_error == "raise":
