@@ -59,7 +59,7 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     assert "step 3/3" in out and "top-1" in out
     payload = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert payload["step"] == 3 and payload["backbone"]["kind"] == "pretrained"
-    assert payload["loader"] == [{"epoch": 1, "batch_in_epoch": 0}]  # 12 clips = 3 batches of 4
+    assert payload["loader"] == [{"epoch": 1, "batch_in_epoch": 0, "seed": 0}]  # 12 clips = 3 batches of 4
     # the resumed run (stopped mid-epoch) logged the losses of an uninterrupted one
     full = [a if a != tmp_path / "run" else tmp_path / "full" for a in common]
     assert run(capsys, "train", *full, "--steps", 3)[0] == 0

@@ -438,6 +438,10 @@ def test_epoch_loader_keeps_every_batch_after_one_left_out_and_resumes_after_the
     resumed = EpochLoader(LeavesOutBatchOne(replay=replay))
     resumed.load_state_dict(first.state_dict())
     assert [next(iter(resumed)) for _ in range(1)] == [3]
+    other_seed = LeavesOutBatchOne(replay=replay)
+    other_seed.seed = 1
+    with pytest.raises(ValueError, match="seed 0 in the checkpoint differs from 1"):
+        EpochLoader(other_seed).load_state_dict({**first.state_dict(), "seed": 0})
 
 
 def test_resume_onto_other_frozen_weights_is_refused_and_a_moved_backbone_is_not(tmp_path):

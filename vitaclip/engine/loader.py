@@ -181,11 +181,15 @@ class EpochLoader:
         self.epoch, self.batch_in_epoch = 0, 0
 
     def state_dict(self) -> Dict[str, int]:
+        # the loader's seed with its position: the same position under another seed is other data
+        seed = {"seed": self.loader.seed} if hasattr(self.loader, "seed") else {}
         if self.batch_in_epoch and self.batch_in_epoch == optional_len(self.loader):  # epoch done
-            return {"epoch": self.epoch + 1, "batch_in_epoch": 0}
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+            return {"epoch": self.epoch + 1, "batch_in_epoch": 0, **seed}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **seed}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        if "seed" in state and state["seed"] != getattr(self.loader, "seed", state["seed"]):
+            raise ValueError(f"data loader seed {state['seed']} in the checkpoint differs from {self.loader.seed}")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
     def _start_epoch(self) -> int:
