@@ -469,3 +469,41 @@ def test_resuming_an_earlier_checkpoint_refuses_a_folder_with_later_ones(tmp_pat
     branch = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "branch", steps=4, keep_checkpoints=1,
                                                                 resume=str(earlier)))
     assert branch.finished and [p.name for p in ckpt.list_checkpoints(tmp_path / "branch")] == ["checkpoint-00000004.pt"]
+
+
+class ShortBatches:
+    """An endless, resumable loader of micro-batches of 2 whose second is short one clip (a video
+    the loader could not decode, in skip mode)."""
+
+    batch_size = 2
+
+    def __init__(self):
+        self.data, self.served = tiny_data(), 0
+
+    def state_dict(self):
+        return {"served": self.served}
+
+    def load_state_dict(self, state):
+        self.served = state["served"]
+
+    def __iter__(self):
+        while True:
+            n = 1 if self.served % 2 else 2
+            items = [self.data[(2 * self.served + i) % len(self.data)] for i in range(n)]
+            self.served += 1
+            yield (torch.stack([v for v, _, _ in items]), torch.tensor([label for _, label, _ in items]),
+                   torch.tensor([i for _, _, i in items]))
+
+
+def test_a_step_short_of_clips_is_the_mean_over_the_clips_it_had(tmp_path):
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    first = list(zip(range(2), iter(ShortBatches())))  # the step's micro-batches: 2 clips, then 1
+    video = torch.cat([b[0] for _, b in first])
+    labels = torch.cat([b[1] for _, b in first])
+    with torch.no_grad():
+        want = F.cross_entropy(tiny_model().train()(video), labels).item()
+    result = train(model, ShortBatches(), tiny_train_config(tmp_path, steps=1, warmup_steps=0, batch_size=4,
+                                                            micro_batch_size=2))
+    assert result.losses[1] == pytest.approx(want, rel=1e-5)  # not (mean of 2 + the 1) / 2

@@ -249,6 +249,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         for step in range(start_step + 1, last_step + 1):
             net.train()
             loss_sum = torch.zeros((), device=env.device)
+            clips = 0
             for m in range(accum):
                 video, labels, video_ids = split_views(*next(batches))
                 check_batch_labels(labels, video_ids, num_classes, step)  # on the host if they are there: no sync
@@ -257,12 +258,23 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 sync = contextlib.nullcontext() if m == accum - 1 or not env.is_distributed else net.no_sync()
                 with sync:
                     with autocast(env.device, config.precision):
-                        loss = F.cross_entropy(net(video), labels) / accum
+                        # summed over the clips, over the clips a rank's step should have
+                        loss = F.cross_entropy(net(video), labels, reduction="sum") / (micro * accum)
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            # the ranks agree on the loss and on stopping in one all-reduce (a signal may reach them at different steps)
-            loss_total, stop_votes = sum_across_ranks(env, [loss_sum.item(), float(stop_request.received is not None)])
-            loss_value = loss_total / env.world_size
+                clips += len(labels)
+            # the ranks agree on the loss, the clips and on stopping in one all-reduce (a signal
+            # may reach them at different steps)
+            loss_total, stop_votes, clips_total = sum_across_ranks(
+                env, [loss_sum.item(), float(stop_request.received is not None), float(clips)])
+            # the mean over the clips the step had: fewer than the global batch where the loader
+            # left out videos it could not decode (skip mode)
+            shortfall = config.batch_size / clips_total
+            loss_value = loss_total / env.world_size * shortfall
+            if shortfall != 1:
+                for p in model.trainable_parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(shortfall)
             at_end = step == config.steps
             eval_due = eval_data is not None and ((config.eval_every and step % config.eval_every == 0) or at_end)
             # in the last step a stop matters only if an evaluation would delay the checkpoint
@@ -288,7 +300,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             result.losses[step] = loss_value
 
             now = time.perf_counter()
-            clips_per_s = config.batch_size / max(now - step_time, 1e-9)
+            clips_per_s = clips_total / max(now - step_time, 1e-9)
             step_time = now
             if progress is not None:
                 progress.update(1)
