@@ -214,6 +214,18 @@ def test_autocast_matches_pytorch_path(dtype):
 
 
 @needs_ext
+def test_autocast_leaves_float64_alone_as_for_the_pytorch_path():
+    norm, attn = make_summary_layer(32, 2, dtype=torch.float64)
+    c, grad = torch.randn(2, 8, 32, dtype=torch.float64), torch.randn(2, 8, 32, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 2, grad)
+        ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 2, grad)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert got.dtype == want.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@needs_ext
 def test_env_switch_picks_the_path(monkeypatch, paths_taken):
     norm, attn = make_summary_layer(8, 2)
     c = torch.randn(1, 2, 8)

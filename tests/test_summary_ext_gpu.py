@@ -17,9 +17,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("width,heads", [(768, 12), (1024, 16), (256, 2)],
-                         ids=["768x12", "1024x16", "head-dim-128"])
-@pytest.mark.parametrize("frames", [1, 3, 8, 16, 32])
+@pytest.mark.parametrize("width,heads", [(768, 12), (1024, 16), (256, 2), (1280, 16)],
+                         ids=["768x12", "1024x16", "head-dim-128", "head-dim-80"])
+@pytest.mark.parametrize("frames", [1, 3, 8, 16, 32, 33])
 def test_cuda_matches_float64(frames, width, heads, dtype):
     norm, attn = make_summary_layer(width, heads, dtype=torch.float64, device="cuda", seed=frames)
     c = torch.randn(6, frames, width, dtype=torch.float64, device="cuda")
@@ -33,3 +33,23 @@ def test_cuda_matches_float64(frames, width, heads, dtype):
     assert out.dtype == dtype and out.is_cuda
     floor = 1e-5 if dtype == torch.float32 else 1e-2
     assert_no_worse_than_pytorch([out, *grads], [ref_out, *ref_grads], reference, floor)
+
+
+def test_shapes_past_the_shared_memory_take_the_pytorch_path():
+    """One head of 1024 over 32 frames needs over 500 KB of shared memory in fp32: no GPU has it."""
+    from vitaclip.ops import summary
+
+    norm, attn = make_summary_layer(1024, 1, dtype=torch.float32, device="cuda", seed=0)
+    c = torch.randn(2, 32, 1024, device="cuda")
+    assert not summary_ext.shared_memory_fits(c, 1) and summary_ext.shared_memory_fits(c, 16)
+    torch.testing.assert_close(summary.summary_tokens(c, norm, attn, 1), naive.summary_tokens(c, norm, attn, 1))
+
+
+def test_float64_and_strided_input_on_cuda():
+    norm, attn = make_summary_layer(96, 3, dtype=torch.float64, device="cuda", seed=1)
+    c = torch.randn(96, 5, 4, dtype=torch.float64, device="cuda").permute(2, 1, 0)  # [4, 5, 96], not contiguous
+    grad = torch.randn(4, 5, 96, dtype=torch.float64, device="cuda")
+    out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 3, grad)
+    ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 3, grad)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

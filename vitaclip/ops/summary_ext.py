@@ -79,10 +79,24 @@ def op_arguments(norm, attn) -> list:
 def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
     """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`."""
     params = op_arguments(norm, attn)
-    if torch.is_autocast_enabled(c.device.type):
+    if torch.is_autocast_enabled(c.device.type) and c.dtype != torch.float64:  # autocast leaves float64 alone
         # Custom ops are not autocast: run in the autocast dtype as the projections would, and
-        # return c's dtype as the residual sum c + out_proj(...) does.
+        # return the dtype of the residual sum c + out_proj(...) (the residual itself is added in
+        # the autocast dtype: the model's c comes from cls_proj in it anyway)
         dtype = torch.get_autocast_dtype(c.device.type)
         low = [p.to(dtype) for p in params]
-        return torch.ops.vitaclip.summary_attention(c.to(dtype), *low, num_heads, norm.eps)[0].to(c.dtype)
+        out = torch.ops.vitaclip.summary_attention(c.to(dtype), *low, num_heads, norm.eps)[0]
+        return out.to(torch.promote_types(c.dtype, dtype))
     return torch.ops.vitaclip.summary_attention(c, *params, num_heads, norm.eps)[0]
+
+
+def shared_memory_fits(c: Tensor, num_heads: int) -> bool:
+    """Whether the CUDA kernels' per-block shared memory (csrc/cuda: q, k, v, dO rows of head
+    dim + 1 and two T x T matrices in the backward, in float, or double for float64) fits the
+    device; other shapes (e.g. one wide head, many frames) take the PyTorch path."""
+    if c.device.type != "cuda":
+        return True
+    frames, head_dim = c.shape[1], c.shape[2] // num_heads
+    acc_bytes = 8 if c.dtype == torch.float64 else 4
+    needed = (4 * frames * (head_dim + 1) + 2 * frames * frames) * acc_bytes
+    return needed <= torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin
