@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for Hopper (sm_90) in bf16, on any machine: the attention
 kernels with every candidate tile configuration that the GPU benchmark launches; the default
-configuration's launches also for Ampere (sm_80, the A100s users train on).
+configuration's launches also for Ampere (sm_80, the A100s users train on); fp32's tiles for
+sm_86 within its shared memory.
 
 The CPU interpreter runs the kernels' Python but skips the compiler's type checks (e.g. a
 variable with different tile shapes in two branches), so compile them too. The kernels are
@@ -14,6 +15,7 @@ import sys
 import pytest
 
 FP32_POINTERS = {"LSE", "DELTA", "DLK", "DLV", "DGK", "DGV"}
+SM86_SHARED_MEMORY = 101376  # bytes per block, opted in (RTX 30xx/40xx, A10, L4, L40S)
 NON_POINTERS = {"S", "H"}
 VIT_B16_PROMPTS = dict(P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32)  # 8 local, 8 global, summary: a tile of 32
 
@@ -35,14 +37,18 @@ def compile_for(kernel, dtype, constexprs, num_warps=4, num_stages=2, arch=90):
             signature[name] = "i32"
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     print(f"compiled {kernel.__name__} sm_{arch} {dtype} {constexprs}")
+    return compiled.metadata.shared
 
 
-def attention_launches(configs=None):
+def attention_launches(configs=None, head_dim=64, precision="tf32"):
     """(kernel, constexprs, tiles) of every distinct launch that `ops.attention` makes at S = 197
     (ViT-B/16) with the given configurations (default: the GPU default and the candidates): full
     tiles, then the 5-row tail's own launch."""
+    import triton
+
     from vitaclip.kernels import prompt_attention
     from vitaclip.ops.attention import _row_tiles, _tail
     from vitaclip.ops.attention_tiles import CANDIDATES, GPU_TILES
@@ -51,8 +57,8 @@ def attention_launches(configs=None):
     for tiles in configs or [*GPU_TILES.values(), *CANDIDATES]:
         for kernel, kernel_tiles in ((prompt_attention._fwd, tiles.fwd), (prompt_attention._bwd_dq, tiles.bwd_dq),
                                      (prompt_attention._bwd_dkdv, tiles.bwd_dkdv)):
-            base = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n,
-                        PRECISION="tf32")
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                        BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n, PRECISION=precision)
             if kernel is prompt_attention._bwd_dkdv:  # program tiles over keys, loop over queries
                 base["TAIL_M"] = _tail(seq, kernel_tiles.block_m)
                 variants = [dict(base, BLOCK_N=tile, PROMPT_PROGRAM=int(n == 0))
@@ -82,6 +88,14 @@ def compile_all():
     for kernel, constexprs, tiles in default_launches():
         compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
                     num_stages=tiles.num_stages, arch=80)
+    # fp32 on the cards with the least shared memory per block (sm_86/sm_89: 99 KiB), at the
+    # largest head dim of its tiles (shared memory grows with it)
+    for kernel, constexprs, tiles in fp32_launches():
+        shared = compile_for(kernel, "fp32", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
+                             num_stages=tiles.num_stages, arch=86)
+        if shared > SM86_SHARED_MEMORY:
+            sys.exit(f"{kernel.__name__} {tiles} in fp32 needs {shared} bytes of shared memory, sm_86 has "
+                     f"{SM86_SHARED_MEMORY}")
     for kernel in (quick_gelu._quick_gelu_fwd, quick_gelu._quick_gelu_bwd):
         for arch in (80, 90):
             compile_for(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8, arch=arch)
@@ -93,12 +107,23 @@ def default_launches():
     return attention_launches([GPU_TILES[64]])
 
 
+def fp32_launches():
+    """FP32_TILES' launches of full tiles (the tails' are smaller) at head dim 128."""
+    from vitaclip.ops.attention_tiles import FP32_TILES
+
+    full = {}
+    for kernel, constexprs, tiles in attention_launches([FP32_TILES], head_dim=128, precision="ieee"):
+        full.setdefault(kernel, (kernel, constexprs, tiles))
+    return list(full.values())
+
+
 def test_kernels_compile_for_hopper_and_ampere():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == len(attention_launches()) + 2 * len(default_launches()) + 4
+    assert result.stdout.count("compiled") == (len(attention_launches()) + 2 * len(default_launches())
+                                               + len(fp32_launches()) + 4)
     assert result.stdout.count("sm_80") == len(default_launches()) + 2
 
 

@@ -97,7 +97,7 @@ def _row_tiles(rows: int, block: int) -> list:
 
 
 def _tiles(q: Tensor) -> AttentionTiles:
-    return tiles_for(q.shape[-1], interpreting=q.device.type == "cpu")
+    return tiles_for(q.shape[-1], interpreting=q.device.type == "cpu", fp32=q.dtype == torch.float32)
 
 
 def _prompt_args(local_k, local_v, global_k, global_v, summary_k, summary_v, k):

@@ -70,6 +70,11 @@ BASELINE = AttentionTiles(_tiles(64, 64), _tiles(64, 64), _tiles(64, 64))
 GPU_TILES: dict[int, AttentionTiles] = {64: AttentionTiles(_tiles(64, 64, 4, 3), _tiles(128, 64, 4, 2),
                                                            _tiles(64, 64, 4, 3))}
 
+# fp32 (an "ieee" dot, for correctness checks more than speed): its tiles take twice the shared
+# memory of bf16's; these stay under the 99 KiB per block of sm_86/sm_89 (RTX 30xx/40xx, A10, L4,
+# L40S) up to head dim 128, where the bf16 defaults would not (tests/test_kernels_compile.py).
+FP32_TILES = AttentionTiles(_tiles(64, 32, 4, 1), _tiles(32, 32, 4, 1), _tiles(32, 32, 4, 1))
+
 # Small tiles under the interpreter, so that tiny test shapes still span several (partial) tiles.
 INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32))
 
@@ -93,11 +98,14 @@ CANDIDATES: list[AttentionTiles] = [
 _override: Optional[AttentionTiles] = None
 
 
-def tiles_for(head_dim: int, interpreting: bool) -> AttentionTiles:
-    """The tiles a launch uses: a `use_tiles` override, else the interpreter's or the GPU default."""
+def tiles_for(head_dim: int, interpreting: bool, fp32: bool = False) -> AttentionTiles:
+    """The tiles a launch uses: a `use_tiles` override, else the interpreter's, fp32's on the GPU
+    or the GPU default."""
     if _override is not None:
         return _override
-    return INTERPRETER_TILES if interpreting else GPU_TILES.get(head_dim, BASELINE)
+    if interpreting:
+        return INTERPRETER_TILES
+    return FP32_TILES if fp32 else GPU_TILES.get(head_dim, BASELINE)
 
 
 @contextlib.contextmanager
