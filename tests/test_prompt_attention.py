@@ -216,7 +216,7 @@ def test_bad_inputs_are_rejected():
 # ViT-B/16: batch 4 clips x 8 frames, 1 + 14x14 tokens, 12 heads, 8 global and 8 local prompts
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "qkv"), (torch.float16, "views")])
+@pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "qkv"), (torch.float16, "views"), (torch.float32, "qkv")])
 def test_gpu_matches_float64_reference(dtype, layout):
     frames_per_group, heads, seq = 8, 12, 197
     leaves = make_inputs(4, frames_per_group, seq, heads, 8, 8, True, device="cuda")
@@ -240,6 +240,19 @@ def test_gpu_matches_float64_reference(dtype, layout):
     _, again = outputs_and_grads(fast, low, frames_per_group, grad_out)
     for name in grads:
         assert torch.equal(grads[name], again[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_tensors_gpu_not_the_current_one():
+    leaves = make_inputs(2, 3, 50, 2, 2, 3, True, dtype=torch.float32, device="cuda:1")
+    grad_out = torch.randn(6, 50, 2, HEAD_DIM, device="cuda:1")
+    with torch.cuda.device(0):
+        out, grads = outputs_and_grads("qkv", leaves, 3, grad_out)
+    want_out, want_grads = outputs_and_grads(naive.prompt_attention, leaves, 3, grad_out)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 @cuda

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import triton_available
+from .attention import launch_device, triton_available
 
 if triton_available():
     import triton
@@ -18,8 +18,9 @@ _BLOCK = 2048
 def _launch(kernel, *tensors: Tensor) -> Tensor:
     out = torch.empty_like(tensors[0])
     n = out.numel()
-    kernel[(triton.cdiv(n, _BLOCK),)](*tensors, out, n, SLOPE=_kernels.QUICK_GELU_SLOPE, BLOCK=_BLOCK,
-                                      num_warps=8)
+    with launch_device(out):
+        kernel[(triton.cdiv(n, _BLOCK),)](*tensors, out, n, SLOPE=_kernels.QUICK_GELU_SLOPE, BLOCK=_BLOCK,
+                                          num_warps=8)
     return out
 
 

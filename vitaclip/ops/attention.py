@@ -15,6 +15,7 @@ the backward op returns empty tensors for their gradients, mapped back to None.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -121,6 +122,12 @@ def _split_qkv(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor]):
     return q_or_qkv.unbind(2) if k is None else (q_or_qkv, k, v)
 
 
+def launch_device(t: Tensor):
+    """Around Triton launches: Triton launches on the current CUDA device, not the tensors' (as
+    PyTorch's own ops do), and custom ops get no device guard."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch_forward(q, k, v, prompts, frames_per_group):
     n_frames, seq, heads, head_dim = q.shape
     ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
@@ -195,7 +202,8 @@ def _prompt_attention_op(
     frames_per_group: int,
 ) -> tuple[Tensor, Tensor]:
     prompts = (local_k, local_v, global_k, global_v, summary_k, summary_v)
-    return _launch_forward(*_split_qkv(q_or_qkv, k, v), prompts, frames_per_group)
+    with launch_device(q_or_qkv):
+        return _launch_forward(*_split_qkv(q_or_qkv, k, v), prompts, frames_per_group)
 
 
 @_prompt_attention_op.register_fake
@@ -225,7 +233,8 @@ def _prompt_attention_backward_op(
         dq, dk, dv = dqkv.unbind(2)
     else:
         dq, dk, dv = grads = [q.new_empty(q.shape) for _ in range(3)]
-    return grads + _launch_backward(grad_out, q, k_, v_, prompts, out, lse, frames_per_group, dq, dk, dv)
+    with launch_device(q):
+        return grads + _launch_backward(grad_out, q, k_, v_, prompts, out, lse, frames_per_group, dq, dk, dv)
 
 
 @_prompt_attention_backward_op.register_fake
