@@ -136,14 +136,16 @@ def load_own_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> No
             current[k].copy_(v)
 
 
-def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]],
+                  fingerprint: Optional[Dict[str, Tuple[float, float]]] = None) -> Dict[str, Any]:
     """What a checkpoint needs to rebuild the model: its own tensors + where the backbone came
-    from, or the whole state when there is no such source."""
+    from and its `backbone_fingerprint` (given, or computed here), or the whole state when there
+    is no such source."""
     full = backbone is None
     state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
              else own_state(model))
     return {"model": state, "model_is_full": full, "backbone": backbone,
-            "backbone_fingerprint": None if full else backbone_fingerprint(model),
+            "backbone_fingerprint": None if full else fingerprint or backbone_fingerprint(model),
             "config": model.config.to_dict(), "classnames": model.classnames}
 
 
@@ -154,17 +156,18 @@ def backbone_fingerprint(model: VitaCLIP) -> Dict[str, Tuple[float, float]]:
     frozen = {name: t.detach() for name, t in model.state_dict().items() if name not in own and t.is_floating_point()}
     if not frozen:
         return {}
-    stats = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in frozen.values()])
+    stats = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.square().sum(dtype=torch.float64)])
+                         for t in frozen.values()])
     return dict(zip(frozen, map(tuple, stats.cpu().tolist())))
 
 
-def check_backbone_fingerprint(model: VitaCLIP, payload: Dict[str, Any], source: str) -> None:
-    """Refuse to put a checkpoint's prompts on frozen weights other than those they were trained
-    with (e.g. resumed with another `--pretrained`); checkpoints without a fingerprint pass."""
+def check_backbone_fingerprint(now: Dict[str, Tuple[float, float]], payload: Dict[str, Any], source: str) -> None:
+    """Refuse to put a checkpoint's prompts on frozen weights (fingerprint `now`) other than those
+    they were trained with (e.g. resumed with another `--pretrained`); checkpoints without a
+    fingerprint pass."""
     saved = payload.get("backbone_fingerprint")
     if saved is None:
         return
-    now = backbone_fingerprint(model)
     differing = [name for name, stats in saved.items()
                  if name not in now or not all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(stats, now[name]))]
     if differing:

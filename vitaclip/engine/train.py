@@ -215,8 +215,11 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
 
     start_step = 0
     resume_path, payload = resume_point(config, out, env)
+    # the frozen weights never change: their fingerprint is taken once (seconds for ViT-B/16 on a CPU)
+    fingerprint = None if backbone is None else ckpt.backbone_fingerprint(model)
     if resume_path is not None:
-        restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env)
+        restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env,
+                fingerprint)
         start_step = int(payload["step"])
     eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
                              num_workers=config.num_workers, device=str(env.device), progress=False)
@@ -230,7 +233,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             if eval_data is not None and payload.get("final_evaluation_pending", False):
                 evaluate_and_log(model, eval_data, eval_config, env, log, start_step, result)
                 result.last_checkpoint = str(write_checkpoint(  # the same, no longer pending
-                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone))
+                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint))
         finally:
             if log is not None:
                 log.close()
@@ -317,7 +320,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 step_time = time.perf_counter()  # evaluation time is not training throughput
             if step % config.checkpoint_every == 0 or step == last_step or stopping:
                 result.last_checkpoint = str(write_checkpoint(
-                    out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone,
+                    out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint,
                     final_evaluation_pending=eval_due and stopping and at_end))
                 step_time = time.perf_counter()
             if stopping:
@@ -446,13 +449,13 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
-            config: TrainConfig, micro: int, env: DistEnv) -> None:
+            config: TrainConfig, micro: int, env: DistEnv, fingerprint: Optional[Dict[str, Any]]) -> None:
     """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
     RNG states of this rank, data position); refuse checkpoints of another model, class list or
     batch layout, or trained on other frozen weights."""
     check_batch_layout(payload, source, config, micro, env)
     if not payload["model_is_full"]:
-        ckpt.check_backbone_fingerprint(model, payload, source)
+        ckpt.check_backbone_fingerprint(fingerprint or ckpt.backbone_fingerprint(model), payload, source)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
@@ -494,7 +497,7 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
 
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
-                     loader, env: DistEnv, backbone, final_evaluation_pending: bool = False) -> Path:
+                     loader, env: DistEnv, backbone, fingerprint, final_evaluation_pending: bool = False) -> Path:
     """final_evaluation_pending: the run stopped at its last step before evaluating it, which
     resuming the run does."""
     states = all_gather_objects(env, rng_states())
@@ -503,7 +506,7 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
     positions = all_gather_objects(env, loader.state_dict())
     path = ckpt.checkpoint_path(out, step)
     if env.is_main:
-        payload = {**ckpt.model_payload(model, backbone), "step": step, "optimizer": optimizer.state_dict(),
+        payload = {**ckpt.model_payload(model, backbone, fingerprint), "step": step, "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "loader": positions, "rng": states, "train_config": dataclasses.asdict(config),
                    "final_evaluation_pending": final_evaluation_pending}
