@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from .engine.precision import PRECISIONS
-from .engine.stopping import DEFAULT_STOP_SIGNALS, parse_signal
+from .engine.stopping import DEFAULT_STOP_SIGNALS, ignore_signals, parse_signal
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -151,6 +151,8 @@ def cmd_train(args) -> int:
         resume=args.resume, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
         stop_signals=args.stop_signals, progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
+    if result.stopped_by:  # checkpointed and on its way out: more of the same stop must not end it midway
+        ignore_signals(config.stop_signals)
     report_skipped(args, env, train_data, eval_data)
     if env.is_main:
         last = result.evals[max(result.evals)] if result.evals else None

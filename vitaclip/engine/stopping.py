@@ -77,6 +77,13 @@ class StopRequest:
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
 
 
+def ignore_signals(signals: Sequence[str]) -> None:
+    """Ignore these signals from now on (in the main thread; elsewhere Python cannot)."""
+    if threading.current_thread() is threading.main_thread():
+        for name in signals:
+            signal.signal(parse_signal(name), signal.SIG_IGN)
+
+
 def shield_workers() -> Optional[Callable[[int], None]]:
     """A `worker_init_fn` for this process's DataLoader workers (None when no StopRequest is
     installed): in them, the installed requests' signals end the worker only when this process
