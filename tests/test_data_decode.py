@@ -415,3 +415,17 @@ def test_dali_mode_is_checked():
             dali.DaliDecoder("cpu", mode="fast")
         with pytest.raises(ValueError, match="readers"):
             dali.DaliDecoder("cpu", mode="reader", readers=-1)
+
+
+def test_codecs_are_named_by_codec_not_by_decoder(tmp_path):
+    """FFmpeg decodes AV1 with libdav1d: the loader picks DALI's GPU decoder by the codec, "av1"."""
+    import av
+    from vitaclip.data.meta import read_meta
+
+    encoder = next((c for c in ("libsvtav1", "libaom-av1") if c in av.codecs_available), None)
+    if encoder is not None:
+        path = str(tmp_path / "clip.mkv")
+        write_flat_frames(path, 10, encoder, b_frames=0)
+        assert pyav.probe(path).codec == "av1"
+    (tmp_path / "old.meta").write_text('{"path": "a.mkv", "frames": 3, "height": 2, "width": 2, "codec": "libdav1d"}\n')
+    assert read_meta(str(tmp_path / "old.meta"))["a.mkv"].codec == "av1"  # a row written before

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Tuple
 from ..files import atomic_write_text
 from . import pyav
 from .lists import VideoEntry
-from .pyav import VideoDecodeError, VideoInfo, file_stamp
+from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
 
 
 def meta_path(list_file: str) -> str:
@@ -33,7 +33,7 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
                     # rows written before files were stamped have no stamp, and are never trusted
                     stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]),
-                                                   int(row["width"]), str(row["codec"]), stamp)
+                                                   int(row["width"]), canonical_codec(str(row["codec"])), stamp)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos

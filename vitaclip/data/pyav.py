@@ -46,6 +46,17 @@ def available() -> bool:
     return av is not None
 
 
+def canonical_codec(name: str) -> str:
+    """The codec that a decoder of this name decodes ("libdav1d" -> "av1"): what the loader picks
+    its decoder by (older sidecar rows hold decoder names)."""
+    if av is None:
+        return name
+    try:
+        return av.codec.Codec(name, "r").canonical_name
+    except (ValueError, av.FFmpegError):  # unknown to this FFmpeg
+        return name
+
+
 def probe(path: str) -> VideoInfo:
     """Count frames by demuxing (no decoding): one packet with data per shown frame
     (packets an MP4 edit list discards are not shown)."""
@@ -58,7 +69,7 @@ def probe(path: str) -> VideoInfo:
             stream = container.streams.video[0]
             frames = sum(1 for packet in container.demux(stream) if _shown(packet))
             return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
-                             stream.codec_context.name, stamp)
+                             stream.codec_context.codec.canonical_name, stamp)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
