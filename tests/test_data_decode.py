@@ -159,6 +159,56 @@ def test_dali_names_the_bad_file_and_keeps_the_good_ones(good_and_junk, tmp_path
     assert out[2][0].shape[0] == 1
 
 
+class PipelineThatStaysFailed:
+    """A DALI pipeline that, after its first failed run, fails every run (as a failed pipeline
+    may): the decoder must neither hang nor lose the batches it had queued."""
+
+    def __init__(self, pipe):
+        self.pipe, self.failed = pipe, False
+
+    def run(self):
+        if self.failed:
+            raise RuntimeError("Current pipeline object is no longer valid.")
+        try:
+            return self.pipe.run()
+        except RuntimeError:
+            self.failed = True
+            raise
+
+    def reset(self):
+        return self.pipe.reset()
+
+
+@needs_dali
+def test_dali_decoder_builds_a_new_pipeline_after_a_failed_run(good_and_junk, monkeypatch):
+    good, junk, rows = good_and_junk
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=2, mode="decoder")
+    build = decoder._build
+    monkeypatch.setattr(decoder, "_build",  # the epoch's pipeline, not the one that finds a bad file
+                        lambda *a, **k: PipelineThatStaysFailed(build(*a, **k)) if k.get("source") else build(*a, **k))
+    tasks = [(good, np.array([0, 5])), (str(junk), np.array([0])), (good, np.array([7])), (good, np.array([9]))]
+    out = [r for batch in decoder.decode([[t] for t in tasks]) for r in batch]
+    assert isinstance(out[1], VideoDecodeError) and "junk.webm" in str(out[1])
+    assert [o.shape[0] for i, o in enumerate(out) if i != 1] == [2, 1, 1]
+    # stopping early with a failed pipeline ends too (it is dropped, not run forever)
+    early = decoder.decode([[t] for t in tasks])
+    next(early)
+    early.close()
+
+
+@needs_dali
+def test_dali_decodes_one_epoch_at_a_time(vp9_dataset):
+    root, rows = vp9_dataset
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, prefetch=2, mode="decoder")
+    first = decoder.decode([[(str(root / r[0]), np.array([0]))] for r in rows])
+    next(first)
+    with pytest.raises(RuntimeError, match="one epoch at a time"):
+        next(decoder.decode([[(str(root / rows[0][0]), np.array([1]))]]))
+    first.close()
+    again = list(decoder.decode([[(str(root / rows[1][0]), np.array([1]))]]))
+    assert again[0][0].shape[1:3] == (rows[1][3][1], rows[1][3][0])
+
+
 @needs_dali
 def test_dali_consumer_stopping_early_does_not_leak_into_the_next_epoch(vp9_dataset):
     root, rows = vp9_dataset

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -86,6 +87,7 @@ class DaliDecoder:
         self._in_flight: collections.deque = collections.deque()
         self._tasks: Iterator[List[Task]] = iter(())
         self._pipe = None  # the "decoder" pipeline, built when first needed
+        self._decoding = False  # an epoch's iterator is running the decoder pipeline
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
         self._pending: collections.deque = collections.deque()
         self.unreadable: Set[str] = set()  # files "reader" mode could not read: decoded one by one
@@ -147,8 +149,12 @@ class DaliDecoder:
             parts.close()
 
     def _decode_parts(self, batches: List[List[Task]]) -> Iterator[List]:
+        if self._decoding:  # one pipeline, fed from one task iterator: a second epoch would take the first's batches
+            raise RuntimeError("a DaliDecoder decodes one epoch at a time: finish or close the previous epoch's "
+                               "iterator first")
+        self._decoding = True
         if self._pipe is None:
-            self._pipe = self._build(self.batch_size, self.num_threads, self.prefetch, source=self._next_batch)
+            self._pipe = self._build_decoder()
         self._tasks = iter(batches)
         self._in_flight.clear()
         finished = False
@@ -160,16 +166,30 @@ class DaliDecoder:
                     finished = True
                     return
                 except RuntimeError:
-                    yield self._decode_one_by_one(self._in_flight.popleft())
+                    if not self._in_flight:  # no batch to blame
+                        raise
+                    failed = self._in_flight.popleft()
+                    # a failed pipeline may not run again: a new one takes the batches it had queued
+                    self._tasks = itertools.chain(list(self._in_flight), self._tasks)
+                    self._in_flight.clear()
+                    self._pipe = None
+                    self._pipe = self._build_decoder()
+                    yield self._decode_one_by_one(failed)
                     continue
                 tasks = self._in_flight.popleft()
-                yield [self._to_torch(out[i]) for i in range(len(tasks))]
-                self._keep_alive(out)
+                results = [self._to_torch(out[i]) for i in range(len(tasks))]
+                self._keep_alive(out)  # before handing them out: the consumer may stop at the yield
+                yield results
         finally:
-            if not finished:  # the consumer stopped early: run out what DALI already prefetched
+            self._decoding = False
+            if not finished and self._pipe is not None:  # stopped early: run out what DALI prefetched
                 self._tasks = iter(())
                 self._drain()
-            self._pipe.reset()
+            if self._pipe is not None:
+                self._pipe.reset()
+
+    def _build_decoder(self):
+        return self._build(self.batch_size, self.num_threads, self.prefetch, source=self._next_batch)
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
         """Reader pipelines over this epoch's clips: one, rebuilt for the rest of the epoch
@@ -317,13 +337,16 @@ class DaliDecoder:
         return pipe
 
     def _drain(self):
-        while True:
+        """Run out what the decoder pipeline prefetched: at most the batches in flight, then the
+        end; a pipeline that does not end by then is dropped, to be built anew."""
+        for _ in range(len(self._in_flight) + 1):
             try:
                 self._pipe.run()
             except StopIteration:
                 return
             except RuntimeError:
                 pass
+        self._pipe = None
 
     def _keep_alive(self, out):
         """GPU copies out of DALI's buffers run asynchronously on the consumer's stream; keep
