@@ -363,6 +363,24 @@ def test_dali_reader_names_the_files_it_cannot_read_and_reads_the_others(good_an
 
 
 @needs_dali
+@pytest.mark.parametrize("bad", ["gone", "junk"])
+def test_dali_reader_whose_every_file_is_bad_names_it_instead_of_falling_back(good_and_junk, tmp_path, dali_paths,
+                                                                             bad):
+    """Two readers, two lines: the bad file's reader has nothing left and fails to build with an
+    error that names no file; the file is found by trying each alone, and the epoch stays in
+    reader mode (the decoder mode is ten times slower)."""
+    good, junk, _ = good_and_junk
+    path = str(tmp_path / "gone.webm") if bad == "gone" else str(junk)
+    reader = dali.DaliDecoder("cpu", batch_size=2, num_threads=2, mode="reader", sequence_length=2, stride=1,
+                              readers=2)
+    for _ in range(2):
+        out = list(reader.decode([[(path, np.array([0, 1])), (good, np.array([0, 1]))]]))[0]
+        assert isinstance(out[0], VideoDecodeError) and os.path.basename(path) in str(out[0])
+        assert out[1].shape[0] == 2
+    assert reader.unreadable == {path} and reader.fallbacks == 0 and dali_paths["decoder_mode"] == 0
+
+
+@needs_dali
 def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset, tmp_path, dali_paths):
     """A file that goes bad after the reader indexed it fails a run: that batch is decoded one
     by one, a new reader takes the rest of the epoch, and later epochs leave the file out."""

@@ -43,6 +43,7 @@ GPU_CODECS = CPU_CODECS + ("h264", "hevc", "av1", "mpeg4")  # and its mixed (NVD
 
 MODES = ("decoder", "reader")
 DEFAULT_MODE = "reader"  # seeks instead of decoding from frame 0; falls back to "decoder" where it must
+MAX_FILES_TRIED_ALONE = 16  # when a reader fails naming no file, each of so few files is tried alone
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
 _WRAPPED = 2 ** 31  # progress of a reader through its whole list: above every label (int32)
@@ -209,7 +210,7 @@ class DaliDecoder:
             try:
                 pipe = self._open_reader(tasks, lines) if lines else None
             except RuntimeError as e:
-                named = self._named_in(e, tasks)
+                named = self._named_in(e, tasks) or self._unopenable(tasks, lines)
                 if not named:
                     self._fall_back(f"the reader could not open this epoch's files ({_first_line(e)})")
                     yield from self._decode_with_decoder(rest)
@@ -227,6 +228,22 @@ class DaliDecoder:
                 self._set_unreadable(self._named_in(e, tasks) | failed, _first_line(e))
                 yield results
                 done += 1
+
+    def _unopenable(self, tasks: List[Task], lines: List[Tuple[int, int, int]]) -> Set[str]:
+        """The files a reader of their own lines cannot open, found by trying each, when there are
+        few (an error that names no file: e.g. a reader whose every file DALI left out, which
+        happens to short lists such as an epoch's rebuilt remainder); none when there are many."""
+        paths = sorted({tasks[position][0] for position, _, _ in lines})
+        if len(paths) > MAX_FILES_TRIED_ALONE:
+            return set()
+        bad = set()
+        for path in paths:
+            own = [line for line in lines if tasks[line[0]][0] == path]
+            try:
+                self._open_reader(tasks, own)
+            except RuntimeError:
+                bad.add(path)
+        return bad
 
     def _named_in(self, error: Exception, tasks: List[Task]) -> Set[str]:
         """The paths of `tasks` in the reader's lists that DALI's error message names."""
