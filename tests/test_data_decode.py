@@ -405,18 +405,21 @@ def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset
 
 
 @needs_dali
-@pytest.mark.parametrize("names_the_file", [True, False])
-def test_dali_reader_that_fails_to_build(good_and_junk, tmp_path, dali_paths, monkeypatch, names_the_file):
-    """DALI failing to build a reader over a file (as for a video without timestamps): a file
-    its error names is left out; an error naming none sends the epoch to decoder mode, counted."""
+@pytest.mark.parametrize("failure", ["names-the-file", "names-none", "only-together"])
+def test_dali_reader_that_fails_to_build(good_and_junk, tmp_path, dali_paths, monkeypatch, failure):
+    """DALI failing to build a reader over a file (as for a video without timestamps): a file its
+    error names, or that fails alone, is left out; a failure no file causes alone sends the epoch
+    to decoder mode, counted."""
     good, _, _ = good_and_junk
     odd = str(tmp_path / "odd.webm")
     shutil.copy(good, odd)
     build = dali.DaliDecoder._build_reader
 
     def build_failing_on_odd(self, file_lists):
-        if any(odd in Path(f).read_text() for f in file_lists):
-            raise RuntimeError(f'Video file "{odd}" has no valid timestamps' if names_the_file else "Assert failed")
+        listed = "".join(Path(f).read_text() for f in file_lists)
+        if odd in listed and (failure != "only-together" or good in listed):
+            raise RuntimeError(f'Video file "{odd}" has no valid timestamps' if failure == "names-the-file"
+                               else "Assert failed")
         return build(self, file_lists)
 
     monkeypatch.setattr(dali.DaliDecoder, "_build_reader", build_failing_on_odd)
@@ -425,10 +428,10 @@ def test_dali_reader_that_fails_to_build(good_and_junk, tmp_path, dali_paths, mo
     for _ in range(2):
         got = [r for b in reader.decode(batches) for r in b]
         assert [g.shape[0] for g in got] == [2, 2, 2]
-    if names_the_file:
-        assert reader.fallbacks == 0 and reader.unreadable == {odd} and dali_paths["one_by_one"] == [odd, odd]
-    else:
+    if failure == "only-together":
         assert reader.fallbacks == 2 and "Assert failed" in reader.fallback_reason and dali_paths["decoder_mode"] == 2
+    else:
+        assert reader.fallbacks == 0 and reader.unreadable == {odd} and dali_paths["one_by_one"] == [odd, odd]
 
 
 @needs_dali
