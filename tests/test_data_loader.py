@@ -133,6 +133,20 @@ def test_randaugment_acts_on_the_whole_frames_before_the_crop(vp9_dataset):
     assert (got - crop_first).abs().mean() > 1
 
 
+def test_augmenting_a_few_clips_at_a_time_gives_the_same_batch(vp9_dataset, tmp_path, monkeypatch):
+    from vitaclip.data import loader as loader_module
+
+    root, rows = vp9_dataset
+    for k in range(3):  # three clips of one frame size
+        shutil.copy(root / rows[2][0], tmp_path / f"copy{k}.webm")
+    (tmp_path / "list.csv").write_text("".join(f"copy{k}.webm,{k}\n" for k in range(3)))
+    kw = dict(batch_size=3, num_frames=2, stride=8, size=32, seed=3)
+    together = next(iter(loader(tmp_path, True, **kw)))
+    monkeypatch.setattr(loader_module, "AUGMENT_CHUNK", 2)
+    in_chunks = next(iter(loader(tmp_path, True, **kw)))
+    torch.testing.assert_close(in_chunks.video, together.video, rtol=0, atol=1e-5)
+
+
 def test_flip_mirrors(vp9_dataset):
     root, _ = vp9_dataset
     kw = dict(batch_size=3, num_frames=2, stride=8, size=32, augment=None, seed=5)
@@ -583,6 +597,25 @@ def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_vi
     with pytest.raises(ValueError, match="worker_timeout must be positive"):
         VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, backend="pyav",
                     worker_timeout=0)
+
+
+def test_an_epoch_left_part_read_does_not_hold_up_the_next(vp9_dataset, tmp_path, monkeypatch):
+    """Slow chunks (a second each, past the pool's poll) still queued from an epoch the consumer
+    left: the next epoch gets all its batches (the pool of the part-read epoch is ended)."""
+    from vitaclip.data import loader as loader_module
+    from worker_faults import FaultyTasks
+    root, rows = vp9_dataset
+    for k in range(4):
+        shutil.copy(root / rows[0][0], tmp_path / f"slow{k}.webm")
+    (tmp_path / "list.csv").write_text("".join(f"slow{k}.webm,0\n" for k in range(4)))
+    monkeypatch.setattr(loader_module, "_PyAVTasks", FaultyTasks)
+    monkeypatch.setattr(loader_module, "POOL_POLL_S", 0.2)
+    ld = VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, num_frames=2,
+                     stride=4, size=16, backend="pyav", device="cpu", num_workers=1, worker_timeout=30)
+    epoch = iter(ld)
+    next(epoch)
+    epoch.close()
+    assert len(list(ld)) == 4
 
 
 def assert_process_ends(pid: int, within_s: float = 30) -> None:

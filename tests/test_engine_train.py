@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.loader import ShardedTrainLoader
 from vitaclip.engine.train import lr_lambda, train
@@ -507,3 +508,20 @@ def test_a_step_short_of_clips_is_the_mean_over_the_clips_it_had(tmp_path):
     result = train(model, ShortBatches(), tiny_train_config(tmp_path, steps=1, warmup_steps=0, batch_size=4,
                                                             micro_batch_size=2))
     assert result.losses[1] == pytest.approx(want, rel=1e-5)  # not (mean of 2 + the 1) / 2
+
+
+def test_a_run_that_learned_a_vector_per_token_of_its_phrase_is_told_how_to_resume(tmp_path):
+    from vitaclip.demo import demo_model_config
+
+    def model(**text):
+        torch.manual_seed(0)
+        return VitaCLIP(demo_model_config(2, 16).replace(**text), list(CLASSES))
+
+    train(model(n_ctx=5), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    path = ckpt.latest_checkpoint(tmp_path)  # as the code before wrote it: a vector for each of 5 tokens
+    payload = ckpt.load_checkpoint(path)
+    payload["config"]["ctx_init"] = "a_video_of"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"'n_ctx': \(5, 3\).*one vector per word.*ctx_init=None, n_ctx=5"):
+        train(model(ctx_init="a_video_of"), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
+    assert train(model(n_ctx=5), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto")).finished

@@ -2,17 +2,21 @@
 worker processes import this module by name, so the fault happens inside them."""
 import os
 import threading
+import time
 from pathlib import Path
 
 from vitaclip.data import loader
 
 
 class FaultyTasks(loader._PyAVTasks):
-    """Dies on a chunk holding a path with "crash" in its name, hangs on one with "hang"."""
+    """Dies on a chunk holding a path with "crash" in its name, hangs on one with "hang", takes
+    a second over one with "slow"."""
 
     def __getitem__(self, chunk):
         if any("crash" in os.path.basename(path) for path, _ in chunk):
             os._exit(1)
+        if any("slow" in os.path.basename(path) for path, _ in chunk):
+            time.sleep(1)
         for path, _ in chunk:
             if "hang" in os.path.basename(path):
                 Path(path + ".pid").write_text(str(os.getpid()))  # for the test to see it end

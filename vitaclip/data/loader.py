@@ -30,6 +30,7 @@ MAX_CLIPS_PER_TASK = 8
 # the PyAV pool's DataLoader waits this long for a chunk before it checks for dead workers
 # (DataLoader's own interval) and the loader checks whether the pool has hung
 POOL_POLL_S = 5.0
+AUGMENT_CHUNK = 8  # clips whose whole frames are augmented at once
 
 
 class Batch(NamedTuple):
@@ -223,10 +224,16 @@ class VideoLoader:
         chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
         self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]
         packed = iter(self._workers)
-        for batch in chunks:
-            yield [clip for chunk in batch for clip in unpack_clips(*self._next_chunk(packed, chunk))]
-        for _ in packed:  # let the epoch's iterator finish cleanly
-            pass
+        finished = False
+        try:
+            for batch in chunks:
+                yield [clip for chunk in batch for clip in unpack_clips(*self._next_chunk(packed, chunk))]
+            for _ in packed:  # let the epoch's iterator finish cleanly
+                pass
+            finished = True
+        finally:
+            if not finished:  # left part-read: the next epoch's iter() would first wait for this one's chunks
+                self._end_pool(packed)
 
     def _next_chunk(self, packed, chunk):
         """The next packed chunk from the worker pool. A worker that died (FFmpeg crashed on a
@@ -296,10 +303,7 @@ class VideoLoader:
         """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
         clips, labels, ids = [], [], []
         if self.train:
-            frames = [to_rgb(decoded, self.device)[to_device(plan.views[0], self.device)] for plan, decoded in items]
-            if self.augment is not None:
-                frames = self._augment_whole_frames(frames, [plan.augment for plan, _ in items])
-            clips = [resized_crop(clip, plan.crop, (self.size, self.size)) for clip, (plan, _) in zip(frames, items)]
+            clips = self._train_clips(items)
             labels = [plan.entry.label for plan, _ in items]
             ids = [plan.video_id for plan, _ in items]
         else:
@@ -315,19 +319,25 @@ class VideoLoader:
         video = normalize(video, channel_dim=2).permute(0, 2, 1, 3, 4).to(self.dtype).contiguous()
         return Batch(video, to_device(labels, self.device), to_device(ids, self.device))
 
-    def _augment_whole_frames(self, clips: List[torch.Tensor], params: List[np.ndarray]) -> List[torch.Tensor]:
-        """RandAugment on each clip's whole frames, before the crop, as the original recipe: the
-        geometric ops' fill and the colour ops' statistics are those of the frame. Clips of one
-        frame size are augmented together."""
-        out = list(clips)
+    def _train_clips(self, items) -> List[torch.Tensor]:
+        """Each clip's sampled frames, RandAugment on the whole frames (as the original recipe:
+        the geometric ops' fill and the colour ops' statistics are the frame's), then its crop.
+        Clips of one frame size are augmented together, a few at a time: whole frames of an HD
+        video not prepared take hundreds of MB per clip in float."""
         by_size = {}
-        for i, clip in enumerate(clips):
-            by_size.setdefault(tuple(clip.shape[-2:]), []).append(i)
+        for i, (_, decoded) in enumerate(items):
+            by_size.setdefault(frame_size(decoded), []).append(i)
+        clips = [None] * len(items)
         for group in by_size.values():
-            batch = torch.stack([clips[i] for i in group]).round().clamp(0, 255)
-            for i, clip in zip(group, self.augment(batch, np.stack([params[i] for i in group]))):
-                out[i] = clip
-        return out
+            for start in range(0, len(group), AUGMENT_CHUNK):
+                chunk = group[start:start + AUGMENT_CHUNK]
+                frames = torch.stack([to_rgb(items[i][1], self.device)[to_device(items[i][0].views[0], self.device)]
+                                      for i in chunk])
+                if self.augment is not None:
+                    frames = self.augment(frames.round().clamp(0, 255), np.stack([items[i][0].augment for i in chunk]))
+                for i, clip in zip(chunk, frames):
+                    clips[i] = resized_crop(clip, items[i][0].crop, (self.size, self.size))
+        return clips
 
     def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
         h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)

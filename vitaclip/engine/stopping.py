@@ -99,6 +99,8 @@ def shield_workers() -> Optional[Callable[[int], None]]:
 
 
 def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
+    if not os.path.isdir("/proc/self/task"):  # its threads cannot be counted: left as it is
+        return
     threads = len(os.listdir("/proc/self/task"))
     if threads > 1:  # e.g. a worker that imported torch itself (spawned, or forkserver without preload)
         warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
+from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
+from ..text import keep_phrase_for_saved_context
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed, sum_across_ranks
 from .evaluate import EvalConfig, EvalResult, evaluate
@@ -329,15 +331,15 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                     print(f"stopped by {result.stopped_by} after step {step}, checkpointed in "
                           f"{result.last_checkpoint}: continue with resume='auto' (--resume auto)", flush=True)
                 break
+        result.finished = result.step == config.steps and result.stopped_by is None
+        if result.finished:  # still under the stop handler: a stop signal now is one more of the same
+            save_final_model(model, out, config, env)
     finally:
         stop_request.uninstall()
         if progress is not None:
             progress.close()
         if log is not None:
             log.close()
-    result.finished = result.step == config.steps and result.stopped_by is None
-    if result.finished:
-        save_final_model(model, out, config, env)
     return result
 
 
@@ -460,10 +462,16 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
                          f"{model.classnames[:5]}...")
-    if payload["config"] != model.config.to_dict():
-        diff = {k: (v, model.config.to_dict().get(k)) for k, v in payload["config"].items()
+    saved = VitaCLIPConfig.from_dict(payload["config"])
+    keep_phrase_for_saved_context(saved)  # a context saved with a vector per token of its phrase stands alone
+    if saved.to_dict() != model.config.to_dict():
+        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved.to_dict().items()
                 if model.config.to_dict().get(k) != v}
-        raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}")
+        hint = ""
+        if "n_ctx" in diff and set(diff) <= {"n_ctx", "ctx_init"} and model.config.ctx_init:
+            hint = (f" (a context from the phrase {model.config.ctx_init!r} now has one vector per word; this run "
+                    f"learned one per token: resume it with ctx_init=None, n_ctx={diff['n_ctx'][0]})")
+        raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}{hint}")
     if payload["model_is_full"]:
         ckpt.load_state_exactly(model, payload["model"], source=source)
     else:
