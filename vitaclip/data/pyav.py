@@ -5,6 +5,7 @@ come out as planar limited-range YUV 4:2:0 and are converted on the device
 (transforms.yuv420_to_rgb)."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -163,8 +164,9 @@ def _decode_in_order(frames, indices, out: _Planes) -> None:
 
 def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> None:
     timestamps = sorted(pts for pts, _, _ in packets)  # presentation order: frame i has timestamps[i]
-    # keyframes by presentation time, each with the time to seek to: demuxers whose index holds
-    # decoding times (AVI) land on a later keyframe when given a presentation time past it (B-frames)
+    # keyframes by presentation time, with their decoding time: demuxers whose index holds
+    # decoding times (AVI) land on a later keyframe when given a presentation time past it
+    # (B-frames); others (Matroska) land a keyframe early when given a decoding time
     keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key in packets if key)
     keyframe_pts = [pts for pts, _ in keyframes]
     position = None  # timestamp of the last frame decoded
@@ -174,8 +176,7 @@ def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> 
         # the last keyframe at or before the target; seek if it lies ahead of where we are
         k = np.searchsorted(keyframe_pts, target, side="right") - 1
         if frames is None or (k >= 0 and position is not None and keyframe_pts[k] > position):
-            container.seek(int(keyframes[max(k, 0)][1]), stream=stream, backward=True)
-            frames = container.decode(stream)
+            frames = _seek(container, stream, *keyframes[max(k, 0)], target)
         for frame in frames:
             if frame.pts is None:  # cannot be placed: not the frame wanted
                 continue
@@ -187,6 +188,18 @@ def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> 
         if position != target:
             raise VideoDecodeError(f"{path}: frame {index}: decoder gave timestamp {position}, expected {target}")
         out.put(slot, frame)
+
+
+def _seek(container, stream, pts: int, dts: int, target: int):
+    """Decoded frames from the keyframe (pts, dts) on: sought by its presentation time, and again
+    by its decoding time where that landed past the target."""
+    container.seek(pts, stream=stream, backward=True)
+    frames = container.decode(stream)
+    first = next(frames, None)
+    if first is not None and first.pts is not None and first.pts > target and dts < pts:
+        container.seek(dts, stream=stream, backward=True)
+        return container.decode(stream)
+    return itertools.chain([] if first is None else [first], frames)
 
 
 def _shown(packet) -> bool:
