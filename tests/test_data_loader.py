@@ -644,3 +644,14 @@ def test_pyav_workers_on_cuda_give_the_inline_batches(vp9_dataset):
     pooled = [b for b in loader(root, True, num_workers=1, **kw)]
     assert len(inline) == len(pooled) == 1 and pooled[0].video.is_cuda
     assert torch.equal(inline[0].video, pooled[0].video) and torch.equal(inline[0].label, pooled[0].label)
+
+
+def test_the_pyav_pool_stays_up_from_epoch_to_epoch(vp9_dataset):
+    """Its workers are started once (a consumer such as zip() never resumes an epoch's generator
+    after its last batch: that is not an epoch left part-read)."""
+    root, _ = vp9_dataset
+    ld = loader(root, True, batch_size=1, size=32, num_frames=2, stride=4, augment=None, num_workers=1)
+    list(ld)
+    pool = ld._workers
+    ld.set_epoch(1)
+    assert len(list(ld)) == 3 and pool is not None and ld._workers is pool

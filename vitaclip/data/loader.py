@@ -224,15 +224,14 @@ class VideoLoader:
         chunks = [[batch[i:i + per_task] for i in range(0, len(batch), per_task)] for batch in tasks]
         self._epoch_tasks.tasks = [chunk for batch in chunks for chunk in batch]
         packed = iter(self._workers)
-        finished = False
+        received = 0
         try:
             for batch in chunks:
-                yield [clip for chunk in batch for clip in unpack_clips(*self._next_chunk(packed, chunk))]
-            for _ in packed:  # let the epoch's iterator finish cleanly
-                pass
-            finished = True
+                clips = [clip for chunk in batch for clip in unpack_clips(*self._next_chunk(packed, chunk))]
+                received += 1
+                yield clips
         finally:
-            if not finished:  # left part-read: the next epoch's iter() would first wait for this one's chunks
+            if received < len(chunks):  # left part-read: the next epoch's iter() would wait for its queued chunks
                 self._end_pool(packed)
 
     def _next_chunk(self, packed, chunk):
