@@ -193,7 +193,7 @@ class PromptLearner(nn.Module):
         self.fixed_after_ctx = 0  # tokens of the phrase after its learned words, kept as they are
         if config.ctx_init:
             init_tokens = tokenize([phrase_text(config.ctx_init)], config.context_length)
-            n_ctx = len(phrase_text(config.ctx_init).split())
+            n_ctx = phrase_words(config.ctx_init)
             config.n_ctx = n_ctx  # one vector per word (CoOp), from the phrase's first n_ctx tokens
             self.fixed_after_ctx = int(init_tokens.argmax(-1)) - 1 - n_ctx
             if self.fixed_after_ctx < 0:
@@ -294,9 +294,14 @@ def phrase_text(phrase: str) -> str:
     return " ".join(phrase.replace("_", " ").split())
 
 
+def phrase_words(phrase: str) -> int:
+    """Its word count: the context vectors a phrase initialises (SPEC)."""
+    return len(phrase_text(phrase).split())
+
+
 def keep_phrase_for_saved_context(config) -> None:
     """Before loading a saved context: it replaces the phrase's learned words, whose later tokens
     stay fixed text, so the phrase is kept; a context saved with one vector per token of the
     phrase (before n_ctx was its word count) replaces it wholly, so the phrase is dropped."""
-    if config.ctx_init is not None and config.n_ctx != len(phrase_text(config.ctx_init).split()):
+    if config.ctx_init is not None and config.n_ctx != phrase_words(config.ctx_init):
         config.ctx_init = None

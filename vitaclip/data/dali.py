@@ -173,7 +173,7 @@ class DaliDecoder:
                     # a failed pipeline may not run again: a new one takes the batches it had queued
                     self._tasks = itertools.chain(list(self._in_flight), self._tasks)
                     self._in_flight.clear()
-                    self._pipe = None
+                    self._pipe = None  # freed before its successor takes decoder memory
                     self._pipe = self._build_decoder()
                     yield self._decode_one_by_one(failed)
                     continue

@@ -5,6 +5,7 @@ come out as planar limited-range YUV 4:2:0 and are converted on the device
 (transforms.yuv420_to_rgb)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def available() -> bool:
     return av is not None
 
 
+@functools.lru_cache(maxsize=None)  # a sidecar has a row per video, and a handful of names
 def canonical_codec(name: str) -> str:
     """The codec that a decoder of this name decodes ("libdav1d" -> "av1"): what the loader picks
     its decoder by (older sidecar rows hold decoder names)."""

@@ -40,8 +40,7 @@ def list_checkpoints(directory) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name)), key=checkpoint_step)
 
 
 def latest_checkpoint(directory) -> Optional[Path]:

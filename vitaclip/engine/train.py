@@ -508,15 +508,14 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
                      loader, env: DistEnv, backbone, fingerprint, final_evaluation_pending: bool = False) -> Path:
     """final_evaluation_pending: the run stopped at its last step before evaluating it, which
     resuming the run does."""
-    states = all_gather_objects(env, rng_states())
-    # each rank's data position: a loader that leaves out batches a rank could not decode is
-    # at another place on each rank
-    positions = all_gather_objects(env, loader.state_dict())
+    # each rank's RNG states and data position (a loader that leaves out batches a rank could not
+    # decode is at another place on each rank), in one gather
+    states, positions = zip(*all_gather_objects(env, (rng_states(), loader.state_dict())))
     path = ckpt.checkpoint_path(out, step)
     if env.is_main:
         payload = {**ckpt.model_payload(model, backbone, fingerprint), "step": step, "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "loader": positions, "rng": states, "train_config": dataclasses.asdict(config),
+                   "loader": list(positions), "rng": list(states), "train_config": dataclasses.asdict(config),
                    "final_evaluation_pending": final_evaluation_pending}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
