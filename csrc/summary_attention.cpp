@@ -58,12 +58,16 @@ class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttenti
         call_forward(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps);
     // Only `out` is differentiable; the rest is what the backward reads.
     ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd});
+    // Their gradients are never used: without this, autograd fills five zero tensors (one [M, 3C])
+    // per backward, five more kernel launches than the backward itself makes.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, qkv_bias, out_weight});
     ctx->saved_data["num_heads"] = num_heads;
     return {out, normed, qkv, heads_out, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(9);  // `out` did not reach the loss
     auto [dc, dln_w, dln_b, dqkv_w, dqkv_b, dout_w, dout_b] =
         call_backward(ctx->get_saved_variables(), grads[0], ctx->saved_data["num_heads"].toInt());
     return {dc, dln_w, dln_b, dqkv_w, dqkv_b, dout_w, dout_b, Tensor(), Tensor()};

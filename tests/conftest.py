@@ -43,3 +43,10 @@ def randomize_(model):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def zeros_made_during(fn) -> int:
+    """How many new zero-filled tensors (aten::zeros, zeros_like) fn() makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key in ("aten::zeros", "aten::zeros_like"))

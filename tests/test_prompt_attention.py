@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from conftest import zeros_made_during
 from vitaclip.ops import naive
 from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available, uses_triton
 from vitaclip.ops.attention_tiles import AttentionTiles, KernelTiles, tiles_for, use_tiles
@@ -162,6 +163,15 @@ def test_bad_tiles_are_rejected():
 def test_interpreter_opcheck_and_compile_without_graph_breaks():
     leaves = make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32)
     check_op_and_compile(leaves, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+def test_backward_fills_no_zero_gradient_for_the_log_sum_exp():
+    """lse is saved for the backward only: no zero gradient [F, H, S] for it in every layer."""
+    leaves = {name: t.requires_grad_() for name, t in make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32).items()}
+    out = call("qkv", leaves, 2)
+    assert zeros_made_during(lambda: torch.autograd.grad(out, list(leaves.values()), torch.randn_like(out))) == 0
 
 
 def check_op_and_compile(leaves, frames_per_group):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import vitaclip
-from conftest import CLASSES, random_video
+from conftest import CLASSES, random_video, zeros_made_during
 from vitaclip import VitaCLIP, VitaCLIPConfig
 from vitaclip.ops import naive, summary, summary_ext
 from vitaclip.vision import Attention
@@ -131,6 +131,17 @@ def test_backward_op_checks_its_inputs():
     args[11] = 3  # 16 is not a whole number of 3 heads
     with pytest.raises(ValueError, match="divisible"):
         torch.ops.vitaclip.summary_attention_backward(*args)
+
+
+@needs_ext
+def test_backward_fills_no_zero_gradients_for_its_saved_outputs():
+    """The op's other outputs (normed, qkv, ...) are for its backward only: autograd must not make
+    zero gradients for them (five more launches per layer on the GPU)."""
+    norm, attn = make_summary_layer(64, 2)
+    c = torch.randn(2, 3, 64, requires_grad=True)
+    out = summary_ext.summary_tokens(c, norm, attn, 2)
+    assert zeros_made_during(lambda: torch.autograd.grad(out, [c, *parameters_of(norm, attn)],
+                                                         torch.randn_like(out))) == 0
 
 
 @needs_ext

@@ -249,10 +249,16 @@ def _setup_context(ctx, inputs, output):
     *tensors, frames_per_group = inputs
     ctx.frames_per_group = frames_per_group
     ctx.save_for_backward(*tensors, *output)
+    # lse is for the backward only: without these, autograd fills a zero gradient [F, H, S] for
+    # it in every layer's backward
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     saved = ctx.saved_tensors
+    if grad_out is None:  # the output did not reach the loss
+        return (None,) * (len(saved) - 1)
     dq, dk, dv, local, global_, dsk, dsv = _prompt_attention_backward_op(grad_out, *saved, ctx.frames_per_group)
     local_k, global_k = saved[3], saved[5]
     grads = [dq, dk, dv, *(local.unbind(0) if local_k is not None else (None, None)),
