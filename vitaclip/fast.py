@@ -128,16 +128,22 @@ def _residual_and_mlp_hidden(x: Tensor, attended: Tensor, out_weight: Tensor, ou
     return x, act(F.linear(norm(x), fc1_weight, fc1_bias))
 
 
+def _layer_input(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
+                 block: VitaBlock) -> Tuple[Tensor, LayerPrompts]:
+    """The layer's input x + pending and its prompts."""
+    if pending is not None:
+        x = x + pending
+    return x, block.prompts(x, global_prompts)
+
+
 def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor], weights: LayerWeights,
            block: VitaBlock) -> Tuple[Tensor, Tensor]:
     """(stream after attention, MLP output) of the layer with input x + pending: their sum is the
     layer's output, added by the next layer in its first kernel (or for the class tokens alone
     after the last one)."""
+    x, prompts = _layer_input(x, pending, global_prompts, block)
     n_frames, seq, width = x.shape
     heads = block.heads
-    if pending is not None:
-        x = x + pending
-    prompts = block.prompts(x, global_prompts)
     qkv = F.linear(block.norm1(x), weights.qkv_weight, weights.qkv_bias).view(n_frames, seq, 3, heads, width // heads)
     prompt_kv = _prompt_kv(prompts, block.norm1, weights.qkv_weight, weights.qkv_bias, heads)
     attended = prompt_attention_qkv(qkv, *prompt_kv, prompts.frames_per_group).view(n_frames, seq, width)
@@ -160,11 +166,9 @@ def _class_token_layer(x: Tensor, pending: Optional[Tensor], global_prompts: Opt
     """`_layer` for the last layer, after which only the class tokens are read: the keys and values
     of every token, but the query, attention, output projection and MLP of the class token alone
     (one row of S per frame). Returns the two parts of the class tokens' output, [F, 1, C] each."""
+    x, prompts = _layer_input(x, pending, global_prompts, block)
     n_frames, seq, width = x.shape
     heads = block.heads
-    if pending is not None:
-        x = x + pending
-    prompts = block.prompts(x, global_prompts)
     normed = block.norm1(x)
     q = F.linear(normed[:, 0], weights.qkv_weight[:width], weights.qkv_bias[:width]).view(n_frames, heads, -1)
     kv = F.linear(normed, weights.qkv_weight[width:], weights.qkv_bias[width:]).view(n_frames, seq, 2, heads, -1)
