@@ -165,6 +165,23 @@ def test_zero_shot_classes_average_templates(config):
     assert model(random_video(config)).shape == (2, len(CLASSES))
 
 
+@pytest.mark.parametrize("templates, match", [
+    (["a {} and a {}."], "exactly one"), (["a {name}."], "exactly one"), (["a video."], "exactly one"),
+    (["a {"], "Single '{'"), ([], "empty"), ("a video of {}.", "list of strings")])
+def test_bad_templates_are_refused_by_name(config, templates, match):
+    model = VitaCLIP(config, CLASSES)
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.set_classes(["run", "walk"], templates=templates)
+
+
+def test_a_lone_string_is_no_class_list(config):
+    model = VitaCLIP(config, CLASSES)
+    for call in (lambda: model.set_classes("swim"), lambda: model.encode_text("dog"),
+                 lambda: model.set_classes("swim", templates=["a {}."]), lambda: VitaCLIP(config, "swim")):
+        with pytest.raises(TypeError, match="list of strings"):
+            call()
+
+
 @pytest.mark.parametrize("shape, match", [
     ((2, 3, 3, 56), "rank 4"),
     ((2, 4, 3, 56, 56), "3 channels"),

@@ -60,6 +60,41 @@ def test_from_clip_without_prompts_is_clip_averaged_over_frames(tiny_clip_checkp
         assert torch.allclose(model.encode_text(texts), clip.encode_text(clip_tokenize(texts)), rtol=1e-4, atol=1e-5)
 
 
+def test_plain_clip_scores_as_clip_does(tiny_clip_checkpoint):
+    """No prompts, no time embedding, CLIP's own logit scale: open_clip's logits on the frames' mean
+    feature (the zeroshot command's baseline without --model)."""
+    clip, path = tiny_clip_checkpoint
+    torch.manual_seed(0)  # the prompts vitaclip would draw must not matter
+    model = VitaCLIP.plain_clip("vitaclip-test-b16", str(path)).eval()
+    templates = ["a video of a person {}."]
+    model.set_classes(CLASSES, templates=templates)
+    video = torch.randn(2, 3, 8, 64, 64)
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(
+            clip.encode_image(video.transpose(1, 2).flatten(0, 1)).view(2, 8, -1).mean(1), dim=-1)
+        names = [name.replace("_", " ") for name in CLASSES]
+        text = torch.nn.functional.normalize(clip.encode_text(clip_tokenize([templates[0].format(n) for n in names])),
+                                             dim=-1)
+        assert torch.allclose(model(video), clip.logit_scale.exp() * image @ text.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_clips_are_refused_by_name(tmp_path):
+    name = register_tiny_clip(tmp_path, "vitaclip-test-rn", {"vision_cfg": {"layers": [1, 1, 1, 1], "width": 64,
+                                                                             "image_size": 64}})
+    with pytest.raises(ValueError, match="ViT image tower.*ModifiedResNet"):
+        VitaCLIP.from_clip(name, None, CLASSES)
+
+
+def test_a_gelu_model_from_a_file_warns_that_openai_weights_need_quick_gelu(tmp_path):
+    import open_clip
+
+    name = register_tiny_clip(tmp_path, "vitaclip-test-gelu", {"quick_gelu": False})
+    path = tmp_path / "weights.pt"
+    torch.save(open_clip.create_model(name).state_dict(), path)
+    with pytest.warns(UserWarning, match=f"{name}-quickgelu"):
+        VitaCLIP.from_clip(name, str(path), CLASSES)
+
+
 def clip_tokenize(texts):
     import open_clip
 
@@ -110,6 +145,8 @@ def official_checkpoint(model):
     n = len(model.classnames)
     state["module.prompt_learner.token_prefix"] = torch.randn(n, 1, model.config.text_width)
     state["module.prompt_learner.token_suffix"] = torch.randn(n, 70, model.config.text_width)
+    if model.prompt_learner.ctx is None:  # the authors' learner keeps a context of 0 prompts
+        state["module.prompt_learner.ctx"] = torch.zeros(n, 0, model.config.text_width)
     return {"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_sched": {"last_epoch": 3},
             "loss_scaler": {"scale": 1024.0}, "next_step": 4}
 

@@ -200,10 +200,11 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 
 def cmd_zeroshot(args) -> int:
-    from .engine.checkpoint import build_backbone, load_model
+    from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig
     from .engine.zeroshot import ZEROSHOT_TEMPLATES, Split, zeroshot
+    from .model import VitaCLIP
 
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     templates = ZEROSHOT_TEMPLATES
@@ -213,7 +214,8 @@ def cmd_zeroshot(args) -> int:
     if args.model:
         model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
     else:
-        model = build_backbone({"kind": "clip", "name": args.clip, "pretrained": args.pretrained}, None, args.backend)
+        model = VitaCLIP.plain_clip(args.clip, args.pretrained)
+        model.set_backend(args.backend)
     frames = args.frames or model.config.num_frames
     splits = []
     for text, (list_file, class_file) in zip(args.split, parsed):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_version
-from .text import PromptLearner, TextEncoder, check_classnames, clean_classname, tokenize
+from .text import PromptLearner, TextEncoder, check_classnames, check_templates, clean_classname, string_list, tokenize
 from .vision import VisionTransformer
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
@@ -105,13 +105,13 @@ class VitaCLIP(nn.Module):
         own number of classes). With templates (e.g. "a video of a person {}.") the classes are
         scored zero-shot against hand-written prompts, averaged over the templates.
         """
-        classnames = list(classnames)
+        classnames = string_list(classnames, "class names")
         self._text_cache = None
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
             self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
             self._fixed_classnames = [clean_classname(n) for n in classnames]
-            self._fixed_templates = list(templates)
+            self._fixed_templates = check_templates(templates)
             return
         self._fixed_text_features = None
         self._fixed_classnames = None
@@ -141,18 +141,16 @@ class VitaCLIP(nn.Module):
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
                                         [self.textual, self.prompt_learner], self.logit_scale.device)
             return learned_text_features()
-        tokens = tokenize(list(texts), self.config.context_length).to(self.logit_scale.device)
+        tokens = tokenize(texts, self.config.context_length).to(self.logit_scale.device)
         return self.textual.encode_tokens(tokens, truncate)
 
     @torch.no_grad()
     def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                                 batch_size: int = 1024) -> Tensor:
         """Normalised class features [n_classes, D]: each template's feature normalised, averaged."""
-        names = [clean_classname(n) for n in classnames]
+        names = [clean_classname(n) for n in string_list(classnames, "class names")]
         check_classnames(names)
-        templates = list(templates)
-        if not templates or any("{}" not in t for t in templates):
-            raise ValueError(f"templates must be a non-empty list of strings containing '{{}}', got {templates}")
+        templates = check_templates(templates)
         texts = [t.format(n) for n in names for t in templates]
         feats = torch.cat([self.encode_text(texts[i:i + batch_size]).float()
                            for i in range(0, len(texts), batch_size)])
@@ -210,6 +208,14 @@ class VitaCLIP(nn.Module):
         from .weights import load_from_clip
 
         return load_from_clip(cls, name, pretrained, classnames, **overrides)
+
+    @classmethod
+    def plain_clip(cls, name: str, pretrained: Optional[str] = None) -> "VitaCLIP":
+        """CLIP itself (no prompts, no time embedding, CLIP's logit scale), for zero-shot baselines:
+        the logits of open_clip's CLIP on the frames' mean feature. Set classes with templates."""
+        from .weights import load_from_clip
+
+        return load_from_clip(cls, name, pretrained, None, plain=True)
 
     @classmethod
     def from_official_checkpoint(cls, path, classnames: Optional[Sequence[str]] = None, **overrides) -> "VitaCLIP":

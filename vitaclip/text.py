@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import string
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,14 +24,23 @@ def get_tokenizer():
     return SimpleTokenizer()
 
 
+def string_list(values: Sequence[str], what: str) -> List[str]:
+    """values as a list of strings; a lone string is refused (list("swim") would be four
+    one-letter classes)."""
+    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{what} must be a list of strings, got {values!r}")
+    return list(values)
+
+
 def tokenize(texts: Sequence[str], context_length: int) -> Tensor:
     """Token ids [n, context_length]; refuses texts that would be silently truncated."""
+    texts = string_list(texts, "texts")
     tokenizer = get_tokenizer()
     for text in texts:
         n = len(tokenizer.encode(text)) + 2  # start and end of text
         if n > context_length:
             raise ValueError(f"text {text!r} is {n} tokens long, more than the context length {context_length}")
-    return tokenizer(list(texts), context_length=context_length)
+    return tokenizer(texts, context_length=context_length)
 
 
 def clean_classname(name: str) -> str:
@@ -214,7 +224,7 @@ class PromptLearner(nn.Module):
         return phrase_text(self.config.ctx_init) if self.config.ctx_init else " ".join([PLACEHOLDER] * self.n_ctx)
 
     def set_classes(self, classnames: Sequence[str]) -> None:
-        names = [clean_classname(n) for n in classnames]
+        names = [clean_classname(n) for n in string_list(classnames, "class names")]
         check_classnames(names)
         if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
             raise ValueError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
@@ -244,6 +254,22 @@ class PromptLearner(nn.Module):
             gathered = ctx.to(embeds.dtype).gather(1, slot.clamp(min=0).unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
             embeds = torch.where((slot >= 0).unsqueeze(-1), gathered, embeds)
         return embeds, self.tokens.argmax(dim=-1)
+
+
+def check_templates(templates: Sequence[str]) -> List[str]:
+    """The zero-shot templates as a list, each with exactly one '{}' (the class name) and no other field."""
+    templates = string_list(templates, "templates")
+    if not templates:
+        raise ValueError("templates: the list is empty")
+    for template in templates:
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"template {template!r}: {error}") from None
+        if fields != [""]:
+            raise ValueError(f"template {template!r} must hold the class name as exactly one '{{}}' and no "
+                             f"other field (write literal braces as '{{{{' and '}}}}')")
+    return templates
 
 
 def check_classnames(names: Sequence[str]) -> None:

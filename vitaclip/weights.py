@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -58,14 +59,19 @@ def raise_problems(what: str, problems: Dict[str, list]) -> None:
 
 # ---------------------------------------------------------------------------- open_clip
 def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Optional[Sequence[str]],
-                   **overrides) -> VitaCLIP:
+                   plain: bool = False, **overrides) -> VitaCLIP:
     """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.
 
     `name` is an open_clip model name (e.g. "ViT-B-16-quickgelu"), `pretrained` a tag
-    ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint file. Weights trained with QuickGELU
-    (OpenAI's, and every tag open_clip's pretrained table marks so: DFN, MetaCLIP, ...) get it
-    whatever the model name says.
+    ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint file. Tags of weights trained with
+    QuickGELU (OpenAI's, and every tag open_clip's pretrained table marks so: DFN, MetaCLIP, ...)
+    get it whatever the model name says; a local file cannot tell, so the name decides: OpenAI
+    weights saved to a file need a "-quickgelu" name (a warning says so for a GELU model from a file).
+    `plain`: CLIP itself, as open_clip scores frames (averaged over them): no prompts, a zero time
+    embedding and CLIP's own logit scale.
     """
+    if plain:
+        overrides.update(use_global=False, use_local=False, use_summary=False)
     import open_clip
 
     tag_config = open_clip.get_pretrained_cfg(builtin_model_name(name), str(pretrained)) if pretrained else {}
@@ -75,10 +81,17 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
                                   require_pretrained=pretrained is not None)
     config = config_from_open_clip(clip, **overrides)
+    if pretrained is not None and Path(pretrained).is_file() and config.act != "quick_gelu":
+        warnings.warn(f"{name!r} from the file {pretrained} uses GELU; if these are OpenAI's (or other "
+                      f"QuickGELU-trained) weights, load them with the name {name}-quickgelu", stacklevel=3)
     state = convert_open_clip_state(clip.state_dict(), config.layers, config.text_layers)
     model = cls(config)
     load_state_exactly(model, state, allow_missing=lambda k: VITA_ADDITION.search(k) is not None,
                        source=f"open_clip model {name!r}")
+    if plain:
+        with torch.no_grad():
+            model.visual.time_embed.zero_()
+            model.logit_scale.copy_(clip.logit_scale)
     if classnames is not None:  # after the weights: a ctx_init phrase is embedded with CLIP's token embedding
         model.set_classes(classnames)
     return model
@@ -143,8 +156,9 @@ def unsupported_open_clip_features(clip) -> List[str]:
 
 def config_from_open_clip(clip, **overrides) -> VitaCLIPConfig:
     from open_clip.model import CLIP
+    from open_clip.transformer import VisionTransformer
 
-    if type(clip) is not CLIP or not hasattr(clip.visual, "conv1"):
+    if type(clip) is not CLIP or not isinstance(clip.visual, VisionTransformer):
         raise ValueError(f"only open_clip CLIP models with a ViT image tower and CLIP text tower are "
                          f"supported, got {type(clip).__name__} with {type(clip.visual).__name__}")
     visual, blocks = clip.visual, clip.visual.transformer.resblocks
@@ -233,8 +247,12 @@ def read_official_state(path) -> Dict[str, Tensor]:
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds neither a training checkpoint with a 'model' dict nor a state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v
-            for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
+    state = {k[len("module."):] if k.startswith("module.") else k: v
+             for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
+    ctx = state.get("prompt_learner.ctx")
+    if ctx is not None and ctx.numel() == 0:  # the authors' learner keeps a context of 0 text prompts
+        del state["prompt_learner.ctx"]
+    return state
 
 
 # attention heads by width, which shapes cannot tell: open_clip's CLIP towers (64 wide but in
