@@ -115,6 +115,31 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     assert json.loads(out)["splits"][str(list_file)]["num_videos"] == 12
 
 
+def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
+    root, list_file = videos
+    good = list_file.parent / "clip_00000.mp4"
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
+    files = [tmp_path / "corrupt.mp4", good, tmp_path / "missing.mp4"]
+    code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", *CPU)
+    assert code == 2 and "missing.mp4" in err
+    code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--on-error", "skip", *CPU)
+    assert code == 0 and "2 of 3 videos could not be read" in err
+    corrupt, read, missing = json.loads(out)
+    assert "corrupt.mp4" in corrupt["error"] and "missing.mp4" in missing["error"] and "top" not in missing
+    code, alone, _ = run(capsys, "predict", "--model", root / "model", good, "--json", *CPU)
+    assert read == json.loads(alone)[0]
+
+
+def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):
+    root, list_file = videos
+    command = ["zeroshot", "--model", root / "model", "--split", list_file, "--data-root", list_file.parent, *CPU]
+    code, _, err = run(capsys, *command, "--classes", root / "classes.txt")
+    assert code == 0 and "warning" not in err
+    (tmp_path / "more.txt").write_text("\n".join([*CLASSES, "skydiving"]) + "\n")
+    code, _, err = run(capsys, *command, "--classes", tmp_path / "more.txt")
+    assert code == 0 and "1 of the 5 classes have no video" in err and "skydiving" in err
+
+
 def test_eval_and_zeroshot_print_on_the_main_process_only(videos, capsys, monkeypatch):
     from vitaclip.engine import distributed
 

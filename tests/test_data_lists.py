@@ -86,6 +86,35 @@ def test_class_names_from_file_and_folders(tmp_path):
     assert read_class_names(str(tmp_path / "ds")) == ["apply eye makeup", "brush hair", "cartwheel"]
 
 
+@pytest.mark.parametrize("text", [
+    "1 ApplyEyeMakeup\n2 BrushHair\n3 Cartwheel\n",          # UCF101's classInd.txt
+    "id,name\n0,apply eye makeup\n1,brush_hair\n2,cartwheel\n",  # a CSV with a header
+    "0\tApplyEyeMakeup\n1\tbrush hair\n\n2\tcartwheel\n",
+])
+def test_numbered_class_lists_give_the_names_alone(tmp_path, text):
+    f = tmp_path / "classes.txt"
+    f.write_text(text)
+    assert read_class_names(str(f)) == ["apply eye makeup", "brush hair", "cartwheel"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("1 run\n3 jump\n", r"classes\.txt:2: class index 3 where 2 was expected"),
+    ("id,name\n1,run\n0,jump\n", r"classes\.txt:3: class index 0 where 2 was expected"),
+    ("5 run\n6 jump\n", r"classes\.txt:1: a numbered class list starts at 0 or 1, not 5"),
+])
+def test_numbered_class_lists_out_of_order_are_refused(tmp_path, text, match):
+    f = tmp_path / "classes.txt"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_class_names(str(f))
+
+
+def test_names_that_merely_start_with_a_number_stay_as_they_are(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("3 point shot\nrunning\n")
+    assert read_class_names(str(f)) == ["3 point shot", "running"]
+
+
 def test_class_folders_skip_hidden_and_tool_folders_and_sort_plainly(tmp_path):
     for d in ("brush_hair", ".ipynb_checkpoints", "Zumba", "__pycache__", "_tmp", "abseiling"):
         (tmp_path / d).mkdir()

@@ -106,3 +106,15 @@ def test_bad_counts():
         sampling.train_frame_indices(10, 8, 0, rng())
     with pytest.raises(ValueError, match="num_views"):
         sampling.eval_view_starts(10, 8, 16, 0)
+    for stride in (0, -1):  # one frame repeated, or frames backwards
+        with pytest.raises(ValueError, match="stride must be >= 1"):
+            sampling.eval_frame_indices(64, 8, stride, 2)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(stride=0), "stride must be >= 1"),
+                                        (dict(num_frames=0), "num_frames must be >= 1")])
+def test_the_loader_refuses_bad_sampling_before_reading_its_list(tmp_path, bad, match):
+    from vitaclip.data import VideoLoader
+
+    with pytest.raises(ValueError, match=match):  # the list does not even exist
+        VideoLoader(str(tmp_path / "missing.csv"), train=False, batch_size=1, **bad)

@@ -133,5 +133,11 @@ def test_predict_output_format():
     assert full[0]["probability"] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="no videos"):
         predict(model, [])
+    batch = torch.stack(clips)  # one [B, 3, T, H, W] tensor: B videos
+    assert [o["top"] for o in predict(model, batch, top_k=2, device="cpu", precision="fp32")] == [o["top"] for o in out]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predict(model, clips, batch_size=0)
+    with pytest.raises(FileNotFoundError, match="video.mp4"):  # one path, not its characters
+        predict(model, "/nonexistent/video.mp4", device="cpu")
     with pytest.raises(FileNotFoundError, match="not found"):
         predict(model, ["/nonexistent/video.mp4"], device="cpu")

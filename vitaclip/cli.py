@@ -100,10 +100,23 @@ def video_loader(args, env, list_file: str, classes: List[str], train: bool, num
 
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file} does not exist")
-    return VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
-                       size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
-                       device=env.device, on_error=args.on_error, min_frames=args.min_frames,
-                       worker_timeout=args.worker_timeout, **kw)
+    loader = VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
+                         size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
+                         device=env.device, on_error=args.on_error, min_frames=args.min_frames,
+                         worker_timeout=args.worker_timeout, **kw)
+    if args.command in ("eval", "zeroshot") and env.is_main:
+        warn_classes_without_videos(args, list_file, classes, {entry.label for _, entry, _ in loader.videos})
+    return loader
+
+
+def warn_classes_without_videos(args, list_file: str, classes: List[str], labels: set) -> None:
+    """A test split normally holds every class: classes it lacks still count as answers (distractors),
+    the mark of a class list of another data set or an extra header line."""
+    missing = [name for label, name in enumerate(classes) if label not in labels]
+    if missing:
+        print(f"vitaclip {args.command}: warning: {len(missing)} of the {len(classes)} classes have no video in "
+              f"{list_file} (e.g. {missing[:3]}) but are still scored as possible answers: is the class list "
+              "this data set's?", file=sys.stderr)
 
 
 def report_skipped(args, env, *loaders) -> None:
@@ -242,10 +255,13 @@ def cmd_predict(args) -> int:
     results = predict(model, args.videos, PredictConfig(
         top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
         batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
-        data_root=args.data_root, num_workers=args.num_workers))
-    text = "\n".join(f"{r['video']}\n" + "\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
-                     for r in results)
+        data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
+    text = "\n".join(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                                         if "top" in r else f"  error: {r['error']}") for r in results)
     print_json_or(args, results, text)
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(f"vitaclip predict: {failed} of {len(results)} videos could not be read", file=sys.stderr)
     return 0
 
 
@@ -419,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="labels shown per video")
     p.add_argument("--batch-size", type=int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a video that cannot be read (missing, corrupt, too short) stops the run naming it, "
+                        "or gets an error line instead of labels")
     add_data(p, lists=False)
     add_runtime(p, workers=0)
     p.set_defaults(func=cmd_predict)

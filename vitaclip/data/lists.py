@@ -93,15 +93,40 @@ def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
 
 
 def read_class_names(path: str) -> List[str]:
-    """One class name per line (blank lines ignored), or, for a directory, its sub-folder names
-    turned into words (one folder per class), in plain `sorted()` order of the folder names (by
-    code point: `Zumba` before `abseiling`), as torchvision's ImageFolder numbers classes.
-    Folders starting with `.` or `_` (`.ipynb_checkpoints`, `__pycache__`) are not classes."""
+    """One class name per line (blank lines ignored); or an index file whose every line is
+    `INDEX NAME` or `INDEX,NAME`, indices counting up from 0 or 1 (UCF101's `classInd.txt`, CSVs
+    with an `id,name` header), names turned into words as folder names are; or, for a directory,
+    its sub-folder names turned into words (one folder per class), in plain `sorted()` order of
+    the folder names (by code point: `Zumba` before `abseiling`), as torchvision's ImageFolder
+    numbers classes. Folders starting with `.` or `_` (`.ipynb_checkpoints`, `__pycache__`) are
+    not classes."""
     if os.path.isdir(path):
         return [folder_to_class_name(d) for d in sorted(os.listdir(path))
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
-    names = [text.strip() for _, text in _text_lines(path)]
-    return [n for n in names if n]
+    lines = [(line_no, text.strip()) for line_no, text in _text_lines(path) if text.strip()]
+    numbered = _index_file_names(path, lines)
+    return numbered if numbered is not None else [text for _, text in lines]
+
+
+_INDEXED_NAME = re.compile(r"(\d+)\s*[,\t ]\s*(\S.*)")
+
+
+def _index_file_names(path: str, lines: List[Tuple[int, str]]) -> Optional[List[str]]:
+    """The names of an index file (every line numbered, after an optional header line), or None
+    for a plain list. Indices out of order are an error: the labels would shift."""
+    if len(lines) > 1 and not _INDEXED_NAME.fullmatch(lines[0][1]):
+        lines = lines[1:]  # a header such as "id,name", if all the rest are numbered
+    matches = [_INDEXED_NAME.fullmatch(text) for _, text in lines]
+    if not matches or not all(matches):
+        return None
+    first = int(matches[0].group(1))
+    if first not in (0, 1):
+        raise ValueError(f"{path}:{lines[0][0]}: a numbered class list starts at 0 or 1, not {first}")
+    for expected, (line_no, _), match in zip(range(first, first + len(lines)), lines, matches):
+        if int(match.group(1)) != expected:
+            raise ValueError(f"{path}:{line_no}: class index {match.group(1)} where {expected} was expected: "
+                             "the lines of a numbered class list count up one by one")
+    return [folder_to_class_name(match.group(2)) for match in matches]
 
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")

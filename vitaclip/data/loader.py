@@ -86,6 +86,9 @@ class VideoLoader:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        sampling.check_stride(stride)  # before the list is probed
         if dali_mode is not None and dali_mode not in dali.MODES:
             raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames

@@ -26,8 +26,7 @@ def clip_span(num_frames: int, stride: int) -> int:
 def train_frame_indices(video_frames: int, num_frames: int, stride: int,
                         rng: np.random.Generator) -> np.ndarray:
     _check_counts(video_frames, num_frames)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    check_stride(stride)
     if clip_span(num_frames, stride) >= video_frames:
         idx = np.arange(num_frames) * stride
         last_inside = (video_frames - 1) // stride * stride
@@ -45,6 +44,7 @@ def tsn_frame_indices(video_frames: int, num_frames: int, rng: np.random.Generat
 
 def eval_view_starts(video_frames: int, num_frames: int, stride: int, num_views: int) -> List[int]:
     _check_counts(video_frames, num_frames)
+    check_stride(stride)
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
     slack = max(video_frames, clip_span(num_frames, stride)) - clip_span(num_frames, stride)
@@ -106,6 +106,11 @@ def eval_crop_offsets(height: int, width: int, size: int, num_crops: int) -> Lis
             return [(s, (width - size) // 2) for s in starts]
         return [((height - size) // 2, s) for s in starts]
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+
+
+def check_stride(stride: int) -> None:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
 
 
 def _check_counts(video_frames: int, num_frames: int) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,24 +29,31 @@ class PredictConfig:
     decoder: str = "auto"  # vitaclip.data backend: auto | dali-gpu | dali-cpu | pyav
     data_root: str = ""  # folder that relative video paths are in
     num_workers: int = 0  # PyAV decoding processes
+    on_error: str = "raise"  # "skip": a video that cannot be read gets an "error" instead of labels
 
 
-def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device):
+def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
+    """The files' batches; with on_error="skip", `errors` gets {video index: message} of those left out."""
     from ..data import VideoLoader
 
-    paths = [os.path.join(config.data_root, p) for p in paths]
+    paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
     missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
+    if missing and config.on_error == "raise":
         raise FileNotFoundError(f"video file(s) not found: {missing}")
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
-        Path(list_file).write_text("".join(f"{os.path.abspath(p)},0\n" for p in paths))
+        Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
         loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
                              num_frames=model.config.num_frames, stride=config.stride,
                              size=model.config.image_size, temporal_views=config.temporal_views,
                              spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
-                             num_workers=config.num_workers, shard_id=0, num_shards=1)
+                             num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
         yield from loader
+        for message in loader.skipped:  # each names its list line, i.e. the video's position
+            where = re.match(re.escape(list_file) + r":(\d+):? (?:\((.*?)\): )?", message)
+            if where:  # "LIST:LINE (PATH): why" or "LIST:LINE: PATH: why" -> "PATH: why"
+                path = f"{where.group(2)}: " if where.group(2) else ""
+                errors[int(where.group(1)) - 1] = path + message[where.end():]
 
 
 def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig):
@@ -67,15 +75,21 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
             config: Optional[PredictConfig] = None, **overrides) -> List[Dict]:
     """[{"video": name, "top": [{"label", "probability"}, ...]}] per video, probabilities being
     the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
-    temporal views, short side resized to the input size, centre or 3 crops)."""
+    temporal views, short side resized to the input size, centre or 3 crops); with
+    on_error="skip", a file that cannot be read gets {"video": name, "error": why} instead."""
     config = dataclasses.replace(config or PredictConfig(), **overrides)
-    if not videos:
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    if len(videos) == 0:
         raise ValueError("no videos given")
     if config.top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {config.top_k}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     device = pick_device(config.device)
     model.eval().to(device)
     are_tensors = [isinstance(v, torch.Tensor) for v in videos]
+    errors: Dict[int, str] = {}
     if any(are_tensors) and not all(are_tensors):
         raise ValueError("give either video files or tensors, not both")
     if all(are_tensors):
@@ -83,7 +97,7 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
         batches = _batches_from_tensors(list(videos), config)
     else:
         names = [str(v) for v in videos]
-        batches = _batches_from_files(names, model, config, device)
+        batches = _batches_from_files(names, model, config, device, errors)
     sums: Dict = {}
     for video, labels, ids in batches:
         with autocast(device, config.precision):
@@ -94,6 +108,9 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
     k = min(config.top_k, len(classnames))
     out = []
     for i, name in enumerate(names):
+        if i not in sums:  # left out in skip mode
+            out.append({"video": name, "error": errors.get(i, "not decoded (the warnings above say why)")})
+            continue
         total, count, _ = sums[i]
         probs, idx = (total / count).topk(k)
         out.append({"video": name, "top": [{"label": classnames[j], "probability": float(p)}
