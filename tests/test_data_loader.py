@@ -398,13 +398,19 @@ def test_bad_arguments(vp9_dataset):
 
 
 @needs_dali
-def test_auto_backend_picks_dali_cpu_only_for_its_codecs(vp9_dataset, tmp_path):
-    root, rows = vp9_dataset
-    assert loader(root, False, batch_size=1, backend="auto").backend == "dali-cpu"
+def test_auto_backend_picks_dali_cpu_only_for_its_codecs_and_without_pyav(vp9_dataset, tmp_path, monkeypatch):
+    from vitaclip.data import loader as loader_module
     from vitaclip.data.prepare import EncodeSettings, transcode
+
+    root, rows = vp9_dataset
+    assert loader(root, False, batch_size=1, backend="auto").backend == "pyav"  # cheaper per clip
     transcode(str(root / rows[0][0]), str(tmp_path / "a.mp4"), EncodeSettings(short_side=32))
     (tmp_path / "list.csv").write_text("a.mp4,0\n")
-    assert loader(tmp_path, False, batch_size=1, backend="auto").backend == "pyav"
+    monkeypatch.setattr(loader_module.pyav, "available", lambda: False)
+    assert loader(root, False, batch_size=1, backend="auto").backend == "dali-cpu"
+    with pytest.raises(ImportError, match="PyAV"):  # H.264 on the CPU without PyAV
+        loader(tmp_path, False, batch_size=1, backend="auto")
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="CPU decoder reads"):
         loader(tmp_path, False, batch_size=1, backend="dali-cpu")
     with pytest.raises(ValueError, match="CUDA"):
@@ -463,7 +469,7 @@ def test_auto_backend_on_cuda_prefers_pyav_over_dali_gpu(vp9_dataset, tmp_path, 
     transcode(str(root / rows[0][0]), str(tmp_path / "a.mp4"), EncodeSettings(short_side=32))
     (tmp_path / "list.csv").write_text("a.mp4,0\n")
     assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "pyav"
-    assert loader(root, True, batch_size=1, backend="auto", device="cuda").backend == "dali-cpu"
+    assert loader(root, True, batch_size=1, backend="auto", device="cuda").backend == "pyav"
     monkeypatch.setattr(loader_module.pyav, "available", lambda: False)
     assert loader(tmp_path, True, batch_size=1, backend="auto", device="cuda").backend == "dali-gpu"
 

@@ -176,15 +176,17 @@ class VideoLoader:
     def _resolve_backend(self, backend: str) -> str:
         codecs = {info.codec for _, _, info in self.videos}
         if backend == "auto":
-            # DALI's GPU path measured 17 clips/s against PyAV's 185 on an H100 (benchmarks/
-            # RESULTS.md, its "decoder" mode; the default "reader" mode is not measured yet), so
-            # it is chosen by itself only where PyAV is missing
-            if (dali.available() and self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS)
-                    and not pyav.available()):
+            # PyAV wherever it is installed: DALI's GPU path measured 17 clips/s against PyAV's 185
+            # on an H100 (its "decoder" mode; the default "reader" mode is not measured on a GPU
+            # yet), and its CPU decoder took 1.7x PyAV's CPU time per VP9 training clip (both in
+            # benchmarks/RESULTS.md)
+            if pyav.available() or not dali.available():
+                return "pyav"
+            if self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS):
                 return "dali-gpu"
-            if dali.available() and codecs <= set(dali.CPU_CODECS):
+            if codecs <= set(dali.CPU_CODECS):
                 return "dali-cpu"
-            return "pyav"
+            return "pyav"  # which then says that PyAV is needed
         if backend.startswith("dali") and not dali.available():
             raise ImportError("backend %r needs NVIDIA DALI: pip install nvidia-dali-cuda130" % backend)
         if backend == "dali-cpu" and not codecs <= set(dali.CPU_CODECS):
