@@ -128,6 +128,15 @@ def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
     assert "corrupt.mp4" in corrupt["error"] and "missing.mp4" in missing["error"] and "top" not in missing
     code, alone, _ = run(capsys, "predict", "--model", root / "model", good, "--json", *CPU)
     assert read == json.loads(alone)[0]
+    code, out, err = run(capsys, "predict", "--model", root / "model", files[0], files[2], "--json", "--on-error",
+                         "skip", *CPU)  # none readable
+    assert code == 0 and "2 of 2 videos" in err and all("error" in p for p in json.loads(out))
+    (tmp_path / "a (b): c.mp4").write_bytes(b"")
+    code, out, err = run(capsys, "predict", "--model", root / "model", tmp_path / "a (b): c.mp4", good, "--json",
+                         "--on-error", "skip", *CPU)
+    assert json.loads(out)[0]["error"] == f"{tmp_path / 'a (b): c.mp4'}: empty file"
+    code, out, err = run(capsys, "predict", "--model", root / "model", f"{good} ", *CPU)
+    assert code == 2 and "white space" in err
 
 
 def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):

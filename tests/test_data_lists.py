@@ -109,10 +109,12 @@ def test_numbered_class_lists_out_of_order_are_refused(tmp_path, text, match):
         read_class_names(str(f))
 
 
-def test_names_that_merely_start_with_a_number_stay_as_they_are(tmp_path):
+@pytest.mark.parametrize("names", [["3 point shot", "running"], ["running", "1 on 1 basketball"],
+                                   ["abseiling", "3 point shot"], ["background", "0 people", "1 person", "2 people"]])
+def test_names_that_merely_start_with_a_number_stay_as_they_are(tmp_path, names):
     f = tmp_path / "classes.txt"
-    f.write_text("3 point shot\nrunning\n")
-    assert read_class_names(str(f)) == ["3 point shot", "running"]
+    f.write_text("\n".join(names) + "\n")
+    assert read_class_names(str(f)) == names
 
 
 def test_class_folders_skip_hidden_and_tool_folders_and_sort_plainly(tmp_path):

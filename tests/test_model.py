@@ -176,6 +176,10 @@ def test_bad_templates_are_refused_by_name(config, templates, match):
 
 def test_a_lone_string_is_no_class_list(config):
     model = VitaCLIP(config, CLASSES)
+    model.set_classes(name for name in reversed(CLASSES))  # any iterable of names, read once
+    assert model.classnames == [n.replace("_", " ") for n in reversed(CLASSES)]
+    model.set_classes(iter(["run", "walk"]), templates=(t for t in ["a {}."]))
+    assert model.zero_shot_templates == ["a {}."] and model.encode_text(iter(["dog", "cat"])).shape[0] == 2
     for call in (lambda: model.set_classes("swim"), lambda: model.encode_text("dog"),
                  lambda: model.set_classes("swim", templates=["a {}."]), lambda: VitaCLIP(config, "swim")):
         with pytest.raises(TypeError, match="list of strings"):

@@ -109,9 +109,10 @@ class VitaCLIP(nn.Module):
         self._text_cache = None
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
+            templates = check_templates(templates)
             self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
             self._fixed_classnames = [clean_classname(n) for n in classnames]
-            self._fixed_templates = check_templates(templates)
+            self._fixed_templates = templates
             return
         self._fixed_text_features = None
         self._fixed_classnames = None

@@ -27,9 +27,12 @@ def get_tokenizer():
 def string_list(values: Sequence[str], what: str) -> List[str]:
     """values as a list of strings; a lone string is refused (list("swim") would be four
     one-letter classes)."""
-    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a list of strings, got the string {values!r}")
+    values = list(values)  # once: an iterator can be read only once
+    if not all(isinstance(v, str) for v in values):
         raise TypeError(f"{what} must be a list of strings, got {values!r}")
-    return list(values)
+    return values
 
 
 def tokenize(texts: Sequence[str], context_length: int) -> Tensor:

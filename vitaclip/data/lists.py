@@ -109,13 +109,15 @@ def read_class_names(path: str) -> List[str]:
 
 
 _INDEXED_NAME = re.compile(r"(\d+)\s*[,\t ]\s*(\S.*)")
+_CSV_HEADER = re.compile(r"[^\d,][^,]*,[^,]+")  # "id,name": two fields, the first not a number
+_CSV_ROW = re.compile(r"\d+,.+")
 
 
 def _index_file_names(path: str, lines: List[Tuple[int, str]]) -> Optional[List[str]]:
-    """The names of an index file (every line numbered, after an optional header line), or None
+    """The names of an index file (every line numbered; a CSV's may follow a header line), or None
     for a plain list. Indices out of order are an error: the labels would shift."""
-    if len(lines) > 1 and not _INDEXED_NAME.fullmatch(lines[0][1]):
-        lines = lines[1:]  # a header such as "id,name", if all the rest are numbered
+    if len(lines) > 1 and _CSV_HEADER.fullmatch(lines[0][1]) and all(_CSV_ROW.fullmatch(t) for _, t in lines[1:]):
+        lines = lines[1:]  # a CSV header such as "id,name"
     matches = [_INDEXED_NAME.fullmatch(text) for _, text in lines]
     if not matches or not all(matches):
         return None

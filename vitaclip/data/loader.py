@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ class VideoLoader:
 
         entries = read_video_list(list_file, data_root, num_classes, on_error)
         self.skipped: List[str] = []
+        self.skipped_videos: Dict[int, str] = {}  # video id (its entry's index in the list) -> why
         self._failed_at_decode: Set[int] = set()  # video ids, so that each is counted once
         self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
         for message in entries.skipped:
@@ -122,11 +123,11 @@ class VideoLoader:
             if problem is None and info.frames < max(min_frames, 1):
                 problem = VideoDecodeError(f"{entry.where()}: {info.frames} frames, fewer than {max(min_frames, 1)}")
             if problem is not None:
-                self._bad(str(problem))
+                self._bad(str(problem), video_id)
             else:
                 self.videos.append((video_id, entry, info))
         if not self.videos:
-            raise ValueError(f"{list_file}: no usable videos")
+            raise NoUsableVideos(f"{list_file}: no usable videos", self.skipped_videos)
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
         self._workers = None
@@ -180,13 +181,14 @@ class VideoLoader:
             # on an H100 (its "decoder" mode; the default "reader" mode is not measured on a GPU
             # yet), and its CPU decoder took 1.7x PyAV's CPU time per VP9 training clip (both in
             # benchmarks/RESULTS.md)
-            if pyav.available() or not dali.available():
+            if pyav.available():
                 return "pyav"
-            if self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS):
+            if dali.available() and self.device.type == "cuda" and codecs <= set(dali.GPU_CODECS):
                 return "dali-gpu"
-            if codecs <= set(dali.CPU_CODECS):
+            if dali.available() and codecs <= set(dali.CPU_CODECS):
                 return "dali-cpu"
-            return "pyav"  # which then says that PyAV is needed
+            raise ImportError(f"no decoder installed reads this list's {sorted(codecs)} video on {self.device}: "
+                              "pip install av (or NVIDIA DALI: VP8/VP9/MJPEG on the CPU, more on a GPU)")
         if backend.startswith("dali") and not dali.available():
             raise ImportError("backend %r needs NVIDIA DALI: pip install nvidia-dali-cuda130" % backend)
         if backend == "dali-cpu" and not codecs <= set(dali.CPU_CODECS):
@@ -295,7 +297,7 @@ class VideoLoader:
                     good.append((plan, frames))
                 elif plan.video_id not in self._failed_at_decode:
                     self._failed_at_decode.add(plan.video_id)
-                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}")
+                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}", plan.video_id)
             self.next_batch = position + 1
             if good:
                 yield self.assemble(good)
@@ -351,11 +353,21 @@ class VideoLoader:
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
                 for positions in plan.views]
 
-    def _bad(self, message: str) -> None:
+    def _bad(self, message: str, video_id: Optional[int] = None) -> None:
         if self.on_error == "raise":
             raise VideoDecodeError(message)
         log.warning("skipping: %s", message)
         self.skipped.append(message)
+        if video_id is not None:
+            self.skipped_videos[video_id] = message
+
+
+class NoUsableVideos(ValueError):
+    """A list none of whose videos can be used (in skip mode: all bad, `skipped_videos` says why)."""
+
+    def __init__(self, message: str, skipped_videos: Dict[int, str]):
+        super().__init__(message)
+        self.skipped_videos = skipped_videos
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,27 +32,35 @@ class PredictConfig:
 
 
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
-    """The files' batches; with on_error="skip", `errors` gets {video index: message} of those left out."""
-    from ..data import VideoLoader
+    """The files' batches (video ids = positions in `paths`); with on_error="skip", `errors` gets
+    {position: why} of the videos left out."""
+    from ..data.loader import NoUsableVideos, VideoLoader
 
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
+    for p in paths:  # a list line could not carry these: the positions would shift
+        if p != p.strip() or "\n" in p or "\r" in p:
+            raise ValueError(f"video path {p!r} begins or ends with white space or holds a line break: rename it")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing and config.on_error == "raise":
         raise FileNotFoundError(f"video file(s) not found: {missing}")
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
-        loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
-                             num_frames=model.config.num_frames, stride=config.stride,
-                             size=model.config.image_size, temporal_views=config.temporal_views,
-                             spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
-                             num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
-        yield from loader
-        for message in loader.skipped:  # each names its list line, i.e. the video's position
-            where = re.match(re.escape(list_file) + r":(\d+):? (?:\((.*?)\): )?", message)
-            if where:  # "LIST:LINE (PATH): why" or "LIST:LINE: PATH: why" -> "PATH: why"
-                path = f"{where.group(2)}: " if where.group(2) else ""
-                errors[int(where.group(1)) - 1] = path + message[where.end():]
+        try:
+            loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
+                                 num_frames=model.config.num_frames, stride=config.stride,
+                                 size=model.config.image_size, temporal_views=config.temporal_views,
+                                 spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
+                                 num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
+        except NoUsableVideos as none:
+            skipped = none.skipped_videos
+        else:
+            yield from loader
+            skipped = loader.skipped_videos
+        for video_id, message in skipped.items():  # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
+            line = f"{list_file}:{video_id + 1}"
+            why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")
+            errors[video_id] = why if paths[video_id] in why else f"{paths[video_id]}: {why}"
 
 
 def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig):
