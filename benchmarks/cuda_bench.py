@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from vitaclip.backends import resolve_backend
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -19,3 +21,12 @@ def bench_cuda(benchmark, fn, rounds: int = 20, warmup: int = 3):
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
     return benchmark.stats.stats.median
+
+
+def check_graphed(benchmark, model):
+    """A graphed backend's figure is one of CUDA graphs: a failed capture (a warning, hidden by
+    pytest) would leave the passes uncaptured under the graphed name."""
+    if resolve_backend(model.backend, torch.device("cuda")).cuda_graphs:
+        assert len(model._graphs) > 0 and not model._graphs.failed_passes, \
+            f"passes not captured: {model._graphs.failed_passes or 'none captured'}"
+        benchmark.extra_info["graphed_passes"] = len(model._graphs)

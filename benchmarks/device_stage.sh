@@ -12,7 +12,7 @@ for part in .whl/gpu/p*; do
   ls "$part"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target /tmp/site "$part"/*.whl
 done
-pieces=$(ls /tmp/dali-parts/dali.[0-9] 2>/dev/null | wc -l)
+pieces=$(ls /tmp/dali-parts/dali.[0-9] 2>/dev/null | wc -l || true)  # none yet: 0, not an exit
 if [ "$pieces" = 4 ] && [ -e /tmp/dali-parts/dali-name.txt ] && [ ! -e /tmp/site/nvidia/dali ]; then
   name=$(cat /tmp/dali-parts/dali-name.txt)
   cat /tmp/dali-parts/dali.0 /tmp/dali-parts/dali.1 /tmp/dali-parts/dali.2 /tmp/dali-parts/dali.3 > "/tmp/$name"

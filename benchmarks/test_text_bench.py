@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cuda_bench import bench_cuda, requires_cuda
+from cuda_bench import bench_cuda, check_graphed, requires_cuda
 from vitaclip import VitaCLIP, VitaCLIPConfig
 from vitaclip.backends import resolve_backend
 
@@ -41,3 +41,4 @@ def test_text_side_of_a_training_step(benchmark, truncate, kernel):
     median = bench_cuda(benchmark, step)
     benchmark.extra_info["ms_per_step"] = median * 1e3
     benchmark.extra_info["backend"] = resolve_backend(model.backend, torch.device("cuda")).name
+    check_graphed(benchmark, model)

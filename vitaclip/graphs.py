@@ -197,6 +197,11 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._passes)
 
+    @property
+    def failed_passes(self) -> List[str]:
+        """Names of the passes whose capture failed (they run uncaptured, with a warning)."""
+        return sorted({key[0] for key in self._failed})
+
     def run(self, name: str, fn: Callable[..., Tensor], inputs: Sequence[Tensor],
             modules: Sequence[nn.Module], device: torch.device) -> Tensor:
         """fn(*inputs) through a CUDA graph on `device`; plain fn(*inputs) the first time a key
