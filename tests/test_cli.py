@@ -122,6 +122,8 @@ def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
     files = [tmp_path / "corrupt.mp4", good, tmp_path / "missing.mp4"]
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", *CPU)
     assert code == 2 and "missing.mp4" in err
+    code, out, err = run(capsys, "predict", "--model", root / "model", good, files[0], *CPU)
+    assert code == 2 and f"video 2: {files[0]}: cannot read video" in err and "videos.txt" not in err
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--on-error", "skip", *CPU)
     assert code == 0 and "2 of 3 videos could not be read" in err
     corrupt, read, missing = json.loads(out)

@@ -34,6 +34,7 @@ class PredictConfig:
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
     """The files' batches (video ids = positions in `paths`); with on_error="skip", `errors` gets
     {position: why} of the videos left out."""
+    from ..data import VideoDecodeError
     from ..data.loader import NoUsableVideos, VideoLoader
 
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
@@ -52,11 +53,12 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
                                  size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
                                  num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
-        except NoUsableVideos as none:
-            skipped = none.skipped_videos
-        else:
             yield from loader
             skipped = loader.skipped_videos
+        except NoUsableVideos as none:
+            skipped = none.skipped_videos
+        except VideoDecodeError as error:  # name the video by its position, not our temporary list's line
+            raise VideoDecodeError(str(error).replace(f"{list_file}:", "video ")) from None
         for video_id, message in skipped.items():  # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
             line = f"{list_file}:{video_id + 1}"
             why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")
