@@ -75,6 +75,36 @@ def test_skipping_unread_work_changes_no_feature_or_context_gradient(csc):
     torch.testing.assert_close(grad, full_grad, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("truncate", [True, False])
+def test_explicit_text_attention_matches_sdpa(monkeypatch, truncate):
+    """VITACLIP_TEXT_ATTENTION=explicit (a candidate for short prompts): the features and the
+    context's gradient of PyTorch's SDPA, in float64; under bf16 autocast no further from them."""
+    classes = CLASSES + ["a much longer class name here"]
+    model = randomize_(VitaCLIP(tiny_config(ctx_position="middle"), classes))
+    weights = torch.randn(len(classes), model.config.embed_dim, dtype=torch.float64)
+
+    def features_and_grad(kind, dtype):
+        monkeypatch.setenv("VITACLIP_TEXT_ATTENTION", kind)
+        copy = model.to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            features = copy.encode_text(truncate=truncate).double()
+        (features * weights).sum().backward()
+        ctx = copy.prompt_learner.ctx
+        grad, ctx.grad = ctx.grad.double(), None
+        return features.detach(), grad
+
+    reference = features_and_grad("sdpa", torch.float64)
+    for got, want in zip(features_and_grad("explicit", torch.float64), reference):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    errors = {kind: [(got - want).abs().max() for got, want in zip(features_and_grad(kind, torch.float32), reference)]
+              for kind in ("sdpa", "explicit")}
+    for explicit, sdpa in zip(errors["explicit"], errors["sdpa"]):
+        assert explicit <= 2 * sdpa + 1e-6
+    monkeypatch.setenv("VITACLIP_TEXT_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="VITACLIP_TEXT_ATTENTION must be one of"):
+        model.encode_text(truncate=truncate)
+
+
 def test_generic_context_gets_gradient_from_every_class():
     model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES))
     model.encode_text()[2].sum().backward()

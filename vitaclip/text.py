@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import string
 from typing import List, Optional, Sequence
 
@@ -64,7 +65,10 @@ class TextAttention(nn.Module):
         n, s, c = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, s, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if text_attention_kind() == "explicit":
+            o = causal_attention(q, k, v, torch.arange(s, device=x.device)[None])
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(o.transpose(1, 2).reshape(n, s, c))
 
     def forward_row(self, x: Tensor, row: Tensor) -> Tensor:
@@ -76,14 +80,35 @@ class TextAttention(nn.Module):
         q_bias, kv_bias = self.in_proj_bias.split([c, 2 * c])
         k, v = F.linear(x, kv_weight, kv_bias).view(n, s, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = F.linear(_rows(x, row), q_weight, q_bias).view(n, heads, 1, head_dim)
-        # one query: a plain softmax, which any SDPA kernel choice (flash takes no mask) leaves alone,
-        # in at least fp32 (a few flops) so that fp16's loss-scaled gradients do not overflow in it
-        hidden = (torch.arange(s, device=x.device) > row[:, None]).view(n, 1, 1, s)
-        wide = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * head_dim ** -0.5
-            o = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1) @ v.to(wide)
-        return self.out_proj(o.to(v.dtype).reshape(n, c))
+        # one query: explicit attention, which any SDPA kernel choice (flash takes no mask) leaves alone
+        return self.out_proj(causal_attention(q, k, v, row[:, None]).reshape(n, c))
+
+
+TEXT_ATTENTION_ENV = "VITACLIP_TEXT_ATTENTION"
+TEXT_ATTENTION_KINDS = ("sdpa", "explicit")
+
+
+def text_attention_kind() -> str:
+    """How the text layers attend: "sdpa" (default: PyTorch's fused kernels) or "explicit"
+    (`causal_attention`: a class prompt is a few tens of tokens, which fused kernels pad to their
+    64-128-row tiles; benchmarks/test_text_bench.py times both). Read from $VITACLIP_TEXT_ATTENTION
+    when a pass runs, or, under torch.compile, when it compiles."""
+    kind = os.environ.get(TEXT_ATTENTION_ENV, "sdpa")
+    if kind not in TEXT_ATTENTION_KINDS:
+        raise ValueError(f"{TEXT_ATTENTION_ENV} must be one of {TEXT_ATTENTION_KINDS}, got {kind!r}")
+    return kind
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, query_positions: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v with the keys after each query's position hidden; q [n, H, Lq, Dh]
+    at query_positions [n or 1, Lq], k, v [n, H, L, Dh]. In at least fp32 (tiny matrices), so that
+    fp16's loss-scaled gradients do not overflow in it; the result in v's dtype."""
+    hidden = (torch.arange(k.shape[-2], device=k.device) > query_positions[..., None]).unsqueeze(1)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        o = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1) @ v.to(wide)
+    return o.to(v.dtype)
 
 
 def _rows(x: Tensor, row: Tensor) -> Tensor:
