@@ -117,8 +117,8 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
     k = min(config.top_k, len(classnames))
     out = []
     for i, name in enumerate(names):
-        if i not in sums:  # left out in skip mode
-            out.append({"video": name, "error": errors.get(i, "not decoded (the warnings above say why)")})
+        if i in errors:  # left out in skip mode
+            out.append({"video": name, "error": errors[i]})
             continue
         total, count, _ = sums[i]
         probs, idx = (total / count).topk(k)
