@@ -82,6 +82,32 @@ def test_a_shielded_worker_ignores_a_stop_signal_from_others_and_ends_on_its_own
         request.uninstall()
 
 
+FORK_SERVER_SIGNALLED = """
+import multiprocessing, os, signal, sys, time
+from multiprocessing import forkserver
+from vitaclip.engine.stopping import StopRequest, start_fork_server
+
+request = StopRequest(["SIGTERM"]).install()
+if sys.argv[1] == "shielded":
+    start_fork_server()
+worker = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(30,))
+worker.start()
+os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)  # the job's stop reaches it too
+time.sleep(1)
+print(worker.is_alive(), request.received)
+worker.kill()
+"""
+
+
+@pytest.mark.parametrize("start", ["shielded", "plain"])
+def test_the_fork_server_outlives_the_jobs_stop_signal_so_its_workers_stay_alive_to_their_owner(start):
+    """Multiprocessing learns whether a fork server's worker is alive from the server: a stop
+    signal that ended the server made the PyAV pool's live workers look dead, failing the epoch."""
+    out = subprocess.run([sys.executable, "-c", FORK_SERVER_SIGNALLED, start], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == (["True", "None"] if start == "shielded" else ["False", "None"])
+
+
 @needs_sigwaitinfo
 def test_a_worker_already_running_threads_is_left_as_it_is_with_a_warning():
     import threading

@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from ..engine.stopping import shield_workers
+from ..engine.stopping import shield_workers, start_fork_server
 from . import dali, pyav, sampling
 from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, read_video_list
@@ -221,6 +221,7 @@ class VideoLoader:
             # forking this process (which may run DALI, PyAV or CUDA threads) can deadlock
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
+            start_fork_server()  # shielded from the job's stop signals, as the workers are
             self._epoch_tasks = _EpochTasks()
             self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,

@@ -84,6 +84,32 @@ def ignore_signals(signals: Sequence[str]) -> None:
             signal.signal(parse_signal(name), signal.SIG_IGN)
 
 
+def installed_signals() -> List[signal.Signals]:
+    """The signals of the installed stop requests."""
+    return sorted({sig for request in StopRequest._installed for sig in request.signals})
+
+
+def start_fork_server() -> None:
+    """Start multiprocessing's fork server, if it is not running, ignoring the installed stop
+    signals. It is in the job's process group, and when a stop signal ends it, its live workers
+    look dead to their owner, which learns of them through it: a DataLoader of them then fails
+    the epoch the rank still needs for its last step. Ignored here while it starts (a handler
+    does not outlive exec, an ignored signal does; a blocked one does not, as Python starts), so
+    a stop in those milliseconds is lost: it starts with the first decoding pool, before the
+    first step. Its workers inherit this: `shield_workers` gives them their own handling (a pool
+    started once no request is installed keeps ignoring them: its workers still end with their
+    owner, by DataLoader's shutdown, or by SIGKILL). Only from the main thread."""
+    from multiprocessing import forkserver
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in installed_signals()} if main else {}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def shield_workers() -> Optional[Callable[[int], None]]:
     """A `worker_init_fn` for this process's DataLoader workers (None when no StopRequest is
     installed): in them, the installed requests' signals end the worker only when this process
@@ -92,19 +118,21 @@ def shield_workers() -> Optional[Callable[[int], None]]:
     rank still fetching batches for its last step would otherwise lose them and fail instead of
     stopping. Only for workers that start with one thread (forked, or from a fork server that
     preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning."""
-    signals = sorted({sig for request in StopRequest._installed for sig in request.signals})
+    signals = installed_signals()
     if not signals or not hasattr(signal, "sigwaitinfo"):
         return None
     return functools.partial(_shield_worker, tuple(signals), os.getpid())
 
 
 def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
-    if not os.path.isdir("/proc/self/task"):  # its threads cannot be counted: left as it is
-        return
-    threads = len(os.listdir("/proc/self/task"))
-    if threads > 1:  # e.g. a worker that imported torch itself (spawned, or forkserver without preload)
-        warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "
-                      f"signals meant for it: not shielded from them")
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+    if threads != 1:  # e.g. a worker that imported torch itself (spawned, or forkserver without preload)
+        if threads is not None:  # (None: its threads cannot be counted)
+            warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "
+                          f"signals meant for it: not shielded from them")
+        for sig in signals:  # as any process takes them (what the fork server ignores undone)
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         return
     for sig in signals:  # a forked worker inherits its owner's handlers
         signal.signal(sig, signal.SIG_DFL)
