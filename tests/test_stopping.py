@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vitaclip.engine import stopping
 from vitaclip.engine.stopping import StopRequest, _shield_worker, shield_workers
 
 needs_sigwaitinfo = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo is Linux-only")
@@ -42,7 +43,8 @@ class WorkerPids(Dataset):
         return torch.tensor(os.getpid())
 
 
-def test_workers_are_shielded_only_while_a_stop_request_is_installed():
+def test_workers_are_shielded_only_while_a_stop_request_is_installed(monkeypatch):
+    monkeypatch.setattr(stopping, "_fork_server_ignores", set())  # (no fork server started here)
     assert shield_workers() is None
     request = StopRequest(["SIGTERM", "SIGUSR1"]).install()
     try:
@@ -106,6 +108,41 @@ def test_the_fork_server_outlives_the_jobs_stop_signal_so_its_workers_stay_alive
     out = subprocess.run([sys.executable, "-c", FORK_SERVER_SIGNALLED, start], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
     assert out == (["True", "None"] if start == "shielded" else ["False", "None"])
+
+
+SIGTERM_DISPOSITION = """
+import signal
+
+
+class SigtermDisposition:  # what a worker does with SIGTERM
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return int(signal.getsignal(signal.SIGTERM))
+"""
+
+WORKER_AFTER_THE_RUN = """
+import multiprocessing
+from torch.utils.data import DataLoader
+from sigterm_disposition import SigtermDisposition
+from vitaclip.engine.stopping import StopRequest, shield_workers, start_fork_server
+
+request = StopRequest(["SIGTERM"]).install()
+start_fork_server()  # by a pool during the run
+request.uninstall()  # the run is over: e.g. a final evaluation's pool
+loader = DataLoader(SigtermDisposition(), batch_size=None, num_workers=1, worker_init_fn=shield_workers(),
+                    multiprocessing_context=multiprocessing.get_context("forkserver"))
+print(int(next(iter(loader))))
+"""
+
+
+def test_a_worker_started_after_the_run_takes_the_stop_signals_the_fork_server_ignores(tmp_path):
+    (tmp_path / "sigterm_disposition.py").write_text(SIGTERM_DISPOSITION)  # workers import it by name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", WORKER_AFTER_THE_RUN], capture_output=True, text=True, check=True,
+                         timeout=120, env=env).stdout.split()
+    assert out == [str(int(signal.SIG_DFL))]
 
 
 @needs_sigwaitinfo

@@ -19,6 +19,8 @@ DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 # SLURM signals every process of a job step and torchrun passes the signal on to its ranks: one
 # stop can reach a rank twice within milliseconds
 REPEAT_GRACE_S = 5.0
+# the stop signals multiprocessing's fork server was started ignoring, which its workers inherit
+_fork_server_ignores: set = set()
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -96,13 +98,13 @@ def start_fork_server() -> None:
     the epoch the rank still needs for its last step. Ignored here while it starts (a handler
     does not outlive exec, an ignored signal does; a blocked one does not, as Python starts), so
     a stop in those milliseconds is lost: it starts with the first decoding pool, before the
-    first step. Its workers inherit this: `shield_workers` gives them their own handling (a pool
-    started once no request is installed keeps ignoring them: its workers still end with their
-    owner, by DataLoader's shutdown, or by SIGKILL). Only from the main thread."""
+    first step. Its workers inherit this: `shield_workers` gives them their own handling, or, once
+    no request is installed, the default one. Only from the main thread."""
     from multiprocessing import forkserver
 
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in installed_signals()} if main else {}
+    _fork_server_ignores.update(previous)  # (if it was running already, resetting these is harmless)
     try:
         forkserver.ensure_running()
     finally:
@@ -117,11 +119,20 @@ def shield_workers() -> Optional[Callable[[int], None]]:
     anyone else. A scheduler signals every process of a job, a rank's workers included, and a
     rank still fetching batches for its last step would otherwise lose them and fail instead of
     stopping. Only for workers that start with one thread (forked, or from a fork server that
-    preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning."""
+    preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning.
+    With no request installed, workers take the signals the fork server ignores by default again."""
     signals = installed_signals()
     if not signals or not hasattr(signal, "sigwaitinfo"):
-        return None
+        return functools.partial(_take_ignored_signals, tuple(sorted(_fork_server_ignores))) \
+            if _fork_server_ignores else None
     return functools.partial(_shield_worker, tuple(signals), os.getpid())
+
+
+def _take_ignored_signals(signals: Sequence[signal.Signals], worker_id: int = 0) -> None:
+    """Undo the fork server's ignoring of `signals` in a worker: it ends on them, as any process."""
+    for sig in signals:
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
@@ -130,9 +141,7 @@ def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int
         if threads is not None:  # (None: its threads cannot be counted)
             warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "
                           f"signals meant for it: not shielded from them")
-        for sig in signals:  # as any process takes them (what the fork server ignores undone)
-            if signal.getsignal(sig) is signal.SIG_IGN:
-                signal.signal(sig, signal.SIG_DFL)
+        _take_ignored_signals(signals)  # as any process takes them
         return
     for sig in signals:  # a forked worker inherits its owner's handlers
         signal.signal(sig, signal.SIG_DFL)
