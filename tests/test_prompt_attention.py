@@ -110,6 +110,37 @@ def test_interpreter_tails_match_reference(prompts):
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("packed", [True, False])
+def test_inputs_whose_frame_offsets_overflow_int32_reach_the_kernels_contiguous(monkeypatch, packed):
+    """The kernels index within a frame in int32: seq-first views of thousands of frames (row stride
+    3 * F * C) would wrap. Such inputs are copied first; shown here with the limit lowered."""
+    from vitaclip.ops import attention
+
+    frames_per_group, seq, heads = 3, 50, 2
+    leaves = make_inputs(1, frames_per_group, seq, heads, frames_per_group, 1, True, seed=7)
+    grad_out = torch.randn(frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    fast_leaves = {name: t.float() for name, t in leaves.items()}
+    # the same values, seq-first in memory ([S, F, 3, H, Dh], as CLIP's LND layout), viewed frame-first
+    fast_leaves["qkv"] = fast_leaves["qkv"].transpose(0, 1).contiguous().transpose(0, 1)
+    monkeypatch.setattr(attention, "MAX_FRAME_OFFSET", (seq - 1) * fast_leaves["qkv"].stride(1))
+    seen = []
+    op = attention._prompt_attention_op
+
+    def spy(*args):
+        seen.append([t.is_contiguous() for t in args[:3] if t is not None])
+        return op(*args)
+
+    monkeypatch.setattr(attention, "_prompt_attention_op", spy)
+    out, grads = outputs_and_grads("qkv" if packed else prompt_attention, fast_leaves, frames_per_group, grad_out)
+    assert seen == [[True] * (1 if packed else 3)]
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_rows_split_into_full_tiles_and_one_tail():
     from vitaclip.ops.attention import _row_tiles, _tail
 

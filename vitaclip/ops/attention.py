@@ -308,12 +308,23 @@ def _check_inputs(q, k, v, local_k, local_v, global_k, global_v, summary_k, summ
                  f"{name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
 
 
+# The kernels widen only the frame offset to 64 bits: rows, heads and head dims are indexed in int32
+MAX_FRAME_OFFSET = 2 ** 31
+
+
+def _frame_offsets_fit(t: Tensor) -> bool:
+    """Whether every element of one frame of t [F, ...] lies within MAX_FRAME_OFFSET elements of
+    the frame's first (not so for, e.g., seq-first views [S, F, ...] of thousands of frames)."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:])) < MAX_FRAME_OFFSET
+
+
 def _checked_attention(q, k, v, prompts, frames_per_group: int, op_qkv) -> Tensor:
     """Checks, then the Triton op given op_qkv (its first three arguments: q, k, v, or the packed
     qkv and two Nones), or the naive reference where Triton does not run."""
     _check_inputs(q, k, v, *prompts, frames_per_group)
     if not uses_triton(q):  # e.g. float64, or the CPU without the interpreter
         return naive.prompt_attention(q, k, v, *prompts, frames_per_group).contiguous()
+    op_qkv = [t if t is None or _frame_offsets_fit(t) else t.contiguous() for t in op_qkv]
     return _prompt_attention_op(*op_qkv, *prompts, frames_per_group)[0]
 
 
