@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 #include <utility>
@@ -97,6 +98,13 @@ inline SummaryShape check_summary_backward_inputs(const at::Tensor& grad_out, co
   return shape;
 }
 
+// The op has no autocast kernel, so autocast stays on below it: without this guard the matmuls
+// inside would run in autocast's dtype (an fp32 call under autocast, or a backward run inside an
+// autocast region) and the kernels would read their outputs as the inputs' dtype.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
 // qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M]).
 template <class Kernels>
@@ -107,6 +115,7 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   const SummaryShape shape =
       check_summary_inputs(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads);
   const c10::DeviceGuard guard(c.device());
+  const NoAutocast no_autocast;
   const int64_t rows = shape.rows(), width = shape.width;
   const at::Tensor x = c.contiguous().view({rows, width});
   const auto stat_options = c.options().dtype(at::toOpMathType(c.scalar_type()));
@@ -138,6 +147,7 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
                                                            qkv_weight, qkv_bias, out_weight, num_heads);
   const int64_t rows = shape.rows(), width = shape.width;
   const c10::DeviceGuard guard(c.device());
+  const NoAutocast no_autocast;
   const at::Tensor x = c.contiguous().view({rows, width});
   const at::Tensor dout = grad_out.contiguous().view({rows, width});
 

@@ -225,6 +225,28 @@ def test_autocast_matches_pytorch_path(dtype):
 
 
 @needs_ext
+def test_the_op_itself_computes_in_its_inputs_dtype_inside_an_autocast_region():
+    """Called directly with fp32 inputs under autocast, and differentiated inside an autocast region
+    (the backward runs with the caller's autocast state): the same
+    as without autocast. The matmuls inside ran in bf16 and the kernels then read them as fp32."""
+    norm, attn = make_summary_layer(32, 2)
+    c, grad = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    leaves = [c.requires_grad_(), *summary_ext.op_arguments(norm, attn)]
+
+    def run(autocast_forward, autocast_backward):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_forward):
+            out = torch.ops.vitaclip.summary_attention(*leaves, 2, norm.eps)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_backward):
+            return [out, *torch.autograd.grad(out, leaves, grad)]
+
+    plain = run(False, False)
+    for got in (run(True, False), run(False, True)):
+        for g, want in zip(got, plain):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+@needs_ext
 def test_autocast_leaves_float64_alone_as_for_the_pytorch_path():
     norm, attn = make_summary_layer(32, 2, dtype=torch.float64)
     c, grad = torch.randn(2, 8, 32, dtype=torch.float64), torch.randn(2, 8, 32, dtype=torch.float64)
