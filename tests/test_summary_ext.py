@@ -174,6 +174,28 @@ def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatc
     assert paths_taken == ["naive"]
 
 
+def test_which_gpus_code_built_for_some_archs_runs_on():
+    built = (80, 90)  # setup.py's default: machine code for 8.0 and 9.0, PTX for 9.0
+    assert [summary_ext.has_kernel_image(*cc, archs=built) for cc in [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9)]] == \
+        [False, False, True, True, True]
+    assert [summary_ext.has_kernel_image(*cc, archs=built) for cc in [(9, 0), (10, 0), (12, 0)]] == [True] * 3
+    assert not summary_ext.has_kernel_image(9, 0, archs=())
+    assert summary_ext.has_kernel_image(7, 5, archs=(75, 80)) and not summary_ext.has_kernel_image(8, 0, archs=(86,))
+
+
+@needs_ext
+def test_a_gpu_older_than_the_build_targets_takes_the_pytorch_path(monkeypatch):
+    """A V100 or T4 with a build for 8.0 and 9.0 would fail at launch ("no kernel image")."""
+    if "cuda" not in summary_ext.KERNEL_DEVICES:
+        pytest.skip("built without CUDA kernels")
+    assert summary_ext.CUDA_ARCHS and all(isinstance(a, int) and 50 <= a < 200 for a in summary_ext.CUDA_ARCHS)
+    newest = max(summary_ext.CUDA_ARCHS)
+    for capability, runs in [(divmod(min(summary_ext.CUDA_ARCHS) - 5, 10), False), (divmod(newest, 10), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, cc=capability: type("Properties", (), dict(major=cc[0], minor=cc[1])))
+        assert summary_ext.runs_on(torch.device("cuda", 0)) is runs
+
+
 @needs_ext
 def test_torch_compile_matches_eager():
     norm, attn = make_summary_layer(32, 4)

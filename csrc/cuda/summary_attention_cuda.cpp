@@ -6,6 +6,9 @@
 
 namespace vitaclip {
 
+// Python reads it once, to send GPUs the build has no code for to the PyTorch path.
+TORCH_LIBRARY_FRAGMENT(vitaclip, m) { m.def("cuda_archs() -> int[]", &CudaKernels::archs); }
+
 TORCH_LIBRARY_IMPL(vitaclip, CUDA, m) {
   m.impl("summary_attention", &summary_attention_forward<CudaKernels>);
   m.impl("summary_attention_backward", &summary_attention_backward<CudaKernels>);

@@ -4,11 +4,16 @@
 
 #include <ATen/core/TensorBase.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "../summary_shape.h"
 
 namespace vitaclip {
 
 struct CudaKernels {
+  // The compute capabilities x 100 (800 for 8.0) this library has CUDA code for.
+  static std::vector<int64_t> archs();
   static void layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight, const at::TensorBase& bias,
                                  double eps, const at::TensorBase& normed, const at::TensorBase& mean,
                                  const at::TensorBase& rstd);

@@ -280,6 +280,8 @@ void launch_attention(Kernel kernel, const SummaryShape& s, size_t bytes, Args..
 
 }  // namespace
 
+std::vector<int64_t> CudaKernels::archs() { return {__CUDA_ARCH_LIST__}; }  // nvcc's, e.g. 800,900
+
 void CudaKernels::layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight,
                                      const at::TensorBase& bias, double eps, const at::TensorBase& normed,
                                      const at::TensorBase& mean, const at::TensorBase& rstd) {

@@ -34,8 +34,26 @@ KERNEL_DEVICES = frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "
                                "vitaclip::summary_attention", key))
 
 
+# The compute capabilities x 10 (80 for 8.0) the CUDA kernels were built for (setup.py: 8.0 and 9.0
+# with PTX where no GPU is seen at build time, else the build machine's GPUs).
+# (nvcc's __CUDA_ARCH_LIST__ counts in hundredths: 800 for 8.0)
+CUDA_ARCHS = tuple(arch // 10 for arch in torch.ops.vitaclip.cuda_archs()) if "cuda" in KERNEL_DEVICES else ()
+
+
+def has_kernel_image(major: int, minor: int, archs=CUDA_ARCHS) -> bool:
+    """Whether code built for `archs` runs on a GPU of compute capability major.minor: machine code
+    runs on later minor versions of its major, and the PTX that builds embed for their newest arch
+    (setup.py's default and torch's own) compiles for any later GPU."""
+    capability = 10 * major + minor
+    return any(a // 10 == major and a <= capability for a in archs) or bool(archs) and max(archs) <= capability
+
+
 def runs_on(device: torch.device) -> bool:
-    """Whether the built op has kernels for tensors on `device`."""
+    """Whether the built op has kernels for tensors on `device` (on CUDA: for its GPU; an older
+    GPU than the build targets, e.g. sm_75 for a build for 8.0 and 9.0, takes the PyTorch path)."""
+    if device.type == "cuda" and "cuda" in KERNEL_DEVICES:
+        properties = torch.cuda.get_device_properties(device)
+        return has_kernel_image(properties.major, properties.minor)
     return device.type in KERNEL_DEVICES
 
 
