@@ -174,6 +174,53 @@ def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_pat
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
+def test_a_file_one_rank_cannot_read_changes_no_other_ranks_share(vp9_dataset, tmp_path, caplog):
+    """Every rank probes the list itself: a file missing on one node (or an NFS error there) must
+    leave that rank's other videos, and every other rank's, where they were (they were reshuffled
+    over that rank's own usable list: videos given to two ranks or none, unequal batch counts)."""
+    import shutil
+
+    root, rows = vp9_dataset
+    names = []
+    for copy in range(3):
+        for name, label, _, _ in rows:
+            names.append((f"copy{copy}_{os.path.basename(name)}", label))
+            shutil.copy(root / name, tmp_path / names[-1][0])
+    (tmp_path / "list.csv").write_text("".join(f"{n},{l}\n" for n, l in names))  # 9 entries
+
+    def shares(train):
+        kw = dict(batch_size=1, num_frames=2, stride=4, size=16, augment=None, on_error="skip", seed=3)
+        loaders = [loader(tmp_path, train, shard_id=r, num_shards=2, **kw) for r in range(2)]
+        return [len(ld) for ld in loaders], [[int(i) for b in ld for i in b.video_id.unique()] for ld in loaders]
+
+    for train in (True, False):
+        lengths, before = shares(train)
+        missing = before[1][0]
+        moved = tmp_path / "elsewhere"
+        (tmp_path / names[missing][0]).rename(moved)
+        try:
+            lengths_after, after = shares(train)
+        finally:
+            moved.rename(tmp_path / names[missing][0])
+        assert "file not found" in caplog.text
+        assert lengths_after == (lengths if train else [lengths[0], lengths[1] - 1])  # train: an empty slot
+        assert after == [before[0], [i for i in before[1] if i != missing]]
+        assert not set(after[0]) & set(after[1])
+
+
+def test_a_loader_made_before_the_process_group_shards_as_its_rank(vp9_dataset, monkeypatch):
+    """The README's flow: VideoLoader(...), then train(), which starts torch.distributed."""
+    root, _ = vp9_dataset
+    kw = dict(batch_size=1, num_frames=2, stride=4, size=16, augment=None)
+    early = loader(root, False, **kw)
+    assert early.shard == (0, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert early.shard == (1, 2)
+    assert [int(b.video_id[0]) for b in early] == [1]
+
+
 @pytest.mark.parametrize("workers", [1, 2])  # work items of 2 clips, and of 1
 def test_pyav_worker_processes_give_the_same_batches_every_epoch(vp9_dataset, workers):
     root, _ = vp9_dataset

@@ -56,8 +56,10 @@ class VideoLoader:
     evaluation (temporal_views x spatial_crops views per video, all from one decode).
 
     batch_size counts videos; an eval batch holds batch_size * views clips, views of a video
-    adjacent. In training each rank gets the same number of batches (the epoch's tail that
-    does not fill a batch on every rank is dropped), so DDP never waits on a missing batch.
+    adjacent. Ranks (or shard_id of num_shards) split the list's entries, usable or not, so that
+    a file one rank cannot read changes no other rank's share. In training each rank gets the
+    same number of batches (the epoch's tail that does not fill a batch on every rank is
+    dropped), so DDP never waits on a missing batch.
     on_error="skip" drops bad entries (bad list lines, missing/empty/corrupt/short videos)
     with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
     list line. A video that fails to decode is counted once, but stays in the plan of later
@@ -106,7 +108,7 @@ class VideoLoader:
             raise ValueError(f"worker_timeout must be positive, got {worker_timeout}")
         self.worker_timeout = worker_timeout  # seconds without a chunk from the PyAV pool: hung
         self.on_error, self.epoch, self.start_batch = on_error, 0, 0
-        self.shard_id, self.num_shards = _shard(shard_id, num_shards)
+        self._shard_given = _checked_shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
 
         entries = read_video_list(list_file, data_root, num_classes, on_error)
@@ -117,6 +119,9 @@ class VideoLoader:
         for message in entries.skipped:
             self._bad(message)
         infos = video_infos(entries, list_file, data_root)
+        # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
+        # on one node only (a missing local copy, an NFS error) must not shift the others' shards
+        self.num_entries = len(entries)
         self.videos = []  # (video_id, entry, info) of the usable entries
         for video_id, (entry, info) in enumerate(zip(entries, infos)):
             problem = info if isinstance(info, Exception) else None
@@ -128,11 +133,19 @@ class VideoLoader:
                 self.videos.append((video_id, entry, info))
         if not self.videos:
             raise NoUsableVideos(f"{list_file}: no usable videos", self.skipped_videos)
+        self._usable = {video[0]: video for video in self.videos}
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
         self._workers = None
 
     # ---------------------------------------------------------------- planning
+    @property
+    def shard(self) -> Tuple[int, int]:
+        """(shard_id, num_shards): as given, else this process's (rank, world size) at the time of
+        asking, so that a loader made before torch.distributed starts (e.g. before `train()`)
+        shards as its rank."""
+        return self._shard_given or _process_shard()
+
     def __len__(self) -> int:
         n = len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
@@ -144,12 +157,17 @@ class VideoLoader:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _shard_videos(self):
+    def _shard_videos(self) -> list:
+        """This rank's share of the entries: evaluation, its usable videos; training, this epoch's
+        shuffled slots, a video or None where the entry is unusable (so that every rank plans the
+        same number of batches; an unusable entry leaves its batch a clip short, as a video that
+        fails to decode does)."""
+        shard_id, num_shards = self.shard
         if not self.train:
-            return self.videos[self.shard_id::self.num_shards]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.videos))
-        order = order[: len(order) // self.num_shards * self.num_shards]
-        return [self.videos[i] for i in order[self.shard_id::self.num_shards]]
+            return [self._usable[i] for i in range(shard_id, self.num_entries, num_shards) if i in self._usable]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_entries)
+        order = order[: len(order) // num_shards * num_shards]
+        return [self._usable.get(i) for i in order[shard_id::num_shards].tolist()]
 
     def plan(self, video_id: int, entry: VideoEntry, info: VideoInfo) -> ClipPlan:
         if not self.train:
@@ -168,10 +186,12 @@ class VideoLoader:
         return ClipPlan(video_id, entry, info, frames, positions.reshape(1, -1), crop, flip, augment)
 
     def _plan_batches(self) -> List[List[ClipPlan]]:
-        plans = [self.plan(*v) for v in self._shard_videos()]
-        n = len(plans) // self.batch_size * self.batch_size if self.train else len(plans)
+        """This epoch's batches from `start_batch` on (a batch of unusable entries only is empty)."""
+        videos = self._shard_videos()
+        n = len(videos) // self.batch_size * self.batch_size if self.train else len(videos)
         start = self.start_batch * self.batch_size
-        return [plans[i:i + self.batch_size] for i in range(start, n, self.batch_size)]
+        return [[self.plan(*v) for v in videos[i:i + self.batch_size] if v is not None]
+                for i in range(start, n, self.batch_size)]
 
     # ---------------------------------------------------------------- decoding
     def _resolve_backend(self, backend: str) -> str:
@@ -286,7 +306,12 @@ class VideoLoader:
         """This epoch's planned batches with their decoded frames (one tensor or error per
         plan), before any transform: what `__iter__` assembles."""
         batches = self._plan_batches()
-        return zip(batches, self._decoded_batches(batches))
+        decoded = self._decoded_batches([plans for plans in batches if plans])
+        for plans in batches:
+            frames = next(decoded, None) if plans else []
+            if frames is None:
+                return
+            yield plans, frames
 
     def __iter__(self) -> Iterator[Batch]:
         skipped_before = len(self.skipped)
@@ -442,14 +467,19 @@ class _EpochTasks(torch.utils.data.Sampler):
         return len(self.tasks)
 
 
-def _shard(shard_id, num_shards):
+def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:
+    """The shard given, checked, or None for this process's (`_process_shard`)."""
     if (shard_id is None) != (num_shards is None):
         raise ValueError("give both shard_id and num_shards, or neither")
     if shard_id is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return None
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
     return shard_id, num_shards
+
+
+def _process_shard() -> Tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
