@@ -49,12 +49,28 @@ def test_resume_auto_skips_an_unreadable_latest_checkpoint_and_stale_temporary_f
     with pytest.warns(UserWarning, match="checkpoint-00000004.pt"):
         rest = train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
     assert rest.losses == {s: full.losses[s] for s in (3, 4, 5, 6)}  # from step 2's checkpoint
-    assert sorted(p.name for p in run.glob("*checkpoint*")) == [f"checkpoint-0000000{s}.pt" for s in (2, 4, 6)]
+    assert sorted(p.name for p in run.glob("*checkpoint*")) == sorted(
+        [f"checkpoint-0000000{s}.pt" for s in (2, 4, 6)] + ["checkpoint-00000004.pt.unreadable"])  # set aside
+    assert (run / "checkpoint-00000004.pt.unreadable").read_bytes() == b"the first bytes of a checkpoint"
 
     for path in ckpt.list_checkpoints(run):
         path.write_bytes(b"")
     with pytest.raises(ValueError, match="none of the 3 checkpoints"), pytest.warns(UserWarning):
         train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+
+
+def test_pruning_after_a_resume_past_an_unreadable_checkpoint_keeps_the_runs_own(tmp_path):
+    """Pruning keeps the highest steps: an unreadable later checkpoint left in place outlived the
+    ones the resumed run wrote, which the next resume then lacked."""
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full"))
+    run = tmp_path / "run"
+    train(tiny_model(), tiny_data(), tiny_train_config(run, stop_after=2, keep_checkpoints=1))
+    (run / "checkpoint-00000006.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="checkpoint-00000006.pt"):
+        train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto", stop_after=4, keep_checkpoints=1))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-00000004.pt"]
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto", keep_checkpoints=1))
+    assert rest.losses == {s: full.losses[s] for s in (5, 6)}
 
 
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_told_to_overwrite(tmp_path):

@@ -25,6 +25,7 @@ from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8}\.pt\.")  # atomic_write's temporary files
 FORMAT = "vitaclip-train-checkpoint-v1"
+UNREADABLE_SUFFIX = ".unreadable"  # added to checkpoints a resume found unreadable and went back past
 
 
 def checkpoint_path(directory, step: int) -> Path:
@@ -49,14 +50,23 @@ def latest_checkpoint(directory) -> Optional[Path]:
 
 
 def load_latest_checkpoint(directory) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """The newest checkpoint that can be read and its contents ((None, None) when there is none);
-    unreadable newer ones (e.g. truncated by a full disk) are skipped with a warning."""
+    """The newest checkpoint that can be read and its contents ((None, None) when there is none).
+    Unreadable newer ones (e.g. truncated by a full disk) are skipped with a warning and, once an
+    older one is read, renamed <name>.unreadable: kept, but out of the way of the resumed run's
+    pruning (which keeps the highest steps: it deleted the checkpoints the run wrote) and of the
+    next resume."""
     found = list_checkpoints(directory)
+    unreadable = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path)
+            payload = load_checkpoint(path)
         except ValueError as err:
             warnings.warn(f"skipping a checkpoint that cannot be read: {err}")
+            unreadable.append(path)
+            continue
+        for bad in unreadable:
+            bad.replace(bad.with_name(bad.name + UNREADABLE_SUFFIX))
+        return path, payload
     if found:
         raise ValueError(f"none of the {len(found)} checkpoints in {directory} can be read")
     return None, None
