@@ -390,6 +390,28 @@ def test_a_signal_not_asked_for_is_left_alone(tmp_path):
         tiny_train_config(tmp_path, stop_signals=("SIGNOPE",)).validate()
 
 
+def test_a_due_checkpoint_is_written_before_the_evaluation(tmp_path, monkeypatch):
+    """An evaluation can take minutes and a stop signalled during it gets seconds: the step's
+    checkpoint must not wait for it. The final one is marked pending until its evaluation ends."""
+    from vitaclip.engine import train as train_module
+
+    evaluate_and_log = train_module.evaluate_and_log
+    on_disk = {}
+
+    def recording(model, eval_data, eval_config, env, log, step, result):
+        on_disk[step] = [(p.name, ckpt.load_checkpoint(p)["final_evaluation_pending"])
+                         for p in ckpt.list_checkpoints(tmp_path)]
+        evaluate_and_log(model, eval_data, eval_config, env, log, step, result)
+
+    monkeypatch.setattr(train_module, "evaluate_and_log", recording)
+    result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, eval_every=2),
+                   eval_data=tiny_data(8))
+    assert on_disk == {2: [("checkpoint-00000002.pt", False)],
+                       4: [("checkpoint-00000002.pt", False), ("checkpoint-00000004.pt", True)]}
+    assert list(result.evals) == [2, 4]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["final_evaluation_pending"] is False
+
+
 def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_which_resuming_does(tmp_path):
     from engine_helpers import SignallingData
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were the handler missing, the test goes on

@@ -317,14 +317,18 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
                 warnings.warn(f"step {step}: evaluation skipped, the run is stopping"
                               + (" (resuming the run evaluates it)" if at_end else ""))
+            checkpoint_args = (out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone,
+                               fingerprint)
+            if step % config.checkpoint_every == 0 or step == last_step or stopping:
+                # before the evaluation, which can take minutes: a stop signalled during it is given
+                # seconds (torchrun's and SLURM's grace), enough for one more step's checkpoint only
+                result.last_checkpoint = str(write_checkpoint(*checkpoint_args,
+                                                              final_evaluation_pending=eval_due and at_end))
             if eval_due and not stopping:
                 evaluate_and_log(model, eval_data, eval_config, env, log, step, result)
-                step_time = time.perf_counter()  # evaluation time is not training throughput
-            if step % config.checkpoint_every == 0 or step == last_step or stopping:
-                result.last_checkpoint = str(write_checkpoint(
-                    out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint,
-                    final_evaluation_pending=eval_due and stopping and at_end))
-                step_time = time.perf_counter()
+                if at_end:  # the same checkpoint, no longer pending
+                    result.last_checkpoint = str(write_checkpoint(*checkpoint_args))
+            step_time = time.perf_counter()  # checkpoint and evaluation time is not training throughput
             if stopping:
                 result.stopped_by = stop_request.received or "another rank's signal"
                 if env.is_main:
