@@ -183,3 +183,29 @@ def test_compiled_backends_keep_their_layer_graphs_whole_under_ddp(monkeypatch, 
         assert not torch._dynamo.config.optimize_ddp
     finally:
         dist.destroy_process_group()
+
+
+def test_collectives_wait_longer_than_a_hung_decoder_takes_to_be_named(monkeypatch):
+    """torch's 10-minute default equals the loader's worker_timeout: the healthy ranks' collective
+    would time out before the rank with the hung decoder names the video."""
+    from datetime import timedelta
+
+    from vitaclip.engine import distributed
+
+    made = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(made))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: made.append(kw))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    env = distributed.init_distributed("cpu")
+    assert (env.rank, env.world_size) == (1, 2)
+    assert made[0]["timeout"] == timedelta(seconds=1800) > timedelta(seconds=600)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7200")
+    assert distributed.collective_timeout() == timedelta(hours=2)
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"VITACLIP_DIST_TIMEOUT_S must be a positive number.*'{bad}'"):
+            distributed.collective_timeout()

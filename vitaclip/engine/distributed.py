@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, List, Optional
 
 import torch
@@ -36,9 +37,31 @@ def pick_device(device: Optional[str] = None, local_rank: int = 0) -> torch.devi
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+TIMEOUT_ENV = "VITACLIP_DIST_TIMEOUT_S"
+# Longer than torch's 10 minutes: ranks may reach a collective minutes apart when they probe an
+# unprepared list or compile (first steps), and a rank whose decoder hangs should be the one to
+# fail, naming the video, after the loader's worker_timeout (10 minutes by default), rather than
+# its peers' collective timing out first with no word of why.
+DEFAULT_TIMEOUT_S = 1800
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the slowest rank: $VITACLIP_DIST_TIMEOUT_S seconds, else
+    DEFAULT_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def init_distributed(device: Optional[str] = None) -> DistEnv:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU); a single
-    process without those variables runs alone. Already initialised groups are reused."""
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU; collectives wait
+    `collective_timeout()` for the slowest rank); a single process without those variables runs
+    alone. Already initialised groups are reused."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,7 +70,7 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=collective_timeout())
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world_size, local_rank, dev)
