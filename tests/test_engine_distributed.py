@@ -84,11 +84,16 @@ def test_two_gloo_processes_match_single_process(tmp_path):
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def unreadable(path):
+    raise FileNotFoundError(f"{path} is on another node")
+
+
 def resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
     with rank_of_two(rank, world_size, port):
         train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, stop_after=2))
-        if rank == 1:  # a rank whose view of the run folder lags (e.g. a network file system)
-            ckpt.list_checkpoints = lambda directory: []
+        if rank == 1:  # a rank whose view of the run folder lags (a network file system), or that has
+            ckpt.list_checkpoints = lambda directory: []  # none (a node-local folder: rank 0 writes alone)
+            ckpt.load_checkpoint = ckpt.read_torch_file = unreadable
         result = train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS, resume="auto"))
         try:  # a fresh run in the same folder: refused on every rank, not only where checkpoints are seen
             train(tiny_model(), tiny_data(), tiny_train_config(out, steps=STEPS))

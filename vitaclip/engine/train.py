@@ -404,19 +404,18 @@ def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv)
 
 def resume_point(config: TrainConfig, out: Path, env: DistEnv) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The checkpoint to resume from (None: a fresh run) and its contents. Rank 0 readies the run
-    folder and chooses; the other ranks load its choice or raise its error, so that no two ranks
-    can start from different points."""
+    folder, chooses and reads; the other ranks get its choice and contents, or raise its error, so
+    that no two ranks can start from different points, and the run folder need not be on a file
+    system every node sees (only rank 0 writes there)."""
     path, payload, error = None, None, None
     if env.is_main:
         try:
             path, payload = choose_checkpoint(config, out)
         except Exception as err:  # noqa: BLE001 - raised on every rank below: none is left waiting
             error = err
-    path, error = broadcast_object(env, (path, error))
+    path, payload, error = broadcast_object(env, (path, payload, error))
     if error is not None:
         raise error
-    if path is not None and payload is None:
-        payload = ckpt.load_checkpoint(path)
     return path, payload
 
 
