@@ -53,3 +53,33 @@ def test_float64_and_strided_input_on_cuda():
     ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 3, grad)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_hundreds_of_groups_as_a_multi_view_evaluation_batch():
+    """32 videos x 12 views = 384 groups of 8 frames, 12 heads: 4,608 blocks."""
+    norm, attn = make_summary_layer(768, 12, dtype=torch.float64, device="cuda", seed=2)
+    c = torch.randn(384, 8, 768, dtype=torch.float64, device="cuda")
+    grad = torch.randn_like(c)
+    reference = output_and_grads(naive.summary_tokens, c, norm, attn, 12, grad)
+    norm, attn, c, grad = norm.bfloat16(), attn.bfloat16(), c.bfloat16(), grad.bfloat16()
+    out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 12, grad)
+    ref_out, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 12, grad)
+    assert_no_worse_than_pytorch([out, *grads], [ref_out, *ref_grads], [reference[0], *reference[1]], 1e-2)
+
+
+def test_the_op_inside_a_cuda_autocast_region_computes_in_its_inputs_dtype():
+    norm, attn = make_summary_layer(256, 4, device="cuda", seed=3)
+    args = (torch.randn(4, 8, 256, device="cuda"), *summary_ext.op_arguments(norm, attn), 4, norm.eps)
+    plain = torch.ops.vitaclip.summary_attention(*args)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        inside = torch.ops.vitaclip.summary_attention(*args)[0]
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+
+
+def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
+    """65,536 frames: T x T wraps to 0 in 32 bits, which would launch with no shared memory."""
+    norm, attn = make_summary_layer(64, 1, device="cuda", seed=4)
+    c = torch.randn(1, 65536, 64, device="cuda")
+    with pytest.raises(ValueError, match="65536 frames.*32-bit"):
+        torch.ops.vitaclip.summary_attention(c, *summary_ext.op_arguments(norm, attn), 1, norm.eps)

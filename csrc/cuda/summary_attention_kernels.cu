@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 namespace vitaclip {
 namespace {
@@ -258,8 +259,23 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
   }
 }
 
+constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+
+// The attention kernels size and index a block's shared matrices (T x (Dh + 1), T x T) and the grid
+// (groups x heads blocks) in 32-bit ints: refused, rather than wrapped, beyond (such T are far past
+// any GPU's shared memory, which the launch checks; the model sends those shapes to PyTorch).
 HeadLayout head_layout(const SummaryShape& s) {
+  TORCH_CHECK_VALUE(s.frames * s.frames <= kMaxInt / 8 && s.frames * (s.head_dim() + 1) <= kMaxInt / 8 &&
+                        s.groups * s.heads <= kMaxInt,
+                    "summary_attention: ", s.groups, " groups of ", s.frames, " frames, ", s.heads,
+                    " heads of dim ", s.head_dim(), ": beyond the CUDA kernels' 32-bit sizes");
   return HeadLayout{int(s.frames), int(s.head_dim()), int(s.heads), int(s.width)};
+}
+
+// The LayerNorm kernels take a block per row (and the backward ceil(6C / kColumnTile) more).
+void check_rows(const at::TensorBase& x) {
+  TORCH_CHECK_VALUE(x.size(0) + 6 * x.size(1) <= kMaxInt, "summary_attention: ", x.size(0), " rows of width ",
+                    x.size(1), ": beyond the CUDA kernels' 32-bit sizes");
 }
 
 // Launches `kernel` with `bytes` of dynamic shared memory, opting in above the 48 KiB default.
@@ -285,6 +301,7 @@ std::vector<int64_t> CudaKernels::archs() { return {__CUDA_ARCH_LIST__}; }  // n
 void CudaKernels::layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight,
                                      const at::TensorBase& bias, double eps, const at::TensorBase& normed,
                                      const at::TensorBase& mean, const at::TensorBase& rstd) {
+  check_rows(x);
   const int rows = int(x.size(0)), C = int(x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -328,6 +345,7 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
                                       const at::TensorBase& weight, const at::TensorBase& grad_x,
                                       const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
                                       const at::TensorBase& grad_qkv_bias, const at::TensorBase& grad_out_bias) {
+  check_rows(x);
   const int rows = int(x.size(0)), C = int(x.size(1));
   const int blocks = rows + (6 * C + kColumnTile - 1) / kColumnTile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
