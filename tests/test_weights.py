@@ -240,7 +240,7 @@ def test_save_and_load_pretrained(tmp_path):
         VitaCLIP.from_pretrained(tmp_path / "saved")
 
 
-def test_saved_files_follow_the_umask_and_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+def test_saved_files_follow_the_umask_and_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
     events = []
 
     def recorded(name, real):
@@ -258,7 +258,7 @@ def test_saved_files_follow_the_umask_and_reach_the_disk_before_the_rename(tmp_p
         os.umask(before)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "saved").iterdir()} == {
         "classnames.json": "0o640", "config.json": "0o640", "model.safetensors": "0o640"}
-    assert events == ["fsync", "replace"] * 3
+    assert events == ["fsync", "replace", "fsync"] * 3  # the file, its rename, the folder holding the rename
 
 
 @pytest.mark.parametrize("name, pretrained, quick_gelu", [

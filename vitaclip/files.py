@@ -29,6 +29,21 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)  # the rename itself: until the folder reaches the disk, a power cut can undo it
+
+
+def fsync_folder(path: Union[str, Path]) -> None:
+    """Make a folder's entries (a rename) reach the disk, where the platform can (POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: Union[str, Path]) -> None:
