@@ -214,3 +214,16 @@ def test_collectives_wait_longer_than_a_hung_decoder_takes_to_be_named(monkeypat
         monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"VITACLIP_DIST_TIMEOUT_S must be a positive number.*'{bad}'"):
             distributed.collective_timeout()
+
+
+def test_one_gpu_named_for_every_process_of_a_node_is_refused(monkeypatch):
+    from vitaclip.engine import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match="'cuda:0' puts every process of this node on one GPU.*'cuda'"):
+        distributed.init_distributed("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # (alone: no process group to join)
+    assert distributed.init_distributed("cuda").device == torch.device("cuda", 3)

@@ -66,6 +66,10 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if dev.type == "cuda" and device is not None and torch.device(device).index is not None \
+            and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        raise ValueError(f"device {device!r} puts every process of this node on one GPU (NCCL refuses that): "
+                         f"give 'cuda' for each process's own GPU (LOCAL_RANK)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
