@@ -145,3 +145,100 @@ def test_prepare_refuses_an_out_dir_prepared_with_other_settings(source_list, tm
     again = prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=48), workers=1,
                     progress=False)
     assert (again.written, again.reused) == (0, 1)
+
+
+def small(lst, out, root="", **kw):
+    return prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False, **kw)
+
+
+def test_a_video_listed_twice_is_encoded_once_with_a_line_per_entry(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    name = rows[0][0]
+    (tmp_path / "src.csv").write_text(f"{name},0\n{rows[1][0]},1\n{name},2\n")
+    result = small(tmp_path / "src.csv", tmp_path / "out", root)
+    assert (result.written, result.reused, result.failed) == (2, 0, [])
+    out_name = os.path.join("videos", os.path.splitext(name)[0] + ".mp4")
+    assert [(os.path.relpath(e.path, tmp_path / "out"), e.label)
+            for e in read_video_list(result.list_file, str(tmp_path / "out"))][::2] == [(out_name, 0), (out_name, 2)]
+
+
+def test_two_videos_that_would_share_an_output_are_refused_naming_both_lines(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    shutil.copy(root / rows[0][0], src / "a" / "x.webm")
+    shutil.copy(root / rows[1][0], src / "a" / "x.mkv")
+    (tmp_path / "src.csv").write_text("a/x.webm,0\na/x.mkv,1\n")
+    with pytest.raises(VideoDecodeError, match=r"src.csv:2: .*a/x.mkv would be prepared as videos/a/x.mp4, as "
+                                               r"line 1's .*a/x.webm is"):
+        small(tmp_path / "src.csv", tmp_path / "out", src)
+    result = small(tmp_path / "src.csv", tmp_path / "out", src, on_error="skip")
+    assert result.written == 1 and len(result.failed) == 1 and "src.csv:2" in result.failed[0]
+    assert pyav.probe(str(tmp_path / "out" / "videos" / "a" / "x.mp4")).frames == rows[0][2]
+
+
+def test_a_list_of_paths_outside_the_data_root_writes_under_the_output_folder_only(vp9_dataset, tmp_path):
+    """Absolute paths with a data root (or ../ paths) gave videos/../../<source folder>: outputs
+    written beside the sources, and an existing source file taken for a finished output."""
+    root, rows = vp9_dataset
+    src = tmp_path / "elsewhere"
+    src.mkdir()
+    shutil.copy(root / rows[0][0], src / "v.webm")
+    (tmp_path / "src.csv").write_text(f"{src / 'v.webm'},0\n../elsewhere/v.webm,1\n")
+    (tmp_path / "root").mkdir()
+    result = small(tmp_path / "src.csv", tmp_path / "out", tmp_path / "root")
+    assert sorted(os.listdir(src)) == ["v.webm"]
+    inside = os.path.join("videos", str(src / "v.mp4").lstrip(os.sep))
+    assert [os.path.relpath(e.path, tmp_path / "out")
+            for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [inside, inside]
+    assert result.written == 1
+
+
+def test_sources_where_the_prepared_videos_would_go_are_left_alone(vp9_dataset, tmp_path):
+    """A data root of OUT_DIR/videos with mp4 sources: each output path is its source."""
+    root, rows = vp9_dataset
+    videos = tmp_path / "out" / "videos"
+    videos.mkdir(parents=True)
+    pyav_copy = videos / "v.mp4"
+    small_list = tmp_path / "first.csv"
+    small_list.write_text(f"{root / rows[0][0]},0\n")
+    made = small(small_list, tmp_path / "made")  # an mp4 to use as a source
+    shutil.copy(read_video_list(made.list_file, str(tmp_path / "made"))[0].path, pyav_copy)
+    before = pyav_copy.read_bytes()
+    (tmp_path / "src.csv").write_text("v.mp4,0\n")
+    with pytest.raises(VideoDecodeError, match="src.csv:1: .*v.mp4 is where its prepared video would go"):
+        small(tmp_path / "src.csv", tmp_path / "out", videos)
+    assert pyav_copy.read_bytes() == before
+
+
+def test_an_output_is_remade_when_its_source_changed_and_refused_for_another_source(vp9_dataset, tmp_path):
+    """Reuse went by the output's name alone: a replaced source, or another list's video of the
+    same name (a validation list under another root), got the old video."""
+    root, rows = vp9_dataset
+    for folder, row in (("train", rows[0]), ("val", rows[1])):
+        (tmp_path / folder / "c").mkdir(parents=True)
+        shutil.copy(root / row[0], tmp_path / folder / "c" / "x.webm")
+        (tmp_path / f"{folder}.csv").write_text("c/x.webm,0\n")
+    out = tmp_path / "out"
+    assert small(tmp_path / "train.csv", out, tmp_path / "train").written == 1
+    assert small(tmp_path / "train.csv", out, tmp_path / "train").reused == 1
+    with pytest.raises(VideoDecodeError, match="val.csv:1: .*x.mp4 was prepared from .*train/c/x.webm.*another "
+                                               "OUT_DIR"):
+        small(tmp_path / "val.csv", out, tmp_path / "val")
+    shutil.copy(root / rows[2][0], tmp_path / "train" / "c" / "x.webm")  # the source replaced
+    again = small(tmp_path / "train.csv", out, tmp_path / "train")
+    assert (again.written, again.reused) == (1, 0)
+    assert pyav.probe(str(out / "videos" / "c" / "x.mp4")).frames == rows[2][2]
+
+
+def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_path):
+    """A headerless H.264 stream that FFmpeg opens as 0x0: probing said 1 frame of 0x0 (the training
+    loader then divided by zero), prepare stopped with ZeroDivisionError naming no line."""
+    root, rows = vp9_dataset
+    junk = tmp_path / "junk.h264"
+    junk.write_bytes(b"\x00\x00\x00\x01\x67" + np.random.default_rng(0).bytes(3000))
+    with pytest.raises(VideoDecodeError, match="unknown size"):
+        pyav.probe(str(junk))
+    (tmp_path / "src.csv").write_text(f"{junk},0\n{root / rows[0][0]},0\n")
+    result = small(tmp_path / "src.csv", tmp_path / "out", on_error="skip")
+    assert result.written == 1 and len(result.failed) == 1 and "src.csv:1" in result.failed[0]

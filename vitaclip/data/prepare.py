@@ -2,12 +2,14 @@
 H.264 without B-frames, tuned for fast decoding, a keyframe every `gop` frames (seeks stay
 short), every source frame kept (frame i stays frame i, so sampling is unchanged).
 
-Parallel (processes), resumable (finished outputs are skipped; each is written to a
-temporary name and renamed when complete), with a progress bar. Writes OUT_DIR/<list name>
-in the original `path,label` format (paths relative to OUT_DIR) and its `.meta` sidecar
-(exact frame counts, so the loader needs no probing); OUT_DIR cannot be the list's own folder.
-Stops at the first bad list line or video; `--on-error skip` leaves them out of the new list
-and exits with status 1.
+Parallel (processes), resumable (each output is written to a temporary name and renamed
+when complete; one made from the same source file, as OUT_DIR/prepare-sources.jsonl records,
+is not made again), with a progress bar. A video goes to OUT_DIR/videos/<its path under the
+data root>.mp4 (one outside the data root under its absolute path), once however often the list
+names it. Writes OUT_DIR/<list name> in the original `path,label` format (paths relative to
+OUT_DIR) and its `.meta` sidecar (exact frame counts, so the loader needs no probing); OUT_DIR
+cannot be the list's own folder. Stops at the first bad list line or video; `--on-error skip`
+leaves them out of the new list and exits with status 1.
 
     python -m vitaclip.data.prepare SRC_LIST OUT_DIR [--data-root DIR] [--short-side 256]
 """
@@ -22,9 +24,10 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -36,6 +39,7 @@ from .pyav import VideoDecodeError, VideoInfo
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
+SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         with av.open(src) as source, av.open(tmp, "w") as out:
             in_stream = source.streams.video[0]
             in_stream.thread_type = "AUTO"
+            if in_stream.codec_context.height <= 0 or in_stream.codec_context.width <= 0:
+                raise VideoDecodeError(f"{src}: video of unknown size")
             rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(25)
             height, width = output_size(in_stream.codec_context.height, in_stream.codec_context.width,
                                         settings.short_side)
@@ -95,12 +101,51 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
 
 
-def _job(src: str, dst: str, settings: EncodeSettings):
-    """(info, reused) for one video; an existing output is complete (it was renamed into place)."""
-    if os.path.exists(dst):
-        return pyav.probe(dst), True
+def output_name(source: str, data_root: str) -> str:
+    """The prepared video's path in OUT_DIR: videos/<source's path under data_root>.mp4, or, for a
+    source outside data_root (an absolute path, or one climbing out with ..), videos/<its
+    absolute path>.mp4."""
+    rel = os.path.normpath(os.path.relpath(source, data_root) if data_root else source)
+    if os.path.isabs(rel) or rel.split(os.sep)[0] == os.pardir:
+        rel = os.path.abspath(source).lstrip(os.sep)
+    return os.path.join("videos", os.path.splitext(rel)[0] + ".mp4")
+
+
+def source_record(src: str) -> dict:
+    """What identifies the source file an output is made from."""
+    size, mtime_ns = pyav.file_stamp(src)
+    return {"source": os.path.realpath(src), "size": size, "mtime_ns": mtime_ns}
+
+
+def read_sources(out_dir: str) -> Dict[str, dict]:
+    """OUT_DIR's record of sources, by output name (the last row of each wins; a row cut short
+    by a killed run is ignored, and its output made again)."""
+    rows = {}
+    path = os.path.join(out_dir, SOURCES_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    rows[row.pop("output")] = row
+                except (json.JSONDecodeError, KeyError, AttributeError):
+                    continue
+    return rows
+
+
+def _job(src: str, dst: str, settings: EncodeSettings, made_from: Optional[dict]) -> Tuple[VideoInfo, bool, dict]:
+    """(info, reused, source record) for one video. An existing output is complete (it was renamed
+    into place) and is reused when `made_from`, its recorded source, is this source as it is now."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{src} is where its prepared video would go: choose an OUT_DIR outside the data root")
+    source = source_record(src)
+    if made_from is not None and made_from["source"] != source["source"]:  # e.g. another list's root
+        raise ValueError(f"{dst} was prepared from {made_from['source']}, another video of the same name: prepare "
+                         f"this list into another OUT_DIR")
+    if os.path.exists(dst) and made_from == source:  # (a source changed since is made again)
+        return pyav.probe(dst), True, source
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    return transcode(src, dst, settings), False
+    return transcode(src, dst, settings), False, source
 
 
 def record_settings(out_dir: str, settings: EncodeSettings) -> None:
@@ -143,41 +188,61 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     os.makedirs(out_dir, exist_ok=True)
     record_settings(out_dir, settings)
     failed = list(entries.skipped)
-    jobs = {}
+
+    def fail(entry, problem: str, error: Exception) -> None:
+        message = f"{entry.list_file}:{entry.line}: {problem}"
+        if on_error == "raise":
+            raise VideoDecodeError(message) from error
+        log.warning("skipping: %s", message)
+        failed.append(message)
+
+    names, first_of = {}, {}  # entry -> output name; output name -> the first entry with it
     for entry in entries:
-        rel = os.path.relpath(entry.path, data_root) if data_root else entry.path.lstrip(os.sep)
-        jobs[entry] = os.path.join("videos", os.path.splitext(rel)[0] + ".mp4")
-    if len(set(jobs.values())) != len(jobs):
-        raise ValueError(f"{src_list}: two entries map to the same output (duplicate paths?)")
+        name = output_name(entry.path, data_root)
+        first = first_of.setdefault(name, entry)
+        if first is not entry and os.path.normpath(first.path) != os.path.normpath(entry.path):
+            fail(entry, f"{entry.path} would be prepared as {name}, as line {first.line}'s {first.path} is",
+                 ValueError("two sources, one output"))
+        else:
+            names[entry] = name  # a video listed again (e.g. under another label) is encoded once
+    known = read_sources(out_dir)
     results = {}
     workers = workers or os.cpu_count()
     # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-    calls = ((e, (e.path, os.path.join(out_dir, rel), settings)) for e, rel in jobs.items())
+    calls = ((name, (entry.path, os.path.join(out_dir, name), settings, known.get(name)))
+             for name, entry in first_of.items() if entry in names)
     try:
-        for entry, future in tqdm(_as_completed(pool, _job, calls, workers), total=len(jobs),
-                                  disable=not progress, desc="prepare", unit="video"):
-            try:
-                results[entry] = future.result()
-            except VideoDecodeError as e:
-                message = f"{entry.list_file}:{entry.line}: {e}"
-                if on_error == "raise":
-                    raise VideoDecodeError(message) from e
-                log.warning("skipping: %s", message)
-                failed.append(message)
+        with open(os.path.join(out_dir, SOURCES_FILE), "a", encoding="utf-8") as sources:
+            for name, future in tqdm(_as_completed(pool, _job, calls, workers), total=len(set(names.values())),
+                                     disable=not progress, desc="prepare", unit="video"):
+                try:
+                    results[name] = future.result()
+                except BrokenProcessPool:
+                    raise  # a worker died (FFmpeg crashed): the pool is gone for every video left
+                except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
+                    fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}",
+                         e)
+                    continue
+                if results[name][2] != known.get(name):
+                    sources.write(json.dumps({"output": name, **results[name][2]}) + "\n")
+                    sources.flush()
     except BaseException:
         # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,
         # and the videos being encoded are whole or absent (renamed into place when complete)
         pool.shutdown(wait=False)
         raise
     pool.shutdown()
-    done = [e for e in entries if e in results]  # list order kept
-    write_video_list(out_list, [(jobs[e], e.label) for e in done])
-    write_meta(meta_path(out_list), [(jobs[e], results[e][0]) for e in done])
-    reused = sum(results[e][1] for e in done)
+    done = [e for e in entries if names.get(e) in results]  # list order kept
+    for entry in entries:  # the other entries of a video that failed
+        if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
+            failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
+    write_video_list(out_list, [(names[e], e.label) for e in done])
+    write_meta(meta_path(out_list), [(name, info) for name, (info, _, _) in results.items()])
+    reused = sum(reused for _, reused, _ in results.values())
     if failed:
         log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
-    return PrepareResult(out_list, len(done) - reused, reused, failed)
+    return PrepareResult(out_list, len(results) - reused, reused, failed)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

@@ -70,9 +70,11 @@ def probe(path: str) -> VideoInfo:
             if not container.streams.video:
                 raise VideoDecodeError(f"{path}: no video stream")
             stream = container.streams.video[0]
+            height, width = stream.codec_context.height, stream.codec_context.width
+            if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
+                raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
             frames = sum(1 for packet in container.demux(stream) if _shown(packet))
-            return VideoInfo(frames, stream.codec_context.height, stream.codec_context.width,
-                             stream.codec_context.codec.canonical_name, stamp)
+            return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
