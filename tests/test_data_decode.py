@@ -433,6 +433,27 @@ def test_dali_reader_run_failing_on_a_file_goes_on_with_a_new_reader(vp9_dataset
 
 
 @needs_dali
+@pytest.mark.parametrize("mode", ["reader", "decoder"])
+def test_dali_running_out_of_memory_is_raised_not_taken_for_bad_files(vp9_dataset, monkeypatch, mode):
+    """Files a failed run touched are left out for good: not when the run failed for memory."""
+    root, rows = vp9_dataset
+    path = str(root / rows[0][0])
+    runs = []
+
+    def run_out_of_memory(self):
+        runs.append(1)
+        raise RuntimeError("CUDA allocation failed: out of memory")
+
+    from nvidia.dali import Pipeline
+    monkeypatch.setattr(Pipeline, "run", run_out_of_memory)
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=2, mode=mode, sequence_length=2, stride=1,
+                               readers=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(decoder.decode([[(path, np.array([0, 1]))]]))
+    assert runs and decoder.unreadable == set()
+
+
+@needs_dali
 @pytest.mark.parametrize("failure", ["names-the-file", "names-none", "only-together"])
 def test_dali_reader_that_fails_to_build(good_and_junk, tmp_path, dali_paths, monkeypatch, failure):
     """DALI failing to build a reader over a file (as for a video without timestamps): a file its

@@ -55,6 +55,15 @@ def available() -> bool:
     return fn is not None
 
 
+def _raise_if_out_of_memory(error: Exception) -> None:
+    """A failed DALI run is taken for a bad file and the file left out for good, unless the
+    device or host ran out of memory: that error is raised as it is."""
+    text = str(error).lower()
+    if isinstance(error, torch.cuda.OutOfMemoryError) or any(
+            words in text for words in ("out of memory", "allocation failed", "bad_alloc")):
+        raise error
+
+
 class DaliDecoder:
     """Decodes batches of tasks; yields, per batch, one item per task: uint8 frames
     [F, H, W, 3] (on the GPU for device="gpu") or the VideoDecodeError of that task.
@@ -166,7 +175,8 @@ class DaliDecoder:
                 except StopIteration:
                     finished = True
                     return
-                except RuntimeError:
+                except RuntimeError as e:
+                    _raise_if_out_of_memory(e)
                     if not self._in_flight:  # no batch to blame
                         raise
                     failed = self._in_flight.popleft()
@@ -210,6 +220,7 @@ class DaliDecoder:
             try:
                 pipe = self._open_reader(tasks, lines) if lines else None
             except RuntimeError as e:
+                _raise_if_out_of_memory(e)
                 named = self._named_in(e, tasks) or self._unopenable(tasks, lines)
                 if not named:
                     self._fall_back(f"the reader could not open this epoch's files ({_first_line(e)})")
@@ -222,6 +233,7 @@ class DaliDecoder:
                     yield results
                     done += 1
             except RuntimeError as e:  # the batch a run failed on goes one by one, the rest to a new reader
+                _raise_if_out_of_memory(e)
                 batch = batches[done]
                 results = self._decode_one_by_one(batch)
                 failed = {path for (path, _), r in zip(batch, results) if isinstance(r, Exception)}
@@ -241,7 +253,8 @@ class DaliDecoder:
             own = [line for line in lines if tasks[line[0]][0] == path]
             try:
                 self._open_reader(tasks, own)
-            except RuntimeError:
+            except RuntimeError as e:
+                _raise_if_out_of_memory(e)
                 bad.add(path)
         return bad
 
@@ -389,6 +402,7 @@ class DaliDecoder:
                 results.append(self._to_torch(out[0]))
                 self._keep_alive(out)
             except RuntimeError as e:
+                _raise_if_out_of_memory(e)
                 self._single = self._build(1, 1, 1)  # a failed DALI pipeline cannot run again
                 results.append(VideoDecodeError(f"{path}: DALI could not decode frames "
                                                 f"{indices.tolist()} ({_first_line(e)})"))
