@@ -9,8 +9,8 @@ default):
   on an H100 (benchmarks/RESULTS.md, run 1).
 - "reader": `fn.experimental.readers.video` reading a per-epoch file list, one line
   `path label start end` per clip (two for an evaluation clip that stops at the end of a
-  short video). It indexes each file once (cached for the process) and seeks to the keyframe
-  before each wanted frame. It takes clips whose unique frames are
+  short video). It indexes each file of its list when it is built (once per epoch) and seeks
+  to the keyframe before each wanted frame. It takes clips whose unique frames are
   `min(start + stride * k, last)` for k < sequence_length (fixed-stride training clips,
   single-view evaluation, short videos); an epoch with other clips (TSN, several temporal
   views) falls back to "decoder", counted in `DaliDecoder.fallbacks` and logged as a warning.
@@ -271,9 +271,9 @@ class DaliDecoder:
 
     def _open_reader(self, tasks: List[Task], lines: List[Tuple[int, int, int]]):
         """A reader pipeline over `lines` (task position, start, end); the label of each sample
-        is its line's position. Reader r reads lines r, r + K, r + 2K, ... (its own list, so
-        each file is opened by one reader only), padded to equal lengths with positions past
-        the end (a reader with an empty list fails to build)."""
+        is its line's position. Reader r reads lines r, r + K, r + 2K, ... (its own list; the two
+        lines of a clip that reaches the end of its video may go to two readers), padded to equal
+        lengths with positions past the end (a reader with an empty list fails to build)."""
         k = self.readers
         rows = []
         for i in range(-(-len(lines) // k) * k):
