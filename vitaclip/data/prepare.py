@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from ..files import atomic_write_text, fsync_file
+from ..files import atomic_write_text, fsync_file, fsync_folder
 from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
@@ -98,6 +98,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         raise VideoDecodeError(f"{src}: no frames decoded")
     fsync_file(tmp)  # on the disk before it is renamed into place, where it counts as done
     os.replace(tmp, dst)
+    fsync_folder(os.path.dirname(dst))
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
 
 
