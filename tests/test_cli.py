@@ -189,7 +189,7 @@ def test_errors_are_clear_before_training(videos, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text(list_file.read_text() + "clip_00000.mp4,9\n")
     code, _, err = run(capsys, *base, "--train-list", bad, "--classes", root / "classes.txt")
-    assert code == 2 and "label 9 out of range" in err and "bad.txt:13" in err
+    assert code == 2 and "label 9 out of range" in err and "bad.txt:13" in err and "class list has 4 names" in err
     five = tmp_path / "five.txt"
     five.write_text("\n".join(CLASSES + ("waving",)))
     code, _, err = run(capsys, *base, "--train-list", list_file, "--classes", five)
@@ -365,3 +365,13 @@ def test_a_jobs_stop_signal_sent_twice_to_every_process_stops_training_with_deco
     assert run.returncode == 75, err
     step = int(re.search(r"stopped by SIGTERM after step (\d+),", out).group(1))
     assert 2 <= step < 1000 and load_checkpoint(latest_checkpoint(tmp_path))["step"] == step
+
+
+def test_flag_and_device_mistakes_are_named(videos, tmp_path, capsys):
+    root, list_file = videos
+    base = ["eval", "--model", root / "model", "--list", list_file, "--data-root", list_file.parent, *CPU]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in base + ["--temporal-views", 0]])
+    assert exit_.value.code == 2 and "--temporal-views: '0' is not a whole number >= 1" in capsys.readouterr().err
+    code, _, err = run(capsys, *base, "--device", "cpus")
+    assert code == 2 and "device 'cpus' is not one: cpu, cuda or cuda:N" in err

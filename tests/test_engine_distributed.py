@@ -221,9 +221,20 @@ def test_one_gpu_named_for_every_process_of_a_node_is_refused(monkeypatch):
 
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed, "check_cuda_device", lambda device: None)  # (as if on a node of 8 GPUs)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(ValueError, match="'cuda:0' puts every process of this node on one GPU.*'cuda'"):
         distributed.init_distributed("cuda:0")
     monkeypatch.setenv("WORLD_SIZE", "1")  # (alone: no process group to join)
     assert distributed.init_distributed("cuda").device == torch.device("cuda", 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_that_is_none_or_missing_is_named():
+    from vitaclip.engine import distributed
+
+    with pytest.raises(ValueError, match="device 'cpus' is not one: cpu, cuda or cuda:N"):
+        distributed.pick_device("cpus")
+    with pytest.raises(ValueError, match="device 'cuda:0': this process has no CUDA GPU"):
+        distributed.init_distributed("cuda")

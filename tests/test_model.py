@@ -241,3 +241,21 @@ def test_presets():
     assert VitaCLIPConfig.preset("vit-b-32").patch_size == 32
     with pytest.raises(ValueError, match="preset"):
         VitaCLIPConfig.preset("ViT-H/14")
+
+
+def test_a_config_that_is_not_a_vitaclip_config_is_refused_by_type():
+    from vitaclip.config import PRESETS
+
+    with pytest.raises(TypeError, match=r"config must be a VitaCLIPConfig \(e.g. VitaCLIPConfig.preset"):
+        VitaCLIP(PRESETS["ViT-B/32"], ["a", "b"])
+
+
+def test_backends_are_listed_for_a_device_and_a_wrong_choice_names_the_right_ones():
+    from vitaclip import backends
+
+    everywhere = backends.available_backends()
+    assert "reference" in everywhere and backends.available_backends("meta") == ["reference"]
+    if "fast" in everywhere:  # (Triton installed) offered on CUDA only
+        with pytest.raises(ValueError, match=r"'fast' is not available on device meta \(there: \['auto', "
+                                             r"'reference'\]\)"):
+            backends.resolve_backend("fast", torch.device("meta"))

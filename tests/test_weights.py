@@ -101,6 +101,17 @@ def clip_tokenize(texts):
     return open_clip.tokenize(texts)
 
 
+def test_empty_pretrained_means_random_weights_and_unavailable_weights_say_so(tiny_clip_checkpoint):
+    """'' is random weights on the command line (it failed in zeroshot's plain CLIP); weights open_clip
+    cannot get (offline) end in one error naming them, not a chain of download tracebacks."""
+    from vitaclip.weights import WeightsUnavailable
+
+    assert VitaCLIP.plain_clip("vitaclip-test-b16", "").config.layers == TINY_CLIP["vision_cfg"]["layers"]
+    with pytest.raises(WeightsUnavailable, match="could not load the 'no-such-tag' weights of 'vitaclip-test-b16'"
+                                                 ".*give a weights file"):
+        VitaCLIP.from_clip("vitaclip-test-b16", "no-such-tag", CLASSES)
+
+
 def test_from_clip_with_prompts_loads_every_backbone_tensor(tiny_clip_checkpoint):
     clip, path = tiny_clip_checkpoint
     model = VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -49,9 +49,10 @@ def _load_optional_backends() -> None:
                 raise
 
 
-def available_backends() -> list[str]:
+def available_backends(device: Optional[Union[str, torch.device]] = None) -> list[str]:
+    """The registered backends' names; with `device`, those that run there (the fast ones need CUDA)."""
     _load_optional_backends()
-    return sorted(_BACKENDS)
+    return sorted(name for name, b in _BACKENDS.items() if device is None or b.is_available(torch.device(device)))
 
 
 def check_backend_name(name: str) -> None:
@@ -64,7 +65,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name != "auto":
         backend = _BACKENDS[name]
         if not backend.is_available(device):
-            raise ValueError(f"backend {name!r} is not available on device {device}")
+            raise ValueError(f"backend {name!r} is not available on device {device} (there: "
+                             f"{['auto'] + available_backends(device)})")
         return backend
     candidates = [b for b in _BACKENDS.values() if b.is_available(device)]
     return max(candidates, key=lambda b: b.priority)

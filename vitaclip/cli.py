@@ -38,6 +38,17 @@ def signal_names(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of frames, views, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def read_classes(path: str) -> List[str]:
     from .data import read_class_names
 
@@ -66,10 +77,10 @@ def heads_overrides(args) -> dict:
 
 
 def add_heads(p) -> None:
-    p.add_argument("--heads", type=int, default=None,
+    p.add_argument("--heads", type=positive_int, default=None,
                    help="attention heads of the vision tower of a file in the authors' layout (default: those "
                         "of the CLIP of its width)")
-    p.add_argument("--text-heads", type=int, default=None, help="the same for the text tower")
+    p.add_argument("--text-heads", type=positive_int, default=None, help="the same for the text tower")
 
 
 def build_training_model(args, classes: List[str]):
@@ -311,19 +322,19 @@ def add_runtime(p, workers: int = 4) -> None:
 
 def add_data(p, views: bool = True, lists: bool = True) -> None:
     p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
-    p.add_argument("--stride", type=int, default=16, help="frames between sampled frames")
+    p.add_argument("--stride", type=positive_int, default=16, help="frames between sampled frames")
     p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
                    help="video decoder")
     if lists:
         p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                        help="a bad list line or video (missing, corrupt, too short) stops the run naming it, "
                             "or is skipped with a warning and counted at the end")
-        p.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames are bad input")
+        p.add_argument("--min-frames", type=positive_int, default=1, help="videos with fewer frames are bad input")
         p.add_argument("--worker-timeout", type=float, default=600.0,
                        help="seconds without a decoded clip from the PyAV workers before the run stops, "
                             "naming the videos awaited (a hung decoder)")
     if views:
-        p.add_argument("--temporal-views", type=int, default=1, help="evenly spaced clips per video")
+        p.add_argument("--temporal-views", type=positive_int, default=1, help="evenly spaced clips per video")
         p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")
 
 
@@ -349,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file ('' for random weights)")
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
+    g.add_argument("--frames", type=positive_int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
     g.add_argument("--n-ctx", type=int, default=None,
                    help="learned text context vectors (default 8, or the --init model's)")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
@@ -363,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-cls-proj", action="store_true", help="also train cls_proj (the public code does not)")
     add_heads(g)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=30_000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, accumulation)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
+    g.add_argument("--steps", type=positive_int, default=30_000, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=256, help="global batch (all processes, accumulation)")
+    g.add_argument("--micro-batch-size", type=positive_int, default=None,
                    help="clips per process per forward (default: batch-size / processes; smaller = accumulation)")
     g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay")
@@ -377,16 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", default="rand-m7-n4-mstd0.5-inc1", help="RandAugment spec ('' for none)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="videos per evaluation batch")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="videos per evaluation batch")
+    g.add_argument("--checkpoint-every", type=positive_int, default=1000, help="steps between checkpoints")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log rows")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between log rows")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run: delete its checkpoints and "
                         "final model first")
     g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="on a NaN/inf loss or gradient")
-    g.add_argument("--stop-after", type=int, default=None, help="leave after this step, checkpointed")
+    g.add_argument("--stop-after", type=positive_int, default=None, help="leave after this step, checkpointed")
     g.add_argument("--stop-signals", default=",".join(DEFAULT_STOP_SIGNALS), type=signal_names,
                    help="on one of these signals (on any process: a scheduler's warning before it ends the job), "
                         "finish the current step, checkpoint and exit with status "
@@ -399,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="supervised multi-view evaluation", formatter_class=FORMATTER)
     add_model_source(p)
     p.add_argument("--list", required=True, help="test list file (path,label per line)")
-    p.add_argument("--frames", type=int, default=None, help="frames per view (default: the model's T0)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per view (default: the model's T0)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--confusion-png", default=None, help="write the confusion matrix image here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -421,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a test list, optionally with its own class list; repeat for each split")
     p.add_argument("--classes", default=None, help="class list of splits that name none")
     p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: built-in)")
-    p.add_argument("--frames", type=int, default=None, help="frames per view (default: the model's T0)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per view (default: the model's T0)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_data(p)
@@ -432,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k labels of video files", formatter_class=FORMATTER)
     add_model_source(p)
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
-    p.add_argument("--top-k", type=int, default=5, help="labels shown per video")
-    p.add_argument("--batch-size", type=int, default=4, help="videos per batch")
+    p.add_argument("--top-k", type=positive_int, default=5, help="labels shown per video")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="a video that cannot be read (missing, corrupt, too short) stops the run naming it, "
@@ -446,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=FORMATTER)
     p.add_argument("--preset", default="ViT-B/16", help="architecture preset")
     p.add_argument("--tiny", action="store_true", help="the demo's tiny model instead of a preset")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--frames", type=positive_int, default=8)
+    p.add_argument("--iters", type=positive_int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--train", action="store_true", help="time training steps (forward + backward) too")
     p.add_argument("--list", default=None, help="also time the video loader on this list file")
@@ -466,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny model on synthetic clips on the CPU, evaluate, predict",
                        formatter_class=FORMATTER)
     p.add_argument("--output-dir", default="runs/demo", help="data, checkpoints, logs and the trained model")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 300, 120 with --small)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 300, 120 with --small)")
     p.add_argument("--small", action="store_true", help="a faster, smaller run")
     p.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -476,11 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .data import VideoDecodeError
+    from .weights import WeightsUnavailable
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, VideoDecodeError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, VideoDecodeError, WeightsUnavailable) as err:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

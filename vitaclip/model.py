@@ -37,6 +37,9 @@ class VitaCLIP(nn.Module):
     def __init__(self, config: Optional[VitaCLIPConfig] = None, classnames: Optional[Sequence[str]] = None,
                  backend: str = "auto"):
         super().__init__()
+        if config is not None and not isinstance(config, VitaCLIPConfig):
+            raise TypeError(f"config must be a VitaCLIPConfig (e.g. VitaCLIPConfig.preset('ViT-B/16')), got "
+                            f"{type(config).__name__}")
         self.config = (config or VitaCLIPConfig()).replace()  # own copy: the prompt learner may fix n_ctx
         check_backend_name(backend)
         self.backend = backend

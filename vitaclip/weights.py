@@ -58,6 +58,10 @@ def raise_problems(what: str, problems: Dict[str, list]) -> None:
 
 
 # ---------------------------------------------------------------------------- open_clip
+class WeightsUnavailable(RuntimeError):
+    """open_clip could not get the weights asked for (e.g. a download without a network)."""
+
+
 def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Optional[Sequence[str]],
                    plain: bool = False, **overrides) -> VitaCLIP:
     """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.
@@ -72,14 +76,23 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     """
     if plain:
         overrides.update(use_global=False, use_local=False, use_summary=False)
+    pretrained = pretrained or None  # "" means random weights, as on the command line
     import open_clip
 
     tag_config = open_clip.get_pretrained_cfg(builtin_model_name(name), str(pretrained)) if pretrained else {}
     is_openai = pretrained is not None and str(pretrained).lower() == "openai"
     force_quick_gelu = bool(tag_config.get("quick_gelu")) or is_openai
     check_open_clip_tokenizer(name)  # before create_model: no download for a model that is refused
-    clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
-                                  require_pretrained=pretrained is not None)
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
+                                      require_pretrained=pretrained is not None)
+    except RuntimeError as err:
+        if pretrained is None:
+            raise
+        # open_clip's own error ends a chain of download errors (tracebacks of every retry)
+        raise WeightsUnavailable(f"open_clip could not load the {pretrained!r} weights of {name!r} "
+                                 f"({str(err).splitlines()[0]}); without a network, give a weights file "
+                                 f"(or '' / None for random weights)") from err
     config = config_from_open_clip(clip, **overrides)
     if pretrained is not None and Path(pretrained).is_file() and config.act != "quick_gelu":
         warnings.warn(f"{name!r} from the file {pretrained} uses GELU; if these are OpenAI's (or other "

@@ -29,12 +29,22 @@ class DistEnv:
 
 def pick_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
     """The given device, else this process's GPU when there is one, else the CPU."""
-    if device is not None:
+    if device is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        return dev
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one: cpu, cuda or cuda:N") from None
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
+def check_cuda_device(dev: torch.device) -> None:
+    """A clear error for a GPU this process does not have (torch's is a driver error or an
+    'invalid device ordinal' from deep inside)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.index >= count:
+        have = f"{count} GPU(s)" if count else "no CUDA GPU"
+        raise ValueError(f"device {str(dev)!r}: this process has {have}")
 
 
 TIMEOUT_ENV = "VITACLIP_DIST_TIMEOUT_S"
@@ -71,6 +81,7 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
         raise ValueError(f"device {device!r} puts every process of this node on one GPU (NCCL refuses that): "
                          f"give 'cuda' for each process's own GPU (LOCAL_RANK)")
     if dev.type == "cuda":
+        check_cuda_device(dev)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank,
