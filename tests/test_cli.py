@@ -375,3 +375,16 @@ def test_flag_and_device_mistakes_are_named(videos, tmp_path, capsys):
     assert exit_.value.code == 2 and "--temporal-views: '0' is not a whole number >= 1" in capsys.readouterr().err
     code, _, err = run(capsys, *base, "--device", "cpus")
     assert code == 2 and "device 'cpus' is not one: cpu, cuda or cuda:N" in err
+
+
+def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch):
+    """A fixed 4 starved a 16-core, one-GPU machine's loader and oversubscribed small ones."""
+    from vitaclip.cli import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_workers() == 1

@@ -312,11 +312,20 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def add_runtime(p, workers: int = 4) -> None:
+def default_workers() -> int:
+    """Decoding processes: this process's share of the cores it may run on (torchrun starts
+    LOCAL_WORLD_SIZE processes a node), less one for itself, which feeds the GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+def add_runtime(p, workers: Optional[int] = None) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU, else CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast precision")
     p.add_argument("--backend", default="auto", help="vision backend: auto, reference or a fast one")
-    p.add_argument("--num-workers", type=int, default=workers, help="decoding worker processes")
+    p.add_argument("--num-workers", type=int, default=default_workers() if workers is None else workers,
+                   help="decoding worker processes, by default this process's share of the node's cores less "
+                        "one (0: decode in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
