@@ -201,6 +201,17 @@ def test_errors_are_clear_before_training(videos, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_training_warns_of_classes_without_a_training_video(videos, tmp_path, capsys):
+    root, list_file = videos
+    lines = list_file.read_text().splitlines()
+    partial = tmp_path / "partial.txt"
+    partial.write_text("\n".join(line for line in lines if not line.endswith(",3")) + "\n")
+    code, _, err = run(capsys, "train", "--data-root", list_file.parent, "--init", root / "model", "--output-dir",
+                       tmp_path / "r", "--steps", 1, "--batch-size", 4, "--no-tensorboard", *CPU,
+                       "--train-list", partial, "--classes", root / "classes.txt")
+    assert code == 0 and "1 of the 4 classes have no video" in err and "'moving left'" in err
+
+
 def test_a_fresh_run_in_a_used_output_dir_needs_overwrite(videos, tmp_path, capsys):
     root, list_file = videos
     argv = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",

@@ -115,19 +115,19 @@ def video_loader(args, env, list_file: str, classes: List[str], train: bool, num
                          size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
                          device=env.device, on_error=args.on_error, min_frames=args.min_frames,
                          worker_timeout=args.worker_timeout, **kw)
-    if args.command in ("eval", "zeroshot") and env.is_main:
+    if env.is_main:
         warn_classes_without_videos(args, list_file, classes, {entry.label for _, entry, _ in loader.videos})
     return loader
 
 
 def warn_classes_without_videos(args, list_file: str, classes: List[str], labels: set) -> None:
-    """A test split normally holds every class: classes it lacks still count as answers (distractors),
-    the mark of a class list of another data set or an extra header line."""
+    """A training list or test split normally holds every class: classes it lacks still count as
+    answers (distractors), the mark of a class list of another data set or an extra header line."""
     missing = [name for label, name in enumerate(classes) if label not in labels]
     if missing:
         print(f"vitaclip {args.command}: warning: {len(missing)} of the {len(classes)} classes have no video in "
-              f"{list_file} (e.g. {missing[:3]}) but are still scored as possible answers: is the class list "
-              "this data set's?", file=sys.stderr)
+              f"{list_file} (e.g. {missing[:3]}) but are still possible answers: is the class list this data "
+              "set's?", file=sys.stderr)
 
 
 def report_skipped(args, env, *loaders) -> None:
