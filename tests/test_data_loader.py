@@ -709,3 +709,15 @@ def test_the_pyav_pool_stays_up_from_epoch_to_epoch(vp9_dataset):
     pool = ld._workers
     ld.set_epoch(1)
     assert len(list(ld)) == 3 and pool is not None and ld._workers is pool
+
+
+def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_dataset, tmp_path):
+    from vitaclip.engine.loader import EpochLoader
+
+    root, rows = vp9_dataset
+    (tmp_path / "list.csv").write_text(f"{root / rows[0][0]},0\n" + "".join(f"gone{i}.webm,0\n" for i in range(3)))
+    shares = [loader(tmp_path, True, batch_size=1, num_frames=2, stride=4, size=16, augment=None, on_error="skip",
+                     shard_id=r, num_shards=2) for r in range(2)]
+    empty = next(ld for ld in shares if not any(v is not None for v in ld._shard_videos()))
+    with pytest.raises(ValueError, match=r"yields no batches in epoch 0 \(3 videos left out as unusable, e.g. .*gone"):
+        next(iter(EpochLoader(empty)))

@@ -210,24 +210,31 @@ def test_collectives_wait_longer_than_a_hung_decoder_takes_to_be_named(monkeypat
     assert made[0]["timeout"] == timedelta(seconds=1800) > timedelta(seconds=600)
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "7200")
     assert distributed.collective_timeout() == timedelta(hours=2)
-    for bad in ("0", "soon"):
+    for bad in ("0", "soon", "nan", "inf"):
         monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=f"VITACLIP_DIST_TIMEOUT_S must be a positive number.*'{bad}'"):
             distributed.collective_timeout()
 
 
-def test_one_gpu_named_for_every_process_of_a_node_is_refused(monkeypatch):
+def test_a_gpu_other_than_the_processes_own_is_refused_under_torchrun(monkeypatch):
+    """`--device cuda:0` on every process of an 8-GPU node: NCCL's duplicate-GPU error, named first.
+    Each process's own GPU is fine, given as cuda (or cuda:LOCAL_RANK), or as the only one it sees."""
     from vitaclip.engine import distributed
 
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(distributed, "check_cuda_device", lambda device: None)  # (as if on a node of 8 GPUs)
+    monkeypatch.setattr(distributed, "check_cuda_device", lambda device: None)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    with pytest.raises(ValueError, match="'cuda:0' puts every process of this node on one GPU.*'cuda'"):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # (no process group to join here)
+    with pytest.raises(ValueError, match=r"'cuda:0' is not this process's GPU \(cuda:3, local rank 3\).*give 'cuda'"):
         distributed.init_distributed("cuda:0")
-    monkeypatch.setenv("WORLD_SIZE", "1")  # (alone: no process group to join)
     assert distributed.init_distributed("cuda").device == torch.device("cuda", 3)
+    assert distributed.init_distributed("cuda:3").device == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)  # a launcher gave each process one GPU
+    assert distributed.init_distributed("cuda").device == torch.device("cuda", 0)
+    assert distributed.init_distributed("cuda:0").device == torch.device("cuda", 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -27,15 +27,22 @@ class DistEnv:
         return self.world_size > 1
 
 
+def own_gpu(local_rank: int) -> torch.device:
+    """This process's GPU: its local rank's, or the only one it sees (a launcher that gives each
+    process one GPU)."""
+    return torch.device("cuda", local_rank if torch.cuda.device_count() > 1 else 0)
+
+
 def pick_device(device: Optional[str] = None, local_rank: int = 0) -> torch.device:
-    """The given device, else this process's GPU when there is one, else the CPU."""
+    """The given device ("cuda": this process's GPU), else this process's GPU when there is one,
+    else the CPU."""
     if device is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return own_gpu(local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not one: cpu, cuda or cuda:N") from None
-    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+    return own_gpu(local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
 def check_cuda_device(dev: torch.device) -> None:
@@ -63,7 +70,7 @@ def collective_timeout() -> timedelta:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if seconds <= 0:
+    if not 0 < seconds < 10 ** 9:  # (nan and inf too)
         raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
     return timedelta(seconds=seconds)
 
@@ -76,10 +83,10 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if dev.type == "cuda" and device is not None and torch.device(device).index is not None \
-            and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        raise ValueError(f"device {device!r} puts every process of this node on one GPU (NCCL refuses that): "
-                         f"give 'cuda' for each process's own GPU (LOCAL_RANK)")
+    if dev.type == "cuda" and dev != own_gpu(local_rank) and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 \
+            and not dist.is_initialized():
+        raise ValueError(f"device {device!r} is not this process's GPU ({own_gpu(local_rank)}, local rank "
+                         f"{local_rank}): every process of the node would share it, which NCCL refuses; give 'cuda'")
     if dev.type == "cuda":
         check_cuda_device(dev)
         torch.cuda.set_device(dev)

@@ -215,5 +215,7 @@ class EpochLoader:
                 self.batch_in_epoch = position
                 yield batch
             if not yielded and self.batch_in_epoch == 0:
-                raise ValueError("the training loader yields no batches")
+                skipped = getattr(self.loader, "skipped", None)  # (VideoLoader: this rank's share may be all unusable)
+                detail = f" ({len(skipped)} videos left out as unusable, e.g. {skipped[0]})" if skipped else ""
+                raise ValueError(f"the training loader yields no batches in epoch {self.epoch}{detail}")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0

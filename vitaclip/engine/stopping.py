@@ -122,9 +122,11 @@ def shield_workers() -> Optional[Callable[[int], None]]:
     preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning.
     With no request installed, workers take the signals the fork server ignores by default again."""
     signals = installed_signals()
-    if not signals or not hasattr(signal, "sigwaitinfo"):
+    if not signals:
         return functools.partial(_take_ignored_signals, tuple(sorted(_fork_server_ignores))) \
             if _fork_server_ignores else None
+    if not hasattr(signal, "sigwaitinfo"):
+        return None
     return functools.partial(_shield_worker, tuple(signals), os.getpid())
 
 
