@@ -26,7 +26,7 @@ if ! python3 -c "import vitaclip, vitaclip._C" 2>/dev/null && [ ! -e "$NO_EXT" ]
   fi
   echo "built vitaclip in $(( $(date +%s) - start )) s" | tee -a "$LOG"
 fi
-python3 -c "import torch, triton, vitaclip; from vitaclip.ops import summary_ext; print('torch', torch.__version__, 'triton', triton.__version__, 'extension kernels for', sorted(summary_ext.KERNEL_DEVICES), 'CUDA archs', summary_ext.CUDA_ARCHS, 'runs on this GPU', summary_ext.runs_on(torch.device('cuda')), 'backends', vitaclip.available_backends())" 2>&1 | tee -a "$LOG"
+python3 -c "import torch, triton, vitaclip; from vitaclip.ops import summary_ext; print('torch', torch.__version__, 'triton', triton.__version__, 'extension kernels for', sorted(summary_ext.KERNEL_DEVICES), 'runs on this GPU', summary_ext.runs_on(torch.device('cuda')), 'backends', vitaclip.available_backends())" 2>&1 | tee -a "$LOG"
 # every model builds its class prompts with open_clip's tokenizer: without it each stage would only error
 python3 -c "import open_clip" 2>/dev/null || { echo "open_clip missing: carry .whl/gpu/p1 (benchmarks/README.md)" | tee -a "$LOG"; exit 1; }
 

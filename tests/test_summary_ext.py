@@ -174,26 +174,47 @@ def test_a_device_the_build_has_no_kernels_for_takes_the_pytorch_path(monkeypatc
     assert paths_taken == ["naive"]
 
 
-def test_which_gpus_code_built_for_some_archs_runs_on():
-    built = (80, 90)  # setup.py's default: machine code for 8.0 and 9.0, PTX for 9.0
-    assert [summary_ext.has_kernel_image(*cc, archs=built) for cc in [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9)]] == \
-        [False, False, True, True, True]
-    assert [summary_ext.has_kernel_image(*cc, archs=built) for cc in [(9, 0), (10, 0), (12, 0)]] == [True] * 3
-    assert not summary_ext.has_kernel_image(9, 0, archs=())
-    assert summary_ext.has_kernel_image(7, 5, archs=(75, 80)) and not summary_ext.has_kernel_image(8, 0, archs=(86,))
+@needs_ext
+def test_a_gpu_the_build_has_no_code_for_takes_the_pytorch_path(monkeypatch):
+    """A V100 or T4 with the default build for 8.0 and 9.0 failed at launch ("no kernel image"):
+    the driver is asked once per GPU whether the kernels run there."""
+    if "cuda" not in summary_ext.KERNEL_DEVICES:
+        pytest.skip("built without CUDA kernels")
+    if not torch.cuda.is_available():  # the driver's answer where there is no GPU
+        assert torch.ops.vitaclip.cuda_kernels_run_on(0) is False
+    asked = []
+    monkeypatch.setattr(summary_ext, "_RUNS_ON_GPU", {})
+    monkeypatch.setattr(torch.ops.vitaclip, "cuda_kernels_run_on", lambda index: asked.append(index) or index == 1,
+                        raising=False)
+    assert [summary_ext.runs_on(torch.device("cuda", i)) for i in (0, 1, 0)] == [False, True, False]
+    assert asked == [0, 1]
 
 
 @needs_ext
-def test_a_gpu_older_than_the_build_targets_takes_the_pytorch_path(monkeypatch):
-    """A V100 or T4 with a build for 8.0 and 9.0 would fail at launch ("no kernel image")."""
+def test_the_gpu_question_is_answered_while_tracing_not_in_the_graph():
+    """The compiled layers call the summary step: asking the driver must not break their graph."""
     if "cuda" not in summary_ext.KERNEL_DEVICES:
         pytest.skip("built without CUDA kernels")
-    assert summary_ext.CUDA_ARCHS and all(isinstance(a, int) and 50 <= a < 200 for a in summary_ext.CUDA_ARCHS)
-    newest = max(summary_ext.CUDA_ARCHS)
-    for capability, runs in [(divmod(min(summary_ext.CUDA_ARCHS) - 5, 10), False), (divmod(newest, 10), True)]:
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda device, cc=capability: type("Properties", (), dict(major=cc[0], minor=cc[1])))
-        assert summary_ext.runs_on(torch.device("cuda", 0)) is runs
+    answer = summary_ext.runs_on(torch.device("cuda", 0))
+
+    def step(x):
+        return x + 1 if summary_ext.runs_on(torch.device("cuda", 0)) else x - 1
+
+    assert torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2)).tolist() == [1 if answer else -1] * 2
+
+
+@needs_ext
+def test_a_library_built_before_the_gpu_question_existed_takes_the_pytorch_path_with_a_warning(monkeypatch):
+    if "cuda" not in summary_ext.KERNEL_DEVICES:
+        pytest.skip("built without CUDA kernels")
+    monkeypatch.setattr(summary_ext, "_RUNS_ON_GPU", {})
+
+    def missing(index):
+        raise AttributeError("'_OpNamespace' 'vitaclip' object has no attribute 'cuda_kernels_run_on'")
+
+    monkeypatch.setattr(torch.ops.vitaclip, "cuda_kernels_run_on", missing, raising=False)
+    with pytest.warns(UserWarning, match="rebuild the package"):
+        assert not summary_ext.runs_on(torch.device("cuda", 0))
 
 
 @needs_ext

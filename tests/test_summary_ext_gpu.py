@@ -83,3 +83,8 @@ def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
     c = torch.randn(1, 65536, 64, device="cuda")
     with pytest.raises(ValueError, match="65536 frames.*32-bit"):
         torch.ops.vitaclip.summary_attention(c, *summary_ext.op_arguments(norm, attn), 1, norm.eps)
+
+
+def test_the_driver_says_the_kernels_run_on_this_gpu():
+    """Else every summary row of the benchmarks would measure the PyTorch path."""
+    assert summary_ext.runs_on(torch.device("cuda"))

@@ -6,8 +6,8 @@
 
 namespace vitaclip {
 
-// Python reads it once, to send GPUs the build has no code for to the PyTorch path.
-TORCH_LIBRARY_FRAGMENT(vitaclip, m) { m.def("cuda_archs() -> int[]", &CudaKernels::archs); }
+// Python asks once per GPU, to send GPUs the build has no code for to the PyTorch path.
+TORCH_LIBRARY_FRAGMENT(vitaclip, m) { m.def("cuda_kernels_run_on(int device) -> bool", &CudaKernels::runs_on); }
 
 TORCH_LIBRARY_IMPL(vitaclip, CUDA, m) {
   m.impl("summary_attention", &summary_attention_forward<CudaKernels>);

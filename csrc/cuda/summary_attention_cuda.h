@@ -5,15 +5,15 @@
 #include <ATen/core/TensorBase.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "../summary_shape.h"
 
 namespace vitaclip {
 
 struct CudaKernels {
-  // The compute capabilities x 100 (800 for 8.0) this library has CUDA code for.
-  static std::vector<int64_t> archs();
+  // Whether this library's CUDA code runs on GPU `device` (machine code for its architecture, or PTX
+  // it can compile); false also where there is no such GPU or driver.
+  static bool runs_on(int64_t device);
   static void layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight, const at::TensorBase& bias,
                                  double eps, const at::TensorBase& normed, const at::TensorBase& mean,
                                  const at::TensorBase& rstd);

@@ -296,7 +296,22 @@ void launch_attention(Kernel kernel, const SummaryShape& s, size_t bytes, Args..
 
 }  // namespace
 
-std::vector<int64_t> CudaKernels::archs() { return {__CUDA_ARCH_LIST__}; }  // nvcc's, e.g. 800,900
+bool CudaKernels::runs_on(int64_t device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  int current = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&current));
+  C10_CUDA_CHECK(cudaSetDevice(int(device)));
+  // fails (no kernel image) where neither machine code for the GPU nor PTX it can compile was built
+  cudaFuncAttributes attributes;
+  const cudaError_t found = cudaFuncGetAttributes(&attributes, layer_norm_forward_kernel<float, float>);
+  (void)cudaGetLastError();
+  C10_CUDA_CHECK(cudaSetDevice(current));
+  return found == cudaSuccess;
+}
 
 void CudaKernels::layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight,
                                      const at::TensorBase& bias, double eps, const at::TensorBase& normed,

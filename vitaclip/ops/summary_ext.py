@@ -9,7 +9,8 @@ and the package uses the plain PyTorch path.
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+import warnings
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -34,26 +35,28 @@ KERNEL_DEVICES = frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "
                                "vitaclip::summary_attention", key))
 
 
-# The compute capabilities x 10 (80 for 8.0) the CUDA kernels were built for (setup.py: 8.0 and 9.0
-# with PTX where no GPU is seen at build time, else the build machine's GPUs).
-# (nvcc's __CUDA_ARCH_LIST__ counts in hundredths: 800 for 8.0)
-CUDA_ARCHS = tuple(arch // 10 for arch in torch.ops.vitaclip.cuda_archs()) if "cuda" in KERNEL_DEVICES else ()
+_RUNS_ON_GPU: Dict[int, bool] = {}
 
 
-def has_kernel_image(major: int, minor: int, archs=CUDA_ARCHS) -> bool:
-    """Whether code built for `archs` runs on a GPU of compute capability major.minor: machine code
-    runs on later minor versions of its major, and the PTX that builds embed for their newest arch
-    (setup.py's default and torch's own) compiles for any later GPU."""
-    capability = 10 * major + minor
-    return any(a // 10 == major and a <= capability for a in archs) or bool(archs) and max(archs) <= capability
+@torch.compiler.assume_constant_result  # asked once, when a compiled layer is traced, not in its graph
+def cuda_kernels_run_on(index: int) -> bool:
+    """Whether the built CUDA kernels run on GPU `index`, as its driver says: a build for compute
+    capability 8.0 and 9.0 has none for a V100 or T4, nor, without PTX, for a later GPU."""
+    if index not in _RUNS_ON_GPU:
+        try:
+            _RUNS_ON_GPU[index] = bool(torch.ops.vitaclip.cuda_kernels_run_on(index))
+        except (AttributeError, RuntimeError) as err:  # a library built before the question existed
+            warnings.warn(f"vitaclip._C cannot tell whether its CUDA kernels run on GPU {index} ({err}): the "
+                          f"summary step takes the PyTorch path; rebuild the package to use them")
+            _RUNS_ON_GPU[index] = False
+    return _RUNS_ON_GPU[index]
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the built op has kernels for tensors on `device` (on CUDA: for its GPU; an older
-    GPU than the build targets, e.g. sm_75 for a build for 8.0 and 9.0, takes the PyTorch path)."""
+    """Whether the built op has kernels for tensors on `device` (on CUDA: for its GPU; a GPU the
+    build has no code for takes the PyTorch path)."""
     if device.type == "cuda" and "cuda" in KERNEL_DEVICES:
-        properties = torch.cuda.get_device_properties(device)
-        return has_kernel_image(properties.major, properties.minor)
+        return cuda_kernels_run_on(device.index if device.index is not None else torch.cuda.current_device())
     return device.type in KERNEL_DEVICES
 
 
