@@ -229,6 +229,10 @@ def test_an_output_is_remade_when_its_source_changed_and_refused_for_another_sou
     again = small(tmp_path / "train.csv", out, tmp_path / "train")
     assert (again.written, again.reused) == (1, 0)
     assert pyav.probe(str(out / "videos" / "c" / "x.mp4")).frames == rows[2][2]
+    (tmp_path / "train").rename(tmp_path / "moved")  # the data set moved (size and time kept): the same videos
+    assert small(tmp_path / "train.csv", out, tmp_path / "moved").reused == 1
+    (out / "prepare-sources.jsonl").unlink()  # outputs without a record (an older version's): made again
+    assert small(tmp_path / "train.csv", out, tmp_path / "moved").written == 1
 
 
 def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_path):

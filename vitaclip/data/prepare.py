@@ -134,19 +134,29 @@ def read_sources(out_dir: str) -> Dict[str, dict]:
     return rows
 
 
-def _job(src: str, dst: str, settings: EncodeSettings, made_from: Optional[dict]) -> Tuple[VideoInfo, bool, dict]:
-    """(info, reused, source record) for one video. An existing output is complete (it was renamed
-    into place) and is reused when `made_from`, its recorded source, is this source as it is now."""
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> bool:
+    """Whether the existing output `dst` holds the video `src` (whose `source_record` is `source`),
+    by `recorded`, the source it was made from: the same file unchanged, or, where the data set
+    moved (the recorded file is gone), a file of the same size and time. Another existing file of
+    the same name (e.g. another list's root) is a ValueError, as is a source where its output goes."""
+    exists = os.path.exists(dst)
+    if exists and os.path.samefile(src, dst):
         raise ValueError(f"{src} is where its prepared video would go: choose an OUT_DIR outside the data root")
-    source = source_record(src)
-    if made_from is not None and made_from["source"] != source["source"]:  # e.g. another list's root
-        raise ValueError(f"{dst} was prepared from {made_from['source']}, another video of the same name: prepare "
+    if recorded is None:
+        return False  # (made by a run killed before its record, or by an older version: made again)
+    if recorded["source"] != source["source"] and os.path.exists(recorded["source"]) \
+            and not os.path.samefile(recorded["source"], src):
+        raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: prepare "
                          f"this list into another OUT_DIR")
-    if os.path.exists(dst) and made_from == source:  # (a source changed since is made again)
-        return pyav.probe(dst), True, source
+    return exists and (recorded["size"], recorded["mtime_ns"]) == (source["size"], source["mtime_ns"])
+
+
+def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:
+    """(info, reused) for one video: the existing output when `reuse`, else a new one."""
+    if reuse:
+        return pyav.probe(dst), True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    return transcode(src, dst, settings), False, source
+    return transcode(src, dst, settings), False
 
 
 def record_settings(out_dir: str, settings: EncodeSettings) -> None:
@@ -211,12 +221,30 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     workers = workers or os.cpu_count()
     # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-    calls = ((name, (entry.path, os.path.join(out_dir, name), settings, known.get(name)))
-             for name, entry in first_of.items() if entry in names)
+
+    def calls(sources):
+        """(name, job arguments) of each video to prepare, its source recorded before its output can
+        exist (a killed run leaves no output without a record); checked as the pool asks for more."""
+        for name, entry in first_of.items():
+            if entry not in names:
+                continue
+            dst = os.path.join(out_dir, name)
+            try:
+                source = source_record(entry.path)
+                reuse = may_reuse(entry.path, dst, known.get(name), source)
+            except (OSError, ValueError) as e:
+                fail(entry, str(e), e)
+                continue
+            if known.get(name) != source:
+                sources.write(json.dumps({"output": name, **source}) + "\n")
+                sources.flush()
+            yield name, (entry.path, dst, settings, reuse)
+
     try:
         with open(os.path.join(out_dir, SOURCES_FILE), "a", encoding="utf-8") as sources:
-            for name, future in tqdm(_as_completed(pool, _job, calls, workers), total=len(set(names.values())),
-                                     disable=not progress, desc="prepare", unit="video"):
+            for name, future in tqdm(_as_completed(pool, _job, calls(sources), workers),
+                                     total=len(set(names.values())), disable=not progress, desc="prepare",
+                                     unit="video"):
                 try:
                     results[name] = future.result()
                 except BrokenProcessPool:
@@ -224,10 +252,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                 except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
                     fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}",
                          e)
-                    continue
-                if results[name][2] != known.get(name):
-                    sources.write(json.dumps({"output": name, **results[name][2]}) + "\n")
-                    sources.flush()
+            fsync_file(sources.name)
     except BaseException:
         # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,
         # and the videos being encoded are whole or absent (renamed into place when complete)
@@ -239,8 +264,8 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
         if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
             failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
     write_video_list(out_list, [(names[e], e.label) for e in done])
-    write_meta(meta_path(out_list), [(name, info) for name, (info, _, _) in results.items()])
-    reused = sum(reused for _, reused, _ in results.values())
+    write_meta(meta_path(out_list), [(name, info) for name, (info, _) in results.items()])
+    reused = sum(reused for _, reused in results.values())
     if failed:
         log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
     return PrepareResult(out_list, len(results) - reused, reused, failed)
