@@ -73,6 +73,23 @@ def test_pruning_after_a_resume_past_an_unreadable_checkpoint_keeps_the_runs_own
     assert rest.losses == {s: full.losses[s] for s in (5, 6)}
 
 
+def test_a_checkpoint_the_disk_fails_to_read_stops_the_resume_and_is_not_set_aside(tmp_path, monkeypatch):
+    """A transient I/O error is not an unreadable file: resuming from an older step would lose work."""
+    run = tmp_path / "run"
+    train(tiny_model(), tiny_data(), tiny_train_config(run, stop_after=4))
+    load = torch.load
+
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith("checkpoint-00000004.pt"):
+            raise OSError(5, "Input/output error")
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", flaky)
+    with pytest.raises(OSError, match="Input/output error"):
+        train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-00000002.pt", "checkpoint-00000004.pt"]
+
+
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_told_to_overwrite(tmp_path):
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, save_final=True))
     with pytest.raises(ValueError, match="checkpoint-00000004.pt.*resume='auto'.*overwrite=True"):

@@ -90,9 +90,10 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
         if pretrained is None:
             raise
         # open_clip's own error ends a chain of download errors (tracebacks of every retry)
-        raise WeightsUnavailable(f"open_clip could not load the {pretrained!r} weights of {name!r} "
-                                 f"({str(err).splitlines()[0]}); without a network, give a weights file "
-                                 f"(or '' / None for random weights)") from err
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise WeightsUnavailable(f"open_clip could not load the {pretrained!r} weights of {name!r} ({reason}); a "
+                                 f"tag open_clip knows is downloaded the first time, which needs a network: offline, "
+                                 f"give a weights file (or '' / None for random weights)") from err
     config = config_from_open_clip(clip, **overrides)
     if pretrained is not None and Path(pretrained).is_file() and config.act != "quick_gelu":
         warnings.warn(f"{name!r} from the file {pretrained} uses GELU; if these are OpenAI's (or other "
@@ -251,6 +252,8 @@ def read_torch_file(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):  # the disk or the machine, not the file: raised as they are (not unreadable)
+        raise
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
