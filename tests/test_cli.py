@@ -392,10 +392,14 @@ def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch)
     """A fixed 4 starved a 16-core, one-GPU machine's loader and oversubscribed small ones."""
     from vitaclip.cli import default_workers
 
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # pinned by the launcher
+    assert default_workers() == 7
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_workers() == 1

@@ -42,7 +42,10 @@ def pick_device(device: Optional[str] = None, local_rank: int = 0) -> torch.devi
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not one: cpu, cuda or cuda:N") from None
-    return own_gpu(local_rank) if dev.type == "cuda" and dev.index is None else dev
+    if dev.type == "cuda":
+        dev = own_gpu(local_rank) if dev.index is None else dev
+        check_cuda_device(dev)
+    return dev
 
 
 def check_cuda_device(dev: torch.device) -> None:
@@ -88,7 +91,6 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
         raise ValueError(f"device {device!r} is not this process's GPU ({own_gpu(local_rank)}, local rank "
                          f"{local_rank}): every process of the node would share it, which NCCL refuses; give 'cuda'")
     if dev.type == "cuda":
-        check_cuda_device(dev)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank,
