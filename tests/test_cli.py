@@ -398,8 +398,7 @@ def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch)
     assert default_workers() == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_workers() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # pinned by the launcher
-    assert default_workers() == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)  # a job's cpuset
+    assert default_workers() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_workers() == 1

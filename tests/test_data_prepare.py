@@ -246,3 +246,46 @@ def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_pat
     (tmp_path / "src.csv").write_text(f"{junk},0\n{root / rows[0][0]},0\n")
     result = small(tmp_path / "src.csv", tmp_path / "out", on_error="skip")
     assert result.written == 1 and len(result.failed) == 1 and "src.csv:1" in result.failed[0]
+
+
+def test_an_output_whose_source_changed_is_gone_before_it_is_made_again(vp9_dataset, tmp_path):
+    """The new source's record came first, the old output stayed: a re-encode that failed (or was
+    killed) left the old video to be reused under the new source's record."""
+    root, rows = vp9_dataset
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    video = tmp_path / "src" / "c" / "x.webm"
+    shutil.copy(root / rows[0][0], video)
+    (tmp_path / "src.csv").write_text("c/x.webm,0\n")
+    out = tmp_path / "out"
+    assert small(tmp_path / "src.csv", out, tmp_path / "src").written == 1
+    video.write_bytes(np.random.default_rng(0).bytes(5000))  # replaced, by a file that cannot be encoded
+    assert len(small(tmp_path / "src.csv", out, tmp_path / "src", on_error="skip").failed) == 1
+    assert not (out / "videos" / "c" / "x.mp4").exists()
+    again = small(tmp_path / "src.csv", out, tmp_path / "src", on_error="skip")
+    assert again.reused == 0 and len(again.failed) == 1
+
+
+def test_another_roots_video_is_refused_even_when_the_first_root_is_gone(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    for folder, row in (("train", rows[0]), ("val", rows[1])):
+        (tmp_path / folder / "c").mkdir(parents=True)
+        shutil.copy(root / row[0], tmp_path / folder / "c" / "x.webm")
+        (tmp_path / f"{folder}.csv").write_text("c/x.webm,0\n")
+    out = tmp_path / "out"
+    small(tmp_path / "train.csv", out, tmp_path / "train")
+    (tmp_path / "train").rename(tmp_path / "unmounted")
+    with pytest.raises(VideoDecodeError, match="was prepared from .*train/c/x.webm, another video"):
+        small(tmp_path / "val.csv", out, tmp_path / "val")
+    assert pyav.probe(str(out / "videos" / "c" / "x.mp4")).frames == rows[0][2]
+
+
+def test_a_record_row_cut_short_does_not_swallow_the_next(vp9_dataset, tmp_path):
+    from vitaclip.data.prepare import SOURCES_FILE, read_sources
+
+    root, rows = vp9_dataset
+    (tmp_path / "src.csv").write_text(f"{rows[0][0]},0\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / SOURCES_FILE).write_text('{"output": "videos/half')  # a power cut mid-row
+    small(tmp_path / "src.csv", out, root)
+    assert list(read_sources(str(out))) == [os.path.join("videos", os.path.splitext(rows[0][0])[0] + ".mp4")]

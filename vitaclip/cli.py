@@ -313,14 +313,11 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------------------- parser
 def default_workers() -> int:
-    """Decoding processes: this process's share of the cores it may run on, less one for itself,
-    which feeds the GPU. Where it may run on all of the node's, torchrun's LOCAL_WORLD_SIZE
-    processes share them; a launcher that pinned it to some has already shared them out."""
-    total = os.cpu_count() or 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
-    if cores == total:
-        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, cores - 1)
+    """Decoding processes: this process's share of the cores it may run on (torchrun's
+    LOCAL_WORLD_SIZE processes share a node's, or a job's cpuset), less one for itself, which
+    feeds the GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 def add_runtime(p, workers: Optional[int] = None) -> None:

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
@@ -302,14 +303,12 @@ bool CudaKernels::runs_on(int64_t device) {
     (void)cudaGetLastError();
     return false;
   }
-  int current = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&current));
-  C10_CUDA_CHECK(cudaSetDevice(int(device)));
+  // torch's guard: it makes no context on the device it returns to when there was none
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   // fails (no kernel image) where neither machine code for the GPU nor PTX it can compile was built
   cudaFuncAttributes attributes;
   const cudaError_t found = cudaFuncGetAttributes(&attributes, layer_norm_forward_kernel<float, float>);
   (void)cudaGetLastError();
-  C10_CUDA_CHECK(cudaSetDevice(current));
   return found == cudaSuccess;
 }
 

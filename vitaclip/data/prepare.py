@@ -143,12 +143,14 @@ def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> boo
     if exists and os.path.samefile(src, dst):
         raise ValueError(f"{src} is where its prepared video would go: choose an OUT_DIR outside the data root")
     if recorded is None:
-        return False  # (made by a run killed before its record, or by an older version: made again)
-    if recorded["source"] != source["source"] and os.path.exists(recorded["source"]) \
-            and not os.path.samefile(recorded["source"], src):
-        raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: prepare "
-                         f"this list into another OUT_DIR")
-    return exists and (recorded["size"], recorded["mtime_ns"]) == (source["size"], source["mtime_ns"])
+        return False  # (made by an older version: made again)
+    same_stamp = (recorded["size"], recorded["mtime_ns"]) == (source["size"], source["mtime_ns"])
+    if recorded["source"] != source["source"] and not (
+            same_stamp and not os.path.exists(recorded["source"])):  # (the data set moved)
+        if not (os.path.exists(recorded["source"]) and os.path.samefile(recorded["source"], src)):
+            raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: "
+                             f"prepare this list into another OUT_DIR")
+    return exists and same_stamp
 
 
 def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:
@@ -235,13 +237,18 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             except (OSError, ValueError) as e:
                 fail(entry, str(e), e)
                 continue
+            if not reuse and os.path.exists(dst):  # another version's: gone before the record says this one's
+                os.remove(dst)
+                fsync_folder(os.path.dirname(dst))
             if known.get(name) != source:
                 sources.write(json.dumps({"output": name, **source}) + "\n")
                 sources.flush()
             yield name, (entry.path, dst, settings, reuse)
 
     try:
-        with open(os.path.join(out_dir, SOURCES_FILE), "a", encoding="utf-8") as sources:
+        with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
+            if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
+                sources.write("\n")
             for name, future in tqdm(_as_completed(pool, _job, calls(sources), workers),
                                      total=len(set(names.values())), disable=not progress, desc="prepare",
                                      unit="video"):
@@ -306,6 +313,12 @@ def run(args: argparse.Namespace) -> int:
     for message in result.failed:
         print(f"  failed: {message}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _remove(path: str) -> None:

@@ -45,9 +45,10 @@ def cuda_kernels_run_on(index: int) -> bool:
     if index not in _RUNS_ON_GPU:
         try:
             _RUNS_ON_GPU[index] = bool(torch.ops.vitaclip.cuda_kernels_run_on(index))
-        except (AttributeError, RuntimeError) as err:  # a library built before the question existed
-            warnings.warn(f"vitaclip._C cannot tell whether its CUDA kernels run on GPU {index} ({err}): the "
-                          f"summary step takes the PyTorch path; rebuild the package to use them")
+        except (AttributeError, RuntimeError) as err:  # a library built before the question existed, a CUDA error
+            rebuild = " (rebuild the package to use them)" if isinstance(err, AttributeError) else ""
+            warnings.warn(f"vitaclip._C could not tell whether its CUDA kernels run on GPU {index} ({err}): the "
+                          f"summary step takes the PyTorch path{rebuild}")
             _RUNS_ON_GPU[index] = False
     return _RUNS_ON_GPU[index]
 
