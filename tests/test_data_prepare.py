@@ -211,14 +211,20 @@ def test_sources_where_the_prepared_videos_would_go_are_left_alone(vp9_dataset, 
     assert pyav_copy.read_bytes() == before
 
 
+def two_roots(vp9_dataset, folder):
+    """train/c/x.webm and val/c/x.webm, two videos of one name under two roots, with their lists."""
+    root, rows = vp9_dataset
+    for split, row in (("train", rows[0]), ("val", rows[1])):
+        (folder / split / "c").mkdir(parents=True)
+        shutil.copy(root / row[0], folder / split / "c" / "x.webm")
+        (folder / f"{split}.csv").write_text("c/x.webm,0\n")
+
+
 def test_an_output_is_remade_when_its_source_changed_and_refused_for_another_source(vp9_dataset, tmp_path):
     """Reuse went by the output's name alone: a replaced source, or another list's video of the
     same name (a validation list under another root), got the old video."""
     root, rows = vp9_dataset
-    for folder, row in (("train", rows[0]), ("val", rows[1])):
-        (tmp_path / folder / "c").mkdir(parents=True)
-        shutil.copy(root / row[0], tmp_path / folder / "c" / "x.webm")
-        (tmp_path / f"{folder}.csv").write_text("c/x.webm,0\n")
+    two_roots(vp9_dataset, tmp_path)
     out = tmp_path / "out"
     assert small(tmp_path / "train.csv", out, tmp_path / "train").written == 1
     assert small(tmp_path / "train.csv", out, tmp_path / "train").reused == 1
@@ -267,10 +273,7 @@ def test_an_output_whose_source_changed_is_gone_before_it_is_made_again(vp9_data
 
 def test_another_roots_video_is_refused_even_when_the_first_root_is_gone(vp9_dataset, tmp_path):
     root, rows = vp9_dataset
-    for folder, row in (("train", rows[0]), ("val", rows[1])):
-        (tmp_path / folder / "c").mkdir(parents=True)
-        shutil.copy(root / row[0], tmp_path / folder / "c" / "x.webm")
-        (tmp_path / f"{folder}.csv").write_text("c/x.webm,0\n")
+    two_roots(vp9_dataset, tmp_path)
     out = tmp_path / "out"
     small(tmp_path / "train.csv", out, tmp_path / "train")
     (tmp_path / "train").rename(tmp_path / "unmounted")
