@@ -22,3 +22,12 @@ class FaultyTasks(loader._PyAVTasks):
                 Path(path + ".pid").write_text(str(os.getpid()))  # for the test to see it end
                 threading.Event().wait()
         return super().__getitem__(chunk)
+
+
+def crashing_prepare_job(src, dst, settings, reuse):
+    """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name."""
+    from vitaclip.data.prepare import _job
+
+    if "crash" in os.path.basename(src):
+        os._exit(1)
+    return _job(src, dst, settings, reuse)

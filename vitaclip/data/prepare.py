@@ -23,11 +23,11 @@ import logging
 import multiprocessing
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -176,23 +176,30 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
     atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
-def _as_completed(pool, fn, calls, in_flight: int):
-    """(key, future) of fn(*args) for each (key, args) of calls, as they finish. At most
-    in_flight are submitted at a time, so that stopping early leaves no queue of work behind."""
-    calls = iter(calls)
-    running = {}
+def _as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
+    """(key, args, future) of fn(*args) for each (key, args) taken from the iterator `calls`, as
+    they finish. At most in_flight are submitted at a time, so that stopping early leaves no queue
+    of work behind; `running` (future -> (key, args)) holds those not yet yielded: after a worker
+    died, what was in flight (a broken pool's futures all end with BrokenProcessPool)."""
     while True:
         for key, args in itertools.islice(calls, in_flight - len(running)):
-            running[pool.submit(fn, *args)] = key
+            try:
+                future = pool.submit(fn, *args)
+            except BrokenProcessPool as broken:  # kept with the others in flight, which share its fate
+                future = Future()
+                future.set_exception(broken)
+            running[future] = (key, args)
         if not running:
             return
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in finished:
-            yield running.pop(future), future
+            yield (*running.pop(future), future)
 
 
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
-            workers: Optional[int] = None, on_error: str = "raise", progress: bool = True) -> PrepareResult:
+            workers: Optional[int] = None, on_error: str = "raise", progress: bool = True, *,
+            job: Callable = _job) -> PrepareResult:
+    """`job` encodes one video in a worker process (tests give one that crashes as FFmpeg might)."""
     out_list = os.path.join(out_dir, os.path.basename(src_list))
     if os.path.exists(out_list) and os.path.samefile(out_list, src_list):
         raise ValueError(f"{src_list}: OUT_DIR {out_dir} is the list's own folder, where the prepared list would "
@@ -221,8 +228,38 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     known = read_sources(out_dir)
     results = {}
     workers = workers or os.cpu_count()
-    # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+    def new_pool(size: int) -> ProcessPoolExecutor:
+        # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
+        return ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("forkserver"))
+
+    def finish(name: str, future) -> None:
+        try:
+            results[name] = future.result()
+        except BrokenProcessPool:
+            raise
+        except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
+            fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}", e)
+
+    def after_crash(lost: List[Tuple[str, tuple]]) -> None:
+        """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
+        in raise mode an error naming them, else each again alone, to leave out the one at fault."""
+        if on_error == "raise":
+            where = "; ".join(first_of[name].where() for name, _ in lost)
+            raise VideoDecodeError(f"a worker process died (the encoder crashed) on one of: {where}; "
+                                   f"--on-error skip finds and leaves it out")
+        for name, args in lost:
+            alone = new_pool(1)
+            try:
+                finish(name, alone.submit(job, *args))
+            except BrokenProcessPool as crash:
+                fail(first_of[name], "the encoder crashed on it (its worker process died)", crash)
+            finally:
+                alone.shutdown(wait=False)
+            bar.update()
+
+    bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
+    pool = new_pool(workers)
 
     def calls(sources):
         """(name, job arguments) of each video to prepare, its source recorded before its output can
@@ -249,22 +286,28 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
         with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
             if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
                 sources.write("\n")
-            for name, future in tqdm(_as_completed(pool, _job, calls(sources), workers),
-                                     total=len(set(names.values())), disable=not progress, desc="prepare",
-                                     unit="video"):
+            pending = calls(sources)
+            while True:
+                running, current = {}, None
                 try:
-                    results[name] = future.result()
+                    for name, args, future in _as_completed(pool, job, pending, workers, running):
+                        current = (name, args)
+                        finish(name, future)
+                        current = None
+                        bar.update()
+                    break
                 except BrokenProcessPool:
-                    raise  # a worker died (FFmpeg crashed): the pool is gone for every video left
-                except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
-                    fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}",
-                         e)
+                    pool.shutdown(wait=False)
+                    after_crash(([current] if current else []) + list(running.values()))
+                    pool = new_pool(workers)
             fsync_file(sources.name)
     except BaseException:
         # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,
         # and the videos being encoded are whole or absent (renamed into place when complete)
         pool.shutdown(wait=False)
         raise
+    finally:
+        bar.close()
     pool.shutdown()
     done = [e for e in entries if names.get(e) in results]  # list order kept
     for entry in entries:  # the other entries of a video that failed
