@@ -24,12 +24,18 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None
         write(tmp)
         # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
         os.chmod(tmp, 0o666 & ~current_umask())
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)  # the rename itself: until the folder reaches the disk, a power cut can undo it
+
+
+def publish(tmp: Union[str, Path], path: Union[str, Path]) -> None:
+    """Rename the written file `tmp` to `path` so that a power cut leaves the old file or the whole
+    new one: its data reaches the disk before the rename, the rename before this returns."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_folder(Path(path).parent)
 
 
 def fsync_folder(path: Union[str, Path]) -> None:

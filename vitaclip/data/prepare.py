@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from ..files import atomic_write_text, fsync_file, fsync_folder
+from ..files import atomic_write_text, fsync_file, fsync_folder, publish
 from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
@@ -96,9 +96,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     if frames == 0:
         _remove(tmp)
         raise VideoDecodeError(f"{src}: no frames decoded")
-    fsync_file(tmp)  # on the disk before it is renamed into place, where it counts as done
-    os.replace(tmp, dst)
-    fsync_folder(os.path.dirname(dst))
+    publish(tmp, dst)  # whole, where it counts as done
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
 
 
@@ -145,9 +143,12 @@ def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> boo
     if recorded is None:
         return False  # (made by an older version: made again)
     same_stamp = (recorded["size"], recorded["mtime_ns"]) == (source["size"], source["mtime_ns"])
-    if recorded["source"] != source["source"] and not (
-            same_stamp and not os.path.exists(recorded["source"])):  # (the data set moved)
-        if not (os.path.exists(recorded["source"]) and os.path.samefile(recorded["source"], src)):
+    if recorded["source"] != source["source"]:
+        if os.path.exists(recorded["source"]):
+            another = not os.path.samefile(recorded["source"], src)
+        else:  # the data set moved, or another root's video was made here: the same video if unchanged
+            another = not same_stamp
+        if another:
             raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: "
                              f"prepare this list into another OUT_DIR")
     return exists and same_stamp
