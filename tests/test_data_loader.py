@@ -721,3 +721,17 @@ def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_datas
     empty = next(ld for ld in shares if not any(v is not None for v in ld._shard_videos()))
     with pytest.raises(ValueError, match=r"yields no batches in epoch 0 \(3 videos left out as unusable, e.g. .*gone"):
         next(iter(EpochLoader(empty)))
+
+
+def test_description_names_the_list_and_the_sampling_but_not_the_data_root(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    first = loader(root, True, batch_size=1).description()
+    assert first["videos"] == len(rows) and first["frames"] == 8 and first["augment"]["num_ops"] == 4
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert loader(moved, True, batch_size=1).description() == first
+    assert loader(root, True, batch_size=1, stride=4).description()["stride"] == 4
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(root, relabelled)
+    (relabelled / "list.csv").write_text("".join(f"{n},{(l + 1) % 3}\n" for n, l, _, _ in rows))
+    assert loader(relabelled, True, batch_size=1).description()["list"] != first["list"]

@@ -170,7 +170,7 @@ def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
 
 
 def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
-    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, checkpoint_every=2))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2, checkpoint_every=2))
     before = (tmp_path / "checkpoint-00000002.pt").read_bytes()
     real_save = torch.save
 
@@ -263,6 +263,43 @@ def test_resume_with_another_batch_layout_is_refused(tmp_path):
     with pytest.raises(ValueError, match="batch_size 4 in the checkpoint, 8 now; micro_batch_size 4 in the "
                                          "checkpoint, 8 now"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", batch_size=8))
+
+
+def test_resume_with_other_optimisation_settings_is_refused_naming_them_or_goes_on_with_them(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=6, stop_after=2))
+    changed = dict(steps=8, lr=1e-3, weight_decay=0.5, grad_clip=1.0)
+    with pytest.raises(ValueError, match=r"steps: 6 -> 8; lr: 0.01 -> 0.001; weight_decay: 0.05 -> 0.5; "
+                                         r"grad_clip: None -> 1.0\).*--resume-with-changes"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **changed))
+    with pytest.warns(UserWarning, match="with changed settings, from its step 2 on: steps: 6 -> 8"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", resume_with_changes=True,
+                                                           stop_after=4, **changed))
+    new_schedule = lr_lambda(tiny_train_config(tmp_path, **changed))
+    with open(tmp_path / "train_log.csv") as f:
+        lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
+    assert lrs[1] == pytest.approx(1e-2 * 0.5)  # before the resume: the first run's warmup
+    for step in (3, 4):
+        assert lrs[step] == pytest.approx(1e-3 * new_schedule(step - 1))
+    groups = ckpt.load_checkpoint(tmp_path / "checkpoint-00000004.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    # the checkpoint written since holds the new settings: resuming it with them is no change
+    result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **changed))
+    assert result.finished and result.step == 8
+
+
+def test_resume_with_other_training_data_is_refused_or_goes_on_with_it(tmp_path):
+    train(tiny_model(), tiny_data(32), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    with pytest.raises(ValueError, match="training data videos: 32 -> 36"):
+        train(tiny_model(), tiny_data(36), tiny_train_config(tmp_path, steps=4, resume="auto"))
+    with pytest.warns(UserWarning, match="training data videos: 32 -> 36"):
+        result = train(tiny_model(), tiny_data(36), tiny_train_config(tmp_path, steps=4, resume="auto",
+                                                                      resume_with_changes=True))
+    assert result.finished
+
+
+def test_resume_with_changes_needs_a_resume():
+    with pytest.raises(ValueError, match="give resume too"):
+        tiny_train_config("out", resume_with_changes=True).validate()
 
 
 def test_class_specific_contexts_refuse_reordered_or_renamed_classes(tmp_path):
@@ -523,7 +560,7 @@ def test_resuming_an_earlier_checkpoint_refuses_a_folder_with_later_ones(tmp_pat
                                          "checkpoint-00000006.pt.*another output directory"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=6, resume=str(earlier)))
     branch = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "branch", steps=4, keep_checkpoints=1,
-                                                                resume=str(earlier)))
+                                                                resume=str(earlier), resume_with_changes=True))
     assert branch.finished and [p.name for p in ckpt.list_checkpoints(tmp_path / "branch")] == ["checkpoint-00000004.pt"]
 
 

@@ -172,8 +172,9 @@ def cmd_train(args) -> int:
         grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
         device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        resume=args.resume, overwrite=args.overwrite, on_nonfinite=args.on_nonfinite, stop_after=args.stop_after,
-        stop_signals=args.stop_signals, progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+        resume=args.resume, resume_with_changes=args.resume_with_changes, overwrite=args.overwrite,
+        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, stop_signals=args.stop_signals,
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
     if result.stopped_by:  # checkpointed and on its way out: more of the same stop must not end it midway
         ignore_signals(config.stop_signals)
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between log rows")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
+    g.add_argument("--resume-with-changes", action="store_true",
+                   help="resume with other optimisation settings (--lr, --steps, --weight-decay, ...) or training "
+                        "data than the checkpoint's, going on with the new ones (refused without this)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run: delete its checkpoints and "
                         "final model first")

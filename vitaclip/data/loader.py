@@ -6,10 +6,13 @@ so a clip is the same whichever backend decodes it, however many workers or rank
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import multiprocessing
+import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -122,6 +125,7 @@ class VideoLoader:
         # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
         # on one node only (a missing local copy, an NFS error) must not shift the others' shards
         self.num_entries = len(entries)
+        self.list_digest = _list_digest(entries, data_root)
         self.videos = []  # (video_id, entry, info) of the usable entries
         for video_id, (entry, info) in enumerate(zip(entries, infos)):
             problem = info if isinstance(info, Exception) else None
@@ -145,6 +149,16 @@ class VideoLoader:
         asking, so that a loader made before torch.distributed starts (e.g. before `train()`)
         shards as its rank."""
         return self._shard_given or _process_shard()
+
+    def description(self) -> Dict[str, Any]:
+        """What this loader's clips are drawn from and how, for a resumed training run to compare
+        with its checkpoint's: the list's videos and labels, the sampling, crops and augmentation.
+        Not the decoder, workers or device, which change no clip beyond rounding."""
+        augment = dataclasses.asdict(self.augment.config) if self.augment else None
+        return {"videos": self.num_entries, "list": self.list_digest, "frames": self.num_frames,
+                "stride": None if self.tsn else self.stride, "tsn": self.tsn, "size": self.size,
+                "flip": self.flip, "crop_scale": tuple(self.crop_scale), "crop_ratio": tuple(self.crop_ratio),
+                "augment": augment}
 
     def __len__(self) -> int:
         n = len(self._shard_videos())
@@ -465,6 +479,16 @@ class _EpochTasks(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.tasks)
+
+
+def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
+    """A digest of the list's (path, label) entries in order, paths as the list gives them (relative
+    to the data root): a data set moved to another root is the same list."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        path = os.path.relpath(entry.path, data_root) if data_root else entry.path
+        digest.update(f"{path},{entry.label}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:

@@ -37,6 +37,10 @@ NONFINITE_POLICIES = ("stop", "skip")
 FINAL_MODEL = "model"  # the folder in output_dir that a finished run saves its model to
 LOG_FIELDS = ("step", "loss", "lr", "clips_per_s", "elapsed_s", "skipped")
 EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
+# what a resumed run must share with its checkpoint to be the same run from there on (the schedule
+# and the optimiser; the training data too, see `data_description`): other values are refused unless
+# resume_with_changes, which goes on with them
+RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "adam_eps", "grad_clip")
 
 
 @dataclass
@@ -63,6 +67,9 @@ class TrainConfig:
     log_every: int = 10
     resume: Optional[str] = None  # "auto" (latest checkpoint in output_dir, if any) or a checkpoint path
     overwrite: bool = False  # a fresh run first deletes an earlier run's checkpoints and final model
+    # resuming with other RUN_SETTINGS or training data than the checkpoint's goes on with the new ones
+    # from its step (the learning rate jumps to the new schedule's); without it they are refused
+    resume_with_changes: bool = False
     on_nonfinite: str = "stop"  # on a NaN/inf loss or gradient, "stop": raise naming the step; "skip": drop its update
     stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
     # on one of these (on any rank), leave after the current step, checkpointed (engine/stopping.py)
@@ -82,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.resume_with_changes and self.resume is None:
+            raise ValueError("resume_with_changes applies to a resumed run: give resume too")
         if self.overwrite and self.resume is not None:
             raise ValueError("overwrite starts a fresh run: it cannot be combined with resume")
         for name in self.stop_signals:
@@ -219,9 +228,10 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     resume_path, payload = resume_point(config, out, env)
     # the frozen weights never change: their fingerprint is taken once (seconds for ViT-B/16 on a CPU)
     fingerprint = None if backbone is None else ckpt.backbone_fingerprint(model)
+    data = data_description(train_data)
     if resume_path is not None:
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env,
-                fingerprint)
+                fingerprint, data)
         start_step = int(payload["step"])
     eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
                              num_workers=config.num_workers, device=str(env.device), progress=False)
@@ -235,7 +245,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             if eval_data is not None and payload.get("final_evaluation_pending", False):
                 evaluate_and_log(model, eval_data, eval_config, env, log, start_step, result)
                 result.last_checkpoint = str(write_checkpoint(  # the same, no longer pending
-                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint))
+                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint,
+                    data))
         finally:
             if log is not None:
                 log.close()
@@ -318,7 +329,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 warnings.warn(f"step {step}: evaluation skipped, the run is stopping"
                               + (" (resuming the run evaluates it)" if at_end else ""))
             checkpoint_args = (out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone,
-                               fingerprint)
+                               fingerprint, data)
             if step % config.checkpoint_every == 0 or step == last_step or stopping:
                 # before the evaluation, which can take minutes: a stop signalled during it is given
                 # seconds (torchrun's and SLURM's grace), enough for one more step's checkpoint only
@@ -454,10 +465,12 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
-            config: TrainConfig, micro: int, env: DistEnv, fingerprint: Optional[Dict[str, Any]]) -> None:
+            config: TrainConfig, micro: int, env: DistEnv, fingerprint: Optional[Dict[str, Any]],
+            data: Dict[str, Any]) -> None:
     """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
     RNG states of this rank, data position); refuse checkpoints of another model, class list or
-    batch layout, or trained on other frozen weights."""
+    batch layout, or trained on other frozen weights; refuse other RUN_SETTINGS or training data
+    unless config.resume_with_changes, which goes on with the new ones."""
     check_batch_layout(payload, source, config, micro, env)
     if not payload["model_is_full"]:
         ckpt.check_backbone_fingerprint(fingerprint or ckpt.backbone_fingerprint(model), payload, source)
@@ -475,12 +488,27 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
             hint = (f" (a context from the phrase {model.config.ctx_init!r} now has one vector per word; this run "
                     f"learned one per token: resume it with ctx_init=None, n_ctx={diff['n_ctx'][0]})")
         raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}{hint}")
+    changes = run_changes(payload, config, data)
+    if changes and not config.resume_with_changes:
+        raise ValueError(f"{source} was trained with other settings than this run's ({'; '.join(changes)}): "
+                         f"resume with the checkpoint's, or with resume_with_changes=True (--resume-with-changes) "
+                         f"to go on with the new ones from its step {payload['step']}")
+    if changes and env.is_main:
+        warnings.warn(f"resuming {source} with changed settings, from its step {payload['step']} on: "
+                      f"{'; '.join(changes)}")
     if payload["model_is_full"]:
         ckpt.load_state_exactly(model, payload["model"], source=source)
     else:
         ckpt.load_own_state(model, payload["model"], source)
+    # the optimiser's hyperparameters are in its state: this run's, if changed, are put back after it
+    settings = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    if changes:
+        factor = lr_lambda(config)(scheduler.last_epoch)
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own, lr=own["initial_lr"] * factor)
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     saved_precision = payload["train_config"]["precision"]
     if saved_precision == config.precision:
         scaler.load_state_dict(payload["scaler"])
@@ -490,6 +518,38 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     loaders = payload["loader"]  # one per rank (a single one in checkpoints before that)
     loader.load_state_dict(loaders[env.rank] if isinstance(loaders, list) else loaders)
     set_rng_states(payload["rng"][env.rank])
+
+
+def data_description(train_data) -> Dict[str, Any]:
+    """What a checkpoint records of the training data, for a resumed run to compare: the loader's
+    own description (VideoLoader: the list's entries, sampling and augmentation), else its length."""
+    describe = getattr(train_data, "description", None)
+    if callable(describe):
+        return describe()
+    return {"videos": len(train_data)} if hasattr(train_data, "__len__") else {}
+
+
+def run_changes(payload: Dict[str, Any], config: TrainConfig, data: Dict[str, Any]) -> list:
+    """The RUN_SETTINGS and training data this run has other than the checkpoint's, as
+    'name: then -> now' (checkpoints without a data description compare settings alone)."""
+    saved = payload["train_config"]
+    now = dataclasses.asdict(config)
+    changes = [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in RUN_SETTINGS
+               if name in saved and _plain(saved[name]) != _plain(now[name])]
+    saved_data = payload.get("train_data")
+    if saved_data is not None:
+        changes += [f"training data {key}: {saved_data.get(key)!r} -> {data.get(key)!r}"
+                    for key in sorted(set(saved_data) | set(data)) if _plain(saved_data.get(key)) != _plain(data.get(key))]
+    return changes
+
+
+def _plain(value):
+    """Tuples and lists alike (a checkpoint may hold either), for comparison."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig, micro: int, env: DistEnv) -> None:
@@ -508,9 +568,10 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
 
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
-                     loader, env: DistEnv, backbone, fingerprint, final_evaluation_pending: bool = False) -> Path:
-    """final_evaluation_pending: the run stopped at its last step before evaluating it, which
-    resuming the run does."""
+                     loader, env: DistEnv, backbone, fingerprint, data: Dict[str, Any],
+                     final_evaluation_pending: bool = False) -> Path:
+    """data: `data_description` of the training data. final_evaluation_pending: the run stopped at
+    its last step before evaluating it, which resuming the run does."""
     # each rank's RNG states and data position (a loader that leaves out batches a rank could not
     # decode is at another place on each rank), in one gather
     states, positions = zip(*all_gather_objects(env, (rng_states(), loader.state_dict())))
@@ -519,6 +580,7 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
         payload = {**ckpt.model_payload(model, backbone, fingerprint), "step": step, "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "loader": list(positions), "rng": list(states), "train_config": dataclasses.asdict(config),
+                   "train_data": data,
                    "final_evaluation_pending": final_evaluation_pending}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
