@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
 from vitaclip.cli import build_parser, build_training_model, main
 from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
+from vitaclip.engine.evaluate import read_video_scores
 
 pytest.importorskip("av")
 
@@ -70,11 +72,16 @@ def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     model = tmp_path / "run" / "model"
     code, out, err = run(capsys, "eval", "--model", model, "--list", list_file, "--data-root", clips,
                          "--temporal-views", 2, "--json", "--json-out", tmp_path / "e.json",
-                         "--confusion-png", tmp_path / "c.png", *CPU)
+                         "--confusion-png", tmp_path / "c.png", "--scores-out", tmp_path / "s.safetensors", *CPU)
     assert code == 0, err
     result = json.loads(out)
     assert result["num_videos"] == 12 and result["num_views"] == 24 and 0 <= result["top1"] <= 1
     assert json.loads((tmp_path / "e.json").read_text()) == result and (tmp_path / "c.png").is_file()
+    scores = read_video_scores(tmp_path / "s.safetensors")
+    listed = [line.rsplit(",", 1) for line in Path(list_file).read_text().splitlines()]
+    assert scores.paths == [str(clips / path) for path, _ in listed] and scores.video_ids == list(range(12))
+    assert scores.labels.tolist() == [int(label) for _, label in listed] and scores.views.tolist() == [2] * 12
+    assert (scores.probs.argmax(-1) == scores.labels).float().mean().item() == pytest.approx(result["top1"])
 
     code, out, err = run(capsys, "predict", "--model", tmp_path / "run", clips / "clip_00000.mp4",
                          clips / "clip_00001.mp4", "--top-k", 3, "--json", *CPU)

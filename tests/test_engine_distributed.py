@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from engine_helpers import SignallingData, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
 from vitaclip.engine import checkpoint as ckpt
-from vitaclip.engine.evaluate import EvalConfig, evaluate
+from vitaclip.engine.evaluate import EvalConfig, evaluate, read_video_scores
 from vitaclip.engine.train import train
 
 STEPS = 3
@@ -51,7 +51,8 @@ def worker(rank: int, world_size: int, port: int, out: str, seed: int) -> None:
     with rank_of_two(rank, world_size, port):
         model = tiny_model(seed=seed + rank)  # different inits: DDP must start every rank from rank 0's
         result = train(model, tiny_data(), tiny_train_config(out, steps=STEPS, adam_eps=1e-2, checkpoint_every=2))
-        evaluation = evaluate(model, tiny_data(11, seed=5), EVAL)  # 11 videos: ranks get 6 and 5
+        # 11 videos: ranks get 6 and 5
+        evaluation = evaluate(model, tiny_data(11, seed=5), EVAL, scores_path=os.path.join(out, "scores.safetensors"))
         torch.save({"params": trainable(model), "losses": result.losses, "eval": evaluation.to_dict()},
                    os.path.join(out, f"rank{rank}.pt"))
 
@@ -70,9 +71,14 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     with torch.no_grad():
         for name, p in alone.named_trainable_parameters():
             p.copy_(r0["params"][name])
-    expected = evaluate(alone, tiny_data(11, seed=5), EVAL).to_dict()
+    expected = evaluate(alone, tiny_data(11, seed=5), EVAL, scores_path=str(tmp_path / "alone.safetensors")).to_dict()
     assert r0["eval"]["confusion"] == expected["confusion"]
     assert r0["eval"]["top1"] == expected["top1"]
+    scores, alone_scores = (read_video_scores(p) for p in (os.path.join(out, "scores.safetensors"),
+                                                            tmp_path / "alone.safetensors"))
+    assert scores.video_ids == alone_scores.video_ids == list(range(11))  # each video once, from both ranks
+    torch.testing.assert_close(scores.probs, alone_scores.probs)
+    assert torch.equal(scores.labels, alone_scores.labels)
 
     # one process, same global batch of 4 (2 micro-batches of 2 accumulated), rank 0's init
     single = tiny_model(seed=0)

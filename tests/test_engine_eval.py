@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
-from vitaclip.engine.evaluate import EvalConfig, EvalResult, evaluate, merge, scores
+from vitaclip.engine.evaluate import EvalConfig, EvalResult, evaluate, merge, read_video_scores, scores
 from vitaclip.engine.predict import predict
 from vitaclip.engine.zeroshot import Split, aggregate, zeroshot
 
@@ -41,6 +41,26 @@ def test_views_are_averaged_per_video():
         confusion[y, p] += 1
     assert result.confusion == confusion.tolist()
     assert result.top5 == 1.0  # 4 classes: the top 4 always hold the label
+
+
+def test_scores_file_holds_each_videos_mean_probabilities(tmp_path):
+    model = tiny_model().eval()
+    data = MultiView(tiny_data(10))
+    path = tmp_path / "out" / "scores.safetensors"
+    result = evaluate(model, data, EvalConfig(batch_size=4, scores_path=str(path), **CPU))
+    saved = read_video_scores(path)
+    ids = sorted(f"video{i}" for i in range(10))
+    assert saved.video_ids == ids and saved.paths == [None] * 10 and saved.classnames == list(CLASSES)
+    with torch.no_grad():
+        expected = torch.stack([model(data[int(i[5:])][0]).softmax(-1).mean(0) for i in ids])
+    torch.testing.assert_close(saved.probs, expected)
+    assert saved.labels.tolist() == [data[int(i[5:])][1] for i in ids] and saved.views.tolist() == [3] * 10
+    assert (saved.probs.argmax(-1) == saved.labels).float().mean().item() == pytest.approx(result.top1)
+    from safetensors.torch import save_file
+
+    save_file({"probs": saved.probs}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a vitaclip scores file: it lacks"):
+        read_video_scores(tmp_path / "other.safetensors")
 
 
 def test_scores_on_known_probabilities():

@@ -206,7 +206,8 @@ def cmd_eval(args) -> int:
     result = evaluate(model, data, EvalConfig(batch_size=args.batch_size, precision=args.precision,
                                               num_workers=args.num_workers, device=args.device,
                                               progress=not args.no_progress, json_path=args.json_out,
-                                              confusion_png=args.confusion_png), env=env)
+                                              confusion_png=args.confusion_png, scores_path=args.scores_out),
+                      env=env)
     report_skipped(args, env, data)
     if env.is_main:  # every process has the result
         print_json_or(args, result.to_dict(),
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--confusion-png", default=None, help="write the confusion matrix image here")
+    p.add_argument("--scores-out", default=None,
+                   help="write every video's class probabilities (mean over its views), label and path here "
+                        "(safetensors; vitaclip.engine.evaluate.read_video_scores reads it)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_data(p)
     add_runtime(p)

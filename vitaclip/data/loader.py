@@ -160,6 +160,10 @@ class VideoLoader:
                 "flip": self.flip, "crop_scale": tuple(self.crop_scale), "crop_ratio": tuple(self.crop_ratio),
                 "augment": augment}
 
+    def video_paths(self) -> Dict[int, str]:
+        """The file of each usable video, by video id (its entry's index in the list)."""
+        return {video_id: entry.path for video_id, entry, _ in self.videos}
+
     def __len__(self) -> int:
         n = len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ class EvalConfig:
     progress: bool = True
     confusion_png: Optional[str] = None  # write the confusion matrix as an image here
     json_path: Optional[str] = None  # write the results as JSON here
+    scores_path: Optional[str] = None  # write every video's class probabilities here (`write_video_scores`)
 
 
 @dataclass
@@ -123,10 +124,14 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         if progress is not None:
             progress.close()
         model.train(was_training)
-    result = scores(merge(all_gather_objects(env, sums)), model.classnames)
+    sums = merge(all_gather_objects(env, sums))
+    result = scores(sums, model.classnames)
     if env.is_main:
         if config.json_path:
             write_json(config.json_path, result.to_dict())
+        if config.scores_path:
+            paths = data.video_paths() if hasattr(data, "video_paths") else {}
+            write_video_scores(config.scores_path, sums, model.classnames, paths)
         if config.confusion_png:
             save_confusion_png(result, config.confusion_png)
     return result
@@ -136,6 +141,46 @@ def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+class VideoScores(NamedTuple):
+    """An evaluation's per-video results (`write_video_scores`), one row per video."""
+    probs: torch.Tensor  # [N, C] float32: the mean of the softmax over the video's views
+    labels: torch.Tensor  # [N] int64
+    views: torch.Tensor  # [N] int64: views averaged
+    video_ids: List[Any]  # the data's ids (VideoLoader: the entry's index in its list)
+    paths: List[Optional[str]]  # the video files, where the data knows them
+    classnames: List[str]
+
+
+def write_video_scores(path, sums: Dict, classnames: List[str], paths: Dict[Any, str]) -> None:
+    """Each video's mean class probabilities, label and view count as a safetensors file (tensors
+    `probs`, `labels`, `views`; the class names, video ids and paths as JSON in its metadata), rows
+    in video id order: what ensembling models or views, or error analysis, needs. Read it with
+    `read_video_scores`."""
+    from safetensors.torch import save_file
+
+    ids = sorted(sums)
+    tensors = {"probs": torch.stack([sums[i][0] / sums[i][1] for i in ids]).float().contiguous(),
+               "labels": torch.tensor([sums[i][2] for i in ids], dtype=torch.long),
+               "views": torch.tensor([sums[i][1] for i in ids], dtype=torch.long)}
+    metadata = {"classnames": json.dumps(list(classnames)), "video_ids": json.dumps(ids),
+                "paths": json.dumps([paths.get(i) for i in ids])}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_video_scores(path) -> VideoScores:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        missing = {"probs", "labels", "views"} - set(f.keys()) or {"classnames", "video_ids", "paths"} - set(meta)
+        if missing:
+            raise ValueError(f"{path} is not a vitaclip scores file: it lacks {sorted(missing)}")
+        return VideoScores(f.get_tensor("probs"), f.get_tensor("labels"), f.get_tensor("views"),
+                           json.loads(meta["video_ids"]), json.loads(meta["paths"]), json.loads(meta["classnames"]))
 
 
 def save_confusion_png(result: EvalResult, path) -> None:
