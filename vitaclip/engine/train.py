@@ -539,7 +539,8 @@ def run_changes(payload: Dict[str, Any], config: TrainConfig, data: Dict[str, An
     saved_data = payload.get("train_data")
     if saved_data is not None:
         changes += [f"training data {key}: {saved_data.get(key)!r} -> {data.get(key)!r}"
-                    for key in sorted(set(saved_data) | set(data)) if _plain(saved_data.get(key)) != _plain(data.get(key))]
+                    for key in sorted(set(saved_data) | set(data))
+                    if _plain(saved_data.get(key)) != _plain(data.get(key))]
     return changes
 
 
