@@ -330,6 +330,25 @@ def test_bad_input_fails_before_training(tmp_path):
         ckpt.load_model(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("capability,refused", [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
+def test_bf16_on_a_gpu_without_bfloat16_arithmetic_is_named(monkeypatch, capability, refused):
+    import warnings
+
+    from vitaclip.engine.precision import autocast
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    gpu = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast's "CUDA is not available" on this machine
+        autocast(gpu, "fp16")
+        if refused:
+            with pytest.raises(ValueError, match=r"bf16 needs .*V100-SXM2-32GB has 7\.\d: use fp16"):
+                autocast(gpu, "bf16")
+        else:
+            autocast(gpu, "bf16")
+
+
 def test_labels_outside_the_classes_in_a_batch_are_named(tmp_path):
     class Unlabelled:  # no `labels` to check up front: caught at the first batch
         def __init__(self):
