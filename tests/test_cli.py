@@ -120,6 +120,8 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     code, out, err = run(capsys, *command, "--heads", 2, "--text-heads", 2)  # the tiny model's
     assert code == 0, err
     assert json.loads(out)["splits"][str(list_file)]["num_videos"] == 12
+    code, out, err = run(capsys, *command[:1], *command[3:], "--heads", 2)  # a plain CLIP: its own heads
+    assert code == 2 and "--heads/--text-heads complete a --model file" in err
 
 
 def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
@@ -177,7 +179,7 @@ def test_bench_reports_model_and_loader_throughput(videos, capsys):
                          "--json", *CPU)
     assert code == 0, err
     report = json.loads(out)
-    assert report["model"] == "tiny" and report["loader"] == "pyav"
+    assert report["model"] == "tiny" and report["loader"] == "pyav" and report["loader_pipeline"] == "train"
     for key in ("inference_clips_per_s", "train_clips_per_s", "loader_clips_per_s"):
         assert report[key] > 0
     code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 16, "--iters", 2,

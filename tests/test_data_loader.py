@@ -731,6 +731,7 @@ def test_description_names_the_list_and_the_sampling_but_not_the_data_root(vp9_d
     shutil.copytree(root, moved)
     assert loader(moved, True, batch_size=1).description() == first
     assert loader(root, True, batch_size=1, stride=4).description()["stride"] == 4
+    assert loader(root, True, batch_size=1, min_frames=40).description()["min_frames"] == 40
     relabelled = tmp_path / "relabelled"
     shutil.copytree(root, relabelled)
     (relabelled / "list.csv").write_text("".join(f"{n},{(l + 1) % 3}\n" for n, l, _, _ in rows))

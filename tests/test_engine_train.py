@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
 from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.loader import ShardedTrainLoader
@@ -167,6 +167,39 @@ def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
     base.save_pretrained(tmp_path / "base")
     model = ckpt.build_backbone({"kind": "pretrained", "path": str(tmp_path / "base")}, CLASSES)
     assert model.zero_shot_templates is None and model.prompt_learner.ctx is not None
+
+
+def test_a_zero_shot_model_scores_given_classes_with_its_templates_and_its_learned_ones_with_their_context(
+        tmp_path):
+    learned = tiny_model().eval()
+    templates = ["a video of {}."]
+    zero_shot = tiny_model().eval()
+    zero_shot.set_classes(["brush hair", "cart wheel"], templates=templates)
+    zero_shot.save_pretrained(tmp_path / "zs")
+    video = torch.randn(1, 3, FRAMES, SIZE, SIZE)
+    with torch.no_grad():
+        for spelling in (["brush hair", "cart wheel"], ["brush_hair", "cart_wheel"]):
+            loaded = ckpt.load_model(tmp_path / "zs", classnames=spelling).eval()
+            assert loaded.zero_shot_templates == templates
+            torch.testing.assert_close(loaded(video), zero_shot(video))
+        other = ckpt.load_model(tmp_path / "zs", classnames=["archery", "bowling", "golf"])
+        assert other.zero_shot_templates == templates and other.classnames == ["archery", "bowling", "golf"]
+        own = ckpt.load_model(tmp_path / "zs", classnames=list(CLASSES)).eval()  # its learned classes
+        assert own.zero_shot_templates is None
+        torch.testing.assert_close(own(video), learned(video))
+    for_training = ckpt.load_model(tmp_path / "zs", classnames=list(CLASSES), for_training=True)
+    assert for_training.zero_shot_templates is None
+    with pytest.raises(ValueError, match="scores its classes with templates"):
+        train(zero_shot, tiny_data(), tiny_train_config(tmp_path / "run", steps=2))
+
+
+def test_a_model_without_learned_prompts_scores_no_classes_without_templates(tmp_path):
+    from engine_helpers import demo_model_config
+
+    VitaCLIP(demo_model_config(FRAMES, SIZE)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="has no learned text prompts"):
+        ckpt.load_model(tmp_path / "bare", classnames=list(CLASSES))
+    assert ckpt.load_model(tmp_path / "bare", classnames=list(CLASSES), for_training=True).classnames == list(CLASSES)
 
 
 def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
@@ -570,6 +603,38 @@ def test_resume_onto_other_frozen_weights_is_refused_and_a_moved_backbone_is_not
     moved = {"kind": "pretrained", "path": str(tmp_path / "moved")}
     assert train(ckpt.load_model(tmp_path / "moved"), tiny_data(),
                  tiny_train_config(tmp_path / "run", steps=4, resume="auto"), backbone=moved).finished
+
+
+def test_a_checkpoint_refuses_its_backbone_source_saved_over_since(tmp_path):
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    backbone = {"kind": "pretrained", "path": str(tmp_path / "base")}
+    train(ckpt.load_model(tmp_path / "base"), tiny_data(), tiny_train_config(tmp_path / "run", steps=2),
+          backbone=backbone)
+    assert ckpt.load_model(tmp_path / "run").classnames == list(CLASSES)
+    tiny_model(seed=1).save_pretrained(tmp_path / "base")  # e.g. another run's final model saved there
+    with pytest.raises(ValueError, match=r"trained on other frozen weights \({'kind': 'pretrained'"):
+        ckpt.load_model(tmp_path / "run")
+    front = VitaCLIP(base.config.replace(ctx_position="front"), list(CLASSES))
+    front.load_state_dict(base.state_dict())
+    front.save_pretrained(tmp_path / "base")  # the same frozen weights, another architecture
+    with pytest.raises(ValueError, match=r"another architecture .*'ctx_position': \('end', 'front'\)"):
+        ckpt.load_model(tmp_path / "run")
+
+
+def test_resume_onto_a_backbone_source_of_a_run_that_had_none_is_refused_unless_the_same_weights(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=4, stop_after=2))  # the whole model
+    tiny_model(seed=1).save_pretrained(tmp_path / "other")
+    tiny_model().save_pretrained(tmp_path / "same")
+
+    def resume(source):
+        return train(ckpt.load_model(tmp_path / source), tiny_data(),
+                     tiny_train_config(tmp_path / "run", steps=4, resume="auto"),
+                     backbone={"kind": "pretrained", "path": str(tmp_path / source)})
+
+    with pytest.raises(ValueError, match=r"trained on other frozen weights \(the whole model it holds\)"):
+        resume("other")
+    assert resume("same").finished
 
 
 def test_resuming_an_earlier_checkpoint_refuses_a_folder_with_later_ones(tmp_path):

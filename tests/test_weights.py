@@ -209,6 +209,13 @@ def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path, 
     assert torch.equal(loaded.visual.blocks[1].mlp.fc2.weight, model.visual.blocks[1].mlp.fc2.weight)
     assert loaded.visual.global_prompts.shape == (2, 2, 64)
     assert loaded.prompt_learner.ctx.shape == (len(CLASSES), 3, 32)
+    # random prompts to score with: only a model to train from (--init) takes the file
+    from vitaclip.engine.checkpoint import load_model
+
+    for templates_only in (False, True):
+        with pytest.raises(ValueError, match="holds a CLIP backbone only.*--init"):
+            load_model(tmp_path / "backbone.pth", CLASSES, templates_only=templates_only, heads=2, text_heads=2)
+    assert load_model(tmp_path / "backbone.pth", CLASSES, for_training=True, heads=2, text_heads=2).prompt_learner
 
 
 def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
@@ -235,6 +242,21 @@ def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
         VitaCLIP.from_official_checkpoint(tmp_path / "junk.pth", CLASSES)
     with pytest.raises(FileNotFoundError):
         VitaCLIP.from_official_checkpoint(tmp_path / "missing.pth", CLASSES)
+
+
+@pytest.mark.parametrize("name,damaged", [("model.safetensors", b"\x08\x00\x00"), ("config.json", b'{"width": '),
+                                          ("classnames.json", b'["a'), ("zero_shot.json", b"\xff{}")])
+def test_a_damaged_saved_model_names_the_file(tmp_path, name, damaged):
+    import shutil
+
+    model = VitaCLIP(tiny_config(), CLASSES)
+    model.set_classes(["a", "b"], templates=["a video of {}."])
+    model.save_pretrained(tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    (tmp_path / "bad" / name).write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(tmp_path / 'bad' / name))}"):
+        VitaCLIP.from_pretrained(tmp_path / "bad")
+    assert VitaCLIP.from_pretrained(tmp_path / "good").classnames == ["a", "b"]
 
 
 def test_save_and_load_pretrained(tmp_path):

@@ -96,7 +96,7 @@ def build_training_model(args, classes: List[str]):
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
         return model, backbone if pretrained else None
     path = Path(args.init).resolve()
-    model = ckpt.load_model(path, classes, args.backend, **architecture_overrides(args))
+    model = ckpt.load_model(path, classes, args.backend, for_training=True, **architecture_overrides(args))
     if path.is_dir():
         if (path / "config.json").is_file():
             return model, {"kind": "pretrained", "path": str(path)}
@@ -240,6 +240,9 @@ def cmd_zeroshot(args) -> int:
     if args.model:
         model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
     else:
+        if heads_overrides(args):
+            raise ValueError("--heads/--text-heads complete a --model file of the authors' layout; a plain CLIP "
+                             "(no --model) has its own")
         model = VitaCLIP.plain_clip(args.clip, args.pretrained)
         model.set_backend(args.backend)
     frames = args.frames or model.config.num_frames
@@ -377,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned text context vectors (default 8, or the --init model's)")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
     g.add_argument("--ctx-position", default=None, choices=("end", "front", "middle"),
-                   help="where the context goes (default end, or the --init model's)")
+                   help="where the class name goes, as CoOp names it: end 'X X X name.', front 'name X X X.', "
+                        "middle 'X X name X X.' (default end, or the --init model's)")
     g.add_argument("--global-prompts", type=int, default=None,
                    help="global prompts per layer (default 8, or the --init model's)")
     g.add_argument("--no-summary", action="store_true", help="drop the summary token")
@@ -479,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=positive_int, default=8)
     p.add_argument("--iters", type=positive_int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    p.add_argument("--train", action="store_true", help="time training steps (forward + backward) too")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps (forward + backward) too, and the loader's training pipeline "
+                        "(random clips, crops, RandAugment) instead of its evaluation one")
     p.add_argument("--list", default=None, help="also time the video loader on this list file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_data(p, views=False, lists=False)

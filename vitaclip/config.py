@@ -36,7 +36,7 @@ class VitaCLIPConfig:
     # text prompts (CoOp-style context)
     n_ctx: int = 8
     csc: bool = True  # class-specific context; False = one context shared by all classes
-    ctx_position: str = "end"
+    ctx_position: str = "end"  # where the class name goes (CoOp): end "X X X name.", front "name X X X.", middle
     ctx_init: Optional[str] = None  # initialise the context from this phrase's embeddings
     train_cls_proj: bool = False  # the public code never trains cls_proj
 

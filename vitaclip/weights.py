@@ -332,12 +332,17 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
 
 
 def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], learned_context: bool = True,
-                             **overrides) -> VitaCLIP:
+                             trained_only: bool = False, **overrides) -> VitaCLIP:
     """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file
     (loaded non-strictly as their code does: fresh prompts, and CLIP's logit_scale if it holds one).
     learned_context=False leaves the learned text context out (no class names needed): for
-    scoring classes with hand-written templates only."""
+    scoring classes with hand-written templates only. trained_only: refuse a backbone file (its
+    prompts would be random), as scoring with it would be meaningless."""
     state = read_official_state(path)
+    if trained_only and not is_trained_checkpoint(state):
+        raise ValueError(f"{path} holds a CLIP backbone only, no trained Vita-CLIP prompts: train from it "
+                         f"(vitaclip train --init), or score CLIP itself zero-shot (vitaclip zeroshot without "
+                         f"--model, VitaCLIP.plain_clip)")
     if not learned_context:
         state.pop("prompt_learner.ctx", None)
     config = config_from_official_state(state, **overrides)
@@ -385,12 +390,24 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
     for name in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a saved VitaCLIP: {name} is missing")
-    config = VitaCLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    config = VitaCLIPConfig.from_dict(_read_json(directory / CONFIG_FILE))
     keep_phrase_for_saved_context(config)
-    classnames = json.loads((directory / CLASSES_FILE).read_text()) or None
+    classnames = _read_json(directory / CLASSES_FILE) or None
     model = cls(config, classnames, backend=backend)
-    load_state_exactly(model, load_file(directory / WEIGHTS_FILE), source=str(directory / WEIGHTS_FILE))
+    try:
+        state = load_file(directory / WEIGHTS_FILE)
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types name no file
+        raise ValueError(f"cannot read {directory / WEIGHTS_FILE} (cut short, or not a safetensors file?): "
+                         f"{err}") from err
+    load_state_exactly(model, state, source=str(directory / WEIGHTS_FILE))
     if (directory / ZERO_SHOT_FILE).is_file():  # their text features come from the loaded weights
-        zero_shot = json.loads((directory / ZERO_SHOT_FILE).read_text())
+        zero_shot = _read_json(directory / ZERO_SHOT_FILE)
         model.set_classes(zero_shot["classnames"], templates=zero_shot["templates"])
     return model
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"cannot read {path}: not JSON ({err})") from err

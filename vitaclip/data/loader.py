@@ -125,7 +125,7 @@ class VideoLoader:
         # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
         # on one node only (a missing local copy, an NFS error) must not shift the others' shards
         self.num_entries = len(entries)
-        self.list_digest = _list_digest(entries, data_root)
+        self.list_digest, self.min_frames = _list_digest(entries, data_root), min_frames
         self.videos = []  # (video_id, entry, info) of the usable entries
         for video_id, (entry, info) in enumerate(zip(entries, infos)):
             problem = info if isinstance(info, Exception) else None
@@ -152,10 +152,12 @@ class VideoLoader:
 
     def description(self) -> Dict[str, Any]:
         """What this loader's clips are drawn from and how, for a resumed training run to compare
-        with its checkpoint's: the list's videos and labels, the sampling, crops and augmentation.
-        Not the decoder, workers or device, which change no clip beyond rounding."""
+        with its checkpoint's: the list's videos and labels, the shortest video taken, the sampling,
+        crops and augmentation. Not the decoder, workers or device, which change no clip beyond
+        rounding, nor the error policy (a video that fails either stops the run or is left out)."""
         augment = dataclasses.asdict(self.augment.config) if self.augment else None
-        return {"videos": self.num_entries, "list": self.list_digest, "frames": self.num_frames,
+        return {"videos": self.num_entries, "list": self.list_digest, "min_frames": self.min_frames,
+                "frames": self.num_frames,
                 "stride": None if self.tsn else self.stride, "tsn": self.tsn, "size": self.size,
                 "flip": self.flip, "crop_scale": tuple(self.crop_scale), "crop_ratio": tuple(self.crop_ratio),
                 "augment": augment}

@@ -90,7 +90,7 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
             iters -= 1
             if iters == 0:
                 _sync(dev)
-                report = {"loader": loader.backend,
+                report = {"loader": loader.backend, "loader_pipeline": "train" if train else "eval",
                           "loader_clips_per_s": round(clips / (time.perf_counter() - start), 2)}
                 if loader.dali_decoder is not None:
                     report.update(dali_mode=loader.dali_decoder.mode, dali_fallbacks=loader.dali_decoder.fallbacks)

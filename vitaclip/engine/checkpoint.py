@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import VitaCLIPConfig
-from ..model import VitaCLIP
+from ..model import VitaCLIP, is_trainable
 from ..text import clean_classname, keep_phrase_for_saved_context
 from ..files import atomic_write
 from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
@@ -161,8 +161,12 @@ def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]],
 def backbone_fingerprint(model: VitaCLIP) -> Dict[str, Tuple[float, float]]:
     """Sum and sum of squares, in float64, of each tensor a backbone source restores: the same
     weights give the same figures on any device (to rounding), other weights do not."""
-    own = set(own_state_names(model))
-    frozen = {name: t.detach() for name, t in model.state_dict().items() if name not in own and t.is_floating_point()}
+    return state_fingerprint(model.state_dict(), set(own_state_names(model)))
+
+
+def state_fingerprint(state: Dict[str, Tensor], own: set) -> Dict[str, Tuple[float, float]]:
+    """`backbone_fingerprint` of a state dict whose Vita-CLIP tensors are named in `own`."""
+    frozen = {name: t.detach() for name, t in state.items() if name not in own and t.is_floating_point()}
     if not frozen:
         return {}
     stats = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.square().sum(dtype=torch.float64)])
@@ -172,16 +176,42 @@ def backbone_fingerprint(model: VitaCLIP) -> Dict[str, Tuple[float, float]]:
 
 def check_backbone_fingerprint(now: Dict[str, Tuple[float, float]], payload: Dict[str, Any], source: str) -> None:
     """Refuse to put a checkpoint's prompts on frozen weights (fingerprint `now`) other than those
-    they were trained with (e.g. resumed with another `--pretrained`); checkpoints without a
-    fingerprint pass."""
-    saved = payload.get("backbone_fingerprint")
+    they were trained with (e.g. resumed with another `--pretrained`, or a saved model it was
+    started from saved again over); checkpoints without a fingerprint pass. A checkpoint holding
+    the whole model is compared by its own frozen tensors."""
+    if payload["model_is_full"]:
+        saved = state_fingerprint(payload["model"], set(own_state_names_of(payload)))
+        origin = "the whole model it holds"
+    else:
+        saved, origin = payload.get("backbone_fingerprint"), payload.get("backbone")
     if saved is None:
         return
     differing = [name for name, stats in saved.items()
                  if name not in now or not all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(stats, now[name]))]
     if differing:
-        raise ValueError(f"{source} was trained on other frozen weights ({payload.get('backbone')}) than the "
-                         f"model's: {len(differing)} of {len(saved)} tensors differ, e.g. {differing[:3]}")
+        raise ValueError(f"{source} was trained on other frozen weights ({origin}) than the model's: "
+                         f"{len(differing)} of {len(saved)} tensors differ, e.g. {differing[:3]}")
+
+
+def own_state_names_of(payload: Dict[str, Any]) -> list:
+    """`own_state_names` of the model a checkpoint was written from."""
+    config = VitaCLIPConfig.from_dict(payload["config"])
+    trainable = {name for name in payload["model"] if is_trainable(name, config.train_cls_proj)}
+    return [k for k in payload["model"] if k in trainable or VITA_ADDITION.search(k)]
+
+
+def check_saved_architecture(model: VitaCLIP, payload: Dict[str, Any], source: str) -> None:
+    """Refuse a model whose architecture differs from the one the checkpoint was trained as."""
+    saved = VitaCLIPConfig.from_dict(payload["config"])
+    keep_phrase_for_saved_context(saved)  # a context saved with a vector per token of its phrase stands alone
+    if saved.to_dict() != model.config.to_dict():
+        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved.to_dict().items()
+                if model.config.to_dict().get(k) != v}
+        hint = ""
+        if "n_ctx" in diff and set(diff) <= {"n_ctx", "ctx_init"} and model.config.ctx_init:
+            hint = (f" (a context from the phrase {model.config.ctx_init!r} now has one vector per word; this run "
+                    f"learned one per token: resume it with ctx_init=None, n_ctx={diff['n_ctx'][0]})")
+        raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}{hint}")
 
 
 # ---------------------------------------------------------------------------- building models
@@ -219,16 +249,23 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
     backbone = payload["backbone"]
     overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
     model = build_backbone(backbone, classnames, backend, **overrides)
+    # the source is read as it is now: a saved model folder saved again over, a weights file replaced
+    check_saved_architecture(model, payload, source)
+    check_backbone_fingerprint(backbone_fingerprint(model), payload, source)
     load_own_state(model, payload["model"], source)
     return model
 
 
 def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = "auto",
-               templates_only: bool = False, **overrides) -> VitaCLIP:
+               templates_only: bool = False, for_training: bool = False, **overrides) -> VitaCLIP:
     """Any trained model: a saved model folder (save_pretrained), a vitaclip training checkpoint,
     a run folder (its latest checkpoint) or the authors' checkpoint file (needs `classnames`
     unless `templates_only`: when classes will only be scored with hand-written templates, e.g.
     zero-shot, its learned text context is left out).
+    classnames: the classes to score (see `use_classes`). for_training: the model to train from
+    (`--init`): the classes get learned prompts, fresh where the model has none, and a file of the
+    authors' layout holding only a CLIP backbone is taken; to score, both would mean random prompts
+    and are refused.
     `overrides` (VitaCLIPConfig fields) complete the architecture of a file of the authors'
     layout that holds only a CLIP backbone; a trained model refuses any they contradict."""
     path = Path(path)
@@ -248,14 +285,37 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
             model = model_from_checkpoint(payload, str(path), backend)
         else:
             model = VitaCLIP.from_official_checkpoint(path, classnames, learned_context=not templates_only,
-                                                      **overrides)
+                                                      trained_only=not for_training, **overrides)
             model.set_backend(backend)
             return model
     check_architecture(model, overrides, str(path))
-    if classnames is not None and list(classnames) != model.classnames:
-        check_class_order(model, classnames, str(path))
-        model.set_classes(classnames)
+    if classnames is not None:
+        use_classes(model, classnames, str(path), for_training)
     return model
+
+
+def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_training: bool = False) -> None:
+    """Give a loaded model the classes `classnames`. A model saved scoring its classes with templates
+    (zero-shot) scores others with them too, and its learned classes with their learned context; a
+    model with learned prompts takes other names into its learned context (a class-specific one
+    only its own classes, in their order). for_training: learned prompts whatever the model scored
+    with, fresh where it has none."""
+    wanted = [clean_classname(name) for name in classnames]
+    learner = model.prompt_learner
+    learned = list(learner.classnames) if learner is not None else None
+    templates = model.zero_shot_templates
+    if templates is not None and not for_training and wanted != learned:
+        if wanted != model.classnames:
+            model.set_classes(classnames, templates=templates)
+        return
+    if learner is None and not for_training:
+        raise ValueError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
+                         f"classes with: score them zero-shot with templates (vitaclip zeroshot, or "
+                         f"set_classes(names, templates=...))")
+    if wanted == learned and templates is None:
+        return
+    check_class_order(model, classnames, source)
+    model.set_classes(classnames)
 
 
 def check_architecture(model: VitaCLIP, overrides: Dict[str, Any], source: str) -> None:
@@ -271,10 +331,10 @@ def check_class_order(model: VitaCLIP, classnames: Sequence[str], source: str) -
     """A class-specific context is learned per class: the same number of other or reordered
     class names would silently score each class with another class's context."""
     learner = model.prompt_learner
-    if learner is None or learner.ctx is None or learner.ctx.dim() != 3 or len(classnames) != len(model.classnames):
+    if learner is None or learner.ctx is None or learner.ctx.dim() != 3 or len(classnames) != len(learner.classnames):
         return  # nothing learned per class, or another number of classes, which the prompt learner refuses
     given = [clean_classname(n) for n in classnames]
-    for position, (trained, name) in enumerate(zip(model.classnames, given)):
+    for position, (trained, name) in enumerate(zip(learner.classnames, given)):
         if name != trained:
             raise ValueError(f"{source} has a context learned for each of its classes, in its order, but class "
                              f"{position} is {name!r} here and {trained!r} there: give its class list")

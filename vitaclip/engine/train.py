@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
-from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
-from ..text import keep_phrase_for_saved_context
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed, sum_across_ranks
 from .evaluate import EvalConfig, EvalResult, evaluate
@@ -208,6 +206,9 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     out = Path(config.output_dir)
     if not model.classnames:
         raise ValueError("the model has no classes: pass classnames to the model before training")
+    if model.zero_shot_templates is not None:  # its text side would not train, nor its checkpoints say so
+        raise ValueError("the model scores its classes with templates (zero-shot): give it learned prompts to "
+                         "train with set_classes(classnames) first")
     num_classes = len(model.classnames)
     check_labels(train_data, num_classes)
 
@@ -472,22 +473,15 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     batch layout, or trained on other frozen weights; refuse other RUN_SETTINGS or training data
     unless config.resume_with_changes, which goes on with the new ones."""
     check_batch_layout(payload, source, config, micro, env)
-    if not payload["model_is_full"]:
+    # a checkpoint holding the whole model (a run without a backbone source) is compared by its own
+    # frozen tensors when this run has a source; a run without one takes the checkpoint's
+    if fingerprint is not None or not payload["model_is_full"]:
         ckpt.check_backbone_fingerprint(fingerprint or ckpt.backbone_fingerprint(model), payload, source)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
                          f"{model.classnames[:5]}...")
-    saved = VitaCLIPConfig.from_dict(payload["config"])
-    keep_phrase_for_saved_context(saved)  # a context saved with a vector per token of its phrase stands alone
-    if saved.to_dict() != model.config.to_dict():
-        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved.to_dict().items()
-                if model.config.to_dict().get(k) != v}
-        hint = ""
-        if "n_ctx" in diff and set(diff) <= {"n_ctx", "ctx_init"} and model.config.ctx_init:
-            hint = (f" (a context from the phrase {model.config.ctx_init!r} now has one vector per word; this run "
-                    f"learned one per token: resume it with ctx_init=None, n_ctx={diff['n_ctx'][0]})")
-        raise ValueError(f"{source} is of another architecture (checkpoint, model): {diff}{hint}")
+    ckpt.check_saved_architecture(model, payload, source)
     changes = run_changes(payload, config, data)
     if changes and not config.resume_with_changes:
         raise ValueError(f"{source} was trained with other settings than this run's ({'; '.join(changes)}): "
