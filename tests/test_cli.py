@@ -124,6 +124,36 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     assert code == 2 and "--heads/--text-heads complete a --model file" in err
 
 
+def test_scoring_commands_sample_at_the_models_training_stride_unless_told(videos, tmp_path, capsys, monkeypatch):
+    from vitaclip.data import VideoLoader
+
+    root, list_file = videos
+    model = tiny_model()
+    model.training_data = {"stride": 2}
+    model.save_pretrained(tmp_path / "model")
+    strides = []
+    real_init = VideoLoader.__init__
+
+    def spy(self, *args, **kwargs):
+        strides.append(kwargs["stride"])
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoLoader, "__init__", spy)
+    scoring = [["eval", "--model", tmp_path / "model", "--list", list_file],
+               ["zeroshot", "--model", tmp_path / "model", "--split", list_file, "--classes", root / "classes.txt"],
+               ["predict", "--model", tmp_path / "model", list_file.parent / "clip_00000.mp4"]]
+    cpu = [a for a in CPU if a not in ("--stride", "1")]
+    for command in scoring:
+        for given, used in (([], 2), (["--stride", 5], 5)):
+            strides.clear()
+            code, _, err = run(capsys, *command, "--data-root", list_file.parent, *given, *cpu)
+            assert code == 0 and strides == [used], (command, err)
+    strides.clear()
+    assert run(capsys, "zeroshot", "--model", root / "model", "--split", list_file, "--classes", root / "classes.txt",
+               "--data-root", list_file.parent, *cpu)[0] == 0
+    assert strides == [16]  # a model without the record
+
+
 def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
     root, list_file = videos
     good = list_file.parent / "clip_00000.mp4"

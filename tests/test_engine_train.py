@@ -202,6 +202,28 @@ def test_a_model_without_learned_prompts_scores_no_classes_without_templates(tmp
     assert ckpt.load_model(tmp_path / "bare", classnames=list(CLASSES), for_training=True).classnames == list(CLASSES)
 
 
+class DescribedData(type(tiny_data())):
+    """tiny_data() that describes itself as a VideoLoader does."""
+
+    def description(self):
+        return {"videos": len(self), "stride": 3}
+
+
+def test_a_trained_model_keeps_what_it_was_trained_on_for_scoring_to_sample_as_training_did(tmp_path):
+    from vitaclip.data.sampling import DEFAULT_STRIDE, trained_stride
+
+    model = tiny_model()
+    data = DescribedData(32, FRAMES, SIZE, seed=0)
+    train(model, data, tiny_train_config(tmp_path, steps=2, save_final=True))
+    assert model.training_data == {"videos": 32, "stride": 3}
+    for loaded in (ckpt.load_model(tmp_path / "model"), ckpt.load_model(tmp_path)):  # saved model, checkpoint
+        assert trained_stride(loaded.training_data) == 3
+    assert trained_stride(tiny_model().training_data) == DEFAULT_STRIDE
+    untrained = tiny_model()
+    untrained.save_pretrained(tmp_path / "model")  # saved over: the other model's record goes
+    assert ckpt.load_model(tmp_path / "model").training_data is None
+
+
 def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2, checkpoint_every=2))
     before = (tmp_path / "checkpoint-00000002.pt").read_bytes()
@@ -643,8 +665,9 @@ def test_resuming_an_earlier_checkpoint_refuses_a_folder_with_later_ones(tmp_pat
     with pytest.raises(ValueError, match="holds checkpoints after step 2 .*checkpoint-00000004.pt, "
                                          "checkpoint-00000006.pt.*another output directory"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=6, resume=str(earlier)))
-    branch = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "branch", steps=4, keep_checkpoints=1,
-                                                                resume=str(earlier), resume_with_changes=True))
+    with pytest.warns(UserWarning, match="steps: 6 -> 4"):
+        branch = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "branch", steps=4, keep_checkpoints=1,
+                                                                    resume=str(earlier), resume_with_changes=True))
     assert branch.finished and [p.name for p in ckpt.list_checkpoints(tmp_path / "branch")] == ["checkpoint-00000004.pt"]
 
 

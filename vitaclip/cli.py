@@ -150,6 +150,7 @@ def print_json_or(args, obj, text: str) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
+    from .data import sampling
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
@@ -157,6 +158,7 @@ def cmd_train(args) -> int:
     classes = read_classes(args.classes)
     torch.manual_seed(args.seed)  # the same prompt initialisation on every process
     model, backbone = build_training_model(args, classes)
+    args.stride = args.stride or sampling.DEFAULT_STRIDE
     cfg = model.config
     micro = args.micro_batch_size or args.batch_size // env.world_size
     train_data = video_loader(args, env, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
@@ -193,12 +195,14 @@ def load_eval_model(args, classes: Optional[List[str]]):
 
 
 def cmd_eval(args) -> int:
+    from .data import sampling
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig, evaluate
 
     env = init_distributed(args.device)  # before the loader, which shards the videos by rank
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
+    args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or model.config.num_frames
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
                         batch_size=args.batch_size, temporal_views=args.temporal_views,
@@ -226,6 +230,7 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 
 def cmd_zeroshot(args) -> int:
+    from .data import sampling
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig
@@ -245,6 +250,7 @@ def cmd_zeroshot(args) -> int:
                              "(no --model) has its own")
         model = VitaCLIP.plain_clip(args.clip, args.pretrained)
         model.set_backend(args.backend)
+    args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or model.config.num_frames
     splits = []
     for text, (list_file, class_file) in zip(args.split, parsed):
@@ -282,11 +288,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .data import sampling
     from .engine.bench import bench_loader, bench_model
 
     report = bench_model(args.preset, args.batch_size, args.frames, args.iters, args.warmup, args.precision,
                          args.device, args.backend, train=args.train, tiny=args.tiny)
     if args.list:
+        args.stride = args.stride or sampling.DEFAULT_STRIDE
         report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
                                    args.decoder, args.num_workers, args.device, train=args.train,
                                    size=report["image_size"], stride=args.stride))
@@ -336,8 +344,12 @@ def add_runtime(p, workers: Optional[int] = None) -> None:
 
 
 def add_data(p, views: bool = True, lists: bool = True) -> None:
+    from .data.sampling import DEFAULT_STRIDE
+
     p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
-    p.add_argument("--stride", type=positive_int, default=16, help="frames between sampled frames")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help=f"frames between sampled frames (default: to train {DEFAULT_STRIDE}; to score, the stride "
+                        f"the model was trained with where it records one, else {DEFAULT_STRIDE})")
     p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
                    help="video decoder")
     if lists:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ class VitaCLIP(nn.Module):
         self.register_buffer("_fixed_text_features", None, persistent=False)
         self._text_cache: Optional[Tuple[tuple, Tensor]] = None
         self._graphs = GraphCache()
+        # what `train` trained it on (the loader's description: frame stride, ...), kept by save_pretrained
+        # and in checkpoints, so that scoring samples clips as training did
+        self.training_data: Optional[Dict[str, Any]] = None
         if classnames is not None:
             self.set_classes(classnames)
         self.freeze()

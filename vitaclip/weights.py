@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 CLASSES_FILE = "classnames.json"  # the learned context's classes
 # the classes scored zero-shot, with their templates: only for a model switched to them
 ZERO_SHOT_FILE = "zero_shot.json"
+TRAINING_DATA_FILE = "training_data.json"  # VitaCLIP.training_data, where train() set it
 # Keys of the authors' model that a converted CLIP backbone file does not hold: the Vita-CLIP
 # additions (prompts, summary modules, cls_proj, time embedding, text context, logit scale).
 VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cls_proj|prompt_learner|logit_scale)")
@@ -381,6 +382,10 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     else:
         zero_shot = {"classnames": model.classnames, "templates": templates}
         atomic_write_text(directory / ZERO_SHOT_FILE, json.dumps(zero_shot, indent=1))
+    if model.training_data is None:  # nor an earlier save's record of another model's training
+        (directory / TRAINING_DATA_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write_text(directory / TRAINING_DATA_FILE, json.dumps(model.training_data, indent=1))
 
 
 def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
@@ -403,6 +408,8 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
     if (directory / ZERO_SHOT_FILE).is_file():  # their text features come from the loaded weights
         zero_shot = _read_json(directory / ZERO_SHOT_FILE)
         model.set_classes(zero_shot["classnames"], templates=zero_shot["templates"])
+    if (directory / TRAINING_DATA_FILE).is_file():
+        model.training_data = _read_json(directory / TRAINING_DATA_FILE)
     return model
 
 

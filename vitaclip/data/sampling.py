@@ -14,7 +14,7 @@ Rules follow the public Vita-CLIP/EVL loader:
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -106,6 +106,16 @@ def eval_crop_offsets(height: int, width: int, size: int, num_crops: int) -> Lis
             return [(s, (width - size) // 2) for s in starts]
         return [((height - size) // 2, s) for s in starts]
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+
+
+DEFAULT_STRIDE = 16
+
+
+def trained_stride(training_data: Optional[dict]) -> int:
+    """The frame stride a model was trained with, from its `training_data` (VideoLoader.description),
+    else DEFAULT_STRIDE: scoring samples clips as training did."""
+    stride = (training_data or {}).get("stride")
+    return stride if isinstance(stride, int) and stride > 0 else DEFAULT_STRIDE
 
 
 def check_stride(stride: int) -> None:

@@ -245,14 +245,15 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
     if payload["model_is_full"]:
         model = VitaCLIP(config, classnames, backend=backend)
         load_state_exactly(model, payload["model"], source=source)
-        return model
-    backbone = payload["backbone"]
-    overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
-    model = build_backbone(backbone, classnames, backend, **overrides)
-    # the source is read as it is now: a saved model folder saved again over, a weights file replaced
-    check_saved_architecture(model, payload, source)
-    check_backbone_fingerprint(backbone_fingerprint(model), payload, source)
-    load_own_state(model, payload["model"], source)
+    else:
+        backbone = payload["backbone"]
+        overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
+        model = build_backbone(backbone, classnames, backend, **overrides)
+        # the source is read as it is now: a saved model folder saved again over, a weights file replaced
+        check_saved_architecture(model, payload, source)
+        check_backbone_fingerprint(backbone_fingerprint(model), payload, source)
+        load_own_state(model, payload["model"], source)
+    model.training_data = payload.get("train_data")
     return model
 
 

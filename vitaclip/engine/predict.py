@@ -19,7 +19,7 @@ from .precision import autocast
 @dataclass
 class PredictConfig:
     top_k: int = 5
-    stride: int = 16  # frames between sampled frames
+    stride: Optional[int] = None  # frames between sampled frames; None: the model's training stride (else 16)
     temporal_views: int = 1
     spatial_crops: int = 1
     batch_size: int = 4  # videos per forward
@@ -34,7 +34,7 @@ class PredictConfig:
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
     """The files' batches (video ids = positions in `paths`); with on_error="skip", `errors` gets
     {position: why} of the videos left out."""
-    from ..data import VideoDecodeError
+    from ..data import VideoDecodeError, sampling
     from ..data.loader import NoUsableVideos, VideoLoader
 
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
@@ -49,7 +49,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
         try:
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
-                                 num_frames=model.config.num_frames, stride=config.stride,
+                                 num_frames=model.config.num_frames,
+                                 stride=config.stride or sampling.trained_stride(model.training_data),
                                  size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
                                  num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)

@@ -230,6 +230,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     # the frozen weights never change: their fingerprint is taken once (seconds for ViT-B/16 on a CPU)
     fingerprint = None if backbone is None else ckpt.backbone_fingerprint(model)
     data = data_description(train_data)
+    model.training_data = data  # kept with the model: scoring it samples clips as this does
     if resume_path is not None:
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env,
                 fingerprint, data)
