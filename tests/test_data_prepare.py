@@ -94,6 +94,18 @@ def test_prepare_raises_by_default_naming_the_line(source_list, tmp_path):
         prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, progress=False)
 
 
+@pytest.mark.parametrize("flags,problem", [(["--gop", "0"], "gop must be >= 1, got 0"),
+                                           (["--short-side", "0"], "short_side must be >= 2, got 0"),
+                                           (["--crf", "60"], r"crf must be in \[0, 51\]"),
+                                           (["--preset", "quick"], "preset must be one of"),
+                                           (["--workers", "0"], "workers must be >= 1, got 0")])
+def test_bad_encoder_settings_are_named_before_any_video(source_list, tmp_path, flags, problem):
+    root, _, lst = source_list
+    with pytest.raises(ValueError, match=problem):
+        main([str(lst), str(tmp_path / "o"), "--data-root", str(root), *flags])
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_refuses_to_write_over_the_source_list(source_list):
     root, _, lst = source_list
     before = lst.read_text()

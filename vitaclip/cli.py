@@ -329,8 +329,9 @@ def default_workers() -> int:
     """Decoding processes: this process's share of the cores it may run on (torchrun's
     LOCAL_WORLD_SIZE processes share a node's, or a job's cpuset), less one for itself, which
     feeds the GPU."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+    from .engine.distributed import usable_cores
+
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 def add_runtime(p, workers: Optional[int] = None) -> None:

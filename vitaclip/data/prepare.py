@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from ..engine.distributed import usable_cores
 from ..files import atomic_write_text, fsync_file, fsync_folder, publish
 from . import pyav
 from .lists import read_video_list, write_video_list
@@ -42,12 +43,27 @@ SETTINGS_FILE = "prepare.json"
 SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
+
+
 @dataclass(frozen=True)
 class EncodeSettings:
     short_side: int = 256
     gop: int = 16
     crf: int = 23
     preset: str = "veryfast"
+
+    def __post_init__(self):
+        # checked before any video: a bad value would fail (or shrink) every one of them
+        problems = [f"{name} must be >= {low}, got {value}" for name, value, low in
+                    (("short_side", self.short_side, 2), ("gop", self.gop, 1)) if value < low]
+        if not 0 <= self.crf <= 51:
+            problems.append(f"crf must be in [0, 51] (x264's range), got {self.crf}")
+        if self.preset not in X264_PRESETS:
+            problems.append(f"preset must be one of {X264_PRESETS}, got {self.preset!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -201,6 +217,9 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             workers: Optional[int] = None, on_error: str = "raise", progress: bool = True, *,
             job: Callable = _job) -> PrepareResult:
     """`job` encodes one video in a worker process (tests give one that crashes as FFmpeg might)."""
+    workers = usable_cores() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_list = os.path.join(out_dir, os.path.basename(src_list))
     if os.path.exists(out_list) and os.path.samefile(out_list, src_list):
         raise ValueError(f"{src_list}: OUT_DIR {out_dir} is the list's own folder, where the prepared list would "
@@ -228,7 +247,6 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             names[entry] = name  # a video listed again (e.g. under another label) is encoded once
     known = read_sources(out_dir)
     results = {}
-    workers = workers or os.cpu_count()
 
     def new_pool(size: int) -> ProcessPoolExecutor:
         # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
@@ -334,7 +352,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                              "the size, 6-8 ms at 1 for 2.5-2.7x; benchmarks/test_decode_bench.py)")
     parser.add_argument("--crf", type=int, default=23)
     parser.add_argument("--preset", default="veryfast")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes (default: one per core this process may run on)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="a bad list line or video stops the run naming it, or is left out of the new list "
                              "(the exit status is then 1)")

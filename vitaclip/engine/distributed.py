@@ -130,3 +130,8 @@ def sum_across_ranks(env: DistEnv, values: List[float]) -> List[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a job's cpuset, a launcher's pinning), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -20,7 +20,7 @@ from .precision import autocast
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = 16  # batch_size and num_workers: for map-style data (a loader object has its own)
     precision: str = "bf16"
     num_workers: int = 4
     device: Optional[str] = None

@@ -55,11 +55,13 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global gradient norm
     precision: str = "bf16"  # bf16 autocast | fp16 autocast with a grad scaler | fp32
+    # the data order and augmentation of map-style training data (a loader object, e.g. VideoLoader,
+    # has its own seed and workers: the command line gives both the same), and the RNG states
     seed: int = 0
     num_workers: int = 4
     device: Optional[str] = None  # default: this process's GPU, else the CPU
     eval_every: int = 0  # steps between evaluations (0: only at the end, when eval data is given)
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # for map-style evaluation data (a loader object has its own)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     log_every: int = 10
