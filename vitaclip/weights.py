@@ -281,7 +281,8 @@ CLIP_TEXT_HEADS = {512: 8, 768: 12, 1024: 16, 1280: 20}
 def clip_heads(table: Dict[int, int], width: int, key: str) -> int:
     if width not in table:
         raise ValueError(f"no CLIP has a {'text' if key == 'text_heads' else 'vision'} width of {width}, and the "
-                         f"number of attention heads cannot be read off the shapes: pass {key}=...")
+                         f"number of attention heads cannot be read off the shapes: pass {key}=... "
+                         f"(--{key.replace('_', '-')} on the command line)")
     return table[width]
 
 
