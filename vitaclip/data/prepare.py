@@ -88,7 +88,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     frames = 0
     try:
         with av.open(src) as source, av.open(tmp, "w") as out:
-            in_stream = source.streams.video[0]
+            in_stream = pyav.video_stream(source, src)
             in_stream.thread_type = "AUTO"
             if in_stream.codec_context.height <= 0 or in_stream.codec_context.width <= 0:
                 raise VideoDecodeError(f"{src}: video of unknown size")
@@ -106,7 +106,10 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                 out.mux(stream.encode(frame))
                 frames += 1
             out.mux(stream.encode(None))
-    except (av.FFmpegError, OSError, IndexError) as e:
+    except VideoDecodeError:
+        _remove(tmp)
+        raise
+    except (av.FFmpegError, OSError) as e:
         _remove(tmp)
         raise VideoDecodeError(f"{src}: cannot transcode ({e})") from e
     if frames == 0:

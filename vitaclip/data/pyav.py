@@ -67,9 +67,7 @@ def probe(path: str) -> VideoInfo:
     try:
         stamp = file_stamp(path)  # before reading: a file changed meanwhile is probed again next time
         with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = video_stream(container, path)
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
@@ -93,18 +91,25 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     out = _Planes(path, len(indices))
     try:
         with av.open(path) as container:
-            stream = _slice_threaded_video(container, threads)
+            stream = _slice_threaded_video(container, path, threads)
             packets = [(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
-            seekable = all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
+            seekable = (all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
+                        and not _guessed_timestamps(stream, packets))
             if seekable:
-                _decode_seeking(path, container, stream, packets, indices, out)
+                try:
+                    _decode_seeking(container, stream, packets, indices, out)
+                except _SeekMissed:
+                    seekable = False
+                    out = _Planes(path, len(indices))
         if not seekable:
-            # a stream without timestamps (raw H.264) cannot seek, not even back to its start
-            # after the demux pass: read the file again from the top
+            # frame i is the i-th frame decoded: streams without timestamps (raw H.264), with guessed
+            # ones, or whose seeks miss (formats without an index: MPEG-TS and -PS). A stream that
+            # cannot seek cannot go back to its start after the demux pass either: read the file again
             with av.open(path) as container:
-                _decode_in_order(container.decode(_slice_threaded_video(container, threads)), indices, out)
+                stream = _slice_threaded_video(container, path, threads)
+                _decode_in_order(container.decode(stream), indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
     if out.filled < len(indices):
@@ -113,8 +118,17 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     return out.result()
 
 
-def _slice_threaded_video(container, threads: int):
-    stream = container.streams.video[0]
+def video_stream(container, path: str):
+    """The video: the first video stream that is not a picture attached to the file (cover art, which
+    some files list first), as FFmpeg's players choose."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    raise VideoDecodeError(f"{path}: no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+
+
+def _slice_threaded_video(container, path: str, threads: int):
+    stream = video_stream(container, path)
     stream.thread_type = "SLICE"
     stream.codec_context.thread_count = threads
     return stream
@@ -166,7 +180,20 @@ def _decode_in_order(frames, indices, out: _Planes) -> None:
             return
 
 
-def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> None:
+class _SeekMissed(Exception):
+    """Decoding after a seek did not reach the frame's timestamp."""
+
+
+def _guessed_timestamps(stream, packets) -> bool:
+    """Whether the presentation times are a demuxer's guesses: a codec that reorders frames
+    (B-frames) whose packets' times still only rise in decoding order, as AVI gives H.264 with
+    B-frames (each packet's decoding time plus one). Seeking by them finds the wrong frames."""
+    return bool(stream.codec_context.has_b_frames) and all(a[0] < b[0] for a, b in zip(packets, packets[1:]))
+
+
+def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
+    """Raises _SeekMissed where the decoder gives other timestamps than the demux pass, or ends
+    early, after a seek."""
     timestamps = sorted(pts for pts, _, _ in packets)  # presentation order: frame i has timestamps[i]
     # keyframes by presentation time, with their decoding time: demuxers whose index holds
     # decoding times (AVI) land on a later keyframe when given a presentation time past it
@@ -192,9 +219,9 @@ def _decode_seeking(path, container, stream, packets, indices, out: _Planes) -> 
             if frame.pts > target or (frame.pts == target and same >= rank):
                 break
         else:
-            return  # stream ended: out.filled tells the caller
+            raise _SeekMissed(f"frame {index}: the stream ended before timestamp {target}")
         if position != target:
-            raise VideoDecodeError(f"{path}: frame {index}: decoder gave timestamp {position}, expected {target}")
+            raise _SeekMissed(f"frame {index}: decoder gave timestamp {position}, expected {target}")
         out.put(slot, frame)
 
 
