@@ -103,6 +103,63 @@ def test_full_range_video_has_the_colours_of_pyav_rgb(full_range_videos, codec):
     assert (got - want.float()).abs().mean() < 2.0
 
 
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (224, 172, 105), (100, 150, 230), (60, 140, 40)]
+
+
+def write_colour_bars(path: str, encoder: str, matrix: str, frames: int = 6) -> None:
+    """COLOURS as vertical bars, turned into YCbCr with `matrix` ("bt601" or "bt709") and tagged so,
+    as HD video is (BT.709); lossless where the encoder allows."""
+    import av
+    from av.video.reformatter import Colorspace
+    tag, colorspace = {"bt601": (6, Colorspace.ITU601), "bt709": (1, Colorspace.ITU709)}[matrix]
+    image = np.repeat(np.array(COLOURS, np.uint8), 16, axis=0)[None].repeat(32, axis=0)  # [32, 96, 3]
+    options = {"crf": "0"} if encoder == "libx264" else {"deadline": "realtime", "cpu-used": "8", "lossless": "1"}
+    with av.open(path, "w") as out:
+        stream = out.add_stream(encoder, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 32, "yuv420p"
+        stream.options = options
+        stream.codec_context.colorspace = stream.codec_context.color_primaries = tag
+        stream.codec_context.color_trc = tag
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p",
+                                                                               dst_colorspace=colorspace)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def bar_colours(rgb: torch.Tensor) -> torch.Tensor:
+    """The colour in the middle of each bar of [F, 3, 32, 96] frames: [F, 6, 3]."""
+    return rgb[:, :, 16, 8::16].permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("encoder,ext", [("libx264", "mp4"), ("libvpx-vp9", "webm")])
+@pytest.mark.parametrize("matrix", ["bt601", "bt709"])
+def test_frames_have_their_colours_whatever_the_ycbcr_matrix_they_are_tagged_with(tmp_path, encoder, ext, matrix):
+    from vitaclip.data.prepare import EncodeSettings, transcode
+
+    path = str(tmp_path / f"bars.{ext}")
+    write_colour_bars(path, encoder, matrix)
+    info = pyav.probe(path)
+    assert info.matrix == matrix
+    truth = torch.tensor(COLOURS, dtype=torch.float32).expand(2, -1, -1)
+    # 4:2:0 halves the chroma resolution and levels round: a few levels off, against 20-30 with the wrong matrix
+    got = bar_colours(to_rgb(pyav.decode_frames(path, np.array([0, 5])), "cpu", info.matrix))
+    assert (got - truth).abs().max() <= 4
+    prepared = str(tmp_path / "prepared.mp4")
+    assert transcode(path, prepared, EncodeSettings(short_side=32)).matrix == matrix
+    assert pyav.probe(prepared).matrix == matrix  # the tag travels with the pixels
+    got = bar_colours(to_rgb(pyav.decode_frames(prepared, np.array([0, 5])), "cpu", matrix))
+    assert (got - truth).abs().max() <= 6  # re-encoded lossy
+    if matrix == "bt709" and dali.available() and ext == "webm":  # DALI converts with BT.601: corrected after
+        batches = dali.DaliDecoder("cpu", batch_size=1, num_threads=1, mode="decoder").decode([[(path, np.array([0, 5]))]])
+        rgb = torch.as_tensor(next(iter(batches))[0])
+        got = bar_colours(to_rgb(rgb, "cpu", matrix))
+        natural = slice(3, 6)  # the primaries' BT.601 conversion leaves 0..255 and was clipped by DALI
+        assert (got - truth)[:, natural].abs().max() <= 4
+        uncorrected = bar_colours(to_rgb(rgb, "cpu"))
+        assert (uncorrected - truth)[:, natural].abs().max() >= 8
+
+
 @needs_dali
 def test_dali_cpu_matches_pyav_on_full_range_mjpeg(full_range_videos):
     path = full_range_videos["mjpeg"]

@@ -736,3 +736,35 @@ def test_description_names_the_list_and_the_sampling_but_not_the_data_root(vp9_d
     shutil.copytree(root, relabelled)
     (relabelled / "list.csv").write_text("".join(f"{n},{(l + 1) % 3}\n" for n, l, _, _ in rows))
     assert loader(relabelled, True, batch_size=1).description()["list"] != first["list"]
+
+
+def test_the_loader_converts_each_video_with_the_matrix_it_is_tagged_with(tmp_path):
+    from test_data_decode import COLOURS, write_colour_bars
+
+    write_colour_bars(str(tmp_path / "bars709.mp4"), "libx264", "bt709")
+    (tmp_path / "list.csv").write_text("bars709.mp4,0\n")
+    batch = next(iter(loader(tmp_path, False, batch_size=1, size=32, num_frames=2, stride=1)))
+    rgb = unnormalise(batch.video)[0, :, 0] * 255  # [3, 32, 32]: the centre crop holds bars 2 and 3
+    got = torch.stack([rgb[:, 16, 8], rgb[:, 16, 24]], 0)
+    torch.testing.assert_close(got, torch.tensor(COLOURS[2:4], dtype=torch.float32), atol=4, rtol=0)
+
+
+def test_sidecar_rows_without_the_colour_matrix_are_probed_again_where_pyav_can(tmp_path, monkeypatch):
+    import json
+
+    from test_data_decode import write_colour_bars
+    from vitaclip.data.meta import meta_path, read_meta
+
+    write_colour_bars(str(tmp_path / "bars709.mp4"), "libx264", "bt709")
+    (tmp_path / "list.csv").write_text("bars709.mp4,0\n")
+    assert loader(tmp_path, False, batch_size=1).videos[0][2].matrix == "bt709"  # probed, written to the sidecar
+    sidecar = meta_path(str(tmp_path / "list.csv"))
+    row = json.loads(open(sidecar).read())
+    assert row["matrix"] == "bt709"
+    del row["matrix"]  # as written before the matrix was recorded
+    open(sidecar, "w").write(json.dumps(row) + "\n")
+    assert read_meta(sidecar)["bars709.mp4"].stamp is None  # not trusted: probed again
+    assert loader(tmp_path, False, batch_size=1).videos[0][2].matrix == "bt709"
+    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine cannot probe: the old row is BT.601
+    open(sidecar, "w").write(json.dumps(row) + "\n")
+    assert read_meta(sidecar)["bars709.mp4"].matrix == "bt601" and read_meta(sidecar)["bars709.mp4"].stamp

@@ -360,7 +360,7 @@ class VideoLoader:
             ids = [plan.video_id for plan, _ in items]
         else:
             for plan, decoded in items:
-                views = self._eval_views(to_rgb(decoded, self.device), plan)
+                views = self._eval_views(to_rgb(decoded, self.device, plan.info.matrix), plan)
                 clips.extend(views)
                 labels += [plan.entry.label] * len(views)
                 ids += [plan.video_id] * len(views)
@@ -383,8 +383,8 @@ class VideoLoader:
         for group in by_size.values():
             for start in range(0, len(group), AUGMENT_CHUNK):
                 chunk = group[start:start + AUGMENT_CHUNK]
-                frames = torch.stack([to_rgb(items[i][1], self.device)[to_device(items[i][0].views[0], self.device)]
-                                      for i in chunk])
+                frames = torch.stack([to_rgb(items[i][1], self.device, items[i][0].info.matrix)[
+                                      to_device(items[i][0].views[0], self.device)] for i in chunk])
                 if self.augment is not None:
                     frames = self.augment(frames.round().clamp(0, 255), np.stack([items[i][0].augment for i in chunk]))
                 for i, clip in zip(chunk, frames):

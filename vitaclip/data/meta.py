@@ -1,4 +1,4 @@
-"""Per-video metadata (frame count, size, codec) that sampling needs before decoding.
+"""Per-video metadata (frame count, size, codec, colour matrix) that sampling and decoding need.
 
 Kept in a sidecar next to the list (`<list>.meta`, JSON lines keyed by the list's path),
 written by `prepare` (exact counts) or by probing with PyAV on first use; the DALI-only
@@ -30,10 +30,15 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    # rows written before files were stamped have no stamp, and are never trusted
+                    # rows written before files were stamped have no stamp, and are never trusted; nor,
+                    # where PyAV can probe again, rows written before the colour matrix was recorded
+                    # (without PyAV, e.g. on a DALI-only machine, they are taken as BT.601)
                     stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
-                    infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]),
-                                                   int(row["width"]), canonical_codec(str(row["codec"])), stamp)
+                    if "matrix" not in row and pyav.available():
+                        stamp = None
+                    infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]), int(row["width"]),
+                                                   canonical_codec(str(row["codec"])), stamp,
+                                                   str(row.get("matrix", "bt601")))
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
@@ -44,7 +49,8 @@ def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
 
 
 def _row(key: str, info: VideoInfo) -> dict:
-    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec}
+    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec,
+           "matrix": info.matrix}
     if info.stamp is not None:
         row["size"], row["mtime_ns"] = info.stamp
     return row

@@ -97,6 +97,10 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                                         settings.short_side)
             stream = out.add_stream("libx264", rate=rate)
             stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+            # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag
+            for tag in ("colorspace", "color_primaries", "color_trc"):
+                setattr(stream.codec_context, tag, getattr(in_stream.codec_context, tag))
+            matrix = pyav.matrix_of(in_stream)
             stream.options = {"crf": str(settings.crf), "preset": settings.preset, "tune": "fastdecode",
                               "g": str(settings.gop), "keyint_min": str(settings.gop), "bf": "0",
                               "sc_threshold": "0"}
@@ -116,7 +120,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         _remove(tmp)
         raise VideoDecodeError(f"{src}: no frames decoded")
     publish(tmp, dst)  # whole, where it counts as done
-    return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst))
+    return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst), matrix)
 
 
 def output_name(source: str, data_root: str) -> str:

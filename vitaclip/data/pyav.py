@@ -36,6 +36,17 @@ class VideoInfo:
     # the file's (size, mtime_ns) when it was probed: kept in a sidecar, the row holds only
     # while the file still has them
     stamp: Optional[Tuple[int, int]] = None
+    matrix: str = "bt601"  # its YCbCr matrix (transforms.MATRICES), as the stream is tagged
+
+
+# FFmpeg's AVColorSpace values of the matrices transforms.MATRICES knows; others (unspecified,
+# BT.470BG, SMPTE 170M) are BT.601
+_MATRIX_OF_COLORSPACE = {1: "bt709", 9: "bt2020", 10: "bt2020"}
+
+
+def matrix_of(stream) -> str:
+    """The YCbCr matrix a video stream is tagged with."""
+    return _MATRIX_OF_COLORSPACE.get(int(stream.codec_context.colorspace), "bt601")
 
 
 def file_stamp(path: str) -> Tuple[int, int]:
@@ -72,7 +83,8 @@ def probe(path: str) -> VideoInfo:
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
             frames = sum(1 for packet in container.demux(stream) if _shown(packet))
-            return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp)
+            return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp,
+                             matrix_of(stream))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 

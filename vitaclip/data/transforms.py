@@ -28,11 +28,34 @@ def to_device(values, device, dtype=None) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def to_rgb(frames, device) -> torch.Tensor:
-    """Decoded frames (RGB uint8 [F, H, W, 3] or Yuv420) -> float [F, 3, H, W] in 0..255."""
+# The luma weights (Kr, Kb) of the YCbCr matrices a video can be tagged with: BT.601 for SD and
+# untagged video (what FFmpeg and DALI assume), BT.709 for HD, BT.2020 for UHD/HDR.
+MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593)}
+DECODER_MATRIX = "bt601"  # the matrix DALI's decoders convert every video with
+
+
+def ycbcr_to_rgb(matrix: str) -> torch.Tensor:
+    """[3, 3]: (R, G, B) from (Y, Cb, Cr), all on the same 0..255 scale (Cb, Cr centred on 0)."""
+    kr, kb = MATRICES[matrix]
+    kg = 1.0 - kr - kb
+    return torch.tensor([[1.0, 0.0, 2 * (1 - kr)],
+                         [1.0, -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg],
+                         [1.0, 2 * (1 - kb), 0.0]], dtype=torch.float64)
+
+
+def to_rgb(frames, device, matrix: str = DECODER_MATRIX) -> torch.Tensor:
+    """Decoded frames (RGB uint8 [F, H, W, 3] converted with DECODER_MATRIX, or Yuv420) of a video
+    coded with the YCbCr `matrix` -> float [F, 3, H, W] in 0..255. RGB frames are converted back
+    and again: what the decoder clipped stays clipped (the most saturated colours of BT.709 video
+    leave BT.601's 0..255), a few levels on natural colours."""
     if isinstance(frames, Yuv420):
-        return yuv420_to_rgb(*(p.to(device, non_blocking=True) for p in frames))
-    return frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return yuv420_to_rgb(*(p.to(device, non_blocking=True) for p in frames), matrix=matrix)
+    rgb = frames.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if matrix == DECODER_MATRIX:
+        return rgb
+    # back to YCbCr as the decoder's matrix made it, then to RGB with the video's own
+    fix = (ycbcr_to_rgb(matrix) @ torch.linalg.inv(ycbcr_to_rgb(DECODER_MATRIX))).float()
+    return torch.einsum("ij,fjhw->fihw", fix.to(rgb.device), rgb).round().clamp(0, 255)
 
 
 def frame_size(frames) -> Tuple[int, int]:
@@ -40,17 +63,15 @@ def frame_size(frames) -> Tuple[int, int]:
     return tuple(frames.y.shape[-2:]) if isinstance(frames, Yuv420) else tuple(frames.shape[1:3])
 
 
-def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """BT.601 limited range with bilinear, centre-sited chroma upsampling, rounded: the
-    conversion DALI's decoder applies, so both backends give the same pixels."""
+def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = DECODER_MATRIX) -> torch.Tensor:
+    """Limited range with the YCbCr `matrix` (MATRICES), bilinear, centre-sited chroma upsampling,
+    rounded: for BT.601 the conversion DALI's decoder applies, so both backends give the same pixels."""
     h, w = y.shape[-2:]
     chroma = torch.stack([u, v], 1).float() - 128.0  # [F, 2, h/2, w/2]
     chroma = F.interpolate(chroma, size=(h, w), mode="bilinear", align_corners=False)
     luma = (y.float().unsqueeze(1) - 16.0) * (255.0 / 219.0)
-    cu, cv = chroma[:, 0:1] * (255.0 / 224.0), chroma[:, 1:2] * (255.0 / 224.0)
-    rgb = torch.cat([luma + 1.402 * cv,
-                     luma - 0.344136 * cu - 0.714136 * cv,
-                     luma + 1.772 * cu], 1)
+    ycbcr = torch.cat([luma, chroma * (255.0 / 224.0)], 1)
+    rgb = torch.einsum("ij,fjhw->fihw", ycbcr_to_rgb(matrix).float().to(ycbcr.device), ycbcr)
     return rgb.round().clamp(0, 255)
 
 
