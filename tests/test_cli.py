@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,15 +230,27 @@ def test_errors_are_clear_before_training(videos, tmp_path, capsys):
     bad.write_text(list_file.read_text() + "clip_00000.mp4,9\n")
     code, _, err = run(capsys, *base, "--train-list", bad, "--classes", root / "classes.txt")
     assert code == 2 and "label 9 out of range" in err and "bad.txt:13" in err and "class list has 4 names" in err
-    five = tmp_path / "five.txt"
-    five.write_text("\n".join(CLASSES + ("waving",)))
-    code, _, err = run(capsys, *base, "--train-list", list_file, "--classes", five)
-    assert code == 2 and "trained for 4 classes" in err
     gone = tmp_path / "gone.txt"
     gone.write_text("no_such_clip.mp4,0\n")
     code, _, err = run(capsys, *base, "--train-list", gone, "--classes", root / "classes.txt")
     assert code == 2 and "gone.txt:1" in err and "no_such_clip.mp4): file not found" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_init_from_a_model_of_other_classes_trains_a_fresh_context_for_them(videos, tmp_path, capsys):
+    root, list_file = videos
+    five = tmp_path / "five.txt"
+    five.write_text("\n".join(CLASSES + ("waving",)))
+    command = ["train", "--data-root", list_file.parent, "--init", root / "model", "--output-dir", tmp_path / "r",
+               "--steps", 2, "--batch-size", 4, "--no-tensorboard", *CPU, "--train-list", list_file, "--classes", five]
+    with pytest.warns(UserWarning, match="learned for its 4 classes, not these 5: it starts afresh"):
+        code, _, err = run(capsys, *command, "--stop-after", 1)
+    assert code == 0, err
+    assert load_checkpoint(latest_checkpoint(tmp_path / "r"))["model"]["prompt_learner.ctx"].shape[0] == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resumed: the checkpoint's context replaces the fresh one, no news
+        code, out, err = run(capsys, *command, "--resume", "auto")
+    assert code == 0 and "step 2/2" in out, err
 
 
 def test_training_warns_of_classes_without_a_training_video(videos, tmp_path, capsys):
@@ -312,6 +325,21 @@ def test_init_takes_the_architecture_flags_and_refuses_contradicting_a_trained_m
     assert build(root / "model", "--frames", FRAMES).num_frames == FRAMES  # agrees with the saved model
     with pytest.raises(ValueError, match=r"'num_frames': \(3, 2\).*'csc': \(False, True\)"):
         build(root / "model", *flags)
+
+
+def test_a_resume_with_another_stride_is_refused_unless_asked_to_go_on_with_it(videos, tmp_path, capsys):
+    root, list_file = videos
+    cpu = [a for a in CPU if a not in ("--stride", "1")]
+    common = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",
+              "--init", root / "model", "--output-dir", tmp_path / "run", "--batch-size", 4, "--augment", "",
+              "--steps", 2, "--precision", "fp32", "--no-tensorboard", *cpu]
+    assert run(capsys, *common, "--stride", 1, "--stop-after", 1)[0] == 0
+    code, _, err = run(capsys, *common, "--stride", 2, "--resume", "auto")
+    assert code == 2 and "training data stride: 1 -> 2" in err and "--resume-with-changes" in err
+    with pytest.warns(UserWarning, match="with changed settings, from its step 1 on: training data stride: 1 -> 2"):
+        code, _, err = run(capsys, *common, "--stride", 2, "--resume", "auto", "--resume-with-changes")
+    assert code == 0, err
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["train_data"]["stride"] == 2
 
 
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):

@@ -63,6 +63,20 @@ def test_scores_file_holds_each_videos_mean_probabilities(tmp_path):
         read_video_scores(tmp_path / "other.safetensors")
 
 
+def test_outputs_that_are_folders_are_refused_before_evaluating(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give a file name"):
+        evaluate(tiny_model(), tiny_data(4), EvalConfig(batch_size=4, scores_path=str(tmp_path), **CPU))
+
+
+def test_zeroshot_refuses_per_split_outputs_that_one_file_cannot_hold(tmp_path):
+    splits = [Split("a", CLASSES, tiny_data(6)), Split("b", CLASSES, tiny_data(10))]
+    for output in ("scores_path", "confusion_png"):
+        with pytest.raises(ValueError, match="writes the aggregate as JSON only"):
+            zeroshot(tiny_model(), splits, ["a video of {}."], EvalConfig(batch_size=4, **CPU),
+                     **{output: str(tmp_path / "out")})
+    assert not (tmp_path / "out").exists()
+
+
 def test_scores_on_known_probabilities():
     names = ["a", "b", "c"]
     p = torch.tensor

@@ -193,6 +193,29 @@ def test_a_zero_shot_model_scores_given_classes_with_its_templates_and_its_learn
         train(zero_shot, tiny_data(), tiny_train_config(tmp_path / "run", steps=2))
 
 
+def test_a_model_scoring_its_own_classes_with_templates_keeps_them_when_given_its_classes(tmp_path):
+    model = tiny_model()
+    model.set_classes(CLASSES, templates=["a video of {}."])  # its learned classes, scored zero-shot
+    model.save_pretrained(tmp_path / "zs")
+    assert ckpt.load_model(tmp_path / "zs", classnames=list(CLASSES)).zero_shot_templates == ["a video of {}."]
+
+
+def test_training_from_a_model_with_a_class_specific_context_for_other_classes_starts_it_afresh(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "k")  # a context for each of CLASSES
+    others = ["archery", "bowling", "golf"]
+    with pytest.raises(ValueError, match="trained for 4 classes, got 3"):
+        ckpt.load_model(tmp_path / "k", classnames=others)  # to score: refused
+    with pytest.warns(UserWarning, match="context learned for its 4 classes, not these 3: it starts afresh"):
+        model = ckpt.load_model(tmp_path / "k", classnames=others, for_training=True)
+    assert model.classnames == others and model.prompt_learner.ctx.shape[0] == 3
+    swapped = [CLASSES[1], CLASSES[0], *CLASSES[2:]]
+    with pytest.warns(UserWarning, match="starts afresh"):  # the same classes in another order: not theirs
+        reordered = ckpt.load_model(tmp_path / "k", classnames=swapped, for_training=True)
+    assert not torch.equal(reordered.prompt_learner.ctx, tiny_model().prompt_learner.ctx)
+    own = ckpt.load_model(tmp_path / "k", classnames=list(CLASSES), for_training=True)
+    assert torch.equal(own.prompt_learner.ctx, tiny_model().prompt_learner.ctx)
+
+
 def test_a_model_without_learned_prompts_scores_no_classes_without_templates(tmp_path):
     from engine_helpers import demo_model_config
 
@@ -350,6 +373,24 @@ def test_resume_with_other_training_data_is_refused_or_goes_on_with_it(tmp_path)
         result = train(tiny_model(), tiny_data(36), tiny_train_config(tmp_path, steps=4, resume="auto",
                                                                       resume_with_changes=True))
     assert result.finished
+
+
+def test_a_key_the_checkpoints_data_description_lacks_is_no_change():
+    import dataclasses
+
+    from vitaclip.engine.train import run_changes
+
+    config = tiny_train_config("out")
+    payload = {"train_config": dataclasses.asdict(config), "train_data": {"videos": 32, "stride": 4}}
+    assert run_changes(payload, config, {"videos": 32, "stride": 4, "min_frames": 1}) == []  # added since
+    assert run_changes(payload, config, {"videos": 30, "stride": 4}) == ["training data videos: 32 -> 30"]
+    assert run_changes({"train_config": dataclasses.asdict(config)}, config, {"videos": 30}) == []  # older
+
+
+def test_resuming_past_the_runs_steps_is_refused_even_with_changes(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=6, stop_after=4))
+    with pytest.raises(ValueError, match="at step 4, past this run's 3 steps"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=3, resume="auto", resume_with_changes=True))
 
 
 def test_resume_with_changes_needs_a_resume():

@@ -224,6 +224,12 @@ def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
     torch.save(ckpt, tmp_path / "ok.pth")
     with pytest.raises(ValueError, match="4 classes"):
         VitaCLIP.from_official_checkpoint(tmp_path / "ok.pth", ["a", "b"], heads=2, text_heads=2)
+    from vitaclip.engine.checkpoint import load_model  # to train on other classes: a fresh context for them
+
+    with pytest.warns(UserWarning, match="learned for 4 classes, not these 2: it starts afresh"):
+        other = load_model(tmp_path / "ok.pth", ["a", "b"], for_training=True, heads=2, text_heads=2)
+    assert other.prompt_learner.ctx.shape[0] == 2 and other.config.csc
+    assert torch.equal(other.visual.global_prompts, model.visual.global_prompts)
     with pytest.raises(ValueError, match="class names"):
         VitaCLIP.from_official_checkpoint(tmp_path / "ok.pth", None, heads=2, text_heads=2)
     with pytest.raises(ValueError, match="contradict"):

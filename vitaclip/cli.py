@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -96,7 +97,10 @@ def build_training_model(args, classes: List[str]):
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
         return model, backbone if pretrained else None
     path = Path(args.init).resolve()
-    model = ckpt.load_model(path, classes, args.backend, for_training=True, **architecture_overrides(args))
+    with warnings.catch_warnings():
+        if args.resume:  # the checkpoint's class context replaces a fresh one: no news
+            warnings.filterwarnings("ignore", message=".*starts afresh")
+        model = ckpt.load_model(path, classes, args.backend, for_training=True, **architecture_overrides(args))
     if path.is_dir():
         if (path / "config.json").is_file():
             return model, {"kind": "pretrained", "path": str(path)}
@@ -349,8 +353,8 @@ def add_data(p, views: bool = True, lists: bool = True) -> None:
 
     p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
     p.add_argument("--stride", type=positive_int, default=None,
-                   help=f"frames between sampled frames (default: to train {DEFAULT_STRIDE}; to score, the stride "
-                        f"the model was trained with where it records one, else {DEFAULT_STRIDE})")
+                   help=f"frames between sampled frames (default {DEFAULT_STRIDE}; eval, zeroshot and predict: the "
+                        f"stride the model was trained with where it records one)")
     p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
                    help="video decoder")
     if lists:

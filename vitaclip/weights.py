@@ -334,12 +334,15 @@ def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLI
 
 
 def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], learned_context: bool = True,
-                             trained_only: bool = False, **overrides) -> VitaCLIP:
+                             trained_only: bool = False, other_classes_fresh: bool = False,
+                             **overrides) -> VitaCLIP:
     """The authors' training checkpoint (`model` dict, `module.` prefixes) or converted backbone file
     (loaded non-strictly as their code does: fresh prompts, and CLIP's logit_scale if it holds one).
     learned_context=False leaves the learned text context out (no class names needed): for
     scoring classes with hand-written templates only. trained_only: refuse a backbone file (its
-    prompts would be random), as scoring with it would be meaningless."""
+    prompts would be random), as scoring with it would be meaningless. other_classes_fresh: a
+    class-specific context for another number of classes starts afresh (to train on other classes)
+    instead of being refused."""
     state = read_official_state(path)
     if trained_only and not is_trained_checkpoint(state):
         raise ValueError(f"{path} holds a CLIP backbone only, no trained Vita-CLIP prompts: train from it "
@@ -352,8 +355,13 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     if ctx is not None and classnames is None:
         raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
     if ctx is not None and ctx.dim() == 3 and len(classnames) != ctx.shape[0]:
-        raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
-                         f"got {len(classnames)} class names")
+        if not other_classes_fresh:
+            raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
+                             f"got {len(classnames)} class names")
+        warnings.warn(f"{path} has a class-specific context learned for {ctx.shape[0]} classes, not these "
+                      f"{len(classnames)}: it starts afresh for them (its other prompts are kept)")
+        del state["prompt_learner.ctx"]  # the architecture (n_ctx, csc) stays the file's
+        ctx = None
     # a learned context is loaded over the prompt learner's; without one the classes come after the
     # weights, so that a ctx_init phrase is embedded with the file's token embedding
     model = cls(config, classnames if ctx is not None else None)

@@ -24,6 +24,12 @@ class VideoEntry:
         return f"{self.list_file}:{self.line} ({self.path})"
 
 
+def listed_path(path: str, data_root: str) -> str:
+    """A video's path as a list gives it, relative to the data root: what sidecar rows and list
+    digests key videos by, so that the same list under another root stays the same list."""
+    return os.path.relpath(path, data_root) if data_root else path
+
+
 def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[int] = None,
                     on_error: str = "raise") -> List[VideoEntry]:
     """Parse a `path,label` list. Blank lines are ignored; anything else that is not

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import logging
 import multiprocessing
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
@@ -20,7 +19,7 @@ import torch
 from ..engine.stopping import shield_workers, start_fork_server
 from . import dali, pyav, sampling
 from .augment import RandAugment
-from .lists import VideoEntry, check_error_policy, read_video_list
+from .lists import VideoEntry, check_error_policy, listed_path, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import Yuv420, frame_size, normalize, resize, resized_crop, to_device, to_rgb
@@ -156,10 +155,11 @@ class VideoLoader:
         crops and augmentation. Not the decoder, workers or device, which change no clip beyond
         rounding, nor the error policy (a video that fails either stops the run or is left out)."""
         augment = dataclasses.asdict(self.augment.config) if self.augment else None
-        return {"videos": self.num_entries, "list": self.list_digest, "min_frames": self.min_frames,
-                "frames": self.num_frames,
-                "stride": None if self.tsn else self.stride, "tsn": self.tsn, "size": self.size,
-                "flip": self.flip, "crop_scale": tuple(self.crop_scale), "crop_ratio": tuple(self.crop_ratio),
+        # plain Python numbers: a checkpoint loads with weights_only, and the model saves it as JSON
+        return {"videos": self.num_entries, "list": self.list_digest, "min_frames": int(self.min_frames),
+                "frames": int(self.num_frames), "stride": None if self.tsn else int(self.stride),
+                "tsn": bool(self.tsn), "size": int(self.size), "flip": bool(self.flip),
+                "crop_scale": [float(v) for v in self.crop_scale], "crop_ratio": [float(v) for v in self.crop_ratio],
                 "augment": augment}
 
     def video_paths(self) -> Dict[int, str]:
@@ -492,8 +492,7 @@ def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
     to the data root): a data set moved to another root is the same list."""
     digest = hashlib.sha256()
     for entry in entries:
-        path = os.path.relpath(entry.path, data_root) if data_root else entry.path
-        digest.update(f"{path},{entry.label}\n".encode())
+        digest.update(f"{listed_path(entry.path, data_root)},{entry.label}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from ..files import atomic_write_text
 from . import pyav
-from .lists import VideoEntry
+from .lists import VideoEntry, listed_path
 from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
 
 
@@ -63,7 +63,7 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
     sidecar)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
-    keys = [os.path.relpath(e.path, data_root) if data_root else e.path for e in entries]
+    keys = [listed_path(e.path, data_root) for e in entries]
     with ThreadPoolExecutor(threads) as pool:  # threads: stat and probe wait on the disk
         up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
         to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]

@@ -229,9 +229,8 @@ def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]]
         if overrides:
             raise ValueError("a saved model's architecture is fixed: no overrides allowed "
                              f"(got {sorted(overrides)})")
-        # a model saved for zero-shot scoring gets learned prompts for the same names too
-        if classnames is not None and (list(classnames) != model.classnames or model.zero_shot_templates):
-            model.set_classes(classnames)
+        if classnames is not None:  # learned prompts, also where it was saved scoring zero-shot
+            train_classes(model, classnames)
     else:
         raise ValueError(f"unknown backbone source {backbone!r}")
     model.set_backend(backend)
@@ -286,7 +285,8 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
             model = model_from_checkpoint(payload, str(path), backend)
         else:
             model = VitaCLIP.from_official_checkpoint(path, classnames, learned_context=not templates_only,
-                                                      trained_only=not for_training, **overrides)
+                                                      trained_only=not for_training,
+                                                      other_classes_fresh=for_training, **overrides)
             model.set_backend(backend)
             return model
     check_architecture(model, overrides, str(path))
@@ -296,20 +296,26 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
 
 
 def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_training: bool = False) -> None:
-    """Give a loaded model the classes `classnames`. A model saved scoring its classes with templates
-    (zero-shot) scores others with them too, and its learned classes with their learned context; a
-    model with learned prompts takes other names into its learned context (a class-specific one
-    only its own classes, in their order). for_training: learned prompts whatever the model scored
-    with, fresh where it has none."""
+    """Give a loaded model the classes `classnames`. The classes it scores already stay as they are;
+    a model saved scoring its classes with templates (zero-shot) scores others with them too, and
+    its learned classes with their learned context; a model with learned prompts takes other names
+    into its learned context (a class-specific one only its own classes, in their order).
+    for_training: learned prompts whatever the model scored with, fresh where it has none."""
     wanted = [clean_classname(name) for name in classnames]
     learner = model.prompt_learner
     learned = list(learner.classnames) if learner is not None else None
     templates = model.zero_shot_templates
-    if templates is not None and not for_training and wanted != learned:
-        if wanted != model.classnames:
-            model.set_classes(classnames, templates=templates)
+    if not for_training and wanted == model.classnames:
         return
-    if learner is None and not for_training:
+    if templates is not None and not for_training and wanted != learned:
+        model.set_classes(classnames, templates=templates)
+        return
+    if for_training:
+        if train_classes(model, classnames):
+            warnings.warn(f"{source} has a class-specific context learned for its {len(learned)} classes, not "
+                          f"these {len(wanted)}: it starts afresh for them (its other prompts are kept)")
+        return
+    if learner is None:
         raise ValueError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
                          f"classes with: score them zero-shot with templates (vitaclip zeroshot, or "
                          f"set_classes(names, templates=...))")
@@ -317,6 +323,19 @@ def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_tra
         return
     check_class_order(model, classnames, source)
     model.set_classes(classnames)
+
+
+def train_classes(model: VitaCLIP, classnames: Sequence[str]) -> bool:
+    """Learned prompts for `classnames`, to train: a class-specific context learned for other classes
+    (another list, or the same in another order) starts afresh, as does a missing one. Returns
+    whether a learned context was replaced."""
+    learner = model.prompt_learner
+    replaced = (learner is not None and learner.ctx is not None and learner.ctx.dim() == 3
+                and [clean_classname(name) for name in classnames] != list(learner.classnames))
+    if replaced:
+        model.prompt_learner = None  # set_classes makes a new one
+    model.set_classes(classnames)
+    return replaced
 
 
 def check_architecture(model: VitaCLIP, overrides: Dict[str, Any], source: str) -> None:

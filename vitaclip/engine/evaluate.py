@@ -102,6 +102,9 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     [3, T, H, W] or [V, 3, T, H, W]) split across processes, or an iterable of this process's
     batches. Every process gets the full result."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
+    for path in (config.json_path, config.confusion_png, config.scores_path):  # before the evaluation, not after
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"evaluation output {path} is a folder: give a file name")
     env = env or init_distributed(config.device)
     was_training = model.training
     model.eval().to(env.device)

@@ -2,23 +2,25 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
-def check_precision(precision: str) -> None:
+def check_precision(precision: str, device: Optional[torch.device] = None) -> None:
+    """A known precision, and one the device computes in."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and device is not None and device.type == "cuda":
+        check_bf16_gpu(device)
 
 
 def autocast(device: torch.device, precision: str):
-    check_precision(precision)
+    check_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16" and device.type == "cuda":
-        check_bf16_gpu(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 

@@ -50,7 +50,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
         try:
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
                                  num_frames=model.config.num_frames,
-                                 stride=config.stride or sampling.trained_stride(model.training_data),
+                                 stride=sampling.trained_stride(model.training_data) if config.stride is None
+                                 else config.stride,
                                  size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
                                  num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)

@@ -205,6 +205,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
     env = init_distributed(config.device)
+    check_precision(config.precision, env.device)  # before loading anything
     out = Path(config.output_dir)
     if not model.classnames:
         raise ValueError("the model has no classes: pass classnames to the model before training")
@@ -232,11 +233,11 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     # the frozen weights never change: their fingerprint is taken once (seconds for ViT-B/16 on a CPU)
     fingerprint = None if backbone is None else ckpt.backbone_fingerprint(model)
     data = data_description(train_data)
-    model.training_data = data  # kept with the model: scoring it samples clips as this does
     if resume_path is not None:
         restore(payload, str(resume_path), model, optimizer, scheduler, scaler, loader, config, micro, env,
                 fingerprint, data)
         start_step = int(payload["step"])
+    model.training_data = data  # kept with the model: scoring it samples clips as this does
     eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
                              num_workers=config.num_workers, device=str(env.device), progress=False)
     log = None
@@ -476,15 +477,18 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     batch layout, or trained on other frozen weights; refuse other RUN_SETTINGS or training data
     unless config.resume_with_changes, which goes on with the new ones."""
     check_batch_layout(payload, source, config, micro, env)
-    # a checkpoint holding the whole model (a run without a backbone source) is compared by its own
-    # frozen tensors when this run has a source; a run without one takes the checkpoint's
-    if fingerprint is not None or not payload["model_is_full"]:
-        ckpt.check_backbone_fingerprint(fingerprint or ckpt.backbone_fingerprint(model), payload, source)
+    ckpt.check_saved_architecture(model, payload, source)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
                          f"{payload['classnames'][:5]}..., the model has {len(model.classnames)} "
                          f"{model.classnames[:5]}...")
-    ckpt.check_saved_architecture(model, payload, source)
+    # a checkpoint holding the whole model (a run without a backbone source) is compared by its own
+    # frozen tensors when this run has a source; a run without one takes the checkpoint's
+    if fingerprint is not None or not payload["model_is_full"]:
+        ckpt.check_backbone_fingerprint(fingerprint or ckpt.backbone_fingerprint(model), payload, source)
+    if config.steps < int(payload["step"]):  # it would end at once, as if finished, without its evaluation
+        raise ValueError(f"{source} is at step {payload['step']}, past this run's {config.steps} steps: resume with "
+                         f"at least as many, or from an earlier checkpoint into another output directory")
     changes = run_changes(payload, config, data)
     if changes and not config.resume_with_changes:
         raise ValueError(f"{source} was trained with other settings than this run's ({'; '.join(changes)}): "
@@ -533,11 +537,10 @@ def run_changes(payload: Dict[str, Any], config: TrainConfig, data: Dict[str, An
     now = dataclasses.asdict(config)
     changes = [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in RUN_SETTINGS
                if name in saved and _plain(saved[name]) != _plain(now[name])]
-    saved_data = payload.get("train_data")
-    if saved_data is not None:
-        changes += [f"training data {key}: {saved_data.get(key)!r} -> {data.get(key)!r}"
-                    for key in sorted(set(saved_data) | set(data))
-                    if _plain(saved_data.get(key)) != _plain(data.get(key))]
+    # what the checkpoint recorded: a key added to the descriptions since is no change
+    saved_data = payload.get("train_data") or {}
+    changes += [f"training data {key}: {value!r} -> {data.get(key)!r}" for key, value in sorted(saved_data.items())
+                if _plain(value) != _plain(data.get(key))]
     return changes
 
 

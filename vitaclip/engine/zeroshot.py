@@ -62,11 +62,14 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     context is not used), then aggregate top-1/top-5 over the splits. The model keeps the last
     split's classes."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
+    if config.scores_path or config.confusion_png:
+        raise ValueError("zeroshot() writes the aggregate as JSON only: for a split's per-video scores or "
+                         "confusion matrix, evaluate() it with the model's classes set to its own")
     env = env or init_distributed(config.device)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
-    split_config = dataclasses.replace(config, json_path=None, confusion_png=None)
+    split_config = dataclasses.replace(config, json_path=None)
     results = {}
     for split in splits:
         model.set_classes(split.classnames, templates=templates)
