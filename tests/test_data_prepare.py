@@ -11,7 +11,7 @@ pytest.importorskip("av")
 from vitaclip.data import VideoDecodeError, VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta
-from vitaclip.data.prepare import main, output_size, prepare, EncodeSettings
+from vitaclip.data.prepare import EncodeSettings, main, output_size, prepare, transcode
 from vitaclip.data.transforms import to_rgb
 
 
@@ -324,3 +324,31 @@ def test_a_video_the_encoder_crashes_on_is_left_out_in_skip_mode_and_named_in_ra
     assert result.written + result.reused == 3
     assert [os.path.basename(e.path) for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [
         "a.mp4", "b.mp4", "c.mp4"]
+
+
+@pytest.mark.parametrize("rotation,upright_corner", [(-90, (0, -1)), (90, (-1, 0)), (180, (-1, -1))])
+def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner):
+    """A display rotation (phones write one instead of turning the pixels) is applied to the pixels:
+    the loader reads frames as coded, so an unprepared phone video stays sideways."""
+    import av
+    from fractions import Fraction
+
+    src = str(tmp_path / "phone.mp4")
+    with av.open(src, "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for i in range(4):
+            image = np.zeros((32, 64, 3), np.uint8)
+            image[:16, :32] = 255  # a white top-left quarter
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    info = transcode(src, str(tmp_path / "upright.mp4"), EncodeSettings(short_side=32))
+    assert (info.height, info.width, info.frames) == ((32, 64) if rotation == 180 else (64, 32)) + (4,)
+    y = pyav.decode_frames(str(tmp_path / "upright.mp4"), np.array([0, 3])).y.float()
+    assert (pyav.probe(str(tmp_path / "upright.mp4")).height, y.shape[1]) == (info.height, info.height)
+    corners = {(0, 0): y[:, :4, :4], (0, -1): y[:, :4, -4:], (-1, 0): y[:, -4:, :4], (-1, -1): y[:, -4:, -4:]}
+    for corner, pixels in corners.items():  # the white quarter where a player shows it
+        assert (pixels.mean() > 200) == (corner == upright_corner), corner

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from tqdm import tqdm
 
 from ..engine.distributed import usable_cores
@@ -93,23 +94,21 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
             if in_stream.codec_context.height <= 0 or in_stream.codec_context.width <= 0:
                 raise VideoDecodeError(f"{src}: video of unknown size")
             rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(25)
-            height, width = output_size(in_stream.codec_context.height, in_stream.codec_context.width,
-                                        settings.short_side)
-            stream = out.add_stream("libx264", rate=rate)
-            stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-            # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag
-            for tag in ("colorspace", "color_primaries", "color_trc"):
-                setattr(stream.codec_context, tag, getattr(in_stream.codec_context, tag))
-            matrix = pyav.matrix_of(in_stream)
-            stream.options = {"crf": str(settings.crf), "preset": settings.preset, "tune": "fastdecode",
-                              "g": str(settings.gop), "keyint_min": str(settings.gop), "bf": "0",
-                              "sc_threshold": "0"}
+            coded = output_size(in_stream.codec_context.height, in_stream.codec_context.width, settings.short_side)
+            matrix, stream = pyav.matrix_of(in_stream), None
             for frame in source.decode(in_stream):
-                frame = pyav.limited_range_yuv420(frame, width=width, height=height, interpolation="AREA")
+                if stream is None:  # the first frame tells how the video is shown (a phone's display rotation)
+                    turns = frame.rotation // 90 % 4  # quarter turns anticlockwise
+                    height, width = coded[::-1] if turns % 2 else coded
+                    stream = _h264_stream(out, in_stream, rate, height, width, settings)
+                frame = pyav.limited_range_yuv420(frame, height=coded[0], width=coded[1], interpolation="AREA")
+                if turns:  # upright in the file: the loader does not turn frames
+                    frame = _turned(frame, turns)
                 frame.pts, frame.time_base = frames, Fraction(1) / rate  # constant rate: frame i stays i
                 out.mux(stream.encode(frame))
                 frames += 1
-            out.mux(stream.encode(None))
+            if stream is not None:
+                out.mux(stream.encode(None))
     except VideoDecodeError:
         _remove(tmp)
         raise
@@ -121,6 +120,27 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         raise VideoDecodeError(f"{src}: no frames decoded")
     publish(tmp, dst)  # whole, where it counts as done
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst), matrix)
+
+
+def _h264_stream(out, source, rate, height: int, width: int, settings: EncodeSettings):
+    stream = out.add_stream("libx264", rate=rate)
+    stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+    # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag
+    for tag in ("colorspace", "color_primaries", "color_trc"):
+        setattr(stream.codec_context, tag, getattr(source.codec_context, tag))
+    stream.options = {"crf": str(settings.crf), "preset": settings.preset, "tune": "fastdecode",
+                      "g": str(settings.gop), "keyint_min": str(settings.gop), "bf": "0", "sc_threshold": "0"}
+    return stream
+
+
+def _turned(frame, turns: int):
+    """A yuv420p frame turned anticlockwise by `turns` quarter turns (even sizes: output_size's)."""
+    av = pyav.av
+    planes = [np.rot90(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width], turns)
+              for p in frame.planes]
+    height, width = planes[0].shape
+    packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(height * 3 // 2, width)
+    return av.VideoFrame.from_ndarray(packed, format="yuv420p")
 
 
 def output_name(source: str, data_root: str) -> str:
