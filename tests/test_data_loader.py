@@ -749,7 +749,7 @@ def test_the_loader_converts_each_video_with_the_matrix_it_is_tagged_with(tmp_pa
     torch.testing.assert_close(got, torch.tensor(COLOURS[2:4], dtype=torch.float32), atol=4, rtol=0)
 
 
-def test_sidecar_rows_without_the_colour_matrix_are_probed_again_where_pyav_can(tmp_path, monkeypatch):
+def test_sidecar_rows_without_the_colour_matrix_read_it_off_the_file_without_probing_again(tmp_path, monkeypatch):
     import json
 
     from test_data_decode import write_colour_bars
@@ -762,9 +762,20 @@ def test_sidecar_rows_without_the_colour_matrix_are_probed_again_where_pyav_can(
     row = json.loads(open(sidecar).read())
     assert row["matrix"] == "bt709"
     del row["matrix"]  # as written before the matrix was recorded
-    open(sidecar, "w").write(json.dumps(row) + "\n")
-    assert read_meta(sidecar)["bars709.mp4"].stamp is None  # not trusted: probed again
+    old_row = json.dumps(row) + "\n"
+    open(sidecar, "w").write(old_row)
+    assert read_meta(sidecar)["bars709.mp4"].matrix is None
+
+    def no_probe(path):
+        raise AssertionError("probed again: the row still holds")
+
+    monkeypatch.setattr(pyav, "probe", no_probe)
     assert loader(tmp_path, False, batch_size=1).videos[0][2].matrix == "bt709"
-    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine cannot probe: the old row is BT.601
-    open(sidecar, "w").write(json.dumps(row) + "\n")
-    assert read_meta(sidecar)["bars709.mp4"].matrix == "bt601" and read_meta(sidecar)["bars709.mp4"].stamp
+    assert read_meta(sidecar)["bars709.mp4"].matrix == "bt709"  # and recorded
+    open(sidecar, "w").write(old_row)
+    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine: BT.601, as DALI assumes
+    from vitaclip.data.meta import video_infos
+    from vitaclip.data.lists import read_video_list
+
+    entries = read_video_list(str(tmp_path / "list.csv"), str(tmp_path))
+    assert video_infos(entries, str(tmp_path / "list.csv"), str(tmp_path))[0].matrix == "bt601"

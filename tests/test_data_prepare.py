@@ -352,3 +352,23 @@ def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner)
     corners = {(0, 0): y[:, :4, :4], (0, -1): y[:, :4, -4:], (-1, 0): y[:, -4:, :4], (-1, -1): y[:, -4:, -4:]}
     for corner, pixels in corners.items():  # the white quarter where a player shows it
         assert (pixels.mean() > 200) == (corner == upright_corner), corner
+
+
+def test_an_output_an_earlier_version_made_without_the_colour_tag_is_made_again(tmp_path):
+    from test_data_decode import write_colour_bars
+    from vitaclip.data.meta import meta_path, read_meta
+
+    (tmp_path / "src").mkdir()
+    write_colour_bars(str(tmp_path / "src" / "bars.mp4"), "libx264", "bt709")
+    (tmp_path / "src" / "list.csv").write_text("bars.mp4,0\n")
+    args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=32))
+    assert prepare(*args, workers=1, progress=False).written == 1
+    output = str(tmp_path / "out" / "videos" / "bars.mp4")
+    assert pyav.probe(output).matrix == "bt709"
+    untagged = str(tmp_path / "untagged.mp4")  # what the earlier version wrote: the same pixels, no tag
+    write_colour_bars(untagged, "libx264", "bt601")
+    os.replace(untagged, output)
+    again = prepare(*args, workers=1, progress=False)
+    assert (again.written, again.reused) == (1, 0)
+    assert read_meta(meta_path(again.list_file))["videos/bars.mp4"].matrix == pyav.probe(output).matrix == "bt709"
+    assert (prepare(*args, workers=1, progress=False).written, pyav.probe(output).matrix) == (0, "bt709")

@@ -3,6 +3,7 @@ import csv
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,21 @@ def test_training_from_a_model_with_a_class_specific_context_for_other_classes_s
     assert not torch.equal(reordered.prompt_learner.ctx, tiny_model().prompt_learner.ctx)
     own = ckpt.load_model(tmp_path / "k", classnames=list(CLASSES), for_training=True)
     assert torch.equal(own.prompt_learner.ctx, tiny_model().prompt_learner.ctx)
+
+
+def test_a_run_started_from_the_authors_file_of_other_classes_reloads_with_its_own_context(tmp_path):
+    state = {f"module.{k}": v for k, v in tiny_model().state_dict().items()}  # the authors' layout, 4 classes
+    torch.save({"model": state}, tmp_path / "authors.pth")
+    others = ["archery", "bowling", "golf", "hurling", "judo"]  # the tiny data's labels are 0-3
+    with pytest.warns(UserWarning, match="starts afresh"):
+        model = ckpt.load_model(tmp_path / "authors.pth", others, for_training=True, heads=2, text_heads=2)
+    train(model, tiny_data(), tiny_train_config(tmp_path / "run", steps=2),
+          backbone={"kind": "official", "path": str(tmp_path / "authors.pth")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the checkpoint's context replaces the fresh one: no news
+        reloaded = ckpt.load_model(tmp_path / "run")
+    assert reloaded.classnames == others
+    assert torch.equal(reloaded.prompt_learner.ctx, model.prompt_learner.ctx)
 
 
 def test_a_model_without_learned_prompts_scores_no_classes_without_templates(tmp_path):

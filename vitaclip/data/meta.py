@@ -8,6 +8,7 @@ list under another data root, or a replaced video, is probed again (a copy that 
 e.g. `rsync -a`, is taken as the same file)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,15 +31,11 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    # rows written before files were stamped have no stamp, and are never trusted; nor,
-                    # where PyAV can probe again, rows written before the colour matrix was recorded
-                    # (without PyAV, e.g. on a DALI-only machine, they are taken as BT.601)
+                    # rows written before files were stamped have no stamp, and are never trusted; rows
+                    # written before the colour matrix was recorded have none (see video_infos)
                     stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
-                    if "matrix" not in row and pyav.available():
-                        stamp = None
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]), int(row["width"]),
-                                                   canonical_codec(str(row["codec"])), stamp,
-                                                   str(row.get("matrix", "bt601")))
+                                                   canonical_codec(str(row["codec"])), stamp, row.get("matrix"))
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
@@ -71,7 +68,11 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
             raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
                               "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
         probed = list(pool.map(lambda ke: _probe(ke[1]), to_probe))
+        # rows written before the colour matrix was recorded: it is read off the file's headers
+        unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].matrix is None]
+        matrices = list(pool.map(lambda ke: _matrix(ke[1].path), unknown))
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
+    found.update({k: dataclasses.replace(known[k], matrix=m) for (k, _), m in zip(unknown, matrices)})
     if found:
         known.update(found)
         try:
@@ -80,6 +81,15 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
             pass  # read-only dataset folder: probe again next time
     known.update({k: info for (k, _), info in zip(to_probe, probed)})
     return [known[k] for k in keys]
+
+
+def _matrix(path: str) -> str:
+    """A video's YCbCr matrix, BT.601 where it cannot be read (no PyAV: what DALI assumes; an
+    unreadable file fails when decoded)."""
+    try:
+        return pyav.file_matrix(path) if pyav.available() else "bt601"
+    except VideoDecodeError:
+        return "bt601"
 
 
 def _describes(info, path: str) -> bool:

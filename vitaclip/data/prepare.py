@@ -198,9 +198,12 @@ def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> boo
 
 
 def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:
-    """(info, reused) for one video: the existing output when `reuse`, else a new one."""
+    """(info, reused) for one video: the existing output when `reuse` (and tagged with its source's
+    colour matrix: earlier versions dropped the tag), else a new one."""
     if reuse:
-        return pyav.probe(dst), True
+        info = pyav.probe(dst)
+        if info.matrix == pyav.file_matrix(src):
+            return info, True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     return transcode(src, dst, settings), False
 

@@ -36,7 +36,9 @@ class VideoInfo:
     # the file's (size, mtime_ns) when it was probed: kept in a sidecar, the row holds only
     # while the file still has them
     stamp: Optional[Tuple[int, int]] = None
-    matrix: str = "bt601"  # its YCbCr matrix (transforms.MATRICES), as the stream is tagged
+    # its YCbCr matrix (transforms.MATRICES), as the stream is tagged; None in a sidecar row written
+    # before matrices were recorded, until meta.video_infos reads it off the file
+    matrix: Optional[str] = "bt601"
 
 
 # FFmpeg's AVColorSpace values of the matrices transforms.MATRICES knows; others (unspecified,
@@ -47,6 +49,16 @@ _MATRIX_OF_COLORSPACE = {1: "bt709", 9: "bt2020", 10: "bt2020"}
 def matrix_of(stream) -> str:
     """The YCbCr matrix a video stream is tagged with."""
     return _MATRIX_OF_COLORSPACE.get(int(stream.codec_context.colorspace), "bt601")
+
+
+def file_matrix(path: str) -> str:
+    """The YCbCr matrix of a file's video, from its headers (nothing demuxed or decoded)."""
+    _require_av()
+    try:
+        with av.open(path) as container:
+            return matrix_of(video_stream(container, path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
 
 def file_stamp(path: str) -> Tuple[int, int]:
@@ -108,7 +120,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
             seekable = (all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
-                        and not _guessed_timestamps(stream, packets))
+                        and not _guessed_timestamps(container, stream, packets))
             if seekable:
                 try:
                     _decode_seeking(container, stream, packets, indices, out)
@@ -196,11 +208,13 @@ class _SeekMissed(Exception):
     """Decoding after a seek did not reach the frame's timestamp."""
 
 
-def _guessed_timestamps(stream, packets) -> bool:
-    """Whether the presentation times are a demuxer's guesses: a codec that reorders frames
-    (B-frames) whose packets' times still only rise in decoding order, as AVI gives H.264 with
-    B-frames (each packet's decoding time plus one). Seeking by them finds the wrong frames."""
-    return bool(stream.codec_context.has_b_frames) and all(a[0] < b[0] for a, b in zip(packets, packets[1:]))
+def _guessed_timestamps(container, stream, packets) -> bool:
+    """Whether the presentation times are AVI's guesses (it stores none: each packet's decoding time
+    plus one) for a codec that reorders frames (H.264 with B-frames), which then only rise in
+    decoding order. Seeking by them finds the wrong frames. (Other containers store real ones; a
+    codec may report reordering without doing any, as MPEG-2 does.)"""
+    return (container.format.name == "avi" and bool(stream.codec_context.has_b_frames)
+            and all(a[0] < b[0] for a, b in zip(packets, packets[1:])))
 
 
 def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:

@@ -223,7 +223,10 @@ def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]]
     if kind == "clip":
         model = VitaCLIP.from_clip(backbone["name"], backbone.get("pretrained"), classnames, **overrides)
     elif kind == "official":
-        model = VitaCLIP.from_official_checkpoint(backbone["path"], classnames, **overrides)
+        with warnings.catch_warnings():  # a context for other classes: the checkpoint's own replaces it
+            warnings.filterwarnings("ignore", message=".*starts afresh")
+            model = VitaCLIP.from_official_checkpoint(backbone["path"], classnames, other_classes_fresh=True,
+                                                      **overrides)
     elif kind == "pretrained":
         model = VitaCLIP.from_pretrained(backbone["path"], backend=backend)
         if overrides:
