@@ -195,9 +195,8 @@ def check_backbone_fingerprint(now: Dict[str, Tuple[float, float]], payload: Dic
 
 def own_state_names_of(payload: Dict[str, Any]) -> list:
     """`own_state_names` of the model a checkpoint was written from."""
-    config = VitaCLIPConfig.from_dict(payload["config"])
-    trainable = {name for name in payload["model"] if is_trainable(name, config.train_cls_proj)}
-    return [k for k in payload["model"] if k in trainable or VITA_ADDITION.search(k)]
+    train_cls_proj = VitaCLIPConfig.from_dict(payload["config"]).train_cls_proj
+    return [k for k in payload["model"] if is_trainable(k, train_cls_proj) or VITA_ADDITION.search(k)]
 
 
 def check_saved_architecture(model: VitaCLIP, payload: Dict[str, Any], source: str) -> None:
