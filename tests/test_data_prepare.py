@@ -354,7 +354,11 @@ def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner)
         assert (pixels.mean() > 200) == (corner == upright_corner), corner
 
 
-def test_an_output_an_earlier_version_made_without_the_colour_tag_is_made_again(tmp_path):
+def test_outputs_an_earlier_version_made_are_made_again(tmp_path):
+    """Earlier versions dropped the colour tag and the display rotation: their outputs (recorded
+    without the output format) are made again, once."""
+    import json
+
     from test_data_decode import write_colour_bars
     from vitaclip.data.meta import meta_path, read_meta
 
@@ -364,11 +368,25 @@ def test_an_output_an_earlier_version_made_without_the_colour_tag_is_made_again(
     args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=32))
     assert prepare(*args, workers=1, progress=False).written == 1
     output = str(tmp_path / "out" / "videos" / "bars.mp4")
-    assert pyav.probe(output).matrix == "bt709"
-    untagged = str(tmp_path / "untagged.mp4")  # what the earlier version wrote: the same pixels, no tag
-    write_colour_bars(untagged, "libx264", "bt601")
-    os.replace(untagged, output)
+    before = os.stat(output).st_mtime_ns
+    sources = tmp_path / "out" / "prepare-sources.jsonl"
+    rows = [json.loads(line) for line in sources.read_text().splitlines()]
+    sources.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "format"}) + "\n" for row in rows))
     again = prepare(*args, workers=1, progress=False)
-    assert (again.written, again.reused) == (1, 0)
+    assert (again.written, again.reused) == (1, 0) and os.stat(output).st_mtime_ns != before
     assert read_meta(meta_path(again.list_file))["videos/bars.mp4"].matrix == pyav.probe(output).matrix == "bt709"
-    assert (prepare(*args, workers=1, progress=False).written, pyav.probe(output).matrix) == (0, "bt709")
+    assert prepare(*args, workers=1, progress=False).reused == 1
+
+
+def test_prepare_tags_outputs_with_the_sources_header_tag_which_a_decoder_may_contradict(tmp_path):
+    """VP8's decoder reports BT.601 once decoding, whatever WebM's header says: the header counts."""
+    from test_data_decode import write_colour_bars
+
+    (tmp_path / "src").mkdir()
+    write_colour_bars(str(tmp_path / "src" / "bars.webm"), "libvpx", "bt709")
+    assert pyav.probe(str(tmp_path / "src" / "bars.webm")).matrix == "bt709"
+    (tmp_path / "src" / "list.csv").write_text("bars.webm,0\n")
+    args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=32))
+    assert prepare(*args, workers=1, progress=False).written == 1
+    assert pyav.probe(str(tmp_path / "out" / "videos" / "bars.mp4")).matrix == "bt709"
+    assert prepare(*args, workers=1, progress=False).reused == 1

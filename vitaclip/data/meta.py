@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..files import atomic_write_text
 from . import pyav
@@ -72,7 +72,7 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
         unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].matrix is None]
         matrices = list(pool.map(lambda ke: _matrix(ke[1].path), unknown))
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
-    found.update({k: dataclasses.replace(known[k], matrix=m) for (k, _), m in zip(unknown, matrices)})
+    found.update({k: dataclasses.replace(known[k], matrix=m) for (k, _), m in zip(unknown, matrices) if m})
     if found:
         known.update(found)
         try:
@@ -80,16 +80,18 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
         except OSError:
             pass  # read-only dataset folder: probe again next time
     known.update({k: info for (k, _), info in zip(to_probe, probed)})
+    # a matrix that could not be read: BT.601, what FFmpeg and DALI assume, but not recorded
+    known.update({k: dataclasses.replace(known[k], matrix="bt601") for (k, _), m in zip(unknown, matrices) if not m})
     return [known[k] for k in keys]
 
 
-def _matrix(path: str) -> str:
-    """A video's YCbCr matrix, BT.601 where it cannot be read (no PyAV: what DALI assumes; an
-    unreadable file fails when decoded)."""
+def _matrix(path: str) -> Optional[str]:
+    """A video's YCbCr matrix from its headers; None where it cannot be read (no PyAV, or an error:
+    an unreadable file fails when decoded, and is named then)."""
     try:
-        return pyav.file_matrix(path) if pyav.available() else "bt601"
+        return pyav.file_matrix(path) if pyav.available() else None
     except VideoDecodeError:
-        return "bt601"
+        return None
 
 
 def _describes(info, path: str) -> bool:

@@ -42,6 +42,9 @@ from .pyav import VideoDecodeError, VideoInfo
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
 SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
+# what the outputs are, recorded with each source: 2, upright (display rotation applied) and tagged with the
+# source's colour matrix. Outputs recorded without it, by earlier versions, are made again.
+OUTPUT_FORMAT = 2
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
@@ -95,12 +98,16 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                 raise VideoDecodeError(f"{src}: video of unknown size")
             rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(25)
             coded = output_size(in_stream.codec_context.height, in_stream.codec_context.width, settings.short_side)
+            # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag, as the
+            # file's headers give it (decoders may report another once decoding, e.g. VP8)
             matrix, stream = pyav.matrix_of(in_stream), None
+            tags = {tag: getattr(in_stream.codec_context, tag)
+                    for tag in ("colorspace", "color_primaries", "color_trc")}
             for frame in source.decode(in_stream):
                 if stream is None:  # the first frame tells how the video is shown (a phone's display rotation)
                     turns = frame.rotation // 90 % 4  # quarter turns anticlockwise
                     height, width = coded[::-1] if turns % 2 else coded
-                    stream = _h264_stream(out, in_stream, rate, height, width, settings)
+                    stream = _h264_stream(out, rate, height, width, tags, settings)
                 frame = pyav.limited_range_yuv420(frame, height=coded[0], width=coded[1], interpolation="AREA")
                 if turns:  # upright in the file: the loader does not turn frames
                     frame = _turned(frame, turns)
@@ -122,12 +129,11 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     return VideoInfo(frames, height, width, "h264", pyav.file_stamp(dst), matrix)
 
 
-def _h264_stream(out, source, rate, height: int, width: int, settings: EncodeSettings):
+def _h264_stream(out, rate, height: int, width: int, tags: dict, settings: EncodeSettings):
     stream = out.add_stream("libx264", rate=rate)
     stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-    # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag
-    for tag in ("colorspace", "color_primaries", "color_trc"):
-        setattr(stream.codec_context, tag, getattr(source.codec_context, tag))
+    for tag, value in tags.items():
+        setattr(stream.codec_context, tag, value)
     stream.options = {"crf": str(settings.crf), "preset": settings.preset, "tune": "fastdecode",
                       "g": str(settings.gop), "keyint_min": str(settings.gop), "bf": "0", "sc_threshold": "0"}
     return stream
@@ -156,7 +162,7 @@ def output_name(source: str, data_root: str) -> str:
 def source_record(src: str) -> dict:
     """What identifies the source file an output is made from."""
     size, mtime_ns = pyav.file_stamp(src)
-    return {"source": os.path.realpath(src), "size": size, "mtime_ns": mtime_ns}
+    return {"source": os.path.realpath(src), "size": size, "mtime_ns": mtime_ns, "format": OUTPUT_FORMAT}
 
 
 def read_sources(out_dir: str) -> Dict[str, dict]:
@@ -194,16 +200,13 @@ def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> boo
         if another:
             raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: "
                              f"prepare this list into another OUT_DIR")
-    return exists and same_stamp
+    return exists and same_stamp and recorded.get("format") == OUTPUT_FORMAT  # else an older version's
 
 
 def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:
-    """(info, reused) for one video: the existing output when `reuse` (and tagged with its source's
-    colour matrix: earlier versions dropped the tag), else a new one."""
+    """(info, reused) for one video: the existing output when `reuse`, else a new one."""
     if reuse:
-        info = pyav.probe(dst)
-        if info.matrix == pyav.file_matrix(src):
-            return info, True
+        return pyav.probe(dst), True
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     return transcode(src, dst, settings), False
 

@@ -120,7 +120,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
             seekable = (all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
-                        and not _guessed_timestamps(container, stream, packets))
+                        and not _guessed_timestamps(stream, packets))
             if seekable:
                 try:
                     _decode_seeking(container, stream, packets, indices, out)
@@ -208,13 +208,13 @@ class _SeekMissed(Exception):
     """Decoding after a seek did not reach the frame's timestamp."""
 
 
-def _guessed_timestamps(container, stream, packets) -> bool:
-    """Whether the presentation times are AVI's guesses (it stores none: each packet's decoding time
-    plus one) for a codec that reorders frames (H.264 with B-frames), which then only rise in
-    decoding order. Seeking by them finds the wrong frames. (Other containers store real ones; a
-    codec may report reordering without doing any, as MPEG-2 does.)"""
-    return (container.format.name == "avi" and bool(stream.codec_context.has_b_frames)
-            and all(a[0] < b[0] for a, b in zip(packets, packets[1:])))
+def _guessed_timestamps(stream, packets) -> bool:
+    """Whether the presentation times may be guesses: a codec that reorders frames (B-frames) whose
+    packets' times still only rise in decoding order, as AVI gives H.264 with B-frames (it stores
+    none: each packet's decoding time plus one), also once remuxed into MKV or MP4. Seeking by them
+    finds the wrong frames. A codec may report reordering without doing any (MPEG-2 always does):
+    such streams are decoded from the start too, correct but slower."""
+    return bool(stream.codec_context.has_b_frames) and all(a[0] < b[0] for a, b in zip(packets, packets[1:]))
 
 
 def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
