@@ -142,8 +142,7 @@ def _h264_stream(out, rate, height: int, width: int, tags: dict, settings: Encod
 def _turned(frame, turns: int):
     """A yuv420p frame turned anticlockwise by `turns` quarter turns (even sizes: output_size's)."""
     av = pyav.av
-    planes = [np.rot90(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width], turns)
-              for p in frame.planes]
+    planes = [np.rot90(pyav.plane_pixels(plane), turns) for plane in frame.planes]
     height, width = planes[0].shape
     packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(height * 3 // 2, width)
     return av.VideoFrame.from_ndarray(packed, format="yuv420p")

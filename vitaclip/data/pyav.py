@@ -148,7 +148,8 @@ def video_stream(container, path: str):
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
-    raise VideoDecodeError(f"{path}: no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+    cover_only = " (only a cover picture)" if container.streams.video else ""
+    raise VideoDecodeError(f"{path}: no video stream{cover_only}")
 
 
 def _slice_threaded_video(container, path: str, threads: int):
@@ -173,12 +174,16 @@ class _Planes:
             raise VideoDecodeError(f"{self.path}: frame size changes within the video, from {first_w}x{first_h} "
                                    f"to {frame.width}x{frame.height} (re-encode it with `vitaclip prepare`)")
         for dst, plane in zip(self.planes, frame.planes):
-            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-            dst[slot] = rows[:, :plane.width]
+            dst[slot] = plane_pixels(plane)
         self.filled += 1
 
     def result(self) -> Yuv420:
         return Yuv420(*(torch.from_numpy(p) for p in self.planes))
+
+
+def plane_pixels(plane) -> np.ndarray:
+    """A uint8 plane of a decoded frame as [height, width] (a view: rows without their padding)."""
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
 
 
 def limited_range_yuv420(frame, **resize):

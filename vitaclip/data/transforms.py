@@ -3,6 +3,7 @@ normalisation. The plan (which box, flip or not) comes from sampling.py; these o
 Resizes are bilinear without antialiasing and without rounding, as the public code did."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence, Tuple
 
 import torch
@@ -34,13 +35,28 @@ MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.262
 DECODER_MATRIX = "bt601"  # the matrix DALI's decoders convert every video with
 
 
-def ycbcr_to_rgb(matrix: str) -> torch.Tensor:
-    """[3, 3]: (R, G, B) from (Y, Cb, Cr), all on the same 0..255 scale (Cb, Cr centred on 0)."""
+@functools.lru_cache(maxsize=None)
+def ycbcr_to_rgb(matrix: str) -> Tuple[Tuple[float, ...], ...]:
+    """3 x 3: (R, G, B) from (Y, Cb, Cr), all on the same 0..255 scale (Cb, Cr centred on 0). Plain
+    numbers, so that converting a clip on the GPU copies no tensor to it."""
     kr, kb = MATRICES[matrix]
     kg = 1.0 - kr - kb
-    return torch.tensor([[1.0, 0.0, 2 * (1 - kr)],
-                         [1.0, -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg],
-                         [1.0, 2 * (1 - kb), 0.0]], dtype=torch.float64)
+    return ((1.0, 0.0, 2 * (1 - kr)),
+            (1.0, -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg),
+            (1.0, 2 * (1 - kb), 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder_rgb_to_rgb(matrix: str) -> Tuple[Tuple[float, ...], ...]:
+    """3 x 3: RGB as `matrix` makes it from RGB as DECODER_MATRIX made it (the same YCbCr)."""
+    fix = torch.tensor(ycbcr_to_rgb(matrix), dtype=torch.float64) @ torch.linalg.inv(
+        torch.tensor(ycbcr_to_rgb(DECODER_MATRIX), dtype=torch.float64))
+    return tuple(tuple(row) for row in fix.tolist())
+
+
+def _mix(rows: Tuple[Tuple[float, ...], ...], channels: torch.Tensor) -> torch.Tensor:
+    """[F, 3, H, W]: each output channel the `rows`-weighted sum of the 3 input channels (dim 1)."""
+    return torch.cat([sum(w * channels[:, j:j + 1] for j, w in enumerate(row) if w) for row in rows], 1)
 
 
 def to_rgb(frames, device, matrix: str = DECODER_MATRIX) -> torch.Tensor:
@@ -54,8 +70,7 @@ def to_rgb(frames, device, matrix: str = DECODER_MATRIX) -> torch.Tensor:
     if matrix == DECODER_MATRIX:
         return rgb
     # back to YCbCr as the decoder's matrix made it, then to RGB with the video's own
-    fix = (ycbcr_to_rgb(matrix) @ torch.linalg.inv(ycbcr_to_rgb(DECODER_MATRIX))).float()
-    return torch.einsum("ij,fjhw->fihw", fix.to(rgb.device), rgb).round().clamp(0, 255)
+    return _mix(_decoder_rgb_to_rgb(matrix), rgb).round().clamp(0, 255)
 
 
 def frame_size(frames) -> Tuple[int, int]:
@@ -70,9 +85,7 @@ def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str
     chroma = torch.stack([u, v], 1).float() - 128.0  # [F, 2, h/2, w/2]
     chroma = F.interpolate(chroma, size=(h, w), mode="bilinear", align_corners=False)
     luma = (y.float().unsqueeze(1) - 16.0) * (255.0 / 219.0)
-    ycbcr = torch.cat([luma, chroma * (255.0 / 224.0)], 1)
-    rgb = torch.einsum("ij,fjhw->fihw", ycbcr_to_rgb(matrix).float().to(ycbcr.device), ycbcr)
-    return rgb.round().clamp(0, 255)
+    return _mix(ycbcr_to_rgb(matrix), torch.cat([luma, chroma * (255.0 / 224.0)], 1)).round().clamp(0, 255)
 
 
 def resized_crop(frames: torch.Tensor, box: Sequence[int], size: Tuple[int, int]) -> torch.Tensor:
