@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from vitaclip.backends import resolve_backend
+from vitaclip.graphs import CapturedPass
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+LAUNCHES = ("eager", "cuda-graph")
+
+
+def launched(step, launch: str):
+    """step as a benchmark times it: launched eagerly (the host's launch overhead counts), or
+    replayed from a CUDA graph captured as the model's graphed passes are (the GPU time alone)."""
+    return CapturedPass(step, [], [], []).forward_graph.replay if launch == "cuda-graph" else step
 
 
 def bench_cuda(benchmark, fn, rounds: int = 20, warmup: int = 3):

@@ -10,8 +10,7 @@ GPU time alone, with the host's launch overhead gone.
 import pytest
 import torch
 
-from cuda_bench import bench_cuda, requires_cuda
-from vitaclip.graphs import CapturedPass
+from cuda_bench import LAUNCHES, bench_cuda, launched, requires_cuda
 from vitaclip.ops import naive, summary_ext
 from vitaclip.vision import Attention
 
@@ -21,7 +20,7 @@ PATHS = {"extension": summary_ext.summary_tokens, "pytorch": naive.summary_token
 
 @requires_cuda
 @pytest.mark.skipif(not summary_ext.is_built(), reason="vitaclip._C not built")
-@pytest.mark.parametrize("launch", ["eager", "cuda-graph"])
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("frames", [8, 16])
@@ -48,9 +47,6 @@ def test_summary_step(benchmark, precision, frames, mode, path, launch):
         for _ in range(STEPS):
             torch.autograd.grad(summary(), [c, *params], grad)
 
-    step = forward if mode == "forward" else forward_backward
     benchmark.group = f"summary {precision} T={frames} {mode} {launch}"
-    if launch == "cuda-graph":  # captured as the model's graphed passes are
-        step = CapturedPass(step, [], []).forward_graph.replay
-    median = bench_cuda(benchmark, step, rounds=10)
+    median = bench_cuda(benchmark, launched(forward if mode == "forward" else forward_backward, launch), rounds=10)
     benchmark.extra_info["us_per_step"] = median / STEPS * 1e6

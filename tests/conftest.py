@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +54,14 @@ def zeros_made_during(fn) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return sum(event.count for event in prof.key_averages() if event.key in ("aten::zeros", "aten::zeros_like"))
+
+
+def run_in_own_process(source: str) -> str:
+    """Runs a test's body (Python source, the tests folder importable) in a new interpreter and
+    returns what it printed: for checks that can leave a process broken (a failed CUDA graph
+    capture) or kill it (a segmentation fault ended a whole GPU test run once), so that the tests
+    after them run either way and the failure names its test."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).parent)
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-4000:]}"
+    return result.stdout

@@ -25,9 +25,10 @@ pass keeps the kernels it was captured with; set them before the first call, or 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +54,49 @@ def _uncached_autocast(device_type: str = "cuda") -> torch.autocast:
     return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
+def _end_random_generator_capture(device: torch.device) -> None:
+    """A capture that fails leaves the device's random generator marked as capturing (PyTorch ends
+    that state only as a capture succeeds): every later random draw on the device, torch.compile's
+    own included, would raise "Offset increment outside graph capture". An empty capture ends it."""
+    graph = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+        with torch.cuda.device(device), torch.cuda.graph(graph):
+            pass
+    del graph
+
+
+@contextlib.contextmanager
+def _fresh_leaves(modules: Sequence[nn.Module], params: List[nn.Parameter]) -> Iterator[List[nn.Parameter]]:
+    """Puts in the modules, for as long as the context lasts, a new leaf on each trainable parameter's
+    storage. A parameter's gradient accumulator lives as long as a graph or a hook holds it (the last
+    step's loss, DistributedDataParallel's reducer) and keeps the stream current when it was made: a
+    backward captured into it makes that stream wait on the capture stream, which CUDA refuses for the
+    legacy default stream. A new leaf's accumulator is made on the capture stream; the graphs read and
+    write the same memory as the parameters."""
+    index = {id(p): i for i, p in enumerate(params)}
+    leaves = [nn.Parameter(p.detach(), requires_grad=True) for p in params]
+    owners = {id(m): m for root in modules for m in root.modules()}.values()
+    swapped = [(module, name, p) for module in owners for name, p in module._parameters.items()
+               if p is not None and id(p) in index]
+    for module, name, p in swapped:
+        module._parameters[name] = leaves[index[id(p)]]
+    try:
+        yield leaves
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 class CapturedPass:
     """One pass captured for one key: a forward graph, and a backward graph when `params`."""
 
-    def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], params: List[nn.Parameter]):
+    def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], params: List[nn.Parameter],
+                 modules: Sequence[nn.Module]):
+        with _fresh_leaves(modules, params) as leaves:
+            self._capture(fn, inputs, leaves)
+
+    def _capture(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], params: List[nn.Parameter]) -> None:
         self.generation = 0
         autocast = _uncached_autocast()
         # the backward as a training step runs it, after leaving the autocast region
@@ -233,10 +273,11 @@ class GraphCache:
             stream = torch.cuda.current_stream()
             try:
                 with torch.cuda.device(device):
-                    captured = CapturedPass(fn, inputs, params)
+                    captured = CapturedPass(fn, inputs, params, modules)
             except Exception as error:  # noqa: BLE001 - any capture failure: run uncaptured, say why
                 # a capture that fails as it ends leaves its side stream current: back to the caller's
                 torch.cuda.set_stream(stream)
+                _end_random_generator_capture(device)
                 warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({error!r}); "
                               f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 self._failed.add(key)
