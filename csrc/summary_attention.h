@@ -114,6 +114,7 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
                                          const at::Tensor& out_bias, int64_t num_heads, double eps) {
   const SummaryShape shape =
       check_summary_inputs(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads);
+  Kernels::check_sizes(shape);
   const c10::DeviceGuard guard(c.device());
   const NoAutocast no_autocast;
   const int64_t rows = shape.rows(), width = shape.width;
@@ -145,6 +146,7 @@ SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& out_weight, int64_t num_heads) {
   const SummaryShape shape = check_summary_backward_inputs(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
                                                            qkv_weight, qkv_bias, out_weight, num_heads);
+  Kernels::check_sizes(shape);
   const int64_t rows = shape.rows(), width = shape.width;
   const c10::DeviceGuard guard(c.device());
   const NoAutocast no_autocast;

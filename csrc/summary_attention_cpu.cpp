@@ -70,6 +70,8 @@ void for_each_head(const SummaryShape& s, const at::Tensor& qkv, const at::Tenso
 }
 
 struct CpuKernels {
+  static void check_sizes(const SummaryShape&) {}  // 64-bit sizes and indices throughout
+
   static void layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  double eps, const at::Tensor& normed, const at::Tensor& mean,
                                  const at::Tensor& rstd) {

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vitaclip.ops import naive, summary_ext
+from conftest import run_in_own_process
 from test_summary_ext import assert_no_worse_than_pytorch, make_summary_layer, output_and_grads
 
 pytestmark = [pytest.mark.gpu,
@@ -79,10 +80,17 @@ def test_the_op_inside_a_cuda_autocast_region_computes_in_its_inputs_dtype():
 
 def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
     """65,536 frames: T x T wraps to 0 in 32 bits, which would launch with no shared memory."""
-    norm, attn = make_summary_layer(64, 1, device="cuda", seed=4)
-    c = torch.randn(1, 65536, 64, device="cuda")
-    with pytest.raises(ValueError, match="65536 frames.*32-bit"):
-        torch.ops.vitaclip.summary_attention(c, *summary_ext.op_arguments(norm, attn), 1, norm.eps)
+    printed = run_in_own_process("""
+        import pytest, torch
+        from test_summary_ext import make_summary_layer
+        from vitaclip.ops import summary_ext
+        norm, attn = make_summary_layer(64, 1, device="cuda", seed=4)
+        c = torch.randn(1, 65536, 64, device="cuda")
+        with pytest.raises(ValueError, match="65536 frames.*32-bit"):
+            torch.ops.vitaclip.summary_attention(c, *summary_ext.op_arguments(norm, attn), 1, norm.eps)
+        print("refused")
+    """)
+    assert printed.split() == ["refused"]
 
 
 def test_the_driver_says_the_kernels_run_on_this_gpu():

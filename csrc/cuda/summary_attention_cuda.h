@@ -14,6 +14,8 @@ struct CudaKernels {
   // Whether this library's CUDA code runs on GPU `device` (machine code for its architecture, or PTX
   // it can compile); false also where there is no such GPU or driver.
   static bool runs_on(int64_t device);
+  // Refuses sizes past the kernels' 32-bit indexing (a ValueError naming them).
+  static void check_sizes(const SummaryShape& s);
   static void layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight, const at::TensorBase& bias,
                                  double eps, const at::TensorBase& normed, const at::TensorBase& mean,
                                  const at::TensorBase& rstd);

@@ -260,23 +260,9 @@ __global__ void layer_norm_backward_kernel(int rows, int C, const scalar_t* __re
   }
 }
 
-constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-
-// The attention kernels size and index a block's shared matrices (T x (Dh + 1), T x T) and the grid
-// (groups x heads blocks) in 32-bit ints: refused, rather than wrapped, beyond (such T are far past
-// any GPU's shared memory, which the launch checks; the model sends those shapes to PyTorch).
+// in 32-bit ints: CudaKernels::check_sizes refused larger shapes before any launch
 HeadLayout head_layout(const SummaryShape& s) {
-  TORCH_CHECK_VALUE(s.frames * s.frames <= kMaxInt / 8 && s.frames * (s.head_dim() + 1) <= kMaxInt / 8 &&
-                        s.groups * s.heads <= kMaxInt,
-                    "summary_attention: ", s.groups, " groups of ", s.frames, " frames, ", s.heads,
-                    " heads of dim ", s.head_dim(), ": beyond the CUDA kernels' 32-bit sizes");
   return HeadLayout{int(s.frames), int(s.head_dim()), int(s.heads), int(s.width)};
-}
-
-// The LayerNorm kernels take a block per row (and the backward ceil(6C / kColumnTile) more).
-void check_rows(const at::TensorBase& x) {
-  TORCH_CHECK_VALUE(x.size(0) + 6 * x.size(1) <= kMaxInt, "summary_attention: ", x.size(0), " rows of width ",
-                    x.size(1), ": beyond the CUDA kernels' 32-bit sizes");
 }
 
 // Launches `kernel` with `bytes` of dynamic shared memory, opting in above the 48 KiB default.
@@ -297,6 +283,18 @@ void launch_attention(Kernel kernel, const SummaryShape& s, size_t bytes, Args..
 
 }  // namespace
 
+// The kernels size and index a block's shared matrices (T x (Dh + 1), T x T), the grid (groups x
+// heads blocks; a block per row in the LayerNorms, ceil(6C / kColumnTile) more in their backward) in
+// 32-bit ints: refused, rather than wrapped, beyond, before any work is launched (such T are far past
+// any GPU's shared memory, which the launch checks; the model sends those shapes to PyTorch).
+void CudaKernels::check_sizes(const SummaryShape& s) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  TORCH_CHECK_VALUE(s.frames * s.frames <= kMaxInt / 8 && s.frames * (s.head_dim() + 1) <= kMaxInt / 8 &&
+                        s.groups * s.heads <= kMaxInt && s.rows() + 6 * s.width <= kMaxInt,
+                    "summary_attention: ", s.groups, " groups of ", s.frames, " frames, ", s.heads,
+                    " heads of dim ", s.head_dim(), ": beyond the CUDA kernels' 32-bit sizes");
+}
+
 bool CudaKernels::runs_on(int64_t device) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
@@ -315,7 +313,6 @@ bool CudaKernels::runs_on(int64_t device) {
 void CudaKernels::layer_norm_forward(const at::TensorBase& x, const at::TensorBase& weight,
                                      const at::TensorBase& bias, double eps, const at::TensorBase& normed,
                                      const at::TensorBase& mean, const at::TensorBase& rstd) {
-  check_rows(x);
   const int rows = int(x.size(0)), C = int(x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -359,7 +356,6 @@ void CudaKernels::layer_norm_backward(const at::TensorBase& grad_normed, const a
                                       const at::TensorBase& weight, const at::TensorBase& grad_x,
                                       const at::TensorBase& grad_weight, const at::TensorBase& grad_bias,
                                       const at::TensorBase& grad_qkv_bias, const at::TensorBase& grad_out_bias) {
-  check_rows(x);
   const int rows = int(x.size(0)), C = int(x.size(1));
   const int blocks = rows + (6 * C + kColumnTile - 1) / kColumnTile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
