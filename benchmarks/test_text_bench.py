@@ -3,8 +3,8 @@
 Also which attention kernel suits the short truncated prompts (about 20 tokens, 8 heads): the
 cuDNN kernel PyTorch picks on an H100 took 1.9 ms of the 5.8 ms a compiled step spent on the GPU
 (benchmarks/RESULTS.md, run 3), so the other SDPA kernels are timed beside it, and vitaclip's
-explicit attention (VITACLIP_TEXT_ATTENTION=explicit: batched matmuls and a masked softmax in fp32,
-no padding to kernel tiles).
+explicit attention (batched matmuls and a masked softmax in fp32, no padding to kernel tiles: the
+default since run 4; VITACLIP_TEXT_ATTENTION=sdpa picks SDPA).
 """
 import contextlib
 
@@ -25,8 +25,8 @@ KERNELS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SD
 @pytest.mark.parametrize("truncate,kernel", [(True, "default"), (False, "default"), (True, "flash"),
                                              (True, "efficient"), (True, "math"), (True, "explicit"),
                                              (False, "explicit")],
-                         ids=["truncated", "full-77", "truncated-flash", "truncated-efficient", "truncated-math",
-                              "truncated-explicit", "full-77-explicit"])
+                         ids=["truncated-sdpa", "full-77-sdpa", "truncated-flash", "truncated-efficient",
+                              "truncated-math", "truncated-explicit", "full-77-explicit"])
 def test_text_side_of_a_training_step(benchmark, monkeypatch, truncate, kernel):
     torch._dynamo.reset()  # compile afresh: a graph traced under another kernel choice keeps it
     # "explicit": vitaclip's own causal attention instead of SDPA (VITACLIP_TEXT_ATTENTION)

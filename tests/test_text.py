@@ -77,7 +77,7 @@ def test_skipping_unread_work_changes_no_feature_or_context_gradient(csc):
 
 @pytest.mark.parametrize("truncate", [True, False])
 def test_explicit_text_attention_matches_sdpa(monkeypatch, truncate):
-    """VITACLIP_TEXT_ATTENTION=explicit (a candidate for short prompts): the features and the
+    """VITACLIP_TEXT_ATTENTION=explicit (the default, for short prompts): the features and the
     context's gradient of PyTorch's SDPA, in float64; under bf16 autocast no further from them."""
     classes = CLASSES + ["a much longer class name here"]
     model = randomize_(VitaCLIP(tiny_config(ctx_position="middle"), classes))
