@@ -343,6 +343,20 @@ def _step(model, video, labels, autocast):
     return loss.detach()
 
 
+def _train_and_infer(model, backend, videos, labels, autocast):
+    """{name: tensor} of 3 training steps' losses and accumulated gradients (uncaptured, captured,
+    replayed), and of two inference outputs made before and after another call."""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    results = {"losses": torch.stack([_step(model, v, labels, autocast) for v in videos])}
+    results.update({n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None})
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        model(videos[2]), model(videos[2])  # uncaptured, captured
+        results["first"] = model(videos[0])
+        results["second"] = model(videos[1])  # a replay: must leave `first` as it was
+    return results
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True])
@@ -350,30 +364,25 @@ def test_graphed_training_and_inference_match_the_uncaptured_fast_path(autocast)
     model = _model()
     videos = [torch.randn(2, 3, 3, 56, 56, device="cuda") for _ in range(3)]
     labels = torch.tensor([0, 3], device="cuda")
-    results = {}
-    for backend in ("fast-compiled", "fast-graphed"):
-        model.set_backend(backend)
-        model.zero_grad(set_to_none=True)
-        # grads accumulate over 3 steps: run uncaptured, captured, replayed
-        losses = [_step(model, v, labels, autocast) for v in videos]
-        grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None}
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            model(videos[2]), model(videos[2])  # uncaptured, captured
-            first = model(videos[0])
-            second = model(videos[1])  # a replay: must leave `first` as it was
-        results[backend] = (losses, grads, first, second)
+    want = _train_and_infer(model, "fast-compiled", videos, labels, autocast)
+    got = _train_and_infer(model, "fast-graphed", videos, labels, autocast)
     # video with and without grad, text with grad (without grad the model's text cache answered)
     captured = {(key[0], key[2]) for key in model._graphs._passes}
     assert captured == {("fast-graphed video", True), ("fast-graphed video", False),
                         ("fast-graphed text, truncate=True", True)}, captured
-    (want_losses, want_grads, want_first, want_second), (losses, grads, first, second) = results.values()
-    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.stack(losses), torch.stack(want_losses), **tol)
-    assert grads.keys() == want_grads.keys() and "prompt_learner.ctx" in grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], want_grads[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(first, want_first, **tol)  # not overwritten by the second call
-    torch.testing.assert_close(second, want_second, **tol)
+    assert got.keys() == want.keys() and "prompt_learner.ctx" in got
+    if not autocast:
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        return
+    # bf16: the graphed and the compiled passes are compiled separately and may round differently
+    # (a context gradient differed by more than 2e-2 on an H200); each must be about as close to
+    # the fp32 result as the other
+    exact = _train_and_infer(model, "fast-compiled", videos, labels, autocast=False)
+    for name in got:
+        errors = [(result[name].float() - exact[name]).abs().max().item() for result in (got, want)]
+        assert errors[0] <= 2 * errors[1] + 1e-3 * exact[name].abs().max().item(), (name, errors)
 
 
 @gpu
