@@ -13,7 +13,8 @@ their parameters and buffers (addresses, requires_grad, and the versions of the 
 so a reload or in-place edit of frozen weights captures again, dropping the stale capture;
 the trainable ones are read at replay as they are). With grad enabled the backward is
 captured too (outside autocast, as a training step runs it), into the modules' trainable
-parameters, and tied in by an autograd.Function. Outputs and gradients are copied out of the
+parameters (through new leaves on their memory, `_fresh_leaves`), and tied in by an
+autograd.Function. Outputs and gradients are copied out of the
 graph's memory, so results stay valid across calls and gradient accumulation adds up (a
 gradient aliasing graph memory would be overwritten by the next replay). A graph holds the
 activations of one call: one backward per forward, before the next forward; anything else
