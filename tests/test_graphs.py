@@ -4,6 +4,7 @@ weights change, and a clear error where a replay would differentiate overwritten
 import contextlib
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import CLASSES, randomize_, run_in_own_process, tiny_config
 from vitaclip import VitaCLIP
-from vitaclip.graphs import GraphCache, _fresh_leaves, _module_state
+from vitaclip.graphs import CapturedPass, GraphCache, _fresh_leaves, _module_state
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -89,7 +90,42 @@ def test_a_failed_capture_gives_the_callers_stream_back(monkeypatch):
         with pytest.warns(RuntimeWarning, match="capture invalidated"):
             out = cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
     assert torch.equal(out, torch.ones(2)) and current["stream"] == "caller's stream"
-    assert generator_capture_ended == [torch.device("cpu")]
+    assert generator_capture_ended == [torch.device("cpu")] and cache.failed_passes == ["pass"]
+
+    def failing_reset(device):
+        raise RuntimeError("sticky error")
+
+    monkeypatch.setattr("vitaclip.graphs._end_random_generator_capture", failing_reset)
+    cache = GraphCache()
+    with torch.no_grad():
+        cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+        with pytest.warns(RuntimeWarning, match="capture invalidated.*capture state failed too.*sticky error"):
+            out = cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+        assert torch.equal(out, torch.ones(2)) and cache.failed_passes == ["pass"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a second try would fail and warn again
+            cache.run("pass", lambda x: x + 1, [torch.zeros(2)], [model.visual], torch.device("cpu"))
+
+
+def test_a_capture_runs_with_fresh_leaves_in_the_modules_and_differentiates_into_them(monkeypatch):
+    """The warm-up and the capture see new leaves in the modules, and the captured backward is taken
+    with respect to those leaves; the parameters are back afterwards."""
+    seen = {}
+
+    def capture(self, fn, inputs, params):
+        seen["in modules"] = [id(p) for p in _module_state(modules)[2]]
+        seen["differentiated"] = [id(p) for p in params]
+        seen["same memory"] = [p.data_ptr() for p in params]
+
+    monkeypatch.setattr("vitaclip.graphs.CapturedPass._capture", capture)
+    model = VitaCLIP(tiny_config(), CLASSES)
+    modules = [model.visual]
+    originals = _module_state(modules)[2]
+    CapturedPass(lambda: None, [], originals, modules)
+    assert seen["in modules"] == seen["differentiated"]
+    assert not set(seen["differentiated"]) & {id(p) for p in originals}
+    assert seen["same memory"] == [p.data_ptr() for p in originals]
+    assert [id(p) for p in _module_state(modules)[2]] == [id(p) for p in originals]
 
 
 @gpu

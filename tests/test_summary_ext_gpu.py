@@ -88,9 +88,17 @@ def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
         c = torch.randn(1, 65536, 64, device="cuda")
         with pytest.raises(ValueError, match="65536 frames.*32-bit"):
             torch.ops.vitaclip.summary_attention(c, *summary_ext.op_arguments(norm, attn), 1, norm.eps)
-        print("refused")
+        print("forward refused")
+        rows, width = 65536, 64
+        saved = [torch.randn(rows, width, device="cuda"), torch.randn(rows, 3 * width, device="cuda"),
+                 torch.randn(rows, width, device="cuda"), torch.randn(rows, device="cuda"), torch.randn(rows, device="cuda")]
+        weights = [p.detach() for p in summary_ext.op_arguments(norm, attn)]
+        with pytest.raises(ValueError, match="65536 frames.*32-bit"):
+            torch.ops.vitaclip.summary_attention_backward(torch.randn_like(c), c, *saved, weights[0], weights[2],
+                                                          weights[3], weights[4], 1)
+        print("backward refused")
     """)
-    assert printed.split() == ["refused"]
+    assert printed.splitlines() == ["forward refused", "backward refused"]
 
 
 def test_the_driver_says_the_kernels_run_on_this_gpu():

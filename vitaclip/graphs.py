@@ -62,7 +62,7 @@ def _end_random_generator_capture(device: torch.device) -> None:
     graph = torch.cuda.CUDAGraph()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the CUDA graph is empty"
-        with torch.cuda.device(device), torch.cuda.graph(graph):
+        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             pass
     del graph
 
@@ -278,10 +278,15 @@ class GraphCache:
             except Exception as error:  # noqa: BLE001 - any capture failure: run uncaptured, say why
                 # a capture that fails as it ends leaves its side stream current: back to the caller's
                 torch.cuda.set_stream(stream)
-                _end_random_generator_capture(device)
-                warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({error!r}); "
-                              f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 self._failed.add(key)
+                why = repr(error)
+                try:
+                    _end_random_generator_capture(device)
+                except Exception as reset_error:  # noqa: BLE001 - said in the warning
+                    why += (f"; ending the CUDA random generator's capture state failed too ({reset_error!r}): "
+                            f"random draws on {device} may fail from now on")
+                warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({why}); "
+                              f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 return fn(*inputs)
             self._passes[key] = captured
             while len(self._passes) > self.capacity:

@@ -90,9 +90,10 @@ TEXT_ATTENTION_KINDS = ("sdpa", "explicit")
 
 def text_attention_kind() -> str:
     """How the text layers attend: "explicit" (default: `causal_attention`; a class prompt is a few
-    tens of tokens, which fused kernels pad to their 64-128-row tiles: a compiled training step's
-    text side took 6.63 ms with it, 7.10 ms with SDPA's default kernel and 6.83 ms with its best, on
-    an H200, benchmarks/RESULTS.md run 4) or "sdpa" (PyTorch's fused kernels). Read from
+    tens of tokens, which fused kernels pad to their 64-128-row tiles: the text side of a graphed
+    training step, prompts truncated, took 6.63 ms with it, 7.10 ms with SDPA's default kernel and
+    6.83 ms with its flash kernel on an H200, benchmarks/RESULTS.md run 4; 77-token and inference
+    passes are not measured) or "sdpa" (PyTorch's fused kernels). Read from
     $VITACLIP_TEXT_ATTENTION when a pass runs, or, under torch.compile, when it compiles."""
     kind = os.environ.get(TEXT_ATTENTION_ENV, "explicit")
     if kind not in TEXT_ATTENTION_KINDS:
