@@ -166,15 +166,36 @@ def test_fast_layer_weights_of_a_model_made_under_inference_mode(fast_anywhere):
         torch.testing.assert_close(fast_logits, model(video), atol=1e-4, rtol=1e-4)
 
 
-def test_the_first_compiled_layer_gets_zeros_for_its_pending_part(monkeypatch):
-    """So that every layer runs the same compiled graph (a None would be a second one)."""
+def test_compiled_layers_leave_the_residual_add_to_the_next_only_without_gradients(monkeypatch):
+    """Without gradients the first layer gets zeros for its pending part, so that every layer runs the
+    same compiled graph (a None would be a second one); with them every layer gets the stream alone
+    (given x and pending apart, a compiled layer keeps both for the backward: test_fast_memory.py)."""
     calls = []
     monkeypatch.setattr(fast, "compiled_layer", lambda: lambda *args: calls.append(args) or (args[0], args[1]))
     block = VitaCLIP(tiny_config(), classnames=CLASSNAMES).visual.blocks[0]
     x = torch.randn(3, 50, 128)
+    with torch.no_grad():
+        fast.fast_compiled_block_forward(block, x, None, None)
+    pending, defer = calls[0][1], calls[0][-1]
+    assert pending.shape == x.shape and pending.dtype == torch.float32 and not pending.any() and defer is True
     fast.fast_compiled_block_forward(block, x, None, None)
-    pending = calls[0][1]
-    assert pending.shape == x.shape and pending.dtype == torch.float32 and not pending.any()
+    assert calls[1][1] is None and calls[1][-1] is False
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_layer_hands_on_the_same_stream_whether_it_leaves_the_residual_add_or_not(grad):
+    model = randomize_(VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend="reference"))
+    block = model.visual.blocks[0]
+    x, pending = torch.randn(6, 50, 128, dtype=torch.float64), torch.randn(6, 50, 128, dtype=torch.float64)
+    model.double()
+    weights = fast.layer_weights(block, torch.float64)
+    with torch.set_grad_enabled(grad):
+        parts = fast._layer(x, pending, None, weights, block, True)
+        whole, none = fast._layer(x, pending, None, weights, block, False)
+        want, _ = vision.reference_block_forward(block, x + pending, None, None)
+    assert none is None
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole, want, rtol=1e-10, atol=1e-10)
 
 
 def test_frozen_weights_are_made_once_per_compute_dtype():
@@ -339,7 +360,7 @@ def test_compiled_layer_leaves_quick_gelu_to_the_compiler(fast_anywhere, monkeyp
         return graph_module
 
     compiled = torch.compile(fast._layer, backend=record, fullgraph=True, dynamic=False)
-    out = compiled(x, None, global_prompts, fast.layer_weights(block, torch.float32), block)
+    out = compiled(x, None, global_prompts, fast.layer_weights(block, torch.float32), block, False)
     eager_calls = []
     triton_quick_gelu = fast.quick_gelu
     monkeypatch.setattr(fast, "quick_gelu", lambda t: eager_calls.append(t.shape) or triton_quick_gelu(t))

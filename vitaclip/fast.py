@@ -14,8 +14,9 @@ extended sequence:
     pass, into K and V tensors the kernel reads in place;
   - no queries, output projection or MLP for prompt tokens (their outputs are discarded);
   - then out_proj + residual + MLP on the own tokens, QuickGELU as one Triton kernel each
-    way when eager (`ops.activation`); the MLP's residual add is left to the next layer,
-    whose first fused kernel (LayerNorm) reads the two parts anyway. When training, the
+    way when eager (`ops.activation`); without gradients the MLP's residual add is left to the
+    next layer, whose first fused kernel (LayerNorm) reads the two parts anyway (with them it
+    would cost memory: `_defers_residual`). When training, the
     stream after attention and the MLP's hidden activation (4x wider than the stream) are
     recomputed in the backward from tensors kept anyway (the layer input and the attention
     output) instead of stored: a layer keeps only its input, the packed qkv and the attention
@@ -137,10 +138,10 @@ def _layer_input(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[
 
 
 def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor], weights: LayerWeights,
-           block: VitaBlock) -> Tuple[Tensor, Tensor]:
-    """(stream after attention, MLP output) of the layer with input x + pending: their sum is the
-    layer's output, added by the next layer in its first kernel (or for the class tokens alone
-    after the last one)."""
+           block: VitaBlock, defer_residual: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(stream after attention, MLP output) of the layer with input x + pending when
+    `defer_residual`: their sum is the layer's output, added by the next layer in its first kernel
+    (or for the class tokens alone after the last one); else (the layer's output, None)."""
     x, prompts = _layer_input(x, pending, global_prompts, block)
     n_frames, seq, width = x.shape
     heads = block.heads
@@ -158,7 +159,17 @@ def _layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor
         x, hidden = checkpoint(_residual_and_mlp_hidden, *args, use_reentrant=False, preserve_rng_state=False)
     else:
         x, hidden = _residual_and_mlp_hidden(*args)
-    return x, F.linear(hidden, weights.fc2_weight, weights.fc2_bias)
+    out = F.linear(hidden, weights.fc2_weight, weights.fc2_bias)
+    return (x, out) if defer_residual else (x + out, None)
+
+
+def _defers_residual() -> bool:
+    """Whether layers leave their MLP's residual add to the next layer: only where no gradient is
+    recorded. With gradients, a compiled layer given x and pending apart keeps both for the backward,
+    and its LayerNorm's fp32 normalised input too (6 bytes more per stream element and layer than given
+    their sum: about 1.2 GB in a 16-clip ViT-B/16 training step, by inductor's partition of the layer
+    traced on the CPU); adding in the layer before costs a pass over the stream instead."""
+    return not torch.is_grad_enabled()
 
 
 def _class_token_layer(x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
@@ -197,18 +208,23 @@ def compiled_class_token_layer():
 
 
 def fast_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
-                       class_tokens_only: bool = False) -> Tuple[Tensor, Tensor]:
-    layer = _class_token_layer if class_tokens_only else _layer
-    return layer(x, pending, global_prompts, layer_weights(block, _compute_dtype(block, x)), block)
+                       class_tokens_only: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    weights = layer_weights(block, _compute_dtype(block, x))
+    if class_tokens_only:
+        return _class_token_layer(x, pending, global_prompts, weights, block)
+    return _layer(x, pending, global_prompts, weights, block, _defers_residual())
 
 
 def fast_compiled_block_forward(block: VitaBlock, x: Tensor, pending: Optional[Tensor],
-                                global_prompts: Optional[Tensor], class_tokens_only: bool = False) -> Tuple[Tensor, Tensor]:
+                                global_prompts: Optional[Tensor], class_tokens_only: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     dtype = _compute_dtype(block, x)
-    if pending is None:  # zeros, as the MLP output would be: the first layer shares the others' graph
+    weights = layer_weights(block, dtype)
+    defer = _defers_residual()
+    if pending is None and defer:  # zeros, as the MLP output would be: the first layer shares the others' graph
         pending = x.new_zeros(x.shape, dtype=dtype)
-    layer = compiled_class_token_layer() if class_tokens_only else compiled_layer()
-    return layer(x, pending, global_prompts, layer_weights(block, dtype), block)
+    if class_tokens_only:
+        return compiled_class_token_layer()(x, pending, global_prompts, weights, block)
+    return compiled_layer()(x, pending, global_prompts, weights, block, defer)
 
 
 def fast_available(device: torch.device) -> bool:
