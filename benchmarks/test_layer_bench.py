@@ -22,12 +22,13 @@ def block():
 
 
 def layer_inputs(block, clips, requires_grad):
-    """(x, pending, global prompts) as a layer after the first gets them: the stream in fp32 and the
-    previous layer's MLP output (the part of the residual left to this layer) in bf16."""
+    """(x, pending, global prompts) as a layer after the first gets them: the stream in fp32 and,
+    without gradients, the previous layer's MLP output (the part of the residual left to this
+    layer) in bf16; with gradients layers hand on the stream whole (fast._defers_residual)."""
     frames = clips * CONFIG.num_frames
     shape = (frames, CONFIG.num_patches + 1, CONFIG.width)
     x = torch.randn(*shape, device="cuda", requires_grad=requires_grad)
-    pending = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+    pending = None if requires_grad else torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
     global_prompts = torch.randn(CONFIG.num_global, CONFIG.width, device="cuda", requires_grad=requires_grad)
     return x, pending, global_prompts
 
@@ -51,13 +52,12 @@ def test_layer_inference(benchmark, block, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_training(benchmark, block, backend):
     forward = backends.resolve_backend(backend, torch.device("cuda")).block_forward
-    x, _, global_prompts = layer_inputs(block, 16, requires_grad=True)
+    x, pending, global_prompts = layer_inputs(block, 16, requires_grad=True)
     trainable = [p for p in block.parameters() if p.requires_grad]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            # with gradients a layer gets the stream alone: no layer leaves its residual add to the next
-            stream, mlp_out = forward(block, x, None, global_prompts)
+            stream, mlp_out = forward(block, x, pending, global_prompts)
         loss = stream.float().square().mean() + (mlp_out.float().square().mean() if mlp_out is not None else 0)
         torch.autograd.grad(loss, [x, global_prompts, *trainable])
 

@@ -4,7 +4,7 @@ graph, traced on the CPU (the partition is decided on the graph, not on the devi
 fast.py's plan: a layer keeps its input (the fp32 stream), the packed qkv and the attention output
 (bf16), and recomputes the rest. A layer given its input as x and pending apart (the previous
 layer's residual add left to it) kept both, and its LayerNorm's fp32 normalised input too: 6 more
-bytes per stream element and layer, about 1.2 GB of a 16-clip ViT-B/16 training step.
+bytes per stream element and layer, about 1.2 GiB of a 16-clip ViT-B/16 training step.
 """
 import pytest
 import torch

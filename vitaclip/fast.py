@@ -167,7 +167,7 @@ def _defers_residual() -> bool:
     """Whether layers leave their MLP's residual add to the next layer: only where no gradient is
     recorded. With gradients, a compiled layer given x and pending apart keeps both for the backward,
     and its LayerNorm's fp32 normalised input too (6 bytes more per stream element and layer than given
-    their sum: about 1.2 GB in a 16-clip ViT-B/16 training step, by inductor's partition of the layer
+    their sum: about 1.2 GiB in a 16-clip ViT-B/16 training step, by inductor's partition of the layer
     traced on the CPU); adding in the layer before costs a pass over the stream instead."""
     return not torch.is_grad_enabled()
 
