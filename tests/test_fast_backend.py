@@ -8,13 +8,11 @@ import copy
 import dataclasses
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import randomize_, run_in_own_process
 from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
@@ -291,7 +289,7 @@ def test_auto_considers_the_fast_backends_in_a_fresh_process():
     # named a backend ran the reference on CUDA
     code = ("import torch; from vitaclip import VitaCLIP, backends; "
             "backends.resolve_backend('auto', torch.device('cpu')); print(sorted(backends._BACKENDS))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run_in_own_process(code)
     assert "fast-compiled" in out, out
 
 

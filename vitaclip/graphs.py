@@ -64,7 +64,6 @@ def _end_random_generator_capture(device: torch.device) -> None:
         warnings.simplefilter("ignore")  # "the CUDA graph is empty"
         with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
             pass
-    del graph
 
 
 @contextlib.contextmanager

@@ -203,9 +203,9 @@ def check_saved_architecture(model: VitaCLIP, payload: Dict[str, Any], source: s
     """Refuse a model whose architecture differs from the one the checkpoint was trained as."""
     saved = VitaCLIPConfig.from_dict(payload["config"])
     keep_phrase_for_saved_context(saved)  # a context saved with a vector per token of its phrase stands alone
-    if saved.to_dict() != model.config.to_dict():
-        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved.to_dict().items()
-                if model.config.to_dict().get(k) != v}
+    current = model.config.to_dict()
+    if saved.to_dict() != current:
+        diff = {k: (v, current.get(k)) for k, v in saved.to_dict().items() if current.get(k) != v}
         hint = ""
         if "n_ctx" in diff and set(diff) <= {"n_ctx", "ctx_init"} and model.config.ctx_init:
             hint = (f" (a context from the phrase {model.config.ctx_init!r} now has one vector per word; this run "
