@@ -126,3 +126,14 @@ def test_dali_gpu_reader_batch_equals_decoder_batch(h264_dataset):
     assert torch.equal(a.video, b.video)  # both NVDEC with DALI's colour conversion
     decoder = reading.dali_decoder
     assert decoder.fallbacks == 0 and not decoder.unreadable, (decoder.fallback_reason, decoder.unreadable)
+
+
+@pytest.mark.parametrize("mode", ["reader", "decoder"])
+def test_nvdec_frames_are_turned_upright_too(tmp_path, mode):
+    """NVDEC gives frames as coded, like the other backends: the loader turns them once."""
+    from test_data_loader import shown_quarters
+    from video_fixtures import write_marked_video
+
+    write_marked_video(str(tmp_path / "phone.mp4"), "libx264", 64, 32, rotation=90)
+    (tmp_path / "list.csv").write_text("phone.mp4,0\n")
+    assert shown_quarters(tmp_path, "dali-gpu", (64, 32), device="cuda", dali_mode=mode) == ("bottom-left",) * 2

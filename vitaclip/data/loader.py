@@ -200,7 +200,7 @@ class VideoLoader:
         else:
             indices = sampling.train_frame_indices(info.frames, self.num_frames, self.stride, rng)
         frames, positions = np.unique(indices, return_inverse=True)
-        crop = sampling.random_resized_crop_box(info.height, info.width, rng, self.crop_scale, self.crop_ratio)
+        crop = sampling.random_resized_crop_box(*info.shown_size, rng, self.crop_scale, self.crop_ratio)
         flip = self.flip and bool(rng.random() < 0.5)
         augment = self.augment.sample(rng) if self.augment else None
         return ClipPlan(video_id, entry, info, frames, positions.reshape(1, -1), crop, flip, augment)
@@ -360,7 +360,7 @@ class VideoLoader:
             ids = [plan.video_id for plan, _ in items]
         else:
             for plan, decoded in items:
-                views = self._eval_views(to_rgb(decoded, self.device, plan.info.matrix), plan)
+                views = self._eval_views(self._shown_rgb(decoded, plan.info), plan)
                 clips.extend(views)
                 labels += [plan.entry.label] * len(views)
                 ids += [plan.video_id] * len(views)
@@ -377,19 +377,27 @@ class VideoLoader:
         Clips of one frame size are augmented together, a few at a time: whole frames of an HD
         video not prepared take hundreds of MB per clip in float."""
         by_size = {}
-        for i, (_, decoded) in enumerate(items):
-            by_size.setdefault(frame_size(decoded), []).append(i)
+        for i, (plan, _) in enumerate(items):
+            by_size.setdefault(plan.info.shown_size, []).append(i)
         clips = [None] * len(items)
         for group in by_size.values():
             for start in range(0, len(group), AUGMENT_CHUNK):
                 chunk = group[start:start + AUGMENT_CHUNK]
-                frames = torch.stack([to_rgb(items[i][1], self.device, items[i][0].info.matrix)[
+                frames = torch.stack([self._shown_rgb(items[i][1], items[i][0].info)[
                                       to_device(items[i][0].views[0], self.device)] for i in chunk])
                 if self.augment is not None:
                     frames = self.augment(frames.round().clamp(0, 255), np.stack([items[i][0].augment for i in chunk]))
                 for i, clip in zip(chunk, frames):
                     clips[i] = resized_crop(clip, items[i][0].crop, (self.size, self.size))
         return clips
+
+    def _shown_rgb(self, decoded, info: VideoInfo) -> torch.Tensor:
+        """Decoded frames as RGB [F, 3, H, W] on the device, as a player shows them: resized to square
+        pixels, then turned upright (every backend decodes the frames as coded)."""
+        rgb = to_rgb(decoded, self.device, info.matrix)
+        height, width = info.shown_size
+        rgb = resize(rgb, (width, height) if info.turns % 2 else (height, width))
+        return torch.rot90(rgb, info.turns, dims=(-2, -1)) if info.turns else rgb
 
     def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
         h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)

@@ -1,4 +1,4 @@
-"""Per-video metadata (frame count, size, codec, colour matrix) that sampling and decoding need.
+"""Per-video metadata (frame count, size, codec, how it is shown) that sampling and decoding need.
 
 Kept in a sidecar next to the list (`<list>.meta`, JSON lines keyed by the list's path),
 written by `prepare` (exact counts) or by probing with PyAV on first use; the DALI-only
@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..files import atomic_write_text
@@ -32,10 +33,12 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
                 try:
                     row = json.loads(line)
                     # rows written before files were stamped have no stamp, and are never trusted; rows
-                    # written before the colour matrix was recorded have none (see video_infos)
+                    # written before the display (matrix, rotation, pixels) was recorded have none (see video_infos)
                     stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
+                    display = ((str(row["matrix"]), int(row["turns"]), Fraction(row["pixel_aspect"]))
+                               if "turns" in row else UNKNOWN_DISPLAY)
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]), int(row["width"]),
-                                                   canonical_codec(str(row["codec"])), stamp, row.get("matrix"))
+                                                   canonical_codec(str(row["codec"])), stamp, *display)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
@@ -46,8 +49,9 @@ def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
 
 
 def _row(key: str, info: VideoInfo) -> dict:
-    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec,
-           "matrix": info.matrix}
+    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec}
+    if info.turns is not None:
+        row.update(matrix=info.matrix, turns=info.turns, pixel_aspect=str(info.pixel_aspect))
     if info.stamp is not None:
         row["size"], row["mtime_ns"] = info.stamp
     return row
@@ -68,11 +72,11 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
             raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
                               "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
         probed = list(pool.map(lambda ke: _probe(ke[1]), to_probe))
-        # rows written before the colour matrix was recorded: it is read off the file's headers
-        unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].matrix is None]
-        matrices = list(pool.map(lambda ke: _matrix(ke[1].path), unknown))
+        # rows written before the display was recorded: it is read off the file's headers and first frame
+        unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
+        displays = list(pool.map(lambda ke: _display(ke[1].path), unknown))
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
-    found.update({k: dataclasses.replace(known[k], matrix=m) for (k, _), m in zip(unknown, matrices) if m})
+    found.update({k: _with_display(known[k], d) for (k, _), d in zip(unknown, displays) if d})
     if found:
         known.update(found)
         try:
@@ -80,16 +84,25 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
         except OSError:
             pass  # read-only dataset folder: probe again next time
     known.update({k: info for (k, _), info in zip(to_probe, probed)})
-    # a matrix that could not be read: BT.601, what FFmpeg and DALI assume, but not recorded
-    known.update({k: dataclasses.replace(known[k], matrix="bt601") for (k, _), m in zip(unknown, matrices) if not m})
+    # a display that could not be read: as coded, in BT.601 (what FFmpeg and DALI assume), but not recorded
+    known.update({k: _with_display(known[k], CODED_DISPLAY) for (k, _), d in zip(unknown, displays) if not d})
     return [known[k] for k in keys]
 
 
-def _matrix(path: str) -> Optional[str]:
-    """A video's YCbCr matrix from its headers; None where it cannot be read (no PyAV, or an error:
+UNKNOWN_DISPLAY = (None, None, None)
+CODED_DISPLAY = ("bt601", 0, Fraction(1))
+
+
+def _with_display(info: VideoInfo, display: tuple) -> VideoInfo:
+    matrix, turns, pixel_aspect = display
+    return dataclasses.replace(info, matrix=matrix, turns=turns, pixel_aspect=pixel_aspect)
+
+
+def _display(path: str) -> Optional[tuple]:
+    """A video's (matrix, turns, pixel_aspect); None where it cannot be read (no PyAV, or an error:
     an unreadable file fails when decoded, and is named then)."""
     try:
-        return pyav.file_matrix(path) if pyav.available() else None
+        return pyav.file_display(path) if pyav.available() else None
     except VideoDecodeError:
         return None
 

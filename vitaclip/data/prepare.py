@@ -42,9 +42,10 @@ from .pyav import VideoDecodeError, VideoInfo
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
 SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
-# what the outputs are, recorded with each source: 2, upright (display rotation applied) and tagged with the
-# source's colour matrix. Outputs recorded without it, by earlier versions, are made again.
-OUTPUT_FORMAT = 2
+# what the outputs are, recorded with each source: 3, upright (display rotation applied), in square pixels
+# and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
+# where the source's pixels are square; older ones (recorded without a format) are made again.
+OUTPUT_FORMAT = 3
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
@@ -97,7 +98,9 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
             if in_stream.codec_context.height <= 0 or in_stream.codec_context.width <= 0:
                 raise VideoDecodeError(f"{src}: video of unknown size")
             rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(25)
-            coded = output_size(in_stream.codec_context.height, in_stream.codec_context.width, settings.short_side)
+            # square pixels: an anamorphic source is stretched to the width it is shown at
+            square_width = max(1, round(in_stream.codec_context.width * pyav.pixel_aspect(in_stream)))
+            coded = output_size(in_stream.codec_context.height, square_width, settings.short_side)
             # the pixels keep their YCbCr matrix (scaling does not convert it): so does the tag, as the
             # file's headers give it (decoders may report another once decoding, e.g. VP8)
             matrix, stream = pyav.matrix_of(in_stream), None
@@ -105,7 +108,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                     for tag in ("colorspace", "color_primaries", "color_trc")}
             for frame in source.decode(in_stream):
                 if stream is None:  # the first frame tells how the video is shown (a phone's display rotation)
-                    turns = frame.rotation // 90 % 4  # quarter turns anticlockwise
+                    turns = pyav.quarter_turns(frame)
                     height, width = coded[::-1] if turns % 2 else coded
                     stream = _h264_stream(out, rate, height, width, tags, settings)
                 frame = pyav.limited_range_yuv420(frame, height=coded[0], width=coded[1], interpolation="AREA")
@@ -199,7 +202,18 @@ def may_reuse(src: str, dst: str, recorded: Optional[dict], source: dict) -> boo
         if another:
             raise ValueError(f"{dst} was prepared from {recorded['source']}, another video of the same name: "
                              f"prepare this list into another OUT_DIR")
-    return exists and same_stamp and recorded.get("format") == OUTPUT_FORMAT  # else an older version's
+    if not (exists and same_stamp):
+        return False
+    # an older version's output: format 2 differs only for a source of non-square pixels
+    return recorded.get("format") == OUTPUT_FORMAT or (recorded.get("format") == 2 and _square_pixels(src))
+
+
+def _square_pixels(src: str) -> bool:
+    try:
+        with pyav.av.open(src) as container:
+            return pyav.pixel_aspect(pyav.video_stream(container, src)) == 1
+    except (pyav.av.FFmpegError, OSError, UnicodeDecodeError, VideoDecodeError):
+        return False  # made again, which names what is wrong with it
 
 
 def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:

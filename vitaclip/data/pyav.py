@@ -9,6 +9,7 @@ import functools
 import itertools
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional, Tuple
 
 import numpy as np
@@ -36,9 +37,19 @@ class VideoInfo:
     # the file's (size, mtime_ns) when it was probed: kept in a sidecar, the row holds only
     # while the file still has them
     stamp: Optional[Tuple[int, int]] = None
-    # its YCbCr matrix (transforms.MATRICES), as the stream is tagged; None in a sidecar row written
-    # before matrices were recorded, until meta.video_infos reads it off the file
+    # how a player shows it: its YCbCr matrix (transforms.MATRICES), as the stream is tagged; the
+    # quarter turns anticlockwise that stand it upright (its display rotation: phones write one
+    # instead of turning the pixels); its pixels' width / height. All three None in a sidecar row
+    # written before they were recorded, until meta.video_infos reads them off the file
     matrix: Optional[str] = "bt601"
+    turns: Optional[int] = 0
+    pixel_aspect: Optional[Fraction] = Fraction(1)
+
+    @property
+    def shown_size(self) -> Tuple[int, int]:
+        """(height, width) as shown: square pixels, upright. Crops and resizes are planned on it."""
+        width = max(1, round(self.width * (self.pixel_aspect or 1)))
+        return (width, self.height) if (self.turns or 0) % 2 else (self.height, width)
 
 
 # FFmpeg's AVColorSpace values of the matrices transforms.MATRICES knows; others (unspecified,
@@ -51,12 +62,26 @@ def matrix_of(stream) -> str:
     return _MATRIX_OF_COLORSPACE.get(int(stream.codec_context.colorspace), "bt601")
 
 
-def file_matrix(path: str) -> str:
-    """The YCbCr matrix of a file's video, from its headers (nothing demuxed or decoded)."""
+def quarter_turns(frame) -> int:
+    """The quarter turns anticlockwise that stand a decoded frame upright (its display rotation)."""
+    return frame.rotation // 90 % 4
+
+
+def pixel_aspect(stream) -> Fraction:
+    """The width / height of a video stream's pixels (1 where untagged)."""
+    return Fraction(stream.sample_aspect_ratio or 1)
+
+
+def file_display(path: str) -> Tuple[str, int, Fraction]:
+    """(matrix, turns, pixel_aspect) of a file's video (see VideoInfo), from its headers and first
+    frame: nothing else is demuxed or decoded."""
     _require_av()
     try:
         with av.open(path) as container:
-            return matrix_of(video_stream(container, path))
+            stream = video_stream(container, path)
+            matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
+            first = next(container.decode(stream), None)
+            return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
@@ -84,8 +109,8 @@ def canonical_codec(name: str) -> str:
 
 
 def probe(path: str) -> VideoInfo:
-    """Count frames by demuxing (no decoding): one packet with data per shown frame
-    (packets an MP4 edit list discards are not shown)."""
+    """Count frames by demuxing: one packet with data per shown frame (packets an MP4 edit list
+    discards are not shown); only the first frame is decoded, for its display rotation."""
     _require_av()
     try:
         stamp = file_stamp(path)  # before reading: a file changed meanwhile is probed again next time
@@ -94,9 +119,14 @@ def probe(path: str) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
-            frames = sum(1 for packet in container.demux(stream) if _shown(packet))
+            matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
+            frames, first = 0, None
+            for packet in container.demux(stream):
+                frames += _shown(packet)
+                if first is None:  # a decoder may hold its first frames back a few packets
+                    first = next(iter(packet.decode()), None)
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp,
-                             matrix_of(stream))
+                             matrix, quarter_turns(first) if first else 0, pixel_aspect(stream))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
