@@ -33,6 +33,28 @@ def test_probe_counts_frames(vp9_dataset):
         assert info.frames == len(reference_frames(str(root / name)))
 
 
+def test_probe_reads_the_display_rotation_past_a_first_packet_the_decoder_rejects(tmp_path):
+    """The rotation comes with decoded frames: a broken first keyframe leaves it to the next one,
+    and the video is probed (its clips from the first keyframe fail when decoded, naming it)."""
+    import av
+    from video_fixtures import write_marked_video
+
+    path = str(tmp_path / "phone.mp4")
+    write_marked_video(path, "libx264", 64, 32, rotation=90, frames=20,
+                       options={"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0"})
+    assert pyav.probe(path).turns == 1
+    with av.open(path) as container:
+        first = next(p for p in container.demux(video=0) if p.size)
+    data = bytearray(Path(path).read_bytes())
+    data[first.pos:first.pos + first.size] = b"\xff" * first.size
+    Path(path).write_bytes(bytes(data))
+    info = pyav.probe(path)
+    assert (info.frames, info.turns) == (20, 1)
+    with pytest.raises(VideoDecodeError, match="phone.mp4"):
+        pyav.decode_frames(path, np.array([0, 1]))
+    assert pyav.decode_frames(path, np.array([12, 15])).y.shape[0] == 2
+
+
 def test_pyav_frames_are_the_indexed_frames(vp9_dataset):
     root, rows = vp9_dataset
     path = str(root / rows[0][0])

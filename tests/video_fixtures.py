@@ -61,7 +61,7 @@ def full_range_videos(tmp_path_factory):
     return paths
 
 
-def write_marked_video(path, encoder, width, height, rotation=0, pixel_aspect=None, frames=4):
+def write_marked_video(path, encoder, width, height, rotation=0, pixel_aspect=None, frames=4, options=None):
     """Black frames of `width` x `height` pixels with a white top-left quarter, tagged with a display
     rotation (degrees anticlockwise, as phones write it) and a pixel width / height when given."""
     av = pytest.importorskip("av")
@@ -70,6 +70,7 @@ def write_marked_video(path, encoder, width, height, rotation=0, pixel_aspect=No
     with av.open(path, "w") as out:
         stream = out.add_stream(encoder, rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = options or {}
         if rotation:
             stream.set_display_rotation(rotation)
         if pixel_aspect is not None:

@@ -124,11 +124,20 @@ def probe(path: str) -> VideoInfo:
             for packet in container.demux(stream):
                 frames += _shown(packet)
                 if first is None:  # a decoder may hold its first frames back a few packets
-                    first = next(iter(packet.decode()), None)
+                    first = _first_frame(packet)
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp,
                              matrix, quarter_turns(first) if first else 0, pixel_aspect(stream))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
+
+
+def _first_frame(packet):
+    """A frame decoded from packet, if any: a packet the decoder rejects only moves the display
+    rotation's reading on to the next (the clips it spoils fail when decoded, naming the file)."""
+    try:
+        return next(iter(packet.decode()), None)
+    except av.FFmpegError:
+        return None
 
 
 def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
