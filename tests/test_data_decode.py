@@ -128,15 +128,15 @@ def test_full_range_video_has_the_colours_of_pyav_rgb(full_range_videos, codec):
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (224, 172, 105), (100, 150, 230), (60, 140, 40)]
 
 
-def write_colour_bars(path: str, encoder: str, matrix: str, frames: int = 6) -> None:
+def write_colour_bars(path: str, encoder: str, matrix: str, frames: int = 6, options=None) -> None:
     """COLOURS as vertical bars, turned into YCbCr with `matrix` ("bt601" or "bt709") and tagged so,
-    as HD video is (BT.709); lossless where the encoder allows."""
+    as HD video is (BT.709); lossless where the encoder allows, unless `options` say otherwise."""
     import av
     from av.video.reformatter import Colorspace
     tag, colorspace = {"bt601": (6, Colorspace.ITU601), "bt709": (1, Colorspace.ITU709)}[matrix]
     image = np.repeat(np.array(COLOURS, np.uint8), 16, axis=0)[None].repeat(32, axis=0)  # [32, 96, 3]
     options = {"libx264": {"crf": "0"}, "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "lossless": "1"},
-               "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "2M"}}[encoder]
+               "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "2M"}}[encoder] if options is None else options
     with av.open(path, "w") as out:
         stream = out.add_stream(encoder, rate=25)
         stream.width, stream.height, stream.pix_fmt = 96, 32, "yuv420p"

@@ -137,3 +137,33 @@ def test_nvdec_frames_are_turned_upright_too(tmp_path, mode):
     write_marked_video(str(tmp_path / "phone.mp4"), "libx264", 64, 32, rotation=90)
     (tmp_path / "list.csv").write_text("phone.mp4,0\n")
     assert shown_quarters(tmp_path, "dali-gpu", (64, 32), device="cuda", dali_mode=mode) == ("bottom-left",) * 2
+
+
+def test_nvdec_colours_of_bt709_video_are_corrected_as_the_cpu_decoders_are(tmp_path):
+    """DALI's GPU decoder converts to RGB with BT.601 whatever the tag, as its CPU one does: the
+    loader's correction (transforms.to_rgb) gives the colours back where BT.601 did not clip them."""
+    from test_data_decode import COLOURS, bar_colours, write_colour_bars
+
+    path = str(tmp_path / "bars.mp4")
+    write_colour_bars(path, "libx264", "bt709", options={"crf": "4"})  # lossless H.264 is a profile NVDEC lacks
+    decoder = dali.DaliDecoder("gpu", batch_size=1, num_threads=1, mode="decoder")
+    ((rgb,),) = list(decoder.decode([[(path, np.array([0, 5]))]]))
+    assert rgb.is_cuda, rgb
+    truth = torch.tensor(COLOURS, dtype=torch.float32).expand(2, -1, -1)
+    natural = slice(3, 6)  # the primaries' BT.601 conversion leaves 0..255 and was clipped by DALI
+    assert (bar_colours(to_rgb(rgb, "cuda", "bt709")).cpu() - truth)[:, natural].abs().max() <= 6
+    assert (bar_colours(to_rgb(rgb, "cuda")).cpu() - truth)[:, natural].abs().max() >= 8
+
+
+@pytest.mark.parametrize("mode", ["reader", "decoder"])
+def test_nvdec_reads_the_video_not_a_cover_picture_listed_first(tmp_path, mode):
+    from test_data_decode import write_cover_first_mp4
+
+    write_cover_first_mp4(str(tmp_path / "cover.mp4"))
+    (tmp_path / "list.csv").write_text("cover.mp4,0\n")
+    kw = dict(train=False, batch_size=1, num_frames=4, stride=4, size=32, device="cuda", dtype=torch.float32,
+              num_workers=0)
+    got = VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), backend="dali-gpu", dali_mode=mode, **kw)
+    want = next(iter(VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), backend="pyav", **kw))).video
+    mae = ((next(iter(got)).video - want) * torch.tensor(CLIP_STD, device="cuda").view(1, 3, 1, 1, 1)).abs().mean()
+    assert not got.dali_decoder.unreadable and mae < 2 / 255, (got.dali_decoder.unreadable, mae)
