@@ -812,9 +812,10 @@ def shown_quarters(root, backend, shown_size, **options):
     return white_quarter(whole), white_quarter(trained)
 
 
-@pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
+@pytest.mark.parametrize("backend,dali_mode", [("pyav", None), pytest.param("dali-cpu", "reader", marks=needs_dali),
+                                               pytest.param("dali-cpu", "decoder", marks=needs_dali)])
 @pytest.mark.parametrize("rotation,quarter", [(90, "bottom-left"), (-90, "top-right"), (180, "bottom-right")])
-def test_a_phone_video_is_read_upright(tmp_path, backend, rotation, quarter):
+def test_a_phone_video_is_read_upright(tmp_path, backend, dali_mode, rotation, quarter):
     """A display rotation (phones write one instead of turning the pixels) is applied to the frames,
     on every backend, and crops are planned on the upright frame."""
     from video_fixtures import write_marked_video
@@ -822,7 +823,7 @@ def test_a_phone_video_is_read_upright(tmp_path, backend, rotation, quarter):
     write_marked_video(str(tmp_path / "phone.webm"), "libvpx-vp9", 64, 32, rotation=rotation)
     (tmp_path / "list.csv").write_text("phone.webm,0\n")
     shown_size = (32, 64) if rotation == 180 else (64, 32)
-    assert shown_quarters(tmp_path, backend, shown_size) == (quarter, quarter)
+    assert shown_quarters(tmp_path, backend, shown_size, dali_mode=dali_mode) == (quarter, quarter)
 
 
 def test_non_square_pixels_are_read_at_the_shape_they_are_shown(tmp_path):
