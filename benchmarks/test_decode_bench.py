@@ -183,3 +183,39 @@ def test_pyav_workers_to_main_process(benchmark, prepared_list, per_task):
     benchmark.pedantic(epoch, rounds=3, iterations=1)
     benchmark.extra_info["main_cpu_ms_per_clip"] = 1e3 * float(np.median(spent[1:]))
     benchmark.extra_info["clips_per_task"] = loader._clips_per_task()
+
+
+READER_FILES = 1000
+
+
+@pytest.mark.parametrize("build", ["first", "again"])
+def test_dali_reader_build_per_file(benchmark, vp9_clips, tmp_path, build):
+    """What DALI's "reader" mode spends before its first clip: its pipeline, built once per epoch
+    over the epoch's file list, opens and indexes every file of it (here READER_FILES links to the
+    250-frame VP9 video, one clip each; "again": a second build over the same files, as the next
+    epoch's, with other clips). extra_info: milliseconds per file."""
+    from vitaclip.data import dali
+    if not dali.available():
+        pytest.skip("NVIDIA DALI not installed")
+    decoder = dali.DaliDecoder("cpu", batch_size=8, num_threads=1, readers=1, mode="reader", sequence_length=8,
+                               stride=16)
+    n = pyav.probe(vp9_clips[1]).frames
+    rounds = iter(range(10 ** 6))
+
+    def setup():
+        """A list of files not read before ("first"), or the same one each round ("again")."""
+        round_ = next(rounds)
+        folder = tmp_path / f"round{round_ if build == 'first' else 0}"
+        folder.mkdir(exist_ok=True)
+        tasks = []
+        for i in range(READER_FILES):
+            path = folder / f"{i:05d}.webm"
+            if not path.exists():
+                os.link(vp9_clips[1], path)
+            tasks.append((str(path), (i + round_) % (n - 112) + np.arange(8) * 16))
+        lines = [(k, start, end) for k, (first, last) in enumerate(dali.reader_ranges(tasks, 8, 16))
+                 for start, end in dali.reader_lines(first, last, 16)]
+        return (tasks, lines), {}
+
+    benchmark.pedantic(decoder._open_reader, setup=setup, rounds=3, warmup_rounds=int(build == "again"))
+    benchmark.extra_info["ms_per_file"] = benchmark.stats.stats.median / READER_FILES * 1e3
