@@ -50,9 +50,17 @@ def test_probe_reads_the_display_rotation_past_a_first_packet_the_decoder_reject
     Path(path).write_bytes(bytes(data))
     info = pyav.probe(path)
     assert (info.frames, info.turns) == (20, 1)
+    assert pyav.file_display(path)[1] == 1  # as read for a sidecar row written before rotations were
     with pytest.raises(VideoDecodeError, match="phone.mp4"):
         pyav.decode_frames(path, np.array([0, 1]))
     assert pyav.decode_frames(path, np.array([12, 15])).y.shape[0] == 2
+
+
+def test_display_rotations_count_to_the_nearest_quarter_turn():
+    from types import SimpleNamespace
+
+    turns = [pyav.quarter_turns(SimpleNamespace(rotation=degrees)) for degrees in (0, 89, 90, -1, -90, 180, -180, 271)]
+    assert turns == [0, 1, 1, 0, 3, 2, 2, 3]
 
 
 def test_pyav_frames_are_the_indexed_frames(vp9_dataset):
@@ -359,7 +367,6 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
         path = str(tmp_path / "b.avi")
         write_flat_frames(path, 80, "libx264", b_frames=3)
     elif which == "h264-bframes-avi-in-mkv":  # AVI's guessed timestamps survive a remux
-        import av
         write_flat_frames(str(tmp_path / "b.avi"), 80, "libx264", b_frames=3)
         path = str(tmp_path / "b.mkv")
         with av.open(str(tmp_path / "b.avi")) as source, av.open(path, "w") as out:

@@ -750,7 +750,7 @@ def test_the_loader_converts_each_video_with_the_matrix_it_is_tagged_with(tmp_pa
     torch.testing.assert_close(got, torch.tensor(COLOURS[2:4], dtype=torch.float32), atol=4, rtol=0)
 
 
-def test_sidecar_rows_without_the_display_read_it_off_the_file_without_probing_again(tmp_path, monkeypatch):
+def test_sidecar_rows_without_the_display_read_it_off_the_file_without_probing_again(tmp_path, monkeypatch, caplog):
     """Rows written before the colour matrix, then the rotation and pixel shape, were recorded."""
     import json
 
@@ -779,12 +779,20 @@ def test_sidecar_rows_without_the_display_read_it_off_the_file_without_probing_a
             patched.setattr(pyav, "probe", lambda path: pytest.fail("probed again: the row still holds"))
             assert displays() == shown
         assert [(i.matrix, i.turns) for i in read_meta(sidecar).values()] == [("bt709", 0), ("bt601", 1)]  # recorded
-    open(sidecar, "w").write(old_rows)
-    monkeypatch.setattr(pyav, "av", None)  # a DALI-only machine: as coded, in BT.601 (what DALI assumes)
+    # a DALI-only machine: as coded, in the recorded matrix, else BT.601 (what DALI assumes), with a warning
+    monkeypatch.setattr(pyav, "av", None)
     entries = read_video_list(str(tmp_path / "list.csv"), str(tmp_path))
-    assert [(i.matrix, i.turns, i.pixel_aspect) for i in video_infos(entries, str(tmp_path / "list.csv"),
-                                                                     str(tmp_path))] == [("bt601", 0, 1)] * 2
-    assert read_meta(sidecar)["bars709.mp4"].matrix is None  # a guess, not recorded: read when PyAV is back
+    for old_keys, matrices in ((("matrix", "turns", "pixel_aspect"), ["bt601", "bt601"]),
+                               (("turns", "pixel_aspect"), ["bt709", "bt601"])):
+        open(sidecar, "w").write("".join(json.dumps({k: v for k, v in r.items() if k not in old_keys}) + "\n"
+                                         for r in rows))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vitaclip.data.meta"):
+            infos = video_infos(entries, str(tmp_path / "list.csv"), str(tmp_path))
+        assert [(i.matrix, i.turns, i.pixel_aspect) for i in infos] == [(m, 0, 1) for m in matrices]
+        assert "2 videos" in caplog.text and "PyAV is not installed" in caplog.text
+        # guesses, not recorded: read when PyAV is back
+        assert [i.turns for i in read_meta(sidecar).values()] == [None, None]
 
 
 def white_quarter(image):

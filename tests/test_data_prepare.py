@@ -328,8 +328,8 @@ def test_a_video_the_encoder_crashes_on_is_left_out_in_skip_mode_and_named_in_ra
 
 @pytest.mark.parametrize("rotation,upright_corner", [(-90, (0, -1)), (90, (-1, 0)), (180, (-1, -1))])
 def test_prepare_turns_a_phone_video_upright(tmp_path, rotation, upright_corner):
-    """A display rotation (phones write one instead of turning the pixels) is applied to the pixels:
-    the loader reads frames as coded, so an unprepared phone video stays sideways."""
+    """A display rotation (phones write one instead of turning the pixels) is applied to the pixels,
+    so that the prepared video needs no turn when read."""
     from video_fixtures import write_marked_video
 
     src = str(tmp_path / "phone.mp4")

@@ -360,7 +360,7 @@ class VideoLoader:
             ids = [plan.video_id for plan, _ in items]
         else:
             for plan, decoded in items:
-                views = self._eval_views(self._shown_rgb(decoded, plan.info), plan)
+                views = self._eval_views(decoded, plan)
                 clips.extend(views)
                 labels += [plan.entry.label] * len(views)
                 ids += [plan.video_id] * len(views)
@@ -391,17 +391,19 @@ class VideoLoader:
                     clips[i] = resized_crop(clip, items[i][0].crop, (self.size, self.size))
         return clips
 
-    def _shown_rgb(self, decoded, info: VideoInfo) -> torch.Tensor:
-        """Decoded frames as RGB [F, 3, H, W] on the device, as a player shows them: resized to square
-        pixels, then turned upright (every backend decodes the frames as coded)."""
+    def _shown_rgb(self, decoded, info: VideoInfo, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Decoded frames as RGB [F, 3, H, W] on the device, as a player shows them, resized to `size`
+        (height, width as shown; by default the shown size: square pixels), then turned upright
+        (every backend decodes the frames as coded)."""
         rgb = to_rgb(decoded, self.device, info.matrix)
-        height, width = info.shown_size
+        height, width = size or info.shown_size
         rgb = resize(rgb, (width, height) if info.turns % 2 else (height, width))
         return torch.rot90(rgb, info.turns, dims=(-2, -1)) if info.turns else rgb
 
-    def _eval_views(self, rgb, plan) -> List[torch.Tensor]:
-        h, w = sampling.short_side_resize_shape(*rgb.shape[-2:], self.eval_short_side)
-        rgb = resize(rgb, (h, w))
+    def _eval_views(self, decoded, plan) -> List[torch.Tensor]:
+        """The views of a video: its frames resized (short side `eval_short_side`, as shown) and cropped."""
+        h, w = sampling.short_side_resize_shape(*plan.info.shown_size, self.eval_short_side)
+        rgb = self._shown_rgb(decoded, plan.info, (h, w))
         s = self.size
         return [rgb[to_device(positions, self.device), :, top:top + s, left:left + s]
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)

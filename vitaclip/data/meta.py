@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -19,6 +20,8 @@ from ..files import atomic_write_text
 from . import pyav
 from .lists import VideoEntry, listed_path
 from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
+
+log = logging.getLogger(__name__)
 
 
 def meta_path(list_file: str) -> str:
@@ -33,12 +36,15 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
                 try:
                     row = json.loads(line)
                     # rows written before files were stamped have no stamp, and are never trusted; rows
-                    # written before the display (matrix, rotation, pixels) was recorded have none (see video_infos)
+                    # written before the colour matrix, or the rotation and pixel shape, were recorded have
+                    # none (see video_infos)
                     stamp = (int(row["size"]), int(row["mtime_ns"])) if "mtime_ns" in row else None
-                    display = ((str(row["matrix"]), int(row["turns"]), Fraction(row["pixel_aspect"]))
-                               if "turns" in row else UNKNOWN_DISPLAY)
+                    matrix = str(row["matrix"]) if row.get("matrix") is not None else None
+                    turns, pixel_aspect = ((int(row["turns"]), Fraction(row["pixel_aspect"])) if "turns" in row
+                                           else (None, None))
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]), int(row["width"]),
-                                                   canonical_codec(str(row["codec"])), stamp, *display)
+                                                   canonical_codec(str(row["codec"])), stamp, matrix, turns,
+                                                   pixel_aspect)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
@@ -49,9 +55,10 @@ def write_meta(path: str, infos: Iterable[Tuple[str, VideoInfo]]) -> None:
 
 
 def _row(key: str, info: VideoInfo) -> dict:
-    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec}
+    row = {"path": key, "frames": info.frames, "height": info.height, "width": info.width, "codec": info.codec,
+           "matrix": info.matrix}
     if info.turns is not None:
-        row.update(matrix=info.matrix, turns=info.turns, pixel_aspect=str(info.pixel_aspect))
+        row.update(turns=info.turns, pixel_aspect=str(info.pixel_aspect))
     if info.stamp is not None:
         row["size"], row["mtime_ns"] = info.stamp
     return row
@@ -76,7 +83,7 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
         unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
         displays = list(pool.map(lambda ke: _display(ke[1].path), unknown))
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
-    found.update({k: _with_display(known[k], d) for (k, _), d in zip(unknown, displays) if d})
+    found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
     if found:
         known.update(found)
         try:
@@ -84,17 +91,18 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
         except OSError:
             pass  # read-only dataset folder: probe again next time
     known.update({k: info for (k, _), info in zip(to_probe, probed)})
-    # a display that could not be read: as coded, in BT.601 (what FFmpeg and DALI assume), but not recorded
-    known.update({k: _with_display(known[k], CODED_DISPLAY) for (k, _), d in zip(unknown, displays) if not d})
+    # a display that could not be read: as coded, in the recorded matrix, else BT.601 (what FFmpeg and
+    # DALI assume), but not recorded
+    guessed = [k for (k, _), d in zip(unknown, displays) if not d]
+    known.update({k: _with_display(known[k], known[k].matrix or "bt601", 0, Fraction(1)) for k in guessed})
+    if guessed and not pyav.available():
+        log.warning("%d videos of %s have no display rotation or pixel shape in %s, and PyAV is not installed to "
+                    "read them: they are read as coded (phone video may come sideways)", len(guessed), list_file,
+                    sidecar)
     return [known[k] for k in keys]
 
 
-UNKNOWN_DISPLAY = (None, None, None)
-CODED_DISPLAY = ("bt601", 0, Fraction(1))
-
-
-def _with_display(info: VideoInfo, display: tuple) -> VideoInfo:
-    matrix, turns, pixel_aspect = display
+def _with_display(info: VideoInfo, matrix: str, turns: int, pixel_aspect: Fraction) -> VideoInfo:
     return dataclasses.replace(info, matrix=matrix, turns=turns, pixel_aspect=pixel_aspect)
 
 

@@ -112,7 +112,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                     height, width = coded[::-1] if turns % 2 else coded
                     stream = _h264_stream(out, rate, height, width, tags, settings)
                 frame = pyav.limited_range_yuv420(frame, height=coded[0], width=coded[1], interpolation="AREA")
-                if turns:  # upright in the file: the loader does not turn frames
+                if turns:  # upright in the file, which then needs no turn when read
                     frame = _turned(frame, turns)
                 frame.pts, frame.time_base = frames, Fraction(1) / rate  # constant rate: frame i stays i
                 out.mux(stream.encode(frame))

@@ -10,7 +10,7 @@ import itertools
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,8 +39,8 @@ class VideoInfo:
     stamp: Optional[Tuple[int, int]] = None
     # how a player shows it: its YCbCr matrix (transforms.MATRICES), as the stream is tagged; the
     # quarter turns anticlockwise that stand it upright (its display rotation: phones write one
-    # instead of turning the pixels); its pixels' width / height. All three None in a sidecar row
-    # written before they were recorded, until meta.video_infos reads them off the file
+    # instead of turning the pixels); its pixels' width / height. None in a sidecar row written
+    # before they were recorded, until meta.video_infos reads them off the file
     matrix: Optional[str] = "bt601"
     turns: Optional[int] = 0
     pixel_aspect: Optional[Fraction] = Fraction(1)
@@ -63,8 +63,9 @@ def matrix_of(stream) -> str:
 
 
 def quarter_turns(frame) -> int:
-    """The quarter turns anticlockwise that stand a decoded frame upright (its display rotation)."""
-    return frame.rotation // 90 % 4
+    """The quarter turns anticlockwise that stand a decoded frame upright (its display rotation, to
+    the nearest quarter turn)."""
+    return round(frame.rotation / 90) % 4
 
 
 def pixel_aspect(stream) -> Fraction:
@@ -78,9 +79,9 @@ def file_display(path: str) -> Tuple[str, int, Fraction]:
     _require_av()
     try:
         with av.open(path) as container:
-            stream = video_stream(container, path)
+            stream = _slice_threaded_video(container, path, 1)
             matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
-            first = next(container.decode(stream), None)
+            first, _ = _first_frame(container.demux(stream))
             return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
@@ -115,29 +116,40 @@ def probe(path: str) -> VideoInfo:
     try:
         stamp = file_stamp(path)  # before reading: a file changed meanwhile is probed again next time
         with av.open(path) as container:
-            stream = video_stream(container, path)
+            stream = _slice_threaded_video(container, path, 1)
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
             matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
-            frames, first = 0, None
-            for packet in container.demux(stream):
-                frames += _shown(packet)
-                if first is None:  # a decoder may hold its first frames back a few packets
-                    first = _first_frame(packet)
+            packets = container.demux(stream)
+            first, frames = _first_frame(packets)
+            frames += sum(1 for packet in packets if _shown(packet))
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp,
                              matrix, quarter_turns(first) if first else 0, pixel_aspect(stream))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
 
-def _first_frame(packet):
-    """A frame decoded from packet, if any: a packet the decoder rejects only moves the display
-    rotation's reading on to the next (the clips it spoils fail when decoded, naming the file)."""
-    try:
-        return next(iter(packet.decode()), None)
-    except av.FFmpegError:
-        return None
+# the packets decoded, at most, for a video's display rotation: a stream that gives no frame by then
+# is taken as shown as coded (its clips fail when decoded, naming the file)
+FIRST_FRAME_PACKETS = 64
+
+
+def _first_frame(packets: Iterator) -> Tuple[Optional[object], int]:
+    """(the first frame decoded from the next of `packets`, or None; how many of the packets read
+    are shown frames). Reads until a frame comes (a decoder holds its first frames back a few
+    packets) or FIRST_FRAME_PACKETS were read; a packet the decoder rejects (a broken first
+    keyframe) only moves on to the next."""
+    shown = 0
+    for packet in itertools.islice(packets, FIRST_FRAME_PACKETS):
+        shown += _shown(packet)
+        try:
+            frame = next(iter(packet.decode()), None)
+        except av.FFmpegError:
+            continue
+        if frame is not None:
+            return frame, shown
+    return None, shown
 
 
 def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
