@@ -54,9 +54,13 @@ def test_attention_forward(benchmark, impl, launch):
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", LAUNCHES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_attention_forward_backward(benchmark, impl, launch):
-    fn = IMPLS[impl]
+@pytest.mark.parametrize("impl", [*IMPLS, "fused-backward-fused"])
+def test_attention_forward_backward(benchmark, monkeypatch, impl, launch):
+    """"fused": the fused op with its default backward kernels (split: dQ, then dK/dV);
+    "fused-backward-fused": with VITACLIP_ATTENTION_BACKWARD=fused (one kernel)."""
+    if impl == "fused-backward-fused":
+        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", "fused")
+    fn = IMPLS[impl.split("-")[0]]
     qkv, prompts = make_inputs(requires_grad=True)
     grad_out = torch.randn(FRAMES, SEQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     leaves = [qkv, *prompts]

@@ -1,7 +1,8 @@
 """Tile configurations of the fused prompt attention, compared at ViT-B/16 shapes (bf16).
 
 One test times forward and forward+backward of the default tiles and of every entry of
-`vitaclip.ops.attention_tiles.CANDIDATES`, checks each one's output and gradients against the
+`vitaclip.ops.attention_tiles.CANDIDATES`, with the split backward (the default) and the fused one
+(VITACLIP_ATTENTION_BACKWARD=fused), checks each one's output and gradients against the
 default's, and prints a table sorted by forward+backward time (also written to
 $OUT/attention-configs.json when OUT is set). Run it with -s to see the table:
 
@@ -20,7 +21,7 @@ import torch
 
 from cuda_bench import requires_cuda
 from test_attention_bench import FRAMES, HEAD_DIM, HEADS, N_GLOBAL, SEQ, T0, make_inputs
-from vitaclip.ops.attention import prompt_attention_qkv, triton_available
+from vitaclip.ops.attention import BACKWARDS, prompt_attention_qkv, triton_available
 from vitaclip.ops.attention_tiles import CANDIDATES, tiles_for, use_tiles
 
 MAX_REL_ERROR = 2e-2  # bf16 rounding differs between tilings by ~1e-3; a broken tiling is off by ~1
@@ -33,7 +34,7 @@ def rel_error(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv")
+KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_fused")
 
 
 def kernel_ms(step, iterations=10):
@@ -51,30 +52,37 @@ def kernel_ms(step, iterations=10):
     return totals
 
 
-def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference):
-    """(fwd ms, fwd+bwd ms, per-kernel ms, worst relative error vs reference or None, outputs) of one tiling."""
+def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference, monkeypatch):
+    """(fwd ms, fwd+bwd ms with the split backward and with the fused one, per-kernel ms of both,
+    worst relative error vs reference or None, outputs) of one tiling."""
     from triton.testing import do_bench
 
     qkv, prompts = grad_inputs
     leaves = [qkv, *prompts]
+
+    def step():
+        torch.autograd.grad(prompt_attention_qkv(qkv, *prompts, T0), leaves, grad_out)
+
     with use_tiles(tiles):
-        out = prompt_attention_qkv(qkv, *prompts, T0)
-        outputs = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
         fwd = do_bench(lambda: prompt_attention_qkv(fwd_inputs[0], *fwd_inputs[1], T0),
                        warmup=10, rep=50, return_mode="median")
-        def step():
-            torch.autograd.grad(prompt_attention_qkv(qkv, *prompts, T0), leaves, grad_out)
-
-        fwd_bwd = do_bench(step, warmup=10, rep=50, return_mode="median")
-        kernels = kernel_ms(step)
-    error = None if reference is None else max(rel_error(g, w) for g, w in zip(outputs, reference))
+        fwd_bwd, outputs, kernels = {}, [], {}
+        for backward in BACKWARDS:
+            monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
+            out = prompt_attention_qkv(qkv, *prompts, T0)
+            outputs += [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+            fwd_bwd[backward] = do_bench(step, warmup=10, rep=50, return_mode="median")
+            kernels.update({k: ms for k, ms in kernel_ms(step).items() if ms})
+    if reference is None:  # the default's split backward is the reference of everything else
+        reference = outputs[:len(outputs) // 2]
+    error = max(rel_error(g, w) for g, w in zip(outputs, reference * 2))
     return fwd, fwd_bwd, kernels, error, outputs
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-def test_attention_tile_configs(capsys):
+def test_attention_tile_configs(capsys, monkeypatch):
     torch.manual_seed(0)
     fwd_inputs = make_inputs(requires_grad=False)
     grad_inputs = make_inputs(requires_grad=True)
@@ -86,35 +94,38 @@ def test_attention_tile_configs(capsys):
     rows, failures, reference = [], [], None
     for tiles in configs:
         try:
-            fwd, fwd_bwd, kernels, error, outputs = run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference)
+            fwd, fwd_bwd, kernels, error, outputs = run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference,
+                                                               monkeypatch)
         except Exception as exc:  # e.g. out of shared memory at launch: report it, time the rest
             if tiles == default:
                 raise
             failures.append(f"{tiles}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         if tiles == default:
-            reference = outputs
-        if error is not None and error > MAX_REL_ERROR:
+            reference = outputs[:len(outputs) // 2]
+        if error > MAX_REL_ERROR:
             failures.append(f"{tiles}: relative error {error:.3g} vs the default")
-        rows.append(dict(config=str(tiles), default=tiles == default, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                         bwd_ms=fwd_bwd - fwd, kernel_ms=kernels,
-                         kernel_tiles=dict(zip(KERNELS, map(str, (tiles.fwd, tiles.bwd_dq, tiles.bwd_dkdv)))),
+        rows.append(dict(config=str(tiles), default=tiles == default, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd["split"],
+                         bwd_ms=fwd_bwd["split"] - fwd, fused_fwd_bwd_ms=fwd_bwd["fused"], kernel_ms=kernels,
+                         kernel_tiles=dict(zip(KERNELS, map(str, (tiles.fwd, tiles.bwd_dq, tiles.bwd_dkdv,
+                                                                  tiles.bwd_fused)))),
                          fwd_tflops=FWD_FLOPS / fwd * 1e-9,
-                         fwd_bwd_tflops=FWD_BWD_FLOPS / fwd_bwd * 1e-9, rel_error=error or 0.0))
+                         fwd_bwd_tflops=FWD_BWD_FLOPS / fwd_bwd["split"] * 1e-9, rel_error=error))
     elapsed = time.perf_counter() - start
 
     rows.sort(key=lambda r: r["fwd_bwd_ms"])
     with capsys.disabled():
         print(f"\nprompt attention tiles on {torch.cuda.get_device_name()}: F={FRAMES} S={SEQ} H={HEADS} "
               f"Dh={HEAD_DIM} keys={KEYS} bf16, {elapsed:.0f} s with compiles; * = default")
-        print(f"{'config':<50} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fwd TF/s':>8} {'f+b TF/s':>8} "
-              f"{'rel err':>8} | GPU ms of {' '.join(KERNELS)}")
+        print(f"{'config':<72} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fused f+b':>9} {'fwd TF/s':>8} "
+              f"{'f+b TF/s':>8} {'rel err':>8} | GPU ms of {' '.join(KERNELS)}")
         for r in rows:
-            print(f"{('* ' if r['default'] else '  ') + r['config']:<50} {r['fwd_ms']:7.3f} {r['bwd_ms']:7.3f} "
-                  f"{r['fwd_bwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e} | "
-                  + " ".join(f"{r['kernel_ms'][k]:.3f}" for k in KERNELS))
+            print(f"{('* ' if r['default'] else '  ') + r['config']:<72} {r['fwd_ms']:7.3f} {r['bwd_ms']:7.3f} "
+                  f"{r['fwd_bwd_ms']:7.3f} {r['fused_fwd_bwd_ms']:9.3f} {r['fwd_tflops']:8.1f} "
+                  f"{r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e} | "
+                  + " ".join(f"{r['kernel_ms'].get(k, 0.0):.3f}" for k in KERNELS))
         if rows:
-            best = {k: min(rows, key=lambda r: r["kernel_ms"][k]) for k in KERNELS}
+            best = {k: min(rows, key=lambda r: r["kernel_ms"].get(k, float("inf"))) for k in KERNELS}
             print("fastest per kernel: " + ", ".join(f"{k} {best[k]['kernel_tiles'][k]} "
                                                      f"({best[k]['kernel_ms'][k]:.3f} ms)" for k in KERNELS))
         for failure in failures:

@@ -20,12 +20,17 @@ launches of smaller tiles from `row_start` (`ops.attention._row_tiles`: 197 = 3 
 or 128 + 64 + 16). With 64-row tiles at S = 197 a frame-head computes 208 x 240 query x key
 rows (own keys, then the 32-row prompt tile) instead of 256 x 288: a third less.
 
-Backward (FlashAttention-2 style, no atomics):
+Backward (FlashAttention-2 style, no atomics), split in two kernels (the default):
   _bwd_dq      per query tile: delta = rowsum(dO * O) (stored for _bwd_dkdv) and dQ.
   _bwd_dkdv    per key tile of a frame: dK, dV; own tiles write dk/dv, the prompt tile
                writes per-frame fp32 partials that the wrapper reduces with torch .sum
                (local over the frames of a group, global over all frames); the summary
                key belongs to one frame and is written directly.
+or fused in one (VITACLIP_ATTENTION_BACKWARD=fused, ops/attention.py):
+  _bwd_fused   per frame-head: delta, then _bwd_dkdv's work for each key tile in turn, each
+               also adding its share of dQ to the program's own fp32 accumulator (no other
+               program writes it, so no atomics), then dQ. Five matmuls per query x key tile
+               where the split kernels take seven, in fewer, longer programs.
 """
 import triton
 import triton.language as tl
@@ -240,31 +245,97 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
     lse_base = LSE + pid_fh.to(tl.int64) * S
     delta_base = DELTA + pid_fh.to(tl.int64) * S
 
+    # (LSE stands in for the dQ accumulator that only _bwd_fused passes: ACC_DQ is off)
     if pid_n < n_tiles:
         _own_key_grads(K, V, DK, DV, row_start + pid_n * BLOCK_N, frame64, head,
-                       q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                       q_base, do_base, lse_base, delta_base, LSE, sq_s, sq_d, S, row,
                        sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
-                       qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, BLOCK_N, PRECISION)
+                       qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, BLOCK_N, False, PRECISION)
     elif PROMPT_PROGRAM:
         _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head,
-                          q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                          q_base, do_base, lse_base, delta_base, LSE, sq_s, sq_d, S, row,
                           H, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
-                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, TAIL_M, BLOCK_PR, PRECISION)
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, TAIL_M, BLOCK_PR, False, PRECISION)
+
+
+@triton.jit
+def _bwd_fused(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ_ACC,
+               DQ, DK, DV, DLK, DLV, DGK, DGV, DSK, DSV,
+               sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
+               sdq_f, sdq_s, sdq_h, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
+               S, H, frames_per_group, qk_scale, sm_scale,
+               P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
+    """Program: one (frame, head), its whole backward. Each key tile in turn (own tiles of BLOCK_N,
+    their tail, the prompt tile) loops over every query, as a _bwd_dkdv program does, and adds its
+    part of dQ to the program's own fp32 rows of DQ_ACC ([F * H, S, BLOCK_D]; written by no
+    other program: no atomics, a fixed order); dQ is written once every key tile is done. Five
+    matmuls per query x key tile instead of the split kernels' seven (_bwd_dq recomputes the
+    scores and their gradient), in F * H programs instead of about eight per frame-head."""
+    pid_fh = tl.program_id(0)
+    frame, head = pid_fh // H, pid_fh % H
+    frame64 = frame.to(tl.int64)
+    row = H * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_base = Q + frame64 * sq_f + head * sq_h
+    do_base = DO + frame64 * S * row + head * HEAD_DIM
+    o_base = O + frame64 * S * row + head * HEAD_DIM
+    lse_base = LSE + pid_fh.to(tl.int64) * S
+    delta_base = DELTA + pid_fh.to(tl.int64) * S
+    acc_base = DQ_ACC + pid_fh.to(tl.int64) * S * BLOCK_D
+    # delta = rowsum(dO * O) of every query, and the dQ accumulator zeroed, before any key tile
+    for start_m in range(0, S, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        do = _load_rows(do_base, offs_m, row, 1, offs_d, d_mask, S)
+        o = _load_rows(o_base, offs_m, row, 1, offs_d, d_mask, S)
+        tl.store(delta_base + offs_m, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=offs_m < S)
+        zeros = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        tl.store(acc_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], zeros,
+                 mask=(offs_m < S)[:, None] & d_mask[None, :])
+    tl.debug_barrier()  # the program's threads read each other's rows from here on
+
+    full = S - S % BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        _own_key_grads(K, V, DK, DV, start_n, frame64, head,
+                       q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+                       sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
+                       qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, BLOCK_N, True, PRECISION)
+    if full < S:
+        _own_key_grads(K, V, DK, DV, full, frame64, head,
+                       q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+                       sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
+                       qk_scale, sm_scale, offs_d, d_mask, BLOCK_M, TAIL_M, TAIL_N, True, PRECISION)
+    if P + G + HAS_SUMMARY > 0:
+        _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head,
+                          q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+                          H, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
+                          P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_D, BLOCK_M, TAIL_M, BLOCK_PR, True, PRECISION)
+
+    dq_base = DQ + frame64 * sdq_f + head * sdq_h
+    for start_m in range(0, S, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask = (offs_m < S)[:, None] & d_mask[None, :]
+        dq = tl.load(acc_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], mask=mask, other=0.0)
+        tl.store(dq_base + offs_m[:, None] * sdq_s + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
 def _own_key_grads(K, V, DK, DV, start, frame64, head,
-                   q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                   q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
                    sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d, sdk_f, sdk_s, sdk_h, sdv_f, sdv_s, sdv_h,
                    qk_scale, sm_scale, offs_d, d_mask,
-                   BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr,
+                   PRECISION: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
     key_mask = offs_n < S
     kv_mask = key_mask[:, None] & d_mask[None, :]
     k = _load_rows(K + frame64 * sk_f + head * sk_h, offs_n, sk_s, sk_d, offs_d, d_mask, S)
     v = _load_rows(V + frame64 * sv_f + head * sv_h, offs_n, sv_s, sv_d, offs_d, d_mask, S)
-    dk, dv = _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
-                        qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
+    dk, dv = _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+                        qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, ACC_DQ, PRECISION)
     dk_ptrs = DK + frame64 * sdk_f + head * sdk_h + offs_n[:, None] * sdk_s + offs_d[None, :]
     dv_ptrs = DV + frame64 * sdv_f + head * sdv_h + offs_n[:, None] * sdv_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -273,15 +344,15 @@ def _own_key_grads(K, V, DK, DV, start, frame64, head,
 
 @triton.jit
 def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, frame, frame64, head,
-                      q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
+                      q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
                       H, frames_per_group, qk_scale, sm_scale, offs_d, d_mask,
                       P: tl.constexpr, G: tl.constexpr, HAS_SUMMARY: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                      BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_PR: tl.constexpr, ACC_DQ: tl.constexpr, PRECISION: tl.constexpr):
     k, v, offs_j = _load_prompt_kv(LK, LV, GK, GV, SK, SV, frame, frames_per_group, offs_d, d_mask, H, head,
                                    P, G, HAS_SUMMARY, HEAD_DIM, BLOCK_PR, BLOCK_D)
-    dk, dv = _dkdv_tile(k, v, offs_j < P + G + HAS_SUMMARY, q_base, do_base, lse_base, delta_base,
-                        sq_s, sq_d, S, row, qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, PRECISION)
+    dk, dv = _dkdv_tile(k, v, offs_j < P + G + HAS_SUMMARY, q_base, do_base, lse_base, delta_base, acc_base,
+                        sq_s, sq_d, S, row, qk_scale, offs_d, d_mask, BLOCK_M, TAIL_M, ACC_DQ, PRECISION)
     dk = dk * sm_scale
     if P > 0:  # per-frame partials [F, P, H, Dh], summed over the group by the wrapper
         rows = offs_j < P
@@ -301,9 +372,12 @@ def _prompt_key_grads(LK, LV, GK, GV, SK, SV, DLK, DLV, DGK, DGV, DSK, DSV, fram
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
-                  start, qk_scale, offs_d, d_mask, ROWS: tl.constexpr, PRECISION: tl.constexpr):
-    """dK (unscaled by sm_scale) and dV of one key tile, accumulated over ROWS queries from `start`."""
+def _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+                  start, qk_scale, offs_d, d_mask, ROWS: tl.constexpr, ACC_DQ: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """dK (unscaled by sm_scale) and dV of one key tile, accumulated over ROWS queries from `start`;
+    with ACC_DQ, these queries' dQ from the key tile (unscaled) added to their fp32 rows at acc_base
+    ([S, BLOCK_D], the program's own)."""
     offs_m = start + tl.arange(0, ROWS)
     m_mask = offs_m < S
     q = _load_rows(q_base, offs_m, sq_s, sq_d, offs_d, d_mask, S)
@@ -317,12 +391,19 @@ def _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base,
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    if ACC_DQ:
+        ptrs = acc_base + offs_m[:, None] * offs_d.shape[0] + offs_d[None, :]
+        mask = m_mask[:, None] & d_mask[None, :]
+        dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION)
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + dq, mask=mask)
+        tl.debug_barrier()  # the rows' next update may come from other threads of the program
     return dk, dv
 
 
 @triton.jit
-def _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
-               qk_scale, offs_d, d_mask, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d, S, row,
+               qk_scale, offs_d, d_mask, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, ACC_DQ: tl.constexpr,
+               PRECISION: tl.constexpr):
     """dK (unscaled by sm_scale) and dV of one key tile, over every query of the frame (read from
     q_base, do_base, lse_base and delta_base: the frame-head's queries, output gradients and row
     statistics)."""
@@ -330,9 +411,9 @@ def _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d
     dv = tl.zeros(v.shape, dtype=tl.float32)
     full = S - S % BLOCK_M
     for start_m in range(0, full, BLOCK_M):
-        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
-                               start_m, qk_scale, offs_d, d_mask, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d,
+                               S, row, start_m, qk_scale, offs_d, d_mask, BLOCK_M, ACC_DQ, PRECISION)
     if full < S:
-        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, sq_s, sq_d, S, row,
-                               full, qk_scale, offs_d, d_mask, TAIL_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d,
+                               S, row, full, qk_scale, offs_d, d_mask, TAIL_M, ACC_DQ, PRECISION)
     return dk, dv

@@ -73,8 +73,12 @@ def logits_and_grads(model, video):
     ("fast", dict(use_summary=False, use_local=False)),  # global only
     ("fast", dict(use_global=False, use_summary=False)),  # local only
     ("fast-compiled", dict()),
+    ("fast-fused-backward", dict()),  # "fast", with VITACLIP_ATTENTION_BACKWARD=fused
 ])
-def test_fast_model_matches_reference(fast_anywhere, backend, prompts):
+def test_fast_model_matches_reference(fast_anywhere, monkeypatch, backend, prompts):
+    if backend == "fast-fused-backward":
+        backend = "fast"
+        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", "fused")
     torch.manual_seed(0)
     model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend).to(DEVICE)
     reference = copy.deepcopy(model).double()
@@ -299,9 +303,12 @@ def relative_error(got, want):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fast_vit_b16_autocast_matches_reference():
+@pytest.mark.parametrize("attention_backward", ["split", "fused"])
+def test_gpu_fast_vit_b16_autocast_matches_reference(monkeypatch, attention_backward):
     """ViT-B/16 (random weights), 2 clips x 8 frames: the fast backend under autocast is as close to
-    the fp32 reference as the reference itself under the same autocast, logits and every gradient."""
+    the fp32 reference as the reference itself under the same autocast, logits and every gradient
+    (with either backward of the prompt attention)."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", attention_backward)
     torch.manual_seed(0)
     model = randomize_(VitaCLIP(VitaCLIPConfig.preset("ViT-B/16"), classnames=CLASSNAMES)).cuda()
     video = torch.randn(2, 3, 8, 224, 224, device="cuda")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-FP32_POINTERS = {"LSE", "DELTA", "DLK", "DLV", "DGK", "DGV"}
+FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "DLK", "DLV", "DGK", "DGV"}
 SM86_SHARED_MEMORY = 101376  # bytes per block, opted in (RTX 30xx/40xx, A10, L4, L40S)
 NON_POINTERS = {"S", "H"}
 VIT_B16_PROMPTS = dict(P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32)  # 8 local, 8 global, summary: a tile of 32
@@ -70,6 +70,13 @@ def attention_launches(configs=None, head_dim=64, precision="tf32"):
                 launch = (kernel, constexprs, kernel_tiles)
                 if launch not in launches:
                     launches.append(launch)
+        # the fused backward (VITACLIP_ATTENTION_BACKWARD=fused): one launch
+        fused_tiles = tiles.bwd_fused
+        fused = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                     BLOCK_M=fused_tiles.block_m, BLOCK_N=fused_tiles.block_n, PRECISION=precision,
+                     TAIL_M=_tail(seq, fused_tiles.block_m), TAIL_N=_tail(seq, fused_tiles.block_n))
+        if (prompt_attention._bwd_fused, fused, fused_tiles) not in launches:
+            launches.append((prompt_attention._bwd_fused, fused, fused_tiles))
     return launches
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import zeros_made_during
 from vitaclip.ops import naive
-from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available, uses_triton
+from vitaclip.ops.attention import BACKWARDS, prompt_attention, prompt_attention_qkv, triton_available, uses_triton
 from vitaclip.ops.attention_tiles import AttentionTiles, KernelTiles, tiles_for, use_tiles
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -74,8 +74,11 @@ CPU_CASES = [
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("frames_per_group,n_global,local,summary,heads,layout", CPU_CASES)
-def test_interpreter_matches_reference(frames_per_group, n_global, local, summary, heads, layout):
+def test_interpreter_matches_reference(monkeypatch, frames_per_group, n_global, local, summary, heads, layout,
+                                       backward):
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
     seq = 50  # 7x7 patches + cls: two tiles of 32, the second partial
     leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if local else 0,
                          n_global, summary, packed=layout != "separate", seed=frames_per_group * 10 + n_global)
@@ -96,9 +99,11 @@ def test_interpreter_matches_reference(frames_per_group, n_global, local, summar
                     reason="the interpreter tests run on CPU-only machines")
 @pytest.mark.parametrize("prompts", [dict(local=True, n_global=2, summary=True), dict(local=False, n_global=0,
                                                                                       summary=False)])
-def test_interpreter_tails_match_reference(prompts):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_interpreter_tails_match_reference(monkeypatch, prompts, backward):
     """S = 65 (8x8 patches + cls) with 32-row tiles: two full tiles and a 16-row tail everywhere
     (a second launch of tail tiles, a tail step in every loop), as S = 197 with 64-row tiles."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
     frames_per_group, seq, heads = 2, 65, 2
     leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if prompts["local"] else 0,
                          prompts["n_global"], prompts["summary"], seed=65)
@@ -162,14 +167,17 @@ def test_rows_split_into_full_tiles_and_one_tail():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the interpreter tests run on CPU-only machines")
-def test_interpreter_matches_reference_with_other_tiles_per_kernel():
-    """Each kernel tiles independently: forward, dQ and dK/dV with three different tilings
-    (at S = 65 each with its own tails)."""
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_interpreter_matches_reference_with_other_tiles_per_kernel(monkeypatch, backward):
+    """Each kernel tiles independently: forward, dQ and dK/dV (or the fused backward) with
+    different tilings (at S = 65 each with its own tails)."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
     frames_per_group, seq, heads = 2, 65, 1
     leaves = make_inputs(2, frames_per_group, seq, heads, 2, 3, True, seed=7)
     grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
     ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
-    tiles = AttentionTiles(fwd=KernelTiles(32, 64), bwd_dq=KernelTiles(64, 32), bwd_dkdv=KernelTiles(32, 64))
+    tiles = AttentionTiles(fwd=KernelTiles(32, 64), bwd_dq=KernelTiles(64, 32), bwd_dkdv=KernelTiles(32, 64),
+                           bwd_fused=KernelTiles(16, 64))
     with use_tiles(tiles):
         assert tiles_for(HEAD_DIM, interpreting=True) == tiles
         out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)
@@ -177,6 +185,14 @@ def test_interpreter_matches_reference_with_other_tiles_per_kernel():
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_an_unknown_backward_is_named(monkeypatch):
+    from vitaclip.ops.attention import backward_kind
+
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="VITACLIP_ATTENTION_BACKWARD.*'fast'"):
+        backward_kind()
 
 
 def test_bad_tiles_are_rejected():
@@ -257,8 +273,10 @@ def test_bad_inputs_are_rejected():
 # ViT-B/16: batch 4 clips x 8 frames, 1 + 14x14 tokens, 12 heads, 8 global and 8 local prompts
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "qkv"), (torch.float16, "views"), (torch.float32, "qkv")])
-def test_gpu_matches_float64_reference(dtype, layout):
+def test_gpu_matches_float64_reference(monkeypatch, dtype, layout, backward):
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
     frames_per_group, heads, seq = 8, 12, 197
     leaves = make_inputs(4, frames_per_group, seq, heads, 8, 8, True, device="cuda")
     grad_out = torch.randn(32, seq, heads, HEAD_DIM, device="cuda", dtype=torch.float64)

@@ -52,6 +52,19 @@ def uses_triton(q: Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and _interpreting() and q.dtype != torch.bfloat16)
 
 
+BACKWARDS = ("split", "fused")
+
+
+def backward_kind() -> str:
+    """Which backward kernels run (kernels/prompt_attention.py): "split", _bwd_dq and _bwd_dkdv (the
+    default), or "fused", _bwd_fused; VITACLIP_ATTENTION_BACKWARD picks, read at each launch (a
+    CUDA graph keeps the kernels it was captured with)."""
+    kind = os.environ.get("VITACLIP_ATTENTION_BACKWARD", "split")
+    if kind not in BACKWARDS:
+        raise ValueError(f"VITACLIP_ATTENTION_BACKWARD must be one of {BACKWARDS}, got {kind!r}")
+    return kind
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -166,6 +179,15 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     sizes = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
     in_strides = _strides(q, k, v)
+    if backward_kind() == "fused":  # one program per frame-head
+        fused_cfg = _launch_config(q, n_prompts, tiles.bwd_fused)
+        dq_acc = torch.empty(n_frames * heads, seq, fused_cfg["BLOCK_D"], **f32)
+        _kernels._bwd_fused[(n_frames * heads,)](
+            q, k, v, *ptrs, out, grad_out, lse, delta, dq_acc, dq, dk, dv,
+            *local_part, *global_part, dsk, dsv, *in_strides, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            seq, heads, frames_per_group, *scales, **sizes, **fused_cfg,
+            TAIL_M=_tail(seq, fused_cfg["BLOCK_M"]), TAIL_N=_tail(seq, fused_cfg["BLOCK_N"]))
+        return _reduced_prompt_grads(q, prompts, local_part, global_part, frames_per_group, dsk, dsv)
     dq_cfg["TAIL_N"] = _tail(seq, dq_cfg["BLOCK_N"])
     for row_start, n_tiles, tile in _row_tiles(seq, dq_cfg["BLOCK_M"]):
         _kernels._bwd_dq[(n_tiles * n_frames * heads,)](
@@ -182,8 +204,13 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
             seq, heads, frames_per_group, *scales, row_start, n_tiles,
             **sizes, **{**dkdv_cfg, "BLOCK_N": tile, "PROMPT_PROGRAM": prompt_program})
 
-    # local prompts over the frames of their group, global ones over all frames (an empty set given
-    # gets its empty gradient, as the fake implementation says)
+    return _reduced_prompt_grads(q, prompts, local_part, global_part, frames_per_group, dsk, dsv)
+
+
+def _reduced_prompt_grads(q, prompts, local_part, global_part, frames_per_group, dsk, dsv) -> list:
+    """The prompt gradients from the kernels' per-frame partials: local prompts summed over the frames
+    of their group, global ones over all frames (an empty set given gets its empty gradient, as the
+    fake implementation says)."""
     local_k, global_k = prompts[0], prompts[2]
     local = local_part.unflatten(1, (-1, frames_per_group)).sum(2).to(q.dtype) if local_k is not None else _empty(q)
     global_ = global_part.sum(1).to(q.dtype) if global_k is not None else _empty(q)

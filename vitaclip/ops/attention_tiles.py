@@ -1,4 +1,5 @@
-"""Tile configurations of the fused prompt-attention kernels (forward, backward dQ, backward dK/dV).
+"""Tile configurations of the fused prompt-attention kernels (forward, backward dQ, backward dK/dV,
+and the fused backward that VITACLIP_ATTENTION_BACKWARD=fused runs instead of the last two).
 
 Each kernel has its own tiles; results do not depend on them beyond float rounding (LSE and
 delta are stored per query row, whatever the tiling). The GPU default per head dim is
@@ -48,18 +49,23 @@ class KernelTiles:
                     num_stages=self.num_stages)
 
 
+def _tiles(block_m, block_n, num_warps=4, num_stages=2) -> KernelTiles:
+    return KernelTiles(block_m, block_n, num_warps, num_stages)
+
+
 @dataclass(frozen=True)
 class AttentionTiles:
     fwd: KernelTiles
     bwd_dq: KernelTiles
     bwd_dkdv: KernelTiles
+    # _bwd_fused: block_n its key tiles, block_m the step of their loop over queries. The default
+    # spilled the fewest registers of the dozen configurations compiled for sm_90a at ViT-B/16's
+    # launch (ptxas -v: 128 bytes, against 580 with _bwd_dkdv's 64x64 tiles and 4 warps); not yet
+    # timed on a GPU
+    bwd_fused: KernelTiles = _tiles(64, 32, 8, 2)
 
     def __str__(self) -> str:
-        return f"fwd {self.fwd} dq {self.bwd_dq} dkdv {self.bwd_dkdv}"
-
-
-def _tiles(block_m, block_n, num_warps=4, num_stages=2) -> KernelTiles:
-    return KernelTiles(block_m, block_n, num_warps, num_stages)
+        return f"fwd {self.fwd} dq {self.bwd_dq} dkdv {self.bwd_dkdv} fused {self.bwd_fused}"
 
 
 BASELINE = AttentionTiles(_tiles(64, 64), _tiles(64, 64), _tiles(64, 64))
@@ -73,10 +79,10 @@ GPU_TILES: dict[int, AttentionTiles] = {64: AttentionTiles(_tiles(64, 64, 4, 3),
 # fp32 (an "ieee" dot, for correctness checks more than speed): its tiles take twice the shared
 # memory of bf16's; these stay under the 99 KiB per block of sm_86/sm_89 (RTX 30xx/40xx, A10, L4,
 # L40S) up to head dim 128, where the bf16 defaults would not (tests/test_kernels_compile.py).
-FP32_TILES = AttentionTiles(_tiles(64, 32, 4, 1), _tiles(32, 32, 4, 1), _tiles(32, 32, 4, 1))
+FP32_TILES = AttentionTiles(_tiles(64, 32, 4, 1), _tiles(32, 32, 4, 1), _tiles(32, 32, 4, 1), _tiles(32, 32, 4, 1))
 
 # Small tiles under the interpreter, so that tiny test shapes still span several (partial) tiles.
-INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32))
+INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32), _tiles(32, 32))
 
 # Compared on the GPU at ViT-B/16 shapes (S = 197: a kernel's program tiles end in smaller ones,
 # 3 x 64 + 16 or 128 + 64 + 16; its loops end in one step of the remainder rounded up to a power
@@ -86,13 +92,13 @@ INTERPRETER_TILES = AttentionTiles(_tiles(32, 32), _tiles(32, 32), _tiles(32, 32
 # row can be combined with the best backward of another.
 CANDIDATES: list[AttentionTiles] = [
     BASELINE,
-    AttentionTiles(_tiles(64, 64, 4, 3), _tiles(64, 64, 4, 3), _tiles(64, 64, 4, 3)),
-    AttentionTiles(_tiles(128, 64, 8, 2), _tiles(128, 64, 8, 2), _tiles(64, 128, 8, 2)),
-    AttentionTiles(_tiles(128, 64, 8, 3), _tiles(128, 64, 8, 3), _tiles(64, 128, 8, 3)),
-    AttentionTiles(_tiles(128, 64, 4, 2), _tiles(128, 64, 4, 2), _tiles(64, 64, 4, 3)),
-    AttentionTiles(_tiles(128, 128, 8, 2), _tiles(128, 32, 4, 3), _tiles(32, 128, 8, 3)),
-    AttentionTiles(_tiles(64, 128, 4, 2), _tiles(64, 128, 4, 2), _tiles(128, 64, 8, 2)),
-    AttentionTiles(_tiles(128, 32, 4, 3), _tiles(64, 32, 4, 3), _tiles(32, 64, 4, 3)),
+    AttentionTiles(_tiles(64, 64, 4, 3), _tiles(64, 64, 4, 3), _tiles(64, 64, 4, 3), _tiles(64, 64, 4, 3)),
+    AttentionTiles(_tiles(128, 64, 8, 2), _tiles(128, 64, 8, 2), _tiles(64, 128, 8, 2), _tiles(64, 64, 8, 2)),
+    AttentionTiles(_tiles(128, 64, 8, 3), _tiles(128, 64, 8, 3), _tiles(64, 128, 8, 3), _tiles(64, 128, 8, 2)),
+    AttentionTiles(_tiles(128, 64, 4, 2), _tiles(128, 64, 4, 2), _tiles(64, 64, 4, 3), _tiles(32, 64, 8, 2)),
+    AttentionTiles(_tiles(128, 128, 8, 2), _tiles(128, 32, 4, 3), _tiles(32, 128, 8, 3), _tiles(32, 32, 8, 2)),
+    AttentionTiles(_tiles(64, 128, 4, 2), _tiles(64, 128, 4, 2), _tiles(128, 64, 8, 2), _tiles(64, 32, 8, 3)),
+    AttentionTiles(_tiles(128, 32, 4, 3), _tiles(64, 32, 4, 3), _tiles(32, 64, 4, 3), _tiles(64, 32, 4, 2)),
 ]
 
 _override: Optional[AttentionTiles] = None
