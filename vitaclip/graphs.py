@@ -21,8 +21,9 @@ activations of one call: one backward per forward, before the next forward; anyt
 raises instead of silently differentiating overwritten activations. Modules or trainable
 parameters with hooks run uncaptured (a hook would run only while capturing, or twice). If
 capture fails, the pass runs uncaptured from then on, with a warning. Process-wide switches
-(VITACLIP_DISABLE_EXT, `use_tiles`, SDPA kernel choices, TF32) are not in the key: a captured
-pass keeps the kernels it was captured with; set them before the first call, or `clear()`.
+(VITACLIP_DISABLE_EXT, VITACLIP_ATTENTION_BACKWARD, `use_tiles`, SDPA kernel choices, TF32) are
+not in the key: a captured pass keeps the kernels it was captured with; set them before the
+first call, or `clear()`.
 """
 from __future__ import annotations
 
