@@ -223,6 +223,17 @@ def _bwd_dq(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
+def _frame_head_bases(Q, DO, LSE, DELTA, pid_fh, frame64, head, sq_f, sq_h, S, H,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What every query step of a frame-head's dK/dV reads: (row stride H * Dh, head-dim offsets and
+    their mask, then the frame-head's queries, output gradients, LSE and delta)."""
+    row = H * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    return (row, offs_d, offs_d < HEAD_DIM, Q + frame64 * sq_f + head * sq_h,
+            DO + frame64 * S * row + head * HEAD_DIM, LSE + pid_fh.to(tl.int64) * S, DELTA + pid_fh.to(tl.int64) * S)
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
               DK, DV, DLK, DLV, DGK, DGV, DSK, DSV,
               sq_f, sq_s, sq_h, sq_d, sk_f, sk_s, sk_h, sk_d, sv_f, sv_s, sv_h, sv_d,
@@ -236,14 +247,8 @@ def _bwd_dkdv(Q, K, V, LK, LV, GK, GV, SK, SV, DO, LSE, DELTA,
     PROMPT_PROGRAM, program n_tiles: the prompt tile."""
     pid_n, pid_fh, frame, head = _program_coords(n_tiles + PROMPT_PROGRAM, H)
     frame64 = frame.to(tl.int64)
-    row = H * HEAD_DIM
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    # what every query step reads: the frame-head's queries, output gradients and row statistics
-    q_base = Q + frame64 * sq_f + head * sq_h
-    do_base = DO + frame64 * S * row + head * HEAD_DIM
-    lse_base = LSE + pid_fh.to(tl.int64) * S
-    delta_base = DELTA + pid_fh.to(tl.int64) * S
+    row, offs_d, d_mask, q_base, do_base, lse_base, delta_base = _frame_head_bases(
+        Q, DO, LSE, DELTA, pid_fh, frame64, head, sq_f, sq_h, S, H, HEAD_DIM, BLOCK_D)
 
     # (LSE stands in for the dQ accumulator that only _bwd_fused passes: ACC_DQ is off)
     if pid_n < n_tiles:
@@ -276,14 +281,9 @@ def _bwd_fused(Q, K, V, LK, LV, GK, GV, SK, SV, O, DO, LSE, DELTA, DQ_ACC,
     pid_fh = tl.program_id(0)
     frame, head = pid_fh // H, pid_fh % H
     frame64 = frame.to(tl.int64)
-    row = H * HEAD_DIM
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_base = Q + frame64 * sq_f + head * sq_h
-    do_base = DO + frame64 * S * row + head * HEAD_DIM
+    row, offs_d, d_mask, q_base, do_base, lse_base, delta_base = _frame_head_bases(
+        Q, DO, LSE, DELTA, pid_fh, frame64, head, sq_f, sq_h, S, H, HEAD_DIM, BLOCK_D)
     o_base = O + frame64 * S * row + head * HEAD_DIM
-    lse_base = LSE + pid_fh.to(tl.int64) * S
-    delta_base = DELTA + pid_fh.to(tl.int64) * S
     acc_base = DQ_ACC + pid_fh.to(tl.int64) * S * BLOCK_D
     # delta = rowsum(dO * O) of every query, and the dQ accumulator zeroed, before any key tile
     for start_m in range(0, S, BLOCK_M):
