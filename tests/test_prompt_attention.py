@@ -20,7 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make_inputs(n_groups, frames_per_group, seq, heads, n_local, n_global, summary,
-                dtype=torch.float64, device="cpu", packed=True, seed=0):
+                dtype=torch.float64, device="cpu", packed=True, seed=0, head_dim=HEAD_DIM):
     """Fresh random inputs; with `packed`, q/k/v come as one fused qkv [F, S, 3, H, Dh]."""
     gen = torch.Generator(device=device).manual_seed(seed)
     n_frames = n_groups * frames_per_group
@@ -30,16 +30,16 @@ def make_inputs(n_groups, frames_per_group, seq, heads, n_local, n_global, summa
 
     leaves = {}
     if packed:
-        leaves["qkv"] = rand(n_frames, seq, 3, heads, HEAD_DIM)
+        leaves["qkv"] = rand(n_frames, seq, 3, heads, head_dim)
     else:
         for name in "qkv":
-            leaves[name] = rand(n_frames, seq, heads, HEAD_DIM)
+            leaves[name] = rand(n_frames, seq, heads, head_dim)
     if n_local:
-        leaves["local_k"], leaves["local_v"] = (rand(n_groups, n_local, heads, HEAD_DIM) for _ in range(2))
+        leaves["local_k"], leaves["local_v"] = (rand(n_groups, n_local, heads, head_dim) for _ in range(2))
     if n_global:
-        leaves["global_k"], leaves["global_v"] = (rand(n_global, heads, HEAD_DIM) for _ in range(2))
+        leaves["global_k"], leaves["global_v"] = (rand(n_global, heads, head_dim) for _ in range(2))
     if summary:
-        leaves["summary_k"], leaves["summary_v"] = (rand(n_frames, heads, HEAD_DIM) for _ in range(2))
+        leaves["summary_k"], leaves["summary_v"] = (rand(n_frames, heads, head_dim) for _ in range(2))
     return leaves
 
 
@@ -110,6 +110,22 @@ def test_interpreter_tails_match_reference(monkeypatch, prompts, backward):
     grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
     ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
     out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("head_dim", [32, 80])
+def test_interpreter_matches_reference_at_other_head_dims(monkeypatch, head_dim, backward):
+    """Head dims other than 64: 80 (ViT-H/14) pads to 128 columns, masked, in every kernel."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
+    leaves = make_inputs(2, 2, 37, 2, 2, 3, True, seed=head_dim, head_dim=head_dim)
+    grad_out = torch.randn(4, 37, 2, head_dim, dtype=torch.float64)
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, 2, grad_out)
+    out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, 2, grad_out)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
