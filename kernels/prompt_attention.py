@@ -396,7 +396,6 @@ def _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base,
         mask = m_mask[:, None] & d_mask[None, :]
         dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION)
         tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + dq, mask=mask)
-        tl.debug_barrier()  # the rows' next update may come from other threads of the program
     return dk, dv
 
 
@@ -416,4 +415,6 @@ def _dkdv_tile(k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, 
     if full < S:
         dk, dv = _dkdv_queries(dk, dv, k, v, key_mask, q_base, do_base, lse_base, delta_base, acc_base, sq_s, sq_d,
                                S, row, full, qk_scale, offs_d, d_mask, TAIL_M, ACC_DQ, PRECISION)
+    if ACC_DQ:  # the next key tile updates the same dQ rows, perhaps from other threads of the program
+        tl.debug_barrier()
     return dk, dv
