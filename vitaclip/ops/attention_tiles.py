@@ -60,9 +60,9 @@ class AttentionTiles:
     bwd_dkdv: KernelTiles
     # _bwd_fused: block_n its key tiles, block_m the step of their loop over queries. The default
     # spilled the fewest registers of the dozen configurations compiled for sm_90a at ViT-B/16's
-    # launch (ptxas -v: 128 bytes, against 580 with _bwd_dkdv's 64x64 tiles and 4 warps); not yet
-    # timed on a GPU
-    bwd_fused: KernelTiles = _tiles(64, 32, 8, 2)
+    # launch (ptxas -v: 144 bytes a thread, against 976 with _bwd_dkdv's 64x64 tiles, 4 warps and
+    # 3 stages); not yet timed on a GPU
+    bwd_fused: KernelTiles = _tiles(64, 32, 8, 1)
 
     def __str__(self) -> str:
         return f"fwd {self.fwd} dq {self.bwd_dq} dkdv {self.bwd_dkdv} fused {self.bwd_fused}"
