@@ -20,27 +20,39 @@ NON_POINTERS = {"S", "H"}
 VIT_B16_PROMPTS = dict(P=8, G=8, HAS_SUMMARY=True, BLOCK_PR=32)  # 8 local, 8 global, summary: a tile of 32
 
 
-def compile_for(kernel, dtype, constexprs, num_warps=4, num_stages=2, arch=90, int64=()):
+def compile_for(kernel, dtype, constexprs, num_warps=4, num_stages=2, arch=90, int64=(), launch_values=None):
+    """The compiled kernel. Without `launch_values` every int argument is a plain i32 (i64 for
+    `int64`): the most general code. With them (int argument name -> its value at a launch), the
+    arguments are specialised as Triton's JIT does at that launch: a 1 becomes a constant, multiples
+    of 16 (and the pointers) are marked divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    divisible = [["tt.divisibility", 16]]
+    for index, name in enumerate(kernel.arg_names):
+        value = (launch_values or {}).get(name)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.isupper() and name not in NON_POINTERS:
             signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
+            if launch_values is not None:
+                attrs[(index,)] = divisible
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
         else:  # Triton passes an int argument as i64 from 2^31 on
             signature[name] = "i64" if name in int64 else "i32"
-    src = ASTSource(fn=kernel, signature=signature,
+            if value is not None and value % 16 == 0:
+                attrs[(index,)] = divisible
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     print(f"compiled {kernel.__name__} sm_{arch} {dtype} {constexprs}")
-    return compiled.metadata.shared
+    return compiled
 
 
 def attention_launches(configs=None, head_dim=64, precision="tf32"):
@@ -99,7 +111,7 @@ def compile_all():
     # largest head dim of its tiles (shared memory grows with it)
     for kernel, constexprs, tiles in fp32_launches():
         shared = compile_for(kernel, "fp32", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
-                             num_stages=tiles.num_stages, arch=86)
+                             num_stages=tiles.num_stages, arch=86).metadata.shared
         if shared > SM86_SHARED_MEMORY:
             sys.exit(f"{kernel.__name__} {tiles} in fp32 needs {shared} bytes of shared memory, sm_86 has "
                      f"{SM86_SHARED_MEMORY}")
