@@ -143,8 +143,9 @@ def write_colour_bars(path: str, encoder: str, matrix: str, frames: int = 6, opt
     from av.video.reformatter import Colorspace
     tag, colorspace = {"bt601": (6, Colorspace.ITU601), "bt709": (1, Colorspace.ITU709)}[matrix]
     image = np.repeat(np.array(COLOURS, np.uint8), 16, axis=0)[None].repeat(32, axis=0)  # [32, 96, 3]
-    options = {"libx264": {"crf": "0"}, "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "lossless": "1"},
-               "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "2M"}}[encoder] if options is None else options
+    lossless = {"libx264": {"crf": "0"}, "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "lossless": "1"},
+                "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "4", "b": "2M"}}
+    options = lossless[encoder] if options is None else options
     with av.open(path, "w") as out:
         stream = out.add_stream(encoder, rate=25)
         stream.width, stream.height, stream.pix_fmt = 96, 32, "yuv420p"

@@ -815,7 +815,8 @@ def shown_quarters(root, backend, shown_size, **options):
     crops = unnormalise(next(iter(loader(root, False, batch_size=1, spatial_crops=3, **kw))).video.cpu())[:, :, 0]
     whole = torch.cat([crops[0], crops[2]], dim=1 if shown_size[0] > shown_size[1] else 2)
     aspect = shown_size[1] / shown_size[0]
-    train = loader(root, True, batch_size=1, augment=None, flip=False, crop_scale=(1, 1), crop_ratio=(aspect, aspect), **kw)
+    train = loader(root, True, batch_size=1, augment=None, flip=False, crop_scale=(1, 1), crop_ratio=(aspect, aspect),
+                   **kw)
     trained = unnormalise(next(iter(train)).video.cpu())[0, :, 0]
     return white_quarter(whole), white_quarter(trained)
 

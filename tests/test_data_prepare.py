@@ -368,7 +368,8 @@ def test_outputs_of_format_2_are_reused_unless_their_source_has_non_square_pixel
     write_marked_video(str(tmp_path / "src" / "square.mp4"), "libx264", 32, 32)
     write_marked_video(str(tmp_path / "src" / "wide.mp4"), "libx264", 32, 32, pixel_aspect=2)
     (tmp_path / "src" / "list.csv").write_text("square.mp4,0\nwide.mp4,1\n")
-    args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=32))
+    args = (str(tmp_path / "src" / "list.csv"), str(tmp_path / "out"), str(tmp_path / "src"),
+            EncodeSettings(short_side=32))
     assert prepare(*args, workers=1, progress=False).written == 2
     sources = tmp_path / "out" / "prepare-sources.jsonl"
     rows = [json.loads(line) for line in sources.read_text().splitlines()]
