@@ -54,8 +54,9 @@ def kernel_ms(step, iterations=10):
 
 
 def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference, monkeypatch):
-    """(fwd ms, fwd+bwd ms with the split backward and with the fused one, per-kernel ms of both,
-    worst relative error vs reference or None, outputs) of one tiling."""
+    """(fwd ms, fwd+bwd ms with the split backward and with the fused one (or the fused one's error
+    message), per-kernel ms of both, worst relative error vs `reference` (the default tiling's split
+    outputs; None: this is the default), the split backward's outputs) of one tiling."""
     from triton.testing import do_bench
 
     qkv, prompts = grad_inputs
