@@ -56,6 +56,20 @@ def test_probe_reads_the_display_rotation_past_a_first_packet_the_decoder_reject
     assert pyav.decode_frames(path, np.array([12, 15])).y.shape[0] == 2
 
 
+def test_a_pixel_shape_past_any_anamorphic_video_is_taken_for_a_broken_tag(tmp_path, caplog):
+    """Pixels 9 times as wide as high would stretch a 32-pixel frame to 288: read as square, said."""
+    from fractions import Fraction
+
+    from video_fixtures import write_marked_video
+
+    for aspect, read in ((Fraction(9), 1), (Fraction(1, 6), 1), (Fraction(4), 4), (Fraction(8, 9), Fraction(8, 9))):
+        path = str(tmp_path / f"sar{aspect.numerator}-{aspect.denominator}.mp4")
+        write_marked_video(path, "libx264", 32, 32, pixel_aspect=aspect)
+        caplog.clear()
+        assert pyav.probe(path).pixel_aspect == read
+        assert (f"{path}: pixel aspect ratio {aspect} taken for a broken tag" in caplog.text) == (read != aspect)
+
+
 def test_display_rotations_count_to_the_nearest_quarter_turn():
     from types import SimpleNamespace
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from .transforms import Yuv420
+
+log = logging.getLogger(__name__)
 
 try:
     import av
@@ -68,9 +71,20 @@ def quarter_turns(frame) -> int:
     return round(frame.rotation / 90) % 4
 
 
+# pixel shapes taken as tagged: anamorphic video stays within 2:1 (DV, HDV: 8:9 to 64:45); a tag
+# beyond these is broken, and followed it would stretch a frame to thousands of pixels
+PIXEL_ASPECTS = (Fraction(1, 4), Fraction(4))
+
+
 def pixel_aspect(stream) -> Fraction:
-    """The width / height of a video stream's pixels (1 where untagged)."""
-    return Fraction(stream.sample_aspect_ratio or 1)
+    """The width / height of a video stream's pixels (1 where untagged, or tagged past PIXEL_ASPECTS,
+    with a warning)."""
+    aspect = Fraction(stream.sample_aspect_ratio or 1)
+    if PIXEL_ASPECTS[0] <= aspect <= PIXEL_ASPECTS[1]:
+        return aspect
+    log.warning("%s: pixel aspect ratio %s taken for a broken tag: read as square pixels", stream.container.name,
+                aspect)
+    return Fraction(1)
 
 
 def file_display(path: str) -> Tuple[str, int, Fraction]:
