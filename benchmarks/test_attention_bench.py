@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cuda_bench import LAUNCHES, bench_cuda, launched, requires_cuda
 from vitaclip.ops import naive
-from vitaclip.ops.attention import prompt_attention_qkv
+from vitaclip.ops.attention import BACKWARDS, prompt_attention_qkv
 
 FRAMES, T0, SEQ, HEADS, HEAD_DIM, N_GLOBAL = 256, 8, 197, 12, 64, 8
 
@@ -54,12 +54,12 @@ def test_attention_forward(benchmark, impl, launch):
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", LAUNCHES)
-@pytest.mark.parametrize("impl", [*IMPLS, "fused-backward-fused"])
+@pytest.mark.parametrize("impl", [*IMPLS, *(f"fused-backward-{kind}" for kind in BACKWARDS if kind != "split")])
 def test_attention_forward_backward(benchmark, monkeypatch, impl, launch):
-    """"fused": the fused op with its default backward kernels (split: dQ, then dK/dV);
-    "fused-backward-fused": with VITACLIP_ATTENTION_BACKWARD=fused (one kernel)."""
-    if impl == "fused-backward-fused":
-        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", "fused")
+    """"fused": the fused op with its default backward kernels ("split": dQ, then dK/dV);
+    "fused-backward-KIND": with VITACLIP_ATTENTION_BACKWARD=KIND."""
+    if impl.startswith("fused-backward-"):
+        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", impl[len("fused-backward-"):])
     fn = IMPLS[impl.split("-")[0]]
     qkv, prompts = make_inputs(requires_grad=True)
     grad_out = torch.randn(FRAMES, SEQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)

@@ -1,19 +1,21 @@
 """Tile configurations of the fused prompt attention, compared at ViT-B/16 shapes (bf16).
 
 One test times forward and forward+backward of the default tiles and of every entry of
-`vitaclip.ops.attention_tiles.CANDIDATES`, with the split backward (the default) and the fused one
-(VITACLIP_ATTENTION_BACKWARD=fused), checks each one's output and gradients against the
+`vitaclip.ops.attention_tiles.CANDIDATES`, with each backward (VITACLIP_ATTENTION_BACKWARD: the
+default "split", "split-apart" and "fused"), checks each one's output and gradients against the
 default's, and prints a table sorted by forward+backward time (also written to
 $OUT/attention-configs.json when OUT is set). Run it with -s to see the table:
 
     python3 -m pytest benchmarks/test_attention_configs_bench.py -q -s -p no:cacheprovider
 
-Kernels are independent: the profiler's GPU time of each kernel (fwd, dq, dkdv and fused
-columns; each with its tail launches) picks that kernel's tiles, possibly from different rows;
+Kernels are independent: the profiler's GPU time of each kernel (columns fwd, dq and dkdv under
+the split backward, dkdv-apart under "split-apart", fused; each with all its launches) picks that
+kernel's tiles, possibly from different rows;
 the last line names the fastest per kernel. Rows are sorted by the split backward's time. Set the
 default in `GPU_TILES` of vitaclip/ops/attention_tiles.py.
 """
 import json
+import math
 import os
 import time
 
@@ -36,6 +38,10 @@ def rel_error(got, want):
 
 
 KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwd_fused")
+# the per-kernel columns: (backward the kernel is timed under, kernel, the field of AttentionTiles it uses)
+COLUMNS = {"fwd": ("split", "_fwd", "fwd"), "dq": ("split", "_bwd_dq", "bwd_dq"),
+           "dkdv": ("split", "_bwd_dkdv", "bwd_dkdv"), "dkdv-apart": ("split-apart", "_bwd_dkdv", "bwd_dkdv"),
+           "fused": ("fused", "_bwd_fused", "bwd_fused")}
 
 
 def kernel_ms(step, iterations=10):
@@ -54,9 +60,9 @@ def kernel_ms(step, iterations=10):
 
 
 def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference, monkeypatch):
-    """(fwd ms, fwd+bwd ms with the split backward and with the fused one (or the fused one's error
-    message), per-kernel ms of both, worst relative error vs `reference` (the default tiling's split
-    outputs; None: this is the default), the split backward's outputs) of one tiling."""
+    """(fwd ms, fwd+bwd ms with each backward (or, but for "split", its error message), per-kernel ms
+    of all, worst relative error vs `reference` (the default tiling's split outputs; None: this is
+    the default), the split backward's outputs) of one tiling."""
     from triton.testing import do_bench
 
     qkv, prompts = grad_inputs
@@ -75,8 +81,8 @@ def run_config(tiles, fwd_inputs, grad_inputs, grad_out, reference, monkeypatch)
                 out = prompt_attention_qkv(qkv, *prompts, T0)
                 outputs[backward] = [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
                 fwd_bwd[backward] = do_bench(step, warmup=10, rep=50, return_mode="median")
-                kernels.update({k: ms for k, ms in kernel_ms(step).items() if ms})
-            except Exception as exc:  # the fused backward failing leaves the split one's figures
+                kernels[backward] = kernel_ms(step)
+            except Exception as exc:  # another backward failing leaves the split one's figures
                 if backward == "split":
                     raise
                 fwd_bwd[backward], outputs[backward] = f"{type(exc).__name__}: {str(exc)[:200]}", None
@@ -111,13 +117,16 @@ def test_attention_tile_configs(capsys, monkeypatch):
             reference = outputs
         if error > MAX_REL_ERROR:
             failures.append(f"{tiles}: relative error {error:.3g} vs the default")
-        if isinstance(fwd_bwd["fused"], str):
-            failures.append(f"{tiles}: fused backward: {fwd_bwd['fused']}")
-            fwd_bwd["fused"] = float("nan")
+        for kind, ms in fwd_bwd.items():
+            if isinstance(ms, str):
+                failures.append(f"{tiles}: {kind} backward: {ms}")
+                fwd_bwd[kind] = float("nan")
         rows.append(dict(config=str(tiles), default=tiles == default, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd["split"],
-                         bwd_ms=fwd_bwd["split"] - fwd, fused_fwd_bwd_ms=fwd_bwd["fused"], kernel_ms=kernels,
-                         kernel_tiles=dict(zip(KERNELS, map(str, (tiles.fwd, tiles.bwd_dq, tiles.bwd_dkdv,
-                                                                  tiles.bwd_fused)))),
+                         bwd_ms=fwd_bwd["split"] - fwd, apart_fwd_bwd_ms=fwd_bwd["split-apart"],
+                         fused_fwd_bwd_ms=fwd_bwd["fused"],
+                         kernel_ms={column: kernels.get(kind, {}).get(kernel, float("nan"))
+                                    for column, (kind, kernel, _) in COLUMNS.items()},
+                         kernel_tiles={column: str(getattr(tiles, field)) for column, (_, _, field) in COLUMNS.items()},
                          fwd_tflops=FWD_FLOPS / fwd * 1e-9,
                          fwd_bwd_tflops=FWD_BWD_FLOPS / fwd_bwd["split"] * 1e-9, rel_error=error))
     elapsed = time.perf_counter() - start
@@ -126,17 +135,19 @@ def test_attention_tile_configs(capsys, monkeypatch):
     with capsys.disabled():
         print(f"\nprompt attention tiles on {torch.cuda.get_device_name()}: F={FRAMES} S={SEQ} H={HEADS} "
               f"Dh={HEAD_DIM} keys={KEYS} bf16, {elapsed:.0f} s with compiles; * = default")
-        print(f"{'config':<72} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fused f+b':>9} {'fwd TF/s':>8} "
-              f"{'f+b TF/s':>8} {'rel err':>8} | GPU ms of {' '.join(KERNELS)}")
+        print(f"{'config':<72} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'apart f+b':>9} {'fused f+b':>9} "
+              f"{'fwd TF/s':>8} {'f+b TF/s':>8} {'rel err':>8} | GPU ms of {' '.join(COLUMNS)}")
         for r in rows:
             print(f"{('* ' if r['default'] else '  ') + r['config']:<72} {r['fwd_ms']:7.3f} {r['bwd_ms']:7.3f} "
-                  f"{r['fwd_bwd_ms']:7.3f} {r['fused_fwd_bwd_ms']:9.3f} {r['fwd_tflops']:8.1f} "
+                  f"{r['fwd_bwd_ms']:7.3f} {r['apart_fwd_bwd_ms']:9.3f} {r['fused_fwd_bwd_ms']:9.3f} "
+                  f"{r['fwd_tflops']:8.1f} "
                   f"{r['fwd_bwd_tflops']:8.1f} {r['rel_error']:8.1e} | "
-                  + " ".join(f"{r['kernel_ms'].get(k, 0.0):.3f}" for k in KERNELS))
+                  + " ".join(f"{r['kernel_ms'][column]:.3f}" for column in COLUMNS))
         if rows:
-            best = {k: min(rows, key=lambda r: r["kernel_ms"].get(k, float("inf"))) for k in KERNELS}
-            print("fastest per kernel: " + ", ".join(f"{k} {best[k]['kernel_tiles'][k]} "
-                                                     f"({best[k]['kernel_ms'][k]:.3f} ms)" for k in KERNELS))
+            best = {c: min(rows, key=lambda r: math.inf if math.isnan(r["kernel_ms"][c]) else r["kernel_ms"][c])
+                    for c in COLUMNS}
+            print("fastest per kernel: " + ", ".join(f"{c} {best[c]['kernel_tiles'][c]} "
+                                                     f"({best[c]['kernel_ms'][c]:.3f} ms)" for c in COLUMNS))
         for failure in failures:
             print("FAILED", failure)
     if os.environ.get("OUT"):

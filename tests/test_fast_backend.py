@@ -15,7 +15,7 @@ import torch
 from conftest import randomize_, run_in_own_process
 from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
-from vitaclip.ops.attention import triton_available
+from vitaclip.ops.attention import BACKWARDS, triton_available
 from vitaclip.text import TextEncoder
 from vitaclip.vision import VisionTransformer
 
@@ -73,12 +73,13 @@ def logits_and_grads(model, video):
     ("fast", dict(use_summary=False, use_local=False)),  # global only
     ("fast", dict(use_global=False, use_summary=False)),  # local only
     ("fast-compiled", dict()),
-    ("fast-fused-backward", dict()),  # "fast", with VITACLIP_ATTENTION_BACKWARD=fused
+    ("fast backward=fused", dict()),  # "fast", with VITACLIP_ATTENTION_BACKWARD=fused
+    ("fast backward=split-apart", dict()),
 ])
 def test_fast_model_matches_reference(fast_anywhere, monkeypatch, backend, prompts):
-    if backend == "fast-fused-backward":
-        backend = "fast"
-        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", "fused")
+    if " backward=" in backend:
+        backend, attention_backward = backend.split(" backward=")
+        monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", attention_backward)
     torch.manual_seed(0)
     model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend).to(DEVICE)
     reference = copy.deepcopy(model).double()
@@ -303,7 +304,7 @@ def relative_error(got, want):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention_backward", ["split", "fused"])
+@pytest.mark.parametrize("attention_backward", BACKWARDS)
 def test_gpu_fast_vit_b16_autocast_matches_reference(monkeypatch, attention_backward):
     """ViT-B/16 (random weights), 2 clips x 8 frames: the fast backend under autocast is as close to
     the fp32 reference as the reference itself under the same autocast, logits and every gradient

@@ -73,8 +73,10 @@ def attention_launches(configs=None, head_dim=64, precision="tf32"):
                         BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n, PRECISION=precision)
             if kernel is prompt_attention._bwd_dkdv:  # program tiles over keys, loop over queries
                 base["TAIL_M"] = _tail(seq, kernel_tiles.block_m)
-                variants = [dict(base, BLOCK_N=tile, PROMPT_PROGRAM=int(n == 0))
-                            for n, (_, _, tile) in enumerate(_row_tiles(seq, kernel_tiles.block_n))]
+                # the first launch with the prompt-tile programs ("split") or without ("split-apart")
+                variants = [dict(base, BLOCK_N=tile, PROMPT_PROGRAM=prompts)
+                            for n, (_, _, tile) in enumerate(_row_tiles(seq, kernel_tiles.block_n))
+                            for prompts in ((1, 0) if n == 0 else (0,))]
             else:  # program tiles over queries, loop over keys
                 base["TAIL_N"] = _tail(seq, kernel_tiles.block_n)
                 variants = [dict(base, BLOCK_M=tile) for _, _, tile in _row_tiles(seq, kernel_tiles.block_m)]

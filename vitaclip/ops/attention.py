@@ -52,13 +52,14 @@ def uses_triton(q: Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and _interpreting() and q.dtype != torch.bfloat16)
 
 
-BACKWARDS = ("split", "fused")
+BACKWARDS = ("split", "split-apart", "fused")
 
 
 def backward_kind() -> str:
     """Which backward kernels run (kernels/prompt_attention.py): "split", _bwd_dq and _bwd_dkdv (the
-    default), or "fused", _bwd_fused; VITACLIP_ATTENTION_BACKWARD picks, read at each launch (a
-    CUDA graph keeps the kernels it was captured with)."""
+    default); "split-apart", the same with _bwd_dkdv's prompt-tile programs in a launch of their own;
+    or "fused", _bwd_fused. VITACLIP_ATTENTION_BACKWARD picks, read at each launch (a CUDA graph
+    keeps the kernels it was captured with)."""
     kind = os.environ.get("VITACLIP_ATTENTION_BACKWARD", "split")
     if kind not in BACKWARDS:
         raise ValueError(f"VITACLIP_ATTENTION_BACKWARD must be one of {BACKWARDS}, got {kind!r}")
@@ -193,11 +194,17 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
         _kernels._bwd_dq[(n_tiles * n_frames * heads,)](
             q, k, v, *ptrs, out, grad_out, lse, delta, dq, *in_strides, *dq.stride()[:3],
             seq, heads, frames_per_group, *scales, row_start, n_tiles, **sizes, **{**dq_cfg, "BLOCK_M": tile})
-    # _bwd_dkdv reads the delta that _bwd_dq stored (same stream, so ordered); the first launch
-    # also runs each frame-head's prompt-tile program
+    # _bwd_dkdv reads the delta that _bwd_dq stored (same stream, so ordered). Each frame-head's
+    # prompt-tile program runs in the first launch ("split"), or in a launch of its own
+    # ("split-apart"), so that the own-tile launches compile without the prompt path, whose
+    # registers make the 64x64 launch spill (benchmarks/kernel_registers.py)
     dkdv_cfg["TAIL_M"] = _tail(seq, dkdv_cfg["BLOCK_M"])
-    for launch, (row_start, n_tiles, tile) in enumerate(_row_tiles(seq, dkdv_cfg["BLOCK_N"])):
-        prompt_program = int(launch == 0 and n_prompts > 0)
+    launches = [(row_start, n_tiles, tile, 0) for row_start, n_tiles, tile in _row_tiles(seq, dkdv_cfg["BLOCK_N"])]
+    if n_prompts and backward_kind() == "split-apart":
+        launches.append((0, 0, dkdv_cfg["BLOCK_N"], 1))
+    elif n_prompts:
+        launches[0] = (*launches[0][:3], 1)
+    for row_start, n_tiles, tile, prompt_program in launches:
         _kernels._bwd_dkdv[((n_tiles + prompt_program) * n_frames * heads,)](
             q, k, v, *ptrs, grad_out, lse, delta, dk, dv,
             *local_part, *global_part, dsk, dsv, *in_strides, *dk.stride()[:3], *dv.stride()[:3],
