@@ -180,7 +180,8 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     sizes = dict(P=n_local, G=n_global, HAS_SUMMARY=has_summary)
     scales = (head_dim ** -0.5 * _kernels.LOG2E, head_dim ** -0.5)
     in_strides = _strides(q, k, v)
-    if backward_kind() == "fused":  # one program per frame-head
+    kind = backward_kind()
+    if kind == "fused":  # one program per frame-head
         fused_cfg = _launch_config(q, n_prompts, tiles.bwd_fused)
         dq_acc = torch.empty(n_frames * heads, seq, fused_cfg["BLOCK_D"], **f32)
         _kernels._bwd_fused[(n_frames * heads,)](
@@ -200,7 +201,7 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     # registers make the 64x64 launch spill (benchmarks/kernel_registers.py)
     dkdv_cfg["TAIL_M"] = _tail(seq, dkdv_cfg["BLOCK_M"])
     launches = [(row_start, n_tiles, tile, 0) for row_start, n_tiles, tile in _row_tiles(seq, dkdv_cfg["BLOCK_N"])]
-    if n_prompts and backward_kind() == "split-apart":
+    if n_prompts and kind == "split-apart":
         launches.append((0, 0, dkdv_cfg["BLOCK_N"], 1))
     elif n_prompts:
         launches[0] = (*launches[0][:3], 1)
