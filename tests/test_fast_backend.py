@@ -15,7 +15,7 @@ import torch
 from conftest import randomize_, run_in_own_process
 from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
-from vitaclip.ops.attention import BACKWARDS, triton_available
+from vitaclip.ops.attention import triton_available
 from vitaclip.text import TextEncoder
 from vitaclip.vision import VisionTransformer
 
