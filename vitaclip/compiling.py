@@ -2,7 +2,7 @@
 embedding and the text transformer."""
 from __future__ import annotations
 
-import os
+from .switches import env_choice
 
 # The mode comes from the environment, read when each piece is first compiled.
 # "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS and fuse
@@ -14,8 +14,4 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def compile_mode() -> str:
-    mode = os.environ.get(COMPILE_MODE_ENV, "default")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"{COMPILE_MODE_ENV}={mode!r} is not a supported torch.compile mode; "
-                         f"use one of {COMPILE_MODES}")
-    return mode
+    return env_choice(COMPILE_MODE_ENV, COMPILE_MODES, "default")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import string
 from typing import List, Optional, Sequence
 
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from .compiling import compile_mode
 from .config import VitaCLIPConfig
+from .switches import env_choice
 from .vision import make_activation
 
 PLACEHOLDER = "X"
@@ -95,10 +95,7 @@ def text_attention_kind() -> str:
     6.83 ms with its flash kernel on an H200, benchmarks/RESULTS.md run 4; 77-token and inference
     passes are not measured) or "sdpa" (PyTorch's fused kernels). Read from
     $VITACLIP_TEXT_ATTENTION when a pass runs, or, under torch.compile, when it compiles."""
-    kind = os.environ.get(TEXT_ATTENTION_ENV, "explicit")
-    if kind not in TEXT_ATTENTION_KINDS:
-        raise ValueError(f"{TEXT_ATTENTION_ENV} must be one of {TEXT_ATTENTION_KINDS}, got {kind!r}")
-    return kind
+    return env_choice(TEXT_ATTENTION_ENV, TEXT_ATTENTION_KINDS, "explicit")
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, query_positions: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..switches import env_choice
 from . import naive
 from .attention_tiles import AttentionTiles, KernelTiles, tiles_for
 
@@ -60,10 +61,7 @@ def backward_kind() -> str:
     default); "split-apart", the same with _bwd_dkdv's prompt-tile programs in a launch of their own;
     or "fused", _bwd_fused. VITACLIP_ATTENTION_BACKWARD picks, read at each launch (a CUDA graph
     keeps the kernels it was captured with)."""
-    kind = os.environ.get("VITACLIP_ATTENTION_BACKWARD", "split")
-    if kind not in BACKWARDS:
-        raise ValueError(f"VITACLIP_ATTENTION_BACKWARD must be one of {BACKWARDS}, got {kind!r}")
-    return kind
+    return env_choice("VITACLIP_ATTENTION_BACKWARD", BACKWARDS, "split")
 
 
 def _empty(like: Tensor) -> Tensor:
