@@ -94,9 +94,7 @@ def file_display(path: str) -> Tuple[str, int, Fraction]:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, path, 1)
-            matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
-            first, _ = _first_frame(container.demux(stream))
-            return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream)
+            return _stream_display(stream, container.demux(stream))[:3]
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
@@ -134,14 +132,20 @@ def probe(path: str) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
-            matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
             packets = container.demux(stream)
-            first, frames = _first_frame(packets)
+            *display, frames = _stream_display(stream, packets)
             frames += sum(1 for packet in packets if _shown(packet))
-            return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp,
-                             matrix, quarter_turns(first) if first else 0, pixel_aspect(stream))
+            return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp, *display)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
+
+
+def _stream_display(stream, packets: Iterator) -> Tuple[str, int, Fraction, int]:
+    """(matrix, turns, pixel_aspect) of a video (see VideoInfo), and how many shown frames it read of
+    `packets`, the stream's demuxed packets (the first frame's: see _first_frame)."""
+    matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
+    first, shown = _first_frame(packets)
+    return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream), shown
 
 
 # the packets decoded, at most, for a video's display rotation: a stream that gives no frame by then
