@@ -2,12 +2,14 @@
 //
 // The order of work is the same on every device and lives here; a device supplies four
 // fused kernels (a `Kernels` class with the static functions used below). The q/k/v projections
-// come stacked, W_qkv = [W_q; W_k; W_v] [3C, C] and b_qkv = [b_q | b_k | b_v] [3C] (the caller
-// stacks them: under torch.compile the stacking fuses with any cast to the compute dtype).
+// come as the modules hold them and are stacked here, W_qkv = [W_q; W_k; W_v] [3C, C] and
+// b_qkv = [b_q | b_k | b_v] [3C] (stacked by the caller in Python, they cost more host time per
+// call than the whole op takes on the GPU); the forward returns them for the backward.
 // Between the kernels the projections are ATen matmuls (cuBLAS / CPU BLAS) on all rows of the
 // batch at once:
 //
-//   forward:  LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases added in the next kernel)
+//   forward:  stack W_qkv, b_qkv -> LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases
+//             added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
 //             -> out = (c + b_out) + o W_out^T (one in-place matmul)
 //   backward: the same in reverse with four matmuls, the attention backward (kernel) and LN
@@ -19,6 +21,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
@@ -31,7 +34,8 @@
 
 namespace vitaclip {
 
-using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor>;
 using SummaryBackward =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -44,10 +48,8 @@ inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArr
                     " but c is on ", c.device());
 }
 
-// The shape of c [groups, frames, width] and the parameters every kernel reads.
-inline SummaryShape check_summary_parameters(const at::Tensor& c, const at::Tensor& ln_weight,
-                                             const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
-                                             const at::Tensor& out_weight, int64_t num_heads) {
+// The shape of c [groups, frames, width].
+inline SummaryShape check_summary_shape(const at::Tensor& c, int64_t num_heads) {
   TORCH_CHECK_VALUE(c.dim() == 3, "summary_attention: c must be [groups, frames, width], got shape ", c.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(c.scalar_type()), "summary_attention: c must be floating point, got ",
                     c.scalar_type());
@@ -56,21 +58,27 @@ inline SummaryShape check_summary_parameters(const at::Tensor& c, const at::Tens
                     "summary_attention: c must not be empty, got shape ", c.sizes());
   TORCH_CHECK_VALUE(num_heads > 0 && shape.width % num_heads == 0, "summary_attention: width ", shape.width,
                     " is not divisible by num_heads ", num_heads);
-  const int64_t w = shape.width;
-  check_parameter(c, ln_weight, {w}, "ln_weight");
-  check_parameter(c, qkv_weight, {3 * w, w}, "qkv_weight");
-  check_parameter(c, qkv_bias, {3 * w}, "qkv_bias");
-  check_parameter(c, out_weight, {w, w}, "out_weight");
   return shape;
 }
 
 inline SummaryShape check_summary_inputs(const at::Tensor& c, const at::Tensor& ln_weight,
-                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
-                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
+                                         const at::Tensor& ln_bias, const at::Tensor& q_weight,
+                                         const at::Tensor& q_bias, const at::Tensor& k_weight,
+                                         const at::Tensor& k_bias, const at::Tensor& v_weight,
+                                         const at::Tensor& v_bias, const at::Tensor& out_weight,
                                          const at::Tensor& out_bias, int64_t num_heads) {
-  const SummaryShape shape = check_summary_parameters(c, ln_weight, qkv_weight, qkv_bias, out_weight, num_heads);
-  check_parameter(c, ln_bias, {shape.width}, "ln_bias");
-  check_parameter(c, out_bias, {shape.width}, "out_bias");
+  const SummaryShape shape = check_summary_shape(c, num_heads);
+  const int64_t w = shape.width;
+  check_parameter(c, ln_weight, {w}, "ln_weight");
+  check_parameter(c, ln_bias, {w}, "ln_bias");
+  check_parameter(c, q_weight, {w, w}, "q_weight");
+  check_parameter(c, q_bias, {w}, "q_bias");
+  check_parameter(c, k_weight, {w, w}, "k_weight");
+  check_parameter(c, k_bias, {w}, "k_bias");
+  check_parameter(c, v_weight, {w, w}, "v_weight");
+  check_parameter(c, v_bias, {w}, "v_bias");
+  check_parameter(c, out_weight, {w, w}, "out_weight");
+  check_parameter(c, out_bias, {w}, "out_bias");
   return shape;
 }
 
@@ -82,8 +90,12 @@ inline SummaryShape check_summary_backward_inputs(const at::Tensor& grad_out, co
                                                   const at::Tensor& rstd, const at::Tensor& ln_weight,
                                                   const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
                                                   const at::Tensor& out_weight, int64_t num_heads) {
-  const SummaryShape shape = check_summary_parameters(c, ln_weight, qkv_weight, qkv_bias, out_weight, num_heads);
+  const SummaryShape shape = check_summary_shape(c, num_heads);
   const int64_t rows = shape.rows(), w = shape.width;
+  check_parameter(c, ln_weight, {w}, "ln_weight");
+  check_parameter(c, qkv_weight, {3 * w, w}, "qkv_weight");
+  check_parameter(c, qkv_bias, {3 * w}, "qkv_bias");
+  check_parameter(c, out_weight, {w, w}, "out_weight");
   check_parameter(c, grad_out, c.sizes(), "grad_out");
   check_parameter(c, normed, {rows, w}, "normed");
   check_parameter(c, qkv, {rows, 3 * w}, "qkv");
@@ -98,26 +110,31 @@ inline SummaryShape check_summary_backward_inputs(const at::Tensor& grad_out, co
   return shape;
 }
 
-// The op has no autocast kernel, so autocast stays on below it: without this guard the matmuls
-// inside would run in autocast's dtype (an fp32 call under autocast, or a backward run inside an
-// autocast region) and the kernels would read their outputs as the inputs' dtype.
+// Autocast must not reach the matmuls inside: they would run in autocast's dtype and the kernels
+// would read their outputs as the inputs' dtype. (The forward's autocast kernel casts the inputs and
+// calls below autocast; the backward has none and runs in the caller's autocast state.)
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
-// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M]).
+// qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M],
+// W_qkv [3C, C], b_qkv [3C]).
 template <class Kernels>
 SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& ln_weight,
-                                         const at::Tensor& ln_bias, const at::Tensor& qkv_weight,
-                                         const at::Tensor& qkv_bias, const at::Tensor& out_weight,
+                                         const at::Tensor& ln_bias, const at::Tensor& q_weight,
+                                         const at::Tensor& q_bias, const at::Tensor& k_weight,
+                                         const at::Tensor& k_bias, const at::Tensor& v_weight,
+                                         const at::Tensor& v_bias, const at::Tensor& out_weight,
                                          const at::Tensor& out_bias, int64_t num_heads, double eps) {
-  const SummaryShape shape =
-      check_summary_inputs(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads);
+  const SummaryShape shape = check_summary_inputs(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias,
+                                                  v_weight, v_bias, out_weight, out_bias, num_heads);
   Kernels::check_sizes(shape);
   const c10::DeviceGuard guard(c.device());
   const NoAutocast no_autocast;
   const int64_t rows = shape.rows(), width = shape.width;
+  const at::Tensor qkv_weight = at::cat({q_weight, k_weight, v_weight});
+  const at::Tensor qkv_bias = at::cat({q_bias, k_bias, v_bias});
   const at::Tensor x = c.contiguous().view({rows, width});
   const auto stat_options = c.options().dtype(at::toOpMathType(c.scalar_type()));
 
@@ -130,9 +147,9 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
 
   at::Tensor heads_out = at::empty({rows, width}, c.options());
   at::Tensor out = at::empty({rows, width}, c.options());
-  Kernels::attention_forward(shape, qkv, qkv_bias.contiguous(), x, out_bias.contiguous(), heads_out, out);
+  Kernels::attention_forward(shape, qkv, qkv_bias, x, out_bias.contiguous(), heads_out, out);
   out.addmm_(heads_out, out_weight.t());
-  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd};
+  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd, qkv_weight, qkv_bias};
 }
 
 // Gradients of (c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias) from the gradient

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,15 +91,15 @@ def test_matches_pytorch_path(groups, frames, width, heads):
 def test_gradcheck_float64():
     norm, attn = make_summary_layer(4, 2, dtype=torch.float64)
     args = list(op_args(torch.randn(2, 3, 4, dtype=torch.float64), norm, attn, 2))
-    tensors = [a.detach().requires_grad_() for a in args[:7]]
+    tensors = [a.detach().requires_grad_() for a in args[:11]]
     assert torch.autograd.gradcheck(
-        lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[7:])[0], tensors)
+        lambda *t: torch.ops.vitaclip.summary_attention(*t, *args[11:])[0], tensors)
 
 
 def backward_arguments(args, grad_out=None):
     """The backward op's arguments for the forward op's `args` (tensors detached)."""
-    _, normed, qkv, heads_out, mean, rstd = torch.ops.vitaclip.summary_attention(*args)
-    c, ln_weight, _, qkv_w, qkv_b, o_w, _, heads, _ = args
+    _, normed, qkv, heads_out, mean, rstd, qkv_w, qkv_b = torch.ops.vitaclip.summary_attention(*args)
+    c, ln_weight, o_w, heads = args[0], args[1], args[9], args[11]
     grad_out = torch.randn(c.shape) if grad_out is None else grad_out
     return [grad_out, c.detach(), normed, qkv, heads_out, mean, rstd,
             *(p.detach() for p in (ln_weight, qkv_w, qkv_b, o_w)), heads]
@@ -203,6 +204,21 @@ def test_the_gpu_question_is_answered_while_tracing_not_in_the_graph():
     assert torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2)).tolist() == [1 if answer else -1] * 2
 
 
+def test_a_gpus_shared_memory_is_asked_once_and_while_tracing(monkeypatch):
+    asked = []
+    monkeypatch.setattr(summary_ext, "_SHARED_MEMORY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: asked.append(index) or SimpleNamespace(shared_memory_per_block_optin=1000 * index))
+    assert [summary_ext.shared_memory_per_block(i) for i in (2, 1, 2)] == [2000, 1000, 2000]
+    assert asked == [2, 1]
+
+    def step(x):
+        return x + 1 if summary_ext.shared_memory_per_block(3) > 2500 else x - 1
+
+    assert torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2)).tolist() == [1, 1]
+    assert asked == [2, 1, 3]
+
+
 @needs_ext
 def test_a_library_built_before_the_gpu_question_existed_takes_the_pytorch_path_with_a_warning(monkeypatch):
     if "cuda" not in summary_ext.KERNEL_DEVICES:
@@ -218,15 +234,19 @@ def test_a_library_built_before_the_gpu_question_existed_takes_the_pytorch_path_
 
 
 @needs_ext
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_compile_matches_eager(autocast):
+    """Also under autocast, where tracing goes through the op's autocast kernel (its casts)."""
     norm, attn = make_summary_layer(32, 4)
     c, grad = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    torch._dynamo.reset()
     compiled = torch.compile(summary_ext.summary_tokens, backend="aot_eager", fullgraph=True)
-    out, grads = output_and_grads(compiled, c, norm, attn, 4, grad)
-    ref, ref_grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 4, grad)
-    torch.testing.assert_close(out, ref)
-    for g, ref_g in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref_g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, grads = output_and_grads(compiled, c, norm, attn, 4, grad)
+        ref, ref_grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 4, grad)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def assert_no_worse_than_pytorch(fast, slow, reference, floor):
@@ -268,25 +288,32 @@ def test_autocast_matches_pytorch_path(dtype):
 
 
 @needs_ext
-def test_the_op_itself_computes_in_its_inputs_dtype_inside_an_autocast_region():
-    """Called directly with fp32 inputs under autocast, and differentiated inside an autocast region
-    (the backward runs with the caller's autocast state): the same
-    as without autocast. The matmuls inside ran in bf16 and the kernels then read them as fp32."""
+def test_the_op_under_autocast_runs_as_on_inputs_cast_to_its_dtype():
+    """Called under autocast, the op runs as on its inputs cast to autocast's dtype (as the
+    projections it replaces would) and returns `out` in the dtype of the residual sum (fp32 for an
+    fp32 c); its backward, which runs in the caller's autocast state, computes in the saved inputs'
+    dtype whatever that state (the matmuls inside would otherwise run in bf16 and the kernels read
+    their outputs as fp32)."""
     norm, attn = make_summary_layer(32, 2)
     c, grad = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
     leaves = [c.requires_grad_(), *summary_ext.op_arguments(norm, attn)]
 
-    def run(autocast_forward, autocast_backward):
+    def run(inputs, autocast_forward, autocast_backward):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_forward):
-            out = torch.ops.vitaclip.summary_attention(*leaves, 2, norm.eps)[0]
+            out = torch.ops.vitaclip.summary_attention(*inputs, 2, norm.eps)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_backward):
-            return [out, *torch.autograd.grad(out, leaves, grad)]
+            return [out, *torch.autograd.grad(out, inputs, grad.to(out.dtype))]
 
-    plain = run(False, False)
-    for got in (run(True, False), run(False, True)):
-        for g, want in zip(got, plain):
-            assert g.dtype == torch.float32
-            torch.testing.assert_close(g, want, rtol=0, atol=0)
+    cast = [t.detach().bfloat16().requires_grad_() for t in leaves]
+    expected = [t.float() for t in run(cast, False, False)]
+    for got, want in zip(run(leaves, True, False), expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain = run(leaves, False, False)
+    for got, want in zip(run(leaves, False, True), plain):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (plain[0] - expected[0]).abs().max() > 0  # the autocast run did compute in bf16
 
 
 @needs_ext
@@ -323,9 +350,9 @@ def test_bad_input_is_a_value_error():
         torch.ops.vitaclip.summary_attention(*op_args(torch.randn(2, 8), norm, attn, 2))
     with pytest.raises(ValueError, match="dtype"):
         torch.ops.vitaclip.summary_attention(*op_args(torch.randn(1, 2, 8, dtype=torch.float64), norm, attn, 2))
-    with pytest.raises(ValueError, match="qkv_weight has shape"):
+    with pytest.raises(ValueError, match="k_weight has shape"):
         args = list(op_args(torch.randn(1, 2, 8), norm, attn, 2))
-        args[3] = torch.randn(8, 8)
+        args[5] = torch.randn(16, 8)
         torch.ops.vitaclip.summary_attention(*args)
 
 

@@ -68,14 +68,14 @@ def test_hundreds_of_groups_as_a_multi_view_evaluation_batch():
     assert_no_worse_than_pytorch([out, *grads], [ref_out, *ref_grads], [reference[0], *reference[1]], 1e-2)
 
 
-def test_the_op_inside_a_cuda_autocast_region_computes_in_its_inputs_dtype():
+def test_the_op_inside_a_cuda_autocast_region_runs_as_on_inputs_cast_to_its_dtype():
     norm, attn = make_summary_layer(256, 4, device="cuda", seed=3)
-    args = (torch.randn(4, 8, 256, device="cuda"), *summary_ext.op_arguments(norm, attn), 4, norm.eps)
-    plain = torch.ops.vitaclip.summary_attention(*args)[0]
+    args = (torch.randn(4, 8, 256, device="cuda"), *summary_ext.op_arguments(norm, attn))
+    cast = torch.ops.vitaclip.summary_attention(*(a.bfloat16() for a in args), 4, norm.eps)[0]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        inside = torch.ops.vitaclip.summary_attention(*args)[0]
+        inside = torch.ops.vitaclip.summary_attention(*args, 4, norm.eps)[0]
     assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+    torch.testing.assert_close(inside, cast.float(), rtol=0, atol=0)
 
 
 def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
@@ -93,9 +93,10 @@ def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
         saved = [torch.randn(rows, width, device="cuda"), torch.randn(rows, 3 * width, device="cuda"),
                  torch.randn(rows, width, device="cuda"), torch.randn(rows, device="cuda"), torch.randn(rows, device="cuda")]
         weights = [p.detach() for p in summary_ext.op_arguments(norm, attn)]
+        qkv_weight, qkv_bias = torch.cat(weights[2:8:2]), torch.cat(weights[3:8:2])
         with pytest.raises(ValueError, match="65536 frames.*32-bit"):
-            torch.ops.vitaclip.summary_attention_backward(torch.randn_like(c), c, *saved, weights[0], weights[2],
-                                                          weights[3], weights[4], 1)
+            torch.ops.vitaclip.summary_attention_backward(torch.randn_like(c), c, *saved, weights[0], qkv_weight,
+                                                          qkv_bias, weights[8], 1)
         print("backward refused")
     """)
     assert printed.splitlines() == ["forward refused", "backward refused"]

@@ -65,12 +65,14 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _summary_attention_fake(c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias, num_heads, eps):
+def _summary_attention_fake(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight,
+                            out_bias, num_heads, eps):
     groups, frames, width = c.shape
     rows = groups * frames
     stats = c.new_empty(rows, dtype=_stat_dtype(c.dtype))
     return (c.new_empty(groups, frames, width), c.new_empty(rows, width), c.new_empty(rows, 3 * width),
-            c.new_empty(rows, width), stats, torch.empty_like(stats))
+            c.new_empty(rows, width), stats, torch.empty_like(stats), c.new_empty(3 * width, width),
+            c.new_empty(3 * width))
 
 
 def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight,
@@ -86,30 +88,21 @@ if is_built():
 
 
 def op_arguments(norm, attn) -> list:
-    """The op's parameter arguments from the modules: (ln_weight, ln_bias, qkv_weight, qkv_bias,
-    out_weight, out_bias), q/k/v stacked (differentiably: the stacking's backward splits the
-    gradient)."""
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)
-    if norm.weight is None or norm.bias is None or any(proj.bias is None for proj in projections):
+    """The op's parameter arguments from the modules: ln_weight, ln_bias, then weight and bias of
+    q, k, v and out."""
+    params = [norm.weight, norm.bias]
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+        params += (proj.weight, proj.bias)
+    if any(p is None for p in params):
         raise ValueError("summary_tokens: the compiled op needs a LayerNorm with affine parameters and "
                          "q/k/v/out projections with biases")
-    qkv = projections[:3]
-    return [norm.weight, norm.bias, torch.cat([proj.weight for proj in qkv]), torch.cat([proj.bias for proj in qkv]),
-            attn.out_proj.weight, attn.out_proj.bias]
+    return params
 
 
 def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
-    """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`."""
-    params = op_arguments(norm, attn)
-    if torch.is_autocast_enabled(c.device.type) and c.dtype != torch.float64:  # autocast leaves float64 alone
-        # Custom ops are not autocast: run in the autocast dtype as the projections would, and
-        # return the dtype of the residual sum c + out_proj(...) (the residual itself is added in
-        # the autocast dtype: the model's c comes from cls_proj in it anyway)
-        dtype = torch.get_autocast_dtype(c.device.type)
-        low = [p.to(dtype) for p in params]
-        out = torch.ops.vitaclip.summary_attention(c.to(dtype), *low, num_heads, norm.eps)[0]
-        return out.to(torch.promote_types(c.dtype, dtype))
-    return torch.ops.vitaclip.summary_attention(c, *params, num_heads, norm.eps)[0]
+    """s = c + MHSA(LN(c)) through the compiled op; same contract as `naive.summary_tokens`
+    (under autocast too: the op's autocast kernel casts as the projections would)."""
+    return torch.ops.vitaclip.summary_attention.default(c, *op_arguments(norm, attn), num_heads, norm.eps)[0]
 
 
 def shared_memory_fits(c: Tensor, num_heads: int) -> bool:
@@ -121,4 +114,16 @@ def shared_memory_fits(c: Tensor, num_heads: int) -> bool:
     frames, head_dim = c.shape[1], c.shape[2] // num_heads
     acc_bytes = 8 if c.dtype == torch.float64 else 4
     needed = (4 * frames * (head_dim + 1) + 2 * frames * frames) * acc_bytes
-    return needed <= torch.cuda.get_device_properties(c.device).shared_memory_per_block_optin
+    return needed <= shared_memory_per_block(c.device.index)
+
+
+_SHARED_MEMORY: Dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def shared_memory_per_block(index: int) -> int:
+    """The shared memory a block may opt in to on GPU `index`, asked once (asking costs microseconds
+    of host time on every summary step)."""
+    if index not in _SHARED_MEMORY:
+        _SHARED_MEMORY[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return _SHARED_MEMORY[index]
