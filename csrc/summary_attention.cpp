@@ -46,10 +46,9 @@ SummaryBackward call_backward(const variable_list& saved, const Tensor& grad_out
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("vitaclip::summary_attention_backward", "")
           .typed<SummaryBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, int64_t)>();
+                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
   return op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
-                 saved[8], saved[9], num_heads);
+                 saved[8], num_heads);
 }
 
 class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttentionFunction> {
@@ -59,17 +58,17 @@ class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttenti
                                const Tensor& k_bias, const Tensor& v_weight, const Tensor& v_bias,
                                const Tensor& out_weight, const Tensor& out_bias, int64_t num_heads, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, normed, qkv, heads_out, mean, rstd, qkv_weight, qkv_bias] = call_forward(
+    auto [out, normed, qkv, heads_out, mean, rstd, qkv_params] = call_forward(
         c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, num_heads,
         eps);
     // Only `out` is differentiable; the rest is what the backward reads.
-    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd, qkv_weight, qkv_bias});
-    // Their gradients are never used: without this, autograd fills seven zero tensors (one [M, 3C])
+    ctx->mark_non_differentiable({normed, qkv, heads_out, mean, rstd, qkv_params});
+    // Their gradients are never used: without this, autograd fills six zero tensors (one [M, 3C])
     // per backward, more kernel launches than the backward itself makes.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, qkv_bias, out_weight});
+    ctx->save_for_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_params, out_weight});
     ctx->saved_data["num_heads"] = num_heads;
-    return {out, normed, qkv, heads_out, mean, rstd, qkv_weight, qkv_bias};
+    return {out, normed, qkv, heads_out, mean, rstd, qkv_params};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -95,7 +94,7 @@ SummaryForward summary_attention_autograd(const Tensor& c, const Tensor& ln_weig
   const variable_list outs = SummaryAttentionFunction::apply(c, ln_weight, ln_bias, q_weight, q_bias, k_weight,
                                                              k_bias, v_weight, v_bias, out_weight, out_bias,
                                                              num_heads, eps);
-  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6], outs[7]};
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]};
 }
 
 // Autocast runs the op in its dtype, as it would the projections the op replaces (a custom op has no
@@ -126,15 +125,15 @@ SummaryForward summary_attention_autocast(const Tensor& c, const Tensor& ln_weig
 SummaryBackward summary_attention_backward_autograd(const Tensor& grad_out, const Tensor& c, const Tensor& normed,
                                                     const Tensor& qkv, const Tensor& heads_out, const Tensor& mean,
                                                     const Tensor& rstd, const Tensor& ln_weight,
-                                                    const Tensor& qkv_weight, const Tensor& qkv_bias,
-                                                    const Tensor& out_weight, int64_t num_heads) {
+                                                    const Tensor& qkv_params, const Tensor& out_weight,
+                                                    int64_t num_heads) {
   TORCH_CHECK(!torch::autograd::compute_requires_grad(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
-                                                      qkv_weight, qkv_bias, out_weight),
+                                                      qkv_params, out_weight),
               "summary_attention: double backward (create_graph=True) is not supported; "
               "set VITACLIP_DISABLE_EXT=1 to use the PyTorch path");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return call_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight, qkv_bias, out_weight},
-                       grad_out, num_heads);
+  return call_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_params, out_weight}, grad_out,
+                       num_heads);
 }
 
 }  // namespace
@@ -144,11 +143,10 @@ TORCH_LIBRARY(vitaclip, m) {
   m.def(
       "summary_attention(Tensor c, Tensor ln_weight, Tensor ln_bias, Tensor q_weight, Tensor q_bias, "
       "Tensor k_weight, Tensor k_bias, Tensor v_weight, Tensor v_bias, Tensor out_weight, Tensor out_bias, "
-      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "summary_attention_backward(Tensor grad_out, Tensor c, Tensor normed, Tensor qkv, Tensor heads_out, "
-      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_weight, Tensor qkv_bias, Tensor out_weight, "
-      "int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_params, Tensor out_weight, int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitaclip, Autograd, m) {

@@ -2,13 +2,14 @@
 //
 // The order of work is the same on every device and lives here; a device supplies four
 // fused kernels (a `Kernels` class with the static functions used below). The q/k/v projections
-// come as the modules hold them and are stacked here, W_qkv = [W_q; W_k; W_v] [3C, C] and
-// b_qkv = [b_q | b_k | b_v] [3C] (stacked by the caller in Python, they cost more host time per
-// call than the whole op takes on the GPU); the forward returns them for the backward.
+// come as the modules hold them and are stacked here by one copy, W_qkv = [W_q; W_k; W_v] [3C, C]
+// and b_qkv = [b_q | b_k | b_v] [3C] one after the other in `qkv_params` (stacked by the caller in
+// Python, they cost more host time per call than the whole op takes on the GPU); the forward
+// returns them for the backward.
 // Between the kernels the projections are ATen matmuls (cuBLAS / CPU BLAS) on all rows of the
 // batch at once:
 //
-//   forward:  stack W_qkv, b_qkv -> LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases
+//   forward:  stack qkv_params -> LN (kernel) -> [q|k|v] = LN(c) W_qkv^T (one matmul, biases
 //             added in the next kernel)
 //             -> attention per (group, head), also writing c + b_out (kernel)
 //             -> out = (c + b_out) + o W_out^T (one in-place matmul)
@@ -34,8 +35,7 @@
 
 namespace vitaclip {
 
-using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>;
+using SummaryForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using SummaryBackward =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -46,6 +46,20 @@ inline void check_parameter(const at::Tensor& c, const at::Tensor& p, at::IntArr
                     p.scalar_type(), " but c has ", c.scalar_type());
   TORCH_CHECK_VALUE(p.device() == c.device(), "summary_attention: ", name, " is on ", p.device(),
                     " but c is on ", c.device());
+}
+
+// [W_q; W_k; W_v] flat, then [b_q | b_k | b_v]: [3C * C + 3C].
+inline at::Tensor stack_qkv(const at::Tensor& q_weight, const at::Tensor& q_bias, const at::Tensor& k_weight,
+                            const at::Tensor& k_bias, const at::Tensor& v_weight, const at::Tensor& v_bias) {
+  return at::cat({q_weight.reshape(-1), k_weight.reshape(-1), v_weight.reshape(-1), q_bias, k_bias, v_bias});
+}
+
+inline at::Tensor qkv_weight_of(const at::Tensor& qkv_params, int64_t width) {
+  return qkv_params.narrow(0, 0, 3 * width * width).view({3 * width, width});
+}
+
+inline at::Tensor qkv_bias_of(const at::Tensor& qkv_params, int64_t width) {
+  return qkv_params.narrow(0, 3 * width * width, 3 * width);
 }
 
 // The shape of c [groups, frames, width].
@@ -88,13 +102,12 @@ inline SummaryShape check_summary_backward_inputs(const at::Tensor& grad_out, co
                                                   const at::Tensor& normed, const at::Tensor& qkv,
                                                   const at::Tensor& heads_out, const at::Tensor& mean,
                                                   const at::Tensor& rstd, const at::Tensor& ln_weight,
-                                                  const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                                                  const at::Tensor& qkv_params,
                                                   const at::Tensor& out_weight, int64_t num_heads) {
   const SummaryShape shape = check_summary_shape(c, num_heads);
   const int64_t rows = shape.rows(), w = shape.width;
   check_parameter(c, ln_weight, {w}, "ln_weight");
-  check_parameter(c, qkv_weight, {3 * w, w}, "qkv_weight");
-  check_parameter(c, qkv_bias, {3 * w}, "qkv_bias");
+  check_parameter(c, qkv_params, {3 * w * w + 3 * w}, "qkv_params");
   check_parameter(c, out_weight, {w, w}, "out_weight");
   check_parameter(c, grad_out, c.sizes(), "grad_out");
   check_parameter(c, normed, {rows, w}, "normed");
@@ -119,7 +132,7 @@ struct NoAutocast {
 
 // Returns (out [G, T, C], and what the backward needs: normed = LN(c) [M, C],
 // qkv = normed W_qkv^T without biases [M, 3C], heads_out = attention output [M, C], mean, rstd [M],
-// W_qkv [3C, C], b_qkv [3C]).
+// qkv_params).
 template <class Kernels>
 SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& ln_weight,
                                          const at::Tensor& ln_bias, const at::Tensor& q_weight,
@@ -133,8 +146,7 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   const c10::DeviceGuard guard(c.device());
   const NoAutocast no_autocast;
   const int64_t rows = shape.rows(), width = shape.width;
-  const at::Tensor qkv_weight = at::cat({q_weight, k_weight, v_weight});
-  const at::Tensor qkv_bias = at::cat({q_bias, k_bias, v_bias});
+  const at::Tensor qkv_params = stack_qkv(q_weight, q_bias, k_weight, k_bias, v_weight, v_bias);
   const at::Tensor x = c.contiguous().view({rows, width});
   const auto stat_options = c.options().dtype(at::toOpMathType(c.scalar_type()));
 
@@ -143,41 +155,42 @@ SummaryForward summary_attention_forward(const at::Tensor& c, const at::Tensor& 
   at::Tensor rstd = at::empty({rows}, stat_options);
   Kernels::layer_norm_forward(x, ln_weight.contiguous(), ln_bias.contiguous(), eps, normed, mean, rstd);
 
-  const at::Tensor qkv = at::mm(normed, qkv_weight.t());
+  const at::Tensor qkv = at::mm(normed, qkv_weight_of(qkv_params, width).t());
 
   at::Tensor heads_out = at::empty({rows, width}, c.options());
   at::Tensor out = at::empty({rows, width}, c.options());
-  Kernels::attention_forward(shape, qkv, qkv_bias, x, out_bias.contiguous(), heads_out, out);
+  Kernels::attention_forward(shape, qkv, qkv_bias_of(qkv_params, width), x, out_bias.contiguous(), heads_out, out);
   out.addmm_(heads_out, out_weight.t());
-  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd, qkv_weight, qkv_bias};
+  return {out.view({shape.groups, shape.frames, width}), normed, qkv, heads_out, mean, rstd, qkv_params};
 }
 
-// Gradients of (c, ln_weight, ln_bias, qkv_weight, qkv_bias, out_weight, out_bias) from the gradient
-// of `out` and what the forward returned.
+// Gradients of (c, ln_weight, ln_bias, W_qkv, b_qkv, out_weight, out_bias) from the gradient of `out`
+// and what the forward returned.
 template <class Kernels>
 SummaryBackward summary_attention_backward(const at::Tensor& grad_out, const at::Tensor& c,
                                            const at::Tensor& normed, const at::Tensor& qkv,
                                            const at::Tensor& heads_out, const at::Tensor& mean,
                                            const at::Tensor& rstd, const at::Tensor& ln_weight,
-                                           const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
-                                           const at::Tensor& out_weight, int64_t num_heads) {
+                                           const at::Tensor& qkv_params, const at::Tensor& out_weight,
+                                           int64_t num_heads) {
   const SummaryShape shape = check_summary_backward_inputs(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
-                                                           qkv_weight, qkv_bias, out_weight, num_heads);
+                                                           qkv_params, out_weight, num_heads);
   Kernels::check_sizes(shape);
   const int64_t rows = shape.rows(), width = shape.width;
   const c10::DeviceGuard guard(c.device());
   const NoAutocast no_autocast;
   const at::Tensor x = c.contiguous().view({rows, width});
   const at::Tensor dout = grad_out.contiguous().view({rows, width});
+  const at::Tensor stacked = qkv_params.contiguous();
 
   const at::Tensor grad_out_weight = at::mm(dout.t(), heads_out);
   const at::Tensor grad_heads = at::mm(dout, out_weight);
 
   at::Tensor grad_qkv = at::empty({rows, 3 * width}, c.options());
-  Kernels::attention_backward(shape, qkv.contiguous(), qkv_bias.contiguous(), grad_heads, grad_qkv);
+  Kernels::attention_backward(shape, qkv.contiguous(), qkv_bias_of(stacked, width), grad_heads, grad_qkv);
 
   const at::Tensor grad_qkv_weight = at::mm(grad_qkv.t(), normed);
-  const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight);
+  const at::Tensor grad_normed = at::mm(grad_qkv, qkv_weight_of(stacked, width));
 
   at::Tensor grad_c = at::empty({rows, width}, c.options());
   at::Tensor grad_ln_weight = at::empty({width}, c.options());

@@ -98,11 +98,11 @@ def test_gradcheck_float64():
 
 def backward_arguments(args, grad_out=None):
     """The backward op's arguments for the forward op's `args` (tensors detached)."""
-    _, normed, qkv, heads_out, mean, rstd, qkv_w, qkv_b = torch.ops.vitaclip.summary_attention(*args)
+    _, normed, qkv, heads_out, mean, rstd, qkv_params = torch.ops.vitaclip.summary_attention(*args)
     c, ln_weight, o_w, heads = args[0], args[1], args[9], args[11]
     grad_out = torch.randn(c.shape) if grad_out is None else grad_out
-    return [grad_out, c.detach(), normed, qkv, heads_out, mean, rstd,
-            *(p.detach() for p in (ln_weight, qkv_w, qkv_b, o_w)), heads]
+    return [grad_out, c.detach(), normed, qkv, heads_out, mean, rstd, ln_weight.detach(), qkv_params, o_w.detach(),
+            heads]
 
 
 @needs_ext
@@ -120,16 +120,16 @@ def test_backward_op_checks_its_inputs():
     """The backward op is public: a mismatched call is a clear error, not an out-of-bounds read."""
     norm, attn = make_summary_layer(16, 2)
     good = backward_arguments(op_args(torch.randn(3, 4, 16), norm, attn, 2))
-    bad = {11: (0, "divisible"), 7: (torch.randn(5), "ln_weight has shape"),
-           10: (torch.randn(16, 32), "out_weight has shape"), 0: (torch.randn(3, 4, 8), "grad_out has shape"),
-           5: (torch.randn(12, dtype=torch.float64), "mean must be")}
+    bad = {10: (0, "divisible"), 7: (torch.randn(5), "ln_weight has shape"),
+           8: (torch.randn(3 * 16 * 16), "qkv_params has shape"), 9: (torch.randn(16, 32), "out_weight has shape"),
+           0: (torch.randn(3, 4, 8), "grad_out has shape"), 5: (torch.randn(12, dtype=torch.float64), "mean must be")}
     for index, (value, message) in bad.items():
         args = list(good)
         args[index] = value
         with pytest.raises(ValueError, match=message):
             torch.ops.vitaclip.summary_attention_backward(*args)
     args = list(good)
-    args[11] = 3  # 16 is not a whole number of 3 heads
+    args[10] = 3  # 16 is not a whole number of 3 heads
     with pytest.raises(ValueError, match="divisible"):
         torch.ops.vitaclip.summary_attention_backward(*args)
 
@@ -137,7 +137,7 @@ def test_backward_op_checks_its_inputs():
 @needs_ext
 def test_backward_fills_no_zero_gradients_for_its_saved_outputs():
     """The op's other outputs (normed, qkv, ...) are for its backward only: autograd must not make
-    zero gradients for them (five more launches per layer on the GPU)."""
+    zero gradients for them (six more launches per layer on the GPU)."""
     norm, attn = make_summary_layer(64, 2)
     c = torch.randn(2, 3, 64, requires_grad=True)
     out = summary_ext.summary_tokens(c, norm, attn, 2)

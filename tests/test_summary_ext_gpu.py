@@ -93,10 +93,10 @@ def test_frame_counts_past_the_kernels_32_bit_sizes_are_refused():
         saved = [torch.randn(rows, width, device="cuda"), torch.randn(rows, 3 * width, device="cuda"),
                  torch.randn(rows, width, device="cuda"), torch.randn(rows, device="cuda"), torch.randn(rows, device="cuda")]
         weights = [p.detach() for p in summary_ext.op_arguments(norm, attn)]
-        qkv_weight, qkv_bias = torch.cat(weights[2:8:2]), torch.cat(weights[3:8:2])
+        qkv_params = torch.cat([w.flatten() for w in weights[2:8:2] + weights[3:8:2]])
         with pytest.raises(ValueError, match="65536 frames.*32-bit"):
-            torch.ops.vitaclip.summary_attention_backward(torch.randn_like(c), c, *saved, weights[0], qkv_weight,
-                                                          qkv_bias, weights[8], 1)
+            torch.ops.vitaclip.summary_attention_backward(torch.randn_like(c), c, *saved, weights[0], qkv_params,
+                                                          weights[8], 1)
         print("backward refused")
     """)
     assert printed.splitlines() == ["forward refused", "backward refused"]

@@ -71,12 +71,11 @@ def _summary_attention_fake(c, ln_weight, ln_bias, q_weight, q_bias, k_weight, k
     rows = groups * frames
     stats = c.new_empty(rows, dtype=_stat_dtype(c.dtype))
     return (c.new_empty(groups, frames, width), c.new_empty(rows, width), c.new_empty(rows, 3 * width),
-            c.new_empty(rows, width), stats, torch.empty_like(stats), c.new_empty(3 * width, width),
-            c.new_empty(3 * width))
+            c.new_empty(rows, width), stats, torch.empty_like(stats), c.new_empty(3 * width * width + 3 * width))
 
 
-def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_weight,
-                                     qkv_bias, out_weight, num_heads):
+def _summary_attention_backward_fake(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_params,
+                                     out_weight, num_heads):
     width = c.shape[-1]
     return (c.new_empty(c.shape), c.new_empty(width), c.new_empty(width), c.new_empty(3 * width, width),
             c.new_empty(3 * width), c.new_empty(width, width), c.new_empty(width))
