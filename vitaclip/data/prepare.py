@@ -106,7 +106,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
             matrix, stream = pyav.matrix_of(in_stream), None
             tags = {tag: getattr(in_stream.codec_context, tag)
                     for tag in ("colorspace", "color_primaries", "color_trc")}
-            for frame in source.decode(in_stream):
+            for frame in pyav.decoded_from_first_keyframe(source, in_stream):
                 if stream is None:  # the first frame tells how the video is shown (a phone's display rotation)
                     turns = pyav.quarter_turns(frame)
                     height, width = coded[::-1] if turns % 2 else coded

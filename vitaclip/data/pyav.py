@@ -1,17 +1,18 @@
 """PyAV decoding: probing (frame count, size, codec) and reading frames by index.
 
-Frame i is the i-th frame in presentation order, as the public code counted it. Frames
-come out as planar limited-range YUV 4:2:0 and are converted on the device
-(transforms.yuv420_to_rgb)."""
+Frame i is the i-th frame in presentation order, as the public code counted it, from the stream's
+first keyframe (see _decodable). Frames come out as planar limited-range YUV 4:2:0 and are
+converted on the device (transforms.yuv420_to_rgb)."""
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ try:
     from av.video.reformatter import ColorRange  # MPEG: limited (16..235), JPEG: full (0..255)
 except ImportError:  # the DALI-only machine has no PyAV
     av = None
+
+
+Packet = Tuple[Optional[int], Optional[int], bool]  # a demuxed packet's (pts, dts, is_keyframe)
 
 
 class VideoDecodeError(RuntimeError):
@@ -94,7 +98,7 @@ def file_display(path: str) -> Tuple[str, int, Fraction]:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, path, 1)
-            return _stream_display(stream, container.demux(stream))[:3]
+            return _stream_display(stream, container.demux(stream))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
@@ -123,7 +127,8 @@ def canonical_codec(name: str) -> str:
 
 def probe(path: str) -> VideoInfo:
     """Count frames by demuxing: one packet with data per shown frame (packets an MP4 edit list
-    discards are not shown); only the first frame is decoded, for its display rotation."""
+    discards are not shown), from the first keyframe (see _decodable); only the first frame is
+    decoded, for its display rotation."""
     _require_av()
     try:
         stamp = file_stamp(path)  # before reading: a file changed meanwhile is probed again next time
@@ -132,20 +137,29 @@ def probe(path: str) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
-            packets = container.demux(stream)
-            *display, frames = _stream_display(stream, packets)
-            frames += sum(1 for packet in packets if _shown(packet))
+            shown = []
+
+            def recorded(packets):
+                for packet in packets:
+                    if _shown(packet):
+                        shown.append((packet.pts, packet.dts, packet.is_keyframe))
+                    yield packet
+
+            packets = recorded(container.demux(stream))
+            display = _stream_display(stream, packets)
+            collections.deque(packets, maxlen=0)  # the rest, for their timestamps and keyframes
+            frames = len(_decodable(shown))
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp, *display)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
 
 
-def _stream_display(stream, packets: Iterator) -> Tuple[str, int, Fraction, int]:
-    """(matrix, turns, pixel_aspect) of a video (see VideoInfo), and how many shown frames it read of
-    `packets`, the stream's demuxed packets (the first frame's: see _first_frame)."""
+def _stream_display(stream, packets: Iterator) -> Tuple[str, int, Fraction]:
+    """(matrix, turns, pixel_aspect) of a video (see VideoInfo); reads of `packets`, the stream's
+    demuxed packets, those of its first frame (see _first_frame)."""
     matrix = matrix_of(stream)  # the header's: a decoder may report another once decoding (VP8)
-    first, shown = _first_frame(packets)
-    return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream), shown
+    first = _first_frame(packets)
+    return matrix, quarter_turns(first) if first else 0, pixel_aspect(stream)
 
 
 # the packets decoded, at most, for a video's display rotation: a stream that gives no frame by then
@@ -153,21 +167,50 @@ def _stream_display(stream, packets: Iterator) -> Tuple[str, int, Fraction, int]
 FIRST_FRAME_PACKETS = 64
 
 
-def _first_frame(packets: Iterator) -> Tuple[Optional[object], int]:
-    """(the first frame decoded from the next of `packets`, or None; how many of the packets read
-    are shown frames). Reads until a frame comes (a decoder holds its first frames back a few
-    packets) or FIRST_FRAME_PACKETS were read; a packet the decoder rejects (a broken first
-    keyframe) only moves on to the next."""
-    shown = 0
+def _first_frame(packets: Iterator) -> Optional[object]:
+    """The first frame decoded from the next of `packets`, or None. Reads until a frame comes (a
+    decoder holds its first frames back a few packets) or FIRST_FRAME_PACKETS were read; a packet
+    the decoder rejects (a broken first keyframe, or frames before it) only moves on to the next."""
     for packet in itertools.islice(packets, FIRST_FRAME_PACKETS):
-        shown += _shown(packet)
         try:
             frame = next(iter(packet.decode()), None)
         except av.FFmpegError:
             continue
         if frame is not None:
-            return frame, shown
-    return None, shown
+            return frame
+    return None
+
+
+def _decodable(packets: List[Packet]) -> List[Packet]:
+    """Of a stream's shown packets (pts, dts, is_keyframe) in decoding order, those of the frames
+    that count: from the first keyframe on, less any shown before it (an open group of pictures'
+    leading frames). A stream copied out of a longer one without re-encoding may start within a
+    group of pictures, with frames that refer to frames it lacks: decoders drop or reject them, so
+    counting them would shift every frame index. A stream with no keyframe flagged counts whole."""
+    first = next((i for i, (_, _, key) in enumerate(packets) if key), None)
+    if first is None:
+        return packets
+    start = packets[first][0]
+    return [p for p in packets[first:] if start is None or p[0] is None or p[0] >= start]
+
+
+def decoded_from_first_keyframe(container, stream) -> Iterator:
+    """The stream's frames that count (see _decodable), decoded in order: packets before the first
+    keyframe are not decoded, frames shown before it are dropped."""
+    packets = container.demux(stream)
+    held = []
+    for packet in packets:
+        if packet.is_keyframe:
+            break
+        held.append(packet)
+    else:  # no keyframe flagged: the whole stream
+        yield from (frame for packet in held for frame in packet.decode())
+        return
+    start = packet.pts
+    for packet in itertools.chain([packet], packets):
+        for frame in packet.decode():
+            if start is None or frame.pts is None or frame.pts >= start:
+                yield frame
 
 
 def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
@@ -185,7 +228,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, path, threads)
-            packets = [(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if _shown(p)]
+            packets = _decodable([(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if _shown(p)])
             if len(packets) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
             seekable = (all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
@@ -202,7 +245,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
             # cannot seek cannot go back to its start after the demux pass either: read the file again
             with av.open(path) as container:
                 stream = _slice_threaded_video(container, path, threads)
-                _decode_in_order(container.decode(stream), indices, out)
+                _decode_in_order(decoded_from_first_keyframe(container, stream), indices, out)
     except (av.FFmpegError, OSError) as e:
         raise VideoDecodeError(f"{path}: decoding failed ({e})") from e
     if out.filled < len(indices):
