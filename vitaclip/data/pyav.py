@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ except ImportError:  # the DALI-only machine has no PyAV
     av = None
 
 
-Packet = Tuple[Optional[int], Optional[int], bool]  # a demuxed packet's (pts, dts, is_keyframe)
+# a demuxed packet's (pts, dts, is_keyframe, shown: see _shown)
+Packet = Tuple[Optional[int], Optional[int], bool, bool]
 
 
 class VideoDecodeError(RuntimeError):
@@ -137,18 +138,17 @@ def probe(path: str) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
-            shown = []
+            read = []
 
             def recorded(packets):
                 for packet in packets:
-                    if _shown(packet):
-                        shown.append((packet.pts, packet.dts, packet.is_keyframe))
+                    read.append(packet)
                     yield packet
 
             packets = recorded(container.demux(stream))
             display = _stream_display(stream, packets)
             collections.deque(packets, maxlen=0)  # the rest, for their timestamps and keyframes
-            frames = len(_decodable(shown))
+            frames = sum(shown for *_, shown in _decodable(_described(read)))
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp, *display)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
@@ -181,17 +181,23 @@ def _first_frame(packets: Iterator) -> Optional[object]:
     return None
 
 
+def _described(packets: Iterable) -> List[Packet]:
+    """The packets with data, as Packet tuples."""
+    return [(p.pts, p.dts, p.is_keyframe, _shown(p)) for p in packets if p.size > 0]
+
+
 def _decodable(packets: List[Packet]) -> List[Packet]:
-    """Of a stream's shown packets (pts, dts, is_keyframe) in decoding order, those of the frames
-    that count: from the first keyframe on, less any shown before it (an open group of pictures'
-    leading frames). A stream copied out of a longer one without re-encoding may start within a
-    group of pictures, with frames that refer to frames it lacks: decoders drop or reject them, so
-    counting them would shift every frame index. A stream with no keyframe flagged counts whole."""
-    first = next((i for i, (_, _, key) in enumerate(packets) if key), None)
+    """Of a stream's packets in decoding order, those that count: from the first keyframe on (shown
+    or not: an edit list may start the video after it), less the shown ones shown before it (an
+    open group of pictures' leading frames). A stream copied out of a longer one without
+    re-encoding may start within a group of pictures, with frames that refer to frames it lacks:
+    decoders drop or reject them, so counting them would shift every frame index. A stream with
+    no keyframe flagged counts whole."""
+    first = next((i for i, (_, _, key, _) in enumerate(packets) if key), None)
     if first is None:
         return packets
     start = packets[first][0]
-    return [p for p in packets[first:] if start is None or p[0] is None or p[0] >= start]
+    return [p for p in packets[first:] if not p[3] or start is None or p[0] is None or p[0] >= start]
 
 
 def decoded_from_first_keyframe(container, stream) -> Iterator:
@@ -228,11 +234,12 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, path, threads)
-            packets = _decodable([(p.pts, p.dts, p.is_keyframe) for p in container.demux(stream) if _shown(p)])
-            if len(packets) <= indices[-1]:
-                raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(packets)} frames)")
-            seekable = (all(pts is not None for pts, _, _ in packets) and any(key for _, _, key in packets)
-                        and not _guessed_timestamps(stream, packets))
+            packets = _decodable(_described(container.demux(stream)))
+            shown = [p for p in packets if p[3]]
+            if len(shown) <= indices[-1]:
+                raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(shown)} frames)")
+            seekable = (all(pts is not None for pts, *_ in shown) and any(key for _, _, key, _ in packets)
+                        and not _guessed_timestamps(stream, shown))
             if seekable:
                 try:
                     _decode_seeking(container, stream, packets, indices, out)
@@ -337,11 +344,13 @@ def _guessed_timestamps(stream, packets) -> bool:
 def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
     """Raises _SeekMissed where the decoder gives other timestamps than the demux pass, or ends
     early, after a seek."""
-    timestamps = sorted(pts for pts, _, _ in packets)  # presentation order: frame i has timestamps[i]
+    # presentation order: frame i has timestamps[i]
+    timestamps = sorted(pts for pts, _, _, shown in packets if shown)
     # keyframes by presentation time, with their decoding time: demuxers whose index holds
     # decoding times (AVI) land on a later keyframe when given a presentation time past it
     # (B-frames); others (Matroska) land a keyframe early when given a decoding time
-    keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key in packets if key)
+    keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key, _ in packets
+                       if key and pts is not None)
     keyframe_pts = [pts for pts, _ in keyframes]
     position = None  # timestamp of the last frame decoded
     same = 0  # frames decoded with that timestamp before the last one (badly muxed files repeat timestamps)
