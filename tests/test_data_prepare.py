@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("av")
 
+from conftest import run_in_own_process
 from vitaclip.data import VideoDecodeError, VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta
@@ -418,3 +419,21 @@ def test_prepare_tags_outputs_with_the_sources_header_tag_which_a_decoder_may_co
     assert prepare(*args, workers=1, progress=False).written == 1
     assert pyav.probe(str(tmp_path / "out" / "videos" / "bars.mp4")).matrix == "bt709"
     assert prepare(*args, workers=1, progress=False).reused == 1
+
+
+def test_a_fork_server_prepare_starts_preloads_what_the_loaders_workers_need(vp9_dataset, tmp_path):
+    """Whichever pool starts the process's one fork server, its workers start with the loader (torch,
+    PyAV) imported: a server `prepare` started bare made the loader's workers import torch each
+    (seconds, past a short worker timeout) and run threads that take stop signals meant for them."""
+    root, _ = vp9_dataset
+    printed = run_in_own_process(f"""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        import preload_probe
+        from vitaclip.data.prepare import EncodeSettings, prepare
+        prepare({str(root / "list.csv")!r}, {str(tmp_path / "out")!r}, {str(root)!r},
+                EncodeSettings(short_side=32), workers=1, progress=False)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            print(pool.submit(preload_probe.loader_was_imported).result())
+    """)
+    assert printed.split() == ["True"]

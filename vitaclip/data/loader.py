@@ -257,11 +257,7 @@ class VideoLoader:
             yield from ([decode_with_pyav(*task) for task in batch] for batch in tasks)
             return
         if self._workers is None:
-            # persistent processes, forked by a fork server that has imported this module once:
-            # forking this process (which may run DALI, PyAV or CUDA threads) can deadlock
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            start_fork_server()  # shielded from the job's stop signals, as the workers are
+            context = fork_server_context()  # persistent processes
             self._epoch_tasks = _EpochTasks()
             self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
                 _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
@@ -504,6 +500,19 @@ def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
     for entry in entries:
         digest.update(f"{listed_path(entry.path, data_root)},{entry.label}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def fork_server_context():
+    """The multiprocessing context of the package's worker pools (the loader's PyAV workers,
+    `prepare`'s encoders): processes forked by one fork server that has imported this module (torch,
+    PyAV) once, so that a worker starts in milliseconds with one thread, whichever pool starts the
+    server first (a server started without the import made every later pool's workers import torch
+    themselves, seconds each, and left them unshielded from stop signals). Forking this process,
+    which may run DALI, PyAV or CUDA threads, can deadlock."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    start_fork_server()  # shielded from the job's stop signals, as the workers are
+    return context
 
 
 def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:

@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -36,6 +35,7 @@ from ..engine.distributed import usable_cores
 from ..files import atomic_write_text, fsync_file, fsync_folder, publish
 from . import pyav
 from .lists import read_video_list, write_video_list
+from .loader import fork_server_context
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
 
@@ -295,8 +295,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     results = {}
 
     def new_pool(size: int) -> ProcessPoolExecutor:
-        # a fork server, not fork: the caller may run threads (PyAV, DALI) that a fork would copy mid-lock
-        return ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("forkserver"))
+        return ProcessPoolExecutor(size, mp_context=fork_server_context())
 
     def finish(name: str, future) -> None:
         try:
