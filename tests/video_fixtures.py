@@ -30,6 +30,26 @@ def transcode(src, dst, codec, size, max_frames, rate=25, options=None):
     return n
 
 
+def remux(src, dst, first_packet=0, hidden_frames=0):
+    """Copy src's video packets with data, from the `first_packet`-th in decoding order on, without
+    re-encoding (a cut that may start within a group of pictures), their timestamps moved
+    `hidden_frames` frames earlier: MP4 then starts with an edit list that hides those frames.
+    Returns the packets copied."""
+    av = pytest.importorskip("av")
+    with av.open(src) as source, av.open(dst, "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        packets = [packet for packet in source.demux(video=0) if packet.size][first_packet:]
+        if hidden_frames:  # (a raw stream has no timestamps to move)
+            shown = sorted(packet.pts for packet in packets)
+            shift = hidden_frames * (shown[1] - shown[0])
+            for packet in packets:
+                packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+        for packet in packets:
+            packet.stream = stream
+            out.mux(packet)
+    return packets
+
+
 @pytest.fixture(scope="session")
 def vp9_dataset(tmp_path_factory):
     """Three real clips as small VP9 webm files (different sizes and lengths) + a list."""
