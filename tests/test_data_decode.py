@@ -3,6 +3,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,7 +74,6 @@ def test_a_pixel_shape_past_any_anamorphic_video_is_taken_for_a_broken_tag(tmp_p
 
 
 def test_display_rotations_count_to_the_nearest_quarter_turn():
-    from types import SimpleNamespace
 
     turns = [pyav.quarter_turns(SimpleNamespace(rotation=degrees)) for degrees in (0, 89, 90, -1, -90, 180, -180, 271)]
     assert turns == [0, 1, 1, 0, 3, 2, 2, 3]
@@ -841,3 +841,25 @@ def test_dali_cpu_counts_an_edit_lists_frames_as_pyav_does(tmp_path, mode):
     for k, clip in enumerate(got):
         mae = (clip.permute(0, 3, 1, 2).float() - want[k:k + 1]).abs().mean() / 255
         assert mae < 2 / 255, f"frame {idx[k]}: {mae}"
+
+
+class _FakePacket:
+    """A demuxed packet whose decoding gives frames of the given presentation times."""
+
+    def __init__(self, pts, is_keyframe, decodes_to):
+        self.pts, self.is_keyframe, self.decodes_to = pts, is_keyframe, decodes_to
+
+    def decode(self):
+        return [SimpleNamespace(pts=pts) for pts in self.decodes_to]
+
+
+def test_decoding_in_order_starts_at_the_first_keyframe_and_drops_frames_shown_before_it():
+    # decoding order: a cut group's frame, a keyframe at 40 whose decoder returns it late, the open
+    # group's leading frame 30, then 50; the flush packet returns what the decoder held back
+    packets = [_FakePacket(10, False, []), _FakePacket(40, True, []), _FakePacket(30, False, [30]),
+               _FakePacket(50, False, [40]), _FakePacket(None, False, [50])]
+    container = SimpleNamespace(demux=lambda stream: iter(packets))
+    assert [f.pts for f in pyav.decoded_from_first_keyframe(container, None)] == [40, 50]
+    no_keyframe = [_FakePacket(0, False, [0]), _FakePacket(10, False, [10]), _FakePacket(None, False, [])]
+    container = SimpleNamespace(demux=lambda stream: iter(no_keyframe))
+    assert [f.pts for f in pyav.decoded_from_first_keyframe(container, None)] == [0, 10]
