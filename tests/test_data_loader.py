@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("av")
 import torch.nn.functional as F
 
+from video_fixtures import forbid_probing
 from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, pyav, sampling
 from vitaclip.data.transforms import to_rgb
 
@@ -315,6 +316,28 @@ def test_dali_reader_skips_a_corrupt_video_and_reads_the_others_every_epoch(vp9_
         assert sorted(int(i) for b in ld for i in b.video_id) == [0, 1, 2, 4, 5]
     assert len(ld.skipped) == 1 and "list.csv:4" in ld.skipped[0]
     assert decoded_alone == [str(tmp_path / "v3.webm")] * 2 and decoder_mode == []  # the reader read the others
+
+
+def test_a_probe_that_crashes_fails_its_video_only(vp9_dataset, tmp_path):
+    """New videos are probed in worker processes: a decoder crashing on one (FFmpeg on a damaged
+    file) ends a worker, not the loader, and only that video fails, named; the others are probed
+    (those in flight with it too) and recorded."""
+    from worker_faults import crashing_probe
+    from vitaclip.data.lists import read_video_list
+    from vitaclip.data.meta import meta_path, read_meta, video_infos
+
+    root, rows = vp9_dataset
+    names = ["slow0.webm", "crash.webm", "slow2.webm", "slow3.webm", "v4.webm", "v5.webm", "v6.webm"]
+    for i, name in enumerate(names):
+        shutil.copy(root / rows[i % 3][0], tmp_path / name)
+    lst = tmp_path / "list.csv"
+    lst.write_text("".join(f"{name},0\n" for name in names))
+    infos = video_infos(read_video_list(str(lst), str(tmp_path)), str(lst), str(tmp_path), workers=2,
+                        probe=crashing_probe)
+    crashed = infos.pop(1)
+    assert isinstance(crashed, VideoDecodeError) and "list.csv:2 (" in str(crashed) and "crashed" in str(crashed)
+    assert [info.frames for info in infos] == [rows[i % 3][2] for i in range(len(names)) if i != 1]
+    assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != "crash.webm")
 
 
 @pytest.mark.parametrize("change", ["another data root", "video replaced"])
@@ -776,7 +799,7 @@ def test_sidecar_rows_without_the_display_read_it_off_the_file_without_probing_a
         open(sidecar, "w").write(old_rows)
         assert read_meta(sidecar)["phone.mp4"].turns is None
         with monkeypatch.context() as patched:
-            patched.setattr(pyav, "probe", lambda path: pytest.fail("probed again: the row still holds"))
+            forbid_probing(patched)  # the row still holds: its display is read, not the whole file
             assert displays() == shown
         assert [(i.matrix, i.turns) for i in read_meta(sidecar).values()] == [("bt709", 0), ("bt601", 1)]  # recorded
     # a DALI-only machine: as coded, in the recorded matrix, else BT.601 (what DALI assumes), with a warning

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("av")
 
 from conftest import run_in_own_process
+from video_fixtures import forbid_probing
 from vitaclip.data import VideoDecodeError, VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta
@@ -81,7 +82,7 @@ def test_cli_and_loader_on_prepared_data_needs_no_probe(source_list, tmp_path, c
     argv = [str(lst), str(out), "--data-root", str(root), "--short-side", "40", "--workers", "1"]
     assert main(argv + ["--on-error", "skip"]) == 1  # entries failed
     assert "3 encoded, 0 already done, 2 failed" in capsys.readouterr().out
-    monkeypatch.setattr(pyav, "probe", lambda path: pytest.fail("the sidecar should make probing unnecessary"))
+    forbid_probing(monkeypatch)
     ld = VideoLoader(str(out / "src.csv"), str(out), train=True, batch_size=3, num_frames=4, stride=4,
                      size=32, backend="pyav", num_workers=0, device="cpu")
     batch = next(iter(ld))

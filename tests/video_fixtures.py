@@ -50,6 +50,21 @@ def remux(src, dst, first_packet=0, hidden_frames=0):
     return packets
 
 
+def forbid_probing(patcher):
+    """Makes probing a video fail the test, through `patcher` (a monkeypatch): for checks that a
+    sidecar made it unnecessary (probes run in worker processes, which a patched pyav.probe would not
+    reach)."""
+    from vitaclip.data import meta
+
+    read = meta._read_in_workers
+
+    def checked(probe, to_probe, to_show, workers):
+        assert not to_probe, f"probed {[entry.path for entry in to_probe]}: the sidecar should hold them"
+        return read(probe, to_probe, to_show, workers)
+
+    patcher.setattr(meta, "_read_in_workers", checked)
+
+
 @pytest.fixture(scope="session")
 def vp9_dataset(tmp_path_factory):
     """Three real clips as small VP9 webm files (different sizes and lengths) + a list."""

@@ -31,3 +31,15 @@ def crashing_prepare_job(src, dst, settings, reuse):
     if "crash" in os.path.basename(src):
         os._exit(1)
     return _job(src, dst, settings, reuse)
+
+
+def crashing_probe(entry):
+    """The loader's probe of one video, dying as a crashed FFmpeg would on a video with "crash" in its
+    name, and taking half a second over one with "slow" (still running when another worker dies)."""
+    from vitaclip.data.meta import _probe
+
+    if "crash" in os.path.basename(entry.path):
+        os._exit(1)
+    if "slow" in os.path.basename(entry.path):
+        time.sleep(0.5)
+    return _probe(entry)

@@ -9,20 +9,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
-from ..engine.stopping import shield_workers, start_fork_server
+from ..engine.stopping import shield_workers
 from . import dali, pyav, sampling
 from .augment import RandAugment
 from .lists import VideoEntry, check_error_policy, listed_path, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import Yuv420, frame_size, normalize, resize, resized_crop, to_device, to_rgb
+from .workers import fork_server_context
 
 log = logging.getLogger(__name__)
 
@@ -500,19 +500,6 @@ def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
     for entry in entries:
         digest.update(f"{listed_path(entry.path, data_root)},{entry.label}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def fork_server_context():
-    """The multiprocessing context of the package's worker pools (the loader's PyAV workers,
-    `prepare`'s encoders): processes forked by one fork server that has imported this module (torch,
-    PyAV) once, so that a worker starts in milliseconds with one thread, whichever pool starts the
-    server first (a server started without the import made every later pool's workers import torch
-    themselves, seconds each, and left them unshielded from stop signals). Forking this process,
-    which may run DALI, PyAV or CUDA threads, can deadlock."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    start_fork_server()  # shielded from the job's stop signals, as the workers are
-    return context
 
 
 def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:

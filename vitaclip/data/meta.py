@@ -13,11 +13,13 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..files import atomic_write_text
 from . import pyav
+from . import workers as workers_module
 from .lists import VideoEntry, listed_path
 from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
 
@@ -64,24 +66,25 @@ def _row(key: str, info: VideoInfo) -> dict:
     return row
 
 
-def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
-                threads: int = 16) -> List:
+def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, workers: int = 16, *,
+                probe: Optional[Callable] = None) -> List:
     """One VideoInfo, or the VideoDecodeError explaining why not, per entry. Uses the
     sidecar's rows that still describe their file, probes the rest (and adds them to the
-    sidecar)."""
+    sidecar) in up to `workers` processes (see workers.py: a decoder crashing on a damaged
+    file fails that video, not the caller). `probe` probes one entry in a worker (tests give
+    one that crashes as FFmpeg might)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [listed_path(e.path, data_root) for e in entries]
-    with ThreadPoolExecutor(threads) as pool:  # threads: stat and probe wait on the disk
+    with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
         up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
-        to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]
-        if to_probe and not pyav.available():
-            raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
-                              "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
-        probed = list(pool.map(lambda ke: _probe(ke[1]), to_probe))
-        # rows written before the display was recorded: it is read off the file's headers and first frame
-        unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
-        displays = list(pool.map(lambda ke: _display(ke[1].path), unknown))
+    to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]
+    if to_probe and not pyav.available():
+        raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
+                          "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
+    # rows written before the display was recorded: it is read off the file's headers and first frame
+    unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
+    probed, displays = _read_in_workers(probe or _probe, [e for _, e in to_probe], [e for _, e in unknown], workers)
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
     found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
     if found:
@@ -100,6 +103,23 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str,
                     "read them: they are read as coded (phone video may come sideways)", len(guessed), list_file,
                     sidecar)
     return [known[k] for k in keys]
+
+
+def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int):
+    """(probe(entry) for to_probe, _display(entry.path) for to_show), read in worker processes. A
+    video whose worker died reading it is a VideoDecodeError (probe) or unread, None (display), as
+    are all displays without PyAV."""
+    shown = to_show if pyav.available() else []
+    calls = [(probe, e) for e in to_probe] + [(_display, e.path) for e in shown]
+    results = workers_module.map_in_workers(_call, calls, workers) if calls else []
+    probed = [VideoDecodeError(f"{e.where()}: the decoder crashed on it (its worker process died)")
+              if isinstance(r, BrokenProcessPool) else r for e, r in zip(to_probe, results)]
+    displays = [None if isinstance(r, BrokenProcessPool) else r for r in results[len(to_probe):]]
+    return probed, displays + [None] * (len(to_show) - len(shown))
+
+
+def _call(fn: Callable, *args):
+    return fn(*args)
 
 
 def _with_display(info: VideoInfo, matrix: str, turns: int, pixel_aspect: Fraction) -> VideoInfo:

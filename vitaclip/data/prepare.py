@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -35,9 +34,9 @@ from ..engine.distributed import usable_cores
 from ..files import atomic_write_text, fsync_file, fsync_folder, publish
 from . import pyav
 from .lists import read_video_list, write_video_list
-from .loader import fork_server_context
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
+from .workers import as_completed, fork_server_context
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
@@ -239,26 +238,6 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
     atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
-def _as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
-    """(key, args, future) of fn(*args) for each (key, args) taken from the iterator `calls`, as
-    they finish. At most in_flight are submitted at a time, so that stopping early leaves no queue
-    of work behind; `running` (future -> (key, args)) holds those not yet yielded: after a worker
-    died, what was in flight (a broken pool's futures all end with BrokenProcessPool)."""
-    while True:
-        for key, args in itertools.islice(calls, in_flight - len(running)):
-            try:
-                future = pool.submit(fn, *args)
-            except BrokenProcessPool as broken:  # kept with the others in flight, which share its fate
-                future = Future()
-                future.set_exception(broken)
-            running[future] = (key, args)
-        if not running:
-            return
-        finished, _ = wait(running, return_when=FIRST_COMPLETED)
-        for future in finished:
-            yield (*running.pop(future), future)
-
-
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
             workers: Optional[int] = None, on_error: str = "raise", progress: bool = True, *,
             job: Callable = _job) -> PrepareResult:
@@ -354,7 +333,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             while True:
                 running, current = {}, None
                 try:
-                    for name, args, future in _as_completed(pool, job, pending, workers, running):
+                    for name, args, future in as_completed(pool, job, pending, workers, running):
                         current = (name, args)
                         finish(name, future)
                         current = None

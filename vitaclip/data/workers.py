@@ -1,0 +1,87 @@
+"""Worker processes of the data tools: the loader's PyAV decoders, `prepare`'s encoders and the
+probes of new videos run in processes forked by one fork server, so that a decoder crashing on a
+damaged file (FFmpeg) ends a worker, never the caller, and no fork copies the caller's threads
+(DALI, PyAV, CUDA) mid-lock."""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterator, List, Sequence
+
+from ..engine.stopping import start_fork_server
+
+# what the fork server imports once, for every worker it forks: torch and PyAV, and the loader's
+# task code (the loader's workers unpickle it)
+PRELOAD = ["vitaclip.data.loader"]
+
+
+def fork_server_context():
+    """The multiprocessing context of the package's worker pools: processes forked by one fork
+    server that has imported PRELOAD, so that a worker starts in milliseconds with one thread,
+    whichever pool starts the server first (a server started without the import made every later
+    pool's workers import torch themselves, seconds each, and left them unshielded from stop
+    signals)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    start_fork_server()  # shielded from the job's stop signals, as the workers are
+    return context
+
+
+def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
+    """(key, args, future) of fn(*args) for each (key, args) taken from the iterator `calls`, as
+    they finish. At most in_flight are submitted at a time, so that stopping early leaves no queue
+    of work behind; `running` (future -> (key, args)) holds those not yet yielded: after a worker
+    died, what was in flight (a broken pool's futures all end with BrokenProcessPool)."""
+    while True:
+        for key, args in itertools.islice(calls, in_flight - len(running)):
+            try:
+                future = pool.submit(fn, *args)
+            except BrokenProcessPool as broken:  # kept with the others in flight, which share its fate
+                future = Future()
+                future.set_exception(broken)
+            running[future] = (key, args)
+        if not running:
+            return
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            yield (*running.pop(future), future)
+
+
+def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int) -> List:
+    """[fn(*args) for args in calls] run in up to `workers` worker processes, in order, with a
+    BrokenProcessPool in the place of a call whose worker died. A death fails every call in flight
+    with it: those are run again one at a time, so that only the one at fault keeps the failure.
+    `fn` reaches the workers by name: a module-level function."""
+    results: List = [None] * len(calls)
+    pending = iter(enumerate(calls))
+    workers = max(1, min(workers, len(calls)))
+    while True:
+        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+        running, current = {}, None
+        try:
+            for index, _, future in as_completed(pool, fn, pending, 2 * workers, running):
+                current = index
+                results[index] = future.result()
+                current = None
+            pool.shutdown()
+            return results
+        except BrokenProcessPool:
+            pool.shutdown(wait=False)
+            for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
+                results[index] = _alone(fn, calls[index])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _alone(fn: Callable, args: tuple):
+    """fn(*args) in a worker of its own: its result, or the BrokenProcessPool of its worker's death."""
+    pool = ProcessPoolExecutor(1, mp_context=fork_server_context())
+    try:
+        return pool.submit(fn, *args).result()
+    except BrokenProcessPool as death:
+        return death
+    finally:
+        pool.shutdown(wait=False)
