@@ -318,26 +318,28 @@ def test_dali_reader_skips_a_corrupt_video_and_reads_the_others_every_epoch(vp9_
     assert decoded_alone == [str(tmp_path / "v3.webm")] * 2 and decoder_mode == []  # the reader read the others
 
 
-def test_a_probe_that_crashes_fails_its_video_only(vp9_dataset, tmp_path):
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_probe_that_crashes_or_hangs_fails_its_video_only(vp9_dataset, tmp_path, fault):
     """New videos are probed in worker processes: a decoder crashing on one (FFmpeg on a damaged
-    file) ends a worker, not the loader, and only that video fails, named; the others are probed
-    (those in flight with it too) and recorded."""
-    from worker_faults import crashing_probe
+    file), or hanging past the timeout, ends a worker, not the loader, and only that video fails,
+    named; the others are probed (those in flight with it too) and recorded."""
+    from worker_faults import faulty_probe
     from vitaclip.data.lists import read_video_list
     from vitaclip.data.meta import meta_path, read_meta, video_infos
 
     root, rows = vp9_dataset
-    names = ["slow0.webm", "crash.webm", "slow2.webm", "slow3.webm", "v4.webm", "v5.webm", "v6.webm"]
+    names = ["slow0.webm", f"{fault}.webm", "slow2.webm", "slow3.webm", "v4.webm", "v5.webm", "v6.webm"]
     for i, name in enumerate(names):
         shutil.copy(root / rows[i % 3][0], tmp_path / name)
     lst = tmp_path / "list.csv"
     lst.write_text("".join(f"{name},0\n" for name in names))
-    infos = video_infos(read_video_list(str(lst), str(tmp_path)), str(lst), str(tmp_path), workers=2,
-                        probe=crashing_probe)
-    crashed = infos.pop(1)
-    assert isinstance(crashed, VideoDecodeError) and "list.csv:2 (" in str(crashed) and "crashed" in str(crashed)
+    infos = video_infos(read_video_list(str(lst), str(tmp_path)), str(lst), str(tmp_path), workers=2, timeout=2,
+                        probe=faulty_probe)
+    failed = infos.pop(1)
+    assert isinstance(failed, VideoDecodeError) and "list.csv:2 (" in str(failed)
+    assert "crashed on it, or hung for 2 s" in str(failed)
     assert [info.frames for info in infos] == [rows[i % 3][2] for i in range(len(names)) if i != 1]
-    assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != "crash.webm")
+    assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != f"{fault}.webm")
 
 
 @pytest.mark.parametrize("change", ["another data root", "video replaced"])

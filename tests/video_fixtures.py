@@ -58,9 +58,9 @@ def forbid_probing(patcher):
 
     read = meta._read_in_workers
 
-    def checked(probe, to_probe, to_show, workers):
+    def checked(probe, to_probe, *args):
         assert not to_probe, f"probed {[entry.path for entry in to_probe]}: the sidecar should hold them"
-        return read(probe, to_probe, to_show, workers)
+        return read(probe, to_probe, *args)
 
     patcher.setattr(meta, "_read_in_workers", checked)
 

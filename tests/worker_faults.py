@@ -33,13 +33,17 @@ def crashing_prepare_job(src, dst, settings, reuse):
     return _job(src, dst, settings, reuse)
 
 
-def crashing_probe(entry):
+def faulty_probe(entry):
     """The loader's probe of one video, dying as a crashed FFmpeg would on a video with "crash" in its
-    name, and taking half a second over one with "slow" (still running when another worker dies)."""
+    name, hanging on one with "hang", and taking half a second over one with "slow" (still running
+    when another worker dies)."""
     from vitaclip.data.meta import _probe
 
-    if "crash" in os.path.basename(entry.path):
+    name = os.path.basename(entry.path)
+    if "crash" in name:
         os._exit(1)
-    if "slow" in os.path.basename(entry.path):
+    if "hang" in name:
+        threading.Event().wait()
+    if "slow" in name:
         time.sleep(0.5)
     return _probe(entry)

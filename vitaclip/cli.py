@@ -364,7 +364,8 @@ def add_data(p, views: bool = True, lists: bool = True) -> None:
         p.add_argument("--min-frames", type=positive_int, default=1, help="videos with fewer frames are bad input")
         p.add_argument("--worker-timeout", type=float, default=600.0,
                        help="seconds without a decoded clip from the PyAV workers before the run stops, "
-                            "naming the videos awaited (a hung decoder)")
+                            "naming the videos awaited (a hung decoder); also the longest a new video's probe "
+                            "may take before it counts as a bad video")
     if views:
         p.add_argument("--temporal-views", type=positive_int, default=1, help="evenly spaced clips per video")
         p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")

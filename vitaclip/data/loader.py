@@ -72,7 +72,9 @@ class VideoLoader:
     process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
     DataLoader, a script using it needs an `if __name__ == "__main__":` guard. A worker that
     dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
-    VideoDecodeError naming the videos awaited; the next epoch starts a new pool."""
+    VideoDecodeError naming the videos awaited; the next epoch starts a new pool. Videos the
+    list's sidecar lacks are probed in such processes too: one whose probe crashes, or takes more
+    than `worker_timeout` seconds, is a bad video."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -120,7 +122,7 @@ class VideoLoader:
         self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
         for message in entries.skipped:
             self._bad(message)
-        infos = video_infos(entries, list_file, data_root)
+        infos = video_infos(entries, list_file, data_root, timeout=worker_timeout)
         # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
         # on one node only (a missing local copy, an NFS error) must not shift the others' shards
         self.num_entries = len(entries)

@@ -66,13 +66,13 @@ def _row(key: str, info: VideoInfo) -> dict:
     return row
 
 
-def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, workers: int = 16, *,
-                probe: Optional[Callable] = None) -> List:
+def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, workers: int = 16,
+                timeout: float = 600.0, *, probe: Optional[Callable] = None) -> List:
     """One VideoInfo, or the VideoDecodeError explaining why not, per entry. Uses the
     sidecar's rows that still describe their file, probes the rest (and adds them to the
     sidecar) in up to `workers` processes (see workers.py: a decoder crashing on a damaged
-    file fails that video, not the caller). `probe` probes one entry in a worker (tests give
-    one that crashes as FFmpeg might)."""
+    file, or hanging on it for `timeout` seconds, fails that video, not the caller). `probe`
+    probes one entry in a worker (tests give one that crashes or hangs as FFmpeg might)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [listed_path(e.path, data_root) for e in entries]
@@ -84,7 +84,8 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
                           "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
     # rows written before the display was recorded: it is read off the file's headers and first frame
     unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
-    probed, displays = _read_in_workers(probe or _probe, [e for _, e in to_probe], [e for _, e in unknown], workers)
+    probed, displays = _read_in_workers(probe or _probe, [e for _, e in to_probe], [e for _, e in unknown], workers,
+                                        timeout)
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
     found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
     if found:
@@ -105,14 +106,16 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
     return [known[k] for k in keys]
 
 
-def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int):
+def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int,
+                     timeout: float):
     """(probe(entry) for to_probe, _display(entry.path) for to_show), read in worker processes. A
     video whose worker died reading it is a VideoDecodeError (probe) or unread, None (display), as
     are all displays without PyAV."""
     shown = to_show if pyav.available() else []
     calls = [(probe, e) for e in to_probe] + [(_display, e.path) for e in shown]
-    results = workers_module.map_in_workers(_call, calls, workers) if calls else []
-    probed = [VideoDecodeError(f"{e.where()}: the decoder crashed on it (its worker process died)")
+    results = workers_module.map_in_workers(_call, calls, workers, timeout) if calls else []
+    probed = [VideoDecodeError(f"{e.where()}: the decoder crashed on it, or hung for {timeout:g} s (its worker "
+                               "process died)")
               if isinstance(r, BrokenProcessPool) else r for e, r in zip(to_probe, results)]
     displays = [None if isinstance(r, BrokenProcessPool) else r for r in results[len(to_probe):]]
     return probed, displays + [None] * (len(to_show) - len(shown))

@@ -5,10 +5,12 @@ damaged file (FFmpeg) ends a worker, never the caller, and no fork copies the ca
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing
+import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..engine.stopping import start_fork_server
 
@@ -49,19 +51,20 @@ def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
             yield (*running.pop(future), future)
 
 
-def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int) -> List:
+def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int, timeout: Optional[float] = None) -> List:
     """[fn(*args) for args in calls] run in up to `workers` worker processes, in order, with a
-    BrokenProcessPool in the place of a call whose worker died. A death fails every call in flight
-    with it: those are run again one at a time, so that only the one at fault keeps the failure.
-    `fn` reaches the workers by name: a module-level function."""
+    BrokenProcessPool in the place of a call whose worker died, or ran past `timeout` seconds (a
+    hang: the kernel ends the worker). A death fails every call in flight with it: those are run
+    again one at a time, so that only the one at fault keeps the failure. `fn` reaches the workers
+    by name: a module-level function."""
     results: List = [None] * len(calls)
-    pending = iter(enumerate(calls))
+    pending = ((index, (timeout, fn, *args)) for index, args in enumerate(calls))
     workers = max(1, min(workers, len(calls)))
     while True:
         pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
         running, current = {}, None
         try:
-            for index, _, future in as_completed(pool, fn, pending, 2 * workers, running):
+            for index, _, future in as_completed(pool, _within, pending, 2 * workers, running):
                 current = index
                 results[index] = future.result()
                 current = None
@@ -70,10 +73,25 @@ def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int) -> List:
         except BrokenProcessPool:
             pool.shutdown(wait=False)
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
-                results[index] = _alone(fn, calls[index])
+                results[index] = _alone(_within, (timeout, fn, *calls[index]))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _within(timeout: Optional[float], fn: Callable, *args):
+    """fn(*args) in a worker, which SIGALRM's default action ends if it takes more than `timeout`
+    seconds: a hang in a decoder's C code, which no Python handler could interrupt, then fails as a
+    crash does."""
+    if timeout is None:
+        return fn(*args)
+    previous = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(max(1, math.ceil(timeout)))
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _alone(fn: Callable, args: tuple):
