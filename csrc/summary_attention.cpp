@@ -146,7 +146,8 @@ TORCH_LIBRARY(vitaclip, m) {
       "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "summary_attention_backward(Tensor grad_out, Tensor c, Tensor normed, Tensor qkv, Tensor heads_out, "
-      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_params, Tensor out_weight, int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_params, Tensor out_weight, int num_heads) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vitaclip, Autograd, m) {

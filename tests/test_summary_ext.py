@@ -207,8 +207,8 @@ def test_the_gpu_question_is_answered_while_tracing_not_in_the_graph():
 def test_a_gpus_shared_memory_is_asked_once_and_while_tracing(monkeypatch):
     asked = []
     monkeypatch.setattr(summary_ext, "_SHARED_MEMORY", {})
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: asked.append(index) or SimpleNamespace(shared_memory_per_block_optin=1000 * index))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index)
+                        or SimpleNamespace(shared_memory_per_block_optin=1000 * index))
     assert [summary_ext.shared_memory_per_block(i) for i in (2, 1, 2)] == [2000, 1000, 2000]
     assert asked == [2, 1]
 
