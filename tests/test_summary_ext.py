@@ -357,7 +357,10 @@ def test_bad_input_is_a_value_error():
 
 
 @needs_ext
-def test_whole_model_same_with_extension_on_and_off(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_whole_model_same_with_extension_on_and_off(monkeypatch, autocast):
+    """Also under bf16 autocast (the op's autocast kernel against the projections' own casts),
+    there within bf16's rounding."""
     config = VitaCLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32, num_frames=3,
                             text_width=32, text_layers=1, text_heads=2, n_ctx=2, num_global_prompts=2)
     model = VitaCLIP(config, CLASSES)
@@ -374,13 +377,18 @@ def test_whole_model_same_with_extension_on_and_off(monkeypatch):
     def logits_and_grads(disable):
         monkeypatch.setenv(summary.DISABLE_ENV, disable)
         assert vitaclip.extension_available() == (disable == "0")
-        logits = model(video)
-        return logits, torch.autograd.grad(logits.square().sum(), params)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(video)
+        return logits, torch.autograd.grad(logits.float().square().sum(), params)
 
     logits, grads = logits_and_grads("0")
     assert len(ext_calls) == config.layers
     ref_logits, ref_grads = logits_and_grads("1")
     assert len(ext_calls) == config.layers
+    if autocast:
+        for name, got, want in zip(["logits", *names], [logits, *grads], [ref_logits, *ref_grads]):
+            assert got.dtype == want.dtype and relative_error(got, want) < 1e-2, (name, relative_error(got, want))
+        return
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     for name, g, ref_g in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
