@@ -308,20 +308,22 @@ def test_a_record_row_cut_short_does_not_swallow_the_next(vp9_dataset, tmp_path)
     assert list(read_sources(str(out))) == [os.path.join("videos", os.path.splitext(rows[0][0])[0] + ".mp4")]
 
 
-def test_a_video_the_encoder_crashes_on_is_left_out_in_skip_mode_and_named_in_raise_mode(vp9_dataset, tmp_path):
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_video_the_encoder_crashes_or_hangs_on_is_left_out_in_skip_mode_and_named_in_raise_mode(
+        vp9_dataset, tmp_path, fault):
     """A dead worker broke the whole pool: the run stopped with BrokenProcessPool, naming nothing,
-    even in skip mode."""
-    from worker_faults import crashing_prepare_job
+    even in skip mode; a hung one never ended."""
+    from worker_faults import faulty_prepare_job
 
     root, rows = vp9_dataset
-    for name, row in (("a", rows[0]), ("crash", rows[1]), ("b", rows[2]), ("c", rows[0])):
+    for name, row in (("a", rows[0]), (fault, rows[1]), ("b", rows[2]), ("c", rows[0])):
         shutil.copy(root / row[0], tmp_path / f"{name}.webm")
-    (tmp_path / "src.csv").write_text("a.webm,0\ncrash.webm,1\nb.webm,2\nc.webm,0\n")
-    with pytest.raises(VideoDecodeError, match=r"worker process died \(the encoder crashed\) on one of: .*crash.webm"):
-        prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), EncodeSettings(short_side=32),
-                workers=2, progress=False, job=crashing_prepare_job)
-    result = prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), EncodeSettings(short_side=32),
-                     workers=2, on_error="skip", progress=False, job=crashing_prepare_job)
+    (tmp_path / "src.csv").write_text(f"a.webm,0\n{fault}.webm,1\nb.webm,2\nc.webm,0\n")
+    kw = dict(settings=EncodeSettings(short_side=32), workers=2, progress=False, timeout=3, job=faulty_prepare_job)
+    with pytest.raises(VideoDecodeError, match=rf"worker process died \(the encoder crashed or ran past 3 s\) on "
+                                               rf"one of: .*{fault}.webm"):
+        prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), **kw)
+    result = prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), on_error="skip", **kw)
     assert len(result.failed) == 1 and "src.csv:2" in result.failed[0] and "encoder crashed" in result.failed[0]
     assert result.written + result.reused == 3
     assert [os.path.basename(e.path) for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [

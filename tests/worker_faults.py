@@ -24,12 +24,15 @@ class FaultyTasks(loader._PyAVTasks):
         return super().__getitem__(chunk)
 
 
-def crashing_prepare_job(src, dst, settings, reuse):
-    """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name."""
+def faulty_prepare_job(src, dst, settings, reuse):
+    """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name,
+    and hanging on one with "hang"."""
     from vitaclip.data.prepare import _job
 
     if "crash" in os.path.basename(src):
         os._exit(1)
+    if "hang" in os.path.basename(src):
+        threading.Event().wait()
     return _job(src, dst, settings, reuse)
 
 

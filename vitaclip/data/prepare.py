@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
-from .workers import as_completed, fork_server_context
+from .workers import as_completed, fork_server_context, within
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
@@ -45,6 +46,8 @@ SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, siz
 # and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
 # where the source's pixels are square; older ones (recorded without a format) are made again.
 OUTPUT_FORMAT = 3
+# seconds one video's encoding may take: far past any clip's (and a film's at 256 px), a hung encoder
+DEFAULT_TIMEOUT = 3600.0
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
@@ -239,9 +242,11 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
 
 
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
-            workers: Optional[int] = None, on_error: str = "raise", progress: bool = True, *,
-            job: Callable = _job) -> PrepareResult:
-    """`job` encodes one video in a worker process (tests give one that crashes as FFmpeg might)."""
+            workers: Optional[int] = None, on_error: str = "raise", progress: bool = True,
+            timeout: Optional[float] = DEFAULT_TIMEOUT, *, job: Callable = _job) -> PrepareResult:
+    """`job` encodes one video in a worker process (tests give one that crashes or hangs as FFmpeg
+    might); a video that takes more than `timeout` seconds is taken for a hung encoder (its worker
+    is ended, as if it had crashed)."""
     workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -273,6 +278,9 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     known = read_sources(out_dir)
     results = {}
 
+    encode = functools.partial(within, timeout, job)
+    died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
+
     def new_pool(size: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(size, mp_context=fork_server_context())
 
@@ -289,14 +297,14 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
         in raise mode an error naming them, else each again alone, to leave out the one at fault."""
         if on_error == "raise":
             where = "; ".join(first_of[name].where() for name, _ in lost)
-            raise VideoDecodeError(f"a worker process died (the encoder crashed) on one of: {where}; "
+            raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
                                    f"--on-error skip finds and leaves it out")
         for name, args in lost:
             alone = new_pool(1)
             try:
-                finish(name, alone.submit(job, *args))
+                finish(name, alone.submit(encode, *args))
             except BrokenProcessPool as crash:
-                fail(first_of[name], "the encoder crashed on it (its worker process died)", crash)
+                fail(first_of[name], f"{died} on it (its worker process died)", crash)
             finally:
                 alone.shutdown(wait=False)
             bar.update()
@@ -333,7 +341,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             while True:
                 running, current = {}, None
                 try:
-                    for name, args, future in as_completed(pool, job, pending, workers, running):
+                    for name, args, future in as_completed(pool, encode, pending, workers, running):
                         current = (name, args)
                         finish(name, future)
                         current = None
@@ -381,6 +389,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="a bad list line or video stops the run naming it, or is left out of the new list "
                              "(the exit status is then 1)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds a video's encoding may take before it is taken for a hung encoder and "
+                             "counts as a bad video")
     return parser
 
 
@@ -394,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = prepare(args.src_list, args.out_dir, args.data_root,
                      EncodeSettings(args.short_side, args.gop, args.crf, args.preset),
-                     args.workers, args.on_error)
+                     args.workers, args.on_error, timeout=args.timeout)
     print(f"wrote {result.list_file}: {result.written} encoded, {result.reused} already done, "
           f"{len(result.failed)} failed")
     for message in result.failed:

@@ -64,7 +64,7 @@ def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int, timeout: 
         pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
         running, current = {}, None
         try:
-            for index, _, future in as_completed(pool, _within, pending, 2 * workers, running):
+            for index, _, future in as_completed(pool, within, pending, 2 * workers, running):
                 current = index
                 results[index] = future.result()
                 current = None
@@ -73,13 +73,13 @@ def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int, timeout: 
         except BrokenProcessPool:
             pool.shutdown(wait=False)
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
-                results[index] = _alone(_within, (timeout, fn, *calls[index]))
+                results[index] = _alone(within, (timeout, fn, *calls[index]))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def _within(timeout: Optional[float], fn: Callable, *args):
+def within(timeout: Optional[float], fn: Callable, *args):
     """fn(*args) in a worker, which SIGALRM's default action ends if it takes more than `timeout`
     seconds: a hang in a decoder's C code, which no Python handler could interrupt, then fails as a
     crash does."""
