@@ -19,9 +19,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..files import atomic_write_text
 from . import pyav
-from . import workers as workers_module
 from .lists import VideoEntry, listed_path
 from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
+from .workers import map_in_workers
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,12 @@ def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[
     are all displays without PyAV."""
     shown = to_show if pyav.available() else []
     calls = [(probe, e) for e in to_probe] + [(_display, e.path) for e in shown]
-    results = workers_module.map_in_workers(_call, calls, workers, timeout) if calls else []
+    results = map_in_workers(calls, workers, timeout) if calls else []
     probed = [VideoDecodeError(f"{e.where()}: the decoder crashed on it, or hung for {timeout:g} s (its worker "
                                "process died)")
               if isinstance(r, BrokenProcessPool) else r for e, r in zip(to_probe, results)]
     displays = [None if isinstance(r, BrokenProcessPool) else r for r in results[len(to_probe):]]
     return probed, displays + [None] * (len(to_show) - len(shown))
-
-
-def _call(fn: Callable, *args):
-    return fn(*args)
 
 
 def _with_display(info: VideoInfo, matrix: str, turns: int, pixel_aspect: Fraction) -> VideoInfo:

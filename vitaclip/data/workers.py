@@ -51,14 +51,14 @@ def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
             yield (*running.pop(future), future)
 
 
-def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int, timeout: Optional[float] = None) -> List:
-    """[fn(*args) for args in calls] run in up to `workers` worker processes, in order, with a
+def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float] = None) -> List:
+    """[fn(*args) for fn, *args in calls] run in up to `workers` worker processes, in order, with a
     BrokenProcessPool in the place of a call whose worker died, or ran past `timeout` seconds (a
     hang: the kernel ends the worker). A death fails every call in flight with it: those are run
-    again one at a time, so that only the one at fault keeps the failure. `fn` reaches the workers
-    by name: a module-level function."""
+    again one at a time, so that only the one at fault keeps the failure. Each fn reaches the
+    workers by name: a module-level function."""
     results: List = [None] * len(calls)
-    pending = ((index, (timeout, fn, *args)) for index, args in enumerate(calls))
+    pending = ((index, (timeout, *call)) for index, call in enumerate(calls))
     workers = max(1, min(workers, len(calls)))
     while True:
         pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
@@ -73,7 +73,7 @@ def map_in_workers(fn: Callable, calls: Sequence[tuple], workers: int, timeout: 
         except BrokenProcessPool:
             pool.shutdown(wait=False)
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
-                results[index] = _alone(within, (timeout, fn, *calls[index]))
+                results[index] = _alone(within, (timeout, *calls[index]))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
