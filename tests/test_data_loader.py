@@ -342,6 +342,19 @@ def test_a_probe_that_crashes_or_hangs_fails_its_video_only(vp9_dataset, tmp_pat
     assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != f"{fault}.webm")
 
 
+def test_probing_shows_a_progress_bar_when_asked(vp9_dataset, tmp_path, capsys):
+    root, rows = vp9_dataset
+    for name, _, _, _ in rows:
+        shutil.copy(root / name, tmp_path / os.path.basename(name))
+    lst = tmp_path / "list.csv"
+    lst.write_text("".join(f"{os.path.basename(name)},0\n" for name, _, _, _ in rows))
+    VideoLoader(str(lst), str(tmp_path), train=False, batch_size=1, backend="pyav", num_workers=0, progress=True)
+    bar = capsys.readouterr().err
+    assert "probe" in bar and "3/3" in bar
+    VideoLoader(str(lst), str(tmp_path), train=False, batch_size=1, backend="pyav", num_workers=0, progress=True)
+    assert capsys.readouterr().err == ""  # nothing left to probe: no bar
+
+
 @pytest.mark.parametrize("change", ["another data root", "video replaced"])
 def test_sidecar_rows_of_other_files_are_probed_again(vp9_dataset, tmp_path, change):
     root, rows = vp9_dataset

@@ -118,7 +118,7 @@ def video_loader(args, env, list_file: str, classes: List[str], train: bool, num
     loader = VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                          size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
                          device=env.device, on_error=args.on_error, min_frames=args.min_frames,
-                         worker_timeout=args.worker_timeout, **kw)
+                         worker_timeout=args.worker_timeout, progress=env.is_main and not args.no_progress, **kw)
     if env.is_main:
         warn_classes_without_videos(args, list_file, classes, {entry.label for _, entry, _ in loader.videos})
     return loader

@@ -74,7 +74,7 @@ class VideoLoader:
     dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
     VideoDecodeError naming the videos awaited; the next epoch starts a new pool. Videos the
     list's sidecar lacks are probed in such processes too: one whose probe crashes, or takes more
-    than `worker_timeout` seconds, is a bad video."""
+    than `worker_timeout` seconds, is a bad video; `progress` shows a bar while they are probed."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -86,7 +86,7 @@ class VideoLoader:
                  num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
                  dali_mode: Optional[str] = None, dali_readers: Optional[int] = None,
-                 worker_timeout: float = 600.0):
+                 worker_timeout: float = 600.0, progress: bool = False):
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -122,7 +122,7 @@ class VideoLoader:
         self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
         for message in entries.skipped:
             self._bad(message)
-        infos = video_infos(entries, list_file, data_root, timeout=worker_timeout)
+        infos = video_infos(entries, list_file, data_root, timeout=worker_timeout, progress=progress)
         # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
         # on one node only (a missing local copy, an NFS error) must not shift the others' shards
         self.num_entries = len(entries)

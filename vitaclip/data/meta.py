@@ -17,6 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from tqdm import tqdm
+
 from ..files import atomic_write_text
 from . import pyav
 from .lists import VideoEntry, listed_path
@@ -67,12 +69,13 @@ def _row(key: str, info: VideoInfo) -> dict:
 
 
 def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, workers: int = 16,
-                timeout: float = 600.0, *, probe: Optional[Callable] = None) -> List:
+                timeout: float = 600.0, progress: bool = False, *, probe: Optional[Callable] = None) -> List:
     """One VideoInfo, or the VideoDecodeError explaining why not, per entry. Uses the
     sidecar's rows that still describe their file, probes the rest (and adds them to the
     sidecar) in up to `workers` processes (see workers.py: a decoder crashing on a damaged
-    file, or hanging on it for `timeout` seconds, fails that video, not the caller). `probe`
-    probes one entry in a worker (tests give one that crashes or hangs as FFmpeg might)."""
+    file, or hanging on it for `timeout` seconds, fails that video, not the caller), with a
+    progress bar if `progress`. `probe` probes one entry in a worker (tests give one that
+    crashes or hangs as FFmpeg might)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [listed_path(e.path, data_root) for e in entries]
@@ -85,7 +88,7 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
     # rows written before the display was recorded: it is read off the file's headers and first frame
     unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
     probed, displays = _read_in_workers(probe or _probe, [e for _, e in to_probe], [e for _, e in unknown], workers,
-                                        timeout)
+                                        timeout, progress)
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
     found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
     if found:
@@ -107,13 +110,16 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
 
 
 def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int,
-                     timeout: float):
+                     timeout: float, progress: bool):
     """(probe(entry) for to_probe, _display(entry.path) for to_show), read in worker processes. A
     video whose worker died reading it is a VideoDecodeError (probe) or unread, None (display), as
     are all displays without PyAV."""
     shown = to_show if pyav.available() else []
     calls = [(probe, e) for e in to_probe] + [(_display, e.path) for e in shown]
-    results = map_in_workers(calls, workers, timeout) if calls else []
+    results = []
+    if calls:
+        with tqdm(total=len(calls), desc="probe", unit="video", disable=not progress, dynamic_ncols=True) as bar:
+            results = map_in_workers(calls, workers, timeout, bar.update)
     probed = [VideoDecodeError(f"{e.where()}: the decoder crashed on it, or hung for {timeout:g} s (its worker "
                                "process died)")
               if isinstance(r, BrokenProcessPool) else r for e, r in zip(to_probe, results)]

@@ -51,12 +51,14 @@ def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
             yield (*running.pop(future), future)
 
 
-def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float] = None) -> List:
+def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float] = None,
+                   done: Callable[[], object] = lambda: None) -> List:
     """[fn(*args) for fn, *args in calls] run in up to `workers` worker processes, in order, with a
     BrokenProcessPool in the place of a call whose worker died, or ran past `timeout` seconds (a
     hang: the kernel ends the worker). A death fails every call in flight with it: those are run
     again one at a time, so that only the one at fault keeps the failure. Each fn reaches the
-    workers by name: a module-level function."""
+    workers by name: a module-level function. `done()` is called as each call ends (a progress
+    bar's update)."""
     results: List = [None] * len(calls)
     pending = ((index, (timeout, *call)) for index, call in enumerate(calls))
     workers = max(1, min(workers, len(calls)))
@@ -68,12 +70,14 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
                 current = index
                 results[index] = future.result()
                 current = None
+                done()
             pool.shutdown()
             return results
         except BrokenProcessPool:
             pool.shutdown(wait=False)
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
                 results[index] = _alone(within, (timeout, *calls[index]))
+                done()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
