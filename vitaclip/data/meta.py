@@ -132,10 +132,10 @@ def _with_display(info: VideoInfo, matrix: str, turns: int, pixel_aspect: Fracti
 
 
 def _display(path: str) -> Optional[tuple]:
-    """A video's (matrix, turns, pixel_aspect); None where it cannot be read (no PyAV, or an error:
-    an unreadable file fails when decoded, and is named then)."""
+    """A video's (matrix, turns, pixel_aspect); None where it cannot be read (an unreadable file
+    fails when decoded, and is named then). Run where PyAV is (see _read_in_workers)."""
     try:
-        return pyav.file_display(path) if pyav.available() else None
+        return pyav.file_display(path)
     except VideoDecodeError:
         return None
 

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -138,17 +138,18 @@ def probe(path: str) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             if height <= 0 or width <= 0:  # e.g. a raw stream FFmpeg cannot size: nothing can be planned on it
                 raise VideoDecodeError(f"{path}: video of unknown size {width}x{height}")
-            read = []
+            described = []
 
             def recorded(packets):
                 for packet in packets:
-                    read.append(packet)
+                    if packet.size > 0:
+                        described.append(_described(packet))
                     yield packet
 
             packets = recorded(container.demux(stream))
             display = _stream_display(stream, packets)
             collections.deque(packets, maxlen=0)  # the rest, for their timestamps and keyframes
-            frames = sum(shown for *_, shown in _decodable(_described(read)))
+            frames = sum(shown for *_, shown in _decodable(described))
             return VideoInfo(frames, height, width, stream.codec_context.codec.canonical_name, stamp, *display)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoDecodeError(f"{path}: cannot read video ({e})") from e
@@ -181,9 +182,9 @@ def _first_frame(packets: Iterator) -> Optional[object]:
     return None
 
 
-def _described(packets: Iterable) -> List[Packet]:
-    """The packets with data, as Packet tuples."""
-    return [(p.pts, p.dts, p.is_keyframe, _shown(p)) for p in packets if p.size > 0]
+def _described(packet) -> Packet:
+    """A packet with data as a Packet tuple (no reference to its data)."""
+    return packet.pts, packet.dts, packet.is_keyframe, _shown(packet)
 
 
 def _decodable(packets: List[Packet]) -> List[Packet]:
@@ -234,7 +235,7 @@ def decode_frames(path: str, indices: np.ndarray, threads: int = 0) -> Yuv420:
     try:
         with av.open(path) as container:
             stream = _slice_threaded_video(container, path, threads)
-            packets = _decodable(_described(container.demux(stream)))
+            packets = _decodable([_described(p) for p in container.demux(stream) if p.size > 0])
             shown = [p for p in packets if p[3]]
             if len(shown) <= indices[-1]:
                 raise VideoDecodeError(f"{path}: ended before frame {indices[-1]} ({len(shown)} frames)")
