@@ -37,7 +37,7 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
-from .workers import as_completed, fork_server_context, within
+from .workers import as_completed, fork_server_context, run_alone, within
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
@@ -281,9 +281,6 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     encode = functools.partial(within, timeout, job)
     died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
 
-    def new_pool(size: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(size, mp_context=fork_server_context())
-
     def finish(name: str, future) -> None:
         try:
             results[name] = future.result()
@@ -300,17 +297,14 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
             raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
                                    f"--on-error skip finds and leaves it out")
         for name, args in lost:
-            alone = new_pool(1)
             try:
-                finish(name, alone.submit(encode, *args))
+                finish(name, run_alone(encode, args))
             except BrokenProcessPool as crash:
                 fail(first_of[name], f"{died} on it (its worker process died)", crash)
-            finally:
-                alone.shutdown(wait=False)
             bar.update()
 
     bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
-    pool = new_pool(workers)
+    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
 
     def calls(sources):
         """(name, job arguments) of each video to prepare, its source recorded before its output can
@@ -350,7 +344,7 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                 except BrokenProcessPool:
                     pool.shutdown(wait=False)
                     after_crash(([current] if current else []) + list(running.values()))
-                    pool = new_pool(workers)
+                    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
             fsync_file(sources.name)
     except BaseException:
         # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,

@@ -76,7 +76,9 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
         except BrokenProcessPool:
             pool.shutdown(wait=False)
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
-                results[index] = _alone(within, (timeout, *calls[index]))
+                alone = run_alone(within, (timeout, *calls[index]))
+                death = alone.exception()
+                results[index] = death if isinstance(death, BrokenProcessPool) else alone.result()
                 done()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -98,12 +100,13 @@ def within(timeout: Optional[float], fn: Callable, *args):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _alone(fn: Callable, args: tuple):
-    """fn(*args) in a worker of its own: its result, or the BrokenProcessPool of its worker's death."""
+def run_alone(fn: Callable, args: tuple) -> Future:
+    """fn(*args) in a worker process of its own, done: its future ends with BrokenProcessPool if the
+    worker died."""
     pool = ProcessPoolExecutor(1, mp_context=fork_server_context())
     try:
-        return pool.submit(fn, *args).result()
-    except BrokenProcessPool as death:
-        return death
+        future = pool.submit(fn, *args)
+        wait([future])
+        return future
     finally:
         pool.shutdown(wait=False)
