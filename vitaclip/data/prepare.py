@@ -371,13 +371,17 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("src_list", help="list file, `path,label` per line")
     parser.add_argument("out_dir", help="folder for the re-encoded videos and the new list")
     parser.add_argument("--data-root", default="", help="folder the list's paths are relative to")
-    parser.add_argument("--short-side", type=int, default=256)
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="pixels of each video's shorter side after resizing (never enlarged past the source)")
     parser.add_argument("--gop", type=int, default=16,
                         help="keyframe interval in frames: shorter decodes a training clip faster in a larger "
                              "file (one core, 8 frames at stride 16: 19 ms at 16, 10 ms at 4 for 1.6-1.9x "
                              "the size, 6-8 ms at 1 for 2.5-2.7x; benchmarks/test_decode_bench.py)")
-    parser.add_argument("--crf", type=int, default=23)
-    parser.add_argument("--preset", default="veryfast")
+    parser.add_argument("--crf", type=int, default=23,
+                        help="x264's constant rate factor, 0-51: lower keeps more detail in larger files")
+    parser.add_argument("--preset", default="veryfast",
+                        help=f"x264's speed preset ({', '.join(X264_PRESETS)}): slower ones encode smaller "
+                             "files in more time")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: one per core this process may run on)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
