@@ -1,8 +1,10 @@
 """VideoLoader end to end on real (VP9) videos: eval views, train clips on both
 backends, sharding, and every kind of bad input."""
+import dataclasses
 import os
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,6 +342,78 @@ def test_a_probe_that_crashes_or_hangs_fails_its_video_only(vp9_dataset, tmp_pat
     assert "crashed on it, or hung for 2 s" in str(failed)
     assert [info.frames for info in infos] == [rows[i % 3][2] for i in range(len(names)) if i != 1]
     assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != f"{fault}.webm")
+
+
+def probe_as_two_ranks(rank, world_size, port, root, cases):
+    """video_infos(shared=True) on this rank's list of each case [(name, (list of rank 0, of rank 1))],
+    its result (or error) pickled beside that list; in the "no PyAV" case rank 1 has no PyAV."""
+    import pickle
+
+    from ranks import rank_of_two
+    from worker_faults import recording_probe
+    from vitaclip.data import meta
+    from vitaclip.data.lists import read_video_list
+
+    with rank_of_two(rank, world_size, port):
+        torch.distributed.init_process_group("gloo")
+        for name, lists in cases:
+            if name == "no PyAV" and rank == 1:
+                meta.pyav.available = lambda: False
+            try:
+                result = meta.video_infos(read_video_list(lists[rank], root), lists[rank], root, workers=2,
+                                          probe=recording_probe, shared=True)
+            except Exception as error:
+                result = f"{type(error).__name__}: {error}"
+            with open(f"{lists[rank]}.rank{rank}.pickle", "wb") as f:
+                pickle.dump(result, f)
+
+
+def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_dataset, tmp_path):
+    """Under torch.distributed a loader's new videos are probed once, split across the ranks (a probe
+    reads the whole file), and every rank gets the same infos, whatever each rank's sidecar held."""
+    import pickle
+    from ranks import run_ranks
+    from vitaclip.data.lists import read_video_list
+    from vitaclip.data.meta import meta_path, read_meta, video_infos, write_meta
+
+    root, rows = vp9_dataset
+    names = [f"v{i}.webm" for i in range(5)]
+    for i, name in enumerate(names):
+        shutil.copy(root / rows[i % 3][0], tmp_path / name)
+    lines = "".join(f"{name},{i % 3}\n" for i, name in enumerate(names))
+    lists = {}
+    for folder in ("same", "a", "b", "alone", "nopyav"):
+        (tmp_path / folder).mkdir()
+        lists[folder] = str(tmp_path / folder / "list.csv")
+        Path(lists[folder]).write_text(lines)
+    root = str(tmp_path)
+    expected = video_infos(read_video_list(lists["alone"], root), lists["alone"], root, workers=2)
+    # rank 0's sidecar knows the videos but not how they are shown: it reads no file, rank 1 probes them all
+    write_meta(meta_path(lists["a"]), [(name, dataclasses.replace(info, turns=None, pixel_aspect=None))
+                                       for name, info in zip(names, expected)])
+    cases = [("same list", (lists["same"],) * 2), ("sidecars apart", (lists["a"], lists["b"])),
+             ("no PyAV", (lists["nopyav"],) * 2)]
+    run_ranks(probe_as_two_ranks, root, cases)
+
+    def result(case, rank):
+        with open(f"{cases[case][1][rank]}.rank{rank}.pickle", "rb") as f:
+            return pickle.load(f)
+
+    def probed(lst, rank):
+        log = Path(f"{lst}.probed-rank{rank}")
+        return log.read_text().split() if log.exists() else []
+
+    for case in (0, 1):
+        assert result(case, 0) == result(case, 1) == expected
+    shares = [probed(lists["same"], rank) for rank in (0, 1)]
+    assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == names  # each video once
+    shares = [probed(lists["a"], 0), probed(lists["b"], 1)]
+    assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == names
+    assert [read_meta(meta_path(lists[f]))[name] for f in ("a", "b") for name in names] == expected * 2
+    # a rank that cannot probe its share fails, and every other rank with it, naming it, instead of waiting
+    assert result(2, 1).startswith("ImportError: ") and "install PyAV" in result(2, 1)
+    assert result(2, 0).startswith("RuntimeError: probing the videos of ") and "failed on rank 1: ImportError" in \
+        result(2, 0)
 
 
 def test_probing_shows_a_progress_bar_when_asked(vp9_dataset, tmp_path, capsys):

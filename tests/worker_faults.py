@@ -1,5 +1,5 @@
-"""Decoding work that fails as a broken FFmpeg might, for the loader's worker-pool tests: the
-worker processes import this module by name, so the fault happens inside them."""
+"""Decoding work that fails as a broken FFmpeg might, or leaves a trace, for the loader's worker-pool
+tests: the worker processes import this module by name, so the fault happens inside them."""
 import os
 import threading
 import time
@@ -49,4 +49,13 @@ def faulty_probe(entry):
         threading.Event().wait()
     if "slow" in name:
         time.sleep(0.5)
+    return _probe(entry)
+
+
+def recording_probe(entry):
+    """The loader's probe of one video, noting the video in `<list file>.probed-rank<RANK>`."""
+    from vitaclip.data.meta import _probe
+
+    with open(f"{entry.list_file}.probed-rank{os.environ.get('RANK', 0)}", "a") as log:
+        log.write(os.path.basename(entry.path) + "\n")
     return _probe(entry)

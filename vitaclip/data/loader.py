@@ -74,7 +74,9 @@ class VideoLoader:
     dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
     VideoDecodeError naming the videos awaited; the next epoch starts a new pool. Videos the
     list's sidecar lacks are probed in such processes too: one whose probe crashes, or takes more
-    than `worker_timeout` seconds, is a bad video; `progress` shows a bar while they are probed."""
+    than `worker_timeout` seconds, is a bad video; `progress` shows a bar while they are probed.
+    Under torch.distributed, a loader sharded by process (no shard_id) is made by every rank, as it
+    is iterated by every rank: the ranks split the probing and exchange the results."""
 
     def __init__(self, list_file: str, data_root: str = "", *, train: bool, batch_size: int,
                  num_frames: int = 8, stride: int = 16, tsn: bool = False, size: int = 224,
@@ -122,9 +124,11 @@ class VideoLoader:
         self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
         for message in entries.skipped:
             self._bad(message)
-        infos = video_infos(entries, list_file, data_root, timeout=worker_timeout, progress=progress)
-        # ranks split the entries, usable or not: each probes the files itself, and a file unreadable
-        # on one node only (a missing local copy, an NFS error) must not shift the others' shards
+        # sharded by process: the ranks share the probing of new videos, and all see the same infos
+        infos = video_infos(entries, list_file, data_root, timeout=worker_timeout, progress=progress,
+                            shared=self._shard_given is None)
+        # ranks split the entries, usable or not: the shares never depend on what a rank could read
+        # (probes made apart, or a file missing on one node only when decoded)
         self.num_entries = len(entries)
         self.list_digest, self.min_frames = _list_digest(entries, data_root), min_frames
         self.videos = []  # (video_id, entry, info) of the usable entries

@@ -9,6 +9,7 @@ e.g. `rsync -a`, is taken as the same file)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+import torch.distributed
 from tqdm import tqdm
 
 from ..files import atomic_write_text
@@ -69,26 +71,28 @@ def _row(key: str, info: VideoInfo) -> dict:
 
 
 def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, workers: int = 16,
-                timeout: float = 600.0, progress: bool = False, *, probe: Optional[Callable] = None) -> List:
+                timeout: float = 600.0, progress: bool = False, *, probe: Optional[Callable] = None,
+                shared: bool = False) -> List:
     """One VideoInfo, or the VideoDecodeError explaining why not, per entry. Uses the
     sidecar's rows that still describe their file, probes the rest (and adds them to the
     sidecar) in up to `workers` processes (see workers.py: a decoder crashing on a damaged
     file, or hanging on it for `timeout` seconds, fails that video, not the caller), with a
     progress bar if `progress`. `probe` probes one entry in a worker (tests give one that
-    crashes or hangs as FFmpeg might)."""
+    crashes or hangs as FFmpeg might).
+
+    `shared`, under torch.distributed: the processes of the default group, each calling this with
+    the same list, split the probing among them and all get every result (`_read_shared`)."""
     sidecar = meta_path(list_file)
     known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [listed_path(e.path, data_root) for e in entries]
     with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
         up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
     to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]
-    if to_probe and not pyav.available():
-        raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {sidecar}, or changed since it "
-                          "was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
     # rows written before the display was recorded: it is read off the file's headers and first frame
     unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
-    probed, displays = _read_in_workers(probe or _probe, [e for _, e in to_probe], [e for _, e in unknown], workers,
-                                        timeout, progress)
+    read = (functools.partial(_read_shared, entry_of=dict(zip(keys, entries)))
+            if shared and _group_size() > 1 else _read_here)
+    probed, displays = read(probe or _probe, to_probe, unknown, list_file, workers, timeout, progress)
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
     found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
     if found:
@@ -107,6 +111,65 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
                     "read them: they are read as coded (phone video may come sideways)", len(guessed), list_file,
                     sidecar)
     return [known[k] for k in keys]
+
+
+Keyed = List[Tuple[str, VideoEntry]]  # (listed path, entry)
+
+
+def _read_here(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: str, workers: int, timeout: float,
+               progress: bool) -> Tuple[list, list]:
+    """(probe results of to_probe, displays of to_show), read by this process's workers."""
+    if to_probe and not pyav.available():
+        raise ImportError(f"{len(to_probe)} videos of {list_file} are not in {meta_path(list_file)}, or changed "
+                          "since it was written: install PyAV to probe them, or write the list with `vitaclip prepare`")
+    return _read_in_workers(probe, [e for _, e in to_probe], [e for _, e in to_show], workers, timeout, progress)
+
+
+def _group_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _read_shared(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: str, workers: int, timeout: float,
+                 progress: bool, *, entry_of: Dict[str, VideoEntry]) -> Tuple[list, list]:
+    """`_read_here` split across the default process group, every rank calling it: each reads its
+    share of the videos that any rank needs read, and all get every result. A data set new to a
+    job is then read once, not once per rank (a probe reads the whole file), and every rank sees
+    the same infos, hence the same usable videos. A rank's failure (PyAV missing, different lists)
+    raises on every rank instead of leaving the others waiting."""
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    needs: list = [None] * world
+    dist.all_gather_object(needs, ([k for k, _ in to_probe], [k for k, _ in to_show]))
+    probe_keys = sorted({k for keys, _ in needs for k in keys})
+    show_keys = sorted({k for _, keys in needs for k in keys} - set(probe_keys))
+    mine = probe_keys[rank::world], show_keys[rank::world]
+    try:
+        missing = [k for k in mine[0] + mine[1] if k not in entry_of]
+        if missing:
+            raise ValueError(f"{list_file}: another rank's list has {len(missing)} videos this rank's has not (e.g. "
+                             f"{missing[0]}): every rank must load the same list")
+        probed, displays = _read_here(probe, [(k, entry_of[k]) for k in mine[0]], [(k, entry_of[k]) for k in mine[1]],
+                                      list_file, workers, timeout, progress)
+        outcome = (dict(zip(mine[0], probed)), dict(zip(mine[1], displays)))
+    except Exception as error:
+        failure = error
+        outcome = f"{type(error).__name__}: {error}"
+    else:
+        failure = None
+    outcomes: list = [None] * world
+    dist.all_gather_object(outcomes, outcome)
+    if failure is not None:
+        raise failure
+    for other, result in enumerate(outcomes):
+        if isinstance(result, str):
+            raise RuntimeError(f"probing the videos of {list_file} failed on rank {other}: {result}")
+    results = {k: r for probed, _ in outcomes for k, r in probed.items()}
+    shown = {k: d for _, displays in outcomes for k, d in displays.items()}
+    # a video this rank read from the sidecar may have been new to another: its probe holds its display
+    shown.update({k: (r.matrix, r.turns, r.pixel_aspect) if isinstance(r, VideoInfo) else None
+                  for k, r in results.items()})
+    return [results[k] for k, _ in to_probe], [shown[k] for k, _ in to_show]
 
 
 def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int,
