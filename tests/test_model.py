@@ -68,6 +68,16 @@ def test_patch_embedding_is_the_convolution(patch):
     torch.testing.assert_close(low.double(), want, rtol=0.05, atol=0.05)
 
 
+def test_a_float64_model_computes_in_float64_under_autocast(config):
+    """Autocast leaves float64 alone (as its own matmuls do): the whole model too."""
+    model = randomize_(VitaCLIP(config, CLASSES)).double()
+    video = random_video(config, dtype=torch.float64)
+    want = model(video)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(video)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_logits_are_scaled_cosines(config):
     model = randomize_(VitaCLIP(config, CLASSES))
     video = random_video(config)
@@ -172,6 +182,15 @@ def test_bad_templates_are_refused_by_name(config, templates, match):
     model = VitaCLIP(config, CLASSES)
     with pytest.raises((ValueError, TypeError), match=match):
         model.set_classes(["run", "walk"], templates=templates)
+
+
+def test_a_refused_class_list_leaves_the_zero_shot_classes_in_place(config):
+    model = VitaCLIP(tiny_config(csc=True), CLASSES).eval()
+    model.set_classes(["run", "jump", "swim"], templates=["a video of {}."])
+    with pytest.raises(ValueError, match="trained for 4 classes, got 2"):
+        model.set_classes(["run", "jump"])  # a class-specific context fits its own classes only
+    assert model.classnames == ["run", "jump", "swim"] and model.zero_shot_templates == ["a video of {}."]
+    assert model(random_video(config)).shape == (2, 3)
 
 
 def test_a_lone_string_is_no_class_list(config):

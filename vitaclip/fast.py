@@ -51,7 +51,7 @@ from .graphs import tensor_version
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .ops.class_attention import class_token_attention
-from .vision import LayerPrompts, QuickGELU, VitaBlock
+from .vision import LayerPrompts, QuickGELU, VitaBlock, matmul_dtype
 
 class LayerWeights(NamedTuple):
     """The linear weights of a layer's fast forward, q/k/v stacked into one projection."""
@@ -93,8 +93,7 @@ def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
 
 
 def _compute_dtype(block: VitaBlock, x: Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else block.attn.q_proj.weight.dtype
+    return matmul_dtype(x.device.type, block.attn.q_proj.weight.dtype)
 
 
 def _prompt_kv(prompts: LayerPrompts, norm: nn.LayerNorm, qkv_weight: Tensor, qkv_bias: Tensor,

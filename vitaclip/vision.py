@@ -58,6 +58,14 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def matmul_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul of `dtype` operands on `device` computes in: autocast's where it is on,
+    except for float64, which autocast leaves alone; else `dtype`."""
+    if torch.is_autocast_enabled(device) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return dtype
+
+
 class PatchEmbed(nn.Module):
     """CLIP's patch convolution (kernel = stride = patch size, the authors' parameter), computed
     as what it is, one matmul over the flattened patches (cuDNN's convolution and its two layout
@@ -72,7 +80,7 @@ class PatchEmbed(nn.Module):
         """Patch features [F, N, C] of frames [..., 3, H, W] (any strides; F = the leading sizes' product)."""
         p = self.patch_size
         device = frames.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else frames.dtype
+        dtype = matmul_dtype(device, frames.dtype)
         # [..., rows, columns, 3, p, p]: the weight's (channel, row, column) order, cast in the same copy
         lead = frames.dim() - 3
         patches = frames.unflatten(-1, (-1, p)).unflatten(-3, (-1, p))  # [..., 3, rows, p, columns, p]
