@@ -120,15 +120,16 @@ class VitaCLIP(nn.Module):
             self._fixed_classnames = [clean_classname(n) for n in classnames]
             self._fixed_templates = templates
             return
-        self._fixed_text_features = None
-        self._fixed_classnames = None
-        self._fixed_templates = None
         if self.prompt_learner is None:
             self.prompt_learner = PromptLearner(self.config, self.textual.token_embedding, classnames)
             self.prompt_learner.to(self.logit_scale.device)
             self.freeze()
         else:
-            self.prompt_learner.set_classes(classnames)
+            self.prompt_learner.set_classes(classnames)  # refuses before changing anything
+        # once the learned classes are set: a refused class list leaves the zero-shot ones in place
+        self._fixed_text_features = None
+        self._fixed_classnames = None
+        self._fixed_templates = None
 
     def encode_text(self, texts: Optional[Sequence[str]] = None, truncate: bool = True) -> Tensor:
         """Text features [n, D] (before normalisation): of the learned class prompts when `texts`
