@@ -158,12 +158,15 @@ def official_checkpoint(model):
     state["module.prompt_learner.token_suffix"] = torch.randn(n, 70, model.config.text_width)
     if model.prompt_learner.ctx is None:  # the authors' learner keeps a context of 0 prompts
         state["module.prompt_learner.ctx"] = torch.zeros(n, 0, model.config.text_width)
+    if model.config.use_global and not model.config.num_global:  # and their model 0 global prompts
+        state["module.visual.global_prompts"] = torch.zeros(model.config.layers, 0, model.config.width)
     return {"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_sched": {"last_epoch": 3},
             "loss_scaler": {"scale": 1024.0}, "next_step": 4}
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_summary=False, num_global_prompts=5, csc=False),
-                                       dict(use_local=False, use_global=False, num_frames=2, n_ctx=0)])
+                                       dict(use_local=False, use_global=False, num_frames=2, n_ctx=0),
+                                       dict(num_global_prompts=0)])
 def test_official_checkpoint_round_trip(tmp_path, overrides):
     model = randomize_(VitaCLIP(tiny_config(**overrides), CLASSES)).eval()
     path = tmp_path / "ckpt.pth"

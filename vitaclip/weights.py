@@ -266,9 +266,10 @@ def read_official_state(path) -> Dict[str, Tensor]:
         raise ValueError(f"{path} holds neither a training checkpoint with a 'model' dict nor a state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v
              for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
-    ctx = state.get("prompt_learner.ctx")
-    if ctx is not None and ctx.numel() == 0:  # the authors' learner keeps a context of 0 text prompts
-        del state["prompt_learner.ctx"]
+    # the authors' model keeps empty tensors for 0 text prompts or 0 global prompts: none here
+    for key in ("prompt_learner.ctx", "visual.global_prompts"):
+        if key in state and state[key].numel() == 0:
+            del state[key]
     return state
 
 
