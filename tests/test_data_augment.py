@@ -1,4 +1,6 @@
 """RandAugment on tensors against timm's PIL ops (same op, same magnitude and sign)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,10 @@ def test_parse_config():
     cfg = RandAugmentConfig.parse("rand-m7-n4-mstd0.5-inc1")
     assert cfg == RandAugmentConfig(magnitude=7, num_ops=4, magnitude_std=0.5, increasing=True)
     assert RandAugmentConfig.parse("rand-m9-mstd0.5").num_ops == 2
+    for uniform in ("rand-m7-mstd101", "rand-m7-mstdinf"):  # timm: magnitudes uniform in [0, m]
+        assert RandAugmentConfig.parse(uniform).magnitude_std == math.inf
+        magnitudes = np.concatenate([RandAugment(uniform).sample(np.random.default_rng(s)) for s in range(200)])[:, 2]
+        assert magnitudes.max() <= 7 and abs(np.mean(magnitudes) - 3.5) < 0.3
     for bad in ("auto-m7", "rand-m7-q3", "rand-mx"):
         with pytest.raises(ValueError):
             RandAugmentConfig.parse(bad)

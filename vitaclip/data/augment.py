@@ -3,7 +3,7 @@
 Semantics of timm's config strings (`rand-m7-n4-mstd0.5-inc1`): n ops drawn uniformly
 with replacement from the 15-op list (the "increasing" variants with inc1), each applied
 with probability p (0.5), at a magnitude drawn from N(m, mstd) clipped to [0, mmax]
-(default 10), with a random sign for signed ops. As in the public video code, one draw is
+(default 10; uniform in [0, m] with mstd above 100 or inf), with a random sign for signed ops. As in the public video code, one draw is
 shared by every frame of a clip; AutoContrast, Equalize and Contrast use each frame's own
 statistics (they ran per PIL frame there). Pixels are float in [0, 255] and are rounded
 and clamped after every op, as the uint8 PIL pipeline did.
@@ -55,6 +55,8 @@ class RandAugmentConfig:
                 raise ValueError(f"unknown RandAugment section {section!r} in {config!r}")
             key, value = match.groups()
             value = float(value)
+            if key == "mstd" and value > 100:  # timm's spelling of a uniform magnitude in [0, m]
+                value = math.inf
             kwargs[names[key]] = bool(value) if key == "inc" else int(value) if key == "n" else value
         return cls(**kwargs)
 
