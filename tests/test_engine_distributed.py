@@ -102,6 +102,34 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000002.pt"]
 
 
+def stop_vote_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from vitaclip.engine.distributed import init_distributed, sum_across_ranks
+    from vitaclip.engine.evaluate import EvaluationStopped
+
+    with rank_of_two(rank, world_size, port):
+        env = init_distributed("cpu")
+        asked = []
+
+        def stop():  # rank 1's second batch, only
+            asked.append(len(asked))
+            return rank == 1 and len(asked) == 2
+
+        try:
+            evaluate(tiny_model(), tiny_data(11), EVAL, env=env, stop=stop)
+            outcome = "finished"
+        except EvaluationStopped as stopped:
+            outcome = str(stopped)
+        in_step = sum_across_ranks(env, [1.0])  # the ranks' next collective pairs up
+        torch.save({"outcome": outcome, "asked": len(asked), "in_step": in_step}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_a_stop_asked_of_one_rank_ends_the_evaluation_on_every_rank_at_the_same_batch(tmp_path):
+    run_ranks(stop_vote_worker, str(tmp_path))
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result == {"outcome": "evaluation stopped before its batch 1", "asked": 2, "in_step": [2.0]}
+
+
 class RankPositions:
     """An endless, resumable loader of tiny_data micro-batches whose position is its own rank's
     (ranks that left out different batches are at different places)."""

@@ -575,26 +575,27 @@ def test_a_signal_not_asked_for_is_left_alone(tmp_path):
         tiny_train_config(tmp_path, stop_signals=("SIGNOPE",)).validate()
 
 
-def test_a_due_checkpoint_is_written_before_the_evaluation(tmp_path, monkeypatch):
+def test_every_evaluation_comes_after_its_steps_checkpoint_marked_pending_until_it_ends(tmp_path, monkeypatch):
     """An evaluation can take minutes and a stop signalled during it gets seconds: the step's
-    checkpoint must not wait for it. The final one is marked pending until its evaluation ends."""
+    checkpoint must not wait for it, even where none is due (checkpoint_every 3, eval_every 2)."""
     from vitaclip.engine import train as train_module
 
     evaluate_and_log = train_module.evaluate_and_log
     on_disk = {}
 
-    def recording(model, eval_data, eval_config, env, log, step, result):
-        on_disk[step] = [(p.name, ckpt.load_checkpoint(p)["final_evaluation_pending"])
+    def recording(model, eval_data, eval_config, env, log, step, result, stop):
+        on_disk[step] = [(p.name, ckpt.load_checkpoint(p)["evaluation_pending"])
                          for p in ckpt.list_checkpoints(tmp_path)]
-        evaluate_and_log(model, eval_data, eval_config, env, log, step, result)
+        evaluate_and_log(model, eval_data, eval_config, env, log, step, result, stop)
 
     monkeypatch.setattr(train_module, "evaluate_and_log", recording)
-    result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, eval_every=2),
+    result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, eval_every=2, checkpoint_every=3),
                    eval_data=tiny_data(8))
-    assert on_disk == {2: [("checkpoint-00000002.pt", False)],
-                       4: [("checkpoint-00000002.pt", False), ("checkpoint-00000004.pt", True)]}
+    assert on_disk == {2: [("checkpoint-00000002.pt", True)],
+                       4: [("checkpoint-00000002.pt", False), ("checkpoint-00000003.pt", False),
+                           ("checkpoint-00000004.pt", True)]}
     assert list(result.evals) == [2, 4]
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["final_evaluation_pending"] is False
+    assert not any(ckpt.load_checkpoint(p)["evaluation_pending"] for p in ckpt.list_checkpoints(tmp_path))
 
 
 def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_which_resuming_does(tmp_path):
@@ -608,7 +609,7 @@ def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert cut.stopped_by == "SIGUSR1" and cut.step == 3 and not cut.finished and cut.evals == {}
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["final_evaluation_pending"] is True
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["evaluation_pending"] is True
     assert not (tmp_path / "model").exists()
     rest = train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=3, save_final=True, resume="auto"),
                  eval_data=tiny_data(8))
@@ -626,6 +627,41 @@ def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert done.finished and done.stopped_by is None and (tmp_path / "no-eval" / "model").is_dir()
+
+
+def test_a_stop_signal_during_an_evaluation_ends_it_and_resuming_evaluates_first(tmp_path):
+    """The step's checkpoint is on disk, marked pending, when its evaluation starts: a stop signal
+    during the evaluation ends it at the next batch (a real one takes minutes, a stop gets seconds),
+    and so during a resumed run's pending evaluation; resuming then evaluates it and goes on as an
+    uninterrupted run does."""
+    from engine_helpers import SignallingData
+    config = dict(steps=4, eval_every=2, checkpoint_every=100, eval_batch_size=3)
+    full = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", **config), eval_data=tiny_data(8))
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # were the handler missing, the test goes on
+    try:
+        for resume in (None, "auto"):  # the step 2 evaluation, then the same again as the resumed run's first
+            with pytest.warns(UserWarning, match="step 2: evaluation stopped.*resuming the run evaluates it"):
+                cut = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume=resume, **config),
+                            eval_data=SignallingData(signal.SIGUSR1, at=(5,), n=8))  # in its second batch
+            assert cut.stopped_by == "SIGUSR1" and cut.step == 2 and cut.evals == {} and not cut.finished
+            assert [(p.name, ckpt.load_checkpoint(p)["evaluation_pending"]) for p in ckpt.list_checkpoints(tmp_path)] \
+                == [("checkpoint-00000002.pt", True)]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **config), eval_data=tiny_data(8))
+    assert rest.finished and rest.losses == {s: full.losses[s] for s in (3, 4)}
+    assert {s: r.to_dict() for s, r in rest.evals.items()} == {s: r.to_dict() for s, r in full.evals.items()}
+    with open(tmp_path / "eval_log.csv", newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["2", "4"]
+
+
+@pytest.mark.parametrize("setting,problem", [(dict(stop_signals=("SIGKILL",)), "SIGKILL cannot be caught"),
+                                             (dict(stop_signals=("STOP",)), "SIGSTOP cannot be caught"),
+                                             (dict(eval_every=-2), "eval_every must be >= 0"),
+                                             (dict(keep_checkpoints=-1), "keep_checkpoints must be >= 0")])
+def test_settings_that_cannot_work_are_refused_before_the_run(tmp_path, setting, problem):
+    with pytest.raises(ValueError, match=problem):
+        tiny_train_config(tmp_path, **setting).validate()
 
 
 class LeavesOutBatchOne:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text
-from .distributed import DistEnv, all_gather_objects, init_distributed
+from .distributed import DistEnv, all_gather_objects, init_distributed, sum_across_ranks
 from .loader import eval_batches, optional_len, split_views
 from .precision import autocast
 
@@ -95,12 +96,21 @@ def scores(sums: Dict, classnames: List[str]) -> EvalResult:
                       classnames=list(classnames), per_class=per_class, confusion=confusion.tolist())
 
 
+class EvaluationStopped(Exception):
+    """An evaluation ended early: its `stop` said so, on this rank or another."""
+
+
 @torch.no_grad()
-def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Optional[DistEnv] = None,
-             **overrides) -> EvalResult:
+def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Optional[DistEnv] = None, *,
+             stop: Optional[Callable[[], bool]] = None, **overrides) -> EvalResult:
     """Evaluate `model` on `data`: a map-style dataset (`ds[i] -> (video, label, video_id)`, video
     [3, T, H, W] or [V, 3, T, H, W]) split across processes, or an iterable of this process's
-    batches. Every process gets the full result."""
+    batches. Every process gets the full result.
+
+    `stop` (e.g. whether a stop signal came) is asked before each batch, and if it says so on any
+    rank, every rank raises EvaluationStopped at the same batch. Under torch.distributed the ranks
+    agree in one all-reduce per batch, over as many batches as the rank with the fewest has (none
+    if some rank's batches cannot be counted); a stop after those is not acted on."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
     for path in (config.json_path, config.confusion_png, config.scores_path):  # before the evaluation, not after
         if path is not None and Path(path).is_dir():
@@ -114,9 +124,12 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         from tqdm.auto import tqdm
 
         progress = tqdm(total=optional_len(batches), desc="eval", unit="batch", dynamic_ncols=True)
+    checks = stop_checks(env, batches) if stop is not None else 0
     sums: Dict = {}
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if index < checks and sum_across_ranks(env, [float(stop())])[0] > 0:
+                raise EvaluationStopped(f"evaluation stopped before its batch {index}")
             video, labels, video_ids = split_views(*batch)
             with autocast(env.device, config.precision):
                 logits = model(video.to(env.device, non_blocking=True))
@@ -138,6 +151,15 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         if config.confusion_png:
             save_confusion_png(result, config.confusion_png)
     return result
+
+
+def stop_checks(env: DistEnv, batches) -> int:
+    """Before how many of its first batches an evaluation asks its ranks whether to stop (see
+    `evaluate`): all, alone; as many as every rank has, under torch.distributed."""
+    if not env.is_distributed:
+        return sys.maxsize
+    counts = all_gather_objects(env, optional_len(batches))
+    return 0 if None in counts else min(counts)
 
 
 def write_json(path, obj) -> None:

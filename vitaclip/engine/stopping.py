@@ -24,13 +24,17 @@ _fork_server_ignores: set = set()
 
 
 def parse_signal(name: str) -> signal.Signals:
-    """signal.Signals from "SIGTERM" or "TERM" (any case)."""
+    """signal.Signals from "SIGTERM" or "TERM" (any case), one a process can catch."""
     key = name.strip().upper()
     key = key if key.startswith("SIG") else "SIG" + key
     try:
-        return signal.Signals[key]
+        sig = signal.Signals[key]
     except KeyError:
         raise ValueError(f"unknown signal {name!r} (e.g. SIGTERM, SIGUSR1)") from None
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"{sig.name} cannot be caught or ignored: give a signal the job can be warned with "
+                         "(e.g. SIGTERM, SIGUSR1)")
+    return sig
 
 
 class StopRequest:

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from ..backends import resolve_backend
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed, sum_across_ranks
-from .evaluate import EvalConfig, EvalResult, evaluate
+from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
 from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
 from .precision import autocast, check_precision, grad_scaler
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
@@ -85,6 +85,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "keep_checkpoints"):  # 0: at the end only, keep all
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -245,28 +248,41 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         out.mkdir(parents=True, exist_ok=True)
         log = RunLog(out, start_step, config.tensorboard)
     result = TrainResult(start_step, last_checkpoint=str(resume_path) if resume_path else None)
-    if start_step >= config.steps:  # stopped after the last step's checkpoint, before its evaluation or the final model
-        try:
-            if eval_data is not None and payload.get("final_evaluation_pending", False):
-                evaluate_and_log(model, eval_data, eval_config, env, log, start_step, result)
-                result.last_checkpoint = str(write_checkpoint(  # the same, no longer pending
-                    out, start_step, config, model, optimizer, scheduler, scaler, loader, env, backbone, fingerprint,
-                    data))
-        finally:
-            if log is not None:
-                log.close()
-        save_final_model(model, out, config, env)
-        result.finished = True
-        return result
-
-    net = distributed_model(model, env) if env.is_distributed else model
-    progress = make_progress(config, env, start_step)
-    batches = iter(loader)
-    last_step = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
-    step_time = time.perf_counter()
-    started = step_time
+    progress = None
     stop_request = StopRequest(config.stop_signals).install()
+
+    def checkpoint(step: int, evaluation_pending: bool = False) -> None:
+        result.last_checkpoint = str(write_checkpoint(out, step, config, model, optimizer, scheduler, scaler, loader,
+                                                      env, backbone, fingerprint, data, evaluation_pending))
+
+    def evaluated(step: int) -> bool:
+        """The step's evaluation, after its checkpoint (written marked pending: an evaluation can
+        take minutes, a stop signalled during it gets seconds), then marked done; False if a stop
+        signal ended it (resuming the run evaluates it)."""
+        try:
+            evaluate_and_log(model, eval_data, eval_config, env, log, step, result,
+                             stop=lambda: stop_request.received is not None)
+        except EvaluationStopped:
+            result.stopped_by = stop_request.received or "another rank's signal"
+            if env.is_main:
+                warnings.warn(f"step {step}: evaluation stopped, the run is stopping (resuming the run evaluates it)")
+            return False
+        checkpoint(step)
+        return True
+
     try:
+        if eval_data is not None and payload is not None and evaluation_pending(payload) and not evaluated(start_step):
+            return stopped(result, env)
+        if start_step >= config.steps:  # stopped after the last step's checkpoint, before the final model
+            save_final_model(model, out, config, env)
+            result.finished = True
+            return result
+        net = distributed_model(model, env) if env.is_distributed else model
+        progress = make_progress(config, env, start_step)
+        batches = iter(loader)
+        last_step = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
+        step_time = time.perf_counter()
+        started = step_time
         for step in range(start_step + 1, last_step + 1):
             net.train()
             loss_sum = torch.zeros((), device=env.device)
@@ -331,27 +347,16 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 log.row("train", {"step": step, "loss": loss_value, "lr": lr, "clips_per_s": clips_per_s,
                                   "elapsed_s": now - started, "skipped": int(skipped)})
             if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
-                warnings.warn(f"step {step}: evaluation skipped, the run is stopping"
-                              + (" (resuming the run evaluates it)" if at_end else ""))
-            checkpoint_args = (out, step, config, model, optimizer, scheduler, scaler, loader, env, backbone,
-                               fingerprint, data)
-            if step % config.checkpoint_every == 0 or step == last_step or stopping:
-                # before the evaluation, which can take minutes: a stop signalled during it is given
-                # seconds (torchrun's and SLURM's grace), enough for one more step's checkpoint only
-                result.last_checkpoint = str(write_checkpoint(*checkpoint_args,
-                                                              final_evaluation_pending=eval_due and at_end))
-            if eval_due and not stopping:
-                evaluate_and_log(model, eval_data, eval_config, env, log, step, result)
-                if at_end:  # the same checkpoint, no longer pending
-                    result.last_checkpoint = str(write_checkpoint(*checkpoint_args))
-            step_time = time.perf_counter()  # checkpoint and evaluation time is not training throughput
+                warnings.warn(f"step {step}: evaluation skipped, the run is stopping (resuming the run evaluates it)")
+            if step % config.checkpoint_every == 0 or step == last_step or stopping or eval_due:
+                checkpoint(step, evaluation_pending=eval_due)
             if stopping:
                 result.stopped_by = stop_request.received or "another rank's signal"
-                if env.is_main:
-                    print(f"stopped by {result.stopped_by} after step {step}, checkpointed in "
-                          f"{result.last_checkpoint}: continue with resume='auto' (--resume auto)", flush=True)
-                break
-        result.finished = result.step == config.steps and result.stopped_by is None
+                return stopped(result, env)
+            if eval_due and not evaluated(step):
+                return stopped(result, env)
+            step_time = time.perf_counter()  # checkpoint and evaluation time is not training throughput
+        result.finished = result.step == config.steps
         if result.finished:  # still under the stop handler: a stop signal now is one more of the same
             save_final_model(model, out, config, env)
     finally:
@@ -363,9 +368,23 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     return result
 
 
+def stopped(result: TrainResult, env: DistEnv) -> TrainResult:
+    """The result of a run a stop signal ended, checkpointed."""
+    if env.is_main:
+        print(f"stopped by {result.stopped_by} after step {result.step}, checkpointed in {result.last_checkpoint}: "
+              "continue with resume='auto' (--resume auto)", flush=True)
+    return result
+
+
+def evaluation_pending(payload: Dict[str, Any]) -> bool:
+    """Whether a checkpoint was written before its step's evaluation ended (the key of checkpoints
+    written before every evaluation was checkpointed first: the last step's only)."""
+    return bool(payload.get("evaluation_pending", payload.get("final_evaluation_pending", False)))
+
+
 def evaluate_and_log(model: VitaCLIP, eval_data, eval_config: EvalConfig, env: DistEnv, log: Optional[RunLog],
-                     step: int, result: TrainResult) -> None:
-    res = evaluate(model, eval_data, eval_config, env=env)
+                     step: int, result: TrainResult, stop: Optional[Callable[[], bool]] = None) -> None:
+    res = evaluate(model, eval_data, eval_config, env=env, stop=stop)
     result.evals[step] = res
     if log is not None:
         log.row("eval", {"step": step, "top1": res.top1, "top5": res.top5,
@@ -570,9 +589,9 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
                      loader, env: DistEnv, backbone, fingerprint, data: Dict[str, Any],
-                     final_evaluation_pending: bool = False) -> Path:
-    """data: `data_description` of the training data. final_evaluation_pending: the run stopped at
-    its last step before evaluating it, which resuming the run does."""
+                     evaluation_pending: bool = False) -> Path:
+    """data: `data_description` of the training data. evaluation_pending: the step's evaluation has
+    not ended (it comes next, or a stop came first), which resuming the run does first."""
     # each rank's RNG states and data position (a loader that leaves out batches a rank could not
     # decode is at another place on each rank), in one gather
     states, positions = zip(*all_gather_objects(env, (rng_states(), loader.state_dict())))
@@ -582,7 +601,7 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "loader": list(positions), "rng": list(states), "train_config": dataclasses.asdict(config),
                    "train_data": data,
-                   "final_evaluation_pending": final_evaluation_pending}
+                   "evaluation_pending": evaluation_pending}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
         torch.distributed.barrier()
