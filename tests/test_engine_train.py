@@ -13,7 +13,7 @@ from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_mo
 from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.loader import ShardedTrainLoader
-from vitaclip.engine.train import lr_lambda, train
+from vitaclip.engine.train import lr_lambda, make_optimizer, train
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
@@ -375,10 +375,34 @@ def test_resume_with_other_optimisation_settings_is_refused_naming_them_or_goes_
     for step in (3, 4):
         assert lrs[step] == pytest.approx(1e-3 * new_schedule(step - 1))
     groups = ckpt.load_checkpoint(tmp_path / "checkpoint-00000004.pt")["optimizer"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.5]
     # the checkpoint written since holds the new settings: resuming it with them is no change
     result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **changed))
     assert result.finished and result.step == 8
+
+
+@pytest.mark.parametrize("on,rest_decay", [("all", 0.05), ("matrices", 0.0)])
+def test_weight_decay_reaches_the_tensors_asked(tmp_path, on, rest_decay):
+    """The authors' AdamW decays every trainable tensor; "matrices" spares vectors and scalars."""
+    model = tiny_model()
+    matrices, rest = make_optimizer(model, tiny_train_config(tmp_path, weight_decay_on=on)).param_groups
+    names = {id(p): name for name, p in model.named_trainable_parameters()}
+    assert all(p.dim() >= 2 for p in matrices["params"]) and all(p.dim() < 2 for p in rest["params"])
+    assert "logit_scale" in {names[id(p)] for p in rest["params"]}
+    assert len(matrices["params"]) + len(rest["params"]) == len(names)
+    assert matrices["weight_decay"] == 0.05 and rest["weight_decay"] == rest_decay
+
+
+def test_a_checkpoint_from_before_weight_decay_on_resumes_as_decaying_matrices_only(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    path = ckpt.latest_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=False)
+    del payload["train_config"]["weight_decay_on"]  # as written before it was a setting
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="weight_decay_on: 'matrices' -> 'all'"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
+    assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto",
+                                                              weight_decay_on="matrices")).finished
 
 
 def test_resume_with_other_training_data_is_refused_or_goes_on_with_it(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from .engine.precision import PRECISIONS
 from .engine.stopping import DEFAULT_STOP_SIGNALS, ignore_signals, parse_signal
+from .engine.train import WEIGHT_DECAY_ON
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -175,6 +176,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(
         output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, micro_batch_size=micro,
         lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        weight_decay_on=args.weight_decay_on,
         grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
         device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
@@ -415,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--weight-decay-on", choices=WEIGHT_DECAY_ON, default="all",
+                   help="the trainable tensors decayed: all (as the authors' code) or matrices only (no decay on "
+                        "biases, norms and the logit scale)")
     g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     g.add_argument("--tsn", action="store_true", help="TSN-style segment sampling instead of a fixed stride")

@@ -38,7 +38,9 @@ EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 # what a resumed run must share with its checkpoint to be the same run from there on (the schedule
 # and the optimiser; the training data too, see `data_description`): other values are refused unless
 # resume_with_changes, which goes on with them
-RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "adam_eps", "grad_clip")
+RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_on", "betas", "adam_eps",
+                "grad_clip")
+WEIGHT_DECAY_ON = ("all", "matrices")
 
 
 @dataclass
@@ -51,6 +53,9 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_steps: int = 0
     weight_decay: float = 0.05
+    # which trainable tensors it decays: "all" (the public code's AdamW over every parameter) or
+    # "matrices" (none of the vectors and scalars: biases, norms, the logit scale)
+    weight_decay_on: str = "all"
     betas: Tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global gradient norm
@@ -85,6 +90,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
         for name in ("eval_every", "keep_checkpoints"):  # 0: at the end only, keep all
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -124,12 +131,13 @@ def lr_lambda(config: TrainConfig):
 
 
 def make_optimizer(model: VitaCLIP, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable tensors; no decay on vectors and scalars (biases, norms, logit scale)."""
-    decay, no_decay = [], []
+    """AdamW over the trainable tensors, matrices and the rest (vectors and scalars) in two groups,
+    the second decayed only with weight_decay_on="all"."""
+    matrices, rest = [], []
     for _, p in model.named_trainable_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        (matrices if p.dim() >= 2 else rest).append(p)
+    groups = [{"params": matrices, "weight_decay": config.weight_decay},
+              {"params": rest, "weight_decay": config.weight_decay if config.weight_decay_on == "all" else 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
                              eps=config.adam_eps)
 
@@ -552,7 +560,7 @@ def data_description(train_data) -> Dict[str, Any]:
 def run_changes(payload: Dict[str, Any], config: TrainConfig, data: Dict[str, Any]) -> list:
     """The RUN_SETTINGS and training data this run has other than the checkpoint's, as
     'name: then -> now' (checkpoints without a data description compare settings alone)."""
-    saved = payload["train_config"]
+    saved = {"weight_decay_on": "matrices", **payload["train_config"]}  # (what runs did before it was a setting)
     now = dataclasses.asdict(config)
     changes = [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in RUN_SETTINGS
                if name in saved and _plain(saved[name]) != _plain(now[name])]
