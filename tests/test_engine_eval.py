@@ -153,9 +153,11 @@ def test_zeroshot_scores_each_split_with_its_own_classes():
 
 
 def test_predict_output_format():
-    model = tiny_model()
+    model = tiny_model().train()
     clips = [tiny_data(3)[i][0] for i in range(3)]
     out = predict(model, clips, top_k=2, device="cpu", precision="fp32")
+    assert model.training  # as it was: predicting mid-training leaves the model training
+    model.eval()
     assert [o["video"] for o in out] == ["tensor 0", "tensor 1", "tensor 2"]
     for o in out:
         assert len(o["top"]) == 2 and {t["label"] for t in o["top"]} <= set(CLASSES)

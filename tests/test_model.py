@@ -152,6 +152,20 @@ def test_cached_text_features_follow_reloads_and_casts(config):
         assert torch.equal(model.text_features(), expected)
 
 
+def test_zero_shot_text_features_follow_updates_and_reloads_of_the_text_tower(config):
+    model = randomize_(VitaCLIP(config, CLASSES))
+    other = randomize_(VitaCLIP(config, CLASSES))
+    names, templates = ["run", "jump"], ["a video of {}.", "a clip of {}."]
+    model.set_classes(names, templates=templates)
+    first = model.text_features()
+    assert model.text_features() is first  # computed once while nothing changes
+    with torch.no_grad():
+        model.textual.text_projection.mul_(-1)  # an in-place update
+    assert torch.allclose(model.text_features(), -first, atol=1e-6)
+    model.load_state_dict(other.state_dict())  # a reload
+    torch.testing.assert_close(model.text_features(), other.zero_shot_text_features(names, templates))
+
+
 def test_a_model_made_under_inference_mode_runs(config):
     """Its tensors keep no version counter, which the text-feature cache's key reads."""
     with torch.inference_mode():

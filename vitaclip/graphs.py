@@ -208,6 +208,12 @@ def tensor_version(t: Tensor):
     return "inference" if torch.is_inference(t) else t._version
 
 
+def tensor_states(tensors) -> tuple:
+    """Each tensor's memory, dtype and version: a key of what is derived from them (an in-place
+    update, a reload, a cast or a move changes it; a write through `.data` does not)."""
+    return tuple((t.data_ptr(), t.dtype, tensor_version(t)) for t in tensors)
+
+
 class GraphCache:
     """The captured passes of one model, least recently used dropped beyond `capacity`."""
 

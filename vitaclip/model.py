@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
-from .graphs import GraphCache, tensor_version
+from .graphs import GraphCache, tensor_states
 from .text import PromptLearner, TextEncoder, check_classnames, check_templates, clean_classname, string_list, tokenize
 from .vision import VisionTransformer
 
@@ -49,7 +49,7 @@ class VitaCLIP(nn.Module):
         self.prompt_learner: Optional[PromptLearner] = None
         self._fixed_classnames: Optional[List[str]] = None
         self._fixed_templates: Optional[List[str]] = None
-        self.register_buffer("_fixed_text_features", None, persistent=False)
+        self._fixed_text: Optional[Tuple[tuple, Tensor]] = None  # (text tower state, zero-shot class features)
         self._text_cache: Optional[Tuple[tuple, Tensor]] = None
         self._graphs = GraphCache()
         # what `train` trained it on (the loader's description: frame stride, ...), kept by save_pretrained
@@ -116,7 +116,7 @@ class VitaCLIP(nn.Module):
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
             templates = check_templates(templates)
-            self._fixed_text_features = self.zero_shot_text_features(classnames, templates)
+            self._fixed_text = (self._text_tower_state(), self.zero_shot_text_features(classnames, templates))
             self._fixed_classnames = [clean_classname(n) for n in classnames]
             self._fixed_templates = templates
             return
@@ -127,7 +127,7 @@ class VitaCLIP(nn.Module):
         else:
             self.prompt_learner.set_classes(classnames)  # refuses before changing anything
         # once the learned classes are set: a refused class list leaves the zero-shot ones in place
-        self._fixed_text_features = None
+        self._fixed_text = None
         self._fixed_classnames = None
         self._fixed_templates = None
 
@@ -168,8 +168,11 @@ class VitaCLIP(nn.Module):
     def text_features(self) -> Tensor:
         """Normalised features [n_classes, D] of the current label set; cached when nothing can
         change them (fixed prompts, or learned prompts evaluated without gradients)."""
-        if self._fixed_text_features is not None:
-            return self._fixed_text_features
+        if self._fixed_classnames is not None:
+            state = self._text_tower_state()
+            if self._fixed_text[0] != state:  # the text tower changed since (reloaded, updated, cast or moved)
+                self._fixed_text = (state, self.zero_shot_text_features(self._fixed_classnames, self._fixed_templates))
+            return self._fixed_text[1]
         if torch.is_grad_enabled():
             return F.normalize(self.encode_text().float(), dim=-1)
         key = self._text_cache_key()
@@ -184,10 +187,13 @@ class VitaCLIP(nn.Module):
         autocast state and the device."""
         device = self.logit_scale.device
         learner = self.prompt_learner
-        tensors = [*self.textual.parameters(), *([learner.ctx] if learner is not None and learner.ctx is not None else [])]
-        state = tuple((t.data_ptr(), t.dtype, tensor_version(t)) for t in tensors)
+        state = self._text_tower_state() + tensor_states([learner.ctx] if learner is not None and learner.ctx is not None
+                                                         else [])
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         return (id(learner.tokens) if learner is not None else None, state, autocast, device)
+
+    def _text_tower_state(self) -> tuple:
+        return tensor_states(self.textual.parameters())
 
     # ---------------------------------------------------------------- video
     def encode_video(self, video: Tensor) -> Tensor:

@@ -98,23 +98,27 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     device = pick_device(config.device)
-    model.eval().to(device)
     are_tensors = [isinstance(v, torch.Tensor) for v in videos]
     errors: Dict[int, str] = {}
     if any(are_tensors) and not all(are_tensors):
         raise ValueError("give either video files or tensors, not both")
-    if all(are_tensors):
-        names = [f"tensor {i}" for i in range(len(videos))]
-        batches = _batches_from_tensors(list(videos), config)
-    else:
-        names = [str(v) for v in videos]
-        batches = _batches_from_files(names, model, config, device, errors)
-    sums: Dict = {}
-    for video, labels, ids in batches:
-        with autocast(device, config.precision):
-            logits = model(video.to(device))
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        if all(are_tensors):
+            names = [f"tensor {i}" for i in range(len(videos))]
+            batches = _batches_from_tensors(list(videos), config)
+        else:
+            names = [str(v) for v in videos]
+            batches = _batches_from_files(names, model, config, device, errors)
+        sums: Dict = {}
+        for video, labels, ids in batches:
+            with autocast(device, config.precision):
+                logits = model(video.to(device))
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
+    finally:
+        model.train(was_training)  # as evaluate(): predicting mid-training leaves the model training
     classnames = model.classnames
     k = min(config.top_k, len(classnames))
     out = []
