@@ -743,7 +743,7 @@ def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_vi
     import time
 
     from vitaclip.data import loader as loader_module
-    from worker_faults import FaultyTasks
+    from worker_faults import FaultyTasks, assert_process_ends
     root, rows = vp9_dataset
     shutil.copy(root / rows[0][0], tmp_path / "good.webm")
     shutil.copy(root / rows[1][0], tmp_path / f"{fault}.webm")
@@ -783,21 +783,6 @@ def test_an_epoch_left_part_read_does_not_hold_up_the_next(vp9_dataset, tmp_path
     next(epoch)
     epoch.close()
     assert len(list(ld)) == 4
-
-
-def assert_process_ends(pid: int, within_s: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # ended, not yet reaped
-                    return
-        except FileNotFoundError:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"process {pid} still runs")
 
 
 @pytest.mark.gpu

@@ -1,6 +1,8 @@
 """prepare: re-encodes to short-side H.264, keeps every frame, resumable, writes a list."""
+import math
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -328,6 +330,43 @@ def test_a_video_the_encoder_crashes_or_hangs_on_is_left_out_in_skip_mode_and_na
     assert result.written + result.reused == 3
     assert [os.path.basename(e.path) for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [
         "a.mp4", "b.mp4", "c.mp4"]
+
+
+def test_an_error_in_raise_mode_ends_the_encodes_in_flight(vp9_dataset, tmp_path):
+    """The run stops at a bad video without waiting for the others being encoded (minutes each, or
+    until --timeout for a hung encoder): their workers are ended."""
+    from worker_faults import assert_process_ends, faulty_prepare_job
+
+    root, rows = vp9_dataset
+    shutil.copy(root / rows[0][0], tmp_path / "hang.webm")
+    (tmp_path / "slow-bad.webm").write_bytes(b"not a video")  # fails once the other encode has begun
+    (tmp_path / "src.csv").write_text("hang.webm,0\nslow-bad.webm,1\n")
+    start = time.monotonic()
+    with pytest.raises(VideoDecodeError, match="src.csv:2"):
+        prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), settings=EncodeSettings(short_side=32),
+                workers=2, progress=False, timeout=600, job=faulty_prepare_job)
+    assert_process_ends(int((tmp_path / "hang.webm.pid").read_text()))
+    assert time.monotonic() - start < 30
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_while_one_writes(source_list, tmp_path):
+    """Two runs writing the same outputs at once would publish each other's partial files."""
+    import fcntl
+
+    root, _, lst = source_list
+    (tmp_path / "o").mkdir()
+    with open(tmp_path / "o" / "prepare.lock", "a") as held:  # as a running prepare holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="being written by another `vitaclip prepare`"):
+            prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, on_error="skip", progress=False)
+    assert prepare(str(lst), str(tmp_path / "o"), str(root), workers=1, on_error="skip", progress=False).written
+
+
+def test_an_endless_timeout_is_no_timeout():
+    from vitaclip.data.workers import within
+
+    for timeout in (math.inf, 1e10, None):  # (beyond what an alarm can count)
+        assert within(timeout, sum, [1, 2]) == 3
 
 
 @pytest.mark.parametrize("rotation,upright_corner", [(-90, (0, -1)), (90, (-1, 0)), (180, (-1, -1))])

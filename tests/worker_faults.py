@@ -26,12 +26,15 @@ class FaultyTasks(loader._PyAVTasks):
 
 def faulty_prepare_job(src, dst, settings, reuse):
     """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name,
-    and hanging on one with "hang"."""
+    hanging on one with "hang", and taking a second over one with "slow"."""
     from vitaclip.data.prepare import _job
 
     if "crash" in os.path.basename(src):
         os._exit(1)
+    if "slow" in os.path.basename(src):
+        time.sleep(1)
     if "hang" in os.path.basename(src):
+        Path(src + ".pid").write_text(str(os.getpid()))  # for the test to see it end
         threading.Event().wait()
     return _job(src, dst, settings, reuse)
 
@@ -59,3 +62,19 @@ def recording_probe(entry):
     with open(f"{entry.list_file}.probed-rank{os.environ.get('RANK', 0)}", "a") as log:
         log.write(os.path.basename(entry.path) + "\n")
     return _probe(entry)
+
+
+def assert_process_ends(pid: int, within_s: float = 30) -> None:
+    """Fails the test unless process `pid` ends within `within_s` seconds."""
+    import pytest
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # ended, not yet reaped
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"process {pid} still runs")

@@ -16,7 +16,9 @@ leaves them out of the new list and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -37,10 +39,11 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
-from .workers import as_completed, fork_server_context, run_alone, within
+from .workers import abandon, as_completed, fork_server_context, run_alone, within
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
+LOCK_FILE = "prepare.lock"
 SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
 # what the outputs are, recorded with each source: 3, upright (display rotation applied), in square pixels
 # and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
@@ -226,6 +229,19 @@ def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[Vid
     return transcode(src, dst, settings), False
 
 
+@contextlib.contextmanager
+def sole_writer(out_dir: str):
+    """Holds OUT_DIR's lock file for the block: another `prepare` into it (say of a list sharing
+    videos with this one's) is refused instead of writing the same outputs at once."""
+    with open(os.path.join(out_dir, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out_dir} is being written by another `vitaclip prepare` (it holds {lock.name}): "
+                             "wait for it to end, or prepare into another OUT_DIR") from None
+        yield  # (closing the file releases the lock, also when the process dies)
+
+
 def record_settings(out_dir: str, settings: EncodeSettings) -> None:
     """OUT_DIR/prepare.json says how its videos were encoded: finished outputs are reused, so
     another run into it must use the same settings."""
@@ -256,114 +272,113 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                          "overwrite it: choose another OUT_DIR")
     entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
-    record_settings(out_dir, settings)
-    failed = list(entries.skipped)
+    with sole_writer(out_dir):  # a second run into OUT_DIR would write the same files
+        record_settings(out_dir, settings)
+        failed = list(entries.skipped)
 
-    def fail(entry, problem: str, error: Exception) -> None:
-        message = f"{entry.list_file}:{entry.line}: {problem}"
-        if on_error == "raise":
-            raise VideoDecodeError(message) from error
-        log.warning("skipping: %s", message)
-        failed.append(message)
+        def fail(entry, problem: str, error: Exception) -> None:
+            message = f"{entry.list_file}:{entry.line}: {problem}"
+            if on_error == "raise":
+                raise VideoDecodeError(message) from error
+            log.warning("skipping: %s", message)
+            failed.append(message)
 
-    names, first_of = {}, {}  # entry -> output name; output name -> the first entry with it
-    for entry in entries:
-        name = output_name(entry.path, data_root)
-        first = first_of.setdefault(name, entry)
-        if first is not entry and os.path.normpath(first.path) != os.path.normpath(entry.path):
-            fail(entry, f"{entry.path} would be prepared as {name}, as line {first.line}'s {first.path} is",
-                 ValueError("two sources, one output"))
-        else:
-            names[entry] = name  # a video listed again (e.g. under another label) is encoded once
-    known = read_sources(out_dir)
-    results = {}
+        names, first_of = {}, {}  # entry -> output name; output name -> the first entry with it
+        for entry in entries:
+            name = output_name(entry.path, data_root)
+            first = first_of.setdefault(name, entry)
+            if first is not entry and os.path.normpath(first.path) != os.path.normpath(entry.path):
+                fail(entry, f"{entry.path} would be prepared as {name}, as line {first.line}'s {first.path} is",
+                     ValueError("two sources, one output"))
+            else:
+                names[entry] = name  # a video listed again (e.g. under another label) is encoded once
+        known = read_sources(out_dir)
+        results = {}
 
-    encode = functools.partial(within, timeout, job)
-    died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
+        encode = functools.partial(within, timeout, job)
+        died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
 
-    def finish(name: str, future) -> None:
-        try:
-            results[name] = future.result()
-        except BrokenProcessPool:
-            raise
-        except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
-            fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}", e)
-
-    def after_crash(lost: List[Tuple[str, tuple]]) -> None:
-        """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
-        in raise mode an error naming them, else each again alone, to leave out the one at fault."""
-        if on_error == "raise":
-            where = "; ".join(first_of[name].where() for name, _ in lost)
-            raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
-                                   f"--on-error skip finds and leaves it out")
-        for name, args in lost:
+        def finish(name: str, future) -> None:
             try:
-                finish(name, run_alone(encode, args))
-            except BrokenProcessPool as crash:
-                fail(first_of[name], f"{died} on it (its worker process died)", crash)
-            bar.update()
+                results[name] = future.result()
+            except BrokenProcessPool:
+                raise
+            except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
+                fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}", e)
 
-    bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
-    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
-
-    def calls(sources):
-        """(name, job arguments) of each video to prepare, its source recorded before its output can
-        exist (a killed run leaves no output without a record); checked as the pool asks for more."""
-        for name, entry in first_of.items():
-            if entry not in names:
-                continue
-            dst = os.path.join(out_dir, name)
-            try:
-                source = source_record(entry.path)
-                reuse = may_reuse(entry.path, dst, known.get(name), source)
-            except (OSError, ValueError) as e:
-                fail(entry, str(e), e)
-                continue
-            if not reuse and os.path.exists(dst):  # another version's: gone before the record says this one's
-                os.remove(dst)
-                fsync_folder(os.path.dirname(dst))
-            if known.get(name) != source:
-                sources.write(json.dumps({"output": name, **source}) + "\n")
-                sources.flush()
-            yield name, (entry.path, dst, settings, reuse)
-
-    try:
-        with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
-            if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
-                sources.write("\n")
-            pending = calls(sources)
-            while True:
-                running, current = {}, None
+        def after_crash(lost: List[Tuple[str, tuple]]) -> None:
+            """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
+            in raise mode an error naming them, else each again alone, to leave out the one at fault."""
+            if on_error == "raise":
+                where = "; ".join(first_of[name].where() for name, _ in lost)
+                raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
+                                       f"--on-error skip finds and leaves it out")
+            for name, args in lost:
                 try:
-                    for name, args, future in as_completed(pool, encode, pending, workers, running):
-                        current = (name, args)
-                        finish(name, future)
-                        current = None
-                        bar.update()
-                    break
-                except BrokenProcessPool:
-                    pool.shutdown(wait=False)
-                    after_crash(([current] if current else []) + list(running.values()))
-                    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
-            fsync_file(sources.name)
-    except BaseException:
-        # an error in raise mode, or Ctrl-C (which the workers get too): nothing else is queued,
-        # and the videos being encoded are whole or absent (renamed into place when complete)
-        pool.shutdown(wait=False)
-        raise
-    finally:
-        bar.close()
-    pool.shutdown()
-    done = [e for e in entries if names.get(e) in results]  # list order kept
-    for entry in entries:  # the other entries of a video that failed
-        if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
-            failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
-    write_video_list(out_list, [(names[e], e.label) for e in done])
-    write_meta(meta_path(out_list), [(name, info) for name, (info, _) in results.items()])
-    reused = sum(reused for _, reused in results.values())
-    if failed:
-        log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
-    return PrepareResult(out_list, len(results) - reused, reused, failed)
+                    finish(name, run_alone(encode, args))
+                except BrokenProcessPool as crash:
+                    fail(first_of[name], f"{died} on it (its worker process died)", crash)
+                bar.update()
+
+        bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
+        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+
+        def calls(sources):
+            """(name, job arguments) of each video to prepare, its source recorded before its output can
+            exist (a killed run leaves no output without a record); checked as the pool asks for more."""
+            for name, entry in first_of.items():
+                if entry not in names:
+                    continue
+                dst = os.path.join(out_dir, name)
+                try:
+                    source = source_record(entry.path)
+                    reuse = may_reuse(entry.path, dst, known.get(name), source)
+                except (OSError, ValueError) as e:
+                    fail(entry, str(e), e)
+                    continue
+                if not reuse and os.path.exists(dst):  # another version's: gone before the record says this one's
+                    os.remove(dst)
+                    fsync_folder(os.path.dirname(dst))
+                if known.get(name) != source:
+                    sources.write(json.dumps({"output": name, **source}) + "\n")
+                    sources.flush()
+                yield name, (entry.path, dst, settings, reuse)
+
+        try:
+            with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
+                if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
+                    sources.write("\n")
+                pending = calls(sources)
+                while True:
+                    running, current = {}, None
+                    try:
+                        for name, args, future in as_completed(pool, encode, pending, workers, running):
+                            current = (name, args)
+                            finish(name, future)
+                            current = None
+                            bar.update()
+                        break
+                    except BrokenProcessPool:
+                        pool.shutdown(wait=False)
+                        after_crash(([current] if current else []) + list(running.values()))
+                        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+                fsync_file(sources.name)
+        except BaseException:  # an error in raise mode, or Ctrl-C (which the workers get too)
+            abandon(pool)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown()
+        done = [e for e in entries if names.get(e) in results]  # list order kept
+        for entry in entries:  # the other entries of a video that failed
+            if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
+                failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
+        write_video_list(out_list, [(names[e], e.label) for e in done])
+        write_meta(meta_path(out_list), [(name, info) for name, (info, _) in results.items()])
+        reused = sum(reused for _, reused in results.values())
+        if failed:
+            log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
+        return PrepareResult(out_list, len(results) - reused, reused, failed)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from ..engine.stopping import start_fork_server
 # what the fork server imports once, for every worker it forks: torch and PyAV, and the loader's
 # task code (the loader's workers unpickle it)
 PRELOAD = ["vitaclip.data.loader"]
+MAX_ALARM_S = 2**31 - 1  # the most signal.alarm takes (a C int); a longer timeout is none
 
 
 def fork_server_context():
@@ -81,7 +82,7 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
                 results[index] = death if isinstance(death, BrokenProcessPool) else alone.result()
                 done()
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            abandon(pool)
             raise
 
 
@@ -89,15 +90,26 @@ def within(timeout: Optional[float], fn: Callable, *args):
     """fn(*args) in a worker, which SIGALRM's default action ends if it takes more than `timeout`
     seconds: a hang in a decoder's C code, which no Python handler could interrupt, then fails as a
     crash does."""
-    if timeout is None:
+    if timeout is None or not math.isfinite(timeout):
         return fn(*args)
     previous = signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(max(1, math.ceil(timeout)))
+    signal.alarm(min(max(1, math.ceil(timeout)), MAX_ALARM_S))
     try:
         return fn(*args)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def abandon(pool: ProcessPoolExecutor) -> None:
+    """End `pool` now: queued calls are cancelled and running ones killed with their workers (the
+    tools' outputs appear whole or not at all), so that an error or Ctrl-C in the caller does not
+    wait for them (an encode can take minutes; a hung one, until its timeout)."""
+    # (ProcessPoolExecutor.kill_workers comes with Python 3.14)
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_alone(fn: Callable, args: tuple) -> Future:
