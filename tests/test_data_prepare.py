@@ -257,6 +257,22 @@ def test_an_output_is_remade_when_its_source_changed_and_refused_for_another_sou
     assert small(tmp_path / "train.csv", out, tmp_path / "moved").written == 1
 
 
+def test_a_linked_source_pointed_at_another_file_is_made_again(vp9_dataset, tmp_path):
+    """A data set of links into a store, one re-pointed to a new version of its video: a changed
+    source, made again (it was refused as another video of the same name)."""
+    root, rows = vp9_dataset
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.webm").symlink_to(root / rows[0][0])
+    (tmp_path / "src.csv").write_text("x.webm,0\n")
+    out = tmp_path / "out"
+    assert small(tmp_path / "src.csv", out, tmp_path / "data").written == 1
+    (tmp_path / "data" / "x.webm").unlink()
+    (tmp_path / "data" / "x.webm").symlink_to(root / rows[2][0])
+    again = small(tmp_path / "src.csv", out, tmp_path / "data")
+    assert (again.written, again.reused) == (1, 0)
+    assert pyav.probe(str(out / "videos" / "x.mp4")).frames == rows[2][2]
+
+
 def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_path):
     """A headerless H.264 stream that FFmpeg opens as 0x0: probing said 1 frame of 0x0 (the training
     loader then divided by zero), prepare stopped with ZeroDivisionError naming no line."""

@@ -167,9 +167,10 @@ def output_name(source: str, data_root: str) -> str:
 
 
 def source_record(src: str) -> dict:
-    """What identifies the source file an output is made from."""
+    """What identifies the source file an output is made from: its path as listed (a data set of
+    links re-pointed to new versions of its videos has them encoded again) and its stamp."""
     size, mtime_ns = pyav.file_stamp(src)
-    return {"source": os.path.realpath(src), "size": size, "mtime_ns": mtime_ns, "format": OUTPUT_FORMAT}
+    return {"source": os.path.abspath(src), "size": size, "mtime_ns": mtime_ns, "format": OUTPUT_FORMAT}
 
 
 def read_sources(out_dir: str) -> Dict[str, dict]:
