@@ -382,17 +382,23 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
         shutil.copy(root / rows[i % 3][0], tmp_path / name)
     lines = "".join(f"{name},{i % 3}\n" for i, name in enumerate(names))
     lists = {}
-    for folder in ("same", "a", "b", "alone", "nopyav"):
+    for folder in ("same", "a", "b", "c", "d", "e", "f", "alone", "nopyav"):
         (tmp_path / folder).mkdir()
         lists[folder] = str(tmp_path / folder / "list.csv")
         Path(lists[folder]).write_text(lines)
     root = str(tmp_path)
     expected = video_infos(read_video_list(lists["alone"], root), lists["alone"], root, workers=2)
-    # rank 0's sidecar knows the videos but not how they are shown: it reads no file, rank 1 probes them all
-    write_meta(meta_path(lists["a"]), [(name, dataclasses.replace(info, turns=None, pixel_aspect=None))
-                                       for name, info in zip(names, expected)])
+    # rank 0's sidecar knows the videos but not how they are shown, and one frame count wrongly (as an
+    # older version wrote): the rows no other rank holds alike are probed again; rank 1 has no sidecar
+    stale = [dataclasses.replace(info, turns=None, pixel_aspect=None) for info in expected]
+    stale[0] = dataclasses.replace(stale[0], frames=stale[0].frames + 3)
+    write_meta(meta_path(lists["a"]), zip(names, stale))
+    for folder in ("c", "d"):  # sidecars alike: nothing is read
+        write_meta(meta_path(lists[folder]), zip(names, expected))
     cases = [("same list", (lists["same"],) * 2), ("sidecars apart", (lists["a"], lists["b"])),
-             ("no PyAV", (lists["nopyav"],) * 2)]
+             ("no PyAV", (lists["nopyav"],) * 2), ("sidecars alike", (lists["c"], lists["d"])),
+             ("a damaged sidecar", (lists["f"], lists["e"]))]
+    Path(meta_path(lists["e"])).write_text("{not json\n")
     run_ranks(probe_as_two_ranks, root, cases)
 
     def result(case, rank):
@@ -403,8 +409,9 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
         log = Path(f"{lst}.probed-rank{rank}")
         return log.read_text().split() if log.exists() else []
 
-    for case in (0, 1):
+    for case in (0, 1, 3):
         assert result(case, 0) == result(case, 1) == expected
+    assert probed(lists["c"], 0) == probed(lists["d"], 1) == []
     shares = [probed(lists["same"], rank) for rank in (0, 1)]
     assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == names  # each video once
     shares = [probed(lists["a"], 0), probed(lists["b"], 1)]
@@ -412,8 +419,10 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
     assert [read_meta(meta_path(lists[f]))[name] for f in ("a", "b") for name in names] == expected * 2
     # a rank that cannot probe its share fails, and every other rank with it, naming it, instead of waiting
     assert result(2, 1).startswith("ImportError: ") and "install PyAV" in result(2, 1)
-    assert result(2, 0).startswith("RuntimeError: probing the videos of ") and "failed on rank 1: ImportError" in \
+    assert result(2, 0).startswith("RuntimeError: reading the videos of ") and "failed on rank 1: ImportError" in \
         result(2, 0)
+    assert result(4, 1).startswith("ValueError: ") and "list.csv.meta:1: bad metadata line" in result(4, 1)
+    assert "failed on rank 1: ValueError" in result(4, 0)
 
 
 def test_probing_shows_a_progress_bar_when_asked(vp9_dataset, tmp_path, capsys):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.distributed
 from tqdm import tqdm
@@ -83,15 +84,13 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
     `shared`, under torch.distributed: the processes of the default group, each calling this with
     the same list, split the probing among them and all get every result (`_read_shared`)."""
     sidecar = meta_path(list_file)
-    known = read_meta(sidecar) if os.path.exists(sidecar) else {}
     keys = [listed_path(e.path, data_root) for e in entries]
-    with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
-        up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
-    to_probe = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if not ok]
+    share = shared and _group_size() > 1
+    known, current = (_agreed_rows if share else _current_rows)(list_file, keys, entries, workers)
+    to_probe = [(k, e) for k, e in zip(keys, entries) if k not in current]
     # rows written before the display was recorded: it is read off the file's headers and first frame
-    unknown = [(k, e) for k, e, ok in zip(keys, entries, up_to_date) if ok and known[k].turns is None]
-    read = (functools.partial(_read_shared, entry_of=dict(zip(keys, entries)))
-            if shared and _group_size() > 1 else _read_here)
+    unknown = [(k, e) for k, e in zip(keys, entries) if k in current and known[k].turns is None]
+    read = functools.partial(_read_shared, entry_of=dict(zip(keys, entries))) if share else _read_here
     probed, displays = read(probe or _probe, to_probe, unknown, list_file, workers, timeout, progress)
     found = {k: info for (k, _), info in zip(to_probe, probed) if isinstance(info, VideoInfo)}
     found.update({k: _with_display(known[k], *d) for (k, _), d in zip(unknown, displays) if d})
@@ -116,6 +115,57 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
 Keyed = List[Tuple[str, VideoEntry]]  # (listed path, entry)
 
 
+def _current_rows(list_file: str, keys: List[str], entries: List[VideoEntry], workers: int) -> Tuple[dict, set]:
+    """(the sidecar's rows by key, the keys whose rows still describe their files)."""
+    sidecar = meta_path(list_file)
+    known = read_meta(sidecar) if os.path.exists(sidecar) else {}
+    with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
+        up_to_date = list(pool.map(_describes, [known.get(k) for k in keys], [e.path for e in entries]))
+    return known, {k for k, ok in zip(keys, up_to_date) if ok}
+
+
+def _agreed_rows(list_file: str, keys: List[str], entries: List[VideoEntry], workers: int) -> Tuple[dict, set]:
+    """`_current_rows` on every rank of the default group, less the rows that the ranks do not all
+    hold alike (sidecars apart on each node, or one a rank lacks): those are probed again, and every
+    rank takes the result, so that all get the same infos. Compared by one digest each, and only
+    where those differ row by row."""
+    rows = {}
+
+    def survey() -> str:
+        rows["known"], rows["current"] = _current_rows(list_file, keys, entries, workers)
+        return hashlib.sha256(repr(sorted(_held(rows["known"], rows["current"]).items())).encode()).hexdigest()
+
+    if len(set(_on_every_rank(survey, list_file))) == 1:
+        return rows["known"], rows["current"]
+    held = _on_every_rank(lambda: _held(rows["known"], rows["current"]), list_file)
+    disputed = {k for k in set().union(*held) if len({h.get(k) for h in held}) > 1}
+    return rows["known"], rows["current"] - disputed
+
+
+def _held(known: dict, current: set) -> dict:
+    """What the current rows say of their videos, their files' stamps aside (copies on two nodes
+    differ in time, not in frames)."""
+    return {k: dataclasses.replace(known[k], stamp=None) for k in current}
+
+
+def _on_every_rank(work: Callable[[], Any], list_file: str) -> list:
+    """Every rank's work(), gathered (each rank of the default group calls this): where work raised
+    on some rank, every rank raises (that one its own error, the others naming it) instead of
+    waiting for it."""
+    try:
+        outcome, failure = (True, work()), None
+    except Exception as error:
+        outcome, failure = (False, f"{type(error).__name__}: {error}"), error
+    outcomes: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(outcomes, outcome)
+    if failure is not None:
+        raise failure
+    for rank, (done, value) in enumerate(outcomes):
+        if not done:
+            raise RuntimeError(f"reading the videos of {list_file} failed on rank {rank}: {value}")
+    return [value for _, value in outcomes]
+
+
 def _read_here(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: str, workers: int, timeout: float,
                progress: bool) -> Tuple[list, list]:
     """(probe results of to_probe, displays of to_show), read by this process's workers."""
@@ -135,8 +185,7 @@ def _read_shared(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: st
     """`_read_here` split across the default process group, every rank calling it: each reads its
     share of the videos that any rank needs read, and all get every result. A data set new to a
     job is then read once, not once per rank (a probe reads the whole file), and every rank sees
-    the same infos, hence the same usable videos. A rank's failure (PyAV missing, different lists)
-    raises on every rank instead of leaving the others waiting."""
+    the same infos, hence the same usable videos."""
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     needs: list = [None] * world
@@ -144,26 +193,17 @@ def _read_shared(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: st
     probe_keys = sorted({k for keys, _ in needs for k in keys})
     show_keys = sorted({k for _, keys in needs for k in keys} - set(probe_keys))
     mine = probe_keys[rank::world], show_keys[rank::world]
-    try:
+
+    def read_mine() -> tuple:
         missing = [k for k in mine[0] + mine[1] if k not in entry_of]
         if missing:
             raise ValueError(f"{list_file}: another rank's list has {len(missing)} videos this rank's has not (e.g. "
                              f"{missing[0]}): every rank must load the same list")
         probed, displays = _read_here(probe, [(k, entry_of[k]) for k in mine[0]], [(k, entry_of[k]) for k in mine[1]],
                                       list_file, workers, timeout, progress)
-        outcome = (dict(zip(mine[0], probed)), dict(zip(mine[1], displays)))
-    except Exception as error:
-        failure = error
-        outcome = f"{type(error).__name__}: {error}"
-    else:
-        failure = None
-    outcomes: list = [None] * world
-    dist.all_gather_object(outcomes, outcome)
-    if failure is not None:
-        raise failure
-    for other, result in enumerate(outcomes):
-        if isinstance(result, str):
-            raise RuntimeError(f"probing the videos of {list_file} failed on rank {other}: {result}")
+        return dict(zip(mine[0], probed)), dict(zip(mine[1], displays))
+
+    outcomes = _on_every_rank(read_mine, list_file)
     results = {k: r for probed, _ in outcomes for k, r in probed.items()}
     shown = {k: d for _, displays in outcomes for k, d in displays.items()}
     # a video this rank read from the sidecar may have been new to another: its probe holds its display
