@@ -155,7 +155,7 @@ def test_scoring_commands_sample_at_the_models_training_stride_unless_told(video
     assert strides == [16]  # a model without the record
 
 
-def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
+def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys, caplog):
     root, list_file = videos
     good = list_file.parent / "clip_00000.mp4"
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
@@ -165,20 +165,26 @@ def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys):
     code, out, err = run(capsys, "predict", "--model", root / "model", good, files[0], *CPU)
     assert code == 2 and f"video 2: {files[0]}: cannot read video" in err and "videos.txt" not in err
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--on-error", "skip", *CPU)
-    assert code == 0 and "2 of 3 videos could not be read" in err
+    assert code == 1 and "2 of 3 videos could not be read" in err
+    assert "videos.txt" not in caplog.text  # its temporary list, named by the loader's warnings
     corrupt, read, missing = json.loads(out)
     assert "corrupt.mp4" in corrupt["error"] and "missing.mp4" in missing["error"] and "top" not in missing
     code, alone, _ = run(capsys, "predict", "--model", root / "model", good, "--json", *CPU)
     assert read == json.loads(alone)[0]
     code, out, err = run(capsys, "predict", "--model", root / "model", files[0], files[2], "--json", "--on-error",
                          "skip", *CPU)  # none readable
-    assert code == 0 and "2 of 2 videos" in err and all("error" in p for p in json.loads(out))
+    assert code == 1 and "2 of 2 videos" in err and all("error" in p for p in json.loads(out))
     (tmp_path / "a (b): c.mp4").write_bytes(b"")
     code, out, err = run(capsys, "predict", "--model", root / "model", tmp_path / "a (b): c.mp4", good, "--json",
                          "--on-error", "skip", *CPU)
     assert json.loads(out)[0]["error"] == f"{tmp_path / 'a (b): c.mp4'}: empty file"
     code, out, err = run(capsys, "predict", "--model", root / "model", f"{good} ", *CPU)
     assert code == 2 and "white space" in err
+    code, out, err = run(capsys, "predict", "--model", root / "model", tmp_path, *CPU)
+    assert code == 2 and f"folder(s), not video files: ['{tmp_path}']" in err
+    code, out, err = run(capsys, "predict", "--model", root / "model", tmp_path, good, "--json", "--on-error", "skip",
+                         *CPU)
+    assert code == 1 and json.loads(out)[0]["error"] == f"{tmp_path}: a folder, not a video"
 
 
 def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):
@@ -201,6 +207,18 @@ def test_eval_and_zeroshot_print_on_the_main_process_only(videos, capsys, monkey
     assert run(capsys, "eval", "--model", root / "model", "--list", list_file, *data)[:2] == (0, "")
     assert run(capsys, "zeroshot", "--model", root / "model", "--classes", root / "classes.txt", "--split",
                list_file, *data)[:2] == (0, "")
+
+
+def test_folders_given_for_files_are_named_as_folders_in_one_line(videos, tmp_path, capsys):
+    root, list_file = videos
+    data = ["--data-root", list_file.parent, *CPU]
+    for argv, problem in ((["eval", "--model", root / "model", "--list", tmp_path, *data], "is a folder, not a list"),
+                          (["zeroshot", "--model", root / "model", "--classes", root / "classes.txt", "--split",
+                            list_file, "--templates", tmp_path, *data], "is a folder, not a list"),
+                          (["eval", "--model", root / "model", "--list", list_file, "--json-out",
+                            root / "classes.txt" / "x.json", *data], "its folder cannot be made")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and problem in err and "Traceback" not in err, argv
 
 
 def test_bench_reports_model_and_loader_throughput(videos, capsys):

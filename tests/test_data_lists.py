@@ -53,6 +53,11 @@ def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path, on_error):
         read_class_names(str(c))
 
 
+def test_a_folder_given_for_a_list_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder, not a list file"):
+        read_video_list(str(tmp_path))
+
+
 def test_policy_is_checked(tmp_path):
     f = tmp_path / "l.csv"
     f.write_text("a,0\n")

@@ -110,6 +110,13 @@ def test_bad_encoder_settings_are_named_before_any_video(source_list, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_prepare_refuses_a_file_for_out_dir(source_list, tmp_path):
+    root, _, lst = source_list
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        prepare(str(lst), str(tmp_path / "a_file"), str(root), workers=1, progress=False)
+
+
 def test_prepare_refuses_to_write_over_the_source_list(source_list):
     root, _, lst = source_list
     before = lst.read_text()

@@ -63,9 +63,20 @@ def test_scores_file_holds_each_videos_mean_probabilities(tmp_path):
         read_video_scores(tmp_path / "other.safetensors")
 
 
-def test_outputs_that_are_folders_are_refused_before_evaluating(tmp_path):
-    with pytest.raises(ValueError, match="is a folder: give a file name"):
-        evaluate(tiny_model(), tiny_data(4), EvalConfig(batch_size=4, scores_path=str(tmp_path), **CPU))
+class NotToBeRead:
+    def __iter__(self):
+        raise AssertionError("evaluated before its outputs were checked")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_evaluating(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for output, problem in ((tmp_path, "is a folder: give a file name"),
+                            (tmp_path / "a_file" / "out.json", "its folder cannot be made")):
+        with pytest.raises(ValueError, match=problem):
+            evaluate(tiny_model(), NotToBeRead(), EvalConfig(batch_size=4, scores_path=str(output), **CPU))
+        with pytest.raises(ValueError, match=problem):
+            zeroshot(tiny_model(), [Split("a", CLASSES, NotToBeRead())], ["a video of {}."],
+                     EvalConfig(batch_size=4, json_path=str(output), **CPU))
 
 
 def test_zeroshot_refuses_per_split_outputs_that_one_file_cannot_hold(tmp_path):

@@ -114,7 +114,7 @@ def video_loader(args, env, list_file: str, classes: List[str], train: bool, num
     """A loader decoding on this process's device (`env.device`: its rank's GPU under torchrun)."""
     from .data import VideoLoader
 
-    if not os.path.isfile(list_file):
+    if not os.path.exists(list_file):
         raise FileNotFoundError(f"list file {list_file} does not exist")
     loader = VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                          size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
@@ -237,6 +237,7 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 def cmd_zeroshot(args) -> int:
     from .data import sampling
+    from .data.lists import text_lines
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig
@@ -246,7 +247,7 @@ def cmd_zeroshot(args) -> int:
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     templates = ZEROSHOT_TEMPLATES
     if args.templates:
-        templates = [t.strip() for t in Path(args.templates).read_text().splitlines() if t.strip()]
+        templates = [t.strip() for _, t in text_lines(args.templates) if t.strip()]
     parsed = [parse_split(s, args.classes) for s in args.split]
     if args.model:
         model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
@@ -290,7 +291,7 @@ def cmd_predict(args) -> int:
     failed = sum("error" in r for r in results)
     if failed:
         print(f"vitaclip predict: {failed} of {len(results)} videos could not be read", file=sys.stderr)
-    return 0
+    return 1 if failed else 0  # as `prepare --on-error skip`: a script can tell
 
 
 def cmd_bench(args) -> int:
@@ -493,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="a video that cannot be read (missing, corrupt, too short) stops the run naming it, "
-                        "or gets an error line instead of labels")
+                        "or gets an error line instead of labels (the exit status is then 1)")
     add_data(p, lists=False)
     add_runtime(p, workers=0)
     p.set_defaults(func=cmd_predict)
@@ -539,7 +540,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, VideoDecodeError, WeightsUnavailable) as err:
+    # (OSError: files the user named that cannot be read or written, a full disk; the message names the path)
+    except (ValueError, OSError, FloatingPointError, VideoDecodeError, WeightsUnavailable) as err:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
 

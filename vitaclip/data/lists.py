@@ -37,7 +37,7 @@ def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[i
     with on_error="skip", is dropped (see `skipped` on the returned list)."""
     check_error_policy(on_error)
     entries = VideoList()
-    for line_no, text in _text_lines(list_file):
+    for line_no, text in text_lines(list_file):
         line = text.strip()
         if not line:
             continue
@@ -50,11 +50,13 @@ def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[i
     return entries
 
 
-def _text_lines(path: str) -> Iterator[Tuple[int, str]]:
+def text_lines(path: str) -> Iterator[Tuple[int, str]]:
     """(1-based number, text) of each line of a UTF-8 file, split where text mode splits (LF, CR,
     CRLF), without a leading byte order mark (Windows editors write one). A file that is not
     UTF-8 (a whole-file problem: skipping its lines would drop data) raises ValueError naming
-    file and line."""
+    file and line; a folder is refused as what it is."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a list file")
     with open(path, "rb") as f:
         data = f.read()
     for line_no, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
@@ -110,7 +112,7 @@ def read_class_names(path: str) -> List[str]:
     if os.path.isdir(path):
         return [folder_to_class_name(d) for d in sorted(os.listdir(path))
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
-    lines = [(line_no, text.strip()) for line_no, text in _text_lines(path) if text.strip()]
+    lines = [(line_no, text.strip()) for line_no, text in text_lines(path) if text.strip()]
     numbered = _index_file_names(path, lines)
     return numbered if numbered is not None else [text for _, text in lines]
 

@@ -253,7 +253,8 @@ def _describes(info, path: str) -> bool:
 
 def _probe(entry: VideoEntry):
     if not os.path.isfile(entry.path):
-        return VideoDecodeError(f"{entry.where()}: file not found")
+        return VideoDecodeError(f"{entry.where()}: " + ("a folder, not a video" if os.path.isdir(entry.path)
+                                                        else "file not found"))
     if os.path.getsize(entry.path) == 0:
         return VideoDecodeError(f"{entry.where()}: empty file")
     try:

@@ -267,6 +267,8 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"OUT_DIR {out_dir} is a file, not a folder")
     out_list = os.path.join(out_dir, os.path.basename(src_list))
     if os.path.exists(out_list) and os.path.samefile(out_list, src_list):
         raise ValueError(f"{src_list}: OUT_DIR {out_dir} is the list's own folder, where the prepared list would "

@@ -112,9 +112,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     agree in one all-reduce per batch, over as many batches as the rank with the fewest has (none
     if some rank's batches cannot be counted); a stop after those is not acted on."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
-    for path in (config.json_path, config.confusion_png, config.scores_path):  # before the evaluation, not after
-        if path is not None and Path(path).is_dir():
-            raise ValueError(f"evaluation output {path} is a folder: give a file name")
+    check_outputs(config.json_path, config.confusion_png, config.scores_path)
     env = env or init_distributed(config.device)
     was_training = model.training
     model.eval().to(env.device)
@@ -160,6 +158,20 @@ def stop_checks(env: DistEnv, batches) -> int:
         return sys.maxsize
     counts = all_gather_objects(env, optional_len(batches))
     return 0 if None in counts else min(counts)
+
+
+def check_outputs(*paths) -> None:
+    """Before an evaluation, not after it (minutes, lost): each output path (None: not asked for)
+    names a file whose folder exists or can be made."""
+    for path in paths:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise ValueError(f"evaluation output {path} is a folder: give a file name")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"evaluation output {path}: its folder cannot be made ({error})") from None
 
 
 def write_json(path, obj) -> None:

@@ -36,18 +36,24 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
     {position: why} of the videos left out."""
     from ..data import VideoDecodeError, sampling
     from ..data.loader import NoUsableVideos, VideoLoader
+    from ..data.loader import log as loader_log
 
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
     for p in paths:  # a list line could not carry these: the positions would shift
         if p != p.strip() or "\n" in p or "\r" in p:
             raise ValueError(f"video path {p!r} begins or ends with white space or holds a line break: rename it")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing and config.on_error == "raise":
-        raise FileNotFoundError(f"video file(s) not found: {missing}")
+    if config.on_error == "raise":
+        folders = [p for p in paths if os.path.isdir(p)]
+        if folders:
+            raise ValueError(f"folder(s), not video files: {folders}")
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"video file(s) not found: {missing}")
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
         try:
+            loader_log.disabled = True  # its warnings name our temporary list: `errors` names the videos
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
                                  num_frames=model.config.num_frames,
                                  stride=sampling.trained_stride(model.training_data) if config.stride is None
@@ -61,6 +67,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
             skipped = none.skipped_videos
         except VideoDecodeError as error:  # name the video by its position, not our temporary list's line
             raise VideoDecodeError(str(error).replace(f"{list_file}:", "video ")) from None
+        finally:
+            loader_log.disabled = False
         for video_id, message in skipped.items():  # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
             line = f"{list_file}:{video_id + 1}"
             why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")

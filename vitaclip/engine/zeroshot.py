@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from ..model import VitaCLIP
 from .distributed import DistEnv, init_distributed
-from .evaluate import EvalConfig, EvalResult, evaluate, write_json
+from .evaluate import EvalConfig, EvalResult, check_outputs, evaluate, write_json
 
 # Averaged per class (each template's feature normalised, then the mean; SPEC: zero-shot).
 ZEROSHOT_TEMPLATES = (
@@ -65,6 +65,7 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     if config.scores_path or config.confusion_png:
         raise ValueError("zeroshot() writes the aggregate as JSON only: for a split's per-video scores or "
                          "confusion matrix, evaluate() it with the model's classes set to its own")
+    check_outputs(config.json_path)
     env = env or init_distributed(config.device)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
