@@ -99,9 +99,11 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_to
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, resume="auto", overwrite=True))
 
     model = tiny_model(seed=1)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.earlier").write_text("")  # as the earlier run's
     train(model, tiny_data(), tiny_train_config(tmp_path, steps=2, overwrite=True))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000002.pt"]
-    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "tensorboard").exists()
     loaded = trainable(ckpt.load_model(tmp_path))
     for k, v in trainable(model).items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
@@ -527,6 +529,20 @@ def test_fp16_with_grad_scaler_resumes_exactly(tmp_path):
     rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16",
                                                               resume="auto"))
     assert rest.losses == {3: full.losses[3]}
+
+
+def test_a_step_the_fp16_loss_scaler_skips_is_logged_as_skipped(tmp_path, monkeypatch):
+    from vitaclip.engine import train as train_module
+
+    # a scale so large that the first step's gradients overflow: the scaler skips it and lowers the scale
+    monkeypatch.setattr(train_module, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 120, backoff_factor=2.0 ** -112))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, precision="fp16"))
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    with open(tmp_path / "train_log.csv") as f:
+        assert [row["skipped"] for row in csv.DictReader(f)] == ["1", "0"]
 
 
 def test_resume_in_another_precision_starts_a_fresh_loss_scaler(tmp_path):

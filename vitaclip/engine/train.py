@@ -34,6 +34,7 @@ from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
 NONFINITE_POLICIES = ("stop", "skip")
 FINAL_MODEL = "model"  # the folder in output_dir that a finished run saves its model to
 LOG_FIELDS = ("step", "loss", "lr", "clips_per_s", "elapsed_s", "skipped")
+TENSORBOARD_DIR = "tensorboard"
 EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 # what a resumed run must share with its checkpoint to be the same run from there on (the schedule
 # and the optimiser; the training data too, see `data_description`): other values are refused unless
@@ -185,7 +186,7 @@ class RunLog:
             except ImportError:
                 warnings.warn("tensorboard is not installed (pip install tensorboard): logging to CSV only")
             else:
-                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+                self.writer = SummaryWriter(str(directory / TENSORBOARD_DIR), purge_step=start_step + 1)
 
     def row(self, kind: str, values: Dict[str, Any]) -> None:
         fields = LOG_FIELDS if kind == "train" else EVAL_FIELDS
@@ -337,10 +338,15 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                                          f"{result.last_checkpoint}); on_nonfinite='skip' drops such steps instead")
             lr = optimizer.param_groups[0]["lr"]
             if not skipped:
+                scale = scaler.get_scale() if scaler.is_enabled() else None
                 scaler.step(optimizer)
                 scaler.update()
+                # fp16: the scaler skipped the update (an overflow) when it lowered its scale
+                skipped = scale is not None and scaler.get_scale() < scale
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped step is a step of the schedule all the same
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()
             result.step = step
             result.losses[step] = loss_value
 
@@ -490,10 +496,12 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
         for path in earlier:
             path.unlink()
         shutil.rmtree(out / FINAL_MODEL, ignore_errors=True)
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # (the CSV logs start afresh anyway)
     elif earlier:
         raise ValueError(f"{out} holds checkpoints of an earlier run (the newest: {earlier[-1].name}): continue "
                          f"it with resume='auto' (--resume auto), start afresh with overwrite=True (--overwrite, "
-                         f"which deletes them and its final model) or choose another output directory")
+                         f"which deletes them, its final model and its TensorBoard logs) or choose another output "
+                         f"directory")
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
