@@ -531,6 +531,16 @@ def test_fp16_with_grad_scaler_resumes_exactly(tmp_path):
     assert rest.losses == {3: full.losses[3]}
 
 
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_named_so(tmp_path, monkeypatch):
+    from vitaclip.engine import train as train_module
+    from vitaclip.engine.distributed import DistEnv
+
+    monkeypatch.setattr(train_module, "init_distributed",
+                        lambda device=None: DistEnv(0, 2, 0, torch.device("cpu")))  # rank 0 of 2
+    with pytest.raises(ValueError, match="global batch 7 does not divide among 2 processes: give a multiple of 2"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, batch_size=7))
+
+
 def test_a_step_the_fp16_loss_scaler_skips_is_logged_as_skipped(tmp_path, monkeypatch):
     from vitaclip.engine import train as train_module
 

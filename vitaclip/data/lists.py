@@ -91,7 +91,8 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
         raise ValueError(f"{where}: label {label_text!r} is not an integer")
     label = int(label_text)
     if label < 0 or (num_classes is not None and label >= num_classes):
-        classes = f" (the class list has {num_classes} names: too short, or a wrong label?)" if label > 0 else ""
+        names = "1 name" if num_classes == 1 else f"{num_classes} names"
+        classes = f" (the class list has {names}: too short, or a wrong label?)" if label > 0 else ""
         raise ValueError(f"{where}: label {label} out of range [0, {num_classes}){classes}")
     return VideoEntry(os.path.join(data_root, path), label, line_no, list_file)
 

@@ -405,6 +405,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="a bad list line or video stops the run naming it, or is left out of the new list "
                              "(the exit status is then 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help="seconds a video's encoding may take before it is taken for a hung encoder and "
                              "counts as a bad video")
@@ -421,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = prepare(args.src_list, args.out_dir, args.data_root,
                      EncodeSettings(args.short_side, args.gop, args.crf, args.preset),
-                     args.workers, args.on_error, timeout=args.timeout)
+                     args.workers, args.on_error, progress=not args.no_progress, timeout=args.timeout)
     print(f"wrote {result.list_file}: {result.written} encoded, {result.reused} already done, "
           f"{len(result.failed)} failed")
     for message in result.failed:

@@ -227,8 +227,11 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     num_classes = len(model.classnames)
     check_labels(train_data, num_classes)
 
+    if config.micro_batch_size is None and config.batch_size % env.world_size:
+        raise ValueError(f"global batch {config.batch_size} does not divide among {env.world_size} processes: give "
+                         f"a multiple of {env.world_size}")
     micro = config.micro_batch_size or config.batch_size // env.world_size
-    if micro < 1 or config.batch_size % (micro * env.world_size):
+    if config.batch_size % (micro * env.world_size):
         raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
