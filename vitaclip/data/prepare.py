@@ -276,112 +276,119 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
     with sole_writer(out_dir):  # a second run into OUT_DIR would write the same files
-        record_settings(out_dir, settings)
-        failed = list(entries.skipped)
+        return _prepare_into(out_dir, out_list, entries, data_root, settings, workers, on_error, progress, timeout,
+                             job)
 
-        def fail(entry, problem: str, error: Exception) -> None:
-            message = f"{entry.list_file}:{entry.line}: {problem}"
-            if on_error == "raise":
-                raise VideoDecodeError(message) from error
-            log.warning("skipping: %s", message)
-            failed.append(message)
 
-        names, first_of = {}, {}  # entry -> output name; output name -> the first entry with it
-        for entry in entries:
-            name = output_name(entry.path, data_root)
-            first = first_of.setdefault(name, entry)
-            if first is not entry and os.path.normpath(first.path) != os.path.normpath(entry.path):
-                fail(entry, f"{entry.path} would be prepared as {name}, as line {first.line}'s {first.path} is",
-                     ValueError("two sources, one output"))
-            else:
-                names[entry] = name  # a video listed again (e.g. under another label) is encoded once
-        known = read_sources(out_dir)
-        results = {}
+def _prepare_into(out_dir: str, out_list: str, entries, data_root: str, settings: EncodeSettings, workers: int,
+                  on_error: str, progress: bool, timeout: Optional[float], job: Callable) -> PrepareResult:
+    """`prepare`'s work, OUT_DIR made and held."""
+    record_settings(out_dir, settings)
+    failed = list(entries.skipped)
 
-        encode = functools.partial(within, timeout, job)
-        died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
+    def fail(entry, problem: str, error: Exception) -> None:
+        message = f"{entry.list_file}:{entry.line}: {problem}"
+        if on_error == "raise":
+            raise VideoDecodeError(message) from error
+        log.warning("skipping: %s", message)
+        failed.append(message)
 
-        def finish(name: str, future) -> None:
-            try:
-                results[name] = future.result()
-            except BrokenProcessPool:
-                raise
-            except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
-                fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}", e)
+    names, first_of = {}, {}  # entry -> output name; output name -> the first entry with it
+    for entry in entries:
+        name = output_name(entry.path, data_root)
+        first = first_of.setdefault(name, entry)
+        if first is not entry and os.path.normpath(first.path) != os.path.normpath(entry.path):
+            fail(entry, f"{entry.path} would be prepared as {name}, as line {first.line}'s {first.path} is",
+                 ValueError("two sources, one output"))
+        else:
+            names[entry] = name  # a video listed again (e.g. under another label) is encoded once
+    known = read_sources(out_dir)
+    results = {}
 
-        def after_crash(lost: List[Tuple[str, tuple]]) -> None:
-            """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
-            in raise mode an error naming them, else each again alone, to leave out the one at fault."""
-            if on_error == "raise":
-                where = "; ".join(first_of[name].where() for name, _ in lost)
-                raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
-                                       f"--on-error skip finds and leaves it out")
-            for name, args in lost:
-                try:
-                    finish(name, run_alone(encode, args))
-                except BrokenProcessPool as crash:
-                    fail(first_of[name], f"{died} on it (its worker process died)", crash)
-                bar.update()
+    encode = functools.partial(within, timeout, job)
+    died = "the encoder crashed" + (f" or ran past {timeout:g} s" if timeout is not None else "")
 
-        bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
-        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
-
-        def calls(sources):
-            """(name, job arguments) of each video to prepare, its source recorded before its output can
-            exist (a killed run leaves no output without a record); checked as the pool asks for more."""
-            for name, entry in first_of.items():
-                if entry not in names:
-                    continue
-                dst = os.path.join(out_dir, name)
-                try:
-                    source = source_record(entry.path)
-                    reuse = may_reuse(entry.path, dst, known.get(name), source)
-                except (OSError, ValueError) as e:
-                    fail(entry, str(e), e)
-                    continue
-                if not reuse and os.path.exists(dst):  # another version's: gone before the record says this one's
-                    os.remove(dst)
-                    fsync_folder(os.path.dirname(dst))
-                if known.get(name) != source:
-                    sources.write(json.dumps({"output": name, **source}) + "\n")
-                    sources.flush()
-                yield name, (entry.path, dst, settings, reuse)
-
+    def finish(name: str, future) -> None:
         try:
-            with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
-                if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
-                    sources.write("\n")
-                pending = calls(sources)
-                while True:
-                    running, current = {}, None
-                    try:
-                        for name, args, future in as_completed(pool, encode, pending, workers, running):
-                            current = (name, args)
-                            finish(name, future)
-                            current = None
-                            bar.update()
-                        break
-                    except BrokenProcessPool:
-                        pool.shutdown(wait=False)
-                        after_crash(([current] if current else []) + list(running.values()))
-                        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
-                fsync_file(sources.name)
-        except BaseException:  # an error in raise mode, or Ctrl-C (which the workers get too)
-            abandon(pool)
+            results[name] = future.result()
+        except BrokenProcessPool:
             raise
-        finally:
-            bar.close()
-        pool.shutdown()
-        done = [e for e in entries if names.get(e) in results]  # list order kept
-        for entry in entries:  # the other entries of a video that failed
-            if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
-                failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
-        write_video_list(out_list, [(names[e], e.label) for e in done])
-        write_meta(meta_path(out_list), [(name, info) for name, (info, _) in results.items()])
-        reused = sum(reused for _, reused in results.values())
-        if failed:
-            log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
-        return PrepareResult(out_list, len(results) - reused, reused, failed)
+        except Exception as e:  # noqa: BLE001 - named with its list line, raised or skipped there
+            fail(first_of[name], str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}", e)
+
+    def after_crash(lost: List[Tuple[str, tuple]]) -> None:
+        """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
+        in raise mode an error naming them, else each again alone, to leave out the one at fault."""
+        if on_error == "raise":
+            where = "; ".join(first_of[name].where() for name, _ in lost)
+            raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
+                                   f"--on-error skip finds and leaves it out")
+        for name, args in lost:
+            try:
+                finish(name, run_alone(encode, args))
+            except BrokenProcessPool as crash:
+                fail(first_of[name], f"{died} on it (its worker process died)", crash)
+            bar.update()
+
+    bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
+    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+
+    def calls(sources):
+        """(name, job arguments) of each video to prepare, its source recorded before its output can
+        exist (a killed run leaves no output without a record); checked as the pool asks for more."""
+        for name, entry in first_of.items():
+            if entry not in names:
+                continue
+            dst = os.path.join(out_dir, name)
+            try:
+                source = source_record(entry.path)
+                reuse = may_reuse(entry.path, dst, known.get(name), source)
+            except (OSError, ValueError) as e:
+                fail(entry, str(e), e)
+                continue
+            if not reuse and os.path.exists(dst):  # another version's: gone before the record says this one's
+                os.remove(dst)
+                fsync_folder(os.path.dirname(dst))
+            if known.get(name) != source:
+                sources.write(json.dumps({"output": name, **source}) + "\n")
+                sources.flush()
+            yield name, (entry.path, dst, settings, reuse)
+
+    try:
+        with open(os.path.join(out_dir, SOURCES_FILE), "a+", encoding="utf-8") as sources:
+            if sources.tell() and not _ends_with_newline(sources.name):  # a row cut short: do not extend it
+                sources.write("\n")
+            pending = calls(sources)
+            while True:
+                running, current = {}, None
+                try:
+                    for name, args, future in as_completed(pool, encode, pending, workers, running):
+                        current = (name, args)
+                        finish(name, future)
+                        current = None
+                        bar.update()
+                    break
+                except BrokenProcessPool:
+                    pool.shutdown(wait=False)
+                    after_crash(([current] if current else []) + list(running.values()))
+                    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+            fsync_file(sources.name)
+    except BaseException:  # an error in raise mode, or Ctrl-C (which the workers get too)
+        abandon(pool)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    done = [e for e in entries if names.get(e) in results]  # list order kept
+    for entry in entries:  # the other entries of a video that failed
+        if entry in names and names[entry] not in results and first_of[names[entry]] is not entry:
+            failed.append(f"{entry.list_file}:{entry.line}: the same video as line {first_of[names[entry]].line}")
+    write_video_list(out_list, [(names[e], e.label) for e in done])
+    write_meta(meta_path(out_list), [(name, info) for name, (info, _) in results.items()])
+    reused = sum(reused for _, reused in results.values())
+    if failed:
+        log.warning("prepare: %d of %d entries failed", len(failed), len(entries) + len(entries.skipped))
+    return PrepareResult(out_list, len(results) - reused, reused, failed)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
