@@ -96,6 +96,19 @@ def test_fast_model_matches_reference(fast_anywhere, monkeypatch, backend, promp
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=name)
 
 
+def test_a_float64_fast_model_computes_in_float64_under_autocast(fast_anywhere):
+    """Autocast leaves float64 alone, and so do the fast layers (they cast their weights to autocast's
+    dtype whatever the model's)."""
+    torch.manual_seed(0)
+    model = VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend="fast").to(DEVICE).double()
+    reference = copy.deepcopy(model)
+    reference.set_backend("reference")
+    video = torch.randn(1, 3, 3, 56, 56, device=DEVICE, dtype=torch.float64)
+    with torch.autocast(video.device.type, dtype=torch.bfloat16):
+        logits = model(video)
+    torch.testing.assert_close(logits, reference(video), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["fast", "fast-compiled"])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_the_last_layer_computes_the_class_tokens_alone(fast_anywhere, monkeypatch, backend, layers):
