@@ -770,9 +770,10 @@ def test_a_worker_that_dies_or_hangs_ends_the_loader_with_an_error_naming_the_vi
     if fault == "hang":  # the hung worker was ended
         pid = int((tmp_path / "hang.webm.pid").read_text())
         assert_process_ends(pid)
-    with pytest.raises(ValueError, match="worker_timeout must be positive"):
-        VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, backend="pyav",
-                    worker_timeout=0)
+    for timeout in (0, float("nan")):
+        with pytest.raises(ValueError, match="worker_timeout must be positive"):
+            VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=1, backend="pyav",
+                        worker_timeout=timeout)
 
 
 def test_an_epoch_left_part_read_does_not_hold_up_the_next(vp9_dataset, tmp_path, monkeypatch):

@@ -102,7 +102,9 @@ def test_prepare_raises_by_default_naming_the_line(source_list, tmp_path):
                                            (["--short-side", "0"], "short_side must be >= 2, got 0"),
                                            (["--crf", "60"], r"crf must be in \[0, 51\]"),
                                            (["--preset", "quick"], "preset must be one of"),
-                                           (["--workers", "0"], "workers must be >= 1, got 0")])
+                                           (["--workers", "0"], "workers must be >= 1, got 0"),
+                                           (["--timeout", "nan"], "timeout must be positive, got nan"),
+                                           (["--timeout", "0"], "timeout must be positive, got 0")])
 def test_bad_encoder_settings_are_named_before_any_video(source_list, tmp_path, flags, problem):
     root, _, lst = source_list
     with pytest.raises(ValueError, match=problem):

@@ -102,6 +102,20 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000002.pt"]
 
 
+class Counted:
+    """A rank's evaluation batches that count `count` whatever they hold, as a VideoLoader that leaves
+    out batches none of whose videos decode."""
+
+    def __init__(self, batches, count):
+        self.batches, self.count = batches, count
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return self.count
+
+
 def stop_vote_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from vitaclip.engine.distributed import init_distributed, sum_across_ranks
     from vitaclip.engine.evaluate import EvaluationStopped
@@ -120,14 +134,22 @@ def stop_vote_worker(rank: int, world_size: int, port: int, out: str) -> None:
         except EvaluationStopped as stopped:
             outcome = str(stopped)
         in_step = sum_across_ranks(env, [1.0])  # the ranks' next collective pairs up
-        torch.save({"outcome": outcome, "asked": len(asked), "in_step": in_step}, os.path.join(out, f"rank{rank}.pt"))
+        # ranks with different numbers of batches (a loader that leaves out a batch none of whose videos
+        # decoded yields fewer than it counts): the one done votes on until the other is
+        data = tiny_data(6)
+        batches = [tuple(torch.utils.data.default_collate([data[i] for i in items]))
+                   for items in ([[0, 1], [2, 3]] if rank == 0 else [[4, 5]])]
+        uneven = evaluate(tiny_model(), Counted(batches, 2), EVAL, env=env, stop=lambda: False).num_videos
+        torch.save({"outcome": outcome, "asked": len(asked), "in_step": in_step, "uneven": uneven},
+                   os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_a_stop_asked_of_one_rank_ends_the_evaluation_on_every_rank_at_the_same_batch(tmp_path):
     run_ranks(stop_vote_worker, str(tmp_path))
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result == {"outcome": "evaluation stopped before its batch 1", "asked": 2, "in_step": [2.0]}
+        assert result == {"outcome": "evaluation stopped before its batch 1", "asked": 2, "in_step": [2.0],
+                          "uneven": 6}
 
 
 class RankPositions:

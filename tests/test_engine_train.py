@@ -705,6 +705,22 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resuming_evaluates_first
         assert [row["step"] for row in csv.DictReader(f)] == ["2", "4"]
 
 
+def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
+    """A run that died after logging an evaluation, before its checkpoint was marked done: resuming
+    evaluates that step again, and its earlier row goes."""
+    config = dict(steps=4, eval_every=2, eval_batch_size=3)
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, **config), eval_data=tiny_data(8))
+    path = ckpt.latest_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=False)
+    payload["evaluation_pending"] = True  # as the checkpoint stood while step 4 was evaluated
+    torch.save(payload, path)
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **config),
+                 eval_data=tiny_data(8))
+    assert rest.finished and list(rest.evals) == [4]
+    with open(tmp_path / "eval_log.csv", newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["2", "4"]
+
+
 @pytest.mark.parametrize("setting,problem", [(dict(stop_signals=("SIGKILL",)), "SIGKILL cannot be caught"),
                                              (dict(stop_signals=("STOP",)), "SIGSTOP cannot be caught"),
                                              (dict(eval_every=-2), "eval_every must be >= 0"),

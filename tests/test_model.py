@@ -66,6 +66,9 @@ def test_patch_embedding_is_the_convolution(patch):
         low = embed.float()(frames.float())
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.double(), want, rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # frames of another dtype than the model's
+        assert torch.equal(embed.float()(frames), low)
+    torch.testing.assert_close(embed.float()(frames).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_float64_model_computes_in_float64_under_autocast(config):
@@ -162,8 +165,10 @@ def test_zero_shot_text_features_follow_updates_and_reloads_of_the_text_tower(co
     with torch.no_grad():
         model.textual.text_projection.mul_(-1)  # an in-place update
     assert torch.allclose(model.text_features(), -first, atol=1e-6)
-    model.load_state_dict(other.state_dict())  # a reload
-    torch.testing.assert_close(model.text_features(), other.zero_shot_text_features(names, templates))
+    model.load_state_dict(other.state_dict())  # a reload, then the first call under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.text_features()
+    assert torch.equal(model.text_features(), other.zero_shot_text_features(names, templates))
 
 
 def test_a_model_made_under_inference_mode_runs(config):

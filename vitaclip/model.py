@@ -116,7 +116,7 @@ class VitaCLIP(nn.Module):
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
             templates = check_templates(templates)
-            self._fixed_text = (self._text_tower_state(), self.zero_shot_text_features(classnames, templates))
+            self._fixed_text = (self._text_tower_state(), self._fixed_text_features(classnames, templates))
             self._fixed_classnames = [clean_classname(n) for n in classnames]
             self._fixed_templates = templates
             return
@@ -171,7 +171,7 @@ class VitaCLIP(nn.Module):
         if self._fixed_classnames is not None:
             state = self._text_tower_state()
             if self._fixed_text[0] != state:  # the text tower changed since (reloaded, updated, cast or moved)
-                self._fixed_text = (state, self.zero_shot_text_features(self._fixed_classnames, self._fixed_templates))
+                self._fixed_text = (state, self._fixed_text_features(self._fixed_classnames, self._fixed_templates))
             return self._fixed_text[1]
         if torch.is_grad_enabled():
             return F.normalize(self.encode_text().float(), dim=-1)
@@ -191,6 +191,12 @@ class VitaCLIP(nn.Module):
                                                          else [])
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         return (id(learner.tokens) if learner is not None else None, state, autocast, device)
+
+    def _fixed_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+        """The zero-shot class features, in the model's own precision whatever autocast the caller is
+        under (kept for every later call, they may be remade inside an evaluation's autocast)."""
+        with torch.autocast(self.logit_scale.device.type, enabled=False):
+            return self.zero_shot_text_features(classnames, templates)
 
     def _text_tower_state(self) -> tuple:
         return tensor_states(self.textual.parameters())

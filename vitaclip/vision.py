@@ -80,7 +80,7 @@ class PatchEmbed(nn.Module):
         """Patch features [F, N, C] of frames [..., 3, H, W] (any strides; F = the leading sizes' product)."""
         p = self.patch_size
         device = frames.device.type
-        dtype = matmul_dtype(device, frames.dtype)
+        dtype = matmul_dtype(device, self.proj.weight.dtype)  # (frames of another dtype are cast in the copy)
         # [..., rows, columns, 3, p, p]: the weight's (channel, row, column) order, cast in the same copy
         lead = frames.dim() - 3
         patches = frames.unflatten(-1, (-1, p)).unflatten(-3, (-1, p))  # [..., 3, rows, p, columns, p]

@@ -110,7 +110,7 @@ class VideoLoader:
         self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
         self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
         self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
-        if worker_timeout <= 0:
+        if not worker_timeout > 0:  # (NaN too)
             raise ValueError(f"worker_timeout must be positive, got {worker_timeout}")
         self.worker_timeout = worker_timeout  # seconds without a chunk from the PyAV pool: hung
         self.on_error, self.epoch, self.start_batch = on_error, 0, 0

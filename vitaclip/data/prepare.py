@@ -267,6 +267,8 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if timeout is not None and not timeout > 0:  # (NaN too; inf: no limit)
+        raise ValueError(f"timeout must be positive, got {timeout}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"OUT_DIR {out_dir} is a file, not a folder")
     out_list = os.path.join(out_dir, os.path.basename(src_list))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -14,7 +13,7 @@ import torch
 
 from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text
-from .distributed import DistEnv, all_gather_objects, init_distributed, sum_across_ranks
+from .distributed import DistEnv, all_gather_objects, broadcast_object, init_distributed, sum_across_ranks
 from .loader import eval_batches, optional_len, split_views
 from .precision import autocast
 
@@ -108,12 +107,12 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     batches. Every process gets the full result.
 
     `stop` (e.g. whether a stop signal came) is asked before each batch, and if it says so on any
-    rank, every rank raises EvaluationStopped at the same batch. Under torch.distributed the ranks
-    agree in one all-reduce per batch, over as many batches as the rank with the fewest has (none
-    if some rank's batches cannot be counted); a stop after those is not acted on."""
+    rank, every rank raises EvaluationStopped at the same batch: under torch.distributed the ranks
+    vote in one all-reduce per batch, those out of batches voting on until all are (a loader may
+    yield fewer batches than it counts)."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
-    check_outputs(config.json_path, config.confusion_png, config.scores_path)
     env = env or init_distributed(config.device)
+    check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     was_training = model.training
     model.eval().to(env.device)
     batches = eval_batches(data, config.batch_size, env.rank, env.world_size, config.num_workers)
@@ -122,12 +121,9 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         from tqdm.auto import tqdm
 
         progress = tqdm(total=optional_len(batches), desc="eval", unit="batch", dynamic_ncols=True)
-    checks = stop_checks(env, batches) if stop is not None else 0
     sums: Dict = {}
     try:
-        for index, batch in enumerate(batches):
-            if index < checks and sum_across_ranks(env, [float(stop())])[0] > 0:
-                raise EvaluationStopped(f"evaluation stopped before its batch {index}")
+        for batch in batches_until_stopped(env, batches, stop):
             video, labels, video_ids = split_views(*batch)
             with autocast(env.device, config.precision):
                 logits = model(video.to(env.device, non_blocking=True))
@@ -151,27 +147,44 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     return result
 
 
-def stop_checks(env: DistEnv, batches) -> int:
-    """Before how many of its first batches an evaluation asks its ranks whether to stop (see
-    `evaluate`): all, alone; as many as every rank has, under torch.distributed."""
-    if not env.is_distributed:
-        return sys.maxsize
-    counts = all_gather_objects(env, optional_len(batches))
-    return 0 if None in counts else min(counts)
+def batches_until_stopped(env: DistEnv, batches, stop: Optional[Callable[[], bool]]):
+    """`batches`, ending in EvaluationStopped at the first batch before which `stop()` is true on any
+    rank (see `evaluate`)."""
+    if stop is None:
+        yield from batches
+        return
+    batches, index = iter(batches), 0
+    while True:
+        batch = next(batches, None)
+        stops, going_on = sum_across_ranks(env, [float(stop()), float(batch is not None)])
+        if stops > 0:
+            raise EvaluationStopped(f"evaluation stopped before its batch {index}")
+        if not going_on:
+            return
+        if batch is not None:
+            yield batch
+            index += 1
 
 
-def check_outputs(*paths) -> None:
+def check_outputs(env: DistEnv, *paths) -> None:
     """Before an evaluation, not after it (minutes, lost): each output path (None: not asked for)
-    names a file whose folder exists or can be made."""
-    for path in paths:
-        if path is None:
-            continue
-        if Path(path).is_dir():
-            raise ValueError(f"evaluation output {path} is a folder: give a file name")
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"evaluation output {path}: its folder cannot be made ({error})") from None
+    names a file whose folder exists or can be made, where the main process writes it; every rank
+    raises if not."""
+    problem = None
+    if env.is_main:
+        for path in (p for p in paths if p is not None):
+            if Path(path).is_dir():
+                problem = f"evaluation output {path} is a folder: give a file name"
+                break
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                problem = f"evaluation output {path}: its folder cannot be made ({error})"
+                break
+    if any(p is not None for p in paths):  # (the same on every rank)
+        problem = broadcast_object(env, problem)
+    if problem:
+        raise ValueError(problem)
 
 
 def write_json(path, obj) -> None:

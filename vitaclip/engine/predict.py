@@ -52,8 +52,11 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
+        def about_others(record) -> bool:  # the loader's warnings name our temporary list: `errors` names the videos
+            return list_file not in record.getMessage()
+
+        loader_log.addFilter(about_others)
         try:
-            loader_log.disabled = True  # its warnings name our temporary list: `errors` names the videos
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
                                  num_frames=model.config.num_frames,
                                  stride=sampling.trained_stride(model.training_data) if config.stride is None
@@ -68,7 +71,7 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
         except VideoDecodeError as error:  # name the video by its position, not our temporary list's line
             raise VideoDecodeError(str(error).replace(f"{list_file}:", "video ")) from None
         finally:
-            loader_log.disabled = False
+            loader_log.removeFilter(about_others)
         for video_id, message in skipped.items():  # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
             line = f"{list_file}:{video_id + 1}"
             why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")

@@ -164,17 +164,19 @@ def check_batch_labels(labels: torch.Tensor, video_ids, num_classes: int, step: 
 
 class RunLog:
     """CSV files (train_log.csv, eval_log.csv) and TensorBoard events of rank 0; a resumed run first
-    drops rows after its checkpoint so that the files read like one uninterrupted run."""
+    drops rows after its checkpoint (and its step's evaluation row, when `evaluation_pending`: it is
+    made again) so that the files read like one uninterrupted run."""
 
-    def __init__(self, directory: Path, start_step: int, tensorboard: bool):
+    def __init__(self, directory: Path, start_step: int, tensorboard: bool, evaluation_pending: bool = False):
         self.directory = directory
         self.files = {"train": directory / "train_log.csv", "eval": directory / "eval_log.csv"}
         for kind, fields in (("train", LOG_FIELDS), ("eval", EVAL_FIELDS)):
             path = self.files[kind]
             rows = []
+            last = start_step - 1 if kind == "eval" and evaluation_pending else start_step
             if path.is_file() and start_step > 0:
                 with path.open(newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last]
             with path.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
@@ -255,10 +257,12 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     model.training_data = data  # kept with the model: scoring it samples clips as this does
     eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
                              num_workers=config.num_workers, device=str(env.device), progress=False)
+    # the checkpoint's step was not evaluated to the end: done first
+    evaluation_due_first = eval_data is not None and payload is not None and evaluation_pending(payload)
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log = RunLog(out, start_step, config.tensorboard)
+        log = RunLog(out, start_step, config.tensorboard, evaluation_due_first)
     result = TrainResult(start_step, last_checkpoint=str(resume_path) if resume_path else None)
     progress = None
     stop_request = StopRequest(config.stop_signals).install()
@@ -283,7 +287,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         return True
 
     try:
-        if eval_data is not None and payload is not None and evaluation_pending(payload) and not evaluated(start_step):
+        if evaluation_due_first and not evaluated(start_step):
             return stopped(result, env)
         if start_step >= config.steps:  # stopped after the last step's checkpoint, before the final model
             save_final_model(model, out, config, env)

@@ -65,8 +65,8 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     if config.scores_path or config.confusion_png:
         raise ValueError("zeroshot() writes the aggregate as JSON only: for a split's per-video scores or "
                          "confusion matrix, evaluate() it with the model's classes set to its own")
-    check_outputs(config.json_path)
     env = env or init_distributed(config.device)
+    check_outputs(env, config.json_path)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
