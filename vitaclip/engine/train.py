@@ -279,7 +279,6 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             evaluate_and_log(model, eval_data, eval_config, env, log, step, result,
                              stop=lambda: stop_request.received is not None)
         except EvaluationStopped:
-            result.stopped_by = stop_request.received or "another rank's signal"
             if env.is_main:
                 warnings.warn(f"step {step}: evaluation stopped, the run is stopping (resuming the run evaluates it)")
             return False
@@ -288,7 +287,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
 
     try:
         if evaluation_due_first and not evaluated(start_step):
-            return stopped(result, env)
+            return stopped(result, stop_request, env)
         if start_step >= config.steps:  # stopped after the last step's checkpoint, before the final model
             save_final_model(model, out, config, env)
             result.finished = True
@@ -371,11 +370,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                 warnings.warn(f"step {step}: evaluation skipped, the run is stopping (resuming the run evaluates it)")
             if step % config.checkpoint_every == 0 or step == last_step or stopping or eval_due:
                 checkpoint(step, evaluation_pending=eval_due)
-            if stopping:
-                result.stopped_by = stop_request.received or "another rank's signal"
-                return stopped(result, env)
-            if eval_due and not evaluated(step):
-                return stopped(result, env)
+            if stopping or (eval_due and not evaluated(step)):
+                return stopped(result, stop_request, env)
             step_time = time.perf_counter()  # checkpoint and evaluation time is not training throughput
         result.finished = result.step == config.steps
         if result.finished:  # still under the stop handler: a stop signal now is one more of the same
@@ -389,8 +385,10 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     return result
 
 
-def stopped(result: TrainResult, env: DistEnv) -> TrainResult:
-    """The result of a run a stop signal ended, checkpointed."""
+def stopped(result: TrainResult, stop_request: StopRequest, env: DistEnv) -> TrainResult:
+    """The result of a run a stop signal ended, checkpointed (the signal another rank's where this
+    one got none)."""
+    result.stopped_by = stop_request.received or "another rank's signal"
     if env.is_main:
         print(f"stopped by {result.stopped_by} after step {result.step}, checkpointed in {result.last_checkpoint}: "
               "continue with resume='auto' (--resume auto)", flush=True)
