@@ -181,8 +181,7 @@ def check_outputs(env: DistEnv, *paths) -> None:
             except OSError as error:
                 problem = f"evaluation output {path}: its folder cannot be made ({error})"
                 break
-    if any(p is not None for p in paths):  # (the same on every rank)
-        problem = broadcast_object(env, problem)
+    problem = broadcast_object(env, problem)
     if problem:
         raise ValueError(problem)
 

@@ -52,6 +52,7 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
+
         def about_others(record) -> bool:  # the loader's warnings name our temporary list: `errors` names the videos
             return list_file not in record.getMessage()
 
