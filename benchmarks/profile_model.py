@@ -43,7 +43,7 @@ def report(mode, step, clips):
     launches = sum(e.count for e in kernels) // STEPS
     rate = f", {clips / wall:.0f} clips/s" if clips else ""
     print(f"\n## {mode}: {wall * 1e3:.2f} ms/step{rate}, GPU busy {busy:.2f} ms ({busy / wall / 10:.0f}%) "
-          f"in {launches} kernels, peak {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB")
+          f"in {launches} kernels, peak {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:18]:
         ms = e.self_device_time_total / STEPS / 1e3
         print(f"{ms:7.3f} ms {e.count // STEPS:5d}x  {e.key[:110]}")

@@ -63,4 +63,4 @@ def test_layer_training(benchmark, block, backend):
 
     torch.cuda.reset_peak_memory_stats()
     benchmark.extra_info["ms"] = bench_cuda(benchmark, step) * 1e3
-    benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -42,8 +42,8 @@ def time_step(benchmark, model, backend, kind):
     torch.cuda.reset_peak_memory_stats()
     median = bench_cuda(benchmark, step, rounds=10)
     benchmark.extra_info["clips_per_s"] = CLIPS[kind] / median
-    benchmark.extra_info["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    benchmark.extra_info["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2 ** 30  # graph pools too
+    benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    benchmark.extra_info["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30  # graph pools too
     check_graphed(benchmark, model)
 
 
