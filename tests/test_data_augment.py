@@ -79,6 +79,26 @@ def test_sampled_parameters_follow_config():
     assert set(np.unique(draws[:, 3])) == {-1.0, 1.0}
 
 
+def test_sampled_parameters_follow_p_and_mmax():
+    applied = np.concatenate([RandAugment("rand-m7-n4-p0.2").sample(np.random.default_rng(s)) for s in range(1000)])
+    assert abs(applied[:, 1].mean() - 0.2) < 0.03
+    wide = np.concatenate([RandAugment("rand-m9-n4-mstd3-mmax9").sample(np.random.default_rng(s))
+                           for s in range(500)])
+    assert wide[:, 2].max() <= 9.0
+
+
+def test_inc0_posterize_keeps_more_bits_as_the_magnitude_grows():
+    """timm's non-increasing Posterize keeps floor(4 m / 10) bits (magnitude 2.5: 1 bit); inc1's
+    keeps 4 - that."""
+    x = torch.arange(256.0).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    one_bit = (x / 128).floor() * 128
+    assert torch.equal(apply_op("Posterize", x, torch.tensor([2.5]), torch.tensor([1.0]), increasing=False), one_bit)
+    # the config's inc0 reaches the op: [op, applied, magnitude, sign] per op, per clip
+    params = np.array([[[OPS.index("Posterize"), 1, 2.5, 1], [0, 0, 0, 1]]], dtype=np.float32)
+    clip = x[None].repeat(1, 2, 1, 1, 1)
+    assert torch.equal(RandAugment(RandAugmentConfig.parse("rand-m7-n2-inc0"))(clip, params)[0, 0], one_bit[0])
+
+
 def test_batched_clip_augment_matches_single_ops_and_is_shared_over_frames():
     torch.manual_seed(0)
     clips = torch.randint(0, 256, (3, 4, 3, 20, 23)).float()

@@ -76,6 +76,7 @@ def test_write_then_read_round_trip(tmp_path):
     ("ApplyEyeMakeup", "apply eye makeup"), ("brush_hair", "brush hair"), ("YoYo", "yo yo"),
     ("PlayingDhol", "playing dhol"), ("Skijet", "skijet"), ("push_up", "push up"),
     ("HandstandPushups", "handstand pushups"), ("TaiChi", "tai chi"), ("JumpingJack", "jumping jack"),
+    ("DJMixing", "dj mixing"), ("Top10Shots", "top10 shots"),
 ])
 def test_folder_names_become_words(folder, name):
     assert folder_to_class_name(folder) == name
@@ -106,6 +107,7 @@ def test_numbered_class_lists_give_the_names_alone(tmp_path, text):
     ("1 run\n3 jump\n", r"classes\.txt:2: class index 3 where 2 was expected"),
     ("id,name\n1,run\n0,jump\n", r"classes\.txt:3: class index 0 where 2 was expected"),
     ("5 run\n6 jump\n", r"classes\.txt:1: a numbered class list starts at 0 or 1, not 5"),
+    ("2 run\n3 jump\n", r"classes\.txt:1: a numbered class list starts at 0 or 1, not 2"),
 ])
 def test_numbered_class_lists_out_of_order_are_refused(tmp_path, text, match):
     f = tmp_path / "classes.txt"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from video_fixtures import forbid_probing
 from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, pyav, sampling
-from vitaclip.data.transforms import to_rgb
+from vitaclip.data.transforms import normalize, to_rgb
 
 needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI not importable")
 
@@ -93,6 +93,52 @@ def test_train_is_deterministic_per_seed_and_epoch(vp9_dataset):
     ld.set_epoch(1)
     c = next(iter(ld))
     assert not torch.equal(a.video, c.video)
+
+
+def test_normalisation_is_clip_s_in_rgb_order():
+    """The other tests undo the normalisation with the package's own constants: these are CLIP's."""
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    pixel = torch.tensor([255.0, 0.0, 128.0]).view(1, 3, 1, 1)
+    want = torch.tensor([(1 - 0.48145466) / 0.26862954, (0 - 0.4578275) / 0.26130258,
+                         (128 / 255 - 0.40821073) / 0.27577711])
+    torch.testing.assert_close(normalize(pixel).flatten(), want)
+
+
+def test_each_epoch_draws_new_clips_crops_and_order_and_flips_half(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    for k in range(12):
+        shutil.copy(root / rows[k % 3][0], tmp_path / f"c{k}.webm")
+    (tmp_path / "list.csv").write_text("".join(f"c{k}.webm,{k % 3}\n" for k in range(12)))
+    ld = loader(tmp_path, True, batch_size=1, num_frames=2, stride=4, size=16)
+    plans, orders = [], []
+    for epoch in range(10):
+        ld.set_epoch(epoch)
+        plans.append([ld.plan(*v) for v in ld.videos])
+        orders.append([v[0] for v in ld._shard_videos()])
+    assert orders[1] != orders[0]
+    assert sum(a.crop != b.crop for a, b in zip(plans[0], plans[1])) >= 10
+    assert 0.3 < np.mean([p.flip for epoch in plans for p in epoch]) < 0.7
+
+
+def test_a_batch_of_mixed_frame_sizes_keeps_each_clip_with_its_video(vp9_dataset, tmp_path):
+    """Clips are decoded in groups of one frame size: each must come back to its own place."""
+    root, rows = vp9_dataset
+    for k, name in enumerate([rows[0][0], rows[1][0]] * 2):  # sizes A B A B
+        shutil.copy(root / name, tmp_path / f"m{k}.webm")
+    (tmp_path / "list.csv").write_text("".join(f"m{k}.webm,{k}\n" for k in range(4)))
+    kw = dict(num_frames=2, stride=4, size=16, augment=None, flip=False)
+    for seed in range(50):  # an epoch order in which the sizes interleave
+        sizes = [v[0] % 2 for v in loader(tmp_path, True, batch_size=4, seed=seed, **kw)._shard_videos()]
+        if sum(a != b for a, b in zip(sizes, sizes[1:])) >= 2:
+            break
+    else:
+        pytest.fail("no seed interleaves the sizes")
+    whole = next(iter(loader(tmp_path, True, batch_size=4, seed=seed, **kw)))
+    alone = {int(b.video_id): b.video[0] for b in loader(tmp_path, True, batch_size=1, seed=seed, **kw)}
+    for k, video_id in enumerate(whole.video_id.tolist()):
+        torch.testing.assert_close(whole.video[k], alone[video_id])
+        assert int(whole.label[k]) == video_id  # the list gives video k label k
 
 
 def test_train_without_augment_is_the_crop_of_the_sampled_frames(vp9_dataset):

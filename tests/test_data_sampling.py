@@ -75,6 +75,8 @@ def test_eval_crops_positions():
     assert sampling.eval_crop_offsets(224, 297, 224, 3) == [(0, 0), (0, 36), (0, 73)]
     assert sampling.eval_crop_offsets(297, 224, 224, 3) == [(0, 0), (36, 0), (73, 0)]
     assert sampling.eval_crop_offsets(250, 250, 224, 1) == [(13, 13)]
+    # a square frame's three crops run along its width, as the public code's else branch
+    assert sampling.eval_crop_offsets(256, 256, 224, 3) == [(16, 0), (16, 16), (16, 32)]
     with pytest.raises(ValueError, match="1 or 3"):
         sampling.eval_crop_offsets(224, 297, 224, 2)
     with pytest.raises(ValueError, match="smaller"):
@@ -91,6 +93,21 @@ def test_random_resized_crop_box_stays_inside_and_follows_ranges():
     assert 0.07 < min(areas) and max(areas) <= 1.0 and np.mean(areas) > 0.3
     inside = [r for r, a in zip(ratios, areas) if a < 0.9]
     assert min(inside) > 0.74 and max(inside) < 1.35
+
+
+def test_random_resized_crop_aspect_is_log_uniform_in_the_asked_orientation():
+    logs = np.array([np.log(w / h) for _, _, h, w in
+                     (sampling.random_resized_crop_box(1000, 1000, rng(s), scale=(0.1, 0.2)) for s in range(4000))])
+    # log-uniform over (3/4, 4/3): mean 0, half the crops taller than wide (uniform in w/h: about 43%)
+    assert abs(logs.mean()) < 0.01 and abs((logs < 0).mean() - 0.5) < 0.03
+    for s in range(200):  # an asymmetric range keeps its orientation: w/h, not h/w
+        _, _, h, w = sampling.random_resized_crop_box(400, 400, rng(s), scale=(0.1, 0.1), ratio=(1.5, 2.0))
+        assert 1.4 < w / h < 2.1
+
+
+def test_random_resized_crop_offsets_reach_both_edges():
+    boxes = [sampling.random_resized_crop_box(4, 4, rng(s), scale=(0.25, 0.25), ratio=(1, 1)) for s in range(200)]
+    assert {b[0] for b in boxes} == {0, 1, 2} and {b[1] for b in boxes} == {0, 1, 2}
 
 
 def test_random_resized_crop_fallback_is_centred():

@@ -35,6 +35,7 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     assert len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["rng"]) == 2
     # distributed evaluation: every rank gets the result over all videos, as one process computes it
     assert r0["eval"] == r1["eval"] and r0["eval"]["num_videos"] == 11
+    assert r0["eval"]["num_views"] == 11  # each video evaluated on one rank only
     alone = tiny_model()
     with torch.no_grad():
         for name, p in alone.named_trainable_parameters():

@@ -105,6 +105,13 @@ def test_scores_on_known_probabilities():
     assert scores(merge(halves), names) == r
 
 
+def test_top5_counts_a_label_ranked_fifth_and_not_sixth():
+    probs = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1, 0.0])
+    names = list("abcdef")
+    assert scores({"x": (probs, 1, 4)}, names).top5 == 1.0
+    assert scores({"x": (probs, 1, 5)}, names).top5 == 0.0
+
+
 def test_views_with_different_labels_and_empty_data_are_errors():
     p = torch.tensor([0.5, 0.5])
     with pytest.raises(ValueError, match="different labels"):
@@ -180,6 +187,14 @@ def test_predict_output_format():
     assert full[0]["probability"] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="no videos"):
         predict(model, [])
+    # a [V, 3, T, H, W] tensor is one video's views: each label with its view-averaged probability
+    views = torch.stack([clips[0], clips[0].roll(3, dims=-1)])
+    top = predict(model, [views], top_k=4, device="cpu", precision="fp32")[0]["top"]
+    with torch.no_grad():
+        mean_probs = model(views).softmax(-1).mean(0)
+    for t in top:
+        assert t["probability"] == pytest.approx(mean_probs[model.classnames.index(t["label"])].item(), abs=1e-5)
+    assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
     batch = torch.stack(clips)  # one [B, 3, T, H, W] tensor: B videos
     assert [o["top"] for o in predict(model, batch, top_k=2, device="cpu", precision="fp32")] == [o["top"] for o in out]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):

@@ -507,7 +507,24 @@ def test_schedule_warmup_then_cosine():
     f = lr_lambda(tiny_train_config("x", steps=10, warmup_steps=2, lr=1.0, min_lr=0.1))
     assert [f(0), f(1)] == [0.5, 1.0]
     assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
-    assert 0.1 < f(6) < 1.0
+    assert f(4) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 8)))  # cosine, not linear
+    g = lr_lambda(tiny_train_config("x", steps=10, warmup_steps=0, lr=4e-4, min_lr=4e-5))
+    assert g(10) == pytest.approx(0.1)  # the factor that ends at min_lr itself
+
+
+def test_gradients_are_clipped_to_the_max_norm_and_the_norm_before_is_returned():
+    import torch.nn.functional as F
+
+    from vitaclip.engine.train import clip_gradients
+
+    model = tiny_model()
+    video, label, _ = tiny_data(2)[0]
+    F.cross_entropy(model(video[None]), torch.tensor([label])).backward()
+    grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
+    before = torch.nn.utils.get_total_norm(grads).item()
+    assert before > 1e-2
+    assert clip_gradients(model, 1e-3) == pytest.approx(before, rel=1e-5)
+    assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -863,9 +880,16 @@ def test_a_step_short_of_clips_is_the_mean_over_the_clips_it_had(tmp_path):
     labels = torch.cat([b[1] for _, b in first])
     with torch.no_grad():
         want = F.cross_entropy(tiny_model().train()(video), labels).item()
-    result = train(model, ShortBatches(), tiny_train_config(tmp_path, steps=1, warmup_steps=0, batch_size=4,
-                                                            micro_batch_size=2))
+    # a huge Adam eps makes the update proportional to the gradient, so its scale shows
+    config = tiny_train_config(tmp_path, steps=1, warmup_steps=0, batch_size=4, micro_batch_size=2, adam_eps=1e3,
+                               weight_decay=0.0)
+    result = train(model, ShortBatches(), config)
     assert result.losses[1] == pytest.approx(want, rel=1e-5)  # not (mean of 2 + the 1) / 2
+    reference = tiny_model().train()
+    F.cross_entropy(reference(video), labels).backward()
+    torch.optim.AdamW(reference.trainable_parameters(), lr=config.lr, eps=1e3, weight_decay=0.0).step()
+    for name, value in trainable(reference).items():  # the update follows the mean gradient over the 3 clips
+        torch.testing.assert_close(trainable(model)[name], value, rtol=1e-4, atol=1e-9, msg=name)
 
 
 def test_a_run_that_learned_a_vector_per_token_of_its_phrase_is_told_how_to_resume(tmp_path):
