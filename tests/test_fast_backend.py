@@ -81,7 +81,8 @@ def test_fast_model_matches_reference(fast_anywhere, monkeypatch, backend, promp
         backend, attention_backward = backend.split(" backward=")
         monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", attention_backward)
     torch.manual_seed(0)
-    model = VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend).to(DEVICE)
+    # randomised: no LayerNorm is the identity, no bias zero, so a norm or bias mixed up shows
+    model = randomize_(VitaCLIP(tiny_config(**prompts), classnames=CLASSNAMES, backend=backend)).to(DEVICE)
     reference = copy.deepcopy(model).double()
     reference.set_backend("reference")
     video = torch.randn(1, 3, 6, 56, 56, device=DEVICE)  # T = 6: two groups of T0 = 3
@@ -119,7 +120,7 @@ def test_the_last_layer_computes_the_class_tokens_alone(fast_anywhere, monkeypat
     monkeypatch.setattr(fast, "class_token_attention", lambda q, *a: shapes.append(tuple(q.shape)) or one_query(q, *a))
     torch.manual_seed(3)
     config = dataclasses.replace(tiny_config(), layers=layers)
-    model = VitaCLIP(config, classnames=CLASSNAMES, backend=backend).to(DEVICE)
+    model = randomize_(VitaCLIP(config, classnames=CLASSNAMES, backend=backend)).to(DEVICE)
     reference = copy.deepcopy(model).double()
     reference.set_backend("reference")
     video = torch.randn(2, 3, 3, 56, 56, device=DEVICE)

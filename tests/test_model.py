@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -26,6 +28,34 @@ def test_reference_matches_literal_spec_in_float64(prompts):
     model = randomize_(VitaCLIP(tiny_config(**prompts), CLASSES, backend="reference")).double()
     video = random_video(model.config).double()
     assert torch.allclose(frames(model, video), frame_features(model.visual, video), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_reference_gradients_match_literal_spec_in_float64(groups):
+    """The fast backends are tested against the reference's gradients and share its prompt code
+    (`VitaBlock.prompts`): the reference's own gradients are held to the spec's here."""
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES, backend="reference")).double()
+    video = random_video(model.config, frames=groups * model.config.num_frames).double()
+    named = [(name, p) for name, p in model.visual.named_parameters() if p.requires_grad]
+    weights = torch.randn_like(frame_features(model.visual, video))
+    got = torch.autograd.grad((frames(model, video) * weights).sum(), [p for _, p in named])
+    want = torch.autograd.grad((frame_features(model.visual, video) * weights).sum(), [p for _, p in named])
+    for (name, _), g, w in zip(named, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_prompts_are_initialised_as_the_public_code():
+    config = tiny_config(layers=4, num_global_prompts=8)
+    visual = VitaCLIP(config, CLASSES).visual
+    bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.width))  # uniform(-a, a), SPEC
+    for prompts in [visual.global_prompts, *(block.local_prompts for block in visual.blocks)]:
+        assert 0.9 * bound < prompts.abs().max() <= bound
+    assert 0.015 < visual.time_embed.std().item() < 0.025  # normal(0.02)
+    xavier = math.sqrt(6 / (2 * config.width))
+    for block in visual.blocks:
+        attn = block.summary_attn_layer
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            assert not proj.bias.any() and 0.9 * xavier < proj.weight.abs().max() <= xavier
 
 
 @pytest.mark.parametrize("k", [2, 3])

@@ -95,6 +95,47 @@ def test_interpreter_matches_reference(monkeypatch, frames_per_group, n_global, 
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def assert_matches_reference(fast, leaves, frames_per_group, seed=0):
+    """fast(...) in fp32 against the float64 reference: the output and every gradient."""
+    out_shape = call(naive.prompt_attention, leaves, frames_per_group).shape
+    grad_out = torch.randn(out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
+    out, grads = outputs_and_grads(fast, {name: t.float() for name, t in leaves.items()}, frames_per_group, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_interpreter_matches_reference_with_vit_b16_s_17_prompt_keys(monkeypatch, backward):
+    """8 local + 8 global + the summary: one past a power of two, so the prompt tile is 32 rows."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
+    assert_matches_reference("qkv", make_inputs(1, 8, 20, 1, 8, 8, True, seed=17), 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_interpreter_matches_reference_with_q_k_v_of_different_layouts(monkeypatch, backward):
+    """Each of q, k, v goes with its own strides."""
+    monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
+    leaves = make_inputs(2, 2, 37, 2, 2, 3, True, packed=False, seed=5)
+    leaves["k"] = leaves["k"].transpose(0, 1).contiguous().transpose(0, 1)  # sequence-major memory
+    leaves["v"] = leaves["v"].transpose(1, 2).contiguous().transpose(1, 2)  # head-major memory
+    assert_matches_reference(prompt_attention, leaves, 2)
+
+
+def test_fp32_dots_are_ieee_and_half_precision_dots_tf32():
+    """The interpreter computes fp32 dots exactly whatever the precision asked: checked here."""
+    from vitaclip.ops.attention import _launch_config
+
+    tiles = KernelTiles(64, 64)
+    assert _launch_config(torch.zeros(1, 1, 1, 64), 3, tiles)["PRECISION"] == "ieee"
+    assert _launch_config(torch.zeros(1, 1, 1, 64, dtype=torch.float16), 3, tiles)["PRECISION"] == "tf32"
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the interpreter tests run on CPU-only machines")
 @pytest.mark.parametrize("prompts", [dict(local=True, n_global=2, summary=True), dict(local=False, n_global=0,

@@ -130,6 +130,13 @@ def test_too_long_text_is_refused():
         VitaCLIP(tiny_config(), ["word " * 80])
 
 
+def test_a_text_of_exactly_the_context_length_fits():
+    tokens = tokenize(["a " * 75], 77)  # start + 75 words + end of text: 77 tokens
+    assert int(tokens[0].argmax()) == 76
+    with pytest.raises(ValueError, match="context length"):
+        tokenize(["a " * 76], 77)
+
+
 @pytest.mark.parametrize("position, text", [("end", "a close-up video of swim."),
                                             ("front", "swim a close-up video of."),
                                             ("middle", "a close swim -up video of.")])

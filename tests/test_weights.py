@@ -404,3 +404,26 @@ def test_heads_come_from_the_clip_of_that_width_or_must_be_given(tmp_path):
     assert config_from_official_state(state(320, 512), heads=4).heads == 4
     with pytest.raises(ValueError, match="no CLIP has a text width of 96.*pass text_heads="):
         config_from_official_state(state(768, 96))
+
+
+def test_the_heads_tables_agree_with_open_clips_model_configs():
+    """Heads cannot be read off an official checkpoint's shapes; the tables must be CLIP's own."""
+    import glob
+
+    import open_clip
+
+    from vitaclip.weights import CLIP_TEXT_HEADS, CLIP_VISION_HEADS
+
+    checked = 0
+    for path in glob.glob(os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "*.json")):
+        with open(path) as f:
+            config = json.load(f)
+        vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+        if isinstance(vision.get("layers"), int) and vision.get("width") in CLIP_VISION_HEADS \
+                and not vision.get("timm_model_name"):
+            assert CLIP_VISION_HEADS[vision["width"]] == vision["width"] // vision.get("head_width", 64), path
+            checked += 1
+        if "heads" in text and text.get("width") in CLIP_TEXT_HEADS and not text.get("hf_model_name"):
+            assert CLIP_TEXT_HEADS[text["width"]] == text["heads"], path
+            checked += 1
+    assert checked > 20
