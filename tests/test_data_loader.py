@@ -390,6 +390,25 @@ def test_a_probe_that_crashes_or_hangs_fails_its_video_only(vp9_dataset, tmp_pat
     assert sorted(read_meta(meta_path(str(lst)))) == sorted(n for n in names if n != f"{fault}.webm")
 
 
+def test_probing_exits_after_a_crash_while_a_worker_was_starting(vp9_dataset, tmp_path):
+    from worker_faults import exits_within
+
+    root, rows = vp9_dataset
+    for name in ("crash.webm", "a.webm", "b.webm"):
+        shutil.copy(root / rows[0][0], tmp_path / name)
+    (tmp_path / "list.csv").write_text("crash.webm,0\na.webm,1\nb.webm,1\n")
+    assert exits_within("""
+if __name__ == "__main__":
+    from worker_faults import faulty_probe, start_second_workers_late
+    from vitaclip.data.lists import read_video_list
+    from vitaclip.data.meta import video_infos
+    start_second_workers_late()
+    infos = video_infos(read_video_list("list.csv", "."), "list.csv", ".", workers=2, probe=faulty_probe)
+    assert [type(i).__name__ for i in infos] == ["VideoDecodeError", "VideoInfo", "VideoInfo"], infos
+    print("done", flush=True)
+""", tmp_path)
+
+
 def probe_as_two_ranks(rank, world_size, port, root, cases):
     """video_infos(shared=True) on this rank's list of each case [(name, (list of rank 0, of rank 1))],
     its result (or error) pickled beside that list; in the "no PyAV" case rank 1 has no PyAV."""

@@ -297,6 +297,26 @@ def test_a_linked_source_pointed_at_another_file_is_made_again(vp9_dataset, tmp_
     assert pyav.probe(str(out / "videos" / "x.mp4")).frames == rows[2][2]
 
 
+def test_prepare_exits_after_a_crash_while_a_worker_was_starting(vp9_dataset, tmp_path):
+    """The broken pool's last worker, started as it broke, is ended too: the process exits."""
+    from worker_faults import exits_within
+
+    root, rows = vp9_dataset
+    for name in ("crash.webm", "a.webm"):
+        shutil.copy(root / rows[0][0], tmp_path / name)
+    (tmp_path / "src.csv").write_text("crash.webm,0\na.webm,1\n")
+    assert exits_within("""
+if __name__ == "__main__":
+    from worker_faults import faulty_prepare_job, start_second_workers_late
+    from vitaclip.data.prepare import EncodeSettings, prepare
+    start_second_workers_late()
+    result = prepare("src.csv", "out", ".", EncodeSettings(short_side=32), workers=2, on_error="skip",
+                     progress=False, job=faulty_prepare_job)
+    assert (result.written, len(result.failed)) == (1, 1)
+    print("done", flush=True)
+""", tmp_path)
+
+
 def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_path):
     """A headerless H.264 stream that FFmpeg opens as 0x0: probing said 1 frame of 0x0 (the training
     loader then divided by zero), prepare stopped with ZeroDivisionError naming no line."""

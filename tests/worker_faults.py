@@ -78,3 +78,50 @@ def assert_process_ends(pid: int, within_s: float = 30) -> None:
             return
         time.sleep(0.1)
     pytest.fail(f"process {pid} still runs")
+
+
+class _LateSecondWorker(dict):
+    """A pool's table of its workers that learns of the second one 2 s after that worker started, as
+    on a loaded machine: a crash of the first meanwhile breaks the pool without it."""
+
+    def __setitem__(self, pid, process):
+        if len(self) == 1:
+            time.sleep(2)
+        super().__setitem__(pid, process)
+
+
+def start_second_workers_late():
+    """Every ProcessPoolExecutor made after this call records its second worker late."""
+    from concurrent.futures import process as pool_module
+
+    made = pool_module.ProcessPoolExecutor.__init__
+
+    def init(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        self._processes = _LateSecondWorker()
+
+    pool_module.ProcessPoolExecutor.__init__ = init
+
+
+def exits_within(script: str, folder: Path, timeout: float = 60) -> bool:
+    """Runs `script` (the tests folder importable), which prints "done" when its work is done, from
+    `folder`: whether it then exits, within `timeout` s (if not, it is killed with its workers)."""
+    import signal
+    import subprocess
+    import sys
+
+    path = folder / "run.py"
+    path.write_text(script)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen([sys.executable, str(path)], cwd=folder, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        assert "done" in out, out  # the work was done: what hung is the exit
+        return False
+    assert "done" in out and process.returncode == 0, out
+    return True

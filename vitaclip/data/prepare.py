@@ -373,7 +373,7 @@ def _prepare_into(out_dir: str, out_list: str, entries, data_root: str, settings
                         bar.update()
                     break
                 except BrokenProcessPool:
-                    pool.shutdown(wait=False)
+                    abandon(pool)
                     after_crash(([current] if current else []) + list(running.values()))
                     pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
             fsync_file(sources.name)

@@ -75,7 +75,7 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
             pool.shutdown()
             return results
         except BrokenProcessPool:
-            pool.shutdown(wait=False)
+            abandon(pool)  # a worker it started as it broke would keep the process from exiting
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
                 alone = run_alone(within, (timeout, *calls[index]))
                 death = alone.exception()
@@ -104,7 +104,9 @@ def within(timeout: Optional[float], fn: Callable, *args):
 def abandon(pool: ProcessPoolExecutor) -> None:
     """End `pool` now: queued calls are cancelled and running ones killed with their workers (the
     tools' outputs appear whole or not at all), so that an error or Ctrl-C in the caller does not
-    wait for them (an encode can take minutes; a hung one, until its timeout)."""
+    wait for them (an encode can take minutes; a hung one, until its timeout). Also how a broken
+    pool ends: a worker that started while it broke waits for work that never comes, and Python's
+    exit waits for the pool's thread, which waits for that worker."""
     # (ProcessPoolExecutor.kill_workers comes with Python 3.14)
     processes = getattr(pool, "_processes", None) or {}
     for process in list(processes.values()):
