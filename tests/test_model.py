@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CLASSES, random_video, randomize_, tiny_config
 from spec_oracle import frame_features
@@ -327,3 +328,37 @@ def test_backends_are_listed_for_a_device_and_a_wrong_choice_names_the_right_one
         with pytest.raises(ValueError, match=r"'fast' is not available on device meta \(there: \['auto', "
                                              r"'reference'\]\)"):
             backends.resolve_backend("fast", torch.device("meta"))
+
+
+def test_cached_learned_text_features_follow_every_class_switch():
+    """set_classes must drop the cached text features: the cache key holds only id(tokens), and a
+    token buffer freed by one switch can be reborn at the same id two switches later."""
+    model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES)).eval()
+    lists = [list(CLASSES), ["run", "walk", "jump", "swim"], ["a", "b", "c"]]
+    with torch.no_grad():
+        for i in range(60):
+            model.set_classes(lists[i % 3])
+            if i % 2 == 0:  # features read after every second switch only
+                want = F.normalize(model.encode_text().float(), dim=-1)
+                got = model.text_features()
+                assert got.shape == want.shape and torch.equal(got, want), i
+
+
+def test_train_cls_proj_makes_cls_proj_trainable_and_get_gradients(config):
+    """train_cls_proj=True: cls_proj is in the trainable set *and* requires grad, so it learns."""
+    model = randomize_(VitaCLIP(tiny_config(train_cls_proj=True), CLASSES))
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    assert any(".cls_proj." in n for n in trainable)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name in trainable), name
+    F.cross_entropy(model(random_video(config)), torch.tensor([0, 2])).backward()
+    for i in range(config.layers):
+        g = model.visual.blocks[i].cls_proj.weight.grad
+        assert g is not None and g.abs().sum() > 0
+
+
+def test_set_backend_refuses_an_unknown_name_and_keeps_the_old_one(config):
+    model = VitaCLIP(config, CLASSES, backend="reference")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        model.set_backend("nope")
+    assert model.backend == "reference"

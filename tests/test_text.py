@@ -159,3 +159,26 @@ def test_a_phrase_gives_one_vector_per_word_and_keeps_its_other_tokens_fixed(pos
     config = tiny_config(ctx_init="a close-up_video of", n_ctx=6)
     keep_phrase_for_saved_context(config)
     assert config.ctx_init is None
+
+
+@pytest.mark.parametrize("csc", [True, False])
+def test_random_context_is_initialised_normal_std_0_02(csc):
+    """SPEC: context vectors random init normal(std 0.02)."""
+    ctx = VitaCLIP(tiny_config(csc=csc, n_ctx=8), CLASSES).prompt_learner.ctx
+    assert abs(ctx.mean().item()) < 0.005
+    assert 0.015 < ctx.std().item() < 0.025
+
+
+@pytest.mark.parametrize("phrase, position, text", [("close-up", "front", "swim close-up."),
+                                                    ("a close-up", "middle", "a swim close-up."),
+                                                    ("close-up", "end", "close-up swim.")])
+def test_a_phrases_fixed_tokens_follow_a_single_trailing_context_vector(phrase, position, text):
+    """The phrase's tokens after its learned words stay after the last context vector, also when
+    only one context vector follows the class name."""
+    model = VitaCLIP(tiny_config(ctx_init=phrase, ctx_position=position), CLASSES)
+    assert model.prompt_learner.fixed_after_ctx == 2
+    embeds, eot = model.prompt_learner(model.textual.token_embedding)
+    tokens = tokenize([text], 77)
+    direct = model.textual.token_embedding(tokens)[0]
+    assert int(eot[3]) == int(tokens.argmax())
+    assert torch.equal(embeds[3], direct[: embeds.shape[1]])

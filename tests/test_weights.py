@@ -427,3 +427,40 @@ def test_the_heads_tables_agree_with_open_clips_model_configs():
             assert CLIP_TEXT_HEADS[text["width"]] == text["heads"], path
             checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("dropped", ["visual.blocks.1.local_prompts", "visual.blocks.0.summary_attn_layer.q_proj.bias",
+                                     "logit_scale", "visual.time_embed"])
+def test_a_trained_checkpoint_missing_a_prompt_tensor_is_refused_naming_it(tmp_path, dropped):
+    """Only a CLIP backbone file may lack Vita-CLIP's additions; a trained checkpoint that lacks one
+    would score with a random tensor in its place."""
+    ckpt = official_checkpoint(randomize_(VitaCLIP(tiny_config(), CLASSES)))
+    del ckpt["model"][f"module.{dropped}"]
+    torch.save(ckpt, tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match=re.escape(dropped)):
+        VitaCLIP.from_official_checkpoint(tmp_path / "cut.pth", CLASSES, heads=2, text_heads=2, num_frames=3)
+
+
+def test_from_pretrained_passes_its_backend_on(tmp_path):
+    """from_pretrained(path, backend=...) and load_model pass the backend on."""
+    VitaCLIP(tiny_config(), CLASSES).save_pretrained(tmp_path / "m")
+    assert VitaCLIP.from_pretrained(tmp_path / "m", backend="reference").backend == "reference"
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        VitaCLIP.from_pretrained(tmp_path / "m", backend="nope")
+    from vitaclip.engine.checkpoint import load_model
+
+    assert load_model(tmp_path / "m", backend="reference").backend == "reference"
+
+
+def test_a_saved_model_with_a_vector_per_token_of_its_phrase_loads(tmp_path):
+    """A model saved before n_ctx was the phrase's word count (a context vector per token, the phrase
+    in its config) loads as it was saved: its context stands alone."""
+    model = randomize_(VitaCLIP(tiny_config(n_ctx=5), CLASSES)).eval()
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["ctx_init"] = "a_video_of"  # as such a model's config read
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = VitaCLIP.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.n_ctx == 5 and loaded.config.ctx_init is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(), model.encode_text(), rtol=0, atol=0)
