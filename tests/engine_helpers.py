@@ -53,3 +53,16 @@ class SignallingData(SyntheticActions):
         if self.fetched in self.at and int(os.environ.get("RANK", "0")) == self.rank:
             os.kill(os.getpid(), self.sig)
         return super().get(index, rng)
+
+
+class GlobalRandomData(SyntheticActions):
+    """tiny_data() whose item fetches each record a draw of the process's global torch generator
+    (as an augmentation written with torch.rand would)."""
+
+    def __init__(self):
+        super().__init__(32, FRAMES, SIZE, seed=0)
+        self.draws = []
+
+    def get(self, index, rng=None):
+        self.draws.append(torch.rand(()).item())
+        return super().get(index, rng)

@@ -1,13 +1,16 @@
 """DDP on the CPU: two gloo processes train like one process with the same global batch."""
+import dataclasses
 import os
 import signal
 
 import pytest
 import torch
 
-from engine_helpers import SignallingData, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from engine_helpers import (GlobalRandomData, SignallingData, one_thread, tiny_data, tiny_model,  # noqa: F401
+                            tiny_train_config, trainable)
 from ranks import rank_of_two, run_ranks
 from vitaclip.engine import checkpoint as ckpt
+from vitaclip.engine.distributed import DistEnv
 from vitaclip.engine.evaluate import EvalConfig, evaluate, read_video_scores
 from vitaclip.engine.train import train
 
@@ -270,3 +273,67 @@ def test_a_device_that_is_none_or_missing_is_named():
         distributed.pick_device("cpus")
     with pytest.raises(ValueError, match="device 'cuda:0': this process has no CUDA GPU"):
         distributed.init_distributed("cuda")
+
+
+def rng_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    with rank_of_two(rank, world_size, port):
+        train(tiny_model(), GlobalRandomData(), tiny_train_config(out, steps=4, stop_after=2))
+        data = GlobalRandomData()
+        train(tiny_model(), data, tiny_train_config(out, steps=4, resume="auto"))
+        torch.save({"draws": data.draws}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_each_rank_resumes_its_own_rng_states(tmp_path):
+    """restore() must put back each rank's own RNG states (the ranks are seeded seed + rank);
+    with rank 0's everywhere, rank 1 continued rank 0's random stream."""
+    out = str(tmp_path / "ddp")
+    run_ranks(rng_worker, out)
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(out, 2))["rng"]
+    assert len(saved) == 2
+    for rank in (0, 1):
+        draws = torch.load(os.path.join(out, f"rank{rank}.pt"))["draws"]
+        streams = []
+        for state in saved:
+            generator = torch.Generator()
+            generator.set_state(state["torch"])
+            streams.append(torch.rand(64, generator=generator).tolist())
+        assert draws and all(d in streams[rank] for d in draws), rank
+        assert not any(d in streams[1 - rank] for d in draws), rank
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_even_with_the_same_micro_batch():
+    """the saved data position counts each rank's micro-batches: two processes' positions
+    mark another place in the data for one process, even with the micro-batch given explicitly."""
+    from vitaclip.engine.train import check_batch_layout
+
+    config = tiny_train_config("out", batch_size=4, micro_batch_size=2)
+    payload = {"train_config": dataclasses.asdict(config), "rng": [{}, {}]}  # written by 2 processes
+    with pytest.raises(ValueError, match="processes 2 in the checkpoint, 1 now"):
+        check_batch_layout(payload, "ckpt", config, 2, DistEnv(0, 1, 0, torch.device("cpu")))
+    check_batch_layout(payload, "ckpt", config, 2, DistEnv(1, 2, 1, torch.device("cpu")))  # the same layout
+
+
+def test_the_default_device_is_the_local_ranks_gpu(monkeypatch):
+    """with no device given (TrainConfig.device None), each process of a multi-GPU node takes
+    its local rank's GPU, as 'cuda' does; cuda:0 for every rank would stack them on one GPU."""
+    from vitaclip.engine import distributed
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 8)
+    assert distributed.pick_device(None, 3) == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    assert distributed.pick_device(None, 3) == torch.device("cuda", 0)
+
+
+def test_an_initialised_process_group_gives_rank_and_world_size(monkeypatch):
+    """a script that initialised the group itself (e.g. file:// init, no torchrun variables)
+    must get the group's rank and size, not a lone rank 0 of 1."""
+    from vitaclip.engine import distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    env = distributed.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.is_main, env.is_distributed) == (1, 2, False, True)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model, tiny_train_config, trainable  # noqa: F401
+from engine_helpers import (CLASSES, FRAMES, SIZE, GlobalRandomData, one_thread, tiny_data,  # noqa: F401
+                            tiny_model, tiny_train_config, trainable)
 from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.loader import ShardedTrainLoader
@@ -907,3 +908,63 @@ def test_a_run_that_learned_a_vector_per_token_of_its_phrase_is_told_how_to_resu
     with pytest.raises(ValueError, match=r"'n_ctx': \(5, 3\).*one vector per word.*ctx_init=None, n_ctx=5"):
         train(model(ctx_init="a_video_of"), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
     assert train(model(n_ctx=5), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto")).finished
+
+
+def test_a_checkpoint_lacking_one_of_its_own_tensors_is_refused_naming_it(tmp_path):
+    """load_own_state copied what the checkpoint held and left a missing prompt tensor at the
+    backbone's (random) value, silently."""
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    train(ckpt.load_model(tmp_path / "base"), tiny_data(), tiny_train_config(tmp_path / "run", steps=2),
+          backbone={"kind": "pretrained", "path": str(tmp_path / "base")})
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    payload = torch.load(path, weights_only=False)
+    assert not payload["model_is_full"]
+    del payload["model"]["visual.global_prompts"]
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="missing visual.global_prompts"):
+        ckpt.load_model(tmp_path / "run")
+
+
+def test_fp16_resume_restores_the_loss_scalers_state(tmp_path):
+    """a resumed fp16 run started a fresh GradScaler (its growth tracker back at 0): its
+    checkpoints then differ from the uninterrupted run's, and the scale grows late."""
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "full", steps=3, precision="fp16"))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16", stop_after=2))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "part", steps=3, precision="fp16", resume="auto"))
+    full = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "full", 3))["scaler"]
+    part = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path / "part", 3))["scaler"]
+    assert full["_growth_tracker"] == 3 and part == full
+
+
+def test_a_resumed_run_continues_the_checkpointed_rng_stream_not_the_seeds(tmp_path):
+    """restore() must put the checkpoint's RNG states back; without it a resumed run draws the
+    fresh run's numbers again (seed_everything's), i.e. repeats steps 1-2's randomness in step 3."""
+    first = GlobalRandomData()
+    train(tiny_model(), first, tiny_train_config(tmp_path, steps=4, stop_after=2))
+    resumed = GlobalRandomData()
+    train(tiny_model(), resumed, tiny_train_config(tmp_path, steps=4, resume="auto"))
+    assert len(first.draws) == len(resumed.draws) == 8
+    assert not set(resumed.draws) & set(first.draws)
+    # the checkpoint's generator state, continued (the loader draws its own seed before the items)
+    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))["rng"][0]["torch"]
+    generator = torch.Generator()
+    generator.set_state(saved)
+    continued = torch.rand(64, generator=generator).tolist()
+    assert resumed.draws[-1] in continued
+
+
+def test_resume_with_changes_puts_the_first_resumed_step_on_the_new_schedule(tmp_path):
+    """the learning rate of the first step after a resume with changes is the new schedule's at
+    that step (the existing test resumes where warmup's end and the cosine's start are both 1.0, so
+    a rate one step behind passed)."""
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=6, stop_after=4))
+    changed = dict(steps=10, lr=1e-3)
+    with pytest.warns(UserWarning, match="with changed settings"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", resume_with_changes=True,
+                                                           stop_after=6, **changed))
+    new_schedule = lr_lambda(tiny_train_config(tmp_path, **changed))
+    with open(tmp_path / "train_log.csv") as f:
+        lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
+    for step in (5, 6):
+        assert lrs[step] == pytest.approx(1e-3 * new_schedule(step - 1), rel=1e-9), step
