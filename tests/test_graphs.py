@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CLASSES, randomize_, run_in_own_process, tiny_config
-from vitaclip import VitaCLIP
+from vitaclip import VitaCLIP, backends
 from vitaclip.graphs import CapturedPass, GraphCache, _fresh_leaves, _module_state
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -276,11 +276,16 @@ class FakeCapture:
         return ("replayed", self.fn(*inputs))
 
 
-def test_a_key_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """GraphCache on the CPU: FakeCapture for the capture, no CUDA device or stream."""
     monkeypatch.setattr("vitaclip.graphs.CapturedPass", FakeCapture)
     monkeypatch.setattr(FakeCapture, "made", 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+
+
+def test_a_key_is_captured_on_its_second_call_and_replayed_after(fake_capture):
     model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
     cache, calls = GraphCache(), []
 
@@ -525,3 +530,51 @@ def test_ddp_over_graphed_passes_trains_like_the_bare_model(tmp_path):
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, msg=name)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_the_graph_cache_keeps_at_most_its_capacity(fake_capture):
+    """Beyond `capacity` captured passes the least recently used goes (their memory with it)."""
+    model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
+    cache = GraphCache(capacity=2)
+    with torch.no_grad():
+        for n in (1, 2, 3, 1):
+            x = torch.zeros(n)
+            for _ in range(2):  # captured on a key's second call
+                cache.run("pass", lambda v: v + 1, [x], [model.visual], x.device)
+            assert len(cache) <= 2
+    assert len(cache) == 2
+
+
+def test_clear_lets_a_failed_pass_be_captured_again(fake_capture):
+    """The module docstring's remedy after changing a process-wide switch is clear(): a pass
+    whose capture failed must be tried again after it, not run uncaptured for ever."""
+    model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
+    cache = GraphCache()
+    x = torch.zeros(2)
+    with torch.no_grad():
+        cache.run("video", lambda v: v + 1, [x], [model.visual], x.device)
+        cache.run("text", lambda v: v + 1, [x], [model.visual], x.device)
+    key = next(iter(cache._seen))
+    cache._failed.update({key, ("text", *key[1:])})
+    cache.clear("text")
+    assert cache.failed_passes == ["video"]
+    cache.clear()
+    assert cache.failed_passes == []
+    with torch.no_grad():
+        cache.run("video", lambda v: v + 1, [x], [model.visual], x.device)
+        assert cache.run("video", lambda v: v + 1, [x], [model.visual], x.device)[0] == "replayed"
+
+
+def test_auto_takes_the_highest_priority_backend_available_on_the_device(monkeypatch):
+    """On the CPU only the reference is registered as available, so max/min and the
+    availability filter were never told apart there."""
+    reference = backends._BACKENDS["reference"]
+    backends.available_backends()  # (optional backends imported first: they must not replace these)
+    monkeypatch.setitem(backends._BACKENDS, "test-low", backends.Backend(
+        "test-low", reference.block_forward, lambda device: True, priority=-5))
+    monkeypatch.setitem(backends._BACKENDS, "test-cpu", backends.Backend(
+        "test-cpu", reference.block_forward, lambda device: device.type == "cpu", priority=50))
+    monkeypatch.setitem(backends._BACKENDS, "test-elsewhere", backends.Backend(
+        "test-elsewhere", reference.block_forward, lambda device: device.type == "meta", priority=100))
+    assert backends.resolve_backend("auto", torch.device("cpu")).name == "test-cpu"
+    assert backends.resolve_backend("auto", torch.device("meta")).name == "test-elsewhere"

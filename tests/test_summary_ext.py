@@ -411,3 +411,27 @@ def test_cuda_sources_compile():
         assert objects.stat().st_size > 0
     finally:
         objects.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not summary.extension_available(), reason="needs the built extension, switched on")
+def test_shapes_whose_shared_memory_does_not_fit_take_the_pytorch_path(monkeypatch, paths_taken):
+    """A shape the CUDA kernels' shared memory cannot hold (one wide head, many frames) must
+    fall back to PyTorch; the check is asked per call (here made to say no, as a GPU would)."""
+    norm, attn = nn.LayerNorm(8), Attention(8, 2)
+    asked = []
+    monkeypatch.setattr(summary_ext, "shared_memory_fits", lambda c, heads: asked.append((tuple(c.shape), heads)))
+    summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 2)
+    assert paths_taken == ["naive"] and asked == [((1, 2, 8), 2)]
+    monkeypatch.setattr(summary_ext, "shared_memory_fits", lambda c, heads: True)
+    summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 2)
+    assert paths_taken == ["naive", "ext"]
+
+
+@pytest.mark.parametrize("disable", ["1", "0"])
+def test_a_width_not_divisible_by_the_heads_is_a_value_error_on_either_path(monkeypatch, disable):
+    """The C++ op names this itself, so the existing test (extension on) passed without the
+    Python check; on the PyTorch path (VITACLIP_DISABLE_EXT=1, or no build) it is what names it."""
+    monkeypatch.setenv(summary.DISABLE_ENV, disable)
+    norm, attn = nn.LayerNorm(8), Attention(8, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        summary.summary_tokens(torch.randn(1, 2, 8), norm, attn, 3)
