@@ -937,21 +937,17 @@ def test_fp16_resume_restores_the_loss_scalers_state(tmp_path):
     assert full["_growth_tracker"] == 3 and part == full
 
 
-def test_a_resumed_run_continues_the_checkpointed_rng_stream_not_the_seeds(tmp_path):
-    """restore() must put the checkpoint's RNG states back; without it a resumed run draws the
-    fresh run's numbers again (seed_everything's), i.e. repeats steps 1-2's randomness in step 3."""
-    first = GlobalRandomData()
-    train(tiny_model(), first, tiny_train_config(tmp_path, steps=4, stop_after=2))
-    resumed = GlobalRandomData()
-    train(tiny_model(), resumed, tiny_train_config(tmp_path, steps=4, resume="auto"))
+def test_a_resumed_run_draws_what_the_uninterrupted_run_draws_from_the_global_stream(tmp_path):
+    """The checkpoint's RNG states come back (not the seed's), and making the loader anew draws
+    nothing from the process's stream: data drawing from it (torch.rand in an augmentation) goes
+    on as in one run."""
+    whole = GlobalRandomData()
+    train(tiny_model(), whole, tiny_train_config(tmp_path / "whole", steps=4))
+    first, resumed = GlobalRandomData(), GlobalRandomData()
+    train(tiny_model(), first, tiny_train_config(tmp_path / "part", steps=4, stop_after=2))
+    train(tiny_model(), resumed, tiny_train_config(tmp_path / "part", steps=4, resume="auto"))
     assert len(first.draws) == len(resumed.draws) == 8
-    assert not set(resumed.draws) & set(first.draws)
-    # the checkpoint's generator state, continued (the loader draws its own seed before the items)
-    saved = ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))["rng"][0]["torch"]
-    generator = torch.Generator()
-    generator.set_state(saved)
-    continued = torch.rand(64, generator=generator).tolist()
-    assert resumed.draws[-1] in continued
+    assert first.draws + resumed.draws == whole.draws
 
 
 def test_resume_with_changes_puts_the_first_resumed_step_on_the_new_schedule(tmp_path):
@@ -968,3 +964,18 @@ def test_resume_with_changes_puts_the_first_resumed_step_on_the_new_schedule(tmp
         lrs = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
     for step in (5, 6):
         assert lrs[step] == pytest.approx(1e-3 * new_schedule(step - 1), rel=1e-9), step
+
+
+def test_frozen_weights_differing_in_one_statistic_are_other_weights(tmp_path):
+    """the fingerprint compares sum and sum of squares; a sign-flipped tensor keeps its sum of
+    squares, so a tensor must count as changed when either figure differs, not only both."""
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    train(ckpt.load_model(tmp_path / "base"), tiny_data(), tiny_train_config(tmp_path / "run", steps=2),
+          backbone={"kind": "pretrained", "path": str(tmp_path / "base")})
+    with torch.no_grad():
+        base.textual.text_projection.mul_(-1)  # other weights: the same sum of squares, another sum
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"trained on other frozen weights .*1 of \d+ tensors differ, "
+                                         r"e.g. \['textual.text_projection'\]"):
+        ckpt.load_model(tmp_path / "run")

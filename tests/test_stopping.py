@@ -160,3 +160,22 @@ def test_a_worker_already_running_threads_is_left_as_it_is_with_a_warning():
     finally:
         stop.set()
         thread.join()
+
+
+def test_by_default_repeats_within_five_seconds_are_the_same_stop():
+    """README: "Repeats within 5 s are the same stop" (SLURM and torchrun both signal each rank);
+    the existing test passes its own grace, so the default was never checked."""
+    seen, now = [], [100.0]
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    request = StopRequest(["SIGUSR1"], clock=lambda: now[0]).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        now[0] += 4.5
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.received == "SIGUSR1" and seen == []
+        now[0] += 1.0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]
+    finally:
+        request.uninstall()
+        signal.signal(signal.SIGUSR1, previous)
