@@ -148,12 +148,7 @@ def test_interpreter_tails_match_reference(monkeypatch, prompts, backward):
     frames_per_group, seq, heads = 2, 65, 2
     leaves = make_inputs(2, frames_per_group, seq, heads, frames_per_group if prompts["local"] else 0,
                          prompts["n_global"], prompts["summary"], seed=65)
-    grad_out = torch.randn(2 * frames_per_group, seq, heads, HEAD_DIM, dtype=torch.float64)
-    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, frames_per_group, grad_out)
-    out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, frames_per_group, grad_out)
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
-    for name, ref in ref_grads.items():
-        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+    assert_matches_reference("qkv", leaves, frames_per_group)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -163,13 +158,7 @@ def test_interpreter_tails_match_reference(monkeypatch, prompts, backward):
 def test_interpreter_matches_reference_at_other_head_dims(monkeypatch, head_dim, backward):
     """Head dims other than 64: 80 (ViT-H/14) pads to 128 columns, masked, in every kernel."""
     monkeypatch.setenv("VITACLIP_ATTENTION_BACKWARD", backward)
-    leaves = make_inputs(2, 2, 37, 2, 2, 3, True, seed=head_dim, head_dim=head_dim)
-    grad_out = torch.randn(4, 37, 2, head_dim, dtype=torch.float64)
-    ref_out, ref_grads = outputs_and_grads(naive.prompt_attention, leaves, 2, grad_out)
-    out, grads = outputs_and_grads("qkv", {n: t.float() for n, t in leaves.items()}, 2, grad_out)
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
-    for name, ref in ref_grads.items():
-        torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
+    assert_matches_reference("qkv", make_inputs(2, 2, 37, 2, 2, 3, True, seed=head_dim, head_dim=head_dim), 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
