@@ -29,7 +29,8 @@ def test_a_sidecar_row_of_a_file_of_the_same_size_but_another_time_is_probed_aga
     assert info.frames == frames
     size, mtime_ns = info.stamp
     # the row of the file as it was before: the same size, an earlier time, another frame count
-    write_meta(meta_path(lst), [("v.webm", dataclasses.replace(info, frames=frames + 7, stamp=(size, mtime_ns - 10**9)))])
+    earlier = dataclasses.replace(info, frames=frames + 7, stamp=(size, mtime_ns - 10**9))
+    write_meta(meta_path(lst), [("v.webm", earlier)])
     (again,) = video_infos(entries, lst, str(tmp_path), workers=1)
     assert (again.frames, again.stamp) == (frames, (size, mtime_ns))
     assert read_meta(meta_path(lst))["v.webm"].frames == frames  # recorded anew

