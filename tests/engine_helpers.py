@@ -66,3 +66,14 @@ class GlobalRandomData(SyntheticActions):
     def get(self, index, rng=None):
         self.draws.append(torch.rand(()).item())
         return super().get(index, rng)
+
+
+class WorkerSeeds(SyntheticActions):
+    """tiny_data() whose items carry, as their video id, the torch seed of the process that made them."""
+
+    def __init__(self):
+        super().__init__(8, FRAMES, SIZE, seed=0)
+
+    def get(self, index, rng=None):
+        video, label, _ = super().get(index, rng)
+        return video, label, torch.initial_seed()

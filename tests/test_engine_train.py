@@ -302,6 +302,21 @@ class NaNAt:
         return (video * float("nan") if i == self.bad else video), label, vid
 
 
+def test_loader_workers_get_a_seed_of_their_rank_and_epoch_not_of_the_process_stream():
+    from engine_helpers import WorkerSeeds
+
+    def worker_seeds(rank, epoch):
+        loader = ShardedTrainLoader(WorkerSeeds(), 4, 2, rank=rank, world_size=2, num_workers=1)
+        loader.load_state_dict({"seed": 0, "epoch": epoch, "micro_in_epoch": 0})
+        torch.manual_seed(rank)  # the process's stream, which must not matter
+        return int(next(iter(loader))[2][0])
+
+    seeds = {(rank, epoch): worker_seeds(rank, epoch) for rank in (0, 1) for epoch in (0, 1)}
+    assert len(set(seeds.values())) == 4  # each rank's workers, each epoch, a stream of their own
+    torch.manual_seed(123)
+    assert worker_seeds(0, 1) == seeds[0, 1]
+
+
 def item_of_step(data, step):
     for s, (_, _, ids) in enumerate(ShardedTrainLoader(data, 4, 4), start=1):
         if s == step:

@@ -56,10 +56,11 @@ class SeededItems(Dataset):
             torch.set_rng_state(states[2])
 
 
-def own_generator(seed: int) -> torch.Generator:
-    """A DataLoader's generator: it draws its workers' base seed from it, not from the process's
-    stream, which would then differ after a resume (one draw more where a loader was made anew)."""
-    return torch.Generator().manual_seed(seed)
+def own_generator(*key: int) -> torch.Generator:
+    """A DataLoader's generator, seeded by `key` (seed, epoch, rank: each rank's workers their own
+    stream): the loader draws its workers' base seed from it, not from the process's stream, which
+    would then differ after a resume (one draw more where a loader was made anew)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 def check_dataset(dataset, name: str) -> None:
@@ -113,7 +114,7 @@ class ShardedTrainLoader:
             keys = list(self._keys(self.epoch, self.micro_in_epoch))
             loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, worker_init_fn=shield_workers(),
-                                generator=own_generator(self.seed + self.epoch))
+                                generator=own_generator(self.seed, self.epoch, self.rank))
             for batch in loader:
                 self.micro_in_epoch += 1
                 yield batch
@@ -129,7 +130,7 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
     keys = [(i, item_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
     sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=shield_workers(), generator=own_generator(seed))
+                      worker_init_fn=shield_workers(), generator=own_generator(seed, rank))
 
 
 def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:
