@@ -941,3 +941,18 @@ def test_avi_mpeg4_with_b_frames_is_read_by_seeking(tmp_path, monkeypatch):
     monkeypatch.setattr(pyav, "_decode_in_order", from_the_start)
     for i in range(n):
         assert torch.equal(pyav.decode_frames(path, np.array([i])).y, want[i]), i
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: out of memory"),
+                                   RuntimeError("[/opt/dali] Out of memory"),
+                                   RuntimeError("std::bad_alloc"), RuntimeError("Host allocation failed"),
+                                   torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_each_way_of_running_out_of_memory_is_raised(error):
+    """A run that failed for memory is raised, not taken for a bad file (left out for good): CUDA's own
+    wording, "out of memory", among them."""
+    with pytest.raises(type(error)):
+        dali._raise_if_out_of_memory(error)
+
+
+def test_a_bad_files_error_is_not_taken_for_running_out_of_memory():
+    dali._raise_if_out_of_memory(RuntimeError("Failed to open video file junk.webm: Invalid data found"))
