@@ -25,8 +25,9 @@ from .stopping import shield_workers
 Batch = Tuple[Tensor, Tensor, Sequence]
 
 
-def item_seed(seed: int, epoch: int, position: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+def derived_seed(*key: int) -> int:
+    """A seed for what `key` names, e.g. (seed, epoch, position): an item of an epoch."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 class SeededItems(Dataset):
@@ -60,7 +61,7 @@ def own_generator(*key: int) -> torch.Generator:
     """A DataLoader's generator, seeded by `key` (seed, epoch, rank: each rank's workers their own
     stream): the loader draws its workers' base seed from it, not from the process's stream, which
     would then differ after a resume (one draw more where a loader was made anew)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+    return torch.Generator().manual_seed(derived_seed(*key))
 
 
 def check_dataset(dataset, name: str) -> None:
@@ -107,7 +108,7 @@ class ShardedTrainLoader:
         for micro in range(start_micro, self.steps_per_epoch * self.accum_steps):
             step, m = divmod(micro, self.accum_steps)
             first = step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
-            yield [(int(order[p]), item_seed(self.seed, epoch, p)) for p in range(first, first + self.micro_batch)]
+            yield [(int(order[p]), derived_seed(self.seed, epoch, p)) for p in range(first, first + self.micro_batch)]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -127,7 +128,7 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
     ranks (item i on rank i % world_size); anything else is taken to be this rank's batches."""
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or isinstance(data, (list, tuple)):
         return data
-    keys = [(i, item_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
+    keys = [(i, derived_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
     sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
     return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers,
                       worker_init_fn=shield_workers(), generator=own_generator(seed, rank))
