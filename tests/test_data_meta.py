@@ -48,9 +48,11 @@ def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path
     assert info.frames == frames and not os.path.exists(meta_path(lst))
 
 
-def probe_own_copies_as_two_ranks(rank, world_size, port, folders):
+def probe_own_copies_as_two_ranks(rank, world_size, port, folders, keep_log=False):
     """video_infos(shared=True) of this rank's list, under its own data root (a node's own copy of the data
-    set, with its own sidecar); the result pickled beside the list."""
+    set, with its own sidecar); the result pickled beside the list, and its warnings logged to
+    `<list>.rank<RANK>.log` if `keep_log`."""
+    import logging
     import pickle
 
     import torch
@@ -61,6 +63,8 @@ def probe_own_copies_as_two_ranks(rank, world_size, port, folders):
 
     root = folders[rank]
     lst = os.path.join(root, "list.csv")
+    if keep_log:
+        logging.getLogger("vitaclip").addHandler(logging.FileHandler(f"{lst}.rank{rank}.log"))
     with rank_of_two(rank, world_size, port):
         torch.distributed.init_process_group("gloo")
         infos = meta_module.video_infos(read_video_list(lst, root), lst, root, workers=1, probe=recording_probe,
@@ -69,30 +73,90 @@ def probe_own_copies_as_two_ranks(rank, world_size, port, folders):
             pickle.dump(infos, f)
 
 
-def test_nodes_whose_copies_differ_in_time_only_probe_nothing_again(vp9_dataset, tmp_path):
-    """Two nodes, each with its own copy of the data set (made at other times) and its own sidecar that
-    describes it: the ranks agree on what the rows say of the videos, their files' stamps aside, and probe
-    nothing (comparing the stamps too made every job probe the whole data set again)."""
-    import pickle
+def node_copies(vp9_dataset, tmp_path, probe_here: bool):
+    """Two nodes' own copies of the data set, made at other times (copy: a new modification time), with
+    their list; each with a sidecar that describes it if `probe_here`. Their folders."""
     import time
-
-    from ranks import run_ranks
 
     root, rows = vp9_dataset
     folders = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     for folder in folders:
         os.makedirs(folder)
         for i, (name, _, _, _) in enumerate(rows):
-            shutil.copy(root / name, os.path.join(folder, f"v{i}.webm"))  # (copy: a new modification time)
-        with open(os.path.join(folder, "list.csv"), "w") as f:
-            f.write("".join(f"v{i}.webm,{i}\n" for i in range(len(rows))))
+            shutil.copy(root / name, os.path.join(folder, f"v{i}.webm"))
         lst = os.path.join(folder, "list.csv")
-        video_infos(read_video_list(lst, folder), lst, folder, workers=1)  # the node's sidecar
+        with open(lst, "w") as f:
+            f.write("".join(f"v{i}.webm,{i}\n" for i in range(len(rows))))
+        if probe_here:
+            video_infos(read_video_list(lst, folder), lst, folder, workers=1)
         time.sleep(0.05)
+    return folders
+
+
+def probed_and_got(folder, rank):
+    """(the videos rank `rank` probed in `folder`, the infos it got), and forgets what it probed."""
+    import pickle
+
+    lst = os.path.join(folder, "list.csv")
+    probed = []
+    if os.path.exists(f"{lst}.probed-rank{rank}"):
+        with open(f"{lst}.probed-rank{rank}") as f:
+            probed = f.read().split()
+        os.remove(f"{lst}.probed-rank{rank}")
+    with open(f"{lst}.rank{rank}.pickle", "rb") as f:
+        return probed, pickle.load(f)
+
+
+def test_nodes_whose_copies_differ_in_time_only_probe_nothing_again(vp9_dataset, tmp_path):
+    """Two nodes, each with its own copy of the data set (made at other times) and its own sidecar that
+    describes it: the ranks agree on what the rows say of the videos, their files' stamps aside, and probe
+    nothing (comparing the stamps too made every job probe the whole data set again)."""
+    from ranks import run_ranks
+
+    folders = node_copies(vp9_dataset, tmp_path, probe_here=True)
     stamps = [read_meta(meta_path(os.path.join(f, "list.csv")))["v0.webm"].stamp for f in folders]
     assert stamps[0] != stamps[1]
     run_ranks(probe_own_copies_as_two_ranks, folders)
     for rank, folder in enumerate(folders):
-        assert not os.path.exists(os.path.join(folder, f"list.csv.probed-rank{rank}")), "probed again"
-        with open(os.path.join(folder, f"list.csv.rank{rank}.pickle"), "rb") as f:
-            assert [info.frames for info in pickle.load(f)] == [r[2] for r in rows]
+        probed, infos = probed_and_got(folder, rank)
+        assert probed == [], "probed again"
+        assert [info.frames for info in infos] == [r[2] for r in vp9_dataset[1]]
+
+
+def test_a_new_data_set_probed_across_nodes_is_recorded_with_each_nodes_own_file_stamps(vp9_dataset, tmp_path):
+    """A data set new to both nodes: each rank probes its share on its own copy, and each node's sidecar
+    records every video with the stamp of its own file, so the next job probes nothing (rows stamped
+    with the other node's copy never held: every job probed again the videos the other rank had)."""
+    from ranks import run_ranks
+
+    folders = node_copies(vp9_dataset, tmp_path, probe_here=False)
+    run_ranks(probe_own_copies_as_two_ranks, folders)
+    shares = [probed_and_got(folder, rank)[0] for rank, folder in enumerate(folders)]
+    assert sorted(shares[0] + shares[1]) == ["v0.webm", "v1.webm", "v2.webm"] and all(shares)  # split, once each
+    for folder in folders:
+        rows = read_meta(meta_path(os.path.join(folder, "list.csv")))
+        for name, info in rows.items():
+            stat = os.stat(os.path.join(folder, name))
+            assert info.stamp == (stat.st_size, stat.st_mtime_ns), (folder, name)
+    run_ranks(probe_own_copies_as_two_ranks, folders)
+    for rank, folder in enumerate(folders):
+        probed, infos = probed_and_got(folder, rank)
+        assert probed == [], "probed again"
+        assert [info.frames for info in infos] == [r[2] for r in vp9_dataset[1]]
+
+
+def test_a_copy_of_another_size_than_the_one_another_rank_probed_is_not_recorded(vp9_dataset, tmp_path):
+    """A node whose copy of a video differs in size from the one another node probed holds another file:
+    its sidecar does not record that probe as its own (so it is probed again), and the rank says so."""
+    from ranks import run_ranks
+
+    folders = node_copies(vp9_dataset, tmp_path, probe_here=False)
+    with open(os.path.join(folders[1], "v0.webm"), "ab") as f:  # rank 0 probes v0 (first in key order)
+        f.write(b"\0")
+    run_ranks(probe_own_copies_as_two_ranks, folders, True)
+    assert "v0.webm" in probed_and_got(folders[0], 0)[0]
+    with open(os.path.join(folders[1], "list.csv.rank1.log")) as f:
+        assert "1 videos of" in f.read()
+    rows = read_meta(meta_path(os.path.join(folders[1], "list.csv")))
+    assert "v0.webm" not in rows or rows["v0.webm"].stamp is None
+    assert rows["v1.webm"].stamp[0] == os.path.getsize(os.path.join(folders[1], "v1.webm"))

@@ -205,11 +205,36 @@ def _read_shared(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: st
 
     outcomes = _on_every_rank(read_mine, list_file)
     results = {k: r for probed, _ in outcomes for k, r in probed.items()}
+    probed_elsewhere = [k for k, _ in to_probe if k not in outcomes[rank][0] and isinstance(results[k], VideoInfo)]
+    results.update(_stamped_here({k: results[k] for k in probed_elsewhere}, entry_of, list_file, workers))
     shown = {k: d for _, displays in outcomes for k, d in displays.items()}
     # a video this rank read from the sidecar may have been new to another: its probe holds its display
     shown.update({k: (r.matrix, r.turns, r.pixel_aspect) if isinstance(r, VideoInfo) else None
                   for k, r in results.items()})
     return [results[k] for k, _ in to_probe], [shown[k] for k, _ in to_show]
+
+
+def _stamped_here(infos: Dict[str, VideoInfo], entry_of: Dict[str, VideoEntry], list_file: str,
+                  workers: int) -> Dict[str, VideoInfo]:
+    """Another rank's probes, stamped with this rank's files: on another node they were taken from
+    that node's copy, whose modification time differs, and this node's sidecar would hold rows that
+    never describe its own files (every job would probe the whole data set again). A copy of another
+    size is another file: its row is not recorded here (no stamp), and the disagreement is logged."""
+    with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
+        stamps = dict(zip(infos, pool.map(_stamp_or_none, [entry_of[k].path for k in infos])))
+    apart = [k for k, info in infos.items() if stamps[k] is None or stamps[k][0] != info.stamp[0]]
+    if apart:
+        log.warning("%d videos of %s differ in size here from the copy another rank probed (e.g. %s): their infos "
+                    "are that copy's, and are not recorded in this node's %s", len(apart), list_file,
+                    entry_of[apart[0]].path, meta_path(list_file))
+    return {k: dataclasses.replace(info, stamp=None if k in apart else stamps[k]) for k, info in infos.items()}
+
+
+def _stamp_or_none(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
 
 
 def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int,
@@ -244,11 +269,9 @@ def _display(path: str) -> Optional[tuple]:
 
 
 def _describes(info, path: str) -> bool:
-    """Whether a sidecar row still holds for the file at path."""
-    try:
-        return info is not None and info.stamp == file_stamp(path)
-    except OSError:
-        return False  # gone: probing says so, naming the list line
+    """Whether a sidecar row still holds for the file at path (a file gone: probing says so, naming
+    the list line)."""
+    return info is not None and info.stamp is not None and info.stamp == _stamp_or_none(path)
 
 
 def _probe(entry: VideoEntry):
