@@ -667,7 +667,7 @@ def test_every_evaluation_comes_after_its_steps_checkpoint_marked_pending_until_
     on_disk = {}
 
     def recording(model, eval_data, eval_config, env, log, step, result, stop):
-        on_disk[step] = [(p.name, ckpt.load_checkpoint(p)["evaluation_pending"])
+        on_disk[step] = [(p.name, ckpt.evaluation_pending(p, ckpt.load_checkpoint(p)))
                          for p in ckpt.list_checkpoints(tmp_path)]
         evaluate_and_log(model, eval_data, eval_config, env, log, step, result, stop)
 
@@ -678,7 +678,57 @@ def test_every_evaluation_comes_after_its_steps_checkpoint_marked_pending_until_
                        4: [("checkpoint-00000002.pt", False), ("checkpoint-00000003.pt", False),
                            ("checkpoint-00000004.pt", True)]}
     assert list(result.evals) == [2, 4]
-    assert not any(ckpt.load_checkpoint(p)["evaluation_pending"] for p in ckpt.list_checkpoints(tmp_path))
+    assert not any(ckpt.evaluation_pending(p, ckpt.load_checkpoint(p)) for p in ckpt.list_checkpoints(tmp_path))
+
+
+def test_an_ended_evaluation_marks_its_checkpoint_beside_it_instead_of_writing_it_again(tmp_path, monkeypatch):
+    """A checkpoint holds the optimizer's state (hundreds of MB for ViT-B/16): the end of its step's
+    evaluation is a marker of a few bytes beside it. Pruning and --overwrite remove markers with
+    their checkpoints."""
+    from vitaclip.engine import train as train_module
+
+    writes = []
+    save_checkpoint = ckpt.save_checkpoint
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint",
+                        lambda directory, step, payload, keep=0: writes.append(step) or save_checkpoint(
+                            directory, step, payload, keep))
+    result = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, eval_every=2, checkpoint_every=100,
+                                                                keep_checkpoints=1), eval_data=tiny_data(8))
+    assert writes == [2, 4] and list(result.evals) == [2, 4]
+    (last,) = ckpt.list_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [last.name, last.name + ".evaluated"]
+    assert not ckpt.evaluation_pending(last, ckpt.load_checkpoint(last))
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=1, warmup_steps=0, overwrite=True))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000001.pt"]
+
+
+def test_a_checkpoint_is_pending_until_a_marker_of_its_own_write_says_its_evaluation_ended(tmp_path):
+    """The marker names the write it marks: one left by an earlier write of the same step (a resumed run
+    that went back past it) does not mark the new one. Checkpoints of earlier versions kept the state in
+    their own key."""
+    pending = dict(step=2, evaluation_pending=True, write_id="first")
+    path = ckpt.save_checkpoint(tmp_path, 2, pending)
+    assert ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
+    ckpt.mark_evaluated(path, "first")
+    assert not ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
+    ckpt.save_checkpoint(tmp_path, 2, {**pending, "write_id": "second"})
+    assert ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
+    assert ckpt.evaluation_pending(path, {"step": 2, "final_evaluation_pending": True})
+    assert not ckpt.evaluation_pending(path, {"step": 2, "evaluation_pending": False, "write_id": "first"})
+
+
+def test_evaluations_leave_the_training_runs_random_draws_as_they_were(tmp_path):
+    """An evaluation drawing from the process's RNG (an evaluation loader's augmentation, a user's loader)
+    changes nothing in training: the checkpoint written before it holds the states training goes on
+    from, also once the evaluation is marked done."""
+    from engine_helpers import GlobalRandomData
+    runs = {}
+    for name, evaluation in (("without", {}), ("with", dict(eval_every=2))):
+        data = GlobalRandomData()
+        result = train(tiny_model(), data, tiny_train_config(tmp_path / name, steps=4, **evaluation),
+                       eval_data=GlobalRandomData() if evaluation else None)
+        runs[name] = (data.draws, result.losses)
+    assert runs["with"] == runs["without"]
 
 
 def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_which_resuming_does(tmp_path):
@@ -692,7 +742,8 @@ def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert cut.stopped_by == "SIGUSR1" and cut.step == 3 and not cut.finished and cut.evals == {}
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["evaluation_pending"] is True
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert ckpt.evaluation_pending(latest, ckpt.load_checkpoint(latest)) is True
     assert not (tmp_path / "model").exists()
     rest = train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=3, save_final=True, resume="auto"),
                  eval_data=tiny_data(8))
@@ -727,8 +778,8 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resuming_evaluates_first
                 cut = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume=resume, **config),
                             eval_data=SignallingData(signal.SIGUSR1, at=(5,), n=8))  # in its second batch
             assert cut.stopped_by == "SIGUSR1" and cut.step == 2 and cut.evals == {} and not cut.finished
-            assert [(p.name, ckpt.load_checkpoint(p)["evaluation_pending"]) for p in ckpt.list_checkpoints(tmp_path)] \
-                == [("checkpoint-00000002.pt", True)]
+            assert [(p.name, ckpt.evaluation_pending(p, ckpt.load_checkpoint(p)))
+                    for p in ckpt.list_checkpoints(tmp_path)] == [("checkpoint-00000002.pt", True)]
     finally:
         signal.signal(signal.SIGUSR1, previous)
     rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **config), eval_data=tiny_data(8))
@@ -743,10 +794,7 @@ def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
     evaluates that step again, and its earlier row goes."""
     config = dict(steps=4, eval_every=2, eval_batch_size=3)
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, **config), eval_data=tiny_data(8))
-    path = ckpt.latest_checkpoint(tmp_path)
-    payload = torch.load(path, weights_only=False)
-    payload["evaluation_pending"] = True  # as the checkpoint stood while step 4 was evaluated
-    torch.save(payload, path)
+    ckpt.evaluated_marker(ckpt.latest_checkpoint(tmp_path)).unlink()  # as it stood while step 4 was evaluated
     rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **config),
                  eval_data=tiny_data(8))
     assert rest.finished and list(rest.evals) == [4]

@@ -19,13 +19,16 @@ from torch import Tensor
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP, is_trainable
 from ..text import clean_classname, keep_phrase_for_saved_context
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_text
 from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8}\.pt\.")  # atomic_write's temporary files
 FORMAT = "vitaclip-train-checkpoint-v1"
 UNREADABLE_SUFFIX = ".unreadable"  # added to checkpoints a resume found unreadable and went back past
+# beside a checkpoint written before its step's evaluation, once that ended: it holds the write's id
+# (a marker left by an earlier write of the same step names another)
+EVALUATED_SUFFIX = ".evaluated"
 
 
 def checkpoint_path(directory, step: int) -> Path:
@@ -89,8 +92,35 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
-            old.unlink(missing_ok=True)
+            remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path) -> None:
+    Path(path).unlink(missing_ok=True)
+    evaluated_marker(path).unlink(missing_ok=True)
+
+
+def evaluated_marker(path) -> Path:
+    return Path(path).with_name(Path(path).name + EVALUATED_SUFFIX)
+
+
+def mark_evaluated(path, write_id: str) -> None:
+    """Record that the step's evaluation, which the checkpoint at `path` (written with `write_id`)
+    was written before, has ended: a few bytes beside it, not the checkpoint again."""
+    atomic_write_text(evaluated_marker(path), write_id)
+
+
+def evaluation_pending(path, payload: Dict[str, Any]) -> bool:
+    """Whether the checkpoint at `path` was written before its step's evaluation and that has not
+    ended since (checkpoints of earlier versions: marked in their own key; the oldest marked the
+    last step's only)."""
+    if not payload.get("evaluation_pending", payload.get("final_evaluation_pending", False)):
+        return False
+    try:
+        return evaluated_marker(path).read_text() != payload.get("write_id")
+    except FileNotFoundError:
+        return True
 
 
 def load_checkpoint(path) -> Dict[str, Any]:

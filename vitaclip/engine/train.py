@@ -13,6 +13,7 @@ import inspect
 import math
 import shutil
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,7 +259,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     eval_config = EvalConfig(batch_size=config.eval_batch_size, precision=config.precision,
                              num_workers=config.num_workers, device=str(env.device), progress=False)
     # the checkpoint's step was not evaluated to the end: done first
-    evaluation_due_first = eval_data is not None and payload is not None and evaluation_pending(payload)
+    evaluation_due_first = eval_data is not None and payload is not None and payload["evaluation_pending"]
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -267,14 +268,20 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     progress = None
     stop_request = StopRequest(config.stop_signals).install()
 
-    def checkpoint(step: int, evaluation_pending: bool = False) -> None:
-        result.last_checkpoint = str(write_checkpoint(out, step, config, model, optimizer, scheduler, scaler, loader,
-                                                      env, backbone, fingerprint, data, evaluation_pending))
+    def checkpoint(step: int, evaluation_pending: bool = False) -> str:
+        """Writes the step's checkpoint; its write id."""
+        path, write_id = write_checkpoint(out, step, config, model, optimizer, scheduler, scaler, loader, env,
+                                          backbone, fingerprint, data, evaluation_pending)
+        result.last_checkpoint = str(path)
+        return write_id
 
-    def evaluated(step: int) -> bool:
+    def evaluated(step: int, write_id: Optional[str]) -> bool:
         """The step's evaluation, after its checkpoint (written marked pending: an evaluation can
-        take minutes, a stop signalled during it gets seconds), then marked done; False if a stop
-        signal ended it (resuming the run evaluates it)."""
+        take minutes, a stop signalled during it gets seconds), then marked done: by a marker beside
+        the checkpoint this run wrote with `write_id`, or (None: the one it resumed from, maybe
+        elsewhere) by writing it again. False if a stop signal ended it (resuming the run evaluates
+        it). The evaluation leaves the RNG states as it found them, as the checkpoint holds them."""
+        states = rng_states()
         try:
             evaluate_and_log(model, eval_data, eval_config, env, log, step, result,
                              stop=lambda: stop_request.received is not None)
@@ -282,11 +289,16 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
             if env.is_main:
                 warnings.warn(f"step {step}: evaluation stopped, the run is stopping (resuming the run evaluates it)")
             return False
-        checkpoint(step)
+        finally:
+            set_rng_states(states)
+        if write_id is None:
+            checkpoint(step)
+        elif env.is_main:
+            ckpt.mark_evaluated(result.last_checkpoint, write_id)
         return True
 
     try:
-        if evaluation_due_first and not evaluated(start_step):
+        if evaluation_due_first and not evaluated(start_step, None):
             return stopped(result, stop_request, env)
         if start_step >= config.steps:  # stopped after the last step's checkpoint, before the final model
             save_final_model(model, out, config, env)
@@ -368,9 +380,10 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
                                   "elapsed_s": now - started, "skipped": int(skipped)})
             if eval_due and stopping and env.is_main:  # a stop is given seconds: the checkpoint comes first
                 warnings.warn(f"step {step}: evaluation skipped, the run is stopping (resuming the run evaluates it)")
+            write_id = None
             if step % config.checkpoint_every == 0 or step == last_step or stopping or eval_due:
-                checkpoint(step, evaluation_pending=eval_due)
-            if stopping or (eval_due and not evaluated(step)):
+                write_id = checkpoint(step, evaluation_pending=eval_due)
+            if stopping or (eval_due and not evaluated(step, write_id)):
                 return stopped(result, stop_request, env)
             step_time = time.perf_counter()  # checkpoint and evaluation time is not training throughput
         result.finished = result.step == config.steps
@@ -393,12 +406,6 @@ def stopped(result: TrainResult, stop_request: StopRequest, env: DistEnv) -> Tra
         print(f"stopped by {result.stopped_by} after step {result.step}, checkpointed in {result.last_checkpoint}: "
               "continue with resume='auto' (--resume auto)", flush=True)
     return result
-
-
-def evaluation_pending(payload: Dict[str, Any]) -> bool:
-    """Whether a checkpoint was written before its step's evaluation ended (the key of checkpoints
-    written before every evaluation was checkpointed first: the last step's only)."""
-    return bool(payload.get("evaluation_pending", payload.get("final_evaluation_pending", False)))
 
 
 def evaluate_and_log(model: VitaCLIP, eval_data, eval_config: EvalConfig, env: DistEnv, log: Optional[RunLog],
@@ -465,6 +472,8 @@ def resume_point(config: TrainConfig, out: Path, env: DistEnv) -> Tuple[Optional
     if env.is_main:
         try:
             path, payload = choose_checkpoint(config, out)
+            if payload is not None:  # (its marker, where ended, is only in the run folder rank 0 sees)
+                payload["evaluation_pending"] = ckpt.evaluation_pending(path, payload)
         except Exception as err:  # noqa: BLE001 - raised on every rank below: none is left waiting
             error = err
     path, payload, error = broadcast_object(env, (path, payload, error))
@@ -499,7 +508,7 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
     earlier = ckpt.list_checkpoints(out)
     if config.overwrite:
         for path in earlier:
-            path.unlink()
+            ckpt.remove_checkpoint(path)
         shutil.rmtree(out / FINAL_MODEL, ignore_errors=True)
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # (the CSV logs start afresh anyway)
     elif earlier:
@@ -610,9 +619,11 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
                      loader, env: DistEnv, backbone, fingerprint, data: Dict[str, Any],
-                     evaluation_pending: bool = False) -> Path:
-    """data: `data_description` of the training data. evaluation_pending: the step's evaluation has
-    not ended (it comes next, or a stop came first), which resuming the run does first."""
+                     evaluation_pending: bool = False) -> Tuple[Path, str]:
+    """(its path, the id of this write). data: `data_description` of the training data.
+    evaluation_pending: the step's evaluation has not ended (it comes next, or a stop came first),
+    which resuming the run does first unless the checkpoint is marked evaluated since."""
+    write_id = uuid.uuid4().hex
     # each rank's RNG states and data position (a loader that leaves out batches a rank could not
     # decode is at another place on each rank), in one gather
     states, positions = zip(*all_gather_objects(env, (rng_states(), loader.state_dict())))
@@ -622,11 +633,11 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                    "loader": list(positions), "rng": list(states), "train_config": dataclasses.asdict(config),
                    "train_data": data,
-                   "evaluation_pending": evaluation_pending}
+                   "evaluation_pending": evaluation_pending, "write_id": write_id}
         ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
     if env.is_distributed:
         torch.distributed.barrier()
-    return path
+    return path, write_id
 
 
 def make_progress(config: TrainConfig, env: DistEnv, start_step: int):
