@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Installs, on the lent GPU machine, the wheels it lacks, from the part carried in this call.
-# The wheels (open_clip, PyAV, scikit-video, DALI split in 4 parts of <64 MiB) are prepared on the
-# dev machine under .whl/gpu/p1..p4 (see benchmarks/README.md); carry ONE part per call, in order,
-# while the machine stays warm: files under /tmp survive between calls there.
+# The wheels (open_clip, PyAV, scikit-video; DALI in 3 pieces of a tar.xz of its files) are prepared
+# on the dev machine under .whl/gpu/p1..p3 (see benchmarks/README.md); carry ONE part per call, in
+# order, while the machine stays warm: files under /tmp survive between calls there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p /tmp/site /tmp/dali-parts
+SITE=${DEVICE_SITE:-/tmp/site}
+PIECES=${DEVICE_PIECES:-/tmp/dali-parts}
+mkdir -p "$SITE" "$PIECES"
 for part in .whl/gpu/p*; do
   [ -d "$part" ] || continue
-  cp "$part"/dali.* "$part"/dali-name.txt /tmp/dali-parts/ 2>/dev/null || true  # the name travels with the last piece
+  cp "$part"/dali.* "$part"/dali-pieces "$PIECES"/ 2>/dev/null || true  # the count travels with the last piece
   ls "$part"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site "$part"/*.whl
+      --no-cache-dir --upgrade --target "$SITE" "$part"/*.whl
 done
-pieces=$(ls /tmp/dali-parts/dali.[0-9] 2>/dev/null | wc -l || true)  # none yet: 0, not an exit
-if [ "$pieces" = 4 ] && [ -e /tmp/dali-parts/dali-name.txt ] && [ ! -e /tmp/site/nvidia/dali ]; then
-  name=$(cat /tmp/dali-parts/dali-name.txt)
-  cat /tmp/dali-parts/dali.0 /tmp/dali-parts/dali.1 /tmp/dali-parts/dali.2 /tmp/dali-parts/dali.3 > "/tmp/$name"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "/tmp/$name"
+pieces=$(ls "$PIECES"/dali.[0-9] 2>/dev/null | wc -l || true)  # none yet: 0, not an exit
+wanted=$(cat "$PIECES"/dali-pieces 2>/dev/null || echo "?")
+if [ "$pieces" = "$wanted" ] && [ ! -e "$SITE"/nvidia/dali ]; then
+  cat $(ls "$PIECES"/dali.[0-9] | sort) | python3 -c "
+import sys, tarfile
+with tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz') as tar:
+    tar.extractall(sys.argv[1], filter='tar')" "$SITE"
 fi
-echo "staged: $pieces/4 DALI pieces; site: $(ls /tmp/site | tr '\n' ' ' | cut -c1-200)"
+echo "staged: $pieces/$wanted DALI pieces; site: $(ls "$SITE" | tr '\n' ' ' | cut -c1-200)"
