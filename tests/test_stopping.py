@@ -62,6 +62,7 @@ def test_a_shielded_worker_ignores_a_stop_signal_from_others_and_ends_on_its_own
     context = multiprocessing.get_context(method)
     if method == "forkserver":  # as the PyAV pool's: workers start without torch's threads
         context.set_forkserver_preload(["torch"])
+        stopping.start_fork_server()  # as the package's loaders start it
     request = StopRequest(["SIGUSR1"]).install()
     try:
         loader = DataLoader(WorkerPids(), batch_size=None, num_workers=1, multiprocessing_context=context,
@@ -89,6 +90,8 @@ import multiprocessing, os, signal, sys, time
 from multiprocessing import forkserver
 from vitaclip.engine.stopping import StopRequest, start_fork_server
 
+if sys.argv[1] == "before the request":  # a loader probing new videos, before training installs its request
+    start_fork_server()
 request = StopRequest(["SIGTERM"]).install()
 if sys.argv[1] == "shielded":
     start_fork_server()
@@ -101,13 +104,63 @@ worker.kill()
 """
 
 
-@pytest.mark.parametrize("start", ["shielded", "plain"])
+@pytest.mark.parametrize("start", ["shielded", "before the request", "plain"])
 def test_the_fork_server_outlives_the_jobs_stop_signal_so_its_workers_stay_alive_to_their_owner(start):
     """Multiprocessing learns whether a fork server's worker is alive from the server: a stop
-    signal that ended the server made the PyAV pool's live workers look dead, failing the epoch."""
+    signal that ended the server made the PyAV pool's live workers look dead, failing the epoch.
+    Started before training installed its request (by probing new videos), the server did not
+    ignore the stop signals: a stop in the first pass over a new data set crashed the run."""
     out = subprocess.run([sys.executable, "-c", FORK_SERVER_SIGNALLED, start], capture_output=True, text=True,
                          check=True, timeout=120).stdout.split()
-    assert out == (["True", "None"] if start == "shielded" else ["False", "None"])
+    assert out == (["False", "None"] if start == "plain" else ["True", "None"])
+
+
+FORK_SERVER_AND_POOL_SIGNALS = """
+import signal
+from multiprocessing import forkserver
+from worker_faults import stop_signal_dispositions
+from vitaclip.data.workers import map_in_workers
+from vitaclip.engine.stopping import declare_stop_signals
+
+declare_stop_signals(["SIGUSR2"])  # as `vitaclip train --stop-signals SIGUSR2` does first
+(in_worker,) = map_in_workers([(stop_signal_dispositions,)], 1)  # starts the server: a probe of new videos
+with open(f"/proc/{forkserver._forkserver._forkserver_pid}/status") as f:
+    ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+print([bool(ignored >> (sig - 1) & 1) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)], in_worker)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads a process's ignored signals in /proc")
+def test_the_fork_server_ignores_the_jobs_stop_signals_and_the_tools_pool_workers_do_not():
+    """The server ignores the default stop signals and those declared, wherever it starts; the workers
+    of the tools' pools (probing, prepare) take them as any process does."""
+    tests = os.path.dirname(os.path.abspath(__file__))  # the workers import worker_faults by name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", FORK_SERVER_AND_POOL_SIGNALS], capture_output=True, text=True,
+                         check=True, timeout=120, env=env).stdout.strip()
+    default = int(signal.SIG_DFL)
+    assert out == f"[True, True, True] ({default}, {default}, {default})"
+
+
+INSTALLED_AFTER_THE_SERVER = """
+import warnings
+from vitaclip.engine.stopping import StopRequest, start_fork_server
+
+start_fork_server()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    StopRequest(["SIGTERM"]).install()
+    print(len(caught))
+    StopRequest(["SIGUSR2"]).install()
+print(caught[-1].message)
+"""
+
+
+def test_a_stop_signal_the_running_fork_server_does_not_ignore_is_warned_about():
+    out = subprocess.run([sys.executable, "-c", INSTALLED_AFTER_THE_SERVER], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.startswith("0\n") and "started before SIGUSR2 were made stop signals" in out
+    assert "declare_stop_signals" in out
 
 
 SIGTERM_DISPOSITION = """

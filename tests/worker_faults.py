@@ -1,6 +1,7 @@
 """Decoding work that fails as a broken FFmpeg might, or leaves a trace, for the loader's worker-pool
 tests: the worker processes import this module by name, so the fault happens inside them."""
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -125,3 +126,8 @@ def exits_within(script: str, folder: Path, timeout: float = 60) -> bool:
         return False
     assert "done" in out and process.returncode == 0, out
     return True
+
+
+def stop_signal_dispositions() -> tuple:
+    """What this worker does with SIGTERM, SIGUSR1 and SIGUSR2 (signal handler values)."""
+    return tuple(int(signal.getsignal(sig)) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))

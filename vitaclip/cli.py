@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from .engine.precision import PRECISIONS
-from .engine.stopping import DEFAULT_STOP_SIGNALS, ignore_signals, parse_signal
+from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
 from .engine.train import WEIGHT_DECAY_ON
 
 
@@ -159,6 +159,7 @@ def cmd_train(args) -> int:
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
+    declare_stop_signals(args.stop_signals)  # before the loaders' worker pools start the fork server
     env = init_distributed(args.device)
     classes = read_classes(args.classes)
     torch.manual_seed(args.seed)  # the same prompt initialisation on every process

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,7 +38,7 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
-from .workers import abandon, as_completed, fork_server_context, run_alone, within
+from .workers import abandon, as_completed, run_alone, within, worker_pool
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
@@ -335,7 +334,7 @@ def _prepare_into(out_dir: str, out_list: str, entries, data_root: str, settings
             bar.update()
 
     bar = tqdm(total=len(set(names.values())), disable=not progress, desc="prepare", unit="video")
-    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+    pool = worker_pool(workers)
 
     def calls(sources):
         """(name, job arguments) of each video to prepare, its source recorded before its output can
@@ -375,7 +374,7 @@ def _prepare_into(out_dir: str, out_list: str, entries, data_root: str, settings
                 except BrokenProcessPool:
                     abandon(pool)
                     after_crash(([current] if current else []) + list(running.values()))
-                    pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+                    pool = worker_pool(workers)
             fsync_file(sources.name)
     except BaseException:  # an error in raise mode, or Ctrl-C (which the workers get too)
         abandon(pool)

@@ -12,7 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from ..engine.stopping import start_fork_server
+from ..engine.stopping import default_signals, start_fork_server
 
 # what the fork server imports once, for every worker it forks: torch and PyAV, and the loader's
 # task code (the loader's workers unpickle it)
@@ -30,6 +30,13 @@ def fork_server_context():
     context.set_forkserver_preload(PRELOAD)
     start_fork_server()  # shielded from the job's stop signals, as the workers are
     return context
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes forked by the fork server, which end on the job's stop
+    signals as any process does (the server ignores them)."""
+    context = fork_server_context()  # (starts the server: default_signals knows what it ignores)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=default_signals())
 
 
 def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
@@ -64,7 +71,7 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
     pending = ((index, (timeout, *call)) for index, call in enumerate(calls))
     workers = max(1, min(workers, len(calls)))
     while True:
-        pool = ProcessPoolExecutor(workers, mp_context=fork_server_context())
+        pool = worker_pool(workers)
         running, current = {}, None
         try:
             for index, _, future in as_completed(pool, within, pending, 2 * workers, running):
@@ -117,7 +124,7 @@ def abandon(pool: ProcessPoolExecutor) -> None:
 def run_alone(fn: Callable, args: tuple) -> Future:
     """fn(*args) in a worker process of its own, done: its future ends with BrokenProcessPool if the
     worker died."""
-    pool = ProcessPoolExecutor(1, mp_context=fork_server_context())
+    pool = worker_pool(1)
     try:
         future = pool.submit(fn, *args)
         wait([future])

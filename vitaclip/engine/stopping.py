@@ -19,8 +19,13 @@ DEFAULT_STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 # SLURM signals every process of a job step and torchrun passes the signal on to its ranks: one
 # stop can reach a rank twice within milliseconds
 REPEAT_GRACE_S = 5.0
-# the stop signals multiprocessing's fork server was started ignoring, which its workers inherit
+# the stop signals multiprocessing's fork server was started ignoring, which its workers inherit,
+# and the process id of that server
 _fork_server_ignores: set = set()
+_fork_server_pid: List[Optional[int]] = [None]
+# the job's stop signals, which the fork server ignores wherever it starts (loaders probe new videos
+# in worker pools before training installs its StopRequest): the defaults and any declared
+_job_stop_signals: set = {signal.Signals[name] for name in DEFAULT_STOP_SIGNALS}
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -60,6 +65,11 @@ class StopRequest:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             StopRequest._installed.append(self)
+            unshielded = [sig.name for sig in self.signals if sig not in _fork_server_ignores]
+            if _fork_server_running() and unshielded:
+                warnings.warn(f"the data workers' fork server started before {', '.join(unshielded)} were made stop "
+                              f"signals: one of them would end it, and its workers would look dead to the loader; "
+                              f"call vitaclip.engine.stopping.declare_stop_signals before making loaders")
         return self
 
     def uninstall(self) -> None:
@@ -90,30 +100,55 @@ def ignore_signals(signals: Sequence[str]) -> None:
             signal.signal(parse_signal(name), signal.SIG_IGN)
 
 
+def declare_stop_signals(signals: Sequence[str]) -> None:
+    """Make `signals` (besides the default ones) stop signals of this job for the fork server,
+    which its first worker pool starts, maybe before training installs its StopRequest."""
+    _job_stop_signals.update(parse_signal(name) for name in signals)
+
+
 def installed_signals() -> List[signal.Signals]:
     """The signals of the installed stop requests."""
     return sorted({sig for request in StopRequest._installed for sig in request.signals})
 
 
 def start_fork_server() -> None:
-    """Start multiprocessing's fork server, if it is not running, ignoring the installed stop
-    signals. It is in the job's process group, and when a stop signal ends it, its live workers
-    look dead to their owner, which learns of them through it: a DataLoader of them then fails
-    the epoch the rank still needs for its last step. Ignored here while it starts (a handler
-    does not outlive exec, an ignored signal does; a blocked one does not, as Python starts), so
-    a stop in those milliseconds is lost: it starts with the first decoding pool, before the
-    first step. Its workers inherit this: `shield_workers` gives them their own handling, or, once
-    no request is installed, the default one. Only from the main thread."""
+    """Start multiprocessing's fork server, if it is not running, ignoring the job's stop signals
+    (the installed ones, the default ones and those declared). It is in the job's process group,
+    and when a stop signal ends it, its live workers look dead to their owner, which learns of
+    them through it: a DataLoader of them then fails the epoch the rank still needs for its last
+    step. It lives as long as its owner whatever it ignores (it ends when the owner's end closes
+    its pipe). Ignored here while it starts (a handler does not outlive exec, an ignored signal
+    does; a blocked one does not, as Python starts), so a stop in those milliseconds is lost: it
+    starts with the first worker pool, before the first step. Its workers inherit this:
+    `shield_workers` gives a loader's workers their own handling, or, with no request installed,
+    the default one, as `default_signals` does for the tools' pools. Only from the main thread."""
     from multiprocessing import forkserver
 
     main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in installed_signals()} if main else {}
-    _fork_server_ignores.update(previous)  # (if it was running already, resetting these is harmless)
+    stops = _job_stop_signals.union(installed_signals())
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops} if main else {}
     try:
         forkserver.ensure_running()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if _fork_server_running() and forkserver._forkserver._forkserver_pid != _fork_server_pid[0]:  # started now
+        _fork_server_pid[0] = forkserver._forkserver._forkserver_pid
+        _fork_server_ignores.clear()
+        _fork_server_ignores.update(previous)
+
+
+def _fork_server_running() -> bool:
+    from multiprocessing import forkserver
+
+    return forkserver._forkserver._forkserver_pid is not None
+
+
+def default_signals() -> Optional[Callable[[], None]]:
+    """An `initializer` for the tools' worker pools (probing, `prepare`): their workers end on the
+    job's stop signals, as any process, although the fork server ignores them."""
+    return functools.partial(_take_ignored_signals, tuple(sorted(_fork_server_ignores))) \
+        if _fork_server_ignores else None
 
 
 def shield_workers() -> Optional[Callable[[int], None]]:
@@ -127,8 +162,7 @@ def shield_workers() -> Optional[Callable[[int], None]]:
     With no request installed, workers take the signals the fork server ignores by default again."""
     signals = installed_signals()
     if not signals:
-        return functools.partial(_take_ignored_signals, tuple(sorted(_fork_server_ignores))) \
-            if _fork_server_ignores else None
+        return default_signals()
     if not hasattr(signal, "sigwaitinfo"):
         return None
     return functools.partial(_shield_worker, tuple(signals), os.getpid())
