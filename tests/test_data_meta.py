@@ -151,12 +151,18 @@ def test_a_copy_of_another_size_than_the_one_another_rank_probed_is_not_recorded
     from ranks import run_ranks
 
     folders = node_copies(vp9_dataset, tmp_path, probe_here=False)
-    with open(os.path.join(folders[1], "v0.webm"), "ab") as f:  # rank 0 probes v0 (first in key order)
+    with open(os.path.join(folders[1], "v0.webm"), "ab") as f:  # rank 0 probes v0 and v2 (key order, in turn)
         f.write(b"\0")
+    os.remove(os.path.join(folders[1], "v2.webm"))
     run_ranks(probe_own_copies_as_two_ranks, folders, True)
-    assert "v0.webm" in probed_and_got(folders[0], 0)[0]
+    assert probed_and_got(folders[0], 0)[0] == ["v0.webm", "v2.webm"]
     with open(os.path.join(folders[1], "list.csv.rank1.log")) as f:
-        assert "1 videos of" in f.read()
+        logged = f.read()
+    assert "1 videos of" in logged and "differ in size here from the copy another rank probed (e.g. " \
+        f"{os.path.join(folders[1], 'v0.webm')})" in logged
+    assert f"are missing here, unlike the copy another rank probed (e.g. {os.path.join(folders[1], 'v2.webm')})" \
+        in logged
     rows = read_meta(meta_path(os.path.join(folders[1], "list.csv")))
-    assert "v0.webm" not in rows or rows["v0.webm"].stamp is None
+    for name in ("v0.webm", "v2.webm"):
+        assert name not in rows or rows[name].stamp is None
     assert rows["v1.webm"].stamp[0] == os.path.getsize(os.path.join(folders[1], "v1.webm"))

@@ -337,3 +337,53 @@ def test_an_initialised_process_group_gives_rank_and_world_size(monkeypatch):
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
     env = distributed.init_distributed("cpu")
     assert (env.rank, env.world_size, env.is_main, env.is_distributed) == (1, 2, False, True)
+
+
+class Described(torch.utils.data.Dataset):
+    """tiny_data() that describes its whole list as a VideoLoader does, with this rank's digest."""
+
+    def __init__(self, digest: str):
+        self.data, self.digest = tiny_data(), digest
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+    def description(self):
+        return {"videos": len(self.data), "list": self.digest}
+
+
+def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Each case's train() or evaluate() where rank 1 loads other data or classes; what each rank raised."""
+    with rank_of_two(rank, world_size, port):
+        outcomes = {}
+        cases = {
+            "training list": lambda: train(tiny_model(), Described("ab" if rank == 0 else "cd"),
+                                           tiny_train_config(os.path.join(out, "list"), steps=1, warmup_steps=0)),
+            "class names": lambda: train(tiny_model(classes=["a", "b", "c", "d"] if rank == 0 else ["a", "b", "c", "e"]),
+                                         tiny_data(), tiny_train_config(os.path.join(out, "classes"), steps=1,
+                                                                        warmup_steps=0)),
+            "evaluation list": lambda: evaluate(tiny_model(), Described("ab" if rank == 0 else "cd"), EVAL),
+            "same": lambda: evaluate(tiny_model(), Described("ab"), EVAL).num_videos,
+        }
+        for name, case in cases.items():
+            try:
+                outcomes[name] = case()
+            except ValueError as error:
+                outcomes[name] = str(error)
+        torch.save(outcomes, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ranks_that_load_other_lists_or_classes_are_refused_on_every_rank(tmp_path):
+    """Nodes each reading their own copy of a list or class file: where they differ, each rank would
+    draw its share from its own list (videos trained twice, others never) and say nothing."""
+    run_ranks(mismatch_worker, str(tmp_path))
+    for rank in (0, 1):
+        outcomes = torch.load(tmp_path / f"rank{rank}.pt")
+        assert outcomes["training list"] == ("the training data differ between ranks: list 'ab' vs 'cd' (rank 0 vs "
+                                             "rank 1); every rank must load the same")
+        assert outcomes["class names"].startswith("the class names differ between ranks: item 3 'd' vs 'e'")
+        assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
+        assert outcomes["same"] == 32

@@ -222,11 +222,14 @@ def _stamped_here(infos: Dict[str, VideoInfo], entry_of: Dict[str, VideoEntry], 
     size is another file: its row is not recorded here (no stamp), and the disagreement is logged."""
     with ThreadPoolExecutor(workers) as pool:  # threads: stat waits on the disk
         stamps = dict(zip(infos, pool.map(_stamp_or_none, [entry_of[k].path for k in infos])))
-    apart = [k for k, info in infos.items() if stamps[k] is None or stamps[k][0] != info.stamp[0]]
-    if apart:
-        log.warning("%d videos of %s differ in size here from the copy another rank probed (e.g. %s): their infos "
-                    "are that copy's, and are not recorded in this node's %s", len(apart), list_file,
-                    entry_of[apart[0]].path, meta_path(list_file))
+    missing = [k for k in infos if stamps[k] is None]
+    apart = [k for k, info in infos.items() if stamps[k] is not None and stamps[k][0] != info.stamp[0]]
+    for keys, how in ((missing, "are missing here, unlike"), (apart, "differ in size here from")):
+        if keys:
+            log.warning("%d videos of %s %s the copy another rank probed (e.g. %s): their infos are that copy's, "
+                        "and are not recorded in this node's %s", len(keys), list_file, how, entry_of[keys[0]].path,
+                        meta_path(list_file))
+    apart += missing
     return {k: dataclasses.replace(info, stamp=None if k in apart else stamps[k]) for k, info in infos.items()}
 
 

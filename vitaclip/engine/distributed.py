@@ -114,6 +114,29 @@ def all_gather_objects(env: DistEnv, obj: Any) -> List[Any]:
     return out
 
 
+def check_same_on_every_rank(env: DistEnv, value: Any, what: str) -> None:
+    """Raises, on every rank, where a rank's `value` differs from rank 0's: nodes reading their own
+    copies of a list or class file that differ would otherwise train on a wrong split of the data, or
+    count videos twice, and say nothing."""
+    values = all_gather_objects(env, value)
+    for rank, theirs in enumerate(values):
+        if theirs != values[0]:
+            raise ValueError(f"{what} differ between ranks: {_difference(values[0], theirs)} (rank 0 vs rank {rank}); "
+                             f"every rank must load the same")
+
+
+def _difference(ours: Any, theirs: Any) -> str:
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return "; ".join(f"{key} {ours.get(key)!r} vs {theirs.get(key)!r}" for key in sorted(set(ours) | set(theirs))
+                         if ours.get(key) != theirs.get(key))
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        if len(ours) != len(theirs):
+            return f"{len(ours)} vs {len(theirs)} items"
+        index = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        return f"item {index} {ours[index]!r} vs {theirs[index]!r}"
+    return f"{ours!r} vs {theirs!r}"
+
+
 def broadcast_object(env: DistEnv, obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not env.is_distributed:

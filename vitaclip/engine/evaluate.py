@@ -13,8 +13,9 @@ import torch
 
 from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text
-from .distributed import DistEnv, all_gather_objects, broadcast_object, init_distributed, sum_across_ranks
-from .loader import eval_batches, optional_len, split_views
+from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
+                          sum_across_ranks)
+from .loader import eval_batches, optional_len, split_views, whole_data_description
 from .precision import autocast
 
 
@@ -113,6 +114,8 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     config = dataclasses.replace(config or EvalConfig(), **overrides)
     env = env or init_distributed(config.device)
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
+    check_same_on_every_rank(env, list(model.classnames), "the class names")
+    check_same_on_every_rank(env, whole_data_description(data), "the evaluation data")
     was_training = model.training
     model.eval().to(env.device)
     batches = eval_batches(data, config.batch_size, env.rank, env.world_size, config.num_workers)

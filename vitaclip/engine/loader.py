@@ -170,6 +170,14 @@ def set_rng_states(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def whole_data_description(data) -> Optional[Dict[str, Any]]:
+    """What a loader says of its whole data set (VideoLoader.description: the list's entries,
+    sampling, augmentation), the same on every rank that loads the same list; None for data that
+    says nothing (its length may be a rank's share)."""
+    describe = getattr(data, "description", None)
+    return describe() if callable(describe) else None
+
+
 def optional_len(data) -> Optional[int]:
     try:
         return len(data)

@@ -26,9 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..backends import resolve_backend
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object, init_distributed, sum_across_ranks
+from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
+                          init_distributed, sum_across_ranks)
 from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
-from .loader import EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views
+from .loader import (EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views,
+                     whole_data_description)
 from .precision import autocast, check_precision, grad_scaler
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
 
@@ -238,6 +240,8 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
         raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
+    check_same_on_every_rank(env, list(model.classnames), "the class names")
+    check_same_on_every_rank(env, whole_data_description(train_data), "the training data")
     loader = make_train_loader(train_data, config, micro, env)
 
     model.to(env.device)
@@ -573,9 +577,9 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
 def data_description(train_data) -> Dict[str, Any]:
     """What a checkpoint records of the training data, for a resumed run to compare: the loader's
     own description (VideoLoader: the list's entries, sampling and augmentation), else its length."""
-    describe = getattr(train_data, "description", None)
-    if callable(describe):
-        return describe()
+    described = whole_data_description(train_data)
+    if described is not None:
+        return described
     return {"videos": len(train_data)} if hasattr(train_data, "__len__") else {}
 
 
