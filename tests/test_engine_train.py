@@ -280,7 +280,7 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, checkpoint_every=2, resume="auto"))
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000002.pt", "eval_log.csv", "train_log.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000002.pt", "eval_log.csv", "train.lock", "train_log.csv"]
     assert (tmp_path / "checkpoint-00000002.pt").read_bytes() == before
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-00000002.pt")["step"] == 2
 
@@ -1026,3 +1026,22 @@ def test_frozen_weights_differing_in_one_statistic_are_other_weights(tmp_path):
     with pytest.raises(ValueError, match=r"trained on other frozen weights .*1 of \d+ tensors differ, "
                                          r"e.g. \['textual.text_projection'\]"):
         ckpt.load_model(tmp_path / "run")
+
+
+def test_a_second_run_into_an_output_folder_being_written_is_refused(tmp_path):
+    """Two runs writing one folder (a requeued job while the first one's ranks still run) would prune
+    each other's checkpoints and interleave their logs: the second is refused while the first holds the
+    folder's lock, which a run releases when it returns or raises."""
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / "train.lock", "a") as held:  # as a running train() holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match=f"{tmp_path} is being written by another training run .*train.lock"):
+            train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2))
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2)).finished
+    with pytest.raises(ValueError, match="trained with other settings"):  # raised with the lock held
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
+    assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto",
+                                                              resume_with_changes=True)).finished

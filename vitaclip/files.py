@@ -1,10 +1,12 @@
 """Writing files so that readers see the old file or the new one, never a part."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 
 def current_umask() -> int:
@@ -63,3 +65,16 @@ def fsync_file(path: Union[str, Path]) -> None:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def sole_writer(lock_path: Union[str, Path], refusal: str) -> Iterator[None]:
+    """Holds the lock file `lock_path` for the block, or raises ValueError(refusal) where another
+    process holds it: two writers of one folder would write the same files at once. Closing the
+    file releases the lock, also when the process dies (no stale lock to clear by hand)."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{refusal} (it holds {lock.name})") from None
+        yield

@@ -16,9 +16,7 @@ leaves them out of the new list and exits with status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -33,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..engine.distributed import usable_cores
-from ..files import atomic_write_text, fsync_file, fsync_folder, publish
+from ..files import atomic_write_text, fsync_file, fsync_folder, publish, sole_writer
 from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
@@ -231,19 +229,6 @@ def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[Vid
     return transcode(src, dst, settings), False
 
 
-@contextlib.contextmanager
-def sole_writer(out_dir: str):
-    """Holds OUT_DIR's lock file for the block: another `prepare` into it (say of a list sharing
-    videos with this one's) is refused instead of writing the same outputs at once."""
-    with open(os.path.join(out_dir, LOCK_FILE), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"{out_dir} is being written by another `vitaclip prepare` (it holds {lock.name}): "
-                             "wait for it to end, or prepare into another OUT_DIR") from None
-        yield  # (closing the file releases the lock, also when the process dies)
-
-
 def record_settings(out_dir: str, settings: EncodeSettings) -> None:
     """OUT_DIR/prepare.json says how its videos were encoded: finished outputs are reused, so
     another run into it must use the same settings."""
@@ -278,7 +263,9 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
                          "overwrite it: choose another OUT_DIR")
     entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
-    with sole_writer(out_dir):  # a second run into OUT_DIR would write the same files
+    # another `prepare` into it (say of a list sharing videos with this one's) would write the same files
+    with sole_writer(os.path.join(out_dir, LOCK_FILE), f"{out_dir} is being written by another `vitaclip prepare`: "
+                     "wait for it to end, or prepare into another OUT_DIR"):
         return _prepare_into(out_dir, out_list, entries, data_root, settings, workers, on_error, progress, timeout,
                              job)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
+from ..files import sole_writer
 from ..model import VitaCLIP
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
@@ -38,6 +39,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 FINAL_MODEL = "model"  # the folder in output_dir that a finished run saves its model to
 LOG_FIELDS = ("step", "loss", "lr", "clips_per_s", "elapsed_s", "skipped")
 TENSORBOARD_DIR = "tensorboard"
+RUN_LOCK = "train.lock"  # in output_dir: held by rank 0 while a run writes there
 EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 # what a resumed run must share with its checkpoint to be the same run from there on (the schedule
 # and the optimiser; the training data too, see `data_description`): other values are refused unless
@@ -218,8 +220,16 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     backbone: where the frozen weights came from ({"kind": "clip", "name", "pretrained"}, ...), so
     that checkpoints need not hold them; None stores the whole model in every checkpoint.
     Run with torchrun for several processes; every process calls train() with the same arguments.
+    Rank 0 holds the output folder's lock while the run lasts: a second run into it (a requeued job
+    while the first one's ranks still run) is refused.
     """
-    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    with contextlib.ExitStack() as run_folder:
+        return _train(model, train_data, dataclasses.replace(config or TrainConfig(), **overrides), eval_data,
+                      backbone, run_folder)
+
+
+def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone: Optional[Dict[str, Any]],
+           run_folder: contextlib.ExitStack) -> TrainResult:
     config.validate()
     env = init_distributed(config.device)
     check_precision(config.precision, env.device)  # before loading anything
@@ -251,7 +261,7 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     seed_everything(config.seed + env.rank)
 
     start_step = 0
-    resume_path, payload = resume_point(config, out, env)
+    resume_path, payload = resume_point(config, out, env, run_folder)
     # the frozen weights never change: their fingerprint is taken once (seconds for ViT-B/16 on a CPU)
     fingerprint = None if backbone is None else ckpt.backbone_fingerprint(model)
     data = data_description(train_data)
@@ -467,14 +477,20 @@ def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv)
     return train_data if resumable else EpochLoader(train_data)
 
 
-def resume_point(config: TrainConfig, out: Path, env: DistEnv) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """The checkpoint to resume from (None: a fresh run) and its contents. Rank 0 readies the run
-    folder, chooses and reads; the other ranks get its choice and contents, or raise its error, so
-    that no two ranks can start from different points, and the run folder need not be on a file
-    system every node sees (only rank 0 writes there)."""
+def resume_point(config: TrainConfig, out: Path, env: DistEnv,
+                 run_folder: contextlib.ExitStack) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint to resume from (None: a fresh run) and its contents. Rank 0 takes the run
+    folder's lock (held by `run_folder`), readies the folder, chooses and reads; the other ranks get
+    its choice and contents, or raise its error, so that no two ranks can start from different
+    points, and the run folder need not be on a file system every node sees (only rank 0 writes
+    there)."""
     path, payload, error = None, None, None
     if env.is_main:
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            run_folder.enter_context(sole_writer(out / RUN_LOCK, f"{out} is being written by another training run "
+                                                                 f"(or its ranks, still running): wait for it to end, "
+                                                                 f"or train into another output directory"))
             path, payload = choose_checkpoint(config, out)
             if payload is not None:  # (its marker, where ended, is only in the run folder rank 0 sees)
                 payload["evaluation_pending"] = ckpt.evaluation_pending(path, payload)
