@@ -61,6 +61,36 @@ def test_resume_auto_skips_an_unreadable_latest_checkpoint_and_stale_temporary_f
         train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
 
 
+def test_a_checkpoint_cut_off_anywhere_is_unreadable_naming_it_and_resuming_goes_back_past_it(tmp_path):
+    """A write cut short (a full disk, a node lost mid-copy) can end anywhere: PyTorch's zip reader
+    fails on some such cuts with OSError(EINVAL), which had passed as a disk error: no file named, and
+    `--resume auto` stopped instead of going back to the older checkpoint."""
+    import errno
+
+    run = tmp_path / "run"
+    train(tiny_model(), tiny_data(), tiny_train_config(run, stop_after=4))
+    latest = run / "checkpoint-00000004.pt"
+    whole = latest.read_bytes()
+    cuts = range(0, len(whole), max(1, len(whole) // 200))
+    einval_cuts = []
+    for cut in cuts:
+        latest.write_bytes(whole[:cut])
+        try:
+            torch.load(latest, weights_only=True)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                einval_cuts.append(cut)
+        except Exception:  # noqa: BLE001 - the other ways PyTorch fails on a cut-off file
+            pass
+        with pytest.raises(ValueError, match=f"cannot read checkpoint {latest}"):
+            ckpt.load_checkpoint(latest)
+    assert einval_cuts  # (the case this is about is among the cuts)
+    latest.write_bytes(whole[:einval_cuts[0]])
+    with pytest.warns(UserWarning, match="checkpoint-00000004.pt"):
+        rest = train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+    assert rest.finished and (run / "checkpoint-00000004.pt.unreadable").exists()
+
+
 def test_pruning_after_a_resume_past_an_unreadable_checkpoint_keeps_the_runs_own(tmp_path):
     """Pruning keeps the highest steps: an unreadable later checkpoint left in place outlived the
     ones the resumed run wrote, which the next resume then lacked."""

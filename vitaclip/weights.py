@@ -4,6 +4,7 @@ Kept apart from the model: the model only knows its own (the authors') key layou
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -253,7 +254,11 @@ def read_torch_file(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, MemoryError):  # the disk or the machine, not the file: raised as they are (not unreadable)
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # PyTorch's zip reader seeking past the end of a cut-off file
+            raise ValueError(f"cannot read checkpoint {path}: cut off or damaged ({err})") from err
+        raise  # the disk, not the file: raised as it is (not unreadable)
+    except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
