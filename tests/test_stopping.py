@@ -43,17 +43,19 @@ class WorkerPids(Dataset):
         return torch.tensor(os.getpid())
 
 
+@needs_sigwaitinfo
 def test_workers_are_shielded_only_while_a_stop_request_is_installed(monkeypatch):
-    monkeypatch.setattr(stopping, "_fork_server_ignores", set())  # (no fork server started here)
-    assert shield_workers() is None
+    monkeypatch.setattr(stopping, "_fork_server_ignores", {signal.SIGTERM})  # as the fork server started
+    plain = (stopping._unshielded_worker, ((signal.SIGTERM,), os.getpid()))
+    assert (shield_workers().func, shield_workers().args) == plain
     request = StopRequest(["SIGTERM", "SIGUSR1"]).install()
     try:
         init = shield_workers()
-        assert init is not None and set(init.args[0]) == {signal.SIGTERM, signal.SIGUSR1}
+        assert init.func is stopping._shield_worker and set(init.args[0]) == {signal.SIGTERM, signal.SIGUSR1}
         assert init.args[1] == os.getpid()
     finally:
         request.uninstall()
-    assert shield_workers() is None
+    assert (shield_workers().func, shield_workers().args) == plain
 
 
 @needs_sigwaitinfo
@@ -232,3 +234,56 @@ def test_by_default_repeats_within_five_seconds_are_the_same_stop():
     finally:
         request.uninstall()
         signal.signal(signal.SIGUSR1, previous)
+
+
+OWNER_KILLED = """
+import os, sys, time
+from multiprocessing import forkserver
+from torch.utils.data import DataLoader
+from worker_faults import PidThenSleep
+from vitaclip.data.workers import fork_server_context, worker_pool
+from vitaclip.engine.stopping import StopRequest, shield_workers
+
+if sys.argv[1] == "training":
+    StopRequest(["SIGTERM"]).install()
+loader = DataLoader(PidThenSleep(), batch_size=None, num_workers=1, multiprocessing_context=fork_server_context(),
+                    worker_init_fn=shield_workers())
+batches = iter(loader)
+loader_worker = int(next(batches))
+pool = worker_pool(1)
+pool_worker = pool.submit(os.getpid).result()
+print(loader_worker, pool_worker, forkserver._forkserver._forkserver_pid, flush=True)
+time.sleep(600)
+"""
+
+
+def ended(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie waiting for its parent to reap it has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
+@pytest.mark.parametrize("during", ["training", "evaluation"])
+def test_workers_and_the_fork_server_end_when_their_owner_is_killed(during):
+    """A worker's parent is the fork server, held open by its workers: a run killed with SIGKILL (or
+    by the out-of-memory killer) left its loader's workers, its pools' workers and the server running
+    for good, a GiB or more each."""
+    tests = os.path.dirname(os.path.abspath(__file__))  # the workers import worker_faults by name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_KILLED, during], stdout=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    assert len(pids) == 3 and not any(ended(pid) for pid in pids)
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 30
+    while not all(ended(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if not ended(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "still running after their owner was killed"

@@ -131,3 +131,15 @@ def exits_within(script: str, folder: Path, timeout: float = 60) -> bool:
 def stop_signal_dispositions() -> tuple:
     """What this worker does with SIGTERM, SIGUSR1 and SIGUSR2 (signal handler values)."""
     return tuple(int(signal.getsignal(sig)) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+
+
+class PidThenSleep:
+    """A dataset whose item 0 is its worker's pid and whose later items never come (a long decode)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        if index == 0:
+            return os.getpid()
+        time.sleep(600)

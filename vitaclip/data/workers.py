@@ -12,7 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from ..engine.stopping import default_signals, start_fork_server
+from ..engine.stopping import pool_worker_init, start_fork_server
 
 # what the fork server imports once, for every worker it forks: torch and PyAV, and the loader's
 # task code (the loader's workers unpickle it)
@@ -35,8 +35,8 @@ def fork_server_context():
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` processes forked by the fork server, which end on the job's stop
     signals as any process does (the server ignores them)."""
-    context = fork_server_context()  # (starts the server: default_signals knows what it ignores)
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=default_signals())
+    context = fork_server_context()  # (starts the server: pool_worker_init knows what it ignores)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=pool_worker_init())
 
 
 def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
 import threading
 import time
@@ -144,35 +145,38 @@ def _fork_server_running() -> bool:
     return forkserver._forkserver._forkserver_pid is not None
 
 
-def default_signals() -> Optional[Callable[[], None]]:
+def pool_worker_init() -> Callable[[], None]:
     """An `initializer` for the tools' worker pools (probing, `prepare`): their workers end on the
-    job's stop signals, as any process, although the fork server ignores them."""
-    return functools.partial(_take_ignored_signals, tuple(sorted(_fork_server_ignores))) \
-        if _fork_server_ignores else None
+    job's stop signals, as any process, although the fork server ignores them, and when this
+    process ends (`_end_with`)."""
+    return functools.partial(_unshielded_worker, tuple(sorted(_fork_server_ignores)), os.getpid())
 
 
-def shield_workers() -> Optional[Callable[[int], None]]:
-    """A `worker_init_fn` for this process's DataLoader workers (None when no StopRequest is
-    installed): in them, the installed requests' signals end the worker only when this process
-    sends them (DataLoader and multiprocessing end workers with SIGTERM) and are ignored from
-    anyone else. A scheduler signals every process of a job, a rank's workers included, and a
-    rank still fetching batches for its last step would otherwise lose them and fail instead of
-    stopping. Only for workers that start with one thread (forked, or from a fork server that
-    preloaded torch) and on Linux (sigwaitinfo); others are left as they are, with a warning.
-    With no request installed, workers take the signals the fork server ignores by default again."""
-    signals = installed_signals()
-    if not signals:
-        return default_signals()
-    if not hasattr(signal, "sigwaitinfo"):
-        return None
-    return functools.partial(_shield_worker, tuple(signals), os.getpid())
+def shield_workers() -> Callable[[int], None]:
+    """A `worker_init_fn` for this process's DataLoader workers: while a StopRequest is installed,
+    its signals end a worker only when this process sends them (DataLoader and multiprocessing end
+    workers with SIGTERM) and are ignored from anyone else. A scheduler signals every process of a
+    job, a rank's workers included, and a rank still fetching batches for its last step would
+    otherwise lose them and fail instead of stopping. Only for workers that start with one thread
+    (forked, or from a fork server that preloaded torch) and on Linux (sigwaitinfo); others are
+    left as they are, with a warning. With no request installed, workers take the signals the fork
+    server ignores by default again. Either way a worker ends when this process ends (`_end_with`)."""
+    signals, owner = installed_signals(), os.getpid()
+    if not signals or not hasattr(signal, "sigwaitinfo"):
+        return functools.partial(_unshielded_worker, tuple(sorted(_fork_server_ignores)), owner)
+    return functools.partial(_shield_worker, tuple(signals), owner)
 
 
-def _take_ignored_signals(signals: Sequence[signal.Signals], worker_id: int = 0) -> None:
+def _take_ignored_signals(signals: Sequence[signal.Signals]) -> None:
     """Undo the fork server's ignoring of `signals` in a worker: it ends on them, as any process."""
     for sig in signals:
         if signal.getsignal(sig) is signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
+
+
+def _unshielded_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int = 0) -> None:
+    _take_ignored_signals(signals)
+    _end_with(owner)
 
 
 def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
@@ -181,7 +185,7 @@ def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int
         if threads is not None:  # (None: its threads cannot be counted)
             warnings.warn(f"data-loading worker {worker_id} already runs {threads} threads, which would take stop "
                           f"signals meant for it: not shielded from them")
-        _take_ignored_signals(signals)  # as any process takes them
+        _unshielded_worker(signals, owner)  # as any process takes them
         return
     for sig in signals:  # a forked worker inherits its owner's handlers
         signal.signal(sig, signal.SIG_DFL)
@@ -190,6 +194,41 @@ def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     threading.Thread(target=_end_on_owners_signal, args=(signals, owner), daemon=True,
                      name="vitaclip-stop-signal-shield").start()
+    _end_with(owner)
+
+
+def _end_with(owner: int) -> None:
+    """End this worker when process `owner` ends, however it ends (SIGKILL, the out-of-memory
+    killer). A worker's parent is the fork server, not its owner: PyTorch's watchdog, which watches
+    the parent, never fires, and the server, held open by its workers, outlives the owner; a
+    killed run left them all running (a GiB or more each), and pool workers waiting for work."""
+    try:
+        watched = os.pidfd_open(owner)
+    except ProcessLookupError:  # ended already
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3): asked every second
+        watched = None
+    threading.Thread(target=_exit_when_ended, args=(owner, watched), daemon=True,
+                     name="vitaclip-owner-watch").start()
+
+
+def _exit_when_ended(owner: int, watched: Optional[int]) -> None:
+    if watched is not None:
+        select.select([watched], [], [])  # readable once the process has ended
+    else:
+        while _alive(owner):
+            time.sleep(1.0)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: the pid was taken again
+        return False
+    return True
 
 
 def _end_on_owners_signal(signals: Sequence[signal.Signals], owner: int) -> None:
