@@ -85,6 +85,14 @@ def test_resnet_clips_are_refused_by_name(tmp_path):
         VitaCLIP.from_clip(name, None, CLASSES)
 
 
+def test_a_model_name_open_clip_lacks_is_named_with_the_closest_it_has():
+    """A mistyped --clip ended in open_clip's RuntimeError, a traceback listing every model it has."""
+    with pytest.raises(ValueError, match=r"open_clip has no model 'ViT-B/61' \(closest: ViT-B-16"):
+        VitaCLIP.from_clip("ViT-B/61", None, CLASSES)
+    with pytest.raises(ValueError, match=r"open_clip has no model 'Nonesuch'; open_clip.list_models\(\) lists them"):
+        VitaCLIP.from_clip("Nonesuch", None, CLASSES)
+
+
 def test_a_gelu_model_from_a_file_warns_that_openai_weights_need_quick_gelu(tmp_path):
     import open_clip
 

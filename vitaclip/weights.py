@@ -4,6 +4,7 @@ Kept apart from the model: the model only knows its own (the authors') key layou
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import math
@@ -120,10 +121,16 @@ def builtin_model_name(name: str) -> str:
 
 
 def check_open_clip_tokenizer(name: str) -> None:
-    """Vita-CLIP tokenizes with CLIP's BPE tokenizer: refuse models whose config asks for another."""
+    """Vita-CLIP tokenizes with CLIP's BPE tokenizer: refuse models whose config asks for another,
+    and names open_clip has no config for (with the closest it has)."""
     import open_clip
 
-    text_config = (open_clip.get_model_config(builtin_model_name(name)) or {}).get("text_cfg", {})
+    model_config = open_clip.get_model_config(builtin_model_name(name))
+    if model_config is None and ":" not in name:  # (a schema, e.g. hf-hub:, brings its own config)
+        close = difflib.get_close_matches(builtin_model_name(name), open_clip.list_models(), n=3, cutoff=0.5)
+        raise ValueError(f"open_clip has no model {name!r}" + (f" (closest: {', '.join(close)})" if close else "")
+                         + "; open_clip.list_models() lists them")
+    text_config = (model_config or {}).get("text_cfg", {})
     if text_config.get("hf_tokenizer_name") or text_config.get("tokenizer_kwargs"):
         raise ValueError(f"open_clip model {name!r} uses another tokenizer than CLIP's (its text_cfg sets "
                          f"hf_tokenizer_name or tokenizer_kwargs); Vita-CLIP tokenizes with CLIP's")
