@@ -363,6 +363,16 @@ def test_a_resume_with_another_stride_is_refused_unless_asked_to_go_on_with_it(v
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["train_data"]["stride"] == 2
 
 
+def test_evaluations_during_training_without_videos_to_evaluate_on_are_refused(videos, tmp_path, capsys):
+    """--eval-every without --val-list evaluated nothing, silently."""
+    root, list_file = videos
+    code, _, err = run(capsys, "train", "--train-list", list_file, "--data-root", list_file.parent, "--classes",
+                       root / "classes.txt", "--init", root / "model", "--output-dir", tmp_path / "run", "--steps", 2,
+                       "--eval-every", 1, *CPU)
+    assert code == 2 and "--eval-every needs the videos to evaluate on: give --val-list" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_loader_batch_must_fit_the_global_batch(videos, tmp_path):
     from vitaclip.data import VideoLoader
     from vitaclip.engine.train import train

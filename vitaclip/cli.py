@@ -159,6 +159,8 @@ def cmd_train(args) -> int:
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
+    if args.eval_every and not args.val_list:
+        raise ValueError("--eval-every needs the videos to evaluate on: give --val-list")
     declare_stop_signals(args.stop_signals)  # before the loaders' worker pools start the fork server
     env = init_distributed(args.device)
     classes = read_classes(args.classes)
@@ -346,16 +348,17 @@ def add_runtime(p, workers: Optional[int] = None) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU, else CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast precision")
     p.add_argument("--backend", default="auto", help="vision backend: auto, reference or a fast one")
+    share = ", by default this process's share of the node's cores less one" if workers is None else ""
     p.add_argument("--num-workers", type=int, default=default_workers() if workers is None else workers,
-                   help="decoding worker processes, by default this process's share of the node's cores less "
-                        "one (0: decode in this process)")
+                   help=f"decoding worker processes{share} (0: decode in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_data(p, views: bool = True, lists: bool = True) -> None:
     from .data.sampling import DEFAULT_STRIDE
 
-    p.add_argument("--data-root", default="", help="folder the list files' paths are relative to")
+    p.add_argument("--data-root", default="", help="folder relative video paths (in list files, or given) are "
+                                                   "taken from")
     p.add_argument("--stride", type=positive_int, default=None,
                    help=f"frames between sampled frames (default {DEFAULT_STRIDE}; eval, zeroshot and predict: the "
                         f"stride the model was trained with where it records one)")
@@ -371,8 +374,10 @@ def add_data(p, views: bool = True, lists: bool = True) -> None:
                             "naming the videos awaited (a hung decoder); also the longest a new video's probe "
                             "may take before it counts as a bad video")
     if views:
-        p.add_argument("--temporal-views", type=positive_int, default=1, help="evenly spaced clips per video")
-        p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip")
+        p.add_argument("--temporal-views", type=positive_int, default=1,
+                       help="evenly spaced clips per video (train: of the evaluations during training)")
+        p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3),
+                       help="crops per clip (train: of the evaluations during training)")
 
 
 def add_model_source(p, required: bool = True) -> None:
