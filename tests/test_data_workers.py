@@ -38,3 +38,18 @@ def test_a_timeout_below_a_second_or_with_a_fraction_is_rounded_up_never_down_to
     hung = run_alone(within, (0.5, time.sleep, 20))  # (time.sleep: interrupted by the alarm's default action)
     assert isinstance(hung.exception(), BrokenProcessPool) and time.monotonic() - start < 10
     assert run_alone(within, (1.5, time.sleep, 1.2)).result() is None
+
+
+def test_workers_that_cannot_start_are_named_so_not_taken_for_crashes_on_each_call(tmp_path):
+    """A script without an `if __name__ == "__main__":` guard: each worker runs it again and dies
+    starting, and every video probed was reported as one the decoder crashed on."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import os\nfrom vitaclip.data.workers import map_in_workers\n"
+                      "print(map_in_workers([(os.getpid,), (os.getpid,)], 2))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0
+    assert 'worker processes cannot start: a script that makes a loader or runs `prepare` must do so under ' \
+           '`if __name__ == "__main__":`' in result.stderr

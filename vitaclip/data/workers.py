@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import os
 import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -83,6 +84,7 @@ def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float
             return results
         except BrokenProcessPool:
             abandon(pool)  # a worker it started as it broke would keep the process from exiting
+            check_workers_start()
             for index in ([current] if current is not None else []) + [i for i, _ in running.values()]:
                 alone = run_alone(within, (timeout, *calls[index]))
                 death = alone.exception()
@@ -119,6 +121,15 @@ def abandon(pool: ProcessPoolExecutor) -> None:
     for process in list(processes.values()):
         process.kill()
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_workers_start() -> None:
+    """Raises where no worker process can even start (e.g. a script without an `if __name__ ==
+    "__main__":` guard, whose code each new process runs again): otherwise every call would be
+    taken for one that crashed its worker, and every video named as at fault."""
+    if isinstance(run_alone(os.getpid, ()).exception(), BrokenProcessPool):
+        raise RuntimeError("worker processes cannot start: a script that makes a loader or runs `prepare` must do so "
+                           "under `if __name__ == \"__main__\":` (each worker process imports the script again)")
 
 
 def run_alone(fn: Callable, args: tuple) -> Future:
