@@ -190,6 +190,29 @@ def small(lst, out, root="", **kw):
     return prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False, **kw)
 
 
+def test_another_list_of_the_same_file_name_is_refused_not_written_over_the_first(source_list, tmp_path):
+    """l1/val.txt then l2/val.txt into one OUT_DIR: the second replaced the first's prepared list and
+    sidecar, silently. The same list again (or moved since) goes on as before."""
+    root, rows, _ = source_list
+    lists = []
+    for i in (1, 2):
+        (tmp_path / f"l{i}").mkdir()
+        lists.append(tmp_path / f"l{i}" / "val.txt")
+        lists[-1].write_text(f"{rows[i][0]},{i}\n")
+    first = small(lists[0], tmp_path / "out", root)
+    before = open(first.list_file).read()
+    with pytest.raises(ValueError, match=f"val.txt was prepared from {lists[0]}, which {lists[1]} would replace"):
+        small(lists[1], tmp_path / "out", root)
+    assert open(first.list_file).read() == before
+    assert small(lists[0], tmp_path / "out", root).reused == 1
+    moved = tmp_path / "l3" / "val.txt"
+    moved.parent.mkdir()
+    lists[0].rename(moved)  # the first list, moved: the record follows it
+    assert small(moved, tmp_path / "out", root).reused == 1
+    with pytest.raises(ValueError, match=f"prepared from {moved}"):
+        small(lists[1], tmp_path / "out", root)
+
+
 def test_a_video_listed_twice_is_encoded_once_with_a_line_per_entry(vp9_dataset, tmp_path):
     root, rows = vp9_dataset
     name = rows[0][0]

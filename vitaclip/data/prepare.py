@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
 LOCK_FILE = "prepare.lock"
 SOURCES_FILE = "prepare-sources.jsonl"  # per output: the source file (path, size, mtime) it was made from
+LISTS_FILE = "prepare-lists.json"  # per prepared list in OUT_DIR: the list it was prepared from
 # what the outputs are, recorded with each source: 3, upright (display rotation applied), in square pixels
 # and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
 # where the source's pixels are square; older ones (recorded without a format) are made again.
@@ -266,14 +267,33 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
     # another `prepare` into it (say of a list sharing videos with this one's) would write the same files
     with sole_writer(os.path.join(out_dir, LOCK_FILE), f"{out_dir} is being written by another `vitaclip prepare`: "
                      "wait for it to end, or prepare into another OUT_DIR"):
-        return _prepare_into(out_dir, out_list, entries, data_root, settings, workers, on_error, progress, timeout,
-                             job)
+        return _prepare_into(out_dir, src_list, out_list, entries, data_root, settings, workers, on_error, progress,
+                             timeout, job)
 
 
-def _prepare_into(out_dir: str, out_list: str, entries, data_root: str, settings: EncodeSettings, workers: int,
-                  on_error: str, progress: bool, timeout: Optional[float], job: Callable) -> PrepareResult:
+def record_list(out_dir: str, src_list: str) -> None:
+    """OUT_DIR/prepare-lists.json says which list each prepared list was made from: another list of the
+    same file name (say l1/val.txt, then l2/val.txt) would replace it, and is refused instead."""
+    path, name = os.path.join(out_dir, LISTS_FILE), os.path.basename(src_list)
+    lists = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lists = json.load(f)
+    earlier = lists.get(name)
+    if earlier is not None and os.path.exists(earlier) and not os.path.samefile(earlier, src_list):
+        raise ValueError(f"{os.path.join(out_dir, name)} was prepared from {earlier}, which {src_list} would replace: "
+                         f"prepare this list under another file name, or into another OUT_DIR")
+    if earlier != os.path.abspath(src_list):  # (a list moved since is taken for the same)
+        lists[name] = os.path.abspath(src_list)
+        atomic_write_text(path, json.dumps(lists, indent=1))
+
+
+def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root: str, settings: EncodeSettings,
+                  workers: int, on_error: str, progress: bool, timeout: Optional[float],
+                  job: Callable) -> PrepareResult:
     """`prepare`'s work, OUT_DIR made and held."""
     record_settings(out_dir, settings)
+    record_list(out_dir, src_list)
     failed = list(entries.skipped)
 
     def fail(entry, problem: str, error: Exception) -> None:
