@@ -261,6 +261,24 @@ def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
         VitaCLIP.from_official_checkpoint(tmp_path / "missing.pth", CLASSES)
 
 
+class NotATensor:
+    pass
+
+
+def test_a_file_that_is_no_checkpoint_of_tensors_says_so_without_pytorchs_advice_to_load_it_unsafely(tmp_path):
+    from vitaclip.weights import read_torch_file
+
+    (tmp_path / "clip.mp4").write_bytes(b"not a checkpoint at all")
+    torch.save({"model": NotATensor()}, tmp_path / "objects.pt")
+    for name, reason in (("clip.mp4", "Unsupported operand"), ("objects.pt", "Unsupported global")):
+        with pytest.raises(ValueError) as err:
+            read_torch_file(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"cannot read checkpoint {tmp_path / name}: not a file of tensors and plain "
+                                  f"containers ({reason}")
+        assert "weights_only" not in message and "file an issue" not in message
+
+
 @pytest.mark.parametrize("name,damaged", [("model.safetensors", b"\x08\x00\x00"), ("config.json", b'{"width": '),
                                           ("classnames.json", b'["a'), ("zero_shot.json", b"\xff{}")])
 def test_a_damaged_saved_model_names_the_file(tmp_path, name, damaged):

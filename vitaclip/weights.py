@@ -8,6 +8,7 @@ import difflib
 import errno
 import json
 import math
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -267,6 +268,11 @@ def read_torch_file(path):
         raise  # the disk, not the file: raised as it is (not unreadable)
     except MemoryError:
         raise
+    except pickle.UnpicklingError as err:  # PyTorch's advice (load it unsafely, file an issue) is not ours
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(err))
+        reason = found.group(1).strip() if found else str(err).splitlines()[0]
+        raise ValueError(f"cannot read checkpoint {path}: not a file of tensors and plain containers "
+                         f"({reason})") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
