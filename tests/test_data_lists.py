@@ -96,11 +96,18 @@ def test_class_names_from_file_and_folders(tmp_path):
     "1 ApplyEyeMakeup\n2 BrushHair\n3 Cartwheel\n",          # UCF101's classInd.txt
     "id,name\n0,apply eye makeup\n1,brush_hair\n2,cartwheel\n",  # a CSV with a header
     "0\tApplyEyeMakeup\n1\tbrush hair\n\n2\tcartwheel\n",
+    'id,name\n0,"apply eye makeup"\n1,brush_hair\n2,"cartwheel"\n',  # a CSV writer's quotes
 ])
 def test_numbered_class_lists_give_the_names_alone(tmp_path, text):
     f = tmp_path / "classes.txt"
     f.write_text(text)
     assert read_class_names(str(f)) == ["apply eye makeup", "brush hair", "cartwheel"]
+
+
+def test_a_quoted_csv_name_keeps_its_commas_and_quotes_inside(tmp_path):
+    f = tmp_path / "classes.csv"
+    f.write_text('id,name\n0,"tying bow tie, knot"\n1,"say ""hi"""\n')
+    assert read_class_names(str(f)) == ["tying bow tie, knot", 'say "hi"']
 
 
 @pytest.mark.parametrize("text, match", [

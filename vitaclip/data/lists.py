@@ -5,6 +5,7 @@ Errors name the file and the 1-based line, so a bad line in a 240k-line list is 
 from __future__ import annotations
 
 import codecs
+import csv
 import os
 import re
 from dataclasses import dataclass
@@ -138,7 +139,14 @@ def _index_file_names(path: str, lines: List[Tuple[int, str]]) -> Optional[List[
         if int(match.group(1)) != expected:
             raise ValueError(f"{path}:{line_no}: class index {match.group(1)} where {expected} was expected: "
                              "the lines of a numbered class list count up one by one")
-    return [folder_to_class_name(match.group(2)) for match in matches]
+    return [folder_to_class_name(_unquoted(match.group(2))) for match in matches]
+
+
+def _unquoted(name: str) -> str:
+    """A CSV field as written quoted (`0,"tying bow tie"`, `""` for a quote inside) without its quotes."""
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        return next(csv.reader([name]))[0]
+    return name
 
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
