@@ -191,9 +191,9 @@ def cmd_train(args) -> int:
         ignore_signals(config.stop_signals)
     report_skipped(args, env, train_data, eval_data)
     if env.is_main:
-        last = result.evals[max(result.evals)] if result.evals else None
+        evaluated = max(result.evals) if result.evals else None
         print(f"step {result.step}/{args.steps}; checkpoint {result.last_checkpoint}"
-              + (f"; top-1 {100 * last.top1:.2f}" if last else ""))
+              + (f"; top-1 {100 * result.evals[evaluated].top1:.2f} at step {evaluated}" if result.evals else ""))
     return EXIT_STOPPED if result.stopped_by else 0
 
 
