@@ -107,20 +107,25 @@ def probed_and_got(folder, rank):
         return probed, pickle.load(f)
 
 
-def test_nodes_whose_copies_differ_in_time_only_probe_nothing_again(vp9_dataset, tmp_path):
-    """Two nodes, each with its own copy of the data set (made at other times) and its own sidecar that
-    describes it: the ranks agree on what the rows say of the videos, their files' stamps aside, and probe
-    nothing (comparing the stamps too made every job probe the whole data set again)."""
+def assert_a_job_probes_nothing(folders, frames):
+    """A job of two ranks, one per node's copy, probes nothing and gets every video's frame count."""
     from ranks import run_ranks
 
-    folders = node_copies(vp9_dataset, tmp_path, probe_here=True)
-    stamps = [read_meta(meta_path(os.path.join(f, "list.csv")))["v0.webm"].stamp for f in folders]
-    assert stamps[0] != stamps[1]
     run_ranks(probe_own_copies_as_two_ranks, folders)
     for rank, folder in enumerate(folders):
         probed, infos = probed_and_got(folder, rank)
         assert probed == [], "probed again"
-        assert [info.frames for info in infos] == [r[2] for r in vp9_dataset[1]]
+        assert [info.frames for info in infos] == frames
+
+
+def test_nodes_whose_copies_differ_in_time_only_probe_nothing_again(vp9_dataset, tmp_path):
+    """Two nodes, each with its own copy of the data set (made at other times) and its own sidecar that
+    describes it: the ranks agree on what the rows say of the videos, their files' stamps aside, and probe
+    nothing (comparing the stamps too made every job probe the whole data set again)."""
+    folders = node_copies(vp9_dataset, tmp_path, probe_here=True)
+    stamps = [read_meta(meta_path(os.path.join(f, "list.csv")))["v0.webm"].stamp for f in folders]
+    assert stamps[0] != stamps[1]
+    assert_a_job_probes_nothing(folders, [r[2] for r in vp9_dataset[1]])
 
 
 def test_a_new_data_set_probed_across_nodes_is_recorded_with_each_nodes_own_file_stamps(vp9_dataset, tmp_path):
@@ -138,11 +143,7 @@ def test_a_new_data_set_probed_across_nodes_is_recorded_with_each_nodes_own_file
         for name, info in rows.items():
             stat = os.stat(os.path.join(folder, name))
             assert info.stamp == (stat.st_size, stat.st_mtime_ns), (folder, name)
-    run_ranks(probe_own_copies_as_two_ranks, folders)
-    for rank, folder in enumerate(folders):
-        probed, infos = probed_and_got(folder, rank)
-        assert probed == [], "probed again"
-        assert [info.frames for info in infos] == [r[2] for r in vp9_dataset[1]]
+    assert_a_job_probes_nothing(folders, [r[2] for r in vp9_dataset[1]])
 
 
 def test_a_copy_of_another_size_than_the_one_another_rank_probed_is_not_recorded(vp9_dataset, tmp_path):
