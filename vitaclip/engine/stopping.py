@@ -117,12 +117,12 @@ def start_fork_server() -> None:
     (the installed ones, the default ones and those declared). It is in the job's process group,
     and when a stop signal ends it, its live workers look dead to their owner, which learns of
     them through it: a DataLoader of them then fails the epoch the rank still needs for its last
-    step. It lives as long as its owner whatever it ignores (it ends when the owner's end closes
-    its pipe). Ignored here while it starts (a handler does not outlive exec, an ignored signal
-    does; a blocked one does not, as Python starts), so a stop in those milliseconds is lost: it
-    starts with the first worker pool, before the first step. Its workers inherit this:
-    `shield_workers` gives a loader's workers their own handling, or, with no request installed,
-    the default one, as `default_signals` does for the tools' pools. Only from the main thread."""
+    step. Whatever it ignores, it ends once its owner has and its workers with it (`_end_with`).
+    Ignored here while it starts (a handler does not outlive exec, an ignored signal does; a
+    blocked one does not, as Python starts), so a stop in those milliseconds is lost: it starts
+    with the first worker pool, before the first step. Its workers inherit this: `shield_workers`
+    gives a loader's workers their own handling, or, with no request installed, the default one,
+    as `pool_worker_init` does for the tools' pools. Only from the main thread."""
     from multiprocessing import forkserver
 
     main = threading.current_thread() is threading.main_thread()
@@ -161,10 +161,10 @@ def shield_workers() -> Callable[[int], None]:
     (forked, or from a fork server that preloaded torch) and on Linux (sigwaitinfo); others are
     left as they are, with a warning. With no request installed, workers take the signals the fork
     server ignores by default again. Either way a worker ends when this process ends (`_end_with`)."""
-    signals, owner = installed_signals(), os.getpid()
+    signals = installed_signals()
     if not signals or not hasattr(signal, "sigwaitinfo"):
-        return functools.partial(_unshielded_worker, tuple(sorted(_fork_server_ignores)), owner)
-    return functools.partial(_shield_worker, tuple(signals), owner)
+        return pool_worker_init()
+    return functools.partial(_shield_worker, tuple(signals), os.getpid())
 
 
 def _take_ignored_signals(signals: Sequence[signal.Signals]) -> None:
