@@ -229,8 +229,8 @@ def _stamped_here(infos: Dict[str, VideoInfo], entry_of: Dict[str, VideoEntry], 
             log.warning("%d videos of %s %s the copy another rank probed (e.g. %s): their infos are that copy's, "
                         "and are not recorded in this node's %s", len(keys), list_file, how, entry_of[keys[0]].path,
                         meta_path(list_file))
-    apart += missing
-    return {k: dataclasses.replace(info, stamp=None if k in apart else stamps[k]) for k, info in infos.items()}
+    unrecorded = set(missing) | set(apart)
+    return {k: dataclasses.replace(info, stamp=None if k in unrecorded else stamps[k]) for k, info in infos.items()}
 
 
 def _stamp_or_none(path: str) -> Optional[Tuple[int, int]]:
