@@ -357,6 +357,35 @@ def test_bad_input_is_a_value_error():
 
 
 @needs_ext
+def test_parameters_are_read_as_the_modules_give_them():
+    """The op reads parameters off the modules' tables directly (host time); a parametrized weight
+    (a property, not in the table) is still the one the module computes with, gradients included,
+    and a missing bias or projection is refused by name."""
+    norm, attn = make_summary_layer(8, 2)
+    assert summary_ext.op_arguments(norm, attn) == parameters_of(norm, attn)
+    scale = nn.Parameter(torch.tensor(1.5))
+
+    class Scaled(nn.Module):
+        def forward(self, weight):
+            return weight * scale
+
+    nn.utils.parametrize.register_parametrization(attn.k_proj, "weight", Scaled())
+    c, grad = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    out = summary_ext.summary_tokens(c, norm, attn, 2)
+    ref = naive.summary_tokens(c, norm, attn, 2)
+    torch.testing.assert_close(out, ref)
+    got, want = (torch.autograd.grad(y, scale, grad) for y in (out, ref))
+    torch.testing.assert_close(got, want)
+    assert want[0].abs() > 0
+    attn.v_proj.bias = None
+    with pytest.raises(ValueError, match="biases"):
+        summary_ext.op_arguments(norm, attn)
+    del attn.out_proj
+    with pytest.raises(ValueError, match="projections"):
+        summary_ext.op_arguments(norm, attn)
+
+
+@needs_ext
 @pytest.mark.parametrize("autocast", [False, True])
 def test_whole_model_same_with_extension_on_and_off(monkeypatch, autocast):
     """Also under bf16 autocast (the op's autocast kernel against the projections' own casts),
