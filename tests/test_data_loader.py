@@ -589,15 +589,19 @@ def undecodable_list(bad_dataset):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(undecodable_list, train):
+def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(undecodable_list, train, caplog):
     # 2 frames 15 apart span the size change wherever a training clip starts
     ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=train, batch_size=1,
                      num_frames=2, stride=15, size=16, augment=None, backend="pyav", num_workers=0,
                      device="cpu", on_error="skip")
     for epoch in range(3):
         ld.set_epoch(epoch)
-        assert sorted(int(b.label) for b in ld) == [1, 2]
+        with caplog.at_level("WARNING", logger="vitaclip.data.loader"):
+            assert sorted(int(b.label) for b in ld) == [1, 2]
     assert len(ld.skipped) == 1 and "three.csv:2" in ld.skipped[0]
+    # the count is logged once, naming the epoch only for training (an evaluation has none)
+    counts = [r.getMessage() for r in caplog.records if "more videos" in r.getMessage()]
+    assert counts == ["epoch 0: skipped 1 more videos (1 in all)" if train else "skipped 1 more videos (1 in all)"]
 
 
 def test_epoch_loader_resumes_exactly_after_a_left_out_batch(undecodable_list):

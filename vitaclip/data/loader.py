@@ -350,8 +350,9 @@ class VideoLoader:
             if good:
                 yield self.assemble(good)
         if len(self.skipped) > skipped_before:
-            log.warning("epoch %d: skipped %d more videos (%d in all)", self.epoch,
-                        len(self.skipped) - skipped_before, len(self.skipped))
+            when = f"epoch {self.epoch}: " if self.train else ""  # an evaluation pass has no epochs
+            log.warning("%sskipped %d more videos (%d in all)", when, len(self.skipped) - skipped_before,
+                        len(self.skipped))
 
     def assemble(self, items) -> Batch:
         """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
