@@ -200,6 +200,25 @@ def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, caps
     assert code == 0 and "1 of the 5 classes have no video" in err and "skydiving" in err
 
 
+def test_a_bad_template_file_is_named_by_file_and_line(videos, tmp_path, capsys):
+    root, list_file = videos
+    command = ["zeroshot", "--model", root / "model", "--classes", root / "classes.txt", "--split", list_file,
+               "--data-root", list_file.parent, *CPU]
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a video of {}.\n\na clip of {} at {place}.\n")
+    code, _, err = run(capsys, *command, "--templates", templates)
+    assert code == 2 and f"{templates}:3: template 'a clip of {{}} at {{place}}.'" in err
+    templates.write_text("\n  \n")
+    code, _, err = run(capsys, *command, "--templates", templates)
+    assert code == 2 and f"template file {templates} holds no templates" in err
+    code, _, err = run(capsys, *command, "--templates", tmp_path / "none.txt")
+    assert code == 2 and "template file" in err and "none.txt does not exist" in err
+    templates.write_text("a video of {}.\nsomeone doing {}.\n")
+    code, out, err = run(capsys, *command, "--templates", templates, "--json")
+    assert code == 0, err
+    assert json.loads(out)["templates"] == ["a video of {}.", "someone doing {}."]
+
+
 def test_eval_and_zeroshot_print_on_the_main_process_only(videos, capsys, monkeypatch):
     from vitaclip.engine import distributed
 

@@ -62,6 +62,25 @@ def read_classes(path: str) -> List[str]:
     return names
 
 
+def read_templates(path: str) -> List[str]:
+    """The zero-shot templates of a file, one per non-blank line; a bad one is named by file and line."""
+    from .data.lists import text_lines
+    from .text import check_templates
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"template file {path} does not exist")
+    templates = []
+    for line_no, text in text_lines(path):
+        if text.strip():
+            try:
+                templates += check_templates([text.strip()])
+            except ValueError as error:
+                raise ValueError(f"{path}:{line_no}: {error}") from None
+    if not templates:
+        raise ValueError(f"template file {path} holds no templates")
+    return templates
+
+
 def architecture_overrides(args) -> dict:
     """The architecture settings given on the command line, as config fields; the others come
     from the defaults or the --init model."""
@@ -240,7 +259,6 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 def cmd_zeroshot(args) -> int:
     from .data import sampling
-    from .data.lists import text_lines
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed
     from .engine.evaluate import EvalConfig
@@ -248,9 +266,7 @@ def cmd_zeroshot(args) -> int:
     from .model import VitaCLIP
 
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
-    templates = ZEROSHOT_TEMPLATES
-    if args.templates:
-        templates = [t.strip() for _, t in text_lines(args.templates) if t.strip()]
+    templates = read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     parsed = [parse_split(s, args.classes) for s in args.split]
     if args.model:
         model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
