@@ -243,7 +243,8 @@ def test_training_from_a_model_with_a_class_specific_context_for_other_classes_s
         model = ckpt.load_model(tmp_path / "k", classnames=others, for_training=True)
     assert model.classnames == others and model.prompt_learner.ctx.shape[0] == 3
     swapped = [CLASSES[1], CLASSES[0], *CLASSES[2:]]
-    with pytest.warns(UserWarning, match="starts afresh"):  # the same classes in another order: not theirs
+    with pytest.warns(UserWarning, match="learned for 4 classes of other names or order than these: it starts "
+                                         "afresh"):  # the same classes in another order: not theirs
         reordered = ckpt.load_model(tmp_path / "k", classnames=swapped, for_training=True)
     assert not torch.equal(reordered.prompt_learner.ctx, tiny_model().prompt_learner.ctx)
     own = ckpt.load_model(tmp_path / "k", classnames=list(CLASSES), for_training=True)

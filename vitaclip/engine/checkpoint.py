@@ -344,8 +344,10 @@ def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_tra
         return
     if for_training:
         if train_classes(model, classnames):
-            warnings.warn(f"{source} has a class-specific context learned for its {len(learned)} classes, not "
-                          f"these {len(wanted)}: it starts afresh for them (its other prompts are kept)")
+            differ = (f"its {len(learned)} classes, not these {len(wanted)}" if len(learned) != len(wanted) else
+                      f"{len(learned)} classes of other names or order than these")
+            warnings.warn(f"{source} has a class-specific context learned for {differ}: it starts afresh for "
+                          f"them (its other prompts are kept)")
         return
     if learner is None:
         raise ValueError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
