@@ -8,6 +8,7 @@ import torch
 
 from conftest import CLASSES, random_video, randomize_, tiny_config
 from vitaclip import VitaCLIP
+from vitaclip.weights import load_state_exactly
 
 TINY_CLIP = {  # B/16-shaped (patch 16, head dim 64) but shallow and small
     "embed_dim": 64, "quick_gelu": True,
@@ -254,6 +255,13 @@ def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
         VitaCLIP.from_official_checkpoint(tmp_path / "bad.pth", CLASSES, heads=2, text_heads=2)
     msg = str(err.value)
     assert "visual.blocks.1.norm2.bias" in msg and "visual.blocks.1.extra.weight" in msg and "cls_proj" in msg
+    deeper = VitaCLIP(tiny_config(layers=4), CLASSES).state_dict()  # another model size
+    with pytest.raises(ValueError) as err:
+        load_state_exactly(model, deeper)
+    extra = [k for k in deeper if "blocks.2." in k or "blocks.3." in k]
+    assert len(extra) > 8 and f"{len(extra)} unexpected keys [" in str(err.value)
+    assert f"and {len(extra) - 8} more" in str(err.value) and str(err.value).count("blocks.") == 8
+    assert "shape mismatches ['visual.global_prompts: (4, 2, 64) in checkpoint" in str(err.value)
     torch.save({"something": 1}, tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="neither"):
         VitaCLIP.from_official_checkpoint(tmp_path / "junk.pth", CLASSES)

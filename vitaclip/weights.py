@@ -54,9 +54,15 @@ def load_state_exactly(model: VitaCLIP, state: Dict[str, Tensor], allow_missing=
     model.load_state_dict(state, strict=False)
 
 
+PROBLEMS_SHOWN = 8  # per kind: a checkpoint of another model size misses hundreds of keys
+
+
 def raise_problems(what: str, problems: Dict[str, list]) -> None:
-    """A ValueError `what: label [items]; ...` naming every non-empty list of problems."""
-    found = [f"{label} {items}" for label, items in problems.items() if items]
+    """A ValueError `what: label [items]; ...` for every non-empty list of problems, each cut to its
+    first PROBLEMS_SHOWN items and a count."""
+    found = [f"{label} {items}" if len(items) <= PROBLEMS_SHOWN else
+             f"{len(items)} {label} {items[:PROBLEMS_SHOWN]} and {len(items) - PROBLEMS_SHOWN} more"
+             for label, items in problems.items() if items]
     if found:
         raise ValueError(f"{what}: " + "; ".join(found))
 
