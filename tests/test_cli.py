@@ -40,6 +40,20 @@ def run(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.parametrize("command, hint", [("prepare", "the same command goes on from them"),
+                                           ("train", "--resume auto"), ("eval", None)])
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, hint, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{command}", interrupted)
+    arguments = {"prepare": ["list.txt", "out"], "train": ["--train-list", "list.txt", "--classes", "c.txt"],
+                 "eval": ["--model", "m", "--list", "list.txt"]}[command]
+    code, out, err = run(capsys, command, *arguments)
+    assert code == 130 and out == "" and err.startswith(f"vitaclip {command}: interrupted")
+    assert (hint in err) if hint else err == f"vitaclip {command}: interrupted\n"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_:

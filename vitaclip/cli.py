@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -566,6 +567,16 @@ def main(argv=None) -> int:
     except (ValueError, OSError, FloatingPointError, VideoDecodeError, WeightsUnavailable) as err:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
+        print(f"vitaclip {args.command}: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+INTERRUPTED_HINTS = {
+    "prepare": " (the videos it finished are kept: the same command goes on from them)",
+    "train": (" (no checkpoint was written now: --resume auto goes on from the last one; "
+              "--stop-signals SIGTERM,SIGUSR1,SIGINT makes Ctrl-C write one and stop)"),
+}
 
 
 if __name__ == "__main__":
