@@ -476,10 +476,12 @@ def test_train_stopped_by_a_signal_exits_75_checkpointed_and_resumes(videos, tmp
     assert exit_.value.code == 2 and "unknown signal 'NOPE'" in capsys.readouterr().err
 
 
-def test_a_jobs_stop_signal_sent_twice_to_every_process_stops_training_with_decoding_workers(videos, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_jobs_stop_signal_sent_twice_to_every_process_stops_training_with_decoding_workers(videos, tmp_path, stop):
     """As SLURM and torchrun signal a job: SIGTERM to every process of the run, the decoding
     workers included, twice within milliseconds. The workers keep decoding for the rank's last
-    step, which ends checkpointed."""
+    step, which ends checkpointed. Ctrl-C in a terminal, SIGINT to the foreground process group,
+    does the same when named a stop signal (README)."""
     import signal
     import subprocess
     import sys
@@ -489,7 +491,8 @@ def test_a_jobs_stop_signal_sent_twice_to_every_process_stops_training_with_deco
     command = [sys.executable, "-m", "vitaclip", "train", "--train-list", list_file, "--data-root", list_file.parent,
                "--classes", root / "classes.txt", "--init", root / "model", "--output-dir", tmp_path,
                "--batch-size", 4, "--augment", "", "--checkpoint-every", 1000, "--precision", "fp32",
-               "--no-tensorboard", *CPU, "--num-workers", 2, "--steps", 1000, "--log-every", 1]
+               "--no-tensorboard", *CPU, "--num-workers", 2, "--steps", 1000, "--log-every", 1,
+               *(["--stop-signals", "SIGTERM,SIGUSR1,SIGINT"] if stop == "SIGINT" else [])]
     run = subprocess.Popen([str(a) for a in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # its own process group, to be signalled as a whole
     try:
@@ -498,14 +501,14 @@ def test_a_jobs_stop_signal_sent_twice_to_every_process_stops_training_with_deco
                                                                    .splitlines()) > 2):
             assert run.poll() is None and time.monotonic() < deadline, run.communicate()
             time.sleep(0.05)
-        os.killpg(run.pid, signal.SIGTERM)
-        os.killpg(run.pid, signal.SIGTERM)
+        os.killpg(run.pid, signal.Signals[stop])
+        os.killpg(run.pid, signal.Signals[stop])
         out, err = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 75, err
-    step = int(re.search(r"stopped by SIGTERM after step (\d+),", out).group(1))
+    step = int(re.search(rf"stopped by {stop} after step (\d+),", out).group(1))
     assert 2 <= step < 1000 and load_checkpoint(latest_checkpoint(tmp_path))["step"] == step
 
 
