@@ -77,3 +77,15 @@ class WorkerSeeds(SyntheticActions):
     def get(self, index, rng=None):
         video, label, _ = super().get(index, rng)
         return video, label, torch.initial_seed()
+
+
+class FetchedItems(SyntheticActions):
+    """tiny_data() that records which items it hands out."""
+
+    def __init__(self):
+        super().__init__(32, FRAMES, SIZE, seed=0)
+        self.fetched = []
+
+    def get(self, index, rng=None):
+        self.fetched.append(index)
+        return super().get(index, rng)

@@ -224,6 +224,32 @@ def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_pat
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
+def test_every_layout_of_ranks_and_batches_uses_the_same_first_videos_of_an_epoch(vp9_dataset, tmp_path):
+    """k micro-batches of every rank use the first k x batch x ranks videos of the epoch's order,
+    whatever the layout: a run resumed on another process count goes on from there
+    (train.moved_data_position)."""
+    root, rows = vp9_dataset
+    lines = (root / "list.csv").read_text().splitlines()
+    (tmp_path / "list.csv").write_text("\n".join(os.path.join(str(root), l) for l in (lines * 4)[:13]) + "\n")
+
+    def used(ranks, batch, batches, start_batch=0):
+        ids = set()
+        for shard in range(ranks):
+            ld = VideoLoader(str(tmp_path / "list.csv"), train=True, batch_size=batch, num_frames=2, stride=4,
+                             size=16, backend="pyav", num_workers=0, device="cpu", shard_id=shard,
+                             num_shards=ranks, augment=None, seed=5)
+            ld.set_epoch(2, start_batch=start_batch)
+            ids |= {plan.video_id for plans in ld._plan_batches()[:batches] for plan in plans}
+        return ids
+
+    first_four, first_eight = used(1, 4, 1), used(1, 4, 2)
+    assert len(first_four) == 4 and len(first_eight) == 8
+    for ranks, batch in ((2, 2), (4, 1), (2, 1)):
+        per_four = 4 // (ranks * batch)
+        assert used(ranks, batch, per_four) == first_four, (ranks, batch)
+        assert used(ranks, batch, per_four, start_batch=per_four) == first_eight - first_four, (ranks, batch)
+
+
 def test_a_file_one_rank_cannot_read_changes_no_other_ranks_share(vp9_dataset, tmp_path, caplog):
     """Every rank probes the list itself: a file missing on one node (or an NFS error there) must
     leave that rank's other videos, and every other rank's, where they were (they were reshuffled

@@ -2,12 +2,13 @@
 import dataclasses
 import os
 import signal
+import warnings
 
 import pytest
 import torch
 
-from engine_helpers import (GlobalRandomData, SignallingData, one_thread, tiny_data, tiny_model,  # noqa: F401
-                            tiny_train_config, trainable)
+from engine_helpers import (FetchedItems, GlobalRandomData, SignallingData, one_thread, tiny_data,  # noqa: F401
+                            tiny_model, tiny_train_config, trainable)
 from ranks import rank_of_two, run_ranks
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.distributed import DistEnv
@@ -301,16 +302,82 @@ def test_each_rank_resumes_its_own_rng_states(tmp_path):
         assert not any(d in streams[1 - rank] for d in draws), rank
 
 
-def test_a_checkpoint_of_another_process_count_is_refused_even_with_the_same_micro_batch():
-    """the saved data position counts each rank's micro-batches: two processes' positions
-    mark another place in the data for one process, even with the micro-batch given explicitly."""
+def test_another_process_count_or_micro_batch_is_a_change_and_another_global_batch_refused():
+    """The saved data position counts each rank's micro-batches: another layout resumes only as a
+    change (moved to the same place in the data, see below); the global batch cannot change."""
     from vitaclip.engine.train import check_batch_layout
 
     config = tiny_train_config("out", batch_size=4, micro_batch_size=2)
     payload = {"train_config": dataclasses.asdict(config), "rng": [{}, {}]}  # written by 2 processes
-    with pytest.raises(ValueError, match="processes 2 in the checkpoint, 1 now"):
-        check_batch_layout(payload, "ckpt", config, 2, DistEnv(0, 1, 0, torch.device("cpu")))
-    check_batch_layout(payload, "ckpt", config, 2, DistEnv(1, 2, 1, torch.device("cpu")))  # the same layout
+    assert check_batch_layout(payload, "ckpt", config, 2, DistEnv(0, 1, 0, torch.device("cpu"))) == [
+        "processes: 2 -> 1"]
+    assert check_batch_layout(payload, "ckpt", config, 2, DistEnv(1, 2, 1, torch.device("cpu"))) == []
+    assert check_batch_layout(payload, "ckpt", config, 1, DistEnv(1, 2, 1, torch.device("cpu"))) == [
+        "micro_batch_size: 2 -> 1"]
+    with pytest.raises(ValueError, match="global batch of 4, this run's is 8"):
+        check_batch_layout(payload, "ckpt", tiny_train_config("out", batch_size=8), 4,
+                           DistEnv(1, 2, 1, torch.device("cpu")))
+
+
+def test_a_data_position_moves_to_another_layout_by_the_videos_used():
+    from vitaclip.engine.train import moved_data_position
+
+    saved = [{"seed": 0, "epoch": 3, "batch_in_epoch": 6}] * 2  # 2 ranks x micro-batches of 4: 48 videos used
+    assert moved_data_position(saved, 8, 16, "ckpt") == {"seed": 0, "epoch": 3, "batch_in_epoch": 3}
+    assert moved_data_position(saved, 8, 2, "ckpt") == {"seed": 0, "epoch": 3, "batch_in_epoch": 24}
+    assert moved_data_position({"seed": 0, "epoch": 1, "micro_in_epoch": 5}, 4, 4, "ckpt")["micro_in_epoch"] == 5
+    with pytest.raises(ValueError, match="stopped 48 videos into epoch 3, not a whole number of this run's 32"):
+        moved_data_position(saved, 8, 32, "ckpt")
+    with pytest.raises(ValueError, match="positions differ"):
+        moved_data_position([saved[0], {**saved[0], "batch_in_epoch": 5}], 8, 16, "ckpt")
+
+
+def two_rank_layout_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    with rank_of_two(rank, world_size, port):  # micro-batches of 1, accumulated over 2
+        train(tiny_model(), tiny_data(), tiny_train_config(out, steps=4, stop_after=2, micro_batch_size=1))
+
+
+def test_a_run_resumes_on_another_process_count_from_the_same_place_in_the_data(tmp_path):
+    """A run of 2 processes (micro-batches of 1, 4 per rank in 2 steps) resumed by one process
+    (micro-batches of 4): only with --resume-with-changes, and then from the same place in the data
+    as a run of one process throughout (taken as it was saved, 4 micro-batches of 4, it would skip
+    16 videos). (The parameters are close, not equal: Adam turns the rounding noise of gradients
+    that are zero, as that of the key projections' biases, into steps of the learning rate.)"""
+    out = str(tmp_path / "two")
+    run_ranks(two_rank_layout_worker, out)
+    with pytest.raises(ValueError, match="processes: 2 -> 1; micro_batch_size: 1 -> 4"):
+        train(tiny_model(), tiny_data(), tiny_train_config(out, steps=4, resume="auto"))
+    resumed = FetchedItems()
+    with pytest.warns(UserWarning, match="processes: 2 -> 1"):
+        train(tiny_model(), resumed, tiny_train_config(out, steps=4, resume="auto", resume_with_changes=True))
+    straight = FetchedItems()
+    train(tiny_model(), straight, tiny_train_config(tmp_path / "one", steps=4))
+    assert len(straight.fetched) == 16 and resumed.fetched == straight.fetched[8:]
+
+
+class OwnEpochs:
+    """A loader of the user's with set_epoch(): batches of `batch_size` items in a fixed order."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.data = batch_size, tiny_data()
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for start in range(0, len(self.data), self.batch_size):
+            items = [self.data[i] for i in range(start, start + self.batch_size)]
+            yield (torch.stack([v for v, _, _ in items]), torch.tensor([label for _, label, _ in items]),
+                   [i for _, _, i in items])
+
+
+def test_another_layout_is_refused_for_a_loader_whose_position_cannot_be_carried_over(tmp_path):
+    train(tiny_model(), OwnEpochs(4), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    with pytest.raises(ValueError, match="position of this run's OwnEpochs in its data cannot be carried over"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the warning of a resume with changes
+        train(tiny_model(), OwnEpochs(2), tiny_train_config(tmp_path, steps=4, micro_batch_size=2, resume="auto",
+                                                            resume_with_changes=True))
 
 
 def test_the_default_device_is_the_local_ranks_gpu(monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import (CLASSES, FRAMES, SIZE, GlobalRandomData, one_thread, tiny_data,  # noqa: F401
+from engine_helpers import (CLASSES, FRAMES, SIZE, FetchedItems, GlobalRandomData, one_thread, tiny_data,  # noqa: F401
                             tiny_model, tiny_train_config, trainable)
 from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
@@ -399,13 +399,19 @@ def test_resume_with_other_classes_is_refused(tmp_path):
         ckpt.load_model(tmp_path, classnames=["a", "b", "c", "d", "e"])
 
 
-def test_resume_with_another_batch_layout_is_refused(tmp_path):
+def test_resume_with_another_micro_batch_goes_on_from_the_same_data_only_as_a_change(tmp_path):
     train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2))
-    with pytest.raises(ValueError, match="micro_batch_size 4 in the checkpoint, 2 now"):
+    with pytest.raises(ValueError, match=r"micro_batch_size: 4 -> 2\).*--resume-with-changes"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", micro_batch_size=2))
-    with pytest.raises(ValueError, match="batch_size 4 in the checkpoint, 8 now; micro_batch_size 4 in the "
-                                         "checkpoint, 8 now"):
-        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", batch_size=8))
+    with pytest.raises(ValueError, match="global batch of 4, this run's is 8"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", batch_size=8,
+                                                           resume_with_changes=True))
+    resumed, straight = FetchedItems(), FetchedItems()
+    with pytest.warns(UserWarning, match="micro_batch_size: 4 -> 2"):
+        train(tiny_model(), resumed, tiny_train_config(tmp_path, steps=4, resume="auto", micro_batch_size=2,
+                                                       resume_with_changes=True))
+    train(tiny_model(), straight, tiny_train_config(tmp_path / "straight", steps=4))
+    assert len(straight.fetched) == 16 and resumed.fetched == straight.fetched[8:]
 
 
 def test_resume_with_other_optimisation_settings_is_refused_naming_them_or_goes_on_with_them(tmp_path):

@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between log rows")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --output-dir) or a checkpoint")
     g.add_argument("--resume-with-changes", action="store_true",
-                   help="resume with other optimisation settings (--lr, --steps, --weight-decay, ...) or training "
-                        "data than the checkpoint's, going on with the new ones (refused without this)")
+                   help="resume with other optimisation settings (--lr, --steps, --weight-decay, ...), training "
+                        "data, process count or --micro-batch-size than the checkpoint's, going on with the new "
+                        "ones (refused without this)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run: delete its checkpoints and "
                         "final model first")

@@ -17,7 +17,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,9 @@ class TrainConfig:
     log_every: int = 10
     resume: Optional[str] = None  # "auto" (latest checkpoint in output_dir, if any) or a checkpoint path
     overwrite: bool = False  # a fresh run first deletes an earlier run's checkpoints and final model
-    # resuming with other RUN_SETTINGS or training data than the checkpoint's goes on with the new ones
-    # from its step (the learning rate jumps to the new schedule's); without it they are refused
+    # resuming with other RUN_SETTINGS, training data, process count or micro-batch than the checkpoint's
+    # goes on with the new ones from its step (the learning rate jumps to the new schedule's); without it
+    # they are refused
     resume_with_changes: bool = False
     on_nonfinite: str = "stop"  # on a NaN/inf loss or gradient, "stop": raise naming the step; "skip": drop its update
     stop_after: Optional[int] = None  # leave after this step (checkpointed) as if interrupted
@@ -543,9 +544,10 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
             data: Dict[str, Any]) -> None:
     """Put a run back exactly where the checkpoint left it (model, optimizer, schedule, scaler,
     RNG states of this rank, data position); refuse checkpoints of another model, class list or
-    batch layout, or trained on other frozen weights; refuse other RUN_SETTINGS or training data
-    unless config.resume_with_changes, which goes on with the new ones."""
-    check_batch_layout(payload, source, config, micro, env)
+    global batch, or trained on other frozen weights; refuse other RUN_SETTINGS, training data,
+    process count or micro-batch unless config.resume_with_changes, which goes on with the new ones
+    (from the same place in the data)."""
+    layout_changes = check_batch_layout(payload, source, config, micro, env)
     ckpt.check_saved_architecture(model, payload, source)
     if payload["classnames"] != model.classnames:
         raise ValueError(f"{source} was trained on {len(payload['classnames'])} classes "
@@ -558,11 +560,16 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     if config.steps < int(payload["step"]):  # it would end at once, as if finished, without its evaluation
         raise ValueError(f"{source} is at step {payload['step']}, past this run's {config.steps} steps: resume with "
                          f"at least as many, or from an earlier checkpoint into another output directory")
-    changes = run_changes(payload, config, data)
+    changes = run_changes(payload, config, data) + layout_changes
     if changes and not config.resume_with_changes:
         raise ValueError(f"{source} was trained with other settings than this run's ({'; '.join(changes)}): "
                          f"resume with the checkpoint's, or with resume_with_changes=True (--resume-with-changes) "
                          f"to go on with the new ones from its step {payload['step']}")
+    if layout_changes and not ranks_take_turns(loader):
+        given = type(getattr(loader, "loader", loader)).__name__
+        raise ValueError(f"{source} was written by another number of processes or micro-batch size, and the "
+                         f"position of this run's {given} in its data cannot be carried over: resume with the "
+                         f"checkpoint's")
     if changes and env.is_main:
         warnings.warn(f"resuming {source} with changed settings, from its step {payload['step']} on: "
                       f"{'; '.join(changes)}")
@@ -586,8 +593,15 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
         warnings.warn(f"a run trained in {saved_precision} resumes in {config.precision}"
                       + (": the fp16 loss scaler starts afresh" if scaler.is_enabled() else ""))
     loaders = payload["loader"]  # one per rank (a single one in checkpoints before that)
-    loader.load_state_dict(loaders[env.rank] if isinstance(loaders, list) else loaders)
-    set_rng_states(payload["rng"][env.rank])
+    if layout_changes:
+        saved_processes = len(payload["rng"])
+        loader.load_state_dict(moved_data_position(loaders, saved_micro_batch(payload) * saved_processes,
+                                                   micro * env.world_size, source))
+    else:
+        loader.load_state_dict(loaders[env.rank] if isinstance(loaders, list) else loaders)
+    if env.rank < len(payload["rng"]):
+        set_rng_states(payload["rng"][env.rank])
+    # (a rank the checkpoint had not keeps the fresh streams of its seed, config.seed + rank)
 
 
 def data_description(train_data) -> Dict[str, Any]:
@@ -622,19 +636,54 @@ def _plain(value):
     return value
 
 
-def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig, micro: int, env: DistEnv) -> None:
-    """The saved data position counts each rank's micro-batches: it marks the same place in the
-    data only for the same global batch, micro-batch and number of processes."""
+def saved_micro_batch(payload: Dict[str, Any]) -> int:
     saved = payload["train_config"]
-    processes = len(payload["rng"])
-    settings = {"batch_size": (saved["batch_size"], config.batch_size),
-                "micro_batch_size": (saved["micro_batch_size"] or saved["batch_size"] // processes, micro),
-                "processes": (processes, env.world_size)}
-    differing = [f"{name} {then} in the checkpoint, {now} now" for name, (then, now) in settings.items()
-                 if then != now]
-    if differing:
-        raise ValueError(f"{source} was written with another batch layout ({'; '.join(differing)}): exact "
-                         f"resumption reads the data in the same micro-batches, so resume with its settings")
+    return saved["micro_batch_size"] or saved["batch_size"] // len(payload["rng"])
+
+
+def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig, micro: int,
+                       env: DistEnv) -> List[str]:
+    """The global batch must be the checkpoint's (the schedule and the data's steps count it); another
+    process count or micro-batch is a change, as 'name: then -> now' (restore refuses it without
+    resume_with_changes: the run goes on from the same place in the data, but not bit for bit as
+    it would have)."""
+    saved = payload["train_config"]
+    if saved["batch_size"] != config.batch_size:
+        raise ValueError(f"{source} was written with a global batch of {saved['batch_size']}, this run's is "
+                         f"{config.batch_size}: resume with the checkpoint's (the processes and micro-batches "
+                         f"may differ, with --resume-with-changes)")
+    settings = {"processes": (len(payload["rng"]), env.world_size), "micro_batch_size": (saved_micro_batch(payload),
+                                                                                           micro)}
+    return [f"{name}: {then} -> {now}" for name, (then, now) in settings.items() if then != now]
+
+
+def ranks_take_turns(loader) -> bool:
+    """Whether the ranks' micro-batches take an epoch's shuffled videos in turns (vitaclip's own
+    loaders), as `moved_data_position` needs."""
+    from ..data import VideoLoader  # (the data package imports the decoders: only here)
+
+    return isinstance(loader, ShardedTrainLoader) or (isinstance(loader, EpochLoader)
+                                                      and isinstance(loader.loader, VideoLoader))
+
+
+def moved_data_position(saved_states, saved_batch_clips: int, batch_clips: int, source: str) -> Dict[str, int]:
+    """The data loader state of a resumed run with another layout, from the checkpoint's (one per
+    rank, all at the same place): the ranks' micro-batches take an epoch's shuffled videos in turns
+    (vitaclip.data.VideoLoader, ShardedTrainLoader), so after k micro-batches of every rank the first
+    k * saved_batch_clips of the epoch are used, whatever the layout; the new position is that many
+    videos in new micro-batches of all ranks (batch_clips)."""
+    states = saved_states if isinstance(saved_states, list) else [saved_states]
+    if any(state != states[0] for state in states):
+        raise ValueError(f"{source}: its ranks' data positions differ ({states}): resume with its process count")
+    state = dict(states[0])
+    key = "micro_in_epoch" if "micro_in_epoch" in state else "batch_in_epoch"
+    used = state[key] * saved_batch_clips
+    if used % batch_clips:
+        raise ValueError(f"{source} stopped {used} videos into epoch {state['epoch']}, not a whole number of this "
+                         f"run's {batch_clips} per micro-batch of every process: pick a micro-batch size and process "
+                         f"count whose product divides {used}, or resume with the checkpoint's")
+    state[key] = used // batch_clips
+    return state
 
 
 def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP, optimizer, scheduler, scaler,
