@@ -17,15 +17,27 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_
 bash benchmarks/device_stage.sh 2>&1 | tee -a "$LOG"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-NO_EXT=/tmp/vitaclip-no-extension  # a failed build is not retried by later calls on this machine
-if ! python3 -c "import vitaclip, vitaclip._C" 2>/dev/null && [ ! -e "$NO_EXT" ]; then
+# A warm machine keeps the extension built by an earlier call (ignored files stay there), and the
+# marker of a failed build: both hold for the sources they were built from only. Their hash decides:
+# sources changed since (a fix between two calls of one session) build again.
+SOURCES=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+STATE=${GPU_CHECK_STATE:-/tmp}  # what outlives a call on a warm machine
+BUILT=$STATE/vitaclip-extension-sources  # the hash of the sources of the last build (or failed build)
+NO_EXT=$STATE/vitaclip-no-extension  # a failed build is not retried by later calls on this machine...
+[ "$(cat "$BUILT" 2>/dev/null)" = "$SOURCES" ] || rm -f "$NO_EXT"  # ...unless the sources changed
+if { [ "$(cat "$BUILT" 2>/dev/null)" != "$SOURCES" ] || ! python3 -c "import vitaclip, vitaclip._C" 2>/dev/null; } \
+    && [ ! -e "$NO_EXT" ]; then
   start=$(date +%s)
+  # an earlier call's objects and library: ninja and build_ext judge by times, which a copied tree's
+  # files need not follow
+  rm -rf vitaclip/_C.*.so build/temp.*
   if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/vitaclip-build.log 2>&1; then
     grep -iE "error" /tmp/vitaclip-build.log | head -20 | tee -a "$LOG"
     echo "EXTENSION BUILD FAILED: installing without it" | tee -a "$LOG"
     touch "$NO_EXT"
     VITACLIP_DISABLE_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
   fi
+  echo "$SOURCES" > "$BUILT"
   echo "built vitaclip in $(( $(date +%s) - start )) s" | tee -a "$LOG"
 fi
 python3 -c "import torch, triton, vitaclip; from vitaclip.ops import summary_ext; print('torch', torch.__version__, 'triton', triton.__version__, 'extension kernels for', sorted(summary_ext.KERNEL_DEVICES), 'runs on this GPU', summary_ext.runs_on(torch.device('cuda')), 'backends', vitaclip.available_backends())" 2>&1 | tee -a "$LOG"
