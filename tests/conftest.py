@@ -56,12 +56,19 @@ def zeros_made_during(fn) -> int:
     return sum(event.count for event in prof.key_averages() if event.key in ("aten::zeros", "aten::zeros_like"))
 
 
+OWN_PROCESS_TIMEOUT_S = 240
+
+
 def run_in_own_process(source: str) -> str:
     """Runs a test's body (Python source, the tests folder importable) in a new interpreter and
     returns what it printed: for checks that can leave a process broken (a failed CUDA graph
     capture) or kill it (a segmentation fault ended a whole GPU test run once), so that the tests
     after them run either way and the failure names its test."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(source)], capture_output=True, text=True,
-                            timeout=600, cwd=Path(__file__).parent)
-    assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-4000:]}"
+    # -X faulthandler: a crash prints the Python stack of every thread (without it a segmentation fault
+    # leaves an empty stderr); what the body printed before is kept too, to tell which call crashed.
+    # The timeout stays well under a lent GPU machine's 600 s a call: a hung child must not eat it.
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(source)],
+                            capture_output=True, text=True, timeout=OWN_PROCESS_TIMEOUT_S, cwd=Path(__file__).parent)
+    assert result.returncode == 0, (f"exit status {result.returncode}:\nstdout: {result.stdout[-2000:]}\n"
+                                    f"stderr: {result.stderr[-4000:]}")
     return result.stdout
