@@ -5,6 +5,11 @@ arguments specialised as at that launch. No GPU needed: a proxy between GPU runs
 local-memory traffic), not a timing.
 
     python benchmarks/kernel_registers.py        # needs Triton's NVIDIA backend and ptxas
+
+Spills depend on Triton's version: the lent GPU machines run Triton 3.6, whose code spilled nothing
+in launches where 3.8's spilled 144-160 bytes. For their figures, use that version and its own
+ptxas: `pip install --target /tmp/triton36 triton==3.6.0`, then
+`PYTHONPATH=/tmp/triton36 PTXAS=/tmp/triton36/triton/backends/nvidia/bin/ptxas python benchmarks/kernel_registers.py`.
 """
 import os
 import re
@@ -36,7 +41,11 @@ def ptxas_usage(ptx: str, ptxas: str) -> tuple:
 
 
 def main() -> None:
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    import triton
+
+    ptxas = os.environ.get("PTXAS") or shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    print(f"Triton {triton.__version__}, {ptxas}: {version}")
     print(f"{'kernel':<12} {'tiles':<12} {'launch':<24} {'registers':>9} {'spilled B':>9} {'shared B':>9}")
     for kernel, constexprs, tiles in attention_launches():
         compiled = compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
