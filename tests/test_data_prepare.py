@@ -698,3 +698,20 @@ def test_outputs_keep_the_sources_frame_rate(tmp_path):
         stream = container.streams.video[0]
         assert stream.average_rate == 30 and stream.frames == 30
         assert float(stream.duration * stream.time_base) == pytest.approx(1.0, abs=0.05)
+
+
+def test_workers_that_cannot_start_are_named_so_by_prepare_not_taken_for_crashes_on_each_video(source_list, tmp_path):
+    """A script running `prepare` without an `if __name__ == "__main__":` guard: each worker runs it
+    again and dies starting, and every video was reported as one the encoder crashed on."""
+    import subprocess
+    import sys
+
+    root, _, lst = source_list
+    script = tmp_path / "unguarded.py"
+    script.write_text("from vitaclip.data.prepare import prepare\n"
+                      f"print(prepare({str(lst)!r}, {str(tmp_path / 'out')!r}, {str(root)!r}, workers=1, "
+                      "on_error='skip', progress=False))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert 'worker processes cannot start: a script that makes a loader or runs `prepare` must do so under ' \
+           '`if __name__ == "__main__":`' in result.stderr

@@ -36,7 +36,7 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, write_meta
 from .pyav import VideoDecodeError, VideoInfo
-from .workers import abandon, as_completed, run_alone, within, worker_pool
+from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
@@ -380,6 +380,7 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
                     break
                 except BrokenProcessPool:
                     abandon(pool)
+                    check_workers_start()  # (else every video in flight is blamed)
                     after_crash(([current] if current else []) + list(running.values()))
                     pool = worker_pool(workers)
             fsync_file(sources.name)
