@@ -36,6 +36,38 @@ def test_a_sidecar_row_of_a_file_of_the_same_size_but_another_time_is_probed_aga
     assert read_meta(meta_path(lst))["v.webm"].frames == frames  # recorded anew
 
 
+def test_an_unstamped_row_of_a_video_gone_since_is_not_taken_for_it(vp9_dataset, tmp_path):
+    """A row recorded without a stamp (another node probed a copy this node lacks) never holds: with the
+    video gone here, its missing stamp must not pass for the row's (none either), and probing names it."""
+    from vitaclip.data import VideoDecodeError
+
+    lst, _ = one_video(vp9_dataset, tmp_path)
+    entries = read_video_list(lst, str(tmp_path))
+    (info,) = video_infos(entries, lst, str(tmp_path), workers=1)
+    write_meta(meta_path(lst), [("v.webm", dataclasses.replace(info, stamp=None))])
+    os.remove(tmp_path / "v.webm")
+    (gone,) = video_infos(entries, lst, str(tmp_path), workers=1)
+    assert isinstance(gone, VideoDecodeError) and "list.csv:1" in str(gone) and "file not found" in str(gone)
+
+
+def test_a_row_whose_file_cannot_be_stated_is_probed_again_not_an_error(vp9_dataset, tmp_path):
+    """A video's folder replaced by a file (stat fails with ENOTDIR, not ENOENT): its row does not hold, and
+    probing names the line, as for a video gone."""
+    from vitaclip.data import VideoDecodeError
+
+    root, rows = vp9_dataset
+    (tmp_path / "sub").mkdir()
+    shutil.copy(root / rows[0][0], tmp_path / "sub" / "v.webm")
+    lst = str(tmp_path / "list.csv")
+    (tmp_path / "list.csv").write_text("sub/v.webm,0\n")
+    entries = read_video_list(lst, str(tmp_path))
+    assert video_infos(entries, lst, str(tmp_path), workers=1)[0].frames == rows[0][2]  # recorded
+    shutil.rmtree(tmp_path / "sub")
+    (tmp_path / "sub").write_text("not a folder")
+    (gone,) = video_infos(entries, lst, str(tmp_path), workers=1)
+    assert isinstance(gone, VideoDecodeError) and "list.csv:1" in str(gone)
+
+
 def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path, monkeypatch):
     """A read-only data set's folder: the probed infos are used, and the sidecar is written another time."""
     lst, frames = one_video(vp9_dataset, tmp_path)

@@ -205,6 +205,9 @@ def test_another_list_of_the_same_file_name_is_refused_not_written_over_the_firs
         small(lists[1], tmp_path / "out", root)
     assert open(first.list_file).read() == before
     assert small(lists[0], tmp_path / "out", root).reused == 1
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "val.txt").symlink_to(lists[0])  # the same list by another path
+    assert small(tmp_path / "linked" / "val.txt", tmp_path / "out", root).reused == 1
     moved = tmp_path / "l3" / "val.txt"
     moved.parent.mkdir()
     lists[0].rename(moved)  # the first list, moved: the record follows it

@@ -454,3 +454,20 @@ def test_ranks_that_load_other_lists_or_classes_are_refused_on_every_rank(tmp_pa
         assert outcomes["class names"].startswith("the class names differ between ranks: item 3 'd' vs 'e'")
         assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
         assert outcomes["same"] == 32
+
+
+@pytest.mark.parametrize("values,difference", [
+    ([["a", "b"], ["a", "b"], ["a", "b", "c"]], "2 vs 3 items"),
+    ([{"videos": 4, "list": "ab"}, {"videos": 4, "list": "ab"}, {"videos": 5, "list": "ab"}], "videos 4 vs 5"),
+])
+def test_a_rank_past_the_second_differing_is_named_as_is_a_list_of_another_length(monkeypatch, values, difference):
+    """Ranks 0 and 1 agree, rank 2 does not (a third node's copy): its value is compared too, and a list
+    that only adds names to rank 0's says how many it has (a first differing item there is none)."""
+    import re
+
+    from vitaclip.engine import distributed
+
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda env, value: values)
+    with pytest.raises(ValueError, match=re.escape(f"the class names differ between ranks: {difference} (rank 0 vs "
+                                                   f"rank 2); every rank must load the same")):
+        distributed.check_same_on_every_rank(DistEnv(0, 3, 0, torch.device("cpu")), values[0], "the class names")

@@ -59,6 +59,7 @@ def test_resume_auto_skips_an_unreadable_latest_checkpoint_and_stale_temporary_f
         path.write_bytes(b"")
     with pytest.raises(ValueError, match="none of the 3 checkpoints"), pytest.warns(UserWarning):
         train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
+    assert len(ckpt.list_checkpoints(run)) == 3  # set aside only once an older one is read
 
 
 def test_a_checkpoint_cut_off_anywhere_is_unreadable_naming_it_and_resuming_goes_back_past_it(tmp_path):
@@ -105,19 +106,21 @@ def test_pruning_after_a_resume_past_an_unreadable_checkpoint_keeps_the_runs_own
     assert rest.losses == {s: full.losses[s] for s in (5, 6)}
 
 
-def test_a_checkpoint_the_disk_fails_to_read_stops_the_resume_and_is_not_set_aside(tmp_path, monkeypatch):
-    """A transient I/O error is not an unreadable file: resuming from an older step would lose work."""
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), MemoryError("Input/output error")])
+def test_a_checkpoint_the_disk_fails_to_read_stops_the_resume_and_is_not_set_aside(tmp_path, monkeypatch, error):
+    """A transient I/O error is not an unreadable file: resuming from an older step would lose work. Nor
+    is a machine short of memory as it reads one."""
     run = tmp_path / "run"
     train(tiny_model(), tiny_data(), tiny_train_config(run, stop_after=4))
     load = torch.load
 
     def flaky(path, *args, **kwargs):
         if str(path).endswith("checkpoint-00000004.pt"):
-            raise OSError(5, "Input/output error")
+            raise error
         return load(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", flaky)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(type(error), match="Input/output error"):
         train(tiny_model(), tiny_data(), tiny_train_config(run, resume="auto"))
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-00000002.pt", "checkpoint-00000004.pt"]
 
@@ -752,6 +755,7 @@ def test_a_checkpoint_is_pending_until_a_marker_of_its_own_write_says_its_evalua
     assert ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
     assert ckpt.evaluation_pending(path, {"step": 2, "final_evaluation_pending": True})
     assert not ckpt.evaluation_pending(path, {"step": 2, "evaluation_pending": False, "write_id": "first"})
+    assert not ckpt.evaluation_pending(path, {"step": 2})  # from before evaluations were marked
 
 
 def test_evaluations_leave_the_training_runs_random_draws_as_they_were(tmp_path):
@@ -824,6 +828,18 @@ def test_a_stop_signal_during_an_evaluation_ends_it_and_resuming_evaluates_first
     assert {s: r.to_dict() for s, r in rest.evals.items()} == {s: r.to_dict() for s, r in full.evals.items()}
     with open(tmp_path / "eval_log.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == ["2", "4"]
+
+
+def test_resuming_from_a_checkpoint_marked_evaluated_does_not_evaluate_its_step_again(tmp_path):
+    """The checkpoint holds evaluation_pending as written, before its evaluation: the marker beside it,
+    read when resuming, says the evaluation ended (an evaluation can take minutes)."""
+    config = dict(steps=4, eval_every=2, eval_batch_size=3)
+    first = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, stop_after=2, **config),
+                  eval_data=tiny_data(8))
+    assert list(first.evals) == [2] and ckpt.evaluated_marker(ckpt.latest_checkpoint(tmp_path)).exists()
+    rest = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto", **config),
+                 eval_data=tiny_data(8))
+    assert rest.finished and list(rest.evals) == [4]
 
 
 def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
@@ -1063,6 +1079,29 @@ def test_frozen_weights_differing_in_one_statistic_are_other_weights(tmp_path):
     with pytest.raises(ValueError, match=r"trained on other frozen weights .*1 of \d+ tensors differ, "
                                          r"e.g. \['textual.text_projection'\]"):
         ckpt.load_model(tmp_path / "run")
+
+
+def test_the_output_folders_lock_is_held_while_the_run_writes_its_checkpoints(tmp_path, monkeypatch):
+    """The lock is the run's for as long as it writes there, not only while it chooses where to start."""
+    import fcntl
+
+    from vitaclip.engine import train as train_module
+
+    held = []
+    save_checkpoint = ckpt.save_checkpoint
+
+    def checking(directory, step, payload, keep=0):
+        with open(tmp_path / "train.lock", "a") as other:  # as a second run would take it
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return save_checkpoint(directory, step, payload, keep)
+
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint", checking)
+    assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, checkpoint_every=2)).finished
+    assert held == [True, True]
 
 
 def test_a_second_run_into_an_output_folder_being_written_is_refused(tmp_path):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from vitaclip.files import atomic_write, atomic_write_text
+from vitaclip.files import atomic_write, atomic_write_text, sole_writer
 
 
 def test_the_temporary_file_is_written_in_the_destinations_folder(tmp_path):
@@ -36,3 +36,15 @@ def test_a_write_that_fails_or_is_interrupted_leaves_the_old_file_and_no_tempora
         atomic_write(tmp_path / "f.txt", write)
     assert (tmp_path / "f.txt").read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_a_second_sole_writer_of_a_lock_is_refused_until_the_first_leaves(tmp_path):
+    """Both writers take the lock through sole_writer (the callers' tests hold it with their own exclusive
+    flock, which refuses a shared lock too): two shared holders would both write the folder."""
+    lock = tmp_path / "out.lock"
+    with sole_writer(lock, "out is being written"):
+        with pytest.raises(ValueError, match=r"^out is being written \(it holds .*out\.lock\)$"):
+            with sole_writer(lock, "out is being written"):
+                pass
+    with sole_writer(lock, "out is being written"):  # released when the first left
+        pass

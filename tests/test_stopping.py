@@ -165,6 +165,31 @@ def test_a_stop_signal_the_running_fork_server_does_not_ignore_is_warned_about()
     assert "declare_stop_signals" in out
 
 
+STARTED_AGAIN = """
+import signal, warnings
+from vitaclip.engine.stopping import StopRequest, declare_stop_signals, start_fork_server
+
+request = StopRequest(["SIGTERM"]).install()
+start_fork_server()
+print(signal.getsignal(signal.SIGTERM) == request._handle, signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL)
+declare_stop_signals(["SIGUSR2"])
+start_fork_server()  # a later pool's: the server runs already, started without ignoring SIGUSR2
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    StopRequest(["SIGUSR2"]).install()
+print(len(caught), "started before SIGUSR2" in str(caught[-1].message) if caught else None)
+"""
+
+
+def test_starting_the_fork_server_leaves_this_process_its_handlers_and_a_running_one_is_not_restarted():
+    """The server is started with the stop signals ignored, and this process takes its own handling back
+    (a stop request left ignoring its signal never stops the run). A signal declared after the server
+    started is not ignored by it, however often start_fork_server is called since: still warned about."""
+    out = subprocess.run([sys.executable, "-c", STARTED_AGAIN], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split()
+    assert out == ["True", "True", "1", "True"]
+
+
 SIGTERM_DISPOSITION = """
 import signal
 
@@ -207,12 +232,18 @@ def test_a_worker_already_running_threads_is_left_as_it_is_with_a_warning():
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
+
+    def handler(signum, frame):  # the worker's own (e.g. its dataset module's): neither ignored nor the default
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, handler)
     try:
-        handler, mask = signal.getsignal(signal.SIGUSR1), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         with pytest.warns(UserWarning, match="worker 3 already runs [0-9]+ threads.*not shielded"):
             _shield_worker((signal.SIGUSR1,), os.getpid(), 3)
         assert signal.getsignal(signal.SIGUSR1) is handler and signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
     finally:
+        signal.signal(signal.SIGUSR1, previous)
         stop.set()
         thread.join()
 
@@ -287,3 +318,32 @@ def test_workers_and_the_fork_server_end_when_their_owner_is_killed(during):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == [], "still running after their owner was killed"
+
+
+OWNER_WATCHED_WITHOUT_PIDFD = """
+import os, subprocess, sys, time
+from vitaclip.engine import stopping
+
+owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+
+
+def no_pidfd(pid):  # a kernel before 5.3
+    raise OSError(38, "Function not implemented")
+
+
+os.pidfd_open = no_pidfd
+stopping._end_with(owner.pid)
+time.sleep(1.5)
+print("alive while the owner is", flush=True)
+owner.kill()
+owner.wait()  # (reaped, as an owner's own parent reaps it)
+time.sleep(10)
+print("outlived its owner", flush=True)
+"""
+
+
+def test_without_pidfd_a_worker_asks_every_second_whether_its_owner_lives_and_ends_after_it():
+    out = subprocess.run([sys.executable, "-c", OWNER_WATCHED_WITHOUT_PIDFD], capture_output=True, text=True,
+                         timeout=120)
+    assert (out.returncode, out.stdout) == (0, "alive while the owner is\n")  # ended within 10 s of it

@@ -285,6 +285,15 @@ def test_a_file_that_is_no_checkpoint_of_tensors_says_so_without_pytorchs_advice
         assert message.startswith(f"cannot read checkpoint {tmp_path / name}: not a file of tensors and plain "
                                   f"containers ({reason}")
         assert "weights_only" not in message and "file an issue" not in message
+        assert "safe_globals" not in message  # its advice to allow the file's classes: the first sentence only
+
+
+def test_a_checkpoint_that_is_not_there_or_a_folder_is_named_as_missing(tmp_path):
+    from vitaclip.weights import read_torch_file
+
+    for missing in (tmp_path / "none.pt", tmp_path):  # (PyTorch: errno 2 or 21, not saying which file it wanted)
+        with pytest.raises(FileNotFoundError, match=f"^checkpoint {re.escape(str(missing))} does not exist$"):
+            read_torch_file(missing)
 
 
 @pytest.mark.parametrize("name,damaged", [("model.safetensors", b"\x08\x00\x00"), ("config.json", b'{"width": '),
