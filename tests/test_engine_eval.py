@@ -203,3 +203,41 @@ def test_predict_output_format():
         predict(model, "/nonexistent/video.mp4", device="cpu")
     with pytest.raises(FileNotFoundError, match="not found"):
         predict(model, ["/nonexistent/video.mp4"], device="cpu")
+
+
+def test_ranks_exchange_the_per_video_sums_as_one_tensor(monkeypatch):
+    """What evaluate() gathers from every rank holds one tensor, however many videos: a dict of a
+    tensor per video pickles (and unpickles, on every rank) each on its own."""
+    import vitaclip.engine.evaluate as evaluation
+
+    gathered = []
+    real = evaluation.all_gather_objects
+
+    def spy(env, obj):
+        gathered.append(obj)
+        return real(env, obj)
+
+    monkeypatch.setattr(evaluation, "all_gather_objects", spy)
+    model = tiny_model().eval()
+    data = MultiView(tiny_data(10))
+    result = evaluate(model, data, EvalConfig(batch_size=3, **CPU))
+    sent = [obj for obj in gathered if isinstance(obj, tuple)]
+    assert len(sent) == 1
+    ids, totals, counts, labels = sent[0]
+    assert isinstance(totals, torch.Tensor) and totals.shape == (10, len(CLASSES))
+    assert not any(isinstance(x, torch.Tensor) for x in (*ids, *counts, *labels))
+    assert sorted(ids) == sorted(f"video{i}" for i in range(10)) and counts == [3] * 10
+    assert result.num_videos == 10 and result.num_views == 30
+
+
+def test_pack_and_unpack_keep_the_sums():
+    from vitaclip.engine.evaluate import pack, unpack
+
+    sums = {"a": (torch.tensor([0.5, 1.5]), 2, 1), 7: (torch.tensor([0.2, 0.8]), 1, 0)}
+    back = unpack(pack(sums))
+    assert list(back) == ["a", 7]
+    for key, (total, count, label) in sums.items():
+        torch.testing.assert_close(back[key][0], total)
+        assert back[key][1:] == (count, label)
+    assert unpack(pack({})) == {}
+    assert merge([unpack(pack(sums)), unpack(pack({"a": (torch.tensor([1.0, 1.0]), 1, 1)}))])["a"][1] == 3
