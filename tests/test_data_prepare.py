@@ -718,3 +718,45 @@ def test_workers_that_cannot_start_are_named_so_by_prepare_not_taken_for_crashes
     assert result.returncode != 0, result.stdout
     assert 'worker processes cannot start: a script that makes a loader or runs `prepare` must do so under ' \
            '`if __name__ == "__main__":`' in result.stderr
+
+
+def test_a_rerun_takes_finished_outputs_from_the_sidecar_without_reading_them(source_list, tmp_path):
+    """Re-running over a finished OUT_DIR reads no output again (a probe reads the whole file: hours for
+    Kinetics' 240k videos): the sidecar's rows still describe them. An output changed since (its stamp
+    differs) or a sidecar row of an older version (no display recorded) is probed as before."""
+    import json
+
+    from worker_faults import recording_prepare_job
+
+    root, rows, lst = source_list
+    out = tmp_path / "out"
+    kw = dict(settings=EncodeSettings(short_side=32), workers=1, on_error="skip", progress=False,
+              job=recording_prepare_job)
+
+    def jobs() -> dict:  # output -> the job's calls since the last look
+        found = {}
+        for log in out.rglob("*.jobs"):
+            found[os.path.relpath(str(log)[:-len(".jobs")], out)] = log.read_text().split()
+            log.unlink()
+        return found
+
+    first = prepare(str(lst), str(out), str(root), **kw)
+    assert sorted(jobs().values()) == [["encode"]] * 3
+    sidecar = meta_path(first.list_file)
+    written = open(sidecar).read()
+    again = prepare(str(lst), str(out), str(root), **kw)
+    assert (again.written, again.reused) == (0, 3) and jobs() == {}  # no job: nothing read
+    assert open(sidecar).read() == written and open(again.list_file).read() == open(first.list_file).read()
+    # one output touched (another stamp), one row as an older version wrote it (no display): those are probed
+    names = sorted(read_meta(sidecar))
+    os.utime(out / names[0], ns=(1, 1))
+    old = [json.loads(line) for line in open(sidecar)]
+    for row in old:
+        if row["path"] == names[1]:
+            del row["turns"], row["pixel_aspect"]
+    with open(sidecar, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in old))
+    third = prepare(str(lst), str(out), str(root), **kw)
+    assert (third.written, third.reused) == (0, 3)
+    assert jobs() == {names[0]: ["reuse"], names[1]: ["reuse"]}
+    assert read_meta(sidecar)[names[0]] == pyav.probe(str(out / names[0]))

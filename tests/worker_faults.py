@@ -143,3 +143,13 @@ class PidThenSleep:
         if index == 0:
             return os.getpid()
         time.sleep(600)
+
+
+def recording_prepare_job(src, dst, settings, reuse):
+    """`vitaclip prepare`'s job, noting each call ("reuse" or "encode") in `<dst>.jobs`."""
+    from vitaclip.data.prepare import _job
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst + ".jobs", "a") as log:
+        log.write(("reuse" if reuse else "encode") + "\n")
+    return _job(src, dst, settings, reuse)

@@ -34,7 +34,7 @@ from ..engine.distributed import usable_cores
 from ..files import atomic_write_text, fsync_file, fsync_folder, publish, sole_writer
 from . import pyav
 from .lists import read_video_list, write_video_list
-from .meta import meta_path, write_meta
+from .meta import meta_path, read_meta, write_meta
 from .pyav import VideoDecodeError, VideoInfo
 from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
@@ -288,6 +288,28 @@ def record_list(out_dir: str, src_list: str) -> None:
         atomic_write_text(path, json.dumps(lists, indent=1))
 
 
+def recorded_infos(out_list: str) -> Dict[str, VideoInfo]:
+    """The rows of the prepared list's sidecar (an earlier run's), by output name; none where it is
+    missing or unreadable. A finished output that a row still describes is reused without probing it
+    again, which reads the whole file (hours for a data set of Kinetics' size)."""
+    path = meta_path(out_list)
+    try:
+        return read_meta(path) if os.path.exists(path) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describes_output(info: VideoInfo, dst: str) -> bool:
+    """Whether a sidecar row holds all a probe of `dst` would say (rows of older versions lack the
+    stamp, colour matrix or display), and still describes the file as it is."""
+    if info.stamp is None or info.matrix is None or info.turns is None:
+        return False
+    try:
+        return info.stamp == pyav.file_stamp(dst)
+    except OSError:
+        return False
+
+
 def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root: str, settings: EncodeSettings,
                   workers: int, on_error: str, progress: bool, timeout: Optional[float],
                   job: Callable) -> PrepareResult:
@@ -313,6 +335,7 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
         else:
             names[entry] = name  # a video listed again (e.g. under another label) is encoded once
     known = read_sources(out_dir)
+    described = recorded_infos(out_list)
     results = {}
 
     encode = functools.partial(within, timeout, job)
@@ -362,6 +385,11 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
             if known.get(name) != source:
                 sources.write(json.dumps({"output": name, **source}) + "\n")
                 sources.flush()
+            info = described.get(name) if reuse else None
+            if info is not None and _describes_output(info, dst):  # no need to read the output again
+                results[name] = (info, True)
+                bar.update()
+                continue
             yield name, (entry.path, dst, settings, reuse)
 
     try:
