@@ -135,3 +135,20 @@ def test_class_folders_skip_hidden_and_tool_folders_and_sort_plainly(tmp_path):
     for d in ("brush_hair", ".ipynb_checkpoints", "Zumba", "__pycache__", "_tmp", "abseiling"):
         (tmp_path / d).mkdir()
     assert read_class_names(str(tmp_path)) == ["zumba", "abseiling", "brush hair"]  # upper case sorts first
+
+
+def test_listed_path_is_relpath_of_the_joined_path():
+    """listed_path's quick way for paths joined under the root gives what os.path.relpath does (the key
+    of sidecar rows and list digests: another answer would orphan every sidecar)."""
+    import os
+
+    from vitaclip.data.lists import listed_path
+
+    roots = ["data", "data/", "/abs/data", "/abs/data/", ".", "./", "a/..", "../up", "/", "a//b", "x/./y"]
+    paths = ["v.mp4", "c/v.mp4", "./c/v.mp4", "c/../v.mp4", "../v.mp4", "c/../../v.mp4", "/abs/v.mp4", "c//v.mp4",
+             "c/./v.mp4", ".", "..", "c/", "a/../../data/v.mp4", "...mp4", "..v.mp4"]
+    for root in roots:
+        for path in paths:
+            joined = os.path.join(root, path)
+            assert listed_path(joined, root) == os.path.relpath(joined, root), (root, path)
+    assert listed_path("c/v.mp4", "") == "c/v.mp4"

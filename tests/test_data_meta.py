@@ -199,3 +199,19 @@ def test_a_copy_of_another_size_than_the_one_another_rank_probed_is_not_recorded
     for name in ("v0.webm", "v2.webm"):
         assert name not in rows or rows[name].stamp is None
     assert rows["v1.webm"].stamp[0] == os.path.getsize(os.path.join(folders[1], "v1.webm"))
+
+
+def test_file_stamps_are_read_a_slice_of_the_videos_per_thread_task(monkeypatch):
+    """The stat of each video runs in threads, a slice of the list per task, not a task per video (whose
+    pool bookkeeping cost more than the stat: seconds for a list of Kinetics' size at each start)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vitaclip.data.meta import threaded_map
+
+    submitted = []
+    real = ThreadPoolExecutor.submit
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", lambda self, *a, **k: submitted.append(1) or real(self, *a, **k))
+    rows = list(range(10_000))
+    assert threaded_map(lambda a, b: a * b, rows, rows[::-1], workers=4) == [a * b for a, b in zip(rows, rows[::-1])]
+    assert len(submitted) <= 16
+    assert threaded_map(lambda a: a, [], workers=4) == [] and threaded_map(str, [1, 2, 3], workers=16) == ["1", "2", "3"]
