@@ -1121,3 +1121,23 @@ def test_a_second_run_into_an_output_folder_being_written_is_refused(tmp_path):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto"))
     assert train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto",
                                                               resume_with_changes=True)).finished
+
+
+def test_the_training_loader_draws_item_seeds_as_batches_are_taken(monkeypatch):
+    """An epoch's (index, seed) keys are made as the micro-batches are taken, not all at its start (a
+    seed per item: seconds for a data set of Kinetics' size at every epoch), and are the same keys."""
+    import vitaclip.engine.loader as engine_loader
+    from vitaclip.engine.loader import ShardedTrainLoader
+
+    data = tiny_data(64)
+    expected = list(ShardedTrainLoader(data, 8, 4)._keys(0, 0))
+    seeds = []
+    real = engine_loader.derived_seed
+    monkeypatch.setattr(engine_loader, "derived_seed", lambda *key: seeds.append(key) or real(*key))
+    loader = ShardedTrainLoader(data, 8, 4)
+    batches = iter(loader)
+    next(batches)
+    assert len(seeds) <= 3 * 4  # the first micro-batches' items, not the epoch's 64
+    keys = engine_loader._EpochKeys(loader, 0, 0)
+    assert len(keys) == 16 and list(keys) == expected
+    assert len(engine_loader._EpochKeys(loader, 0, 5)) == 11 and list(engine_loader._EpochKeys(loader, 0, 5)) == expected[5:]

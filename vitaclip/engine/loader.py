@@ -104,15 +104,17 @@ class ShardedTrainLoader:
         self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
 
     def _keys(self, epoch: int, start_micro: int) -> Iterator[List[Tuple[int, int]]]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         for micro in range(start_micro, self.steps_per_epoch * self.accum_steps):
             step, m = divmod(micro, self.accum_steps)
             first = step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
-            yield [(int(order[p]), derived_seed(self.seed, epoch, p)) for p in range(first, first + self.micro_batch)]
+            yield [(order[p], derived_seed(self.seed, epoch, p)) for p in range(first, first + self.micro_batch)]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            keys = list(self._keys(self.epoch, self.micro_in_epoch))
+            # drawn as the loader asks for them, not the epoch's all at once (a seed per item: 10 s
+            # for 240,000 items at each epoch's start)
+            keys = _EpochKeys(self, self.epoch, self.micro_in_epoch)
             loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, worker_init_fn=shield_workers(),
                                 generator=own_generator(self.seed, self.epoch, self.rank))
@@ -120,6 +122,19 @@ class ShardedTrainLoader:
                 self.micro_in_epoch += 1
                 yield batch
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+
+class _EpochKeys:
+    """The (index, seed) micro-batches of an epoch from `start_micro` on, made as they are iterated."""
+
+    def __init__(self, loader: ShardedTrainLoader, epoch: int, start_micro: int):
+        self.loader, self.epoch, self.start_micro = loader, epoch, start_micro
+
+    def __len__(self) -> int:
+        return max(0, self.loader.steps_per_epoch * self.loader.accum_steps - self.start_micro)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        return self.loader._keys(self.epoch, self.start_micro)
 
 
 def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
