@@ -11,8 +11,12 @@ mkdir -p "$SITE" "$PIECES"
 for part in .whl/gpu/p*; do
   [ -d "$part" ] || continue
   cp "$part"/dali.* "$part"/dali-pieces "$PIECES"/ 2>/dev/null || true  # the count travels with the last piece
+  # a warm machine keeps an earlier call's carried part: its wheels are installed once
+  stamp="$SITE/.staged-$(basename "$part")-$(ls -l "$part" | md5sum | cut -c1-12)"
+  [ -e "$stamp" ] && continue
   ls "$part"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
       --no-cache-dir --upgrade --target "$SITE" "$part"/*.whl
+  touch "$stamp"
 done
 pieces=$(ls "$PIECES"/dali.[0-9] 2>/dev/null | wc -l || true)  # none yet: 0, not an exit
 wanted=$(cat "$PIECES"/dali-pieces 2>/dev/null || echo "?")

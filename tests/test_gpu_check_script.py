@@ -72,3 +72,22 @@ def test_a_failed_build_is_retried_only_for_other_sources(machine):
     with open(tree / "csrc" / "summary_attention.h", "a") as f:
         f.write("// the fix\n")
     assert call() == 1
+
+
+def test_a_carried_part_left_on_a_warm_machine_is_installed_once(machine):
+    """A part carried by an earlier call stays in the tree there: its wheels are not installed again at
+    every call (the DALI parts come one per call), but a part with other wheels is."""
+    tree, _, call = machine
+    part = tree / ".whl" / "gpu" / "p1"
+    part.mkdir(parents=True)
+    (part / "open_clip_torch-3.0-py3-none-any.whl").write_text("a wheel")
+
+    def wheel_installs() -> int:
+        call()
+        calls = (tree.parent / "calls").read_text().splitlines()
+        return sum("pip install" in line and "--target" in line for line in calls)
+
+    assert wheel_installs() == 1
+    assert wheel_installs() == 0
+    (part / "av-16.0-cp312-cp312-linux_x86_64.whl").write_text("another wheel")
+    assert wheel_installs() == 1
