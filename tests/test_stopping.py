@@ -190,6 +190,20 @@ def test_starting_the_fork_server_leaves_this_process_its_handlers_and_a_running
     assert out == ["True", "True", "1", "True"]
 
 
+def test_a_handler_set_outside_python_is_left_the_default_after_the_fork_server_starts(monkeypatch):
+    """Python reports a handler a C library or an embedding program set as None, which it cannot set
+    back: the signal gets the default action again, not a TypeError from start_fork_server."""
+    from multiprocessing import forkserver
+
+    set_to = []
+    monkeypatch.setattr(stopping, "_job_stop_signals", {signal.SIGUSR2})
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: None)
+    monkeypatch.setattr(stopping, "_fork_server_running", lambda: False)  # (nothing recorded of a server)
+    monkeypatch.setattr(stopping.signal, "signal", lambda sig, handler: set_to.append(handler))  # returns None
+    stopping.start_fork_server()
+    assert set_to == [signal.SIG_IGN, signal.SIG_DFL]
+
+
 SIGTERM_DISPOSITION = """
 import signal
 

@@ -131,8 +131,8 @@ def start_fork_server() -> None:
     try:
         forkserver.ensure_running()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: set outside Python, which cannot set it back
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if _fork_server_running() and forkserver._forkserver._forkserver_pid != _fork_server_pid[0]:  # started now
         _fork_server_pid[0] = forkserver._forkserver._forkserver_pid
         _fork_server_ignores.clear()
