@@ -1,6 +1,7 @@
 """VideoLoader end to end on real (VP9) videos: eval views, train clips on both
 backends, sharding, and every kind of bad input."""
 import dataclasses
+import itertools
 import os
 import shutil
 from fractions import Fraction
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from video_fixtures import forbid_probing
 from vitaclip.data import CLIP_MEAN, CLIP_STD, VideoDecodeError, VideoLoader, dali, pyav, sampling
-from vitaclip.data.transforms import normalize, to_rgb
+from vitaclip.data.transforms import frame_size, normalize, to_rgb
 
 needs_dali = pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI not importable")
 
@@ -239,7 +240,7 @@ def test_every_layout_of_ranks_and_batches_uses_the_same_first_videos_of_an_epoc
                              size=16, backend="pyav", num_workers=0, device="cpu", shard_id=shard,
                              num_shards=ranks, augment=None, seed=5)
             ld.set_epoch(2, start_batch=start_batch)
-            ids |= {plan.video_id for plans in ld._plan_batches()[:batches] for plan in plans}
+            ids |= {plan.video_id for plans in itertools.islice(ld._plan_batches(), batches) for plan in plans}
         return ids
 
     first_four, first_eight = used(1, 4, 1), used(1, 4, 2)
@@ -1044,3 +1045,65 @@ def test_non_square_pixels_are_read_at_the_shape_they_are_shown(tmp_path):
     write_marked_video(str(tmp_path / "wide.mp4"), "libx264", 32, 32, pixel_aspect=2)
     (tmp_path / "list.csv").write_text("wide.mp4,0\n")
     assert shown_quarters(tmp_path, "pyav", (32, 64)) == ("top-left", "top-left")
+
+
+def eager_plans(ld):
+    """An epoch's batches of plans as the loader made them all at the epoch's start, before planning
+    was lazy (its code then)."""
+    videos = ld._shard_videos()
+    n = len(videos) // ld.batch_size * ld.batch_size if ld.train else len(videos)
+    start = ld.start_batch * ld.batch_size
+    return [[ld.plan(*v) for v in videos[i:i + ld.batch_size] if v is not None]
+            for i in range(start, n, ld.batch_size)]
+
+
+def plan_fields(batches):
+    return [[(p.video_id, p.entry.line, p.frames.tolist(), p.views.tolist(), p.crop, p.flip,
+              None if p.augment is None else p.augment.tolist()) for p in plans] for plans in batches]
+
+
+def test_an_epoch_is_planned_as_its_batches_are_taken_into_the_plans_made_up_front_before(vp9_dataset, tmp_path,
+                                                                                            monkeypatch):
+    """A batch is planned when the decoder asks for it, not the whole epoch at its start (seconds for a
+    list of Kinetics' size on every rank at every epoch), into the same batches of the same plans for
+    every layout of ranks and batches, position and epoch, training or evaluation, with the batches of
+    unusable entries only in their places; a set_epoch before the last batch changes none of them."""
+    import vitaclip.data.loader as loader_module
+
+    root, rows = vp9_dataset
+    lines = [f"{os.path.join(str(root), rows[k % 3][0])},{rows[k % 3][1]}" for k in range(13)]
+    lines[4] = lines[9] = "missing.webm,0"  # unusable: their training batches a clip short (or empty)
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    kw = dict(num_frames=2, stride=4, size=16, on_error="skip", backend="pyav", device="cpu", num_workers=0)
+    decoded = []
+    monkeypatch.setattr(loader_module, "decode_with_pyav", lambda path, frames: decoded.append(path) or
+                        VideoDecodeError("not decoded"))
+    planned = []
+    real_plan = VideoLoader.plan
+    monkeypatch.setattr(VideoLoader, "plan", lambda self, *a, **k: planned.append(a[0]) or real_plan(self, *a, **k))
+    empty_batches = 0
+    for train in (True, False):
+        for ranks, batch, epoch, start in ((1, 1, 0, 0), (1, 4, 3, 1), (2, 2, 1, 0), (3, 1, 2, 2), (2, 3, 0, 1)):
+            for shard in range(ranks):
+                ld = VideoLoader(str(tmp_path / "list.csv"), train=train, batch_size=batch, shard_id=shard,
+                                 num_shards=ranks, seed=7, **kw)
+                ld.set_epoch(epoch, start_batch=start)
+                expected = plan_fields(eager_plans(ld))
+                planned.clear()
+                epoch_batches = ld.decode_epoch()
+                first = next(epoch_batches, None)
+                assert len(planned) <= batch, (train, ranks, batch, shard)  # the first batch's only
+                ld.set_epoch(epoch + 1)  # the epoch begun goes on
+                got = plan_fields([plans for plans, _ in itertools.chain([first] if first else [], epoch_batches)])
+                assert got == expected, (train, ranks, batch, epoch, start, shard)
+                empty_batches += got.count([])
+    assert empty_batches and decoded  # (batches of unusable entries only were among them; plans went to the decoder)
+    # the worker pool takes the same plans, its chunks back to their batches (3 clips, a chunk each)
+    monkeypatch.undo()
+    ld = VideoLoader(str(tmp_path / "list.csv"), train=True, batch_size=3, seed=7, **{**kw, "num_workers": 2})
+    ld.set_epoch(1)
+    expected = plan_fields(eager_plans(ld))
+    pooled = list(ld.decode_epoch())
+    assert plan_fields([plans for plans, _ in pooled]) == expected
+    assert [[tuple(frame_size(f)) + (f.y.shape[0],) for f in frames] for _, frames in pooled] == [
+        [(p.info.height, p.info.width, len(p.frames)) for p in plans] for plans, _ in pooled]
