@@ -241,3 +241,29 @@ def test_pack_and_unpack_keep_the_sums():
         assert back[key][1:] == (count, label)
     assert unpack(pack({})) == {}
     assert merge([unpack(pack(sums)), unpack(pack({"a": (torch.tensor([1.0, 1.0]), 1, 1)}))])["a"][1] == 3
+
+
+def test_predict_hands_out_each_video_as_soon_as_its_views_are_scored(monkeypatch):
+    """predictions() yields a video's result, in the order given, once the batch holding its views is
+    scored, and keeps no video's probabilities after: over a long list, results can be written as
+    they come and memory holds the batch in flight only. predict() is its list."""
+    import vitaclip.engine.predict as predict_module
+
+    model = tiny_model().eval()
+    clips = [tiny_data(5)[i][0] for i in range(5)]
+    videos = [clips[0], torch.stack([clips[1], clips[1].roll(2, dims=-1)]), *clips[2:]]  # video 1: 2 views
+    forwards, held = [], []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    real_accumulate = predict_module.accumulate
+    monkeypatch.setattr(predict_module, "accumulate",
+                        lambda sums, *a: held.append(len(sums)) or real_accumulate(sums, *a))
+    kw = dict(batch_size=2, top_k=2, device="cpu", precision="fp32")
+    listed = predict(model, videos, **kw)
+    assert held == [0, 0, 0]  # each batch's videos handed out (and their sums let go) before the next
+    forwards.clear()
+    streamed, forwards_at = [], []
+    for result in predict_module.predictions(model, videos, **kw):
+        streamed.append(result)
+        forwards_at.append(len(forwards))
+    assert forwards_at == [1, 1, 2, 2, 3]
+    assert streamed == listed and [r["video"] for r in streamed] == [f"tensor {i}" for i in range(5)]

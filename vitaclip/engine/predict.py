@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -33,7 +34,7 @@ class PredictConfig:
 
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
     """The files' batches (video ids = positions in `paths`); with on_error="skip", `errors` gets
-    {position: why} of the videos left out."""
+    {position: why} of the videos left out, each before a batch of later videos is yielded."""
     from ..data import VideoDecodeError, sampling
     from ..data.loader import NoUsableVideos, VideoLoader
     from ..data.loader import log as loader_log
@@ -56,6 +57,14 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
         def about_others(record) -> bool:  # the loader's warnings name our temporary list: `errors` names the videos
             return list_file not in record.getMessage()
 
+        def note(skipped: Dict[int, str]) -> None:
+            """The videos left out since the last note (the loader's `skipped_videos` grows in order)."""
+            for video_id, message in itertools.islice(skipped.items(), len(errors), None):
+                # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
+                line = f"{list_file}:{video_id + 1}"
+                why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")
+                errors[video_id] = why if paths[video_id] in why else f"{paths[video_id]}: {why}"
+
         loader_log.addFilter(about_others)
         try:
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
@@ -65,18 +74,16 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
                                  size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
                                  num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
-            yield from loader
-            skipped = loader.skipped_videos
+            for batch in loader:
+                note(loader.skipped_videos)  # a batch's results are handed out with the errors before them
+                yield batch
+            note(loader.skipped_videos)
         except NoUsableVideos as none:
-            skipped = none.skipped_videos
+            note(none.skipped_videos)
         except VideoDecodeError as error:  # name the video by its position, not our temporary list's line
             raise VideoDecodeError(str(error).replace(f"{list_file}:", "video ")) from None
         finally:
             loader_log.removeFilter(about_others)
-        for video_id, message in skipped.items():  # "LIST:LINE (PATH): why" or "LIST:LINE: why": the list is ours
-            line = f"{list_file}:{video_id + 1}"
-            why = message.removeprefix(f"{line} ({paths[video_id]})").removeprefix(line).removeprefix(": ")
-            errors[video_id] = why if paths[video_id] in why else f"{paths[video_id]}: {why}"
 
 
 def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig):
@@ -93,13 +100,21 @@ def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig)
         yield video, torch.zeros(len(ids), dtype=torch.long), ids
 
 
-@torch.no_grad()
 def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],
             config: Optional[PredictConfig] = None, **overrides) -> List[Dict]:
     """[{"video": name, "top": [{"label", "probability"}, ...]}] per video, probabilities being
     the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
     temporal views, short side resized to the input size, centre or 3 crops); with
     on_error="skip", a file that cannot be read gets {"video": name, "error": why} instead."""
+    return list(predictions(model, videos, config, **overrides))
+
+
+@torch.no_grad()
+def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],
+                config: Optional[PredictConfig] = None, **overrides) -> Iterator[Dict]:
+    """`predict`'s results one by one, in the order of `videos`, each as soon as its video's views are
+    scored: a long list's results can be written as they come (a crash loses only the batch in
+    flight), and only the probabilities of the batch in flight are held."""
     config = dataclasses.replace(config or PredictConfig(), **overrides)
     if isinstance(videos, (str, os.PathLike)):
         videos = [videos]
@@ -123,23 +138,31 @@ def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tens
         else:
             names = [str(v) for v in videos]
             batches = _batches_from_files(names, model, config, device, errors)
+        classnames = model.classnames
+        k = min(config.top_k, len(classnames))
         sums: Dict = {}
+
+        def result(i: int) -> Dict:
+            if i in errors:  # left out in skip mode
+                return {"video": names[i], "error": errors[i]}
+            total, count, _ = sums.pop(i)
+            probs, idx = (total / count).topk(k)
+            return {"video": names[i], "top": [{"label": classnames[j], "probability": float(p)}
+                                               for p, j in zip(probs.tolist(), idx.tolist())]}
+
+        done = 0  # the videos before this one are handed out
         for video, labels, ids in batches:
             with autocast(device, config.precision):
                 logits = model(video.to(device))
             ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
             accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
+            # a batch holds every view of its videos, and videos come in order (the loader's
+            # evaluation order, one shard): every video up to its last is done, or was left out
+            last = max(ids)
+            while done <= last:
+                yield result(done)
+                done += 1
+        for i in range(done, len(names)):  # (left out, after the last batch)
+            yield result(i)
     finally:
         model.train(was_training)  # as evaluate(): predicting mid-training leaves the model training
-    classnames = model.classnames
-    k = min(config.top_k, len(classnames))
-    out = []
-    for i, name in enumerate(names):
-        if i in errors:  # left out in skip mode
-            out.append({"video": name, "error": errors[i]})
-            continue
-        total, count, _ = sums[i]
-        probs, idx = (total / count).topk(k)
-        out.append({"video": name, "top": [{"label": classnames[j], "probability": float(p)}
-                                           for p, j in zip(probs.tolist(), idx.tolist())]})
-    return out
