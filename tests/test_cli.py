@@ -204,6 +204,32 @@ def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys, ca
     assert code == 1 and json.loads(out)[0]["error"] == f"{tmp_path}: a folder, not a video"
 
 
+def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monkeypatch):
+    """Over a long list, what was printed stays when the run stops at a later video (Ctrl-C, a crash):
+    each video's result is printed once its views are scored; --json prints the list item by item,
+    the same JSON when the run ends."""
+    import vitaclip.engine.predict as predict_module
+
+    root, list_file = videos
+    files = [list_file.parent / f"clip_{i:05d}.mp4" for i in range(3)]
+    code, whole, _ = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
+    assert code == 0 and [r["video"] for r in json.loads(whole)] == [str(f) for f in files]
+    real_accumulate, scored = predict_module.accumulate, []
+
+    def stopped_at_the_third(*args):
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(real_accumulate(*args))
+
+    monkeypatch.setattr(predict_module, "accumulate", stopped_at_the_third)
+    code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--batch-size", 1, *CPU)
+    assert code == 130 and out.startswith(f"{files[0]}\n  ") and f"\n{files[1]}\n  " in out
+    assert str(files[2]) not in out
+    scored.clear()
+    code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
+    assert code == 130 and whole.startswith(out) and out.endswith("}") and str(files[1]) in out
+
+
 def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):
     root, list_file = videos
     command = ["zeroshot", "--model", root / "model", "--split", list_file, "--data-root", list_file.parent, *CPU]

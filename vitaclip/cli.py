@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -297,20 +298,29 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .engine.predict import PredictConfig, predict
+    from .engine.predict import PredictConfig, predictions
 
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
-    results = predict(model, args.videos, PredictConfig(
+    results = predictions(model, args.videos, PredictConfig(
         top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
         batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
         data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
-    text = "\n".join(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
-                                         if "top" in r else f"  error: {r['error']}") for r in results)
-    print_json_or(args, results, text)
-    failed = sum("error" in r for r in results)
+    # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
+    # others); --json: the list json.dumps(results, indent=1) prints, item by item
+    failed = count = 0
+    for count, r in enumerate(results, start=1):
+        if args.json:
+            print("[\n" if count == 1 else ",\n", textwrap.indent(json.dumps(r, indent=1), " "), sep="", end="")
+        else:
+            print(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                                      if "top" in r else f"  error: {r['error']}"))
+        sys.stdout.flush()
+        failed += "error" in r
+    if args.json:
+        print("\n]")
     if failed:
-        print(f"vitaclip predict: {failed} of {len(results)} videos could not be read", file=sys.stderr)
+        print(f"vitaclip predict: {failed} of {count} videos could not be read", file=sys.stderr)
     return 1 if failed else 0  # as `prepare --on-error skip`: a script can tell
 
 
