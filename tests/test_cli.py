@@ -204,6 +204,29 @@ def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys, ca
     assert code == 1 and json.loads(out)[0]["error"] == f"{tmp_path}: a folder, not a video"
 
 
+def test_predict_takes_videos_from_a_file_or_standard_input(videos, capsys, monkeypatch, tmp_path):
+    """More videos than a command line holds: --videos-from reads a path per line (blank lines aside),
+    after the VIDEO arguments; '-' reads standard input. Neither, or a missing file, is named."""
+    import io
+    import sys
+
+    root, list_file = videos
+    files = [str(list_file.parent / f"clip_{i:05d}.mp4") for i in range(3)]
+    code, whole, _ = run(capsys, "predict", "--model", root / "model", *files, "--json", *CPU)
+    assert code == 0
+    (tmp_path / "paths.txt").write_text(f"{files[1]}\n\n{files[2]}\r\n")
+    code, out, _ = run(capsys, "predict", "--model", root / "model", files[0], "--videos-from", tmp_path / "paths.txt",
+                       "--json", *CPU)
+    assert code == 0 and out == whole
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(files) + "\n"))
+    code, out, _ = run(capsys, "predict", "--model", root / "model", "--videos-from", "-", "--json", *CPU)
+    assert code == 0 and out == whole
+    code, _, err = run(capsys, "predict", "--model", root / "model", *CPU)
+    assert code == 2 and "no videos to predict: give VIDEO files or --videos-from FILE" in err
+    code, _, err = run(capsys, "predict", "--model", root / "model", "--videos-from", tmp_path / "none.txt", *CPU)
+    assert code == 2 and f"video path file {tmp_path / 'none.txt'} does not exist" in err
+
+
 def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monkeypatch):
     """Over a long list, what was printed stays when the run stops at a later video (Ctrl-C, a crash):
     each video's result is printed once its views are scored; --json prints the list item by item,

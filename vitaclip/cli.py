@@ -83,6 +83,19 @@ def read_templates(path: str) -> List[str]:
     return templates
 
 
+def read_video_paths(path: str) -> List[str]:
+    """The video paths of a file ('-': standard input), one per non-blank line, as written."""
+    from .data.lists import text_lines
+
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"video path file {path} does not exist")
+    else:
+        lines = [text for _, text in text_lines(path)]
+    return [line for line in lines if line.strip()]
+
+
 def architecture_overrides(args) -> dict:
     """The architecture settings given on the command line, as config fields; the others come
     from the defaults or the --init model."""
@@ -301,8 +314,11 @@ def cmd_predict(args) -> int:
     from .engine.predict import PredictConfig, predictions
 
     classes = read_classes(args.classes) if args.classes else None
+    videos = list(args.videos) + (read_video_paths(args.videos_from) if args.videos_from else [])
+    if not videos:
+        raise ValueError("no videos to predict: give VIDEO files or --videos-from FILE")
     model = load_eval_model(args, classes)
-    results = predictions(model, args.videos, PredictConfig(
+    results = predictions(model, videos, PredictConfig(
         top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
         batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
         data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
@@ -522,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels of video files", formatter_class=FORMATTER)
     add_model_source(p)
-    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files")
+    p.add_argument("--videos-from", metavar="FILE",
+                   help="more video files, one path per line ('-': standard input), after any VIDEO: for more "
+                        "than a command line holds")
     p.add_argument("--top-k", type=positive_int, default=5, help="labels shown per video")
     p.add_argument("--batch-size", type=positive_int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
