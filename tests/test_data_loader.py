@@ -800,6 +800,24 @@ def test_start_batch_gives_the_rest_of_the_epoch_without_decoding_the_rest(vp9_d
         rest.set_epoch(0, start_batch=-1)
 
 
+def test_end_batch_ends_the_epoch_there_without_decoding_the_rest(vp9_dataset, monkeypatch):
+    root, _ = vp9_dataset
+    full = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)
+    full.set_epoch(3)
+    batches = list(full)
+    assert len(batches) == 3
+    decoded = []
+    from vitaclip.data import loader as loader_module
+    real = loader_module.decode_with_pyav
+    monkeypatch.setattr(loader_module, "decode_with_pyav", lambda *a: decoded.append(a[0]) or real(*a))
+    part = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)
+    part.set_epoch(3, start_batch=1, end_batch=2)
+    middle = list(part)
+    assert len(middle) == len(decoded) == 1 and torch.equal(middle[0].video, batches[1].video)
+    part.set_epoch(4)  # a later epoch is whole again
+    assert len(list(part)) == len(batches)
+
+
 def test_epoch_loader_resumes_a_video_loader_mid_epoch_without_replaying(vp9_dataset):
     from vitaclip.engine.loader import EpochLoader
 

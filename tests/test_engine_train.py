@@ -904,6 +904,49 @@ def test_epoch_loader_keeps_every_batch_after_one_left_out_and_resumes_after_the
         EpochLoader(other_seed).load_state_dict({**first.state_dict(), "seed": 0})
 
 
+class EpochOfFive:
+    """An epoch loader of 5 batches of one item, the epoch's items shifted by its number (VideoLoader's
+    set_epoch, end_batch too unless `plans_to_end`); records the (epoch, position) of each batch."""
+
+    batch_size = 1
+
+    def __init__(self, plans_to_end=False):
+        self.data, self.epoch, self.start, self.end, self.used = tiny_data(8), 0, 0, None, []
+        if plans_to_end:  # a loader that cannot end early: left part-read
+            self.set_epoch = lambda epoch, start_batch=0: self.__dict__.update(epoch=epoch, start=start_batch)
+
+    def set_epoch(self, epoch, start_batch=0, end_batch=None):
+        self.epoch, self.start, self.end = epoch, start_batch, end_batch
+
+    def __len__(self):
+        return 5
+
+    def __iter__(self):
+        for position in range(self.start, 5 if self.end is None else self.end):
+            self.used.append((self.epoch, position))
+            video, label, video_id = self.data[(position + self.epoch) % 8]
+            yield video[None], torch.tensor([label]), [video_id]
+
+
+def test_an_epoch_loader_ends_its_epochs_at_whole_steps_of_accumulated_batches(tmp_path):
+    """As ShardedTrainLoader drops an epoch's part-step: a step across two epochs could take a video
+    twice, and layouts of the same global batch would end their epochs at other videos."""
+    data = EpochOfFive()
+    train(tiny_model(), data, tiny_train_config(tmp_path, steps=4, batch_size=2, micro_batch_size=1))
+    assert data.used == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]  # none planned after
+    last = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert last["loader"] == [{"epoch": 2, "batch_in_epoch": 0}]
+
+
+def test_an_epoch_loader_that_cannot_end_early_is_left_at_whole_steps_and_one_without_a_step_is_named():
+    from vitaclip.engine.loader import EpochLoader
+
+    batches = iter(EpochLoader(EpochOfFive(plans_to_end=True), accum_steps=2))
+    assert [next(batches)[2][0] for _ in range(6)] == [0, 1, 2, 3, 1, 2]
+    with pytest.raises(ValueError, match="its 5 per epoch do not fill a step of 6"):
+        next(iter(EpochLoader(EpochOfFive(), accum_steps=6)))
+
+
 def test_resume_onto_other_frozen_weights_is_refused_and_a_moved_backbone_is_not(tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     backbone = {"kind": "pretrained", "path": str(tmp_path / "base")}

@@ -114,7 +114,7 @@ class VideoLoader:
         if not worker_timeout > 0:  # (NaN too)
             raise ValueError(f"worker_timeout must be positive, got {worker_timeout}")
         self.worker_timeout = worker_timeout  # seconds without a chunk from the PyAV pool: hung
-        self.on_error, self.epoch, self.start_batch = on_error, 0, 0
+        self.on_error, self.epoch, self.start_batch, self.end_batch = on_error, 0, 0, None
         self._shard_given = _checked_shard(shard_id, num_shards)
         sampling.eval_crop_offsets(self.eval_short_side, self.eval_short_side, size, self.spatial_crops)
 
@@ -177,12 +177,14 @@ class VideoLoader:
         n = len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, end_batch: Optional[int] = None) -> None:
         """Plan the next iterations for `epoch`, from its batch `start_batch` on: batches depend
-        only on (seed, epoch, video), so a run resumed mid-epoch decodes nothing it already used."""
+        only on (seed, epoch, video), so a run resumed mid-epoch decodes nothing it already used.
+        end_batch: the batch it ends before (None: the epoch's last), so that a training run takes
+        whole steps of accumulated batches without decoding the rest."""
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch, self.start_batch, self.end_batch = epoch, start_batch, end_batch
 
     def _shard_videos(self) -> list:
         """This rank's share of the entries: evaluation, its usable videos; training, this epoch's
@@ -214,12 +216,14 @@ class VideoLoader:
         return ClipPlan(video_id, entry, info, frames, positions.reshape(1, -1), crop, flip, augment)
 
     def _plan_batches(self) -> Iterator[List[ClipPlan]]:
-        """This epoch's batches from `start_batch` on (a batch of unusable entries only is empty),
-        each planned when it is asked for: an epoch's planned all at its start kept every rank
-        waiting (2.3 s for 30,000 training videos, 23 s for 240,000, on a 2-core CPU). The epoch
-        is the one set when the first batch is asked for, even if set_epoch comes before the last."""
+        """This epoch's batches from `start_batch` on, before `end_batch` (a batch of unusable entries
+        only is empty), each planned when it is asked for: an epoch's planned all at its start kept
+        every rank waiting (2.3 s for 30,000 training videos, 23 s for 240,000, on a 2-core CPU). The
+        epoch is the one set when the first batch is asked for, even if set_epoch comes before the last."""
         videos, epoch = self._shard_videos(), self.epoch
         n = len(videos) // self.batch_size * self.batch_size if self.train else len(videos)
+        if self.end_batch is not None:
+            n = min(n, self.end_batch * self.batch_size)
         for i in range(self.start_batch * self.batch_size, n, self.batch_size):
             yield [self.plan(*v, epoch=epoch) for v in videos[i:i + self.batch_size] if v is not None]
 

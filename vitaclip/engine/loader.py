@@ -204,18 +204,26 @@ class EpochLoader:
     """Endless, resumable iteration over a loader that yields one epoch per `iter()` and takes
     `set_epoch(e)` (e.g. vitaclip.data.VideoLoader, whose batches depend only on seed and epoch).
     Resuming mid-epoch starts at the first batch not yet consumed: without decoding the used
-    ones where the loader takes `set_epoch(e, start_batch=b)`, else by replaying and dropping them."""
+    ones where the loader takes `set_epoch(e, start_batch=b)`, else by replaying and dropping them.
+    An epoch ends after a whole number of steps of `accum_steps` batches, as ShardedTrainLoader's:
+    a step across two epochs could hold a video twice, and every layout of the same global batch
+    then ends its epochs at the same videos (where a run resumed on another layout goes on)."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, accum_steps: int = 1):
         if not hasattr(loader, "set_epoch"):
             raise TypeError(f"{type(loader).__name__} has no set_epoch(): cannot resume it exactly")
-        self.loader = loader
+        self.loader, self.accum_steps = loader, accum_steps
         self.epoch, self.batch_in_epoch = 0, 0
+
+    def _epoch_end(self) -> Optional[int]:
+        """The batch an epoch ends before (None: a loader of unknown length, at its end)."""
+        n = optional_len(self.loader)
+        return None if n is None else n // self.accum_steps * self.accum_steps
 
     def state_dict(self) -> Dict[str, int]:
         # the loader's seed with its position: the same position under another seed is other data
         seed = {"seed": self.loader.seed} if hasattr(self.loader, "seed") else {}
-        if self.batch_in_epoch and self.batch_in_epoch == optional_len(self.loader):  # epoch done
+        if self.batch_in_epoch and self.batch_in_epoch == self._epoch_end():  # epoch done
             return {"epoch": self.epoch + 1, "batch_in_epoch": 0, **seed}
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **seed}
 
@@ -224,23 +232,29 @@ class EpochLoader:
             raise ValueError(f"data loader seed {state['seed']} in the checkpoint differs from {self.loader.seed}")
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
-    def _start_epoch(self) -> int:
+    def _start_epoch(self, end: Optional[int]) -> int:
         """Set the loader's epoch; returns the batch it starts at. A loader that can start
-        mid-epoch (VideoLoader) skips the used batches without decoding them."""
-        if "start_batch" in inspect.signature(self.loader.set_epoch).parameters:
-            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        mid-epoch (VideoLoader) skips the used batches without decoding them, and one that can end
+        early plans none after `end`."""
+        parameters = inspect.signature(self.loader.set_epoch).parameters
+        bounds = {"end_batch": end} if "end_batch" in parameters else {}
+        if "start_batch" in parameters:
+            self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch, **bounds)
             return self.batch_in_epoch
-        self.loader.set_epoch(self.epoch)
+        self.loader.set_epoch(self.epoch, **bounds)
         return 0
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            first = self._start_epoch()
+            end = self._epoch_end()
+            first = self._start_epoch(end)
             yielded = False
             for i, batch in enumerate(self.loader, start=first):
                 # a loader that leaves batches out (VideoLoader: none of their videos decoded) says
                 # where it is: counting the batches it yields would fall behind its position
                 position = getattr(self.loader, "next_batch", i + 1)
+                if end is not None and position > end:  # part of a step
+                    break
                 if position <= self.batch_in_epoch:  # replayed, used before the resume
                     continue
                 yielded = True
@@ -249,5 +263,7 @@ class EpochLoader:
             if not yielded and self.batch_in_epoch == 0:
                 skipped = getattr(self.loader, "skipped", None)  # (VideoLoader: this rank's share may be all unusable)
                 detail = f" ({len(skipped)} videos left out as unusable, e.g. {skipped[0]})" if skipped else ""
+                if end == 0 and optional_len(self.loader):
+                    detail = f" (its {optional_len(self.loader)} per epoch do not fill a step of {self.accum_steps})"
                 raise ValueError(f"the training loader yields no batches in epoch {self.epoch}{detail}")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0

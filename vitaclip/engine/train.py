@@ -475,7 +475,7 @@ def make_train_loader(train_data, config: TrainConfig, micro: int, env: DistEnv)
         raise ValueError(f"the training loader yields batches of {given} clips, but a global batch of "
                          f"{config.batch_size} over {env.world_size} process(es) needs micro-batches of {micro}: "
                          f"set micro_batch_size={given} or the loader's batch size to {micro}")
-    return train_data if resumable else EpochLoader(train_data)
+    return train_data if resumable else EpochLoader(train_data, config.batch_size // (micro * env.world_size))
 
 
 def resume_point(config: TrainConfig, out: Path, env: DistEnv,
