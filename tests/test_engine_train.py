@@ -473,6 +473,23 @@ def test_resume_with_other_training_data_is_refused_or_goes_on_with_it(tmp_path)
     assert result.finished
 
 
+def test_a_run_resumed_mid_epoch_over_another_list_says_its_epoch_is_drawn_anew(tmp_path):
+    """Another list shuffles to another order: the rest of the epoch at the same position may repeat
+    videos and miss others, said in the warning; at an epoch's start, or over the same list, there is
+    nothing to say."""
+    from vitaclip.engine.train import reshuffled_epoch_note
+
+    train(tiny_model(), tiny_data(32), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    with pytest.warns(UserWarning, match="training data videos: 32 -> 36 \\(the rest of epoch 0 comes from the new "
+                                         "list's order at the same position: until epoch 1 some videos may come "
+                                         "twice and others not at all\\)"):
+        train(tiny_model(), tiny_data(36), tiny_train_config(tmp_path, steps=4, resume="auto", resume_with_changes=True))
+    saved = {"train_data": {"videos": 32, "list": "ab", "frames": 8}}
+    for loader, data, said in (({"epoch": 1, "batch_in_epoch": 0}, {"videos": 36, "list": "cd"}, False),
+                               ([{"epoch": 1, "micro_in_epoch": 3}], {"videos": 32, "list": "ab", "frames": 4}, False),
+                               ([{"epoch": 1, "micro_in_epoch": 3}], {"videos": 32, "list": "cd"}, True)):
+        assert bool(reshuffled_epoch_note({**saved, "loader": loader}, data)) == said
+
 def test_a_key_the_checkpoints_data_description_lacks_is_no_change():
     import dataclasses
 

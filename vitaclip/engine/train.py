@@ -572,7 +572,7 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
                          f"checkpoint's")
     if changes and env.is_main:
         warnings.warn(f"resuming {source} with changed settings, from its step {payload['step']} on: "
-                      f"{'; '.join(changes)}")
+                      f"{'; '.join(changes)}{reshuffled_epoch_note(payload, data)}")
     if payload["model_is_full"]:
         ckpt.load_state_exactly(model, payload["model"], source=source)
     else:
@@ -625,6 +625,19 @@ def run_changes(payload: Dict[str, Any], config: TrainConfig, data: Dict[str, An
     changes += [f"training data {key}: {value!r} -> {data.get(key)!r}" for key, value in sorted(saved_data.items())
                 if _plain(value) != _plain(data.get(key))]
     return changes
+
+
+def reshuffled_epoch_note(payload: Dict[str, Any], data: Dict[str, Any]) -> str:
+    """What a run resumed mid-epoch over another list of videos does, said: another list shuffles to
+    another order, and the rest of the epoch is taken from it at the same position."""
+    saved = payload.get("train_data") or {}
+    if all(_plain(saved[key]) == _plain(data.get(key)) for key in ("videos", "list") if key in saved):
+        return ""
+    state = payload["loader"][0] if isinstance(payload["loader"], list) else payload["loader"]
+    if not state.get("micro_in_epoch", state.get("batch_in_epoch")):
+        return ""
+    return (f" (the rest of epoch {state['epoch']} comes from the new list's order at the same position: until "
+            f"epoch {state['epoch'] + 1} some videos may come twice and others not at all)")
 
 
 def _plain(value):
