@@ -380,6 +380,27 @@ def test_another_layout_is_refused_for_a_loader_whose_position_cannot_be_carried
                                                             resume_with_changes=True))
 
 
+def test_a_video_loader_sharded_otherwise_than_by_rank_keeps_its_position_to_its_own_layout(vp9_dataset):
+    """A VideoLoader given its own shard_id/num_shards does not take the epoch in turns with the ranks:
+    its position cannot be moved to another layout."""
+    from vitaclip.data import VideoLoader
+    from vitaclip.engine.loader import EpochLoader, ShardedTrainLoader
+    from vitaclip.engine.train import ranks_take_turns
+
+    root, _ = vp9_dataset
+
+    def video_loader(**shard):
+        return EpochLoader(VideoLoader(str(root / "list.csv"), str(root), train=True, batch_size=1, num_frames=2, size=16,
+                                       backend="pyav", device="cpu", num_workers=0, **shard))
+
+    one = DistEnv(0, 1, 0, torch.device("cpu"))
+    assert ranks_take_turns(video_loader(), one) and ranks_take_turns(video_loader(shard_id=0, num_shards=1), one)
+    assert not ranks_take_turns(video_loader(shard_id=1, num_shards=2), one)
+    assert not ranks_take_turns(video_loader(shard_id=0, num_shards=1), DistEnv(1, 2, 1, torch.device("cpu")))
+    assert ranks_take_turns(ShardedTrainLoader(tiny_data(8), 4, 2), one)
+    assert not ranks_take_turns(EpochLoader(OwnEpochs(4)), one)
+
+
 def test_the_default_device_is_the_local_ranks_gpu(monkeypatch):
     """with no device given (TrainConfig.device None), each process of a multi-GPU node takes
     its local rank's GPU, as 'cuda' does; cuda:0 for every rank would stack them on one GPU."""

@@ -565,7 +565,7 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
         raise ValueError(f"{source} was trained with other settings than this run's ({'; '.join(changes)}): "
                          f"resume with the checkpoint's, or with resume_with_changes=True (--resume-with-changes) "
                          f"to go on with the new ones from its step {payload['step']}")
-    if layout_changes and not ranks_take_turns(loader):
+    if layout_changes and not ranks_take_turns(loader, env):
         given = type(getattr(loader, "loader", loader)).__name__
         raise ValueError(f"{source} was written by another number of processes or micro-batch size, and the "
                          f"position of this run's {given} in its data cannot be carried over: resume with the "
@@ -670,13 +670,14 @@ def check_batch_layout(payload: Dict[str, Any], source: str, config: TrainConfig
     return [f"{name}: {then} -> {now}" for name, (then, now) in settings.items() if then != now]
 
 
-def ranks_take_turns(loader) -> bool:
+def ranks_take_turns(loader, env: DistEnv) -> bool:
     """Whether the ranks' micro-batches take an epoch's shuffled videos in turns (vitaclip's own
-    loaders), as `moved_data_position` needs."""
+    loaders, a VideoLoader sharded by rank), as `moved_data_position` needs."""
     from ..data import VideoLoader  # (the data package imports the decoders: only here)
 
     return isinstance(loader, ShardedTrainLoader) or (isinstance(loader, EpochLoader)
-                                                      and isinstance(loader.loader, VideoLoader))
+                                                      and isinstance(loader.loader, VideoLoader)
+                                                      and loader.loader.shard == (env.rank, env.world_size))
 
 
 def moved_data_position(saved_states, saved_batch_clips: int, batch_clips: int, source: str) -> Dict[str, int]:
