@@ -687,10 +687,13 @@ def moved_data_position(saved_states, saved_batch_clips: int, batch_clips: int, 
     k * saved_batch_clips of the epoch are used, whatever the layout; the new position is that many
     videos in new micro-batches of all ranks (batch_clips)."""
     states = saved_states if isinstance(saved_states, list) else [saved_states]
+    key = "micro_in_epoch" if "micro_in_epoch" in states[0] else "batch_in_epoch"
     if any(state != states[0] for state in states):
-        raise ValueError(f"{source}: its ranks' data positions differ ({states}): resume with its process count")
+        places = ", ".join(f"rank {rank}: epoch {state['epoch']} batch {state[key]}" for rank, state in enumerate(states))
+        raise ValueError(f"{source}: its ranks stopped at other places in the data ({places}; a rank leaves out a "
+                         f"batch of videos it cannot read): resume with its {len(states)} processes and micro-batch "
+                         f"size")
     state = dict(states[0])
-    key = "micro_in_epoch" if "micro_in_epoch" in state else "batch_in_epoch"
     used = state[key] * saved_batch_clips
     if used % batch_clips:
         raise ValueError(f"{source} stopped {used} videos into epoch {state['epoch']}, not a whole number of this "
