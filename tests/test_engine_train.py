@@ -917,8 +917,16 @@ def test_epoch_loader_keeps_every_batch_after_one_left_out_and_resumes_after_the
     assert [next(iter(resumed)) for _ in range(1)] == [3]
     other_seed = LeavesOutBatchOne(replay=replay)
     other_seed.seed = 1
-    with pytest.raises(ValueError, match="seed 0 in the checkpoint differs from 1"):
+    with pytest.raises(ValueError, match=r"^the data order's seed is 0 in the checkpoint, 1 in this run: resume with "
+                                         r"the checkpoint's \(--seed 0\)"):
         EpochLoader(other_seed).load_state_dict({**first.state_dict(), "seed": 0})
+
+
+def test_a_resume_with_another_seed_names_the_checkpoint_and_its_seed(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, stop_after=2))
+    with pytest.raises(ValueError, match=r"checkpoint-00000002\.pt: the data order's seed is 0 in the checkpoint, 3 in "
+                                         r"this run: resume with the checkpoint's \(--seed 0\)"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=4, resume="auto", seed=3))
 
 
 class EpochOfFive:

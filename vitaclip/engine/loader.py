@@ -25,6 +25,11 @@ from .stopping import shield_workers
 Batch = Tuple[Tensor, Tensor, Sequence]
 
 
+def seed_differs(saved: int, seed: int) -> str:
+    return (f"the data order's seed is {saved} in the checkpoint, {seed} in this run: resume with the checkpoint's "
+            f"(--seed {saved}); the same position under another seed would be other videos")
+
+
 def derived_seed(*key: int) -> int:
     """A seed for what `key` names, e.g. (seed, epoch, position): an item of an epoch."""
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
@@ -100,7 +105,7 @@ class ShardedTrainLoader:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"data sampler seed {state['seed']} in the checkpoint differs from {self.seed}")
+            raise ValueError(seed_differs(state["seed"], self.seed))
         self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
 
     def _keys(self, epoch: int, start_micro: int) -> Iterator[List[Tuple[int, int]]]:
@@ -229,7 +234,7 @@ class EpochLoader:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if "seed" in state and state["seed"] != getattr(self.loader, "seed", state["seed"]):
-            raise ValueError(f"data loader seed {state['seed']} in the checkpoint differs from {self.loader.seed}")
+            raise ValueError(seed_differs(state["seed"], self.loader.seed))
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
     def _start_epoch(self, end: Optional[int]) -> int:

@@ -595,10 +595,14 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
     loaders = payload["loader"]  # one per rank (a single one in checkpoints before that)
     if layout_changes:
         saved_processes = len(payload["rng"])
-        loader.load_state_dict(moved_data_position(loaders, saved_micro_batch(payload) * saved_processes,
-                                                   micro * env.world_size, source))
+        position = moved_data_position(loaders, saved_micro_batch(payload) * saved_processes, micro * env.world_size,
+                                       source)
     else:
-        loader.load_state_dict(loaders[env.rank] if isinstance(loaders, list) else loaders)
+        position = loaders[env.rank] if isinstance(loaders, list) else loaders
+    try:
+        loader.load_state_dict(position)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
     if env.rank < len(payload["rng"]):
         set_rng_states(payload["rng"][env.rank])
     # (a rank the checkpoint had not keeps the fresh streams of its seed, config.seed + rank)
