@@ -1,4 +1,5 @@
 """The command line on real video files (PyAV): train, resume, eval, zero-shot, predict, demo, errors."""
+import argparse
 import json
 import os
 import re
@@ -63,6 +64,16 @@ def test_help_shows_defaults(command, capsys):
     assert "usage: vitaclip " + command in out
     if command == "train":
         assert "default: 0.0004" in out and "default: 30000" in out and "default: 256" in out
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    unexplained = [(name, action.dest) for name, parser in commands.items() for action in parser._actions
+                   if not action.help]
+    assert unexplained == []
+    # zeroshot's plain CLIP loads as train's backbone does: a file too, not only a tag
+    pretrained = next(a for a in commands["zeroshot"]._actions if a.dest == "pretrained")
+    assert "tag" in pretrained.help and "file" in pretrained.help
 
 
 def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):

@@ -523,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="trained model (default: a plain CLIP via --clip/--pretrained)")
     add_heads(p)
     p.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name when no --model is given")
-    p.add_argument("--pretrained", default="openai", help="open_clip weights tag when no --model is given")
+    p.add_argument("--pretrained", default="openai",
+                   help="CLIP weights when no --model is given: an open_clip pretrained tag (openai, "
+                        "laion2b_s34b_b88k, ...; downloaded the first time) or a weights file; '' for random weights")
     p.add_argument("--split", action="append", required=True, metavar="LIST[:CLASSES]",
                    help="a test list, optionally with its own class list; repeat for each split")
     p.add_argument("--classes", default=None, help="class list of splits that name none")
@@ -556,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=FORMATTER)
     p.add_argument("--preset", default="ViT-B/16", help="architecture preset")
     p.add_argument("--tiny", action="store_true", help="the demo's tiny model instead of a preset")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--frames", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="clips per timed batch (of the model and of the --list loader)")
+    p.add_argument("--frames", type=positive_int, default=8, help="frames per clip")
     p.add_argument("--iters", type=positive_int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--train", action="store_true",
