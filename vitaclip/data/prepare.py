@@ -5,8 +5,8 @@ short), every source frame kept (frame i stays frame i, so sampling is unchanged
 Parallel (processes), resumable (each output is written to a temporary name and renamed
 when complete; one made from the same source file, as OUT_DIR/prepare-sources.jsonl records,
 is not made again), with a progress bar. A video goes to OUT_DIR/videos/<its path under the
-data root>.mp4 (one outside the data root under its absolute path), once however often the list
-names it. Writes OUT_DIR/<list name> in the original `path,label` format (paths relative to
+data root>, its extension replaced by .mp4 (one outside the data root under its absolute path),
+once however often the list names it. Writes OUT_DIR/<list name> in the original `path,label` format (paths relative to
 OUT_DIR) and its `.meta` sidecar (exact frame counts, so the loader needs no probing); OUT_DIR
 cannot be the list's own folder. Stops at the first bad list line or video; `--on-error skip`
 leaves them out of the new list and exits with status 1.
@@ -157,9 +157,9 @@ def _turned(frame, turns: int):
 
 
 def output_name(source: str, data_root: str) -> str:
-    """The prepared video's path in OUT_DIR: videos/<source's path under data_root>.mp4, or, for a
+    """The prepared video's path in OUT_DIR: videos/<source's path under data_root>, or, for a
     source outside data_root (an absolute path, or one climbing out with ..), videos/<its
-    absolute path>.mp4."""
+    absolute path>; either with its extension replaced by .mp4 (a/x.avi: videos/a/x.mp4)."""
     rel = os.path.normpath(os.path.relpath(source, data_root) if data_root else source)
     if os.path.isabs(rel) or rel.split(os.sep)[0] == os.pardir:
         rel = os.path.abspath(source).lstrip(os.sep)
