@@ -55,6 +55,21 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, hint, monkey
     assert (hint in err) if hint else err == f"vitaclip {command}: interrupted\n"
 
 
+def test_ctrl_c_in_training_says_whether_there_is_a_checkpoint_to_go_on_from(monkeypatch, capsys, tmp_path):
+    from vitaclip.engine.checkpoint import checkpoint_path
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    command = ["train", "--train-list", "list.txt", "--classes", "c.txt", "--output-dir", tmp_path]
+    code, _, err = run(capsys, *command)
+    assert code == 130 and f"nothing was saved: {tmp_path} holds no checkpoint yet" in err and "goes on" not in err
+    checkpoint_path(tmp_path, 5).write_bytes(b"")
+    code, _, err = run(capsys, *command)
+    assert code == 130 and "--resume auto goes on from the last one" in err and "nothing was saved" not in err
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -601,15 +601,23 @@ def main(argv=None) -> int:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
-        print(f"vitaclip {args.command}: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
+        print(f"vitaclip {args.command}: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGINT
 
 
-INTERRUPTED_HINTS = {
-    "prepare": " (the videos it finished are kept: the same command goes on from them)",
-    "train": (" (no checkpoint was written now: --resume auto goes on from the last one; "
-              "--stop-signals SIGTERM,SIGUSR1,SIGINT makes Ctrl-C write one and stop)"),
-}
+def interrupted_hint(args) -> str:
+    """What an interrupted command keeps and how to go on from it, if it has such."""
+    if args.command == "prepare":
+        return " (the videos it finished are kept: the same command goes on from them)"
+    if args.command != "train":
+        return ""
+    from .engine.checkpoint import latest_checkpoint
+
+    # stopped before its first checkpoint, a run has nothing to go on from
+    kept = ("no checkpoint was written now: --resume auto goes on from the last one"
+            if latest_checkpoint(args.output_dir) else
+            f"nothing was saved: {args.output_dir} holds no checkpoint yet, so --resume auto starts afresh")
+    return f" ({kept}; --stop-signals SIGTERM,SIGUSR1,SIGINT makes Ctrl-C write one and stop)"
 
 
 if __name__ == "__main__":
