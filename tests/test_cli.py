@@ -393,6 +393,17 @@ def test_training_warns_of_classes_without_a_training_video(videos, tmp_path, ca
     assert code == 0 and "1 of the 4 classes have no video" in err and "'moving left'" in err
 
 
+def test_resume_auto_says_when_it_finds_no_checkpoint_and_starts_afresh(videos, tmp_path, capsys, monkeypatch):
+    import logging
+
+    root, list_file = videos
+    monkeypatch.setattr(logging.root, "handlers", [])  # as outside pytest, whose handlers would take the note
+    code, _, err = run(capsys, "train", "--train-list", list_file, "--data-root", list_file.parent, "--classes",
+                       root / "classes.txt", "--init", root / "model", "--output-dir", tmp_path / "r", "--steps", 1,
+                       "--batch-size", 4, "--augment", "", "--no-tensorboard", *CPU, "--resume", "auto")
+    assert code == 0 and f"--resume auto) found no checkpoint in {tmp_path / 'r'}: a fresh run starts" in err
+
+
 def test_a_fresh_run_in_a_used_output_dir_needs_overwrite(videos, tmp_path, capsys):
     root, list_file = videos
     argv = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",

@@ -143,11 +143,14 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_to
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
 
-def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path):
+def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path, caplog):
     config = tiny_train_config(tmp_path, steps=2, resume="auto")
-    assert sorted(train(tiny_model(), tiny_data(), config).losses) == [1, 2]
-    again = train(tiny_model(), tiny_data(), config)
-    assert again.finished and again.losses == {}
+    with caplog.at_level("INFO", logger="vitaclip.engine.train"):
+        assert sorted(train(tiny_model(), tiny_data(), config).losses) == [1, 2]
+        assert f"found no checkpoint in {tmp_path}: a fresh run starts" in caplog.text  # not silently
+        caplog.clear()
+        again = train(tiny_model(), tiny_data(), config)
+    assert again.finished and again.losses == {} and "no checkpoint" not in caplog.text
 
 
 def test_resuming_a_run_that_stopped_before_its_final_model_writes_it(tmp_path):

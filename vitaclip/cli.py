@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -195,6 +196,9 @@ def cmd_train(args) -> int:
 
     if args.eval_every and not args.val_list:
         raise ValueError("--eval-every needs the videos to evaluate on: give --val-list")
+    # vitaclip's notes (INFO: --resume auto found no checkpoint) are shown as its warnings are; others' INFO is not
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("vitaclip").setLevel(logging.INFO)
     declare_stop_signals(args.stop_signals)  # before the loaders' worker pools start the fork server
     env = init_distributed(args.device)
     classes = read_classes(args.classes)

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import inspect
+import logging
 import math
 import shutil
 import time
@@ -47,6 +48,7 @@ EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_on", "betas", "adam_eps",
                 "grad_clip")
 WEIGHT_DECAY_ON = ("all", "matrices")
+logger = logging.getLogger(__name__)  # (`log` is a run's RunLog)
 
 
 @dataclass
@@ -510,7 +512,10 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
         clear_earlier_run(config, out)
         return None, None
     if config.resume == "auto":
-        return ckpt.load_latest_checkpoint(out)
+        path, payload = ckpt.load_latest_checkpoint(out)
+        if path is None:  # a requeue script's first run, or a mistyped --output-dir: said, not silent
+            logger.info("resume='auto' (--resume auto) found no checkpoint in %s: a fresh run starts", out)
+        return path, payload
     path = Path(config.resume)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
