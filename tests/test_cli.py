@@ -253,6 +253,24 @@ def test_predict_takes_videos_from_a_file_or_standard_input(videos, capsys, monk
     assert code == 2 and f"video path file {tmp_path / 'none.txt'} does not exist" in err
 
 
+def test_predict_refuses_a_labelled_list_and_names_a_few_of_many_missing_videos(videos, capsys, tmp_path):
+    """--videos-from given a `path,label` list says what it is, not that each line is a missing video;
+    of many missing videos the first few are named, with a count."""
+    import shutil
+
+    root, list_file = videos
+    code, _, err = run(capsys, "predict", "--model", root / "model", "--videos-from", list_file, *CPU)
+    assert code == 2 and "(the first: 'clip_00000.mp4," in err and "a labelled list" in err
+    assert "vitaclip eval --list" in err and "not found" not in err
+    shutil.copy(list_file.parent / "clip_00000.mp4", tmp_path / "clip,1")  # a video whose name reads so
+    (tmp_path / "paths.txt").write_text(f"{tmp_path / 'clip,1'}\n")
+    assert run(capsys, "predict", "--model", root / "model", "--videos-from", tmp_path / "paths.txt", *CPU)[0] == 0
+    missing = [tmp_path / f"missing_{i}.mp4" for i in range(7)]
+    code, _, err = run(capsys, "predict", "--model", root / "model", *missing, *CPU)
+    assert code == 2 and "7 video file(s) not found" in err and str(missing[4]) in err and "and 2 more" in err
+    assert str(missing[5]) not in err
+
+
 def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monkeypatch):
     """Over a long list, what was printed stays when the run stops at a later video (Ctrl-C, a crash):
     each video's result is printed once its views are scored; --json prints the list item by item,

@@ -84,9 +84,10 @@ def read_templates(path: str) -> List[str]:
     return templates
 
 
-def read_video_paths(path: str) -> List[str]:
-    """The video paths of a file ('-': standard input), one per non-blank line, as written."""
-    from .data.lists import text_lines
+def read_video_paths(path: str, data_root: str = "") -> List[str]:
+    """The video paths of a file ('-': standard input), one per non-blank line, as written; a
+    labelled list (`path,label` lines that name no file) is refused for what it is."""
+    from .data.lists import is_list_line, text_lines
 
     if path == "-":
         lines = sys.stdin.read().splitlines()
@@ -94,7 +95,12 @@ def read_video_paths(path: str) -> List[str]:
         raise FileNotFoundError(f"video path file {path} does not exist")
     else:
         lines = [text for _, text in text_lines(path)]
-    return [line for line in lines if line.strip()]
+    paths = [line for line in lines if line.strip()]
+    # else each line would be named as a missing video
+    if paths and all(is_list_line(p) and not os.path.exists(os.path.join(data_root, p)) for p in paths):
+        raise ValueError(f"{'standard input' if path == '-' else path} holds 'path,label' lines (the first: "
+                         f"{paths[0]!r}), a labelled list, not video paths: `vitaclip eval --list` scores those")
+    return paths
 
 
 def architecture_overrides(args) -> dict:
@@ -318,7 +324,7 @@ def cmd_predict(args) -> int:
     from .engine.predict import PredictConfig, predictions
 
     classes = read_classes(args.classes) if args.classes else None
-    videos = list(args.videos) + (read_video_paths(args.videos_from) if args.videos_from else [])
+    videos = list(args.videos) + (read_video_paths(args.videos_from, args.data_root) if args.videos_from else [])
     if not videos:
         raise ValueError("no videos to predict: give VIDEO files or --videos-from FILE")
     model = load_eval_model(args, classes)

@@ -89,6 +89,12 @@ class VideoList(list):
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
+def is_list_line(text: str) -> bool:
+    """Whether `text` reads as a list file's `path,label` line (the label an integer)."""
+    path, comma, label = text.rpartition(",")
+    return bool(comma and path.strip() and _INTEGER.fullmatch(label.strip()))
+
+
 def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
     # rsplit: paths may contain commas, labels never do
     parts = line.rsplit(",", 1)

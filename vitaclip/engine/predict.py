@@ -17,6 +17,15 @@ from .evaluate import accumulate
 from .precision import autocast
 
 
+PATHS_SHOWN = 5  # in an error: a long list's every missing file would bury the message
+
+
+def _some(paths: List[str]) -> str:
+    """The first PATHS_SHOWN paths, and how many more there are."""
+    more = f" and {len(paths) - PATHS_SHOWN} more" if len(paths) > PATHS_SHOWN else ""
+    return f"{paths[:PATHS_SHOWN]}{more}"
+
+
 @dataclass
 class PredictConfig:
     top_k: int = 5
@@ -46,10 +55,10 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
     if config.on_error == "raise":
         folders = [p for p in paths if os.path.isdir(p)]
         if folders:
-            raise ValueError(f"folder(s), not video files: {folders}")
+            raise ValueError(f"folder(s), not video files: {_some(folders)}")
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"video file(s) not found: {missing}")
+            raise FileNotFoundError(f"{len(missing)} video file(s) not found: {_some(missing)}")
     with tempfile.TemporaryDirectory(prefix="vitaclip-predict-") as tmp:
         list_file = os.path.join(tmp, "videos.txt")
         Path(list_file).write_text("".join(f"{p},0\n" for p in paths))
