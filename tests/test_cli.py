@@ -276,16 +276,17 @@ def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monke
     each video's result is printed once its views are scored; --json prints the list item by item,
     the same JSON when the run ends."""
     import vitaclip.engine.predict as predict_module
+    from vitaclip.data import VideoDecodeError
 
     root, list_file = videos
     files = [list_file.parent / f"clip_{i:05d}.mp4" for i in range(3)]
     code, whole, _ = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
     assert code == 0 and [r["video"] for r in json.loads(whole)] == [str(f) for f in files]
-    real_accumulate, scored = predict_module.accumulate, []
+    real_accumulate, scored, stop = predict_module.accumulate, [], [KeyboardInterrupt()]
 
     def stopped_at_the_third(*args):
         if len(scored) == 2:
-            raise KeyboardInterrupt
+            raise stop[0]
         scored.append(real_accumulate(*args))
 
     monkeypatch.setattr(predict_module, "accumulate", stopped_at_the_third)
@@ -294,7 +295,13 @@ def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monke
     assert str(files[2]) not in out
     scored.clear()
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
-    assert code == 130 and whole.startswith(out) and out.endswith("}") and str(files[1]) in out
+    assert code == 130 and str(files[1]) in out and err.startswith("vitaclip predict: interrupted")
+    # the last item's line, left open for the comma before the next, is ended: "interrupted" has a line of its own
+    assert out.endswith("}\n") and whole.startswith(out.removesuffix("\n"))
+    scored.clear()
+    stop[0] = VideoDecodeError("video 3: cannot read video")  # (one that a probe read but cannot be decoded)
+    code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
+    assert code == 2 and out.endswith("}\n") and err.startswith("vitaclip predict: error: video 3")
 
 
 def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):

@@ -335,14 +335,19 @@ def cmd_predict(args) -> int:
     # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
     # others); --json: the list json.dumps(results, indent=1) prints, item by item
     failed = count = 0
-    for count, r in enumerate(results, start=1):
-        if args.json:
-            print("[\n" if count == 1 else ",\n", textwrap.indent(json.dumps(r, indent=1), " "), sep="", end="")
-        else:
-            print(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
-                                      if "top" in r else f"  error: {r['error']}"))
-        sys.stdout.flush()
-        failed += "error" in r
+    try:
+        for count, r in enumerate(results, start=1):
+            if args.json:
+                print("[\n" if count == 1 else ",\n", textwrap.indent(json.dumps(r, indent=1), " "), sep="", end="")
+            else:
+                print(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                                          if "top" in r else f"  error: {r['error']}"))
+            sys.stdout.flush()
+            failed += "error" in r
+    except BaseException:  # Ctrl-C, a video that fails to decode: main's line must not join the last item's
+        if args.json and count:  # (whose line stays open for the comma before the next)
+            print(flush=True)
+        raise
     if args.json:
         print("\n]")
     if failed:
