@@ -631,6 +631,20 @@ def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(unde
     assert counts == ["epoch 0: skipped 1 more videos (1 in all)" if train else "skipped 1 more videos (1 in all)"]
 
 
+def test_the_count_of_videos_skipped_names_the_epoch_they_were_skipped_in(undecodable_list, caplog):
+    """Not the one set before the epoch's last batch was taken (its batches stay the first epoch's)."""
+    ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=True, batch_size=1, num_frames=2,
+                     stride=15, size=16, augment=None, backend="pyav", num_workers=0, device="cpu",
+                     on_error="skip", seed=3)  # epoch 0 plans the list's lines 3, 2 (left out), 1
+    epoch = iter(ld)
+    next(epoch)
+    ld.set_epoch(1)
+    with caplog.at_level("WARNING", logger="vitaclip.data.loader"):
+        assert len(list(epoch)) == 1
+    assert [r.getMessage() for r in caplog.records if "more videos" in r.getMessage()] == [
+        "epoch 0: skipped 1 more videos (1 in all)"]
+
+
 def test_epoch_loader_resumes_exactly_after_a_left_out_batch(undecodable_list):
     from vitaclip.engine.loader import EpochLoader
 
@@ -923,14 +937,56 @@ def test_pyav_workers_on_cuda_give_the_inline_batches(vp9_dataset):
 
 
 def test_the_pyav_pool_stays_up_from_epoch_to_epoch(vp9_dataset):
-    """Its workers are started once (a consumer such as zip() never resumes an epoch's generator
-    after its last batch: that is not an epoch left part-read)."""
+    """Its workers are started once, also for a consumer that stops itself after len(loader) batches
+    (zip, islice): it never resumes an epoch's generator after its last batch, and that is not an
+    epoch left part-read."""
     root, _ = vp9_dataset
     ld = loader(root, True, batch_size=1, size=32, num_frames=2, stride=4, augment=None, num_workers=1)
-    list(ld)
-    pool = ld._workers
-    ld.set_epoch(1)
-    assert len(list(ld)) == 3 and pool is not None and ld._workers is pool
+    assert len(list(ld)) == len(ld) == 3
+    pool, pids = ld._workers, [worker.pid for worker in ld._workers._iterator._workers]
+    for epoch in (1, 2):
+        ld.set_epoch(epoch)
+        assert len([batch for _, batch in zip(range(len(ld)), ld)]) == 3
+    ld.set_epoch(3)
+    assert len(list(itertools.islice(ld, len(ld)))) == 3
+    assert ld._workers is pool and [worker.pid for worker in pool._iterator._workers] == pids
+    next(iter(ld))  # an epoch left part-read still ends its pool (its chunks queued would hold up the next)
+    assert ld._workers is None
+
+
+def test_a_pyav_pool_reads_one_epoch_at_a_time(vp9_dataset):
+    """A second epoch's iterator started while the first is unfinished is refused, not let cut the
+    first short (they would share the pool's sampler); one finished or closed refuses nothing."""
+    root, _ = vp9_dataset
+    ld = loader(root, False, batch_size=1, size=16, num_frames=2, stride=4, num_workers=1)
+    first = iter(ld)
+    ids = [int(next(first).video_id[0])]
+    with pytest.raises(RuntimeError, match="one epoch at a time .* finish or close the previous iterator"):
+        next(iter(ld))
+    ids += [int(batch.video_id[0]) for batch in first]
+    assert ids == [0, 1, 2]
+    assert len(list(ld)) == 3
+    first = iter(ld)
+    next(first)
+    first.close()
+    assert len(list(ld)) == 3
+
+
+def test_a_pyav_worker_that_died_between_epochs_fails_the_next_with_a_decode_error(vp9_dataset, monkeypatch):
+    """As a worker dying mid-epoch does: the pool is ended, and the epoch after starts a new one."""
+    from vitaclip.data import loader as loader_module
+    from worker_faults import assert_process_ends
+    monkeypatch.setattr(loader_module, "POOL_POLL_S", 0.5)  # how soon DataLoader looks for dead workers
+    root, _ = vp9_dataset
+    ld = loader(root, False, batch_size=1, size=16, num_frames=2, stride=4, num_workers=1)
+    assert len(list(ld)) == 3
+    (worker,) = ld._workers._iterator._workers
+    worker.kill()  # (as the kernel's OOM killer would)
+    assert_process_ends(worker.pid)
+    with pytest.raises(VideoDecodeError, match=rf"worker failed before the epoch began: .*{worker.pid}"):
+        next(iter(ld))
+    assert ld._workers is None
+    assert len(list(ld)) == 3
 
 
 def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_dataset, tmp_path):

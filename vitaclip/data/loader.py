@@ -147,6 +147,7 @@ class VideoLoader:
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
         self._workers = None
+        self._pool_in_use = False  # an epoch's iterator is taking chunks from the PyAV pool
 
     # ---------------------------------------------------------------- planning
     @property
@@ -174,6 +175,8 @@ class VideoLoader:
         return {video_id: entry.path for video_id, entry, _ in self.videos}
 
     def __len__(self) -> int:
+        """Batches in the whole epoch, whatever set_epoch's start_batch and end_batch: EpochLoader
+        counts an epoch's positions, and where it ends, in whole epochs."""
         n = len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
@@ -273,6 +276,9 @@ class VideoLoader:
         if self.num_workers == 0:
             yield from ([decode_with_pyav(*task) for task in batch] for batch in tasks)
             return
+        if self._pool_in_use:  # one sampler and one DataLoader iterator: a second epoch would cut the first short
+            raise RuntimeError("a VideoLoader decoding in PyAV worker processes reads one epoch at a time (its "
+                               "iterators share the pool): finish or close the previous iterator over it first")
         if self._workers is None:
             context = fork_server_context()  # persistent processes
             self._epoch_tasks = _EpochTasks()
@@ -290,19 +296,34 @@ class VideoLoader:
                 yield from taken[-1]
 
         self._epoch_tasks.tasks = chunks()
-        packed = iter(self._workers)
-        finished = False
+        self._pool_in_use, packed, finished = True, None, False
         try:
+            packed = self._pool_iterator()
             # the sampler takes a chunk before it is decoded: once a batch's first chunk is in, `taken`
             # holds that batch's chunks
             while (first := self._next_chunk(packed, taken[0][0] if taken else None)) is not None:
                 batch = taken.popleft()
                 packs = [first] + [self._next_chunk(packed, chunk) for chunk in batch[1:]]
+                # the pool asks the sampler for a chunk as each comes in: with no batch taken and not handed
+                # out, the pool has nothing queued and this is the epoch's last batch, after which a consumer
+                # that stops itself at len(loader) batches (zip, islice) never resumes us
+                finished = not taken
                 yield [clip for pack in packs for clip in unpack_clips(*pack)]
             finished = True
         finally:
+            self._pool_in_use = False
             if not finished:  # left part-read: the next epoch's iter() would wait for its queued chunks
                 self._end_pool(packed)
+
+    def _pool_iterator(self):
+        """iter() of the worker pool: a pool kept from an earlier epoch first hears from each of its
+        workers, and one that died in between (e.g. killed for memory) fails the epoch as it would
+        mid-epoch, ending the pool, so that a later epoch starts a new one."""
+        try:
+            return iter(self._workers)
+        except (RuntimeError, OSError, EOFError) as error:
+            self._end_pool(self._workers._iterator)  # (DataLoader's own, with persistent workers)
+            raise VideoDecodeError(f"a PyAV decoding worker failed before the epoch began: {error}") from error
 
     def _next_chunk(self, packed, chunk):
         """The next packed chunk from the worker pool (None after the epoch's last). A worker that
@@ -375,7 +396,8 @@ class VideoLoader:
             yield plans, frames
 
     def __iter__(self) -> Iterator[Batch]:
-        skipped_before = len(self.skipped)
+        # the epoch planned (_plan_batches), even if set_epoch comes before its last batch
+        skipped_before, epoch = len(self.skipped), self.epoch
         for position, (plans, decoded) in enumerate(self.decode_epoch(), start=self.start_batch):
             good = []
             for plan, frames in zip(plans, decoded):
@@ -389,7 +411,7 @@ class VideoLoader:
             if good:
                 yield self.assemble(good)
         if len(self.skipped) > skipped_before:
-            when = f"epoch {self.epoch}: " if self.train else ""  # an evaluation pass has no epochs
+            when = f"epoch {epoch}: " if self.train else ""  # an evaluation pass has no epochs
             log.warning("%sskipped %d more videos (%d in all)", when, len(self.skipped) - skipped_before,
                         len(self.skipped))
 
