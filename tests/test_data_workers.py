@@ -53,3 +53,19 @@ def test_workers_that_cannot_start_are_named_so_not_taken_for_crashes_on_each_ca
     assert result.returncode != 0
     assert 'worker processes cannot start: a script that makes a loader or runs `prepare` must do so under ' \
            '`if __name__ == "__main__":`' in result.stderr
+
+
+def test_a_crash_of_a_worker_recorded_after_the_pool_listed_its_workers_is_noticed(tmp_path):
+    """The pool's manager thread watches the workers it listed when it last woke: one recorded later
+    (on a loaded machine the recording can wait seconds), crashing on the last call in flight while
+    the other worker is idle, left that call pending for ever, and the job hung."""
+    from worker_faults import exits_within
+
+    assert exits_within("""
+if __name__ == "__main__":
+    from worker_faults import crash_in_the_late_worker, record_second_workers_once_ended
+    from vitaclip.data.workers import map_in_workers
+    record_second_workers_once_ended(".")
+    assert map_in_workers([(crash_in_the_late_worker, ".")] * 2, workers=2) == ["returned"] * 2
+    print("done", flush=True)
+""", tmp_path, timeout=60)

@@ -104,6 +104,62 @@ def start_second_workers_late():
     pool_module.ProcessPoolExecutor.__init__ = init
 
 
+class _SecondWorkerRecordedOnceEnded(dict):
+    """A pool's table of its workers that records the second one only once that worker has ended,
+    naming it in `<folder>/late-worker` meanwhile: the pool's manager thread, which lists the
+    workers to watch when it wakes, has listed them without it."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = Path(folder)
+
+    def __setitem__(self, pid, process):
+        if len(self) == 1:
+            (self.folder / "late-worker.tmp").write_text(str(pid))
+            os.replace(self.folder / "late-worker.tmp", self.folder / "late-worker")
+            process.join(30)
+        super().__setitem__(pid, process)
+
+
+def record_second_workers_once_ended(folder: str):
+    """Every ProcessPoolExecutor made after this call records its second worker once it has ended."""
+    from concurrent.futures import process as pool_module
+
+    made = pool_module.ProcessPoolExecutor.__init__
+
+    def init(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        self._processes = _SecondWorkerRecordedOnceEnded(folder)
+
+    pool_module.ProcessPoolExecutor.__init__ = init
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def crash_in_the_late_worker(folder: str) -> str:
+    """Called twice at once in a pool made after record_second_workers_once_ended(folder): dies in
+    the late worker once the other call has returned; in the other worker, returns "returned" once
+    the late worker holds the other call (so that it cannot take both). Run again in a worker of
+    its own, it returns."""
+    folder = Path(folder)
+    late = folder / "late-worker"
+    _wait_for(late)
+    if int(late.read_text()) == os.getpid():
+        (folder / "late-arrived").touch()
+        _wait_for(folder / "returned")
+        time.sleep(0.5)  # for the other's result to reach the pool's manager thread first
+        os._exit(1)
+    _wait_for(folder / "late-arrived")
+    (folder / "returned").touch()
+    return "returned"
+
+
 def exits_within(script: str, folder: Path, timeout: float = 60) -> bool:
     """Runs `script` (the tests folder importable), which prints "done" when its work is done, from
     `folder`: whether it then exits, within `timeout` s (if not, it is killed with its workers)."""
@@ -115,11 +171,13 @@ def exits_within(script: str, folder: Path, timeout: float = 60) -> bool:
     path.write_text(script)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                     os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen([sys.executable, str(path)], cwd=folder, env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-X", "faulthandler", str(path)], cwd=folder, env=env,
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGABRT)  # faulthandler prints where each of its threads is
+        time.sleep(1)
         os.killpg(process.pid, signal.SIGKILL)
         out, _ = process.communicate()
         assert "done" in out, out  # the work was done: what hung is the exit

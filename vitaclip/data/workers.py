@@ -19,6 +19,7 @@ from ..engine.stopping import pool_worker_init, start_fork_server
 # task code (the loader's workers unpickle it)
 PRELOAD = ["vitaclip.data.loader"]
 MAX_ALARM_S = 2**31 - 1  # the most signal.alarm takes (a C int); a longer timeout is none
+WATCH_ALL_WORKERS_S = 1.0  # how often a wait on a pool's calls has it look at every worker (watch_all_workers)
 
 
 def fork_server_context():
@@ -55,9 +56,23 @@ def as_completed(pool, fn, calls: Iterator, in_flight: int, running: dict):
             running[future] = (key, args)
         if not running:
             return
-        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        finished, _ = wait(running, timeout=WATCH_ALL_WORKERS_S, return_when=FIRST_COMPLETED)
+        if not finished:
+            watch_all_workers(pool)
         for future in finished:
             yield (*running.pop(future), future)
+
+
+def watch_all_workers(pool: ProcessPoolExecutor) -> None:
+    """Has `pool`'s manager thread watch every worker the pool has recorded. It lists the workers
+    to watch when it wakes, and a worker recorded later (the caller's thread records it just after
+    starting it, which a loaded machine can delay by seconds) goes unwatched until it wakes again:
+    had that worker crashed on the last call in flight, with the others idle, the call's future
+    would never end and the job would hang. Waking it is what `submit` does."""
+    lock, wakeup = getattr(pool, "_shutdown_lock", None), getattr(pool, "_executor_manager_thread_wakeup", None)
+    if lock is not None and wakeup is not None:
+        with lock:  # (the manager closes the wakeup under it)
+            wakeup.wakeup()
 
 
 def map_in_workers(calls: Sequence[tuple], workers: int, timeout: Optional[float] = None,
