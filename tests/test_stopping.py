@@ -87,6 +87,41 @@ def test_a_shielded_worker_ignores_a_stop_signal_from_others_and_ends_on_its_own
         request.uninstall()
 
 
+SIGNALLED_WHILE_SHIELDING = """
+import os, signal
+from vitaclip.engine import stopping
+
+worker = os.fork()  # with this thread only, as the fork server forks a worker
+if worker == 0:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the fork server leaves its workers
+    set_signal = signal.signal
+
+    def set_then_signalled(sig, handler):  # another process's SIGUSR1 comes as the shield sets it
+        previous = set_signal(sig, handler)
+        if sig == signal.SIGUSR1 and handler is signal.SIG_DFL:
+            sender = os.fork()
+            if sender == 0:
+                os.kill(os.getppid(), signal.SIGUSR1)
+                os._exit(0)
+            os.waitpid(sender, 0)
+        return previous
+
+    signal.signal = set_then_signalled
+    stopping._shield_worker((signal.SIGUSR1,), os.getppid(), 0)
+    os._exit(0)
+print(os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]))
+"""
+
+
+@needs_sigwaitinfo
+def test_a_stop_signal_from_others_while_a_worker_is_being_shielded_waits_for_the_shield():
+    """The shield set a signal's default action before blocking it: one sent in between (a scheduler
+    signalling the job as a rank starts its workers) ended the worker."""
+    out = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_SHIELDING], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["0"]
+
+
 FORK_SERVER_SIGNALLED = """
 import multiprocessing, os, signal, sys, time
 from multiprocessing import forkserver

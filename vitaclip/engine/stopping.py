@@ -187,11 +187,12 @@ def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int
                           f"signals meant for it: not shielded from them")
         _unshielded_worker(signals, owner)  # as any process takes them
         return
+    # blocked in this thread, and in every thread started from it (FFmpeg's), the signals wait for
+    # the thread below, which alone sees who sent them; blocked before their default action is set,
+    # or one sent between the two would end the worker
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     for sig in signals:  # a forked worker inherits its owner's handlers
         signal.signal(sig, signal.SIG_DFL)
-    # blocked in this thread, and in every thread started from it (FFmpeg's), the signals wait for
-    # the thread below, which alone sees who sent them
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     threading.Thread(target=_end_on_owners_signal, args=(signals, owner), daemon=True,
                      name="vitaclip-stop-signal-shield").start()
     _end_with(owner)
