@@ -424,8 +424,9 @@ def test_an_error_in_raise_mode_ends_the_encodes_in_flight(vp9_dataset, tmp_path
 
     root, rows = vp9_dataset
     shutil.copy(root / rows[0][0], tmp_path / "hang.webm")
-    (tmp_path / "slow-bad.webm").write_bytes(b"not a video")  # fails once the other encode has begun
-    (tmp_path / "src.csv").write_text("hang.webm,0\nslow-bad.webm,1\n")
+    # fails once the other encode has begun (a second's head start was not enough on a loaded machine)
+    (tmp_path / "late-bad.webm").write_bytes(b"not a video")
+    (tmp_path / "src.csv").write_text("hang.webm,0\nlate-bad.webm,1\n")
     start = time.monotonic()
     with pytest.raises(VideoDecodeError, match="src.csv:2"):
         prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), settings=EncodeSettings(short_side=32),

@@ -27,13 +27,14 @@ class FaultyTasks(loader._PyAVTasks):
 
 def faulty_prepare_job(src, dst, settings, reuse):
     """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name,
-    hanging on one with "hang", and taking a second over one with "slow"."""
+    hanging on one with "hang", and beginning one with "late" only once the encode of hang.webm
+    beside it has begun."""
     from vitaclip.data.prepare import _job
 
     if "crash" in os.path.basename(src):
         os._exit(1)
-    if "slow" in os.path.basename(src):
-        time.sleep(1)
+    if "late" in os.path.basename(src):
+        _wait_for(Path(src).with_name("hang.webm.pid"))
     if "hang" in os.path.basename(src):
         Path(src + ".pid").write_text(str(os.getpid()))  # for the test to see it end
         threading.Event().wait()
