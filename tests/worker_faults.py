@@ -92,17 +92,22 @@ class _LateSecondWorker(dict):
         super().__setitem__(pid, process)
 
 
-def start_second_workers_late():
-    """Every ProcessPoolExecutor made after this call records its second worker late."""
+def _record_workers_in(make_table) -> None:
+    """Every ProcessPoolExecutor made after this call keeps its workers in a table from make_table()."""
     from concurrent.futures import process as pool_module
 
     made = pool_module.ProcessPoolExecutor.__init__
 
     def init(self, *args, **kwargs):
         made(self, *args, **kwargs)
-        self._processes = _LateSecondWorker()
+        self._processes = make_table()
 
     pool_module.ProcessPoolExecutor.__init__ = init
+
+
+def start_second_workers_late():
+    """Every ProcessPoolExecutor made after this call records its second worker late."""
+    _record_workers_in(_LateSecondWorker)
 
 
 class _SecondWorkerRecordedOnceEnded(dict):
@@ -124,15 +129,7 @@ class _SecondWorkerRecordedOnceEnded(dict):
 
 def record_second_workers_once_ended(folder: str):
     """Every ProcessPoolExecutor made after this call records its second worker once it has ended."""
-    from concurrent.futures import process as pool_module
-
-    made = pool_module.ProcessPoolExecutor.__init__
-
-    def init(self, *args, **kwargs):
-        made(self, *args, **kwargs)
-        self._processes = _SecondWorkerRecordedOnceEnded(folder)
-
-    pool_module.ProcessPoolExecutor.__init__ = init
+    _record_workers_in(lambda: _SecondWorkerRecordedOnceEnded(folder))
 
 
 def _wait_for(path: Path) -> None:
