@@ -993,6 +993,40 @@ def test_a_pyav_worker_that_died_between_epochs_fails_the_next_with_a_decode_err
     assert len(list(ld)) == 3
 
 
+@pytest.mark.parametrize("answers_after_s", [2.0, None])
+def test_a_kept_pool_waits_up_to_worker_timeout_for_its_idle_workers_to_answer_the_next_epoch(
+        vp9_dataset, monkeypatch, answers_after_s):
+    """A worker that answers the next epoch's start later than the pool's poll (stopped here; on a
+    stalled node, not scheduled) holds the epoch up, not fails it; one that never answers fails it
+    after worker_timeout, named as such, and is ended with the pool."""
+    import signal
+    import threading
+
+    from vitaclip.data import loader as loader_module
+    from worker_faults import assert_process_ends
+    monkeypatch.setattr(loader_module, "POOL_POLL_S", 0.5)
+    root, _ = vp9_dataset
+    ld = loader(root, False, batch_size=1, size=16, num_frames=2, stride=4, num_workers=1,
+                worker_timeout=30 if answers_after_s else 2)
+    assert len(list(ld)) == 3
+    (worker,) = ld._workers._iterator._workers
+    os.kill(worker.pid, signal.SIGSTOP)
+    if answers_after_s:
+        waking = threading.Timer(answers_after_s, os.kill, (worker.pid, signal.SIGCONT))
+        waking.start()
+        try:
+            assert [int(batch.video_id[0]) for batch in ld] == [0, 1, 2]
+        finally:
+            waking.join()
+        assert ld._workers._iterator._workers == [worker]
+    else:
+        with pytest.raises(VideoDecodeError, match=r"before the epoch began: they did not answer for 2 s "
+                                                   r"\(worker_timeout\): a worker hung"):
+            next(iter(ld))
+        assert ld._workers is None
+        assert_process_ends(worker.pid)
+
+
 def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_dataset, tmp_path):
     from vitaclip.engine.loader import EpochLoader
 

@@ -7,6 +7,7 @@ so a clip is the same whichever backend decodes it, however many workers or rank
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -317,13 +318,18 @@ class VideoLoader:
 
     def _pool_iterator(self):
         """iter() of the worker pool: a pool kept from an earlier epoch first hears from each of its
-        workers, and one that died in between (e.g. killed for memory) fails the epoch as it would
-        mid-epoch, ending the pool, so that a later epoch starts a new one."""
+        workers, for up to worker_timeout seconds (idle workers on a stalled node can take longer than
+        the pool's poll to answer), and one that died in between (e.g. killed for memory) fails the
+        epoch as it would mid-epoch, ending the pool, so that a later epoch starts a new one."""
+        kept = self._workers._iterator  # (DataLoader's own, with persistent workers; None before the first epoch)
         try:
-            return iter(self._workers)
+            with _waiting_longer(kept, self.worker_timeout):
+                return iter(self._workers)
         except (RuntimeError, OSError, EOFError) as error:
-            self._end_pool(self._workers._iterator)  # (DataLoader's own, with persistent workers)
-            raise VideoDecodeError(f"a PyAV decoding worker failed before the epoch began: {error}") from error
+            self._end_pool(kept)
+            why = (f"they did not answer for {self.worker_timeout:g} s (worker_timeout): a worker hung?"
+                   if "DataLoader timed out" in str(error) else error)
+            raise VideoDecodeError(f"a PyAV decoding worker failed before the epoch began: {why}") from error
 
     def _next_chunk(self, packed, chunk):
         """The next packed chunk from the worker pool (None after the epoch's last). A worker that
@@ -546,6 +552,32 @@ def unpack_clips(buffer: torch.Tensor, layout: list) -> list:
             offset += size
         clips.append(Yuv420(*planes))
     return clips
+
+
+@contextlib.contextmanager
+def _waiting_longer(pool_iterator, limit: float):
+    """Within the block, a wait of the DataLoader iterator `pool_iterator` for its workers' next
+    message goes on, past its timeout (POOL_POLL_S), for up to `limit` seconds, still looking for
+    dead workers every POOL_POLL_S as DataLoader does (it raises, naming them). Without the
+    DataLoader's private wait (another PyTorch), its own timeout stands."""
+    wait = getattr(pool_iterator, "_try_get_data", None)
+    if wait is None:
+        yield
+        return
+
+    def wait_longer(timeout=None):
+        waited = 0.0
+        while True:
+            answered, data = wait(POOL_POLL_S)
+            waited += POOL_POLL_S
+            if answered or waited >= limit:
+                return answered, data
+
+    pool_iterator._try_get_data = wait_longer
+    try:
+        yield
+    finally:
+        del pool_iterator._try_get_data
 
 
 class _EpochTasks(torch.utils.data.Sampler):
