@@ -631,6 +631,19 @@ def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(unde
     assert counts == ["epoch 0: skipped 1 more videos (1 in all)" if train else "skipped 1 more videos (1 in all)"]
 
 
+def test_the_count_of_videos_skipped_is_logged_for_a_consumer_that_stops_at_the_last_batch(undecodable_list, caplog):
+    """islice/zip over len(loader) never resume the epoch's generator after its last batch."""
+    ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=False, batch_size=1, num_frames=2,
+                     stride=15, size=16, backend="pyav", num_workers=0, device="cpu", on_error="skip")
+    with caplog.at_level("WARNING", logger="vitaclip.data.loader"):
+        epoch = iter(ld)
+        assert [int(b.label) for b in itertools.islice(epoch, 2)] == [1, 2]  # line 2 left out
+        assert not [r for r in caplog.records if "more videos" in r.getMessage()]
+        epoch.close()
+    assert [r.getMessage() for r in caplog.records if "more videos" in r.getMessage()] == [
+        "skipped 1 more videos (1 in all)"]
+
+
 def test_the_count_of_videos_skipped_names_the_epoch_they_were_skipped_in(undecodable_list, caplog):
     """Not the one set before the epoch's last batch was taken (its batches stay the first epoch's)."""
     ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=True, batch_size=1, num_frames=2,

@@ -404,22 +404,24 @@ class VideoLoader:
     def __iter__(self) -> Iterator[Batch]:
         # the epoch planned (_plan_batches), even if set_epoch comes before its last batch
         skipped_before, epoch = len(self.skipped), self.epoch
-        for position, (plans, decoded) in enumerate(self.decode_epoch(), start=self.start_batch):
-            good = []
-            for plan, frames in zip(plans, decoded):
-                problem = frames if isinstance(frames, Exception) else _size_mismatch(plan, frames)
-                if problem is None:
-                    good.append((plan, frames))
-                elif plan.video_id not in self._failed_at_decode:
-                    self._failed_at_decode.add(plan.video_id)
-                    self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}", plan.video_id)
-            self.next_batch = position + 1
-            if good:
-                yield self.assemble(good)
-        if len(self.skipped) > skipped_before:
-            when = f"epoch {epoch}: " if self.train else ""  # an evaluation pass has no epochs
-            log.warning("%sskipped %d more videos (%d in all)", when, len(self.skipped) - skipped_before,
-                        len(self.skipped))
+        try:
+            for position, (plans, decoded) in enumerate(self.decode_epoch(), start=self.start_batch):
+                good = []
+                for plan, frames in zip(plans, decoded):
+                    problem = frames if isinstance(frames, Exception) else _size_mismatch(plan, frames)
+                    if problem is None:
+                        good.append((plan, frames))
+                    elif plan.video_id not in self._failed_at_decode:
+                        self._failed_at_decode.add(plan.video_id)
+                        self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}", plan.video_id)
+                self.next_batch = position + 1
+                if good:
+                    yield self.assemble(good)
+        finally:  # also for a consumer that stops itself after the last batch (zip, islice) or earlier
+            if len(self.skipped) > skipped_before:
+                when = f"epoch {epoch}: " if self.train else ""  # an evaluation pass has no epochs
+                log.warning("%sskipped %d more videos (%d in all)", when, len(self.skipped) - skipped_before,
+                            len(self.skipped))
 
     def assemble(self, items) -> Batch:
         """(plan, decoded frames) pairs -> a transformed, normalised batch on the device."""
