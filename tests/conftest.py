@@ -72,3 +72,34 @@ def run_in_own_process(source: str) -> str:
     assert result.returncode == 0, (f"exit status {result.returncode}:\nstdout: {result.stdout[-2000:]}\n"
                                     f"stderr: {result.stderr[-4000:]}")
     return result.stdout
+
+
+def check_user_compile(model, video) -> None:
+    """A user's torch.compile of the whole model (aot_eager: dynamo's capture and autograd, without
+    inductor's slow CPU code): a training pass traces as one graph (fullgraph=True) and gives eager's
+    logits and trainable-parameter gradients; an evaluation without gradients breaks its graph only
+    at the cached text features, and follows an update of the learned context."""
+    from torch._dynamo.utils import counters
+
+    def logits_and_grads(run):
+        model.zero_grad(set_to_none=True)
+        logits = run(video)
+        (logits * torch.linspace(-1, 1, logits.numel(), device=logits.device).view_as(logits)).sum().backward()
+        return logits.detach(), [p.grad for p in model.trainable_parameters()]
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.train()
+    want, want_grads = logits_and_grads(model)
+    got, got_grads = logits_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (name, _), g, w in zip(model.named_trainable_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    model.eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):  # the second after an update that the cached text features must follow
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(video), model(video), rtol=1e-5, atol=1e-5)
+            model.prompt_learner.ctx.add_(0.5)
+    assert {reason.split("\n")[0] for reason in counters["graph_break"]} == {
+        "Skip inlining `torch.compiler.disable()`d function"}

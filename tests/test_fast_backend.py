@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import randomize_, run_in_own_process
+from conftest import check_user_compile, randomize_, run_in_own_process
 from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
 from vitaclip.ops.attention import triton_available
@@ -108,6 +108,16 @@ def test_a_float64_fast_model_computes_in_float64_under_autocast(fast_anywhere):
     with torch.autocast(video.device.type, dtype=torch.bfloat16):
         logits = model(video)
     torch.testing.assert_close(logits, reference(video), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["fast", "fast-compiled", pytest.param("fast-graphed", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")])])
+def test_the_model_compiled_whole_by_its_user_gives_its_results(fast_anywhere, backend):
+    """The fast backends with their own compiling and CUDA graphs trace as "fast": the user's compile
+    takes the whole pass, the prompt attention and summary ops inside its graph."""
+    torch.manual_seed(5)
+    model = randomize_(VitaCLIP(tiny_config(), classnames=CLASSNAMES, backend=backend)).to(DEVICE)
+    check_user_compile(model, torch.randn(2, 3, 3, 56, 56, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["fast", "fast-compiled"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CLASSES, random_video, randomize_, tiny_config
+from conftest import CLASSES, check_user_compile, random_video, randomize_, tiny_config
 from spec_oracle import frame_features
 from vitaclip import VitaCLIP, VitaCLIPConfig
 from vitaclip.backends import resolve_backend
@@ -43,6 +43,11 @@ def test_reference_gradients_match_literal_spec_in_float64(groups):
     want = torch.autograd.grad((frame_features(model.visual, video) * weights).sum(), [p for _, p in named])
     for (name, _), g, w in zip(named, got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_the_model_compiled_whole_by_its_user_gives_its_results():
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES, backend="reference"))
+    check_user_compile(model, random_video(model.config))
 
 
 def test_prompts_are_initialised_as_the_public_code():

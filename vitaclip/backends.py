@@ -25,6 +25,9 @@ class Backend:
     priority: int
     compile_modules: bool = False  # also compile the video embedding and the text transformer
     cuda_graphs: bool = False  # capture whole passes as CUDA graphs on CUDA (vitaclip.graphs)
+    # the backend that runs instead while a user's torch.compile traces the model: that compile takes
+    # the whole pass, and its own compiling and graph capture with it
+    traced_as: Optional[str] = None
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -33,20 +36,30 @@ OPTIONAL_BACKEND_MODULES = ("vitaclip.fast",)
 
 def register_backend(name: str, block_forward: BlockForward,
                      is_available: Callable[[torch.device], bool] = lambda device: True,
-                     priority: int = 0, compile_modules: bool = False, cuda_graphs: bool = False) -> None:
-    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_modules, cuda_graphs)
+                     priority: int = 0, compile_modules: bool = False, cuda_graphs: bool = False,
+                     traced_as: Optional[str] = None) -> None:
+    _BACKENDS[name] = Backend(name, block_forward, is_available, priority, compile_modules, cuda_graphs, traced_as)
 
 
 register_backend("reference", reference_block_forward)
 
 
+_optional_backends_loaded = False
+
+
 def _load_optional_backends() -> None:
+    """Imports them once: after that, a model's pass under torch.compile resolves its backend
+    without a graph break (dynamo does not trace importlib)."""
+    global _optional_backends_loaded
+    if _optional_backends_loaded:
+        return
     for module in OPTIONAL_BACKEND_MODULES:
         try:
             importlib.import_module(module)
         except ImportError as err:  # e.g. no Triton on this machine: the reference still works
             if module.split(".")[-1] not in str(err) and "triton" not in str(err).lower():
                 raise
+    _optional_backends_loaded = True
 
 
 def available_backends(device: Optional[Union[str, torch.device]] = None) -> list[str]:
@@ -67,6 +80,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         if not backend.is_available(device):
             raise ValueError(f"backend {name!r} is not available on device {device} (there: "
                              f"{['auto'] + available_backends(device)})")
-        return backend
-    candidates = [b for b in _BACKENDS.values() if b.is_available(device)]
-    return max(candidates, key=lambda b: b.priority)
+    else:
+        backend = max((b for b in _BACKENDS.values() if b.is_available(device)), key=lambda b: b.priority)
+    if backend.traced_as is not None and torch.compiler.is_compiling():
+        return _BACKENDS[backend.traced_as]
+    return backend

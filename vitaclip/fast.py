@@ -83,6 +83,8 @@ def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
 
     if any(p.requires_grad for p in params):
         return build(lambda t: t)
+    if torch.compiler.is_compiling():  # the model compiled whole by its user: the casts go into the graph
+        return build(lambda t: t.to(dtype))
     key = tuple((p.data_ptr(), tensor_version(p)) for p in params) + (params[0].device,)
     cached = block.derived.get(("fast weights", dtype))
     if cached is None or cached[0] != key:
@@ -231,6 +233,7 @@ def fast_available(device: torch.device) -> bool:
 
 
 register_backend("fast", fast_block_forward, fast_available, priority=5)
-register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=10, compile_modules=True)
+register_backend("fast-compiled", fast_compiled_block_forward, fast_available, priority=10, compile_modules=True,
+                 traced_as="fast")
 register_backend("fast-graphed", fast_compiled_block_forward, fast_available, priority=20, compile_modules=True,
-                 cuda_graphs=True)
+                 cuda_graphs=True, traced_as="fast")

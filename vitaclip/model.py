@@ -168,13 +168,19 @@ class VitaCLIP(nn.Module):
     def text_features(self) -> Tensor:
         """Normalised features [n_classes, D] of the current label set; cached when nothing can
         change them (fixed prompts, or learned prompts evaluated without gradients)."""
+        if self._fixed_classnames is None and torch.is_grad_enabled():
+            return F.normalize(self.encode_text().float(), dim=-1)
+        return self._cached_text_features()
+
+    # Its cache is keyed on tensors' memory and version counters, which a graph of torch.compile
+    # cannot guard on: under a user's torch.compile of the model, it runs as it is (one graph break).
+    @torch.compiler.disable
+    def _cached_text_features(self) -> Tensor:
         if self._fixed_classnames is not None:
             state = self._text_tower_state()
             if self._fixed_text[0] != state:  # the text tower changed since (reloaded, updated, cast or moved)
                 self._fixed_text = (state, self._fixed_text_features(self._fixed_classnames, self._fixed_templates))
             return self._fixed_text[1]
-        if torch.is_grad_enabled():
-            return F.normalize(self.encode_text().float(), dim=-1)
         key = self._text_cache_key()
         if self._text_cache is None or self._text_cache[0] != key:
             self._text_cache = (key, F.normalize(self.encode_text().float(), dim=-1))
