@@ -55,6 +55,32 @@ def test_workers_that_cannot_start_are_named_so_not_taken_for_crashes_on_each_ca
            '`if __name__ == "__main__":`' in result.stderr
 
 
+def test_a_loader_whose_decoding_workers_cannot_start_says_so_not_that_a_video_failed(vp9_dataset, tmp_path):
+    """A script without an `if __name__ == "__main__":` guard iterating over a loader whose videos are all
+    in the sidecar (no probe first, whose pool would have said so): the decoding pool's workers die
+    starting, and the loader blamed the videos it waited for (a VideoDecodeError) instead."""
+    import subprocess
+    import sys
+
+    from vitaclip.data import VideoLoader
+
+    root, rows = vp9_dataset
+    for name, *_ in rows:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copy(root / "list.csv", tmp_path / "list.csv")
+    VideoLoader(str(tmp_path / "list.csv"), str(tmp_path), train=False, batch_size=2, num_workers=0)  # the sidecar
+    script = tmp_path / "unguarded.py"
+    script.write_text("from vitaclip.data import VideoLoader\n"
+                      "loader = VideoLoader('list.csv', '.', train=False, batch_size=2, num_workers=1, size=32)\n"
+                      "print(next(iter(loader)).video.shape)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert 'worker processes cannot start: a script that makes a loader or runs `prepare` must do so under ' \
+           '`if __name__ == "__main__":`' in last, result.stderr[-3000:]
+
+
 def test_a_crash_of_a_worker_recorded_after_the_pool_listed_its_workers_is_noticed(tmp_path):
     """The pool's manager thread watches the workers it listed when it last woke: one recorded later
     (on a loaded machine the recording can wait seconds), crashing on the last call in flight while

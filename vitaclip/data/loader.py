@@ -24,7 +24,7 @@ from .lists import VideoEntry, check_error_policy, listed_path, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import Yuv420, frame_size, normalize, resize, resized_crop, to_device, to_rgb
-from .workers import fork_server_context
+from .workers import check_workers_start, fork_server_context
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,8 @@ class VideoLoader:
                 return iter(self._workers)
         except (RuntimeError, OSError, EOFError) as error:
             self._end_pool(kept)
+            if "DataLoader timed out" not in str(error):
+                check_workers_start()  # (raises where no worker can start: a script without a guard)
             why = (f"they did not answer for {self.worker_timeout:g} s (worker_timeout): a worker hung?"
                    if "DataLoader timed out" in str(error) else error)
             raise VideoDecodeError(f"a PyAV decoding worker failed before the epoch began: {why}") from error
@@ -353,6 +355,8 @@ class VideoLoader:
                     problem = (f"a PyAV decoding worker failed while the loader waited for {names} (if a "
                                f"worker crashed, it may have been on a video of a later batch): {error}")
                 self._end_pool(packed)
+                if "DataLoader timed out" not in str(error):  # no worker can start (a script without a
+                    check_workers_start()  # guard) raises so, instead of blaming the videos awaited
                 raise VideoDecodeError(problem) from error
 
     def _end_pool(self, packed) -> None:
