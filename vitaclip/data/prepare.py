@@ -439,8 +439,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="pixels of each video's shorter side after resizing (never enlarged past the source)")
     parser.add_argument("--gop", type=int, default=16,
                         help="keyframe interval in frames: shorter decodes a training clip faster in a larger "
-                             "file (one core, 8 frames at stride 16: 19 ms at 16, 10 ms at 4 for 1.6-1.9x "
-                             "the size, 6-8 ms at 1 for 2.5-2.7x; benchmarks/test_decode_bench.py)")
+                             "file (one core, 8 frames at stride 16: 15-17 ms at 16, 9-10 ms at 4 for 1.6-1.9x "
+                             "the size, 6 ms at 1 for 2.5-2.7x; benchmarks/RESULTS.md)")
     parser.add_argument("--crf", type=int, default=23,
                         help="x264's constant rate factor, 0-51: lower keeps more detail in larger files")
     parser.add_argument("--preset", default="veryfast",
