@@ -286,6 +286,10 @@ def test_a_file_that_is_no_checkpoint_of_tensors_says_so_without_pytorchs_advice
                                   f"containers ({reason}")
         assert "weights_only" not in message and "file an issue" not in message
         assert "safe_globals" not in message  # its advice to allow the file's classes: the first sentence only
+    (tmp_path / "note.pt").write_bytes(b"junk\n")  # PyTorch's error: KeyError(174812789), a number alone
+    with pytest.raises(ValueError, match=f"^cannot read checkpoint {re.escape(str(tmp_path / 'note.pt'))}: damaged or "
+                                         r"no PyTorch file \(KeyError: "):
+        read_torch_file(tmp_path / "note.pt")
 
 
 def test_a_checkpoint_that_is_not_there_or_a_folder_is_named_as_missing(tmp_path):

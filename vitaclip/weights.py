@@ -280,7 +280,8 @@ def read_torch_file(path):
         raise ValueError(f"cannot read checkpoint {path}: not a file of tensors and plain containers "
                          f"({reason})") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path}: damaged or no PyTorch file ({type(err).__name__}: "
+                         f"{err})") from err  # (e.g. a few bytes of text: KeyError and a number alone)
 
 
 def read_official_state(path) -> Dict[str, Tensor]:
