@@ -55,6 +55,40 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, hint, monkey
     assert (hint in err) if hint else err == f"vitaclip {command}: interrupted\n"
 
 
+@pytest.mark.parametrize("reader_gone", [True, False])
+def test_output_piped_to_a_reader_that_stops_ends_quietly(tmp_path, reader_gone):
+    """`vitaclip predict ... | head`: status 141 as a tool ended by SIGPIPE, nothing on stderr; a broken
+    pipe that is not stdout's (a worker's) is an error as any other."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import os, sys
+from vitaclip import cli
+if {reader_gone}:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.dup2(write_end, sys.stdout.fileno())
+
+def flood(args):
+    while True:
+        print("x" * 1000)
+    raise AssertionError("unreachable")
+
+def broken_worker_pipe(args):
+    raise BrokenPipeError(32, "Broken pipe")
+
+cli.cmd_predict = flood if {reader_gone} else broken_worker_pipe
+sys.exit(cli.main(["predict", "--model", "m", "v.mp4"]))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    if reader_gone:
+        assert (done.returncode, done.stderr) == (141, "")
+    else:
+        assert done.returncode == 2 and done.stderr == "vitaclip predict: error: [Errno 32] Broken pipe\n"
+
+
 def test_ctrl_c_in_training_says_whether_there_is_a_checkpoint_to_go_on_from(monkeypatch, capsys, tmp_path):
     from vitaclip.engine.checkpoint import checkpoint_path
 

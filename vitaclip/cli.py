@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import textwrap
@@ -611,6 +612,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError as err:
+        if not reader_gone(sys.stdout):  # another pipe (a worker's): an error like any other
+            print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        # what reads the output stopped (`| head`): end quietly, as a tool ended by SIGPIPE does; the
+        # flush of stdout at exit would fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     # (OSError: files the user named that cannot be read or written, a full disk; the message names the path)
     except (ValueError, OSError, FloatingPointError, VideoDecodeError, WeightsUnavailable) as err:
         print(f"vitaclip {args.command}: error: {err}", file=sys.stderr)
@@ -618,6 +627,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
         print(f"vitaclip {args.command}: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll on this system
+        return False
 
 
 def interrupted_hint(args) -> str:
