@@ -667,10 +667,19 @@ def test_flag_and_device_mistakes_are_named(videos, tmp_path, capsys):
     assert code == 2 and "device 'cpus' is not one: cpu, cuda or cuda:N" in err
 
 
-def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch):
-    """A fixed 4 starved a 16-core, one-GPU machine's loader and oversubscribed small ones."""
-    from vitaclip.cli import default_workers
+def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch, vp9_dataset):
+    """A fixed 4 starved a 16-core, one-GPU machine's loader and oversubscribed small ones; the
+    CLI's --num-workers and VideoLoader's num_workers default to the same share."""
+    from vitaclip.cli import build_parser
+    from vitaclip.data import VideoLoader
+    from vitaclip.engine.distributed import default_num_workers as default_workers
 
+    root, _ = vp9_dataset
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert build_parser().parse_args(["eval", "--model", "m", "--list", "l"]).num_workers == 2
+    assert VideoLoader(str(root / "list.csv"), str(root), train=False, batch_size=1, backend="pyav",
+                       device="cpu").num_workers == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

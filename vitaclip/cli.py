@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from .engine.distributed import default_num_workers
 from .engine.precision import PRECISIONS
 from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
 from .engine.train import WEIGHT_DECAY_ON
@@ -394,21 +395,12 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def default_workers() -> int:
-    """Decoding processes: this process's share of the cores it may run on (torchrun's
-    LOCAL_WORLD_SIZE processes share a node's, or a job's cpuset), less one for itself, which
-    feeds the GPU."""
-    from .engine.distributed import usable_cores
-
-    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
-
-
 def add_runtime(p, workers: Optional[int] = None) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU, else CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast precision")
     p.add_argument("--backend", default="auto", help="vision backend: auto, reference or a fast one")
     share = ", by default this process's share of the node's cores less one" if workers is None else ""
-    p.add_argument("--num-workers", type=int, default=default_workers() if workers is None else workers,
+    p.add_argument("--num-workers", type=int, default=default_num_workers() if workers is None else workers,
                    help=f"decoding worker processes{share} (0: decode in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 import numpy as np
 import torch
 
+from ..engine.distributed import default_num_workers
 from ..engine.stopping import shield_workers
 from . import dali, pyav, sampling
 from .augment import RandAugment
@@ -70,6 +71,8 @@ class VideoLoader:
     epochs (where it fails again), so that every rank and a resumed run plan the same batches;
     a batch none of whose videos decode is left out.
 
+    num_workers (by default this process's share of the cores it may run on, less one, as the CLI's
+    --num-workers) sets DALI's threads and PyAV's worker processes.
     PyAV with num_workers > 0 decodes in worker processes started by a fork server (forking a
     process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
     DataLoader, a script using it needs an `if __name__ == "__main__":` guard. A worker that
@@ -87,7 +90,7 @@ class VideoLoader:
                  flip: bool = True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                  backend: str = "auto", device=None, dtype: torch.dtype = torch.float32,
                  num_classes: Optional[int] = None, shard_id: Optional[int] = None,
-                 num_shards: Optional[int] = None, seed: int = 0, num_workers: int = 4,
+                 num_shards: Optional[int] = None, seed: int = 0, num_workers: Optional[int] = None,
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
                  dali_mode: Optional[str] = None, dali_readers: Optional[int] = None,
                  worker_timeout: float = 600.0, progress: bool = False):
@@ -109,7 +112,8 @@ class VideoLoader:
         self.flip = flip and train
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype, self.seed, self.num_workers, self.prefetch = dtype, seed, num_workers, prefetch
+        self.dtype, self.seed, self.prefetch = dtype, seed, prefetch
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.dali_mode = dali_mode  # see dali.MODES; None: $VITACLIP_DALI_MODE or dali.DEFAULT_MODE
         self.dali_readers = dali_readers  # parallel readers of the "reader" mode (dali.DaliDecoder)
         if not worker_timeout > 0:  # (NaN too)
