@@ -117,6 +117,29 @@ def test_a_float64_model_computes_in_float64_under_autocast(config):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_a_float64_model_gives_float64_logits_that_pass_gradcheck():
+    """A researcher's gradcheck of the model needs float64 all the way to the logits (they were cast to fp32)."""
+    config = tiny_config(layers=1, text_layers=1)
+    model = randomize_(VitaCLIP(config, CLASSES)).double()
+    video = random_video(config, batch=1, dtype=torch.float64)
+    assert model(video).dtype == torch.float64
+    with torch.no_grad():
+        assert model(video).dtype == torch.float64 and model.text_features().dtype == torch.float64
+    model.set_classes(["run", "jump"], templates=["a video of {}."])
+    assert model(video).dtype == torch.float64
+    model.set_classes(CLASSES)
+    names = ["prompt_learner.ctx", "logit_scale", "visual.time_embed"]
+    params = dict(model.named_parameters())
+
+    def logits(*tensors):
+        return torch.func.functional_call(model, dict(zip(names, tensors)), (video,))
+
+    inputs = tuple(params[n].detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(logits, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
+    low = randomize_(VitaCLIP(config, CLASSES)).half()  # low-precision models keep fp32 logits
+    assert low(random_video(config, dtype=torch.float16)).dtype == torch.float32
+
+
 def test_logits_are_scaled_cosines(config):
     model = randomize_(VitaCLIP(config, CLASSES))
     video = random_video(config)
@@ -185,9 +208,13 @@ def test_cached_text_features_follow_reloads_and_casts(config):
         # same architecture, untouched version counters: only the new memory tells
         model.load_state_dict(other.state_dict(), assign=True)
         torch.testing.assert_close(model.text_features(), other.text_features())
-        model.double()
-        assert model.text_features().dtype == torch.float32  # features are kept in fp32 whatever the model
+        model.half()
+        assert model.text_features().dtype == torch.float32  # features are kept in at least fp32
         expected = torch.nn.functional.normalize(model.encode_text().float(), dim=-1)
+        assert torch.equal(model.text_features(), expected)
+        model.double()
+        assert model.text_features().dtype == torch.float64
+        expected = torch.nn.functional.normalize(model.encode_text(), dim=-1)
         assert torch.equal(model.text_features(), expected)
 
 

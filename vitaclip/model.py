@@ -20,6 +20,11 @@ TRAINABLE_VISION_KEYS = ("summary", "local", "global", "time_embed")
 DEFAULT_TEMPLATES = ("a video of a person {}.",)
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """t in float32, or kept in its own dtype where that is wider (a float64 model computes in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def is_trainable(name: str, train_cls_proj: bool = False) -> bool:
     """Whether the public code trains the parameter `name` (a key of the model's state dict)."""
     if name.startswith("visual."):
@@ -160,16 +165,17 @@ class VitaCLIP(nn.Module):
         check_classnames(names)
         templates = check_templates(templates)
         texts = [t.format(n) for n in names for t in templates]
-        feats = torch.cat([self.encode_text(texts[i:i + batch_size]).float()
+        feats = torch.cat([at_least_fp32(self.encode_text(texts[i:i + batch_size]))
                            for i in range(0, len(texts), batch_size)])
         feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
         return F.normalize(feats, dim=-1)
 
     def text_features(self) -> Tensor:
-        """Normalised features [n_classes, D] of the current label set; cached when nothing can
-        change them (fixed prompts, or learned prompts evaluated without gradients)."""
+        """Normalised features [n_classes, D] of the current label set, in float32 (float64 for a
+        float64 model); cached when nothing can change them (fixed prompts, or learned prompts
+        evaluated without gradients)."""
         if self._fixed_classnames is None and torch.is_grad_enabled():
-            return F.normalize(self.encode_text().float(), dim=-1)
+            return F.normalize(at_least_fp32(self.encode_text()), dim=-1)
         return self._cached_text_features()
 
     # Its cache is keyed on tensors' memory and version counters, which a graph of torch.compile
@@ -183,7 +189,7 @@ class VitaCLIP(nn.Module):
             return self._fixed_text[1]
         key = self._text_cache_key()
         if self._text_cache is None or self._text_cache[0] != key:
-            self._text_cache = (key, F.normalize(self.encode_text().float(), dim=-1))
+            self._text_cache = (key, F.normalize(at_least_fp32(self.encode_text()), dim=-1))
         return self._text_cache[1]
 
     def _text_cache_key(self) -> tuple:
@@ -223,9 +229,11 @@ class VitaCLIP(nn.Module):
     def forward(self, video: Tensor) -> Tensor:
         text = self.text_features()
         video_features = self.encode_video(video)
-        with torch.autocast(video.device.type, enabled=False):  # cosines in fp32 whatever the autocast
-            video_features = F.normalize(video_features.float(), dim=-1)
-            return self.logit_scale.exp() * video_features @ text.float().t()
+        # cosines in fp32 whatever the autocast (in float64 for a float64 model, as gradcheck needs)
+        dtype = torch.promote_types(torch.promote_types(video_features.dtype, text.dtype), torch.float32)
+        with torch.autocast(video.device.type, enabled=False):
+            video_features = F.normalize(video_features.to(dtype), dim=-1)
+            return self.logit_scale.to(dtype).exp() * video_features @ text.to(dtype).t()
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
