@@ -316,6 +316,18 @@ def test_bad_class_lists_are_rejected(config, names, match):
         VitaCLIP(config, names)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ctx_init", [None, "a video of"])
+def test_classes_set_after_a_cast_get_a_context_of_the_model_dtype(dtype, ctx_init):
+    """A model cast before its classes are set gets its new context in its own dtype, as .half()
+    would have cast it (it stayed float32: a mixed model, whose state dict and optimizer differ)."""
+    model = VitaCLIP(tiny_config(ctx_init=ctx_init)).to(dtype)
+    model.set_classes(CLASSES)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.prompt_learner.ctx.requires_grad
+    assert model(random_video(model.config, dtype=dtype)).shape == (2, len(CLASSES))
+
+
 def test_csc_context_only_fits_its_class_count(config):
     model = VitaCLIP(config, CLASSES)
     with pytest.raises(ValueError, match="4 classes"):

@@ -127,7 +127,8 @@ class VitaCLIP(nn.Module):
             return
         if self.prompt_learner is None:
             self.prompt_learner = PromptLearner(self.config, self.textual.token_embedding, classnames)
-            self.prompt_learner.to(self.logit_scale.device)
+            # the model's device and dtype (one cast with .half() or .double() before its classes were set)
+            self.prompt_learner.to(self.logit_scale.device, self.logit_scale.dtype)
             self.freeze()
         else:
             self.prompt_learner.set_classes(classnames)  # refuses before changing anything
