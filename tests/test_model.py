@@ -300,6 +300,22 @@ def test_bad_video_shapes_are_rejected(config, shape, match):
         model(torch.randn(*shape))
 
 
+@pytest.mark.parametrize("video, match", [
+    (torch.zeros(2, 3, 3, 56, 56, dtype=torch.uint8), "floating-point.*uint8.*raw pixels"),
+    (torch.zeros(2, 3, 3, 56, 56, dtype=torch.int64), "floating-point.*int64"),
+    (torch.zeros(2, 3, 3, 56, 56, dtype=torch.bool), "floating-point.*bool"),
+    (torch.zeros(2, 3, 3, 56, 56, dtype=torch.complex64), "floating-point.*complex64"),
+    (torch.zeros(2, 3, 3, 56, 56).numpy(), "torch.Tensor.*ndarray"),
+    (torch.zeros(2, 3, 3, 56, 56).tolist(), "torch.Tensor.*list"),
+])
+def test_a_video_that_is_no_float_tensor_is_refused_by_type(config, video, match):
+    """Raw uint8 frames (or integers) were cast and scored as they were, giving wrong logits silently."""
+    model = VitaCLIP(config, CLASSES)
+    for call in (model, model.encode_video):
+        with pytest.raises(TypeError, match=match):
+            call(video)
+
+
 def test_frame_count_is_free_without_grouping_prompts():
     model = VitaCLIP(tiny_config(use_summary=False, use_local=False), CLASSES)
     assert model(torch.randn(1, 3, 5, 56, 56)).shape == (1, len(CLASSES))

@@ -217,9 +217,9 @@ class VitaCLIP(nn.Module):
     # ---------------------------------------------------------------- video
     def encode_video(self, video: Tensor) -> Tensor:
         """Video features [B, D] (mean of the frame features, before normalisation)."""
+        self.visual.check_video(video)  # before its device is read; a replayed graph checks nothing
         backend = resolve_backend(self.backend, video.device)
         if backend.cuda_graphs and video.is_cuda:
-            self.visual.check_video(video)  # a replayed graph checks nothing
             frames = self._graphs.run(f"{backend.name} video",
                                       lambda v: self.visual(v, backend.block_forward, backend.compile_modules),
                                       [video], [self.visual], video.device)

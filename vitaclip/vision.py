@@ -233,6 +233,13 @@ class VisionTransformer(nn.Module):
 
     def check_video(self, video: Tensor) -> None:
         cfg = self.config
+        if not isinstance(video, Tensor):
+            raise TypeError(f"video must be a torch.Tensor [B, 3, T, H, W], got {type(video).__name__}")
+        if not video.is_floating_point():
+            # raw pixels (uint8 0..255) would be cast and scored as they are: wrong logits, no error
+            raise TypeError(f"video must be a floating-point tensor, CLIP-normalised, got dtype {video.dtype}"
+                            + (" (raw pixels? scale to [0, 1] and normalise with CLIP's mean and std first)"
+                               if video.dtype == torch.uint8 else ""))
         if video.dim() != 5:
             raise ValueError(f"video must be [B, 3, T, H, W], got a tensor of rank {video.dim()} "
                              f"with shape {tuple(video.shape)}")
