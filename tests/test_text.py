@@ -130,6 +130,14 @@ def test_too_long_text_is_refused():
         VitaCLIP(tiny_config(), ["word " * 80])
 
 
+@pytest.mark.parametrize("truncate", [True, False])
+def test_no_texts_give_no_features(truncate):
+    """encode_text([]) failed in max() of no end-of-text positions; as any batch of 0 it gives [0, D]."""
+    model = VitaCLIP(tiny_config(), CLASSES)
+    features = model.encode_text([], truncate=truncate)
+    assert features.shape == (0, model.config.embed_dim) and features.dtype == torch.float32
+
+
 def test_a_text_of_exactly_the_context_length_fits():
     tokens = tokenize(["a " * 75], 77)  # start + 75 words + end of text: 77 tokens
     assert int(tokens[0].argmax()) == 76

@@ -196,7 +196,7 @@ class TextEncoder(nn.Module):
         transformer under torch.compile (the learned class prompts keep one shape through
         training, so it compiles once).
         """
-        if truncate:
+        if truncate and (length is not None or eot_index.numel()):  # (no texts: nothing to cut to)
             embeddings = embeddings[:, : length if length is not None else int(eot_index.max()) + 1]
         x = embeddings + self.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
         transformer = self.compiled_transformer() if compiled else self.transformer
