@@ -526,6 +526,27 @@ def test_class_specific_contexts_refuse_reordered_or_renamed_classes(tmp_path):
     assert ckpt.load_model(tmp_path, classnames=[n.replace(" ", "_") for n in CLASSES]).classnames == list(CLASSES)
 
 
+def test_a_model_whose_requires_grad_was_changed_wholesale_is_refused_naming_freeze(tmp_path):
+    """After model.requires_grad_(True) the backbone's gradients were computed and never applied; after
+    requires_grad_(False) autograd failed with 'element 0 of tensors does not require grad'."""
+    for requires_grad, problem in ((True, "others require gradients"), (False, "none of the model's trainable")):
+        model = tiny_model().requires_grad_(requires_grad)
+        with pytest.raises(ValueError, match=f"{problem}.*model.freeze()"):
+            train(model, tiny_data(), tiny_train_config(tmp_path / str(requires_grad)))
+        assert not (tmp_path / str(requires_grad)).exists()
+        model.freeze()
+        assert train(model, tiny_data(), tiny_train_config(tmp_path / str(requires_grad), steps=1,
+                                                           warmup_steps=0)).finished
+    # a part of the trainable set frozen by hand stays frozen, the rest trains
+    model = tiny_model()
+    model.prompt_learner.ctx.requires_grad_(False)
+    before = trainable(model)
+    train(model, tiny_data(), tiny_train_config(tmp_path / "part", steps=1, warmup_steps=0))
+    after = trainable(model)
+    assert torch.equal(after["prompt_learner.ctx"], before["prompt_learner.ctx"])
+    assert not torch.equal(after["visual.time_embed"], before["visual.time_embed"])
+
+
 def test_bad_input_fails_before_training(tmp_path):
     data = tiny_data()
     data.labels[3] = 7

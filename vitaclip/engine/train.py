@@ -151,6 +151,23 @@ def make_optimizer(model: VitaCLIP, config: TrainConfig) -> torch.optim.AdamW:
                              eps=config.adam_eps)
 
 
+def check_trainable_set(model: VitaCLIP) -> None:
+    """train() steps the model's trainable set (`trainable_parameters()`) alone. Refuses a model whose
+    other parameters require gradients (after model.requires_grad_(True): computed, all-reduced and
+    never applied) or none of whose trainable ones does (after requires_grad_(False): autograd's
+    'element 0 of tensors does not require grad'). A part of the trainable set frozen by hand stays so."""
+    others = [name for name, p in model.named_parameters() if p.requires_grad]
+    trainable = {name for name, p in model.named_trainable_parameters()}
+    extra = [name for name in others if name not in trainable]
+    if extra:
+        raise ValueError(f"train() updates only the model's trainable parameters (model.trainable_parameters()), "
+                         f"but {len(extra)} others require gradients (e.g. {extra[0]}): their gradients would be "
+                         f"computed and never applied; call model.freeze() first")
+    if not any(name in trainable for name in others):
+        raise ValueError("none of the model's trainable parameters requires gradients (after "
+                         "model.requires_grad_(False)?): call model.freeze() to make them trainable again")
+
+
 def check_labels(data, num_classes: int) -> None:
     """Labels a dataset declares (a `labels` sequence) must index the class list."""
     labels = getattr(data, "labels", None)
@@ -242,6 +259,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
     if model.zero_shot_templates is not None:  # its text side would not train, nor its checkpoints say so
         raise ValueError("the model scores its classes with templates (zero-shot): give it learned prompts to "
                          "train with set_classes(classnames) first")
+    check_trainable_set(model)
     num_classes = len(model.classnames)
     check_labels(train_data, num_classes)
 
