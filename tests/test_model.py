@@ -200,6 +200,34 @@ def test_text_features_are_cached_without_gradients_and_refreshed_after_updates(
     assert torch.allclose(second, torch.nn.functional.normalize(model.encode_text(), dim=-1).detach())
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.SGD])
+def test_cached_text_features_follow_a_fused_optimizers_steps(config, optimizer):
+    """Fused optimizers update the parameters in place without bumping their version counters: an
+    evaluation without gradients between training steps scored the context of the first one."""
+    model = randomize_(VitaCLIP(config, CLASSES))
+    video, labels = random_video(config), torch.tensor([0, 3])
+    opt = optimizer(model.trainable_parameters(), lr=0.5, fused=True)
+    for _ in range(3):
+        model.train()
+        F.cross_entropy(model(video), labels).backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model.text_features(), F.normalize(model.encode_text(), dim=-1))
+            assert model.text_features() is model.text_features()  # still cached while nothing changes
+    # zero-shot classes, the text tower trained by the user
+    model.set_classes(["run", "jump"], templates=["a video of {}."])
+    model.textual.text_projection.requires_grad_(True)
+    opt = optimizer([model.textual.text_projection], lr=0.5, fused=True)
+    for _ in range(2):
+        model.textual.text_projection.grad = torch.randn_like(model.textual.text_projection)
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(model.text_features(), model.zero_shot_text_features(["run", "jump"],
+                                                                                            ["a video of {}."]))
+
+
 def test_cached_text_features_follow_reloads_and_casts(config):
     model = randomize_(VitaCLIP(config, CLASSES))
     other = randomize_(VitaCLIP(config, CLASSES))
