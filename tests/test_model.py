@@ -50,6 +50,17 @@ def test_the_model_compiled_whole_by_its_user_gives_its_results():
     check_user_compile(model, random_video(model.config))
 
 
+def test_a_learned_context_loaded_into_a_model_without_classes_names_the_fix():
+    trained = VitaCLIP(tiny_config(), CLASSES)
+    bare = VitaCLIP(tiny_config())
+    with pytest.raises(RuntimeError, match=r"learned text context .* no classes to hold it: .*set_classes"):
+        bare.load_state_dict(trained.state_dict())
+    assert bare.load_state_dict(trained.state_dict(), strict=False).unexpected_keys == ["prompt_learner.ctx"]
+    bare.set_classes(CLASSES)
+    bare.load_state_dict(trained.state_dict())
+    assert torch.equal(bare.prompt_learner.ctx, trained.prompt_learner.ctx)
+
+
 def test_prompts_are_initialised_as_the_public_code():
     config = tiny_config(layers=4, num_global_prompts=8)
     visual = VitaCLIP(config, CLASSES).visual

@@ -92,6 +92,14 @@ class VitaCLIP(nn.Module):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for _, p in self.named_trainable_parameters()]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # PyTorch would report a learned context as an unexpected key, without the fix
+        if strict and self.prompt_learner is None and "prompt_learner.ctx" in state_dict:
+            raise RuntimeError("the state dict holds a learned text context (prompt_learner.ctx) but the model has "
+                               "no classes to hold it: build it with its class names (VitaCLIP(config, classnames)) "
+                               "or call set_classes(classnames) before loading")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ---------------------------------------------------------------- backends
     def _apply(self, fn, *args, **kwargs):
         # a .to(), .cuda() or .half() that gives tensors new memory ends the captured CUDA graphs:
