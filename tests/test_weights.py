@@ -286,6 +286,10 @@ def test_a_file_that_is_no_checkpoint_of_tensors_says_so_without_pytorchs_advice
                                   f"containers ({reason}")
         assert "weights_only" not in message and "file an issue" not in message
         assert "safe_globals" not in message  # its advice to allow the file's classes: the first sentence only
+    torch.save(VitaCLIP(tiny_config(), CLASSES), tmp_path / "model.pt")  # a whole model pickled
+    with pytest.raises(ValueError, match=r"Unsupported global.*VitaCLIP.*\); a whole model saved by torch.save\(model\)\? "
+                                         r"save it with model.save_pretrained\(DIR\) and give DIR$"):
+        read_torch_file(tmp_path / "model.pt")
     (tmp_path / "note.pt").write_bytes(b"junk\n")  # PyTorch's error: KeyError(174812789), a number alone
     with pytest.raises(ValueError, match=f"^cannot read checkpoint {re.escape(str(tmp_path / 'note.pt'))}: damaged or "
                                          r"no PyTorch file \(KeyError: "):

@@ -277,8 +277,10 @@ def read_torch_file(path):
     except pickle.UnpicklingError as err:  # PyTorch's advice (load it unsafely, file an issue) is not ours
         found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(err))
         reason = found.group(1).strip() if found else str(err).splitlines()[0]
+        hint = ("; a whole model saved by torch.save(model)? save it with model.save_pretrained(DIR) and give DIR"
+                if "vitaclip." in reason else "")
         raise ValueError(f"cannot read checkpoint {path}: not a file of tensors and plain containers "
-                         f"({reason})") from err
+                         f"({reason}){hint}") from err
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise ValueError(f"cannot read checkpoint {path}: damaged or no PyTorch file ({type(err).__name__}: "
                          f"{err})") from err  # (e.g. a few bytes of text: KeyError and a number alone)
