@@ -330,11 +330,9 @@ class VideoLoader:
             with _waiting_longer(kept, self.worker_timeout):
                 return iter(self._workers)
         except (RuntimeError, OSError, EOFError) as error:
-            self._end_pool(kept)
-            if "DataLoader timed out" not in str(error):
-                check_workers_start()  # (raises where no worker can start: a script without a guard)
+            self._end_failed_pool(kept, error)
             why = (f"they did not answer for {self.worker_timeout:g} s (worker_timeout): a worker hung?"
-                   if "DataLoader timed out" in str(error) else error)
+                   if _timed_out(error) else error)
             raise VideoDecodeError(f"a PyAV decoding worker failed before the epoch began: {why}") from error
 
     def _next_chunk(self, packed, chunk):
@@ -349,7 +347,7 @@ class VideoLoader:
             try:
                 return next(packed, None)
             except (RuntimeError, OSError, EOFError) as error:  # OSError: a dead worker's shared memory
-                if "DataLoader timed out" in str(error):  # POOL_POLL_S without a chunk, every worker alive
+                if _timed_out(error):  # POOL_POLL_S without a chunk, every worker alive
                     waited += POOL_POLL_S
                     if waited < self.worker_timeout:
                         continue
@@ -358,10 +356,15 @@ class VideoLoader:
                 else:
                     problem = (f"a PyAV decoding worker failed while the loader waited for {names} (if a "
                                f"worker crashed, it may have been on a video of a later batch): {error}")
-                self._end_pool(packed)
-                if "DataLoader timed out" not in str(error):  # no worker can start (a script without a
-                    check_workers_start()  # guard) raises so, instead of blaming the videos awaited
+                self._end_failed_pool(packed, error)
                 raise VideoDecodeError(problem) from error
+
+    def _end_failed_pool(self, packed, error: Exception) -> None:
+        """Ends the pool after `error`; a worker that died where none can start at all (a script
+        without a __main__ guard) raises so, instead of the caller blaming the videos awaited."""
+        self._end_pool(packed)
+        if not _timed_out(error):
+            check_workers_start()
 
     def _end_pool(self, packed) -> None:
         """Drops the pool; its workers are killed, since a hung one would ignore DataLoader's
@@ -562,6 +565,11 @@ def unpack_clips(buffer: torch.Tensor, layout: list) -> list:
             offset += size
         clips.append(Yuv420(*planes))
     return clips
+
+
+def _timed_out(error: Exception) -> bool:
+    """Whether the pool's DataLoader raised `error` for hearing nothing within its timeout."""
+    return "DataLoader timed out" in str(error)
 
 
 @contextlib.contextmanager
