@@ -25,17 +25,21 @@ def at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def trained_copies(tensors) -> List[Tensor]:
-    """Copies of those of `tensors` that require gradients (an optimizer may update them)."""
-    with torch.no_grad():
-        return [t.detach().clone() for t in tensors if t.requires_grad]
+# A cache of text features: (key of the tensors' states, features, copies of the tensors that train)
+TextCache = Tuple[tuple, Tensor, List[Tensor]]
 
 
-def same_values(copies: List[Tensor], tensors) -> bool:
-    """Whether those of `tensors` that require gradients still hold `copies`' values (of the same
-    dtypes and shapes: the caller compared the tensors' states first)."""
+def refreshed(cache: Optional[TextCache], key: tuple, tensors: List[Tensor], compute) -> TextCache:
+    """`cache`, or compute()'s features cached anew where the key differs or a tensor that trains
+    holds other values than its copy (fused optimizers, AdamW(fused=True), update them in place
+    without bumping the version counters the key holds)."""
     trained = [t for t in tensors if t.requires_grad]
-    return len(trained) == len(copies) and all(torch.equal(c, t) for c, t in zip(copies, trained))
+    if (cache is not None and cache[0] == key and len(cache[2]) == len(trained)
+            and all(torch.equal(copy, t) for copy, t in zip(cache[2], trained))):
+        return cache
+    features = compute()
+    with torch.no_grad():
+        return key, features, [t.detach().clone() for t in trained]
 
 
 def is_trainable(name: str, train_cls_proj: bool = False) -> bool:
@@ -67,9 +71,8 @@ class VitaCLIP(nn.Module):
         self.prompt_learner: Optional[PromptLearner] = None
         self._fixed_classnames: Optional[List[str]] = None
         self._fixed_templates: Optional[List[str]] = None
-        # (text tower state, zero-shot class features, copies of its trained tensors)
-        self._fixed_text: Optional[Tuple[tuple, Tensor, List[Tensor]]] = None
-        self._text_cache: Optional[Tuple[tuple, Tensor, List[Tensor]]] = None  # the same for the learned classes
+        self._fixed_text: Optional[TextCache] = None  # the zero-shot classes' (key: the text tower's state)
+        self._text_cache: Optional[TextCache] = None  # the learned classes'
         self._graphs = GraphCache()
         # what `train` trained it on (the loader's description: frame stride, ...), kept by save_pretrained
         # and in checkpoints, so that scoring samples clips as training did
@@ -143,8 +146,8 @@ class VitaCLIP(nn.Module):
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
             templates = check_templates(templates)
-            self._fixed_text = (self._text_tower_state(), self._fixed_text_features(classnames, templates),
-                                trained_copies(self.textual.parameters()))
+            self._fixed_text = refreshed(None, self._text_tower_state(), list(self.textual.parameters()),
+                                         lambda: self._fixed_text_features(classnames, templates))
             self._fixed_classnames = [clean_classname(n) for n in classnames]
             self._fixed_templates = templates
             return
@@ -202,26 +205,20 @@ class VitaCLIP(nn.Module):
             return F.normalize(at_least_fp32(self.encode_text()), dim=-1)
         return self._cached_text_features()
 
-    # Its cache is keyed on tensors' memory and version counters, which a graph of torch.compile
-    # cannot guard on: under a user's torch.compile of the model, it runs as it is (one graph break).
-    # The tensors that train are compared by value too: fused optimizers (AdamW(fused=True)) update
-    # them in place without bumping their version counters.
+    # Its caches are keyed on tensors' memory and version counters (`refreshed`), which a graph of
+    # torch.compile cannot guard on: under a user's torch.compile of the model, it runs as it is
+    # (one graph break).
     @torch.compiler.disable
     def _cached_text_features(self) -> Tensor:
-        if self._fixed_classnames is not None:
-            state = self._text_tower_state()
-            tower = list(self.textual.parameters())
-            # the text tower changed since (reloaded, updated, cast or moved)
-            if self._fixed_text[0] != state or not same_values(self._fixed_text[2], tower):
-                self._fixed_text = (state, self._fixed_text_features(self._fixed_classnames, self._fixed_templates),
-                                    trained_copies(tower))
+        if self._fixed_classnames is not None:  # remade when the text tower changed (reloaded, updated, cast or moved)
+            self._fixed_text = refreshed(
+                self._fixed_text, self._text_tower_state(), list(self.textual.parameters()),
+                lambda: self._fixed_text_features(self._fixed_classnames, self._fixed_templates))
             return self._fixed_text[1]
-        key = self._text_cache_key()
         learner = self.prompt_learner
         text_tensors = [*self.textual.parameters(), *(learner.parameters() if learner is not None else ())]
-        if self._text_cache is None or self._text_cache[0] != key or not same_values(self._text_cache[2], text_tensors):
-            self._text_cache = (key, F.normalize(at_least_fp32(self.encode_text()), dim=-1),
-                                trained_copies(text_tensors))
+        self._text_cache = refreshed(self._text_cache, self._text_cache_key(), text_tensors,
+                                     lambda: F.normalize(at_least_fp32(self.encode_text()), dim=-1))
         return self._text_cache[1]
 
     def _text_cache_key(self) -> tuple:
