@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
 from ..files import sole_writer
-from ..model import VitaCLIP
+from ..model import VitaCLIP, is_trainable
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
                           init_distributed, sum_across_ranks)
@@ -156,14 +156,13 @@ def check_trainable_set(model: VitaCLIP) -> None:
     other parameters require gradients (after model.requires_grad_(True): computed, all-reduced and
     never applied) or none of whose trainable ones does (after requires_grad_(False): autograd's
     'element 0 of tensors does not require grad'). A part of the trainable set frozen by hand stays so."""
-    others = [name for name, p in model.named_parameters() if p.requires_grad]
-    trainable = {name for name, p in model.named_trainable_parameters()}
-    extra = [name for name in others if name not in trainable]
+    requiring = [name for name, p in model.named_parameters() if p.requires_grad]
+    extra = [name for name in requiring if not is_trainable(name, model.config.train_cls_proj)]
     if extra:
         raise ValueError(f"train() updates only the model's trainable parameters (model.trainable_parameters()), "
                          f"but {len(extra)} others require gradients (e.g. {extra[0]}): their gradients would be "
                          f"computed and never applied; call model.freeze() first")
-    if not any(name in trainable for name in others):
+    if not requiring:
         raise ValueError("none of the model's trainable parameters requires gradients (after "
                          "model.requires_grad_(False)?): call model.freeze() to make them trainable again")
 
