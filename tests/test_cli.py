@@ -55,6 +55,37 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, hint, monkey
     assert (hint in err) if hint else err == f"vitaclip {command}: interrupted\n"
 
 
+def test_the_command_line_answers_before_torch_is_imported():
+    """`vitaclip --help` and a mistyped option took 6.6 s here, importing torch and the model
+    (minutes from a cluster's cold network file system): the parser needs neither; the package's
+    names and sub-packages are still there when used."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from vitaclip import cli
+for argv in (["--help"], ["train", "--help"], ["prepare", "--help"], ["eval", "--model", "m", "--nope"]):
+    try:
+        cli.main(argv)
+    except SystemExit:
+        pass
+assert "torch" not in sys.modules, "the parser imported torch"
+import vitaclip
+assert vitaclip.VitaCLIP.__name__ == "VitaCLIP" and vitaclip.data.VideoLoader.__name__ == "VideoLoader"
+assert set(vitaclip.__all__) <= set(dir(vitaclip))
+try:
+    vitaclip.no_such_name
+except AttributeError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: vitaclip train" in done.stdout and "usage: vitaclip prepare" in done.stdout
+    assert "the following arguments are required: --list" in done.stderr
+    assert done.stdout.endswith("module 'vitaclip' has no attribute 'no_such_name'\n")
+
+
 @pytest.mark.parametrize("reader_gone", [True, False])
 def test_output_piped_to_a_reader_that_stops_ends_quietly(tmp_path, reader_gone):
     """`vitaclip predict ... | head`: status 141 as a tool ended by SIGPIPE, nothing on stderr; a broken
@@ -672,7 +703,7 @@ def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch,
     CLI's --num-workers and VideoLoader's num_workers default to the same share."""
     from vitaclip.cli import build_parser
     from vitaclip.data import VideoLoader
-    from vitaclip.engine.distributed import default_num_workers as default_workers
+    from vitaclip.choices import default_num_workers as default_workers
 
     root, _ = vp9_dataset
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)

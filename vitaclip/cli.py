@@ -16,12 +16,11 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
-from .engine.distributed import default_num_workers
-from .engine.precision import PRECISIONS
+# (nothing here imports torch: the commands import what they use, after their arguments are read)
+from .choices import (DEFAULT_STRIDE, PRECISIONS, PREPARE_TIMEOUT, WEIGHT_DECAY_ON, X264_PRESETS,
+                      default_num_workers)
 from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
-from .engine.train import WEIGHT_DECAY_ON
+from .errors import VideoDecodeError, WeightsUnavailable
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -198,7 +197,8 @@ def print_json_or(args, obj, text: str) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from .data import sampling
+    import torch
+
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
@@ -212,7 +212,7 @@ def cmd_train(args) -> int:
     classes = read_classes(args.classes)
     torch.manual_seed(args.seed)  # the same prompt initialisation on every process
     model, backbone = build_training_model(args, classes)
-    args.stride = args.stride or sampling.DEFAULT_STRIDE
+    args.stride = args.stride or DEFAULT_STRIDE
     cfg = model.config
     micro = args.micro_batch_size or args.batch_size // env.world_size
     train_data = video_loader(args, env, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
@@ -358,13 +358,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .data import sampling
     from .engine.bench import bench_loader, bench_model
 
     report = bench_model(args.preset, args.batch_size, args.frames, args.iters, args.warmup, args.precision,
                          args.device, args.backend, train=args.train, tiny=args.tiny)
     if args.list:
-        args.stride = args.stride or sampling.DEFAULT_STRIDE
+        args.stride = args.stride or DEFAULT_STRIDE
         report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
                                    args.decoder, args.num_workers, args.device, train=args.train,
                                    size=report["image_size"], stride=args.stride))
@@ -406,8 +405,6 @@ def add_runtime(p, workers: Optional[int] = None) -> None:
 
 
 def add_data(p, views: bool = True, lists: bool = True) -> None:
-    from .data.sampling import DEFAULT_STRIDE
-
     p.add_argument("--data-root", default="", help="folder relative video paths (in list files, or given) are "
                                                    "taken from")
     p.add_argument("--stride", type=positive_int, default=None,
@@ -580,10 +577,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime(p)
     p.set_defaults(func=cmd_bench)
 
-    from .data.prepare import build_parser as prepare_parser
-
     p = sub.add_parser("prepare", help="re-encode a video list for fast loading", formatter_class=FORMATTER)
-    prepare_parser(p)
+    p.add_argument("src_list", help="list file, `path,label` per line")
+    p.add_argument("out_dir", help="folder for the re-encoded videos and the new list")
+    p.add_argument("--data-root", default="", help="folder the list's paths are relative to")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="pixels of each video's shorter side after resizing (never enlarged past the source)")
+    p.add_argument("--gop", type=int, default=16,
+                   help="keyframe interval in frames: shorter decodes a training clip faster in a larger file "
+                        "(one core, 8 frames at stride 16: 15-17 ms at 16, 9-10 ms at 4 for 1.6-1.9x the size, "
+                        "6 ms at 1 for 2.5-2.7x; benchmarks/RESULTS.md)")
+    p.add_argument("--crf", type=int, default=23,
+                   help="x264's constant rate factor, 0-51: lower keeps more detail in larger files")
+    p.add_argument("--preset", default="veryfast",
+                   help=f"x264's speed preset ({', '.join(X264_PRESETS)}): slower ones encode smaller files in "
+                        "more time")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: one per core this process may run on)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a bad list line or video stops the run naming it, or is left out of the new list (the "
+                        "exit status is then 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--timeout", type=float, default=PREPARE_TIMEOUT,
+                   help="seconds a video's encoding may take before it is taken for a hung encoder and counts "
+                        "as a bad video")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("demo", help="train a tiny model on synthetic clips on the CPU, evaluate, predict",
@@ -598,9 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .data import VideoDecodeError
-    from .weights import WeightsUnavailable
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import VitaCLIPConfig
+from .errors import WeightsUnavailable
 from .files import atomic_write, atomic_write_text
 from .model import VitaCLIP
 from .text import keep_phrase_for_saved_context
@@ -68,10 +69,6 @@ def raise_problems(what: str, problems: Dict[str, list]) -> None:
 
 
 # ---------------------------------------------------------------------------- open_clip
-class WeightsUnavailable(RuntimeError):
-    """open_clip could not get the weights asked for (e.g. a download without a network)."""
-
-
 def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Optional[Sequence[str]],
                    plain: bool = False, **overrides) -> VitaCLIP:
     """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from ..engine.distributed import default_num_workers
+from ..choices import default_num_workers
 from ..engine.stopping import shield_workers
 from . import dali, pyav, sampling
 from .augment import RandAugment

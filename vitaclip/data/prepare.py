@@ -11,7 +11,7 @@ OUT_DIR) and its `.meta` sidecar (exact frame counts, so the loader needs no pro
 cannot be the list's own folder. Stops at the first bad list line or video; `--on-error skip`
 leaves them out of the new list and exits with status 1.
 
-    python -m vitaclip.data.prepare SRC_LIST OUT_DIR [--data-root DIR] [--short-side 256]
+    vitaclip prepare SRC_LIST OUT_DIR [--data-root DIR] [--short-side 256]
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from ..engine.distributed import usable_cores
+from ..choices import PREPARE_TIMEOUT, X264_PRESETS, usable_cores
 from ..files import atomic_write_text, fsync_file, fsync_folder, publish, sole_writer
 from . import pyav
 from .lists import read_video_list, write_video_list
@@ -47,12 +47,6 @@ LISTS_FILE = "prepare-lists.json"  # per prepared list in OUT_DIR: the list it w
 # and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
 # where the source's pixels are square; older ones (recorded without a format) are made again.
 OUTPUT_FORMAT = 3
-# seconds one video's encoding may take: far past any clip's (and a film's at 256 px), a hung encoder
-DEFAULT_TIMEOUT = 3600.0
-
-
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
-                "placebo")
 
 
 @dataclass(frozen=True)
@@ -247,7 +241,7 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
 
 def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSettings = EncodeSettings(),
             workers: Optional[int] = None, on_error: str = "raise", progress: bool = True,
-            timeout: Optional[float] = DEFAULT_TIMEOUT, *, job: Callable = _job) -> PrepareResult:
+            timeout: Optional[float] = PREPARE_TIMEOUT, *, job: Callable = _job) -> PrepareResult:
     """`job` encodes one video in a worker process (tests give one that crashes or hangs as FFmpeg
     might); a video that takes more than `timeout` seconds is taken for a hung encoder (its worker
     is ended, as if it had crashed)."""
@@ -430,41 +424,9 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
     return PrepareResult(out_list, len(results) - reused, reused, failed)
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="vitaclip prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src_list", help="list file, `path,label` per line")
-    parser.add_argument("out_dir", help="folder for the re-encoded videos and the new list")
-    parser.add_argument("--data-root", default="", help="folder the list's paths are relative to")
-    parser.add_argument("--short-side", type=int, default=256,
-                        help="pixels of each video's shorter side after resizing (never enlarged past the source)")
-    parser.add_argument("--gop", type=int, default=16,
-                        help="keyframe interval in frames: shorter decodes a training clip faster in a larger "
-                             "file (one core, 8 frames at stride 16: 15-17 ms at 16, 9-10 ms at 4 for 1.6-1.9x "
-                             "the size, 6 ms at 1 for 2.5-2.7x; benchmarks/RESULTS.md)")
-    parser.add_argument("--crf", type=int, default=23,
-                        help="x264's constant rate factor, 0-51: lower keeps more detail in larger files")
-    parser.add_argument("--preset", default="veryfast",
-                        help=f"x264's speed preset ({', '.join(X264_PRESETS)}): slower ones encode smaller "
-                             "files in more time")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes (default: one per core this process may run on)")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                        help="a bad list line or video stops the run naming it, or is left out of the new list "
-                             "(the exit status is then 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds a video's encoding may take before it is taken for a hung encoder and "
-                             "counts as a bad video")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
 def run(args: argparse.Namespace) -> int:
-    """Runs parsed arguments (for a CLI that adds `build_parser` as its `prepare` sub-command);
-    the exit status is 1 when entries failed (skip mode), 0 otherwise."""
+    """Runs `vitaclip prepare`'s parsed arguments; the exit status is 1 when entries failed (skip
+    mode), 0 otherwise."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     result = prepare(args.src_list, args.out_dir, args.data_root,
                      EncodeSettings(args.short_side, args.gop, args.crf, args.preset),
@@ -488,6 +450,3 @@ def _remove(path: str) -> None:
     except FileNotFoundError:
         pass
 
-
-if __name__ == "__main__":
-    sys.exit(main())

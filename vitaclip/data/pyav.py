@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import VideoDecodeError
 from .transforms import Yuv420
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,6 @@ except ImportError:  # the DALI-only machine has no PyAV
 
 # a demuxed packet's (pts, dts, is_keyframe, shown: see _shown)
 Packet = Tuple[Optional[int], Optional[int], bool, bool]
-
-
-class VideoDecodeError(RuntimeError):
-    """A video that cannot be opened, decoded, or has fewer frames than needed."""
 
 
 @dataclass(frozen=True)

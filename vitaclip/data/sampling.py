@@ -18,6 +18,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..choices import DEFAULT_STRIDE
+
 
 def clip_span(num_frames: int, stride: int) -> int:
     return (num_frames - 1) * stride + 1
@@ -107,8 +109,6 @@ def eval_crop_offsets(height: int, width: int, size: int, num_crops: int) -> Lis
         return [((height - size) // 2, s) for s in starts]
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
 
-
-DEFAULT_STRIDE = 16
 
 
 def trained_stride(training_data: Optional[dict]) -> int:

@@ -154,14 +154,3 @@ def sum_across_ranks(env: DistEnv, values: List[float]) -> List[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-
-def usable_cores() -> int:
-    """The cores this process may run on (a job's cpuset, a launcher's pinning), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_num_workers() -> int:
-    """Decoding processes: this process's share of the cores it may run on (torchrun's
-    LOCAL_WORLD_SIZE processes share a node's, or a job's cpuset), less one for itself, which
-    feeds the GPU."""
-    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)

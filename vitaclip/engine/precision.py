@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+from ..choices import PRECISIONS
 
 
 def check_precision(precision: str, device: Optional[torch.device] = None) -> None:

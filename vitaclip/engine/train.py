@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
+from ..choices import WEIGHT_DECAY_ON
 from ..files import sole_writer
 from ..model import VitaCLIP, is_trainable
 from . import checkpoint as ckpt
@@ -47,7 +48,6 @@ EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 # resume_with_changes, which goes on with them
 RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_on", "betas", "adam_eps",
                 "grad_clip")
-WEIGHT_DECAY_ON = ("all", "matrices")
 logger = logging.getLogger(__name__)  # (`log` is a run's RunLog)
 
 
