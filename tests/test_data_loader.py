@@ -631,6 +631,18 @@ def test_skip_mode_leaves_out_a_batch_that_failed_and_counts_its_video_once(unde
     assert counts == ["epoch 0: skipped 1 more videos (1 in all)" if train else "skipped 1 more videos (1 in all)"]
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_raise_mode_raises_at_every_pass_over_a_video_that_fails_to_decode(undecodable_list, train):
+    """A script that catches the error and reads the loader again must not get the rest without it."""
+    ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=train, batch_size=1,
+                     num_frames=2, stride=15, size=16, augment=None, backend="pyav", num_workers=0,
+                     device="cpu")
+    for _ in range(2):
+        with pytest.raises(VideoDecodeError, match=r"three\.csv:2: .*frame size changes"):
+            list(ld)
+    assert not ld.skipped
+
+
 def test_the_count_of_videos_skipped_is_logged_for_a_consumer_that_stops_at_the_last_batch(undecodable_list, caplog):
     """islice/zip over len(loader) never resume the epoch's generator after its last batch."""
     ld = VideoLoader(str(undecodable_list), str(undecodable_list.parent), train=False, batch_size=1, num_frames=2,

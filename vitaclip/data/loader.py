@@ -423,8 +423,9 @@ class VideoLoader:
                     if problem is None:
                         good.append((plan, frames))
                     elif plan.video_id not in self._failed_at_decode:
-                        self._failed_at_decode.add(plan.video_id)
                         self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}", plan.video_id)
+                        # after _bad: in raise mode it raises, and must again at the next pass
+                        self._failed_at_decode.add(plan.video_id)
                 self.next_batch = position + 1
                 if good:
                     yield self.assemble(good)
