@@ -839,6 +839,19 @@ def test_start_batch_gives_the_rest_of_the_epoch_without_decoding_the_rest(vp9_d
         rest.set_epoch(0, start_batch=-1)
 
 
+def test_next_batch_is_where_a_newly_set_epoch_starts_until_its_first_batch(vp9_dataset):
+    """A script that saves (epoch, next_batch) before the epoch's first batch resumes there, not
+    at the end of the epoch before."""
+    root, _ = vp9_dataset
+    ld = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32, augment=None)
+    assert len(list(ld)) == ld.next_batch == 3
+    ld.set_epoch(1)
+    assert ld.next_batch == 0
+    ld.set_epoch(2, start_batch=1)
+    assert ld.next_batch == 1
+    assert len(list(ld)) == 2 and ld.next_batch == 3
+
+
 def test_end_batch_ends_the_epoch_there_without_decoding_the_rest(vp9_dataset, monkeypatch):
     root, _ = vp9_dataset
     full = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)

@@ -127,7 +127,9 @@ class VideoLoader:
         self.skipped: List[str] = []
         self.skipped_videos: Dict[int, str] = {}  # video id (its entry's index in the list) -> why
         self._failed_at_decode: Set[int] = set()  # video ids, so that each is counted once
-        self.next_batch = 0  # this epoch's batch after the last one yielded (left-out batches count)
+        # where this epoch goes on: the batch after the last one yielded (left-out batches count), or
+        # set_epoch's start_batch before the first
+        self.next_batch = 0
         for message in entries.skipped:
             self._bad(message)
         # sharded by process: the ranks share the probing of new videos, and all see the same infos
@@ -193,6 +195,7 @@ class VideoLoader:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.epoch, self.start_batch, self.end_batch = epoch, start_batch, end_batch
+        self.next_batch = start_batch  # not the last epoch's position, for a script that saves it now
 
     def _shard_videos(self) -> list:
         """This rank's share of the entries: evaluation, its usable videos; training, this epoch's
