@@ -55,6 +55,31 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(command, hint, monkey
     assert (hint in err) if hint else err == f"vitaclip {command}: interrupted\n"
 
 
+def test_ctrl_c_while_torch_is_imported_ends_with_a_line_not_a_crash():
+    """Ctrl-C in the seconds a command imports torch: the interrupted import leaves torch half
+    loaded, and importing it again for train's checkpoint hint crashed the interpreter."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from vitaclip import cli
+
+class CtrlCInTorch:  # the keyboard interrupt arrives while torch's own modules are imported, once
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.nn":
+            sys.meta_path.remove(self)
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlCInTorch())
+sys.exit(cli.main(["train", "--train-list", "list.txt", "--classes", "c.txt"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (
+        130, "vitaclip train: interrupted (while starting, before the run wrote anything)\n")
+
+
 def test_the_command_line_answers_before_torch_is_imported():
     """`vitaclip --help` and a mistyped option took 6.6 s here, importing torch and the model
     (minutes from a cluster's cold network file system): the parser needs neither; the package's

@@ -651,6 +651,9 @@ def interrupted_hint(args) -> str:
         return " (the videos it finished are kept: the same command goes on from them)"
     if args.command != "train":
         return ""
+    if "vitaclip.engine.checkpoint" not in sys.modules:
+        # stopped while importing torch and the model: importing them again here can crash the interpreter
+        return " (while starting, before the run wrote anything)"
     from .engine.checkpoint import latest_checkpoint
 
     # stopped before its first checkpoint, a run has nothing to go on from
