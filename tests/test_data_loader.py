@@ -3,6 +3,7 @@ backends, sharding, and every kind of bad input."""
 import dataclasses
 import itertools
 import os
+import re
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -699,6 +700,24 @@ def test_bad_arguments(vp9_dataset):
         loader(root, False, batch_size=1, spatial_crops=2)
     with pytest.raises(ValueError, match="shard_id"):
         loader(root, True, batch_size=1, shard_id=2, num_shards=2)
+
+
+@pytest.mark.parametrize("train,bad", [
+    (False, dict(size=0)),                 # was a resize error from torch at the first batch
+    (False, dict(temporal_views=0)),       # was "num_views" at the first batch
+    (True, dict(num_frames=2.5)),          # was clips of 3 frames
+    (True, dict(stride=1.5)),              # was fractional frame positions
+    (True, dict(batch_size=2.0)),          # was a TypeError at the first batch
+    (True, dict(num_workers=-1)),          # was DataLoader's error at the first batch
+    (True, dict(seed=-1)),                 # was numpy's "expected non-negative integer" at the first batch
+    (True, dict(crop_scale=(0.9, 0.1))),   # was numpy's "high - low < 0" at the first batch
+    (True, dict(crop_ratio=(0, 1))),       # was "math domain error" at the first batch
+])
+def test_bad_arguments_are_refused_by_name_when_the_loader_is_made(vp9_dataset, train, bad):
+    root, _ = vp9_dataset
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
+        loader(root, train, **{"batch_size": 1, **bad})
 
 
 @needs_dali

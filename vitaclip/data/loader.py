@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
@@ -97,11 +98,16 @@ class VideoLoader:
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        sampling.check_stride(stride)  # before the list is probed
+        # before the list is probed; a bad value would otherwise fail at the first batch, or not at all
+        for name, value in (("batch_size", batch_size), ("num_frames", num_frames), ("stride", stride),
+                            ("size", size), ("temporal_views", temporal_views)):
+            _check_count(name, value)
+        _check_count("seed", seed, least=0)
+        if num_workers is not None:
+            _check_count("num_workers", num_workers, least=0)
+        for name, (low, high) in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)!r}")
         if dali_mode is not None and dali_mode not in dali.MODES:
             raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
@@ -620,6 +626,14 @@ def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
     for entry in entries:
         digest.update(f"{listed_path(entry.path, data_root)},{entry.label}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _check_count(name: str, value, least: int = 1) -> None:
+    """An integer of at least `least`: a float would be rounded somewhere (num_frames=2.5 gave clips of 3)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
 
 
 def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:
