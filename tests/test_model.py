@@ -418,6 +418,24 @@ def test_a_config_that_is_not_a_vitaclip_config_is_refused_by_type():
         VitaCLIP(PRESETS["ViT-B/32"], ["a", "b"])
 
 
+def test_class_prompts_on_the_meta_device_are_refused_by_name(config):
+    """Class prompts' token buffers come from the names, not from saved weights: on the meta device
+    (made for to_empty() and load_state_dict) they would stay empty; it failed with 'Tensor.item()
+    cannot be called on meta tensors'. A model built there without classes gets them afterwards."""
+    with torch.device("meta"), pytest.raises(ValueError, match="class prompts cannot be made on the meta device"):
+        VitaCLIP(config, ["a", "b"])
+    with torch.device("meta"):
+        model = VitaCLIP(config)
+    with pytest.raises(ValueError, match=r"set them after model.to_empty\(device=...\)"):
+        model.set_classes(["a", "b"])
+    reference = VitaCLIP(config, ["a", "b"])
+    model.to_empty(device="cpu")
+    model.set_classes(["a", "b"])
+    model.load_state_dict(reference.state_dict())
+    video = torch.randn(2, 3, config.num_frames, config.image_size, config.image_size)
+    torch.testing.assert_close(model(video), reference(video))
+
+
 def test_backends_are_listed_for_a_device_and_a_wrong_choice_names_the_right_ones():
     from vitaclip import backends
 

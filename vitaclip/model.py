@@ -142,6 +142,10 @@ class VitaCLIP(nn.Module):
         scored zero-shot against hand-written prompts, averaged over the templates.
         """
         classnames = string_list(classnames, "class names")
+        if self.logit_scale.is_meta:  # built under `with torch.device("meta")`
+            raise ValueError("class prompts cannot be made on the meta device (their tokens come from the class "
+                             "names, not from saved weights): build the model on the CPU or GPU, or without class "
+                             "names and set them after model.to_empty(device=...)")
         self._text_cache = None
         self._graphs.clear("text")  # passes of the old classes: their memory goes now, not at eviction
         if templates is not None:
