@@ -720,6 +720,14 @@ def test_bad_arguments_are_refused_by_name_when_the_loader_is_made(vp9_dataset, 
         loader(root, train, **{"batch_size": 1, **bad})
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_a_dtype_the_normalised_clips_cannot_take_is_refused(vp9_dataset, dtype):
+    """Cast to an integer type, the clips' values (about -1.8 to 2.1) were silently truncated."""
+    root, _ = vp9_dataset
+    with pytest.raises(ValueError, match=rf"dtype must be a floating-point type.*, got {dtype}"):
+        loader(root, False, batch_size=1, dtype=dtype)
+
+
 @needs_dali
 def test_auto_backend_picks_dali_cpu_only_for_its_codecs_and_without_pyav(vp9_dataset, tmp_path, monkeypatch):
     from vitaclip.data import loader as loader_module

@@ -108,6 +108,8 @@ class VideoLoader:
         for name, (low, high) in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
             if not 0 < low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type (the clips are normalised), got {dtype}")
         if dali_mode is not None and dali_mode not in dali.MODES:
             raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
