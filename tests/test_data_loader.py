@@ -866,6 +866,16 @@ def test_start_batch_gives_the_rest_of_the_epoch_without_decoding_the_rest(vp9_d
         rest.set_epoch(0, start_batch=-1)
 
 
+@pytest.mark.parametrize("bad", [dict(epoch=-1), dict(epoch=1.5), dict(epoch=0, end_batch=-1)])
+def test_set_epoch_refuses_a_negative_or_fractional_position_by_name(vp9_dataset, bad):
+    """An epoch -1 or 1.5 failed at the first batch in numpy's words; end_batch -1 gave an empty epoch."""
+    root, _ = vp9_dataset
+    ld = loader(root, True, batch_size=1, num_frames=2, stride=2, size=32)
+    name, value = list(bad.items())[-1]
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {value}$"):
+        ld.set_epoch(**bad)
+
+
 def test_next_batch_is_where_a_newly_set_epoch_starts_until_its_first_batch(vp9_dataset):
     """A script that saves (epoch, next_batch) before the epoch's first batch resumes there, not
     at the end of the epoch before."""

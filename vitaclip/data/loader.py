@@ -200,8 +200,10 @@ class VideoLoader:
         only on (seed, epoch, video), so a run resumed mid-epoch decodes nothing it already used.
         end_batch: the batch it ends before (None: the epoch's last), so that a training run takes
         whole steps of accumulated batches without decoding the rest."""
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        _check_count("epoch", epoch, least=0)  # (numpy's error at the first batch named none)
+        _check_count("start_batch", start_batch, least=0)
+        if end_batch is not None:
+            _check_count("end_batch", end_batch, least=0)  # (-1 gave an empty epoch)
         self.epoch, self.start_batch, self.end_batch = epoch, start_batch, end_batch
         self.next_batch = start_batch  # not the last epoch's position, for a script that saves it now
 
