@@ -541,6 +541,9 @@ def test_bad_videos_stop_the_run_or_are_skipped_and_counted(videos, tmp_path, ca
     code, out, err = run(capsys, *base, "--on-error", "skip")
     assert code == 0, err
     assert json.loads(out)["num_videos"] == 12 and "skipped 1 bad list lines or videos" in err
+    assert json.loads(out)["num_skipped"] == 1  # a record kept with the accuracies, not only a message
+    code, out, err = run(capsys, *[a for a in base if a != "--json"], "--on-error", "skip")
+    assert code == 0 and out.rstrip().endswith("(12 videos, 12 views, 1 skipped)")
     code, _, err = run(capsys, *base, "--min-frames", 1000)
     assert code == 2 and "bad.txt:1" in err and "fewer than 1000" in err
 

@@ -136,10 +136,13 @@ def test_json_and_confusion_image(tmp_path):
 def test_zeroshot_splits_mean_and_std():
     results = {n: EvalResult(t1, t5, t1, 1, 1, ["a"]) for n, t1, t5 in
                (("s1", 0.5, 0.9), ("s2", 0.7, 1.0), ("s3", 0.6, 0.8))}
+    results["s2"].num_skipped = 4  # (on_error="skip")
     agg = aggregate(results, ["{}."])
     assert agg.top1_mean == pytest.approx(0.6) and agg.top1_std == pytest.approx(statistics.pstdev([0.5, 0.7, 0.6]))
     assert agg.top5_mean == pytest.approx(0.9) and agg.top5_std == pytest.approx(statistics.pstdev([0.9, 1.0, 0.8]))
     assert "mean: top-1 60.00 +- 8.16" in agg.summary()
+    assert "s2: top-1 70.00  top-5 100.00  (1 videos, 1 classes, 4 videos skipped)" in agg.summary()
+    assert "s1: top-1 50.00  top-5 90.00  (1 videos, 1 classes)" in agg.summary()
 
 
 def test_zeroshot_scores_each_split_with_its_own_classes():

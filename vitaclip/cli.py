@@ -180,12 +180,11 @@ def warn_classes_without_videos(args, list_file: str, classes: List[str], labels
 def report_skipped(args, env, *loaders) -> None:
     """In skip mode, how many bad list lines and videos the loaders skipped, on all processes
     (each skips the bad videos of its own shard; one skipped on several counts once)."""
-    from .engine.distributed import all_gather_objects
+    from .engine.distributed import skipped_on_any_rank
 
     if args.on_error != "skip":
         return
-    mine = set().union(*(loader.skipped for loader in loaders if loader is not None))
-    skipped = set().union(*all_gather_objects(env, mine))
+    skipped = skipped_on_any_rank(env, loaders)
     if env.is_main:
         print(f"vitaclip {args.command}: skipped {len(skipped)} bad list lines or videos "
               "(the warnings above name them)", file=sys.stderr)
@@ -272,7 +271,7 @@ def cmd_eval(args) -> int:
         print_json_or(args, result.to_dict(),
                       f"top-1 {100 * result.top1:.2f}  top-5 {100 * result.top5:.2f}  mean class accuracy "
                       f"{100 * result.mean_class_accuracy:.2f}  ({result.num_videos} videos, "
-                      f"{result.num_views} views)")
+                      f"{result.num_views} views" + (f", {result.num_skipped} skipped)" if result.num_skipped else ")"))
     return 0
 
 

@@ -146,6 +146,13 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     return box[0]
 
 
+def skipped_on_any_rank(env: DistEnv, loaders) -> set:
+    """What `loaders` left out (VideoLoader's `skipped`: bad list lines and videos, named; other
+    loaders leave nothing out) on any rank, each once: one skipped on several ranks counts once."""
+    mine = set().union(*(getattr(loader, "skipped", ()) for loader in loaders if loader is not None))
+    return set().union(*all_gather_objects(env, mine))
+
+
 def sum_across_ranks(env: DistEnv, values: List[float]) -> List[float]:
     """Each of `values` summed over the ranks, in one all-reduce."""
     if not env.is_distributed:

@@ -14,7 +14,7 @@ import torch
 from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text
 from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
-                          sum_across_ranks)
+                          skipped_on_any_rank, sum_across_ranks)
 from .loader import eval_batches, optional_len, split_views, whole_data_description
 from .precision import autocast
 
@@ -41,6 +41,8 @@ class EvalResult:
     classnames: List[str]
     per_class: Dict[str, float] = field(default_factory=dict)  # classes with videos only
     confusion: List[List[int]] = field(default_factory=list)  # [true][predicted] video counts
+    # list lines and videos the data left out (VideoLoader's on_error="skip"): not in the accuracies
+    num_skipped: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,6 +156,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         model.train(was_training)
     sums = merge([unpack(part) for part in all_gather_objects(env, pack(sums))])
     result = scores(sums, model.classnames)
+    result.num_skipped = len(skipped_on_any_rank(env, [data]))
     if env.is_main:
         if config.json_path:
             write_json(config.json_path, result.to_dict())

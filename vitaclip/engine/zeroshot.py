@@ -41,7 +41,8 @@ class ZeroShotResult:
 
     def summary(self) -> str:
         lines = [f"{name}: top-1 {100 * r.top1:.2f}  top-5 {100 * r.top5:.2f}  ({r.num_videos} videos, "
-                 f"{len(r.classnames)} classes)" for name, r in self.splits.items()]
+                 f"{len(r.classnames)} classes" + (f", {r.num_skipped} videos skipped)" if r.num_skipped else ")")
+                 for name, r in self.splits.items()]
         lines.append(f"mean: top-1 {100 * self.top1_mean:.2f} +- {100 * self.top1_std:.2f}  "
                      f"top-5 {100 * self.top5_mean:.2f} +- {100 * self.top5_std:.2f}")
         return "\n".join(lines)
