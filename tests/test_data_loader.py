@@ -63,6 +63,17 @@ def test_eval_views_follow_the_protocol(vp9_dataset):
             assert (got - clip).abs().mean() < 3 / 255
 
 
+def test_list_and_data_root_may_be_paths(vp9_dataset):
+    """pathlib paths failed with "unsupported operand type(s) for +" / "no attribute 'endswith'"."""
+    root, _ = vp9_dataset
+    kw = dict(train=False, batch_size=3, num_frames=2, stride=8, size=32, backend="pyav", num_workers=0, device="cpu")
+    want = next(iter(VideoLoader(str(root / "list.csv"), str(root), **kw)))
+    ld = VideoLoader(root / "list.csv", root, **kw)
+    got = next(iter(ld))
+    assert torch.equal(got.video, want.video) and got.label.tolist() == want.label.tolist()
+    assert ld.videos[0][1].list_file == str(root / "list.csv")  # as errors name it
+
+
 def test_single_view_is_centred(vp9_dataset):
     root, rows = vp9_dataset
     one = torch.cat([b.video for b in loader(root, False, batch_size=3, num_frames=4, stride=8, size=48)])

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
@@ -95,6 +96,7 @@ class VideoLoader:
                  prefetch: int = 2, on_error: str = "raise", min_frames: int = 1,
                  dali_mode: Optional[str] = None, dali_readers: Optional[int] = None,
                  worker_timeout: float = 600.0, progress: bool = False):
+        list_file, data_root = os.fspath(list_file), os.fspath(data_root)  # pathlib paths too
         check_error_policy(on_error)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
