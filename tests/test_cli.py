@@ -111,6 +111,14 @@ except AttributeError as error:
     assert done.stdout.endswith("module 'vitaclip' has no attribute 'no_such_name'\n")
 
 
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"vitaclip {version('vitaclip')}\n"
+
+
 @pytest.mark.parametrize("reader_gone", [True, False])
 def test_output_piped_to_a_reader_that_stops_ends_quietly(tmp_path, reader_gone):
     """`vitaclip predict ... | head`: status 141 as a tool ended by SIGPIPE, nothing on stderr; a broken

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 # (nothing here imports torch: the commands import what they use, after their arguments are read)
+from . import __version__
 from .choices import (DEFAULT_STRIDE, PRECISIONS, PREPARE_TIMEOUT, WEIGHT_DECAY_ON, X264_PRESETS,
                       default_num_workers)
 from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
@@ -437,6 +438,7 @@ def add_model_source(p, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitaclip", description=__doc__, formatter_class=FORMATTER)
+    parser.add_argument("--version", action="version", version=f"vitaclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train the prompts (single GPU, or under torchrun)", formatter_class=FORMATTER)
