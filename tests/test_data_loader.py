@@ -723,12 +723,16 @@ def test_bad_arguments(vp9_dataset):
     (True, dict(seed=-1)),                 # was numpy's "expected non-negative integer" at the first batch
     (True, dict(crop_scale=(0.9, 0.1))),   # was numpy's "high - low < 0" at the first batch
     (True, dict(crop_ratio=(0, 1))),       # was "math domain error" at the first batch
+    (False, dict(eval_short_side=16)),     # was "frame 16x16 smaller than the crop 32"
+    (False, dict(eval_short_side=40.5)),   # was a TypeError from torch at the first batch
+    (True, dict(shard_id=0, num_shards=2.0)),  # was "slice indices must be integers" at the first batch
+    (False, dict(num_shards=2, shard_id=0.0)),
 ])
 def test_bad_arguments_are_refused_by_name_when_the_loader_is_made(vp9_dataset, train, bad):
     root, _ = vp9_dataset
-    (name, value), = bad.items()
+    name, value = list(bad.items())[-1]
     with pytest.raises(ValueError, match=rf"^{name} must be .*, got {re.escape(repr(value))}$"):
-        loader(root, train, **{"batch_size": 1, **bad})
+        loader(root, train, **{"batch_size": 1, "size": 32, **bad})
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])

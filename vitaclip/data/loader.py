@@ -105,6 +105,8 @@ class VideoLoader:
                             ("size", size), ("temporal_views", temporal_views)):
             _check_count(name, value)
         _check_count("seed", seed, least=0)
+        if eval_short_side is not None:
+            _check_count("eval_short_side", eval_short_side, least=size)  # frames resized to it, then cropped
         if num_workers is not None:
             _check_count("num_workers", num_workers, least=0)
         for name, (low, high) in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
@@ -648,7 +650,9 @@ def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:
         raise ValueError("give both shard_id and num_shards, or neither")
     if shard_id is None:
         return None
-    if not 0 <= shard_id < num_shards:
+    _check_count("num_shards", num_shards)
+    _check_count("shard_id", shard_id, least=0)
+    if shard_id >= num_shards:
         raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
     return shard_id, num_shards
 
