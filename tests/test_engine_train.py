@@ -790,6 +790,9 @@ def test_a_checkpoint_is_pending_until_a_marker_of_its_own_write_says_its_evalua
     pending = dict(step=2, evaluation_pending=True, write_id="first")
     path = ckpt.save_checkpoint(tmp_path, 2, pending)
     assert ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
+    from importlib.metadata import version
+
+    assert ckpt.load_checkpoint(path)["vitaclip_version"] == version("vitaclip")  # which release wrote it
     ckpt.mark_evaluated(path, "first")
     assert not ckpt.evaluation_pending(path, ckpt.load_checkpoint(path))
     ckpt.save_checkpoint(tmp_path, 2, {**pending, "write_id": "second"})

@@ -324,6 +324,11 @@ def test_save_and_load_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["classnames.json", "config.json",
                                                                       "model.safetensors"]
+    from importlib.metadata import version
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as weights:
+        assert weights.metadata() == {"format": "pt", "vitaclip": version("vitaclip")}
     loaded = VitaCLIP.from_pretrained(tmp_path / "saved")
     video = random_video(model.config)
     assert torch.equal(loaded(video), model(video))

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import __version__
 from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
 from .files import atomic_write, atomic_write_text
@@ -407,7 +408,9 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     learner = model.prompt_learner
     classnames = learner.classnames if learner is not None else []
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
+    # which release wrote them, for whoever gets the folder (safe_open(...).metadata() reads it)
+    written_by = {"format": "pt", "vitaclip": __version__}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p, metadata=written_by))
     atomic_write_text(directory / CONFIG_FILE, model.config.to_json())
     atomic_write_text(directory / CLASSES_FILE, json.dumps(classnames, indent=1))
     templates = model.zero_shot_templates

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import __version__
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP, is_trainable
 from ..text import clean_classname, keep_phrase_for_saved_context
@@ -89,7 +90,8 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
     but the newest `keep` checkpoints (0 keeps every one)."""
     path = checkpoint_path(directory, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    written_by = {"format": FORMAT, "vitaclip_version": __version__}  # the release, for whoever reads it later
+    atomic_write(path, lambda tmp: torch.save({**written_by, **payload}, tmp))
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             remove_checkpoint(old)
