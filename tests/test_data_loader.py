@@ -1129,6 +1129,20 @@ def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_datas
         next(iter(EpochLoader(empty)))
 
 
+@pytest.mark.parametrize("text,why", [
+    ("", r"the list has no entries"),
+    ("good.webm 1\ngood2.webm 2\n", r"2 entries left out, e\.g\. .*list\.csv:1: expected 'path,label', got 'good\.webm 1'"),
+    ("missing.webm,0\n", r"1 entries left out, e\.g\. .*list\.csv:1 .*missing\.webm.*: file not found"),
+])
+def test_a_list_without_usable_videos_says_why(bad_dataset, text, why):
+    """It said "no usable videos" alone: in skip mode the reasons were only in the log."""
+    from vitaclip.data.loader import NoUsableVideos
+
+    (bad_dataset / "list.csv").write_text(text)
+    with pytest.raises(NoUsableVideos, match=rf"list\.csv: no usable videos \({why}\)"):
+        loader(bad_dataset, True, batch_size=1, on_error="skip")
+
+
 def test_description_names_the_list_and_the_sampling_but_not_the_data_root(vp9_dataset, tmp_path):
     root, rows = vp9_dataset
     first = loader(root, True, batch_size=1).description()

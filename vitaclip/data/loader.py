@@ -160,8 +160,10 @@ class VideoLoader:
                 self._bad(str(problem), video_id)
             else:
                 self.videos.append((video_id, entry, info))
-        if not self.videos:
-            raise NoUsableVideos(f"{list_file}: no usable videos", self.skipped_videos)
+        if not self.videos:  # (in skip mode, the reasons were only logged)
+            why = (f"{len(self.skipped)} entries left out, e.g. {self.skipped[0]}" if self.skipped
+                   else "the list has no entries")
+            raise NoUsableVideos(f"{list_file}: no usable videos ({why})", self.skipped_videos)
         self._usable = {video[0]: video for video in self.videos}
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
