@@ -32,6 +32,13 @@ def test_bad_lines_name_file_and_line(tmp_path, line, problem):
     assert len(entries.skipped) == 1 and "l.csv:2" in entries.skipped[0]
 
 
+def test_a_negative_label_without_a_class_count_is_named_as_such(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("a.mp4,0\nb.mp4,-1\n")
+    with pytest.raises(ValueError, match=r"^\S*l\.csv:2: label -1 is negative \(labels count from 0\)$"):
+        read_video_list(str(f))  # it said "out of range [0, None)"
+
+
 def test_signed_labels_and_a_byte_order_mark_are_read(tmp_path):
     f = tmp_path / "l.csv"
     f.write_bytes(b"\xef\xbb\xbfa.mp4,+1\r\nb.mp4,0\r\n")  # as Windows editors save UTF-8

@@ -106,6 +106,8 @@ def _parse_line(line, line_no, list_file, data_root, num_classes) -> VideoEntry:
     if not _INTEGER.fullmatch(label_text):
         raise ValueError(f"{where}: label {label_text!r} is not an integer")
     label = int(label_text)
+    if label < 0 and num_classes is None:  # (no range to name)
+        raise ValueError(f"{where}: label {label} is negative (labels count from 0)")
     if label < 0 or (num_classes is not None and label >= num_classes):
         names = "1 name" if num_classes == 1 else f"{num_classes} names"
         classes = f" (the class list has {names}: too short, or a wrong label?)" if label > 0 else ""
