@@ -159,3 +159,17 @@ def test_listed_path_is_relpath_of_the_joined_path():
             joined = os.path.join(root, path)
             assert listed_path(joined, root) == os.path.relpath(joined, root), (root, path)
     assert listed_path("c/v.mp4", "") == "c/v.mp4"
+
+
+def test_a_class_list_naming_no_classes_is_refused_by_name(tmp_path):
+    """It came back empty from a blank file or a folder of videos without class folders; only the
+    command line refused that, a script went on to a classless model or an evaluation over nothing."""
+    blank = tmp_path / "classes.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"classes\.txt names no classes: it holds no lines"):
+        read_class_names(str(blank))
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")
+    (tmp_path / "videos" / ".cache").mkdir()
+    with pytest.raises(ValueError, match=r"videos names no classes: it holds no class folders"):
+        read_class_names(str(tmp_path / "videos"))

@@ -61,10 +61,7 @@ def read_classes(path: str) -> List[str]:
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"class list {path} does not exist")
-    names = read_class_names(path)
-    if not names:
-        raise ValueError(f"{path} names no classes")
-    return names
+    return read_class_names(path)
 
 
 def read_templates(path: str) -> List[str]:

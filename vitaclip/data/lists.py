@@ -127,11 +127,16 @@ def read_class_names(path: str) -> List[str]:
     its sub-folder names turned into words (one folder per class), in plain `sorted()` order of
     the folder names (by code point: `Zumba` before `abseiling`), as torchvision's ImageFolder
     numbers classes. Folders starting with `.` or `_` (`.ipynb_checkpoints`, `__pycache__`) are
-    not classes."""
+    not classes. None at all is an error: a model or an evaluation over no classes is no use."""
     if os.path.isdir(path):
-        return [folder_to_class_name(d) for d in sorted(os.listdir(path))
-                if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
+        names = [folder_to_class_name(d) for d in sorted(os.listdir(path))
+                 if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
+        if not names:
+            raise ValueError(f"{path} names no classes: it holds no class folders")
+        return names
     lines = [(line_no, text.strip()) for line_no, text in text_lines(path) if text.strip()]
+    if not lines:
+        raise ValueError(f"{path} names no classes: it holds no lines")
     numbered = _index_file_names(path, lines)
     return numbered if numbered is not None else [text for _, text in lines]
 
