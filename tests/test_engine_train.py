@@ -902,7 +902,28 @@ def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
 @pytest.mark.parametrize("setting,problem", [(dict(stop_signals=("SIGKILL",)), "SIGKILL cannot be caught"),
                                              (dict(stop_signals=("STOP",)), "SIGSTOP cannot be caught"),
                                              (dict(eval_every=-2), "eval_every must be >= 0"),
-                                             (dict(keep_checkpoints=-1), "keep_checkpoints must be >= 0")])
+                                             (dict(keep_checkpoints=-1), "keep_checkpoints must be >= 0"),
+                                             # these failed mid-run naming nothing ('float' object cannot be
+                                             # interpreted as an integer, '<' not supported between 'str' and
+                                             # 'int', range() arg 3 must not be zero after the last step)
+                                             (dict(steps=6.0), "steps must be an integer"),
+                                             (dict(batch_size="4"), "batch_size must be an integer"),
+                                             (dict(keep_checkpoints=1.5), "keep_checkpoints must be an integer"),
+                                             (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+                                             (dict(seed=-1), "seed must be >= 0"),
+                                             (dict(lr="1e-3"), "lr must be a finite number"),
+                                             (dict(stop_signals="SIGTERM"), "stop_signals must be a tuple"),
+                                             # and these were taken: evaluations at step 5 only, no step and
+                                             # no checkpoint, no update at all, or updates turned around
+                                             (dict(eval_every=2.5), "eval_every must be an integer"),
+                                             (dict(warmup_steps=True), "warmup_steps must be an integer"),
+                                             (dict(stop_after=0), "stop_after must be >= 1"),
+                                             (dict(lr=0.0), "lr must be > 0"),
+                                             (dict(min_lr=-1e-3), "min_lr must be >= 0"),
+                                             (dict(min_lr=0.1), r"min_lr must be in \[0, lr\]"),
+                                             (dict(weight_decay=-0.05), "weight_decay must be >= 0"),
+                                             (dict(grad_clip=0.0), "grad_clip must be > 0"),
+                                             (dict(grad_clip=-1.0), "grad_clip must be > 0")])
 def test_settings_that_cannot_work_are_refused_before_the_run(tmp_path, setting, problem):
     with pytest.raises(ValueError, match=problem):
         tiny_train_config(tmp_path, **setting).validate()

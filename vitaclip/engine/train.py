@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import numbers
 import shutil
 import time
 import uuid
@@ -96,24 +97,54 @@ class TrainConfig:
         check_precision(self.precision)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # 0: eval_every at the end only, keep_checkpoints all
+        for name, least in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("log_every", 1),
+                            ("eval_batch_size", 1), ("eval_every", 0), ("keep_checkpoints", 0),
+                            ("warmup_steps", 0), ("seed", 0), ("num_workers", 0)):
+            check_count(name, getattr(self, name), least)
+        for name in ("micro_batch_size", "stop_after"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name), 1)
         if self.weight_decay_on not in WEIGHT_DECAY_ON:
             raise ValueError(f"weight_decay_on must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
-        for name in ("eval_every", "keep_checkpoints"):  # 0: at the end only, keep all
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps <= self.steps:
+        if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        # lr 0 trains nothing; a negative min_lr, weight decay or clipping norm turns the update around
+        check_number("lr", self.lr, above=0)
+        check_number("min_lr", self.min_lr, least=0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr] (the end of the decay from lr), got {self.min_lr}")
+        check_number("weight_decay", self.weight_decay, least=0)
+        check_number("adam_eps", self.adam_eps, above=0)
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, above=0)
         if self.resume_with_changes and self.resume is None:
             raise ValueError("resume_with_changes applies to a resumed run: give resume too")
         if self.overwrite and self.resume is not None:
             raise ValueError("overwrite starts a fresh run: it cannot be combined with resume")
+        if isinstance(self.stop_signals, str):  # its letters would be taken for signal names
+            raise ValueError(f"stop_signals must be a tuple of signal names, e.g. ({self.stop_signals!r},)")
         for name in self.stop_signals:
             parse_signal(name)
+
+
+def check_count(name: str, value, least: int) -> None:
+    """An integer of at least `least`: a float passed as a count (eval_every=2.5 evaluated at step 5
+    only) or a str failed mid-run, naming nothing."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+
+
+def check_number(name: str, value, least: Optional[float] = None, above: Optional[float] = None) -> None:
+    """A finite real number, at least `least` or above `above`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if least is not None and value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
 
 
 @dataclass
