@@ -122,6 +122,26 @@ def test_views_with_different_labels_and_empty_data_are_errors():
         scores({"v": (p, 1, 5)}, ["a", "b"])
 
 
+def batches_of(data, size=4):
+    """`data`'s items as a list of batches (video [B, 3, T, H, W], labels [B], ids)."""
+    items = [data[i] for i in range(len(data))]
+    return [(torch.stack([v for v, _, _ in chunk]), torch.tensor([y for _, y, _ in chunk]), [i for _, _, i in chunk])
+            for chunk in (items[s:s + size] for s in range(0, len(items), size))]
+
+
+@pytest.mark.parametrize("damage,problem", [(lambda v, y, i: (v, y[:2], i), "4 videos has 2 labels and 4 video ids"),
+                                            (lambda v, y, i: (v, y, i[:2]), "4 videos has 4 labels and 2 video ids"),
+                                            (lambda v, y, i: (v, y.float(), i), "1-D tensor of class indices")])
+def test_a_batch_needs_a_label_and_an_id_per_video(damage, problem):
+    """A batch with fewer labels or ids than videos was scored over the shorter (zip), its other
+    videos left out without a word; float labels failed as torch's 'tensors used as indices'."""
+    batches = batches_of(tiny_data(8))
+    assert evaluate(tiny_model(), batches, EvalConfig(**CPU)).num_videos == 8
+    batches[0] = damage(*batches[0])
+    with pytest.raises(ValueError, match=problem):
+        evaluate(tiny_model(), batches, EvalConfig(**CPU))
+
+
 def test_json_and_confusion_image(tmp_path):
     from PIL import Image
 

@@ -155,7 +155,16 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
 
 
 def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:
-    """[B, V, 3, T, H, W] -> [B*V, 3, T, H, W] with labels and ids repeated per view."""
+    """[B, V, 3, T, H, W] -> [B*V, 3, T, H, W] with labels and ids repeated per view. A batch must
+    have a label and an id per video: evaluation pairs them up with zip, which dropped the videos
+    past the shorter without a word."""
+    if not (isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point()):
+        raise ValueError(f"a batch's labels must be a 1-D tensor of class indices, got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__} "
+                         f"{getattr(labels, 'dtype', '')}")
+    if not len(video) == len(labels) == len(video_ids):
+        raise ValueError(f"a batch of {len(video)} videos has {len(labels)} labels and {len(video_ids)} video ids: "
+                         f"give one of each per video")
     if video.dim() != 6:
         return video, labels, video_ids
     b, v = video.shape[:2]
