@@ -237,6 +237,23 @@ def test_shards_partition_the_epoch_with_equal_batch_counts(vp9_dataset, tmp_pat
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
+def test_a_training_shard_too_small_for_one_batch_is_refused_by_name(vp9_dataset, tmp_path):
+    """An epoch drops the tail that does not fill a batch: with fewer entries than batch_size a
+    script's training loop ran over nothing, silently."""
+    root, rows = vp9_dataset
+    lines = (root / "list.csv").read_text().splitlines()
+    (tmp_path / "list.csv").write_text("\n".join(os.path.join(str(root), l) for l in lines[:3]) + "\n")
+    ld = VideoLoader(str(tmp_path / "list.csv"), train=True, batch_size=2, num_frames=2, stride=4, size=16,
+                     backend="pyav", num_workers=0, device="cpu", shard_id=1, num_shards=2, augment=None)
+    assert len(ld) == 0
+    with pytest.raises(ValueError, match=r"batches of 2 videos, and this shard's 1 list entries \(shard 1 of 2\) "
+                                         r"fill none: lower batch_size"):
+        next(iter(ld))
+    evaluation = VideoLoader(str(tmp_path / "list.csv"), train=False, batch_size=2, num_frames=2, stride=4, size=16,
+                             backend="pyav", num_workers=0, device="cpu", shard_id=1, num_shards=2)
+    assert [b.video_id.tolist() for b in evaluation] == [[1]]  # an evaluation keeps its last, partial batch
+
+
 def test_every_layout_of_ranks_and_batches_uses_the_same_first_videos_of_an_epoch(vp9_dataset, tmp_path):
     """k micro-batches of every rank use the first k x batch x ranks videos of the epoch's order,
     whatever the layout: a run resumed on another process count goes on from there

@@ -80,8 +80,9 @@ class VideoLoader:
     DataLoader, a script using it needs an `if __name__ == "__main__":` guard. A worker that
     dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
     VideoDecodeError naming the videos awaited; the next epoch starts a new pool. Videos the
-    list's sidecar lacks are probed in such processes too: one whose probe crashes, or takes more
-    than `worker_timeout` seconds, is a bad video; `progress` shows a bar while they are probed.
+    list's sidecar lacks are probed in such processes too, whatever num_workers (so the guard is
+    needed then too): one whose probe crashes, or takes more than `worker_timeout` seconds, is a
+    bad video; `progress` shows a bar while they are probed.
     Under torch.distributed, a loader sharded by process (no shard_id) is made by every rank, as it
     is iterated by every rank: the ranks split the probing and exchange the results."""
 
@@ -432,6 +433,11 @@ class VideoLoader:
             yield plans, frames
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.train and len(self) == 0:  # a script's training loop would silently do nothing
+            shard_id, num_shards = self.shard
+            raise ValueError(f"a training epoch takes whole batches of {self.batch_size} videos, and this shard's "
+                             f"{len(self._shard_videos())} list entries (shard {shard_id} of {num_shards}) fill "
+                             "none: lower batch_size")
         # the epoch planned (_plan_batches), even if set_epoch comes before its last batch
         skipped_before, epoch = len(self.skipped), self.epoch
         try:
