@@ -68,8 +68,9 @@ def test_a_row_whose_file_cannot_be_stated_is_probed_again_not_an_error(vp9_data
     assert isinstance(gone, VideoDecodeError) and "list.csv:1" in str(gone)
 
 
-def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path, monkeypatch):
-    """A read-only data set's folder: the probed infos are used, and the sidecar is written another time."""
+def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path, monkeypatch, caplog):
+    """A read-only data set's folder: the probed infos are used, and the sidecar is written another time;
+    a warning says so (every run probes them again, silently before)."""
     lst, frames = one_video(vp9_dataset, tmp_path)
 
     def read_only(path, infos):
@@ -78,6 +79,8 @@ def test_a_sidecar_that_cannot_be_written_is_left_as_it_is(vp9_dataset, tmp_path
     monkeypatch.setattr(meta, "write_meta", read_only)
     (info,) = video_infos(read_video_list(lst, str(tmp_path)), lst, str(tmp_path), workers=1)
     assert info.frames == frames and not os.path.exists(meta_path(lst))
+    assert "the 1 videos probed are probed again next time: their sidecar cannot be written ([Errno 13] " \
+           "Permission denied" in caplog.text
 
 
 def probe_own_copies_as_two_ranks(rank, world_size, port, folders, keep_log=False):

@@ -103,8 +103,10 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
         known.update(found)
         try:
             write_meta(sidecar, known.items())
-        except OSError:
-            pass  # read-only dataset folder: probe again next time
+        except OSError as error:  # e.g. a read-only dataset folder: every run probes them again, minutes each
+            if not share or torch.distributed.get_rank() == 0:
+                log.warning("the %d videos probed are probed again next time: their sidecar cannot be written "
+                            "(%s); `vitaclip prepare` writes a list and its sidecar where it can", len(found), error)
     known.update({k: info for (k, _), info in zip(to_probe, probed)})
     # a display that could not be read: as coded, in the recorded matrix, else BT.601 (what FFmpeg and
     # DALI assume), but not recorded
