@@ -193,6 +193,31 @@ def test_zeroshot_scores_each_split_with_its_own_classes():
         zeroshot(model, [splits[0], splits[0]], templates, EvalConfig(**CPU))
 
 
+@pytest.mark.parametrize("setting,problem", [(dict(batch_size=0), "batch_size must be >= 1"),
+                                             (dict(batch_size=2.5), "batch_size must be an integer"),
+                                             (dict(num_workers=-1), "num_workers must be >= 0"),
+                                             (dict(precision="FP32"), "precision must be one of")])
+def test_evaluation_settings_are_refused_by_name_before_any_work(setting, problem):
+    """They failed in the data loader ('range() arg 3 must not be zero', 'float object cannot be
+    interpreted as an integer', torch's num_workers message), or at the first batch, after zeroshot()
+    had given the model its first split's classes."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=problem):
+        evaluate(model, tiny_data(8), EvalConfig(**{**CPU, **setting}))
+    with pytest.raises(ValueError, match=problem):
+        zeroshot(model, [Split("one", CLASSES[::-1], tiny_data(8))], config=EvalConfig(**{**CPU, **setting}))
+    assert model.classnames == list(CLASSES) and model.zero_shot_templates is None
+
+
+@pytest.mark.parametrize("setting,problem", [(dict(top_k=2.5), "top_k must be an integer"),
+                                             (dict(batch_size="4"), "batch_size must be an integer")])
+def test_prediction_settings_are_refused_by_name(setting, problem):
+    """They failed as torch's 'topk(): argument 'k' must be int, not float' and Python's '<' not
+    supported between 'str' and 'int'."""
+    with pytest.raises(ValueError, match=problem):
+        predict(tiny_model(), [tiny_data(1)[0][0]], device="cpu", precision="fp32", **setting)
+
+
 def test_predict_output_format():
     model = tiny_model().train()
     clips = [tiny_data(3)[i][0] for i in range(3)]

@@ -16,7 +16,8 @@ from ..files import atomic_write, atomic_write_text
 from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
                           skipped_on_any_rank, sum_across_ranks)
 from .loader import eval_batches, optional_len, split_views, whole_data_description
-from .precision import autocast
+from .precision import autocast, check_precision
+from .settings import check_count
 
 
 @dataclass
@@ -29,6 +30,11 @@ class EvalConfig:
     confusion_png: Optional[str] = None  # write the confusion matrix as an image here
     json_path: Optional[str] = None  # write the results as JSON here
     scores_path: Optional[str] = None  # write every video's class probabilities here (`write_video_scores`)
+
+    def validate(self) -> None:
+        check_count("batch_size", self.batch_size, 1)
+        check_count("num_workers", self.num_workers, 0)
+        check_precision(self.precision)
 
 
 @dataclass
@@ -129,6 +135,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     vote in one all-reduce per batch, those out of batches voting on until all are (a loader may
     yield fewer batches than it counts)."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
+    config.validate()
     env = env or init_distributed(config.device)
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     check_same_on_every_rank(env, list(model.classnames), "the class names")

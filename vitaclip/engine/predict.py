@@ -15,6 +15,7 @@ from ..model import VitaCLIP
 from .distributed import pick_device
 from .evaluate import accumulate
 from .precision import autocast
+from .settings import check_count
 
 
 PATHS_SHOWN = 5  # in an error: a long list's every missing file would bury the message
@@ -129,10 +130,8 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
         videos = [videos]
     if len(videos) == 0:
         raise ValueError("no videos given")
-    if config.top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {config.top_k}")
-    if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    check_count("top_k", config.top_k, 1)
+    check_count("batch_size", config.batch_size, 1)
     device = pick_device(config.device)
     are_tensors = [isinstance(v, torch.Tensor) for v in videos]
     errors: Dict[int, str] = {}

@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import logging
 import math
-import numbers
 import shutil
 import time
 import uuid
@@ -36,6 +35,7 @@ from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
 from .loader import (EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views,
                      whole_data_description)
 from .precision import autocast, check_precision, grad_scaler
+from .settings import check_count, check_number
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -126,25 +126,6 @@ class TrainConfig:
             raise ValueError(f"stop_signals must be a tuple of signal names, e.g. ({self.stop_signals!r},)")
         for name in self.stop_signals:
             parse_signal(name)
-
-
-def check_count(name: str, value, least: int) -> None:
-    """An integer of at least `least`: a float passed as a count (eval_every=2.5 evaluated at step 5
-    only) or a str failed mid-run, naming nothing."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-
-
-def check_number(name: str, value, least: Optional[float] = None, above: Optional[float] = None) -> None:
-    """A finite real number, at least `least` or above `above`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if least is not None and value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-    if above is not None and value <= above:
-        raise ValueError(f"{name} must be > {above}, got {value}")
 
 
 @dataclass

@@ -63,6 +63,7 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     context is not used), then aggregate top-1/top-5 over the splits. The model keeps the last
     split's classes."""
     config = dataclasses.replace(config or EvalConfig(), **overrides)
+    config.validate()  # before the first split's classes replace the model's
     if config.scores_path or config.confusion_png:
         raise ValueError("zeroshot() writes the aggregate as JSON only: for a split's per-video scores or "
                          "confusion matrix, evaluate() it with the model's classes set to its own")

@@ -1,0 +1,26 @@
+"""Checks of the engine's settings (TrainConfig, EvalConfig, PredictConfig), by name, before any
+work: a wrong type or value otherwise fails mid-run in torch or Python, naming none of them."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+
+def check_count(name: str, value, least: int) -> None:
+    """An integer of at least `least`: a float passed as a count (eval_every=2.5 evaluated at step 5
+    only) or a str failed mid-run, naming nothing."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+
+
+def check_number(name: str, value, least: Optional[float] = None, above: Optional[float] = None) -> None:
+    """A finite real number, at least `least` or above `above`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if least is not None and value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
