@@ -113,6 +113,12 @@ class VideoLoader:
         for name, (low, high) in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
             if not 0 < low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)!r}")
+        evaluation_only = {"temporal_views": temporal_views != 1, "spatial_crops": spatial_crops != 1,
+                           "eval_short_side": eval_short_side is not None}
+        if train and any(evaluation_only.values()):  # (it would be ignored: one random clip per video)
+            given = ", ".join(name for name, set_ in evaluation_only.items() if set_)
+            raise ValueError(f"{given}: evaluation settings, but train=True takes one random clip and crop per "
+                             "video; give them to the evaluation loader")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point type (the clips are normalised), got {dtype}")
         if dali_mode is not None and dali_mode not in dali.MODES:
@@ -120,7 +126,7 @@ class VideoLoader:
         self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
         self.stride, self.tsn, self.size = stride, tsn, size
         self.eval_short_side = eval_short_side or size
-        self.temporal_views, self.spatial_crops = (1, 1) if train else (temporal_views, spatial_crops)
+        self.temporal_views, self.spatial_crops = temporal_views, spatial_crops
         self.augment = RandAugment(augment) if train and augment else None
         self.flip = flip and train
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
