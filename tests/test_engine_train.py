@@ -143,6 +143,26 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_to
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
 
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_final_model_unless_told_to_overwrite(tmp_path):
+    """An earlier run's folder kept without its checkpoints (deleted to save space): a fresh run,
+    or resume='auto' finding none, trained afresh and replaced its final model at the end, unasked."""
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, steps=2, save_final=True))
+    for path in ckpt.list_checkpoints(tmp_path):
+        ckpt.remove_checkpoint(path)
+    earlier = trainable(ckpt.load_model(tmp_path / "model"))
+    for resume in (None, "auto"):
+        with pytest.raises(ValueError, match="final model of an earlier run.*overwrite=True"):
+            train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=2, save_final=True, resume=resume))
+    kept = trainable(ckpt.load_model(tmp_path / "model"))
+    assert all(torch.equal(kept[k], v) for k, v in earlier.items())
+    assert ckpt.list_checkpoints(tmp_path) == []
+    # a run that saves no final model leaves it be; overwrite=True deletes it
+    train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=2))
+    train(tiny_model(seed=1), tiny_data(), tiny_train_config(tmp_path, steps=2, save_final=True, overwrite=True))
+    replaced = trainable(ckpt.load_model(tmp_path / "model"))
+    assert not all(torch.equal(replaced[k], v) for k, v in earlier.items())
+
+
 def test_resume_auto_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path, caplog):
     config = tiny_train_config(tmp_path, steps=2, resume="auto")
     with caplog.at_level("INFO", logger="vitaclip.engine.train"):

@@ -543,6 +543,7 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
     if config.resume == "auto":
         path, payload = ckpt.load_latest_checkpoint(out)
         if path is None:  # a requeue script's first run, or a mistyped --output-dir: said, not silent
+            check_no_final_model(config, out)
             logger.info("resume='auto' (--resume auto) found no checkpoint in %s: a fresh run starts", out)
         return path, payload
     path = Path(config.resume)
@@ -571,6 +572,17 @@ def clear_earlier_run(config: TrainConfig, out: Path) -> None:
                          f"it with resume='auto' (--resume auto), start afresh with overwrite=True (--overwrite, "
                          f"which deletes them, its final model and its TensorBoard logs) or choose another output "
                          f"directory")
+    else:
+        check_no_final_model(config, out)
+
+
+def check_no_final_model(config: TrainConfig, out: Path) -> None:
+    """A run that starts afresh refuses a folder holding an earlier run's final model without its
+    checkpoints (deleted to save space): its own would replace it at the end, unasked."""
+    if config.save_final and (out / FINAL_MODEL).exists():
+        raise ValueError(f"{out} holds the final model of an earlier run ({out / FINAL_MODEL}) and none of its "
+                         f"checkpoints: this run's would replace it. Move it away, start afresh with overwrite=True "
+                         f"(--overwrite, which deletes it) or choose another output directory")
 
 
 def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, scheduler, scaler, loader,
