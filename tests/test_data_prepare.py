@@ -763,3 +763,14 @@ def test_a_rerun_takes_finished_outputs_from_the_sidecar_without_reading_them(so
     assert (third.written, third.reused) == (0, 3)
     assert jobs() == {names[0]: ["reuse"], names[1]: ["reuse"]}
     assert read_meta(sidecar)[names[0]] == pyav.probe(str(out / names[0]))
+
+
+def test_the_module_form_earlier_releases_documented_runs_the_command():
+    """`python -m vitaclip.data.prepare SRC OUT` (before `vitaclip prepare` held its options) must not
+    end silently having done nothing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vitaclip.data.prepare", "no_such_list.csv", "out"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "vitaclip prepare: error:" in done.stderr and "no_such_list.csv" in done.stderr

@@ -450,3 +450,9 @@ def _remove(path: str) -> None:
     except FileNotFoundError:
         pass
 
+
+
+if __name__ == "__main__":  # the form earlier releases documented: `vitaclip prepare` is the same
+    from ..cli import main
+
+    sys.exit(main(["prepare", *sys.argv[1:]]))
