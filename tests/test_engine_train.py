@@ -143,6 +143,22 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_to
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
 
+def test_evaluation_batches_that_one_evaluation_uses_up_are_refused_for_several(tmp_path):
+    """A generator of batches as eval_data, evaluated every 2 of 6 steps: the first evaluation used it up
+    and the second failed at step 4 as 'evaluation data is empty'. Evaluated once, it serves."""
+    data = tiny_data(8)
+    items = [data[i] for i in range(len(data))]
+    batches = [(torch.stack([v for v, _, _ in part]), torch.tensor([y for _, y, _ in part]), [i for _, _, i in part])
+               for part in (items[:4], items[4:])]
+    with pytest.raises(ValueError, match="eval_data is an iterator.*eval_every=2 asks for several"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "every", eval_every=2), eval_data=iter(batches))
+    assert not (tmp_path / "every").exists()
+    once = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "once"), eval_data=iter(batches))
+    assert list(once.evals) == [6] and once.evals[6].num_videos == 8
+    several = train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "list", eval_every=2), eval_data=batches)
+    assert list(several.evals) == [2, 4, 6]
+
+
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_final_model_unless_told_to_overwrite(tmp_path):
     """An earlier run's folder kept without its checkpoints (deleted to save space): a fresh run,
     or resume='auto' finding none, trained afresh and replaced its final model at the end, unasked."""

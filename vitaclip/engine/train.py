@@ -6,6 +6,7 @@ AdamW lr 4e-4, weight decay 0.05, cosine decay.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import csv
 import dataclasses
@@ -273,6 +274,11 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
     check_trainable_set(model)
     num_classes = len(model.classnames)
     check_labels(train_data, num_classes)
+    if isinstance(eval_data, collections.abc.Iterator) and 0 < config.eval_every < config.steps:
+        # the first evaluation would use it up, the next fail mid-run as 'evaluation data is empty'
+        raise ValueError(f"eval_data is an iterator ({type(eval_data).__name__}), which one evaluation uses up, and "
+                         f"eval_every={config.eval_every} asks for several: give a list of batches, a map-style "
+                         f"dataset or a loader")
 
     if config.micro_batch_size is None and config.batch_size % env.world_size:
         raise ValueError(f"global batch {config.batch_size} does not divide among {env.world_size} processes: give "
