@@ -272,6 +272,10 @@ def test_a_device_that_is_none_or_missing_is_named():
 
     with pytest.raises(ValueError, match="device 'cpus' is not one: cpu, cuda or cuda:N"):
         distributed.pick_device("cpus")
+    # torch's, not the engine's: 'meta' failed in the first step as autocast's 'unsupported scalarType'
+    for other in ("meta", "mps"):
+        with pytest.raises(ValueError, match=f"device '{other}' is not one: cpu, cuda or cuda:N"):
+            distributed.pick_device(other)
     with pytest.raises(ValueError, match="device 'cuda:0': this process has no CUDA GPU"):
         distributed.init_distributed("cuda")
 

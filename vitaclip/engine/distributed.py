@@ -41,7 +41,10 @@ def pick_device(device: Optional[str] = None, local_rank: int = 0) -> torch.devi
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device {device!r} is not one: cpu, cuda or cuda:N") from None
+        dev = None
+    # others ('meta', 'mps') torch names, but the engine does not run on: they failed mid-run
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one: cpu, cuda or cuda:N")
     if dev.type == "cuda":
         dev = own_gpu(local_rank) if dev.index is None else dev
         check_cuda_device(dev)
