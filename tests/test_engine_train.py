@@ -237,6 +237,23 @@ def test_checkpoint_without_backbone_rebuilds_it_from_its_source(tmp_path):
         torch.testing.assert_close(rebuilt.state_dict()[k], v, msg=k)
 
 
+@pytest.mark.parametrize("backbone,problem", [({"kind": "pretrain", "path": "base"}, "backbone must be None"),
+                                              ({"kind": "clip"}, "backbone must be None"),
+                                              ("ViT-B/16", "backbone must be None"),
+                                              ({"kind": "clip", "name": "ViT-B/16", "pretrained": None},
+                                               "randomly initialised CLIP, which cannot be rebuilt"),
+                                              ({"kind": "pretrained", "path": "missing"}, "missing does not exist")])
+def test_a_backbone_source_checkpoints_cannot_be_rebuilt_from_is_refused_before_the_run(tmp_path, backbone, problem):
+    """The run trained and wrote checkpoints of its prompts alone, none of which loaded: 'unknown backbone
+    source', KeyError 'name', 'str' object has no attribute 'get', other frozen weights, a missing file."""
+    if isinstance(backbone, dict) and "path" in backbone:
+        backbone = {**backbone, "path": str(tmp_path / backbone["path"])}
+    tiny_model().save_pretrained(tmp_path / "base")
+    with pytest.raises((ValueError, FileNotFoundError), match=problem):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "run", steps=2), backbone=backbone)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
     base = tiny_model()
     base.set_classes(CLASSES, templates=["a video of {}."])

@@ -246,6 +246,25 @@ def check_saved_architecture(model: VitaCLIP, payload: Dict[str, Any], source: s
 
 
 # ---------------------------------------------------------------------------- building models
+BACKBONE_SOURCES = {"clip": "name", "pretrained": "path", "official": "path"}  # kind: the key that locates it
+
+
+def check_backbone_source(backbone: Dict[str, Any]) -> None:
+    """A training run's record of its frozen weights, before its first step: its checkpoints hold
+    none of them, so a source `build_backbone` cannot rebuild them from (a mistyped kind, a missing
+    key or file, a random CLIP) left every checkpoint of the run unloadable, found out on loading one."""
+    kind = backbone.get("kind") if isinstance(backbone, dict) else None
+    if kind not in BACKBONE_SOURCES or not backbone.get(BACKBONE_SOURCES[kind]):
+        raise ValueError(f"backbone must be None (checkpoints then hold the whole model), {{'kind': 'clip', 'name', "
+                         f"'pretrained'}}, {{'kind': 'pretrained', 'path'}} or {{'kind': 'official', 'path'}}; got "
+                         f"{backbone!r}")
+    if kind == "clip" and not backbone.get("pretrained"):
+        raise ValueError(f"backbone {backbone!r} is a randomly initialised CLIP, which cannot be rebuilt: pass "
+                         f"backbone=None (checkpoints then hold the whole model)")
+    if kind != "clip" and not Path(backbone["path"]).exists():
+        raise FileNotFoundError(f"backbone source {backbone['path']} does not exist")
+
+
 def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]], backend: str = "auto",
                    **overrides) -> VitaCLIP:
     """A model whose frozen weights come from a recorded source:
