@@ -254,6 +254,25 @@ def test_a_backbone_source_checkpoints_cannot_be_rebuilt_from_is_refused_before_
     assert not (tmp_path / "run").exists()
 
 
+def test_settings_given_as_paths_and_numpy_numbers_make_checkpoints_that_load(tmp_path):
+    """A script's pathlib.Path output_dir or backbone path, or numpy numbers, went into the checkpoints
+    as they were: none of them could be read back (weights_only: 'Unsupported global: pathlib.PosixPath',
+    'numpy ... scalar'), so resume='auto' found 'none of the 1 checkpoints ... can be read'."""
+    import numpy as np
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    backbone = {"kind": "pretrained", "path": tmp_path / "base"}
+    config = tiny_train_config(tmp_path / "run", steps=np.int64(4), lr=np.float64(1e-2), stop_after=2)
+    config.output_dir = tmp_path / "run"
+    train(ckpt.load_model(tmp_path / "base"), tiny_data(), config, backbone=backbone)
+    payload = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert payload["train_config"]["output_dir"] == str(tmp_path / "run")
+    assert payload["backbone"]["path"] == str(tmp_path / "base")
+    assert ckpt.load_model(tmp_path / "run").classnames == list(CLASSES)
+    assert train(ckpt.load_model(tmp_path / "base"), tiny_data(), config, backbone=backbone, resume="auto",
+                 stop_after=None).finished
+
+
 def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
     base = tiny_model()
     base.set_classes(CLASSES, templates=["a video of {}."])

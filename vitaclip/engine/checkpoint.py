@@ -8,11 +8,13 @@ whole model state is stored.
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -177,6 +179,19 @@ def load_own_state(model: VitaCLIP, state: Dict[str, Tensor], source: str) -> No
             current[k].copy_(v)
 
 
+def plain_values(value):
+    """`value` (settings a script gave) in the types a checkpoint is read back with (weights_only):
+    paths as str, numpy scalars as Python numbers. A TrainConfig's output_dir given as a pathlib.Path,
+    or its steps as a numpy integer, made every checkpoint of the run unreadable."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_values(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]],
                   fingerprint: Optional[Dict[str, Tuple[float, float]]] = None) -> Dict[str, Any]:
     """What a checkpoint needs to rebuild the model: its own tensors + where the backbone came
@@ -185,7 +200,7 @@ def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]],
     full = backbone is None
     state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
              else own_state(model))
-    return {"model": state, "model_is_full": full, "backbone": backbone,
+    return {"model": state, "model_is_full": full, "backbone": plain_values(backbone),
             "backbone_fingerprint": None if full else fingerprint or backbone_fingerprint(model),
             "config": model.config.to_dict(), "classnames": model.classnames}
 

@@ -255,9 +255,11 @@ def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eva
     Rank 0 holds the output folder's lock while the run lasts: a second run into it (a requeued job
     while the first one's ranks still run) is refused.
     """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    # as plain values: the checkpoints hold them (and the optimiser's state its numbers), read back with weights_only
+    config = TrainConfig(**ckpt.plain_values(dataclasses.asdict(config)))
     with contextlib.ExitStack() as run_folder:
-        return _train(model, train_data, dataclasses.replace(config or TrainConfig(), **overrides), eval_data,
-                      backbone, run_folder)
+        return _train(model, train_data, config, eval_data, backbone, run_folder)
 
 
 def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone: Optional[Dict[str, Any]],
