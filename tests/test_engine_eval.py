@@ -77,6 +77,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_evaluating(tmp_path):
         with pytest.raises(ValueError, match=problem):
             zeroshot(tiny_model(), [Split("a", CLASSES, NotToBeRead())], ["a video of {}."],
                      EvalConfig(batch_size=4, json_path=str(output), **CPU))
+    # one file for two outputs: the scores were written over the JSON, without a word
+    with pytest.raises(ValueError, match="evaluation outputs must be different files"):
+        evaluate(tiny_model(), NotToBeRead(), EvalConfig(batch_size=4, json_path=str(tmp_path / "out"),
+                                                         scores_path=str(tmp_path / "." / "out"), **CPU))
 
 
 def test_zeroshot_refuses_per_split_outputs_that_one_file_cannot_hold(tmp_path):

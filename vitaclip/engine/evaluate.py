@@ -199,7 +199,10 @@ def check_outputs(env: DistEnv, *paths) -> None:
     names a file whose folder exists or can be made, where the main process writes it; every rank
     raises if not."""
     problem = None
-    if env.is_main:
+    given = [Path(p).resolve() for p in paths if p is not None]
+    if len(set(given)) < len(given):  # the last written would be all that is left
+        problem = f"evaluation outputs must be different files: {[str(p) for p in paths if p is not None]}"
+    elif env.is_main:
         for path in (p for p in paths if p is not None):
             if Path(path).is_dir():
                 problem = f"evaluation output {path} is a folder: give a file name"
