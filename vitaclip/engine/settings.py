@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional
 
 
@@ -24,3 +25,8 @@ def check_number(name: str, value, least: Optional[float] = None, above: Optiona
         raise ValueError(f"{name} must be >= {least}, got {value}")
     if above is not None and value <= above:
         raise ValueError(f"{name} must be > {above}, got {value}")
+
+
+def is_path(value) -> bool:
+    """A path, not an empty one: that is the current folder, which would get a run's files."""
+    return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))

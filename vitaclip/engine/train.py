@@ -36,7 +36,7 @@ from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
 from .loader import (EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views,
                      whole_data_description)
 from .precision import autocast, check_precision, grad_scaler
-from .settings import check_count, check_number
+from .settings import check_count, check_number, is_path
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -119,6 +119,10 @@ class TrainConfig:
         check_number("adam_eps", self.adam_eps, above=0)
         if self.grad_clip is not None:
             check_number("grad_clip", self.grad_clip, above=0)
+        if not is_path(self.output_dir):
+            raise ValueError(f"output_dir must be a folder's path, got {self.output_dir!r}")
+        if self.resume is not None and not is_path(self.resume):
+            raise ValueError(f"resume must be 'auto' or a checkpoint's path, got {self.resume!r}")
         if self.resume_with_changes and self.resume is None:
             raise ValueError("resume_with_changes applies to a resumed run: give resume too")
         if self.overwrite and self.resume is not None:
