@@ -988,12 +988,13 @@ def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
                                              (dict(output_dir=None), "output_dir must be a folder's path"),
                                              (dict(resume=True), "resume must be 'auto' or a checkpoint's path"),
                                              # and these were taken: evaluations at step 5 only, no step and
-                                             # no checkpoint, a run into the current folder, no update at all,
-                                             # or updates turned around
+                                             # no checkpoint, a run into the current folder, an earlier run's
+                                             # checkpoints deleted, no update at all, or updates turned around
                                              (dict(eval_every=2.5), "eval_every must be an integer"),
                                              (dict(warmup_steps=True), "warmup_steps must be an integer"),
                                              (dict(stop_after=0), "stop_after must be >= 1"),
                                              (dict(output_dir=""), "output_dir must be a folder's path"),
+                                             (dict(overwrite="False"), "overwrite must be True or False"),
                                              (dict(lr=0.0), "lr must be > 0"),
                                              (dict(min_lr=-1e-3), "min_lr must be >= 0"),
                                              (dict(min_lr=0.1), r"min_lr must be in \[0, lr\]"),

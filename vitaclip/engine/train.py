@@ -119,6 +119,10 @@ class TrainConfig:
         check_number("adam_eps", self.adam_eps, above=0)
         if self.grad_clip is not None:
             check_number("grad_clip", self.grad_clip, above=0)
+        # a str from a settings file is true, whatever it says: overwrite="False" deleted the earlier run's files
+        for name in ("overwrite", "resume_with_changes", "progress", "tensorboard", "save_final"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_path(self.output_dir):
             raise ValueError(f"output_dir must be a folder's path, got {self.output_dir!r}")
         if self.resume is not None and not is_path(self.resume):
