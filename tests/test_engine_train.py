@@ -987,6 +987,7 @@ def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
                                              (dict(stop_signals="SIGTERM"), "stop_signals must be a tuple"),
                                              (dict(output_dir=None), "output_dir must be a folder's path"),
                                              (dict(resume=True), "resume must be 'auto' or a checkpoint's path"),
+                                             (dict(betas=0.9), r"betas must be a pair of numbers in \[0, 1\)"),
                                              # and these were taken: evaluations at step 5 only, no step and
                                              # no checkpoint, a run into the current folder, an earlier run's
                                              # checkpoints deleted, no update at all, or updates turned around

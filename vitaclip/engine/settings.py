@@ -17,14 +17,17 @@ def check_count(name: str, value, least: int) -> None:
         raise ValueError(f"{name} must be >= {least}, got {value}")
 
 
-def check_number(name: str, value, least: Optional[float] = None, above: Optional[float] = None) -> None:
-    """A finite real number, at least `least` or above `above`."""
+def check_number(name: str, value, least: Optional[float] = None, above: Optional[float] = None,
+                 below: Optional[float] = None) -> None:
+    """A finite real number, at least `least` or above `above`, and below `below`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if least is not None and value < least:
         raise ValueError(f"{name} must be >= {least}, got {value}")
     if above is not None and value <= above:
         raise ValueError(f"{name} must be > {above}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
 
 
 def is_path(value) -> bool:

@@ -117,6 +117,10 @@ class TrainConfig:
             raise ValueError(f"min_lr must be in [0, lr] (the end of the decay from lr), got {self.min_lr}")
         check_number("weight_decay", self.weight_decay, least=0)
         check_number("adam_eps", self.adam_eps, above=0)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            check_number("betas", beta, least=0, below=1)
         if self.grad_clip is not None:
             check_number("grad_clip", self.grad_clip, above=0)
         # a str from a settings file is true, whatever it says: overwrite="False" deleted the earlier run's files
