@@ -222,6 +222,14 @@ def test_prediction_settings_are_refused_by_name(setting, problem):
         predict(tiny_model(), [tiny_data(1)[0][0]], device="cpu", precision="fp32", **setting)
 
 
+def test_predict_takes_one_video_tensor_as_one_video():
+    """A [3, T, H, W] tensor alone was taken for a sequence of its rows, and refused as 'video 0 must be
+    [3, T, H, W] or [V, 3, T, H, W], got (T, H, W)'; a path alone was already one video."""
+    clip = tiny_data(1)[0][0]
+    cpu = dict(device="cpu", precision="fp32")
+    assert predict(tiny_model(), clip, **cpu) == predict(tiny_model(), [clip], **cpu)
+
+
 def test_predict_output_format():
     model = tiny_model().train()
     clips = [tiny_data(3)[i][0] for i in range(3)]

@@ -112,8 +112,8 @@ def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig)
 
 def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],
             config: Optional[PredictConfig] = None, **overrides) -> List[Dict]:
-    """[{"video": name, "top": [{"label", "probability"}, ...]}] per video, probabilities being
-    the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
+    """[{"video": name, "top": [{"label", "probability"}, ...]}] per video (a path or a [3, T, H, W]
+    tensor alone is one), probabilities being the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
     temporal views, short side resized to the input size, centre or 3 crops); with
     on_error="skip", a file that cannot be read gets {"video": name, "error": why} instead."""
     return list(predictions(model, videos, config, **overrides))
@@ -126,7 +126,9 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
     scored: a long list's results can be written as they come (a crash loses only the batch in
     flight), and only the probabilities of the batch in flight are held."""
     config = dataclasses.replace(config or PredictConfig(), **overrides)
-    if isinstance(videos, (str, os.PathLike)):
+    # one video, as a path or a [3, T, H, W] tensor (whose rows were taken for videos, each refused as
+    # "video 0 must be [3, T, H, W], got (T, H, W)")
+    if isinstance(videos, (str, os.PathLike)) or isinstance(videos, torch.Tensor) and videos.dim() == 4:
         videos = [videos]
     if len(videos) == 0:
         raise ValueError("no videos given")
