@@ -222,6 +222,13 @@ def test_prediction_settings_are_refused_by_name(setting, problem):
         predict(tiny_model(), [tiny_data(1)[0][0]], device="cpu", precision="fp32", **setting)
 
 
+def test_prediction_refuses_an_unknown_precision_before_looking_at_the_videos(tmp_path):
+    """It was refused at the first batch: after every video file had been read through (the
+    list's frame counts), a missing one named instead."""
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict(tiny_model(), [str(tmp_path / "missing.mp4")], device="cpu", precision="FP32")
+
+
 def test_predict_takes_one_video_tensor_as_one_video():
     """A [3, T, H, W] tensor alone was taken for a sequence of its rows, and refused as 'video 0 must be
     [3, T, H, W] or [V, 3, T, H, W], got (T, H, W)'; a path alone was already one video."""

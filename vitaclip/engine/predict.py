@@ -14,7 +14,7 @@ import torch
 from ..model import VitaCLIP
 from .distributed import pick_device
 from .evaluate import accumulate
-from .precision import autocast
+from .precision import autocast, check_precision
 from .settings import check_count
 
 
@@ -134,6 +134,7 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
         raise ValueError("no videos given")
     check_count("top_k", config.top_k, 1)
     check_count("batch_size", config.batch_size, 1)
+    check_precision(config.precision)  # not at the first batch, after every video file was read through
     device = pick_device(config.device)
     are_tensors = [isinstance(v, torch.Tensor) for v in videos]
     errors: Dict[int, str] = {}
