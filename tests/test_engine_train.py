@@ -12,6 +12,7 @@ import torch
 from engine_helpers import (CLASSES, FRAMES, SIZE, FetchedItems, GlobalRandomData, one_thread, tiny_data,  # noqa: F401
                             tiny_model, tiny_train_config, trainable)
 from vitaclip import VitaCLIP
+from vitaclip.demo import SyntheticActions
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.loader import ShardedTrainLoader
 from vitaclip.engine.train import lr_lambda, make_optimizer, train
@@ -141,6 +142,20 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints_unless_to
     loaded = trainable(ckpt.load_model(tmp_path))
     for k, v in trainable(model).items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_evaluation_data_labelled_for_other_classes_is_refused_before_the_run(tmp_path):
+    """Labels the evaluation data declares outside the model's classes were found at the first
+    evaluation, steps into the run ('label 7 is outside the 4 classes'), as the training data's
+    are before it."""
+    class OtherClasses(SyntheticActions):
+        def __init__(self):
+            super().__init__(8, FRAMES, SIZE)
+            self.labels = [y + 4 for y in self.labels]
+
+    with pytest.raises(ValueError, match="evaluation data: 8 label.s. outside the 4 classes"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path), eval_data=OtherClasses())
+    assert not (tmp_path / "train_log.csv").exists()
 
 
 def test_evaluation_batches_that_one_evaluation_uses_up_are_refused_for_several(tmp_path):

@@ -192,14 +192,14 @@ def check_trainable_set(model: VitaCLIP) -> None:
                          "model.requires_grad_(False)?): call model.freeze() to make them trainable again")
 
 
-def check_labels(data, num_classes: int) -> None:
+def check_labels(data, num_classes: int, what: str) -> None:
     """Labels a dataset declares (a `labels` sequence) must index the class list."""
     labels = getattr(data, "labels", None)
     if labels is None:
         return
     bad = [(i, int(y)) for i, y in enumerate(labels) if not 0 <= int(y) < num_classes]
     if bad:
-        raise ValueError(f"{len(bad)} label(s) outside the {num_classes} classes, e.g. item {bad[0][0]} has "
+        raise ValueError(f"{what}: {len(bad)} label(s) outside the {num_classes} classes, e.g. item {bad[0][0]} has "
                          f"label {bad[0][1]}")
 
 
@@ -289,7 +289,8 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
                          "train with set_classes(classnames) first")
     check_trainable_set(model)
     num_classes = len(model.classnames)
-    check_labels(train_data, num_classes)
+    check_labels(train_data, num_classes, "training data")
+    check_labels(eval_data, num_classes, "evaluation data")  # not at the first evaluation, steps later
     if isinstance(eval_data, collections.abc.Iterator) and 0 < config.eval_every < config.steps:
         # the first evaluation would use it up, the next fail mid-run as 'evaluation data is empty'
         raise ValueError(f"eval_data is an iterator ({type(eval_data).__name__}), which one evaluation uses up, and "
