@@ -146,6 +146,31 @@ def test_a_batch_needs_a_label_and_an_id_per_video(damage, problem):
         evaluate(tiny_model(), batches, EvalConfig(**CPU))
 
 
+def test_data_labelled_for_other_classes_is_refused_before_evaluating():
+    """Labels a dataset declares (a labels sequence) outside the classes were found after the whole
+    pass, and in zeroshot() after the splits before it had been evaluated."""
+    class Relabelled:
+        def __init__(self, shift=0):
+            self.data, self.shift, self.fetched = tiny_data(8), shift, 0
+            self.labels = [y + shift for y in self.data.labels]
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            self.fetched += 1
+            video, label, vid = self.data[i]
+            return video, label + self.shift, vid
+
+    data = Relabelled(shift=4)
+    with pytest.raises(ValueError, match="evaluation data: 8 label.s. outside the 4 classes"):
+        evaluate(tiny_model(), data, EvalConfig(**CPU))
+    splits = [Split("one", CLASSES, Relabelled()), Split("two", CLASSES[:2], Relabelled())]
+    with pytest.raises(ValueError, match="split 'two': .* label.s. outside the 2 classes"):
+        zeroshot(tiny_model(), splits, config=EvalConfig(**CPU))
+    assert data.fetched == 0 and splits[0].data.fetched == 0
+
+
 def test_json_and_confusion_image(tmp_path):
     from PIL import Image
 

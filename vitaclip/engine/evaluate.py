@@ -15,7 +15,7 @@ from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text
 from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
                           skipped_on_any_rank, sum_across_ranks)
-from .loader import eval_batches, optional_len, split_views, whole_data_description
+from .loader import check_labels, eval_batches, optional_len, split_views, whole_data_description
 from .precision import autocast, check_precision
 from .settings import check_count
 
@@ -140,6 +140,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     check_same_on_every_rank(env, list(model.classnames), "the class names")
     check_same_on_every_rank(env, whole_data_description(data), "the evaluation data")
+    check_labels(data, len(model.classnames), "evaluation data")  # not after the whole pass
     was_training = model.training
     model.eval().to(env.device)
     batches = eval_batches(data, config.batch_size, env.rank, env.world_size, config.num_workers)

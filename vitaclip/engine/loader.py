@@ -75,6 +75,17 @@ def check_dataset(dataset, name: str) -> None:
                         f"or a loader object, got {type(dataset).__name__}")
 
 
+def check_labels(data, num_classes: int, what: str) -> None:
+    """Labels a dataset declares (a `labels` sequence) must index the class list."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        return
+    bad = [(i, int(y)) for i, y in enumerate(labels) if not 0 <= int(y) < num_classes]
+    if bad:
+        raise ValueError(f"{what}: {len(bad)} label(s) outside the {num_classes} classes, e.g. item {bad[0][0]} has "
+                         f"label {bad[0][1]}")
+
+
 class ShardedTrainLoader:
     """Endless micro-batches of one rank: each step takes `global_batch` items of a per-epoch
     permutation (the last incomplete step of an epoch is dropped) and splits them into

@@ -33,8 +33,8 @@ from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
                           init_distributed, sum_across_ranks)
 from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
-from .loader import (EpochLoader, ShardedTrainLoader, rng_states, seed_everything, set_rng_states, split_views,
-                     whole_data_description)
+from .loader import (EpochLoader, ShardedTrainLoader, check_labels, rng_states, seed_everything, set_rng_states,
+                     split_views, whole_data_description)
 from .precision import autocast, check_precision, grad_scaler
 from .settings import check_count, check_number, is_path
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
@@ -190,17 +190,6 @@ def check_trainable_set(model: VitaCLIP) -> None:
     if not requiring:
         raise ValueError("none of the model's trainable parameters requires gradients (after "
                          "model.requires_grad_(False)?): call model.freeze() to make them trainable again")
-
-
-def check_labels(data, num_classes: int, what: str) -> None:
-    """Labels a dataset declares (a `labels` sequence) must index the class list."""
-    labels = getattr(data, "labels", None)
-    if labels is None:
-        return
-    bad = [(i, int(y)) for i, y in enumerate(labels) if not 0 <= int(y) < num_classes]
-    if bad:
-        raise ValueError(f"{what}: {len(bad)} label(s) outside the {num_classes} classes, e.g. item {bad[0][0]} has "
-                         f"label {bad[0][1]}")
 
 
 def check_batch_labels(labels: torch.Tensor, video_ids, num_classes: int, step: int) -> None:

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from ..model import VitaCLIP
 from .distributed import DistEnv, init_distributed
 from .evaluate import EvalConfig, EvalResult, check_outputs, evaluate, write_json
+from .loader import check_labels
 
 # Averaged per class (each template's feature normalised, then the mean; SPEC: zero-shot).
 ZEROSHOT_TEMPLATES = (
@@ -72,6 +73,8 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
+    for split in splits:  # each before the first is evaluated
+        check_labels(split.data, len(split.classnames), f"split {split.name!r}")
     split_config = dataclasses.replace(config, json_path=None)
     results = {}
     for split in splits:
