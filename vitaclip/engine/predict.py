@@ -113,9 +113,10 @@ def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig)
 def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],
             config: Optional[PredictConfig] = None, **overrides) -> List[Dict]:
     """[{"video": name, "top": [{"label", "probability"}, ...]}] per video (a path or a [3, T, H, W]
-    tensor alone is one), probabilities being the softmax averaged over the views. Files are decoded with the test protocol (evenly spaced
-    temporal views, short side resized to the input size, centre or 3 crops); with
-    on_error="skip", a file that cannot be read gets {"video": name, "error": why} instead."""
+    tensor alone is one), probabilities being the softmax averaged over the views. Files are decoded
+    with the test protocol (evenly spaced temporal views, short side resized to the input size,
+    centre or 3 crops); with on_error="skip", a file that cannot be read gets {"video": name,
+    "error": why} instead."""
     return list(predictions(model, videos, config, **overrides))
 
 
