@@ -5,7 +5,9 @@ import statistics
 import pytest
 import torch
 
-from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip import VitaCLIP
+from vitaclip.demo import demo_model_config
 from vitaclip.engine.evaluate import EvalConfig, EvalResult, evaluate, merge, read_video_scores, scores
 from vitaclip.engine.predict import predict
 from vitaclip.engine.zeroshot import Split, aggregate, zeroshot
@@ -169,6 +171,9 @@ def test_data_labelled_for_other_classes_is_refused_before_evaluating():
     with pytest.raises(ValueError, match="split 'two': .* label.s. outside the 2 classes"):
         zeroshot(tiny_model(), splits, config=EvalConfig(**CPU))
     assert data.fetched == 0 and splits[0].data.fetched == 0
+    # a model without classes is told so, not that every label is outside its 0 classes
+    with pytest.raises(ValueError, match="no classes set"):
+        evaluate(VitaCLIP(demo_model_config(FRAMES, SIZE)), Relabelled(), EvalConfig(**CPU))
 
 
 def test_json_and_confusion_image(tmp_path):

@@ -76,9 +76,10 @@ def check_dataset(dataset, name: str) -> None:
 
 
 def check_labels(data, num_classes: int, what: str) -> None:
-    """Labels a dataset declares (a `labels` sequence) must index the class list."""
+    """Labels a dataset declares (a `labels` sequence) must index the class list (an empty one is
+    refused where the classes are set, in its own words)."""
     labels = getattr(data, "labels", None)
-    if labels is None:
+    if labels is None or not num_classes:
         return
     bad = [(i, int(y)) for i, y in enumerate(labels) if not 0 <= int(y) < num_classes]
     if bad:
