@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ..choices import default_num_workers
+from ..engine.settings import check_count
 from ..engine.stopping import shield_workers
 from . import dali, pyav, sampling
 from .augment import RandAugment
@@ -104,12 +104,12 @@ class VideoLoader:
         # before the list is probed; a bad value would otherwise fail at the first batch, or not at all
         for name, value in (("batch_size", batch_size), ("num_frames", num_frames), ("stride", stride),
                             ("size", size), ("temporal_views", temporal_views)):
-            _check_count(name, value)
-        _check_count("seed", seed, least=0)
+            check_count(name, value)
+        check_count("seed", seed, least=0)
         if eval_short_side is not None:
-            _check_count("eval_short_side", eval_short_side, least=size)  # frames resized to it, then cropped
+            check_count("eval_short_side", eval_short_side, least=size)  # frames resized to it, then cropped
         if num_workers is not None:
-            _check_count("num_workers", num_workers, least=0)
+            check_count("num_workers", num_workers, least=0)
         for name, (low, high) in (("crop_scale", crop_scale), ("crop_ratio", crop_ratio)):
             if not 0 < low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)!r}")
@@ -213,10 +213,10 @@ class VideoLoader:
         only on (seed, epoch, video), so a run resumed mid-epoch decodes nothing it already used.
         end_batch: the batch it ends before (None: the epoch's last), so that a training run takes
         whole steps of accumulated batches without decoding the rest."""
-        _check_count("epoch", epoch, least=0)  # (numpy's error at the first batch named none)
-        _check_count("start_batch", start_batch, least=0)
+        check_count("epoch", epoch, least=0)  # (numpy's error at the first batch named none)
+        check_count("start_batch", start_batch, least=0)
         if end_batch is not None:
-            _check_count("end_batch", end_batch, least=0)  # (-1 gave an empty epoch)
+            check_count("end_batch", end_batch, least=0)  # (-1 gave an empty epoch)
         self.epoch, self.start_batch, self.end_batch = epoch, start_batch, end_batch
         self.next_batch = start_batch  # not the last epoch's position, for a script that saves it now
 
@@ -650,22 +650,14 @@ def _list_digest(entries: List[VideoEntry], data_root: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_count(name: str, value, least: int = 1) -> None:
-    """An integer of at least `least`: a float would be rounded somewhere (num_frames=2.5 gave clips of 3)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-
-
 def _checked_shard(shard_id, num_shards) -> Optional[Tuple[int, int]]:
     """The shard given, checked, or None for this process's (`_process_shard`)."""
     if (shard_id is None) != (num_shards is None):
         raise ValueError("give both shard_id and num_shards, or neither")
     if shard_id is None:
         return None
-    _check_count("num_shards", num_shards)
-    _check_count("shard_id", shard_id, least=0)
+    check_count("num_shards", num_shards)
+    check_count("shard_id", shard_id, least=0)
     if shard_id >= num_shards:
         raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
     return shard_id, num_shards

@@ -8,9 +8,9 @@ import os
 from typing import Optional
 
 
-def check_count(name: str, value, least: int) -> None:
+def check_count(name: str, value, least: int = 1) -> None:
     """An integer of at least `least`: a float passed as a count (eval_every=2.5 evaluated at step 5
-    only) or a str failed mid-run, naming nothing."""
+    only, a loader's num_frames=2.5 gave clips of 3) or a str failed mid-run, naming nothing."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < least:
