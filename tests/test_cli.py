@@ -467,7 +467,7 @@ def test_bench_reports_model_and_loader_throughput(videos, capsys):
         assert report[key] > 0
     code, out, err = run(capsys, "bench", "--tiny", "--frames", FRAMES, "--batch-size", 16, "--iters", 2,
                          "--warmup", 1, "--train", "--list", list_file, "--data-root", list_file.parent, *CPU)
-    assert code != 0 and "gives no batch of 16 videos" in err  # 12 videos: it looped forever
+    assert code != 0 and f"{list_file}: a training epoch takes whole batches of 16 videos" in err  # it looped forever
 
 
 def test_errors_are_clear_before_training(videos, tmp_path, capsys):
@@ -554,20 +554,6 @@ def test_bad_videos_stop_the_run_or_are_skipped_and_counted(videos, tmp_path, ca
     assert code == 0 and out.rstrip().endswith("(12 videos, 12 views, 1 skipped)")
     code, _, err = run(capsys, *base, "--min-frames", 1000)
     assert code == 2 and "bad.txt:1" in err and "fewer than 1000" in err
-
-
-def test_a_relative_pretrained_file_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
-    import open_clip
-    from test_weights import TINY_CLIP
-
-    (tmp_path / "vitaclip-test-cli.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(tmp_path / "vitaclip-test-cli.json")
-    torch.save(open_clip.create_model("vitaclip-test-cli").state_dict(), tmp_path / "weights.pt")
-    monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(["train", "--train-list", "list.txt", "--classes", "classes.txt",
-                                      "--clip", "vitaclip-test-cli", "--pretrained", "weights.pt"])
-    _, backbone = build_training_model(args, list(CLASSES))
-    assert os.path.isabs(backbone["pretrained"]) and os.path.samefile(backbone["pretrained"], "weights.pt")
 
 
 def test_init_takes_the_architecture_flags_and_refuses_contradicting_a_trained_model(videos, tmp_path):

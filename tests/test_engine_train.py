@@ -288,6 +288,24 @@ def test_settings_given_as_paths_and_numpy_numbers_make_checkpoints_that_load(tm
                  stop_after=None).finished
 
 
+def test_backbone_files_named_relative_to_the_start_folder_are_recorded_absolute(tmp_path, monkeypatch):
+    """A script's backbone {'kind': 'pretrained', 'path': 'base'} was recorded as given (only the command
+    line made paths absolute): its checkpoints loaded only from the folder the run started in."""
+    tiny_model().save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    train(ckpt.load_model("base"), tiny_data(), tiny_train_config("run", steps=2),
+          backbone={"kind": "pretrained", "path": "base"})
+    monkeypatch.chdir(tmp_path / "run")
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint("."))["backbone"]["path"] == str(tmp_path / "base")
+    assert ckpt.load_model(".").classnames == list(CLASSES)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    clip = ckpt.recorded_backbone_source({"kind": "clip", "name": "ViT-B-16", "pretrained": "../weights.pt"})
+    assert clip["pretrained"] == str(weights)  # a weights file; an open_clip tag stays a tag:
+    assert ckpt.recorded_backbone_source({"kind": "clip", "name": "ViT-B-16", "pretrained": "openai"}) == \
+        {"kind": "clip", "name": "ViT-B-16", "pretrained": "openai"}
+
+
 def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
     base = tiny_model()
     base.set_classes(CLASSES, templates=["a video of {}."])

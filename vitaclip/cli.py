@@ -131,8 +131,6 @@ def build_training_model(args, classes: List[str]):
 
     if args.init is None:
         pretrained = args.pretrained or None
-        if pretrained and os.path.isfile(pretrained):  # recorded in checkpoints: must load from any directory
-            pretrained = os.path.abspath(pretrained)
         backbone = {"kind": "clip", "name": args.clip, "pretrained": pretrained}
         model = ckpt.build_backbone(backbone, classes, args.backend, **architecture_overrides(args))
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model

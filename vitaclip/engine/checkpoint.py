@@ -200,7 +200,7 @@ def model_payload(model: VitaCLIP, backbone: Optional[Dict[str, Any]],
     full = backbone is None
     state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if full
              else own_state(model))
-    return {"model": state, "model_is_full": full, "backbone": plain_values(backbone),
+    return {"model": state, "model_is_full": full, "backbone": backbone,
             "backbone_fingerprint": None if full else fingerprint or backbone_fingerprint(model),
             "config": model.config.to_dict(), "classnames": model.classnames}
 
@@ -264,10 +264,12 @@ def check_saved_architecture(model: VitaCLIP, payload: Dict[str, Any], source: s
 BACKBONE_SOURCES = {"clip": "name", "pretrained": "path", "official": "path"}  # kind: the key that locates it
 
 
-def check_backbone_source(backbone: Dict[str, Any]) -> None:
-    """A training run's record of its frozen weights, before its first step: its checkpoints hold
-    none of them, so a source `build_backbone` cannot rebuild them from (a mistyped kind, a missing
-    key or file, a random CLIP) left every checkpoint of the run unloadable, found out on loading one."""
+def recorded_backbone_source(backbone: Dict[str, Any]) -> Dict[str, Any]:
+    """A training run's record of its frozen weights, checked before its first step, as its
+    checkpoints keep it: they hold none of those weights, so a source `build_backbone` cannot rebuild
+    them from (a mistyped kind, a missing key or file, a random CLIP, a file named relative to the
+    folder the run started in) left every checkpoint of the run unloadable, found out on loading one.
+    Files are recorded by absolute path, the rest as plain values."""
     kind = backbone.get("kind") if isinstance(backbone, dict) else None
     if kind not in BACKBONE_SOURCES or not backbone.get(BACKBONE_SOURCES[kind]):
         raise ValueError(f"backbone must be None (checkpoints then hold the whole model), {{'kind': 'clip', 'name', "
@@ -278,6 +280,12 @@ def check_backbone_source(backbone: Dict[str, Any]) -> None:
                          f"backbone=None (checkpoints then hold the whole model)")
     if kind != "clip" and not Path(backbone["path"]).exists():
         raise FileNotFoundError(f"backbone source {backbone['path']} does not exist")
+    record = plain_values(backbone)
+    if kind != "clip":
+        record["path"] = os.path.abspath(record["path"])
+    elif os.path.isfile(record["pretrained"]):  # a weights file, not an open_clip tag
+        record["pretrained"] = os.path.abspath(record["pretrained"])
+    return record
 
 
 def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]], backend: str = "auto",

@@ -267,7 +267,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
            run_folder: contextlib.ExitStack) -> TrainResult:
     config.validate()
     if backbone is not None:
-        ckpt.check_backbone_source(backbone)
+        backbone = ckpt.recorded_backbone_source(backbone)
     env = init_distributed(config.device)
     check_precision(config.precision, env.device)  # before loading anything
     out = Path(config.output_dir)
