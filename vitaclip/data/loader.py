@@ -123,7 +123,7 @@ class VideoLoader:
             raise ValueError(f"dtype must be a floating-point type (the clips are normalised), got {dtype}")
         if dali_mode is not None and dali_mode not in dali.MODES:
             raise ValueError(f"dali_mode must be one of {dali.MODES}, got {dali_mode!r}")
-        self.train, self.batch_size, self.num_frames = train, batch_size, num_frames
+        self.list_file, self.train, self.batch_size, self.num_frames = list_file, train, batch_size, num_frames
         self.stride, self.tsn, self.size = stride, tsn, size
         self.eval_short_side = eval_short_side or size
         self.temporal_views, self.spatial_crops = temporal_views, spatial_crops
@@ -441,9 +441,9 @@ class VideoLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.train and len(self) == 0:  # a script's training loop would silently do nothing
             shard_id, num_shards = self.shard
-            raise ValueError(f"a training epoch takes whole batches of {self.batch_size} videos, and this shard's "
-                             f"{len(self._shard_videos())} list entries (shard {shard_id} of {num_shards}) fill "
-                             "none: lower batch_size")
+            raise ValueError(f"{self.list_file}: a training epoch takes whole batches of {self.batch_size} videos, "
+                             f"and this shard's {len(self._shard_videos())} list entries (shard {shard_id} of "
+                             f"{num_shards}) fill none: lower batch_size")
         # the epoch planned (_plan_batches), even if set_epoch comes before its last batch
         skipped_before, epoch = len(self.skipped), self.epoch
         try:

@@ -96,6 +96,6 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
                     report.update(dali_mode=loader.dali_decoder.mode, dali_fallbacks=loader.dali_decoder.fallbacks)
                 return report
         if batches == 0:
-            raise ValueError(f"{list_file} gives no batch of {batch_size} videos that decode"
-                             + (" (training drops an epoch's incomplete last batch)" if train else ""))
+            # (a training list too short for one batch is refused by the loader, naming batch_size)
+            raise ValueError(f"{list_file} gives no batch of {batch_size} videos that decode")
         epoch += 1
