@@ -306,6 +306,25 @@ def test_backbone_files_named_relative_to_the_start_folder_are_recorded_absolute
         {"kind": "clip", "name": "ViT-B-16", "pretrained": "openai"}
 
 
+def test_a_fresh_run_keeps_the_logs_of_an_earlier_one_that_left_no_checkpoint(tmp_path):
+    """A run that stopped or crashed before its first checkpoint: the next fresh run in its folder
+    replaced its train_log.csv (the record of what happened) without a word; overwrite=True still
+    starts the logs over."""
+    out = tmp_path / "run"
+    train(tiny_model(), tiny_data(), tiny_train_config(out, steps=3))
+    for path in ckpt.list_checkpoints(out):  # as a run that crashed before its first checkpoint
+        ckpt.remove_checkpoint(path)
+    earlier = (out / "train_log.csv").read_text()
+    with pytest.warns(UserWarning, match=r"held rows of an earlier run that left no checkpoint: kept as "
+                                         r"train_log.earlier-1.csv"):
+        train(tiny_model(), tiny_data(), tiny_train_config(out, steps=2))
+    assert (out / "train_log.earlier-1.csv").read_text() == earlier
+    with open(out / "train_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
+    train(tiny_model(), tiny_data(), tiny_train_config(out, steps=2, overwrite=True))
+    assert sorted(p.name for p in out.glob("train_log*")) == ["train_log.csv", "train_log.earlier-1.csv"]
+
+
 def test_a_zero_shot_model_as_backbone_gets_learned_prompts(tmp_path):
     base = tiny_model()
     base.set_classes(CLASSES, templates=["a video of {}."])

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import dataclasses
 import inspect
+import itertools
 import logging
 import math
 import shutil
@@ -203,13 +204,20 @@ def check_batch_labels(labels: torch.Tensor, video_ids, num_classes: int, step: 
 class RunLog:
     """CSV files (train_log.csv, eval_log.csv) and TensorBoard events of rank 0; a resumed run first
     drops rows after its checkpoint (and its step's evaluation row, when `evaluation_pending`: it is
-    made again) so that the files read like one uninterrupted run."""
+    made again) so that the files read like one uninterrupted run. A fresh run keeps the rows of an
+    earlier one that left no checkpoint (it stopped or crashed before its first) as
+    <name>.earlier-<n>.csv, unless told to start over (`keep_earlier` False: overwrite)."""
 
-    def __init__(self, directory: Path, start_step: int, tensorboard: bool, evaluation_pending: bool = False):
+    def __init__(self, directory: Path, start_step: int, tensorboard: bool, evaluation_pending: bool = False,
+                 keep_earlier: bool = True):
         self.directory = directory
         self.files = {"train": directory / "train_log.csv", "eval": directory / "eval_log.csv"}
         for kind, fields in (("train", LOG_FIELDS), ("eval", EVAL_FIELDS)):
             path = self.files[kind]
+            if start_step == 0 and keep_earlier and _has_rows(path):  # the log of a crash, say: kept
+                kept = _unused_earlier_name(path)
+                path.replace(kept)
+                warnings.warn(f"{path} held rows of an earlier run that left no checkpoint: kept as {kept.name}")
             rows = []
             last = start_step - 1 if kind == "eval" and evaluation_pending else start_step
             if path.is_file() and start_step > 0:
@@ -240,6 +248,23 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a CSV log holds a row past its header."""
+    if not path.is_file():
+        return False
+    with path.open(newline="") as f:
+        rows = csv.reader(f)
+        return next(rows, None) is not None and next(rows, None) is not None
+
+
+def _unused_earlier_name(path: Path) -> Path:
+    """<name>.earlier-<n>.csv beside `path`, with the first n not taken."""
+    for n in itertools.count(1):
+        kept = path.with_name(f"{path.stem}.earlier-{n}.csv")
+        if not kept.exists():
+            return kept
 
 
 def train(model: VitaCLIP, train_data, config: Optional[TrainConfig] = None, eval_data=None,
@@ -321,7 +346,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
     log = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log = RunLog(out, start_step, config.tensorboard, evaluation_due_first)
+        log = RunLog(out, start_step, config.tensorboard, evaluation_due_first, keep_earlier=not config.overwrite)
     result = TrainResult(start_step, last_checkpoint=str(resume_path) if resume_path else None)
     progress = None
     stop_request = StopRequest(config.stop_signals).install()
