@@ -204,8 +204,10 @@ class VideoLoader:
 
     def __len__(self) -> int:
         """Batches in the whole epoch, whatever set_epoch's start_batch and end_batch: EpochLoader
-        counts an epoch's positions, and where it ends, in whole epochs."""
-        n = len(self._shard_videos())
+        counts an epoch's positions, and where it ends, in whole epochs. Training counts this rank's
+        share of the epoch's slots without shuffling them (`_shard_videos`: the tail that does not
+        divide among the ranks is dropped)."""
+        n = self.num_entries // self.shard[1] if self.train else len(self._shard_videos())
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0, end_batch: Optional[int] = None) -> None:
