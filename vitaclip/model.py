@@ -206,8 +206,11 @@ class VitaCLIP(nn.Module):
         float64 model); cached when nothing can change them (fixed prompts, or learned prompts
         evaluated without gradients)."""
         if self._fixed_classnames is None and torch.is_grad_enabled():
-            return F.normalize(at_least_fp32(self.encode_text()), dim=-1)
+            return self._learned_text_features()
         return self._cached_text_features()
+
+    def _learned_text_features(self) -> Tensor:
+        return F.normalize(at_least_fp32(self.encode_text()), dim=-1)
 
     # Its caches are keyed on tensors' memory and version counters (`refreshed`), which a graph of
     # torch.compile cannot guard on: under a user's torch.compile of the model, it runs as it is
@@ -222,7 +225,7 @@ class VitaCLIP(nn.Module):
         learner = self.prompt_learner
         text_tensors = [*self.textual.parameters(), *(learner.parameters() if learner is not None else ())]
         self._text_cache = refreshed(self._text_cache, self._text_cache_key(), text_tensors,
-                                     lambda: F.normalize(at_least_fp32(self.encode_text()), dim=-1))
+                                     self._learned_text_features)
         return self._text_cache[1]
 
     def _text_cache_key(self) -> tuple:
