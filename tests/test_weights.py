@@ -230,6 +230,15 @@ def test_official_backbone_file_loads_non_strictly_with_fresh_prompts(tmp_path, 
     assert load_model(tmp_path / "backbone.pth", CLASSES, for_training=True, heads=2, text_heads=2).prompt_learner
 
 
+def test_file_of_another_model_is_not_taken_for_a_clip_backbone(tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")  # e.g. a ResNet's state dict
+    from vitaclip.engine.checkpoint import load_model
+
+    # not "holds a CLIP backbone only ... train from it (--init)": --init refuses it too
+    with pytest.raises(ValueError, match="not a Vita-CLIP/CLIP checkpoint in the authors' layout"):
+        load_model(tmp_path / "other.pth", CLASSES)
+
+
 def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
     model = VitaCLIP(tiny_config(), CLASSES)
     ckpt = official_checkpoint(model)

@@ -370,13 +370,14 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     class-specific context for another number of classes starts afresh (to train on other classes)
     instead of being refused."""
     state = read_official_state(path)
+    if not learned_context:
+        state.pop("prompt_learner.ctx", None)
+    # first: it refuses a file of another model, which is no CLIP backbone to train from either
+    config = config_from_official_state(state, **overrides)
     if trained_only and not is_trained_checkpoint(state):
         raise ValueError(f"{path} holds a CLIP backbone only, no trained Vita-CLIP prompts: train from it "
                          f"(vitaclip train --init), or score CLIP itself zero-shot (vitaclip zeroshot without "
                          f"--model, VitaCLIP.plain_clip)")
-    if not learned_context:
-        state.pop("prompt_learner.ctx", None)
-    config = config_from_official_state(state, **overrides)
     ctx = state.get("prompt_learner.ctx")
     if ctx is not None and classnames is None:
         raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
