@@ -5,14 +5,17 @@ sm_86 within its shared memory.
 
 The CPU interpreter runs the kernels' Python but skips the compiler's type checks (e.g. a
 variable with different tile shapes in two branches), so compile them too. The kernels are
-decorated for the interpreter in this test session, so the compile runs in a subprocess
-(this file as a script) without TRITON_INTERPRET.
+decorated for the interpreter in this test session, so the compiles run in subprocesses
+without TRITON_INTERPRET (this file as a script, one a core, each a share of the compiles:
+Triton compiles on one core, and one process took most of the CPU suite's time).
 """
 import os
 import subprocess
 import sys
 
 import pytest
+
+from vitaclip.choices import usable_cores
 
 FP32_POINTERS = {"LSE", "DELTA", "DQ_ACC", "DLK", "DLV", "DGK", "DGV"}
 SM86_SHARED_MEMORY = 101376  # bytes per block, opted in (RTX 30xx/40xx, A10, L4, L40S)
@@ -94,34 +97,44 @@ def attention_launches(configs=None, head_dim=64, precision="tf32"):
     return launches
 
 
-def compile_all():
+def compile_jobs():
+    """(kernel, dtype, constexprs, compile options, most shared memory or None) of every compile."""
     from vitaclip.kernels import quick_gelu
 
+    jobs = []
     for kernel, constexprs, tiles in attention_launches():
-        compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
-                    num_stages=tiles.num_stages)
+        jobs.append((kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS),
+                     dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages), None))
     # no prompts at all (their loads and the prompt tile compiled out), the default's launches
     for kernel, constexprs, tiles in default_launches():
         constexprs = dict(constexprs, P=0, G=0, HAS_SUMMARY=False, BLOCK_PR=16)
         if "PROMPT_PROGRAM" in constexprs:
             constexprs["PROMPT_PROGRAM"] = 0
-        compile_for(kernel, "bf16", constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        jobs.append((kernel, "bf16", constexprs, dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages), None))
     for kernel, constexprs, tiles in default_launches():
-        compile_for(kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
-                    num_stages=tiles.num_stages, arch=80)
+        jobs.append((kernel, "bf16", dict(constexprs, **VIT_B16_PROMPTS),
+                     dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, arch=80), None))
     # fp32 on the cards with the least shared memory per block (sm_86/sm_89: 99 KiB), at the
     # largest head dim of its tiles (shared memory grows with it)
     for kernel, constexprs, tiles in fp32_launches():
-        shared = compile_for(kernel, "fp32", dict(constexprs, **VIT_B16_PROMPTS), num_warps=tiles.num_warps,
-                             num_stages=tiles.num_stages, arch=86).metadata.shared
-        if shared > SM86_SHARED_MEMORY:
-            sys.exit(f"{kernel.__name__} {tiles} in fp32 needs {shared} bytes of shared memory, sm_86 has "
-                     f"{SM86_SHARED_MEMORY}")
+        jobs.append((kernel, "fp32", dict(constexprs, **VIT_B16_PROMPTS),
+                     dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages, arch=86), SM86_SHARED_MEMORY))
     for kernel in (quick_gelu._quick_gelu_fwd, quick_gelu._quick_gelu_bwd):
+        gelu = dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048)
         for arch in (80, 90):
-            compile_for(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8, arch=arch)
+            jobs.append((kernel, "bf16", gelu, dict(num_warps=8, arch=arch), None))
         # ViT-L/14's MLP over a 3,072-frame evaluation batch holds 3.2e9 elements
-        compile_for(kernel, "bf16", dict(SLOPE=quick_gelu.QUICK_GELU_SLOPE, BLOCK=2048), num_warps=8, int64=("n",))
+        jobs.append((kernel, "bf16", gelu, dict(num_warps=8, int64=("n",)), None))
+    return jobs
+
+
+def compile_share(part: int, parts: int) -> None:
+    """Compiles every `parts`-th job from the `part`-th on (a process each: the compiler is serial)."""
+    for kernel, dtype, constexprs, options, most_shared in compile_jobs()[part::parts]:
+        shared = compile_for(kernel, dtype, constexprs, **options).metadata.shared
+        if most_shared is not None and shared > most_shared:
+            sys.exit(f"{kernel.__name__} {constexprs} in {dtype} needs {shared} bytes of shared memory, "
+                     f"sm_{options['arch']} has {most_shared}")
 
 
 def default_launches():
@@ -143,12 +156,21 @@ def fp32_launches():
 def test_kernels_compile_for_hopper_and_ampere():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == (len(attention_launches()) + 2 * len(default_launches())
-                                               + len(fp32_launches()) + 6)
-    assert result.stdout.count("sm_80") == len(default_launches()) + 2
+    parts = min(4, usable_cores())
+    compilers = [subprocess.Popen([sys.executable, __file__, str(part), str(parts)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for part in range(parts)]
+    try:
+        results = [(compiler.communicate(timeout=300), compiler.returncode) for compiler in compilers]
+    finally:
+        for compiler in compilers:
+            compiler.kill()
+    for (_, stderr), returncode in results:
+        assert returncode == 0, stderr[-4000:]
+    stdout = "".join(out for (out, _), _ in results)
+    assert stdout.count("compiled") == (len(attention_launches()) + 2 * len(default_launches())
+                                        + len(fp32_launches()) + 6)
+    assert stdout.count("sm_80") == len(default_launches()) + 2
 
 
 if __name__ == "__main__":
-    compile_all()
+    compile_share(int(sys.argv[1]), int(sys.argv[2]))
