@@ -345,6 +345,11 @@ def test_save_and_load_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         (tmp_path / "saved" / "config.json").unlink()
         VitaCLIP.from_pretrained(tmp_path / "saved")
+    with pytest.raises(FileNotFoundError, match="savd does not exist"):  # a mistyped path: no file is "missing"
+        VitaCLIP.from_pretrained(tmp_path / "savd")
+    torch.save({}, tmp_path / "checkpoint-00000001.pt")
+    with pytest.raises(FileNotFoundError, match="vitaclip.load_model also reads training checkpoints"):
+        VitaCLIP.from_pretrained(tmp_path / "checkpoint-00000001.pt")
 
 
 def test_saved_files_follow_the_umask_and_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):

@@ -430,9 +430,12 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
     for name in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a saved VitaCLIP: {name} is missing")
+        if not (directory / name).is_file():  # a checkpoint or run folder given here, perhaps
+            raise FileNotFoundError(f"{directory} is not a saved VitaCLIP: {name} is missing (vitaclip.load_model "
+                                    "also reads training checkpoints, run folders and the authors' checkpoints)")
     config = VitaCLIPConfig.from_dict(_read_json(directory / CONFIG_FILE))
     keep_phrase_for_saved_context(config)
     classnames = _read_json(directory / CLASSES_FILE) or None
