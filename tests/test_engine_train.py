@@ -2,6 +2,7 @@
 import csv
 import math
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -1161,6 +1162,10 @@ def test_resume_onto_other_frozen_weights_is_refused_and_a_moved_backbone_is_not
         train(ckpt.load_model(tmp_path / "other"), tiny_data(), tiny_train_config(tmp_path / "run", steps=4, resume="auto"),
               backbone={"kind": "pretrained", "path": str(tmp_path / "other")})
     (tmp_path / "base").rename(tmp_path / "moved")
+    # loading the checkpoint alone names it and where its frozen weights were, not "base does not exist"
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint-00000002.pt holds none of its frozen weights, which "
+                                                rf"came from {re.escape(str(tmp_path / 'base'))}: that no longer"):
+        ckpt.load_model(tmp_path / "run")
     moved = {"kind": "pretrained", "path": str(tmp_path / "moved")}
     assert train(ckpt.load_model(tmp_path / "moved"), tiny_data(),
                  tiny_train_config(tmp_path / "run", steps=4, resume="auto"), backbone=moved).finished

@@ -313,6 +313,16 @@ def build_backbone(backbone: Dict[str, Any], classnames: Optional[Sequence[str]]
     return model
 
 
+def check_backbone_file_exists(backbone: Dict[str, Any], source: str) -> None:
+    """A checkpoint's frozen weights come from a file recorded by absolute path: where it has gone,
+    say so, naming both (open_clip takes a missing weights file for an unknown tag, and asks for a
+    network; the authors' file would be called a missing checkpoint)."""
+    path = backbone.get("pretrained") if backbone.get("kind") == "clip" else backbone.get("path")
+    if path and os.path.isabs(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"{source} holds none of its frozen weights, which came from {path}: that no "
+                                f"longer exists (moved? put it back, or resume the run naming its new place, which later checkpoints record)")
+
+
 def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "auto") -> VitaCLIP:
     config = VitaCLIPConfig.from_dict(payload["config"])
     keep_phrase_for_saved_context(config)
@@ -322,6 +332,7 @@ def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "
         load_state_exactly(model, payload["model"], source=source)
     else:
         backbone = payload["backbone"]
+        check_backbone_file_exists(backbone, source)
         overrides = {} if backbone.get("kind") == "pretrained" else config.to_dict()
         model = build_backbone(backbone, classnames, backend, **overrides)
         # the source is read as it is now: a saved model folder saved again over, a weights file replaced
