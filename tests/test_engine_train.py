@@ -680,6 +680,9 @@ def test_bad_input_fails_before_training(tmp_path):
     assert not (tmp_path / "labels").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "x", resume=str(tmp_path / "nope.pt")))
+    (tmp_path / "run").mkdir()  # a run folder or saved model exists: not "does not exist"
+    with pytest.raises(ValueError, match=r"run, is a folder: give a checkpoint file in it, resume='auto'"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path / "x", resume=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="fewer than one global batch"):
         train(tiny_model(), tiny_data(3), tiny_train_config(tmp_path / "small"))
     with pytest.raises(ValueError, match="cannot be split"):

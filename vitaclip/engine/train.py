@@ -584,6 +584,10 @@ def choose_checkpoint(config: TrainConfig, out: Path) -> Tuple[Optional[Path], O
             logger.info("resume='auto' (--resume auto) found no checkpoint in %s: a fresh run starts", out)
         return path, payload
     path = Path(config.resume)
+    if path.is_dir():  # a run folder or saved model: "does not exist" would send the user looking for it
+        raise ValueError(f"checkpoint to resume from, {path}, is a folder: give a checkpoint file in it, "
+                         f"resume='auto' (--resume auto) for the latest in the output directory, or start a new "
+                         f"run from a saved model (--init)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint to resume from, {path}, does not exist")
     payload = ckpt.load_checkpoint(path)
