@@ -173,3 +173,12 @@ def test_a_class_list_naming_no_classes_is_refused_by_name(tmp_path):
     (tmp_path / "videos" / ".cache").mkdir()
     with pytest.raises(ValueError, match=r"videos names no classes: it holds no class folders"):
         read_class_names(str(tmp_path / "videos"))
+
+
+def test_a_video_list_given_as_the_class_list_is_refused(tmp_path):
+    """Its lines became class names: zero-shot scored the videos against classes such as 'a/x.mp4,0'."""
+    videos = tmp_path / "val.txt"
+    videos.write_text("a/x.mp4,0\nb/y.mp4,1\n")
+    with pytest.raises(ValueError, match=r"val\.txt holds 'path,label' lines \(the first: 'a/x\.mp4,0'\), a video "
+                                         r"list, not class names"):
+        read_class_names(str(videos))

@@ -138,6 +138,9 @@ def read_class_names(path: str) -> List[str]:
     if not lines:
         raise ValueError(f"{path} names no classes: it holds no lines")
     numbered = _index_file_names(path, lines)
+    if numbered is None and all(is_list_line(text) for _, text in lines):  # zero-shot would score its lines
+        raise ValueError(f"{path} holds 'path,label' lines (the first: {lines[0][1]!r}), a video list, not class "
+                         "names: give the class list (one name per line)")
     return numbered if numbered is not None else [text for _, text in lines]
 
 
