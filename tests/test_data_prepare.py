@@ -1,4 +1,5 @@
 """prepare: re-encodes to short-side H.264, keeps every frame, resumable, writes a list."""
+import json
 import math
 import os
 import re
@@ -186,6 +187,21 @@ def test_prepare_refuses_an_out_dir_prepared_with_other_settings(source_list, tm
     again = prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=48), workers=1,
                     progress=False)
     assert (again.written, again.reused) == (0, 1)
+
+
+def test_other_settings_may_follow_a_run_that_finished_no_video(source_list, tmp_path):
+    """A first run that stopped before any video (a wrong --data-root) left prepare.json: the folder,
+    holding no video, was refused as one 'holding videos prepared with' its settings."""
+    root, rows, lst = source_list
+    lst.write_text(f"{rows[0][0]},0\n")
+    with pytest.raises(VideoDecodeError, match="No such file"):
+        prepare(str(lst), str(tmp_path / "out"), str(tmp_path / "wrong"), EncodeSettings(short_side=48), workers=1,
+                progress=False)
+    assert (tmp_path / "out" / "prepare.json").exists()
+    result = prepare(str(lst), str(tmp_path / "out"), str(root), EncodeSettings(short_side=64), workers=1,
+                     progress=False)
+    assert result.written == 1
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["short_side"] == 64
 
 
 def small(lst, out, root="", **kw):

@@ -232,10 +232,11 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             found = json.load(f)
-        if found != wanted:
+        if found == wanted:
+            return
+        if read_sources(out_dir):  # else no video was finished (a first run stopped early): none to mix with
             raise ValueError(f"{out_dir} holds videos prepared with {found}, which these settings ({wanted}) would "
                              f"mix with: choose another OUT_DIR")
-        return
     atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
