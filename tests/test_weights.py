@@ -239,6 +239,17 @@ def test_file_of_another_model_is_not_taken_for_a_clip_backbone(tmp_path):
         load_model(tmp_path / "other.pth", CLASSES)
 
 
+def test_an_open_clip_weights_file_given_as_a_vita_clip_checkpoint_is_pointed_to_pretrained(tiny_clip_checkpoint):
+    """--init or --model with the file --pretrained takes: 'lacks visual.patch_embed.proj.weight', nothing more."""
+    _, path = tiny_clip_checkpoint
+    from vitaclip.engine.checkpoint import load_model
+
+    for for_training in (False, True):
+        with pytest.raises(ValueError, match=r"weights\.pt holds an open_clip CLIP's weights, not a Vita-CLIP "
+                                             r"checkpoint: .*--pretrained FILE"):
+            load_model(path, CLASSES, for_training=for_training)
+
+
 def test_mismatched_official_checkpoints_fail_clearly(tmp_path):
     model = VitaCLIP(tiny_config(), CLASSES)
     ckpt = official_checkpoint(model)

@@ -370,6 +370,10 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     class-specific context for another number of classes starts afresh (to train on other classes)
     instead of being refused."""
     state = read_official_state(path)
+    if "visual.conv1.weight" in state:  # open_clip's (OpenAI's) layout: only from_clip converts it
+        raise ValueError(f"{path} holds an open_clip CLIP's weights, not a Vita-CLIP checkpoint: give it as the "
+                         f"frozen CLIP's weights (--pretrained FILE with --clip naming its model; "
+                         f"VitaCLIP.from_clip(name, FILE) in Python)")
     if not learned_context:
         state.pop("prompt_learner.ctx", None)
     # first: it refuses a file of another model, which is no CLIP backbone to train from either
