@@ -234,6 +234,20 @@ def test_another_list_of_the_same_file_name_is_refused_not_written_over_the_firs
         small(lists[1], tmp_path / "out", root)
 
 
+def test_a_list_of_the_same_file_name_may_follow_a_run_that_wrote_no_list(source_list, tmp_path):
+    """l1/val.txt stopped at its first video, before its prepared list: l2/val.txt was refused as one
+    that 'would replace' out/val.txt, which did not exist."""
+    root, rows, _ = source_list
+    lists = []
+    for i in (1, 2):
+        (tmp_path / f"l{i}").mkdir()
+        lists.append(tmp_path / f"l{i}" / "val.txt")
+        lists[-1].write_text(f"{rows[i][0]},{i}\n")
+    with pytest.raises(VideoDecodeError, match="No such file"):
+        small(lists[0], tmp_path / "out", tmp_path / "wrong")
+    assert small(lists[1], tmp_path / "out", root).written == 1
+
+
 def test_a_video_listed_twice_is_encoded_once_with_a_line_per_entry(vp9_dataset, tmp_path):
     root, rows = vp9_dataset
     name = rows[0][0]

@@ -275,7 +275,8 @@ def record_list(out_dir: str, src_list: str) -> None:
         with open(path, encoding="utf-8") as f:
             lists = json.load(f)
     earlier = lists.get(name)
-    if earlier is not None and os.path.exists(earlier) and not os.path.samefile(earlier, src_list):
+    written = os.path.exists(os.path.join(out_dir, name))  # else the earlier run stopped before it: nothing to replace
+    if written and earlier is not None and os.path.exists(earlier) and not os.path.samefile(earlier, src_list):
         raise ValueError(f"{os.path.join(out_dir, name)} was prepared from {earlier}, which {src_list} would replace: "
                          f"prepare this list under another file name, or into another OUT_DIR")
     if earlier != os.path.abspath(src_list):  # (a list moved since is taken for the same)
