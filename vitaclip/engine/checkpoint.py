@@ -320,7 +320,8 @@ def check_backbone_file_exists(backbone: Dict[str, Any], source: str) -> None:
     path = backbone.get("pretrained") if backbone.get("kind") == "clip" else backbone.get("path")
     if path and os.path.isabs(path) and not os.path.exists(path):
         raise FileNotFoundError(f"{source} holds none of its frozen weights, which came from {path}: that no "
-                                f"longer exists (moved? put it back, or resume the run naming its new place, which later checkpoints record)")
+                                f"longer exists (moved? put it back, or resume the run naming its new place, which "
+                                f"later checkpoints record)")
 
 
 def model_from_checkpoint(payload: Dict[str, Any], source: str, backend: str = "auto") -> VitaCLIP:
