@@ -189,6 +189,47 @@ def test_every_option_of_every_command_says_what_it_is():
     assert "tag" in pretrained.help and "file" in pretrained.help
 
 
+class Built(Exception):
+    """Raised in place of building the backbone, carrying what it was asked for."""
+
+
+def test_clip_flags_default_to_openai_vit_b16_and_are_refused_beside_the_model_they_would_not_pick(
+        videos, tmp_path, capsys, monkeypatch):
+    """--clip/--pretrained were taken and ignored beside --init (train) or --model (zeroshot): a run
+    on other weights than those asked for."""
+    from vitaclip.engine import checkpoint
+    from vitaclip.model import VitaCLIP
+
+    root, list_file = videos
+
+    def built(*args, **kwargs):
+        raise Built(args)
+
+    monkeypatch.setattr(checkpoint, "build_backbone", built)
+    monkeypatch.setattr(VitaCLIP, "plain_clip", built)
+    train = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",
+             "--output-dir", tmp_path / "r", *CPU]
+    zeroshot = ["zeroshot", "--split", list_file, "--classes", root / "classes.txt", "--data-root", list_file.parent,
+                *CPU]
+    with pytest.raises(Built) as asked:
+        run(capsys, *train)
+    assert asked.value.args[0][0] == {"kind": "clip", "name": "ViT-B-16-quickgelu", "pretrained": "openai"}
+    with pytest.raises(Built) as asked:
+        run(capsys, *zeroshot)
+    assert asked.value.args[0] == ("ViT-B-16-quickgelu", "openai")
+    with pytest.raises(Built) as asked:
+        run(capsys, *zeroshot, "--clip", "ViT-B-32-quickgelu", "--pretrained", "")
+    assert asked.value.args[0] == ("ViT-B-32-quickgelu", None)  # '': random weights
+    for command, flags in ((train, ["--init", root / "model", "--clip", "ViT-L-14-quickgelu"]),
+                           (train, ["--init", root / "model", "--pretrained", ""]),
+                           (zeroshot, ["--model", root / "model", "--clip", "ViT-L-14-quickgelu", "--pretrained",
+                                       "openai"])):
+        code, _, err = run(capsys, *command, *flags)
+        given = [flag for flag in ("--clip", "--pretrained") if flag in flags]
+        assert code == 2 and f"{' and '.join(given)} pick the CLIP to start from" in err, err
+        assert ("--init" if "--init" in flags else "--model") + " gives the model" in err
+
+
 def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     root, list_file = videos
     clips = list_file.parent

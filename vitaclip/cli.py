@@ -32,7 +32,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 FORMATTER = DefaultsHelpFormatter
-DEFAULT_CLIP = "ViT-B-16-quickgelu"
+DEFAULT_CLIP, DEFAULT_PRETRAINED = "ViT-B-16-quickgelu", "openai"
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, to be resumed
 
 
@@ -130,11 +130,12 @@ def build_training_model(args, classes: List[str]):
     from .engine import checkpoint as ckpt
 
     if args.init is None:
-        pretrained = args.pretrained or None
-        backbone = {"kind": "clip", "name": args.clip, "pretrained": pretrained}
+        pretrained = clip_weights(args)
+        backbone = {"kind": "clip", "name": args.clip or DEFAULT_CLIP, "pretrained": pretrained}
         model = ckpt.build_backbone(backbone, classes, args.backend, **architecture_overrides(args))
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
         return model, backbone if pretrained else None
+    refuse_clip_flags(args, "--init")
     path = Path(args.init).resolve()
     with warnings.catch_warnings():
         if args.resume:  # the checkpoint's class context replaces a fresh one: no news
@@ -146,6 +147,20 @@ def build_training_model(args, classes: List[str]):
         path = ckpt.latest_checkpoint(path)
     payload = ckpt.read_training_checkpoint(path)
     return model, (payload["backbone"] if payload is not None else {"kind": "official", "path": str(path)})
+
+
+def clip_weights(args) -> Optional[str]:
+    """--pretrained, its default filled in; '' (random weights) as None."""
+    return (DEFAULT_PRETRAINED if args.pretrained is None else args.pretrained) or None
+
+
+def refuse_clip_flags(args, instead: str) -> None:
+    """--clip/--pretrained pick the CLIP a command starts from; with `instead` (--init, --model) they
+    would be ignored: a run on other weights than those asked for."""
+    given = [flag for flag, value in (("--clip", args.clip), ("--pretrained", args.pretrained)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} pick the CLIP to start from; {instead} gives the model and its "
+                         f"weights: give one or the other")
 
 
 def video_loader(args, env, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
@@ -291,12 +306,13 @@ def cmd_zeroshot(args) -> int:
     templates = read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
     parsed = [parse_split(s, args.classes) for s in args.split]
     if args.model:
+        refuse_clip_flags(args, "--model")
         model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
     else:
         if heads_overrides(args):
             raise ValueError("--heads/--text-heads complete a --model file of the authors' layout; a plain CLIP "
                              "(no --model) has its own")
-        model = VitaCLIP.plain_clip(args.clip, args.pretrained)
+        model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
         model.set_backend(args.backend)
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or model.config.num_frames
@@ -442,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, help="class names: file (one per line) or folder of class folders")
     p.add_argument("--output-dir", default="runs/vitaclip", help="checkpoints, logs and the final model")
     g = p.add_argument_group("model")
-    g.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name of the frozen backbone")
-    g.add_argument("--pretrained", default="openai", help="open_clip weights tag or file ('' for random weights)")
+    g.add_argument("--clip", default=None,
+                   help=f"open_clip model name of the frozen backbone (default: {DEFAULT_CLIP}; not with --init)")
+    g.add_argument("--pretrained", default=None, help=f"open_clip weights tag or file ('' for random weights; "
+                                                      f"default: {DEFAULT_PRETRAINED}; not with --init)")
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
     g.add_argument("--frames", type=positive_int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
@@ -523,10 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(three times).")
     p.add_argument("--model", default=None, help="trained model (default: a plain CLIP via --clip/--pretrained)")
     add_heads(p)
-    p.add_argument("--clip", default=DEFAULT_CLIP, help="open_clip model name when no --model is given")
-    p.add_argument("--pretrained", default="openai",
-                   help="CLIP weights when no --model is given: an open_clip pretrained tag (openai, "
-                        "laion2b_s34b_b88k, ...; downloaded the first time) or a weights file; '' for random weights")
+    p.add_argument("--clip", default=None,
+                   help=f"open_clip model name when no --model is given (default: {DEFAULT_CLIP})")
+    p.add_argument("--pretrained", default=None,
+                   help=f"CLIP weights when no --model is given: an open_clip pretrained tag (default: "
+                        f"{DEFAULT_PRETRAINED}; laion2b_s34b_b88k, ...; downloaded the first time) or a weights file; "
+                        f"'' for random weights")
     p.add_argument("--split", action="append", required=True, metavar="LIST[:CLASSES]",
                    help="a test list, optionally with its own class list; repeat for each split")
     p.add_argument("--classes", default=None, help="class list of splits that name none")
