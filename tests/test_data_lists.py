@@ -117,6 +117,39 @@ def test_a_quoted_csv_name_keeps_its_commas_and_quotes_inside(tmp_path):
     assert read_class_names(str(f)) == ["tying bow tie, knot", 'say "hi"']
 
 
+@pytest.mark.parametrize("text", [
+    "name,id\napply eye makeup,0\nbrush_hair,1\ncartwheel,2\n",
+    " Name , ID \nApplyEyeMakeup, 1\nbrush_hair ,2\ncartwheel,3\n",  # any case, spaces around
+    '"name","id"\n"apply eye makeup",0\nbrush_hair,1\n"cartwheel",2\n',
+    "ID,Name\n0,apply eye makeup\n1,brush_hair\n2,cartwheel\n",
+])
+def test_a_csv_is_read_by_its_id_and_name_columns_in_either_order(tmp_path, text):
+    """A `name,id` header and its `name,0` lines were read as class names, the header the first."""
+    f = tmp_path / "classes.csv"
+    f.write_text(text)
+    assert read_class_names(str(f)) == ["apply eye makeup", "brush hair", "cartwheel"]
+
+
+def test_a_csv_name_with_commas_comes_before_its_id(tmp_path):
+    f = tmp_path / "classes.csv"
+    f.write_text('name,id\n"tying bow tie, knot",0\ntop 10,1\n')
+    assert read_class_names(str(f)) == ["tying bow tie, knot", "top 10"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name,id\nrun,0\njump\n", r"classes\.csv:3: expected 'name,id' as the header line says, got 'jump'"),
+    ("name,id\n0,run\n1,jump\n", r"classes\.csv:2: expected 'name,id' as the header line says, got '0,run'"),
+    ("id,name\n0,run\njump,1\n", r"classes\.csv:3: expected 'id,name' as the header line says, got 'jump,1'"),
+    ("name,id\nrun,1\njump,0\n", r"classes\.csv:3: class index 0 where 2 was expected"),
+])
+def test_a_csv_row_that_does_not_fit_its_id_and_name_header_is_refused(tmp_path, text, match):
+    """Else every line, the header too, became a class name."""
+    f = tmp_path / "classes.csv"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_class_names(str(f))
+
+
 @pytest.mark.parametrize("text, match", [
     ("1 run\n3 jump\n", r"classes\.txt:2: class index 3 where 2 was expected"),
     ("id,name\n1,run\n0,jump\n", r"classes\.txt:3: class index 0 where 2 was expected"),

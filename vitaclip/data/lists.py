@@ -123,11 +123,12 @@ def write_video_list(list_file: str, rows: Sequence[tuple]) -> None:
 def read_class_names(path: str) -> List[str]:
     """One class name per line (blank lines ignored); or an index file whose every line is
     `INDEX NAME` or `INDEX,NAME`, indices counting up from 0 or 1 (UCF101's `classInd.txt`, CSVs
-    with an `id,name` header), names turned into words as folder names are; or, for a directory,
-    its sub-folder names turned into words (one folder per class), in plain `sorted()` order of
-    the folder names (by code point: `Zumba` before `abseiling`), as torchvision's ImageFolder
-    numbers classes. Folders starting with `.` or `_` (`.ipynb_checkpoints`, `__pycache__`) are
-    not classes. None at all is an error: a model or an evaluation over no classes is no use."""
+    with an `id,name` header; `NAME,INDEX` under a `name,id` one), names turned into words as
+    folder names are; or, for a directory, its sub-folder names turned into words (one folder per
+    class), in plain `sorted()` order of the folder names (by code point: `Zumba` before
+    `abseiling`), as torchvision's ImageFolder numbers classes. Folders starting with `.` or `_`
+    (`.ipynb_checkpoints`, `__pycache__`) are not classes. None at all is an error: a model or an
+    evaluation over no classes is no use."""
     if os.path.isdir(path):
         names = [folder_to_class_name(d) for d in sorted(os.listdir(path))
                  if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
@@ -152,8 +153,11 @@ _CSV_ROW = re.compile(r"\d+,.+")
 def _index_file_names(path: str, lines: List[Tuple[int, str]]) -> Optional[List[str]]:
     """The names of an index file (every line numbered; a CSV's may follow a header line), or None
     for a plain list. Indices out of order are an error: the labels would shift."""
-    if len(lines) > 1 and _CSV_HEADER.fullmatch(lines[0][1]) and all(_CSV_ROW.fullmatch(t) for _, t in lines[1:]):
-        lines = lines[1:]  # a CSV header such as "id,name"
+    columns = _id_name_columns(lines[0][1])
+    if len(lines) > 1 and columns is not None:
+        lines = [(line_no, _id_first(path, line_no, text, columns)) for line_no, text in lines[1:]]
+    elif len(lines) > 1 and _CSV_HEADER.fullmatch(lines[0][1]) and all(_CSV_ROW.fullmatch(t) for _, t in lines[1:]):
+        lines = lines[1:]  # a CSV header such as "index,class"
     matches = [_INDEXED_NAME.fullmatch(text) for _, text in lines]
     if not matches or not all(matches):
         return None
@@ -165,6 +169,26 @@ def _index_file_names(path: str, lines: List[Tuple[int, str]]) -> Optional[List[
             raise ValueError(f"{path}:{line_no}: class index {match.group(1)} where {expected} was expected: "
                              "the lines of a numbered class list count up one by one")
     return [folder_to_class_name(_unquoted(match.group(2))) for match in matches]
+
+
+_CSV_ROWS = {("id", "name"): re.compile(r"(?P<id>\d+)\s*,\s*(?P<name>.+)"),
+             ("name", "id"): re.compile(r"(?P<name>.+?)\s*,\s*(?P<id>\d+)")}
+
+
+def _id_name_columns(header: str) -> Optional[Tuple[str, str]]:
+    """The columns of a CSV header naming `id` and `name` in either order (any case, spaces and
+    quotes around them ignored), or None for another line."""
+    columns = tuple(_unquoted(column.strip()).strip().lower() for column in header.split(","))
+    return columns if columns in _CSV_ROWS else None
+
+
+def _id_first(path: str, line_no: int, text: str, columns: Tuple[str, str]) -> str:
+    """A row of a CSV with an id/name header as `ID,NAME`. The header says the file is such a CSV:
+    a row that does not fit it is an error, not a reason to read every line as a name."""
+    row = _CSV_ROWS[columns].fullmatch(text)
+    if row is None:
+        raise ValueError(f"{path}:{line_no}: expected '{','.join(columns)}' as the header line says, got {text!r}")
+    return f"{row['id']},{row['name']}"
 
 
 def _unquoted(name: str) -> str:
