@@ -80,6 +80,36 @@ sys.exit(cli.main(["train", "--train-list", "list.txt", "--classes", "c.txt"]))
         130, "vitaclip train: interrupted (while starting, before the run wrote anything)\n")
 
 
+def test_the_packages_warnings_read_as_the_commands_messages_and_others_say_where_they_come_from():
+    """vitaclip's warnings printed as Python prints them (a source path, a line number and the warn call)
+    among the command's own "vitaclip train: ..." lines; Python's form is kept for other packages'."""
+    import argparse as elsewhere
+    import subprocess
+    import sys
+
+    from vitaclip.engine import settings as ours
+
+    script = f"""
+import sys, warnings
+from vitaclip import cli
+
+def warn(args):
+    warnings.warn_explicit("kept the earlier logs", UserWarning, {ours.__file__!r}, 7)
+    warnings.warn_explicit("a deprecation", UserWarning, {elsewhere.__file__!r}, 9)
+    return 0
+
+cli.cmd_eval = warn
+default = warnings.formatwarning
+code = cli.main(["eval", "--model", "m", "--list", "l"])
+assert warnings.formatwarning is default, "the command's format outlived it"
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[:2] == ["vitaclip eval: warning: kept the earlier logs",  # (then line 9)
+                                            f"{elsewhere.__file__}:9: UserWarning: a deprecation"]
+
+
 def test_the_command_line_answers_before_torch_is_imported():
     """`vitaclip --help` and a mistyped option took 6.6 s here, importing torch and the model
     (minutes from a cluster's cold network file system): the parser needs neither; the package's

@@ -5,6 +5,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N [--nnodes ... --rdzv_endpoin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -632,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    default_format = warnings.formatwarning
+    warnings.formatwarning = functools.partial(format_warning, args.command, default_format)
     try:
         return args.func(args)
     except BrokenPipeError as err:
@@ -649,6 +652,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a traceback would read as a crash
         print(f"vitaclip {args.command}: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        warnings.formatwarning = default_format
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def format_warning(command: str, default_format, message, category, filename, lineno, line=None) -> str:
+    """vitaclip's own warnings as the command's other messages read ("vitaclip train: warning: ..."), not
+    as Python prints them (a source path, a line number, the warn call); others' keep Python's form,
+    which says where they come from."""
+    if os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+        return f"vitaclip {command}: warning: {message}\n"
+    return default_format(message, category, filename, lineno, line)
 
 
 def reader_gone(stream) -> bool:
