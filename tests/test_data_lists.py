@@ -65,6 +65,11 @@ def test_a_folder_given_for_a_list_is_named_as_one(tmp_path):
         read_video_list(str(tmp_path))
 
 
+def test_a_missing_list_is_named_as_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^list file {tmp_path / 'none.csv'} does not exist$"):
+        read_video_list(str(tmp_path / "none.csv"))  # it was open()'s bare "[Errno 2] No such file or directory"
+
+
 def test_policy_is_checked(tmp_path):
     f = tmp_path / "l.csv"
     f.write_text("a,0\n")

@@ -136,6 +136,17 @@ def test_prepare_refuses_a_file_for_out_dir(source_list, tmp_path):
         prepare(str(lst), str(tmp_path / "a_file"), str(root), workers=1, progress=False)
 
 
+def test_a_missing_list_is_named_as_the_other_commands_name_it(tmp_path, capsys):
+    """It was a bare "[Errno 2] No such file or directory", also where OUT_DIR holds a list of its file name."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "val.txt").write_text("a.mp4,0\n")
+    missing = tmp_path / "lists" / "val.txt"
+    for out_dir in (tmp_path / "new", tmp_path / "out"):
+        assert main(["prepare", str(missing), str(out_dir)]) == 2
+        assert capsys.readouterr().err == f"vitaclip prepare: error: list file {missing} does not exist\n"
+    assert not (tmp_path / "new").exists()
+
+
 def test_prepare_refuses_to_write_over_the_source_list(source_list):
     root, _, lst = source_list
     before = lst.read_text()

@@ -46,6 +46,8 @@ def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[i
     `path,int` with 0 <= label < num_classes raises ValueError naming file and line, or,
     with on_error="skip", is dropped (see `skipped` on the returned list)."""
     check_error_policy(on_error)
+    if not os.path.exists(list_file):  # not open()'s bare "[Errno 2] No such file or directory"
+        raise FileNotFoundError(f"list file {list_file} does not exist")
     entries = VideoList()
     for line_no, text in text_lines(list_file):
         line = text.strip()

@@ -253,11 +253,12 @@ def prepare(src_list: str, out_dir: str, data_root: str = "", settings: EncodeSe
         raise ValueError(f"timeout must be positive, got {timeout}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"OUT_DIR {out_dir} is a file, not a folder")
+    # before samefile(), which answers a missing list with a bare "[Errno 2]"
+    entries = read_video_list(src_list, data_root, on_error=on_error)
     out_list = os.path.join(out_dir, os.path.basename(src_list))
     if os.path.exists(out_list) and os.path.samefile(out_list, src_list):
         raise ValueError(f"{src_list}: OUT_DIR {out_dir} is the list's own folder, where the prepared list would "
                          "overwrite it: choose another OUT_DIR")
-    entries = read_video_list(src_list, data_root, on_error=on_error)
     os.makedirs(out_dir, exist_ok=True)
     # another `prepare` into it (say of a list sharing videos with this one's) would write the same files
     with sole_writer(os.path.join(out_dir, LOCK_FILE), f"{out_dir} is being written by another `vitaclip prepare`: "
