@@ -247,7 +247,8 @@ def test_a_training_shard_too_small_for_one_batch_is_refused_by_name(vp9_dataset
                      backend="pyav", num_workers=0, device="cpu", shard_id=1, num_shards=2, augment=None)
     assert len(ld) == 0
     with pytest.raises(ValueError, match=r"batches of 2 videos, and this shard's 1 list entries \(shard 1 of 2\) "
-                                         r"fill none: lower batch_size"):
+                                         r"fill none: lower batch_size \(on the command line, --batch-size or "
+                                         r"--micro-batch-size\)"):
         next(iter(ld))
     evaluation = VideoLoader(str(tmp_path / "list.csv"), train=False, batch_size=2, num_frames=2, stride=4, size=16,
                              backend="pyav", num_workers=0, device="cpu", shard_id=1, num_shards=2)

@@ -445,7 +445,8 @@ class VideoLoader:
             shard_id, num_shards = self.shard
             raise ValueError(f"{self.list_file}: a training epoch takes whole batches of {self.batch_size} videos, "
                              f"and this shard's {len(self._shard_videos())} list entries (shard {shard_id} of "
-                             f"{num_shards}) fill none: lower batch_size")
+                             f"{num_shards}) fill none: lower batch_size (on the command line, --batch-size "
+                             f"or --micro-batch-size)")
         # the epoch planned (_plan_batches), even if set_epoch comes before its last batch
         skipped_before, epoch = len(self.skipped), self.epoch
         try:
