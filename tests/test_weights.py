@@ -239,6 +239,19 @@ def test_file_of_another_model_is_not_taken_for_a_clip_backbone(tmp_path):
         load_model(tmp_path / "other.pth", CLASSES)
 
 
+@pytest.mark.parametrize("dropped, named", [
+    ("visual.pos_embed", "lacks 'visual.pos_embed'"),
+    ("textual.transformer.resblocks.", r"has no text layers \(no 'textual\.transformer\.resblocks\.<i>\.\*' keys\)"),
+])
+def test_a_checkpoint_lacking_what_the_architecture_is_read_from_is_named(tmp_path, dropped, named):
+    """The message said 'checkpoint lacks ...', not which of the files given."""
+    ckpt = official_checkpoint(VitaCLIP(tiny_config(), CLASSES))
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith(f"module.{dropped}")}
+    torch.save(ckpt, tmp_path / "cut.pth")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'cut.pth'))} {named}: not a"):
+        VitaCLIP.from_official_checkpoint(tmp_path / "cut.pth", CLASSES, heads=2, text_heads=2)
+
+
 def test_an_open_clip_weights_file_given_as_a_vita_clip_checkpoint_is_pointed_to_pretrained(tiny_clip_checkpoint):
     """--init or --model with the file --pretrained takes: 'lacks visual.patch_embed.proj.weight', nothing more."""
     _, path = tiny_clip_checkpoint

@@ -312,18 +312,19 @@ def clip_heads(table: Dict[int, int], width: int, key: str) -> int:
     return table[width]
 
 
-def config_from_official_state(state: Dict[str, Tensor], **overrides) -> VitaCLIPConfig:
+def config_from_official_state(state: Dict[str, Tensor], source: str = "checkpoint", **overrides) -> VitaCLIPConfig:
     """Read the architecture off the tensor shapes (SPEC); what shapes cannot tell comes from
-    `overrides` (heads default to those of the CLIP of that width)."""
+    `overrides` (heads default to those of the CLIP of that width). `source` names the state in
+    errors (the file it came from)."""
     def shape(key):
         if key not in state:
-            raise ValueError(f"checkpoint lacks {key!r}: not a Vita-CLIP/CLIP checkpoint in the authors' layout")
+            raise ValueError(f"{source} lacks {key!r}: not a Vita-CLIP/CLIP checkpoint in the authors' layout")
         return state[key].shape
 
     def count_layers(prefix, tower):
         indices = [int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
         if not indices:
-            raise ValueError(f"checkpoint has no {tower} layers (no '{prefix}<i>.*' keys): not a full "
+            raise ValueError(f"{source} has no {tower} layers (no '{prefix}<i>.*' keys): not a full "
                              f"Vita-CLIP/CLIP checkpoint in the authors' layout")
         return 1 + max(indices)
 
@@ -377,7 +378,7 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     if not learned_context:
         state.pop("prompt_learner.ctx", None)
     # first: it refuses a file of another model, which is no CLIP backbone to train from either
-    config = config_from_official_state(state, **overrides)
+    config = config_from_official_state(state, source=str(path), **overrides)
     if trained_only and not is_trained_checkpoint(state):
         raise ValueError(f"{path} holds a CLIP backbone only, no trained Vita-CLIP prompts: train from it "
                          f"(vitaclip train --init), or score CLIP itself zero-shot (vitaclip zeroshot without "
