@@ -260,6 +260,24 @@ def test_clip_flags_default_to_openai_vit_b16_and_are_refused_beside_the_model_t
         assert ("--init" if "--init" in flags else "--model") + " gives the model" in err
 
 
+@pytest.mark.parametrize("missing", ["--train-list", "--val-list"])
+def test_train_names_a_missing_list_before_it_builds_the_model(missing, videos, tmp_path, capsys, monkeypatch):
+    """The model came first: offline, the default CLIP's download error hid the mistyped list; online,
+    minutes went by first."""
+    from vitaclip.engine import checkpoint
+
+    root, list_file = videos
+
+    def built(*args, **kwargs):
+        raise Built(args)
+
+    monkeypatch.setattr(checkpoint, "build_backbone", built)
+    lists = {"--train-list": list_file, "--val-list": list_file, missing: tmp_path / "typo.txt"}
+    code, _, err = run(capsys, "train", *(a for pair in lists.items() for a in pair), "--data-root",
+                       list_file.parent, "--classes", root / "classes.txt", "--output-dir", tmp_path / "r", *CPU)
+    assert code == 2 and err == f"vitaclip train: error: list file {tmp_path / 'typo.txt'} does not exist\n"
+
+
 def test_train_resume_eval_predict_zeroshot(videos, tmp_path, capsys):
     root, list_file = videos
     clips = list_file.parent

@@ -167,9 +167,9 @@ def refuse_clip_flags(args, instead: str) -> None:
 def video_loader(args, env, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
     """A loader decoding on this process's device (`env.device`: its rank's GPU under torchrun)."""
     from .data import VideoLoader
+    from .data.lists import check_list_file
 
-    if not os.path.exists(list_file):
-        raise FileNotFoundError(f"list file {list_file} does not exist")
+    check_list_file(list_file)
     loader = VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                          size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
                          device=env.device, on_error=args.on_error, min_frames=args.min_frames,
@@ -210,6 +210,7 @@ def print_json_or(args, obj, text: str) -> None:
 def cmd_train(args) -> int:
     import torch
 
+    from .data.lists import check_list_file
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
@@ -221,6 +222,8 @@ def cmd_train(args) -> int:
     declare_stop_signals(args.stop_signals)  # before the loaders' worker pools start the fork server
     env = init_distributed(args.device)
     classes = read_classes(args.classes)
+    for list_file in filter(None, (args.train_list, args.val_list)):  # before the model (minutes, a download)
+        check_list_file(list_file)
     torch.manual_seed(args.seed)  # the same prompt initialisation on every process
     model, backbone = build_training_model(args, classes)
     args.stride = args.stride or DEFAULT_STRIDE

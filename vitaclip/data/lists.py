@@ -40,14 +40,19 @@ def listed_path(path: str, data_root: str) -> str:
     return os.path.relpath(path, data_root)
 
 
+def check_list_file(list_file: str) -> None:
+    """A missing list named as one (not open()'s bare "[Errno 2] No such file or directory")."""
+    if not os.path.exists(list_file):
+        raise FileNotFoundError(f"list file {list_file} does not exist")
+
+
 def read_video_list(list_file: str, data_root: str = "", num_classes: Optional[int] = None,
                     on_error: str = "raise") -> List[VideoEntry]:
     """Parse a `path,label` list. Blank lines are ignored; anything else that is not
     `path,int` with 0 <= label < num_classes raises ValueError naming file and line, or,
     with on_error="skip", is dropped (see `skipped` on the returned list)."""
     check_error_policy(on_error)
-    if not os.path.exists(list_file):  # not open()'s bare "[Errno 2] No such file or directory"
-        raise FileNotFoundError(f"list file {list_file} does not exist")
+    check_list_file(list_file)
     entries = VideoList()
     for line_no, text in text_lines(list_file):
         line = text.strip()
