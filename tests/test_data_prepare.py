@@ -219,15 +219,21 @@ def small(lst, out, root="", **kw):
     return prepare(str(lst), str(out), str(root), EncodeSettings(short_side=32), workers=1, progress=False, **kw)
 
 
-def test_another_list_of_the_same_file_name_is_refused_not_written_over_the_first(source_list, tmp_path):
-    """l1/val.txt then l2/val.txt into one OUT_DIR: the second replaced the first's prepared list and
-    sidecar, silently. The same list again (or moved since) goes on as before."""
-    root, rows, _ = source_list
+def lists_of_one_file_name(tmp_path, rows) -> list:
+    """l1/val.txt and l2/val.txt, a video each."""
     lists = []
     for i in (1, 2):
         (tmp_path / f"l{i}").mkdir()
         lists.append(tmp_path / f"l{i}" / "val.txt")
         lists[-1].write_text(f"{rows[i][0]},{i}\n")
+    return lists
+
+
+def test_another_list_of_the_same_file_name_is_refused_not_written_over_the_first(source_list, tmp_path):
+    """l1/val.txt then l2/val.txt into one OUT_DIR: the second replaced the first's prepared list and
+    sidecar, silently. The same list again (or moved since) goes on as before."""
+    root, rows, _ = source_list
+    lists = lists_of_one_file_name(tmp_path, rows)
     first = small(lists[0], tmp_path / "out", root)
     before = open(first.list_file).read()
     with pytest.raises(ValueError, match=f"val.txt was prepared from {lists[0]}, which {lists[1]} would replace"):
@@ -249,11 +255,7 @@ def test_a_list_of_the_same_file_name_may_follow_a_run_that_wrote_no_list(source
     """l1/val.txt stopped at its first video, before its prepared list: l2/val.txt was refused as one
     that 'would replace' out/val.txt, which did not exist."""
     root, rows, _ = source_list
-    lists = []
-    for i in (1, 2):
-        (tmp_path / f"l{i}").mkdir()
-        lists.append(tmp_path / f"l{i}" / "val.txt")
-        lists[-1].write_text(f"{rows[i][0]},{i}\n")
+    lists = lists_of_one_file_name(tmp_path, rows)
     with pytest.raises(VideoDecodeError, match="No such file"):
         small(lists[0], tmp_path / "out", tmp_path / "wrong")
     assert small(lists[1], tmp_path / "out", root).written == 1
