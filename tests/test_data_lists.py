@@ -206,6 +206,9 @@ def test_a_class_list_naming_no_classes_is_refused_by_name(tmp_path):
     blank.write_text("\n  \n")
     with pytest.raises(ValueError, match=r"classes\.txt names no classes: it holds no lines"):
         read_class_names(str(blank))
+    blank.write_text("ID , Name\n\n")  # was one class, "ID , Name"
+    with pytest.raises(ValueError, match=r"classes\.txt names no classes: it holds only a header line, 'ID , Name'"):
+        read_class_names(str(blank))
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "a.mp4").write_bytes(b"")
     (tmp_path / "videos" / ".cache").mkdir()

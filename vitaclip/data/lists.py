@@ -145,6 +145,8 @@ def read_class_names(path: str) -> List[str]:
     lines = [(line_no, text.strip()) for line_no, text in text_lines(path) if text.strip()]
     if not lines:
         raise ValueError(f"{path} names no classes: it holds no lines")
+    if len(lines) == 1 and _id_name_columns(lines[0][1]) is not None:  # not one class called "id,name"
+        raise ValueError(f"{path} names no classes: it holds only a header line, {lines[0][1]!r}")
     numbered = _index_file_names(path, lines)
     if numbered is None and all(is_list_line(text) for _, text in lines):  # zero-shot would score its lines
         raise ValueError(f"{path} holds 'path,label' lines (the first: {lines[0][1]!r}), a video list, not class "
