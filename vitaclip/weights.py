@@ -353,7 +353,7 @@ def config_from_official_state(state: Dict[str, Tensor], source: str = "checkpoi
     settable = {"heads", "text_heads", "act", "ctx_position", "ctx_init", "train_cls_proj"}
     clash = {k: (v, found[k]) for k, v in overrides.items() if k in found and k not in settable and v != found[k]}
     if clash:
-        raise ValueError(f"overrides contradict the checkpoint's shapes (given, found): {clash}")
+        raise ValueError(f"overrides contradict the shapes of {source} (given, found): {clash}")
     for key, table, tower_width in (("heads", CLIP_VISION_HEADS, width), ("text_heads", CLIP_TEXT_HEADS, text_width)):
         if key not in overrides:
             found[key] = clip_heads(table, tower_width, key)
