@@ -513,10 +513,11 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
         shutil.copy(root / rows[i % 3][0], tmp_path / name)
     lines = "".join(f"{name},{i % 3}\n" for i, name in enumerate(names))
     lists = {}
-    for folder in ("same", "a", "b", "c", "d", "e", "f", "alone", "nopyav"):
+    for folder in ("same", "a", "b", "c", "d", "e", "f", "g", "h", "alone", "nopyav"):
         (tmp_path / folder).mkdir()
         lists[folder] = str(tmp_path / folder / "list.csv")
         Path(lists[folder]).write_text(lines)
+    Path(lists["h"]).write_text(f"{names[0]},0\n{names[4]},1\n")  # a node's list lacking videos rank 1 would read
     root = str(tmp_path)
     expected = video_infos(read_video_list(lists["alone"], root), lists["alone"], root, workers=2)
     # rank 0's sidecar knows the videos but not how they are shown, and one frame count wrongly (as an
@@ -528,7 +529,7 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
         write_meta(meta_path(lists[folder]), zip(names, expected))
     cases = [("same list", (lists["same"],) * 2), ("sidecars apart", (lists["a"], lists["b"])),
              ("no PyAV", (lists["nopyav"],) * 2), ("sidecars alike", (lists["c"], lists["d"])),
-             ("a damaged sidecar", (lists["f"], lists["e"]))]
+             ("a damaged sidecar", (lists["f"], lists["e"])), ("lists apart", (lists["g"], lists["h"]))]
     Path(meta_path(lists["e"])).write_text("{not json\n")
     run_ranks(probe_as_two_ranks, root, cases)
 
@@ -548,12 +549,15 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
     shares = [probed(lists["a"], 0), probed(lists["b"], 1)]
     assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == names
     assert [read_meta(meta_path(lists[f]))[name] for f in ("a", "b") for name in names] == expected * 2
-    # a rank that cannot probe its share fails, and every other rank with it, naming it, instead of waiting
+    # a rank that cannot probe its share fails, and every other rank with it, naming it, instead of waiting,
+    # with an error of its kind (bad input on one rank is bad input, not a crash, on the others)
     assert result(2, 1).startswith("ImportError: ") and "install PyAV" in result(2, 1)
-    assert result(2, 0).startswith("RuntimeError: reading the videos of ") and "failed on rank 1: ImportError" in \
+    assert result(2, 0).startswith("ImportError: reading the videos of ") and "failed on rank 1: ImportError" in \
         result(2, 0)
     assert result(4, 1).startswith("ValueError: ") and "list.csv.meta:1: bad metadata line" in result(4, 1)
-    assert "failed on rank 1: ValueError" in result(4, 0)
+    assert result(4, 0).startswith("ValueError: ") and "failed on rank 1: ValueError" in result(4, 0)
+    assert result(5, 1).startswith("ValueError: ") and "another rank's list has 2 videos" in result(5, 1)
+    assert result(5, 0).startswith("ValueError: ") and "failed on rank 1: ValueError" in result(5, 0)
 
 
 def test_probing_shows_a_progress_bar_when_asked(vp9_dataset, tmp_path, capsys):

@@ -177,19 +177,30 @@ _HELD = operator.attrgetter(*(f.name for f in dataclasses.fields(VideoInfo) if f
 def _on_every_rank(work: Callable[[], Any], list_file: str) -> list:
     """Every rank's work(), gathered (each rank of the default group calls this): where work raised
     on some rank, every rank raises (that one its own error, the others naming it) instead of
-    waiting for it."""
+    waiting for it. The others' error is of the failing rank's kind, so that bad input there (a list
+    or sidecar that differs, a missing file) is bad input on every rank, not a crash."""
     try:
         outcome, failure = (True, work()), None
     except Exception as error:
-        outcome, failure = (False, f"{type(error).__name__}: {error}"), error
+        outcome, failure = (False, (type(error), str(error))), error
     outcomes: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(outcomes, outcome)
     if failure is not None:
         raise failure
     for rank, (done, value) in enumerate(outcomes):
         if not done:
-            raise RuntimeError(f"reading the videos of {list_file} failed on rank {rank}: {value}")
+            kind, message = value
+            raise _error_of_kind(kind, f"reading the videos of {list_file} failed on rank {rank}: "
+                                       f"{kind.__name__}: {message}")
     return [value for _, value in outcomes]
+
+
+def _error_of_kind(kind: type, message: str) -> Exception:
+    """kind(message), or a RuntimeError where kind takes other arguments."""
+    try:
+        return kind(message)
+    except Exception:  # noqa: BLE001 - any constructor's complaint: the message is what matters
+        return RuntimeError(message)
 
 
 def _read_here(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: str, workers: int, timeout: float,
