@@ -204,17 +204,19 @@ def test_compiled_backends_keep_their_layer_graphs_whole_under_ddp(monkeypatch, 
     from vitaclip.engine import train as train_module
     from vitaclip.engine.distributed import DistEnv
 
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # torch's own patch, not monkeypatch's: pytest >= 9.2 undoes a module attribute it did not find in the
+    # module's __dict__ by deleting it, which hides a torch config entry from every later test
     try:
-        env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-        model = tiny_model()
-        train_module.distributed_model(model, env)  # the reference backend compiles nothing
-        assert torch._dynamo.config.optimize_ddp
-        compiled = dataclasses.replace(train_module.resolve_backend("reference", env.device), compile_modules=True)
-        monkeypatch.setattr(train_module, "resolve_backend", lambda name, device: compiled)
-        train_module.distributed_model(model, env)
-        assert not torch._dynamo.config.optimize_ddp
+        with torch._dynamo.config.patch(optimize_ddp=True):
+            env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+            model = tiny_model()
+            train_module.distributed_model(model, env)  # the reference backend compiles nothing
+            assert torch._dynamo.config.optimize_ddp
+            compiled = dataclasses.replace(train_module.resolve_backend("reference", env.device), compile_modules=True)
+            monkeypatch.setattr(train_module, "resolve_backend", lambda name, device: compiled)
+            train_module.distributed_model(model, env)
+            assert not torch._dynamo.config.optimize_ddp
     finally:
         dist.destroy_process_group()
 
@@ -449,7 +451,7 @@ class Described(torch.utils.data.Dataset):
 
 
 def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    """Each case's train() or evaluate() where rank 1 loads other data or classes; what each rank raised."""
+    """Each case's train() or evaluate() where rank 1 loads other data, classes or settings; what each rank raised."""
     with rank_of_two(rank, world_size, port):
         outcomes = {}
         cases = {
@@ -458,6 +460,8 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
             "class names": lambda: train(tiny_model(classes=["a", "b", "c", "d"] if rank == 0 else ["a", "b", "c", "e"]),
                                          tiny_data(), tiny_train_config(os.path.join(out, "classes"), steps=1,
                                                                         warmup_steps=0)),
+            "training settings": lambda: train(tiny_model(), tiny_data(), tiny_train_config(
+                os.path.join(out, "settings"), steps=1 + rank, warmup_steps=0)),
             "evaluation list": lambda: evaluate(tiny_model(), Described("ab" if rank == 0 else "cd"), EVAL),
             "same": lambda: evaluate(tiny_model(), Described("ab"), EVAL).num_videos,
         }
@@ -469,7 +473,7 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
         torch.save(outcomes, os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ranks_that_load_other_lists_or_classes_are_refused_on_every_rank(tmp_path):
+def test_ranks_that_load_other_lists_classes_or_settings_are_refused_on_every_rank(tmp_path):
     """Nodes each reading their own copy of a list or class file: where they differ, each rank would
     draw its share from its own list (videos trained twice, others never) and say nothing."""
     run_ranks(mismatch_worker, str(tmp_path))
@@ -478,6 +482,9 @@ def test_ranks_that_load_other_lists_or_classes_are_refused_on_every_rank(tmp_pa
         assert outcomes["training list"] == ("the training data differ between ranks: list 'ab' vs 'cd' (rank 0 vs "
                                              "rank 1); every rank must load the same")
         assert outcomes["class names"].startswith("the class names differ between ranks: item 3 'd' vs 'e'")
+        # (nodes given other command lines: the ranks would meet at other steps and wait there until the timeout)
+        assert outcomes["training settings"] == ("the training settings differ between ranks: steps 1 vs 2 (rank 0 vs "
+                                                 "rank 1); every rank must load the same")
         assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
         assert outcomes["same"] == 32
 
