@@ -51,6 +51,11 @@ EVAL_FIELDS = ("step", "top1", "top5", "mean_class_accuracy")
 # resume_with_changes, which goes on with them
 RUN_SETTINGS = ("steps", "lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_on", "betas", "adam_eps",
                 "grad_clip")
+# what every rank must be given alike: the run's settings, and those that decide when the ranks meet
+# in a collective (a rank that steps, accumulates, evaluates or checkpoints otherwise waits on the
+# others until the collective timeout, then fails saying nothing of why)
+RANK_SETTINGS = RUN_SETTINGS + ("batch_size", "micro_batch_size", "precision", "eval_every", "checkpoint_every",
+                                "stop_after", "on_nonfinite")
 logger = logging.getLogger(__name__)  # (`log` is a run's RunLog)
 
 
@@ -319,6 +324,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
         raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
+    check_same_on_every_rank(env, {name: getattr(config, name) for name in RANK_SETTINGS}, "the training settings")
     check_same_on_every_rank(env, list(model.classnames), "the class names")
     check_same_on_every_rank(env, whole_data_description(train_data), "the training data")
     loader = make_train_loader(train_data, config, micro, env)
