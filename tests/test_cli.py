@@ -458,6 +458,14 @@ def test_predict_refuses_a_labelled_list_and_names_a_few_of_many_missing_videos(
     assert str(missing[5]) not in err
 
 
+def test_predict_refuses_to_run_under_torchrun(videos, capsys, monkeypatch):
+    """Each process torchrun starts would score every video and print it, lines of all interleaved."""
+    root, list_file = videos
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run(capsys, "predict", "--model", root / "model", list_file.parent / "clip_00000.mp4", *CPU)
+    assert code == 2 and out == "" and "predict runs in one process: run it without torchrun" in err
+
+
 def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monkeypatch):
     """Over a long list, what was printed stays when the run stops at a later video (Ctrl-C, a crash):
     each video's result is printed once its views are scored; --json prints the list item by item,

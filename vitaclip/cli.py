@@ -340,6 +340,9 @@ def cmd_zeroshot(args) -> int:
 def cmd_predict(args) -> int:
     from .engine.predict import PredictConfig, predictions
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each process would score and print every video
+        raise ValueError("predict runs in one process: run it without torchrun (eval and zeroshot share a list "
+                         "among processes)")
     classes = read_classes(args.classes) if args.classes else None
     videos = list(args.videos) + (read_video_paths(args.videos_from, args.data_root) if args.videos_from else [])
     if not videos:
