@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 
-from engine_helpers import (FetchedItems, GlobalRandomData, SignallingData, one_thread, tiny_data,  # noqa: F401
-                            tiny_model, tiny_train_config, trainable)
+from engine_helpers import (CLASSES, FetchedItems, GlobalRandomData, SignallingData, one_thread,  # noqa: F401
+                            tiny_data, tiny_model, tiny_train_config, trainable)
 from ranks import rank_of_two, run_ranks
+from vitaclip import VitaCLIP
 from vitaclip.engine import checkpoint as ckpt
 from vitaclip.engine.distributed import DistEnv
 from vitaclip.engine.evaluate import EvalConfig, evaluate, read_video_scores
@@ -451,7 +452,8 @@ class Described(torch.utils.data.Dataset):
 
 
 def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    """Each case's train() or evaluate() where rank 1 loads other data, classes or settings; what each rank raised."""
+    """Each case's train() or evaluate() where rank 1 loads other data, classes, settings or model; what each
+    rank raised."""
     with rank_of_two(rank, world_size, port):
         outcomes = {}
         cases = {
@@ -462,6 +464,9 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
                                                                         warmup_steps=0)),
             "training settings": lambda: train(tiny_model(), tiny_data(), tiny_train_config(
                 os.path.join(out, "settings"), steps=1 + rank, warmup_steps=0)),
+            "model architecture": lambda: train(VitaCLIP(dataclasses.replace(tiny_model().config, n_ctx=4 + rank),
+                                                         CLASSES), tiny_data(),
+                                                tiny_train_config(os.path.join(out, "arch"), steps=1, warmup_steps=0)),
             "evaluation list": lambda: evaluate(tiny_model(), Described("ab" if rank == 0 else "cd"), EVAL),
             "same": lambda: evaluate(tiny_model(), Described("ab"), EVAL).num_videos,
         }
@@ -473,7 +478,7 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
         torch.save(outcomes, os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_ranks_that_load_other_lists_classes_or_settings_are_refused_on_every_rank(tmp_path):
+def test_ranks_that_load_other_lists_classes_settings_or_models_are_refused_on_every_rank(tmp_path):
     """Nodes each reading their own copy of a list or class file: where they differ, each rank would
     draw its share from its own list (videos trained twice, others never) and say nothing."""
     run_ranks(mismatch_worker, str(tmp_path))
@@ -485,6 +490,8 @@ def test_ranks_that_load_other_lists_classes_or_settings_are_refused_on_every_ra
         # (nodes given other command lines: the ranks would meet at other steps and wait there until the timeout)
         assert outcomes["training settings"] == ("the training settings differ between ranks: steps 1 vs 2 (rank 0 vs "
                                                  "rank 1); every rank must load the same")
+        assert outcomes["model architecture"] == ("the model architectures differ between ranks: n_ctx 4 vs 5 (rank 0 "
+                                                  "vs rank 1); every rank must load the same")
         assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
         assert outcomes["same"] == 32
 

@@ -325,6 +325,8 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
     check_same_on_every_rank(env, {name: getattr(config, name) for name in RANK_SETTINGS}, "the training settings")
+    # (DDP would only find a parameter of another shape, by its index)
+    check_same_on_every_rank(env, model.config.to_dict(), "the model architectures")
     check_same_on_every_rank(env, list(model.classnames), "the class names")
     check_same_on_every_rank(env, whole_data_description(train_data), "the training data")
     loader = make_train_loader(train_data, config, micro, env)
