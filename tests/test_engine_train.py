@@ -433,9 +433,8 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     before = (tmp_path / "checkpoint-00000002.pt").read_bytes()
     real_save = torch.save
 
-    def failing_save(obj, path, *a, **k):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def failing_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
@@ -928,6 +927,23 @@ def test_a_checkpoint_is_pending_until_a_marker_of_its_own_write_says_its_evalua
     assert ckpt.evaluation_pending(path, {"step": 2, "final_evaluation_pending": True})
     assert not ckpt.evaluation_pending(path, {"step": 2, "evaluation_pending": False, "write_id": "first"})
     assert not ckpt.evaluation_pending(path, {"step": 2})  # from before evaluations were marked
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_with_the_systems_reason(tmp_path):
+    """A full disk or a quota (here a file size limit) while writing a checkpoint: torch's writer says
+    'unexpected pos' only; the command line shows an OSError as an error naming the file."""
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from vitaclip.engine import checkpoint as ckpt\n"
+            "try:\n    ckpt.save_checkpoint(sys.argv[1], 1, {'weights': torch.zeros(1_000_000)})\n"
+            "except OSError as err:\n    print(err.errno, err)")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, preexec_fn=limit)
+    assert run.stdout.strip() == f"27 [Errno 27] File too large: writing checkpoint {tmp_path / 'checkpoint-00000001.pt'}", \
+        run.stderr
+    assert list(tmp_path.iterdir()) == []  # nor half a file
 
 
 def test_evaluations_leave_the_training_runs_random_draws_as_they_were(tmp_path):

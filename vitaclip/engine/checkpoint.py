@@ -93,7 +93,17 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
     path = checkpoint_path(directory, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     written_by = {"format": FORMAT, "vitaclip_version": __version__}  # the release, for whoever reads it later
-    atomic_write(path, lambda tmp: torch.save({**written_by, **payload}, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # (a file object: a failed write raises its OSError in Python)
+            try:
+                torch.save({**written_by, **payload}, f)
+            except RuntimeError as err:  # torch's writer reports that OSError (a full disk, a quota) as its own
+                if not isinstance(err.__context__, OSError):  # 'unexpected pos', the OSError its context
+                    raise
+                raise OSError(err.__context__.errno, f"{err.__context__.strerror}: writing checkpoint {path}") from err
+
+    atomic_write(path, write)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             remove_checkpoint(old)
