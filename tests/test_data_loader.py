@@ -560,6 +560,20 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
     assert result(5, 0).startswith("ValueError: ") and "failed on rank 1: ValueError" in result(5, 0)
 
 
+def test_a_ranks_failure_is_sent_to_the_others_of_its_kind_where_pickle_can_send_that():
+    """A class pickle cannot name (a local one) would fail the gather on the failing rank and leave the
+    others waiting for it: RuntimeError goes instead (the message keeps its name)."""
+    from vitaclip.data.meta import _sendable_kind
+    from vitaclip.errors import VideoDecodeError
+
+    class LocalError(ValueError):
+        pass
+
+    assert _sendable_kind(ValueError("a")) is ValueError
+    assert _sendable_kind(VideoDecodeError("a")) is VideoDecodeError
+    assert _sendable_kind(LocalError("a")) is RuntimeError
+
+
 def test_probing_shows_a_progress_bar_when_asked(vp9_dataset, tmp_path, capsys):
     root, rows = vp9_dataset
     for name, _, _, _ in rows:

@@ -15,6 +15,7 @@ import json
 import logging
 import operator
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
@@ -182,7 +183,7 @@ def _on_every_rank(work: Callable[[], Any], list_file: str) -> list:
     try:
         outcome, failure = (True, work()), None
     except Exception as error:
-        outcome, failure = (False, (type(error), str(error))), error
+        outcome, failure = (False, (_sendable_kind(error), f"{type(error).__name__}: {error}")), error
     outcomes: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(outcomes, outcome)
     if failure is not None:
@@ -190,9 +191,18 @@ def _on_every_rank(work: Callable[[], Any], list_file: str) -> list:
     for rank, (done, value) in enumerate(outcomes):
         if not done:
             kind, message = value
-            raise _error_of_kind(kind, f"reading the videos of {list_file} failed on rank {rank}: "
-                                       f"{kind.__name__}: {message}")
+            raise _error_of_kind(kind, f"reading the videos of {list_file} failed on rank {rank}: {message}")
     return [value for _, value in outcomes]
+
+
+def _sendable_kind(error: Exception) -> type:
+    """error's class, or RuntimeError where pickle cannot send it (a local class): a rank that cannot
+    send its outcome would leave the others waiting."""
+    try:
+        pickle.dumps(type(error))
+    except Exception:  # noqa: BLE001 - whatever pickle raises
+        return RuntimeError
+    return type(error)
 
 
 def _error_of_kind(kind: type, message: str) -> Exception:
