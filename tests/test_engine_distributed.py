@@ -464,6 +464,9 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
                                                                         warmup_steps=0)),
             "training settings": lambda: train(tiny_model(), tiny_data(), tiny_train_config(
                 os.path.join(out, "settings"), steps=1 + rank, warmup_steps=0)),
+            # the default micro-batch (the global batch over the ranks: 2) given on one rank only
+            "micro-batch given": lambda: train(tiny_model(), tiny_data(), tiny_train_config(
+                os.path.join(out, "micro"), steps=1, warmup_steps=0, micro_batch_size=2 if rank else None)).step,
             "model architecture": lambda: train(VitaCLIP(dataclasses.replace(tiny_model().config, n_ctx=4 + rank),
                                                          CLASSES), tiny_data(),
                                                 tiny_train_config(os.path.join(out, "arch"), steps=1, warmup_steps=0)),
@@ -494,6 +497,7 @@ def test_ranks_that_load_other_lists_classes_settings_or_models_are_refused_on_e
                                                   "vs rank 1); every rank must load the same")
         assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
         assert outcomes["same"] == 32
+        assert outcomes["micro-batch given"] == 1
 
 
 @pytest.mark.parametrize("values,difference", [

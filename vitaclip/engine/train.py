@@ -324,7 +324,9 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
         raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
                          f"over {env.world_size} process(es)")
     accum = config.batch_size // (micro * env.world_size)
-    check_same_on_every_rank(env, {name: getattr(config, name) for name in RANK_SETTINGS}, "the training settings")
+    settings = {name: getattr(config, name) for name in RANK_SETTINGS}
+    settings["micro_batch_size"] = micro  # as each rank resolved it: None (the default) and its value are alike
+    check_same_on_every_rank(env, settings, "the training settings")
     # (DDP would only find a parameter of another shape, by its index)
     check_same_on_every_rank(env, model.config.to_dict(), "the model architectures")
     check_same_on_every_rank(env, list(model.classnames), "the class names")
