@@ -397,6 +397,22 @@ def test_saved_files_follow_the_umask_and_reach_the_disk_before_and_after_the_re
     assert events == ["fsync", "replace", "fsync"] * 3  # the file, its rename, the folder holding the rename
 
 
+def test_a_model_that_cannot_be_written_is_named_with_the_systems_reason(tmp_path):
+    """A full disk or a quota (here a file size limit) while saving: safetensors says "(os error 27)" and
+    names no file; the command line shows an OSError as an error naming the file."""
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import sys, vitaclip\n"
+            "model = vitaclip.VitaCLIP(vitaclip.VitaCLIPConfig.preset('ViT-B/32', layers=1), ['a'])\n"
+            "try:\n    model.save_pretrained(sys.argv[1])\nexcept OSError as err:\n    print(err.errno, err)")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, preexec_fn=limit)
+    assert run.stdout.strip() == f"27 [Errno 27] File too large: writing {tmp_path / 'model.safetensors'}", run.stderr
+    assert list(tmp_path.iterdir()) == []  # nor half a file
+
+
 @pytest.mark.parametrize("name, pretrained, quick_gelu", [
     ("ViT-B-16", "openai", True), ("ViT-B/16", "OpenAI", True), ("ViT-B-16", "dfn2b", True),
     ("ViT-B-16", "metaclip_400m", True), ("ViT-B-32", "laion400m_e32", True), ("ViT-L-14", "metaclip_fullcc", True),

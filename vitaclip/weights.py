@@ -8,6 +8,7 @@ import difflib
 import errno
 import json
 import math
+import os
 import pickle
 import re
 import warnings
@@ -407,6 +408,7 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
 
 # ---------------------------------------------------------------------------- our own format
 def save_pretrained(model: VitaCLIP, directory) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -416,7 +418,18 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     classnames = learner.classnames if learner is not None else []
     # which release wrote them, for whoever gets the folder (safe_open(...).metadata() reads it)
     written_by = {"format": "pt", "vitaclip": __version__}
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p, metadata=written_by))
+
+    def write_weights(tmp: str) -> None:
+        try:
+            save_file(state, tmp, metadata=written_by)
+        except SafetensorError as err:  # a full disk or a quota comes as "... (os error 28)", naming no file
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            number = int(code.group(1))
+            raise OSError(number, f"{os.strerror(number)}: writing {directory / WEIGHTS_FILE}") from err
+
+    atomic_write(directory / WEIGHTS_FILE, write_weights)
     atomic_write_text(directory / CONFIG_FILE, model.config.to_json())
     atomic_write_text(directory / CLASSES_FILE, json.dumps(classnames, indent=1))
     templates = model.zero_shot_templates
