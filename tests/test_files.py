@@ -48,3 +48,21 @@ def test_a_second_sole_writer_of_a_lock_is_refused_until_the_first_leaves(tmp_pa
                 pass
     with sole_writer(lock, "out is being written"):  # released when the first left
         pass
+
+
+def test_a_write_the_system_refuses_is_named_with_its_file(tmp_path):
+    """A full disk or a quota (here a file size limit) makes Python's writes raise an OSError naming no
+    file, and safetensors a SafetensorError quoting it: each is raised as that OSError, naming the file."""
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom vitaclip.files import atomic_write_text, save_safetensors\n"
+            "for write in (lambda: atomic_write_text(sys.argv[1] + '/config.json', 'x' * 200_000),\n"
+            "              lambda: save_safetensors({'w': torch.zeros(100_000)}, sys.argv[1] + '/w.safetensors', {})):\n"
+            "    try:\n        write()\n    except OSError as err:\n        print(err.errno, err)")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, preexec_fn=limit)
+    assert run.stdout.splitlines() == [f"27 [Errno 27] File too large: writing {tmp_path / name}"
+                                       for name in ("config.json", "w.safetensors")], run.stderr
+    assert list(tmp_path.iterdir()) == []  # nor half a file

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -15,21 +16,46 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Union[str, Path], write: Callable[[str], object]) -> None:
+def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: str = "") -> None:
     """write(temporary path) in the same folder, then rename: never half a file, not even after a
     power cut (the data reaches the disk before the rename); concurrent writers (DDP ranks) each
-    use their own temporary file."""
+    use their own temporary file. A failed write (a full disk, a quota), which names no file, is
+    raised naming `path` (described as `what`, e.g. "checkpoint")."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as err:
+            if err.errno is None or err.filename is not None:
+                raise
+            raise OSError(err.errno, f"{err.strerror or os.strerror(err.errno)}: writing "
+                                     f"{what + ' ' if what else ''}{path}") from err
         # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
         os.chmod(tmp, 0o666 & ~current_umask())
         publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors: dict, path: Union[str, Path], metadata: dict) -> None:
+    """safetensors' save_file through atomic_write; its failed writes come as a SafetensorError that
+    only quotes the system's error ("... (os error 28)"): raised as that OSError, naming `path`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as err:
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from err
+
+    atomic_write(path, write)
 
 
 def publish(tmp: Union[str, Path], path: Union[str, Path]) -> None:

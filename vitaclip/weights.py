@@ -8,7 +8,6 @@ import difflib
 import errno
 import json
 import math
-import os
 import pickle
 import re
 import warnings
@@ -21,7 +20,7 @@ from torch import Tensor
 from . import __version__
 from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write_text, save_safetensors
 from .model import VitaCLIP
 from .text import keep_phrase_for_saved_context
 
@@ -408,9 +407,6 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
 
 # ---------------------------------------------------------------------------- our own format
 def save_pretrained(model: VitaCLIP, directory) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -418,18 +414,7 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     classnames = learner.classnames if learner is not None else []
     # which release wrote them, for whoever gets the folder (safe_open(...).metadata() reads it)
     written_by = {"format": "pt", "vitaclip": __version__}
-
-    def write_weights(tmp: str) -> None:
-        try:
-            save_file(state, tmp, metadata=written_by)
-        except SafetensorError as err:  # a full disk or a quota comes as "... (os error 28)", naming no file
-            code = re.search(r"\(os error (\d+)\)", str(err))
-            if code is None:
-                raise
-            number = int(code.group(1))
-            raise OSError(number, f"{os.strerror(number)}: writing {directory / WEIGHTS_FILE}") from err
-
-    atomic_write(directory / WEIGHTS_FILE, write_weights)
+    save_safetensors(state, directory / WEIGHTS_FILE, metadata=written_by)
     atomic_write_text(directory / CONFIG_FILE, model.config.to_json())
     atomic_write_text(directory / CLASSES_FILE, json.dumps(classnames, indent=1))
     templates = model.zero_shot_templates

@@ -101,9 +101,9 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
             except RuntimeError as err:  # torch's writer reports that OSError (a full disk, a quota) as its own
                 if not isinstance(err.__context__, OSError):  # 'unexpected pos', the OSError its context
                     raise
-                raise OSError(err.__context__.errno, f"{err.__context__.strerror}: writing checkpoint {path}") from err
+                raise OSError(err.__context__.errno, err.__context__.strerror) from err  # named by atomic_write
 
-    atomic_write(path, write)
+    atomic_write(path, write, what="checkpoint")
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             remove_checkpoint(old)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from ..model import VitaCLIP
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, save_safetensors
 from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
                           skipped_on_any_rank, sum_across_ranks)
 from .loader import check_labels, eval_batches, optional_len, split_views, whole_data_description
@@ -239,8 +239,6 @@ def write_video_scores(path, sums: Dict, classnames: List[str], paths: Dict[Any,
     `probs`, `labels`, `views`; the class names, video ids and paths as JSON in its metadata), rows
     in video id order: what ensembling models or views, or error analysis, needs. Read it with
     `read_video_scores`."""
-    from safetensors.torch import save_file
-
     ids = sorted(sums)
     tensors = {"probs": torch.stack([sums[i][0] / sums[i][1] for i in ids]).float().contiguous(),
                "labels": torch.tensor([sums[i][2] for i in ids], dtype=torch.long),
@@ -249,7 +247,7 @@ def write_video_scores(path, sums: Dict, classnames: List[str], paths: Dict[Any,
                 "paths": json.dumps([paths.get(i) for i in ids])}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def read_video_scores(path) -> VideoScores:
