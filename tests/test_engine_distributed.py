@@ -1,6 +1,7 @@
 """DDP on the CPU: two gloo processes train like one process with the same global batch."""
 import dataclasses
 import os
+import re
 import signal
 import warnings
 
@@ -451,6 +452,11 @@ class Described(torch.utils.data.Dataset):
         return {"videos": len(self.data), "list": self.digest}
 
 
+def zero_shot(model: VitaCLIP, template: str) -> VitaCLIP:
+    model.set_classes(CLASSES, templates=[template])
+    return model
+
+
 def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """Each case's train() or evaluate() where rank 1 loads other data, classes, settings or model; what each
     rank raised."""
@@ -471,6 +477,12 @@ def mismatch_worker(rank: int, world_size: int, port: int, out: str) -> None:
                                                          CLASSES), tiny_data(),
                                                 tiny_train_config(os.path.join(out, "arch"), steps=1, warmup_steps=0)),
             "evaluation list": lambda: evaluate(tiny_model(), Described("ab" if rank == 0 else "cd"), EVAL),
+            # nodes each loading their own copy of a model file for eval or zeroshot
+            "evaluated architecture": lambda: evaluate(VitaCLIP(dataclasses.replace(tiny_model().config, n_ctx=4 + rank),
+                                                                CLASSES), Described("ab"), EVAL),
+            "evaluated weights": lambda: evaluate(tiny_model(seed=rank), Described("ab"), EVAL),
+            "evaluated templates": lambda: evaluate(zero_shot(tiny_model(), "a video of {}." if rank == 0 else
+                                                              "a clip of {}."), Described("ab"), EVAL),
             "same": lambda: evaluate(tiny_model(), Described("ab"), EVAL).num_videos,
         }
         for name, case in cases.items():
@@ -496,6 +508,12 @@ def test_ranks_that_load_other_lists_classes_settings_or_models_are_refused_on_e
         assert outcomes["model architecture"] == ("the model architectures differ between ranks: n_ctx 4 vs 5 (rank 0 "
                                                   "vs rank 1); every rank must load the same")
         assert outcomes["evaluation list"].startswith("the evaluation data differ between ranks: list 'ab' vs 'cd'")
+        assert outcomes["evaluated architecture"].startswith("the model architectures differ between ranks: n_ctx 4 "
+                                                             "vs 5 (rank 0 vs rank 1)")
+        assert re.fullmatch(r"the models differ between ranks: weights '[0-9a-f]{32}' vs '[0-9a-f]{32}' \(rank 0 vs "
+                            r"rank 1\); every rank must load the same", outcomes["evaluated weights"])
+        assert outcomes["evaluated templates"] == ("the models differ between ranks: templates ['a video of {}.'] vs "
+                                                   "['a clip of {}.'] (rank 0 vs rank 1); every rank must load the same")
         assert outcomes["same"] == 32
         assert outcomes["micro-batch given"] == 1
 
@@ -507,8 +525,6 @@ def test_ranks_that_load_other_lists_classes_settings_or_models_are_refused_on_e
 def test_a_rank_past_the_second_differing_is_named_as_is_a_list_of_another_length(monkeypatch, values, difference):
     """Ranks 0 and 1 agree, rank 2 does not (a third node's copy): its value is compared too, and a list
     that only adds names to rank 0's says how many it has (a first differing item there is none)."""
-    import re
-
     from vitaclip.engine import distributed
 
     monkeypatch.setattr(distributed, "all_gather_objects", lambda env, value: values)

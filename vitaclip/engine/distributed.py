@@ -2,6 +2,8 @@
 MASTER_ADDR/PORT), and the few collectives the engine needs."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -126,6 +128,16 @@ def check_same_on_every_rank(env: DistEnv, value: Any, what: str) -> None:
         if theirs != values[0]:
             raise ValueError(f"{what} differ between ranks: {_difference(values[0], theirs)} (rank 0 vs rank {rank}); "
                              f"every rank must load the same")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer of `module` (name, dtype, shape and bytes), the same on
+    any device: two ranks' are equal only where they hold the same weights and class prompts' tokens."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
 
 
 def _difference(ours: Any, theirs: Any) -> str:

@@ -14,7 +14,7 @@ import torch
 from ..model import VitaCLIP
 from ..files import atomic_write, atomic_write_text, save_safetensors
 from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank, init_distributed,
-                          skipped_on_any_rank, sum_across_ranks)
+                          skipped_on_any_rank, sum_across_ranks, weights_digest)
 from .loader import check_labels, eval_batches, optional_len, split_views, whole_data_description
 from .precision import autocast, check_precision
 from .settings import check_count
@@ -139,6 +139,11 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     env = env or init_distributed(config.device)
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     check_same_on_every_rank(env, list(model.classnames), "the class names")
+    # nodes loading their own copies of a model file: their results would be merged into one
+    check_same_on_every_rank(env, model.config.to_dict(), "the model architectures")
+    if env.is_distributed:  # (reading every weight costs a second or two for a large model)
+        check_same_on_every_rank(env, {"weights": weights_digest(model), "templates": model.zero_shot_templates},
+                                 "the models")
     check_same_on_every_rank(env, whole_data_description(data), "the evaluation data")
     check_labels(data, len(model.classnames), "evaluation data")  # not after the whole pass
     was_training = model.training
