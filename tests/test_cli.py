@@ -355,18 +355,20 @@ def test_zeroshot_scores_the_authors_checkpoint_without_its_class_names(videos, 
     assert code == 2 and "--heads/--text-heads complete a --model file" in err
 
 
-def test_scoring_commands_sample_at_the_models_training_stride_unless_told(videos, tmp_path, capsys, monkeypatch):
+def test_scoring_commands_sample_clips_as_the_model_was_trained_unless_told(videos, tmp_path, capsys, monkeypatch):
+    """The stride and the frame count of the model's training clips (a model trained from Python on clips of
+    k x T0 frames: its T0 frames were all eval took)."""
     from vitaclip.data import VideoLoader
 
     root, list_file = videos
     model = tiny_model()
-    model.training_data = {"stride": 2}
+    model.training_data = {"stride": 2, "frames": 2 * FRAMES}
     model.save_pretrained(tmp_path / "model")
-    strides = []
+    sampled = []
     real_init = VideoLoader.__init__
 
     def spy(self, *args, **kwargs):
-        strides.append(kwargs["stride"])
+        sampled.append((kwargs["stride"], kwargs["num_frames"]))
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(VideoLoader, "__init__", spy)
@@ -375,14 +377,14 @@ def test_scoring_commands_sample_at_the_models_training_stride_unless_told(video
                ["predict", "--model", tmp_path / "model", list_file.parent / "clip_00000.mp4"]]
     cpu = [a for a in CPU if a not in ("--stride", "1")]
     for command in scoring:
-        for given, used in (([], 2), (["--stride", 5], 5)):
-            strides.clear()
+        for given, used in (([], (2, 2 * FRAMES)), (["--stride", 5, "--frames", 3 * FRAMES], (5, 3 * FRAMES))):
+            sampled.clear()
             code, _, err = run(capsys, *command, "--data-root", list_file.parent, *given, *cpu)
-            assert code == 0 and strides == [used], (command, err)
-    strides.clear()
+            assert code == 0 and sampled == [used], (command, err)
+    sampled.clear()
     assert run(capsys, "zeroshot", "--model", root / "model", "--split", list_file, "--classes", root / "classes.txt",
                "--data-root", list_file.parent, *cpu)[0] == 0
-    assert strides == [16]  # a model without the record
+    assert sampled == [(16, FRAMES)]  # a model without the record
 
 
 def test_predict_skips_unreadable_videos_when_asked(videos, tmp_path, capsys, caplog):

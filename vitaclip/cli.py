@@ -272,7 +272,7 @@ def cmd_eval(args) -> int:
     classes = read_classes(args.classes) if args.classes else None
     model = load_eval_model(args, classes)
     args.stride = args.stride or sampling.trained_stride(model.training_data)
-    frames = args.frames or model.config.num_frames
+    frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
                         batch_size=args.batch_size, temporal_views=args.temporal_views,
                         spatial_crops=args.spatial_crops)
@@ -319,7 +319,7 @@ def cmd_zeroshot(args) -> int:
         model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
         model.set_backend(args.backend)
     args.stride = args.stride or sampling.trained_stride(model.training_data)
-    frames = args.frames or model.config.num_frames
+    frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     splits = []
     for text, (list_file, class_file) in zip(args.split, parsed):
         classes = read_classes(class_file)
@@ -349,7 +349,7 @@ def cmd_predict(args) -> int:
         raise ValueError("no videos to predict: give VIDEO files or --videos-from FILE")
     model = load_eval_model(args, classes)
     results = predictions(model, videos, PredictConfig(
-        top_k=args.top_k, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
+        top_k=args.top_k, frames=args.frames, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
         batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
         data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
     # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
@@ -420,6 +420,12 @@ def add_runtime(p, workers: Optional[int] = None) -> None:
     p.add_argument("--num-workers", type=int, default=default_num_workers() if workers is None else workers,
                    help=f"decoding worker processes{share} (0: decode in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_view_frames(p) -> None:
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per view (default: as many as the model's training clips had where it records "
+                        "them, else its T0)")
 
 
 def add_data(p, views: bool = True, lists: bool = True) -> None:
@@ -529,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="supervised multi-view evaluation", formatter_class=FORMATTER)
     add_model_source(p)
     p.add_argument("--list", required=True, help="test list file (path,label per line)")
-    p.add_argument("--frames", type=positive_int, default=None, help="frames per view (default: the model's T0)")
+    add_view_frames(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--confusion-png", default=None, help="write the confusion matrix image here")
@@ -558,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a test list, optionally with its own class list; repeat for each split")
     p.add_argument("--classes", default=None, help="class list of splits that name none")
     p.add_argument("--templates", default=None, help="file of prompt templates with '{}' (default: built-in)")
-    p.add_argument("--frames", type=positive_int, default=None, help="frames per view (default: the model's T0)")
+    add_view_frames(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="videos per batch")
     p.add_argument("--json-out", default=None, help="write the results here as JSON")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -573,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more video files, one path per line ('-': standard input), after any VIDEO: for more "
                         "than a command line holds")
     p.add_argument("--top-k", type=positive_int, default=5, help="labels shown per video")
+    add_view_frames(p)
     p.add_argument("--batch-size", type=positive_int, default=4, help="videos per batch")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",

@@ -110,12 +110,18 @@ def eval_crop_offsets(height: int, width: int, size: int, num_crops: int) -> Lis
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
 
 
-
 def trained_stride(training_data: Optional[dict]) -> int:
     """The frame stride a model was trained with, from its `training_data` (VideoLoader.description),
     else DEFAULT_STRIDE: scoring samples clips as training did."""
     stride = (training_data or {}).get("stride")
     return stride if isinstance(stride, int) and stride > 0 else DEFAULT_STRIDE
+
+
+def trained_frames(training_data: Optional[dict], clip_frames: int) -> int:
+    """The frames per clip a model was trained on, from its `training_data` (more than its T0
+    `clip_frames` where it was trained on longer clips, T0 each group's), else `clip_frames`."""
+    frames = (training_data or {}).get("frames")
+    return frames if isinstance(frames, int) and frames > 0 else clip_frames
 
 
 def check_stride(stride: int) -> None:

@@ -30,6 +30,7 @@ def _some(paths: List[str]) -> str:
 @dataclass
 class PredictConfig:
     top_k: int = 5
+    frames: Optional[int] = None  # frames per view; None: as many as the model's training clips had (else its T0)
     stride: Optional[int] = None  # frames between sampled frames; None: the model's training stride (else 16)
     temporal_views: int = 1
     spatial_crops: int = 1
@@ -78,7 +79,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
         loader_log.addFilter(about_others)
         try:
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
-                                 num_frames=model.config.num_frames,
+                                 num_frames=sampling.trained_frames(model.training_data, model.config.num_frames)
+                                 if config.frames is None else config.frames,
                                  stride=sampling.trained_stride(model.training_data) if config.stride is None
                                  else config.stride,
                                  size=model.config.image_size, temporal_views=config.temporal_views,
