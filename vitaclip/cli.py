@@ -338,9 +338,10 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .engine.distributed import launched_world_size
     from .engine.predict import PredictConfig, predictions
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each process would score and print every video
+    if launched_world_size() > 1:  # torchrun: each process would score and print every video
         raise ValueError("predict runs in one process: run it without torchrun (eval and zeroshot share a list "
                          "among processes)")
     classes = read_classes(args.classes) if args.classes else None

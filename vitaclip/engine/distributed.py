@@ -83,11 +83,16 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun) started for this job: 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: Optional[str] = None) -> DistEnv:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on the CPU; collectives wait
     `collective_timeout()` for the slowest rank); a single process without those variables runs
     alone. Already initialised groups are reused."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
