@@ -37,9 +37,10 @@ def refreshed(cache: Optional[TextCache], key: tuple, tensors: List[Tensor], com
     if (cache is not None and cache[0] == key and len(cache[2]) == len(trained)
             and all(torch.equal(copy, t) for copy, t in zip(cache[2], trained))):
         return cache
-    features = compute()
-    with torch.no_grad():
-        return key, features, [t.detach().clone() for t in trained]
+    # normal tensors even when made under inference_mode: a training forward, or the caller's own
+    # autograd graph, may read them later (compute() runs without gradients either way)
+    with torch.inference_mode(False), torch.no_grad():
+        return key, compute(), [t.detach().clone() for t in trained]
 
 
 def is_trainable(name: str, train_cls_proj: bool = False) -> bool:
