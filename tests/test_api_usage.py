@@ -25,3 +25,19 @@ def test_text_features_cached_under_inference_mode_serve_autograd(templates):
     with torch.no_grad():
         assert torch.equal(model(video), expected)
 
+
+@pytest.mark.parametrize("templates", [None, ["a video of {}."]])
+def test_forward_on_the_meta_device_gives_shapes(templates):
+    """A model moved to the meta device (shape and FLOP counts without memory) runs: the
+    autocast switches it uses exist on no meta device."""
+    model = VitaCLIP(tiny_config(), CLASSES)
+    if templates is not None:
+        model.set_classes(["run", "walk"], templates=templates)
+    model.to("meta")
+    video = random_video(model.config).to("meta")
+    logits = model(video)
+    assert logits.is_meta and logits.shape == (2, len(model.classnames))
+    with torch.no_grad():
+        assert model(video).shape == logits.shape
+    logits.sum().backward()
+    assert model.logit_scale.grad.is_meta

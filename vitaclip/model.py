@@ -12,7 +12,7 @@ from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_states
 from .text import PromptLearner, TextEncoder, check_classnames, check_templates, clean_classname, string_list, tokenize
-from .vision import VisionTransformer
+from .vision import VisionTransformer, autocast_dtype, autocast_off
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
 TRAINABLE_VISION_KEYS = ("summary", "local", "global", "time_embed")
@@ -186,7 +186,7 @@ class VitaCLIP(nn.Module):
                 return self._graphs.run(f"{backend.name} text, truncate={truncate}", learned_text_features, [],
                                         [self.textual, self.prompt_learner], self.logit_scale.device)
             return learned_text_features()
-        tokens = tokenize(texts, self.config.context_length).to(self.logit_scale.device)
+        tokens = tokenize(texts, self.config.context_length)
         return self.textual.encode_tokens(tokens, truncate)
 
     @torch.no_grad()
@@ -238,13 +238,12 @@ class VitaCLIP(nn.Module):
         learner = self.prompt_learner
         state = self._text_tower_state() + tensor_states([learner.ctx] if learner is not None and learner.ctx is not None
                                                          else [])
-        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        return (id(learner.tokens) if learner is not None else None, state, autocast, device)
+        return (id(learner.tokens) if learner is not None else None, state, autocast_dtype(device.type), device)
 
     def _fixed_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """The zero-shot class features, in the model's own precision whatever autocast the caller is
         under (kept for every later call, they may be remade inside an evaluation's autocast)."""
-        with torch.autocast(self.logit_scale.device.type, enabled=False):
+        with autocast_off(self.logit_scale.device.type):
             return self.zero_shot_text_features(classnames, templates)
 
     def _text_tower_state(self) -> tuple:
@@ -268,7 +267,7 @@ class VitaCLIP(nn.Module):
         video_features = self.encode_video(video)
         # cosines in fp32 whatever the autocast (in float64 for a float64 model, as gradcheck needs)
         dtype = torch.promote_types(torch.promote_types(video_features.dtype, text.dtype), torch.float32)
-        with torch.autocast(video.device.type, enabled=False):
+        with autocast_off(video.device.type):
             video_features = F.normalize(video_features.to(dtype), dim=-1)
             return self.logit_scale.to(dtype).exp() * video_features @ text.to(dtype).t()
 

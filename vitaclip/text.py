@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .compiling import compile_mode
 from .config import VitaCLIPConfig
 from .switches import env_choice
-from .vision import make_activation
+from .vision import autocast_off, make_activation
 
 PLACEHOLDER = "X"
 
@@ -104,7 +104,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, query_positions: Tensor) -
     fp16's loss-scaled gradients do not overflow in it; the result in v's dtype."""
     hidden = (torch.arange(k.shape[-2], device=k.device) > query_positions[..., None]).unsqueeze(1)
     wide = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5
         o = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1) @ v.to(wide)
     return o.to(v.dtype)
@@ -211,7 +211,13 @@ class TextEncoder(nn.Module):
         return self.__dict__["_compiled_transformer"]
 
     def encode_tokens(self, tokens: Tensor, truncate: bool = True) -> Tensor:
-        return self(self.token_embedding(tokens), tokens.argmax(dim=-1), truncate)
+        """Features [n, D] of token ids [n, L], on any device: the cut is read off them where they
+        are (ids on the CPU: no wait for the GPU, and a tower on the meta device, whose tensors hold
+        no values, still finds it)."""
+        eot_index = tokens.argmax(dim=-1)
+        length = int(eot_index.max()) + 1 if eot_index.numel() else None
+        device = self.token_embedding.weight.device
+        return self(self.token_embedding(tokens.to(device)), eot_index.to(device), truncate, length=length)
 
 
 class PromptLearner(nn.Module):

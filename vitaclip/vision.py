@@ -5,6 +5,7 @@ their state dicts load without renaming.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -58,12 +59,24 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def autocast_dtype(device: str) -> Optional[torch.dtype]:
+    """Autocast's dtype on the device type `device` where it is on, else None (also on device types
+    that have no autocast, such as meta, which torch.is_autocast_enabled refuses)."""
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def autocast_off(device: str):
+    """A context with autocast off on the device type `device` (nothing to do where it has none)."""
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+
+
 def matmul_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype a matmul of `dtype` operands on `device` computes in: autocast's where it is on,
     except for float64, which autocast leaves alone; else `dtype`."""
-    if torch.is_autocast_enabled(device) and dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return dtype
+    autocast = autocast_dtype(device)
+    return autocast if autocast is not None and dtype != torch.float64 else dtype
 
 
 class PatchEmbed(nn.Module):
