@@ -1,9 +1,26 @@
 """The model used from Python as a researcher uses any torch model: modes, devices, copies."""
+import dataclasses
+import os
+
 import pytest
 import torch
 
 from conftest import CLASSES, random_video, randomize_, tiny_config
-from vitaclip import VitaCLIP
+from vitaclip import VitaCLIP, backends
+from vitaclip.ops.attention import triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_fast = pytest.mark.skipif(
+    not triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton on CUDA or Triton's CPU interpreter")
+
+
+@pytest.fixture
+def fast_anywhere(monkeypatch):
+    """The "fast" backend selectable on this device (offered only on CUDA: on CPU it runs the interpreter)."""
+    backends.available_backends()  # imports vitaclip.fast, which registers it
+    monkeypatch.setitem(backends._BACKENDS, "fast",
+                        dataclasses.replace(backends._BACKENDS["fast"], is_available=lambda device: True))
 
 
 @pytest.mark.parametrize("templates", [None, ["a video of {}."]])
@@ -41,3 +58,39 @@ def test_forward_on_the_meta_device_gives_shapes(templates):
         assert model(video).shape == logits.shape
     logits.sum().backward()
     assert model.logit_scale.grad.is_meta
+
+
+def test_forward_hooks_on_the_vision_layers_run():
+    """Hooks on `visual.blocks[i]` (the usual way to read a layer's features) see each layer's input
+    and output, which a frozen backbone's probe reads; they were never called (the backends ran the
+    layers as functions)."""
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES, backend="reference"))
+    video = random_video(model.config)
+    seen = []
+    for block in model.visual.blocks:
+        block.register_forward_hook(lambda block, args, out: seen.append((args[0], out)))
+    model(video)
+    assert len(seen) == len(model.visual.blocks)
+    assert torch.equal(seen[0][0], model.visual.embed(video))
+    (out, pending), (next_input, _) = seen[0][1], seen[1]
+    assert pending is None and torch.equal(out, next_input)
+
+
+@needs_fast
+def test_forward_hooks_see_the_same_layer_outputs_on_the_fast_backend(fast_anywhere):
+    """What a hook on a layer reads, x' + pending' (the fast backend defers a residual add without
+    gradients), is the reference's layer output; its last layer gives the class tokens alone."""
+    outputs = {}
+    for backend in ("reference", "fast"):
+        torch.manual_seed(0)  # the same weights and video for both
+        model = randomize_(VitaCLIP(tiny_config(), CLASSES, backend=backend)).to(DEVICE)
+        outputs[backend] = seen = []
+        for block in model.visual.blocks:
+            block.register_forward_hook(lambda block, args, out, seen=seen: seen.append(
+                out[0] if out[1] is None else out[0] + out[1]))
+        with torch.no_grad():
+            model(random_video(model.config).to(DEVICE))
+    (*ref_layers, ref_last), (*fast_layers, fast_last) = outputs["reference"], outputs["fast"]
+    for ref, fast in zip(ref_layers, fast_layers, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_last[:, 0], ref_last[:, 0], rtol=1e-4, atol=1e-4)

@@ -158,6 +158,14 @@ class VitaBlock(nn.Module):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "derived": {}}
 
+    def forward(self, x: Tensor, pending: Optional[Tensor], global_prompts: Optional[Tensor],
+                class_tokens_only: bool, block_forward: "BlockForward") -> Tuple[Tensor, Optional[Tensor]]:
+        """This layer as the backend's `block_forward` computes it (see BlockForward), called through
+        the module so that hooks on it run in every backend. The layer's output is x' + pending'
+        (pending' None: x' alone; a fast backend leaves the MLP's residual add to the next layer when
+        no gradient is needed, and in the last layer computes the class tokens alone, [F, 1, C])."""
+        return block_forward(self, x, pending, global_prompts, class_tokens_only)
+
     def prompts(self, x: Tensor, global_prompts: Optional[Tensor]) -> LayerPrompts:
         """Build this layer's prompt tokens from the frames' tokens x [F, S, C]."""
         local = summary = None
@@ -292,7 +300,7 @@ class VisionTransformer(nn.Module):
         x, pending = compiled_embed()(self, video) if compiled else self.embed(video), None
         for i, block in enumerate(self.blocks):
             global_prompts = self.global_prompts[i] if hasattr(self, "global_prompts") else None
-            x, pending = block_forward(block, x, pending, global_prompts, i == len(self.blocks) - 1)
+            x, pending = block(x, pending, global_prompts, i == len(self.blocks) - 1, block_forward)
         cls = x[:, 0] if pending is None else x[:, 0] + pending[:, 0]  # the only tokens read after the last layer
         features = self.ln_post(cls) @ self.proj
         return features.view(b, t, -1)
