@@ -121,7 +121,10 @@ class ShardedTrainLoader:
         self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
 
     def _keys(self, epoch: int, start_micro: int) -> Iterator[List[Tuple[int, int]]]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        # a generator seed of its own per (seed, epoch): seed + epoch gave seed s + 1 the orders of seed s
+        # one epoch late. Seed 0, the default, keeps its orders (epoch), in which its runs in flight resume
+        order_seed = derived_seed(self.seed, epoch) if self.seed else epoch
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(order_seed)).tolist()
         for micro in range(start_micro, self.steps_per_epoch * self.accum_steps):
             step, m = divmod(micro, self.accum_steps)
             first = step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
