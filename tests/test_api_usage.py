@@ -94,3 +94,14 @@ def test_forward_hooks_see_the_same_layer_outputs_on_the_fast_backend(fast_anywh
     for ref, fast in zip(ref_layers, fast_layers, strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_last[:, 0], ref_last[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_forward_hooks_on_every_text_layer_run():
+    """The last text layer computes the end-of-text rows alone; a hook on it runs all the same."""
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES))
+    seen = []
+    for block in model.textual.transformer.resblocks:
+        block.register_forward_hook(lambda block, args, out: seen.append(out))
+    model.encode_text(["a video of archery."])
+    assert len(seen) == len(model.textual.transformer.resblocks)
+    assert seen[-1].shape == (1, model.config.text_width)

@@ -134,13 +134,13 @@ class TextBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = TextMlp(width, act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-    def forward_row(self, x: Tensor, row: Tensor) -> Tensor:
-        """forward(x)[i, row[i]] [n, C], computing no other position's query, output or MLP."""
-        x = _rows(x, row) + self.attn.forward_row(self.ln_1(x), row)
+    def forward(self, x: Tensor, row: Optional[Tensor] = None) -> Tensor:
+        """The output [n, L, C]; given row [n], only its rows output[i, row[i]] [n, C], computing no
+        other position's query, output or MLP (the last layer's, called so that its hooks run)."""
+        if row is None:
+            x = x + self.attn(self.ln_1(x))
+        else:
+            x = _rows(x, row) + self.attn.forward_row(self.ln_1(x), row)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -156,7 +156,7 @@ class TextTransformer(nn.Module):
         last = blocks.pop() if row is not None else None
         for block in blocks:
             x = block(x)
-        return last.forward_row(x, row) if last is not None else x
+        return last(x, row) if last is not None else x
 
 
 class TextEncoder(nn.Module):
