@@ -1,6 +1,8 @@
 """Data-side review: each test checks one rule against a hand computation."""
+import pytest
 import torch
 
+from vitaclip.data.augment import FILL, apply_op
 from vitaclip.engine.loader import ShardedTrainLoader
 
 
@@ -25,3 +27,15 @@ def test_the_data_orders_of_two_seeds_share_no_epoch():
     distinct = {tuple(order) for order in orders.values()}
     assert len(distinct) == len(orders)
     assert epoch_order(1, 0) == orders[1, 0]  # still a pure function of (seed, epoch)
+
+
+@pytest.mark.parametrize("name", ["Rotate", "ShearX", "ShearY"])
+def test_geometric_ops_leave_no_grey_seam_along_the_frames_edges(name):
+    """PIL (timm's ops) samples a pixel that maps inside the frame from the frame alone, its bicubic taps
+    past the edge reading the edge pixels; outside, the grey fill. So a frame of one colour becomes that
+    colour and grey only. Taps reading the fill blended grey into a seam of 1-2 pixels along the frame's
+    edges (values between, up to 60 levels off)."""
+    frame = torch.full((1, 3, 40, 56), 250.0)
+    out = apply_op(name, frame, torch.tensor([10.0]), torch.tensor([1.0]))
+    values = set(out.unique().tolist())
+    assert values == {250.0, FILL}, sorted(values)

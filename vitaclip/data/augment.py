@@ -212,7 +212,8 @@ def _shear_or_translate(name, x, v):
 
 def _warp(x, matrix):
     """Sample x at matrix @ (output pixel centre), pixel units (PIL's affine convention),
-    bicubic, grey outside."""
+    bicubic, grey outside. As PIL, a point inside reads the frame alone: its taps past the edge
+    read the edge pixels (taps reading the fill left a grey seam along the frame's edges)."""
     n, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
                             torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
@@ -220,6 +221,5 @@ def _warp(x, matrix):
     src = centres @ matrix.to(x.dtype).transpose(1, 2)  # [N, HW, 2] in pixels
     grid = src / to_device([w, h], x.device, x.dtype) * 2 - 1
     inside = ((grid.abs() <= 1).all(-1)).view(n, 1, h, w)
-    sampled = F.grid_sample(x - FILL, grid.view(n, h, w, 2), mode="bicubic",
-                            padding_mode="zeros", align_corners=False) + FILL
+    sampled = F.grid_sample(x, grid.view(n, h, w, 2), mode="bicubic", padding_mode="border", align_corners=False)
     return torch.where(inside, sampled, torch.full_like(sampled, FILL)).clamp(0, 255)
