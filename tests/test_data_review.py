@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vitaclip.data import sampling
 from vitaclip.data.augment import FILL, apply_op
 from vitaclip.engine.loader import ShardedTrainLoader
 
@@ -39,3 +40,14 @@ def test_geometric_ops_leave_no_grey_seam_along_the_frames_edges(name):
     out = apply_op(name, frame, torch.tensor([10.0]), torch.tensor([1.0]))
     values = set(out.unique().tolist())
     assert values == {250.0, FILL}, sorted(values)
+
+
+def test_eval_view_starts_round_the_exact_quotient_of_the_spec():
+    """SPEC: view i starts at round(slack * i / (n - 1)) (Python's round: halves to even). slack / (n - 1) * i
+    rounds slack / (n - 1) first: for 15 views of a slack of 29, view 7's 29 / 14 * 7 came to
+    14.500000000000002, so 15 where the SPEC gives round(203 / 14) = round(14.5) = 14."""
+    frames, num_frames, stride = 29 + 113, 8, 16  # a clip spans 113 frames: slack 29
+    starts = sampling.eval_view_starts(frames, num_frames, stride, 15)
+    assert starts[7] == 14
+    assert starts == [round(29 * i / 14) for i in range(15)]
+    assert starts[:3] == [0, 2, 4] and starts[-1] == 29  # 29 / 14 = 2.07..., 4.14...

@@ -9,7 +9,8 @@ Rules follow the public Vita-CLIP/EVL loader:
 - train, TSN: T segments of (n-1)/T frames; from segment i a uniform frame in
   [round(seg*i), round(seg*(i+1))] (both ends included, Python's round).
 - eval: the video is padded with its last frame to span a clip; view i of n starts at
-  round(slack / (n-1) * i), a single view at slack // 2.
+  round(slack * i / (n-1)) (the SPEC's; the public code's slack / (n-1) * i differs from it, by
+  float rounding, for 15 views and more only), a single view at slack // 2.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def eval_view_starts(video_frames: int, num_frames: int, stride: int, num_views:
     slack = max(video_frames, clip_span(num_frames, stride)) - clip_span(num_frames, stride)
     if num_views == 1:
         return [slack // 2]
-    return [round(slack / (num_views - 1) * i) for i in range(num_views)]
+    # slack * i first: a quotient rounded first can land just past a half (15 views of slack 29: view 7 at 15)
+    return [round(slack * i / (num_views - 1)) for i in range(num_views)]
 
 
 def eval_frame_indices(video_frames: int, num_frames: int, stride: int, num_views: int) -> np.ndarray:
