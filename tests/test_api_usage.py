@@ -105,3 +105,24 @@ def test_forward_hooks_on_every_text_layer_run():
     model.encode_text(["a video of archery."])
     assert len(seen) == len(model.textual.transformer.resblocks)
     assert seen[-1].shape == (1, model.config.text_width)
+
+
+def test_a_channels_last_model_gives_the_same_logits_and_gradients():
+    """`model.to(memory_format=torch.channels_last)`, routine for convolutional models, turns the
+    patch convolution's weight channels-last; the patch embedding read it as a contiguous view."""
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES))
+    model.visual.patch_embed.proj.weight.requires_grad_(True)
+    video = random_video(model.config)
+
+    def logits_and_grad():
+        model.zero_grad(set_to_none=True)
+        logits = model(video)
+        logits.sum().backward()
+        return logits.detach(), model.visual.patch_embed.proj.weight.grad.clone()
+
+    want, want_grad = logits_and_grad()
+    model.to(memory_format=torch.channels_last)
+    assert not model.visual.patch_embed.proj.weight.is_contiguous()
+    got, got_grad = logits_and_grad()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)

@@ -101,7 +101,7 @@ class PatchEmbed(nn.Module):
         rows, columns = patches.shape[lead:lead + 2]
         patches = patches.to(dtype, memory_format=torch.contiguous_format).contiguous()  # one copy either way
         patches = patches.view(-1, rows * columns, 3 * p * p)
-        weight = self.proj.weight.view(self.proj.out_channels, -1)
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (a copy where it is channels-last)
         return F.linear(patches, weight, self.proj.bias)  # [F, N, C]
 
 
