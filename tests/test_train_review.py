@@ -86,3 +86,22 @@ def test_a_run_resumed_again_and_again_across_epochs_is_the_uninterrupted_run(tm
         evals.update({step: r.to_dict() for step, r in part.evals.items()})
     assert part.finished and losses == full.losses
     assert evals == {step: r.to_dict() for step, r in full.evals.items()}
+
+
+def test_a_resume_that_cannot_rewrite_its_logs_leaves_them_as_they_were(tmp_path, monkeypatch):
+    """A resumed run rewrites its CSV logs without the rows after its checkpoint: on a full disk (a
+    quota, a requeued job) that write fails, and it must not have emptied them first."""
+    import csv
+    import errno
+
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, stop_after=2))
+    log = tmp_path / "train_log.csv"
+    before = log.read_bytes()
+
+    def full_disk(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto"))
+    assert log.read_bytes() == before

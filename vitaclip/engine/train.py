@@ -10,6 +10,7 @@ import collections.abc
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import resolve_backend
 from ..choices import WEIGHT_DECAY_ON
-from ..files import sole_writer
+from ..files import atomic_write, sole_writer
 from ..model import VitaCLIP, is_trainable
 from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
@@ -228,10 +229,8 @@ class RunLog:
             if path.is_file() and start_step > 0:
                 with path.open(newline="") as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last]
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            # through a new file: a write that fails (a full disk) leaves the run's log as it was, not emptied
+            atomic_write(path, functools.partial(_write_csv, fields=fields, rows=rows), what="log")
         self.writer = None
         if tensorboard:
             try:
@@ -253,6 +252,13 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _write_csv(path: str, fields, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _has_rows(path: Path) -> bool:
