@@ -135,3 +135,16 @@ def test_the_loader_refuses_bad_sampling_before_reading_its_list(tmp_path, bad, 
 
     with pytest.raises(ValueError, match=match):  # the list does not even exist
         VideoLoader(str(tmp_path / "missing.csv"), train=False, batch_size=1, **bad)
+
+
+def test_random_streams_of_a_key_and_of_its_extension_by_zero_differ():
+    """numpy pads a SeedSequence's entropy with zeros, so (seed, epoch) and (seed, epoch, 0) would give one
+    stream: an epoch's order and its first video's clip, or a rank-0 loader's workers."""
+    from vitaclip.data.sampling import seed_sequence
+    from vitaclip.engine.loader import derived_seed
+
+    assert np.random.SeedSequence([3, 1]).generate_state(2).tolist() == \
+        np.random.SeedSequence([3, 1, 0]).generate_state(2).tolist()  # numpy's rule, guarded against here
+    keys = [(3,), (3, 0), (3, 0, 0), (3, 1), (3, 1, 0), (3, 1, 0, 0)]
+    assert len({tuple(seed_sequence(*key).generate_state(2).tolist()) for key in keys}) == len(keys)
+    assert len({derived_seed(*key) for key in keys}) == len(keys)

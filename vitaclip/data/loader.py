@@ -230,6 +230,8 @@ class VideoLoader:
         shard_id, num_shards = self.shard
         if not self.train:
             return [self._usable[i] for i in range(shard_id, self.num_entries, num_shards) if i in self._usable]
+        # (the clips' streams are keyed apart from this one by seed_sequence; this stays as it was, for
+        # runs in flight to resume in their orders)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_entries)
         order = order[: len(order) // num_shards * num_shards]
         return [self._usable.get(i) for i in order[shard_id::num_shards].tolist()]
@@ -240,7 +242,7 @@ class VideoLoader:
             views = sampling.eval_frame_indices(info.frames, self.num_frames, self.stride, self.temporal_views)
             frames, positions = np.unique(views, return_inverse=True)
             return ClipPlan(video_id, entry, info, frames, positions.reshape(views.shape))
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, video_id])
+        rng = np.random.default_rng(sampling.seed_sequence(self.seed, self.epoch if epoch is None else epoch, video_id))
         if self.tsn:
             indices = sampling.tsn_frame_indices(info.frames, self.num_frames, rng)
         else:

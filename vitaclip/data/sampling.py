@@ -112,6 +112,13 @@ def eval_crop_offsets(height: int, width: int, size: int, num_crops: int) -> Lis
     raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
 
 
+def seed_sequence(*key: int) -> np.random.SeedSequence:
+    """numpy's SeedSequence for what `key` names alone: it pads its entropy with zeros, so that (s, e)
+    and (s, e, 0) would give one stream (an epoch's order and its first video's clip); the key's
+    length, appended, tells them apart."""
+    return np.random.SeedSequence([*key, len(key)])
+
+
 def trained_stride(training_data: Optional[dict]) -> int:
     """The frame stride a model was trained with, from its `training_data` (VideoLoader.description),
     else DEFAULT_STRIDE: scoring samples clips as training did."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.sampling import seed_sequence
 from .stopping import shield_workers
 
 Batch = Tuple[Tensor, Tensor, Sequence]
@@ -32,7 +33,7 @@ def seed_differs(saved: int, seed: int) -> str:
 
 def derived_seed(*key: int) -> int:
     """A seed for what `key` names, e.g. (seed, epoch, position): an item of an epoch."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    return int(seed_sequence(*key).generate_state(1)[0])
 
 
 class SeededItems(Dataset):
