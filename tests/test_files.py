@@ -1,4 +1,5 @@
 """Atomic writes (vitaclip/files.py): beside the target, and nothing half-written left behind."""
+import errno
 import os
 
 import pytest
@@ -48,6 +49,32 @@ def test_a_second_sole_writer_of_a_lock_is_refused_until_the_first_leaves(tmp_pa
                 pass
     with sole_writer(lock, "out is being written"):  # released when the first left
         pass
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_that_cannot_lock_files_warns_and_lets_the_writer_go_on(tmp_path, monkeypatch, code):
+    """Lustre mounted without flock (ENOSYS), some NFS set-ups (ENOLCK): every run there failed at its start
+    with a bare OSError; another error of flock is still raised."""
+    from vitaclip import files
+
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    ran = False
+    with pytest.warns(UserWarning, match=r"out\.lock cannot be locked on this file system .*a second process writing "
+                                         r"the same folder would not be refused"):
+        with sole_writer(tmp_path / "out.lock", "out is being written"):
+            ran = True
+    assert ran
+
+    def bad_file(fd, operation):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(files.fcntl, "flock", bad_file)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with sole_writer(tmp_path / "out.lock", "out is being written"):
+            pass
 
 
 def test_a_write_the_system_refuses_is_named_with_its_file(tmp_path):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -97,10 +99,17 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
 def sole_writer(lock_path: Union[str, Path], refusal: str) -> Iterator[None]:
     """Holds the lock file `lock_path` for the block, or raises ValueError(refusal) where another
     process holds it: two writers of one folder would write the same files at once. Closing the
-    file releases the lock, also when the process dies (no stale lock to clear by hand)."""
+    file releases the lock, also when the process dies (no stale lock to clear by hand). On a file
+    system that cannot lock files (Lustre mounted without flock, some NFS), warns and goes on
+    unguarded: refusing would stop every run there."""
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"{refusal} (it holds {lock.name})") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            warnings.warn(f"{lock.name} cannot be locked on this file system ({os.strerror(error.errno)}): a "
+                          f"second process writing the same folder would not be refused")
         yield
