@@ -126,3 +126,20 @@ def test_a_channels_last_model_gives_the_same_logits_and_gradients():
     got, got_grad = logits_and_grad()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization's
+def test_a_dynamically_quantized_model_runs(monkeypatch):
+    """torch.ao's dynamic quantization of the Linear layers (CPU deployment): the summary step's
+    C++ op cannot take a quantized projection (its weight is a method), so it runs in PyTorch, as
+    with the op switched off; it failed with the op's argument error."""
+    quantize_dynamic = getattr(torch.ao.quantization, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES)).eval()
+    video = random_video(model.config)
+    quantized = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        logits = quantized(video)
+        monkeypatch.setenv("VITACLIP_DISABLE_EXT", "1")
+        assert torch.equal(logits, quantized(video))

@@ -31,6 +31,7 @@ def summary_tokens(c: Tensor, norm, attn, num_heads: int) -> Tensor:
     if c.dim() != 3 or c.shape[-1] % num_heads != 0:
         raise ValueError(f"summary_tokens: c must be [n_groups, T, C] with C divisible by num_heads "
                          f"{num_heads}, got shape {tuple(c.shape)}")
-    if extension_available() and summary_ext.runs_on(c.device) and summary_ext.shared_memory_fits(c, num_heads):
+    if (extension_available() and summary_ext.runs_on(c.device) and summary_ext.shared_memory_fits(c, num_heads)
+            and summary_ext.takes(norm, attn)):
         return summary_ext.summary_tokens(c, norm, attn, num_heads)
     return naive.summary_tokens(c, norm, attn, num_heads)

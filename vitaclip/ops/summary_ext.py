@@ -95,17 +95,28 @@ def _member(module, table: str, name: str):
     return found if found is not None else getattr(module, name, None)
 
 
-def op_arguments(norm, attn) -> list:
-    """The op's parameter arguments from the modules: ln_weight, ln_bias, then weight and bias of
-    q, k, v and out."""
+def _parameters(norm, attn) -> list:
+    """ln_weight, ln_bias, then weight and bias of q, k, v and out, as the modules hold them."""
     params = [_member(norm, "_parameters", "weight"), _member(norm, "_parameters", "bias")]
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         proj = _member(attn, "_modules", name)
         params += (None, None) if proj is None else (_member(proj, "_parameters", "weight"),
                                                      _member(proj, "_parameters", "bias"))
-    if any(p is None for p in params):
+    return params
+
+
+def takes(norm, attn) -> bool:
+    """Whether the op can take the modules: their parameters all tensors (not so a LayerNorm without
+    affine parameters, a projection without bias, or a quantized Linear, whose weight is a method)."""
+    return all(isinstance(p, Tensor) for p in _parameters(norm, attn))
+
+
+def op_arguments(norm, attn) -> list:
+    """The op's parameter arguments from the modules (see `_parameters`)."""
+    params = _parameters(norm, attn)
+    if not all(isinstance(p, Tensor) for p in params):
         raise ValueError("summary_tokens: the compiled op needs a LayerNorm with affine parameters and "
-                         "q/k/v/out projections with biases")
+                         "q/k/v/out projections with biases, as tensors (not quantized ones)")
     return params
 
 
