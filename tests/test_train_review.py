@@ -3,6 +3,7 @@ all but the last micro-batch), and a run resumed several times with its options 
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,28 @@ def test_a_resume_that_cannot_rewrite_its_logs_leaves_them_as_they_were(tmp_path
     with pytest.raises(OSError, match="No space left on device"):
         train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto"))
     assert log.read_bytes() == before
+
+
+class GlobalStreamsToo:
+    """A `get(index, rng)` dataset that draws from torch's and numpy's global streams as well as from `rng`."""
+
+    def __len__(self):
+        return 4
+
+    def get(self, index, rng):
+        return torch.rand(1).item(), float(np.random.rand()), float(rng.random())
+
+
+def test_an_items_draws_depend_on_its_seed_alone_not_on_the_streams_before_it():
+    """A DataLoader worker's global streams stand elsewhere after a resume: an item of a `get` dataset that
+    drew from them was another after a resume with workers. The caller's streams are kept, the GPUs' not
+    touched (torch.manual_seed would reseed them)."""
+    from vitaclip.engine.loader import SeededItems
+
+    items = SeededItems(GlobalStreamsToo())
+    first = items[(2, 1234)]
+    torch.rand(5), np.random.rand(5)  # streams elsewhere, as in a resumed worker
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    assert items[(2, 1234)] == first
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert items[(2, 1235)] != first

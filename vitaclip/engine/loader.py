@@ -37,9 +37,10 @@ def derived_seed(*key: int) -> int:
 
 
 class SeededItems(Dataset):
-    """`items[(index, seed)]`: the dataset's item drawn under its own seed. A dataset with a
-    `get(index, rng)` method gets a numpy Generator; any other runs its `__getitem__` with
-    python, numpy and torch seeded (the caller's RNG states are restored afterwards)."""
+    """`items[(index, seed)]`: the dataset's item drawn under its own seed: python's, numpy's and
+    torch's CPU streams seeded for it (the caller's states restored afterwards), and a dataset with a
+    `get(index, rng)` method given a numpy Generator too. Not torch.manual_seed, which would reseed
+    the GPUs' streams of a main process loading its own data."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -49,18 +50,18 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         index, seed = key
-        if hasattr(self.dataset, "get"):
-            return self.dataset.get(index, np.random.default_rng(seed))
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        states = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
         try:
             random.seed(seed)
             np.random.seed(seed % 2 ** 32)
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
+            if hasattr(self.dataset, "get"):  # (one that draws from the global streams as well)
+                return self.dataset.get(index, np.random.default_rng(seed))
             return self.dataset[index]
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+            torch.random.default_generator.set_state(states[2])
 
 
 def own_generator(*key: int) -> torch.Generator:
