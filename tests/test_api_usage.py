@@ -143,3 +143,17 @@ def test_a_dynamically_quantized_model_runs(monkeypatch):
         logits = quantized(video)
         monkeypatch.setenv("VITACLIP_DISABLE_EXT", "1")
         assert torch.equal(logits, quantized(video))
+
+
+def test_setting_the_first_learned_classes_keeps_the_callers_trainable_choices():
+    """A model built without classes: set_classes made its learned context and then reset every
+    parameter to the public trainable set, silently freezing what the caller had unfrozen (and
+    unfreezing what it had frozen); only the new context's trainability is set now."""
+    model = VitaCLIP(tiny_config())
+    model.visual.blocks[0].attn.q_proj.requires_grad_(True)
+    model.logit_scale.requires_grad_(False)
+    model.set_classes(CLASSES)
+    assert model.visual.blocks[0].attn.q_proj.weight.requires_grad
+    assert not model.logit_scale.requires_grad
+    assert model.prompt_learner.ctx.requires_grad
+    assert not model.visual.blocks[1].attn.q_proj.weight.requires_grad

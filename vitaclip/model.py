@@ -160,7 +160,9 @@ class VitaCLIP(nn.Module):
             self.prompt_learner = PromptLearner(self.config, self.textual.token_embedding, classnames)
             # the model's device and dtype (one cast with .half() or .double() before its classes were set)
             self.prompt_learner.to(self.logit_scale.device, self.logit_scale.dtype)
-            self.freeze()
+            # the new context alone: the rest keeps what the caller may have frozen or unfrozen
+            for name, p in self.prompt_learner.named_parameters(prefix="prompt_learner"):
+                p.requires_grad_(is_trainable(name, self.config.train_cls_proj))
         else:
             self.prompt_learner.set_classes(classnames)  # refuses before changing anything
         # once the learned classes are set: a refused class list leaves the zero-shot ones in place
