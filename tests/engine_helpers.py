@@ -55,28 +55,31 @@ class SignallingData(SyntheticActions):
         return super().get(index, rng)
 
 
-class GlobalRandomData(SyntheticActions):
-    """tiny_data() whose item fetches each record a draw of the process's global torch generator
-    (as an augmentation written with torch.rand would)."""
+def drawing_model(draws: list, seed: int = 0) -> VitaCLIP:
+    """tiny_model() whose every forward draws from the process's global torch generator (as dropout or a
+    user's loss would; the data's items are drawn under seeds of their own), recording the draws of its
+    training forwards in `draws`."""
+    model = tiny_model(seed)
 
-    def __init__(self):
-        super().__init__(32, FRAMES, SIZE, seed=0)
-        self.draws = []
+    def draw(module, args, output):
+        value = torch.rand(()).item()
+        if module.training:
+            draws.append(value)
 
-    def get(self, index, rng=None):
-        self.draws.append(torch.rand(()).item())
-        return super().get(index, rng)
+    model.register_forward_hook(draw)
+    return model
 
 
 class WorkerSeeds(SyntheticActions):
-    """tiny_data() whose items carry, as their video id, the torch seed of the process that made them."""
+    """tiny_data() whose items carry, as their video id, the seed of the DataLoader worker that made them
+    (its torch seed before the item's own)."""
 
     def __init__(self):
         super().__init__(8, FRAMES, SIZE, seed=0)
 
     def get(self, index, rng=None):
         video, label, _ = super().get(index, rng)
-        return video, label, torch.initial_seed()
+        return video, label, torch.utils.data.get_worker_info().seed
 
 
 class FetchedItems(SyntheticActions):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from engine_helpers import (CLASSES, FetchedItems, GlobalRandomData, SignallingData, one_thread,  # noqa: F401
+from engine_helpers import (CLASSES, FetchedItems, SignallingData, drawing_model, one_thread,  # noqa: F401
                             tiny_data, tiny_model, tiny_train_config, trainable)
 from ranks import rank_of_two, run_ranks
 from vitaclip import VitaCLIP
@@ -286,14 +286,14 @@ def test_a_device_that_is_none_or_missing_is_named():
 
 def rng_worker(rank: int, world_size: int, port: int, out: str) -> None:
     with rank_of_two(rank, world_size, port):
-        train(tiny_model(), GlobalRandomData(), tiny_train_config(out, steps=4, stop_after=2))
-        data = GlobalRandomData()
-        train(tiny_model(), data, tiny_train_config(out, steps=4, resume="auto"))
-        torch.save({"draws": data.draws}, os.path.join(out, f"rank{rank}.pt"))
+        train(drawing_model([]), tiny_data(), tiny_train_config(out, steps=4, stop_after=2))
+        draws = []
+        train(drawing_model(draws), tiny_data(), tiny_train_config(out, steps=4, resume="auto"))
+        torch.save({"draws": draws}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_each_rank_resumes_its_own_rng_states(tmp_path):
-    """restore() must put back each rank's own RNG states (the ranks are seeded seed + rank);
+    """restore() must put back each rank's own RNG states (each rank's are seeded of its own);
     with rank 0's everywhere, rank 1 continued rank 0's random stream."""
     out = str(tmp_path / "ddp")
     run_ranks(rng_worker, out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import (CLASSES, FRAMES, SIZE, FetchedItems, GlobalRandomData, one_thread, tiny_data,  # noqa: F401
+from engine_helpers import (CLASSES, FRAMES, SIZE, FetchedItems, drawing_model, one_thread, tiny_data,  # noqa: F401
                             tiny_model, tiny_train_config, trainable)
 from vitaclip import VitaCLIP
 from vitaclip.demo import SyntheticActions
@@ -947,17 +947,16 @@ def test_a_checkpoint_that_cannot_be_written_is_named_with_the_systems_reason(tm
 
 
 def test_evaluations_leave_the_training_runs_random_draws_as_they_were(tmp_path):
-    """An evaluation drawing from the process's RNG (an evaluation loader's augmentation, a user's loader)
-    changes nothing in training: the checkpoint written before it holds the states training goes on
-    from, also once the evaluation is marked done."""
-    from engine_helpers import GlobalRandomData
+    """An evaluation drawing from the process's RNG (here the model's forward, as a user's loader or
+    dropout would) changes nothing in training: the checkpoint written before it holds the states
+    training goes on from, also once the evaluation is marked done."""
     runs = {}
     for name, evaluation in (("without", {}), ("with", dict(eval_every=2))):
-        data = GlobalRandomData()
-        result = train(tiny_model(), data, tiny_train_config(tmp_path / name, steps=4, **evaluation),
-                       eval_data=GlobalRandomData() if evaluation else None)
-        runs[name] = (data.draws, result.losses)
-    assert runs["with"] == runs["without"]
+        draws = []
+        result = train(drawing_model(draws), tiny_data(), tiny_train_config(tmp_path / name, steps=4, **evaluation),
+                       eval_data=tiny_data(8) if evaluation else None)
+        runs[name] = (draws, result.losses)
+    assert runs["with"] == runs["without"] and runs["with"][0]
 
 
 def test_a_stop_signal_in_the_last_step_checkpoints_before_the_final_evaluation_which_resuming_does(tmp_path):
@@ -1325,15 +1324,14 @@ def test_fp16_resume_restores_the_loss_scalers_state(tmp_path):
 
 def test_a_resumed_run_draws_what_the_uninterrupted_run_draws_from_the_global_stream(tmp_path):
     """The checkpoint's RNG states come back (not the seed's), and making the loader anew draws
-    nothing from the process's stream: data drawing from it (torch.rand in an augmentation) goes
+    nothing from the process's stream: a model drawing from it (dropout, torch.rand in a loss) goes
     on as in one run."""
-    whole = GlobalRandomData()
-    train(tiny_model(), whole, tiny_train_config(tmp_path / "whole", steps=4))
-    first, resumed = GlobalRandomData(), GlobalRandomData()
-    train(tiny_model(), first, tiny_train_config(tmp_path / "part", steps=4, stop_after=2))
-    train(tiny_model(), resumed, tiny_train_config(tmp_path / "part", steps=4, resume="auto"))
-    assert len(first.draws) == len(resumed.draws) == 8
-    assert first.draws + resumed.draws == whole.draws
+    whole, first, resumed = [], [], []
+    train(drawing_model(whole), tiny_data(), tiny_train_config(tmp_path / "whole", steps=4))
+    train(drawing_model(first), tiny_data(), tiny_train_config(tmp_path / "part", steps=4, stop_after=2))
+    train(drawing_model(resumed), tiny_data(), tiny_train_config(tmp_path / "part", steps=4, resume="auto"))
+    assert first and len(first) == len(resumed)
+    assert first + resumed == whole
 
 
 def test_frozen_weights_differing_in_one_statistic_are_other_weights(tmp_path):
