@@ -35,8 +35,8 @@ from . import checkpoint as ckpt
 from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
                           init_distributed, sum_across_ranks)
 from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
-from .loader import (EpochLoader, ShardedTrainLoader, check_labels, rng_states, seed_everything, set_rng_states,
-                     split_views, whole_data_description)
+from .loader import (EpochLoader, ShardedTrainLoader, check_labels, derived_seed, rng_states, seed_everything,
+                     set_rng_states, split_views, whole_data_description)
 from .precision import autocast, check_precision, grad_scaler
 from .settings import check_count, check_number, is_path
 from .stopping import DEFAULT_STOP_SIGNALS, StopRequest, parse_signal
@@ -343,7 +343,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = grad_scaler(env.device, config.precision)
-    seed_everything(config.seed + env.rank)
+    seed_everything(derived_seed(config.seed, env.rank))  # (seed + rank gave seed 1's rank 0 seed 0's rank 1)
 
     start_step = 0
     resume_path, payload = resume_point(config, out, env, run_folder)
@@ -708,7 +708,7 @@ def restore(payload: Dict[str, Any], source: str, model: VitaCLIP, optimizer, sc
         raise ValueError(f"{source}: {error}") from None
     if env.rank < len(payload["rng"]):
         set_rng_states(payload["rng"][env.rank])
-    # (a rank the checkpoint had not keeps the fresh streams of its seed, config.seed + rank)
+    # (a rank the checkpoint had not keeps the fresh streams of its seed, derived from config.seed and its rank)
 
 
 def data_description(train_data) -> Dict[str, Any]:
