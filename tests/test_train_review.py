@@ -108,6 +108,15 @@ def test_a_resume_that_cannot_rewrite_its_logs_leaves_them_as_they_were(tmp_path
     assert log.read_bytes() == before
 
 
+def test_a_resume_removes_the_temporary_files_of_log_writes_a_kill_cut_short(tmp_path):
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, stop_after=2))
+    for leftover in (".train_log.csv.k2x_9qaz", ".eval_log.csv.0abc1def"):  # atomic_write's, of a SIGKILL
+        (tmp_path / leftover).write_text("step,loss\n")
+    (tmp_path / ".notes").write_text("a user's")
+    train(tiny_model(), tiny_data(), tiny_train_config(tmp_path, resume="auto"))
+    assert sorted(p.name for p in tmp_path.glob(".*")) == [".notes"]
+
+
 class GlobalStreamsToo:
     """A `get(index, rng)` dataset that draws from torch's and numpy's global streams as well as from `rng`."""
 

@@ -220,6 +220,8 @@ class RunLog:
         self.files = {"train": directory / "train_log.csv", "eval": directory / "eval_log.csv"}
         for kind, fields in (("train", LOG_FIELDS), ("eval", EVAL_FIELDS)):
             path = self.files[kind]
+            for leftover in directory.glob(f".{path.name}.*"):  # atomic_write's, of a run killed while writing
+                leftover.unlink(missing_ok=True)
             if start_step == 0 and keep_earlier and _has_rows(path):  # the log of a crash, say: kept
                 kept = _unused_earlier_name(path)
                 path.replace(kept)
