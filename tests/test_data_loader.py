@@ -257,11 +257,15 @@ def test_a_training_shard_too_small_for_one_batch_is_refused_by_name(vp9_dataset
 
 def test_evaluation_settings_given_to_a_training_loader_are_refused_by_name(vp9_dataset):
     """A training loader takes one random clip and crop per video: views or a test resize given to
-    it were ignored without a word (a script asking for two clips per video got one)."""
+    it were ignored without a word (a script asking for two clips per video got one); TSN segments
+    given to an evaluation loader likewise."""
     root, _ = vp9_dataset
     with pytest.raises(ValueError, match=r"^temporal_views, eval_short_side: evaluation settings, but train=True"):
         VideoLoader(str(root / "list.csv"), str(root), train=True, batch_size=1, temporal_views=2,
                     eval_short_side=256, backend="pyav", num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match=r"^tsn: a training setting, but train=False samples evenly spaced views"):
+        VideoLoader(str(root / "list.csv"), str(root), train=False, batch_size=1, tsn=True, backend="pyav",
+                    num_workers=0, device="cpu")
 
 
 def test_every_layout_of_ranks_and_batches_uses_the_same_first_videos_of_an_epoch(vp9_dataset, tmp_path):

@@ -119,6 +119,9 @@ class VideoLoader:
             given = ", ".join(name for name, set_ in evaluation_only.items() if set_)
             raise ValueError(f"{given}: evaluation settings, but train=True takes one random clip and crop per "
                              "video; give them to the evaluation loader")
+        if tsn and not train:  # (it would be ignored: evaluation samples its views at `stride`, SPEC)
+            raise ValueError("tsn: a training setting, but train=False samples evenly spaced views at the stride; "
+                             "give it to the training loader")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point type (the clips are normalised), got {dtype}")
         if dali_mode is not None and dali_mode not in dali.MODES:
