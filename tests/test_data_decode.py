@@ -915,9 +915,9 @@ def test_each_wanted_frame_is_reached_by_a_seek_to_the_last_keyframe_at_or_befor
     sought = []
     seek = pyav._seek
 
-    def recorded(container, stream, pts, dts, target):
+    def recorded(container, stream, pts, dts, target, *rest):
         sought.append((pts, target))
-        return seek(container, stream, pts, dts, target)
+        return seek(container, stream, pts, dts, target, *rest)
 
     monkeypatch.setattr(pyav, "_seek", recorded)
     got = pyav.decode_frames(path, indices)

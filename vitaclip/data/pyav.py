@@ -350,6 +350,7 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
     keyframes = sorted((pts, pts if dts is None else min(pts, dts)) for pts, dts, key, _ in packets
                        if key and pts is not None)
     keyframe_pts = [pts for pts, _ in keyframes]
+    keyframe_set = frozenset(keyframe_pts)
     position = None  # timestamp of the last frame decoded
     same = 0  # frames decoded with that timestamp before the last one (badly muxed files repeat timestamps)
     frames = None
@@ -360,7 +361,7 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         # the last keyframe at or before the target; seek if it lies ahead of where we are
         k = np.searchsorted(keyframe_pts, target, side="right") - 1
         if frames is None or (k >= 0 and position is not None and keyframe_pts[k] > position):
-            frames = _seek(container, stream, *keyframes[max(k, 0)], target)
+            frames = _seek(container, stream, *keyframes[max(k, 0)], target, keyframe_set)
         for frame in frames:
             if frame.pts is None:  # cannot be placed: not the frame wanted
                 continue
@@ -375,15 +376,20 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         out.put(slot, frame)
 
 
-def _seek(container, stream, pts: int, dts: int, target: int):
+def _seek(container, stream, pts: int, dts: int, target: int, keyframe_pts: frozenset):
     """Decoded frames from the keyframe (pts, dts) on: sought by its presentation time, and again
-    by its decoding time where that landed past the target."""
+    by its decoding time where that landed past the target. Raises _SeekMissed where the first
+    frame is a keyframe at a time the demux pass has no keyframe: MPEG-PS gives the keyframe a seek
+    lands on a later frame's timestamp, and every frame after it too, all frames early."""
     container.seek(pts, stream=stream, backward=True)
     frames = container.decode(stream)
     first = next(frames, None)
     if first is not None and first.pts is not None and first.pts > target and dts < pts:
         container.seek(dts, stream=stream, backward=True)
-        return container.decode(stream)
+        frames = container.decode(stream)
+        first = next(frames, None)
+    if first is not None and first.key_frame and first.pts is not None and first.pts not in keyframe_pts:
+        raise _SeekMissed(f"the seek to timestamp {pts} gave a keyframe at {first.pts}, where the stream has none")
     return itertools.chain([] if first is None else [first], frames)
 
 

