@@ -6,6 +6,7 @@ import pytest
 pytest.importorskip("av")
 
 from vitaclip.data import pyav
+from vitaclip.data.prepare import output_size
 
 
 def every_frame_in_order(path):
@@ -35,3 +36,9 @@ def test_mpeg_ps_whose_seeks_land_on_mislabelled_frames_is_read_as_decoding_ever
     for i in range(len(want)):
         got = pyav.decode_frames(path, np.array([i]))
         assert np.array_equal(got.y[0].numpy(), want[i][:48]), f"frame {i}"
+
+
+@pytest.mark.parametrize("height,width", [(143, 175), (255, 341), (1, 3)])
+def test_prepare_never_enlarges_a_video_of_odd_size(height, width):
+    """A video already within the short side keeps its size, less a row or column where odd (4:2:0)."""
+    assert output_size(height, width, 256) == (max(2, height - height % 2), max(2, width - width % 2))

@@ -77,9 +77,10 @@ class PrepareResult:
 
 
 def output_size(height: int, width: int, short_side: int):
-    """(h, w) with the short side = short_side (never upscaled), both even for 4:2:0."""
+    """(h, w) with the short side = short_side (never upscaled), both even for 4:2:0: an odd side
+    kept at its size loses a row or column (rounded up, it was enlarged by one)."""
     scale = min(1.0, short_side / min(height, width))
-    return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
+    return tuple(2 * max(1, min(side // 2, round(side * scale / 2))) for side in (height, width))
 
 
 def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -> VideoInfo:
