@@ -2,6 +2,7 @@
 in order."""
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("av")
 
@@ -42,3 +43,36 @@ def test_mpeg_ps_whose_seeks_land_on_mislabelled_frames_is_read_as_decoding_ever
 def test_prepare_never_enlarges_a_video_of_odd_size(height, width):
     """A video already within the short side keeps its size, less a row or column where odd (4:2:0)."""
     assert output_size(height, width, 256) == (max(2, height - height % 2), max(2, width - width % 2))
+
+
+@pytest.mark.parametrize("encoder,pixels,ext", [("png", "rgb24", "mov"), ("libx264rgb", "rgb24", "mkv")])
+def test_an_rgb_source_is_prepared_tagged_with_the_matrix_its_pixels_were_converted_with(tmp_path, encoder, pixels,
+                                                                                         ext):
+    """An RGB source is tagged "RGB" (GBR: matrix coefficients 0). `prepare` converts its pixels to
+    YCbCr, with BT.601: an output keeping the tag says its YCbCr planes are G, B and R to every
+    decoder that follows it."""
+    import av
+    from fractions import Fraction
+    from vitaclip.data.prepare import EncodeSettings, transcode
+    from vitaclip.data.transforms import to_rgb
+
+    src, dst = str(tmp_path / f"rgb.{ext}"), str(tmp_path / "prepared.mp4")
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, :32], image[:, 32:] = (200, 30, 30), (30, 30, 200)
+    with av.open(src, "w") as out:
+        stream = out.add_stream(encoder, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pixels
+        for i in range(2):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    with av.open(src) as c:
+        assert c.streams.video[0].codec_context.colorspace == 0  # RGB
+    info = transcode(src, dst, EncodeSettings(short_side=48))
+    with av.open(dst) as c:
+        assert pyav.matrix_of(c.streams.video[0]) == info.matrix == "bt601"
+        assert c.streams.video[0].codec_context.colorspace != 0
+    rgb = to_rgb(pyav.decode_frames(dst, np.array([0])), "cpu", info.matrix)[0, :, 24]
+    assert (rgb[:, 8] - torch.tensor([200.0, 30, 30])).abs().max() < 4
+    assert (rgb[:, 56] - torch.tensor([30.0, 30, 200])).abs().max() < 4

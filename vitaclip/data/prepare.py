@@ -47,6 +47,8 @@ LISTS_FILE = "prepare-lists.json"  # per prepared list in OUT_DIR: the list it w
 # and tagged with the source's colour matrix. Outputs of format 2 (pixels as the source's) are reused
 # where the source's pixels are square; older ones (recorded without a format) are made again.
 OUTPUT_FORMAT = 3
+# FFmpeg's AVColorSpace values: an RGB source's tag (GBR), and BT.601's, which its output gets instead
+AVCOL_SPC_RGB, AVCOL_SPC_SMPTE170M = 0, 6
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
             matrix, stream = pyav.matrix_of(in_stream), None
             tags = {tag: getattr(in_stream.codec_context, tag)
                     for tag in ("colorspace", "color_primaries", "color_trc")}
+            if tags["colorspace"] == AVCOL_SPC_RGB:  # RGB pixels, made YCbCr here with BT.601 (matrix_of's)
+                tags["colorspace"] = AVCOL_SPC_SMPTE170M
             for frame in pyav.decoded_from_first_keyframe(source, in_stream):
                 if stream is None:  # the first frame tells how the video is shown (a phone's display rotation)
                     turns = pyav.quarter_turns(frame)
