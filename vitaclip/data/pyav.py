@@ -351,6 +351,8 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
                        if key and pts is not None)
     keyframe_pts = [pts for pts, _ in keyframes]
     keyframe_set = frozenset(keyframe_pts)
+    shown_keyframes = frozenset(pts for pts, _, key, shown in packets if key and shown)
+    landing = None  # the shown keyframe just sought: the first frame decoded at or past its time is at it
     position = None  # timestamp of the last frame decoded
     same = 0  # frames decoded with that timestamp before the last one (badly muxed files repeat timestamps)
     frames = None
@@ -361,10 +363,18 @@ def _decode_seeking(container, stream, packets, indices, out: _Planes) -> None:
         # the last keyframe at or before the target; seek if it lies ahead of where we are
         k = np.searchsorted(keyframe_pts, target, side="right") - 1
         if frames is None or (k >= 0 and position is not None and keyframe_pts[k] > position):
-            frames = _seek(container, stream, *keyframes[max(k, 0)], target, keyframe_set)
+            sought = keyframes[max(k, 0)]
+            frames = _seek(container, stream, *sought, target, keyframe_set)
+            landing = sought[0] if sought[0] in shown_keyframes else None
         for frame in frames:
             if frame.pts is None:  # cannot be placed: not the frame wanted
                 continue
+            if landing is not None and frame.pts >= landing:
+                # past it: the decoder started after the keyframe (MPEG-PS), and the frames it gives
+                # depend on frames it never decoded
+                if frame.pts != landing:
+                    raise _SeekMissed(f"frame {index}: the seek to keyframe {landing} decoded {frame.pts} first")
+                landing = None
             same = same + 1 if frame.pts == position else 0
             position = frame.pts
             if frame.pts > target or (frame.pts == target and same >= rank):
