@@ -102,6 +102,13 @@ def scores(sums: Dict, classnames: List[str]) -> EvalResult:
         raise ValueError("evaluation data is empty")
     n = len(classnames)
     probs = torch.stack([total / count for total, count, _ in sums.values()])
+    # a NaN row (logits that overflowed, e.g. in fp16) ranks its first classes on top: counted right
+    # for videos of those classes, without a word
+    bad = [key for key, finite in zip(sums, probs.isfinite().all(dim=1).tolist()) if not finite]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(sums)} videos have non-finite class probabilities (e.g. video "
+                         f"{bad[0]!r}): the model's logits overflowed or its weights hold NaN/inf (with "
+                         f"--precision fp16, try bf16 or fp32)")
     labels = torch.tensor([label for _, _, label in sums.values()])
     if labels.min() < 0 or labels.max() >= n:
         raise ValueError(f"label {int(labels.max() if labels.max() >= n else labels.min())} is outside the "

@@ -1,0 +1,100 @@
+"""Scoring checked against hand computations: views averaged per video across batches, metrics,
+the scores file's rows, zero-shot class features, prediction order and top-k."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip.engine.evaluate import EvalConfig, evaluate, read_video_scores, scores
+from vitaclip.engine.predict import predict
+
+CPU = dict(device="cpu", num_workers=0, progress=False, precision="fp32")
+
+
+def test_zero_shot_class_features_average_each_templates_normalised_feature():
+    model = tiny_model().eval()
+    names, templates = ["brush_hair", "cartwheel"], ["a video of a person {}.", "a photo of {}."]
+    model.set_classes(names, templates=templates)
+    with torch.no_grad():
+        feats = []
+        for name in ("brush hair", "cartwheel"):  # underscores read as spaces
+            per_template = F.normalize(model.encode_text([t.format(name) for t in templates]).float(), dim=-1)
+            feats.append(F.normalize(per_template.mean(0), dim=-1))
+        expected = torch.stack(feats)
+        torch.testing.assert_close(model.text_features(), expected)
+        video = tiny_data(3)[0][0][None]
+        v = F.normalize(model.encode_video(video).float(), dim=-1)
+        torch.testing.assert_close(model(video), model.logit_scale.exp() * v @ expected.t())
+
+
+class Batches:
+    """Iterable batches that cut a video's views apart: video 7's three views come in two batches."""
+
+    def __init__(self):
+        data = tiny_data(4)
+        self.videos = [data[i][0] for i in range(4)]
+        self.labels = [data[i][1] for i in range(4)]
+        # (item, roll) per view: item 0 has 3 views, 1 one, 2 two
+        self.layout = [[(0, 0), (0, 1)], [(0, 2), (1, 0), (2, 0)], [(2, 3)]]
+
+    def view(self, item, roll):
+        return self.videos[item].roll(roll, dims=-1)
+
+    def __iter__(self):
+        for batch in self.layout:
+            yield (torch.stack([self.view(i, r) for i, r in batch]),
+                   torch.tensor([self.labels[i] for i, _ in batch]), [i + 7 for i, _ in batch])
+
+
+def test_a_videos_views_cut_across_batches_average_to_the_mean_of_its_views(tmp_path):
+    model = tiny_model().eval()
+    data = Batches()
+    path = tmp_path / "scores.safetensors"
+    result = evaluate(model, data, EvalConfig(scores_path=str(path), **CPU))
+    with torch.no_grad():
+        views = {}
+        for batch in data.layout:
+            for i, r in batch:
+                views.setdefault(i, []).append(model(data.view(i, r)[None]).softmax(-1)[0])
+    expected = torch.stack([torch.stack(views[i]).mean(0) for i in (0, 1, 2)])
+    saved = read_video_scores(path)
+    assert saved.video_ids == [7, 8, 9] and saved.views.tolist() == [3, 1, 2]
+    torch.testing.assert_close(saved.probs, expected)
+    labels = torch.tensor([data.labels[i] for i in (0, 1, 2)])
+    assert result.top1 == pytest.approx((expected.argmax(-1) == labels).float().mean().item())
+    assert result.num_videos == 3 and result.num_views == 6
+
+
+def test_metrics_by_hand_with_fewer_than_five_classes():
+    p = torch.tensor
+    sums = {0: (p([0.1, 0.6, 0.3]), 1, 1),  # right
+            1: (p([0.5, 0.2, 0.3]), 1, 1),  # wrong: predicted 0
+            2: (p([0.2, 0.3, 0.5]), 1, 1),  # wrong: predicted 2
+            3: (p([0.7, 0.2, 0.1]), 1, 0)}  # right
+    r = scores(sums, ["a", "b", "c"])
+    assert r.top1 == pytest.approx(0.5) and r.top5 == 1.0  # three classes: the label is always in the top 3
+    assert r.per_class == {"a": 1.0, "b": pytest.approx(1 / 3)}  # "c" has no video
+    assert r.mean_class_accuracy == pytest.approx((1 + 1 / 3) / 2)
+    assert r.confusion == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]  # [true][predicted]
+
+
+def test_predict_orders_results_as_given_and_caps_top_k_at_the_class_count():
+    model = tiny_model().eval()
+    data = tiny_data(5)
+    videos = [data[i][0] for i in range(5)]
+    videos[2] = torch.stack([videos[2], videos[2].flip(-1)])  # two views
+    results = predict(model, videos, top_k=10, batch_size=2, device="cpu", precision="fp32")
+    assert [r["video"] for r in results] == [f"tensor {i}" for i in range(5)]
+    with torch.no_grad():
+        for video, r in zip(videos, results):
+            probs = model(video if video.dim() == 5 else video[None]).softmax(-1).mean(0)
+            assert [t["label"] for t in r["top"]] == [CLASSES[j] for j in probs.argsort(descending=True)]
+            assert [t["probability"] for t in r["top"]] == pytest.approx(probs.sort(descending=True).values.tolist())
+
+
+def test_videos_with_non_finite_probabilities_are_refused_not_counted():
+    """topk ranks NaN first: a NaN row predicted class 0, right for a video of class 0 (top-1 was 0.5 here)."""
+    nan = float("nan")
+    sums = {"x": (torch.tensor([nan, nan, nan]), 1, 0), "y": (torch.tensor([0.1, 0.2, 0.7]), 1, 0)}
+    with pytest.raises(ValueError, match="1 of 2 videos have non-finite class probabilities \\(e.g. video 'x'\\)"):
+        scores(sums, ["a", "b", "c"])
