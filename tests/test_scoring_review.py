@@ -98,3 +98,58 @@ def test_videos_with_non_finite_probabilities_are_refused_not_counted():
     sums = {"x": (torch.tensor([nan, nan, nan]), 1, 0), "y": (torch.tensor([0.1, 0.2, 0.7]), 1, 0)}
     with pytest.raises(ValueError, match="1 of 2 videos have non-finite class probabilities \\(e.g. video 'x'\\)"):
         scores(sums, ["a", "b", "c"])
+
+
+class ViewItems:
+    """One view per item; video v's views are items v, v + 3, v + 6, v + 9: items alternate between two
+    ranks (i % 2), so every video has views on both."""
+
+    def __init__(self):
+        data = tiny_data(3)
+        self.items = [(data[i % 3][0].roll(i // 3, dims=-1), data[i % 3][1], f"v{i % 3}") for i in range(12)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def views_on_two_ranks_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import os
+
+    from ranks import rank_of_two
+
+    with rank_of_two(rank, world_size, port):
+        result = evaluate(tiny_model().eval(), ViewItems(), EvalConfig(batch_size=2, **CPU),
+                          scores_path=os.path.join(out, "scores.safetensors"))
+        torch.save(result.to_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_a_videos_views_on_two_ranks_are_averaged_as_one_process_does(tmp_path):
+    from ranks import run_ranks
+
+    run_ranks(views_on_two_ranks_worker, str(tmp_path))
+    data, model = ViewItems(), tiny_model().eval()
+    with torch.no_grad():
+        expected = torch.stack([torch.stack([model(data[i][0][None]).softmax(-1)[0] for i in range(v, 12, 3)]).mean(0)
+                                for v in range(3)])
+    saved = read_video_scores(tmp_path / "scores.safetensors")
+    assert saved.video_ids == ["v0", "v1", "v2"] and saved.views.tolist() == [4, 4, 4]
+    torch.testing.assert_close(saved.probs, expected)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    labels = torch.tensor([data[v][1] for v in range(3)])
+    assert r0 == r1 and r0["num_videos"] == 3 and r0["num_views"] == 12
+    assert r0["top1"] == pytest.approx((expected.argmax(-1) == labels).float().mean().item())
+
+
+def test_zero_shot_classes_that_clips_tokenizer_cannot_tell_apart_are_refused():
+    """CLIP's tokenizer lowercases and collapses white space: 'Archery' and 'archery' got the same text
+    feature, so their scores tied on every video and one of the two classes was never predicted."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="'archery' and 'Archery' .* same tokens"):
+        model.set_classes(["archery", "bowling", "Archery"], templates=["a video of {}."])
+    with pytest.raises(ValueError, match="'tai chi' and 'tai  chi' .* same tokens"):
+        model.zero_shot_text_features(["tai chi", "tai  chi"], ["{}", "a video of {}."])
+    model.set_classes(["archery", "bowling"], templates=["a video of {}."])  # (kept as they were)
+    assert model.classnames == ["archery", "bowling"]

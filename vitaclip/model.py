@@ -198,9 +198,17 @@ class VitaCLIP(nn.Module):
         names = [clean_classname(n) for n in string_list(classnames, "class names")]
         check_classnames(names)
         templates = check_templates(templates)
-        texts = [t.format(n) for n in names for t in templates]
-        feats = torch.cat([at_least_fp32(self.encode_text(texts[i:i + batch_size]))
-                           for i in range(0, len(texts), batch_size)])
+        tokens = tokenize([t.format(n) for n in names for t in templates], self.config.context_length)
+        # CLIP's tokenizer lowercases and collapses white space: classes it cannot tell apart would tie
+        # on every video, one of them never predicted
+        first: Dict[tuple, str] = {}
+        for name, class_tokens in zip(names, tokens.view(len(names), -1).tolist()):
+            other = first.setdefault(tuple(class_tokens), name)
+            if other != name:
+                raise ValueError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
+                                 "and collapses white space): their scores would tie on every video")
+        feats = torch.cat([at_least_fp32(self.textual.encode_tokens(tokens[i:i + batch_size]))
+                           for i in range(0, len(tokens), batch_size)])
         feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
         return F.normalize(feats, dim=-1)
 
