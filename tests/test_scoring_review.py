@@ -153,3 +153,13 @@ def test_zero_shot_classes_that_clips_tokenizer_cannot_tell_apart_are_refused():
         model.zero_shot_text_features(["tai chi", "tai  chi"], ["{}", "a video of {}."])
     model.set_classes(["archery", "bowling"], templates=["a video of {}."])  # (kept as they were)
     assert model.classnames == ["archery", "bowling"]
+
+
+def test_predict_refuses_non_finite_probabilities_rather_than_rank_them():
+    """A NaN row's top labels were the first classes, each with probability NaN (and the JSON output had
+    NaN in it, which strict parsers refuse)."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(float("inf"))
+    with pytest.raises(ValueError, match="1 of 1 videos have non-finite class probabilities \\(e.g. video 'tensor 0'\\)"):
+        predict(model, tiny_data(2)[0][0], device="cpu", precision="fp32")

@@ -96,19 +96,24 @@ def merge(parts: List[Dict]) -> Dict:
     return merged
 
 
+def refuse_non_finite(probs: torch.Tensor, videos: List[Any]) -> None:
+    """Raise if a row of `probs` ([N, C], one per video of `videos`) is not finite: topk ranks NaN
+    first, so a NaN row (logits that overflowed, e.g. in fp16) gave the first classes as its top,
+    counted right for videos of those classes, without a word."""
+    bad = [video for video, finite in zip(videos, probs.isfinite().all(dim=1).tolist()) if not finite]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(videos)} videos have non-finite class probabilities (e.g. video "
+                         f"{bad[0]!r}): the model's logits overflowed or its weights hold NaN/inf (with "
+                         f"--precision fp16, try bf16 or fp32)")
+
+
 def scores(sums: Dict, classnames: List[str]) -> EvalResult:
     """Metrics over videos from per-video probability sums."""
     if not sums:
         raise ValueError("evaluation data is empty")
     n = len(classnames)
     probs = torch.stack([total / count for total, count, _ in sums.values()])
-    # a NaN row (logits that overflowed, e.g. in fp16) ranks its first classes on top: counted right
-    # for videos of those classes, without a word
-    bad = [key for key, finite in zip(sums, probs.isfinite().all(dim=1).tolist()) if not finite]
-    if bad:
-        raise ValueError(f"{len(bad)} of {len(sums)} videos have non-finite class probabilities (e.g. video "
-                         f"{bad[0]!r}): the model's logits overflowed or its weights hold NaN/inf (with "
-                         f"--precision fp16, try bf16 or fp32)")
+    refuse_non_finite(probs, list(sums))
     labels = torch.tensor([label for _, _, label in sums.values()])
     if labels.min() < 0 or labels.max() >= n:
         raise ValueError(f"label {int(labels.max() if labels.max() >= n else labels.min())} is outside the "

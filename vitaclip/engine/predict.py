@@ -13,7 +13,7 @@ import torch
 
 from ..model import VitaCLIP
 from .distributed import pick_device
-from .evaluate import accumulate
+from .evaluate import accumulate, refuse_non_finite
 from .precision import autocast, check_precision
 from .settings import check_count
 
@@ -160,7 +160,9 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
             if i in errors:  # left out in skip mode
                 return {"video": names[i], "error": errors[i]}
             total, count, _ = sums.pop(i)
-            probs, idx = (total / count).topk(k)
+            mean = total / count
+            refuse_non_finite(mean[None], [names[i]])
+            probs, idx = mean.topk(k)
             return {"video": names[i], "top": [{"label": classnames[j], "probability": float(p)}
                                                for p, j in zip(probs.tolist(), idx.tolist())]}
 
