@@ -155,6 +155,20 @@ def test_zero_shot_classes_that_clips_tokenizer_cannot_tell_apart_are_refused():
     assert model.classnames == ["archery", "bowling"]
 
 
+def test_learned_classes_that_only_a_class_specific_context_tells_apart_are_refused_with_a_shared_one():
+    """With one context for all classes, 'Archery' and 'archery' had the same prompt, and tied on every video."""
+    import dataclasses
+
+    from vitaclip import VitaCLIP
+
+    shared = dataclasses.replace(tiny_model().config, csc=False)
+    with pytest.raises(ValueError, match="'archery' and 'Archery' .* same tokens"):
+        VitaCLIP(shared, ["archery", "bowling", "Archery"])
+    with pytest.raises(ValueError, match="same tokens"):
+        VitaCLIP(dataclasses.replace(tiny_model().config, n_ctx=0), ["tai chi", "tai  chi"])
+    assert VitaCLIP(tiny_model().config, ["archery", "Archery"]).classnames == ["archery", "Archery"]  # its own
+
+
 def test_predict_refuses_non_finite_probabilities_rather_than_rank_them():
     """A NaN row's top labels were the first classes, each with probability NaN (and the JSON output had
     NaN in it, which strict parsers refuse)."""

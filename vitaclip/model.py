@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_states
-from .text import PromptLearner, TextEncoder, check_classnames, check_templates, clean_classname, string_list, tokenize
+from .text import (PromptLearner, TextEncoder, check_classnames, check_distinct_tokens, check_templates, clean_classname,
+                   string_list, tokenize)
 from .vision import VisionTransformer, autocast_dtype, autocast_off
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
@@ -199,14 +200,7 @@ class VitaCLIP(nn.Module):
         check_classnames(names)
         templates = check_templates(templates)
         tokens = tokenize([t.format(n) for n in names for t in templates], self.config.context_length)
-        # CLIP's tokenizer lowercases and collapses white space: classes it cannot tell apart would tie
-        # on every video, one of them never predicted
-        first: Dict[tuple, str] = {}
-        for name, class_tokens in zip(names, tokens.view(len(names), -1).tolist()):
-            other = first.setdefault(tuple(class_tokens), name)
-            if other != name:
-                raise ValueError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
-                                 "and collapses white space): their scores would tie on every video")
+        check_distinct_tokens(names, tokens)
         feats = torch.cat([at_least_fp32(self.textual.encode_tokens(tokens[i:i + batch_size]))
                            for i in range(0, len(tokens), batch_size)])
         feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(dim=1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +264,8 @@ class PromptLearner(nn.Module):
                              f"got {len(names)} class names")
         prompts = [f"{self.prefix} {name}.".strip() for name in names]
         tokens = tokenize(prompts, self.config.context_length)
+        if not (self.config.csc and self.ctx is not None):  # (a context of their own tells them apart)
+            check_distinct_tokens(names, tokens)
         name_lens = [len(get_tokenizer().encode(name)) for name in names]
         token_src, ctx_slot = splice_indices(tokens.shape[1], self.n_ctx, name_lens, self.position,
                                              self.fixed_after_ctx)
@@ -318,6 +320,18 @@ def check_classnames(names: Sequence[str]) -> None:
         seen.add(n)
     if dups:
         raise ValueError(f"duplicate class name(s): {sorted(set(dups))}")
+
+
+def check_distinct_tokens(names: Sequence[str], tokens: Tensor) -> None:
+    """Refuses two class names whose prompts (`tokens`, the same number per name) come out as the same
+    token ids: CLIP's tokenizer lowercases and collapses white space, and such classes would tie on
+    every video, one of them never predicted."""
+    first: Dict[tuple, str] = {}
+    for name, class_tokens in zip(names, tokens.view(len(names), -1).tolist()):
+        other = first.setdefault(tuple(class_tokens), name)
+        if other != name:
+            raise ValueError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
+                             "and collapses white space): their scores would tie on every video")
 
 
 def splice_indices(length: int, n_ctx: int, name_lens: Sequence[int], position: str,
