@@ -56,6 +56,8 @@ class EvalResult:
 
 def accumulate(sums: Dict, probs: torch.Tensor, labels: torch.Tensor, video_ids) -> None:
     """Add each view's class probabilities to its video's running sum (sum, count, label)."""
+    if isinstance(video_ids, torch.Tensor):  # (a GPU loader's: one copy, not a wait for every view)
+        video_ids = video_ids.tolist()
     for p, y, vid in zip(probs, labels.tolist(), video_ids):
         key = vid.item() if isinstance(vid, torch.Tensor) else vid
         if key in sums:
