@@ -210,17 +210,37 @@ def print_json_or(args, obj, text: str) -> None:
 def cmd_train(args) -> int:
     import torch
 
+    from .data.augment import RandAugment
     from .data.lists import check_list_file
     from .engine.distributed import init_distributed
     from .engine.train import TrainConfig, train
 
     if args.eval_every and not args.val_list:
         raise ValueError("--eval-every needs the videos to evaluate on: give --val-list")
+    for flag, views in (("--temporal-views", args.temporal_views), ("--spatial-crops", args.spatial_crops)):
+        if views != 1 and not args.val_list:  # (they would be ignored: no evaluation during training)
+            raise ValueError(f"{flag} sets the views of the evaluations during training: give --val-list")
     # vitaclip's notes (INFO: --resume auto found no checkpoint) are shown as its warnings are; others' INFO is not
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vitaclip").setLevel(logging.INFO)
     declare_stop_signals(args.stop_signals)  # before the loaders' worker pools start the fork server
     env = init_distributed(args.device)
+    config = TrainConfig(
+        output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, weight_decay_on=args.weight_decay_on,
+        grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
+        device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+        resume=args.resume, resume_with_changes=args.resume_with_changes, overwrite=args.overwrite,
+        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, stop_signals=args.stop_signals,
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
+    # the settings, the batch split and the augmentation before the model (minutes, a download) and the
+    # loaders (every video probed), which train() and the training loader would check them after
+    config.validate()
+    micro = config.micro_batch(env.world_size)
+    if args.augment:
+        RandAugment(args.augment)
     classes = read_classes(args.classes)
     for list_file in filter(None, (args.train_list, args.val_list)):  # before the model (minutes, a download)
         check_list_file(list_file)
@@ -228,7 +248,6 @@ def cmd_train(args) -> int:
     model, backbone = build_training_model(args, classes)
     args.stride = args.stride or DEFAULT_STRIDE
     cfg = model.config
-    micro = args.micro_batch_size or args.batch_size // env.world_size
     train_data = video_loader(args, env, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
                               batch_size=micro, tsn=args.tsn, augment=args.augment or None, seed=args.seed)
     eval_data = None
@@ -236,16 +255,6 @@ def cmd_train(args) -> int:
         eval_data = video_loader(args, env, args.val_list, classes, False, cfg.num_frames, cfg.image_size,
                                  batch_size=args.eval_batch_size, temporal_views=args.temporal_views,
                                  spatial_crops=args.spatial_crops)
-    config = TrainConfig(
-        output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, micro_batch_size=micro,
-        lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        weight_decay_on=args.weight_decay_on,
-        grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, num_workers=args.num_workers,
-        device=args.device, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        resume=args.resume, resume_with_changes=args.resume_with_changes, overwrite=args.overwrite,
-        on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, stop_signals=args.stop_signals,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard)
     result = train(model, train_data, config, eval_data=eval_data, backbone=backbone)
     if result.stopped_by:  # checkpointed and on its way out: more of the same stop must not end it midway
         ignore_signals(config.stop_signals)

@@ -147,6 +147,18 @@ class TrainConfig:
         for name in self.stop_signals:
             parse_signal(name)
 
+    def micro_batch(self, world_size: int) -> int:
+        """Clips per process per forward among `world_size` processes: micro_batch_size, else the
+        global batch's share of a process; one that does not split the global batch is refused."""
+        if self.micro_batch_size is None and self.batch_size % world_size:
+            raise ValueError(f"global batch {self.batch_size} does not divide among {world_size} processes: give "
+                             f"a multiple of {world_size}")
+        micro = self.micro_batch_size or self.batch_size // world_size
+        if self.batch_size % (micro * world_size):
+            raise ValueError(f"global batch {self.batch_size} cannot be split into micro-batches of {micro} "
+                             f"over {world_size} process(es)")
+        return micro
+
 
 @dataclass
 class TrainResult:
@@ -324,13 +336,7 @@ def _train(model: VitaCLIP, train_data, config: TrainConfig, eval_data, backbone
                          f"eval_every={config.eval_every} asks for several: give a list of batches, a map-style "
                          f"dataset or a loader")
 
-    if config.micro_batch_size is None and config.batch_size % env.world_size:
-        raise ValueError(f"global batch {config.batch_size} does not divide among {env.world_size} processes: give "
-                         f"a multiple of {env.world_size}")
-    micro = config.micro_batch_size or config.batch_size // env.world_size
-    if config.batch_size % (micro * env.world_size):
-        raise ValueError(f"global batch {config.batch_size} cannot be split into micro-batches of {micro} "
-                         f"over {env.world_size} process(es)")
+    micro = config.micro_batch(env.world_size)
     accum = config.batch_size // (micro * env.world_size)
     settings = {name: getattr(config, name) for name in RANK_SETTINGS}
     settings["micro_batch_size"] = micro  # as each rank resolved it: None (the default) and its value are alike

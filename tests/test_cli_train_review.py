@@ -1,0 +1,90 @@
+"""`vitaclip train`'s flags: checked before the model is built, and reaching the right setting."""
+import pytest
+import torch
+
+from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip import cli
+from vitaclip.engine import distributed
+
+pytest.importorskip("av")
+
+
+class Built(Exception):
+    """Raised in place of building the model."""
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from vitaclip.demo import write_videos
+
+    root = tmp_path_factory.mktemp("review")
+    list_file = write_videos(tiny_data(4), root / "clips")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root, list_file
+
+
+def train_argv(videos, tmp_path, *flags):
+    root, list_file = videos
+    return [str(a) for a in ("train", "--train-list", list_file, "--data-root", list_file.parent, "--classes",
+                             root / "classes.txt", "--output-dir", tmp_path / "r", "--device", "cpu", "--decoder",
+                             "pyav", "--num-workers", 0, "--no-progress", *flags)]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model (the default CLIP's download: minutes, or an error offline) raises Built."""
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(cli, "build_training_model", built)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", 2, "--warmup-steps", 5], "warmup_steps must be in [0, steps]"),
+    (["--lr", 0], "lr must be"),
+    (["--lr", 1e-4, "--min-lr", 1e-3], "min_lr must be in [0, lr]"),
+    (["--seed", -1], "seed must be"),
+    (["--keep-checkpoints", -1], "keep_checkpoints must be"),
+    (["--grad-clip", 0], "grad_clip must be"),
+    (["--resume-with-changes"], "resume_with_changes applies to a resumed run"),
+    (["--resume", "auto", "--overwrite"], "overwrite starts a fresh run"),
+])
+def test_bad_optimisation_and_run_settings_are_named_before_the_model_is_built(
+        flags, message, videos, tmp_path, capsys, no_model):
+    """They were checked by train(), after the model was built: offline, the default CLIP's download
+    error hid them; online, they came minutes (and the videos' probing) later."""
+    code = cli.main(train_argv(videos, tmp_path, *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("flags", [["--temporal-views", 4], ["--spatial-crops", 3]])
+def test_evaluation_views_without_videos_to_evaluate_on_are_refused(flags, videos, tmp_path, capsys, no_model):
+    """They shape the evaluations during training only: without --val-list there are none, and they were
+    silently ignored (as --eval-every was)."""
+    code = cli.main(train_argv(videos, tmp_path, *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flags[0]} sets the views of the evaluations during training: give --val-list" in err, err
+
+
+def test_a_bad_randaugment_spec_is_named_before_the_model_is_built(videos, tmp_path, capsys, no_model):
+    code = cli.main(train_argv(videos, tmp_path, "--augment", "rand-m7-n4-bogus"))
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown RandAugment section 'bogus'" in err, err
+
+
+@pytest.mark.parametrize("flags, world_size, message", [
+    (["--batch-size", 256], 3, "global batch 256 does not divide among 3 processes"),
+    (["--batch-size", 2], 4, "global batch 2 does not divide among 4 processes"),
+    (["--batch-size", 8, "--micro-batch-size", 3], 2, "global batch 8 cannot be split into micro-batches of 3"),
+])
+def test_a_global_batch_that_does_not_split_among_the_processes_is_named_as_given(
+        flags, world_size, message, videos, tmp_path, capsys, monkeypatch, no_model):
+    """The command line divided --batch-size among the processes itself, rounding down, and gave train() that
+    as the micro-batch: 256 over 3 processes was refused for micro-batches of 85 the user never gave, 2 over 4
+    as a loader batch_size of 0."""
+    env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device=None: env)
+    code = cli.main(train_argv(videos, tmp_path, *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
