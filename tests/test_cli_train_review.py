@@ -88,3 +88,15 @@ def test_a_global_batch_that_does_not_split_among_the_processes_is_named_as_give
     code = cli.main(train_argv(videos, tmp_path, *flags))
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("flag", ["--n-ctx", "--global-prompts"])
+def test_negative_prompt_counts_are_refused_by_the_parser(flag, capsys):
+    """They reached the model's config, checked after the CLIP's weights were loaded (offline: the download
+    error hid them; online: minutes later)."""
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["train", "--train-list", "l", "--classes", "c", flag, "-1"])
+    assert exit_.value.code == 2 and f"{flag}: '-1' is not a whole number >= 0" in capsys.readouterr().err
+    assert getattr(parser.parse_args(["train", "--train-list", "l", "--classes", "c", flag, "0"]),
+                   flag[2:].replace("-", "_")) == 0  # none: a valid architecture

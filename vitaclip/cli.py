@@ -46,15 +46,21 @@ def signal_names(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of frames, views, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
+def whole_number(least: int):
+    """An argparse type: an integer >= least (a count of frames, views, prompts, ...)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1)
 
 
 def read_classes(path: str) -> List[str]:
@@ -488,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
     g.add_argument("--frames", type=positive_int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
-    g.add_argument("--n-ctx", type=int, default=None,
+    g.add_argument("--n-ctx", type=whole_number(0), default=None,
                    help="learned text context vectors (default 8, or the --init model's)")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")
     g.add_argument("--ctx-position", default=None, choices=("end", "front", "middle"),
                    help="where the class name goes, as CoOp names it: end 'X X X name.', front 'name X X X.', "
                         "middle 'X X name X X.' (default end, or the --init model's)")
-    g.add_argument("--global-prompts", type=int, default=None,
+    g.add_argument("--global-prompts", type=whole_number(0), default=None,
                    help="global prompts per layer (default 8, or the --init model's)")
     g.add_argument("--no-summary", action="store_true", help="drop the summary token")
     g.add_argument("--no-local", action="store_true", help="drop the local prompts")
