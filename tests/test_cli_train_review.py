@@ -100,3 +100,15 @@ def test_negative_prompt_counts_are_refused_by_the_parser(flag, capsys):
     assert exit_.value.code == 2 and f"{flag}: '-1' is not a whole number >= 0" in capsys.readouterr().err
     assert getattr(parser.parse_args(["train", "--train-list", "l", "--classes", "c", flag, "0"]),
                    flag[2:].replace("-", "_")) == 0  # none: a valid architecture
+
+
+@pytest.mark.parametrize("backend, message", [("bogus", "unknown backend 'bogus'"),
+                                              ("fast", "backend 'fast' is not available on device cpu")])
+def test_a_backend_unknown_or_not_on_the_device_is_named_before_the_model_is_built(
+        backend, message, videos, tmp_path, capsys, no_model):
+    """--backend fast on the CPU was refused at the first training step, after the model, the loaders and the
+    run folder (its logs and lock); an unknown name after the model (offline: hidden by the download error)."""
+    code = cli.main(train_argv(videos, tmp_path, "--backend", backend))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()

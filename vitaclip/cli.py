@@ -216,6 +216,7 @@ def print_json_or(args, obj, text: str) -> None:
 def cmd_train(args) -> int:
     import torch
 
+    from .backends import resolve_backend
     from .data.augment import RandAugment
     from .data.lists import check_list_file
     from .engine.distributed import init_distributed
@@ -247,6 +248,7 @@ def cmd_train(args) -> int:
     micro = config.micro_batch(env.world_size)
     if args.augment:
         RandAugment(args.augment)
+    resolve_backend(args.backend, env.device)  # (else refused at the first step, the run folder made)
     classes = read_classes(args.classes)
     for list_file in filter(None, (args.train_list, args.val_list)):  # before the model (minutes, a download)
         check_list_file(list_file)
