@@ -112,3 +112,19 @@ def test_a_backend_unknown_or_not_on_the_device_is_named_before_the_model_is_bui
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_init_from_other_classes_warns_of_the_fresh_context_when_resume_auto_finds_no_checkpoint(
+        videos, tmp_path, capsys):
+    """The warning was hidden whenever --resume was given, for a checkpoint's context replaces the fresh one;
+    but a requeue script's first run (--resume auto, no checkpoint yet) starts from that fresh context."""
+    root, _ = videos
+    tiny_model().save_pretrained(tmp_path / "model")
+    five = tmp_path / "five.txt"
+    five.write_text("\n".join(CLASSES + ("waving",)))
+    argv = train_argv(videos, tmp_path, "--init", tmp_path / "model", "--resume", "auto", "--steps", 1,
+                      "--batch-size", 4, "--augment", "", "--stride", 1, "--precision", "fp32", "--no-tensorboard")
+    argv[argv.index(str(root / "classes.txt"))] = str(five)
+    with pytest.warns(UserWarning, match="learned for its 4 classes, not these 5: it starts afresh"):
+        code = cli.main(argv)
+    assert code == 0, capsys.readouterr().err

@@ -144,8 +144,11 @@ def build_training_model(args, classes: List[str]):
         return model, backbone if pretrained else None
     refuse_clip_flags(args, "--init")
     path = Path(args.init).resolve()
+    # a checkpoint to resume from replaces a fresh class context: no news; --resume auto that finds none
+    # (a requeue script's first run) trains that context
+    resumes = args.resume is not None and (args.resume != "auto" or ckpt.latest_checkpoint(args.output_dir))
     with warnings.catch_warnings():
-        if args.resume:  # the checkpoint's class context replaces a fresh one: no news
+        if resumes:
             warnings.filterwarnings("ignore", message=".*starts afresh")
         model = ckpt.load_model(path, classes, args.backend, for_training=True, **architecture_overrides(args))
     if path.is_dir():
