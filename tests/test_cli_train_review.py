@@ -128,3 +128,15 @@ def test_init_from_other_classes_warns_of_the_fresh_context_when_resume_auto_fin
     with pytest.warns(UserWarning, match="learned for its 4 classes, not these 5: it starts afresh"):
         code = cli.main(argv)
     assert code == 0, capsys.readouterr().err
+
+
+def test_bf16_on_a_gpu_without_it_is_named_before_the_model_is_built(videos, tmp_path, capsys, monkeypatch, no_model):
+    """bf16, the default, on a V100 was refused by train() itself, after the model and the loaders (whose
+    probing of every video of a large list takes minutes)."""
+    cuda = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device=None: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    code = cli.main(train_argv(videos, tmp_path, "--backend", "reference"))
+    err = capsys.readouterr().err
+    assert code == 2 and "precision bf16 needs a GPU with bfloat16 arithmetic" in err and "V100" in err, err

@@ -223,6 +223,7 @@ def cmd_train(args) -> int:
     from .data.augment import RandAugment
     from .data.lists import check_list_file
     from .engine.distributed import init_distributed
+    from .engine.precision import check_precision
     from .engine.train import TrainConfig, train
 
     if args.eval_every and not args.val_list:
@@ -245,13 +246,15 @@ def cmd_train(args) -> int:
         resume=args.resume, resume_with_changes=args.resume_with_changes, overwrite=args.overwrite,
         on_nonfinite=args.on_nonfinite, stop_after=args.stop_after, stop_signals=args.stop_signals,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard)
-    # the settings, the batch split and the augmentation before the model (minutes, a download) and the
-    # loaders (every video probed), which train() and the training loader would check them after
+    # the settings, the batch split, the augmentation, and the backend and precision on this device, before
+    # the model (minutes, a download) and the loaders (probing new videos) that train(), the training loader
+    # and the first step would check them after
     config.validate()
     micro = config.micro_batch(env.world_size)
     if args.augment:
         RandAugment(args.augment)
-    resolve_backend(args.backend, env.device)  # (else refused at the first step, the run folder made)
+    resolve_backend(args.backend, env.device)
+    check_precision(config.precision, env.device)
     classes = read_classes(args.classes)
     for list_file in filter(None, (args.train_list, args.val_list)):  # before the model (minutes, a download)
         check_list_file(list_file)
