@@ -8,6 +8,7 @@ import torch
 
 from conftest import CLASSES, random_video, randomize_, tiny_config
 from vitaclip import VitaCLIP
+from vitaclip.text import phrase_text, tokenize
 from vitaclip.weights import load_state_exactly
 
 TINY_CLIP = {  # B/16-shaped (patch 16, head dim 64) but shallow and small
@@ -163,8 +164,14 @@ def official_checkpoint(model):
     """A training checkpoint in the authors' layout: DDP prefixes, prompt buffers, optimizer state."""
     state = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
     n = len(model.classnames)
-    state["module.prompt_learner.token_prefix"] = torch.randn(n, 1, model.config.text_width)
-    state["module.prompt_learner.token_suffix"] = torch.randn(n, 70, model.config.text_width)
+    # their prompt learner's buffers: the embedded prompt "X X X name." before and after the context
+    n_ctx, config = model.config.n_ctx, model.config
+    before = phrase_text(config.ctx_init) if config.ctx_init else " ".join(["X"] * n_ctx)
+    tokens = tokenize([f"{before} {name}." for name in model.classnames], config.context_length)
+    with torch.no_grad():
+        embedded = model.textual.token_embedding(tokens)
+    state["module.prompt_learner.token_prefix"] = embedded[:, :1].clone()
+    state["module.prompt_learner.token_suffix"] = embedded[:, 1 + n_ctx:].clone()
     if model.prompt_learner.ctx is None:  # the authors' learner keeps a context of 0 prompts
         state["module.prompt_learner.ctx"] = torch.zeros(n, 0, model.config.text_width)
     if model.config.use_global and not model.config.num_global:  # and their model 0 global prompts

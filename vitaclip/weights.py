@@ -12,7 +12,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
 from .files import atomic_write_text, save_safetensors
 from .model import VitaCLIP
-from .text import keep_phrase_for_saved_context
+from .text import PLACEHOLDER, clean_classname, keep_phrase_for_saved_context, string_list, tokenize
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -34,6 +34,9 @@ TRAINING_DATA_FILE = "training_data.json"  # VitaCLIP.training_data, where train
 # additions (prompts, summary modules, cls_proj, time embedding, text context, logit scale).
 VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cls_proj|prompt_learner|logit_scale)")
 IGNORED_OFFICIAL_KEYS = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+# their prompt learner's embedded prompt after the context ([n_classes, L, width]): not loaded, but
+# it tells the classes a class-specific context was learned for
+OFFICIAL_CLASS_TOKENS = "prompt_learner.token_suffix"
 
 
 def is_trained_checkpoint(state: Dict[str, Tensor]) -> bool:
@@ -284,18 +287,49 @@ def read_torch_file(path):
                          f"{err})") from err  # (e.g. a few bytes of text: KeyError and a number alone)
 
 
-def read_official_state(path) -> Dict[str, Tensor]:
+def read_official_state(path) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+    """The model's state dict without `module.` prefixes and the prompt buffers, and their
+    OFFICIAL_CLASS_TOKENS where the file has them."""
     obj = read_torch_file(path)
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds neither a training checkpoint with a 'model' dict nor a state dict")
-    state = {k[len("module."):] if k.startswith("module.") else k: v
-             for k, v in state.items() if k.replace("module.", "", 1) not in IGNORED_OFFICIAL_KEYS}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    class_tokens = state.get(OFFICIAL_CLASS_TOKENS)
+    state = {k: v for k, v in state.items() if k not in IGNORED_OFFICIAL_KEYS}
     # the authors' model keeps empty tensors for 0 text prompts or 0 global prompts: none here
     for key in ("prompt_learner.ctx", "visual.global_prompts"):
         if key in state and state[key].numel() == 0:
             del state[key]
-    return state
+    return state, class_tokens
+
+
+def learned_for_other_classes(path, state: Dict[str, Tensor], class_tokens: Optional[Tensor],
+                              classnames: Sequence[str], config: VitaCLIPConfig) -> Optional[Tuple[str, str]]:
+    """None where the authors' class-specific context was learned for `classnames`, in their order;
+    else (what it was learned for, the error refusing it for them). Their `class_tokens` embed each
+    class's prompt "X X ... X <name>." after the context (their code never initialises a
+    class-specific context from a phrase), so the same number of other or reordered names is told."""
+    learned, classnames = state["prompt_learner.ctx"].shape[0], string_list(classnames, "class names")
+    if len(classnames) != learned:
+        return (f"{learned} classes, not these {len(classnames)}",
+                f"{path} has a class-specific context for {learned} classes, got {len(classnames)} class names")
+    if class_tokens is None:
+        return None
+    n_ctx = config.n_ctx
+    prompts = [" ".join([PLACEHOLDER] * n_ctx + [clean_classname(name)]) + "." for name in classnames]
+    expected = state["textual.token_embedding.weight"][tokenize(prompts, config.context_length)[:, 1 + n_ctx:]]
+    if expected.shape != class_tokens.shape:  # not what their prompt learner makes: nothing to tell by
+        return None
+    # in the file's precision: the buffers were embedded with the same frozen token embedding
+    same = (expected.to(class_tokens.dtype) == class_tokens).flatten(1).all(dim=1).tolist()
+    unlike = [i for i, ok in enumerate(same) if not ok]
+    if not unlike:
+        return None
+    return (f"other classes than these {len(classnames)} (or in another order)",
+            f"{path} has a context learned for each of its classes, in its order, but class {unlike[0]} is "
+            f"{clean_classname(classnames[unlike[0]])!r} here and another class there ({len(unlike)} of "
+            f"{len(classnames)} differ): give its class list")
 
 
 # attention heads by width, which shapes cannot tell: open_clip's CLIP towers (64 wide but in
@@ -368,9 +402,9 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     learned_context=False leaves the learned text context out (no class names needed): for
     scoring classes with hand-written templates only. trained_only: refuse a backbone file (its
     prompts would be random), as scoring with it would be meaningless. other_classes_fresh: a
-    class-specific context for another number of classes starts afresh (to train on other classes)
-    instead of being refused."""
-    state = read_official_state(path)
+    class-specific context learned for other classes (another number, or other names or order, as
+    the file's prompt buffers tell) starts afresh (to train on other classes) instead of being refused."""
+    state, class_tokens = read_official_state(path)
     if "visual.conv1.weight" in state:  # open_clip's (OpenAI's) layout: only from_clip converts it
         raise ValueError(f"{path} holds an open_clip CLIP's weights, not a Vita-CLIP checkpoint: give it as the "
                          f"frozen CLIP's weights (--pretrained FILE with --clip naming its model; "
@@ -386,12 +420,14 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     ctx = state.get("prompt_learner.ctx")
     if ctx is not None and classnames is None:
         raise ValueError(f"{path} holds a learned text context: pass the class names it was trained with")
-    if ctx is not None and ctx.dim() == 3 and len(classnames) != ctx.shape[0]:
+    differ = ctx is not None and ctx.dim() == 3 and learned_for_other_classes(path, state, class_tokens, classnames,
+                                                                              config)
+    if differ:
+        learned_for, refusal = differ
         if not other_classes_fresh:
-            raise ValueError(f"{path} has a class-specific context for {ctx.shape[0]} classes, "
-                             f"got {len(classnames)} class names")
-        warnings.warn(f"{path} has a class-specific context learned for {ctx.shape[0]} classes, not these "
-                      f"{len(classnames)}: it starts afresh for them (its other prompts are kept)")
+            raise ValueError(refusal)
+        warnings.warn(f"{path} has a class-specific context learned for {learned_for}: it starts afresh for "
+                      f"them (its other prompts are kept)")
         del state["prompt_learner.ctx"]  # the architecture (n_ctx, csc) stays the file's
         ctx = None
     # a learned context is loaded over the prompt learner's; without one the classes come after the
