@@ -22,7 +22,7 @@ from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
 from .files import atomic_write_text, save_safetensors
 from .model import VitaCLIP
-from .text import PLACEHOLDER, clean_classname, keep_phrase_for_saved_context, string_list, tokenize
+from .text import PLACEHOLDER, clean_classname, get_tokenizer, keep_phrase_for_saved_context, string_list, tokenize
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -327,10 +327,20 @@ def learned_for_other_classes(path, state: Dict[str, Tensor], class_tokens: Opti
     unlike = [i for i, ok in enumerate(same) if not ok]
     if not unlike:
         return None
+    theirs = _spelt_class(state["textual.token_embedding.weight"], class_tokens[unlike[0]])
     return (f"other classes than these {len(classnames)} (or in another order)",
             f"{path} has a context learned for each of its classes, in its order, but class {unlike[0]} is "
-            f"{clean_classname(classnames[unlike[0]])!r} here and another class there ({len(unlike)} of "
-            f"{len(classnames)} differ): give its class list")
+            f"{clean_classname(classnames[unlike[0]])!r} here and {theirs!r} there (as CLIP's tokenizer reads "
+            f"it back; {len(unlike)} of {len(classnames)} differ): give its class list")
+
+
+def _spelt_class(token_embedding: Tensor, prompt: Tensor) -> str:
+    """The class name a class's embedded prompt [L, width] after the context ("<name>." and the end
+    of text) spells: each row's nearest token, read back by the tokenizer (lower case, spaced)."""
+    tokenizer = get_tokenizer()
+    ids = torch.cdist(prompt.float(), token_embedding.float()).argmin(dim=1).tolist()
+    ids = ids[:ids.index(tokenizer.eot_token_id)] if tokenizer.eot_token_id in ids else ids
+    return tokenizer.decode(ids).strip().removesuffix(".").strip()
 
 
 # attention heads by width, which shapes cannot tell: open_clip's CLIP towers (64 wide but in
