@@ -105,6 +105,15 @@ def test_a_gelu_model_from_a_file_warns_that_openai_weights_need_quick_gelu(tmp_
         VitaCLIP.from_clip(name, str(path), CLASSES)
 
 
+def test_a_missing_clip_weights_file_is_named_as_missing(tiny_clip_checkpoint, tmp_path):
+    """open_clip said 'not a known tag or valid file path', and vitaclip then spoke of downloads and networks."""
+    _, path = tiny_clip_checkpoint
+    for missing in (tmp_path / "nope" / "weights.pt", "weights.safetensors"):
+        with pytest.raises(FileNotFoundError, match=f"^CLIP weights file {re.escape(str(missing))} does not exist$"):
+            VitaCLIP.from_clip("vitaclip-test-b16", str(missing), CLASSES)
+    assert VitaCLIP.from_clip("vitaclip-test-b16", str(path), CLASSES).config.width == 128  # one that exists
+
+
 def clip_tokenize(texts):
     import open_clip
 
@@ -423,10 +432,13 @@ def test_a_model_that_cannot_be_written_is_named_with_the_systems_reason(tmp_pat
 @pytest.mark.parametrize("name, pretrained, quick_gelu", [
     ("ViT-B-16", "openai", True), ("ViT-B/16", "OpenAI", True), ("ViT-B-16", "dfn2b", True),
     ("ViT-B-16", "metaclip_400m", True), ("ViT-B-32", "laion400m_e32", True), ("ViT-L-14", "metaclip_fullcc", True),
-    ("ViT-B-16", "laion2b_s34b_b88k", False), ("ViT-B-16", "/some/local/weights.pt", False)])
-def test_weights_trained_with_quick_gelu_always_get_it(monkeypatch, name, pretrained, quick_gelu):
+    ("ViT-B-16", "laion2b_s34b_b88k", False), ("ViT-B-16", "a local file", False)])
+def test_weights_trained_with_quick_gelu_always_get_it(monkeypatch, tmp_path, name, pretrained, quick_gelu):
     import open_clip
 
+    if pretrained == "a local file":
+        pretrained = tmp_path / "weights.pt"
+        pretrained.touch()
     seen = {}
 
     def fake_create_model(name, pretrained=None, **kwargs):

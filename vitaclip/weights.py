@@ -8,6 +8,7 @@ import difflib
 import errno
 import json
 import math
+import os
 import pickle
 import re
 import warnings
@@ -73,6 +74,12 @@ def raise_problems(what: str, problems: Dict[str, list]) -> None:
 
 
 # ---------------------------------------------------------------------------- open_clip
+def _names_a_file(pretrained: str) -> bool:
+    """Whether `pretrained` reads as a path rather than an open_clip tag (those have no folder or suffix)."""
+    return "/" in pretrained or os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin",
+                                                                                  ".safetensors")
+
+
 def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Optional[Sequence[str]],
                    plain: bool = False, **overrides) -> VitaCLIP:
     """A VitaCLIP whose frozen backbone comes from an open_clip CLIP model.
@@ -94,6 +101,9 @@ def load_from_clip(cls, name: str, pretrained: Optional[str], classnames: Option
     is_openai = pretrained is not None and str(pretrained).lower() == "openai"
     force_quick_gelu = bool(tag_config.get("quick_gelu")) or is_openai
     check_open_clip_tokenizer(name)  # before create_model: no download for a model that is refused
+    if pretrained is not None and not tag_config and _names_a_file(str(pretrained)) and not Path(pretrained).is_file():
+        # (open_clip's word for it is "not a known tag or valid file path", and ours was about networks)
+        raise FileNotFoundError(f"CLIP weights file {pretrained} does not exist")
     try:
         clip = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
                                       require_pretrained=pretrained is not None)
