@@ -373,9 +373,9 @@ def cmd_predict(args) -> int:
         raise ValueError("no videos to predict: give VIDEO files or --videos-from FILE")
     model = load_eval_model(args, classes)
     results = predictions(model, videos, PredictConfig(
-        top_k=args.top_k, frames=args.frames, stride=args.stride, temporal_views=args.temporal_views, spatial_crops=args.spatial_crops,
-        batch_size=args.batch_size, precision=args.precision, device=args.device, decoder=args.decoder,
-        data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
+        top_k=args.top_k, frames=args.frames, stride=args.stride, temporal_views=args.temporal_views,
+        spatial_crops=args.spatial_crops, batch_size=args.batch_size, precision=args.precision, device=args.device,
+        decoder=args.decoder, data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
     # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
     # others); --json: the list json.dumps(results, indent=1) prints, item by item
     failed = count = 0

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_states
-from .text import (PromptLearner, TextEncoder, check_classnames, check_distinct_tokens, check_templates, clean_classname,
-                   string_list, tokenize)
+from .text import (PromptLearner, TextEncoder, check_classnames, check_distinct_tokens, check_templates,
+                   clean_classname, string_list, tokenize)
 from .vision import VisionTransformer, autocast_dtype, autocast_off
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
