@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import register_backend
 from .compiling import compile_mode
-from .graphs import tensor_version
+from .graphs import tensor_states
 from .ops.activation import quick_gelu
 from .ops.attention import prompt_attention_qkv, triton_available, uses_triton
 from .ops.class_attention import class_token_attention
@@ -68,29 +68,40 @@ class LayerWeights(NamedTuple):
 def layer_weights(block: VitaBlock, dtype: torch.dtype) -> LayerWeights:
     """The block's q/k/v (stacked), out_proj, fc1 and fc2 weights in the compute dtype `dtype`
     (autocast's under autocast). Frozen (the backbone by default): made once per dtype and kept in
-    `block.derived`, keyed on the parameters' storage and version so that an in-place update or a
-    move rebuilds them; a step then casts no weight (autocast would cast all of them at every
-    call). If any of them trains: the parameters themselves (q/k/v concatenated, differentiably),
-    every call, with or without grad: a CUDA graph reads a trained weight at every replay, never
-    a cached copy."""
+    `block.derived`, keyed on the storage and version of the tensors they are read from (a
+    parametrization's too) so that an in-place update or a move rebuilds them; a step then casts no
+    weight (autocast would cast all of them at every call). If any of them trains: the parameters
+    themselves (q/k/v concatenated, differentiably), every call, with or without grad: a CUDA graph
+    reads a trained weight at every replay, never a cached copy. Tensors made in inference mode keep
+    no version counter, so their weights are made at every call too."""
     attn, mlp = block.attn, block.mlp
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    params = [t for lin in (q, k, v, attn.out_proj, mlp.fc1, mlp.fc2) for t in (lin.weight, lin.bias)]
+    linears = (q, k, v, attn.out_proj, mlp.fc1, mlp.fc2)
+    params = [t for lin in linears for t in (lin.weight, lin.bias)]
 
     def build(cast) -> LayerWeights:
         return LayerWeights(cast(torch.cat([q.weight, k.weight, v.weight])), cast(torch.cat([q.bias, k.bias, v.bias])),
                             *(cast(t) for t in params[6:]))
 
     if any(p.requires_grad for p in params):
+        # a fused optimizer updates them without bumping their versions: what was cached before they
+        # trained must not serve once they are frozen again
+        block.derived.pop("fast weights", None)
         return build(lambda t: t)
     if torch.compiler.is_compiling():  # the model compiled whole by its user: the casts go into the graph
         return build(lambda t: t.to(dtype))
-    key = tuple((p.data_ptr(), tensor_version(p)) for p in params) + (params[0].device,)
-    cached = block.derived.get(("fast weights", dtype))
+    # a parametrized weight is computed at each read (a new tensor of version 0, possibly at the last
+    # one's address): the key reads the parameters it is computed from
+    sources = [t for lin in linears for t in (*lin.parameters(), *lin.buffers())]
+    if any(torch.is_inference(t) for t in sources):  # an in-place write in inference mode would go unseen
+        return build(lambda t: t.to(dtype))
+    key = tensor_states(sources) + (params[0].device,)
+    per_dtype = block.derived.setdefault("fast weights", {})
+    cached = per_dtype.get(dtype)
     if cached is None or cached[0] != key:
         # normal tensors even when first built under inference_mode, so that training can reuse them
         with torch.inference_mode(False), torch.no_grad():
-            cached = block.derived[("fast weights", dtype)] = (key, build(lambda t: t.to(dtype)))
+            cached = per_dtype[dtype] = (key, build(lambda t: t.to(dtype)))
     return cached[1]
 
 

@@ -222,6 +222,7 @@ class GraphCache:
         self._passes: "OrderedDict[tuple, CapturedPass]" = OrderedDict()
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()  # keys run once, uncaptured
         self._failed: set = set()
+        self._trainable: dict = {}  # per pass name, the addresses of its last call's trainable parameters
 
     # Graphs belong to their model's tensors: a copy or an unpickled model starts with none.
     def __deepcopy__(self, memo) -> "GraphCache":
@@ -249,6 +250,19 @@ class GraphCache:
         """Names of the passes whose capture failed (they run uncaptured, with a warning)."""
         return sorted({key[0] for key in self._failed})
 
+    def _drop_passes_freezing(self, name: str, trainable: List[nn.Parameter]) -> None:
+        """Drops the passes captured with one of these parameters frozen: a fused optimizer updates it
+        without bumping its version, so such a pass's key would come back, with what it derived from the
+        old values, once it is frozen again. Checked when the pass's trainable set changes."""
+        addresses = tuple(p.data_ptr() for p in trainable)
+        if addresses == self._trainable.get(name):
+            return
+        self._trainable[name] = addresses
+        training = set(addresses)
+        # (a frozen parameter's entry in a key is the one of four fields: it holds the version)
+        for key in [k for k in self._passes if any(len(w) == 4 and w[0] in training for w in k[-1])]:
+            del self._passes[key]
+
     def run(self, name: str, fn: Callable[..., Tensor], inputs: Sequence[Tensor],
             modules: Sequence[nn.Module], device: torch.device) -> Tensor:
         """fn(*inputs) through a CUDA graph on `device`; plain fn(*inputs) the first time a key
@@ -259,6 +273,7 @@ class GraphCache:
         modes, weights, trainable, hooked = _module_state(modules)
         if hooked:
             return fn(*inputs)
+        self._drop_passes_freezing(name, trainable)
         params = trainable if grad else []
         call = (name, tuple((x.shape, x.dtype, x.device) for x in inputs), grad, torch.is_inference_mode_enabled(),
                 _autocast_state("cuda"), device, modes)
