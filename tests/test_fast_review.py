@@ -118,3 +118,27 @@ def test_a_graph_captured_with_a_weight_frozen_does_not_come_back_after_it_train
     torch.optim.AdamW([weight], fused=True).step()
     weight.requires_grad_(False)
     assert not isinstance(run(), tuple)  # run afresh, not the capture made before it trained
+
+
+def test_a_captured_pass_keeps_what_it_read_from_the_modules_derived_tensors_alive(fake_capture):  # noqa: F811
+    """A graph reads the fast layers' cast weights by address: dropped or remade by their block (a weight that
+    trains, a move that clears them and lands at the same addresses), a replay read freed memory."""
+    import gc
+    import weakref
+
+    model = VitaCLIP(tiny_config(), CLASSES, backend="reference")
+    block = model.visual.blocks[0]
+    cast = torch.ones(3)
+    block.derived["fast weights"] = {torch.float32: ("key", (cast, [cast * 2]))}
+    kept = weakref.ref(cast)
+    cache, x = GraphCache(), torch.zeros(2)
+    with torch.no_grad():
+        for _ in range(2):  # captured at the second call
+            cache.run("pass", lambda v: v + 1, [x], [model.visual], x.device)
+    del cast
+    block.derived.clear()
+    gc.collect()
+    assert kept() is not None
+    cache.clear()
+    gc.collect()
+    assert kept() is None

@@ -18,7 +18,9 @@ autograd.Function. Outputs and gradients are copied out of the
 graph's memory, so results stay valid across calls and gradient accumulation adds up (a
 gradient aliasing graph memory would be overwritten by the next replay). A graph holds the
 activations of one call: one backward per forward, before the next forward; anything else
-raises instead of silently differentiating overwritten activations. Modules or trainable
+raises instead of silently differentiating overwritten activations. A captured pass keeps the
+tensors its modules derived from their weights (their `derived`: the fast layers' cast weights)
+alive while it lives: it reads them by address. Modules or trainable
 parameters with hooks run uncaptured (a hook would run only while capturing, or twice). If
 capture fails, the pass runs uncaptured from then on, with a warning. Process-wide switches
 (VITACLIP_DISABLE_EXT, VITACLIP_ATTENTION_BACKWARD, `use_tiles`, SDPA kernel choices, TF32) are
@@ -214,6 +216,27 @@ def tensor_states(tensors) -> tuple:
     return tuple((t.data_ptr(), t.dtype, tensor_version(t)) for t in tensors)
 
 
+def _derived_tensors(modules: Sequence[nn.Module]) -> List[Tensor]:
+    """The tensors the modules' trees keep derived from their weights (a module's `derived`, e.g. the
+    fast layers' weights cast to the compute dtype)."""
+    found: List[Tensor] = []
+
+    def collect(value) -> None:
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    for module in modules:
+        for submodule in module.modules():
+            collect(submodule.__dict__.get("derived"))
+    return found
+
+
 class GraphCache:
     """The captured passes of one model, least recently used dropped beyond `capacity`."""
 
@@ -309,6 +332,8 @@ class GraphCache:
                 warnings.warn(f"vitaclip: CUDA graph capture of the {name} pass failed ({why}); "
                               f"running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 return fn(*inputs)
+            # a graph reads them by address: alive as long as it is, whatever the modules drop or remake
+            captured.derived_tensors = _derived_tensors(modules)
             self._passes[key] = captured
             while len(self._passes) > self.capacity:
                 self._passes.popitem(last=False)
