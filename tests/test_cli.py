@@ -678,6 +678,17 @@ def test_init_takes_the_architecture_flags_and_refuses_contradicting_a_trained_m
         build(root / "model", *flags)
 
 
+def test_init_from_a_trained_model_may_train_its_cls_proj_too(videos):
+    """--train-cls-proj chooses which weights the run trains, not the architecture: it was refused for a saved model
+    or checkpoint as contradicting it (and taken for the authors' file)."""
+    root, _ = videos
+    args = build_parser().parse_args(["train", "--train-list", "list.txt", "--classes", "classes.txt",
+                                      "--init", str(root / "model"), "--train-cls-proj"])
+    model = build_training_model(args, list(CLASSES))[0]
+    cls_proj = [p for name, p in model.named_parameters() if ".cls_proj." in name]
+    assert model.config.train_cls_proj and cls_proj and all(p.requires_grad for p in cls_proj)
+
+
 def test_a_resume_with_another_stride_is_refused_unless_asked_to_go_on_with_it(videos, tmp_path, capsys):
     root, list_file = videos
     cpu = [a for a in CPU if a not in ("--stride", "1")]

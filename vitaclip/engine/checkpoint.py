@@ -387,6 +387,9 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
                                                       other_classes_fresh=for_training, **overrides)
             model.set_backend(backend)
             return model
+    if for_training and overrides.get("train_cls_proj"):  # which weights this run trains, not architecture
+        model.config = model.config.replace(train_cls_proj=overrides.pop("train_cls_proj"))
+        model.freeze()
     check_architecture(model, overrides, str(path))
     if classnames is not None:
         use_classes(model, classnames, str(path), for_training)
