@@ -322,6 +322,8 @@ def parse_split(text: str, default_classes: Optional[str]):
 
 
 def cmd_zeroshot(args) -> int:
+    import torch
+
     from .data import sampling
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed
@@ -339,7 +341,11 @@ def cmd_zeroshot(args) -> int:
         if heads_overrides(args):
             raise ValueError("--heads/--text-heads complete a --model file of the authors' layout; a plain CLIP "
                              "(no --model) has its own")
-        model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
+        # random weights ('') drawn from one seed: under torchrun each rank builds its own, and evaluate()
+        # refuses ranks whose weights differ (this also makes such a baseline the same from run to run)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
         model.set_backend(args.backend)
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
