@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
+from engine_helpers import tiny_data, tiny_model
 from ranks import rank_of_two, run_ranks
 from vitaclip import cli
+from vitaclip.engine.evaluate import EvalConfig, evaluate
 
 
 def write_tiny_split(folder) -> None:
@@ -39,3 +41,42 @@ def test_zeroshot_of_a_plain_clip_with_random_weights_runs_under_torchrun(tmp_pa
     assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [0, 0]
     assert json.loads((tmp_path / "zeroshot.json").read_text())["splits"][os.path.join(str(tmp_path), "list.txt")][
         "num_videos"] == 2
+
+
+class Viewed:
+    """tiny_data() as a loader of `temporal_views` views a video says it gives (VideoLoader's attribute)."""
+
+    def __init__(self, temporal_views: int):
+        self.data, self.temporal_views = tiny_data(4), temporal_views
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+
+def settings_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    with rank_of_two(rank, world_size, port):
+        config = EvalConfig(batch_size=2, device="cpu", num_workers=0, progress=False, precision="fp32")
+        outcomes = {}
+        for name, case in {"views": lambda: evaluate(tiny_model(), Viewed(1 + rank), config),
+                           "precision": lambda: evaluate(tiny_model(), Viewed(1), config,
+                                                         precision="bf16" if rank else "fp32")}.items():
+            try:
+                outcomes[name] = case().num_videos
+            except ValueError as error:
+                outcomes[name] = str(error)
+        torch.save(outcomes, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ranks_scoring_other_views_or_at_another_precision_are_refused_on_every_rank(tmp_path):
+    """--temporal-views, --spatial-crops and --precision given otherwise on one rank: its videos' scores were
+    merged with the others' into a result no single run gives, without a word."""
+    run_ranks(settings_worker, str(tmp_path))
+    for rank in (0, 1):
+        outcomes = torch.load(tmp_path / f"rank{rank}.pt")
+        assert outcomes["views"] == ("the evaluation settings differ between ranks: temporal_views 1 vs 2 (rank 0 vs "
+                                     "rank 1); every rank must load the same")
+        assert outcomes["precision"] == ("the evaluation settings differ between ranks: precision 'fp32' vs 'bf16' "
+                                         "(rank 0 vs rank 1); every rank must load the same")

@@ -159,6 +159,10 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
         check_same_on_every_rank(env, {"weights": weights_digest(model), "templates": model.zero_shot_templates},
                                  "the models")
     check_same_on_every_rank(env, whole_data_description(data), "the evaluation data")
+    # (not in the data's description, which a resumed training run compares): merged per video, views
+    # drawn otherwise or computed at another precision on one rank give a result no single run gives
+    views = {name: getattr(data, name, None) for name in ("temporal_views", "spatial_crops")}
+    check_same_on_every_rank(env, {"precision": config.precision, **views}, "the evaluation settings")
     check_labels(data, len(model.classnames), "evaluation data")  # not after the whole pass
     was_training = model.training
     model.eval().to(env.device)
