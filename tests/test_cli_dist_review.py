@@ -1,11 +1,13 @@
 """The eval and zeroshot commands under torchrun (two gloo ranks on the CPU)."""
+import contextlib
+import io
 import json
 import os
 
 import pytest
 import torch
 
-from engine_helpers import tiny_data, tiny_model
+from engine_helpers import CLASSES, tiny_data, tiny_model
 from ranks import rank_of_two, run_ranks
 from vitaclip import cli
 from vitaclip.engine.evaluate import EvalConfig, evaluate
@@ -80,3 +82,34 @@ def test_ranks_scoring_other_views_or_at_another_precision_are_refused_on_every_
                                      "rank 1); every rank must load the same")
         assert outcomes["precision"] == ("the evaluation settings differ between ranks: precision 'fp32' vs 'bf16' "
                                          "(rank 0 vs rank 1); every rank must load the same")
+
+
+def load_failure_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """eval and zeroshot where rank 1's class file is missing (a node without its copy); each rank's exit
+    status and message."""
+    with rank_of_two(rank, world_size, port):
+        classes = os.path.join(folder, "classes.txt" if rank == 0 else "absent.txt")
+        model = os.path.join(folder, "model")
+        outcomes = {}
+        for command in (["eval", "--model", model, "--classes", classes, "--list", os.path.join(folder, "list.txt")],
+                        ["zeroshot", "--model", model, "--classes", classes, "--split", os.path.join(folder, "list.txt")]):
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                code = cli.main(command + ["--device", "cpu", "--num-workers", "0", "--no-progress"])
+            outcomes[command[0]] = (code, stderr.getvalue())
+        torch.save(outcomes, os.path.join(folder, f"rank{rank}.pt"))
+
+
+def test_a_rank_that_cannot_load_its_files_is_named_on_every_rank(tmp_path):
+    """Rank 1 failed to load and exited; rank 0, at its next collective, saw a lost connection (gloo's
+    traceback; with NCCL it waited out the collective timeout)."""
+    tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (tmp_path / "list.txt").write_text("a.mp4,0\n")
+    run_ranks(load_failure_worker, str(tmp_path))
+    ours, theirs = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    for command in ("eval", "zeroshot"):
+        assert theirs[command][0] == 2 and "absent.txt" in theirs[command][1]
+        code, message = ours[command]
+        assert code == 2 and message.startswith(f"vitaclip {command}: error: loading the model") and \
+            "failed on rank 1: " in message and "absent.txt" in message

@@ -288,12 +288,13 @@ def load_eval_model(args, classes: Optional[List[str]]):
 
 def cmd_eval(args) -> int:
     from .data import sampling
-    from .engine.distributed import init_distributed
+    from .engine.distributed import init_distributed, on_every_rank
     from .engine.evaluate import EvalConfig, evaluate
 
     env = init_distributed(args.device)  # before the loader, which shards the videos by rank
-    classes = read_classes(args.classes) if args.classes else None
-    model = load_eval_model(args, classes)
+    # (a rank that cannot load its copy of a file is named on every rank, not waited for)
+    model = on_every_rank(env, lambda: load_eval_model(args, read_classes(args.classes) if args.classes else None),
+                          "loading the model and classes")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
@@ -326,32 +327,37 @@ def cmd_zeroshot(args) -> int:
 
     from .data import sampling
     from .engine.checkpoint import load_model
-    from .engine.distributed import init_distributed
+    from .engine.distributed import init_distributed, on_every_rank
     from .engine.evaluate import EvalConfig
     from .engine.zeroshot import ZEROSHOT_TEMPLATES, Split, zeroshot
     from .model import VitaCLIP
 
+    def load():
+        templates = read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
+        class_lists = [read_classes(class_file) for _, class_file in (parse_split(s, args.classes) for s in args.split)]
+        if args.model:
+            refuse_clip_flags(args, "--model")
+            model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
+        else:
+            if heads_overrides(args):
+                raise ValueError("--heads/--text-heads complete a --model file of the authors' layout; a plain CLIP "
+                                 "(no --model) has its own")
+            # random weights ('') drawn from one seed: under torchrun each rank builds its own, and evaluate()
+            # refuses ranks whose weights differ (this also makes such a baseline the same from run to run)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
+            model.set_backend(args.backend)
+        return templates, class_lists, model
+
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
-    templates = read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
-    parsed = [parse_split(s, args.classes) for s in args.split]
-    if args.model:
-        refuse_clip_flags(args, "--model")
-        model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
-    else:
-        if heads_overrides(args):
-            raise ValueError("--heads/--text-heads complete a --model file of the authors' layout; a plain CLIP "
-                             "(no --model) has its own")
-        # random weights ('') drawn from one seed: under torchrun each rank builds its own, and evaluate()
-        # refuses ranks whose weights differ (this also makes such a baseline the same from run to run)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
-        model.set_backend(args.backend)
+    # (a rank that cannot load its copy of a file is named on every rank, not waited for)
+    templates, class_lists, model = on_every_rank(env, load, "loading the model, classes and templates")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     splits = []
-    for text, (list_file, class_file) in zip(args.split, parsed):
-        classes = read_classes(class_file)
+    for text, classes in zip(args.split, class_lists):
+        list_file, _ = parse_split(text, args.classes)
         data = video_loader(args, env, list_file, classes, False, frames, model.config.image_size,
                             batch_size=args.batch_size, temporal_views=args.temporal_views,
                             spatial_crops=args.spatial_crops)

@@ -7,7 +7,7 @@ import itertools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,25 @@ def check_same_on_every_rank(env: DistEnv, value: Any, what: str) -> None:
         if theirs != values[0]:
             raise ValueError(f"{what} differ between ranks: {_difference(values[0], theirs)} (rank 0 vs rank {rank}); "
                              f"every rank must load the same")
+
+
+def on_every_rank(env: DistEnv, work: Callable[[], Any], what: str) -> Any:
+    """work()'s value; where it raised on some rank, every rank raises (that one its own error, the others
+    a ValueError naming it and its error) instead of waiting for it at their next collective: a rank
+    whose peer failed there would see a lost connection (gloo) or wait out the collective timeout."""
+    if not env.is_distributed:
+        return work()
+    try:
+        value, failure = work(), None
+    except Exception as error:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+        value, failure = None, error
+    messages = all_gather_objects(env, None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(messages):
+        if message is not None:
+            raise ValueError(f"{what} failed on rank {rank}: {message}")
+    return value
 
 
 def weights_digest(module: torch.nn.Module) -> str:
