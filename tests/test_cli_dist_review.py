@@ -85,18 +85,24 @@ def test_ranks_scoring_other_views_or_at_another_precision_are_refused_on_every_
 
 
 def load_failure_worker(rank: int, world_size: int, port: int, folder: str) -> None:
-    """eval and zeroshot where rank 1's class file is missing (a node without its copy); each rank's exit
-    status and message."""
+    """eval and zeroshot where rank 1's class or list file is missing (a node without its copy); each rank's
+    exit status and message."""
     with rank_of_two(rank, world_size, port):
-        classes = os.path.join(folder, "classes.txt" if rank == 0 else "absent.txt")
-        model = os.path.join(folder, "model")
+        classes, listed = (os.path.join(folder, name if rank == 0 else "absent.txt") for name in ("classes.txt",
+                                                                                                  "list.txt"))
+        present = {"--model": os.path.join(folder, "model"), "--classes": os.path.join(folder, "classes.txt"),
+                   "--list": os.path.join(folder, "list.txt")}
         outcomes = {}
-        for command in (["eval", "--model", model, "--classes", classes, "--list", os.path.join(folder, "list.txt")],
-                        ["zeroshot", "--model", model, "--classes", classes, "--split", os.path.join(folder, "list.txt")]):
+        cases = {"eval": ["eval", "--classes", classes, "--list", present["--list"]],
+                 "zeroshot": ["zeroshot", "--classes", classes, "--split", present["--list"]],
+                 "eval list": ["eval", "--classes", present["--classes"], "--list", listed],
+                 "zeroshot list": ["zeroshot", "--classes", present["--classes"], "--split", listed]}
+        for name, command in cases.items():
             stderr = io.StringIO()
             with contextlib.redirect_stderr(stderr):
-                code = cli.main(command + ["--device", "cpu", "--num-workers", "0", "--no-progress"])
-            outcomes[command[0]] = (code, stderr.getvalue())
+                code = cli.main(command + ["--model", present["--model"], "--device", "cpu", "--num-workers", "0",
+                                           "--no-progress"])
+            outcomes[name] = (code, stderr.getvalue())
         torch.save(outcomes, os.path.join(folder, f"rank{rank}.pt"))
 
 
@@ -108,8 +114,9 @@ def test_a_rank_that_cannot_load_its_files_is_named_on_every_rank(tmp_path):
     (tmp_path / "list.txt").write_text("a.mp4,0\n")
     run_ranks(load_failure_worker, str(tmp_path))
     ours, theirs = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
-    for command in ("eval", "zeroshot"):
-        assert theirs[command][0] == 2 and "absent.txt" in theirs[command][1]
-        code, message = ours[command]
+    for case in ("eval", "zeroshot", "eval list", "zeroshot list"):
+        command = case.split()[0]
+        assert theirs[case][0] == 2 and "absent.txt" in theirs[case][1]
+        code, message = ours[case]
         assert code == 2 and message.startswith(f"vitaclip {command}: error: loading the model") and \
             "failed on rank 1: " in message and "absent.txt" in message

@@ -288,13 +288,18 @@ def load_eval_model(args, classes: Optional[List[str]]):
 
 def cmd_eval(args) -> int:
     from .data import sampling
+    from .data.lists import check_list_file
     from .engine.distributed import init_distributed, on_every_rank
     from .engine.evaluate import EvalConfig, evaluate
 
+    def load():
+        model = load_eval_model(args, read_classes(args.classes) if args.classes else None)
+        check_list_file(args.list)
+        return model
+
     env = init_distributed(args.device)  # before the loader, which shards the videos by rank
     # (a rank that cannot load its copy of a file is named on every rank, not waited for)
-    model = on_every_rank(env, lambda: load_eval_model(args, read_classes(args.classes) if args.classes else None),
-                          "loading the model and classes")
+    model = on_every_rank(env, load, "loading the model, classes and list")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
@@ -326,6 +331,7 @@ def cmd_zeroshot(args) -> int:
     import torch
 
     from .data import sampling
+    from .data.lists import check_list_file
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed, on_every_rank
     from .engine.evaluate import EvalConfig
@@ -348,11 +354,13 @@ def cmd_zeroshot(args) -> int:
                 torch.manual_seed(0)
                 model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
             model.set_backend(args.backend)
+        for text in args.split:
+            check_list_file(parse_split(text, args.classes)[0])
         return templates, class_lists, model
 
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     # (a rank that cannot load its copy of a file is named on every rank, not waited for)
-    templates, class_lists, model = on_every_rank(env, load, "loading the model, classes and templates")
+    templates, class_lists, model = on_every_rank(env, load, "loading the model, classes, templates and lists")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     splits = []
