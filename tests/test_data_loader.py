@@ -567,7 +567,7 @@ def test_ranks_share_the_probing_of_new_videos_and_all_get_every_result(vp9_data
 def test_a_ranks_failure_is_sent_to_the_others_of_its_kind_where_pickle_can_send_that():
     """A class pickle cannot name (a local one) would fail the gather on the failing rank and leave the
     others waiting for it: RuntimeError goes instead (the message keeps its name)."""
-    from vitaclip.data.meta import _sendable_kind
+    from vitaclip.engine.distributed import _sendable_kind
     from vitaclip.errors import VideoDecodeError
 
     class LocalError(ValueError):

@@ -15,15 +15,15 @@ import json
 import logging
 import operator
 import os
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch.distributed
 from tqdm import tqdm
 
+from ..engine.distributed import gathered_on_every_rank
 from ..files import atomic_write_text
 from . import pyav
 from .lists import VideoEntry, listed_path
@@ -158,9 +158,10 @@ def _agreed_rows(list_file: str, keys: List[str], entries: List[VideoEntry], wor
         rows["known"], rows["current"] = _current_rows(list_file, keys, entries, workers)
         return hashlib.sha256(repr(sorted(_held(rows["known"], rows["current"]).items())).encode()).hexdigest()
 
-    if len(set(_on_every_rank(survey, list_file))) == 1:
+    if len(set(gathered_on_every_rank(survey, f"reading the videos of {list_file}"))) == 1:
         return rows["known"], rows["current"]
-    held = _on_every_rank(lambda: _held(rows["known"], rows["current"]), list_file)
+    held = gathered_on_every_rank(lambda: _held(rows["known"], rows["current"]),
+                                  f"reading the videos of {list_file}")
     disputed = {k for k in set().union(*held) if len({h.get(k) for h in held}) > 1}
     return rows["known"], rows["current"] - disputed
 
@@ -173,44 +174,6 @@ def _held(known: dict, current: set) -> dict:
 
 
 _HELD = operator.attrgetter(*(f.name for f in dataclasses.fields(VideoInfo) if f.name != "stamp"))
-
-
-def _on_every_rank(work: Callable[[], Any], list_file: str) -> list:
-    """Every rank's work(), gathered (each rank of the default group calls this): where work raised
-    on some rank, every rank raises (that one its own error, the others naming it) instead of
-    waiting for it. The others' error is of the failing rank's kind, so that bad input there (a list
-    or sidecar that differs, a missing file) is bad input on every rank, not a crash."""
-    try:
-        outcome, failure = (True, work()), None
-    except Exception as error:
-        outcome, failure = (False, (_sendable_kind(error), f"{type(error).__name__}: {error}")), error
-    outcomes: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(outcomes, outcome)
-    if failure is not None:
-        raise failure
-    for rank, (done, value) in enumerate(outcomes):
-        if not done:
-            kind, message = value
-            raise _error_of_kind(kind, f"reading the videos of {list_file} failed on rank {rank}: {message}")
-    return [value for _, value in outcomes]
-
-
-def _sendable_kind(error: Exception) -> type:
-    """error's class, or RuntimeError where pickle cannot send it (a local class): a rank that cannot
-    send its outcome would leave the others waiting."""
-    try:
-        pickle.dumps(type(error))
-    except Exception:  # noqa: BLE001 - whatever pickle raises
-        return RuntimeError
-    return type(error)
-
-
-def _error_of_kind(kind: type, message: str) -> Exception:
-    """kind(message), or a RuntimeError where kind takes other arguments."""
-    try:
-        return kind(message)
-    except Exception:  # noqa: BLE001 - any constructor's complaint: the message is what matters
-        return RuntimeError(message)
 
 
 def _read_here(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: str, workers: int, timeout: float,
@@ -250,7 +213,7 @@ def _read_shared(probe: Callable, to_probe: Keyed, to_show: Keyed, list_file: st
                                       list_file, workers, timeout, progress)
         return dict(zip(mine[0], probed)), dict(zip(mine[1], displays))
 
-    outcomes = _on_every_rank(read_mine, list_file)
+    outcomes = gathered_on_every_rank(read_mine, f"reading the videos of {list_file}")
     results = {k: r for probed, _ in outcomes for k, r in probed.items()}
     probed_elsewhere = [k for k, _ in to_probe if k not in outcomes[rank][0] and isinstance(results[k], VideoInfo)]
     results.update(_stamped_here({k: results[k] for k in probed_elsewhere}, entry_of, list_file, workers))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
@@ -136,22 +137,47 @@ def check_same_on_every_rank(env: DistEnv, value: Any, what: str) -> None:
 
 
 def on_every_rank(env: DistEnv, work: Callable[[], Any], what: str) -> Any:
-    """work()'s value; where it raised on some rank, every rank raises (that one its own error, the others
-    a ValueError naming it and its error) instead of waiting for it at their next collective: a rank
-    whose peer failed there would see a lost connection (gloo) or wait out the collective timeout."""
-    if not env.is_distributed:
-        return work()
+    """work()'s value; where it raised on some rank, every rank raises (`gathered_on_every_rank`)."""
+    return gathered_on_every_rank(work, what)[env.rank] if env.is_distributed else work()
+
+
+def gathered_on_every_rank(work: Callable[[], Any], what: str) -> List[Any]:
+    """Every rank's work(), gathered (each rank of the default group calls this): where work raised on
+    some rank, every rank raises (that one its own error, the others "`what` failed on rank N: ...")
+    instead of waiting for it at their next collective (a lost connection under gloo, the collective
+    timeout under NCCL). The others' error is of the failing rank's kind, so that bad input there (a
+    missing file, a list that differs) is bad input on every rank, not a crash."""
     try:
-        value, failure = work(), None
+        outcome, failure = (True, work()), None
     except Exception as error:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-        value, failure = None, error
-    messages = all_gather_objects(env, None if failure is None else f"{type(failure).__name__}: {failure}")
+        outcome, failure = (False, (_sendable_kind(error), f"{type(error).__name__}: {error}")), error
+    outcomes: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
     if failure is not None:
         raise failure
-    for rank, message in enumerate(messages):
-        if message is not None:
-            raise ValueError(f"{what} failed on rank {rank}: {message}")
-    return value
+    for rank, (done, value) in enumerate(outcomes):
+        if not done:
+            kind, message = value
+            raise _error_of_kind(kind, f"{what} failed on rank {rank}: {message}")
+    return [value for _, value in outcomes]
+
+
+def _sendable_kind(error: Exception) -> type:
+    """error's class, or RuntimeError where pickle cannot send it (a local class): a rank that cannot
+    send its outcome would leave the others waiting."""
+    try:
+        pickle.dumps(type(error))
+    except Exception:  # noqa: BLE001 - whatever pickle raises
+        return RuntimeError
+    return type(error)
+
+
+def _error_of_kind(kind: type, message: str) -> Exception:
+    """kind(message), or a RuntimeError where kind takes other arguments."""
+    try:
+        return kind(message)
+    except Exception:  # noqa: BLE001 - any constructor's complaint: the message is what matters
+        return RuntimeError(message)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
