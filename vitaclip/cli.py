@@ -176,9 +176,7 @@ def refuse_clip_flags(args, instead: str) -> None:
 def video_loader(args, env, list_file: str, classes: List[str], train: bool, num_frames: int, size: int, **kw):
     """A loader decoding on this process's device (`env.device`: its rank's GPU under torchrun)."""
     from .data import VideoLoader
-    from .data.lists import check_list_file
 
-    check_list_file(list_file)
     loader = VideoLoader(list_file, args.data_root, train=train, num_frames=num_frames, stride=args.stride,
                          size=size, backend=args.decoder, num_classes=len(classes), num_workers=args.num_workers,
                          device=env.device, on_error=args.on_error, min_frames=args.min_frames,
@@ -340,7 +338,9 @@ def cmd_zeroshot(args) -> int:
 
     def load():
         templates = read_templates(args.templates) if args.templates else ZEROSHOT_TEMPLATES
-        class_lists = [read_classes(class_file) for _, class_file in (parse_split(s, args.classes) for s in args.split)]
+        # each split's list file and classes
+        split_lists = [(list_file, read_classes(class_file))
+                       for list_file, class_file in (parse_split(text, args.classes) for text in args.split)]
         if args.model:
             refuse_clip_flags(args, "--model")
             model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
@@ -354,18 +354,17 @@ def cmd_zeroshot(args) -> int:
                 torch.manual_seed(0)
                 model = VitaCLIP.plain_clip(args.clip or DEFAULT_CLIP, clip_weights(args))
             model.set_backend(args.backend)
-        for text in args.split:
-            check_list_file(parse_split(text, args.classes)[0])
-        return templates, class_lists, model
+        for list_file, _ in split_lists:
+            check_list_file(list_file)
+        return templates, split_lists, model
 
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     # (a rank that cannot load its copy of a file is named on every rank, not waited for)
-    templates, class_lists, model = on_every_rank(env, load, "loading the model, classes, templates and lists")
+    templates, split_lists, model = on_every_rank(env, load, "loading the model, classes, templates and lists")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
     splits = []
-    for text, classes in zip(args.split, class_lists):
-        list_file, _ = parse_split(text, args.classes)
+    for text, (list_file, classes) in zip(args.split, split_lists):
         data = video_loader(args, env, list_file, classes, False, frames, model.config.image_size,
                             batch_size=args.batch_size, temporal_views=args.temporal_views,
                             spatial_crops=args.spatial_crops)
