@@ -262,8 +262,7 @@ class PromptLearner(nn.Module):
         if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
             raise ValueError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        prompts = [f"{self.prefix} {name}.".strip() for name in names]
-        tokens = tokenize(prompts, self.config.context_length)
+        tokens = tokenize(class_prompts(self.prefix, names), self.config.context_length)
         if not (self.config.csc and self.ctx is not None):  # (a context of their own tells them apart)
             check_distinct_tokens(names, tokens)
         name_lens = [len(get_tokenizer().encode(name)) for name in names]
@@ -320,6 +319,11 @@ def check_classnames(names: Sequence[str]) -> None:
         seen.add(n)
     if dups:
         raise ValueError(f"duplicate class name(s): {sorted(set(dups))}")
+
+
+def class_prompts(prefix: str, names: Sequence[str]) -> List[str]:
+    """Each class's prompt around a learned context: `prefix` (the context's words), the name, a full stop."""
+    return [f"{prefix} {name}.".strip() for name in names]
 
 
 def check_distinct_tokens(names: Sequence[str], tokens: Tensor) -> None:

@@ -23,7 +23,8 @@ from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
 from .files import atomic_write_text, save_safetensors
 from .model import VitaCLIP
-from .text import PLACEHOLDER, clean_classname, get_tokenizer, keep_phrase_for_saved_context, string_list, tokenize
+from .text import (PLACEHOLDER, class_prompts, clean_classname, get_tokenizer, keep_phrase_for_saved_context,
+                   string_list, tokenize)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -327,7 +328,7 @@ def learned_for_other_classes(path, state: Dict[str, Tensor], class_tokens: Opti
     if class_tokens is None:
         return None
     n_ctx = config.n_ctx
-    prompts = [" ".join([PLACEHOLDER] * n_ctx + [clean_classname(name)]) + "." for name in classnames]
+    prompts = class_prompts(" ".join([PLACEHOLDER] * n_ctx), [clean_classname(name) for name in classnames])
     expected = state["textual.token_embedding.weight"][tokenize(prompts, config.context_length)[:, 1 + n_ctx:]]
     if expected.shape != class_tokens.shape:  # not what their prompt learner makes: nothing to tell by
         return None
