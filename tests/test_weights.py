@@ -392,6 +392,25 @@ def test_save_and_load_pretrained(tmp_path):
         VitaCLIP.from_pretrained(tmp_path / "checkpoint-00000001.pt")
 
 
+def test_a_uniform_augmentation_magnitude_is_saved_as_strict_json(tmp_path):
+    """mstd above 100 (a uniform RandAugment magnitude) is inf in the loader's description:
+    Python's json wrote it as Infinity, which jq, JavaScript and Go refuse."""
+    from vitaclip.data.augment import RandAugmentConfig
+
+    model = VitaCLIP(tiny_config(), CLASSES)
+    augment = vars(RandAugmentConfig.parse("rand-m9-n2-mstd101"))
+    model.training_data = {"stride": 2, "frames": 8, "augment": augment, "crop_scale": [0.08, 1.0]}
+    model.save_pretrained(tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = json.loads((tmp_path / "training_data.json").read_text(), parse_constant=refuse)
+    assert written["augment"]["magnitude_std"] == "inf"
+    assert written["augment"]["magnitude"] == 9.0 and written["crop_scale"] == [0.08, 1.0]
+    assert VitaCLIP.from_pretrained(tmp_path).training_data == written
+
+
 def test_saved_files_follow_the_umask_and_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
     events = []
 

@@ -484,7 +484,7 @@ def save_pretrained(model: VitaCLIP, directory) -> None:
     if model.training_data is None:  # nor an earlier save's record of another model's training
         (directory / TRAINING_DATA_FILE).unlink(missing_ok=True)
     else:
-        atomic_write_text(directory / TRAINING_DATA_FILE, json.dumps(model.training_data, indent=1))
+        atomic_write_text(directory / TRAINING_DATA_FILE, json.dumps(_finite_json(model.training_data), indent=1))
 
 
 def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
@@ -513,6 +513,19 @@ def load_pretrained(cls, directory, backend: str = "auto") -> VitaCLIP:
     if (directory / TRAINING_DATA_FILE).is_file():
         model.training_data = _read_json(directory / TRAINING_DATA_FILE)
     return model
+
+
+def _finite_json(value):
+    """`value` with each non-finite float written as its name ('inf', '-inf', 'nan'): strict JSON
+    readers (jq, JavaScript, Go) refuse Python's Infinity, which a uniform RandAugment magnitude
+    (mstd above 100) records."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def _read_json(path: Path):
