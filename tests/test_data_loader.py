@@ -613,6 +613,36 @@ def test_sidecar_rows_of_other_files_are_probed_again(vp9_dataset, tmp_path, cha
     assert next(iter(ld)).video.shape == (1, 3, 2, 16, 16)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_what_every_rank_leaves_out_alike_is_named_once_and_decoding_failures_by_their_rank(
+        bad_dataset, monkeypatch, caplog, rank):
+    """The ranks read one list and share its probes, so a bad line or an unreadable video is left
+    out by all of them: rank 0 names it (under torchrun every rank printed it). A video that fails
+    when decoded is decoded by one rank only, which names it."""
+    import logging
+
+    from vitaclip.data import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "_process_shard", lambda: (rank, 2))
+    lst = bad_dataset / "ranks.csv"
+    lst.write_text("good.webm,0\ngood2.webm,1\ngood.webm\nmissing.webm,1\n")
+    kw = dict(train=False, batch_size=1, num_frames=2, stride=4, size=16, backend="pyav", num_workers=0,
+              device="cpu", on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="vitaclip.data.loader"):
+        ld = VideoLoader(str(lst), str(bad_dataset), **kw)
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(ld.skipped) == 2
+    assert len(named) == (2 if rank == 0 else 0), named
+    caplog.clear()
+    # the ranks split the entries: rank 0 decodes good.webm (missing.webm is left out), rank 1 good2.webm
+    mine = bad_dataset / ("good.webm" if rank == 0 else "good2.webm")
+    shutil.copy(bad_dataset / "short.webm", mine)
+    with caplog.at_level(logging.WARNING, logger="vitaclip.data.loader"):
+        assert list(ld) == []
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(named) == 1 and mine.name in named[0], named
+
+
 @pytest.mark.parametrize("backend", ["pyav", pytest.param("dali-cpu", marks=needs_dali)])
 def test_frames_of_another_size_than_the_metadata_are_a_decode_error(bad_dataset, backend):
     lst = bad_dataset / "resized.csv"

@@ -152,6 +152,8 @@ class VideoLoader:
         # where this epoch goes on: the batch after the last one yielded (left-out batches count), or
         # set_epoch's start_batch before the first
         self.next_batch = 0
+        # ranks that read one list and share its probes leave out the same entries: one names them
+        self._quiet = self._shard_given is None and _process_shard()[0] != 0
         for message in entries.skipped:
             self._bad(message)
         # sharded by process: the ranks share the probing of new videos, and all see the same infos
@@ -174,6 +176,7 @@ class VideoLoader:
             why = (f"{len(self.skipped)} entries left out, e.g. {self.skipped[0]}" if self.skipped
                    else "the list has no entries")
             raise NoUsableVideos(f"{list_file}: no usable videos ({why})", self.skipped_videos)
+        self._quiet = False  # what a rank's decoding leaves out is its own
         self._usable = {video[0]: video for video in self.videos}
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
@@ -535,7 +538,7 @@ class VideoLoader:
     def _bad(self, message: str, video_id: Optional[int] = None) -> None:
         if self.on_error == "raise":
             raise VideoDecodeError(message)
-        log.warning("skipping: %s", message)
+        log.log(logging.DEBUG if self._quiet else logging.WARNING, "skipping: %s", message)
         self.skipped.append(message)
         if video_id is not None:
             self.skipped_videos[video_id] = message
