@@ -16,7 +16,10 @@ _BLOCK = 2048
 
 
 def _launch(kernel, *tensors: Tensor) -> Tensor:
-    out = torch.empty_like(tensors[0])
+    """kernel over the elements of `tensors` in memory order: each is made contiguous (a no-op for the
+    model's, which `quick_gelu` makes so), and so is the result."""
+    tensors = [t.contiguous() for t in tensors]
+    out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
     n = out.numel()
     with launch_device(out):
         kernel[(triton.cdiv(n, _BLOCK),)](*tensors, out, n, SLOPE=_kernels.QUICK_GELU_SLOPE, BLOCK=_BLOCK,
@@ -31,17 +34,17 @@ def _quick_gelu_op(x: Tensor) -> Tensor:
 
 @_quick_gelu_op.register_fake
 def _(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("vitaclip::quick_gelu_backward", mutates_args=())
 def _quick_gelu_backward_op(x: Tensor, grad_out: Tensor) -> Tensor:
-    return _launch(_kernels._quick_gelu_bwd, x, grad_out.contiguous())
+    return _launch(_kernels._quick_gelu_bwd, x, grad_out)
 
 
 @_quick_gelu_backward_op.register_fake
 def _(x, grad_out):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):

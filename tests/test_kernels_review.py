@@ -1,0 +1,56 @@
+"""Review of the custom ops' wrappers and kernels (ops/attention.py, ops/activation.py,
+ops/class_attention.py): inputs the public entry points do not make themselves, called through
+the registered ops or given odd layouts, against the plain PyTorch references in float64.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), tiny shapes, fp32."""
+import os
+
+import pytest
+import torch
+
+from vitaclip.ops.attention import triton_available
+from vitaclip.vision import QuickGELU
+
+pytestmark = pytest.mark.skipif(
+    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton on CUDA or Triton's CPU interpreter")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quick_gelu_op():
+    import vitaclip.ops.activation  # noqa: F401  (registers the op)
+
+    return torch.ops.vitaclip.quick_gelu.default
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
+def test_quick_gelu_op_of_a_non_contiguous_input(layout):
+    """The registered op is public (torch.ops.vitaclip.quick_gelu, and what torch.compile and opcheck
+    call); its kernels index memory linearly. A sliced input was read as if contiguous (wrong values),
+    a transposed one got its gradient in the wrong order (grad_out made contiguous, x not)."""
+    leaf = (torch.randn(6, 10, device=DEVICE) * 3).requires_grad_(True)
+    x = {"sliced": leaf[:, ::2], "transposed": leaf.t(), "expanded": leaf[:1].expand(4, -1)}[layout]
+    y = _quick_gelu_op()(x)
+    grad_out = torch.randn(y.shape, device=DEVICE)
+    (got_grad,) = torch.autograd.grad(y, leaf, grad_out)
+    leaf64 = leaf.detach().double().requires_grad_(True)
+    x64 = {"sliced": leaf64[:, ::2], "transposed": leaf64.t(), "expanded": leaf64[:1].expand(4, -1)}[layout]
+    want = QuickGELU()(x64)
+    (want_grad,) = torch.autograd.grad(want, leaf64, grad_out.double())
+    torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_quick_gelu_fake_matches_real_for_a_non_contiguous_input():
+    """The fake implementation says what the real op returns (shape, strides, dtype)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = _quick_gelu_op()
+    x = torch.randn(6, 10, device=DEVICE).t()
+    real = op(x)
+    with FakeTensorMode() as mode:
+        fake = op(mode.from_tensor(x))
+    assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+    torch.library.opcheck(op, (x.detach().requires_grad_(True),))
+    torch.library.opcheck(op, (torch.randn(6, 10, device=DEVICE)[:, ::3].requires_grad_(True),))
