@@ -399,3 +399,30 @@ def test_without_pidfd_a_worker_asks_every_second_whether_its_owner_lives_and_en
     out = subprocess.run([sys.executable, "-c", OWNER_WATCHED_WITHOUT_PIDFD], capture_output=True, text=True,
                          timeout=120)
     assert (out.returncode, out.stdout) == (0, "alive while the owner is\n")  # ended within 10 s of it
+
+
+STARTED_BY_ANOTHER = """
+import multiprocessing, warnings
+from multiprocessing import forkserver
+from vitaclip.engine import stopping
+
+# something else (the user's script, a library; any pool of the default context from Python 3.14 on)
+# starts multiprocessing's fork server first, ignoring no stop signal
+multiprocessing.get_context("forkserver").Pool(1).close()
+server = forkserver._forkserver._forkserver_pid
+stopping.start_fork_server()  # the package's first pool: the server runs already, as it was started
+print(server == forkserver._forkserver._forkserver_pid, sorted(stopping._fork_server_ignores))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    stopping.StopRequest(["SIGTERM"]).install()
+print(len(caught), "SIGTERM" in str(caught[-1].message) if caught else None)
+"""
+
+
+def test_a_fork_server_started_by_another_is_not_taken_for_one_ignoring_the_stop_signals():
+    """A server already running when the package first starts its pools was recorded as ignoring the
+    job's stop signals, which it did not: no warning, and a stop signal ended it (its workers looking
+    dead to their loaders) instead of stopping the run."""
+    out = subprocess.run([sys.executable, "-c", STARTED_BY_ANOTHER], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split("\n")
+    assert out[:2] == ["True []", "1 True"]

@@ -70,7 +70,8 @@ class StopRequest:
             if _fork_server_running() and unshielded:
                 warnings.warn(f"the data workers' fork server started before {', '.join(unshielded)} were made stop "
                               f"signals: one of them would end it, and its workers would look dead to the loader; "
-                              f"call vitaclip.engine.stopping.declare_stop_signals before making loaders")
+                              f"call vitaclip.engine.stopping.declare_stop_signals before making loaders, and before "
+                              f"anything else starts multiprocessing's fork server")
         return self
 
     def uninstall(self) -> None:
@@ -127,16 +128,30 @@ def start_fork_server() -> None:
 
     main = threading.current_thread() is threading.main_thread()
     stops = _job_stop_signals.union(installed_signals())
+    running_before = forkserver._forkserver._forkserver_pid
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops} if main else {}
     try:
         forkserver.ensure_running()
     finally:
         for sig, handler in previous.items():  # None: set outside Python, which cannot set it back
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    if _fork_server_running() and forkserver._forkserver._forkserver_pid != _fork_server_pid[0]:  # started now
-        _fork_server_pid[0] = forkserver._forkserver._forkserver_pid
+    server = forkserver._forkserver._forkserver_pid
+    if _fork_server_running() and server != _fork_server_pid[0]:  # not seen before
+        _fork_server_pid[0] = server
         _fork_server_ignores.clear()
-        _fork_server_ignores.update(previous)
+        # started now, ignoring them; or started by something else before (the user's script, a pool of
+        # the default context from Python 3.14 on), ignoring what its starter ignored then
+        _fork_server_ignores.update(previous if server != running_before else _ignored_by(server, stops))
+
+
+def _ignored_by(pid: int, signals) -> set:
+    """Which of `signals` process `pid` ignores (Linux's /proc; elsewhere none is assumed)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return set()
+    return {sig for sig in signals if mask >> (sig - 1) & 1}
 
 
 def _fork_server_running() -> bool:
