@@ -54,3 +54,26 @@ def test_quick_gelu_fake_matches_real_for_a_non_contiguous_input():
     assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
     torch.library.opcheck(op, (x.detach().requires_grad_(True),))
     torch.library.opcheck(op, (torch.randn(6, 10, device=DEVICE)[:, ::3].requires_grad_(True),))
+
+
+@pytest.mark.parametrize("kind,shape", [
+    ("local", (1, 3, 2, 8)),   # one group's local prompts for 2 groups: broadcast to both
+    ("local", (4, 3, 2, 8)),   # one group per frame while frames_per_group = 2
+    ("global", (3, 1, 8)),     # one head's prompts for 2 heads: broadcast to both
+    ("summary", (1, 2, 8)),    # one frame's summary token for 4 frames: broadcast to all
+    ("summary", (4, 2, 4)),    # another head dim
+])
+def test_class_token_attention_rejects_prompts_of_other_shapes(kind, shape):
+    """The last layer's one-query attention broadcast prompts of the wrong shape silently (an answer
+    where the reference and the Triton op raise): it now names them, as `prompt_attention` does."""
+    from vitaclip.ops.class_attention import class_token_attention
+
+    n_frames, seq, heads, dim = 4, 5, 2, 8
+    q, k, v = torch.randn(n_frames, heads, dim), *torch.randn(2, n_frames, seq, heads, dim)
+    prompts = dict(local=(None, None), global_=(None, None), summary=(None, None))
+    bad = torch.randn(shape)
+    prompts["global_" if kind == "global" else kind] = (bad, bad)
+    with pytest.raises(ValueError, match=f"{kind}_k/v must be"):
+        class_token_attention(q, k, v, [t for pair in prompts.values() for t in pair], frames_per_group=2)
+    with pytest.raises(ValueError, match="both be given"):
+        class_token_attention(q, k, v, [None, None, None, None, torch.randn(n_frames, heads, dim), None])

@@ -19,6 +19,22 @@ from torch import Tensor
 PROMPT_NAMES = ("local_k", "local_v", "global_k", "global_v", "summary_k", "summary_v")
 
 
+def _check_prompt_shapes(prompts, n_groups: int, n_frames: int, heads: int, dim: int) -> None:
+    """Each pair of prompt keys and values both given or both None, of the shapes that
+    `naive.prompt_attention` takes: the products below would broadcast others silently."""
+    for name, (pk, pv) in zip(("local", "global", "summary"), (prompts[0:2], prompts[2:4], prompts[4:6])):
+        if (pk is None) != (pv is None):
+            raise ValueError(f"class_token_attention: {name}_k and {name}_v must both be given or both be None")
+        if pk is None:
+            continue
+        want = {"local": (n_groups, pk.shape[1] if pk.dim() == 4 else -1, heads, dim),
+                "global": (pk.shape[0] if pk.dim() == 3 else -1, heads, dim),
+                "summary": (n_frames, heads, dim)}[name]
+        if tuple(pk.shape) != want or pv.shape != pk.shape:
+            raise ValueError(f"class_token_attention: {name}_k/v must be {want}, got {tuple(pk.shape)} and "
+                             f"{tuple(pv.shape)}")
+
+
 def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Optional[Tensor]] = (None,) * 6,
                           frames_per_group: int = 1) -> Tensor:
     """q [F, H, Dh]; k, v [F, S, H, Dh]; prompts: the keys and values named PROMPT_NAMES, each as
@@ -30,6 +46,7 @@ def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Opt
                          f"and Dh, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if local_k is not None and n_frames % frames_per_group:
         raise ValueError(f"class_token_attention: {n_frames} frames are not groups of {frames_per_group}")
+    _check_prompt_shapes(prompts, n_frames // frames_per_group, n_frames, heads, dim)
     wide = torch.promote_types(q.dtype, torch.float32)
     groups = n_frames // frames_per_group
     with torch.autocast(q.device.type, enabled=False):
