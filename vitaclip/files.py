@@ -29,14 +29,15 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: s
     try:
         try:
             write(tmp)
+            # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
+            os.chmod(tmp, 0o666 & ~current_umask())
+            # (NFS and Lustre cache writes: a full disk or a quota may only be reported by its fsync)
+            publish(tmp, path)
         except OSError as err:
             if err.errno is None or err.filename is not None:
                 raise
             raise OSError(err.errno, f"{err.strerror or os.strerror(err.errno)}: writing "
                                      f"{what + ' ' if what else ''}{path}") from err
-        # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
-        os.chmod(tmp, 0o666 & ~current_umask())
-        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
