@@ -77,3 +77,25 @@ def test_class_token_attention_rejects_prompts_of_other_shapes(kind, shape):
         class_token_attention(q, k, v, [t for pair in prompts.values() for t in pair], frames_per_group=2)
     with pytest.raises(ValueError, match="both be given"):
         class_token_attention(q, k, v, [None, None, None, None, torch.randn(n_frames, heads, dim), None])
+
+
+PROMPT_NAMES = ("local_k", "local_v", "global_k", "global_v", "summary_k", "summary_v")
+
+
+def test_prompt_attention_backward_op_reads_any_layout_of_out_and_lse():
+    """The registered backward op read the saved output and LSE as contiguous whatever their strides
+    (its other inputs it takes strided or makes contiguous): given the same values in another
+    layout it returned wrong gradients, silently."""
+    from test_prompt_attention import make_inputs
+
+    leaves = make_inputs(1, 2, 9, 2, 2, 1, True, dtype=torch.float32, head_dim=16, device=DEVICE)
+    prompts = [leaves.get(name) for name in PROMPT_NAMES]
+    out, lse = torch.ops.vitaclip.prompt_attention(leaves["qkv"], None, None, *prompts, 2)
+    grad_out = torch.randn_like(out)
+    backward = torch.ops.vitaclip.prompt_attention_backward
+    want = backward(grad_out, leaves["qkv"], None, None, *prompts, out, lse, 2)
+    out_seq_major = out.transpose(0, 1).contiguous().transpose(0, 1)
+    lse_seq_major = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    got = backward(grad_out, leaves["qkv"], None, None, *prompts, out_seq_major, lse_seq_major, 2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -161,7 +161,8 @@ def _launch_backward(grad_out, q, k, v, prompts, out, lse, frames_per_group, dq,
     values [F, H, Dh] (empty tensors for absent prompts)."""
     n_frames, seq, heads, head_dim = q.shape
     ptrs, n_local, n_global, has_summary = _prompt_args(*prompts, k)
-    grad_out = grad_out.contiguous()
+    # the kernels index these as contiguous (no-ops for the forward's own out and lse)
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty_like(lse)
     f32 = dict(device=q.device, dtype=torch.float32)
     # per-frame fp32 partials of the shared prompts' keys and values, stacked so that one sum and
