@@ -7,6 +7,7 @@
 // re-reading the 13-argument schema each forward), more than the whole fused op on the GPU.
 #include <Python.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -27,6 +28,10 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+constexpr const char* kNoDoubleBackward =
+    "summary_attention: double backward (create_graph=True) is not supported; "
+    "set VITACLIP_DISABLE_EXT=1 to use the PyTorch path";
 
 SummaryForward call_forward(const Tensor& c, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& q_weight,
                             const Tensor& q_bias, const Tensor& k_weight, const Tensor& k_bias, const Tensor& v_weight,
@@ -72,6 +77,10 @@ class SummaryAttentionFunction : public torch::autograd::Function<SummaryAttenti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Grad mode is on here exactly under create_graph=True. The backward op's own refusal sees only
+    // its inputs: with c, the LN weight and the out weight frozen and a loss linear in `out`, none
+    // needs grad, and a q/k/v (or LN bias) gradient came back without the op's second-order term.
+    TORCH_CHECK(!at::GradMode::is_enabled(), kNoDoubleBackward);
     if (!grads[0].defined()) return variable_list(13);  // `out` did not reach the loss
     auto [dc, dln_w, dln_b, dqkv_w, dqkv_b, dout_w, dout_b] =
         call_backward(ctx->get_saved_variables(), grads[0], ctx->saved_data["num_heads"].toInt());
@@ -129,8 +138,7 @@ SummaryBackward summary_attention_backward_autograd(const Tensor& grad_out, cons
                                                     int64_t num_heads) {
   TORCH_CHECK(!torch::autograd::compute_requires_grad(grad_out, c, normed, qkv, heads_out, mean, rstd, ln_weight,
                                                       qkv_params, out_weight),
-              "summary_attention: double backward (create_graph=True) is not supported; "
-              "set VITACLIP_DISABLE_EXT=1 to use the PyTorch path");
+              kNoDoubleBackward);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_backward({c, normed, qkv, heads_out, mean, rstd, ln_weight, qkv_params, out_weight}, grad_out,
                        num_heads);
