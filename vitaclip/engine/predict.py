@@ -99,17 +99,21 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
 
 
 def _batches_from_tensors(videos: Sequence[torch.Tensor], config: PredictConfig):
+    """batch_size videos per batch; a batch's videos of other clip shapes than the one before (whole
+    videos of their own lengths, which the model takes one by one) each start a forward of their own."""
     for start in range(0, len(videos), config.batch_size):
         chunk = videos[start:start + config.batch_size]
-        clips, ids = [], []
+        runs = []  # [clip shape, views, ids] of consecutive videos of one clip shape
         for i, v in enumerate(chunk, start=start):
             views = v if v.dim() == 5 else v.unsqueeze(0)
             if views.dim() != 5:
                 raise ValueError(f"video {i} must be [3, T, H, W] or [V, 3, T, H, W], got {tuple(v.shape)}")
-            clips.append(views)
-            ids += [i] * views.shape[0]
-        video = torch.cat(clips)
-        yield video, torch.zeros(len(ids), dtype=torch.long), ids
+            if not runs or runs[-1][0] != views.shape[1:]:
+                runs.append([views.shape[1:], [], []])
+            runs[-1][1].append(views)
+            runs[-1][2].extend([i] * views.shape[0])
+        for _, clips, ids in runs:
+            yield torch.cat(clips), torch.zeros(len(ids), dtype=torch.long), ids
 
 
 def predict(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.Tensor]],

@@ -1,0 +1,24 @@
+"""Review of prediction (the API and `vitaclip predict`), zero-shot, `bench` and `demo`: each test
+documents a bug found, failing before its fix."""
+import pytest
+import torch
+
+from engine_helpers import FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from vitaclip.engine.predict import predict
+
+CPU = dict(device="cpu", precision="fp32")
+
+
+def test_predict_takes_video_tensors_of_different_lengths_in_one_batch():
+    """Whole videos as tensors have their own frame counts, which the model takes one by one: in one
+    batch they crashed in torch.cat ('Sizes of tensors must match except in dimension 0'), though
+    batch_size=1 scored them. Each is scored as it is alone, in the order given."""
+    model = tiny_model().eval()
+    clips = [tiny_data(3)[i][0] for i in range(3)]
+    videos = [clips[0], torch.cat([clips[1], clips[1]], dim=1), torch.stack([clips[2], clips[2].flip(-1)])]
+    alone = [predict(model, [v], top_k=4, **CPU)[0]["top"] for v in videos]
+    together = predict(model, videos, top_k=4, batch_size=3, **CPU)
+    assert [r["video"] for r in together] == ["tensor 0", "tensor 1", "tensor 2"]
+    for r, expected in zip(together, alone):
+        assert [t["label"] for t in r["top"]] == [t["label"] for t in expected]
+        assert [t["probability"] for t in r["top"]] == pytest.approx([t["probability"] for t in expected], abs=1e-5)
