@@ -36,6 +36,20 @@ def test_a_sidecar_row_of_a_file_of_the_same_size_but_another_time_is_probed_aga
     assert read_meta(meta_path(lst))["v.webm"].frames == frames  # recorded anew
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_video_listed_twice_is_named_at_each_of_its_lines(vp9_dataset, tmp_path, workers):
+    """A video listed twice is one key: its failure named the last line for both entries."""
+    lst, _ = one_video(vp9_dataset, tmp_path)
+    (tmp_path / "empty.webm").write_bytes(b"")
+    with open(lst, "a") as f:
+        f.write("empty.webm,0\nmissing.webm,1\nempty.webm,1\nv.webm,1\nmissing.webm,0\n")
+    infos = video_infos(read_video_list(lst, str(tmp_path)), lst, str(tmp_path), workers=workers)
+    assert infos[0].frames == infos[4].frames
+    named = [str(infos[i]) for i in (1, 2, 3, 5)]
+    assert [n.split(" ")[0] for n in named] == [f"{lst}:{line}" for line in (2, 3, 4, 6)]
+    assert ["empty file" in n for n in named] == [True, False, True, False]
+
+
 def test_an_unstamped_row_of_a_video_gone_since_is_not_taken_for_it(vp9_dataset, tmp_path):
     """A row recorded without a stamp (another node probed a copy this node lacks) never holds: with the
     video gone here, its missing stamp must not pass for the row's (none either), and probing names it."""

@@ -117,7 +117,9 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
         log.warning("%d videos of %s have no display rotation or pixel shape in %s, and PyAV is not installed to "
                     "read them: they are read as coded (phone video may come sideways)", len(guessed), list_file,
                     sidecar)
-    return [known[k] for k in keys]
+    # a failure names the line probed: a video listed twice gets each line's own (known keeps the last)
+    failed = {id(e): info for (_, e), info in zip(to_probe, probed) if not isinstance(info, VideoInfo)}
+    return [failed.get(id(e), known[k]) for k, e in zip(keys, entries)]
 
 
 Keyed = List[Tuple[str, VideoEntry]]  # (listed path, entry)
