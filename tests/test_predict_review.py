@@ -22,3 +22,13 @@ def test_predict_takes_video_tensors_of_different_lengths_in_one_batch():
     for r, expected in zip(together, alone):
         assert [t["label"] for t in r["top"]] == [t["label"] for t in expected]
         assert [t["probability"] for t in r["top"]] == pytest.approx([t["probability"] for t in expected], abs=1e-5)
+
+
+def test_demo_refuses_a_negative_seed_by_name_before_it_writes_anything(tmp_path, capsys):
+    """`vitaclip demo --seed -1` ended with numpy's 'error: expected non-negative integer' (from the
+    synthetic clips' generator), naming no setting; train refuses such a seed as 'seed must be >= 0'."""
+    from vitaclip.cli import main
+
+    assert main(["demo", "--seed", "-1", "--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 2
+    assert "seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -18,6 +18,7 @@ from .data.transforms import normalize
 from .engine.checkpoint import load_model
 from .engine.evaluate import EvalConfig, evaluate
 from .engine.predict import predict
+from .engine.settings import check_count
 from .engine.train import TrainConfig, train
 from .model import VitaCLIP
 
@@ -140,6 +141,10 @@ class DemoConfig:
 
 def run_demo(config: Optional[DemoConfig] = None, **overrides) -> Dict:
     config = dataclasses.replace(config or DemoConfig(), **overrides)
+    # before the clips are drawn and written (numpy's "expected non-negative integer" for a seed of -1)
+    for name, least in (("seed", 0), ("steps", 1), ("batch_size", 1), ("train_size", 1), ("test_size", 1),
+                        ("num_frames", 1)):
+        check_count(name, getattr(config, name), least)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model's ops are faster on one thread than split over several
     try:
