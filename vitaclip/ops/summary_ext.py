@@ -3,8 +3,9 @@
 Loading vitaclip._C registers `torch.ops.vitaclip.summary_attention` (and its backward) with
 CPU and CUDA kernels and autograd (in C++, see csrc/summary_attention.cpp for why); this
 module adds what torch.compile needs: the fake (meta) shapes of both ops.
-If the library is missing or does not load (built for another torch), `LOAD_ERROR` says why
-and the package uses the plain PyTorch path.
+If the library is missing, does not load (built for another torch) or has other ops than this
+module calls (built from older sources), `LOAD_ERROR` says why and the package uses the plain
+PyTorch path.
 """
 from __future__ import annotations
 
@@ -15,12 +16,43 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+# The ops as this module calls them and fakes them. A library built from other sources (an editable
+# install pulled since its build, the schema changed in between) registers other ones: calling them
+# failed in the model's first summary step, and torch.compile traced this module's fakes for them.
+SCHEMAS = {
+    "summary_attention":
+        "vitaclip::summary_attention(Tensor c, Tensor ln_weight, Tensor ln_bias, Tensor q_weight, Tensor q_bias, "
+        "Tensor k_weight, Tensor k_bias, Tensor v_weight, Tensor v_bias, Tensor out_weight, Tensor out_bias, "
+        "int num_heads, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "summary_attention_backward":
+        "vitaclip::summary_attention_backward(Tensor grad_out, Tensor c, Tensor normed, Tensor qkv, "
+        "Tensor heads_out, Tensor mean, Tensor rstd, Tensor ln_weight, Tensor qkv_params, Tensor out_weight, "
+        "int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def _schema_error() -> Optional[ImportError]:
+    """Why the loaded library's ops are not the ones this module calls, or None."""
+    for name, expected in SCHEMAS.items():
+        try:
+            found: Optional[str] = str(getattr(torch.ops.vitaclip, name).default._schema)
+        except (AttributeError, RuntimeError):
+            found = None
+        if found != expected:
+            return ImportError(f"vitaclip._C was built from other sources than this package: its {name} is "
+                               f"{found or 'missing'}, this package calls {expected}; rebuild it "
+                               f"(pip install --no-build-isolation -e .)")
+    return None
+
+
 try:
     importlib.import_module("vitaclip._C")  # loading the library registers the ops
 except ImportError as error:  # not built, or built against another torch
     LOAD_ERROR: Optional[ImportError] = error
 else:
-    LOAD_ERROR = None
+    LOAD_ERROR = _schema_error()
+    if LOAD_ERROR is not None:  # built, so meant to run: say why it does not
+        warnings.warn(f"{LOAD_ERROR}. The summary step takes the PyTorch path.")
 
 
 def is_built() -> bool:
