@@ -32,3 +32,17 @@ def test_demo_refuses_a_negative_seed_by_name_before_it_writes_anything(tmp_path
     assert main(["demo", "--seed", "-1", "--output-dir", str(tmp_path / "demo"), "--no-progress"]) == 2
     assert "seed must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_zeroshot_takes_its_splits_from_a_generator():
+    """Splits made on the fly (`Split(...) for ...`) were used up by the check of their names, and
+    zeroshot() then said 'no splits to aggregate'."""
+    from engine_helpers import CLASSES
+    from vitaclip.engine.evaluate import EvalConfig
+    from vitaclip.engine.zeroshot import Split, zeroshot
+
+    config = EvalConfig(batch_size=4, num_workers=0, progress=False, **CPU)
+    data = {"a": tiny_data(4), "b": tiny_data(4, seed=1)}
+    listed = zeroshot(tiny_model(), [Split(name, CLASSES, d) for name, d in data.items()], config=config)
+    made = zeroshot(tiny_model(), (Split(name, CLASSES, d) for name, d in data.items()), config=config)
+    assert list(made.splits) == ["a", "b"] and made.top1_mean == listed.top1_mean

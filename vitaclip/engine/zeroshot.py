@@ -70,6 +70,7 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
                          "confusion matrix, evaluate() it with the model's classes set to its own")
     env = env or init_distributed(config.device)
     check_outputs(env, config.json_path)
+    splits = list(splits)  # (splits made on the fly were used up by the check of their names)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
