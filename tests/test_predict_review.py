@@ -46,3 +46,21 @@ def test_zeroshot_takes_its_splits_from_a_generator():
     listed = zeroshot(tiny_model(), [Split(name, CLASSES, d) for name, d in data.items()], config=config)
     made = zeroshot(tiny_model(), (Split(name, CLASSES, d) for name, d in data.items()), config=config)
     assert list(made.splits) == ["a", "b"] and made.top1_mean == listed.top1_mean
+
+
+def test_predict_takes_videos_from_an_iterator():
+    """`predict(model, Path(folder).glob("*.mp4"))`: a generator failed as "object of type 'generator' has
+    no len()"."""
+    model = tiny_model().eval()
+    clips = [tiny_data(2)[i][0] for i in range(2)]
+    assert predict(model, (c for c in clips), **CPU) == predict(model, clips, **CPU)
+
+
+@pytest.mark.parametrize("setting", [dict(temporal_views=3), dict(spatial_crops=3), dict(frames=8), dict(stride=2)])
+def test_predict_refuses_sampling_settings_for_tensors_rather_than_ignore_them(setting):
+    """Tensors are clips already sampled and cropped: the settings of how clips are taken from files
+    (views, frames, stride) were silently ignored, e.g. temporal_views=3 on a whole video's tensor
+    scored it as one long clip, not as the mean of three."""
+    clip = tiny_data(1)[0][0]
+    with pytest.raises(ValueError, match=f"{next(iter(setting))}.*video files"):
+        predict(tiny_model(), [clip], **setting, **CPU)

@@ -174,7 +174,8 @@ def _run_demo(config: DemoConfig) -> Dict:
     ev = evaluate(trained, test_data, EvalConfig(batch_size=64, num_workers=0, device="cpu",
                                                 progress=config.progress, json_path=str(out / "eval.json"),
                                                 confusion_png=str(out / "confusion.png")))
-    prediction = predict(trained, [example], top_k=len(CLASSES), device="cpu", decoder="pyav", stride=1)[0]
+    files = dict(decoder="pyav", stride=1) if isinstance(example, str) else {}  # (a tensor is a clip already)
+    prediction = predict(trained, [example], top_k=len(CLASSES), device="cpu", **files)[0]
     summary = {"accuracy": ev.top1, "chance": 1 / len(CLASSES), "per_class": ev.per_class,
                "final_loss": result.losses[result.step], "steps": result.step,
                "predicted": prediction["top"][0]["label"], "true": CLASSES[test_set.labels[0]],

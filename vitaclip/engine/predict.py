@@ -137,6 +137,7 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
     # "video 0 must be [3, T, H, W], got (T, H, W)")
     if isinstance(videos, (str, os.PathLike)) or isinstance(videos, torch.Tensor) and videos.dim() == 4:
         videos = [videos]
+    videos = list(videos)  # an iterator too (Path(folder).glob("*.mp4"))
     if len(videos) == 0:
         raise ValueError("no videos given")
     check_count("top_k", config.top_k, 1)
@@ -147,6 +148,13 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
     errors: Dict[int, str] = {}
     if any(are_tensors) and not all(are_tensors):
         raise ValueError("give either video files or tensors, not both")
+    if all(are_tensors):  # clips already taken: these would be ignored
+        sampling = {"temporal_views": config.temporal_views != 1, "spatial_crops": config.spatial_crops != 1,
+                    "frames": config.frames is not None, "stride": config.stride is not None}
+        given = [name for name, set_ in sampling.items() if set_]
+        if given:
+            raise ValueError(f"{', '.join(given)}: how clips are taken from video files, but tensors are clips "
+                             "already (a [V, 3, T, H, W] tensor is a video's V views)")
     was_training = model.training
     model.eval().to(device)
     try:
