@@ -64,3 +64,17 @@ def test_predict_refuses_sampling_settings_for_tensors_rather_than_ignore_them(s
     clip = tiny_data(1)[0][0]
     with pytest.raises(ValueError, match=f"{next(iter(setting))}.*video files"):
         predict(tiny_model(), [clip], **setting, **CPU)
+
+
+def test_predict_refuses_frames_the_model_cannot_take_before_it_reads_the_videos(tmp_path, monkeypatch):
+    """frames=3 for a model of T0 = 2 was refused by the model at the first batch, after every video of
+    the list had been read through for its frame count (minutes for a large folder)."""
+    from vitaclip.data import loader
+
+    def probed(*args, **kwargs):
+        raise AssertionError("the videos were read before the frames were checked")
+
+    monkeypatch.setattr(loader, "video_infos", probed)
+    (tmp_path / "a.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"frames 3 .*multiple of the model's T0 = {FRAMES}"):
+        predict(tiny_model(), [str(tmp_path / "a.mp4")], frames=3, **CPU)

@@ -50,6 +50,14 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
     from ..data.loader import NoUsableVideos, VideoLoader
     from ..data.loader import log as loader_log
 
+    num_frames = (sampling.trained_frames(model.training_data, model.config.num_frames) if config.frames is None
+                  else config.frames)
+    stride = sampling.trained_stride(model.training_data) if config.stride is None else config.stride
+    check_count("frames", num_frames)
+    t0 = model.config.num_frames
+    if model.config.groups_frames and num_frames % t0:  # else refused by the model after every video is read
+        raise ValueError(f"frames {num_frames} is not a multiple of the model's T0 = {t0}: its summary and local "
+                         f"prompts act on groups of T0 consecutive frames")
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
     for p in paths:  # a list line could not carry these: the positions would shift
         if p != p.strip() or "\n" in p or "\r" in p:
@@ -78,12 +86,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
 
         loader_log.addFilter(about_others)
         try:
-            loader = VideoLoader(list_file, train=False, batch_size=config.batch_size,
-                                 num_frames=sampling.trained_frames(model.training_data, model.config.num_frames)
-                                 if config.frames is None else config.frames,
-                                 stride=sampling.trained_stride(model.training_data) if config.stride is None
-                                 else config.stride,
-                                 size=model.config.image_size, temporal_views=config.temporal_views,
+            loader = VideoLoader(list_file, train=False, batch_size=config.batch_size, num_frames=num_frames,
+                                 stride=stride, size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
                                  num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
             for batch in loader:
