@@ -78,3 +78,43 @@ def test_predict_refuses_frames_the_model_cannot_take_before_it_reads_the_videos
     (tmp_path / "a.mp4").write_bytes(b"")
     with pytest.raises(ValueError, match=f"frames 3 .*multiple of the model's T0 = {FRAMES}"):
         predict(tiny_model(), [str(tmp_path / "a.mp4")], frames=3, **CPU)
+
+
+@pytest.mark.xfail(strict=True, reason="cli.cmd_bench times the model before it looks for the --list file: "
+                                       "check_list_file(args.list) belongs before bench_model")
+def test_bench_names_a_missing_list_before_it_times_the_model(tmp_path, monkeypatch, capsys):
+    """`vitaclip bench --list typo.txt` timed the model first (minutes for ViT-L on a CPU), then said the
+    list does not exist."""
+    from vitaclip.cli import main
+    from vitaclip.engine import bench
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the model was timed before the list was looked for")
+
+    monkeypatch.setattr(bench, "bench_model", timed)
+    assert main(["bench", "--tiny", "--device", "cpu", "--list", str(tmp_path / "typo.txt")]) == 2
+    assert "typo.txt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason="cli.cmd_eval and cmd_zeroshot pass --frames to the loader unchecked: the "
+                                       "model refuses a count that is no multiple of its T0 at the first batch")
+@pytest.mark.parametrize("command", ["eval", "zeroshot"])
+def test_eval_and_zeroshot_refuse_frames_the_model_cannot_take_before_they_read_the_videos(command, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """--frames 3 for a model of T0 = 2 was refused by the model at the first batch, after every video of
+    the list had been read through for its frame count (minutes for a large list)."""
+    from vitaclip.cli import main
+    from vitaclip.data import loader
+
+    def probed(*args, **kwargs):
+        raise AssertionError("the videos were read before --frames was checked")
+
+    monkeypatch.setattr(loader, "video_infos", probed)
+    tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "list.txt").write_text("a.mp4,0\n")
+    (tmp_path / "classes.txt").write_text("growing\nshrinking\nmoving right\nmoving left\n")
+    split = ["--list", tmp_path / "list.txt"] if command == "eval" else ["--split", tmp_path / "list.txt",
+                                                                         "--classes", tmp_path / "classes.txt"]
+    code = main([str(a) for a in [command, "--model", tmp_path / "model", *split, "--frames", 3, "--device", "cpu",
+                                  "--num-workers", 0, "--no-progress"]])
+    assert code == 2 and "multiple of" in capsys.readouterr().err
