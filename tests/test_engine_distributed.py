@@ -92,6 +92,40 @@ def test_every_rank_follows_rank_0s_choice_of_checkpoint(tmp_path):
     assert "holds checkpoints of an earlier run" in r0["refusal"] and r1["refusal"] == r0["refusal"]
 
 
+def failed_write_worker(rank: int, world_size: int, port: int, out: str, what: str) -> None:
+    import errno
+
+    from vitaclip import VitaCLIP
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with rank_of_two(rank, world_size, port):
+        if rank == 0 and what == "checkpoint":
+            ckpt.save_checkpoint = full_disk
+        elif rank == 0:
+            VitaCLIP.save_pretrained = full_disk
+        try:
+            train(tiny_model(), tiny_data(), tiny_train_config(out, steps=2, checkpoint_every=2, save_final=True))
+            error = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            error = f"{type(err).__name__}: {err}"
+        torch.save(error, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "final model"])
+def test_a_write_that_fails_on_rank_0_fails_every_rank_naming_it(tmp_path, what):
+    """Only rank 0 writes; the others waited at a barrier and, when its write failed (a full disk),
+    died of a lost connection (gloo) or waited out the collective timeout (NCCL)."""
+    out = str(tmp_path / "ddp")
+    run_ranks(failed_write_worker, out, what)
+    r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
+    written = "checkpoint-00000002.pt" if what == "checkpoint" else "model"
+    assert r0.startswith("OSError") and "No space left on device" in r0, r0
+    assert r1.startswith("OSError: writing") or r1.startswith("OSError: saving"), r1
+    assert written in r1 and "failed on rank 0: OSError" in r1 and "No space left" in r1, r1
+
+
 def stop_worker(rank: int, world_size: int, port: int, out: str) -> None:
     with rank_of_two(rank, world_size, port):
         data = SignallingData(signal.SIGTERM, at=(3,), rank=1)  # rank 1 alone, in its step 2 (2 clips a step)

@@ -111,11 +111,6 @@ def init_distributed(device: Optional[str] = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, dev)
 
 
-def barrier(env: DistEnv) -> None:
-    if env.is_distributed:
-        dist.barrier()
-
-
 def all_gather_objects(env: DistEnv, obj: Any) -> List[Any]:
     """Every rank's `obj`, in rank order (a one-element list when running alone)."""
     if not env.is_distributed:

@@ -32,8 +32,8 @@ from ..choices import WEIGHT_DECAY_ON
 from ..files import atomic_write, sole_writer
 from ..model import VitaCLIP, is_trainable
 from . import checkpoint as ckpt
-from .distributed import (DistEnv, all_gather_objects, barrier, broadcast_object, check_same_on_every_rank,
-                          init_distributed, sum_across_ranks)
+from .distributed import (DistEnv, all_gather_objects, broadcast_object, check_same_on_every_rank,
+                          init_distributed, on_every_rank, sum_across_ranks)
 from .evaluate import EvalConfig, EvalResult, EvaluationStopped, evaluate
 from .loader import (EpochLoader, ShardedTrainLoader, check_labels, derived_seed, rng_states, seed_everything,
                      set_rng_states, split_views, whole_data_description)
@@ -541,9 +541,11 @@ def distributed_model(model: VitaCLIP, env: DistEnv) -> DistributedDataParallel:
 
 
 def save_final_model(model: VitaCLIP, out: Path, config: TrainConfig, env: DistEnv) -> None:
-    if config.save_final and env.is_main:
-        model.save_pretrained(out / FINAL_MODEL)
-    barrier(env)  # no rank returns before the model exists
+    def save() -> None:
+        if config.save_final and env.is_main:
+            model.save_pretrained(out / FINAL_MODEL)
+
+    on_every_rank(env, save, f"saving the model in {out / FINAL_MODEL}")  # no rank returns before it exists
 
 
 def clip_gradients(model: VitaCLIP, max_norm: Optional[float]) -> float:
@@ -829,15 +831,18 @@ def write_checkpoint(out: Path, step: int, config: TrainConfig, model: VitaCLIP,
     # decode is at another place on each rank), in one gather
     states, positions = zip(*all_gather_objects(env, (rng_states(), loader.state_dict())))
     path = ckpt.checkpoint_path(out, step)
-    if env.is_main:
-        payload = {**ckpt.model_payload(model, backbone, fingerprint), "step": step, "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "loader": list(positions), "rng": list(states), "train_config": dataclasses.asdict(config),
-                   "train_data": data,
-                   "evaluation_pending": evaluation_pending, "write_id": write_id}
-        ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
-    if env.is_distributed:
-        torch.distributed.barrier()
+
+    def save() -> None:
+        if env.is_main:
+            payload = {**ckpt.model_payload(model, backbone, fingerprint), "step": step,
+                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict(), "loader": list(positions), "rng": list(states),
+                       "train_config": dataclasses.asdict(config), "train_data": data,
+                       "evaluation_pending": evaluation_pending, "write_id": write_id}
+            ckpt.save_checkpoint(out, step, payload, keep=config.keep_checkpoints)
+
+    # the other ranks wait for the write, and hear of its failure (a full disk) rather than of a lost rank
+    on_every_rank(env, save, f"writing {path}")
     return path, write_id
 
 
