@@ -329,7 +329,7 @@ def test_a_lone_string_is_no_class_list(config):
 @pytest.mark.parametrize("shape, match", [
     ((2, 3, 3, 56), "rank 4"),
     ((2, 4, 3, 56, 56), "3 channels"),
-    ((2, 3, 4, 56, 56), "multiple of T0"),
+    ((2, 3, 4, 56, 56), "multiple of the model's T0"),
     ((2, 3, 3, 64, 64), "positional embedding"),
     ((2, 3, 3, 56, 48), "positional embedding"),
 ])

@@ -300,6 +300,7 @@ def cmd_eval(args) -> int:
     model = on_every_rank(env, load, "loading the model, classes and list")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
+    model.config.check_frames(frames, "--frames")  # else refused by the model after every video is read
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
                         batch_size=args.batch_size, temporal_views=args.temporal_views,
                         spatial_crops=args.spatial_crops)
@@ -363,6 +364,7 @@ def cmd_zeroshot(args) -> int:
     templates, split_lists, model = on_every_rank(env, load, "loading the model, classes, templates and lists")
     args.stride = args.stride or sampling.trained_stride(model.training_data)
     frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
+    model.config.check_frames(frames, "--frames")  # else refused by the model after every video is read
     splits = []
     for text, (list_file, classes) in zip(args.split, split_lists):
         data = video_loader(args, env, list_file, classes, False, frames, model.config.image_size,
@@ -419,8 +421,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .data.lists import check_list_file
     from .engine.bench import bench_loader, bench_model
 
+    if args.list:  # before the model's timing, which takes minutes
+        check_list_file(args.list)
     report = bench_model(args.preset, args.batch_size, args.frames, args.iters, args.warmup, args.precision,
                          args.device, args.backend, train=args.train, tiny=args.tiny)
     if args.list:

@@ -90,6 +90,12 @@ class VitaCLIPConfig:
         """Whether frames interact across time inside a layer (T must be k * T0)."""
         return self.use_summary or self.use_local
 
+    def check_frames(self, frames: int, what: str = "T") -> None:
+        """A frame count the model takes: any, or k * T0 where frames interact across time."""
+        if self.groups_frames and frames % self.num_frames:
+            raise ValueError(f"{what} = {frames} frames is not a multiple of the model's T0 = {self.num_frames}: "
+                             f"summary and local prompts act on groups of T0 consecutive frames")
+
     def replace(self, **changes) -> "VitaCLIPConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:

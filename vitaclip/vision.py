@@ -273,9 +273,7 @@ class VisionTransformer(nn.Module):
         if (h, w) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"frames are {h}x{w} but the positional embedding is for "
                              f"{cfg.image_size}x{cfg.image_size}; resize or crop the video first")
-        if cfg.groups_frames and t % cfg.num_frames:
-            raise ValueError(f"T = {t} frames is not a multiple of T0 = {cfg.num_frames}: summary and "
-                             f"local prompts act on groups of T0 consecutive frames")
+        cfg.check_frames(t)
 
     def time_embedding(self, n_frames: int) -> Tensor:
         if n_frames == self.config.num_frames:

@@ -54,10 +54,7 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
                   else config.frames)
     stride = sampling.trained_stride(model.training_data) if config.stride is None else config.stride
     check_count("frames", num_frames)
-    t0 = model.config.num_frames
-    if model.config.groups_frames and num_frames % t0:  # else refused by the model after every video is read
-        raise ValueError(f"frames {num_frames} is not a multiple of the model's T0 = {t0}: its summary and local "
-                         f"prompts act on groups of T0 consecutive frames")
+    model.config.check_frames(num_frames, "frames")  # else refused by the model after every video is read
     paths = [os.path.abspath(os.path.join(config.data_root, p)) for p in paths]
     for p in paths:  # a list line could not carry these: the positions would shift
         if p != p.strip() or "\n" in p or "\r" in p:
