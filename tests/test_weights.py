@@ -392,6 +392,25 @@ def test_save_and_load_pretrained(tmp_path):
         VitaCLIP.from_pretrained(tmp_path / "checkpoint-00000001.pt")
 
 
+def test_a_save_removes_what_a_save_killed_midway_left_in_its_folder(tmp_path):
+    """A save killed by SIGKILL (a lost node, the OOM killer) leaves atomic_write's temporary copies:
+    the next save into the folder removes them, and nothing else of the folder's."""
+    import tempfile
+
+    model = VitaCLIP(tiny_config(), CLASSES)
+    tmp_path.joinpath("notes.txt").write_text("mine")
+    left = [tempfile.mkstemp(dir=tmp_path, prefix=f".{name}.")[1]
+            for name in ("model.safetensors", "config.json", "training_data.json")]
+    kept = [tmp_path / ".model.safetensors.backup", tmp_path / ".other.json.abcd1234"]
+    for path in kept:
+        path.write_text("not a leftover")
+    model.save_pretrained(tmp_path)
+    assert not any(os.path.exists(path) for path in left)
+    assert all(path.exists() for path in kept) and tmp_path.joinpath("notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "classnames.json", "config.json", "model.safetensors", "notes.txt"]
+
+
 def test_a_uniform_augmentation_magnitude_is_saved_as_strict_json(tmp_path):
     """mstd above 100 (a uniform RandAugment magnitude) is inf in the loader's description:
     Python's json wrote it as Infinity, which jq, JavaScript and Go refuse."""

@@ -43,6 +43,17 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: s
         raise
 
 
+def remove_unfinished_writes(path: Union[str, Path]) -> None:
+    """Delete the temporary files atomic_write left for `path` when it was killed midway (SIGKILL,
+    a lost node): each a whole copy of the file, gigabytes for a model's weights."""
+    path = Path(path)
+    unfinished = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            if unfinished.fullmatch(candidate.name):
+                candidate.unlink(missing_ok=True)
+
+
 def save_safetensors(tensors: dict, path: Union[str, Path], metadata: dict) -> None:
     """safetensors' save_file through atomic_write; its failed writes come as a SafetensorError that
     only quotes the system's error ("... (os error 28)"): raised as that OSError, naming `path`."""

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import __version__
 from .config import VitaCLIPConfig
 from .errors import WeightsUnavailable
-from .files import atomic_write_text, save_safetensors
+from .files import atomic_write_text, remove_unfinished_writes, save_safetensors
 from .model import VitaCLIP
 from .text import (PLACEHOLDER, class_prompts, clean_classname, get_tokenizer, keep_phrase_for_saved_context,
                    string_list, tokenize)
@@ -32,6 +32,7 @@ CLASSES_FILE = "classnames.json"  # the learned context's classes
 # the classes scored zero-shot, with their templates: only for a model switched to them
 ZERO_SHOT_FILE = "zero_shot.json"
 TRAINING_DATA_FILE = "training_data.json"  # VitaCLIP.training_data, where train() set it
+SAVED_FILES = (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE, ZERO_SHOT_FILE, TRAINING_DATA_FILE)
 # Keys of the authors' model that a converted CLIP backbone file does not hold: the Vita-CLIP
 # additions (prompts, summary modules, cls_proj, time embedding, text context, logit scale).
 VITA_ADDITION = re.compile(r"(summary|local_prompts|global_prompts|time_embed|cls_proj|prompt_learner|logit_scale)")
@@ -467,6 +468,8 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
 def save_pretrained(model: VitaCLIP, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in SAVED_FILES:  # an earlier save here that was killed midway
+        remove_unfinished_writes(directory / name)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     learner = model.prompt_learner
     classnames = learner.classnames if learner is not None else []
