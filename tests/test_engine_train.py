@@ -463,6 +463,40 @@ class NaNAt:
         return (video * float("nan") if i == self.bad else video), label, vid
 
 
+@pytest.mark.parametrize("default", ["fork", "forkserver"])
+def test_loader_workers_of_a_fork_server_default_are_the_packages(monkeypatch, default):
+    """From Python 3.14 the fork server is Linux's default start method: a DataLoader starting it
+    itself left it unshielded from the job's stop signals (a SIGTERM ended it and the rank's workers).
+    The package's (preloaded, shielded) one serves the training and evaluation workers instead."""
+    import multiprocessing
+
+    from vitaclip.engine import loader as engine_loader
+    from vitaclip.engine import stopping
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: default)
+    contexts = []
+
+    class Recorded(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            contexts.append(kwargs.get("multiprocessing_context"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_loader, "DataLoader", Recorded)
+    data = tiny_data(8)
+    by_workers = next(iter(ShardedTrainLoader(data, 4, 2, num_workers=1)))
+    alone = next(iter(ShardedTrainLoader(data, 4, 2)))
+    evaluated = next(iter(engine_loader.eval_batches(data, 2, num_workers=1)))
+    assert torch.equal(by_workers[0], alone[0]) and torch.equal(by_workers[1], alone[1])
+    assert torch.equal(evaluated[0], next(iter(engine_loader.eval_batches(data, 2)))[0])
+    if default == "fork":
+        assert contexts == [None, None, None, None]
+    else:
+        from multiprocessing import forkserver
+
+        assert [c and c.get_start_method() for c in contexts] == ["forkserver", None, "forkserver", None]
+        assert forkserver._forkserver._forkserver_pid == stopping._fork_server_pid[0]  # started by the package
+
+
 def test_loader_workers_get_a_seed_of_their_rank_and_epoch_not_of_the_process_stream():
     from engine_helpers import WorkerSeeds
 

@@ -12,6 +12,7 @@ would, whatever the number of workers. Any other object with `__iter__`, `state_
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import random
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -69,6 +70,18 @@ def own_generator(*key: int) -> torch.Generator:
     stream): the loader draws its workers' base seed from it, not from the process's stream, which
     would then differ after a resume (one draw more where a loader was made anew)."""
     return torch.Generator().manual_seed(derived_seed(*key))
+
+
+def workers_context(num_workers: int):
+    """The start method of a DataLoader's workers: the default one, except the fork server (the
+    default from Python 3.14 on Linux), which is the package's (data.workers.fork_server_context):
+    one that DataLoader started itself would not ignore the job's stop signals, and a SIGTERM to the
+    job would end it and the rank's workers with it."""
+    if num_workers and multiprocessing.get_start_method() == "forkserver":
+        from ..data.workers import fork_server_context
+
+        return fork_server_context()
+    return None
 
 
 def check_dataset(dataset, name: str) -> None:
@@ -137,8 +150,10 @@ class ShardedTrainLoader:
             # drawn as the loader asks for them, not the epoch's all at once (a seed per item: 10 s
             # for 240,000 items at each epoch's start)
             keys = _EpochKeys(self, self.epoch, self.micro_in_epoch)
+            context = workers_context(self.num_workers)  # (before shield_workers: it starts the fork server)
             loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, worker_init_fn=shield_workers(),
+                                pin_memory=self.pin_memory, multiprocessing_context=context,
+                                worker_init_fn=shield_workers(),
                                 generator=own_generator(self.seed, self.epoch, self.rank))
             for batch in loader:
                 self.micro_in_epoch += 1
@@ -167,8 +182,10 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
         return data
     keys = [(i, derived_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
     sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    context = workers_context(num_workers)  # (before shield_workers: it starts the fork server)
     return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=shield_workers(), generator=own_generator(seed, rank))
+                      multiprocessing_context=context, worker_init_fn=shield_workers(),
+                      generator=own_generator(seed, rank))
 
 
 def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:
