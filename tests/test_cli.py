@@ -501,6 +501,21 @@ def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monke
     assert code == 2 and out.endswith("}\n") and err.startswith("vitaclip predict: error: video 3")
 
 
+def test_a_split_whose_paths_hold_a_colon_is_cut_where_its_list_file_ends(tmp_path):
+    from vitaclip.cli import parse_split
+
+    folder = tmp_path / "run:1"
+    folder.mkdir()
+    (folder / "test.txt").write_text("a.mp4,0\n")
+    (folder / "classes.txt").write_text("a\n")
+    lst, classes = str(folder / "test.txt"), str(folder / "classes.txt")
+    assert parse_split(lst, "default.txt") == (lst, "default.txt")
+    assert parse_split(f"{lst}:{classes}", None) == (lst, classes)
+    assert parse_split("missing.txt:classes.txt", None) == ("missing.txt", "classes.txt")  # named missing later
+    with pytest.raises(ValueError, match="names no class list"):
+        parse_split(lst, None)
+
+
 def test_zeroshot_warns_of_classes_that_no_test_video_has(videos, tmp_path, capsys):
     root, list_file = videos
     command = ["zeroshot", "--model", root / "model", "--split", list_file, "--data-root", list_file.parent, *CPU]

@@ -319,7 +319,12 @@ def cmd_eval(args) -> int:
 
 
 def parse_split(text: str, default_classes: Optional[str]):
-    list_file, _, classes = text.partition(":")
+    """LIST[:CLASSES] -> (list file, class file). A path may hold a colon (a run folder 'run:1'):
+    the cut is at the first colon after which the list file exists, else at the first colon."""
+    colons = [i for i, c in enumerate(text) if c == ":"]
+    cut = len(text) if os.path.isfile(text) else next((i for i in colons if os.path.isfile(text[:i])),
+                                                      colons[0] if colons else len(text))
+    list_file, classes = text[:cut], text[cut + 1:]
     classes = classes or default_classes
     if not classes:
         raise ValueError(f"split {text!r} names no class list: use LIST:CLASSES or --classes")
