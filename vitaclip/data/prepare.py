@@ -239,7 +239,9 @@ def record_settings(out_dir: str, settings: EncodeSettings) -> None:
             found = json.load(f)
         if found == wanted:
             return
-        if read_sources(out_dir):  # else no video was finished (a first run stopped early): none to mix with
+        # a video is recorded before it is encoded: only one whose output exists was finished (a first run
+        # stopped early, by a wrong --data-root, Ctrl-C or a bad video, may have none: none to mix with)
+        if any(os.path.exists(os.path.join(out_dir, name)) for name in read_sources(out_dir)):
             raise ValueError(f"{out_dir} holds videos prepared with {found}, which these settings ({wanted}) would "
                              f"mix with: choose another OUT_DIR")
     atomic_write_text(path, json.dumps(wanted, indent=1))
