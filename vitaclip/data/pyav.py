@@ -264,6 +264,9 @@ def video_stream(container, path: str):
     some files list first), as FFmpeg's players choose."""
     for stream in container.streams.video:
         if not stream.disposition & av.stream.Disposition.attached_pic:
+            if stream.codec_context is None:  # PyAV's sign of a codec this FFmpeg cannot decode (or a broken header)
+                raise VideoDecodeError(f"{path}: no decoder for its video stream in this FFmpeg (an unknown or "
+                                       "unsupported codec, or a damaged header)")
             return stream
     cover_only = " (only a cover picture)" if container.streams.video else ""
     raise VideoDecodeError(f"{path}: no video stream{cover_only}")
