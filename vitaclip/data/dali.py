@@ -25,7 +25,7 @@ import itertools
 import logging
 import os
 import tempfile
-from typing import Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ MAX_FILES_TRIED_ALONE = 16  # when a reader fails naming no file, each of so few
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
 _WRAPPED = 2 ** 31  # progress of a reader through its whole list: above every label (int32)
+# DALI's reader keeps the frame index of each file it read, by the name it read it by, for the life of
+# the process (new pipelines too): the (size, mtime) each absolute path had when first listed for one
+_INDEXED: Dict[str, Optional[Tuple[int, int]]] = {}
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,8 @@ class DaliDecoder:
         self._single = None  # batch-1 pipeline that finds the bad file of a failed batch
         self._pending: collections.deque = collections.deque()
         self.unreadable: Set[str] = set()  # files "reader" mode could not read: decoded one by one
-        self._links: Optional[tempfile.TemporaryDirectory] = None  # of paths with whitespace
+        self._links: Optional[tempfile.TemporaryDirectory] = None  # of paths with whitespace, of changed files
+        self._names: dict = {}  # path -> its name in this epoch's file lists (_list_path)
         self.fallbacks = 0  # epochs (or their rests) that "reader" mode decoded with fn.decoders.video
         self.fallback_reason: Optional[str] = None  # why, the last time
 
@@ -132,6 +136,7 @@ class DaliDecoder:
 
     def decode(self, batches: Iterable[List[Task]]) -> Iterator[List]:
         batches = list(batches)
+        self._names = {}  # files are looked at again each epoch (one may have been rewritten)
         if self.mode == "reader":
             ranges = reader_ranges([t for b in batches for t in b], self.sequence_length, self.stride)
             if ranges is not None:
@@ -287,21 +292,30 @@ class DaliDecoder:
             return self._build_reader(file_lists)
 
     def _list_path(self, path: str) -> Optional[str]:
-        """The path of `path` in a file list, which splits its lines on whitespace: the absolute
-        path, or where that has whitespace, a link to it named by its hash (the same each epoch:
-        DALI caches each file's frame index by name); None if that has whitespace too (in the
-        temporary folder's path)."""
-        path = os.path.abspath(path)
-        if not any(c.isspace() for c in path):
-            return path
-        if self._links is None:
-            self._links = tempfile.TemporaryDirectory(prefix="vitaclip_dali_links_")
-        link = os.path.join(self._links.name, hashlib.sha1(path.encode()).hexdigest() + os.path.splitext(path)[1])
-        if any(c.isspace() for c in link):
-            return None
-        if not os.path.lexists(link):
-            os.symlink(path, link)
-        return link
+        """The path of `path` in a file list, which splits its lines on whitespace, the same all
+        epoch (`_names`): the absolute path, or a link to it named by its hash and its file's (size,
+        mtime) where the path has whitespace, or the file changed since a reader of this process read
+        it by its path (DALI caches each file's frame index by name for the life of the process,
+        which saves indexing it again each epoch: a rewritten video read by its old index failed past
+        its old length, or gave garbage past its new one); None if the link's name has whitespace
+        too (in the temporary folder's path)."""
+        if path in self._names:
+            return self._names[path]
+        absolute = os.path.abspath(path)
+        stamp = _file_stamp(absolute)
+        name = absolute
+        changed = _INDEXED.setdefault(absolute, stamp) != stamp
+        if changed or any(c.isspace() for c in absolute):
+            if self._links is None:
+                self._links = tempfile.TemporaryDirectory(prefix="vitaclip_dali_links_")
+            key = f"{absolute}\0{stamp}".encode()
+            name = os.path.join(self._links.name, hashlib.sha1(key).hexdigest() + os.path.splitext(path)[1])
+            if any(c.isspace() for c in name):
+                name = None
+            elif not os.path.lexists(name):
+                os.symlink(absolute, name)
+        self._names[path] = name
+        return name
 
     def _read(self, pipe, batches: List[List[Task]], lines: List[Tuple[int, int, int]]) -> Iterator[List]:
         """Per batch, its clips from the reader; those whose lines did not all come (files the
@@ -470,6 +484,15 @@ def _encode(tasks: Sequence[Task]):
             encoded.append(np.zeros(0, np.uint8))  # DALI then fails; the batch is retried one by one
         frames.append(np.asarray(indices, dtype=np.int32))
     return encoded, frames
+
+
+def _file_stamp(path: str) -> Optional[Tuple[int, int]]:
+    """(size, mtime in ns) of a file, or None where it cannot be read (the reader then fails, naming it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _first_line(e: Exception) -> str:
