@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,7 +13,7 @@ from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_states
 from .text import (PromptLearner, TextEncoder, check_classnames, check_distinct_tokens, check_templates,
-                   clean_classname, string_list, tokenize)
+                   clean_classname, phrase_words, string_list, tokenize)
 from .vision import VisionTransformer, autocast_dtype, autocast_off
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
@@ -26,22 +27,26 @@ def at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-# A cache of text features: (key of the tensors' states, features, copies of the tensors that train)
-TextCache = Tuple[tuple, Tensor, List[Tensor]]
+# A cache of text features: (key of the tensors' states, features, copies of the tensors that train,
+# weak references to the tensors the key was made of)
+TextCache = Tuple[tuple, Tensor, List[Tensor], List[weakref.ref]]
 
 
 def refreshed(cache: Optional[TextCache], key: tuple, tensors: List[Tensor], compute) -> TextCache:
-    """`cache`, or compute()'s features cached anew where the key differs or a tensor that trains
-    holds other values than its copy (fused optimizers, AdamW(fused=True), update them in place
-    without bumping the version counters the key holds)."""
+    """`cache`, or compute()'s features cached anew where the key differs, a tensor is another object
+    than the one cached from, or a tensor that trains holds other values than its copy (fused
+    optimizers, AdamW(fused=True), update them in place without bumping the version counters the key
+    holds). The key's addresses alone do not tell tensors apart: a tensor freed after its pass (a
+    candidate given to torch.func.functional_call) leaves its memory, version 0, to the next one."""
     trained = [t for t in tensors if t.requires_grad]
     if (cache is not None and cache[0] == key and len(cache[2]) == len(trained)
+            and len(cache[3]) == len(tensors) and all(ref() is t for ref, t in zip(cache[3], tensors))
             and all(torch.equal(copy, t) for copy, t in zip(cache[2], trained))):
         return cache
     # normal tensors even when made under inference_mode: a training forward, or the caller's own
     # autograd graph, may read them later (compute() runs without gradients either way)
     with torch.inference_mode(False), torch.no_grad():
-        return key, compute(), [t.detach().clone() for t in trained]
+        return key, compute(), [t.detach().clone() for t in trained], [weakref.ref(t) for t in tensors]
 
 
 def is_trainable(name: str, train_cls_proj: bool = False) -> bool:
@@ -65,6 +70,8 @@ class VitaCLIP(nn.Module):
             raise TypeError(f"config must be a VitaCLIPConfig (e.g. VitaCLIPConfig.preset('ViT-B/16')), got "
                             f"{type(config).__name__}")
         self.config = (config or VitaCLIPConfig()).replace()  # own copy: the prompt learner may fix n_ctx
+        if self.config.ctx_init:  # one context vector per word of the phrase (SPEC), classes set or not yet
+            self.config.n_ctx = phrase_words(self.config.ctx_init)
         check_backend_name(backend)
         self.backend = backend
         self.visual = VisionTransformer(self.config)
@@ -104,6 +111,13 @@ class VitaCLIP(nn.Module):
                                "no classes to hold it: build it with its class names (VitaCLIP(config, classnames)) "
                                "or call set_classes(classnames) before loading")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self):
+        # pickled (torch.save(model), a copy): without the cached text features, whose weak references
+        # do not pickle and whose keys name this process's memory; the copy remakes them
+        state = self.__dict__.copy()
+        state["_text_cache"] = state["_fixed_text"] = None
+        return state
 
     # ---------------------------------------------------------------- backends
     def _apply(self, fn, *args, **kwargs):
