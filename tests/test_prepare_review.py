@@ -34,3 +34,19 @@ def test_other_settings_may_follow_a_run_stopped_before_its_first_video_was_fini
     assert (result.written, len(result.failed)) == (1, 1)
     assert json.loads((out / "prepare.json").read_text())["short_side"] == 32
     assert min(pyav.probe(str(out / "videos" / "good.mp4")).shown_size) == 32
+
+
+def test_a_finished_output_that_can_no_longer_be_read_is_made_again(vp9_dataset, tmp_path):
+    """An output cut short or damaged after it was finished (a copy of OUT_DIR stopped midway, a disk
+    error) was reused for good: every later run failed it ('cannot read video'), in skip mode leaving
+    the video out, and never made it again from its unchanged source."""
+    root, rows = vp9_dataset
+    (tmp_path / "src.csv").write_text(f"{rows[0][0]},0\n{rows[1][0]},1\n")
+    out = tmp_path / "out"
+    first = run(tmp_path / "src.csv", out, root, 32)
+    damaged = out / "videos" / (os.path.splitext(rows[0][0])[0] + ".mp4")
+    damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 3])
+    again = run(tmp_path / "src.csv", out, root, 32, on_error="skip")
+    assert (again.written, again.reused, again.failed) == (1, 1, [])
+    assert pyav.probe(str(damaged)).frames == rows[0][2]
+    assert open(again.list_file).read() == open(first.list_file).read()

@@ -222,9 +222,13 @@ def _square_pixels(src: str) -> bool:
 
 
 def _job(src: str, dst: str, settings: EncodeSettings, reuse: bool) -> Tuple[VideoInfo, bool]:
-    """(info, reused) for one video: the existing output when `reuse`, else a new one."""
+    """(info, reused) for one video: the existing output when `reuse` and it can be read, else a new one
+    (an output damaged since it was finished, say by a copy of OUT_DIR stopped midway, is made again)."""
     if reuse:
-        return pyav.probe(dst), True
+        try:
+            return pyav.probe(dst), True
+        except VideoDecodeError as e:
+            log.warning("%s: made again: %s", dst, e)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     return transcode(src, dst, settings), False
 
