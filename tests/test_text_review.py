@@ -70,3 +70,14 @@ def test_a_model_pickles_and_copies_after_its_class_features_are_cached(template
             copied.textual.text_projection.mul_(-1)
             assert torch.allclose(copied(video), -want, atol=1e-5)
         assert torch.equal(model(video), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_phrase_context_is_made_for_a_model_already_on_the_gpu():
+    """Classes first set on a model moved to the GPU: the phrase's token ids (made on the CPU) were
+    looked up in the GPU's token embedding, which failed with a device mismatch."""
+    model = VitaCLIP(tiny_config(ctx_init="a video of")).cuda()
+    model.set_classes(CLASSES)
+    assert model.prompt_learner.ctx.is_cuda
+    phrase = model.textual.token_embedding(tokenize(["a video of"], 77).cuda())[0, 1:4]
+    assert torch.equal(model.prompt_learner.ctx[0], phrase)

@@ -242,7 +242,8 @@ class PromptLearner(nn.Module):
             if self.fixed_after_ctx < 0:
                 raise ValueError(f"ctx_init {config.ctx_init!r} has fewer tokens than words")
             with torch.no_grad():
-                init = token_embedding(init_tokens)[0, 1 : 1 + n_ctx].clone()
+                # on the embedding's device (a model moved to the GPU before its classes are set)
+                init = token_embedding(init_tokens.to(token_embedding.weight.device))[0, 1 : 1 + n_ctx].clone()
             ctx = init.expand(n_classes, -1, -1).clone() if config.csc else init
         else:
             shape = (n_classes, config.n_ctx, width) if config.csc else (config.n_ctx, width)
