@@ -387,6 +387,34 @@ if __name__ == "__main__":
 """, tmp_path)
 
 
+def test_a_full_disk_stops_prepare_in_skip_mode_too(vp9_dataset, tmp_path, monkeypatch):
+    """A full disk or quota fails every video after it: skip mode left them all out of the list (exit
+    1, each named "cannot transcode"); it stops, naming the disk, and a rerun goes on."""
+    import errno
+
+    from worker_faults import faulty_prepare_job
+    from vitaclip.data import prepare as prep
+    from vitaclip.data.prepare import EncodeSettings, prepare, transcode
+
+    root, rows = vp9_dataset
+    for name in ("a.webm", "full.webm", "b.webm"):
+        shutil.copy(root / rows[0][0], tmp_path / name)
+    (tmp_path / "src.csv").write_text("a.webm,0\nfull.webm,1\nb.webm,0\n")
+    with pytest.raises(OSError, match="No space left on device: writing .*full.mp4") as stopped:
+        prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), EncodeSettings(short_side=32),
+                workers=1, on_error="skip", progress=False, job=faulty_prepare_job)
+    assert stopped.value.errno == errno.ENOSPC
+    assert not (tmp_path / "out" / "src.csv").exists()  # no list that leaves the rest out
+
+    def full(*args, **kwargs):  # the encoder's write, as FFmpeg reports a full disk
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(prep, "_h264_stream", full)
+    with pytest.raises(OSError, match="Disk quota exceeded: writing .*c.mp4") as stopped:
+        transcode(str(tmp_path / "a.webm"), str(tmp_path / "c.mp4"), EncodeSettings(short_side=32))
+    assert stopped.value.errno == errno.EDQUOT and not list(tmp_path.glob("c.mp4*"))
+
+
 def test_a_video_of_unknown_size_is_a_bad_video_not_a_crash(vp9_dataset, tmp_path):
     """A headerless H.264 stream that FFmpeg opens as 0x0: probing said 1 frame of 0x0 (the training
     loader then divided by zero), prepare stopped with ZeroDivisionError naming no line."""

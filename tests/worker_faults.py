@@ -1,5 +1,6 @@
 """Decoding work that fails as a broken FFmpeg might, or leaves a trace, for the loader's worker-pool
 tests: the worker processes import this module by name, so the fault happens inside them."""
+import errno
 import os
 import signal
 import threading
@@ -27,12 +28,14 @@ class FaultyTasks(loader._PyAVTasks):
 
 def faulty_prepare_job(src, dst, settings, reuse):
     """`vitaclip prepare`'s job, dying as a crashed FFmpeg would on a video with "crash" in its name,
-    hanging on one with "hang", and beginning one with "late" only once the encode of hang.webm
-    beside it has begun."""
+    hanging on one with "hang", finding the disk full on one with "full", and beginning one with
+    "late" only once the encode of hang.webm beside it has begun."""
     from vitaclip.data.prepare import _job
 
     if "crash" in os.path.basename(src):
         os._exit(1)
+    if "full" in os.path.basename(src):  # a full disk or quota met by the encoder
+        raise OSError(errno.ENOSPC, f"No space left on device: writing {dst}")
     if "late" in os.path.basename(src):
         _wait_for(Path(src).with_name("hang.webm.pid"))
     if "hang" in os.path.basename(src):

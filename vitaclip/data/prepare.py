@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -36,6 +37,10 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, read_meta, write_meta
 from .pyav import VideoDecodeError, VideoInfo
+
+# a full disk or quota: no video can be written, so it stops the run in skip mode too (skipping it
+# left every later video out; a rerun once there is space goes on where it stopped)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
 log = logging.getLogger(__name__)
@@ -128,6 +133,8 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
         raise
     except (av.FFmpegError, OSError) as e:
         _remove(tmp)
+        if getattr(e, "errno", None) in NO_SPACE:  # (as a plain OSError: it crosses the worker's pipe)
+            raise OSError(e.errno, f"{os.strerror(e.errno)}: writing {dst}") from e
         raise VideoDecodeError(f"{src}: cannot transcode ({e})") from e
     if frames == 0:
         _remove(tmp)
@@ -328,6 +335,8 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
 
     def fail(entry, problem: str, error: Exception) -> None:
         message = f"{entry.list_file}:{entry.line}: {problem}"
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            raise error
         if on_error == "raise":
             raise VideoDecodeError(message) from error
         log.warning("skipping: %s", message)
