@@ -486,6 +486,7 @@ def test_a_video_the_encoder_crashes_or_hangs_on_is_left_out_in_skip_mode_and_na
     result = prepare(str(tmp_path / "src.csv"), str(tmp_path / "out"), str(tmp_path), on_error="skip", **kw)
     assert len(result.failed) == 1 and "src.csv:2" in result.failed[0] and "encoder crashed" in result.failed[0]
     assert result.written + result.reused == 3
+    assert not list((tmp_path / "out").rglob("*.partial.mp4"))  # the ended encode's half file too
     assert [os.path.basename(e.path) for e in read_video_list(result.list_file, str(tmp_path / "out"))] == [
         "a.mp4", "b.mp4", "c.mp4"]
 

@@ -32,6 +32,8 @@ def faulty_prepare_job(src, dst, settings, reuse):
     "late" only once the encode of hang.webm beside it has begun."""
     from vitaclip.data.prepare import _job
 
+    if "crash" in os.path.basename(src) or "hang" in os.path.basename(src):
+        Path(dst + ".partial.mp4").write_bytes(b"half an encode")  # ended midway
     if "crash" in os.path.basename(src):
         os._exit(1)
     if "full" in os.path.basename(src):  # a full disk or quota met by the encoder

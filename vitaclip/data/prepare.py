@@ -41,6 +41,7 @@ from .pyav import VideoDecodeError, VideoInfo
 # a full disk or quota: no video can be written, so it stops the run in skip mode too (skipping it
 # left every later video out; a rerun once there is space goes on where it stopped)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+PARTIAL = ".partial.mp4"  # an output being encoded: dst + PARTIAL, renamed to dst once whole
 from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def transcode(src: str, dst: str, settings: EncodeSettings = EncodeSettings()) -
     """Re-encode src into dst (mp4, H.264) atomically; returns the output's VideoInfo."""
     av = pyav.av
     pyav._require_av()
-    tmp = dst + ".partial.mp4"
+    tmp = dst + PARTIAL
     frames = 0
     try:
         with av.open(src) as source, av.open(tmp, "w") as out:
@@ -368,7 +369,10 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
 
     def after_crash(lost: List[Tuple[str, tuple]]) -> None:
         """A worker died (FFmpeg crashed) on one of the videos in flight, which all failed with it:
-        in raise mode an error naming them, else each again alone, to leave out the one at fault."""
+        in raise mode an error naming them, else each again alone, to leave out the one at fault. Their
+        partial outputs go (an encoder ended midway leaves its own: a video left out kept it for good)."""
+        for name, _ in lost:
+            _remove(os.path.join(out_dir, name) + PARTIAL)
         if on_error == "raise":
             where = "; ".join(first_of[name].where() for name, _ in lost)
             raise VideoDecodeError(f"a worker process died ({died}) on one of: {where}; "
@@ -377,6 +381,7 @@ def _prepare_into(out_dir: str, src_list: str, out_list: str, entries, data_root
             try:
                 finish(name, run_alone(encode, args))
             except BrokenProcessPool as crash:
+                _remove(os.path.join(out_dir, name) + PARTIAL)
                 fail(first_of[name], f"{died} on it (its worker process died)", crash)
             bar.update()
 
