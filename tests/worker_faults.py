@@ -33,6 +33,7 @@ def faulty_prepare_job(src, dst, settings, reuse):
     from vitaclip.data.prepare import _job
 
     if "crash" in os.path.basename(src) or "hang" in os.path.basename(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
         Path(dst + ".partial.mp4").write_bytes(b"half an encode")  # ended midway
     if "crash" in os.path.basename(src):
         os._exit(1)
