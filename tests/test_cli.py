@@ -196,6 +196,10 @@ def test_ctrl_c_in_training_says_whether_there_is_a_checkpoint_to_go_on_from(mon
     checkpoint_path(tmp_path, 5).write_bytes(b"")
     code, _, err = run(capsys, *command)
     assert code == 130 and "--resume auto goes on from the last one" in err and "nothing was saved" not in err
+    # under torchrun every rank gets Ctrl-C: rank 0's folder is the one with the checkpoints
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run(capsys, *command)
+    assert code == 130 and err == "vitaclip train: interrupted (rank 1: rank 0 says what was kept)\n"
 
 
 @pytest.mark.parametrize("command", COMMANDS)

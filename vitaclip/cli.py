@@ -750,6 +750,9 @@ def interrupted_hint(args) -> str:
         return " (the videos it finished are kept: the same command goes on from them)"
     if args.command != "train":
         return ""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":  # under torchrun every rank gets Ctrl-C; rank 0's folder holds the checkpoints
+        return f" (rank {rank}: rank 0 says what was kept)"
     if "vitaclip.engine.checkpoint" not in sys.modules:
         # stopped while importing torch and the model: importing them again here can crash the interpreter
         return " (while starting, before the run wrote anything)"
