@@ -115,6 +115,21 @@ def test_generic_context_gets_gradient_from_every_class():
     assert g[2].abs().sum() > 0 and g[[0, 1, 3]].abs().sum() == 0
 
 
+def test_class_specific_contexts_refuse_the_models_classes_in_another_order():
+    """Each class-specific context is its position's: set_classes with the classes reordered scored
+    each class with another's context, silently (the commands refuse it too, with their files' names)."""
+    csc = randomize_(VitaCLIP(tiny_config(csc=True), CLASSES))
+    before = csc.text_features().clone()
+    with pytest.raises(ValueError, match="class 0 is 'swim' here, 'jumping jacks' in the model"):
+        csc.set_classes(list(reversed(CLASSES)))
+    assert torch.equal(csc.text_features(), before)  # left as it was
+    csc.set_classes(["a", "b", "c", "d"])  # other classes of the same number: the contexts by position
+    for other in (tiny_config(csc=False), tiny_config(csc=True, n_ctx=0)):  # one context for all, or none
+        model = VitaCLIP(other, CLASSES)
+        model.set_classes(list(reversed(CLASSES)))
+        assert model.classnames[0] == "swim"
+
+
 def test_context_initialised_from_a_phrase():
     model = VitaCLIP(tiny_config(ctx_init="a video of a", csc=True), CLASSES)
     assert model.config.n_ctx == 4

@@ -263,6 +263,14 @@ class PromptLearner(nn.Module):
         if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
             raise ValueError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
+        current = getattr(self, "classnames", None)
+        if (self.config.csc and self.ctx is not None and current is not None and names != current
+                and sorted(names) == sorted(current)):
+            # each context is its position's: the same classes reordered would score each with another's
+            moved = next(i for i, (new, old) in enumerate(zip(names, current)) if new != old)
+            raise ValueError(f"these are the model's classes in another order (class {moved} is {names[moved]!r} "
+                             f"here, {current[moved]!r} in the model), and its class-specific contexts follow "
+                             f"positions: give them in the model's order (model.classnames)")
         tokens = tokenize(class_prompts(self.prefix, names), self.config.context_length)
         if not (self.config.csc and self.ctx is not None):  # (a context of their own tells them apart)
             check_distinct_tokens(names, tokens)
