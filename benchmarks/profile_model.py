@@ -56,11 +56,16 @@ def report(mode, step, clips):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("modes", nargs="*", choices=list(MODES), default=["inference", "train-vision", "train", "text"])
+    # checked here, not by argparse's choices: argparse (3.11.7, 3.12.1, 3.13.0 tried) checks a "*" positional
+    # given no words, its default list or [], as one choice, and refused every run without modes
+    parser.add_argument("modes", nargs="*", metavar="{" + ",".join(MODES) + "}")
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
-    model = make_model(args.backend)
     for mode in args.modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    model = make_model(args.backend)
+    for mode in args.modes or ["inference", "train-vision", "train", "text"]:
         make_step, clips = MODES[mode]
         report(mode, make_step(model), clips)
 
