@@ -25,7 +25,8 @@ STATE=${GPU_CHECK_STATE:-/tmp}  # what outlives a call on a warm machine
 BUILT=$STATE/vitaclip-extension-sources  # the hash of the sources of the last build (or failed build)
 NO_EXT=$STATE/vitaclip-no-extension  # a failed build is not retried by later calls on this machine...
 [ "$(cat "$BUILT" 2>/dev/null)" = "$SOURCES" ] || rm -f "$NO_EXT"  # ...unless the sources changed
-if { [ "$(cat "$BUILT" 2>/dev/null)" != "$SOURCES" ] || ! python3 -c "import vitaclip, vitaclip._C" 2>/dev/null; } \
+# torch first: `import vitaclip` no longer imports it, and vitaclip._C alone cannot find libc10.so
+if { [ "$(cat "$BUILT" 2>/dev/null)" != "$SOURCES" ] || ! python3 -c "import torch; import vitaclip, vitaclip._C" 2>/dev/null; } \
     && [ ! -e "$NO_EXT" ]; then
   start=$(date +%s)
   # an earlier call's objects and library: ninja and build_ext judge by times, which a copied tree's
