@@ -72,6 +72,7 @@ def test_a_model_pickles_and_copies_after_its_class_features_are_cached(template
         assert torch.equal(model(video), want)
 
 
+@pytest.mark.gpu  # (gpu_check.sh's tests stage runs -m gpu)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_phrase_context_is_made_for_a_model_already_on_the_gpu():
     """Classes first set on a model moved to the GPU: the phrase's token ids (made on the CPU) were
