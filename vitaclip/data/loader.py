@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
@@ -27,7 +28,7 @@ from .lists import VideoEntry, check_error_policy, listed_path, read_video_list
 from .meta import video_infos
 from .pyav import VideoDecodeError, VideoInfo
 from .transforms import Yuv420, frame_size, normalize, resize, resized_crop, to_device, to_rgb
-from .workers import check_workers_start, fork_server_context
+from .workers import check_workers_start, fork_server_context, run_alone, within
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ class VideoLoader:
     process that runs DALI/PyAV/CUDA threads can deadlock): as with any spawn-style
     DataLoader, a script using it needs an `if __name__ == "__main__":` guard. A worker that
     dies, or sends nothing for `worker_timeout` seconds (a hung decoder), ends the epoch with a
-    VideoDecodeError naming the videos awaited; the next epoch starts a new pool. Videos the
+    VideoDecodeError naming the videos awaited; the next epoch starts a new pool. In skip mode a
+    worker that dies does not: the clips the pool had in hand are decoded again, each alone in a
+    process of its own, the one whose decoding kills its process is left out as a bad video, and
+    the epoch goes on in a new pool. Videos the
     list's sidecar lacks are probed in such processes too, whatever num_workers (so the guard is
     needed then too): one whose probe crashes, or takes more than `worker_timeout` seconds, is a
     bad video; `progress` shows a bar while they are probed.
@@ -320,14 +324,6 @@ class VideoLoader:
         if self._pool_in_use:  # one sampler and one DataLoader iterator: a second epoch would cut the first short
             raise RuntimeError("a VideoLoader decoding in PyAV worker processes reads one epoch at a time (its "
                                "iterators share the pool): finish or close the previous iterator over it first")
-        if self._workers is None:
-            context = fork_server_context()  # persistent processes
-            self._epoch_tasks = _EpochTasks()
-            self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
-                _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
-                prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
-                pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context,
-                worker_init_fn=shield_workers(), timeout=POOL_POLL_S)
         per_task = self._clips_per_task()
         taken = collections.deque()  # the chunks of each batch the pool's sampler began, not yet handed out
 
@@ -336,25 +332,75 @@ class VideoLoader:
                 taken.append([batch[i:i + per_task] for i in range(0, len(batch), per_task)])
                 yield from taken[-1]
 
-        self._epoch_tasks.tasks = chunks()
         self._pool_in_use, packed, finished = True, None, False
         try:
-            packed = self._pool_iterator()
-            # the sampler takes a chunk before it is decoded: once a batch's first chunk is in, `taken`
-            # holds that batch's chunks
-            while (first := self._next_chunk(packed, taken[0][0] if taken else None)) is not None:
-                batch = taken.popleft()
-                packs = [first] + [self._next_chunk(packed, chunk) for chunk in batch[1:]]
-                # the pool asks the sampler for a chunk as each comes in: with no batch taken and not handed
-                # out, the pool has nothing queued and this is the epoch's last batch, after which a consumer
-                # that stops itself at len(loader) batches (zip, islice) never resumes us
-                finished = not taken
-                yield [clip for pack in packs for clip in unpack_clips(*pack)]
-            finished = True
+            while True:  # a new pool for the rest of the epoch after a worker died (skip mode)
+                if self._workers is None:
+                    self._start_pool()
+                tasks_of = self._workers.dataset  # what the workers run, for the clips in hand if one dies
+                # a new pool's sampler goes on with the batch after those taken (a broken pool's sampler,
+                # mid-batch, is dropped: its batch's chunks are all in `taken`)
+                self._epoch_tasks.tasks = chunks()
+                packed = self._pool_iterator()
+                packs = []  # the chunks of the batch being put together, as they come in
+                try:
+                    # the sampler takes a chunk before it is decoded: once a batch's first chunk is in, `taken`
+                    # holds that batch's chunks
+                    while (first := self._next_chunk(packed, taken[0][0] if taken else None)) is not None:
+                        batch, packs = taken.popleft(), [first]
+                        for chunk in batch[1:]:
+                            packs.append(self._next_chunk(packed, chunk))
+                        # the pool asks the sampler for a chunk as each comes in: with no batch taken and not
+                        # handed out, the pool has nothing queued and this is the epoch's last batch, after which
+                        # a consumer that stops itself at len(loader) batches (zip, islice) never resumes us
+                        finished = not taken
+                        clips, packs = [clip for pack in packs for clip in unpack_clips(*pack)], []
+                        yield clips
+                    finished = True
+                    return
+                except _WorkerDied as died:  # skip mode; the pool is ended
+                    in_hand = ([(batch, packs)] if packs else []) + [(chunks_, []) for chunks_ in taken]
+                    taken.clear()
+                    yield from self._decode_in_hand(tasks_of, in_hand, died)
         finally:
             self._pool_in_use = False
             if not finished:  # left part-read: the next epoch's iter() would wait for its queued chunks
                 self._end_pool(packed)
+
+    def _start_pool(self) -> None:
+        """The PyAV worker pool: a DataLoader of persistent processes, whose sampler each epoch sets."""
+        context = fork_server_context()  # persistent processes
+        self._epoch_tasks = _EpochTasks()
+        self._workers = torch.utils.data.DataLoader(  # each worker keeps `prefetch` batches of clips in hand
+            _PyAVTasks(), batch_size=None, sampler=self._epoch_tasks, num_workers=self.num_workers,
+            prefetch_factor=max(1, self.prefetch * self.batch_size // self._clips_per_task()),
+            pin_memory=self.device.type == "cuda", persistent_workers=True, multiprocessing_context=context,
+            worker_init_fn=shield_workers(), timeout=POOL_POLL_S)
+
+    def _decode_in_hand(self, tasks_of, in_hand, died: "_WorkerDied") -> Iterator[List]:
+        """After a PyAV worker died (skip mode): the decoded clips of each batch in hand, given as (its
+        chunks, those of them already come in) pairs, in order. The clips not in are decoded again as the
+        workers decode them (`tasks_of`, the pool's dataset), each alone in a process of its own (as
+        `prepare` finds the video at fault), so that only a clip whose decoding kills its process (or
+        hangs it for worker_timeout seconds) fails: with a VideoDecodeError, which the epoch counts once
+        and skips. (One at a time: a pool of processes for them met a race of Python 3.11's
+        ProcessPoolExecutor, which closed one of its pipes twice as a worker died.)"""
+        lost = [task for chunks_, got in in_hand for chunk in chunks_[len(got):] for task in chunk]
+        log.warning("%s; decoding the %d clips the pool had in hand again, each alone, to leave out the one at fault",
+                    died, len(lost))
+        redone = iter([self._decode_alone(tasks_of, path, frames) for path, frames in lost])
+        for chunks_, got in in_hand:
+            clips = [clip for pack in got for clip in unpack_clips(*pack)]
+            yield clips + [next(redone) for chunk in chunks_[len(got):] for _ in chunk]
+
+    def _decode_alone(self, tasks_of, path: str, frames: np.ndarray):
+        """One clip (or its error) decoded by `tasks_of` in a worker process of its own."""
+        done = run_alone(within, (self.worker_timeout, decode_alone, tasks_of, path, frames))
+        if isinstance(done.exception(), BrokenProcessPool):
+            return VideoDecodeError(f"{path}: the decoder crashed on it, or hung for {self.worker_timeout:g} s (its "
+                                    "worker process died)")
+        buffer, layout = done.result()
+        return unpack_clips(torch.from_numpy(buffer), layout)[0]
 
     def _pool_iterator(self):
         """iter() of the worker pool: a pool kept from an earlier epoch first hears from each of its
@@ -376,7 +422,8 @@ class VideoLoader:
         died (FFmpeg crashed on a file; DataLoader notices within seconds) or a pool that sent
         nothing for worker_timeout seconds (a decoder hung) ends the pool, whatever on_error says,
         with an error naming the videos awaited (`chunk`, where the sampler has taken it); a later
-        epoch starts a new pool."""
+        epoch starts a new pool. In skip mode a dead worker's error is a _WorkerDied, on which
+        `_decoded_batches` finds the clip at fault and goes on in a new pool."""
         names = ", ".join(path for path, _ in chunk) if chunk else "the next videos"
         waited = 0.0
         while True:
@@ -393,6 +440,8 @@ class VideoLoader:
                     problem = (f"a PyAV decoding worker failed while the loader waited for {names} (if a "
                                f"worker crashed, it may have been on a video of a later batch): {error}")
                 self._end_failed_pool(packed, error)
+                if self.on_error == "skip" and _worker_died(error):  # the caller finds the video at fault
+                    raise _WorkerDied(problem) from error
                 raise VideoDecodeError(problem) from error
 
     def _end_failed_pool(self, packed, error: Exception) -> None:
@@ -608,6 +657,26 @@ def unpack_clips(buffer: torch.Tensor, layout: list) -> list:
             offset += size
         clips.append(Yuv420(*planes))
     return clips
+
+
+def decode_alone(tasks: "_PyAVTasks", path: str, frames: np.ndarray):
+    """One clip decoded as the pool's workers decode it (`tasks`: the pool's dataset), packed, its planes
+    as a numpy array (plain bytes across the process boundary, no shared memory)."""
+    buffer, layout = tasks[[(path, frames)]]
+    return buffer.numpy(), layout
+
+
+class _WorkerDied(VideoDecodeError):
+    """A PyAV decoding worker died in skip mode (its pool ended): the loader decodes the clips in
+    hand again to find the one at fault."""
+
+
+def _worker_died(error: Exception) -> bool:
+    """Whether the pool's DataLoader raised `error` for a worker that died (not an exception raised
+    in a worker, which DataLoader raises again in the caller, naming the worker)."""
+    if "exited unexpectedly" in str(error):
+        return True
+    return isinstance(error, (OSError, EOFError)) and "in DataLoader worker process" not in str(error)
 
 
 def _timed_out(error: Exception) -> bool:
