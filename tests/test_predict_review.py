@@ -3,7 +3,7 @@ documents a bug found, failing before its fix."""
 import pytest
 import torch
 
-from engine_helpers import FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import FRAMES, one_thread, tiny_data, tiny_model  # noqa: F401
 from vitaclip.engine.predict import predict
 
 CPU = dict(device="cpu", precision="fp32")

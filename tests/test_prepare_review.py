@@ -1,10 +1,9 @@
-"""Review of `vitaclip prepare` (resuming, settings, names, odd sources) and of the transforms and
-RandAugment against SPEC and timm: each test here failed before its fix."""
+"""Review of `vitaclip prepare`: a rerun after a first run stopped early, and outputs damaged since
+they were finished. Each test here failed before its fix."""
 import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 pytest.importorskip("av")
