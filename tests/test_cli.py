@@ -260,7 +260,8 @@ def test_clip_flags_default_to_openai_vit_b16_and_are_refused_beside_the_model_t
                                        "openai"])):
         code, _, err = run(capsys, *command, *flags)
         given = [flag for flag in ("--clip", "--pretrained") if flag in flags]
-        assert code == 2 and f"{' and '.join(given)} pick the CLIP to start from" in err, err
+        verb = "pick" if len(given) > 1 else "picks"
+        assert code == 2 and f"{' and '.join(given)} {verb} the CLIP to start from" in err, err
         assert ("--init" if "--init" in flags else "--model") + " gives the model" in err
 
 

@@ -169,7 +169,8 @@ def refuse_clip_flags(args, instead: str) -> None:
     would be ignored: a run on other weights than those asked for."""
     given = [flag for flag, value in (("--clip", args.clip), ("--pretrained", args.pretrained)) if value is not None]
     if given:
-        raise ValueError(f"{' and '.join(given)} pick the CLIP to start from; {instead} gives the model and its "
+        verb = "pick" if len(given) > 1 else "picks"
+        raise ValueError(f"{' and '.join(given)} {verb} the CLIP to start from; {instead} gives the model and its "
                          f"weights: give one or the other")
 
 
