@@ -30,7 +30,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tupl
 import numpy as np
 import torch
 
-from .pyav import VideoDecodeError
+from .meta import threaded_map
+from .pyav import VideoDecodeError, stamp_or_none
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -46,6 +47,7 @@ DEFAULT_MODE = "reader"  # seeks instead of decoding from frame 0; falls back to
 MAX_FILES_TRIED_ALONE = 16  # when a reader fails naming no file, each of so few files is tried alone
 
 Task = Tuple[str, np.ndarray]  # (path, sorted unique frame indices)
+STAT_THREADS = 16  # threads stating an epoch's files
 _WRAPPED = 2 ** 31  # progress of a reader through its whole list: above every label (int32)
 # DALI's reader keeps the frame index of each file it read, by the name it read it by, for the life of
 # the process (new pipelines too): the (size, mtime) each absolute path had when first listed for one
@@ -106,6 +108,7 @@ class DaliDecoder:
         self.unreadable: Set[str] = set()  # files "reader" mode could not read: decoded one by one
         self._links: Optional[tempfile.TemporaryDirectory] = None  # of paths with whitespace, of changed files
         self._names: dict = {}  # path -> its name in this epoch's file lists (_list_path)
+        self._stamps: dict = {}  # absolute path -> its file's (size, mtime) at this epoch's start
         self.fallbacks = 0  # epochs (or their rests) that "reader" mode decoded with fn.decoders.video
         self.fallback_reason: Optional[str] = None  # why, the last time
 
@@ -138,6 +141,9 @@ class DaliDecoder:
         batches = list(batches)
         self._names = {}  # files are looked at again each epoch (one may have been rewritten)
         if self.mode == "reader":
+            # their stamps at once, in threads (a stat each, a network file system's round trip)
+            paths = list(dict.fromkeys(os.path.abspath(path) for batch in batches for path, _ in batch))
+            self._stamps = dict(zip(paths, threaded_map(stamp_or_none, paths, workers=STAT_THREADS)))
             ranges = reader_ranges([t for b in batches for t in b], self.sequence_length, self.stride)
             if ranges is not None:
                 yield from self._decode_with_reader(batches, ranges)
@@ -302,7 +308,7 @@ class DaliDecoder:
         if path in self._names:
             return self._names[path]
         absolute = os.path.abspath(path)
-        stamp = _file_stamp(absolute)
+        stamp = self._stamps[absolute] if absolute in self._stamps else stamp_or_none(absolute)
         name = absolute
         changed = _INDEXED.setdefault(absolute, stamp) != stamp
         if changed or any(c.isspace() for c in absolute):
@@ -484,15 +490,6 @@ def _encode(tasks: Sequence[Task]):
             encoded.append(np.zeros(0, np.uint8))  # DALI then fails; the batch is retried one by one
         frames.append(np.asarray(indices, dtype=np.int32))
     return encoded, frames
-
-
-def _file_stamp(path: str) -> Optional[Tuple[int, int]]:
-    """(size, mtime in ns) of a file, or None where it cannot be read (the reader then fails, naming it)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _first_line(e: Exception) -> str:

@@ -27,7 +27,7 @@ from ..engine.distributed import gathered_on_every_rank
 from ..files import atomic_write_text
 from . import pyav
 from .lists import VideoEntry, listed_path
-from .pyav import VideoDecodeError, VideoInfo, canonical_codec, file_stamp
+from .pyav import VideoDecodeError, VideoInfo, canonical_codec, stamp_or_none
 from .workers import map_in_workers
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def _stamped_here(infos: Dict[str, VideoInfo], entry_of: Dict[str, VideoEntry], 
     that node's copy, whose modification time differs, and this node's sidecar would hold rows that
     never describe its own files (every job would probe the whole data set again). A copy of another
     size is another file: its row is not recorded here (no stamp), and the disagreement is logged."""
-    stamps = dict(zip(infos, threaded_map(_stamp_or_none, [entry_of[k].path for k in infos], workers=workers)))
+    stamps = dict(zip(infos, threaded_map(stamp_or_none, [entry_of[k].path for k in infos], workers=workers)))
     missing = [k for k in infos if stamps[k] is None]
     apart = [k for k, info in infos.items() if stamps[k] is not None and stamps[k][0] != info.stamp[0]]
     for keys, how in ((missing, "are missing here, unlike"), (apart, "differ in size here from")):
@@ -242,13 +242,6 @@ def _stamped_here(infos: Dict[str, VideoInfo], entry_of: Dict[str, VideoEntry], 
                         meta_path(list_file))
     unrecorded = set(missing) | set(apart)
     return {k: dataclasses.replace(info, stamp=None if k in unrecorded else stamps[k]) for k, info in infos.items()}
-
-
-def _stamp_or_none(path: str) -> Optional[Tuple[int, int]]:
-    try:
-        return file_stamp(path)
-    except OSError:
-        return None
 
 
 def _read_in_workers(probe: Callable, to_probe: List[VideoEntry], to_show: List[VideoEntry], workers: int,
@@ -285,7 +278,7 @@ def _display(path: str) -> Optional[tuple]:
 def _describes(info, path: str) -> bool:
     """Whether a sidecar row still holds for the file at path (a file gone: probing says so, naming
     the list line)."""
-    return info is not None and info.stamp is not None and info.stamp == _stamp_or_none(path)
+    return info is not None and info.stamp is not None and info.stamp == stamp_or_none(path)
 
 
 def _probe(entry: VideoEntry):

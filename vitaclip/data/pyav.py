@@ -107,6 +107,14 @@ def file_stamp(path: str) -> Tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def stamp_or_none(path: str) -> Optional[Tuple[int, int]]:
+    """file_stamp, or None where the file cannot be stated (whoever reads it names the problem)."""
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
+
+
 def available() -> bool:
     return av is not None
 
