@@ -37,12 +37,12 @@ from . import pyav
 from .lists import read_video_list, write_video_list
 from .meta import meta_path, read_meta, write_meta
 from .pyav import VideoDecodeError, VideoInfo
+from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
 # a full disk or quota: no video can be written, so it stops the run in skip mode too (skipping it
 # left every later video out; a rerun once there is space goes on where it stopped)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 PARTIAL = ".partial.mp4"  # an output being encoded: dst + PARTIAL, renamed to dst once whole
-from .workers import abandon, as_completed, check_workers_start, run_alone, within, worker_pool
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "prepare.json"
