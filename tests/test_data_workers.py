@@ -55,6 +55,21 @@ def test_workers_that_cannot_start_are_named_so_not_taken_for_crashes_on_each_ca
            '`if __name__ == "__main__":`' in result.stderr
 
 
+def test_a_script_read_from_standard_input_is_named_as_such_not_as_unguarded(tmp_path):
+    """`python - <<EOF`: the workers look for a main script file '<stdin>' and die starting, guard or
+    not; the message spoke of a missing guard."""
+    import subprocess
+    import sys
+
+    guarded = ("if __name__ == '__main__':\n    import os\n    from vitaclip.data.workers import map_in_workers\n"
+               "    print(map_in_workers([(os.getpid,), (os.getpid,)], 2))\n")
+    result = subprocess.run([sys.executable, "-"], input=guarded, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode != 0
+    assert ("worker processes cannot start: they import the main script again, and it is not a file (<stdin>): "
+            "save it to a file") in result.stderr, result.stderr[-2000:]
+
+
 def test_a_loader_whose_decoding_workers_cannot_start_says_so_not_that_a_video_failed(vp9_dataset, tmp_path):
     """A script without an `if __name__ == "__main__":` guard iterating over a loader whose videos are all
     in the sidecar (no probe first, whose pool would have said so): the decoding pool's workers die

@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -143,6 +144,10 @@ def check_workers_start() -> None:
     "__main__":` guard, whose code each new process runs again): otherwise every call would be
     taken for one that crashed its worker, and every video named as at fault."""
     if isinstance(run_alone(os.getpid, ()).exception(), BrokenProcessPool):
+        script = getattr(sys.modules["__main__"], "__file__", None)
+        if script is not None and not os.path.isfile(script):  # `python - <<EOF`: '<stdin>'
+            raise RuntimeError(f"worker processes cannot start: they import the main script again, and it is not a "
+                               f"file ({script}): save it to a file, guarded by `if __name__ == \"__main__\":`")
         raise RuntimeError("worker processes cannot start: a script that makes a loader or runs `prepare` must do so "
                            "under `if __name__ == \"__main__\":` (each worker process imports the script again)")
 
