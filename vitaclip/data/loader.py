@@ -157,9 +157,9 @@ class VideoLoader:
         # set_epoch's start_batch before the first
         self.next_batch = 0
         # ranks that read one list and share its probes leave out the same entries: one names them
-        self._quiet = self._shard_given is None and _process_shard()[0] != 0
+        named = self._shard_given is not None or _process_shard()[0] == 0
         for message in entries.skipped:
-            self._bad(message)
+            self._bad(message, named=named)
         # sharded by process: the ranks share the probing of new videos, and all see the same infos
         infos = video_infos(entries, list_file, data_root, timeout=worker_timeout, progress=progress,
                             shared=self._shard_given is None)
@@ -173,14 +173,13 @@ class VideoLoader:
             if problem is None and info.frames < max(min_frames, 1):
                 problem = VideoDecodeError(f"{entry.where()}: {info.frames} frames, fewer than {max(min_frames, 1)}")
             if problem is not None:
-                self._bad(str(problem), video_id)
+                self._bad(str(problem), video_id, named=named)
             else:
                 self.videos.append((video_id, entry, info))
         if not self.videos:  # (in skip mode, the reasons were only logged)
             why = (f"{len(self.skipped)} entries left out, e.g. {self.skipped[0]}" if self.skipped
                    else "the list has no entries")
             raise NoUsableVideos(f"{list_file}: no usable videos ({why})", self.skipped_videos)
-        self._quiet = False  # what a rank's decoding leaves out is its own
         self._usable = {video[0]: video for video in self.videos}
         self.backend = self._resolve_backend(backend)
         self.dali_decoder: Optional[dali.DaliDecoder] = None  # made by the first DALI epoch (see its `fallbacks`)
@@ -584,10 +583,12 @@ class VideoLoader:
                 for top, left in sampling.eval_crop_offsets(h, w, s, self.spatial_crops)
                 for positions in plan.views]
 
-    def _bad(self, message: str, video_id: Optional[int] = None) -> None:
+    def _bad(self, message: str, video_id: Optional[int] = None, named: bool = True) -> None:
+        """Raises, or (skip mode) counts `message`, with a warning where `named` (what a rank's decoding
+        leaves out is its own to name)."""
         if self.on_error == "raise":
             raise VideoDecodeError(message)
-        log.log(logging.DEBUG if self._quiet else logging.WARNING, "skipping: %s", message)
+        log.log(logging.WARNING if named else logging.DEBUG, "skipping: %s", message)
         self.skipped.append(message)
         if video_id is not None:
             self.skipped_videos[video_id] = message
