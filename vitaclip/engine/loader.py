@@ -84,6 +84,16 @@ def workers_context(num_workers: int):
     return None
 
 
+def seeded_loader(dataset, batch_sampler, num_workers: int, generator: torch.Generator,
+                  pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of the dataset's items drawn under their own seeds (`SeededItems`: the sampler's
+    batches of (index, seed)), in workers shielded from the job's stop signals."""
+    context = workers_context(num_workers)  # (before shield_workers: it starts the fork server)
+    return DataLoader(SeededItems(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, multiprocessing_context=context, worker_init_fn=shield_workers(),
+                      generator=generator)
+
+
 def check_dataset(dataset, name: str) -> None:
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise TypeError(f"{name} must be a map-style dataset (len(ds), ds[i] -> (video, label, video_id)) "
@@ -150,11 +160,8 @@ class ShardedTrainLoader:
             # drawn as the loader asks for them, not the epoch's all at once (a seed per item: 10 s
             # for 240,000 items at each epoch's start)
             keys = _EpochKeys(self, self.epoch, self.micro_in_epoch)
-            context = workers_context(self.num_workers)  # (before shield_workers: it starts the fork server)
-            loader = DataLoader(SeededItems(self.dataset), batch_sampler=keys, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, multiprocessing_context=context,
-                                worker_init_fn=shield_workers(),
-                                generator=own_generator(self.seed, self.epoch, self.rank))
+            generator = own_generator(self.seed, self.epoch, self.rank)
+            loader = seeded_loader(self.dataset, keys, self.num_workers, generator, pin_memory=self.pin_memory)
             for batch in loader:
                 self.micro_in_epoch += 1
                 yield batch
@@ -182,10 +189,7 @@ def eval_batches(data, batch_size: int, rank: int = 0, world_size: int = 1, num_
         return data
     keys = [(i, derived_seed(seed, 0, i)) for i in range(rank, len(data), world_size)]
     sampler = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
-    context = workers_context(num_workers)  # (before shield_workers: it starts the fork server)
-    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers,
-                      multiprocessing_context=context, worker_init_fn=shield_workers(),
-                      generator=own_generator(seed, rank))
+    return seeded_loader(data, sampler, num_workers, own_generator(seed, rank))
 
 
 def split_views(video: Tensor, labels: Tensor, video_ids: Any) -> Batch:
