@@ -285,8 +285,17 @@ def load_eval_model(args, classes: Optional[List[str]]):
     return load_model(args.model, classes, args.backend, **heads_overrides(args))
 
 
-def cmd_eval(args) -> int:
+def scored_frames(args, model) -> int:
+    """The frames per view a model is scored on (and `args.stride`): as given, else as it was trained."""
     from .data import sampling
+
+    args.stride = args.stride or sampling.trained_stride(model.training_data)
+    frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
+    model.config.check_frames(frames, "--frames")  # else refused by the model after every video is read
+    return frames
+
+
+def cmd_eval(args) -> int:
     from .data.lists import check_list_file
     from .engine.distributed import init_distributed, on_every_rank
     from .engine.evaluate import EvalConfig, evaluate
@@ -299,9 +308,7 @@ def cmd_eval(args) -> int:
     env = init_distributed(args.device)  # before the loader, which shards the videos by rank
     # (a rank that cannot load its copy of a file is named on every rank, not waited for)
     model = on_every_rank(env, load, "loading the model, classes and list")
-    args.stride = args.stride or sampling.trained_stride(model.training_data)
-    frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
-    model.config.check_frames(frames, "--frames")  # else refused by the model after every video is read
+    frames = scored_frames(args, model)
     data = video_loader(args, env, args.list, model.classnames, False, frames, model.config.image_size,
                         batch_size=args.batch_size, temporal_views=args.temporal_views,
                         spatial_crops=args.spatial_crops)
@@ -335,7 +342,6 @@ def parse_split(text: str, default_classes: Optional[str]):
 def cmd_zeroshot(args) -> int:
     import torch
 
-    from .data import sampling
     from .data.lists import check_list_file
     from .engine.checkpoint import load_model
     from .engine.distributed import init_distributed, on_every_rank
@@ -368,9 +374,7 @@ def cmd_zeroshot(args) -> int:
     env = init_distributed(args.device)  # before the loaders, which shard the videos by rank
     # (a rank that cannot load its copy of a file is named on every rank, not waited for)
     templates, split_lists, model = on_every_rank(env, load, "loading the model, classes, templates and lists")
-    args.stride = args.stride or sampling.trained_stride(model.training_data)
-    frames = args.frames or sampling.trained_frames(model.training_data, model.config.num_frames)
-    model.config.check_frames(frames, "--frames")  # else refused by the model after every video is read
+    frames = scored_frames(args, model)
     splits = []
     for text, (list_file, classes) in zip(args.split, split_lists):
         data = video_loader(args, env, list_file, classes, False, frames, model.config.image_size,
