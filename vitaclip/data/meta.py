@@ -54,7 +54,8 @@ def read_meta(path: str) -> Dict[str, VideoInfo]:
                     infos[row["path"]] = VideoInfo(int(row["frames"]), int(row["height"]), int(row["width"]),
                                                    canonical_codec(str(row["codec"])), stamp, matrix, turns,
                                                    pixel_aspect)
-                except (ValueError, KeyError, TypeError) as e:
+                # (AttributeError: a line of JSON that is no object; ZeroDivisionError: a pixel shape of "1/0")
+                except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
                     raise ValueError(f"{path}:{line_no}: bad metadata line ({e})") from e
     return infos
 
