@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 from ..model import VitaCLIP
+from ..text import check_classnames, check_distinct_tokens, check_templates, clean_classname, string_list, tokenize
 from .distributed import DistEnv, init_distributed
 from .evaluate import EvalConfig, EvalResult, check_outputs, evaluate, write_json
 from .loader import check_labels
@@ -58,6 +59,19 @@ def aggregate(results: Dict[str, EvalResult], templates: Sequence[str] = ()) -> 
                           statistics.fmean(top5), statistics.pstdev(top5), tuple(templates))
 
 
+def check_split_classes(model: VitaCLIP, split: Split, templates: Sequence[str]) -> None:
+    """Refuses, naming the split, what set_classes would refuse in its class names (a string, an
+    empty list, duplicates, names CLIP's tokenizer cannot tell apart): left to set_classes, a later
+    split's were refused after the splits before it had been evaluated."""
+    try:
+        names = [clean_classname(n) for n in string_list(split.classnames, "class names")]
+        check_classnames(names)
+        check_distinct_tokens(names, tokenize([t.format(n) for n in names for t in templates],
+                                              model.config.context_length))
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"split {split.name!r}: {error}") from None
+
+
 def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] = ZEROSHOT_TEMPLATES,
              config: Optional[EvalConfig] = None, env: Optional[DistEnv] = None, **overrides) -> ZeroShotResult:
     """Score each split's videos against its own classes described by `templates` (the learned
@@ -74,7 +88,9 @@ def zeroshot(model: VitaCLIP, splits: Sequence[Split], templates: Sequence[str] 
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {names}")
+    templates = check_templates(templates)
     for split in splits:  # each before the first is evaluated
+        check_split_classes(model, split, templates)
         check_labels(split.data, len(split.classnames), f"split {split.name!r}")
     split_config = dataclasses.replace(config, json_path=None)
     results = {}
