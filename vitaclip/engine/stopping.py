@@ -55,7 +55,8 @@ class StopRequest:
 
     def __init__(self, signals: Sequence[str], repeat_grace_s: float = REPEAT_GRACE_S,
                  clock: Callable[[], float] = time.monotonic):
-        self.signals = [parse_signal(name) for name in signals]
+        # once each: a second install of one ("TERM,SIGTERM") took this handler for the previous one
+        self.signals = list(dict.fromkeys(parse_signal(name) for name in signals))
         self.repeat_grace_s, self._clock = repeat_grace_s, clock
         self.received: Optional[str] = None
         self._received_at = 0.0
