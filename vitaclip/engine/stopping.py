@@ -31,6 +31,10 @@ _job_stop_signals: set = {signal.Signals[name] for name in DEFAULT_STOP_SIGNALS}
 
 def parse_signal(name: str) -> signal.Signals:
     """signal.Signals from "SIGTERM" or "TERM" (any case), one a process can catch."""
+    # names only (not a settings file's 15, nor signal.SIGTERM): a run's checkpoints hold its settings,
+    # read back with weights_only, which refuses a signal.Signals
+    if not isinstance(name, str):
+        raise ValueError(f"a stop signal is given by its signal name, e.g. 'SIGTERM', got {name!r}")
     key = name.strip().upper()
     key = key if key.startswith("SIG") else "SIG" + key
     try:
