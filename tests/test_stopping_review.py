@@ -1,10 +1,14 @@
 """Stop signals given twice, shielded workers and the signals the fork server ignores, signal names
 of the wrong type, and the benchmark's count of timed iterations."""
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from vitaclip.engine.stopping import StopRequest, parse_signal
+
+needs_sigwaitinfo = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo is Linux-only")
 
 
 def test_a_signal_named_twice_gets_its_previous_handler_back():
@@ -28,3 +32,44 @@ def test_a_signal_name_that_is_not_a_str_is_named(name):
     object has no attribute 'strip', naming neither the setting nor the value."""
     with pytest.raises(ValueError, match=f"signal name.*got {name!r}"):
         parse_signal(name)
+
+
+SHIELDED_FROM_ONE_OF_THE_IGNORED = """
+import os, signal, time
+from vitaclip.engine import stopping
+
+# the fork server ignores the default stop signals (SIGTERM, SIGUSR1) and its workers inherit that
+stopping._fork_server_ignores.update({signal.SIGTERM, signal.SIGUSR1})
+stopping.StopRequest(["SIGUSR1"]).install()  # --stop-signals SIGUSR1
+init = stopping.shield_workers()
+ready_r, ready_w = os.pipe()
+worker = os.fork()
+if worker == 0:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # as the fork server leaves its workers
+    init(0)
+    os.write(ready_w, b"1")
+    time.sleep(30)
+    os._exit(0)
+os.read(ready_r, 1)
+os.kill(worker, signal.SIGTERM)  # from its owner: DataLoader's terminate()
+deadline = time.monotonic() + 10
+while os.waitpid(worker, os.WNOHANG) == (0, 0):
+    if time.monotonic() > deadline:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        print("alive")
+        raise SystemExit
+    time.sleep(0.05)
+print("ended")
+"""
+
+
+@needs_sigwaitinfo
+def test_a_shielded_worker_takes_the_ignored_signals_that_are_not_stop_signals_again():
+    """With stop signals other than all those the fork server ignores (--stop-signals SIGUSR1), a shielded
+    worker kept ignoring SIGTERM, from anyone: DataLoader's terminate() of a hung worker did nothing, and the
+    job's SIGTERM, which ends the rank, left its workers running."""
+    out = subprocess.run([sys.executable, "-c", SHIELDED_FROM_ONE_OF_THE_IGNORED], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["ended"]

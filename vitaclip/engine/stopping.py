@@ -177,14 +177,17 @@ def shield_workers() -> Callable[[int], None]:
     its signals end a worker only when this process sends them (DataLoader and multiprocessing end
     workers with SIGTERM) and are ignored from anyone else. A scheduler signals every process of a
     job, a rank's workers included, and a rank still fetching batches for its last step would
-    otherwise lose them and fail instead of stopping. Only for workers that start with one thread
-    (forked, or from a fork server that preloaded torch) and on Linux (sigwaitinfo); others are
-    left as they are, with a warning. With no request installed, workers take the signals the fork
-    server ignores by default again. Either way a worker ends when this process ends (`_end_with`)."""
+    otherwise lose them and fail instead of stopping. The other signals the fork server ignores (the
+    job's default ones, where the run stops on others) they take again, as any process. Only for
+    workers that start with one thread (forked, or from a fork server that preloaded torch) and on
+    Linux (sigwaitinfo); others are left as they are, with a warning. With no request installed,
+    workers take the signals the fork server ignores by default again. Either way a worker ends
+    when this process ends (`_end_with`)."""
     signals = installed_signals()
     if not signals or not hasattr(signal, "sigwaitinfo"):
         return pool_worker_init()
-    return functools.partial(_shield_worker, tuple(signals), os.getpid())
+    others = tuple(sorted(_fork_server_ignores.difference(signals)))
+    return functools.partial(_shield_worker, tuple(signals), os.getpid(), taken=others)
 
 
 def _take_ignored_signals(signals: Sequence[signal.Signals]) -> None:
@@ -199,7 +202,10 @@ def _unshielded_worker(signals: Sequence[signal.Signals], owner: int, worker_id:
     _end_with(owner)
 
 
-def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int) -> None:
+def _shield_worker(signals: Sequence[signal.Signals], owner: int, worker_id: int,
+                   taken: Sequence[signal.Signals] = ()) -> None:
+    # ignored by the fork server but no stop signal of this run: left so, DataLoader's terminate() did nothing
+    _take_ignored_signals(taken)
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     if threads != 1:  # e.g. a worker that imported torch itself (spawned, or forkserver without preload)
         if threads is not None:  # (None: its threads cannot be counted)
