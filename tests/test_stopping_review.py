@@ -73,3 +73,39 @@ def test_a_shielded_worker_takes_the_ignored_signals_that_are_not_stop_signals_a
     out = subprocess.run([sys.executable, "-c", SHIELDED_FROM_ONE_OF_THE_IGNORED], capture_output=True, text=True,
                          check=True, timeout=60).stdout.split()
     assert out == ["ended"]
+
+
+def test_the_model_benchmark_refuses_no_timed_iterations():
+    """bench_model(iters=0) built the model and timed it, then failed with ZeroDivisionError."""
+    from vitaclip.engine.bench import bench_model
+
+    with pytest.raises(ValueError, match="iters must be >= 1, got 0"):
+        bench_model(iters=0, tiny=True, device="cpu", batch_size=1, frames=2, num_classes=2, precision="fp32")
+
+
+def test_the_loader_benchmark_refuses_no_timed_iterations(monkeypatch):
+    """bench_loader(iters=0) counted down past 0 and read epoch after epoch for ever."""
+    import torch
+
+    import vitaclip.data
+    from vitaclip.engine.bench import bench_loader
+
+    class Batch:
+        video = torch.zeros(1, 3, 2, 4, 4)
+
+    class OneBatchLoader:  # stands in for VideoLoader; a loop past a few epochs is the endless one
+        backend, dali_decoder = "pyav", None
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def set_epoch(self, epoch):
+            if epoch > 3:
+                raise RuntimeError("still reading at epoch 4")
+
+        def __iter__(self):
+            return iter([Batch()])
+
+    monkeypatch.setattr(vitaclip.data, "VideoLoader", OneBatchLoader)
+    with pytest.raises(ValueError, match="iters must be >= 1, got 0"):
+        bench_loader("list.csv", iters=0, device="cpu")

@@ -12,6 +12,7 @@ from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
 from .distributed import pick_device
 from .precision import autocast
+from .settings import check_count
 
 
 def _sync(device: torch.device) -> None:
@@ -36,6 +37,7 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
     """A randomly initialised model of the preset's shape (speed does not depend on the weights)."""
     from ..demo import demo_model_config
 
+    check_count("iters", iters)  # 0 timed iterations: a division by zero after the model's set-up
     dev = pick_device(device)
     config = demo_model_config(frames) if tiny else VitaCLIPConfig.preset(preset, num_frames=frames)
     model = VitaCLIP(config, [f"class {i}" for i in range(num_classes)], backend=backend).to(dev)
@@ -73,6 +75,7 @@ def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frame
     for DALI, in its default mode, which the report names with how often it fell back to another."""
     from ..data import VideoLoader
 
+    check_count("iters", iters)  # the batches are counted down to 0: from 0, for ever
     dev = pick_device(device)
     loader = VideoLoader(list_file, data_root, train=train, batch_size=batch_size, num_frames=frames, size=size,
                          stride=stride, backend=decoder, device=dev, num_workers=num_workers, shard_id=0, num_shards=1)
