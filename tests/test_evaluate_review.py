@@ -1,8 +1,9 @@
 """Review of evaluation and zero-shot: what is refused before any video is scored."""
 import pytest
+import torch
 
 from engine_helpers import CLASSES, tiny_data, tiny_model
-from vitaclip.engine.evaluate import EvalConfig
+from vitaclip.engine.evaluate import EvalConfig, evaluate
 from vitaclip.engine.zeroshot import Split, zeroshot
 
 CPU = dict(device="cpu", num_workers=0, progress=False, precision="fp32")
@@ -35,3 +36,24 @@ def test_zeroshot_refuses_a_later_splits_class_list_before_evaluating_any_split(
     with pytest.raises((ValueError, TypeError), match=f"split 'two'.*{problem}"):
         zeroshot(tiny_model(), splits, ["a video of {}."], EvalConfig(**CPU))
     assert first.fetched == 0
+
+
+
+def test_a_distributed_samplers_repeated_or_missing_items_are_refused():
+    """A DataLoader over a DistributedSampler pads its items to a multiple of the ranks: 5 videos on
+    2 ranks gave rank 1 video 0 again, merged with rank 0's as a second view (6 views counted; where
+    an item is one view of a video, that view weighed twice). A sampler for 2 replicas in one
+    process scored half the videos."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from vitaclip.engine.distributed import DistEnv
+
+    data = tiny_data(5)
+    alone = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
+    with pytest.raises(ValueError, match="among 2 replicas, but 1 process"):
+        evaluate(tiny_model(), alone, EvalConfig(**CPU))
+    # rank 1 of 2 (refused before any collective: every rank's sampler says the same)
+    padded = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    with pytest.raises(ValueError, match="DistributedSampler repeats 1 of its 5 items"):
+        evaluate(tiny_model(), padded, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))

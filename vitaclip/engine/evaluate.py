@@ -151,6 +151,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     config = dataclasses.replace(config or EvalConfig(), **overrides)
     config.validate()
     env = env or init_distributed(config.device)
+    check_distributed_sampler(data, env.world_size)
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     check_same_on_every_rank(env, list(model.classnames), "the class names")
     # nodes loading their own copies of a model file: their results would be merged into one
@@ -216,6 +217,32 @@ def batches_until_stopped(env: DistEnv, batches, stop: Optional[Callable[[], boo
         if batch is not None:
             yield batch
             index += 1
+
+
+def check_distributed_sampler(data, world_size: int) -> None:
+    """Refuses a DataLoader over a DistributedSampler that does not give each item once over the
+    ranks: its padding repeats items on the last ranks (merged by video id as further views), its
+    drop_last, or replicas other than the ranks, leave items out. Every rank's sampler says the same,
+    so every rank raises."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    samplers = (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None))
+    sampler = next((s for s in samplers if isinstance(s, DistributedSampler)), None)
+    if sampler is None:
+        return
+    items = len(sampler.dataset)
+    if sampler.num_replicas != world_size:
+        problem = (f"splits its {items} items among {sampler.num_replicas} replicas, but {world_size} process(es) "
+                   f"evaluate")
+    elif sampler.total_size > items:
+        problem = (f"repeats {sampler.total_size - items} of its {items} items (padding them to a multiple of the "
+                   f"{world_size} ranks), each then counted twice")
+    elif sampler.total_size < items:
+        problem = f"leaves out {items - sampler.total_size} of its {items} items (drop_last)"
+    else:
+        return
+    raise ValueError(f"evaluation data: a DataLoader whose DistributedSampler {problem}: give evaluate() its dataset "
+                     f"instead, which it shares among the ranks, each item once")
 
 
 def check_outputs(env: DistEnv, *paths) -> None:
