@@ -57,3 +57,18 @@ def test_a_distributed_samplers_repeated_or_missing_items_are_refused():
     padded = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
     with pytest.raises(ValueError, match="DistributedSampler repeats 1 of its 5 items"):
         evaluate(tiny_model(), padded, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))
+
+
+def test_scores_file_takes_video_ids_given_as_a_numpy_array(tmp_path):
+    """Batches whose ids came as a NumPy array were scored, then the scores file failed after the
+    whole pass: 'Object of type int64 is not JSON serializable'."""
+    import numpy as np
+
+    from vitaclip.engine.evaluate import read_video_scores
+
+    data = tiny_data(6)
+    batches = [(torch.stack([data[i][0] for i in range(s, s + 3)]), torch.tensor([data[i][1] for i in range(s, s + 3)]),
+                np.arange(s, s + 3)) for s in (0, 3)]
+    path = tmp_path / "scores.safetensors"
+    evaluate(tiny_model(), batches, EvalConfig(scores_path=str(path), **CPU))
+    assert read_video_scores(path).video_ids == list(range(6))

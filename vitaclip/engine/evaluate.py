@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from ..model import VitaCLIP
@@ -59,7 +60,8 @@ def accumulate(sums: Dict, probs: torch.Tensor, labels: torch.Tensor, video_ids)
     if isinstance(video_ids, torch.Tensor):  # (a GPU loader's: one copy, not a wait for every view)
         video_ids = video_ids.tolist()
     for p, y, vid in zip(probs, labels.tolist(), video_ids):
-        key = vid.item() if isinstance(vid, torch.Tensor) else vid
+        # (a tensor's or NumPy array's elements as Python numbers: keys the scores file's JSON can hold)
+        key = vid.item() if isinstance(vid, (torch.Tensor, np.generic)) else vid
         if key in sums:
             total, count, label = sums[key]
             if label != y:
