@@ -72,3 +72,17 @@ def test_scores_file_takes_video_ids_given_as_a_numpy_array(tmp_path):
     path = tmp_path / "scores.safetensors"
     evaluate(tiny_model(), batches, EvalConfig(scores_path=str(path), **CPU))
     assert read_video_scores(path).video_ids == list(range(6))
+
+
+def test_a_distributed_sampler_made_for_another_rank_is_refused():
+    """A sampler built with a fixed rank (rank=0 on every process) scored rank 0's items on each
+    rank and the others' never."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from vitaclip.engine.distributed import DistEnv
+
+    data = tiny_data(4)
+    wrong = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
+    with pytest.raises(ValueError, match="made for rank 0, but this process is rank 1"):
+        evaluate(tiny_model(), wrong, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))

@@ -153,7 +153,7 @@ def evaluate(model: VitaCLIP, data, config: Optional[EvalConfig] = None, env: Op
     config = dataclasses.replace(config or EvalConfig(), **overrides)
     config.validate()
     env = env or init_distributed(config.device)
-    check_distributed_sampler(data, env.world_size)
+    check_distributed_sampler(data, env)
     check_outputs(env, config.json_path, config.confusion_png, config.scores_path)
     check_same_on_every_rank(env, list(model.classnames), "the class names")
     # nodes loading their own copies of a model file: their results would be merged into one
@@ -221,11 +221,12 @@ def batches_until_stopped(env: DistEnv, batches, stop: Optional[Callable[[], boo
             index += 1
 
 
-def check_distributed_sampler(data, world_size: int) -> None:
+def check_distributed_sampler(data, env: DistEnv) -> None:
     """Refuses a DataLoader over a DistributedSampler that does not give each item once over the
     ranks: its padding repeats items on the last ranks (merged by video id as further views), its
     drop_last, or replicas other than the ranks, leave items out. Every rank's sampler says the same,
-    so every rank raises."""
+    so every rank raises; a sampler made for another rank is refused where it is given (torchrun
+    then stops the others)."""
     from torch.utils.data.distributed import DistributedSampler
 
     samplers = (getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None))
@@ -233,9 +234,13 @@ def check_distributed_sampler(data, world_size: int) -> None:
     if sampler is None:
         return
     items = len(sampler.dataset)
+    world_size = env.world_size
     if sampler.num_replicas != world_size:
         problem = (f"splits its {items} items among {sampler.num_replicas} replicas, but {world_size} process(es) "
                    f"evaluate")
+    elif sampler.rank != env.rank:
+        problem = (f"is made for rank {sampler.rank}, but this process is rank {env.rank} (ranks would score "
+                   f"the same items, others none)")
     elif sampler.total_size > items:
         problem = (f"repeats {sampler.total_size - items} of its {items} items (padding them to a multiple of the "
                    f"{world_size} ranks), each then counted twice")
