@@ -88,7 +88,8 @@ def test_write_then_read_round_trip(tmp_path):
     ("ApplyEyeMakeup", "apply eye makeup"), ("brush_hair", "brush hair"), ("YoYo", "yo yo"),
     ("PlayingDhol", "playing dhol"), ("Skijet", "skijet"), ("push_up", "push up"),
     ("HandstandPushups", "handstand pushups"), ("TaiChi", "tai chi"), ("JumpingJack", "jumping jack"),
-    ("DJMixing", "dj mixing"), ("Top10Shots", "top10 shots"),
+    ("DJMixing", "dj mixing"), ("Top10Shots", "top10 shots"), ("Skiing_3D", "skiing 3d"), ("Skiing3D", "skiing3d"),
+    ("Play3DChess", "play3d chess"),
 ])
 def test_folder_names_become_words(folder, name):
     assert folder_to_class_name(folder) == name

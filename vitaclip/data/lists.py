@@ -207,7 +207,8 @@ def _unquoted(name: str) -> str:
     return name
 
 
-_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# a digit ends a word only before a capitalised one: `Top10Shots`, but `Skiing3D` keeps its "3d"
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[0-9])(?=[A-Z][a-z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def folder_to_class_name(folder: str) -> str:
