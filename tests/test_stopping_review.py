@@ -109,3 +109,11 @@ def test_the_loader_benchmark_refuses_no_timed_iterations(monkeypatch):
     monkeypatch.setattr(vitaclip.data, "VideoLoader", OneBatchLoader)
     with pytest.raises(ValueError, match="iters must be >= 1, got 0"):
         bench_loader("list.csv", iters=0, device="cpu")
+
+
+def test_stop_signals_that_are_no_sequence_are_named():
+    """TrainConfig(stop_signals=None) failed with "TypeError: 'NoneType' object is not iterable"."""
+    from vitaclip.engine.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"stop_signals must be a tuple of signal names \(\(\) for none\), got None"):
+        TrainConfig(stop_signals=None).validate()

@@ -144,6 +144,8 @@ class TrainConfig:
             raise ValueError("overwrite starts a fresh run: it cannot be combined with resume")
         if isinstance(self.stop_signals, str):  # its letters would be taken for signal names
             raise ValueError(f"stop_signals must be a tuple of signal names, e.g. ({self.stop_signals!r},)")
+        if not isinstance(self.stop_signals, (tuple, list)):
+            raise ValueError(f"stop_signals must be a tuple of signal names (() for none), got {self.stop_signals!r}")
         for name in self.stop_signals:
             parse_signal(name)
 
