@@ -82,3 +82,12 @@ def test_a_phrase_context_is_made_for_a_model_already_on_the_gpu():
     assert model.prompt_learner.ctx.is_cuda
     phrase = model.textual.token_embedding(tokenize(["a video of"], 77).cuda())[0, 1:4]
     assert torch.equal(model.prompt_learner.ctx[0], phrase)
+
+
+@pytest.mark.parametrize("what", ["templates", "class names"])
+def test_no_list_at_all_is_named(what):
+    """templates=None (or class names None) failed with "'NoneType' object is not iterable"."""
+    from vitaclip.text import string_list
+
+    with pytest.raises(TypeError, match=f"{what} must be a list of strings, got None"):
+        string_list(None, what)

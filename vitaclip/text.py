@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ def string_list(values: Sequence[str], what: str) -> List[str]:
     one-letter classes)."""
     if isinstance(values, str):
         raise TypeError(f"{what} must be a list of strings, got the string {values!r}")
+    if not isinstance(values, Iterable):  # None: list() would name neither the setting nor its value
+        raise TypeError(f"{what} must be a list of strings, got {values!r}")
     values = list(values)  # once: an iterator can be read only once
     if not all(isinstance(v, str) for v in values):
         raise TypeError(f"{what} must be a list of strings, got {values!r}")
