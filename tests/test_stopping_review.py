@@ -117,3 +117,11 @@ def test_stop_signals_that_are_no_sequence_are_named():
 
     with pytest.raises(ValueError, match=r"stop_signals must be a tuple of signal names \(\(\) for none\), got None"):
         TrainConfig(stop_signals=None).validate()
+
+
+@pytest.mark.parametrize("name,why", [("SIGCHLD", "child process ends"), ("WINCH", "in ordinary work"),
+                                      ("SIGCONT", "in ordinary work"), ("SIGSEGV", "a fault of the process")])
+def test_signals_the_system_sends_for_other_reasons_are_no_stop_signals(name, why):
+    """SIGCHLD as a stop signal stopped the run when a data worker or decoder process ended."""
+    with pytest.raises(ValueError, match=f"{why}.*not a warning to stop"):
+        parse_signal(name)

@@ -44,7 +44,19 @@ def parse_signal(name: str) -> signal.Signals:
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         raise ValueError(f"{sig.name} cannot be caught or ignored: give a signal the job can be warned with "
                          "(e.g. SIGTERM, SIGUSR1)")
+    if sig in _NOT_A_WARNING:
+        raise ValueError(f"{sig.name} is {_NOT_A_WARNING[sig]}, not a warning to stop: give e.g. SIGTERM or SIGUSR1")
     return sig
+
+
+# signals the system sends for other reasons: taken as stops, they would end runs at random
+_ORDINARY = "sent by the terminal or the kernel in ordinary work"
+_FAULT = "a fault of the process itself, which a Python handler would return into for ever"
+_NOT_A_WARNING = {
+    signal.SIGCHLD: "sent whenever a child process ends (each data worker, each decoder)",
+    signal.SIGWINCH: _ORDINARY, signal.SIGURG: _ORDINARY, signal.SIGCONT: _ORDINARY,
+    signal.SIGSEGV: _FAULT, signal.SIGBUS: _FAULT, signal.SIGFPE: _FAULT, signal.SIGILL: _FAULT,
+}
 
 
 class StopRequest:
