@@ -125,3 +125,24 @@ def test_signals_the_system_sends_for_other_reasons_are_no_stop_signals(name, wh
     """SIGCHLD as a stop signal stopped the run when a data worker or decoder process ended."""
     with pytest.raises(ValueError, match=f"{why}.*not a warning to stop"):
         parse_signal(name)
+
+
+def test_the_fp16_training_benchmark_steps_through_a_grad_scaler(monkeypatch):
+    """bench_model(train=True, precision="fp16") stepped without the scaler `train` uses: the speed
+    it reported left out the scaler's unscale and overflow check."""
+    import torch
+
+    from vitaclip.engine import bench
+
+    steps = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def step(self, optimizer, *args, **kwargs):
+            steps.append(self.is_enabled())
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "grad_scaler", lambda device, precision: CountingScaler(
+        device.type, enabled=precision == "fp16"))
+    report = bench.bench_model(iters=1, warmup=0, tiny=True, device="cpu", batch_size=1, frames=2, num_classes=2,
+                               precision="fp16", train=True)
+    assert steps == [True] and report["train_clips_per_s"] > 0

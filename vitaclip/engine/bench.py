@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..config import VitaCLIPConfig
 from ..model import VitaCLIP
 from .distributed import pick_device
-from .precision import autocast
+from .precision import autocast, grad_scaler
 from .settings import check_count
 
 
@@ -56,12 +56,14 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
     if train:
         model.train()
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6)
+        scaler = grad_scaler(dev, precision)  # fp16 training pays for its scaler, as in `train`
 
         def step():
             with autocast(dev, precision):
                 loss = F.cross_entropy(model(video), labels)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
         report["train_clips_per_s"] = round(batch_size / _timed(step, iters, warmup, dev), 2)
