@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine_helpers import CLASSES, tiny_data, tiny_model
-from vitaclip.engine.evaluate import EvalConfig, evaluate
+from vitaclip.engine.evaluate import EvalConfig, EvalResult, evaluate
 from vitaclip.engine.zeroshot import Split, zeroshot
 
 CPU = dict(device="cpu", num_workers=0, progress=False, precision="fp32")
@@ -86,3 +86,36 @@ def test_a_distributed_sampler_made_for_another_rank_is_refused():
     wrong = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=False))
     with pytest.raises(ValueError, match="made for rank 0, but this process is rank 1"):
         evaluate(tiny_model(), wrong, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))
+
+
+def test_the_labelled_confusion_matrix_leaves_matplotlib_as_it_was(tmp_path):
+    """Writing it switched the process's matplotlib backend to Agg (a notebook's inline plots with
+    it) and left a pyplot figure open after a failed save."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from vitaclip.engine.evaluate import save_confusion_png
+
+    matplotlib.use("svg")
+    result = EvalResult(0.5, 1.0, 0.5, 2, 2, ["a", "b"], confusion=[[1, 0], [1, 0]])
+    save_confusion_png(result, tmp_path / "c.png")
+    assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    with Image.open(tmp_path / "c.png") as image:
+        assert image.format == "PNG" and image.size[0] >= 100  # a labelled figure, not the 2-cell heat map
+
+
+def test_the_plain_confusion_matrix_without_matplotlib(tmp_path, monkeypatch):
+    """Without matplotlib, a grey heat map: cell (true, predicted), darker for more."""
+    import sys
+
+    from PIL import Image
+
+    from vitaclip.engine.evaluate import save_confusion_png
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    result = EvalResult(0.5, 1.0, 0.5, 2, 2, ["a", "b"], confusion=[[1, 0], [1, 0]])
+    save_confusion_png(result, tmp_path / "c.png")
+    with Image.open(tmp_path / "c.png") as image:
+        assert image.mode == "L" and image.size == (512, 512)
+        assert [image.getpixel((x, y)) for x, y in ((0, 0), (300, 0), (0, 300), (300, 300))] == [0, 255, 0, 255]

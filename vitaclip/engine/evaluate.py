@@ -327,22 +327,21 @@ def save_confusion_png(result: EvalResult, path) -> None:
     counts = torch.tensor(result.confusion, dtype=torch.float)
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure of its own, not pyplot's: no backend switched under a notebook, no figure left open
+        from matplotlib.figure import Figure
     except ImportError:
         from PIL import Image
 
         n = rates.shape[0]
         cell = max(1, 512 // n)
         pixels = (255 * (1 - rates)).round().to(torch.uint8)
-        image = Image.fromarray(pixels.numpy(), mode="L").resize((n * cell, n * cell), Image.NEAREST)
+        image = Image.fromarray(pixels.numpy()).resize((n * cell, n * cell), Image.NEAREST)
         atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
         return
     n = rates.shape[0]
     size = max(4.0, min(40.0, 0.25 * n))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 60:
         ax.set_xticks(range(n), result.classnames, rotation=90, fontsize=6)
@@ -352,4 +351,3 @@ def save_confusion_png(result: EvalResult, path) -> None:
     ax.set_title(f"top-1 {100 * result.top1:.1f}%")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
