@@ -79,8 +79,10 @@ def frame_size(frames) -> Tuple[int, int]:
 
 
 def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = DECODER_MATRIX) -> torch.Tensor:
-    """Limited range with the YCbCr `matrix` (MATRICES), bilinear, centre-sited chroma upsampling,
-    rounded: for BT.601 the conversion DALI's decoder applies, so both backends give the same pixels."""
+    """Limited range with the YCbCr `matrix` (MATRICES), bilinear, centre-sited chroma upsampling
+    (for odd sizes the chroma planes are stretched over the frame, which FFmpeg's conversion matches
+    where centre siting per 2x2 block does not), rounded: for BT.601 the conversion DALI's decoder
+    applies, so both backends give the same pixels."""
     h, w = y.shape[-2:]
     chroma = torch.stack([u, v], 1).float() - 128.0  # [F, 2, h/2, w/2]
     chroma = F.interpolate(chroma, size=(h, w), mode="bilinear", align_corners=False)
