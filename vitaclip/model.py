@@ -210,6 +210,11 @@ class VitaCLIP(nn.Module):
     def zero_shot_text_features(self, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                                 batch_size: int = 1024) -> Tensor:
         """Normalised class features [n_classes, D]: each template's feature normalised, averaged."""
+        return self._zero_shot_features(classnames, templates, batch_size)
+
+    def _zero_shot_features(self, classnames: Sequence[str], templates: Sequence[str],
+                            batch_size: int = 1024) -> Tensor:
+        """zero_shot_text_features, differentiable where gradients are on."""
         names = [clean_classname(n) for n in string_list(classnames, "class names")]
         check_classnames(names)
         templates = check_templates(templates)
@@ -222,10 +227,14 @@ class VitaCLIP(nn.Module):
 
     def text_features(self) -> Tensor:
         """Normalised features [n_classes, D] of the current label set, in float32 (float64 for a
-        float64 model); cached when nothing can change them (fixed prompts, or learned prompts
-        evaluated without gradients)."""
-        if self._fixed_classnames is None and torch.is_grad_enabled():
-            return self._learned_text_features()
+        float64 model); cached when nothing can change them (fixed prompts of a frozen text tower,
+        or any prompts evaluated without gradients)."""
+        if torch.is_grad_enabled():
+            if self._fixed_classnames is None:
+                return self._learned_text_features()
+            if any(p.requires_grad for p in self.textual.parameters()):  # the user trains the text tower
+                with autocast_off(self.logit_scale.device.type):  # as the cached features are made
+                    return self._zero_shot_features(self._fixed_classnames, self._fixed_templates)
         return self._cached_text_features()
 
     def _learned_text_features(self) -> Tensor:

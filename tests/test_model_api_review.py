@@ -1,0 +1,33 @@
+"""Review of VitaCLIP used as a plain nn.Module in a researcher's own code: gradients, caches,
+casts and copies."""
+import torch
+import torch.nn.functional as F
+
+from conftest import CLASSES, random_video, randomize_, tiny_config
+from vitaclip import VitaCLIP
+
+
+def test_a_text_tower_unfrozen_by_its_user_gets_gradients_with_zero_shot_classes():
+    """Fine-tuning CLIP's text tower against hand-written prompts (model.requires_grad_(True), zero-shot
+    classes): the class features came from the no-gradient cache, so the loss reached no text weight and
+    the tower silently never trained. Its gradients are now those of the features computed with them."""
+    model = randomize_(VitaCLIP(tiny_config(), CLASSES))
+    names, templates = ["run", "jump", "swim"], ["a video of {}.", "a clip of {}."]
+    model.set_classes(names, templates=templates)
+    model.requires_grad_(True)
+    video, labels = random_video(model.config), torch.tensor([0, 2])
+    F.cross_entropy(model(video), labels).backward()
+    projection = model.textual.text_projection
+    assert projection.grad is not None and projection.grad.abs().sum() > 0
+
+    # the gradient is that of the scaled cosines with the averaged template features
+    with torch.no_grad():
+        video_features = F.normalize(model.encode_video(video), dim=-1)
+    per_template = [F.normalize(model.encode_text([t.format(n) for t in templates]), dim=-1) for n in names]
+    text = F.normalize(torch.stack([feats.mean(0) for feats in per_template]), dim=-1)
+    want, = torch.autograd.grad(F.cross_entropy(model.logit_scale.exp() * video_features @ text.t(), labels),
+                                projection)
+    torch.testing.assert_close(projection.grad, want)
+    # evaluated without gradients, the same features as with
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_features(), text.detach())
