@@ -6,16 +6,10 @@ import errno
 import fcntl
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Union
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: str = "") -> None:
@@ -24,13 +18,12 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: s
     use their own temporary file. A failed write (a full disk, a quota), which names no file, is
     raised naming `path` (described as `what`, e.g. "checkpoint")."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = create_beside(path)
     try:
         try:
+            mode = os.stat(tmp).st_mode & 0o777
             write(tmp)
-            # mkstemp creates the file 0600 whatever the umask: give it the permissions of a plain open()
-            os.chmod(tmp, 0o666 & ~current_umask())
+            os.chmod(tmp, mode)  # a writer that replaces the file (safetensors) makes it 0600
             # (NFS and Lustre cache writes: a full disk or a quota may only be reported by its fsync)
             publish(tmp, path)
         except OSError as err:
@@ -41,6 +34,20 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], object], what: s
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def create_beside(path: Path) -> str:
+    """A new empty file .<name>.<8 random characters> beside `path`, created as a plain open() creates
+    files: its permissions follow the umask, or the folder's default ACL where it has one (which a
+    file created 0600 by mkstemp and then chmod-ed lost, e.g. a shared project folder's group access;
+    reading the umask also set it to 0 process-wide for a moment, under other threads' files)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:  # another writer's (O_EXCL: never a file or link already there)
+            continue
 
 
 def remove_unfinished_writes(path: Union[str, Path]) -> None:
