@@ -31,3 +31,17 @@ def test_a_text_tower_unfrozen_by_its_user_gets_gradients_with_zero_shot_classes
     # evaluated without gradients, the same features as with
     with torch.no_grad():
         torch.testing.assert_close(model.text_features(), text.detach())
+
+
+def test_cached_class_features_follow_the_prompt_learners_own_class_switches():
+    """model.prompt_learner.set_classes twice between evaluations: the cache knew the class tokens by
+    id(), which the second switch's new tokens could take over from the first's freed ones, and the
+    first classes' features scored the last ones, silently."""
+    model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES)).eval()
+    with torch.no_grad():
+        for _ in range(5):
+            model.text_features()
+            model.prompt_learner.set_classes(["a", "b", "c"])
+            model.prompt_learner.set_classes(["run", "jump", "swim", "walk"])
+            torch.testing.assert_close(model.text_features(), F.normalize(model.encode_text(), dim=-1))
+            model.prompt_learner.set_classes(CLASSES)

@@ -251,7 +251,9 @@ class VitaCLIP(nn.Module):
                 lambda: self._fixed_text_features(self._fixed_classnames, self._fixed_templates))
             return self._fixed_text[1]
         learner = self.prompt_learner
-        text_tensors = [*self.textual.parameters(), *(learner.parameters() if learner is not None else ())]
+        # its buffers too: the class tokens, which its own set_classes replaces
+        text_tensors = [*self.textual.parameters(), *(learner.parameters() if learner is not None else ()),
+                        *(learner.buffers() if learner is not None else ())]
         self._text_cache = refreshed(self._text_cache, self._text_cache_key(), text_tensors,
                                      self._learned_text_features)
         return self._text_cache[1]
@@ -259,13 +261,14 @@ class VitaCLIP(nn.Module):
     def _text_cache_key(self) -> tuple:
         """What the cached text features depend on: every text tensor's memory, dtype and version
         (an in-place update, a reload, an assign=True load or a cast all change one; writes through
-        `.data` bypass version counters, and so every cache keyed on them), the class tokens, the
-        autocast state and the device."""
+        `.data` bypass version counters, and so every cache keyed on them), the autocast state and
+        the device. The class tokens are told apart by identity (`refreshed`'s weak references): an
+        id() here could be the freed tokens' of two class switches before."""
         device = self.logit_scale.device
         learner = self.prompt_learner
         state = self._text_tower_state() + tensor_states([learner.ctx] if learner is not None and learner.ctx is not None
                                                          else [])
-        return (id(learner.tokens) if learner is not None else None, state, autocast_dtype(device.type), device)
+        return (state, autocast_dtype(device.type), device)
 
     def _fixed_text_features(self, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
         """The zero-shot class features, in the model's own precision whatever autocast the caller is
