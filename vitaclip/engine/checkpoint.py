@@ -25,8 +25,8 @@ from ..text import clean_classname, keep_phrase_for_saved_context
 from ..files import atomic_write, atomic_write_text
 from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
-TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8}\.pt\.")  # atomic_write's temporary files
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")  # 8 digits, more from step 10^8 on
+TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8,}\.pt\.")  # atomic_write's temporary files
 FORMAT = "vitaclip-train-checkpoint-v1"
 UNREADABLE_SUFFIX = ".unreadable"  # added to checkpoints a resume found unreadable and went back past
 # beside a checkpoint written before its step's evaluation, once that ended: it holds the write's id
@@ -71,11 +71,21 @@ def load_latest_checkpoint(directory) -> Tuple[Optional[Path], Optional[Dict[str
             unreadable.append(path)
             continue
         for bad in unreadable:
-            bad.replace(bad.with_name(bad.name + UNREADABLE_SUFFIX))
+            bad.replace(set_aside_name(bad))
         return path, payload
     if found:
         raise ValueError(f"none of the {len(found)} checkpoints in {directory} can be read")
     return None, None
+
+
+def set_aside_name(path: Path) -> Path:
+    """<name>.unreadable, or .unreadable.1, .2, ... where one was set aside before (a step written
+    and found unreadable again): each is kept."""
+    candidate, n = path.with_name(path.name + UNREADABLE_SUFFIX), 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}.{n}")
+    return candidate
 
 
 def remove_temporary_files(directory) -> None:
@@ -89,7 +99,8 @@ def remove_temporary_files(directory) -> None:
 
 def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0) -> Path:
     """Write `payload` as checkpoint-<step>.pt through a temporary file + rename, then delete all
-    but the newest `keep` checkpoints (0 keeps every one)."""
+    but the newest `keep` checkpoints (0 keeps every one), never the one just written. One that
+    cannot be deleted (another user's, in a sticky scratch folder) is warned of: the new one is safe."""
     path = checkpoint_path(directory, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     written_by = {"format": FORMAT, "vitaclip_version": __version__}  # the release, for whoever reads it later
@@ -106,7 +117,12 @@ def save_checkpoint(directory, step: int, payload: Dict[str, Any], keep: int = 0
     atomic_write(path, write, what="checkpoint")
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
-            remove_checkpoint(old)
+            if old == path:  # a higher step was there already (another run's, unlocked)
+                continue
+            try:
+                remove_checkpoint(old)
+            except OSError as err:
+                warnings.warn(f"could not delete the old checkpoint {old}: {err}; the run goes on")
     return path
 
 
