@@ -230,6 +230,12 @@ def cmd_train(args) -> int:
     for flag, views in (("--temporal-views", args.temporal_views), ("--spatial-crops", args.spatial_crops)):
         if views != 1 and not args.val_list:  # (they would be ignored: no evaluation during training)
             raise ValueError(f"{flag} sets the views of the evaluations during training: give --val-list")
+    if args.tsn and args.stride is not None:
+        # TSN training takes a frame per segment and its model records no stride: eval, zeroshot and predict
+        # score it at the default one, which the evaluations during training must use too
+        raise ValueError(f"--stride with --tsn: TSN training samples a frame per segment, not at a stride, and its "
+                         f"model records none, so eval, zeroshot and predict score it at stride {DEFAULT_STRIDE} "
+                         "(as its evaluations during training do): give --stride to those commands instead")
     # vitaclip's notes (INFO: --resume auto found no checkpoint) are shown as its warnings are; others' INFO is not
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vitaclip").setLevel(logging.INFO)
