@@ -51,3 +51,26 @@ def test_train_refuses_a_stride_beside_tsn_that_its_evaluations_would_use_and_th
         assert "--stride" in err and "--tsn" in err and "eval" in err
     with pytest.raises(Built):  # --tsn alone is fine: its evaluations and eval's sample at the default stride
         cli.main([str(a) for a in base + ["--val-list", list_file]])
+
+
+def test_demo_refuses_a_folder_holding_another_runs_checkpoints_or_model(videos, tmp_path, capsys):
+    """`vitaclip demo --output-dir runs/k400` (a training run's folder) deleted that run's checkpoints, final model
+    and TensorBoard logs and replaced its CSV logs without a word: a demo always starts afresh. A folder of an
+    earlier demo is still taken (test_cli's test_demo_runs_again_in_the_same_folder)."""
+    from vitaclip.engine.checkpoint import list_checkpoints
+
+    root, list_file = videos
+    run_dir = tmp_path / "run"
+    cli.main([str(a) for a in ("train", "--train-list", list_file, "--data-root", list_file.parent, "--classes",
+                               root / "classes.txt", "--init", root / "model", "--output-dir", run_dir, "--device",
+                               "cpu", "--decoder", "pyav", "--num-workers", 0, "--no-progress", "--batch-size", 4,
+                               "--steps", 1, "--augment", "", "--stride", 1, "--precision", "fp32")])
+    checkpoints = list_checkpoints(run_dir)
+    log = (run_dir / "train_log.csv").read_text()
+    assert checkpoints and (run_dir / "model" / "config.json").is_file()
+    capsys.readouterr()
+    code, out, err = run(capsys, "demo", "--small", "--steps", 1, "--output-dir", run_dir, "--no-progress")
+    assert code == 2, out + err
+    assert str(run_dir) in err and "--output-dir" in err
+    assert list_checkpoints(run_dir) == checkpoints and (run_dir / "model" / "config.json").is_file()
+    assert (run_dir / "train_log.csv").read_text() == log and not (run_dir / "data").exists()

@@ -15,11 +15,11 @@ import torch
 from .config import VitaCLIPConfig
 from .data import pyav
 from .data.transforms import normalize
-from .engine.checkpoint import load_model
+from .engine.checkpoint import list_checkpoints, load_model
 from .engine.evaluate import EvalConfig, evaluate
 from .engine.predict import predict
 from .engine.settings import check_count
-from .engine.train import TrainConfig, train
+from .engine.train import FINAL_MODEL, TrainConfig, train
 from .model import VitaCLIP
 
 # Every frame of a clip is ambiguous on its own (a square of some size somewhere in the middle);
@@ -145,12 +145,24 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> Dict:
     for name, least in (("seed", 0), ("steps", 1), ("batch_size", 1), ("train_size", 1), ("test_size", 1),
                         ("num_frames", 1)):
         check_count(name, getattr(config, name), least)
+    check_not_another_run(Path(config.output_dir))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model's ops are faster on one thread than split over several
     try:
         return _run_demo(config)
     finally:
         torch.set_num_threads(threads)
+
+
+def check_not_another_run(out: Path) -> None:
+    """A demo starts afresh, deleting the checkpoints and final model in its folder: those of an earlier
+    demo (its summary or its data there), never a training run's (a mistyped --output-dir)."""
+    if (out / "demo.json").is_file() or (out / "data" / "train" / "list.txt").is_file():
+        return
+    held = [p.name for p in list_checkpoints(out)] + ([FINAL_MODEL] if (out / FINAL_MODEL).exists() else [])
+    if held:
+        raise ValueError(f"{out} holds a training run that is not a demo's ({', '.join(held[-2:])}), which the demo "
+                         "would delete: give the demo another --output-dir")
 
 
 def _run_demo(config: DemoConfig) -> Dict:
