@@ -74,3 +74,27 @@ def test_demo_refuses_a_folder_holding_another_runs_checkpoints_or_model(videos,
     assert str(run_dir) in err and "--output-dir" in err
     assert list_checkpoints(run_dir) == checkpoints and (run_dir / "model" / "config.json").is_file()
     assert (run_dir / "train_log.csv").read_text() == log and not (run_dir / "data").exists()
+
+
+def test_a_file_of_a_saved_model_folder_given_for_the_model_names_the_folder(videos, tmp_path, capsys):
+    """`--model run/model/model.safetensors` (the weights file in the folder save_pretrained writes) was taken
+    for the authors' checkpoint: 'no CLIP has a vision width of 64 ... pass --heads', and with --heads,
+    --text-heads and --classes it scored without the model's training stride (predict gave 0.9726 where eval
+    of the folder gave 0.9858); config.json was 'cannot read checkpoint'."""
+    root, list_file = videos
+    model = root / "model"
+    video = list_file.parent / "clip_00000.mp4"
+    for name in ("model.safetensors", "config.json"):
+        for argv in (["predict", "--model", model / name, video],
+                     ["eval", "--model", model / name, "--list", list_file, "--data-root", list_file.parent],
+                     ["zeroshot", "--model", model / name, "--split", list_file, "--classes", root / "classes.txt",
+                      "--data-root", list_file.parent]):
+            code, _, err = run(capsys, *argv, "--heads", 2, "--text-heads", 2, "--device", "cpu",
+                               "--num-workers", 0, "--no-progress")
+            assert code == 2, err
+            assert f"--model {model}" in err, err
+    code, _, err = run(capsys, "train", "--train-list", list_file, "--data-root", list_file.parent, "--classes",
+                       root / "classes.txt", "--init", model / "model.safetensors", "--heads", 2, "--text-heads", 2,
+                       "--batch-size", 4, "--steps", 1, "--output-dir", tmp_path / "r", "--device", "cpu",
+                       "--num-workers", 0, "--no-progress")
+    assert code == 2 and f"--init {model}" in err, err

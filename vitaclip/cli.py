@@ -143,6 +143,7 @@ def build_training_model(args, classes: List[str]):
         # a randomly initialised CLIP cannot be rebuilt: checkpoints then hold the whole model
         return model, backbone if pretrained else None
     refuse_clip_flags(args, "--init")
+    check_not_in_saved_model(args.init, "--init")
     path = Path(args.init).resolve()
     # a checkpoint to resume from replaces a fresh class context: no news; --resume auto that finds none
     # (a requeue script's first run) trains that context
@@ -288,7 +289,21 @@ def cmd_train(args) -> int:
 def load_eval_model(args, classes: Optional[List[str]]):
     from .engine.checkpoint import load_model
 
+    check_not_in_saved_model(args.model, "--model")
     return load_model(args.model, classes, args.backend, **heads_overrides(args))
+
+
+def check_not_in_saved_model(path: str, flag: str) -> None:
+    """A file of a saved model's folder (its weights or a .json) is no model of its own: its weights file was
+    taken for the authors' checkpoint (asking for --heads, then scoring without the model's config and
+    training settings)."""
+    from .weights import CONFIG_FILE, WEIGHTS_FILE
+
+    file = Path(path)
+    folder = file.parent
+    if (file.is_file() and (file.name == WEIGHTS_FILE or file.suffix == ".json") and (folder / CONFIG_FILE).is_file()
+            and (folder / WEIGHTS_FILE).is_file()):
+        raise ValueError(f"{path} is a file of the saved model {folder}: give the folder, {flag} {folder}")
 
 
 def scored_frames(args, model) -> int:
@@ -362,6 +377,7 @@ def cmd_zeroshot(args) -> int:
                        for list_file, class_file in (parse_split(text, args.classes) for text in args.split)]
         if args.model:
             refuse_clip_flags(args, "--model")
+            check_not_in_saved_model(args.model, "--model")
             model = load_model(args.model, backend=args.backend, templates_only=True, **heads_overrides(args))
         else:
             if heads_overrides(args):
