@@ -1213,7 +1213,8 @@ def test_a_rank_whose_share_is_all_unusable_says_why_it_has_no_batches(vp9_datas
 @pytest.mark.parametrize("text,why", [
     ("", r"the list has no entries"),
     ("good.webm 1\ngood2.webm 2\n", r"2 entries left out, e\.g\. .*list\.csv:1: expected 'path,label', got 'good\.webm 1'"),
-    ("missing.webm,0\n", r"1 entries left out, e\.g\. .*list\.csv:1 .*missing\.webm.*: file not found"),
+    ("missing.webm,0\n", r"1 entries left out, e\.g\. .*list\.csv:1 .*missing\.webm.*: file not found; none of "
+                         r"the 1 videos of .*list\.csv is under the data root .*: is it the right one \(--data-root\)\?"),
 ])
 def test_a_list_without_usable_videos_says_why(bad_dataset, text, why):
     """It said "no usable videos" alone: in skip mode the reasons were only in the log."""

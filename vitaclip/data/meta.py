@@ -120,6 +120,11 @@ def video_infos(entries: List[VideoEntry], list_file: str, data_root: str, worke
                     sidecar)
     # a failure names the line probed: a video listed twice gets each line's own (known keeps the last)
     failed = {id(e): info for (_, e), info in zip(to_probe, probed) if not isinstance(info, VideoInfo)}
+    if entries and len(failed) == len(entries) and not any(os.path.exists(e.path) for e in entries):
+        # a list none of whose videos is there: most likely read under another data root
+        hint = (f"; none of the {len(entries)} videos of {list_file} is under the data root {data_root!r}: is it "
+                "the right one (--data-root)?")
+        failed = {key: VideoDecodeError(f"{error}{hint}") for key, error in failed.items()}
     return [failed.get(id(e), known[k]) for k, e in zip(keys, entries)]
 
 
