@@ -98,3 +98,37 @@ def test_a_file_of_a_saved_model_folder_given_for_the_model_names_the_folder(vid
                        "--batch-size", 4, "--steps", 1, "--output-dir", tmp_path / "r", "--device", "cpu",
                        "--num-workers", 0, "--no-progress")
     assert code == 2 and f"--init {model}" in err, err
+
+
+def option_help(command: str, dest: str) -> str:
+    """The help text of `vitaclip COMMAND`'s option `dest`, its white space collapsed."""
+    import argparse
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return " ".join(next(a for a in commands[command]._actions if a.dest == dest).help.split())
+
+
+def test_predict_shows_progress_bars_of_reading_and_scoring_its_videos_unless_no_progress(videos, capsys):
+    """`vitaclip predict` reads every video through (their frame counts) before the first result, with no bar,
+    so a long list looked hung, and --no-progress did nothing. It now shows the reading (probe) and the scoring
+    (predict) on stderr as eval does, and prints the same results."""
+    import json
+
+    root, list_file = videos
+    clips = [list_file.parent / f"clip_{i:05d}.mp4" for i in range(3)]
+    base = ["predict", "--model", root / "model", *clips, "--device", "cpu", "--decoder", "pyav", "--stride", 1]
+    for output in ([], ["--json"]):
+        code, quiet, err = run(capsys, *base, *output, "--no-progress")
+        assert code == 0 and err == "", err
+        code, out, err = run(capsys, *base, *output)
+        assert code == 0 and out == quiet, err  # the bars are on stderr only
+        assert "probe: 100%" in err and "predict: 100%" in err and "3/3" in err, err
+    assert [r["video"] for r in json.loads(out)] == [str(c) for c in clips]
+
+
+def test_bench_says_it_shows_no_progress_bar():
+    """`vitaclip bench --no-progress` was 'no progress bars' though bench shows none: it is accepted, as by
+    the other commands, and says so."""
+    assert "bench shows no progress bar" in option_help("bench", "no_progress")
+    assert "bench" not in option_help("eval", "no_progress")
+

@@ -5,6 +5,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node N [--nnodes ... --rdzv_endpoin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -414,6 +415,8 @@ def cmd_zeroshot(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
     from .engine.distributed import launched_world_size
     from .engine.predict import PredictConfig, predictions
 
@@ -428,25 +431,35 @@ def cmd_predict(args) -> int:
     results = predictions(model, videos, PredictConfig(
         top_k=args.top_k, frames=args.frames, stride=args.stride, temporal_views=args.temporal_views,
         spatial_crops=args.spatial_crops, batch_size=args.batch_size, precision=args.precision, device=args.device,
-        decoder=args.decoder, data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error))
+        decoder=args.decoder, data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error,
+        progress=not args.no_progress))
+    # the results on stdout are written between refreshes of the bar on stderr: on one terminal, else
+    # each would overwrite the other's line
+    between_bars = (functools.partial(tqdm.external_write_mode, file=sys.stdout) if not args.no_progress
+                    else contextlib.nullcontext)
     # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
     # others); --json: the list json.dumps(results, indent=1) prints, item by item
     failed = count = 0
-    try:
-        for count, r in enumerate(results, start=1):
-            if args.json:
-                print("[\n" if count == 1 else ",\n", textwrap.indent(json.dumps(r, indent=1), " "), sep="", end="")
-            else:
-                print(f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
-                                          if "top" in r else f"  error: {r['error']}"))
-            sys.stdout.flush()
-            failed += "error" in r
-    except BaseException:  # Ctrl-C, a video that fails to decode: main's line must not join the last item's
-        if args.json and count:  # (whose line stays open for the comma before the next)
-            print(flush=True)
-        raise
-    if args.json:
-        print("\n]")
+    held = ""  # --json: the closing line of the item before
+    with contextlib.closing(results):  # its bar closed before an error's message
+        try:
+            for count, r in enumerate(results, start=1):
+                if args.json:
+                    text = ("[\n" if count == 1 else held + ",\n") + textwrap.indent(json.dumps(r, indent=1), " ")
+                    # the last item closes the list; the others hold back their closing line for the comma after
+                    # it (a line left open would be overwritten by the bar's refresh)
+                    text, held = (text + "\n]", "") if count == len(videos) else text.rsplit("\n", 1)
+                else:
+                    text = f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                                                if "top" in r else f"  error: {r['error']}")
+                with between_bars():
+                    print(text, flush=True)
+                failed += "error" in r
+        except BaseException:  # Ctrl-C, a video that fails to decode: the items printed stay whole
+            if held:
+                with between_bars():
+                    print(held, flush=True)
+            raise
     if failed:
         print(f"vitaclip predict: {failed} of {count} videos could not be read", file=sys.stderr)
     return 1 if failed else 0  # as `prepare --on-error skip`: a script can tell
@@ -492,14 +505,14 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def add_runtime(p, workers: Optional[int] = None) -> None:
+def add_runtime(p, workers: Optional[int] = None, no_progress: str = "no progress bars") -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU, else CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="autocast precision")
     p.add_argument("--backend", default="auto", help="vision backend: auto, reference or a fast one")
     share = ", by default this process's share of the node's cores less one" if workers is None else ""
     p.add_argument("--num-workers", type=int, default=default_num_workers() if workers is None else workers,
                    help=f"decoding worker processes{share} (0: decode in this process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help=no_progress)
 
 
 def add_view_frames(p) -> None:
@@ -684,7 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", default=None, help="also time the video loader on this list file")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_data(p, views=False, lists=False)
-    add_runtime(p)
+    # bench draws no bar (its --list loader probes new videos without one); the flag is taken for scripts
+    # that pass it to every command
+    add_runtime(p, no_progress="accepted as by the other commands: bench shows no progress bar")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("prepare", help="re-encode a video list for fast loading", formatter_class=FORMATTER)

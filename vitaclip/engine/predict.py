@@ -41,6 +41,7 @@ class PredictConfig:
     data_root: str = ""  # folder that relative video paths are in
     num_workers: int = 0  # PyAV decoding processes
     on_error: str = "raise"  # "skip": a video that cannot be read gets an "error" instead of labels
+    progress: bool = False  # progress bars (stderr) of the files' reading and of the scoring
 
 
 def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictConfig, device, errors: Dict):
@@ -86,7 +87,8 @@ def _batches_from_files(paths: Sequence[str], model: VitaCLIP, config: PredictCo
             loader = VideoLoader(list_file, train=False, batch_size=config.batch_size, num_frames=num_frames,
                                  stride=stride, size=model.config.image_size, temporal_views=config.temporal_views,
                                  spatial_crops=config.spatial_crops, backend=config.decoder, device=device,
-                                 num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error)
+                                 num_workers=config.num_workers, shard_id=0, num_shards=1, on_error=config.on_error,
+                                 progress=config.progress)
             for batch in loader:
                 note(loader.skipped_videos)  # a batch's results are handed out with the errors before them
                 yield batch
@@ -156,7 +158,10 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
         if given:
             raise ValueError(f"{', '.join(given)}: how clips are taken from video files, but tensors are clips "
                              "already (a [V, 3, T, H, W] tensor is a video's V views)")
+    from tqdm.auto import tqdm
+
     was_training = model.training
+    bar = None
     model.eval().to(device)
     try:
         if all(are_tensors):
@@ -179,19 +184,29 @@ def predictions(model: VitaCLIP, videos: Sequence[Union[str, os.PathLike, torch.
             return {"video": names[i], "top": [{"label": classnames[j], "probability": float(p)}
                                                for p, j in zip(probs.tolist(), idx.tolist())]}
 
-        done = 0  # the videos before this one are handed out
-        for video, labels, ids in batches:
-            with autocast(device, config.precision):
-                logits = model(video.to(device))
-            ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-            accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
-            # a batch holds every view of its videos, and videos come in order (the loader's
-            # evaluation order, one shard): every video up to its last is done, or was left out
-            last = max(ids)
-            while done <= last:
-                yield result(done)
-                done += 1
-        for i in range(done, len(names)):  # (left out, after the last batch)
-            yield result(i)
+        def results() -> Iterator[Dict]:
+            done = 0  # the videos before this one are handed out
+            for video, labels, ids in batches:
+                with autocast(device, config.precision):
+                    logits = model(video.to(device))
+                ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+                accumulate(sums, logits.float().softmax(-1).cpu(), labels.cpu(), ids)
+                # a batch holds every view of its videos, and videos come in order (the loader's
+                # evaluation order, one shard): every video up to its last is done, or was left out
+                last = max(ids)
+                while done <= last:
+                    yield result(done)
+                    done += 1
+            for i in range(done, len(names)):  # (left out, after the last batch)
+                yield result(i)
+
+        for r in results():
+            if bar is None:  # made after the files' reading, whose bar it would otherwise sit above
+                bar = tqdm(total=len(names), desc="predict", unit="video", disable=not config.progress,
+                           dynamic_ncols=True)
+            yield r
+            bar.update(1)
     finally:
+        if bar is not None:  # before an error's message, and before the caller's next output
+            bar.close()
         model.train(was_training)  # as evaluate(): predicting mid-training leaves the model training
