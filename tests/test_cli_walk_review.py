@@ -132,3 +132,14 @@ def test_bench_says_it_shows_no_progress_bar():
     assert "bench shows no progress bar" in option_help("bench", "no_progress")
     assert "bench" not in option_help("eval", "no_progress")
 
+
+def test_predict_names_the_frames_flag_for_a_frame_count_the_model_does_not_take(videos, capsys):
+    """`predict --frames 3` for a model of T0 = 2 said 'frames = 3 frames is not a multiple ...' (the Python
+    API's parameter) where eval says '--frames = 3 ...'."""
+    root, list_file = videos
+    clip = list_file.parent / "clip_00000.mp4"
+    for argv in (["predict", clip], ["eval", "--list", list_file, "--data-root", list_file.parent]):
+        code, _, err = run(capsys, *argv, "--model", root / "model", "--frames", 3, "--device", "cpu",
+                           "--decoder", "pyav", "--no-progress")
+        assert code == 2 and "error: --frames = 3 frames is not a multiple of the model's T0 = 2" in err, err
+

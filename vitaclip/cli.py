@@ -428,8 +428,9 @@ def cmd_predict(args) -> int:
     if not videos:
         raise ValueError("no videos to predict: give VIDEO files or --videos-from FILE")
     model = load_eval_model(args, classes)
+    frames = scored_frames(args, model)  # as eval's: a frame count the model cannot take is named by its flag
     results = predictions(model, videos, PredictConfig(
-        top_k=args.top_k, frames=args.frames, stride=args.stride, temporal_views=args.temporal_views,
+        top_k=args.top_k, frames=frames, stride=args.stride, temporal_views=args.temporal_views,
         spatial_crops=args.spatial_crops, batch_size=args.batch_size, precision=args.precision, device=args.device,
         decoder=args.decoder, data_root=args.data_root, num_workers=args.num_workers, on_error=args.on_error,
         progress=not args.no_progress))
