@@ -143,3 +143,24 @@ def test_predict_names_the_frames_flag_for_a_frame_count_the_model_does_not_take
                            "--decoder", "pyav", "--no-progress")
         assert code == 2 and "error: --frames = 3 frames is not a multiple of the model's T0 = 2" in err, err
 
+
+def test_each_commands_help_says_what_its_sampling_options_do_there():
+    """predict's, eval's and zeroshot's --temporal-views/--spatial-crops help spoke of training's evaluations,
+    and bench's --stride of eval, zeroshot and predict."""
+    for command in ("eval", "zeroshot", "predict"):
+        for dest in ("temporal_views", "spatial_crops"):
+            assert "train" not in option_help(command, dest), (command, dest)
+        assert "the stride the model was trained with" in option_help(command, "stride")
+    for dest in ("temporal_views", "spatial_crops"):
+        assert "evaluations during training" in option_help("train", dest)
+    for command in ("train", "bench"):
+        assert "the model was trained with" not in option_help(command, "stride")
+    assert "--list" in option_help("bench", "stride") and "eval" not in option_help("bench", "stride")
+
+
+def test_bench_refuses_a_preset_beside_tiny(capsys):
+    """`bench --tiny --preset ViT-L/14` timed the tiny model and reported it, the preset silently ignored."""
+    code, out, err = run(capsys, "bench", "--tiny", "--preset", "ViT-L/14", "--device", "cpu")
+    assert code == 2 and out == "" and "--tiny" in err and "--preset" in err, err
+    assert "ViT-B/16" in option_help("bench", "preset") and "--preset" in option_help("bench", "tiny")
+

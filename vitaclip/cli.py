@@ -22,6 +22,7 @@ from typing import List, Optional
 from . import __version__
 from .choices import (DEFAULT_STRIDE, PRECISIONS, PREPARE_TIMEOUT, WEIGHT_DECAY_ON, X264_PRESETS,
                       default_num_workers)
+from .config import PRESETS
 from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
 from .errors import VideoDecodeError, WeightsUnavailable
 
@@ -35,6 +36,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 FORMATTER = DefaultsHelpFormatter
 DEFAULT_CLIP, DEFAULT_PRETRAINED = "ViT-B-16-quickgelu", "openai"
+DEFAULT_PRESET = "ViT-B/16"  # bench's
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, to be resumed
 
 
@@ -470,10 +472,12 @@ def cmd_bench(args) -> int:
     from .data.lists import check_list_file
     from .engine.bench import bench_loader, bench_model
 
+    if args.tiny and args.preset is not None:  # (the tiny model would be timed, the preset not)
+        raise ValueError(f"--tiny times the demo's tiny model, --preset {args.preset} a preset: give one or the other")
     if args.list:  # before the model's timing, which takes minutes
         check_list_file(args.list)
-    report = bench_model(args.preset, args.batch_size, args.frames, args.iters, args.warmup, args.precision,
-                         args.device, args.backend, train=args.train, tiny=args.tiny)
+    report = bench_model(args.preset or DEFAULT_PRESET, args.batch_size, args.frames, args.iters, args.warmup,
+                         args.precision, args.device, args.backend, train=args.train, tiny=args.tiny)
     if args.list:
         args.stride = args.stride or DEFAULT_STRIDE
         report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
@@ -522,12 +526,16 @@ def add_view_frames(p) -> None:
                         "them, else its T0)")
 
 
-def add_data(p, views: bool = True, lists: bool = True) -> None:
+SCORING_STRIDE = ("frames between sampled frames (default: the stride the model was trained with where it records "
+                  f"one, else {DEFAULT_STRIDE})")
+
+
+def add_data(p, stride: str = SCORING_STRIDE, views: Optional[str] = "", lists: bool = True) -> None:
+    """The data options; `stride`: --stride's help; `views`: what the --temporal-views and --spatial-crops
+    helps add (None: no such options)."""
     p.add_argument("--data-root", default="", help="folder relative video paths (in list files, or given) are "
                                                    "taken from")
-    p.add_argument("--stride", type=positive_int, default=None,
-                   help=f"frames between sampled frames (default {DEFAULT_STRIDE}; eval, zeroshot and predict: the "
-                        f"stride the model was trained with where it records one)")
+    p.add_argument("--stride", type=positive_int, default=None, help=stride)
     p.add_argument("--decoder", default="auto", choices=("auto", "dali-gpu", "dali-cpu", "pyav"),
                    help="video decoder")
     if lists:
@@ -539,11 +547,9 @@ def add_data(p, views: bool = True, lists: bool = True) -> None:
                        help="seconds without a decoded clip from the PyAV workers before the run stops, "
                             "naming the videos awaited (a hung decoder); also the longest a new video's probe "
                             "may take before it counts as a bad video")
-    if views:
-        p.add_argument("--temporal-views", type=positive_int, default=1,
-                       help="evenly spaced clips per video (train: of the evaluations during training)")
-        p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3),
-                       help="crops per clip (train: of the evaluations during training)")
+    if views is not None:
+        p.add_argument("--temporal-views", type=positive_int, default=1, help="evenly spaced clips per video" + views)
+        p.add_argument("--spatial-crops", type=int, default=1, choices=(1, 3), help="crops per clip" + views)
 
 
 def add_model_source(p, required: bool = True) -> None:
@@ -622,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "finish the current step, checkpoint and exit with status "
                         f"{EXIT_STOPPED}; '' for none")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
-    add_data(p)
+    add_data(p, stride=f"frames between sampled frames (default {DEFAULT_STRIDE}; recorded in the model, which eval, "
+                       "zeroshot and predict then sample at; not with --tsn)",
+             views=" of the evaluations during training (needs --val-list)")
     add_runtime(p)
     p.set_defaults(func=cmd_train)
 
@@ -685,8 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="model (and loader) throughput on this device, clips/s",
                        formatter_class=FORMATTER)
-    p.add_argument("--preset", default="ViT-B/16", help="architecture preset")
-    p.add_argument("--tiny", action="store_true", help="the demo's tiny model instead of a preset")
+    p.add_argument("--preset", default=None,
+                   help=f"architecture preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    p.add_argument("--tiny", action="store_true", help="the demo's tiny model instead of a preset (not with --preset)")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="clips per timed batch (of the model and of the --list loader)")
     p.add_argument("--frames", type=positive_int, default=8, help="frames per clip")
@@ -697,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(random clips, crops, RandAugment) instead of its evaluation one")
     p.add_argument("--list", default=None, help="also time the video loader on this list file")
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_data(p, views=False, lists=False)
+    add_data(p, stride=f"frames between the sampled frames of the --list loader's clips (default {DEFAULT_STRIDE})",
+             views=None, lists=False)
     # bench draws no bar (its --list loader probes new videos without one); the flag is taken for scripts
     # that pass it to every command
     add_runtime(p, no_progress="accepted as by the other commands: bench shows no progress bar")
