@@ -164,3 +164,15 @@ def test_bench_refuses_a_preset_beside_tiny(capsys):
     assert code == 2 and out == "" and "--tiny" in err and "--preset" in err, err
     assert "ViT-B/16" in option_help("bench", "preset") and "--preset" in option_help("bench", "tiny")
 
+
+def test_a_class_list_of_another_length_is_named_with_its_flag(videos, tmp_path, capsys):
+    """eval and predict with a --classes file of 3 names for a model of 4 said 'the class-specific context was
+    trained for 4 classes, got 3 class names', naming neither the file nor the flag."""
+    root, list_file = videos
+    short = tmp_path / "three.txt"
+    short.write_text("\n".join(CLASSES[:3]) + "\n")
+    for argv in (["predict", list_file.parent / "clip_00000.mp4"],
+                 ["eval", "--list", list_file, "--data-root", list_file.parent]):
+        code, _, err = run(capsys, *argv, "--model", root / "model", "--classes", short, "--device", "cpu",
+                           "--decoder", "pyav", "--no-progress")
+        assert code == 2 and f"--classes {short}" in err and "trained for 4 classes, got 3" in err, err

@@ -293,7 +293,14 @@ def load_eval_model(args, classes: Optional[List[str]]):
     from .engine.checkpoint import load_model
 
     check_not_in_saved_model(args.model, "--model")
-    return load_model(args.model, classes, args.backend, **heads_overrides(args))
+    try:
+        return load_model(args.model, classes, args.backend, **heads_overrides(args))
+    except ValueError as error:
+        if classes is None:
+            raise
+        # what refuses the names (another number or order of classes than the model's) names neither file nor flag
+        raise ValueError(f"--model {args.model} with the {len(classes)} class names of --classes {args.classes}: "
+                         f"{error}") from None
 
 
 def check_not_in_saved_model(path: str, flag: str) -> None:
