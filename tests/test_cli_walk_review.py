@@ -126,11 +126,16 @@ def test_predict_shows_progress_bars_of_reading_and_scoring_its_videos_unless_no
     assert [r["video"] for r in json.loads(out)] == [str(c) for c in clips]
 
 
-def test_bench_says_it_shows_no_progress_bar():
-    """`vitaclip bench --no-progress` was 'no progress bars' though bench shows none: it is accepted, as by
-    the other commands, and says so."""
-    assert "bench shows no progress bar" in option_help("bench", "no_progress")
-    assert "bench" not in option_help("eval", "no_progress")
+def test_bench_shows_a_bar_while_its_list_is_probed_unless_told_not_to(videos, tmp_path, capsys):
+    """`vitaclip bench --no-progress` did nothing: the --list loader probed new videos without a bar."""
+    _, list_file = videos
+    for n, quiet in enumerate(([], ["--no-progress"])):
+        fresh = tmp_path / f"list{n}.txt"  # no sidecar yet: its videos are probed
+        fresh.write_text(list_file.read_text())
+        code, out, err = run(capsys, "bench", "--tiny", "--frames", 2, "--batch-size", 2, "--iters", 1, "--warmup", 0,
+                             "--list", fresh, "--data-root", list_file.parent, "--device", "cpu", "--decoder", "pyav",
+                             "--num-workers", 0, *quiet)
+        assert code == 0 and ("probe: 100%" in err) == (not quiet), err
 
 
 def test_predict_names_the_frames_flag_for_a_frame_count_the_model_does_not_take(videos, capsys):

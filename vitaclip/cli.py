@@ -489,7 +489,7 @@ def cmd_bench(args) -> int:
         args.stride = args.stride or DEFAULT_STRIDE
         report.update(bench_loader(args.list, args.data_root, args.batch_size, args.frames, args.iters,
                                    args.decoder, args.num_workers, args.device, train=args.train,
-                                   size=report["image_size"], stride=args.stride))
+                                   size=report["image_size"], stride=args.stride, progress=not args.no_progress))
     print_json_or(args, report, "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
 
@@ -715,9 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_data(p, stride=f"frames between the sampled frames of the --list loader's clips (default {DEFAULT_STRIDE})",
              views=None, lists=False)
-    # bench draws no bar (its --list loader probes new videos without one); the flag is taken for scripts
-    # that pass it to every command
-    add_runtime(p, no_progress="accepted as by the other commands: bench shows no progress bar")
+    add_runtime(p, no_progress="no progress bar while --list's new videos are probed")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("prepare", help="re-encode a video list for fast loading", formatter_class=FORMATTER)

@@ -72,15 +72,17 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
 
 def bench_loader(list_file: str, data_root: str = "", batch_size: int = 8, frames: int = 8, iters: int = 10,
                  decoder: str = "auto", num_workers: int = 4, device: Optional[str] = None,
-                 train: bool = True, size: int = 224, stride: int = 16) -> Dict[str, float]:
+                 train: bool = True, size: int = 224, stride: int = 16, progress: bool = False) -> Dict[str, float]:
     """Clips per second of vitaclip.data.VideoLoader over `iters` batches (after one warm-up batch);
-    for DALI, in its default mode, which the report names with how often it fell back to another."""
+    for DALI, in its default mode, which the report names with how often it fell back to another.
+    `progress`: a bar while the list's new videos are probed (before any timing)."""
     from ..data import VideoLoader
 
     check_count("iters", iters)  # the batches are counted down to 0: from 0, for ever
     dev = pick_device(device)
     loader = VideoLoader(list_file, data_root, train=train, batch_size=batch_size, num_frames=frames, size=size,
-                         stride=stride, backend=decoder, device=dev, num_workers=num_workers, shard_id=0, num_shards=1)
+                         stride=stride, backend=decoder, device=dev, num_workers=num_workers, shard_id=0, num_shards=1,
+                         progress=progress)
     clips, start, epoch = 0, None, 0
     while True:
         loader.set_epoch(epoch)
