@@ -181,3 +181,24 @@ def test_a_class_list_of_another_length_is_named_with_its_flag(videos, tmp_path,
         code, _, err = run(capsys, *argv, "--model", root / "model", "--classes", short, "--device", "cpu",
                            "--decoder", "pyav", "--no-progress")
         assert code == 2 and f"--classes {short}" in err and "trained for 4 classes, got 3" in err, err
+
+
+def test_train_flips_its_clips_unless_told_not_to(videos, tmp_path, capsys, monkeypatch):
+    """SPEC's recipe flips training clips, the authors' public loader never did: --no-flip matches it."""
+    import vitaclip.engine.train as engine_train
+
+    root, list_file = videos
+    flips = []
+
+    def recorded(model, train_data, config, **kwargs):
+        flips.append(train_data.flip)
+        raise Built
+
+    monkeypatch.setattr(engine_train, "train", recorded)
+    base = ["train", "--train-list", list_file, "--data-root", list_file.parent, "--classes", root / "classes.txt",
+            "--init", root / "model", "--device", "cpu", "--decoder", "pyav", "--num-workers", 0, "--no-progress",
+            "--batch-size", 4]
+    for n, extra in enumerate(([], ["--no-flip"])):
+        with pytest.raises(Built):
+            cli.main([str(a) for a in base + ["--output-dir", tmp_path / f"r{n}", *extra]])
+    assert flips == [True, False]

@@ -272,7 +272,8 @@ def cmd_train(args) -> int:
     args.stride = args.stride or DEFAULT_STRIDE
     cfg = model.config
     train_data = video_loader(args, env, args.train_list, classes, True, cfg.num_frames, cfg.image_size,
-                              batch_size=micro, tsn=args.tsn, augment=args.augment or None, seed=args.seed)
+                              batch_size=micro, tsn=args.tsn, augment=args.augment or None, flip=not args.no_flip,
+                              seed=args.seed)
     eval_data = None
     if args.val_list:
         eval_data = video_loader(args, env, args.val_list, classes, False, cfg.num_frames, cfg.image_size,
@@ -614,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     g.add_argument("--tsn", action="store_true", help="TSN-style segment sampling instead of a fixed stride")
     g.add_argument("--augment", default="rand-m7-n4-mstd0.5-inc1", help="RandAugment spec ('' for none)")
+    g.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flip of training clips (the authors' public loader never flipped)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
     g.add_argument("--eval-batch-size", type=positive_int, default=16, help="videos per evaluation batch")
