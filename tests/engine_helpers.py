@@ -92,3 +92,29 @@ class FetchedItems(SyntheticActions):
     def get(self, index, rng=None):
         self.fetched.append(index)
         return super().get(index, rng)
+
+
+class Built(Exception):
+    """Raised in place of building the model: what a command checked before it is what a test wants."""
+
+
+def cli_videos(tmp_path_factory, name: str, n: int, saved_model: bool = True):
+    """(root, list file): n synthetic clips as mp4 files and their list under root/clips, root/classes.txt
+    and, with saved_model, a saved tiny model in root/model."""
+    from vitaclip.demo import write_videos
+
+    root = tmp_path_factory.mktemp(name)
+    list_file = write_videos(tiny_data(n), root / "clips")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    if saved_model:
+        tiny_model().save_pretrained(root / "model")
+    return root, list_file
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of `vitaclip *argv`."""
+    from vitaclip.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine_helpers import CLASSES, FRAMES, SIZE, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import CLASSES, FRAMES, SIZE, cli_videos, one_thread, tiny_model  # noqa: F401
+from engine_helpers import run_cli as run
 from vitaclip import cli
 from vitaclip.cli import build_parser, build_training_model, main
 from vitaclip.engine import distributed
@@ -26,19 +27,7 @@ CPU = ["--device", "cpu", "--decoder", "pyav", "--num-workers", "0", "--stride",
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     """12 synthetic clips as mp4 files + list, a class file and a saved tiny model."""
-    from vitaclip.demo import write_videos
-
-    root = tmp_path_factory.mktemp("cli")
-    list_file = write_videos(tiny_data(12), root / "clips")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    tiny_model().save_pretrained(root / "model")
-    return root, list_file
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_videos(tmp_path_factory, "cli", 12)
 
 
 @pytest.mark.parametrize("command, hint", [("prepare", "the same command goes on from them"),

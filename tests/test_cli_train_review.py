@@ -2,25 +2,16 @@
 import pytest
 import torch
 
-from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model  # noqa: F401
+from engine_helpers import CLASSES, Built, cli_videos, one_thread, tiny_model  # noqa: F401
 from vitaclip import cli
 from vitaclip.engine import distributed
 
 pytest.importorskip("av")
 
 
-class Built(Exception):
-    """Raised in place of building the model."""
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    from vitaclip.demo import write_videos
-
-    root = tmp_path_factory.mktemp("review")
-    list_file = write_videos(tiny_data(4), root / "clips")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return root, list_file
+    return cli_videos(tmp_path_factory, "review", 4, saved_model=False)
 
 
 def train_argv(videos, tmp_path, *flags):

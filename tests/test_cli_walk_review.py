@@ -2,32 +2,17 @@
 that walk found, each pinned down."""
 import pytest
 
-from engine_helpers import CLASSES, one_thread, tiny_data, tiny_model
+from engine_helpers import CLASSES, Built, cli_videos, one_thread
+from engine_helpers import run_cli as run
 from vitaclip import cli
 
 pytest.importorskip("av")
 AUTOUSE = (one_thread,)  # the tiny model on one thread: imported for pytest to find, named for pyflakes
 
 
-class Built(Exception):
-    """Raised in place of building the model."""
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    from vitaclip.demo import write_videos
-
-    root = tmp_path_factory.mktemp("walk")
-    list_file = write_videos(tiny_data(4), root / "clips")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    tiny_model().save_pretrained(root / "model")
-    return root, list_file
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_videos(tmp_path_factory, "walk", 4)
 
 
 def test_train_refuses_a_stride_beside_tsn_that_its_evaluations_would_use_and_the_model_not_record(
