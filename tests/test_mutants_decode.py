@@ -61,23 +61,29 @@ def test_a_rotated_anamorphic_phone_video_is_shown_at_its_upright_square_pixel_s
     assert info.shown_size == (128, 32)
 
 
+def watched_seeks(monkeypatch, keep=lambda frame, target: True) -> list:
+    """The (keyframe pts, wanted pts) of each seek decode_frames makes from now on; `keep` filters the
+    frames each seek gives."""
+    seek, calls = pyav._seek, []
+
+    def watched(container, stream, pts, dts, target, *rest):
+        calls.append((pts, target))
+        return (f for f in seek(container, stream, pts, dts, target, *rest) if keep(f, target))
+
+    monkeypatch.setattr(pyav, "_seek", watched)
+    return calls
+
+
 def test_a_seek_whose_decoder_skips_the_wanted_timestamp_falls_back_to_decoding_in_order(gop_video, monkeypatch):
     """Where the frames decoded after a seek pass over the wanted timestamp (a dropped frame), the next
     frame is not taken for it: the video is decoded from the start, which gives the right frame."""
     path, frame_pts, _ = gop_video
     want = luma_in_order(path)
-    seek = pyav._seek
-    dropped = []
-
-    def dropping_the_target(container, stream, pts, dts, target, *rest):
-        dropped.append(target)
-        return (f for f in seek(container, stream, pts, dts, target, *rest) if f.pts != target)
-
-    monkeypatch.setattr(pyav, "_seek", dropping_the_target)
+    seeks = watched_seeks(monkeypatch, keep=lambda frame, target: frame.pts != target)
     for index in (5, 20):
         got = pyav.decode_frames(path, np.array([index]))
         assert np.array_equal(got.y[0].numpy(), want[index]), f"frame {index}"
-    assert dropped == [frame_pts[5], frame_pts[20]]  # the seeking path ran, and missed
+    assert [target for _, target in seeks] == [frame_pts[5], frame_pts[20]]  # the seeking path ran, and missed
 
 
 def test_decoding_in_order_that_ends_before_a_wanted_frame_is_an_error_not_empty_frames(gop_video, monkeypatch):
@@ -97,17 +103,10 @@ def test_frames_right_after_the_keyframe_just_decoded_are_reached_without_seekin
     same keyframe again would decode it once more for nothing."""
     path, frame_pts, keyframes = gop_video
     want = luma_in_order(path)
-    seek = pyav._seek
-    sought = []
-
-    def recorded(container, stream, pts, dts, target, *rest):
-        sought.append(pts)
-        return seek(container, stream, pts, dts, target, *rest)
-
-    monkeypatch.setattr(pyav, "_seek", recorded)
+    seeks = watched_seeks(monkeypatch)
     key = keyframes[1]
     indices = np.array([key, key + 1, key + 3])
     got = pyav.decode_frames(path, indices)
     for k, i in enumerate(indices):
         assert np.array_equal(got.y[k].numpy(), want[i]), f"frame {i}"
-    assert sought == [frame_pts[key]]
+    assert [keyframe for keyframe, _ in seeks] == [frame_pts[key]]
