@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .backends import check_backend_name, resolve_backend
 from .config import VitaCLIPConfig
 from .graphs import GraphCache, tensor_states
-from .text import (PromptLearner, TextEncoder, check_classnames, check_distinct_tokens, check_templates,
-                   clean_classname, phrase_words, string_list, tokenize)
+from .text import (PromptLearner, TextEncoder, check_templates, clean_classname, phrase_words, string_list, tokenize,
+                   zero_shot_tokens)
 from .vision import VisionTransformer, autocast_dtype, autocast_off
 
 # Substrings of the vision parameters the public code trains (SPEC: "what trains").
@@ -215,11 +215,7 @@ class VitaCLIP(nn.Module):
     def _zero_shot_features(self, classnames: Sequence[str], templates: Sequence[str],
                             batch_size: int = 1024) -> Tensor:
         """zero_shot_text_features, differentiable where gradients are on."""
-        names = [clean_classname(n) for n in string_list(classnames, "class names")]
-        check_classnames(names)
-        templates = check_templates(templates)
-        tokens = tokenize([t.format(n) for n in names for t in templates], self.config.context_length)
-        check_distinct_tokens(names, tokens)
+        names, templates, tokens = zero_shot_tokens(classnames, templates, self.config.context_length)
         feats = torch.cat([at_least_fp32(self.textual.encode_tokens(tokens[i:i + batch_size]))
                            for i in range(0, len(tokens), batch_size)])
         feats = F.normalize(feats, dim=-1).view(len(names), len(templates), -1).mean(dim=1)

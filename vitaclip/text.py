@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -347,6 +347,18 @@ def check_distinct_tokens(names: Sequence[str], tokens: Tensor) -> None:
         if other != name:
             raise ValueError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
                              "and collapses white space): their scores would tie on every video")
+
+
+def zero_shot_tokens(classnames: Sequence[str], templates: Sequence[str],
+                     context_length: int) -> Tuple[List[str], List[str], Tensor]:
+    """(the cleaned class names, the checked templates, the tokens of every class's prompt with each
+    template, class-major): refuses class names or templates zero-shot scoring cannot use."""
+    names = [clean_classname(n) for n in string_list(classnames, "class names")]
+    check_classnames(names)
+    templates = check_templates(templates)
+    tokens = tokenize([t.format(n) for n in names for t in templates], context_length)
+    check_distinct_tokens(names, tokens)
+    return names, templates, tokens
 
 
 def splice_indices(length: int, n_ctx: int, name_lens: Sequence[int], position: str,

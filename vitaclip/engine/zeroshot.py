@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 from ..model import VitaCLIP
-from ..text import check_classnames, check_distinct_tokens, check_templates, clean_classname, string_list, tokenize
+from ..text import check_templates, zero_shot_tokens
 from .distributed import DistEnv, init_distributed
 from .evaluate import EvalConfig, EvalResult, check_outputs, evaluate, write_json
 from .loader import check_labels
@@ -64,10 +64,7 @@ def check_split_classes(model: VitaCLIP, split: Split, templates: Sequence[str])
     empty list, duplicates, names CLIP's tokenizer cannot tell apart): left to set_classes, a later
     split's were refused after the splits before it had been evaluated."""
     try:
-        names = [clean_classname(n) for n in string_list(split.classnames, "class names")]
-        check_classnames(names)
-        check_distinct_tokens(names, tokenize([t.format(n) for n in names for t in templates],
-                                              model.config.context_length))
+        zero_shot_tokens(split.classnames, templates, model.config.context_length)
     except (TypeError, ValueError) as error:
         raise type(error)(f"split {split.name!r}: {error}") from None
 
