@@ -25,6 +25,7 @@ from .model import VitaCLIP
 # Every frame of a clip is ambiguous on its own (a square of some size somewhere in the middle);
 # only the order of the frames tells the classes apart.
 CLASSES = ("growing", "shrinking", "moving right", "moving left")
+SUMMARY_FILE, VIDEO_LIST = "demo.json", "list.txt"  # in the output folder; in each data folder
 
 
 def demo_model_config(num_frames: int = 4, image_size: int = 32) -> VitaCLIPConfig:
@@ -100,7 +101,7 @@ def write_videos(dataset: SyntheticActions, folder: Path, codec: str = "libx264"
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
         rows.append(f"{name},{dataset.labels[i]}\n")
-    list_file = folder / "list.txt"
+    list_file = folder / VIDEO_LIST
     list_file.write_text("".join(rows))
     return list_file
 
@@ -157,7 +158,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> Dict:
 def check_not_another_run(out: Path) -> None:
     """A demo starts afresh, deleting the checkpoints and final model in its folder: those of an earlier
     demo (its summary or its data there), never a training run's (a mistyped --output-dir)."""
-    if (out / "demo.json").is_file() or (out / "data" / "train" / "list.txt").is_file():
+    if (out / SUMMARY_FILE).is_file() or (out / "data" / "train" / VIDEO_LIST).is_file():
         return
     held = [p.name for p in list_checkpoints(out)] + ([FINAL_MODEL] if (out / FINAL_MODEL).exists() else [])
     if held:
@@ -192,5 +193,5 @@ def _run_demo(config: DemoConfig) -> Dict:
                "final_loss": result.losses[result.step], "steps": result.step,
                "predicted": prediction["top"][0]["label"], "true": CLASSES[test_set.labels[0]],
                "seconds": time.perf_counter() - started, "output_dir": str(out)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
