@@ -487,12 +487,12 @@ def test_predict_prints_each_video_as_soon_as_it_is_scored(videos, capsys, monke
     scored.clear()
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
     assert code == 130 and str(files[1]) in out and err.startswith("vitaclip predict: interrupted")
-    # the last item's line, left open for the comma before the next, is ended: "interrupted" has a line of its own
-    assert out.endswith("}\n") and whole.startswith(out.removesuffix("\n"))
+    # each item was printed whole, its comma with it: the lines printed are those of the whole run's list
+    assert out.endswith("},\n") and whole.startswith(out)
     scored.clear()
     stop[0] = VideoDecodeError("video 3: cannot read video")  # (one that a probe read but cannot be decoded)
     code, out, err = run(capsys, "predict", "--model", root / "model", *files, "--json", "--batch-size", 1, *CPU)
-    assert code == 2 and out.endswith("}\n") and err.startswith("vitaclip predict: error: video 3")
+    assert code == 2 and out.endswith("},\n") and whole.startswith(out) and err.startswith("vitaclip predict: error: video 3")
 
 
 def test_a_split_whose_paths_hold_a_colon_is_cut_where_its_list_file_ends(tmp_path):

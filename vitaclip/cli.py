@@ -451,26 +451,17 @@ def cmd_predict(args) -> int:
     # each video's result printed as soon as it is known (a crash at video 200,000 keeps the
     # others); --json: the list json.dumps(results, indent=1) prints, item by item
     failed = count = 0
-    held = ""  # --json: the closing line of the item before
     with contextlib.closing(results):  # its bar closed before an error's message
-        try:
-            for count, r in enumerate(results, start=1):
-                if args.json:
-                    text = ("[\n" if count == 1 else held + ",\n") + textwrap.indent(json.dumps(r, indent=1), " ")
-                    # the last item closes the list; the others hold back their closing line for the comma after
-                    # it (a line left open would be overwritten by the bar's refresh)
-                    text, held = (text + "\n]", "") if count == len(videos) else text.rsplit("\n", 1)
-                else:
-                    text = f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
-                                                if "top" in r else f"  error: {r['error']}")
-                with between_bars():
-                    print(text, flush=True)
-                failed += "error" in r
-        except BaseException:  # Ctrl-C, a video that fails to decode: the items printed stay whole
-            if held:
-                with between_bars():
-                    print(held, flush=True)
-            raise
+        for count, r in enumerate(results, start=1):
+            if args.json:  # every video has an item (an error's too): each but the last is followed by a comma
+                text = (("[\n" if count == 1 else "") + textwrap.indent(json.dumps(r, indent=1), " ")
+                        + ("\n]" if count == len(videos) else ","))
+            else:
+                text = f"{r['video']}\n" + ("\n".join(f"  {t['probability']:.4f}  {t['label']}" for t in r["top"])
+                                            if "top" in r else f"  error: {r['error']}")
+            with between_bars():
+                print(text, flush=True)
+            failed += "error" in r
     if failed:
         print(f"vitaclip predict: {failed} of {count} videos could not be read", file=sys.stderr)
     return 1 if failed else 0  # as `prepare --on-error skip`: a script can tell
