@@ -85,3 +85,15 @@ def test_steps_past_eight_digits_are_listed_in_order(tmp_path):
         ckpt.save_checkpoint(tmp_path, step, {"step": step})
     assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == [99_999_999, 100_000_000]
     assert ckpt.load_latest_checkpoint(tmp_path)[1]["step"] == 100_000_000
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_load_model_refuses_a_file_of_a_saved_model_folder_naming_the_folder(tmp_path, name):
+    """Its weights file was read as the authors' checkpoint (asking for heads, then scoring without the saved
+    config and training settings); only the command line refused it."""
+    from engine_helpers import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=f"is a file of the saved model {tmp_path / 'model'}: load the folder"):
+        ckpt.load_model(tmp_path / "model" / name, ["a", "b"])
+    assert ckpt.load_model(tmp_path / "model").config == tiny_model().config

@@ -305,15 +305,11 @@ def load_eval_model(args, classes: Optional[List[str]]):
 
 
 def check_not_in_saved_model(path: str, flag: str) -> None:
-    """A file of a saved model's folder (its weights or a .json) is no model of its own: its weights file was
-    taken for the authors' checkpoint (asking for --heads, then scoring without the model's config and
-    training settings)."""
-    from .weights import CONFIG_FILE, WEIGHTS_FILE
+    """Refuses a file of a saved model's folder as load_model does, naming the flag to give the folder with."""
+    from .weights import saved_model_holding
 
-    file = Path(path)
-    folder = file.parent
-    if (file.is_file() and (file.name == WEIGHTS_FILE or file.suffix == ".json") and (folder / CONFIG_FILE).is_file()
-            and (folder / WEIGHTS_FILE).is_file()):
+    folder = saved_model_holding(path)
+    if folder is not None:
         raise ValueError(f"{path} is a file of the saved model {folder}: give the folder, {flag} {folder}")
 
 
@@ -576,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       f"default: {DEFAULT_PRETRAINED}; not with --init)")
     g.add_argument("--init", default=None, help="start from a saved model, training checkpoint or the "
                                                 "authors' checkpoint instead of CLIP")
-    g.add_argument("--frames", type=positive_int, default=None, help="frames per clip (T0; default 8, or the --init model's)")
+    g.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per clip (T0; default 8, or the --init model's)")
     g.add_argument("--n-ctx", type=whole_number(0), default=None,
                    help="learned text context vectors (default 8, or the --init model's)")
     g.add_argument("--shared-ctx", action="store_true", help="one context for all classes (default: CSC)")

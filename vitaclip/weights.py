@@ -42,6 +42,17 @@ IGNORED_OFFICIAL_KEYS = ("prompt_learner.token_prefix", "prompt_learner.token_su
 OFFICIAL_CLASS_TOKENS = "prompt_learner.token_suffix"
 
 
+def saved_model_holding(path) -> Optional[Path]:
+    """The saved model's folder (save_pretrained) whose file `path` is (its weights or a .json), else None: such
+    a file is no model of its own (its weights file would be read as the authors' checkpoint)."""
+    file = Path(path)
+    folder = file.parent
+    if (file.is_file() and (file.name == WEIGHTS_FILE or file.suffix == ".json") and (folder / CONFIG_FILE).is_file()
+            and (folder / WEIGHTS_FILE).is_file()):
+        return folder
+    return None
+
+
 def is_trained_checkpoint(state: Dict[str, Tensor]) -> bool:
     """A trained Vita-CLIP model rather than a converted CLIP backbone: told by the vision additions
     (prompts, summary modules, cls_proj, time embedding), as a backbone may hold CLIP's logit_scale."""

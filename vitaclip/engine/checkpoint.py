@@ -23,7 +23,7 @@ from ..config import VitaCLIPConfig
 from ..model import VitaCLIP, is_trainable
 from ..text import clean_classname, keep_phrase_for_saved_context
 from ..files import atomic_write, atomic_write_text
-from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file
+from ..weights import CONFIG_FILE, VITA_ADDITION, load_state_exactly, read_torch_file, saved_model_holding
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")  # 8 digits, more from step 10^8 on
 TEMPORARY_RE = re.compile(r"^\.checkpoint-\d{8,}\.pt\.")  # atomic_write's temporary files
@@ -393,6 +393,8 @@ def load_model(path, classnames: Optional[Sequence[str]] = None, backend: str = 
             model = model_from_checkpoint(load_checkpoint(latest), str(latest), backend)
     elif not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist")
+    elif saved_model_holding(path) is not None:
+        raise ValueError(f"{path} is a file of the saved model {path.parent}: load the folder {path.parent}")
     else:
         payload = read_training_checkpoint(path)
         if payload is not None:
