@@ -187,3 +187,12 @@ def test_train_flips_its_clips_unless_told_not_to(videos, tmp_path, capsys, monk
         with pytest.raises(Built):
             cli.main([str(a) for a in base + ["--output-dir", tmp_path / f"r{n}", *extra]])
     assert flips == [True, False]
+
+
+def test_a_model_loading_error_not_about_the_classes_does_not_blame_them(videos, capsys):
+    """Every ValueError of loading a model given --classes was put down to the class list ('--model M with the 4
+    class names of --classes F: ...'), also one that the model's architecture refused."""
+    root, list_file = videos
+    code, _, err = run(capsys, "predict", list_file.parent / "clip_00000.mp4", "--model", root / "model", "--classes",
+                       root / "classes.txt", "--heads", 4, "--device", "cpu", "--no-progress")
+    assert code == 2 and "architecture cannot change" in err and "--classes" not in err, err

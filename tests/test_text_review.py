@@ -91,3 +91,14 @@ def test_no_list_at_all_is_named(what):
 
     with pytest.raises(TypeError, match=f"{what} must be a list of strings, got None"):
         string_list(None, what)
+
+
+@pytest.mark.parametrize("names", [[], ["run", ""], ["run", "run"], ["Run", "run"]])
+def test_class_lists_a_model_cannot_take_are_refused_as_such(names):
+    """The command line names --classes for these only (ClassNamesError), not for every loading error."""
+    from vitaclip.errors import ClassNamesError
+    from vitaclip.text import check_classnames, check_distinct_tokens
+
+    with pytest.raises(ClassNamesError):
+        check_classnames(names)
+        check_distinct_tokens(names, tokenize(names, 8))

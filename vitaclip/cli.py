@@ -24,7 +24,7 @@ from .choices import (DEFAULT_STRIDE, PRECISIONS, PREPARE_TIMEOUT, WEIGHT_DECAY_
                       default_num_workers)
 from .config import PRESETS
 from .engine.stopping import DEFAULT_STOP_SIGNALS, declare_stop_signals, ignore_signals, parse_signal
-from .errors import VideoDecodeError, WeightsUnavailable
+from .errors import ClassNamesError, VideoDecodeError, WeightsUnavailable
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -296,11 +296,11 @@ def load_eval_model(args, classes: Optional[List[str]]):
     check_not_in_saved_model(args.model, "--model")
     try:
         return load_model(args.model, classes, args.backend, **heads_overrides(args))
-    except ValueError as error:
+    except ClassNamesError as error:
         if classes is None:
             raise
         # what refuses the names (another number or order of classes than the model's) names neither file nor flag
-        raise ValueError(f"--model {args.model} with the {len(classes)} class names of --classes {args.classes}: "
+        raise ClassNamesError(f"--model {args.model} with the {len(classes)} class names of --classes {args.classes}: "
                          f"{error}") from None
 
 

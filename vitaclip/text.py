@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .compiling import compile_mode
 from .config import VitaCLIPConfig
+from .errors import ClassNamesError
 from .switches import env_choice
 from .vision import autocast_off, make_activation
 
@@ -263,14 +264,14 @@ class PromptLearner(nn.Module):
         names = [clean_classname(n) for n in string_list(classnames, "class names")]
         check_classnames(names)
         if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
-            raise ValueError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
+            raise ClassNamesError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
         current = getattr(self, "classnames", None)
         if (self.config.csc and self.ctx is not None and current is not None and names != current
                 and sorted(names) == sorted(current)):
             # each context is its position's: the same classes reordered would score each with another's
             moved = next(i for i, (new, old) in enumerate(zip(names, current)) if new != old)
-            raise ValueError(f"these are the model's classes in another order (class {moved} is {names[moved]!r} "
+            raise ClassNamesError(f"these are the model's classes in another order (class {moved} is {names[moved]!r} "
                              f"here, {current[moved]!r} in the model), and its class-specific contexts follow "
                              f"positions: give them in the model's order (model.classnames)")
         tokens = tokenize(class_prompts(self.prefix, names), self.config.context_length)
@@ -319,17 +320,17 @@ def check_templates(templates: Sequence[str]) -> List[str]:
 
 def check_classnames(names: Sequence[str]) -> None:
     if not names:
-        raise ValueError("the class list is empty")
+        raise ClassNamesError("the class list is empty")
     empty = [i for i, n in enumerate(names) if not n]
     if empty:
-        raise ValueError(f"empty class name(s) at position(s) {empty}")
+        raise ClassNamesError(f"empty class name(s) at position(s) {empty}")
     seen, dups = set(), []
     for n in names:
         if n in seen:
             dups.append(n)
         seen.add(n)
     if dups:
-        raise ValueError(f"duplicate class name(s): {sorted(set(dups))}")
+        raise ClassNamesError(f"duplicate class name(s): {sorted(set(dups))}")
 
 
 def class_prompts(prefix: str, names: Sequence[str]) -> List[str]:
@@ -345,7 +346,7 @@ def check_distinct_tokens(names: Sequence[str], tokens: Tensor) -> None:
     for name, class_tokens in zip(names, tokens.view(len(names), -1).tolist()):
         other = first.setdefault(tuple(class_tokens), name)
         if other != name:
-            raise ValueError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
+            raise ClassNamesError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
                              "and collapses white space): their scores would tie on every video")
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import __version__
 from .config import VitaCLIPConfig
-from .errors import WeightsUnavailable
+from .errors import ClassNamesError, WeightsUnavailable
 from .files import atomic_write_text, remove_unfinished_writes, save_safetensors
 from .model import VitaCLIP
 from .text import (PLACEHOLDER, class_prompts, clean_classname, get_tokenizer, keep_phrase_for_saved_context,
@@ -459,7 +459,7 @@ def load_official_checkpoint(cls, path, classnames: Optional[Sequence[str]], lea
     if differ:
         learned_for, refusal = differ
         if not other_classes_fresh:
-            raise ValueError(refusal)
+            raise ClassNamesError(refusal)
         warnings.warn(f"{path} has a class-specific context learned for {learned_for}: it starts afresh for "
                       f"them (its other prompts are kept)")
         del state["prompt_learner.ctx"]  # the architecture (n_ctx, csc) stays the file's

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..config import VitaCLIPConfig
+from ..errors import ClassNamesError
 from ..model import VitaCLIP, is_trainable
 from ..text import clean_classname, keep_phrase_for_saved_context
 from ..files import atomic_write, atomic_write_text
@@ -437,7 +438,7 @@ def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_tra
                           f"them (its other prompts are kept)")
         return
     if learner is None:
-        raise ValueError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
+        raise ClassNamesError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
                          f"classes with: score them zero-shot with templates (vitaclip zeroshot, or "
                          f"set_classes(names, templates=...))")
     if wanted == learned and templates is None:
@@ -477,5 +478,5 @@ def check_class_order(model: VitaCLIP, classnames: Sequence[str], source: str) -
     given = [clean_classname(n) for n in classnames]
     for position, (trained, name) in enumerate(zip(learner.classnames, given)):
         if name != trained:
-            raise ValueError(f"{source} has a context learned for each of its classes, in its order, but class "
+            raise ClassNamesError(f"{source} has a context learned for each of its classes, in its order, but class "
                              f"{position} is {name!r} here and {trained!r} there: give its class list")
