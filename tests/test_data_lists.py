@@ -176,6 +176,16 @@ def test_class_folders_skip_hidden_and_tool_folders_and_sort_plainly(tmp_path):
     assert read_class_names(str(tmp_path)) == ["zumba", "abseiling", "brush hair"]  # upper case sorts first
 
 
+
+@pytest.mark.parametrize("folders", [("YoYo", "Yo_Yo"), ("Run", "run"), ("brush_hair", "brush__hair")])
+def test_two_class_folders_read_as_one_name_are_named(tmp_path, folders):
+    """Were refused later only as 'duplicate class name(s)', naming neither folder."""
+    for d in (*folders, "abseiling"):
+        (tmp_path / d).mkdir()
+    with pytest.raises(ValueError, match=f"class folders {sorted(folders)[0]!r} and {sorted(folders)[1]!r} both "
+                                         f"read as the class {folder_to_class_name(folders[0])!r}: rename one"):
+        read_class_names(str(tmp_path))
+
 def test_listed_path_is_relpath_of_the_joined_path():
     """listed_path's quick way for paths joined under the root gives what os.path.relpath does (the key
     of sidecar rows and list digests: another answer would orphan every sidecar)."""

@@ -9,7 +9,7 @@ import csv
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..files import atomic_write_text
 
@@ -137,10 +137,17 @@ def read_class_names(path: str) -> List[str]:
     (`.ipynb_checkpoints`, `__pycache__`) are not classes. None at all is an error: a model or an
     evaluation over no classes is no use."""
     if os.path.isdir(path):
-        names = [folder_to_class_name(d) for d in sorted(os.listdir(path))
-                 if os.path.isdir(os.path.join(path, d)) and not d.startswith((".", "_"))]
-        if not names:
+        folders = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
+                   and not d.startswith((".", "_"))]
+        if not folders:
             raise ValueError(f"{path} names no classes: it holds no class folders")
+        names = [folder_to_class_name(d) for d in folders]
+        first: Dict[str, str] = {}
+        for folder, name in zip(folders, names):  # two classes of one name: which of them is a video's?
+            other = first.setdefault(name, folder)
+            if other != folder:
+                raise ValueError(f"{path}: class folders {other!r} and {folder!r} both read as the class {name!r}: "
+                                 "rename one")
         return names
     lines = [(line_no, text.strip()) for line_no, text in text_lines(path) if text.strip()]
     if not lines:
