@@ -1,5 +1,6 @@
 """Review of VitaCLIP used as a plain nn.Module in a researcher's own code: gradients, caches,
 casts and copies."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +46,15 @@ def test_cached_class_features_follow_the_prompt_learners_own_class_switches():
             model.prompt_learner.set_classes(["run", "jump", "swim", "walk"])
             torch.testing.assert_close(model.text_features(), F.normalize(model.encode_text(), dim=-1))
             model.prompt_learner.set_classes(CLASSES)
+
+
+def test_encode_text_without_texts_refuses_classes_scored_zero_shot():
+    """It gave the learned prompts' features of the classes learned before (other names, another count) while
+    model.classnames and the logits were the zero-shot classes'."""
+    model = randomize_(VitaCLIP(tiny_config(csc=False), CLASSES)).eval()
+    model.set_classes(["run", "jump"], templates=["a video of {}."])
+    with pytest.raises(ValueError, match="zero-shot with templates.*text_features\\(\\) gives their features"):
+        model.encode_text()
+    assert model.encode_text(["a video of run."]).shape[0] == 1  # hand-written texts are still encoded
+    model.set_classes(CLASSES)
+    assert model.encode_text().shape[0] == len(CLASSES)

@@ -189,6 +189,10 @@ class VitaCLIP(nn.Module):
         """Text features [n, D] (before normalisation): of the learned class prompts when `texts`
         is None, else of the given hand-written texts."""
         if texts is None:
+            if self._fixed_classnames is not None:  # the learned prompts (if any) are of other classes now
+                raise ValueError("the model scores its classes zero-shot with templates (set_classes(names, "
+                                 "templates=...)): they have no learned prompts to encode; text_features() gives "
+                                 "their features")
             if self.prompt_learner is None:
                 raise ValueError("no classes set: pass classnames to the model or call set_classes()")
             backend = resolve_backend(self.backend, self.logit_scale.device)
