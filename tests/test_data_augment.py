@@ -115,3 +115,17 @@ def test_batched_clip_augment_matches_single_ops_and_is_shared_over_frames():
             if applied:
                 expected = apply_op(OPS[int(op)], expected, torch.full((4,), level), torch.full((4,), sign))
         assert torch.equal(out[b], expected)
+
+
+def test_magnitudes_above_10_are_capped_as_timm_caps_them():
+    """With mmax > 10 (e.g. rand-m15-mmax20): timm adds at most 128 in SolarizeAdd and keeps an increasing
+    enhance factor at 0.1 or more (1 - 1.35 would invert the blend); below level 10 neither cap acts."""
+    level, minus = torch.tensor([15.0]), torch.tensor([-1.0])
+    x = torch.tensor([100.0, 127.0, 128.0, 0.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    added = apply_op("SolarizeAdd", x, level, minus)  # int(1.5 * 110) = 165, capped at 128
+    assert added[0, 0].flatten().tolist() == [228.0, 255.0, 128.0, 128.0]
+    x = torch.tensor([10.0, 200.0, 50.0, 90.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2).contiguous()
+    darker = apply_op("Brightness", x, level, minus, increasing=True)  # factor max(0.1, 1 - 1.35) = 0.1
+    assert darker[0, 0].flatten().tolist() == [1.0, 20.0, 5.0, 9.0]
+    below = apply_op("Brightness", x, torch.tensor([4.0]), minus)  # factor 1 - 0.36, PIL's blend truncating
+    assert below[0, 0].flatten().tolist() == [math.floor(v * 0.64) for v in (10, 200, 50, 90)]

@@ -104,7 +104,7 @@ class RandAugment:
 def apply_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
              increasing: bool = True) -> torch.Tensor:
     """One RandAugment op on frames x [N, 3, H, W] (float, 0..255) with per-frame magnitude
-    `level` (0..10) and `sign` (+-1). Returns rounded, clamped floats."""
+    `level` (0..10, up to mmax) and `sign` (+-1). Returns rounded, clamped floats."""
     frac = (level / 10.0).view(-1, 1, 1, 1)
     signed = frac * sign.view(-1, 1, 1, 1)
     if name == "AutoContrast":
@@ -120,9 +120,10 @@ def apply_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
         threshold = 256 - (frac * 256).floor() if increasing else (frac * 256).floor()
         y = torch.where(x >= threshold, 255.0 - x, x)
     elif name == "SolarizeAdd":
-        y = torch.where(x < 128, (x + (frac * 110).floor()).clamp(max=255), x)
+        # (the caps and floors below act only above level 10, with mmax > 10: as timm's)
+        y = torch.where(x < 128, (x + (frac * 110).floor().clamp(max=128)).clamp(max=255), x)
     elif name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        factor = 1.0 + signed * 0.9 if increasing else frac * 1.8 + 0.1
+        factor = (1.0 + signed * 0.9).clamp(min=0.1) if increasing else frac * 1.8 + 0.1
         y = _enhance(name, x, factor)
     elif name == "Rotate":
         y = _rotate(x, (signed * 30.0).flatten())
