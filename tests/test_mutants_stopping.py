@@ -10,7 +10,7 @@ import torch
 
 from vitaclip.engine import distributed, stopping
 from vitaclip.engine.distributed import DistEnv
-from vitaclip.engine.stopping import StopRequest, parse_signal
+from vitaclip.engine.stopping import StopRequest, parse_signal, shield_workers
 
 CPU = torch.device("cpu")
 
@@ -108,6 +108,24 @@ def test_the_fork_server_starts_ignoring_an_installed_stop_signal_never_declared
         assert during_start == [signal.SIG_IGN] and signal.getsignal(signal.SIGUSR2) == request._handle
     finally:
         request.uninstall()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigwaitinfo is Linux-only")
+def test_a_shielded_worker_takes_back_only_the_ignored_signals_that_are_no_stop_signals(monkeypatch):
+    """The shield gives the fork server's ignored signals their default action again only where they are
+    not this run's stop signals: a stop signal set to its default before the shield blocks it would let
+    another process's signal end the worker in between (the race the shield blocks first to avoid)."""
+    ignored = {signal.SIGTERM, signal.SIGUSR1}
+    monkeypatch.setattr(stopping, "_fork_server_ignores", set(ignored))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        request = StopRequest(["SIGUSR1"]).install()
+    try:
+        init = shield_workers()
+    finally:
+        request.uninstall()
+    assert init.func is stopping._shield_worker
+    assert set(init.keywords["taken"]) == ignored - {signal.SIGUSR1}
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads a process's ignored signals in /proc")
