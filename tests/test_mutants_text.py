@@ -1,5 +1,5 @@
-"""Behaviour of the text side (vitaclip/text.py: the list checks, the explicit causal attention, the
-text encoder's initialisation, the prompt learner's class updates) that mutation testing found
+"""Behaviour of the text side (vitaclip/text.py: the list check, the explicit causal attention, the text
+encoder's initialisation and its cut after the last end-of-text token) that mutation testing found
 unpinned by the other tests.
 """
 import math
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import CLASSES, randomize_, tiny_config
+from conftest import randomize_, tiny_config
 from vitaclip import VitaCLIP
-from vitaclip.text import TextEncoder, causal_attention, string_list
+from vitaclip.text import TextEncoder, causal_attention, string_list, tokenize
 
 
 @pytest.mark.parametrize("values", [["run", 3], ["run", None], [b"run"]])
@@ -61,11 +61,14 @@ def test_text_encoder_initialises_as_clip_does():
     assert torch.count_nonzero(block.attn.in_proj_bias) == 0
 
 
-def test_class_specific_contexts_take_the_models_own_classes_again():
-    """set_classes with the model's own classes in the model's order is no reordering: a CSC model
-    takes them (as a training run or a reload does) and its text features stay the same."""
-    model = randomize_(VitaCLIP(tiny_config(csc=True), CLASSES))
-    before = model.encode_text().detach()
-    model.set_classes(list(CLASSES))
-    assert model.classnames == ["jumping jacks", "ride bike", "SitUps", "swim"]
-    torch.testing.assert_close(model.encode_text().detach(), before, rtol=0, atol=0)
+def test_the_text_encoder_called_on_embeddings_cuts_after_the_last_end_of_text_token():
+    """TextEncoder(embeddings, eot_index) without `length` finds the cut from eot_index: through the
+    batch's last end-of-text position, which it reads (SPEC's exact speed-up: the features are those
+    of the full 77 tokens). The model's own calls always pass `length`; a direct call did not."""
+    encoder = randomize_(TextEncoder(tiny_config(text_layers=1))).double()
+    tokens = tokenize(["a video of a person swimming.", "run"], 77)
+    with torch.no_grad():
+        embeddings = encoder.token_embedding(tokens)
+        eot = tokens.argmax(dim=-1)
+        full = encoder(embeddings, eot, truncate=False)
+        torch.testing.assert_close(encoder(embeddings, eot), full, rtol=1e-12, atol=1e-12)
