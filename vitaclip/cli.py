@@ -300,8 +300,8 @@ def load_eval_model(args, classes: Optional[List[str]]):
         if classes is None:
             raise
         # what refuses the names (another number or order of classes than the model's) names neither file nor flag
-        raise ClassNamesError(f"--model {args.model} with the {len(classes)} class names of --classes {args.classes}: "
-                         f"{error}") from None
+        raise ClassNamesError(f"--model {args.model} with the {len(classes)} class names of --classes "
+                              f"{args.classes}: {error}") from None
 
 
 def check_not_in_saved_model(path: str, flag: str) -> None:

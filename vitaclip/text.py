@@ -265,15 +265,15 @@ class PromptLearner(nn.Module):
         check_classnames(names)
         if self.config.csc and self.ctx is not None and self.ctx.shape[0] != len(names):
             raise ClassNamesError(f"the class-specific context was trained for {self.ctx.shape[0]} classes, "
-                             f"got {len(names)} class names")
+                                  f"got {len(names)} class names")
         current = getattr(self, "classnames", None)
         if (self.config.csc and self.ctx is not None and current is not None and names != current
                 and sorted(names) == sorted(current)):
             # each context is its position's: the same classes reordered would score each with another's
             moved = next(i for i, (new, old) in enumerate(zip(names, current)) if new != old)
-            raise ClassNamesError(f"these are the model's classes in another order (class {moved} is {names[moved]!r} "
-                             f"here, {current[moved]!r} in the model), and its class-specific contexts follow "
-                             f"positions: give them in the model's order (model.classnames)")
+            raise ClassNamesError(f"these are the model's classes in another order (class {moved} is "
+                                  f"{names[moved]!r} here, {current[moved]!r} in the model), and its class-specific "
+                                  f"contexts follow positions: give them in the model's order (model.classnames)")
         tokens = tokenize(class_prompts(self.prefix, names), self.config.context_length)
         if not (self.config.csc and self.ctx is not None):  # (a context of their own tells them apart)
             check_distinct_tokens(names, tokens)
@@ -346,8 +346,8 @@ def check_distinct_tokens(names: Sequence[str], tokens: Tensor) -> None:
     for name, class_tokens in zip(names, tokens.view(len(names), -1).tolist()):
         other = first.setdefault(tuple(class_tokens), name)
         if other != name:
-            raise ClassNamesError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer lowercases "
-                             "and collapses white space): their scores would tie on every video")
+            raise ClassNamesError(f"classes {other!r} and {name!r} give the same tokens (CLIP's tokenizer "
+                                  "lowercases and collapses white space): their scores would tie on every video")
 
 
 def zero_shot_tokens(classnames: Sequence[str], templates: Sequence[str],

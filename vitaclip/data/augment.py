@@ -120,7 +120,8 @@ def apply_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
         threshold = 256 - (frac * 256).floor() if increasing else (frac * 256).floor()
         y = torch.where(x >= threshold, 255.0 - x, x)
     elif name == "SolarizeAdd":
-        # (the caps and floors below act only above level 10, with mmax > 10: as timm's)
+        # (the caps below, at most 128 added and an enhance factor of at least 0.1, act only above
+        # level 10, with mmax > 10: as timm's)
         y = torch.where(x < 128, (x + (frac * 110).floor().clamp(max=128)).clamp(max=255), x)
     elif name in ("Color", "Contrast", "Brightness", "Sharpness"):
         factor = (1.0 + signed * 0.9).clamp(min=0.1) if increasing else frac * 1.8 + 0.1

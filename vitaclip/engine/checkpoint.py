@@ -438,9 +438,9 @@ def use_classes(model: VitaCLIP, classnames: Sequence[str], source: str, for_tra
                           f"them (its other prompts are kept)")
         return
     if learner is None:
-        raise ClassNamesError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to score "
-                         f"classes with: score them zero-shot with templates (vitaclip zeroshot, or "
-                         f"set_classes(names, templates=...))")
+        raise ClassNamesError(f"{source} has no learned text prompts (e.g. a plain CLIP) and no templates to "
+                              f"score classes with: score them zero-shot with templates (vitaclip zeroshot, or "
+                              f"set_classes(names, templates=...))")
     if wanted == learned and templates is None:
         return
     check_class_order(model, classnames, source)
@@ -478,5 +478,5 @@ def check_class_order(model: VitaCLIP, classnames: Sequence[str], source: str) -
     given = [clean_classname(n) for n in classnames]
     for position, (trained, name) in enumerate(zip(learner.classnames, given)):
         if name != trained:
-            raise ClassNamesError(f"{source} has a context learned for each of its classes, in its order, but class "
-                             f"{position} is {name!r} here and {trained!r} there: give its class list")
+            raise ClassNamesError(f"{source} has a context learned for each of its classes, in its order, but "
+                                  f"class {position} is {name!r} here and {trained!r} there: give its class list")
