@@ -72,7 +72,9 @@ class VideoLoader:
     with a warning and counts them in `skipped`; "raise" stops at the first, naming file and
     list line. A video that fails to decode is counted once, but stays in the plan of later
     epochs (where it fails again), so that every rank and a resumed run plan the same batches;
-    a batch none of whose videos decode is left out.
+    a batch none of whose videos decode is left out. (One whose decoding killed its process is left
+    out of this loader's later plans instead, as it would fail again: its batch is a clip short
+    all the same, without the cost of a new pool each epoch.)
 
     num_workers (by default this process's share of the cores it may run on, less one, as the CLI's
     --num-workers) sets DALI's threads and PyAV's worker processes.
@@ -153,6 +155,7 @@ class VideoLoader:
         self.skipped: List[str] = []
         self.skipped_videos: Dict[int, str] = {}  # video id (its entry's index in the list) -> why
         self._failed_at_decode: Set[int] = set()  # video ids, so that each is counted once
+        self._killed_decoder: Set[int] = set()  # video ids whose decoding killed its process (skip mode)
         # where this epoch goes on: the batch after the last one yielded (left-out batches count), or
         # set_epoch's start_batch before the first
         self.next_batch = 0
@@ -272,7 +275,8 @@ class VideoLoader:
         if self.end_batch is not None:
             n = min(n, self.end_batch * self.batch_size)
         for i in range(self.start_batch * self.batch_size, n, self.batch_size):
-            yield [self.plan(*v, epoch=epoch) for v in videos[i:i + self.batch_size] if v is not None]
+            yield [self.plan(*v, epoch=epoch) for v in videos[i:i + self.batch_size]
+                   if v is not None and v[0] not in self._killed_decoder]
 
     # ---------------------------------------------------------------- decoding
     def _resolve_backend(self, backend: str) -> str:
@@ -396,7 +400,7 @@ class VideoLoader:
         """One clip (or its error) decoded by `tasks_of` in a worker process of its own."""
         done = run_alone(within, (self.worker_timeout, decode_alone, tasks_of, path, frames))
         if isinstance(done.exception(), BrokenProcessPool):
-            return VideoDecodeError(f"{path}: the decoder crashed on it, or hung for {self.worker_timeout:g} s (its "
+            return _KilledDecoder(f"{path}: the decoder crashed on it, or hung for {self.worker_timeout:g} s (its "
                                     "worker process died)")
         buffer, layout = done.result()
         return unpack_clips(torch.from_numpy(buffer), layout)[0]
@@ -516,6 +520,8 @@ class VideoLoader:
                         self._bad(f"{plan.entry.list_file}:{plan.entry.line}: {problem}", plan.video_id)
                         # after _bad: in raise mode it raises, and must again at the next pass
                         self._failed_at_decode.add(plan.video_id)
+                    if isinstance(problem, _KilledDecoder):
+                        self._killed_decoder.add(plan.video_id)
                 self.next_batch = position + 1
                 if good:
                     yield self.assemble(good)
@@ -670,6 +676,10 @@ def decode_alone(tasks: "_PyAVTasks", path: str, frames: np.ndarray):
 class _WorkerDied(VideoDecodeError):
     """A PyAV decoding worker died in skip mode (its pool ended): the loader decodes the clips in
     hand again to find the one at fault."""
+
+
+class _KilledDecoder(VideoDecodeError):
+    """Decoding this video alone killed its process (or hung it): left out of later plans."""
 
 
 def _worker_died(error: Exception) -> bool:
