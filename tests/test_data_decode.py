@@ -956,3 +956,31 @@ def test_each_way_of_running_out_of_memory_is_raised(error):
 
 def test_a_bad_files_error_is_not_taken_for_running_out_of_memory():
     dali._raise_if_out_of_memory(RuntimeError("Failed to open video file junk.webm: Invalid data found"))
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", ["decoder", "reader"])
+def test_a_dropped_dali_loader_shuts_its_pipelines_down_without_the_cyclic_gc(vp9_dataset, mode, monkeypatch):
+    """A loader (and its DALI decoder) dropped is freed at once, with its pipelines: one freed only by the
+    cyclic GC could be collected in a DataLoader worker forked from this process before it was, whose
+    DALI shutdown then waits forever for threads the fork did not copy."""
+    import gc
+    import weakref
+
+    from vitaclip.data import VideoLoader
+
+    root, _ = vp9_dataset
+    monkeypatch.setenv("VITACLIP_DALI_MODE", mode)
+    loader = VideoLoader(str(root / "list.csv"), str(root), train=False, batch_size=2, num_frames=2, stride=2,
+                         size=32, backend="dali-cpu", device="cpu", num_workers=2)
+    assert sum(len(batch.video_id) for batch in loader) == 3
+    assert loader.dali_decoder.mode == mode
+    gc.collect()
+    gc.disable()
+    try:
+        decoder = loader.dali_decoder
+        kept = [weakref.ref(obj) for obj in (loader, decoder, decoder._pipe) if obj is not None]
+        del loader, decoder
+        assert [ref() for ref in kept] == [None] * len(kept)
+    finally:
+        gc.enable()

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import tempfile
+import weakref
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -211,7 +212,10 @@ class DaliDecoder:
                 self._pipe.reset()
 
     def _build_decoder(self):
-        return self._build(self.batch_size, self.num_threads, self.prefetch, source=self._next_batch)
+        # fed through a weak reference: a pipeline holding this decoder would make a cycle, which only the
+        # cyclic GC frees, and a DataLoader worker forked before it did could run it, hanging in DALI's shutdown
+        next_batch = weakref.WeakMethod(self._next_batch)
+        return self._build(self.batch_size, self.num_threads, self.prefetch, source=lambda: next_batch()())
 
     def _decode_with_reader(self, batches: List[List[Task]], ranges: List[Tuple[int, int]]) -> Iterator[List]:
         """Reader pipelines over this epoch's clips: one, rebuilt for the rest of the epoch
