@@ -839,6 +839,18 @@ def test_flag_and_device_mistakes_are_named(videos, tmp_path, capsys):
     assert code == 2 and "device 'cpus' is not one: cpu, cuda or cuda:N" in err
 
 
+def test_a_negative_bench_warmup_is_refused_naming_it(capsys):
+    """A negative warm-up ran none, as 0 does, while the report's reader took the figure as warmed up."""
+    from vitaclip.engine.bench import bench_model
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["bench", "--tiny", "--warmup", "-1"])
+    assert exit_.value.code == 2 and "--warmup: '-1' is not a whole number >= 0" in capsys.readouterr().err
+    assert build_parser().parse_args(["bench", "--tiny", "--warmup", "0"]).warmup == 0
+    with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
+        bench_model(tiny=True, warmup=-1, device="cpu")
+
+
 def test_decoding_workers_default_to_the_process_share_of_the_cores(monkeypatch, vp9_dataset):
     """A fixed 4 starved a 16-core, one-GPU machine's loader and oversubscribed small ones; the
     CLI's --num-workers and VideoLoader's num_workers default to the same share."""

@@ -698,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clips per timed batch (of the model and of the --list loader)")
     p.add_argument("--frames", type=positive_int, default=8, help="frames per clip")
     p.add_argument("--iters", type=positive_int, default=10, help="timed iterations")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--warmup", type=whole_number(0), default=3,
+                   help="untimed iterations first (a fast-graphed backend captures its graphs in the second, a "
+                        "compiled one compiles in the first: below 2, that is timed)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (forward + backward) too, and the loader's training pipeline "
                         "(random clips, crops, RandAugment) instead of its evaluation one")

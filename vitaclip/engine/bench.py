@@ -38,6 +38,7 @@ def bench_model(preset: str = "ViT-B/16", batch_size: int = 8, frames: int = 8, 
     from ..demo import demo_model_config
 
     check_count("iters", iters)  # 0 timed iterations: a division by zero after the model's set-up
+    check_count("warmup", warmup, least=0)
     dev = pick_device(device)
     config = demo_model_config(frames) if tiny else VitaCLIPConfig.preset(preset, num_frames=frames)
     model = VitaCLIP(config, [f"class {i}" for i in range(num_classes)], backend=backend).to(dev)
