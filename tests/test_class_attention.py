@@ -76,3 +76,11 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="not groups of 4"):  # local prompts need whole groups
         one_query(q, k, v, 4, **leaves)
     assert one_query(q, k, v, 4).shape == q.shape  # without them any frame count is whole
+
+
+@pytest.mark.parametrize("frames_per_group", [0, -1, 1.5])
+def test_a_frames_per_group_that_is_no_positive_int_is_rejected_with_or_without_local_prompts(frames_per_group):
+    """As prompt_attention: 0 divided by zero, and -1 ran, without local prompts too."""
+    q, k = torch.randn(4, 2, 8), torch.randn(4, 5, 2, 8)
+    with pytest.raises(ValueError, match=f"frames_per_group must be a positive int, got {frames_per_group}"):
+        class_token_attention(q, k, k.clone(), frames_per_group=frames_per_group)

@@ -44,6 +44,8 @@ def class_token_attention(q: Tensor, k: Tensor, v: Tensor, prompts: Sequence[Opt
     if k.shape[0] != n_frames or k.shape[2:] != q.shape[1:] or v.shape != k.shape:
         raise ValueError(f"class_token_attention: q {tuple(q.shape)} needs k and v [F, S, H, Dh] of its F, H "
                          f"and Dh, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not isinstance(frames_per_group, int) or frames_per_group < 1:  # (as prompt_attention: 0 divided by zero)
+        raise ValueError(f"class_token_attention: frames_per_group must be a positive int, got {frames_per_group!r}")
     if local_k is not None and n_frames % frames_per_group:
         raise ValueError(f"class_token_attention: {n_frames} frames are not groups of {frames_per_group}")
     _check_prompt_shapes(prompts, n_frames // frames_per_group, n_frames, heads, dim)
