@@ -401,7 +401,7 @@ class VideoLoader:
         done = run_alone(within, (self.worker_timeout, decode_alone, tasks_of, path, frames))
         if isinstance(done.exception(), BrokenProcessPool):
             return _KilledDecoder(f"{path}: the decoder crashed on it, or hung for {self.worker_timeout:g} s (its "
-                                    "worker process died)")
+                                  "worker process died)")
         buffer, layout = done.result()
         return unpack_clips(torch.from_numpy(buffer), layout)[0]
 
