@@ -14,9 +14,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vitaclip import VitaCLIPConfig
+from vitaclip.ops.attention import triton_available
 from video_fixtures import full_range_videos, vp9_dataset  # noqa: F401  (fixtures of the data tests)
 
 CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
+
+# the Triton kernels run here: on CUDA, or on the CPU through the interpreter
+needs_triton_kernels = pytest.mark.skipif(
+    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton on CUDA or Triton's CPU interpreter")
 
 
 def tiny_config(**overrides) -> VitaCLIPConfig:

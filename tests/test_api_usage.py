@@ -1,18 +1,13 @@
 """The model used from Python as a researcher uses any torch model: modes, devices, copies."""
 import dataclasses
-import os
 
 import pytest
 import torch
 
-from conftest import CLASSES, random_video, randomize_, tiny_config
+from conftest import CLASSES, needs_triton_kernels, random_video, randomize_, tiny_config
 from vitaclip import VitaCLIP, backends
-from vitaclip.ops.attention import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_fast = pytest.mark.skipif(
-    not triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs Triton on CUDA or Triton's CPU interpreter")
 
 
 @pytest.fixture
@@ -76,7 +71,7 @@ def test_forward_hooks_on_the_vision_layers_run():
     assert pending is None and torch.equal(out, next_input)
 
 
-@needs_fast
+@needs_triton_kernels
 def test_forward_hooks_see_the_same_layer_outputs_on_the_fast_backend(fast_anywhere):
     """What a hook on a layer reads, x' + pending' (the fast backend defers a residual add without
     gradients), is the reference's layer output; its last layer gives the class tokens alone."""

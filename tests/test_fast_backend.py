@@ -6,22 +6,18 @@ trainable parameter. On CUDA also ViT-B/16 under bf16 autocast.
 """
 import copy
 import dataclasses
-import os
 import pickle
 
 import pytest
 import torch
 
-from conftest import check_user_compile, randomize_, run_in_own_process
+from conftest import check_user_compile, needs_triton_kernels, randomize_, run_in_own_process
 from vitaclip import VitaCLIPConfig, backends, compiling, fast, vision
 from vitaclip.model import VitaCLIP
-from vitaclip.ops.attention import triton_available
 from vitaclip.text import TextEncoder
 from vitaclip.vision import VisionTransformer
 
-pytestmark = pytest.mark.skipif(
-    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs Triton on CUDA or Triton's CPU interpreter")
+pytestmark = needs_triton_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CLASSNAMES = ["archery", "baking_cookies", "juggling balls"]

@@ -3,17 +3,14 @@ ops/class_attention.py): inputs the public entry points do not make themselves, 
 the registered ops or given odd layouts, against the plain PyTorch references in float64.
 
 CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), tiny shapes, fp32."""
-import os
 
 import pytest
 import torch
 
-from vitaclip.ops.attention import triton_available
+from conftest import needs_triton_kernels
 from vitaclip.vision import QuickGELU
 
-pytestmark = pytest.mark.skipif(
-    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs Triton on CUDA or Triton's CPU interpreter")
+pytestmark = needs_triton_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,21 +2,14 @@
 of the first compiled layer's zero `pending`, the device in the cached weights' key, the eager layer's
 deferred residual add) that mutation testing found unpinned by the other tests. Each test checks against
 a stated fact or a small computation of its own."""
-import os
 
-import pytest
 import torch
 
-from conftest import CLASSES, randomize_, tiny_config
+from conftest import CLASSES, needs_triton_kernels, randomize_, tiny_config
 from engine_helpers import one_thread
 from vitaclip import VitaCLIP, compiling, fast, vision
-from vitaclip.ops.attention import triton_available
 
 assert one_thread  # engine_helpers' autouse fixture: one torch thread per test
-
-needs_triton = pytest.mark.skipif(
-    not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs Triton on CUDA or Triton's CPU interpreter")
 
 
 def tiny_block():
@@ -68,7 +61,7 @@ def test_weights_cached_on_one_device_do_not_serve_another_with_the_same_memory_
     assert fast.layer_weights(block, torch.float32).qkv_weight.device.type == "meta"
 
 
-@needs_triton
+@needs_triton_kernels
 def test_the_eager_layer_leaves_the_residual_add_to_the_next_only_without_gradients():
     """The "fast" backend, like "fast-compiled", hands on its output in two parts (the stream after
     attention, the MLP output) where no gradient is recorded, the next layer adding them in its first

@@ -4,15 +4,14 @@ other tests: each test checks it against a small computation or a stated fact of
 
 CPU: tiny shapes; the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py) and their tests skip where neither it nor CUDA runs them."""
-import os
 
 import pytest
 import torch
 
+from conftest import needs_triton_kernels
 from test_class_attention import inputs, one_query, reference
 from test_summary_ext import make_summary_layer
 from vitaclip.ops import summary, summary_ext
-from vitaclip.ops.attention import triton_available
 from vitaclip.ops.attention_tiles import (BASELINE, FP32_TILES, GPU_TILES, INTERPRETER_TILES, AttentionTiles,
                                           KernelTiles, tiles_for, use_tiles)
 
@@ -128,19 +127,14 @@ def test_summary_tokens_of_a_c_not_3d_is_its_own_value_error_on_either_path(monk
         summary.summary_tokens(torch.randn(shape), norm, attn, 2)
 
 
-def _needs_triton_kernels():
-    if not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"):
-        pytest.skip("needs Triton on CUDA or Triton's CPU interpreter")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
+@needs_triton_kernels
 def test_quick_gelu_of_half_precision_storage_is_computed_in_fp32():
     """kernels/quick_gelu.py computes in fp32 whatever the storage dtype: from fp16 inputs (the
     sigmoid of x down to -12 is far below fp16's normal range) value and gradient are the float64
     formula's to within an fp16 ulp (plus the smallest subnormal)."""
     from vitaclip.ops.activation import quick_gelu
 
-    device = _needs_triton_kernels()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.linspace(-12, 6, 301, dtype=torch.float64).to(device=device, dtype=torch.float16).requires_grad_(True)
     grad_out = torch.linspace(-2, 2, 301, dtype=torch.float64).to(device=device, dtype=torch.float16)
     got = quick_gelu(x)
