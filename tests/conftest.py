@@ -23,6 +23,9 @@ CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
 needs_triton_kernels = pytest.mark.skipif(
     not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
     reason="needs Triton on CUDA or Triton's CPU interpreter")
+# tests of the interpreter itself (its tiles, its checks): on CPU-only machines
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="the interpreter tests run on CPU-only machines")
 
 
 def tiny_config(**overrides) -> VitaCLIPConfig:

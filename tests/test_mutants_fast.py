@@ -4,21 +4,19 @@ alike), rejection of prompts of another dtype, the QuickGELU backward's fake str
 staying out of autograd, prompt and qkv shape checks, a plain-GELU model's activation on the fast path."""
 import copy
 import dataclasses
-import os
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import CLASSES, random_video, randomize_, tiny_config
+from conftest import CLASSES, interpreter_only, random_video, randomize_, tiny_config
 from vitaclip import VitaCLIP, backends
 from vitaclip.ops import naive
 from vitaclip.ops.attention import prompt_attention, prompt_attention_qkv, triton_available
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="Triton is not installed"),
-    pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="the interpreter tests run on CPU-only machines"),
+    interpreter_only,
 ]
 
 DH = 16

@@ -3,18 +3,16 @@ ops/attention.py) that mutation testing found unpinned by the other tests.
 
 CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), tiny odd shapes, fp32 against the
 float64 reference, as in test_prompt_attention.py."""
-import os
 
 import pytest
 import torch
 
+from conftest import interpreter_only
 from test_prompt_attention import assert_matches_reference, call, make_inputs, outputs_and_grads
 from vitaclip.ops import attention, naive
 from vitaclip.ops.attention import BACKWARDS, prompt_attention, triton_available, uses_triton
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-interpreter = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="the interpreter tests run on CPU-only machines")
 
 
 def _head_dim_strided(t):
@@ -22,7 +20,7 @@ def _head_dim_strided(t):
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-@interpreter
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_q_k_v_with_a_strided_head_dim_match_the_reference(monkeypatch, backward):
     """q, k, v may have any strides, the head dim's included: the kernels read each with its own
@@ -34,7 +32,7 @@ def test_q_k_v_with_a_strided_head_dim_match_the_reference(monkeypatch, backward
     assert_matches_reference(prompt_attention, leaves, 2)
 
 
-@interpreter
+@interpreter_only
 def test_output_stays_finite_when_every_score_is_far_below_zero():
     """Softmax is shift-invariant: with every score of a query (own and prompt keys) shifted far below
     zero (by -156, -225 in the kernels' base 2), the output is the reference's. The running max starts at -inf,
@@ -84,7 +82,7 @@ def test_prompt_values_of_another_shape_than_their_keys_are_rejected(kind):
         call("qkv", leaves, 2)
 
 
-@interpreter
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_a_non_contiguous_output_gradient_gets_the_reference_gradients(monkeypatch, backward):
     """The backward kernels index the output gradient as contiguous [F, S, H, Dh]: a gradient that

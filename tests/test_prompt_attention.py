@@ -3,12 +3,11 @@
 CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) in fp32 against a float64
 reference at tiny odd shapes. GPU (marked `gpu`): bf16/fp16 at ViT-B/16 shapes.
 """
-import os
 
 import pytest
 import torch
 
-from conftest import zeros_made_during
+from conftest import interpreter_only, zeros_made_during
 from vitaclip.ops import naive
 from vitaclip.ops.attention import BACKWARDS, prompt_attention, prompt_attention_qkv, triton_available, uses_triton
 from vitaclip.ops.attention_tiles import AttentionTiles, KernelTiles, tiles_for, use_tiles
@@ -72,8 +71,7 @@ CPU_CASES = [
 ]
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("frames_per_group,n_global,local,summary,heads,layout", CPU_CASES)
 def test_interpreter_matches_reference(monkeypatch, frames_per_group, n_global, local, summary, heads, layout,
@@ -106,8 +104,7 @@ def assert_matches_reference(fast, leaves, frames_per_group, seed=0):
         torch.testing.assert_close(grads[name].double(), ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_interpreter_matches_reference_with_vit_b16_s_17_prompt_keys(monkeypatch, backward):
     """8 local + 8 global + the summary: one past a power of two, so the prompt tile is 32 rows."""
@@ -115,8 +112,7 @@ def test_interpreter_matches_reference_with_vit_b16_s_17_prompt_keys(monkeypatch
     assert_matches_reference("qkv", make_inputs(1, 8, 20, 1, 8, 8, True, seed=17), 8)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_interpreter_matches_reference_with_q_k_v_of_different_layouts(monkeypatch, backward):
     """Each of q, k, v goes with its own strides."""
@@ -136,8 +132,7 @@ def test_fp32_dots_are_ieee_and_half_precision_dots_tf32():
     assert _launch_config(torch.zeros(1, 1, 1, 64, dtype=torch.float16), 3, tiles)["PRECISION"] == "tf32"
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("prompts", [dict(local=True, n_global=2, summary=True), dict(local=False, n_global=0,
                                                                                       summary=False)])
 @pytest.mark.parametrize("backward", BACKWARDS)
@@ -151,8 +146,7 @@ def test_interpreter_tails_match_reference(monkeypatch, prompts, backward):
     assert_matches_reference("qkv", leaves, frames_per_group)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("head_dim", [32, 80])
 def test_interpreter_matches_reference_at_other_head_dims(monkeypatch, head_dim, backward):
@@ -161,8 +155,7 @@ def test_interpreter_matches_reference_at_other_head_dims(monkeypatch, head_dim,
     assert_matches_reference("qkv", make_inputs(2, 2, 37, 2, 2, 3, True, seed=head_dim, head_dim=head_dim), 2)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("packed", [True, False])
 def test_inputs_whose_frame_offsets_overflow_int32_reach_the_kernels_contiguous(monkeypatch, packed):
     """The kernels index within a frame in int32: seq-first views of thousands of frames (row stride
@@ -211,8 +204,7 @@ def test_rows_split_into_full_tiles_and_one_tail():
     assert [_tail(197, 64), _tail(197 + 40, 64), _tail(256, 64)] == [16, 64, 64]
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_interpreter_matches_reference_with_other_tiles_per_kernel(monkeypatch, backward):
     """Each kernel tiles independently: forward, dQ and dK/dV (or the fused backward) with
@@ -251,15 +243,13 @@ def test_bad_tiles_are_rejected():
             pass
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 def test_interpreter_opcheck_and_compile_without_graph_breaks():
     leaves = make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32)
     check_op_and_compile(leaves, 2)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 def test_backward_fills_no_zero_gradient_for_the_log_sum_exp():
     """lse is saved for the backward only: no zero gradient [F, H, S] for it in every layer."""
     leaves = {name: t.requires_grad_() for name, t in make_inputs(1, 2, 20, 1, 2, 1, True, dtype=torch.float32).items()}
@@ -391,8 +381,7 @@ def test_dtypes_the_kernels_do_not_take_here_use_the_reference(dtype):
         assert torch.equal(grads[name], want_grads[name]), name
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter tests run on CPU-only machines")
+@interpreter_only
 def test_empty_prompt_sets_get_empty_gradients():
     """Zero local prompts per group and zero global prompts, given as tensors: the kernels' result
     and gradients of every shape, as the fake implementation says."""
