@@ -270,6 +270,16 @@ def test_a_backbone_source_checkpoints_cannot_be_rebuilt_from_is_refused_before_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_model_without_classes_is_refused_before_the_run(tmp_path):
+    """A model built without class names has nothing to score a video against: refused, naming it,
+    before a run folder or checkpoint is made."""
+    from vitaclip.demo import demo_model_config
+
+    with pytest.raises(ValueError, match="the model has no classes"):
+        train(VitaCLIP(demo_model_config(FRAMES, SIZE)), tiny_data(), tiny_train_config(tmp_path / "run", steps=2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_settings_given_as_paths_and_numpy_numbers_make_checkpoints_that_load(tmp_path):
     """A script's pathlib.Path output_dir or backbone path, or numpy numbers, went into the checkpoints
     as they were: none of them could be read back (weights_only: 'Unsupported global: pathlib.PosixPath',
@@ -1106,7 +1116,9 @@ def test_an_evaluation_made_again_on_resuming_is_logged_once(tmp_path):
                                              (dict(min_lr=0.1), r"min_lr must be in \[0, lr\]"),
                                              (dict(weight_decay=-0.05), "weight_decay must be >= 0"),
                                              (dict(grad_clip=0.0), "grad_clip must be > 0"),
-                                             (dict(grad_clip=-1.0), "grad_clip must be > 0")])
+                                             (dict(grad_clip=-1.0), "grad_clip must be > 0"),
+                                             (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
+                                             (dict(weight_decay_on="biases"), "weight_decay_on must be one of")])
 def test_settings_that_cannot_work_are_refused_before_the_run(tmp_path, setting, problem):
     with pytest.raises(ValueError, match=problem):
         tiny_train_config(tmp_path, **setting).validate()

@@ -59,6 +59,31 @@ def test_a_distributed_samplers_repeated_or_missing_items_are_refused():
         evaluate(tiny_model(), padded, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))
 
 
+def test_a_distributed_sampler_that_drops_the_last_items_is_refused():
+    """drop_last leaves the items that do not fill a last round over the ranks unscored: 5 videos on 2
+    ranks, one never seen, and the accuracy is over 4 with nothing said."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from vitaclip.engine.distributed import DistEnv
+
+    data = tiny_data(5)
+    dropping = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False,
+                                                                         drop_last=True))
+    with pytest.raises(ValueError, match="DistributedSampler leaves out 1 of its 5 items"):
+        evaluate(tiny_model(), dropping, EvalConfig(**CPU), env=DistEnv(1, 2, 1, torch.device("cpu")))
+
+
+def test_views_of_one_video_with_different_labels_are_refused():
+    """Batches whose video ids put views of two videos under one id (ids counted per list, two lists
+    joined) would average the two videos' scores under the first one's label."""
+    data = tiny_data(4)
+    video = torch.stack([data[i][0] for i in range(4)])
+    batches = [(video[:2], torch.tensor([0, 1]), [0, 1]), (video[2:], torch.tensor([2, 1]), [0, 1])]
+    with pytest.raises(ValueError, match=r"video 0 has views with different labels \(0 and 2\)"):
+        evaluate(tiny_model(), batches, EvalConfig(**CPU))
+
+
 def test_scores_file_takes_video_ids_given_as_a_numpy_array(tmp_path):
     """Batches whose ids came as a NumPy array were scored, then the scores file failed after the
     whole pass: 'Object of type int64 is not JSON serializable'."""
