@@ -2,20 +2,38 @@
 and, where it can be built, the C++/CUDA extension vitaclip._C (the summary attention op).
 
 vitaclip._C is a CUDAExtension when torch is a CUDA build and a CUDA toolkit (nvcc and
-libcudart) is found, a CPU-only CppExtension otherwise, and skipped when VITACLIP_DISABLE_EXT=1
-or torch is not importable (the package then runs the plain PyTorch path). Build in place on
-a GPU machine with
+libcudart) of torch's CUDA major version is found, a CPU-only CppExtension otherwise (torch
+refuses to build with a toolkit of another major version; its GPU then takes the PyTorch
+path), and skipped when VITACLIP_DISABLE_EXT=1 or torch is not importable (the package then
+runs the plain PyTorch path). Build in place on a GPU machine with
     TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
 
-def cuda_toolkit_home():
-    """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH, else the one nvcc belongs to.
+def toolkit_release(home):
+    """The CUDA release ("12.4") of the toolkit at `home` as its nvcc says, or None."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
+def cuda_toolkit_home(torch_cuda):
+    """The CUDA toolkit to build with, for a torch built with CUDA `torch_cuda` ("12.4"): the first of
+    CUDA_HOME, CUDA_PATH, the one nvcc belongs to, /usr/local/cuda and /usr/local/cuda-* that has
+    nvcc, libcudart and torch's major version (or an nvcc that does not say its release, which torch
+    does not check either); None if none has (the reason printed).
 
     nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc), where torch's guess (two
     directories up) has no libcudart to link; then /usr/local/cuda is the usual place."""
@@ -23,11 +41,21 @@ def cuda_toolkit_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in filter(None, candidates):
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    other_releases = []
+    for home in dict.fromkeys(os.path.realpath(c) for c in candidates if c):
         has_cudart = any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and has_cudart:
+        if not (os.path.exists(os.path.join(home, "bin", "nvcc")) and has_cudart):
+            continue
+        release = toolkit_release(home)  # (one nvcc does not tell, torch builds with unchecked)
+        if release is None or release.split(".")[0] == torch_cuda.split(".")[0]:
             return home
+        other_releases.append(f"{home} (CUDA {release})")
+    if other_releases:
+        print(f"vitaclip: building the summary op for the CPU only: torch is built for CUDA {torch_cuda}, and the "
+              f"CUDA toolkits found are of other major versions: {', '.join(other_releases)}. The GPU takes the "
+              f"PyTorch path; to build its CUDA kernels, point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]} "
+              f"toolkit or install a torch built for the toolkit's CUDA.", file=sys.stderr)
     return None
 
 
@@ -39,7 +67,7 @@ def extension_build():
         import torch
     except ImportError:
         return [], {}
-    cuda_home = cuda_toolkit_home() if torch.version.cuda is not None else None
+    cuda_home = cuda_toolkit_home(torch.version.cuda) if torch.version.cuda is not None else None
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # read when cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

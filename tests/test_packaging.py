@@ -59,3 +59,61 @@ def test_the_device_staging_unpacks_dali_once_every_piece_has_come(tmp_path):
         assert (tmp_path / "site" / "nvidia").exists() == (i == 2)
     for name, data in files.items():
         assert (tmp_path / "site" / name).read_bytes() == data
+
+
+def fake_toolkit(root: Path, version_output: str) -> str:
+    """A folder with what setup.py looks for in a CUDA toolkit: bin/nvcc (printing `version_output`
+    for --version) and lib64/libcudart.so."""
+    (root / "bin").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcudart.so").write_bytes(b"")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '{version_output}'\n")
+    nvcc.chmod(0o755)
+    return str(root)
+
+
+def setup_functions(monkeypatch):
+    """setup.py's globals, run without building anything."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("VITACLIP_DISABLE_EXT", "1")  # the module-level extension_build() call: nothing
+    functions = runpy.run_path(str(ROOT / "setup.py"))
+    monkeypatch.delenv("VITACLIP_DISABLE_EXT")
+    return functions
+
+
+def test_the_build_takes_a_cuda_toolkit_of_torchs_major_version(tmp_path, monkeypatch, capsys):
+    """torch refuses to build a CUDA extension with a toolkit of another major version ('The detected
+    CUDA version (13.0) mismatches the version that was used to compile PyTorch (12.4)'): with torch
+    2.6's CUDA 12.4 build beside a CUDA 13 nvcc, `pip install` failed. A later candidate of torch's
+    major version is taken; with none, the CPU-only extension is built, saying why."""
+    setup = setup_functions(monkeypatch)
+    cuda13 = fake_toolkit(tmp_path / "cuda13", "Cuda compilation tools, release 13.0, V13.0.88")
+    cuda12 = fake_toolkit(tmp_path / "cuda12", "Cuda compilation tools, release 12.6, V12.6.77")
+    quiet = fake_toolkit(tmp_path / "quiet", "a wrapper that does not say")
+    assert setup["toolkit_release"](cuda13) == "13.0"
+    assert setup["toolkit_release"](str(tmp_path / "missing")) is None
+    monkeypatch.setenv("CUDA_HOME", cuda13)
+    monkeypatch.setenv("CUDA_PATH", cuda12)
+    assert setup["cuda_toolkit_home"]("13.0") == cuda13
+    assert setup["cuda_toolkit_home"]("12.4") == cuda12  # CUDA_HOME's is of another major version
+    monkeypatch.setenv("CUDA_PATH", quiet)  # an nvcc that does not say its release: torch does not check it
+    assert setup["cuda_toolkit_home"]("12.4") == quiet
+
+    # no candidate of CUDA 7 (this machine's own toolkits, if any, are newer): the CPU build, and why
+    import torch
+
+    monkeypatch.setenv("CUDA_PATH", cuda12)
+    monkeypatch.setattr(torch.version, "cuda", "7.5")
+    capsys.readouterr()
+    (extension,), _ = setup["extension_build"]()
+    assert extension.name == "vitaclip._C" and "cudart" not in extension.libraries
+    assert not any(source.endswith(".cu") for source in extension.sources)
+    said = capsys.readouterr().err
+    assert "for the CPU only: torch is built for CUDA 7.5" in said
+    assert f"{cuda13} (CUDA 13.0), {cuda12} (CUDA 12.6)" in said
+    assert os.environ["CUDA_HOME"] == cuda13  # not replaced by a toolkit that was not taken
