@@ -3,6 +3,7 @@
 Run with the extension built (the editable install builds it). Setting VITACLIP_DISABLE_EXT=1
 for the whole run skips the tests that need it; otherwise a missing build fails them.
 """
+import copy
 import os
 import shutil
 import subprocess
@@ -276,15 +277,20 @@ def test_half_precision_close_to_float64(dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autocast_matches_pytorch_path(dtype):
+    """Under bf16 autocast the op is as close to the float64 computation as the PyTorch path under it,
+    give or take a few of bf16's roundings (2**-8 each; `floor`). Compared with each other, the two
+    differed by up to 3.4% (torch 2.11) in the gradient of k's bias, which is exactly zero: rounding
+    noise is all there is in it, and its size depends on torch's version."""
     norm, attn = make_summary_layer(32, 2)
     c, grad = torch.randn(2, 8, 32, dtype=dtype), torch.randn(2, 8, 32, dtype=dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, grads = output_and_grads(summary_ext.summary_tokens, c, norm, attn, 2, grad)
         ref, ref_grads = output_and_grads(naive.summary_tokens, c, norm, attn, 2, grad)
     assert out.dtype == ref.dtype == dtype
-    for got, want in zip((out, *grads), (ref, *ref_grads)):
-        assert got.dtype == want.dtype
-        assert relative_error(got, want) < 3e-2
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads]
+    exact = output_and_grads(naive.summary_tokens, c.double(), copy.deepcopy(norm).double(),
+                             copy.deepcopy(attn).double(), 2, grad.double())
+    assert_no_worse_than_pytorch([out, *grads], [ref, *ref_grads], [exact[0], *exact[1]], floor=2e-2)
 
 
 @needs_ext

@@ -59,17 +59,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+@torch.compiler.assume_constant_result  # a fixed fact of the device type, which torch 2.11's dynamo cannot trace
+def has_autocast(device: str) -> bool:
+    """Whether the device type `device` has autocast (meta, for one, has none)."""
+    return torch.amp.is_autocast_available(device)
+
+
 def autocast_dtype(device: str) -> Optional[torch.dtype]:
     """Autocast's dtype on the device type `device` where it is on, else None (also on device types
     that have no autocast, such as meta, which torch.is_autocast_enabled refuses)."""
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if has_autocast(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
 
 def autocast_off(device: str):
     """A context with autocast off on the device type `device` (nothing to do where it has none)."""
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if has_autocast(device) else contextlib.nullcontext()
 
 
 def matmul_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
