@@ -19,6 +19,31 @@ from video_fixtures import full_range_videos, vp9_dataset  # noqa: F401  (fixtur
 
 CLASSES = ["jumping jacks", "ride_bike", "SitUps", "swim"]
 
+
+def interpreter_numpy_clash(triton_version: str, numpy_version: str):
+    """Why Triton's interpreter cannot run our kernels beside this NumPy, or None. Up to Triton 3.6
+    (torch 2.11's) it reads a loop bound as int() of a one-element array, which NumPy 2.4 refuses
+    ('only 0-dimensional arrays can be converted to Python scalars'); Triton 3.7 squeezes it first."""
+    def release(version):
+        return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter, which runs the kernel tests here, fails with NumPy "
+                f"{numpy_version} (fixed in Triton 3.7): pip install 'numpy<2.4', or a torch whose Triton is 3.7 "
+                f"or newer")
+    return None
+
+
+def pytest_configure(config):
+    """Refuses at once, naming the clash, a run whose kernel tests would all fail on it."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
+        import numpy
+        import triton
+
+        problem = interpreter_numpy_clash(triton.__version__, numpy.__version__)
+        if problem is not None:
+            raise pytest.UsageError(problem)
+
 # the Triton kernels run here: on CUDA, or on the CPU through the interpreter
 needs_triton_kernels = pytest.mark.skipif(
     not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),

@@ -1,4 +1,5 @@
-"""The package as pip installs it from a wheel (not the editable checkout the tests run on)."""
+"""The package as pip installs it from a wheel (not the editable checkout the tests run on), what its
+build takes, and the versions its tests can run with."""
 import os
 import shutil
 import subprocess
@@ -117,3 +118,16 @@ def test_the_build_takes_a_cuda_toolkit_of_torchs_major_version(tmp_path, monkey
     assert "for the CPU only: torch is built for CUDA 7.5" in said
     assert f"{cuda13} (CUDA 13.0), {cuda12} (CUDA 12.6)" in said
     assert os.environ["CUDA_HOME"] == cuda13  # not replaced by a toolkit that was not taken
+
+
+def test_a_triton_interpreter_that_cannot_run_beside_numpy_is_named():
+    """Triton 3.6's interpreter (torch 2.11's) beside NumPy 2.4 failed every kernel test with 'only
+    0-dimensional arrays can be converted to Python scalars'; the test run now stops at once, naming it."""
+    from conftest import interpreter_numpy_clash
+
+    problem = interpreter_numpy_clash("3.6.0", "2.4.6")
+    assert "Triton 3.6.0's CPU interpreter" in problem and "NumPy 2.4.6" in problem and "numpy<2.4" in problem
+    assert interpreter_numpy_clash("3.2.0+git4b3bb1f8", "2.5.0") is not None
+    for triton_version, numpy_version in (("3.7.0", "2.4.6"), ("3.6.0", "2.3.5"), ("3.8.0", "1.26.4"),
+                                          ("4.0.0", "3.0.0")):
+        assert interpreter_numpy_clash(triton_version, numpy_version) is None
