@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -255,7 +255,7 @@ def _prompt_attention_backward_op(
     global_k: Optional[Tensor], global_v: Optional[Tensor],
     summary_k: Optional[Tensor], summary_v: Optional[Tensor],
     out: Tensor, lse: Tensor, frames_per_group: int,
-) -> list[Tensor]:
+) -> List[Tensor]:  # (typing.List: torch 2.6 takes no list[Tensor] in a custom op's schema)
     """Gradients of (q_or_qkv, k, v, local_k and local_v stacked, global_k and global_v stacked,
     summary_k, summary_v); empty tensors for inputs that were None. (Two gradients stacked in one
     tensor are reduced together; an op may not return two views of one tensor.)"""
