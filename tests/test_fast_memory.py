@@ -10,8 +10,17 @@ import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
-from torch._inductor.compile_fx import partition_fn as inductor_partition
 from torch._inductor.decomposition import select_decomp_table
+
+try:
+    from torch._inductor.compile_fx import partition_fn as inductor_partition
+except ImportError:  # torch 2.6: inductor's partitioner is local to compile_fx; these are its steps there
+    def inductor_partition(joint, joint_inputs, **kwargs):
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        from torch._inductor.compile_fx import _recursive_joint_graph_passes
+
+        _recursive_joint_graph_passes(joint)
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs, compiler="inductor")
 
 from conftest import CLASSES, tiny_config
 from vitaclip import VitaCLIP, fast
