@@ -135,5 +135,7 @@ def check_user_compile(model, video) -> None:
         with torch.no_grad():
             torch.testing.assert_close(compiled(video), model(video), rtol=1e-5, atol=1e-5)
             model.prompt_learner.ctx.add_(0.5)
-    assert {reason.split("\n")[0] for reason in counters["graph_break"]} == {
-        "Skip inlining `torch.compiler.disable()`d function"}
+    # the one break, at the torch.compiler.disable()d lookup (torch 2.6 words it "'inline in skipfiles:
+    # VitaCLIP._cached_text_features | _fn ...")
+    (reason,) = {reason.split("\n")[0] for reason in counters["graph_break"]}
+    assert reason == "Skip inlining `torch.compiler.disable()`d function" or "VitaCLIP._cached_text_features" in reason

@@ -9,6 +9,7 @@ decorated for the interpreter in this test session, so the compiles run in subpr
 without TRITON_INTERPRET (this file as a script, one a core, each a share of the compiles:
 Triton compiles on one core, and one process took most of the CPU suite's time).
 """
+import inspect
 import os
 import subprocess
 import sys
@@ -155,6 +156,11 @@ def fp32_launches():
 
 def test_kernels_compile_for_hopper_and_ampere():
     pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:  # (Triton 3.2, torch 2.6's)
+        pytest.skip(f"Triton {triton.__version__}'s ASTSource takes no constexprs, which this compile passes")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     parts = min(4, usable_cores())
     compilers = [subprocess.Popen([sys.executable, __file__, str(part), str(parts)], env=env,
