@@ -42,19 +42,19 @@ def cuda_toolkit_home(torch_cuda):
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    other_releases = []
+    wanted, other_releases = torch_cuda.split(".")[0], []
     for home in dict.fromkeys(os.path.realpath(c) for c in candidates if c):
         has_cudart = any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
         if not (os.path.exists(os.path.join(home, "bin", "nvcc")) and has_cudart):
             continue
         release = toolkit_release(home)  # (one nvcc does not tell, torch builds with unchecked)
-        if release is None or release.split(".")[0] == torch_cuda.split(".")[0]:
+        if release is None or release.split(".")[0] == wanted:
             return home
         other_releases.append(f"{home} (CUDA {release})")
     if other_releases:
         print(f"vitaclip: building the summary op for the CPU only: torch is built for CUDA {torch_cuda}, and the "
               f"CUDA toolkits found are of other major versions: {', '.join(other_releases)}. The GPU takes the "
-              f"PyTorch path; to build its CUDA kernels, point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]} "
+              f"PyTorch path; to build its CUDA kernels, point CUDA_HOME at a CUDA {wanted} "
               f"toolkit or install a torch built for the toolkit's CUDA.", file=sys.stderr)
     return None
 

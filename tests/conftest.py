@@ -44,6 +44,7 @@ def pytest_configure(config):
         if problem is not None:
             raise pytest.UsageError(problem)
 
+
 # the Triton kernels run here: on CUDA, or on the CPU through the interpreter
 needs_triton_kernels = pytest.mark.skipif(
     not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
